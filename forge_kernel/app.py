@@ -1,0 +1,253 @@
+"""The app API: decorators that describe functions, and the registry that collects them.
+
+Decorators only attach a :class:`FunctionDef` to the function (``fn.__forge__``); nothing
+global is mutated, so several nodes (or tests) can load the same modules side by side.
+A :class:`Registry` is built from modules by collecting what they define.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import inspect
+import re
+import typing
+from types import ModuleType
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import attrs
+
+from .errors import StartupError
+
+Kind = Literal["query", "mutation", "action", "job", "cron", "workflow"]
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_EMPTY = inspect.Parameter.empty
+
+
+@attrs.frozen
+class Param:
+    name: str
+    type: Any
+    default: Any = _EMPTY
+
+    @property
+    def required(self) -> bool:
+        return self.default is _EMPTY
+
+
+@attrs.frozen
+class RateLimit:
+    """``requests`` per ``per`` seconds, counted per ``key`` (``user``, ``ip`` or ``global``)."""
+
+    requests: int
+    per: float = 1.0
+    key: Literal["user", "ip", "global"] = "user"
+
+
+@attrs.frozen
+class FunctionDef:
+    """Everything FORGE knows about one app function."""
+
+    name: str
+    kind: Kind
+    fn: Callable[..., Any]
+    params: tuple[Param, ...]
+    returns: Any
+    public: bool = False
+    roles: tuple[str, ...] = ()
+    timeout: float | None = None
+    rate_limit: RateLimit | None = None
+    #: tables a query declares it reads (realtime uses these when it cannot trace reads)
+    reads: tuple[str, ...] = ()
+    #: kind-specific settings: job (max_attempts, priority, queue, capability, ...), cron (schedule, timezone, ...)
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    doc: str = ""
+
+    @property
+    def module(self) -> str:
+        return getattr(self.fn, "__module__", "")
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+def _signature(fn: Callable[..., Any], kind: str) -> tuple[tuple[Param, ...], Any]:
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"@{kind} {fn.__qualname__}: must be an 'async def' function")
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise TypeError(f"@{kind} {fn.__qualname__}: cannot resolve type hints: {exc}") from exc
+    items = list(sig.parameters.values())
+    if not items or items[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"@{kind} {fn.__qualname__}: the first parameter must be the context (ctx)")
+    params = []
+    for p in items[1:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise TypeError(f"@{kind} {fn.__qualname__}: *args/**kwargs are not allowed (argument {p.name!r})")
+        if p.name not in hints:
+            raise TypeError(f"@{kind} {fn.__qualname__}: argument {p.name!r} needs a type hint")
+        params.append(Param(p.name, hints[p.name], p.default))
+    return tuple(params), hints.get("return", Any)
+
+
+def _make(kind: Kind, fn: Callable[..., Any], *, name: str | None = None, public: bool = False,
+          roles: Iterable[str] = (), timeout: float | dt.timedelta | None = None,
+          rate_limit: RateLimit | None = None, reads: Iterable[str] = (), **options: Any) -> Callable[..., Any]:
+    fname = name or fn.__name__
+    if not _NAME.match(fname):
+        raise ValueError(f"@{kind}: invalid function name {fname!r} (letters, digits, '_' and '.')")
+    if isinstance(timeout, dt.timedelta):
+        timeout = timeout.total_seconds()
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"@{kind} {fname}: timeout must be positive, got {timeout!r}")
+    params, returns = _signature(fn, kind)
+    fn.__forge__ = FunctionDef(  # type: ignore[attr-defined]
+        name=fname, kind=kind, fn=fn, params=params, returns=returns, public=public,
+        roles=tuple(roles), timeout=timeout, rate_limit=rate_limit, reads=tuple(reads),
+        options=options, doc=inspect.getdoc(fn) or "",
+    )
+    return fn
+
+
+def _decorator(kind: Kind):
+    def decorator(fn: Callable[..., Any] | None = None, /, **settings: Any):
+        if fn is not None:
+            return _make(kind, fn, **settings)
+        return lambda f: _make(kind, f, **settings)
+
+    decorator.__name__ = kind
+    decorator.__doc__ = f"Register an async function as a FORGE {kind}. Settings: name, public, roles, timeout, rate_limit, ..."
+    return decorator
+
+
+#: ``@query`` - read-only, runs in a read-only transaction, subscribable over WebSocket.
+query = _decorator("query")
+#: ``@mutation`` - runs in one transaction; ``ctx.dispatch`` writes jobs into it.
+mutation = _decorator("mutation")
+#: ``@action`` - may call the outside world; calls queries/mutations through ``ctx``.
+action = _decorator("action")
+#: ``@workflow`` - durable multi-step process (run by the worker).
+workflow = _decorator("workflow")
+
+
+def job(fn: Callable[..., Any] | None = None, /, *, max_attempts: int = 5, priority: int = 0,
+        queue: str = "default", capability: str | None = None, timeout: float | dt.timedelta | None = None,
+        **settings: Any):
+    """``@job`` - a background job run at least once by a worker.
+
+    ``priority``: higher runs first. ``capability``: only nodes with that ``[node] capabilities``
+    entry run it. ``max_attempts``: attempts before dead letter. Further settings
+    (``unique``, ``concurrency``, ``backoff``) are interpreted by the worker plugin.
+    """
+    if max_attempts < 1:
+        raise ValueError(f"@job: max_attempts must be >= 1, got {max_attempts}")
+    opts = dict(max_attempts=max_attempts, priority=priority, queue=queue, capability=capability, **settings)
+    if fn is not None:
+        return _make("job", fn, timeout=timeout, **opts)
+    return lambda f: _make("job", f, timeout=timeout, **opts)
+
+
+def cron(schedule: str, /, *, timezone: str = "UTC", name: str | None = None, **settings: Any):
+    """``@cron("*/5 * * * *", timezone="Europe/Berlin")`` - run as a job once per scheduled slot.
+
+    The scheduler validates the expression and the time zone at start-up and names the
+    cron in the error. Settings such as ``catch_up`` and ``overlap`` belong to the scheduler.
+    """
+    if not isinstance(schedule, str) or not schedule.strip():
+        raise ValueError(f"@cron: schedule must be a non-empty cron expression, got {schedule!r}")
+    return lambda f: _make("cron", f, name=name, schedule=schedule, timezone=timezone, **settings)
+
+
+# --- models ---------------------------------------------------------------------------
+@attrs.frozen
+class ModelDef:
+    cls: type
+    table: str
+    primary_key: str
+    columns: tuple[str, ...]
+
+
+def model(cls: type | None = None, /, *, table: str | None = None, primary_key: str = "id"):
+    """``@model`` turns a class into an attrs class mapped to a table (``table`` defaults to the
+    lower-cased class name plus ``s``). ``ctx.db.insert/get/select/update/delete`` use it."""
+
+    def wrap(c: type) -> type:
+        if not attrs.has(c):
+            c = attrs.define(c)
+        tname = table or c.__name__.lower() + "s"
+        if not re.match(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$", tname):
+            raise ValueError(f"@model {c.__name__}: invalid table name {tname!r}")
+        cols = tuple(a.name for a in attrs.fields(c))
+        if primary_key not in cols:
+            raise ValueError(f"@model {c.__name__}: primary key {primary_key!r} is not a field")
+        c.__forge_model__ = ModelDef(c, tname, primary_key, cols)  # type: ignore[attr-defined]
+        return c
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def model_def(cls: type) -> ModelDef:
+    md = getattr(cls, "__forge_model__", None)
+    if md is None:
+        raise TypeError(f"{getattr(cls, '__name__', cls)!r} is not a @model class")
+    return md
+
+
+# --- registry ---------------------------------------------------------------------------
+@attrs.define
+class Registry:
+    """Functions and models of the app a node serves, by name."""
+
+    functions: dict[str, FunctionDef] = attrs.field(factory=dict)
+    models: dict[str, ModelDef] = attrs.field(factory=dict)
+    modules: list[str] = attrs.field(factory=list)
+
+    def add(self, defn: FunctionDef) -> None:
+        existing = self.functions.get(defn.name)
+        if existing is not None and existing.fn is not defn.fn:
+            raise StartupError(
+                f"two app functions are named {defn.name!r}: {existing.module}.{existing.fn.__qualname__} "
+                f"and {defn.module}.{defn.fn.__qualname__}; pass name=... to one of them"
+            )
+        self.functions[defn.name] = defn
+
+    def add_module(self, module: ModuleType) -> None:
+        for value in vars(module).values():
+            defn = getattr(value, "__forge__", None)
+            if isinstance(defn, FunctionDef):
+                self.add(defn)
+            md = getattr(value, "__forge_model__", None)
+            if isinstance(md, ModelDef) and isinstance(value, type):
+                self.models[md.table] = md
+        self.modules.append(module.__name__)
+
+    @classmethod
+    def from_modules(cls, names: Iterable[str]) -> "Registry":
+        reg = cls()
+        for name in names:
+            if name in reg.modules:
+                continue
+            try:
+                module = importlib.import_module(name)
+            except Exception as exc:
+                raise StartupError(f"[app] modules: cannot import {name!r}: {type(exc).__name__}: {exc}") from exc
+            reg.add_module(module)
+        return reg
+
+    def get(self, name: str) -> FunctionDef | None:
+        return self.functions.get(name)
+
+    def of_kind(self, *kinds: str) -> list[FunctionDef]:
+        return [d for d in self.functions.values() if d.kind in kinds]
+
+
+def definition(fn_or_name: Any) -> FunctionDef | str:
+    """The FunctionDef behind a decorated function, or the name given as a string."""
+    if isinstance(fn_or_name, str):
+        return fn_or_name
+    defn = getattr(fn_or_name, "__forge__", None)
+    if defn is None:
+        raise TypeError(f"{fn_or_name!r} is not a FORGE function (decorate it with @job, @query, ...)")
+    return defn

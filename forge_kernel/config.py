@@ -1,0 +1,243 @@
+"""``forge.toml`` plus ``FORGE_<SECTION>__<KEY>`` environment overrides.
+
+Each plugin owns a section: an attrs class returned from ``forge_config_sections``.
+The kernel owns ``[node]``, ``[database]``, ``[app]`` and ``[log]``. Every problem
+(unknown section or key, wrong type, bad value) is collected and reported at once,
+naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+from .convert import InvalidValue, Problem, StructureError, structure, unstructure
+from .errors import ConfigError
+
+ENV_PREFIX = "FORGE_"
+
+
+# --- validators that name what they expect -------------------------------------------
+def in_range(lo: float | None = None, hi: float | None = None):
+    def check(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"between {lo} and {hi}")
+            raise InvalidValue(attr.name, value, f"a number {bounds}")
+
+    return check
+
+
+def one_of(*choices: str):
+    def check(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v not in choices:
+                raise InvalidValue(attr.name, v, f"one of {', '.join(choices)}")
+
+    return check
+
+
+def identifiers(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    for v in value:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise InvalidValue(attr.name, v, "names of letters, digits, '-', '_' or '.'")
+
+
+# --- kernel sections ---------------------------------------------------------------
+@attrs.frozen
+class NodeConfig:
+    #: node id; empty means generated at start-up
+    id: str = ""
+    #: host name advertised to the cluster
+    host: str = attrs.field(factory=socket.gethostname)
+    #: roles to run; empty means every role the installed plugins provide
+    roles: list[str] = attrs.field(factory=list, validator=identifiers)
+    #: what this node's hardware/software offers (jobs may require these)
+    capabilities: list[str] = attrs.field(factory=list, validator=identifiers)
+    heartbeat_interval: float = attrs.field(default=2.0, validator=in_range(0.05, 300))
+    #: a node whose heartbeat is older than this is considered dead
+    dead_after: float = attrs.field(default=15.0, validator=in_range(0.5, 3600))
+    #: seconds a draining node waits for its services to stop
+    drain_timeout: float = attrs.field(default=30.0, validator=in_range(0, 3600))
+
+
+@attrs.frozen
+class DatabaseConfig:
+    #: PostgreSQL URL; empty means an embedded server under ``data_dir``
+    url: str = ""
+    data_dir: str = ".forge"
+    pool_min: int = attrs.field(default=2, validator=in_range(0, 1000))
+    pool_max: int = attrs.field(default=20, validator=in_range(1, 1000))
+    #: seconds to wait for a connection at start-up
+    connect_timeout: float = attrs.field(default=10.0, validator=in_range(0.1, 600))
+
+    def __attrs_post_init__(self) -> None:
+        if self.pool_min > self.pool_max:
+            raise InvalidValue("pool_min", self.pool_min, f"at most pool_max ({self.pool_max})")
+
+
+@attrs.frozen
+class AppConfig:
+    #: Python modules whose decorated functions make up the app
+    modules: list[str] = attrs.field(factory=list)
+    #: default per-function timeout in seconds
+    function_timeout: float = attrs.field(default=30.0, validator=in_range(0.001, 86400))
+    #: serve ``forge_kernel.example`` when no modules are configured
+    example: bool = True
+
+
+@attrs.frozen
+class LogConfig:
+    level: str = attrs.field(default="INFO", validator=one_of("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"))
+    json: bool = False
+
+
+KERNEL_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "database": DatabaseConfig,
+    "app": AppConfig,
+    "log": LogConfig,
+}
+
+
+@attrs.frozen
+class Config:
+    """Structured configuration: one attrs instance per section."""
+
+    sections: Mapping[str, Any]
+    source: str = "<defaults>"
+
+    def __getitem__(self, name: str) -> Any:
+        return self.sections[name]
+
+    @property
+    def node(self) -> NodeConfig:
+        return self.sections["node"]
+
+    @property
+    def database(self) -> DatabaseConfig:
+        return self.sections["database"]
+
+    @property
+    def app(self) -> AppConfig:
+        return self.sections["app"]
+
+    @property
+    def log(self) -> LogConfig:
+        return self.sections["log"]
+
+    def evolve(self, section: str, **changes: Any) -> "Config":
+        new = dict(self.sections)
+        new[section] = attrs.evolve(new[section], **changes)
+        return attrs.evolve(self, sections=new)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: unstructure(value) for name, value in self.sections.items()}
+
+
+# --- loading -----------------------------------------------------------------------
+def _field_type(cls: type, key: str) -> Any:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        return None
+    return hints.get(key)
+
+
+def _env_value(raw: str, tp: Any) -> Any:
+    """Env values are TOML literals (``8081``, ``true``, ``["a","b"]``) unless the key is a string."""
+    if tp is str:
+        return raw
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        # a bare word for a list of names: FORGE_NODE__ROLES=worker,gateway
+        origin = typing.get_origin(tp)
+        if origin in (list, tuple, set, frozenset) and typing.get_args(tp)[:1] == (str,):
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        return raw
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(
+    sections: Mapping[str, type],
+    *,
+    path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    owners: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a :class:`Config` from a TOML file (or ``data``) and environment overrides.
+
+    ``sections`` maps section name to attrs class (kernel plus plugins); ``owners`` maps
+    section to the distribution that owns it, for error messages.
+    """
+    env = os.environ if env is None else env
+    source = "<defaults>"
+    raw: dict[str, Any] = {}
+    if data is not None:
+        raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+        source = "<data>"
+    else:
+        explicit = path or env.get("FORGE_CONFIG")
+        candidate = Path(explicit) if explicit else Path("forge.toml")
+        if candidate.exists():
+            raw = read_toml(candidate)
+            source = str(candidate)
+        elif explicit:
+            raise ConfigError(f"config file {candidate} (from {'--config' if path else 'FORGE_CONFIG'}) does not exist")
+
+    problems: list[Problem] = []
+    for name, value in raw.items():
+        if name not in sections:
+            problems.append(Problem(f"[{name}]", f"unknown section; known sections: {', '.join(sorted(sections))}"))
+        elif not isinstance(value, Mapping):
+            problems.append(Problem(f"[{name}]", f"expected a table, got {type(value).__name__} {value!r}"))
+
+    for key, rawval in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key or key == "FORGE_CONFIG":
+            continue
+        section, _, field = key[len(ENV_PREFIX):].partition("__")
+        section, field = section.lower(), field.lower()
+        if section not in sections:
+            # FORGE_TEST__... and other FORGE_ variables of other tools are not ours
+            continue
+        table = raw.setdefault(section, {})
+        if isinstance(table, Mapping):
+            table = dict(table)
+            table[field] = _env_value(rawval, _field_type(sections[section], field))
+            raw[section] = table
+
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        table = raw.get(name, {})
+        if not isinstance(table, Mapping):
+            continue
+        try:
+            built[name] = structure(dict(table), cls)
+        except StructureError as exc:
+            for p in exc.problems:
+                value = table.get(p.path.split(".")[0].split("[")[0], None) if p.path else None
+                owner = f" (owned by {owners[name]})" if owners and name in owners else ""
+                key = f"[{name}] {p.path}" if p.path else f"[{name}]"
+                shown = f" = {value!r}" if value is not None and "unknown key" not in p.message else ""
+                problems.append(Problem(key + shown + owner, p.message))
+        except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
+            problems.append(Problem(f"[{name}]", str(exc)))
+    if problems:
+        listing = "\n".join(f"  - {p.path}: {p.message}" for p in problems)
+        raise ConfigError(f"invalid configuration in {source}:\n{listing}")
+    return Config(sections=built, source=source)

@@ -1,0 +1,193 @@
+"""The asyncpg pool and ``ctx.db``: SQL with bind parameters, model helpers, read tracking."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import asyncpg
+import attrs
+
+from .app import ModelDef, model_def
+from .convert import converter
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(url: str, **kw: Any) -> asyncpg.Connection:
+    """A dedicated (non-pool) connection with FORGE's codecs, for LISTEN, locks and heartbeats."""
+    conn = await asyncpg.connect(url, **kw)
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, timeout: float = 10.0) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_connection, timeout=timeout,
+        server_settings={"application_name": "forge"},
+    )
+
+
+def quote_ident(name: str) -> str:
+    if not _IDENT.match(name):
+        raise ValueError(f"not a plain SQL identifier: {name!r}")
+    return f'"{name}"'
+
+
+def _table(name: str) -> str:
+    return ".".join(quote_ident(p) for p in name.split("."))
+
+
+@attrs.frozen
+class TableRead:
+    """A query read ``table``; with ``filters`` only rows whose columns equal those values."""
+
+    table: str
+    filters: tuple[tuple[str, Any], ...] | None = None
+
+    def matches(self, row: Mapping[str, Any] | None) -> bool:
+        if self.filters is None:
+            return True
+        if row is None:
+            return False
+        return all(str(row.get(col)) == str(val) for col, val in self.filters)
+
+
+# Tables a statement reads, found once per SQL text with EXPLAIN (plan-level, so views and
+# CTEs resolve to their base tables). Keyed by SQL text; small and bounded.
+_EXPLAIN_CACHE: dict[str, tuple[str, ...]] = {}
+
+
+def _relations(plan: Any, out: set[str]) -> None:
+    if isinstance(plan, dict):
+        rel = plan.get("Relation Name")
+        if rel:
+            schema = plan.get("Schema")
+            out.add(rel if schema in (None, "public") else f"{schema}.{rel}")
+        for v in plan.values():
+            _relations(v, out)
+    elif isinstance(plan, list):
+        for v in plan:
+            _relations(v, out)
+
+
+class Database:
+    """``ctx.db``: runs SQL on the call's connection and remembers what it read."""
+
+    __slots__ = ("conn", "readonly", "_reads", "_statements")
+
+    def __init__(self, conn: asyncpg.Connection, *, readonly: bool = False) -> None:
+        self.conn = conn
+        self.readonly = readonly
+        self._reads: list[TableRead] = []
+        self._statements: list[tuple[str, tuple]] = []
+
+    # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self._statements.append((sql, args))
+        return await self.conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        self._statements.append((sql, args))
+        return await self.conn.fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        self._statements.append((sql, args))
+        return await self.conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        self._statements.append((sql, args))
+        return await self.conn.execute(sql, *args)
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, args)
+
+    def transaction(self, **kw: Any):
+        return self.conn.transaction(**kw)
+
+    # --- models ---------------------------------------------------------------------
+    def _row(self, md: ModelDef, rec: asyncpg.Record | None) -> Any:
+        if rec is None:
+            return None
+        return converter.structure(dict(rec), md.cls)
+
+    def _values(self, md: ModelDef, obj: Any) -> dict[str, Any]:
+        return {a.name: getattr(obj, a.name) for a in attrs.fields(md.cls)}
+
+    async def insert(self, obj: Any) -> Any:
+        md = model_def(type(obj))
+        vals = self._values(md, obj)
+        # None means "let the column default decide" (serial ids, created_at DEFAULT now())
+        cols = [c for c in md.columns if vals[c] is not None]
+        sql = (f"INSERT INTO {_table(md.table)} ({', '.join(map(quote_ident, cols))}) "
+               f"VALUES ({', '.join(f'${i + 1}' for i in range(len(cols)))}) RETURNING *")
+        return self._row(md, await self.conn.fetchrow(sql, *(vals[c] for c in cols)))
+
+    async def get(self, cls: type, pk: Any) -> Any:
+        md = model_def(cls)
+        self._reads.append(TableRead(md.table, ((md.primary_key, pk),)))
+        rec = await self.conn.fetchrow(f"SELECT * FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1", pk)
+        return self._row(md, rec)
+
+    async def select(self, cls: type, *, order_by: str | None = None, limit: int | None = None, **where: Any) -> list[Any]:
+        """Rows of ``cls`` whose columns equal ``where``; recorded as a filtered read."""
+        md = model_def(cls)
+        for col in where:
+            if col not in md.columns:
+                raise ValueError(f"{md.cls.__name__} has no column {col!r}")
+        self._reads.append(TableRead(md.table, tuple(sorted(where.items())) or None))
+        sql = f"SELECT * FROM {_table(md.table)}"
+        if where:
+            sql += " WHERE " + " AND ".join(f"{quote_ident(c)} = ${i + 1}" for i, c in enumerate(where))
+        if order_by:
+            desc = order_by.startswith("-")
+            col = order_by.lstrip("-")
+            if col not in md.columns:
+                raise ValueError(f"{md.cls.__name__} has no column {col!r} to order by")
+            sql += f" ORDER BY {quote_ident(col)}{' DESC' if desc else ''}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [self._row(md, r) for r in await self.conn.fetch(sql, *where.values())]
+
+    async def update(self, obj: Any) -> Any:
+        md = model_def(type(obj))
+        vals = self._values(md, obj)
+        cols = [c for c in md.columns if c != md.primary_key]
+        sets = ", ".join(f"{quote_ident(c)} = ${i + 2}" for i, c in enumerate(cols))
+        sql = f"UPDATE {_table(md.table)} SET {sets} WHERE {quote_ident(md.primary_key)} = $1 RETURNING *"
+        return self._row(md, await self.conn.fetchrow(sql, vals[md.primary_key], *(vals[c] for c in cols)))
+
+    async def delete(self, cls: type, pk: Any) -> bool:
+        md = model_def(cls)
+        res = await self.conn.execute(f"DELETE FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1", pk)
+        return res != "DELETE 0"
+
+    # --- what was read --------------------------------------------------------------
+    def declare_read(self, table: str, **filters: Any) -> None:
+        """Declare a read the SQL cannot show (e.g. a function reading another service)."""
+        self._reads.append(TableRead(table, tuple(sorted(filters.items())) or None))
+
+    async def read_set(self) -> list[TableRead]:
+        """Tables (with equality filters where known) this call read. Raw SQL counts as a
+        whole-table read of every relation in its plan."""
+        reads = list(self._reads)
+        for sql, args in self._statements:
+            tables = _EXPLAIN_CACHE.get(sql)
+            if tables is None:
+                found: set[str] = set()
+                try:
+                    plan = await self.conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+                    _relations(json.loads(plan) if isinstance(plan, str) else plan, found)
+                except asyncpg.PostgresError:
+                    pass
+                tables = tuple(sorted(found))
+                if len(_EXPLAIN_CACHE) < 10_000:
+                    _EXPLAIN_CACHE[sql] = tables
+            reads.extend(TableRead(t) for t in tables)
+        return list(dict.fromkeys(reads))

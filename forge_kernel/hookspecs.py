@@ -1,0 +1,174 @@
+"""Every hook a FORGE plugin can implement.
+
+A plugin is a module (or object) registered through the ``forge.plugins`` entry-point
+group. It implements any of the hooks below with ``@forge_kernel.hookimpl``.
+
+pluggy calls hooks synchronously, so hooks return *descriptions* (attrs instances,
+classes, callables). Everything asynchronous - servers, loops, listeners - is a
+:class:`forge_kernel.services.Service` whose lifespan the kernel enters in dependency
+order and exits in reverse.
+
+Conventions: hooks returning lists are collected from every plugin (pluggy returns one
+result per implementation); hooks marked *firstresult* stop at the first non-``None``.
+Hooks may be called more than once (the CLI and tests build several nodes per process)
+and must therefore not keep global state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import Registry
+    from .migrations import Migration
+    from .node import Node
+    from .services import MaintenanceTask, Service
+
+hookspec = pluggy.HookspecMarker("forge")
+hookimpl = pluggy.HookimplMarker("forge")
+
+
+# --- what a plugin is ---------------------------------------------------------------
+@hookspec
+def forge_roles() -> list[str]:
+    """Names of the roles this plugin provides (``gateway``, ``worker``, ...).
+
+    Called once when the plugin is loaded and again when a node decides what to run.
+    A node runs the roles its plugins provide, narrowed by ``[node] roles``.
+    Implemented by role packages; capability plugins (codegen, metrics) return nothing.
+    """
+
+
+@hookspec
+def forge_config_sections() -> Mapping[str, type]:
+    """Map of config section name to the attrs class that structures it.
+
+    Called before configuration is loaded. Each section belongs to exactly one plugin;
+    two plugins claiming the same section is a load error for the second. Field defaults
+    must give a working node; validators raise ``forge_kernel.convert.InvalidValue`` so
+    the error names the key, the value and what was expected.
+    """
+
+
+@hookspec
+def forge_migrations() -> list["Migration"]:
+    """The plugin's versioned, forward-only SQL migrations.
+
+    Called by ``forge-node migrate`` and at node start-up. Return
+    ``forge_kernel.migrations.from_package("my_plugin.migrations", namespace="my_plugin")``
+    or a list of ``Migration``. A namespace belongs to one plugin; versions inside it
+    are applied in order, each once, in its own transaction. Editing an applied
+    migration is reported as drift: add a new version instead.
+    """
+
+
+# --- what a node runs ---------------------------------------------------------------
+@hookspec
+def forge_services(node: "Node") -> list["Service"]:
+    """Long-running parts of this plugin for ``node``.
+
+    Called once per node start, after migrations and app loading, with the node's
+    config, pool and registry available. Return a ``Service`` per component; the node
+    starts those whose ``role`` it runs (or whose role is ``None``) in dependency
+    order (``after``) and stops them in exact reverse. Nothing may start running
+    inside this hook itself.
+    """
+
+
+@hookspec
+def forge_maintenance_tasks(node: "Node") -> list["MaintenanceTask"]:
+    """Periodic cluster chores that exactly one node (the scheduler leader) runs.
+
+    Called once per node start. Each ``MaintenanceTask`` has a name, an interval and
+    an ``async run(conn)`` that receives a pool connection; the leader re-checks its
+    leadership before each run. Plugins that own tables contribute their own chores
+    (the worker rescues expired leases, observability drops old partitions), so the
+    scheduler never needs to know another plugin's SQL.
+    """
+
+
+@hookspec
+def forge_app_modules() -> list[str]:
+    """Importable module names that contain app functions (``@query``, ``@job``...).
+
+    Called when the node builds its registry, in addition to ``[app] modules``. Lets a
+    plugin ship functions (an admin API, the example app) without configuration.
+    """
+
+
+@hookspec
+def forge_registry_loaded(registry: "Registry", node: "Node | None") -> None:
+    """Check the loaded app registry and raise to stop start-up.
+
+    Called after every app module is imported and before services start. A plugin
+    validates the kinds it runs - the scheduler parses every cron expression and time
+    zone - and raises ``forge_kernel.errors.StartupError`` naming the function.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_job_dispatcher(node: "Node") -> Any:
+    """The object that turns ``ctx.dispatch(...)`` into stored jobs.
+
+    Implemented by the worker package (firstresult: the first plugin wins). Return an
+    object with ``async dispatch(conn, requests: Sequence[JobRequest]) -> list[int]``
+    that writes every request on ``conn`` - inside the caller's transaction, so a
+    rolled-back mutation leaves no job. Return ``None`` to decline.
+    """
+
+
+@hookspec
+def forge_call_middleware(node: "Node") -> list[Callable[..., Any]]:
+    """Wrappers around every function call, outermost first.
+
+    Called once per node start. Each item is ``async def mw(call, next) -> result``
+    where ``call`` is a ``forge_kernel.executor.Call`` (definition, args, auth,
+    request id) and ``next(call)`` runs the rest of the chain. Observability uses it
+    for spans and metrics. Must not swallow ``ForgeError``.
+    """
+
+
+# --- gateway extension points (published by the kernel so plugins need not import the gateway)
+@hookspec
+def forge_gateway_routes(node: "Node") -> list[Any]:
+    """Litestar route handlers (or Routers) to mount on the node's HTTP server.
+
+    Called once when the gateway builds its app. Realtime adds ``/ws``, observability
+    adds ``/metrics`` and ``/_forge/``. Paths must not collide with the gateway's own
+    (``/health``, ``/ready``, ``/rpc``, ``/openapi.json``).
+    """
+
+
+# --- command line -------------------------------------------------------------------
+@hookspec
+def forge_cli_commands(subparsers: Any) -> None:
+    """Add ``forge-node`` sub-commands to an ``argparse`` sub-parser group.
+
+    Called when the CLI starts. Each added parser sets ``func=async_or_sync_callable``
+    taking ``(args, cli)`` where ``cli`` gives ``config()``, ``pool()`` and ``loader``.
+    The worker adds ``jobs``, the scheduler adds ``crons``.
+    """
+
+
+# --- cross-plugin contracts the kernel publishes ------------------------------------
+@hookspec
+def forge_job_finished(node: "Node", outcome: Any) -> Any:
+    """Called by the worker after every job attempt ends, with a ``forge_kernel.executor.JobOutcome``.
+
+    Return ``None`` or an awaitable (the worker awaits it, with errors logged and ignored).
+    The scheduler uses it to record cron run history; observability to count jobs.
+    Must be quick: it runs on the worker's path for every job.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_auth_verifier(node: "Node") -> Any:
+    """The object that turns a bearer credential into a ``forge_kernel.Auth``.
+
+    Implemented by the gateway (firstresult). Returns an object with
+    ``async verify(token: str) -> Auth`` raising ``forge_kernel.errors.Unauthenticated``
+    for a bad or expired credential (never returning an anonymous caller for a bad token).
+    Realtime uses it for the WebSocket ``auth`` message.
+    """

@@ -1,0 +1,264 @@
+"""A FORGE node: database, migrations, app registry, membership, services, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from loguru import logger
+
+from . import db as dbmod
+from . import migrations as migmod
+from .app import Registry
+from .config import Config
+from .embedded_pg import EmbeddedPostgres
+from .errors import StartupError
+from .executor import FunctionExecutor
+from .plugins import PluginLoader, _flat, _version
+from .services import MaintenanceTask, Service, Supervisor, start_order
+
+EXAMPLE_MODULE = "forge_example"
+
+
+def database_url(config: Config) -> tuple[str, EmbeddedPostgres | None]:
+    """The configured URL, or an embedded server under ``[database] data_dir`` (started or reused)."""
+    if config.database.url:
+        return config.database.url, None
+    pg = EmbeddedPostgres(Path(config.database.data_dir).resolve())
+    first = not pg.initialized()
+    t0 = time.monotonic()
+    url = pg.start()
+    what = "initialised and started" if first else ("started" if pg.started_here else "reused")
+    logger.info(f"embedded PostgreSQL {what} in {time.monotonic() - t0:.2f}s under {pg.root}; "
+                f"connect with: psql {url}")
+    return url, pg
+
+
+def app_modules(config: Config, loader: PluginLoader) -> list[str]:
+    modules = list(config.app.modules) + _flat(loader.hook.forge_app_modules())
+    if not modules and config.app.example:
+        modules = [EXAMPLE_MODULE]
+    return list(dict.fromkeys(modules))
+
+
+def app_migrations(registry: Registry) -> list[migmod.Migration]:
+    import importlib
+
+    out: list[migmod.Migration] = []
+    for name in registry.modules:
+        out.extend(getattr(importlib.import_module(name), "MIGRATIONS", []) or [])
+    return out
+
+
+def all_migrations(loader: PluginLoader, registry: Registry | None) -> list[migmod.Migration]:
+    return loader.migrations() + (app_migrations(registry) if registry else [])
+
+
+class Node:
+    """One node process. ``await node.start()`` then ``await node.stop()`` (or ``run()``)."""
+
+    def __init__(self, config: Config, loader: PluginLoader, *, registry: Registry | None = None) -> None:
+        self.config = config
+        self.loader = loader
+        self.id = config.node.id or f"{config.node.host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.version = _version("forge-kernel") or "0"
+        self.roles = loader.resolve_roles(config.node.roles)
+        self.capabilities = list(config.node.capabilities)
+        self.ports: dict[str, int] = {}
+        self.registry = registry
+        self.url: str = ""
+        self.embedded: EmbeddedPostgres | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.executor: FunctionExecutor | None = None
+        self.supervisor = Supervisor()
+        self.services: list[Service] = []
+        self.maintenance: list[MaintenanceTask] = []
+        self.status = "starting"
+        self.started_at = 0.0
+        self.ready_at = 0.0
+        self._entered: list[tuple[Service, Any]] = []
+        self._hb_conn: asyncpg.Connection | None = None
+        self._stopping = asyncio.Event()
+        self.supervisor.on_crash.append(lambda rec, exc: self._crash_noted(rec, exc))
+
+    # --- helpers for plugins --------------------------------------------------------
+    def runs(self, role: str) -> bool:
+        return role in self.roles
+
+    def section(self, name: str) -> Any:
+        return self.config[name]
+
+    async def connect(self, **kw: Any) -> asyncpg.Connection:
+        """A dedicated connection (never from the pool), for LISTEN, advisory locks, heartbeats."""
+        return await dbmod.connect(self.url, **kw)
+
+    # --- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.url, self.embedded = await asyncio.to_thread(database_url, self.config)
+        try:
+            self.pool = await dbmod.create_pool(self.url, min_size=self.config.database.pool_min,
+                                                max_size=self.config.database.pool_max,
+                                                timeout=self.config.database.connect_timeout)
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            raise StartupError(f"cannot connect to PostgreSQL at [database] url: {type(exc).__name__}: {exc}") from exc
+        if self.registry is None:
+            self.registry = Registry.from_modules(app_modules(self.config, self.loader))
+        self.loader.hook.forge_registry_loaded(registry=self.registry, node=self)
+        conn = await self.connect()
+        try:
+            applied = await migmod.migrate(conn, all_migrations(self.loader, self.registry))
+        finally:
+            await conn.close()
+        if applied:
+            logger.info(f"applied {len(applied)} migration(s): " + ", ".join(f"{m.namespace}/{m.version:04d}_{m.name}" for m in applied))
+        middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
+        self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
+                                         middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
+                                         node=self)
+        await self._register()
+        self.supervisor.spawn("heartbeat", self._heartbeat_loop, service="kernel")
+        self.maintenance = _flat(self.loader.hook.forge_maintenance_tasks(node=self))
+        candidates = [s for s in _flat(self.loader.hook.forge_services(node=self)) if s.role is None or s.role in self.roles]
+        self.services = start_order(candidates)
+        for svc in self.services:
+            cm = svc.lifespan(self)
+            try:
+                await cm.__aenter__()
+            except Exception as exc:
+                logger.opt(exception=exc).error(f"service {svc.name!r} failed to start")
+                await self.stop()
+                raise StartupError(f"service {svc.name!r} failed to start: {type(exc).__name__}: {exc}") from exc
+            self._entered.append((svc, cm))
+            logger.debug(f"service {svc.name} started")
+        await self._set_status("running")
+        self.ready_at = time.monotonic()
+        logger.info(f"node {self.id} ready in {self.ready_at - self.started_at:.2f}s: roles={','.join(self.roles) or '-'} "
+                    f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
+                    f"functions={len(self.registry.functions)}")
+
+    async def stop(self) -> None:
+        """Drain: mark draining, stop services in reverse start order within the drain timeout,
+        mark stopped, close the pool, leave the embedded database."""
+        if self.status in ("stopped",):
+            return
+        await self._set_status("draining")
+        deadline = time.monotonic() + self.config.node.drain_timeout
+        while self._entered:
+            svc, cm = self._entered.pop()
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(cm.__aexit__(None, None, None), left)
+            except asyncio.TimeoutError:
+                logger.warning(f"service {svc.name!r} did not stop within the drain timeout; cancelling it")
+            except Exception as exc:
+                logger.opt(exception=exc).error(f"service {svc.name!r} failed while stopping")
+            await self.supervisor.cancel(service=svc.name, timeout=max(0.1, deadline - time.monotonic()))
+        await self.supervisor.cancel()
+        await self._set_status("stopped")
+        if self._hb_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._hb_conn.close()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), 5)
+        self.status = "stopped"
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.release)
+
+    async def run(self) -> None:
+        """Start, wait for SIGTERM/SIGINT, drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self.start()
+            await self._stopping.wait()
+            logger.info(f"node {self.id} draining")
+        finally:
+            await self.stop()
+        logger.info(f"node {self.id} stopped")
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    # --- membership -----------------------------------------------------------------
+    async def _register(self) -> None:
+        await self.pool.execute(
+            """INSERT INTO forge_nodes (id, host, pid, ports, roles, capabilities, version, status, info)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, 'starting', $8)
+               ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, ports = EXCLUDED.ports,
+                 roles = EXCLUDED.roles, capabilities = EXCLUDED.capabilities, version = EXCLUDED.version,
+                 status = 'starting', started_at = now(), last_heartbeat = now(), stopped_at = NULL, info = EXCLUDED.info""",
+            self.id, self.config.node.host, os.getpid(), self.ports, self.roles, self.capabilities, self.version,
+            {"plugins": [i.name for i in self.loader.loaded()]},
+        )
+
+    async def publish_ports(self) -> None:
+        """Services call this after binding a port so ``forge-node status`` shows it."""
+        if self.pool is not None:
+            await self.pool.execute("UPDATE forge_nodes SET ports = $2 WHERE id = $1", self.id, self.ports)
+
+    async def _set_status(self, status: str) -> None:
+        self.status = status
+        if self.pool is None:
+            return
+        try:
+            await self.pool.execute(
+                "UPDATE forge_nodes SET status = $2, last_heartbeat = now(), "
+                "stopped_at = CASE WHEN $2 = 'stopped' THEN now() ELSE NULL END WHERE id = $1", self.id, status)
+        except Exception as exc:  # the database may be gone while we stop; that must not block exit
+            logger.warning(f"could not record node status {status!r}: {exc}")
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.node.heartbeat_interval
+        while True:
+            try:
+                if self._hb_conn is None or self._hb_conn.is_closed():
+                    self._hb_conn = await self.connect(timeout=5)
+                row = await self._hb_conn.fetchval(
+                    "UPDATE forge_nodes SET last_heartbeat = now(), "
+                    "status = CASE WHEN status = 'dead' THEN $2 ELSE status END "
+                    "WHERE id = $1 RETURNING 1", self.id, self.status)
+                if row is None:
+                    logger.warning(f"node row {self.id} vanished; registering again")
+                    await self._register()
+                    await self._set_status(self.status)
+            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError, asyncpg.InterfaceError) as exc:
+                logger.warning(f"heartbeat failed ({type(exc).__name__}: {exc}); retrying")
+                if self._hb_conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._hb_conn.terminate()
+                self._hb_conn = None
+            await asyncio.sleep(interval)
+
+    def _crash_noted(self, rec: Any, exc: BaseException) -> None:
+        if self.pool is None:
+            return
+
+        async def note() -> None:
+            with contextlib.suppress(Exception):
+                await self.pool.execute(
+                    "UPDATE forge_nodes SET info = jsonb_set(info, ARRAY['crashes', $2::text], $3::jsonb) WHERE id = $1",
+                    self.id, rec.name, json.dumps({"count": rec.crashes, "error": rec.last_error}))
+
+        asyncio.get_running_loop().create_task(note())
+
+
+async def cluster_status(conn: asyncpg.Connection, dead_after: float) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        """SELECT id, host, pid, ports, roles, capabilities, version,
+                  CASE WHEN status IN ('running','starting','draining')
+                        AND last_heartbeat < now() - make_interval(secs => $1) THEN 'unresponsive' ELSE status END AS status,
+                  started_at, last_heartbeat, extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, info
+           FROM forge_nodes ORDER BY status, started_at""", dead_after)
+    return [dict(r) for r in rows]

@@ -1,0 +1,13 @@
+"""Test support for FORGE and its plugins (ours and third parties').
+
+* :mod:`forge_kernel.testing.fixtures` - pytest fixtures, auto-registered through the
+  ``pytest11`` entry point: ``forge_database_url`` (embedded PostgreSQL for the session,
+  or ``FORGE_TEST_DATABASE_URL``), ``forge_db_url`` (a fresh database per test),
+  ``forge_node`` (an in-process node), ``forge_processes`` (real ``forge-node`` processes,
+  killed by pid at teardown), ``forge_plugin_manager``.
+* :mod:`forge_kernel.testing.contracts` - hypothesis properties every plugin must keep.
+"""
+
+from .procs import NodeProcess, free_port, wait_for
+
+__all__ = ["NodeProcess", "free_port", "wait_for"]

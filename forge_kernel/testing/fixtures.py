@@ -1,0 +1,127 @@
+"""pytest fixtures for FORGE (auto-loaded by pytest through the ``pytest11`` entry point).
+
+Tests talk to a real PostgreSQL: ``FORGE_TEST_DATABASE_URL`` when set, otherwise one
+embedded server per test session under a temporary folder (stopped at the end). Each
+test that asks for ``forge_db_url`` gets a database of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from .procs import NodeProcess
+
+
+@pytest.fixture(scope="session")
+def forge_database_url() -> Iterator[str]:
+    url = os.environ.get("FORGE_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from ..embedded_pg import EmbeddedPostgres
+
+    root = Path(os.environ.get("FORGE_TEST_PGROOT") or tempfile.mkdtemp(prefix="forge-test-pg-"))
+    # tests need speed, not durability; benchmarks start their own server with stock settings
+    pg = EmbeddedPostgres(root, settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    url = pg.start()
+    os.environ["FORGE_TEST_DATABASE_URL"] = url  # child processes (forge-node) share it
+    try:
+        yield url
+    finally:
+        os.environ.pop("FORGE_TEST_DATABASE_URL", None)
+        pg.release()
+
+
+def _with_db(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    head, _, _ = base.rpartition("/")
+    return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+async def forge_db_url(forge_database_url: str) -> Any:
+    """A fresh, empty database for this test; dropped afterwards."""
+    import asyncpg
+
+    name = f"forge_t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(forge_database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _with_db(forge_database_url, name)
+    admin = await asyncpg.connect(forge_database_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def forge_plugin_manager():
+    """A fresh plugin manager with FORGE's hook specs and no plugins."""
+    from ..plugins import new_plugin_manager
+
+    return new_plugin_manager()
+
+
+@pytest.fixture
+async def forge_node(forge_db_url: str):
+    """Factory for in-process nodes on this test's database: ``node = await forge_node(modules=[...])``.
+    Every node is stopped at teardown."""
+    from ..config import load_config
+    from ..node import Node
+    from ..plugins import PluginLoader
+
+    nodes: list[Node] = []
+
+    async def make(*, modules: list[str] | None = None, config: dict[str, Any] | None = None,
+                   loader: PluginLoader | None = None, registry: Any = None, env: dict[str, str] | None = None) -> Node:
+        loader = loader or PluginLoader(env=env).load()
+        data: dict[str, Any] = {k: dict(v) for k, v in (config or {}).items()}
+        data.setdefault("database", {})["url"] = forge_db_url
+        data["database"].setdefault("pool_min", 1)
+        data["database"].setdefault("pool_max", 10)
+        if modules is not None:
+            data.setdefault("app", {})["modules"] = modules
+            data["app"].setdefault("example", False)
+        cfg = load_config(loader.config_sections(), data=data, env=env or {})
+        node = Node(cfg, loader, registry=registry)
+        nodes.append(node)
+        await node.start()
+        return node
+
+    yield make
+    for node in reversed(nodes):
+        await node.stop()
+
+
+@pytest.fixture
+def forge_processes(tmp_path: Path, forge_db_url: str):
+    """Factory for real ``forge-node`` processes sharing this test's database. Each is
+    SIGTERMed (then SIGKILLed) by pid at teardown."""
+    procs: list[NodeProcess] = []
+
+    def spawn(config: dict[str, dict[str, Any]] | None = None, *, node_id: str | None = None,
+              env: dict[str, str] | None = None, ready: bool = True, args: tuple[str, ...] = ()) -> NodeProcess:
+        cfg = {k: dict(v) for k, v in (config or {}).items()}
+        cfg.setdefault("database", {})["url"] = forge_db_url
+        nid = node_id or f"n{len(procs) + 1}"
+        cfg.setdefault("node", {}).setdefault("id", nid)
+        p = NodeProcess(tmp_path / nid, cfg, env=dict(env or {}), args=args)
+        procs.append(p)
+        p.start()
+        if ready:
+            p.wait_ready()
+        return p
+
+    spawn.db_url = forge_db_url  # type: ignore[attr-defined]
+    yield spawn
+    for p in procs:
+        p.terminate(timeout=20)
