@@ -125,3 +125,16 @@ def forge_processes(tmp_path: Path, forge_db_url: str):
     yield spawn
     for p in procs:
         p.terminate(timeout=20)
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "slow: soak, chaos and benchmark runs; skipped unless FORGE_SLOW=1")
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    if os.environ.get("FORGE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set FORGE_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
