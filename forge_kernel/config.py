@@ -231,10 +231,10 @@ def load_config(
         except StructureError as exc:
             for p in exc.problems:
                 value = table.get(p.path.split(".")[0].split("[")[0], None) if p.path else None
-                owner = f" (owned by {owners[name]})" if owners and name in owners else ""
+                owner = f" (section of {owners[name]})" if owners and owners.get(name, "forge-kernel") != "forge-kernel" else ""
                 key = f"[{name}] {p.path}" if p.path else f"[{name}]"
                 shown = f" = {value!r}" if value is not None and "unknown key" not in p.message else ""
-                problems.append(Problem(key + shown + owner, p.message))
+                problems.append(Problem(key + shown, p.message + owner))
         except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
             problems.append(Problem(f"[{name}]", str(exc)))
     if problems:

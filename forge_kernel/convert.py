@@ -9,8 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
+import typing
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 import attrs
 import cattrs
@@ -88,6 +89,28 @@ def make_converter() -> cattrs.Converter:
         dt.timedelta,
         lambda v, _: v if isinstance(v, dt.timedelta) else dt.timedelta(seconds=_strict(float, (int, float), (bool,))(v, None)),
     )
+    # strings and dicts are iterable, but a str is never a list of str
+    from cattrs._compat import is_mutable_set, is_sequence
+    from cattrs.cols import homogenous_tuple_structure_factory, list_structure_factory
+
+    def no_scalars(tp: Any, c: cattrs.Converter):
+        origin = typing.get_origin(tp) or tp
+        if is_mutable_set(tp):
+            base = c._structure_set
+        elif origin is tuple:
+            args = typing.get_args(tp)
+            base = homogenous_tuple_structure_factory(tp, c) if len(args) == 2 and args[1] is Ellipsis else c._structure_tuple
+        else:
+            base = list_structure_factory(tp, c)
+
+        def hook(value: Any, t: Any) -> Any:
+            if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"expected a list, got {type(value).__name__} {_describe(value)}")
+            return base(value, t)
+
+        return hook
+
+    conv.register_structure_hook_factory(lambda t: is_sequence(t) or is_mutable_set(t), no_scalars)
     conv.register_unstructure_hook(uuid.UUID, str)
     conv.register_unstructure_hook(dt.datetime, dt.datetime.isoformat)
     conv.register_unstructure_hook(dt.date, dt.date.isoformat)

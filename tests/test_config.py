@@ -1,0 +1,115 @@
+"""Configuration: forge.toml + FORGE_<SECTION>__<KEY>, strict types, errors that name the key."""
+
+import subprocess
+import sys
+
+import attrs
+import pytest
+
+from forge_kernel.config import KERNEL_SECTIONS, in_range, load_config
+from forge_kernel.errors import ConfigError
+
+
+@attrs.frozen
+class PluginSection:
+    port: int = attrs.field(default=8080, validator=in_range(1, 65535))
+    hosts: list[str] = attrs.field(factory=list)
+    ratio: float = 0.5
+    enabled: bool = True
+
+
+SECTIONS = {**KERNEL_SECTIONS, "plugin": PluginSection}
+
+
+def load(data=None, env=None, **kw):
+    return load_config(SECTIONS, data=data or {}, env=env or {}, **kw)
+
+
+def test_defaults_give_a_working_config():
+    cfg = load()
+    assert cfg["plugin"] == PluginSection()
+    assert cfg.database.url == ""
+    assert cfg.node.roles == []
+
+
+def test_toml_file_and_env_override(tmp_path):
+    path = tmp_path / "forge.toml"
+    path.write_text('[plugin]\nport = 9000\nhosts = ["a"]\n[node]\nroles = ["worker"]\n')
+    cfg = load_config(SECTIONS, path=path, env={"FORGE_PLUGIN__PORT": "9100", "FORGE_PLUGIN__ENABLED": "false",
+                                                "FORGE_NODE__CAPABILITIES": "gpu,email"})
+    assert cfg["plugin"].port == 9100
+    assert cfg["plugin"].hosts == ["a"]
+    assert cfg["plugin"].enabled is False
+    assert cfg.node.roles == ["worker"]
+    assert cfg.node.capabilities == ["gpu", "email"]
+
+
+def test_env_string_keys_stay_strings():
+    cfg = load(env={"FORGE_DATABASE__URL": "postgresql://x@h:1/db", "FORGE_NODE__ID": "123"})
+    assert cfg.database.url == "postgresql://x@h:1/db"
+    assert cfg.node.id == "123"
+
+
+@pytest.mark.parametrize("data, key, expect", [
+    ({"plugin": {"prot": 1}}, "[plugin] prot", "unknown key"),
+    ({"plugn": {}}, "[plugn]", "unknown section"),
+])
+def test_unknown_keys_and_sections(data, key, expect):
+    with pytest.raises(ConfigError) as ei:
+        load(data)
+    assert key in str(ei.value) and expect in str(ei.value)
+
+
+@pytest.mark.parametrize("data, key, expect", [
+    ({"plugin": {"port": "80"}}, "[plugin] port = '80'", "expected int, got str '80'"),
+    ({"plugin": {"port": 80.5}}, "[plugin] port = 80.5", "expected int"),
+    ({"plugin": {"enabled": 1}}, "[plugin] enabled = 1", "expected bool"),
+    ({"plugin": {"hosts": "a"}}, "[plugin] hosts", "expected"),
+    ({"plugin": {"hosts": ["a", 2]}}, "[plugin] hosts[1]", "expected str, got int 2"),
+    ({"node": "worker"}, "[node]", "expected a table"),
+])
+def test_wrong_types_name_key_value_and_expectation(data, key, expect):
+    with pytest.raises(ConfigError) as ei:
+        load(data)
+    msg = str(ei.value)
+    assert key in msg and expect in msg, msg
+
+
+@pytest.mark.parametrize("data, env, key, expect", [
+    ({"plugin": {"port": 0}}, {}, "[plugin] port = 0", "between 1 and 65535"),
+    ({}, {"FORGE_PLUGIN__PORT": "70000"}, "[plugin] port = 70000", "between 1 and 65535"),
+    ({"log": {"level": "LOUD"}}, {}, "[log] level = 'LOUD'", "one of TRACE"),
+    ({"node": {"roles": ["a b"]}}, {}, "[node] roles", "names of letters"),
+    ({"database": {"pool_min": 9, "pool_max": 2}}, {}, "pool_min", "at most pool_max (2)"),
+    ({"node": {"heartbeat_interval": -1}}, {}, "[node] heartbeat_interval = -1", "between 0.05 and 300"),
+])
+def test_bad_values_name_key_value_and_expectation(data, env, key, expect):
+    with pytest.raises(ConfigError) as ei:
+        load(data, env)
+    msg = str(ei.value)
+    assert key in msg and expect in msg, msg
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as ei:
+        load({"plugin": {"port": "x", "extra": 1}, "log": {"level": "NOPE"}})
+    msg = str(ei.value)
+    assert "extra" in msg and "port" in msg and "NOPE" in msg
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "forge.toml"
+    bad.write_text("[node\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(SECTIONS, path=bad, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SECTIONS, path=tmp_path / "nope.toml", env={})
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path):
+    (tmp_path / "forge.toml").write_text("[node]\nheartbeat_interval = \"fast\"\n")
+    proc = subprocess.run([sys.executable, "-m", "forge_kernel.cli", "start"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "[node] heartbeat_interval = 'fast': expected float" in proc.stderr
+    assert "Traceback" not in proc.stderr
