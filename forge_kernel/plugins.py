@@ -50,10 +50,10 @@ class PluginInfo:
     sections: list[str] = attrs.field(factory=list)
     hooks: list[str] = attrs.field(factory=list)
     plugin: Any = attrs.field(default=None, repr=False)
+    traceback: str | None = attrs.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self, filter=lambda a, v: a.name != "plugin")
-        return d
+        return attrs.asdict(self, filter=lambda a, v: a.name not in ("plugin", "traceback"))
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -78,6 +78,7 @@ def _probe(obj: Any, name: str) -> tuple[list[str], dict[str, type], list[str]]:
     """Register ``obj`` on a scratch manager and call its descriptive hooks; raise on any problem."""
     scratch = new_plugin_manager()
     scratch.register(obj, name=name)
+    scratch.check_pending()  # a forge_* function that matches no hook spec is a typo, not a no-op
     roles = _flat(scratch.hook.forge_roles())
     for r in roles:
         if not isinstance(r, str) or not r:
@@ -149,7 +150,7 @@ class PluginLoader:
             obj = get()
         except Exception as exc:
             info.status, info.error = "failed", f"import failed: {type(exc).__name__}: {exc}"
-            info.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+            info.traceback = traceback.format_exc()
             self.infos.append(info)
             return
         self._register(obj, info)
@@ -166,6 +167,7 @@ class PluginLoader:
             if self.pm.get_plugin(info.name) is not None:
                 self.pm.unregister(name=info.name)
             info.status, info.error = "failed", f"{type(exc).__name__}: {exc}"
+            info.traceback = traceback.format_exc()
             self.infos.append(info)
             return
         for sec in sections:
