@@ -1,0 +1,69 @@
+"""Plugin wiring: config section, migrations, the HTTP service, the auth verifier, maintenance."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator
+
+from forge_kernel import MaintenanceTask, Service, hookimpl
+from forge_kernel.migrations import from_package
+
+from .app import Gateway, build_app
+from .auth import Verifier
+from .config import GatewayConfig
+from .ratelimit import RateLimiter, prune
+from .server import serve
+
+SERVICE_NAME = "gateway-http"
+
+
+@hookimpl
+def forge_roles() -> list[str]:
+    # gateway: serve HTTP; function: answer /rpc calls on this node (a gateway without it serves
+    # only /health, /ready, /openapi.json and the routes other plugins add)
+    return ["gateway", "function"]
+
+
+@hookimpl
+def forge_config_sections() -> dict[str, type]:
+    return {"gateway": GatewayConfig}
+
+
+@hookimpl
+def forge_migrations():
+    return from_package("forge_gateway.sql", namespace="gateway")
+
+
+@hookimpl
+def forge_auth_verifier(node: Any) -> Verifier:
+    return Verifier(node.config["gateway"])
+
+
+@hookimpl
+def forge_services(node: Any) -> list[Service]:
+    return [Service(SERVICE_NAME, gateway_lifespan, role="gateway")]
+
+
+@hookimpl
+def forge_maintenance_tasks(node: Any) -> list[MaintenanceTask]:
+    return [MaintenanceTask("gateway-rate-limit-prune", 60.0, prune)]
+
+
+def _flat(results: Any) -> list[Any]:
+    out: list[Any] = []
+    for r in results or ():
+        if r is None:
+            continue
+        out.extend(r if isinstance(r, (list, tuple)) else [r])
+    return out
+
+
+@contextlib.asynccontextmanager
+async def gateway_lifespan(node: Any) -> AsyncIterator[Gateway]:
+    cfg: GatewayConfig = node.config["gateway"]
+    gateway = Gateway(node, cfg, Verifier(cfg), RateLimiter(node.pool, lease_fraction=cfg.rate_limit_lease))
+    app = build_app(gateway, _flat(node.loader.hook.forge_gateway_routes(node=node)))
+    async with serve(app, cfg.host, cfg.port, access_log=cfg.access_log, shutdown_timeout=cfg.shutdown_timeout) as port:
+        node.ports["http"] = port
+        await node.publish_ports()
+        yield gateway

@@ -1,0 +1,91 @@
+"""The HTTP server of a gateway node: uvicorn embedded in the node's event loop.
+
+Why uvicorn and not granian: granian runs its own Rust event loop and worker processes and
+cannot be embedded in an asyncio loop the node already owns, so functions could no longer
+share the node's asyncpg pool and supervisor. uvicorn's ``Server`` can, with httptools as
+the HTTP parser. The node owns signals, so uvicorn's signal capture is switched off, and
+the gateway binds the socket itself so a port in use is a clear start-up error (uvicorn
+would call ``sys.exit``) and port 0 reports the port actually bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any, AsyncIterator
+
+import uvicorn
+from loguru import logger
+
+from forge_kernel.errors import StartupError
+
+
+class EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # the node handles SIGTERM/SIGINT and drains us through the lifespan
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"[gateway] cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                           f"choose another [gateway] port (0 picks a free one)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _http_implementation() -> str:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:  # pragma: no cover - httptools is a dependency; h11 keeps working without it
+        return "h11"
+    return "httptools"
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any, host: str, port: int, *, access_log: bool = False,
+                shutdown_timeout: float = 10.0) -> AsyncIterator[int]:
+    """Serve ``app`` until the block exits; yields the bound port once the server accepts connections."""
+    sock = bind(host, port)
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, lifespan="on", http=_http_implementation(), ws="auto", access_log=access_log,
+                            log_config=None, log_level=logging.WARNING, timeout_graceful_shutdown=shutdown_timeout,
+                            server_header=False, date_header=True)
+    server = EmbeddedServer(config)
+    task = asyncio.create_task(_run(server, sock), name="forge:gateway-http")
+    try:
+        while not server.started:
+            if task.done():
+                exc = task.exception()
+                raise StartupError(f"HTTP server on {host}:{bound_port} did not start: {exc!r}")
+            await asyncio.sleep(0.01)
+        logger.info(f"gateway listening on http://{host}:{bound_port}")
+        yield bound_port
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), shutdown_timeout + 2)
+        except asyncio.TimeoutError:
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        except BaseException:  # noqa: BLE001 - the server failed earlier; its error was logged
+            pass
+        sock.close()
+
+
+async def _run(server: EmbeddedServer, sock: socket.socket) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit as exc:  # uvicorn exits the process on lifespan failure; turn it into an error
+        raise RuntimeError(f"uvicorn stopped during start-up (exit {exc.code})") from None
