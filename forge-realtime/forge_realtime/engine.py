@@ -1,0 +1,406 @@
+"""Live queries: one execution per (function, arguments, auth scope), re-run only when a
+captured change touches its read set, pushed only when its result hash changed.
+
+The engine is transport-agnostic: a subscriber is anything with ``push(sub_id, text,
+kind)`` and ``end(sub_id, error)``; the WebSocket session in :mod:`forge_realtime.session`
+is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import decimal
+import hashlib
+import json
+import uuid
+from collections import deque
+from typing import Any, Iterable, Protocol
+
+import attrs
+from loguru import logger
+
+from forge_kernel.db import TableRead
+from forge_kernel.errors import ForgeError, InvalidArgument
+from forge_kernel.executor import Auth, bind_arguments
+
+from .capture import CaptureError, CaptureManager
+from .changes import Change
+
+#: the scope of a query that never reads ``ctx.auth``: every caller shares its result
+SHARED = "*"
+#: changes remembered while a query runs before we give up and simply re-run it
+_PENDING_LIMIT = 2000
+
+
+class Subscriber(Protocol):
+    def push(self, sub_id: str, text: str, kind: str) -> None: ...
+    def end(self, sub_id: str, error: ForgeError) -> None: ...
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (uuid.UUID, decimal.Decimal)):
+        return str(value)
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"cannot send {type(value).__name__} as JSON")
+
+
+def encode(value: Any) -> str:
+    return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+
+
+def result_hash(result_json: str) -> str:
+    return hashlib.blake2b(result_json.encode(), digest_size=16).hexdigest()
+
+
+def canonical_args(args: Any) -> str:
+    return json.dumps(args, sort_keys=True, default=_json_default, separators=(",", ":"))
+
+
+# --- matching changes against read sets ---------------------------------------------------
+def _norm(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return None
+    return str(value)
+
+
+_COMPARABLE = (str, int, float, bool, uuid.UUID, type(None))
+
+
+def row_matches(filters: tuple[tuple[str, Any], ...], row: dict[str, Any]) -> bool:
+    """Does a captured row image satisfy every equality filter? A column the image lacks (it
+    was captured before a subscription filtered on it) or a value we cannot compare
+    exactly matches conservatively: a spurious re-run costs a query, a missed one a bug."""
+    for col, val in filters:
+        if col not in row or not isinstance(val, _COMPARABLE):
+            continue
+        if _norm(row[col]) != _norm(val):
+            return False
+    return True
+
+
+def change_touches(read: TableRead, change: Change) -> bool:
+    if read.table != change.table:
+        return False
+    if read.filters is None or change.op == "TRUNCATE":
+        return True
+    # old images catch rows moving out of a result, new images rows moving in
+    return any(row_matches(read.filters, row) for row in change.rows())
+
+
+def capture_needs(reads: Iterable[TableRead]) -> dict[str, set[str]]:
+    needs: dict[str, set[str]] = {}
+    for r in reads:
+        needs.setdefault(r.table, set()).update(c for c, _ in (r.filters or ()))
+    return needs
+
+
+# --- state -----------------------------------------------------------------------------------
+@attrs.define(eq=False)
+class Subscription:
+    """One client subscription (``sub_id`` is the client's id, unique per connection)."""
+
+    owner: Any  # a Subscriber
+    sub_id: str
+    function: str
+    args: dict[str, Any]
+    auth: Auth
+    last_hash: str | None = None
+    acked: bool = False
+    query: "LiveQuery | None" = None
+
+
+@attrs.define(eq=False)
+class LiveQuery:
+    """One execution shared by every subscription with the same key."""
+
+    key: tuple[str, str, str]
+    function: str
+    args: dict[str, Any]
+    subscriptions: set[Subscription] = attrs.field(factory=set)
+    reads: list[TableRead] | None = None
+    result_json: str | None = None
+    hash: str | None = None
+    position: int = 0
+    running: bool = False
+    queued: bool = False
+    dirty: bool = False
+    pending: list[Change] = attrs.field(factory=list)
+    runs: int = 0
+    dropped: bool = False
+
+    def runner_auth(self) -> Auth | None:
+        for s in self.subscriptions:
+            return s.auth
+        return None
+
+
+@attrs.define
+class EngineStats:
+    runs: int = 0
+    pushes: int = 0
+    unchanged: int = 0
+    changes: int = 0
+    invalidations: int = 0
+
+
+class LiveQueryEngine:
+    """Subscriptions, their shared executions, invalidation from the change log."""
+
+    def __init__(self, executor: Any, capture: CaptureManager, *, max_concurrent_runs: int = 4,
+                 position: Any = lambda: 0) -> None:
+        self.executor = executor
+        self.capture = capture
+        self.max_concurrent_runs = max_concurrent_runs
+        self._position = position
+        self.queries: dict[tuple[str, str, str], LiveQuery] = {}
+        self.by_table: dict[str, set[LiveQuery]] = {}
+        #: queries whose read set is not known yet (first run in progress): see every change
+        self.unknown: set[LiveQuery] = set()
+        #: whether a function read ctx.auth the last time it ran (decides its dedupe scope)
+        self.uses_auth: dict[str, bool] = {}
+        self.stats = EngineStats()
+        self._queue: deque[LiveQuery] = deque()
+        self._wake = asyncio.Event()
+        self._workers: list[asyncio.Task] = []
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.max_concurrent_runs):
+            self._workers.append(asyncio.create_task(self._worker(), name=f"forge:realtime-run-{i}"))
+
+    async def stop(self) -> None:
+        for t in self._workers:
+            t.cancel()
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+
+    # --- subscriptions --------------------------------------------------------------------
+    def validate(self, function: str, args: Any, auth: Auth) -> dict[str, Any]:
+        """Raise the ForgeError a call would raise before running (unknown function, not a
+        query, not allowed, bad arguments); return the bound arguments."""
+        if not isinstance(function, str) or not function:
+            raise InvalidArgument("subscribe: function must be a non-empty string")
+        found = self.executor.registry.get(function)
+        if found is not None and found.kind != "query":
+            raise InvalidArgument(f"{function} is a {found.kind}; only queries can be subscribed to")
+        defn = self.executor.lookup(function, kinds=("query",))
+        self.executor.authorize(defn, auth)
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise InvalidArgument(f"{function}: args must be an object, got {type(args).__name__}")
+        bind_arguments(defn, args)
+        return args
+
+    def subscribe(self, sub: Subscription) -> None:
+        """Register ``sub`` (already validated). Its query is registered before the first run
+        starts, so a change committed while it runs triggers another run."""
+        argkey = canonical_args(sub.args)
+        uses = self.uses_auth.get(sub.function)
+        scope = SHARED if uses is False else sub.auth.scope_key()
+        key = (sub.function, argkey, scope)
+        q = self.queries.get(key)
+        if q is None:
+            q = LiveQuery(key, sub.function, sub.args)
+            self.queries[key] = q
+            self.unknown.add(q)
+        q.subscriptions.add(sub)
+        sub.query = q
+        if q.result_json is not None and not q.running and not q.queued and not q.dirty:
+            self._deliver_one(q, sub)
+        else:
+            self._schedule(q)
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        q = sub.query
+        sub.query = None
+        if q is None:
+            return
+        q.subscriptions.discard(sub)
+        if not q.subscriptions:
+            self._drop(q)
+
+    def _drop(self, q: LiveQuery) -> None:
+        q.dropped = True
+        if self.queries.get(q.key) is q:
+            del self.queries[q.key]
+        self.unknown.discard(q)
+        for t in {r.table for r in q.reads or ()}:
+            s = self.by_table.get(t)
+            if s is not None:
+                s.discard(q)
+                if not s:
+                    del self.by_table[t]
+
+    def _index(self, q: LiveQuery, reads: list[TableRead]) -> None:
+        old = {r.table for r in q.reads or ()}
+        new = {r.table for r in reads}
+        for t in old - new:
+            s = self.by_table.get(t)
+            if s is not None:
+                s.discard(q)
+        for t in new:
+            self.by_table.setdefault(t, set()).add(q)
+        q.reads = reads
+        self.unknown.discard(q)
+
+    # --- invalidation ---------------------------------------------------------------------
+    def on_changes(self, changes: list[Change], position: int) -> None:
+        self.stats.changes += len(changes)
+        for change in changes:
+            for q in self.unknown:
+                self._remember(q, change)
+            for q in self.by_table.get(change.table, ()):
+                if q.running:
+                    self._remember(q, change)
+                elif not q.dirty and any(change_touches(r, change) for r in q.reads or ()):
+                    self.stats.invalidations += 1
+                    q.dirty = True
+                    self._schedule(q)
+
+    def on_resync(self, position: int) -> None:
+        """Changes may have been missed (reader reconnected): re-run everything."""
+        for q in list(self.queries.values()):
+            q.dirty = True
+            self._schedule(q)
+
+    def _remember(self, q: LiveQuery, change: Change) -> None:
+        if q.dirty:
+            return
+        if len(q.pending) >= _PENDING_LIMIT:
+            q.pending.clear()
+            q.dirty = True
+        else:
+            q.pending.append(change)
+
+    def _schedule(self, q: LiveQuery) -> None:
+        if q.queued or q.running or q.dropped:
+            return  # a running query re-checks ``dirty``/``pending`` when it finishes
+        q.queued = True
+        self._queue.append(q)
+        self._wake.set()
+
+    # --- running ----------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            q = self._queue.popleft()
+            q.queued = False
+            if q.dropped or not q.subscriptions:
+                continue
+            try:
+                await self._run(q)
+            except Exception:  # never lose the worker; the query gets an INTERNAL error
+                logger.exception(f"live query {q.function} failed unexpectedly")
+                self._fail(q, ForgeError("internal error while re-running the live query"))
+
+    async def _run(self, q: LiveQuery) -> None:
+        auth = q.runner_auth()
+        if auth is None:
+            return
+        q.running, q.dirty = True, False
+        q.pending = []
+        position = self._position()
+        self.stats.runs += 1
+        q.runs += 1
+        calls: list[Any] = []
+        try:
+            result = await self.executor.call(q.function, q.args, auth, track_reads=True, call_out=calls)
+        except ForgeError as exc:
+            q.running = False
+            self._fail(q, exc)
+            return
+        call = calls[0]
+        defn = call.defn
+        reads = list(dict.fromkeys(list(call.reads) + [TableRead(t) for t in defn.reads]))
+        try:
+            if await self.capture.ensure(capture_needs(reads)):
+                q.dirty = True  # triggers appeared after our snapshot: writes in between were not captured
+        except CaptureError as exc:
+            logger.warning(f"live query {q.function}: {exc}")
+        except Exception as exc:
+            q.running = False
+            logger.opt(exception=exc).error(f"live query {q.function}: installing change capture failed")
+            self._fail(q, ForgeError("internal error: cannot capture changes for this query"))
+            return
+        q.running = False
+        if q.dropped:
+            return
+        self.uses_auth[q.function] = call.used_auth
+        if call.used_auth and q.key[2] == SHARED:
+            self._split(q)  # never send a caller a result computed as someone else
+            return
+        if not call.used_auth and q.key[2] != SHARED:
+            merged = self._merge(q)
+            if merged is None:
+                return
+        self._index(q, reads)
+        if not q.dirty and any(change_touches(r, c) for c in q.pending for r in reads):
+            q.dirty = True
+        q.pending = []
+        text = encode(result)
+        q.result_json, q.hash, q.position = text, result_hash(text), position
+        if q.dirty:
+            self._schedule(q)  # coalesced: one more run covers every change seen meanwhile
+        for sub in list(q.subscriptions):
+            self._deliver_one(q, sub)
+
+    def _deliver_one(self, q: LiveQuery, sub: Subscription) -> None:
+        if sub.last_hash == q.hash:
+            if not sub.acked:
+                sub.acked = True
+                self.stats.unchanged += 1
+                sub.owner.push(sub.sub_id, encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
+                                                   "position": q.position}), "unchanged")
+            return
+        sub.acked = True
+        sub.last_hash = q.hash
+        self.stats.pushes += 1
+        text = ('{"type":"data","id":' + encode(sub.sub_id) + ',"hash":"' + q.hash + '","position":'
+                + str(q.position) + ',"data":' + q.result_json + "}")
+        sub.owner.push(sub.sub_id, text, "data")
+
+    def _fail(self, q: LiveQuery, exc: ForgeError) -> None:
+        subs = list(q.subscriptions)
+        self._drop(q)
+        for sub in subs:
+            sub.query = None
+            sub.owner.end(sub.sub_id, exc)
+
+    def _split(self, q: LiveQuery) -> None:
+        subs = list(q.subscriptions)
+        self._drop(q)
+        for sub in subs:
+            sub.query = None
+            self.subscribe(sub)
+
+    def _merge(self, q: LiveQuery) -> LiveQuery | None:
+        """A query that turned out not to read ``ctx.auth``: share it under the SHARED scope.
+        Returns the query to finish with, or None when another execution took its subscribers."""
+        shared_key = (q.key[0], q.key[1], SHARED)
+        shared = self.queries.get(shared_key)
+        if self.queries.get(q.key) is q:
+            del self.queries[q.key]
+        if shared is None or shared.dropped:
+            q.key = shared_key
+            self.queries[shared_key] = q
+            return q
+        # another execution already serves this (function, arguments): hand our subscribers over
+        subs = list(q.subscriptions)
+        q.subscriptions.clear()
+        self._drop(q)
+        for sub in subs:
+            shared.subscriptions.add(sub)
+            sub.query = shared
+            if shared.result_json is not None and not (shared.running or shared.queued or shared.dirty):
+                self._deliver_one(shared, sub)
+        return None

@@ -1,0 +1,51 @@
+"""forge-realtime's hook implementations: thin wiring around :mod:`forge_realtime.service`."""
+
+from __future__ import annotations
+
+from forge_kernel import MaintenanceTask, Service, hookimpl
+from forge_kernel.migrations import from_package
+
+from .config import RealtimeConfig
+from .service import SERVICE_NAME, for_node, websocket_handler
+from .trim import trim_change_log
+
+ROLE = "realtime"
+
+
+@hookimpl
+def forge_roles():
+    return [ROLE]
+
+
+@hookimpl
+def forge_config_sections():
+    return {"realtime": RealtimeConfig}
+
+
+@hookimpl
+def forge_migrations():
+    return from_package("forge_realtime.sql", namespace="realtime")
+
+
+@hookimpl
+def forge_services(node):
+    rt = for_node(node)
+    # started after the gateway so that, stopping in reverse, sockets close with 1001 first
+    return [Service(SERVICE_NAME, rt.lifespan, role=ROLE, after=("gateway-http",))]
+
+
+@hookimpl
+def forge_maintenance_tasks(node):
+    cfg = node.config["realtime"]
+
+    async def trim(conn):
+        return await trim_change_log(conn, cfg.retention)
+
+    return [MaintenanceTask("realtime.trim_change_log", cfg.trim_interval, trim)]
+
+
+@hookimpl
+def forge_gateway_routes(node):
+    if not node.runs(ROLE):
+        return []
+    return [websocket_handler(node)]

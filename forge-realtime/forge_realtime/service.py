@@ -1,0 +1,126 @@
+"""The realtime service of one node: change reader + live-query engine + WebSocket sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator
+
+from litestar import WebSocket, websocket
+from loguru import logger
+
+from forge_kernel.db import TableRead
+
+from .capture import CaptureError, CaptureManager
+from .changes import ChangeReader
+from .config import RealtimeConfig
+from .engine import LiveQueryEngine, capture_needs
+from .session import CLOSE_GOING_AWAY, Session
+
+SERVICE_NAME = "realtime"
+_ATTR = "_forge_realtime"
+
+
+class Realtime:
+    """Everything realtime for one node. Created lazily per node (see :func:`for_node`)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.config: RealtimeConfig = node.config["realtime"]
+        self.capture: CaptureManager | None = None
+        self.engine: LiveQueryEngine | None = None
+        self.reader: ChangeReader | None = None
+        self.sessions: set[Session] = set()
+        self.accepting = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, node: Any) -> AsyncIterator["Realtime"]:
+        self.capture = CaptureManager(node.pool)
+        self.reader = ChangeReader(node.connect, self._on_changes, self._on_resync,
+                                   fallback_poll=self.config.fallback_poll)
+        self.engine = LiveQueryEngine(node.executor, self.capture, max_concurrent_runs=self.config.max_concurrent_runs,
+                                      position=lambda: self.reader.position)
+        await self._capture_declared()
+        node.supervisor.spawn("realtime-changes", self.reader.run, service=SERVICE_NAME)
+        await asyncio.wait_for(self.reader.ready.wait(), 30)
+        self.engine.start()
+        self.accepting = True
+        try:
+            yield self
+        finally:
+            self.accepting = False
+            # draining: clients reconnect to another node and resubscribe with their hashes
+            await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "node draining") for s in list(self.sessions)),
+                                 return_exceptions=True)
+            await self.engine.stop()
+
+    async def _capture_declared(self) -> None:
+        """Tables that queries declare with ``@query(reads=[...])`` are captured at start-up."""
+        reads = [TableRead(t) for d in self.node.registry.of_kind("query") for t in d.reads]
+        needs = capture_needs(reads)
+        for table in needs:
+            try:
+                await self.capture.ensure({table: needs[table]})
+            except CaptureError as exc:
+                logger.warning(f"realtime: {exc} (declared in @query(reads=...))")
+
+    def _on_changes(self, changes: list, position: int) -> None:
+        self.engine.on_changes(changes, position)
+
+    def _on_resync(self, position: int) -> None:
+        logger.warning("realtime: change reader reconnected; re-running every live query")
+        self.engine.on_resync(position)
+
+    def verifier(self) -> Any:
+        return self.node.loader.hook.forge_auth_verifier(node=self.node)
+
+    async def serve(self, transport: Any) -> Session | None:
+        """Run one connection to its end."""
+        session = Session(self.engine, self.verifier(), self.config, transport)
+        self.sessions.add(session)
+        try:
+            await session.serve()
+        finally:
+            self.sessions.discard(session)
+        return session
+
+
+def for_node(node: Any) -> Realtime:
+    rt = getattr(node, _ATTR, None)
+    if rt is None:
+        rt = Realtime(node)
+        setattr(node, _ATTR, rt)
+    return rt
+
+
+class LitestarTransport:
+    def __init__(self, socket: WebSocket) -> None:
+        self.socket = socket
+
+    async def receive(self) -> str | bytes | None:
+        event = await self.socket.receive()
+        if event["type"] == "websocket.disconnect":
+            return None
+        text = event.get("text")
+        return text if text is not None else (event.get("bytes") or b"")
+
+    async def send_text(self, text: str) -> None:
+        await self.socket.send_text(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.socket.close(code=code, reason=reason)
+
+
+def websocket_handler(node: Any, path: str = "/ws") -> Any:
+    """The Litestar handler serving the live-query protocol at ``path`` for ``node``."""
+    rt = for_node(node)
+
+    @websocket(path)
+    async def forge_realtime_socket(socket: WebSocket) -> None:
+        await socket.accept()
+        if not rt.accepting:
+            await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
+            return
+        await rt.serve(LitestarTransport(socket))
+
+    return forge_realtime_socket

@@ -1,0 +1,265 @@
+"""One WebSocket connection speaking the live-query protocol (see README.md).
+
+Transport-agnostic: ``transport`` has ``async receive() -> str | bytes | None`` (None when
+the peer went away), ``async send_text(str)`` and ``async close(code, reason)``.
+
+Writes go through a bounded outbox drained by one writer task, so a slow client never holds
+up the engine or other clients: results replace the unsent result of the same subscription
+(latest wins), control messages queue up to ``outbox_limit``, and a send that blocks longer
+than ``send_timeout`` (or an overflowing outbox) closes the socket with 4008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import time
+from collections import OrderedDict, deque
+from typing import Any, Protocol
+
+from loguru import logger
+
+from forge_kernel.errors import Conflict, ForgeError, InvalidArgument, NotFound, RateLimited, Unauthenticated
+from forge_kernel.executor import ANONYMOUS, Auth
+
+from .config import RealtimeConfig
+from .engine import LiveQueryEngine, Subscription, encode
+
+# close codes (documented in README.md)
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # the node is draining: reconnect to another node
+CLOSE_UNSUPPORTED = 1003  # binary frames
+CLOSE_TOO_BIG = 1009  # a message above [realtime] max_message_bytes
+CLOSE_IDLE = 4000  # nothing received for [realtime] idle_timeout seconds
+CLOSE_TOO_SLOW = 4008  # the client does not read fast enough
+
+MAX_ID_LENGTH = 128
+
+
+class Transport(Protocol):
+    async def receive(self) -> str | bytes | None: ...
+    async def send_text(self, text: str) -> None: ...
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+def error_message(error: ForgeError, sub_id: str | None) -> str:
+    return encode({"type": "error", "id": sub_id, "code": error.code, "message": error.message,
+                   "details": error.details})
+
+
+class Session:
+    def __init__(self, engine: LiveQueryEngine, verifier: Any, config: RealtimeConfig, transport: Transport) -> None:
+        self.engine = engine
+        self.verifier = verifier
+        self.config = config
+        self.transport = transport
+        self.auth: Auth = ANONYMOUS
+        self.subscriptions: dict[str, Subscription] = {}
+        self.closed = False
+        self.close_code: int | None = None
+        self._control: deque[str] = deque()
+        self._data: OrderedDict[str, str] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._tokens = float(max(1.0, config.subscribe_rate))
+        self._refilled = time.monotonic()
+        self._auth_generation = 0
+        self._expiry: asyncio.Task | None = None
+
+    # --- the engine's side (Subscriber protocol) ---------------------------------------
+    def push(self, sub_id: str, text: str, kind: str) -> None:
+        if self.closed or sub_id not in self.subscriptions:
+            return
+        if kind == "data":
+            self._data[sub_id] = text  # latest wins: an unsent older result is replaced
+            self._data.move_to_end(sub_id)
+            self._wake.set()
+        else:
+            self._send(text)
+
+    def end(self, sub_id: str, error: ForgeError) -> None:
+        if self.subscriptions.pop(sub_id, None) is not None:
+            self._data.pop(sub_id, None)
+            self._send(error_message(error, sub_id))
+
+    # --- outbox ---------------------------------------------------------------------------
+    def _send(self, text: str) -> None:
+        if self.closed:
+            return
+        if len(self._control) >= self.config.outbox_limit:
+            asyncio.get_running_loop().create_task(self.close(CLOSE_TOO_SLOW, "client cannot keep up: outbox full"))
+            return
+        self._control.append(text)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        while not self.closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while (self._control or self._data) and not self.closed:
+                if self._control:
+                    text = self._control.popleft()
+                else:
+                    _, text = self._data.popitem(last=False)
+                try:
+                    await asyncio.wait_for(self.transport.send_text(text), self.config.send_timeout)
+                except asyncio.TimeoutError:
+                    await self.close(CLOSE_TOO_SLOW, f"client cannot keep up: a send blocked {self.config.send_timeout:g}s")
+                    return
+                except Exception:  # the peer is gone; the reader sees the disconnect
+                    self.closed = True
+                    return
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.transport.close(code, reason), 2)
+
+    # --- serving ---------------------------------------------------------------------------
+    async def serve(self) -> None:
+        writer = asyncio.create_task(self._writer(), name="forge:realtime-writer")
+        try:
+            while not self.closed:
+                try:
+                    raw = await asyncio.wait_for(self.transport.receive(), self.config.idle_timeout)
+                except asyncio.TimeoutError:
+                    await self.close(CLOSE_IDLE, f"idle for {self.config.idle_timeout:g}s")
+                    break
+                if raw is None:
+                    break
+                if isinstance(raw, bytes):
+                    await self.close(CLOSE_UNSUPPORTED, "binary messages are not supported; send JSON text")
+                    break
+                if len(raw.encode()) > self.config.max_message_bytes:
+                    await self.close(CLOSE_TOO_BIG, f"message larger than {self.config.max_message_bytes} bytes")
+                    break
+                await self.handle(raw)
+        finally:
+            self.closed = True
+            self._wake.set()
+            for sub in list(self.subscriptions.values()):
+                self.engine.unsubscribe(sub)
+            self.subscriptions.clear()
+            if self._expiry is not None:
+                self._expiry.cancel()
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+
+    async def handle(self, raw: str) -> None:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            self._send(error_message(InvalidArgument("malformed message: not valid JSON"), None))
+            return
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            self._send(error_message(InvalidArgument('malformed message: expected a JSON object with a string "type"'), None))
+            return
+        kind = msg["type"]
+        handler = {"auth": self._on_auth, "subscribe": self._on_subscribe, "unsubscribe": self._on_unsubscribe,
+                   "ping": self._on_ping}.get(kind)
+        if handler is None:
+            self._send(error_message(InvalidArgument(
+                f"unknown message type {kind!r}; expected auth, subscribe, unsubscribe or ping"), None))
+            return
+        try:
+            await handler(msg)
+        except ForgeError as exc:
+            sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and isinstance(msg.get("id"), str) else None
+            self._send(error_message(exc, sub_id))
+
+    # --- messages ---------------------------------------------------------------------------
+    async def _on_ping(self, msg: dict[str, Any]) -> None:
+        self._send(encode({"type": "pong", "id": msg.get("id")}))
+
+    async def _on_auth(self, msg: dict[str, Any]) -> None:
+        token = msg.get("token")
+        if token is None:
+            auth = ANONYMOUS
+        elif not isinstance(token, str) or not token:
+            raise Unauthenticated("auth: token must be a non-empty string or null")
+        elif self.verifier is None:
+            raise Unauthenticated("this node cannot verify tokens: no auth verifier is installed (install forge-gateway)")
+        else:
+            auth = await self.verifier.verify(token)
+        if auth.expires_at is not None and auth.expires_at <= dt.datetime.now(dt.timezone.utc):
+            raise Unauthenticated("auth: the token has expired")
+        previous = self.auth
+        self.auth = auth
+        self._auth_generation += 1
+        if previous.scope_key() != auth.scope_key():
+            # results were computed as the previous caller: they must not continue as the new one
+            for sub_id, sub in list(self.subscriptions.items()):
+                self.engine.unsubscribe(sub)
+                self.end(sub_id, Unauthenticated("the token belongs to a different caller; subscribe again"))
+        else:
+            for sub in self.subscriptions.values():
+                sub.auth = auth  # refreshed token: the query keeps running as the same caller
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if auth.expires_at is not None:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire(self._auth_generation, auth.expires_at))
+        self._send(encode({"type": "ready", "user_id": auth.user_id, "kind": auth.kind,
+                           "expires_at": auth.expires_at.isoformat() if auth.expires_at else None}))
+
+    async def _expire(self, generation: int, at: dt.datetime) -> None:
+        await asyncio.sleep(max(0.0, (at - dt.datetime.now(dt.timezone.utc)).total_seconds()))
+        if generation != self._auth_generation or self.closed:
+            return
+        self.auth = ANONYMOUS
+        for sub_id, sub in list(self.subscriptions.items()):
+            self.engine.unsubscribe(sub)
+            self.end(sub_id, Unauthenticated(f"the token expired at {at.isoformat()}; send a new auth message "
+                                             "before expiry to keep subscriptions"))
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        burst = max(1.0, self.config.subscribe_rate)
+        self._tokens = min(burst, self._tokens + (now - self._refilled) * self.config.subscribe_rate)
+        self._refilled = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    async def _on_subscribe(self, msg: dict[str, Any]) -> None:
+        sub_id = msg.get("id")
+        if not isinstance(sub_id, str) or not sub_id or len(sub_id) > MAX_ID_LENGTH:
+            raise InvalidArgument(f"subscribe: id must be a string of 1 to {MAX_ID_LENGTH} characters")
+        unknown = set(msg) - {"type", "id", "function", "args", "hash"}
+        if unknown:
+            raise InvalidArgument(f"subscribe: unknown field(s) {', '.join(sorted(unknown))}")
+        if sub_id in self.subscriptions:
+            raise Conflict(f"subscribe: id {sub_id!r} is already subscribed on this connection; "
+                           "unsubscribe it first or pick another id")
+        if len(self.subscriptions) >= self.config.max_subscriptions:
+            raise RateLimited(f"subscribe: at most {self.config.max_subscriptions} subscriptions per connection",
+                              details={"limit": self.config.max_subscriptions})
+        if not self._take_token():
+            raise RateLimited(f"subscribe: more than {self.config.subscribe_rate:g} subscriptions per second",
+                              details={"rate": self.config.subscribe_rate})
+        last_hash = msg.get("hash")
+        if last_hash is not None and not isinstance(last_hash, str):
+            raise InvalidArgument("subscribe: hash must be a string or null")
+        function = msg.get("function")
+        args = self.engine.validate(function, msg.get("args"), self.auth)
+        sub = Subscription(self, sub_id, function, args, self.auth, last_hash=last_hash)
+        self.subscriptions[sub_id] = sub
+        self.engine.subscribe(sub)
+
+    async def _on_unsubscribe(self, msg: dict[str, Any]) -> None:
+        sub_id = msg.get("id")
+        if not isinstance(sub_id, str):
+            raise InvalidArgument("unsubscribe: id must be a string")
+        sub = self.subscriptions.pop(sub_id, None)
+        if sub is None:
+            raise NotFound(f"unsubscribe: no subscription with id {sub_id!r}")
+        self._data.pop(sub_id, None)
+        self.engine.unsubscribe(sub)
+        self._send(encode({"type": "unsubscribed", "id": sub_id}))

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from litestar import Litestar
+
+from forge_kernel.testing import free_port
+from forge_realtime.service import websocket_handler
+
+HERE = Path(__file__).parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+JWT_SECRET = "forge-realtime-test-secret-0123456789abcdef"
+#: the gateway (forge-gateway) serves /ws and verifies tokens; port 0 picks a free port
+GATEWAY = {"port": 0, "jwt_secret": JWT_SECRET, "jwt_algorithms": ["HS256"]}
+
+
+def token(user: str, ttl: float = 3600.0) -> str:
+    import time
+
+    import jwt
+
+    return jwt.encode({"sub": user, "exp": int(time.time() + ttl)}, JWT_SECRET, algorithm="HS256")
+
+
+def ws_url(node: Any) -> str:
+    return f"ws://127.0.0.1:{node.ports['http']}/ws"
+
+
+@contextlib.asynccontextmanager
+async def serve_ws(node: Any):
+    """Serve the node's /ws handler with uvicorn on a free port (what the gateway does)."""
+    app = Litestar(route_handlers=[websocket_handler(node)])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def rt_node(forge_node):
+    async def make(**config: Any):
+        cfg = {"realtime": {"fallback_poll": 0.05, **config}}
+        cfg["gateway"] = dict(GATEWAY)
+        return await forge_node(modules=["forge_rt_testapp"], config=cfg)
+
+    return make
+
+
+class WsClient:
+    """A raw protocol client for tests: send dicts, receive dicts."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(msg))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def recv_type(self, *types: str, timeout: float = 10.0) -> dict[str, Any]:
+        while True:
+            msg = await self.recv(timeout)
+            if msg["type"] in types:
+                return msg
+
+    async def nothing(self, wait: float = 0.5) -> None:
+        """Assert that no message arrives within ``wait`` seconds."""
+        try:
+            msg = await asyncio.wait_for(self.ws.recv(), wait)
+        except asyncio.TimeoutError:
+            return
+        raise AssertionError(f"unexpected message: {msg}")
+
+
+@contextlib.asynccontextmanager
+async def ws_connect(url: str, token: str | None = None, **kw: Any):
+    import websockets
+
+    async with websockets.connect(url, **kw) as ws:
+        c = WsClient(ws)
+        await c.send({"type": "auth", "token": token})
+        msg = await c.recv()
+        assert msg["type"] == "ready", msg
+        yield c
