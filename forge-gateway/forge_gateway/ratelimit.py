@@ -25,11 +25,11 @@ from forge_kernel.errors import RateLimited
 
 CLAIM_SQL = """
 INSERT INTO forge_gateway_rate_limits AS r (bucket, window_no, used, last_grant, expires_at)
-SELECT $1, w.no, LEAST($3, $4), LEAST($3, $4), to_timestamp((w.no + 1) * $2)
-FROM (SELECT floor(extract(epoch FROM clock_timestamp()) / $2)::bigint AS no) AS w
+SELECT $1::text, w.no, LEAST($3::int, $4::int), LEAST($3::int, $4::int), to_timestamp((w.no + 1) * $2::float8)
+FROM (SELECT floor(extract(epoch FROM clock_timestamp()) / $2::float8)::bigint AS no) AS w
 ON CONFLICT (bucket, window_no) DO UPDATE
-   SET used = r.used + LEAST($3, GREATEST($4 - r.used, 0)),
-       last_grant = LEAST($3, GREATEST($4 - r.used, 0))
+   SET used = r.used + LEAST($3::int, GREATEST($4::int - r.used, 0)),
+       last_grant = LEAST($3::int, GREATEST($4::int - r.used, 0))
 RETURNING last_grant, extract(epoch FROM expires_at - clock_timestamp())::float8 AS seconds_left
 """
 

@@ -43,6 +43,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):  # inline table, e.g. a list of [gateway] api_keys entries
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -65,6 +67,7 @@ class NodeProcess:
     env: dict[str, str] = attrs.field(factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    ready_path: Path | None = None
     args: tuple[str, ...] = ()
 
     @property
@@ -79,8 +82,10 @@ class NodeProcess:
     def start(self) -> "NodeProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = write_config(self.workdir / "forge.toml", self.config)
-        self.log_path = self.workdir / f"node-{self.node_id or 'x'}-{int(time.time() * 1000)}.log"
-        env = {**os.environ, "FORGE_CONFIG": str(cfg), **self.env}
+        stamp = int(time.time() * 1000)
+        self.log_path = self.workdir / f"node-{self.node_id or 'x'}-{stamp}.log"
+        self.ready_path = self.workdir / f"ready-{stamp}.json"
+        env = {**os.environ, "FORGE_CONFIG": str(cfg), "FORGE_READY_FILE": str(self.ready_path), **self.env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "forge_kernel.cli", "start", *self.args],
@@ -97,13 +102,19 @@ class NodeProcess:
         def ready() -> bool:
             if not self.alive():
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            return " ready in " in self.log()
+            return self.ready_path.exists()
 
         try:
             wait_for(ready, timeout, what=f"node {self.node_id} to be ready")
         except TimeoutError:
             raise TimeoutError(f"node {self.node_id} not ready after {timeout}s:\n{self.log()[-4000:]}") from None
         return self
+
+    def ready_info(self) -> dict[str, Any]:
+        """What the node reported when it became ready: id, pid, ports, roles, seconds."""
+        import json
+
+        return json.loads(self.ready_path.read_text())
 
     def signal(self, sig: int) -> None:
         if self.alive():
