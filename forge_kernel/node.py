@@ -142,6 +142,10 @@ class Node:
             logger.debug(f"service {svc.name} started")
         await self._set_status("running")
         self.ready_at = time.monotonic()
+        ready_file = os.environ.get("FORGE_READY_FILE")
+        if ready_file:  # lets supervisors and tests wait for readiness without parsing logs
+            Path(ready_file).write_text(json.dumps({"id": self.id, "pid": os.getpid(), "ports": self.ports,
+                                                    "roles": self.roles, "seconds": self.ready_at - self.started_at}))
         logger.info(f"node {self.id} ready in {self.ready_at - self.started_at:.2f}s: roles={','.join(self.roles) or '-'} "
                     f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
                     f"functions={len(self.registry.functions)}")
@@ -248,8 +252,9 @@ class Node:
         async def note() -> None:
             with contextlib.suppress(Exception):
                 await self.pool.execute(
-                    "UPDATE forge_nodes SET info = jsonb_set(info, ARRAY['crashes', $2::text], $3::jsonb) WHERE id = $1",
-                    self.id, rec.name, json.dumps({"count": rec.crashes, "error": rec.last_error}))
+                    "UPDATE forge_nodes SET info = info || jsonb_build_object('crashes', "
+                    "coalesce(info->'crashes', '{}'::jsonb) || jsonb_build_object($2::text, $3::jsonb)) WHERE id = $1",
+                    self.id, rec.name, {"count": rec.crashes, "error": rec.last_error})
 
         asyncio.get_running_loop().create_task(note())
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from .procs import NodeProcess
+from .procs import NodeProcess, free_port
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +114,11 @@ def forge_processes(tmp_path: Path, forge_db_url: str):
         cfg.setdefault("database", {})["url"] = forge_db_url
         nid = node_id or f"n{len(procs) + 1}"
         cfg.setdefault("node", {}).setdefault("id", nid)
-        p = NodeProcess(tmp_path / nid, cfg, env=dict(env or {}), args=args)
+        penv = dict(env or {})
+        # each node gets its own HTTP port unless the test chose one (ignored without a gateway)
+        if "port" not in cfg.get("gateway", {}):
+            penv.setdefault("FORGE_GATEWAY__PORT", str(free_port()))
+        p = NodeProcess(tmp_path / nid, cfg, env=penv, args=args)
         procs.append(p)
         p.start()
         if ready:

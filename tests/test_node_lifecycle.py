@@ -1,0 +1,83 @@
+"""Node membership, heartbeats, drain on SIGTERM/SIGINT, service order, crash restarts."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import asyncpg
+import pytest
+
+from forge_kernel.testing import wait_for
+
+APPS = str(__import__("pathlib").Path(__file__).parent / "apps")
+
+
+def plugin_env(tmp_path):
+    # only the kernel and the test plugin: role packages installed beside us stay out of this test
+    return {"PYTHONPATH": APPS, "FORGE_PLUGINS": "lifecycle_plugin", "FORGE_DISABLE_PLUGIN_AUTOLOAD": "1",
+            "FORGE_TEST_EVENTS": str(tmp_path / "events.txt")}
+
+
+async def node_row(url, node_id):
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchrow("SELECT * FROM forge_nodes WHERE id = $1", node_id)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_register_heartbeat_drain(forge_processes, tmp_path, sig):
+    node = forge_processes({"node": {"heartbeat_interval": 0.2, "capabilities": ["gpu"]}, "app": {"example": False}},
+                           env=plugin_env(tmp_path))
+    url = forge_processes.db_url
+    row = await node_row(url, "n1")
+    assert row["status"] == "running" and "lifecycle" in row["roles"] and row["capabilities"] == ["gpu"]
+    assert row["pid"] == node.pid
+    first = row["last_heartbeat"]
+    time.sleep(0.6)
+    assert (await node_row(url, "n1"))["last_heartbeat"] > first
+    node.signal(sig)
+    assert node.proc.wait(30) == 0
+    row = await node_row(url, "n1")
+    assert row["status"] == "stopped" and row["stopped_at"] is not None
+    events = (tmp_path / "events.txt").read_text().split("\n")
+    starts = [e for e in events if e.startswith("start")]
+    stops = [e for e in events if e.startswith("stop")]
+    assert starts == ["start a", "start b", "start c"]
+    assert stops == ["stop c", "stop b", "stop a"]  # exact reverse
+    assert "start never" not in events
+
+
+async def test_crashing_service_is_restarted_and_reported(forge_processes, tmp_path):
+    node = forge_processes({"node": {"heartbeat_interval": 0.2}, "app": {"example": False}}, env=plugin_env(tmp_path))
+    wait_for(lambda: "flaky running" in (tmp_path / "events.txt").read_text(), 20, what="flaky loop to recover")
+    log = node.log()
+    assert "service task 'flaky-loop' crashed (1 so far)" in log and "crashed (2 so far)" in log
+    row = await node_row(forge_processes.db_url, "n1")
+    info = json.loads(row["info"]) if isinstance(row["info"], str) else row["info"]
+    assert info["crashes"]["flaky-loop"]["count"] == 2
+    assert "flaky crash 2" in info["crashes"]["flaky-loop"]["error"]
+    assert node.alive()
+
+
+def test_status_cli_lists_cluster(forge_processes, tmp_path):
+    forge_processes({"app": {"example": False}}, node_id="alpha", env=plugin_env(tmp_path))
+    forge_processes({"app": {"example": False}}, node_id="beta", env=plugin_env(tmp_path))
+    cfg = tmp_path / "status.toml"
+    cfg.write_text(f'[database]\nurl = "{forge_processes.db_url}"\n')
+    out = subprocess.run([sys.executable, "-m", "forge_kernel.cli", "--config", str(cfg), "status", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    rows = {r["id"]: r for r in json.loads(out.stdout)}
+    assert rows["alpha"]["status"] == "running" and rows["beta"]["status"] == "running"
+    text = subprocess.run([sys.executable, "-m", "forge_kernel.cli", "--config", str(cfg), "status"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "alpha" in text and "beta" in text and "HEARTBEAT" in text
+
+
+def test_unknown_role_stops_startup_naming_package(forge_processes):
+    node = forge_processes({"node": {"roles": ["scheduler-x"]}}, ready=False)
+    assert node.proc.wait(60) == 2
+    assert "roles asks for 'scheduler-x'" in node.log()
