@@ -181,7 +181,7 @@ async def json_rpc(request: Request) -> Response:
     if reply is None:
         return Response(b"", status_code=204, headers=headers)
     status = 200
-    if error is not None and not isinstance(payload, list):
+    if error is not None and isinstance(reply, dict):  # a single reply (a batch answers 200)
         status = error.status
         retry = getattr(error, "retry_after", None)
         if retry is not None:
