@@ -59,6 +59,8 @@ async def rt_node(forge_node):
     async def make(**config: Any):
         cfg = {"realtime": {"fallback_poll": 0.05, **config}}
         cfg["gateway"] = dict(GATEWAY)
+        # only the roles under test: other packages being installed alongside must not matter
+        cfg["node"] = {"roles": ["gateway", "function", "realtime"]}
         return await forge_node(modules=["forge_rt_testapp"], config=cfg)
 
     return make
@@ -101,3 +103,45 @@ async def ws_connect(url: str, token: str | None = None, **kw: Any):
         msg = await c.recv()
         assert msg["type"] == "ready", msg
         yield c
+
+
+@pytest.fixture
+async def rt_db(forge_db_url):
+    """A dedicated connection to a fresh database with the realtime migrations and a test table."""
+    from forge_kernel import db as dbmod
+    from forge_kernel.migrations import from_package, migrate
+
+    conn = await dbmod.connect(forge_db_url)
+    await migrate(conn, from_package("forge_realtime.sql", namespace="realtime"))
+    await conn.execute("CREATE TABLE things (id bigserial PRIMARY KEY, owner text NOT NULL, n int NOT NULL DEFAULT 0, "
+                       "note text)")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def realtime(node: Any):
+    from forge_realtime.service import for_node
+
+    return for_node(node)
+
+
+async def settled(node: Any, timeout: float = 10.0) -> None:
+    """Wait until every change committed before this call was read and every re-run finished."""
+    rt = realtime(node)
+    async with node.pool.acquire() as conn:
+        target = int(await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
+    rt.reader.wake()
+    deadline = asyncio.get_running_loop().time() + timeout
+    quiet = 0
+    while quiet < 3:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("realtime did not settle")
+        eng = rt.engine
+        busy = eng._queue or any(q.running or q.queued or q.dirty for q in eng.queries.values())
+        behind = rt.reader.cursor.horizon < target
+        quiet = 0 if (busy or behind) else quiet + 1
+        if behind:
+            rt.reader.wake()
+        await asyncio.sleep(0.02)
