@@ -1,0 +1,148 @@
+"""What a job function receives as ``ctx``: the action surface plus job controls."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from typing import Any, AsyncIterator, Mapping
+
+import asyncpg
+import attrs
+
+from forge_kernel.db import Database
+from forge_kernel.executor import ActionContext, Call
+
+
+class RetryLater(Exception):
+    """Raised by ``ctx.retry_later(...)``: run the job again after ``delay`` seconds without
+    counting this attempt against ``max_attempts``."""
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        super().__init__(reason or f"retry in {delay:g}s")
+        self.delay = delay
+        self.reason = reason
+
+
+class JobCancelled(Exception):
+    """Raised by ``ctx.cancel(...)``: stop now, never retry; recorded as ``cancelled``."""
+
+
+@attrs.frozen
+class JobInfo:
+    """``ctx.job``: the running attempt."""
+
+    id: int
+    name: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    run_at: dt.datetime
+    created_at: dt.datetime
+    started_at: dt.datetime
+    unique_key: str | None
+    options: Mapping[str, Any]
+
+
+class LazyDatabase:
+    """``ctx.db`` for jobs: takes a pool connection only on first use (most jobs never touch
+    the database, and a pool round trip per job would cap throughput), released after the job.
+    Statements run in autocommit; use ``async with ctx.db.transaction():`` for a transaction."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: Any = None
+        self._db: Database | None = None
+
+    async def _get(self) -> Database:
+        if self._db is None:
+            self._conn = await self._pool.acquire()
+            self._db = Database(self._conn)
+        return self._db
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            raise RuntimeError("ctx.db.conn is available after the first query; use await ctx.db.connection()")
+        return self._conn
+
+    async def connection(self) -> asyncpg.Connection:
+        return (await self._get()).conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await (await self._get()).fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await (await self._get()).fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await (await self._get()).fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await (await self._get()).execute(sql, *args)
+
+    async def executemany(self, sql: str, args: Any) -> None:
+        await (await self._get()).executemany(sql, args)
+
+    async def insert(self, obj: Any) -> Any:
+        return await (await self._get()).insert(obj)
+
+    async def get(self, cls: type, pk: Any) -> Any:
+        return await (await self._get()).get(cls, pk)
+
+    async def select(self, cls: type, **kw: Any) -> list[Any]:
+        return await (await self._get()).select(cls, **kw)
+
+    async def update(self, obj: Any) -> Any:
+        return await (await self._get()).update(obj)
+
+    async def delete(self, cls: type, pk: Any) -> bool:
+        return await (await self._get()).delete(cls, pk)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, **kw: Any) -> AsyncIterator[Database]:
+        db = await self._get()
+        async with db.conn.transaction(**kw):
+            yield db
+
+    async def release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn, self._db = self._conn, None, None
+            await self._pool.release(conn)
+
+
+class JobContext(ActionContext):
+    """``ctx`` of a job: ``db``, ``auth`` (the caller that dispatched it), ``query``,
+    ``mutation``, ``dispatch``, ``log``, plus ``job``, ``progress()``, ``retry_later()``,
+    ``cancel()`` and ``cancelled``."""
+
+    def __init__(self, executor: Any, call: Call, db: LazyDatabase, job: JobInfo, attempt_state: Any) -> None:
+        super().__init__(executor, call, db)  # type: ignore[arg-type]
+        self.job = job
+        self._state = attempt_state
+        self.log = self.log.bind(job_id=job.id, attempt=job.attempt)
+
+    def progress(self, percent: float, message: str | None = None) -> None:
+        """Record progress (0-100). Cheap to call in a tight loop: only the latest value is
+        written, with the next lease renewal."""
+        if not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+            raise ValueError(f"progress percent must be a number between 0 and 100, got {percent!r}")
+        if message is not None and not isinstance(message, str):
+            raise ValueError(f"progress message must be a string, got {type(message).__name__}")
+        self._state.progress = (float(percent), message)
+
+    def retry_later(self, delay: float | dt.timedelta, reason: str = "") -> RetryLater:
+        """``raise ctx.retry_later(30)``: run again in 30 s; this attempt does not count."""
+        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else delay
+        if not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError(f"retry_later delay must be >= 0 seconds, got {delay!r}")
+        return RetryLater(float(seconds), reason)
+
+    def cancel(self, reason: str = "cancelled by the job") -> JobCancelled:
+        """``raise ctx.cancel("no longer needed")``: stop for good (no retry)."""
+        return JobCancelled(reason)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once someone asked to cancel this job (the task is also cancelled)."""
+        return self._state.cancel_reason == "cancel"

@@ -1,0 +1,49 @@
+"""Plugin wiring for forge-worker (entry point ``forge.plugins: worker``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forge_kernel import hookimpl
+from forge_kernel.migrations import from_package
+
+from .cli import add_jobs_command
+from .config import WorkerConfig
+from .queue import Dispatcher
+from .service import maintenance_tasks, worker_service
+
+
+@hookimpl
+def forge_roles() -> list[str]:
+    return ["worker"]
+
+
+@hookimpl
+def forge_config_sections() -> dict[str, type]:
+    return {"worker": WorkerConfig}
+
+
+@hookimpl
+def forge_migrations():
+    return from_package("forge_worker.sql", namespace="worker")
+
+
+@hookimpl
+def forge_job_dispatcher(node: Any) -> Dispatcher:
+    # every node with forge-worker installed can store jobs, whatever roles it runs
+    return Dispatcher()
+
+
+@hookimpl
+def forge_services(node: Any):
+    return [worker_service()]
+
+
+@hookimpl
+def forge_maintenance_tasks(node: Any):
+    return maintenance_tasks(node)
+
+
+@hookimpl
+def forge_cli_commands(subparsers: Any) -> None:
+    add_jobs_command(subparsers)

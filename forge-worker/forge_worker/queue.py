@@ -1,0 +1,357 @@
+"""Storing jobs and managing them: the dispatcher behind ``ctx.dispatch`` and the public
+:class:`JobQueue` API (enqueue from plain Python with only a pool; list, retry, discard and
+cancel jobs).
+
+Every statement here is a single round trip with bind parameters, so it works on a pool, a
+plain connection, or inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Iterable, Mapping, Sequence
+
+import asyncpg
+import attrs
+
+from forge_kernel.app import FunctionDef, definition
+from forge_kernel.errors import Conflict, InvalidArgument, NotFound
+from forge_kernel.executor import JobRequest, job_request
+
+#: channel for "work is waiting" hints; the payload names the node to wake (or ``*``)
+WAKE_CHANNEL = "forge_jobs"
+#: channel telling the node running a job that it was cancelled; payload is the job id
+CANCEL_CHANNEL = "forge_jobs_cancel"
+
+_MAX_INT = 2_147_483_647
+
+# One statement stores the whole batch: ids are drawn first so the reply maps back to the
+# request order; skipped unique jobs report the live job that holds the key. NOTIFY goes only
+# to sleeping workers that serve the batch's queues, at most one per stored job, so busy
+# clusters send no NOTIFY at all (NOTIFY takes a global lock at commit) and idle ones do not
+# all stampede for a single job.
+_INSERT = """
+WITH req AS (
+    SELECT nextval(pg_get_serial_sequence('forge_jobs', 'id')) AS id, r.*
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::int[], $7::text[],
+                $8::float8[], $9::text[], $10::text[], $11::text[])
+         WITH ORDINALITY AS r(name, args, queue, priority, run_at, max_attempts, capability, timeout,
+                              unique_key, caller, options, ord)
+), ins AS (
+    INSERT INTO forge_jobs (id, name, args, queue, priority, run_at, status, max_attempts, capability, timeout,
+                            unique_key, caller, options)
+    SELECT id, name, args::jsonb, queue, priority, coalesce(run_at, now()),
+           CASE WHEN run_at > now() THEN 'scheduled' ELSE 'pending' END,
+           max_attempts, capability, timeout, unique_key, caller, options::jsonb
+    FROM req ORDER BY ord
+    {conflict}
+    RETURNING id, unique_key
+), sleepers AS (
+    SELECT s.node_id FROM forge_worker_sleepers s
+    WHERE cardinality(s.queues) = 0 OR s.queues && $3::text[]
+    ORDER BY (s.capabilities @> $12::text[]) DESC, random()
+    LIMIT $13
+), wake AS (
+    SELECT pg_notify('forge_jobs', node_id) FROM sleepers
+)
+SELECT req.ord, coalesce(ins.id, (SELECT j.id FROM forge_jobs j
+                                  WHERE j.unique_key = req.unique_key AND j.status <> 'dead')) AS id,
+       (SELECT count(*) FROM wake) AS woke
+FROM req LEFT JOIN ins ON ins.id = req.id OR (req.unique_key IS NOT NULL AND ins.unique_key = req.unique_key)
+ORDER BY req.ord
+"""
+_ON_CONFLICT_SKIP = "ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND status <> 'dead' DO NOTHING"
+# replace changes a job that has not started yet; a running job is left alone (reported like skip)
+_ON_CONFLICT_REPLACE = """ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND status <> 'dead' DO UPDATE SET
+    name = EXCLUDED.name, args = EXCLUDED.args, queue = EXCLUDED.queue, priority = EXCLUDED.priority,
+    run_at = EXCLUDED.run_at, status = EXCLUDED.status, max_attempts = EXCLUDED.max_attempts,
+    capability = EXCLUDED.capability, timeout = EXCLUDED.timeout, caller = EXCLUDED.caller,
+    options = EXCLUDED.options, attempt = 0, last_error = NULL
+    WHERE forge_jobs.status IN ('pending', 'scheduled')"""
+INSERT_SKIP = _INSERT.format(conflict=_ON_CONFLICT_SKIP)
+INSERT_REPLACE = _INSERT.format(conflict=_ON_CONFLICT_REPLACE)
+
+
+def _check(req: JobRequest) -> None:
+    problems = []
+    if not isinstance(req.name, str) or not req.name:
+        problems.append(f"name must be a non-empty string, got {req.name!r}")
+    if not isinstance(req.args, Mapping):
+        problems.append(f"args must be an object, got {type(req.args).__name__}")
+    if not isinstance(req.queue, str) or not req.queue:
+        problems.append(f"queue must be a non-empty string, got {req.queue!r}")
+    if not isinstance(req.priority, int) or not -_MAX_INT <= req.priority <= _MAX_INT:
+        problems.append(f"priority must be a 32-bit integer, got {req.priority!r}")
+    if not isinstance(req.max_attempts, int) or not 1 <= req.max_attempts <= _MAX_INT:
+        problems.append(f"max_attempts must be an integer >= 1, got {req.max_attempts!r}")
+    if req.timeout is not None and not (isinstance(req.timeout, (int, float)) and req.timeout > 0):
+        problems.append(f"timeout must be a positive number of seconds, got {req.timeout!r}")
+    if req.run_at is not None and (not isinstance(req.run_at, dt.datetime) or req.run_at.tzinfo is None):
+        problems.append(f"run_at must be a timezone-aware datetime, got {req.run_at!r}")
+    if req.on_conflict not in ("skip", "replace"):
+        problems.append(f"on_conflict must be 'skip' or 'replace', got {req.on_conflict!r}")
+    if problems:
+        raise InvalidArgument(f"job {req.name!r}: " + "; ".join(problems))
+
+
+def _json(value: Mapping[str, Any], name: str, what: str) -> str:
+    try:
+        return json.dumps(dict(value), separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"job {name!r}: {what} must be JSON-safe: {exc}") from None
+
+
+def _columns(reqs: Sequence[JobRequest]) -> tuple:
+    caps = sorted({r.capability for r in reqs if r.capability})
+    return (
+        [r.name for r in reqs], [_json(r.args, r.name, 'args') for r in reqs], [r.queue for r in reqs], [r.priority for r in reqs],
+        [r.run_at for r in reqs], [r.max_attempts for r in reqs], [r.capability for r in reqs],
+        [None if r.timeout is None else float(r.timeout) for r in reqs], [r.unique_key for r in reqs],
+        [r.caller for r in reqs], [_json(r.options, r.name, 'options') for r in reqs], caps, len(reqs),
+    )
+
+
+async def store_jobs(conn: Any, requests: Sequence[JobRequest]) -> list[int]:
+    """Write ``requests`` on ``conn`` (a connection, possibly inside a transaction, or a pool).
+
+    One round trip per ``on_conflict`` mode present (normally one). Returns one id per request,
+    in order; a request skipped because its ``unique_key`` is taken returns the id of the job
+    holding the key (0 if that job is not visible yet).
+    """
+    if not requests:
+        return []
+    for r in requests:
+        _check(r)
+    ids = [0] * len(requests)
+    for mode, sql in (("skip", INSERT_SKIP), ("replace", INSERT_REPLACE)):
+        # a key may appear once per statement: skip keeps the first request, replace the last
+        chosen: dict[int, int] = {}
+        by_key: dict[str, int] = {}
+        for i, r in enumerate(requests):
+            if r.on_conflict != mode:
+                continue
+            if r.unique_key is None:
+                chosen[i] = i
+            elif r.unique_key not in by_key or mode == "replace":
+                if r.unique_key in by_key:
+                    chosen.pop(by_key[r.unique_key])
+                by_key[r.unique_key] = i
+                chosen[i] = i
+        if not chosen:
+            continue
+        order = sorted(chosen)
+        rows = await conn.fetch(sql, *_columns([requests[i] for i in order]))
+        for row in rows:
+            ids[order[row["ord"] - 1]] = row["id"] or 0
+        # duplicates of a key within the batch report the id their key got
+        for i, r in enumerate(requests):
+            if r.on_conflict == mode and i not in chosen and r.unique_key in by_key:
+                ids[i] = ids[by_key[r.unique_key]]
+    return ids
+
+
+@attrs.frozen
+class Dispatcher:
+    """The kernel's ``forge_job_dispatcher``: writes ``ctx.dispatch`` jobs in the caller's transaction."""
+
+    async def dispatch(self, conn: Any, requests: Sequence[JobRequest]) -> list[int]:
+        return await store_jobs(conn, requests)
+
+
+# --- reading and managing jobs ------------------------------------------------------------
+@attrs.frozen
+class JobInfo:
+    """A job as stored: live (scheduled, pending, running, dead) or finished (history)."""
+
+    id: int
+    name: str
+    queue: str
+    args: Mapping[str, Any]
+    status: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    run_at: dt.datetime
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    node_id: str | None
+    last_error: str | None
+    unique_key: str | None
+    caller: str | None
+    options: Mapping[str, Any]
+    progress: float | None = None
+    progress_message: str | None = None
+    cancel_requested: bool = False
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "JobInfo":
+        data = {a.name: row[a.name] for a in attrs.fields(cls) if a.name in row}
+        for key in ("args", "options"):  # a pool without FORGE's json codecs returns text
+            if isinstance(data.get(key), str):
+                data[key] = json.loads(data[key])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+_LIVE_COLS = ("id, name, queue, args, status, priority, attempt, max_attempts, run_at, created_at, started_at, "
+              "finished_at, node_id, last_error, unique_key, caller, options, progress, progress_message, "
+              "cancel_requested")
+_HIST_COLS = ("id, name, queue, args, status, priority, attempt, max_attempts, run_at, created_at, started_at, "
+              "finished_at, node_id, last_error, unique_key, caller, options, NULL::real AS progress, "
+              "NULL::text AS progress_message, false AS cancel_requested")
+
+LIVE_STATUSES = ("scheduled", "pending", "running", "dead")
+HISTORY_STATUSES = ("succeeded", "cancelled", "discarded")
+
+_MOVE_TO_HISTORY = """
+    INSERT INTO forge_job_history (id, name, queue, args, priority, status, attempt, max_attempts, unique_key,
+        caller, options, node_id, last_error, created_at, run_at, started_at, finished_at)
+    SELECT id, name, queue, args, priority, $2, attempt, max_attempts, unique_key, caller, options, node_id,
+           last_error, created_at, run_at, started_at, now()
+    FROM gone
+"""
+
+
+def _ids(ids: Iterable[int]) -> list[int]:
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or i <= 0:
+            raise InvalidArgument(f"job ids are positive integers, got {i!r}")
+        out.append(i)
+    return out
+
+
+class JobQueue:
+    """Enqueue and manage jobs with only a pool (or a connection): no node needed.
+
+    >>> queue = JobQueue(pool)
+    >>> job_id = await queue.enqueue(send_email, to="a@example.com", delay=60)
+    >>> await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
+    """
+
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection) -> None:
+        self.db = db
+
+    # --- enqueue ----------------------------------------------------------------------
+    @staticmethod
+    def request(job: Any, args: Mapping[str, Any] | None = None, /, **options: Any) -> JobRequest:
+        """Build a :class:`JobRequest` for a ``@job`` function (arguments checked against its
+        signature) or a job name (arguments stored as given). ``options``: delay, run_at,
+        priority, queue, unique_key, on_conflict, max_attempts, capability, timeout, caller."""
+        defn = definition(job)
+        allowed = {"delay", "run_at", "priority", "queue", "unique_key", "on_conflict", "max_attempts",
+                   "capability", "timeout", "caller"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise InvalidArgument(f"unknown job option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+        try:
+            return job_request(defn, dict(args or {}), **options)
+        except (TypeError, ValueError) as exc:
+            name = defn if isinstance(defn, str) else defn.name
+            raise InvalidArgument(f"job {name!r}: {exc}") from None
+
+    async def enqueue(self, job: FunctionDef | Any, args: Mapping[str, Any] | None = None, /, **options: Any) -> int:
+        """Store one job; returns its id. Arguments go in ``args`` (a dict)."""
+        return (await store_jobs(self.db, [self.request(job, args, **options)]))[0]
+
+    async def enqueue_many(self, requests: Sequence[JobRequest]) -> list[int]:
+        """Store many jobs in one round trip; returns their ids in order."""
+        return await store_jobs(self.db, list(requests))
+
+    # --- reading ------------------------------------------------------------------------
+    async def get(self, job_id: int) -> JobInfo | None:
+        (job_id,) = _ids([job_id])
+        row = await self.db.fetchrow(f"SELECT {_LIVE_COLS} FROM forge_jobs WHERE id = $1", job_id)
+        if row is None:
+            row = await self.db.fetchrow(
+                f"SELECT {_HIST_COLS} FROM forge_job_history WHERE id = $1 ORDER BY finished_at DESC LIMIT 1", job_id)
+        return JobInfo.from_row(row) if row is not None else None
+
+    async def list(self, *, status: str | None = None, name: str | None = None, queue: str | None = None,
+                   limit: int = 100) -> list[JobInfo]:
+        """Jobs, newest first. ``status``: scheduled, pending, running, dead (live jobs) or
+        succeeded, cancelled, discarded (history); ``None`` lists live jobs."""
+        if status is not None and status not in LIVE_STATUSES + HISTORY_STATUSES:
+            raise InvalidArgument(f"status must be one of {', '.join(LIVE_STATUSES + HISTORY_STATUSES)}, got {status!r}")
+        if not isinstance(limit, int) or not 1 <= limit <= 100_000:
+            raise InvalidArgument(f"limit must be an integer between 1 and 100000, got {limit!r}")
+        table, cols = ("forge_job_history", _HIST_COLS) if status in HISTORY_STATUSES else ("forge_jobs", _LIVE_COLS)
+        rows = await self.db.fetch(
+            f"SELECT {cols} FROM {table} WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR name = $2) "
+            f"AND ($3::text IS NULL OR queue = $3) ORDER BY id DESC LIMIT $4", status, name, queue, limit)
+        return [JobInfo.from_row(r) for r in rows]
+
+    async def dead(self, limit: int = 100) -> list[JobInfo]:
+        return await self.list(status="dead", limit=limit)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Live jobs per queue and status: ``{"default": {"pending": 3, "dead": 1}}``."""
+        rows = await self.db.fetch("SELECT queue, status, count(*) AS n FROM forge_jobs GROUP BY queue, status")
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["queue"], {})[r["status"]] = r["n"]
+        return out
+
+    # --- dead letter ----------------------------------------------------------------------
+    async def retry(self, ids: Iterable[int] | None = None) -> list[int]:
+        """Put dead-lettered jobs back in the queue with a fresh set of attempts (``None``: all
+        dead jobs). Returns the ids that were dead and are now pending."""
+        id_list = None if ids is None else _ids(ids)
+        try:
+            rows = await self.db.fetch(
+                """WITH back AS (
+                       UPDATE forge_jobs SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
+                              node_id = NULL, lease_until = NULL, cancel_requested = false
+                       WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
+                       RETURNING id, queue)
+                   SELECT id, (SELECT count(pg_notify('forge_jobs', '*'))
+                               FROM (SELECT 1 FROM forge_worker_sleepers LIMIT 1) s) AS woke
+                   FROM back ORDER BY id""", id_list)
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(f"cannot retry: a live job already holds the same unique key ({exc.detail})") from None
+        return [r["id"] for r in rows]
+
+    async def discard(self, ids: Iterable[int] | None = None) -> list[int]:
+        """Remove dead-lettered jobs (``None``: all), keeping them in history as ``discarded``."""
+        id_list = None if ids is None else _ids(ids)
+        rows = await self.db.fetch(
+            """WITH gone AS (
+                   DELETE FROM forge_jobs WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
+                   RETURNING *), hist AS (""" + _MOVE_TO_HISTORY + """ RETURNING id)
+               SELECT id FROM hist ORDER BY id""", id_list, "discarded")
+        return [r["id"] for r in rows]
+
+    # --- cancellation ---------------------------------------------------------------------
+    async def cancel(self, job_id: int) -> str:
+        """Cancel a job. A scheduled or pending job is removed at once (``"cancelled"``); a
+        running job is asked to stop and observes it within moments (``"requested"``): its task
+        is cancelled and ``ctx.cancelled`` turns true. Raises ``NotFound`` for a job that is
+        not live (finished, dead-lettered or unknown)."""
+        (job_id,) = _ids([job_id])
+        row = await self.db.fetchrow(
+            """WITH gone AS (
+                   DELETE FROM forge_jobs WHERE id = $1 AND status IN ('scheduled', 'pending') RETURNING *
+               ), hist AS (""" + _MOVE_TO_HISTORY + """ RETURNING id
+               ), asked AS (
+                   UPDATE forge_jobs SET cancel_requested = true WHERE id = $1 AND status = 'running'
+                   RETURNING id, pg_notify('forge_jobs_cancel', id::text)
+               )
+               SELECT (SELECT count(*) FROM hist) AS cancelled, (SELECT count(*) FROM asked) AS requested""",
+            job_id, "cancelled")
+        if row["cancelled"]:
+            return "cancelled"
+        if row["requested"]:
+            return "requested"
+        raise NotFound(f"job {job_id} is not scheduled, pending or running")
+
+    async def purge_history(self, older_than: float) -> int:
+        """Delete history rows finished more than ``older_than`` seconds ago; returns how many."""
+        if not isinstance(older_than, (int, float)) or older_than < 0:
+            raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        res = await self.db.execute(
+            "DELETE FROM forge_job_history WHERE finished_at < now() - make_interval(secs => $1)", float(older_than))
+        return int(res.split()[-1])

@@ -1,0 +1,632 @@
+"""The worker: claims jobs in batches, runs them, reports results in batches, keeps leases.
+
+Loops (each holds one pool connection for its lifetime, so no per-statement pool reset):
+
+* **claim** - promotes due delayed jobs, claims up to the free capacity with
+  ``FOR UPDATE SKIP LOCKED`` (limited queues/types under an advisory lock so limits hold
+  cluster-wide), then sleeps until a NOTIFY, a free slot, the next delayed job or the poll
+  interval;
+* **report** - writes finished attempts in one statement per batch (move to history or delete,
+  reschedule with backoff, dead letter), fenced by node and attempt;
+* **lease** - renews the leases of running jobs, writes coalesced progress, notices cancellations
+  and lost leases; every ``rescue_interval`` re-queues jobs whose lease expired anywhere;
+* **listen** - a dedicated connection LISTENing for wake-ups and cancellations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import inspect
+import random
+import time
+import traceback
+from typing import Any, Callable
+
+import asyncpg
+import attrs
+from loguru import logger
+
+from forge_kernel.executor import SYSTEM, Auth, Call, JobOutcome, bind_arguments, new_request_id
+from forge_kernel.errors import ForgeError
+
+from .config import WorkerConfig
+from .context import JobCancelled, JobContext, JobInfo, LazyDatabase, RetryLater
+from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
+
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
+
+_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.options,
+                          j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
+_CLAIMED = """SET status = 'running', node_id = $1, attempt = j.attempt + 1, started_at = now(),
+                  lease_until = now() + make_interval(secs => $2), cancel_requested = false,
+                  progress = NULL, progress_message = NULL"""
+
+# Jobs of unlimited queues and types: the hot path, one statement.
+CLAIM = f"""
+WITH c AS (
+    SELECT id FROM forge_jobs
+    WHERE status = 'pending'
+      AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[]))
+      AND (capability IS NULL OR capability = ANY($4::text[]))
+      AND NOT (name = ANY($5::text[])) AND NOT (queue = ANY($6::text[]))
+    ORDER BY priority DESC, id
+    LIMIT $7
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE forge_jobs j {_CLAIMED}
+FROM c WHERE j.id = c.id
+{_RETURNING}
+"""
+
+# Jobs of one limited queue ($8) or one limited type ($9), run after taking the advisory locks of
+# every limit involved, so counting running jobs and claiming is serialised cluster-wide.
+# Per-type limits ($10, {name: limit}) are applied inside a limited queue too.
+CLAIM_LIMITED = f"""
+WITH run_q AS (
+    SELECT count(*) AS n FROM forge_jobs WHERE status = 'running' AND queue = $8
+), run_n AS (
+    SELECT name, count(*) AS n FROM forge_jobs
+    WHERE status = 'running' AND name IN (SELECT jsonb_object_keys($10::jsonb))
+    GROUP BY name
+), cand AS (
+    SELECT id, name, priority FROM forge_jobs
+    WHERE status = 'pending'
+      AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[]))
+      AND (capability IS NULL OR capability = ANY($4::text[]))
+      AND ($8::text IS NULL OR queue = $8)
+      AND ($9::text IS NULL OR (name = $9 AND NOT (queue = ANY($6::text[]))))
+    ORDER BY priority DESC, id
+    LIMIT $5::int * 4 + 16
+), ranked AS (
+    SELECT c.id, c.priority, c.name,
+           row_number() OVER (PARTITION BY c.name ORDER BY c.priority DESC, c.id) AS rn
+    FROM cand c
+), ok AS (
+    SELECT r.id FROM ranked r LEFT JOIN run_n ON run_n.name = r.name
+    WHERE r.rn <= coalesce(($10::jsonb ->> r.name)::int - coalesce(run_n.n, 0), 2147483647)
+    ORDER BY r.priority DESC, r.id
+    LIMIT GREATEST(0, LEAST($7::int, coalesce($11::int - (SELECT n FROM run_q), 2147483647)))
+)
+UPDATE forge_jobs j {_CLAIMED}
+FROM ok WHERE j.id = ok.id AND j.status = 'pending'
+{_RETURNING}
+"""
+
+# Make due delayed jobs claimable; also say when the next one is due (seconds from now).
+PROMOTE = """
+WITH due AS (
+    SELECT id FROM forge_jobs WHERE status = 'scheduled' AND run_at <= now()
+    ORDER BY run_at LIMIT 10000 FOR UPDATE SKIP LOCKED
+), p AS (
+    UPDATE forge_jobs j SET status = 'pending' FROM due WHERE j.id = due.id RETURNING 1
+)
+SELECT (SELECT count(*) FROM p) AS promoted,
+       (SELECT extract(epoch FROM min(run_at) - now()) FROM forge_jobs
+        WHERE status = 'scheduled' AND run_at > now()) AS next_in
+"""
+
+# Every finished attempt of a batch in one statement, fenced by (id, attempt, node):
+# a job whose lease was lost and re-claimed elsewhere is not touched.
+REPORT = """
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[])
+        AS r(id, attempt, outcome, delay, error)
+), done AS (
+    DELETE FROM forge_jobs j USING r
+    WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6 AND j.status = 'running'
+      AND r.outcome IN ('succeeded', 'cancelled')
+    RETURNING j.*, r.outcome, r.error AS outcome_error
+), hist AS (
+    INSERT INTO forge_job_history (id, name, queue, args, priority, status, attempt, max_attempts, unique_key,
+        caller, options, node_id, last_error, created_at, run_at, started_at, finished_at)
+    SELECT id, name, queue, args, priority, outcome, attempt, max_attempts, unique_key, caller, options, node_id,
+           coalesce(outcome_error, last_error), created_at, run_at, started_at, now()
+    FROM done WHERE $7::boolean
+    RETURNING 1
+), upd AS (
+    UPDATE forge_jobs j SET
+        status = CASE WHEN r.outcome = 'dead' THEN 'dead'
+                      WHEN r.delay > 0 THEN 'scheduled' ELSE 'pending' END,
+        run_at = CASE WHEN r.outcome = 'dead' THEN j.run_at ELSE now() + make_interval(secs => r.delay) END,
+        -- retry-later and release do not use up an attempt
+        attempt = CASE WHEN r.outcome IN ('retry_later', 'released') THEN j.attempt - 1 ELSE j.attempt END,
+        last_error = coalesce(r.error, j.last_error),
+        finished_at = CASE WHEN r.outcome = 'dead' THEN now() END,
+        node_id = CASE WHEN r.outcome = 'dead' THEN j.node_id END,
+        lease_until = NULL, cancel_requested = false
+    FROM r
+    WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6 AND j.status = 'running'
+      AND r.outcome IN ('failed', 'dead', 'retry_later', 'released')
+    RETURNING j.id
+)
+SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM upd) AS written, (SELECT count(*) FROM hist) AS kept
+"""
+
+# Renew leases, write the latest progress, learn about cancellations and lost leases.
+RENEW = """
+UPDATE forge_jobs j SET lease_until = now() + make_interval(secs => $3),
+       progress = coalesce(p.progress, j.progress), progress_message = coalesce(p.message, j.progress_message)
+FROM unnest($1::bigint[], $2::int[], $4::real[], $5::text[]) AS p(id, attempt, progress, message)
+WHERE j.id = p.id AND j.attempt = p.attempt AND j.node_id = $6 AND j.status = 'running'
+RETURNING j.id, j.cancel_requested
+"""
+
+# Re-queue running jobs whose lease expired or whose node is gone; the last attempt goes to
+# dead letter instead (a job that kills its worker must not loop forever).
+RESCUE = """
+WITH lost AS (
+    SELECT j.id FROM forge_jobs j
+    WHERE j.status = 'running'
+      AND (j.lease_until < now()
+           OR j.node_id IN (SELECT n.id FROM forge_nodes n
+                            WHERE n.status IN ('stopped', 'dead')
+                               OR n.last_heartbeat < now() - make_interval(secs => $1)))
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE forge_jobs j SET
+    status = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'pending' END,
+    last_error = format('worker %s stopped heartbeating during attempt %s (lease expired)', j.node_id, j.attempt),
+    finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+    node_id = NULL, lease_until = NULL
+FROM lost WHERE j.id = lost.id
+RETURNING j.id, j.status
+"""
+
+RETENTION = "DELETE FROM forge_job_history WHERE finished_at < now() - make_interval(secs => $1)"
+
+SLEEP = """INSERT INTO forge_worker_sleepers (node_id, queues, capabilities) VALUES ($1, $2, $3)
+           ON CONFLICT (node_id) DO UPDATE SET queues = EXCLUDED.queues, capabilities = EXCLUDED.capabilities,
+                                               since = now()"""
+WAKE = "DELETE FROM forge_worker_sleepers WHERE node_id = $1"
+
+
+async def rescue_expired(conn: Any, dead_after: float) -> list[tuple[int, str]]:
+    """Re-queue (or dead-letter) jobs whose worker stopped heartbeating. Safe to run anywhere,
+    any number of times: rows are locked with SKIP LOCKED and re-checked."""
+    rows = await conn.fetch(RESCUE, float(dead_after))
+    return [(r["id"], r["status"]) for r in rows]
+
+
+async def apply_retention(conn: Any, retention: float) -> int:
+    res = await conn.execute(RETENTION, float(retention))
+    # sleepers of nodes that died without cleaning up would only attract useless wake-ups
+    await conn.execute("""DELETE FROM forge_worker_sleepers s USING forge_nodes n
+                          WHERE n.id = s.node_id AND n.status IN ('stopped', 'dead')""")
+    return int(res.split()[-1])
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter: ``min(cap, base * 2**(attempt-1))`` scaled to 50-100 %."""
+    raw = min(cap, base * 2 ** min(max(attempt - 1, 0), 62))
+    return raw * (0.5 + rng() / 2)
+
+
+@attrs.define
+class Attempt:
+    """A claimed job on this node."""
+
+    id: int
+    attempt: int
+    row: Any
+    task: asyncio.Task | None = None
+    progress: tuple[float, str | None] | None = None
+    written_progress: tuple[float, str | None] | None = None
+    #: why the task was cancelled from outside: cancel | lease_lost | shutdown
+    cancel_reason: str | None = None
+    #: the attempt has ended; only its result remains to be written
+    finished: bool = False
+
+
+@attrs.define
+class JobCall(Call):
+    """A job invocation as middleware sees it; carries the job's ctx to the function."""
+
+    ctx: Any = None
+
+
+class Worker:
+    """The runtime of the ``worker`` role on one node."""
+
+    def __init__(self, node: Any, config: WorkerConfig) -> None:
+        self.node = node
+        self.config = config
+        self.node_id: str = node.id
+        self.capabilities = list(node.capabilities)
+        self.queues = list(config.queues)
+        self.running: dict[int, Attempt] = {}
+        self.reports: list[tuple[int, int, str, float, str | None]] = []
+        self.report_event = asyncio.Event()
+        self.reported = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.slot_free = asyncio.Event()
+        self.listening = False
+        self.sleeping = False
+        self.stopping = False
+        self.next_due = 0.0  # monotonic time the next delayed job is due (0: check now)
+        self.claim_batch = config.claim_batch or config.concurrency
+        self.queue_limits = dict(config.queue_limits)
+        self.type_limits = self._type_limits()
+        self._claim_done: asyncio.Event = asyncio.Event()
+        self._chain = self._build_chain()
+        self._finished_hook = self._finished_hook_impls()
+        self._keep_history = config.history_retention > 0
+        self._last_rescue = 0.0
+        self._reporting = False
+        self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
+                      "released": 0, "lost": 0}
+
+    # --- set-up -------------------------------------------------------------------------
+    def _type_limits(self) -> dict[str, int]:
+        out = {}
+        for d in self.node.registry.of_kind("job", "cron"):
+            limit = d.options.get("concurrency")
+            if limit is not None:
+                if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                    raise ForgeError(f"@job {d.name}: concurrency must be an integer >= 1, got {limit!r}")
+                out[d.name] = limit
+        return out
+
+    def _build_chain(self) -> Callable[[Call], Any]:
+        async def invoke(call: Call) -> Any:
+            return await call.defn.fn(call.ctx, **call.args)
+
+        chain: Callable[[Call], Any] = invoke
+        for mw in reversed(getattr(self.node.executor, "middleware", []) or []):
+            chain = (lambda m, nxt: (lambda c: m(c, nxt)))(mw, chain)
+        return chain
+
+    def _finished_hook_impls(self) -> Any:
+        hook = self.node.loader.hook.forge_job_finished
+        return hook if hook.get_hookimpls() else None
+
+    async def start(self) -> None:
+        await self.node.pool.execute(WAKE, self.node_id)
+        sup = self.node.supervisor
+        self._claim_done.clear()
+        sup.spawn("worker.listen", self._listen_loop, service="worker")
+        sup.spawn("worker.report", self._report_loop, service="worker")
+        sup.spawn("worker.lease", self._lease_loop, service="worker")
+        sup.spawn("worker.claim", self._claim_loop, service="worker")
+
+    async def stop(self) -> None:
+        """Graceful stop: claim nothing more, let running jobs finish for ``shutdown_timeout``,
+        release the rest to other workers, write every result."""
+        self.stopping = True
+        self.wake.set()
+        self.slot_free.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._claim_done.wait(), 10)
+        tasks = [a.task for a in self.running.values() if a.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.shutdown_timeout)
+        left = [a for a in self.running.values() if a.task is not None and not a.task.done()]
+        for a in left:
+            a.cancel_reason = "shutdown"
+            a.task.cancel()
+        if left:
+            await asyncio.wait([a.task for a in left], timeout=5)
+            logger.info(f"worker released {len(left)} unfinished job(s) to other workers")
+        # the report loop writes what is left; wait until it has
+        deadline = time.monotonic() + 10
+        while (self.reports or self._reporting) and time.monotonic() < deadline:
+            self.reported.clear()
+            self.report_event.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.reported.wait(), 1)
+        with contextlib.suppress(*_DB_ERRORS):
+            await asyncio.wait_for(self.node.pool.execute(WAKE, self.node_id), 5)
+
+    # --- claiming -------------------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        try:
+            while not self.stopping:
+                try:
+                    async with self.node.pool.acquire() as conn:
+                        await self._claim_on(conn)
+                except _DB_ERRORS as exc:
+                    if self.stopping:
+                        break
+                    logger.warning(f"worker claim loop lost the database ({type(exc).__name__}: {exc}); retrying")
+                    self.sleeping = False
+                    await asyncio.sleep(0.2 + random.random() * 0.3)
+        finally:
+            self._claim_done.set()
+
+    async def _claim_on(self, conn: asyncpg.Connection) -> None:
+        cfg = self.config
+        limited_names = list(self.type_limits)
+        limited_queues = list(self.queue_limits)
+        while not self.stopping:
+            capacity = min(cfg.concurrency - len(self.running), self.claim_batch)
+            if capacity <= 0:
+                self.slot_free.clear()
+                if cfg.concurrency - len(self.running) <= 0:
+                    await self.slot_free.wait()
+                continue
+            self.wake.clear()
+            if time.monotonic() >= self.next_due:
+                row = await conn.fetchrow(PROMOTE)
+                nxt = row["next_in"]
+                self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
+                                                    else cfg.poll_interval)
+            rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
+                                    limited_names, limited_queues, capacity)
+            got = len(rows)
+            self._start_jobs(rows)
+            if limited_names or limited_queues:
+                got += await self._claim_limited(conn, capacity - got)
+            if got >= capacity:
+                # a backlog: keep claiming, and stop asking enqueuers for NOTIFYs
+                if self.sleeping:
+                    await conn.execute(WAKE, self.node_id)
+                    self.sleeping = False
+                continue
+            if not self.sleeping and self.listening:
+                # announce we wait, then look once more: a job stored just before the announcement
+                # sent no NOTIFY
+                await conn.execute(SLEEP, self.node_id, self.queues, self.capabilities)
+                self.sleeping = True
+                continue
+            timeout = max(0.0, min(cfg.poll_interval, self.next_due - time.monotonic()))
+            if timeout > 0:
+                self.slot_free.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+
+    async def _claim_limited(self, conn: asyncpg.Connection, capacity: int) -> int:
+        """Claim from limited queues and types, each under the advisory locks of its limits."""
+        got = 0
+        groups: list[tuple[str | None, str | None]] = [(q, None) for q in self.queue_limits]
+        groups += [(None, n) for n in self.type_limits]
+        random.shuffle(groups)  # no group starves another when capacity is short
+        for queue, name in groups:
+            if capacity - got <= 0 or self.stopping:
+                break
+            if self.queues and queue is not None and queue not in self.queues:
+                continue
+            keys = sorted({f"queue:{queue}"} | {f"type:{n}" for n in self.type_limits}) if queue is not None \
+                else [f"type:{name}"]
+            async with conn.transaction():
+                for key in keys:  # sorted: every node takes them in the same order, no deadlock
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                                       "forge_worker.limit." + key)
+                rows = await conn.fetch(
+                    CLAIM_LIMITED, self.node_id, self.config.lease, self.queues, self.capabilities,
+                    capacity - got, list(self.queue_limits), capacity - got, queue, name, self.type_limits,
+                    self.queue_limits.get(queue) if queue is not None else None)
+            self._start_jobs(rows)
+            got += len(rows)
+        return got
+
+    def _start_jobs(self, rows: list[Any]) -> None:
+        for row in rows:
+            a = Attempt(row["id"], row["attempt"], row)
+            self.running[a.id] = a
+            a.task = asyncio.create_task(self._run(a), name=f"forge-job:{row['name']}:{row['id']}")
+        self.stats["claimed"] += len(rows)
+
+    # --- running ----------------------------------------------------------------------------
+    async def _run(self, a: Attempt) -> None:
+        row = a.row
+        started = row["started_at"]
+        outcome, delay, error = "succeeded", 0.0, None
+        db = LazyDatabase(self.node.pool)
+        try:
+            defn = self.node.registry.get(row["name"])
+            if defn is None or defn.kind not in ("job", "cron"):
+                kind = f"a {defn.kind}, not a job" if defn is not None else "not registered on this node"
+                raise _Fatal(f"unknown job type {row['name']!r}: {kind} (check [app] modules on worker "
+                             f"{self.node_id}; retry it from dead letter once a worker knows it)")
+            try:
+                args = bind_arguments(defn, row["args"])
+            except ForgeError as exc:
+                raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
+            caller = row["caller"]
+            auth = Auth(user_id=caller, kind="user") if caller else SYSTEM
+            call = JobCall(defn, args, auth, new_request_id())
+            info = JobInfo(id=row["id"], name=row["name"], queue=row["queue"], attempt=row["attempt"],
+                           max_attempts=row["max_attempts"], priority=row["priority"], run_at=row["run_at"],
+                           created_at=row["created_at"], started_at=started, unique_key=row["unique_key"],
+                           options=row["options"])
+            call.ctx = JobContext(self.node.executor, call, db, info, a)
+            timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._chain(call)
+            except TimeoutError:
+                if a.cancel_reason is None:
+                    raise _Failed(f"timed out after {timeout:g}s") from None
+                raise
+        except asyncio.CancelledError:
+            reason = a.cancel_reason
+            if reason == "cancel":
+                outcome, error = "cancelled", "cancelled on request"
+            elif reason == "shutdown":
+                outcome, error = "released", None
+            elif reason == "lease_lost":
+                outcome = "lost"
+            else:
+                raise
+        except RetryLater as exc:
+            outcome, delay, error = "retry_later", exc.delay, exc.reason or None
+        except JobCancelled as exc:
+            outcome, error = "cancelled", str(exc) or "cancelled by the job"
+        except _Fatal as exc:
+            outcome, error = "dead", str(exc)
+            logger.error(f"job {row['id']} ({row['name']}) cannot run: {exc}")
+        except _Failed as exc:
+            outcome, error = self._failure(a, str(exc))
+            delay = self._delay(a) if outcome == "failed" else 0.0
+        except Exception as exc:
+            tb = "".join(traceback.format_exception(exc)[-6:])
+            outcome, error = self._failure(a, f"{type(exc).__name__}: {exc}\n{tb}")
+            delay = self._delay(a) if outcome == "failed" else 0.0
+            logger.warning(f"job {row['id']} ({row['name']}) attempt {a.attempt}/{row['max_attempts']} failed: "
+                           f"{type(exc).__name__}: {exc}")
+        finally:
+            a.finished = True
+            with contextlib.suppress(Exception):
+                await db.release()
+        try:
+            self.stats[outcome] = self.stats.get(outcome, 0) + 1
+            if outcome != "lost":
+                self.reports.append((a.id, a.attempt, outcome, delay, error))
+                self.report_event.set()
+                if outcome in ("failed", "retry_later") and delay > 0:
+                    self.next_due = min(self.next_due, time.monotonic() + delay)
+            if self._finished_hook is not None and outcome not in ("lost", "released"):
+                await self._job_finished(row, a, outcome, started, error)
+        finally:
+            self.running.pop(a.id, None)
+            self.slot_free.set()
+
+    def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
+        return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error
+
+    def _delay(self, a: Attempt) -> float:
+        opts = a.row["options"] or {}
+        backoff = opts.get("backoff") if isinstance(opts, dict) else None
+        base, cap = self.config.backoff_base, self.config.backoff_max
+        if isinstance(backoff, (int, float)) and not isinstance(backoff, bool):
+            base = float(backoff)
+        elif isinstance(backoff, dict):
+            base = float(backoff.get("base", base))
+            cap = float(backoff.get("max", cap))
+        return backoff_delay(a.attempt, base, cap)
+
+    async def _job_finished(self, row: Any, a: Attempt, outcome: str, started: dt.datetime, error: str | None) -> None:
+        status = "retry_later" if outcome == "retry_later" else outcome
+        result = JobOutcome(job_id=a.id, name=row["name"], args=row["args"], options=row["options"] or {},
+                            status=status, attempt=a.attempt, started_at=started,
+                            finished_at=dt.datetime.now(dt.timezone.utc), error=error, node_id=self.node_id)
+        try:
+            for res in self._finished_hook(node=self.node, outcome=result):
+                if inspect.isawaitable(res):
+                    await res
+        except Exception as exc:  # a plugin's bookkeeping must never fail the job
+            logger.opt(exception=exc).warning(f"forge_job_finished hook failed for job {a.id}: {exc}")
+
+    # --- reporting ------------------------------------------------------------------------
+    async def _report_loop(self) -> None:
+        while True:
+            await self.report_event.wait()
+            self.report_event.clear()
+            try:
+                async with self.node.pool.acquire() as conn:
+                    while self.reports:
+                        batch, self.reports = self.reports, []
+                        self._reporting = True
+                        try:
+                            await conn.fetchrow(REPORT, [r[0] for r in batch], [r[1] for r in batch],
+                                                [r[2] for r in batch], [r[3] for r in batch], [r[4] for r in batch],
+                                                self.node_id, self._keep_history)
+                        except BaseException:
+                            self.reports[:0] = batch  # written on the next try
+                            raise
+                        finally:
+                            self._reporting = False
+                    self.reported.set()
+            except _DB_ERRORS as exc:
+                logger.warning(f"worker could not write {len(self.reports)} job result(s) "
+                               f"({type(exc).__name__}: {exc}); retrying")
+                await asyncio.sleep(0.2 + random.random() * 0.3)
+                self.report_event.set()
+
+    # --- leases -----------------------------------------------------------------------------
+    async def _lease_loop(self) -> None:
+        cfg = self.config
+        while True:
+            try:
+                async with self.node.pool.acquire() as conn:
+                    while True:
+                        await self._renew(conn)
+                        now = time.monotonic()
+                        if cfg.rescue_interval and now - self._last_rescue >= cfg.rescue_interval:
+                            self._last_rescue = now
+                            rescued = await rescue_expired(conn, self.node.config.node.dead_after)
+                            if rescued:
+                                logger.warning(f"worker re-queued {len(rescued)} job(s) whose worker stopped "
+                                               f"heartbeating: {[i for i, _ in rescued][:20]}")
+                                self.wake.set()
+                        await asyncio.sleep(cfg.heartbeat_interval)
+            except _DB_ERRORS as exc:
+                logger.warning(f"worker lease loop lost the database ({type(exc).__name__}: {exc}); retrying")
+                await asyncio.sleep(0.2 + random.random() * 0.3)
+
+    async def _renew(self, conn: asyncpg.Connection) -> None:
+        attempts = list(self.running.values())
+        if not attempts:
+            return
+        prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
+        rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
+                                [p[0] if p else None for p in prog], [p[1] if p else None for p in prog], self.node_id)
+        for a, p in zip(attempts, prog):
+            if p is not None:
+                a.written_progress = p
+        seen = {r["id"]: r["cancel_requested"] for r in rows}
+        for a in attempts:
+            if self.running.get(a.id) is not a or a.task is None or a.task.done() or a.finished:
+                continue  # finished; its result is being written
+            if a.id not in seen:
+                logger.warning(f"job {a.id} lost its lease (re-queued elsewhere); stopping it here")
+                self._cancel(a, "lease_lost")
+            elif seen[a.id]:
+                self._cancel(a, "cancel")
+
+    def _cancel(self, a: Attempt, reason: str) -> None:
+        if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
+            a.cancel_reason = reason
+            a.task.cancel()
+
+    # --- wake-ups ------------------------------------------------------------------------------
+    async def _listen_loop(self) -> None:
+        while True:
+            conn = None
+            try:
+                conn = await self.node.connect(timeout=10)
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _c: closed.set())
+                await conn.add_listener(WAKE_CHANNEL, self._on_wake)
+                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
+                self.listening = True
+                self.wake.set()  # anything stored while we were not listening
+                while not closed.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(closed.wait(), 15)
+                    if not closed.is_set():
+                        await asyncio.wait_for(conn.fetchval("SELECT 1"), 10)  # a dead socket shows here
+                raise ConnectionError("listen connection closed")
+            except _DB_ERRORS as exc:
+                self.listening = False
+                self.sleeping = False  # re-announce once listening again
+                logger.warning(f"worker listener lost the database ({type(exc).__name__}: {exc}); "
+                               f"polling every {self.config.poll_interval:g}s until it is back")
+                await asyncio.sleep(0.5 + random.random())
+            finally:
+                self.listening = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+
+    def _on_wake(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == self.node_id or payload == "*":
+            self.wake.set()
+
+    def _on_cancel(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            job_id = int(payload)
+        except ValueError:
+            return
+        a = self.running.get(job_id)
+        if a is not None:
+            self._cancel(a, "cancel")
+
+
+class _Fatal(Exception):
+    """The job cannot run at all (unknown type, bad arguments): dead letter, no retries."""
+
+
+class _Failed(Exception):
+    """An attempt failed in a way that has no exception of its own (timeout)."""

@@ -1,0 +1,107 @@
+"""Enqueue paths, running, results, history."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from forge_kernel import SYSTEM
+from forge_kernel.errors import InvalidArgument
+from forge_worker import JobQueue
+
+from helpers import eventually, log_rows, worker_config
+
+import worker_jobs
+
+
+async def test_enqueue_from_plain_python_runs_on_worker(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    job_id = await queue.enqueue(worker_jobs.record, {"value": "hello"})
+    rows = await eventually(lambda: log_rows(node.pool, job_id=job_id), what="the job to run")
+    assert [(r["event"], r["value"], r["attempt"]) for r in rows] == [("ran", "hello", 1)]
+    done = await eventually(lambda: _status(queue, job_id, "succeeded"), what="history row")
+    assert done.attempt == 1 and done.node_id == node.id
+
+
+async def _status(queue, job_id, status):
+    job = await queue.get(job_id)
+    return job if job is not None and job.status == status else None
+
+
+async def test_enqueue_many_in_one_call_keeps_order(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=20))
+    queue = JobQueue(node.pool)
+    reqs = [queue.request(worker_jobs.record, {"value": str(i)}) for i in range(3000)]
+    ids = await queue.enqueue_many(reqs)
+    assert len(ids) == 3000 and ids == sorted(ids) and len(set(ids)) == 3000
+    await eventually(lambda: _count(node.pool, "SELECT count(*) FROM job_log WHERE event = 'ran'", 3000),
+                     timeout=60, what="3000 jobs")
+    by_id = {r["job_id"]: r["value"] for r in await log_rows(node.pool)}
+    assert all(by_id[job_id] == str(i) for i, job_id in enumerate(ids))
+    assert await node.pool.fetchval("SELECT count(*) FROM forge_jobs") == 0  # hot table empty
+
+
+async def _count(pool, sql, expected):
+    n = await pool.fetchval(sql)
+    return n if n == expected else None
+
+
+async def test_dispatch_in_mutation_commits_with_it(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    job_id = await node.executor.call("add_item", {"id": 1, "title": "a"}, SYSTEM)
+    assert job_id > 0
+    with pytest.raises(Exception):
+        await node.executor.call("add_item", {"id": 2, "title": "b", "fail": True}, SYSTEM)
+    await eventually(lambda: log_rows(node.pool, job_id=job_id), what="the committed job")
+    jobs = await node.pool.fetch("SELECT args FROM forge_jobs UNION ALL SELECT args FROM forge_job_history")
+    assert [j["args"] for j in jobs] == [{"value": "item-1"}]  # the rolled-back mutation left no job
+    rows = await log_rows(node.pool)
+    assert [r["value"] for r in rows] == ["item-1"]
+
+
+async def test_dispatch_from_action_and_from_job(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    await node.executor.call("dispatch_from_action", {"value": "from-action"}, SYSTEM)
+    await JobQueue(node.pool).enqueue("fan_out", {"n": 3})
+    await eventually(lambda: _count(node.pool, "SELECT count(*) FROM job_log WHERE event = 'ran'", 5), what="5 runs")
+    values = sorted(r["value"] for r in await log_rows(node.pool, event="ran") if r["value"])
+    assert values == ["child-0", "child-1", "child-2", "from-action"]
+
+
+async def test_dispatcher_works_on_node_without_worker_role(forge_node):
+    gw = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["worker"]},
+                                                           "worker": {"concurrency": 1}})
+    # a second node that does not run the worker role still stores jobs through ctx.dispatch
+    other = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
+    assert "worker" not in other.roles
+    job_id = await other.executor.call("add_item", {"id": 7, "title": "x"}, SYSTEM)
+    await eventually(lambda: log_rows(gw.pool, job_id=job_id), what="the job to run on the worker node")
+
+
+async def test_bad_enqueue_input_is_rejected_clearly(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    with pytest.raises(InvalidArgument, match="value"):
+        await queue.enqueue(worker_jobs.record, {"nope": 1})
+    with pytest.raises(InvalidArgument, match="unknown job option"):
+        await queue.enqueue("record", {"value": "x"}, colour="red")
+    with pytest.raises(InvalidArgument, match="on_conflict"):
+        await queue.enqueue("record", {"value": "x"}, unique_key="k", on_conflict="merge")
+    with pytest.raises(InvalidArgument, match="JSON"):
+        await queue.enqueue("record", {"value": object()})
+    with pytest.raises(InvalidArgument, match="positive integers"):
+        await queue.get(-3)
+
+
+async def test_plain_asyncpg_pool_without_forge_codecs(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    pool = await asyncpg.create_pool(node.url, min_size=1, max_size=2)
+    try:
+        queue = JobQueue(pool)
+        job_id = await queue.enqueue("record", {"value": "raw"})
+        await eventually(lambda: log_rows(node.pool, job_id=job_id), what="the job")
+        info = await eventually(lambda: _status(queue, job_id, "succeeded"), what="history")
+        assert info.args == {"value": "raw"}
+    finally:
+        await pool.close()
