@@ -38,6 +38,10 @@ CLOSE_TOO_SLOW = 4008  # the client does not read fast enough
 MAX_ID_LENGTH = 128
 
 
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+
+
 class Transport(Protocol):
     async def receive(self) -> str | bytes | None: ...
     async def send_text(self, text: str) -> None: ...
@@ -170,7 +174,7 @@ class Session:
         try:
             await handler(msg)
         except ForgeError as exc:
-            sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and isinstance(msg.get("id"), str) else None
+            sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and _valid_id(msg.get("id")) else None
             self._send(error_message(exc, sub_id))
 
     # --- messages ---------------------------------------------------------------------------
@@ -230,7 +234,7 @@ class Session:
 
     async def _on_subscribe(self, msg: dict[str, Any]) -> None:
         sub_id = msg.get("id")
-        if not isinstance(sub_id, str) or not sub_id or len(sub_id) > MAX_ID_LENGTH:
+        if not _valid_id(sub_id):
             raise InvalidArgument(f"subscribe: id must be a string of 1 to {MAX_ID_LENGTH} characters")
         unknown = set(msg) - {"type", "id", "function", "args", "hash"}
         if unknown:
