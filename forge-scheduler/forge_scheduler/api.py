@@ -1,0 +1,182 @@
+"""Python API for crons: list, history, trigger now, pause, resume, who leads.
+
+Every function takes an asyncpg connection (or pool) of the cluster's database, so it works
+from a node (``node.pool``), the CLI or a test. "Trigger now" writes a request that the leader
+turns into exactly one run on its next tick; pause and resume take effect on the leader's
+next tick too. Names are checked against the crons the cluster knows (``forge_cron_state``)
+plus ``known`` (e.g. the crons of a registry that no leader has registered yet).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterable
+
+import attrs
+
+from forge_kernel.errors import InvalidArgument, NotFound
+
+from .election import ELECTION, current_leader
+from .settings import CronSettings
+
+
+@attrs.frozen
+class CronInfo:
+    name: str
+    schedule: str
+    timezone: str
+    paused: bool
+    decided_until: dt.datetime | None
+    next_slot: dt.datetime | None
+    dropped_total: int
+    last_status: str | None
+    last_slot: dt.datetime | None
+    runs: int
+
+
+@attrs.frozen
+class RunInfo:
+    id: int
+    cron: str
+    slot: dt.datetime
+    kind: str
+    status: str
+    job_id: int | None
+    enqueued_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    duration_ms: float | None
+    attempts: int
+    node_id: str | None
+    error: str | None
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgument(f"cron name must be a non-empty string, got {name!r}")
+    return name
+
+
+async def _known(conn: Any, name: str, known: Iterable[CronSettings]) -> CronSettings | None:
+    """The registered settings for ``name``, or None when only the cluster's state knows it;
+    raises NotFound when nobody knows it."""
+    extra = {c.name: c for c in known}
+    exists = await conn.fetchval("SELECT true FROM forge_cron_state WHERE cron = $1", name)
+    if exists or name in extra:
+        return extra.get(name)
+    names = sorted({r["cron"] for r in await conn.fetch("SELECT cron FROM forge_cron_state")} | set(extra))
+    raise NotFound(f"no cron named {name!r}; known crons: {', '.join(names) or '(none)'}")
+
+
+async def _ensure_state(conn: Any, cron: CronSettings | None) -> None:
+    if cron is not None:
+        await conn.execute(
+            """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until)
+               VALUES ($1, $2, $3, clock_timestamp()) ON CONFLICT (cron) DO NOTHING""",
+            cron.name, cron.schedule.expression, cron.schedule.timezone)
+
+
+async def trigger(conn: Any, name: str, *, requested_by: str | None = None, known: Iterable[CronSettings] = ()) -> int:
+    """Ask for one run of ``name`` now (also when paused). Returns the request id."""
+    name = _check_name(name)
+    cron = await _known(conn, name, known)
+    await _ensure_state(conn, cron)
+    return await conn.fetchval("INSERT INTO forge_cron_triggers (cron, requested_by) VALUES ($1, $2) RETURNING id",
+                               name, requested_by)
+
+
+async def pause(conn: Any, name: str, *, known: Iterable[CronSettings] = ()) -> bool:
+    """Stop scheduling ``name``; slots while paused never run. False if it was already paused."""
+    name = _check_name(name)
+    cron = await _known(conn, name, known)
+    await _ensure_state(conn, cron)
+    return bool(await conn.fetchval(
+        "UPDATE forge_cron_state SET paused = true, paused_at = clock_timestamp(), updated_at = clock_timestamp() "
+        "WHERE cron = $1 AND NOT paused RETURNING true", name))
+
+
+async def resume(conn: Any, name: str, *, known: Iterable[CronSettings] = ()) -> bool:
+    """Schedule ``name`` again from now on (slots of the pause are not caught up).
+    False if it was not paused."""
+    name = _check_name(name)
+    cron = await _known(conn, name, known)
+    await _ensure_state(conn, cron)
+    return bool(await conn.fetchval(
+        "UPDATE forge_cron_state SET paused = false, paused_at = NULL, decided_until = clock_timestamp(), "
+        "updated_at = clock_timestamp() WHERE cron = $1 AND paused RETURNING true", name))
+
+
+async def history(conn: Any, name: str | None = None, *, limit: int = 20) -> list[RunInfo]:
+    """Newest runs first, of one cron or of all."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise InvalidArgument(f"limit must be a whole number between 1 and 10000, got {limit!r}")
+    if name is not None:
+        _check_name(name)
+    rows = await conn.fetch(
+        """SELECT id, cron, slot, kind, status, job_id, enqueued_at, started_at, finished_at, duration_ms,
+                  attempts, node_id, error
+           FROM forge_cron_runs WHERE $1::text IS NULL OR cron = $1 ORDER BY id DESC LIMIT $2""", name, limit)
+    return [RunInfo(**dict(r)) for r in rows]
+
+
+async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[CronInfo]:
+    """Every cron of the cluster (and of ``known``) with its state, next slot and last run."""
+    rows = await conn.fetch(
+        """SELECT s.cron, s.schedule, s.timezone, s.paused, s.decided_until, s.dropped_total,
+                  (SELECT count(*) FROM forge_cron_runs r WHERE r.cron = s.cron) AS runs,
+                  l.status AS last_status, l.slot AS last_slot
+           FROM forge_cron_state s
+           LEFT JOIN LATERAL (SELECT status, slot FROM forge_cron_runs r WHERE r.cron = s.cron
+                              ORDER BY id DESC LIMIT 1) l ON true
+           ORDER BY s.cron""")
+    registered = {c.name: c for c in known}
+    out: list[CronInfo] = []
+    now = dt.datetime.now(dt.timezone.utc)
+    for r in rows:
+        cron = registered.pop(r["cron"], None)
+        nxt = None
+        if cron is not None and not r["paused"]:
+            nxt = cron.schedule.next_after(max(r["decided_until"], now))
+        out.append(CronInfo(r["cron"], r["schedule"], r["timezone"], r["paused"], r["decided_until"], nxt,
+                            r["dropped_total"], r["last_status"], r["last_slot"], r["runs"]))
+    for cron in registered.values():
+        out.append(CronInfo(cron.name, cron.schedule.expression, cron.schedule.timezone, False, None,
+                            cron.schedule.next_after(now), 0, None, None, 0))
+    return sorted(out, key=lambda c: c.name)
+
+
+async def leader(conn: Any, name: str = ELECTION) -> dict[str, Any] | None:
+    """The ``forge_leaders`` row: ``node_id`` (None when nobody leads), ``term``, ``since``."""
+    return await current_leader(conn, name)
+
+
+class Crons:
+    """The API bound to a pool and a registry's crons: ``Crons(node.pool, crons_of(node.registry))``."""
+
+    def __init__(self, pool: Any, known: Iterable[CronSettings] = ()) -> None:
+        self.pool = pool
+        self.known = list(known)
+
+    async def trigger(self, name: str, *, requested_by: str | None = None) -> int:
+        async with self.pool.acquire() as conn:
+            return await trigger(conn, name, requested_by=requested_by, known=self.known)
+
+    async def pause(self, name: str) -> bool:
+        async with self.pool.acquire() as conn:
+            return await pause(conn, name, known=self.known)
+
+    async def resume(self, name: str) -> bool:
+        async with self.pool.acquire() as conn:
+            return await resume(conn, name, known=self.known)
+
+    async def history(self, name: str | None = None, *, limit: int = 20) -> list[RunInfo]:
+        async with self.pool.acquire() as conn:
+            return await history(conn, name, limit=limit)
+
+    async def list(self) -> list[CronInfo]:
+        async with self.pool.acquire() as conn:
+            return await list_crons(conn, self.known)
+
+    async def leader(self) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn:
+            return await leader(conn)

@@ -1,0 +1,229 @@
+"""Turning cron slots into jobs, exactly once per slot, and recording how runs ended.
+
+The leader's loop reads ``forge_cron_state`` (one small row per cron) and, for each cron with
+a due slot or a "run now" request, opens one transaction that
+
+1. fences on the leader's term (a deposed leader writes nothing),
+2. locks the cron's state row and decides every slot up to ``now`` (database clock):
+   on-time slots run, missed slots follow the cron's ``catch_up`` policy,
+3. inserts one ``forge_cron_runs`` row per slot (unique per ``(cron, slot)``) and hands the
+   jobs to the job store's dispatcher on the same connection,
+4. moves ``decided_until`` to ``now``.
+
+Run rows and jobs therefore commit together or not at all, and a slot once decided is never
+decided again - through any number of leader changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any, Callable, Mapping
+
+import asyncpg
+import attrs
+from loguru import logger
+
+from forge_kernel.executor import JobOutcome, job_request
+
+from .election import Leadership, LeaderElection, NotLeader, fence
+from .settings import CronSettings
+
+#: counting dropped slots stops here (a per-second cron down for days would take long to count)
+DROP_COUNT_CAP = 10_000
+OPEN = ("queued", "retrying")
+FINAL = ("succeeded", "failed", "cancelled")
+#: JobOutcome.status -> run status
+OUTCOME_STATUS = {"succeeded": "succeeded", "failed": "retrying", "dead": "failed",
+                  "cancelled": "cancelled", "retry_later": "queued"}
+
+
+@attrs.frozen
+class SlotPlan:
+    """What to do with the slots in ``(decided_until, now]``."""
+
+    run: list[dt.datetime]
+    #: missed slots dropped by the catch-up policy (counted up to DROP_COUNT_CAP)
+    dropped: int
+    missed: int
+
+
+def plan_slots(cron: CronSettings, decided_until: dt.datetime, now: dt.datetime) -> SlotPlan:
+    """On-time slots (at most ``grace`` seconds late) always run; of the missed ones, the
+    ``catch_up`` most recent run and the rest are dropped."""
+    sched = cron.schedule
+    cutoff = now - dt.timedelta(seconds=cron.grace)
+    on_time = sched.between(max(decided_until, cutoff), now)
+    missed_run: list[dt.datetime] = []
+    missed = 0
+    if decided_until < cutoff:
+        missed = sched.count_between(decided_until, cutoff, cap=DROP_COUNT_CAP)
+        if missed:
+            missed_run = sched.latest(decided_until, cutoff, cron.catch_up) if cron.catch_up else []
+    return SlotPlan(missed_run + on_time, max(0, missed - len(missed_run)), missed)
+
+
+@attrs.frozen
+class Decision:
+    cron: str
+    enqueued: list[dt.datetime]
+    skipped: list[dt.datetime]
+    triggered: int
+    dropped: int
+
+
+class CronEngine:
+    """The leader's cron loop. ``dispatcher`` returns the job store's dispatcher."""
+
+    def __init__(self, pool: asyncpg.Pool, crons: Mapping[str, CronSettings], dispatcher: Callable[[], Any],
+                 *, tick_interval: float = 0.5) -> None:
+        self.pool = pool
+        self.crons = dict(crons)
+        self.dispatcher = dispatcher
+        self.tick_interval = tick_interval
+        self._next_cache: dict[tuple[str, dt.datetime], dt.datetime] = {}
+        self.decisions = 0
+
+    async def register(self, conn: asyncpg.Connection) -> None:
+        """Create state rows for new crons (their first slot is the first one after now) and
+        record the current schedule of known ones."""
+        if not self.crons:
+            return
+        await conn.executemany(
+            """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until)
+               VALUES ($1, $2, $3, clock_timestamp())
+               ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone
+               WHERE forge_cron_state.schedule IS DISTINCT FROM EXCLUDED.schedule
+                  OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone""",
+            [(c.name, c.schedule.expression, c.schedule.timezone) for c in self.crons.values()])
+
+    def _next(self, name: str, after: dt.datetime) -> dt.datetime:
+        key = (name, after)
+        nxt = self._next_cache.get(key)
+        if nxt is None:
+            if len(self._next_cache) > 4 * len(self.crons) + 64:
+                self._next_cache.clear()
+            nxt = self._next_cache[key] = self.crons[name].schedule.next_after(after)
+        return nxt
+
+    async def run(self, election: LeaderElection, leadership: Leadership) -> None:
+        """Loop while leading: check leadership, decide what is due, sleep until the next slot."""
+        await election.check()
+        async with self.pool.acquire() as conn:
+            await self.register(conn)
+        while True:
+            await election.check()
+            wait = await self.tick(leadership)
+            await asyncio.sleep(wait)
+
+    async def tick(self, leadership: Leadership) -> float:
+        """Decide every due cron once; returns seconds until the next due slot (capped)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT s.cron, s.decided_until, s.paused, clock_timestamp() AS now,
+                          EXISTS (SELECT 1 FROM forge_cron_triggers t WHERE t.cron = s.cron) AS triggered
+                   FROM forge_cron_state s""")
+        if not rows:
+            return self.tick_interval
+        now = rows[0]["now"]
+        wait = self.tick_interval
+        for r in rows:
+            name = r["cron"]
+            if name not in self.crons:
+                continue  # a cron of another deployment; its own leader will run it
+            due = not r["paused"] and self._next(name, r["decided_until"]) <= now
+            if due or r["triggered"]:
+                await self.decide(name, leadership)
+            elif not r["paused"]:
+                wait = min(wait, (self._next(name, r["decided_until"]) - now).total_seconds())
+        return max(0.0, wait)
+
+    async def decide(self, name: str, leadership: Leadership) -> Decision:
+        """One transaction: fence, decide due slots and triggers, enqueue their jobs."""
+        cron = self.crons[name]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await fence(conn, leadership)
+            st = await conn.fetchrow(
+                "SELECT decided_until, paused, clock_timestamp() AS now FROM forge_cron_state WHERE cron = $1 FOR UPDATE",
+                name)
+            if st is None:
+                raise LookupError(f"no forge_cron_state row for cron {name!r}")
+            now = st["now"]
+            triggers = await conn.fetch(
+                "DELETE FROM forge_cron_triggers WHERE cron = $1 RETURNING id, requested_at, requested_by", name)
+            plan = SlotPlan([], 0, 0) if st["paused"] else plan_slots(cron, st["decided_until"], now)
+            enqueued: list[dt.datetime] = []
+            skipped: list[dt.datetime] = []
+            runs: list[tuple[int, str, dt.datetime]] = []
+            for slot in plan.run:
+                if cron.overlap == "skip" and (runs or await conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM forge_cron_runs WHERE cron = $1 AND status = ANY($2::text[]))",
+                        name, list(OPEN))):
+                    await conn.execute(
+                        """INSERT INTO forge_cron_runs (cron, slot, kind, status, leader, leader_term, finished_at, error)
+                           VALUES ($1, $2, 'scheduled', 'skipped', $3, $4, clock_timestamp(),
+                                   'overlap: the previous run was still queued or running')
+                           ON CONFLICT (cron, slot) WHERE kind = 'scheduled' DO NOTHING""",
+                        name, slot, leadership.node_id, leadership.term)
+                    skipped.append(slot)
+                    continue
+                rid = await conn.fetchval(
+                    """INSERT INTO forge_cron_runs (cron, slot, kind, status, leader, leader_term)
+                       VALUES ($1, $2, 'scheduled', 'queued', $3, $4)
+                       ON CONFLICT (cron, slot) WHERE kind = 'scheduled' DO NOTHING RETURNING id""",
+                    name, slot, leadership.node_id, leadership.term)
+                if rid is not None:  # None: decided before (state rewound by hand); never twice
+                    runs.append((rid, "scheduled", slot))
+                    enqueued.append(slot)
+            for t in triggers:
+                rid = await conn.fetchval(
+                    """INSERT INTO forge_cron_runs (cron, slot, kind, status, leader, leader_term, node_id)
+                       VALUES ($1, $2, 'manual', 'queued', $3, $4, NULL) RETURNING id""",
+                    name, t["requested_at"], leadership.node_id, leadership.term)
+                runs.append((rid, "manual", t["requested_at"]))
+            if runs:
+                requests = [self._request(cron, rid, kind, slot) for rid, kind, slot in runs]
+                job_ids = await self.dispatcher().dispatch(conn, requests)
+                if job_ids:
+                    await conn.executemany("UPDATE forge_cron_runs SET job_id = $2 WHERE id = $1",
+                                           [(rid, jid) for (rid, _, _), jid in zip(runs, job_ids)])
+            await conn.execute(
+                """UPDATE forge_cron_state SET decided_until = GREATEST(decided_until, $2),
+                       dropped_total = dropped_total + $3,
+                       last_dropped = CASE WHEN $3 > 0 THEN $3 ELSE last_dropped END,
+                       updated_at = clock_timestamp()
+                   WHERE cron = $1""", name, now if not st["paused"] else st["decided_until"], plan.dropped)
+        self.decisions += 1
+        if plan.dropped:
+            logger.warning(f"cron {name}: {plan.missed} slot(s) missed while no leader ran; ran the "
+                           f"{plan.missed - plan.dropped} most recent (catch_up={cron.catch_up}), dropped {plan.dropped}")
+        return Decision(name, enqueued, skipped, len(triggers), plan.dropped)
+
+    @staticmethod
+    def _request(cron: CronSettings, run_id: int, kind: str, slot: dt.datetime):
+        req = job_request(cron.defn, {}, caller="scheduler")
+        return attrs.evolve(req, options={**req.options, "cron": cron.name, "cron_run": run_id,
+                                          "slot": slot.isoformat(), "trigger": kind})
+
+
+async def record_outcome(pool: asyncpg.Pool, outcome: JobOutcome) -> bool:
+    """Update the run behind a cron job with how an attempt ended (``forge_job_finished``).
+    A final status is never replaced by an open one (a late duplicate cannot reopen a run)."""
+    run_id = (outcome.options or {}).get("cron_run")
+    if not isinstance(run_id, int) or isinstance(run_id, bool):
+        return False
+    status = OUTCOME_STATUS.get(outcome.status)
+    if status is None:
+        logger.warning(f"cron run {run_id}: unknown job outcome status {outcome.status!r}; not recorded")
+        return False
+    duration_ms = (outcome.finished_at - outcome.started_at).total_seconds() * 1000.0
+    done = await pool.fetchval(
+        """UPDATE forge_cron_runs SET status = $2, attempts = GREATEST(attempts, $3),
+               started_at = COALESCE(started_at, $4),
+               finished_at = CASE WHEN $2 = ANY($8::text[]) THEN $5 ELSE NULL END,
+               duration_ms = $6, node_id = $7, error = $9
+           WHERE id = $1 AND NOT (status = ANY($8::text[]) AND NOT ($2 = ANY($8::text[])))
+           RETURNING true""",
+        run_id, status, outcome.attempt, outcome.started_at, outcome.finished_at, duration_ms, outcome.node_id,
+        list(FINAL), outcome.error)
+    return bool(done)
