@@ -105,7 +105,7 @@ async def test_results_for_ended_subscriptions_are_not_sent():
     s = session(t)
     task = asyncio.create_task(s.serve())
     await asyncio.sleep(0)
-    s.push("a", data("a", 1), "data")  # in flight
+    s.push("a", data("a", 1), "data")
     s.push("b", data("b", 2), "data")  # queued, then the subscription ends
     await s.handle(json.dumps({"type": "unsubscribe", "id": "b"}))
     t.block.set()
@@ -113,6 +113,6 @@ async def test_results_for_ended_subscriptions_are_not_sent():
         if len(t.sent) >= 2:
             break
         await asyncio.sleep(0.01)
-    assert [m["type"] for m in t.sent] == ["data", "unsubscribed"]
+    assert sorted((m["type"], m["id"]) for m in t.sent) == [("data", "a"), ("unsubscribed", "b")]
     t.incoming.put_nowait(None)
     await task
