@@ -24,7 +24,7 @@ from .embedded_pg import EmbeddedPostgres
 from .errors import StartupError
 from .executor import FunctionExecutor
 from .plugins import PluginLoader, _flat, _version
-from .services import MaintenanceTask, Service, Supervisor, start_order
+from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
 
 EXAMPLE_MODULE = "forge_example"
 
@@ -85,7 +85,7 @@ class Node:
         self.status = "starting"
         self.started_at = 0.0
         self.ready_at = 0.0
-        self._entered: list[tuple[Service, Any]] = []
+        self.stack = ServiceStack()
         self._hb_conn: asyncpg.Connection | None = None
         self._stopping = asyncio.Event()
         self.supervisor.on_crash.append(lambda rec, exc: self._crash_noted(rec, exc))
@@ -130,16 +130,11 @@ class Node:
         self.maintenance = _flat(self.loader.hook.forge_maintenance_tasks(node=self))
         candidates = [s for s in _flat(self.loader.hook.forge_services(node=self)) if s.role is None or s.role in self.roles]
         self.services = start_order(candidates)
-        for svc in self.services:
-            cm = svc.lifespan(self)
-            try:
-                await cm.__aenter__()
-            except Exception as exc:
-                logger.opt(exception=exc).error(f"service {svc.name!r} failed to start")
-                await self.stop()
-                raise StartupError(f"service {svc.name!r} failed to start: {type(exc).__name__}: {exc}") from exc
-            self._entered.append((svc, cm))
-            logger.debug(f"service {svc.name} started")
+        try:
+            await self.stack.enter(self.services, self)
+        except Exception:
+            await self.stop()
+            raise
         await self._set_status("running")
         self.ready_at = time.monotonic()
         ready_file = os.environ.get("FORGE_READY_FILE")
@@ -156,17 +151,7 @@ class Node:
         if self.status in ("stopped",):
             return
         await self._set_status("draining")
-        deadline = time.monotonic() + self.config.node.drain_timeout
-        while self._entered:
-            svc, cm = self._entered.pop()
-            left = max(0.1, deadline - time.monotonic())
-            try:
-                await asyncio.wait_for(cm.__aexit__(None, None, None), left)
-            except asyncio.TimeoutError:
-                logger.warning(f"service {svc.name!r} did not stop within the drain timeout; cancelling it")
-            except Exception as exc:
-                logger.opt(exception=exc).error(f"service {svc.name!r} failed while stopping")
-            await self.supervisor.cancel(service=svc.name, timeout=max(0.1, deadline - time.monotonic()))
+        await self.stack.exit(self.config.node.drain_timeout, self.supervisor)
         await self.supervisor.cancel()
         await self._set_status("stopped")
         if self._hb_conn is not None:

@@ -130,3 +130,41 @@ class Supervisor:
             await asyncio.wait(tasks, timeout=timeout)
         for r in recs:
             self.records.pop(r.name, None)
+
+
+class ServiceStack:
+    """Enters services' lifespans in order and exits them in exact reverse, within a deadline."""
+
+    def __init__(self) -> None:
+        self.entered: list[tuple[Service, Any]] = []
+
+    async def enter(self, services: Sequence[Service], node: Any) -> None:
+        """Start each service in order; on a failure, stop those already started and re-raise."""
+        for svc in services:
+            cm = svc.lifespan(node)
+            try:
+                await cm.__aenter__()
+            except BaseException as exc:
+                await self.exit(timeout=30.0, supervisor=getattr(node, "supervisor", None))
+                if isinstance(exc, Exception) and not isinstance(exc, StartupError):
+                    raise StartupError(f"service {svc.name!r} failed to start: {type(exc).__name__}: {exc}") from exc
+                raise
+            self.entered.append((svc, cm))
+
+    async def exit(self, timeout: float, supervisor: Supervisor | None = None) -> list[str]:
+        """Stop in reverse start order; returns the names in the order they were stopped."""
+        deadline = time.monotonic() + timeout
+        stopped = []
+        while self.entered:
+            svc, cm = self.entered.pop()
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(cm.__aexit__(None, None, None), left)
+            except asyncio.TimeoutError:
+                logger.warning(f"service {svc.name!r} did not stop within the drain timeout; cancelling it")
+            except Exception as exc:
+                logger.opt(exception=exc).error(f"service {svc.name!r} failed while stopping")
+            if supervisor is not None:
+                await supervisor.cancel(service=svc.name, timeout=max(0.1, deadline - time.monotonic()))
+            stopped.append(svc.name)
+        return stopped

@@ -1,0 +1,337 @@
+"""Hook contracts every FORGE plugin keeps, as hypothesis properties.
+
+Run them against your own plugin (any third party can)::
+
+    from forge_kernel.testing import contracts
+
+    def test_config_round_trip():
+        contracts.check_config_round_trip(my_plugin.hooks)
+
+    async def test_migrations(forge_db_url):
+        await contracts.check_migrations_idempotent(my_plugin.hooks, forge_db_url)
+        await contracts.check_concurrent_migrations(my_plugin.hooks, forge_db_url)
+
+    def test_loader_isolation():
+        contracts.check_loader_isolation(my_plugin.hooks)
+
+The properties:
+
+* config round trip - every section value survives ``unstructure`` then ``structure``;
+* loader isolation - whatever subset of plugins is broken, exactly the broken ones are
+  reported failed, none is left half-registered, and the rest load;
+* order independence - the resolved roles, config sections and migrations do not depend
+  on the order in which plugins were registered;
+* service order - start order respects every ``after`` and stop order is its exact reverse;
+* migrations applied twice equal migrations applied once, and N concurrent runners
+  apply each migration exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import types
+from typing import Any, Iterable
+
+import attrs
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from ..convert import StructureError, structure, unstructure
+from ..migrations import Migration, migrate, status
+from ..plugins import PluginLoader, new_plugin_manager
+from ..services import Service, ServiceStack, start_order
+
+_SETTINGS = dict(max_examples=60, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def _sections(plugin: Any) -> dict[str, type]:
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    out: dict[str, type] = {}
+    for res in pm.hook.forge_config_sections():
+        out.update(res or {})
+    return out
+
+
+def _migrations(plugin: Any) -> list[Migration]:
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    out: list[Migration] = []
+    for res in pm.hook.forge_migrations():
+        out.extend(res or [])
+    return out
+
+
+# --- config -----------------------------------------------------------------------------
+def _values(tp: Any) -> st.SearchStrategy[Any]:
+    """Values of a config field type, biased towards what validators usually accept
+    (small positive numbers, plain names) but still reaching the whole type."""
+    if tp is int:
+        return st.integers(1, 1000) | st.integers()
+    if tp is float:
+        return st.floats(0.1, 100.0) | st.floats(allow_nan=False, allow_infinity=False)
+    if tp is str:
+        return st.from_regex(r"[a-z][a-z0-9_\-]{0,11}", fullmatch=True) | st.text(max_size=20)
+    import typing
+
+    if typing.get_origin(tp) is list and typing.get_args(tp):
+        return st.lists(_values(typing.get_args(tp)[0]), max_size=4)
+    if attrs.has(tp):
+        hints = typing.get_type_hints(tp)
+        fields = {a.name: _values(hints[a.name]) for a in attrs.fields(tp) if a.name in hints}
+
+        def build(kwargs: dict[str, Any]) -> Any:
+            try:
+                return tp(**kwargs)
+            except (ValueError, TypeError):
+                return _REJECTED
+
+        return st.fixed_dictionaries({}, optional=fields).map(build).filter(lambda v: v is not _REJECTED)
+    return st.from_type(tp)
+
+
+_REJECTED = object()
+
+
+def check_config_round_trip(plugin: Any) -> None:
+    """Every value of every config section the plugin owns round-trips through cattrs:
+    ``structure(unstructure(value)) == value``."""
+    sections = _sections(plugin)
+    if not sections:
+        return
+
+    @settings(**_SETTINGS)
+    @given(data=st.data())
+    def round_trip(data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(sections)), label="section")
+        cls = sections[name]
+        value = data.draw(_values(cls), label=name)
+        raw = unstructure(value)
+        try:
+            again = structure(raw, cls)
+        except StructureError as exc:
+            raise AssertionError(f"[{name}] {value!r} does not round-trip: {exc}") from None
+        assert again == value, f"[{name}] round trip changed {value!r} into {again!r}"
+
+    round_trip()
+
+
+# --- loader -----------------------------------------------------------------------------
+def _broken(kind: int, index: int) -> Any:
+    """A plugin broken in one of several ways."""
+    from ..hookspecs import hookimpl
+
+    mod = types.SimpleNamespace()
+    if kind == 0:  # its descriptive hook raises
+        def forge_roles():
+            raise RuntimeError(f"broken plugin {index}")
+        mod.forge_roles = hookimpl(forge_roles)
+    elif kind == 1:  # a hookimpl that asks for an argument the spec does not have
+        def forge_services(node, nonsense):
+            return []
+        mod.forge_services = hookimpl(forge_services)
+    elif kind == 2:  # a typo'd hook name
+        def forge_servicez(node):
+            return []
+        mod.forge_servicez = hookimpl(forge_servicez)
+    else:  # returns something that is not a migration
+        def forge_migrations():
+            return ["CREATE TABLE nope ()"]
+        mod.forge_migrations = hookimpl(forge_migrations)
+    # a valid hook too, so a half-registration would be visible
+    def forge_app_modules():
+        return [f"broken_{index}"]
+    mod.forge_app_modules = hookimpl(forge_app_modules)
+    return mod
+
+
+def check_loader_isolation(plugin: Any, name: str = "under-test") -> None:
+    """For any set of broken plugins loaded around ``plugin``, only they fail, none is
+    half-registered, and ``plugin`` loads."""
+
+    @settings(**_SETTINGS)
+    @given(kinds=st.lists(st.integers(0, 3), max_size=5), position=st.integers(0, 5))
+    def isolation(kinds: list[int], position: int) -> None:
+        extra = [(f"broken-{i}", _broken(k, i)) for i, k in enumerate(kinds)]
+        extra.insert(min(position, len(extra)), (name, plugin))
+        loader = PluginLoader(env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1"}).load(extra=extra)
+        status = {i.name: i.status for i in loader.infos}
+        assert status[name] == "loaded", next(i.error for i in loader.infos if i.name == name)
+        for i in range(len(kinds)):
+            assert status[f"broken-{i}"] == "failed"
+            assert loader.pm.get_plugin(f"broken-{i}") is None
+        modules = [m for r in loader.hook.forge_app_modules() for m in (r or [])]
+        assert not any(m.startswith("broken_") for m in modules), modules
+
+    isolation()
+
+
+def check_order_independence(plugins: Iterable[tuple[str, Any]]) -> None:
+    """Resolved roles, config sections and migrations are the same in every registration order."""
+    plugins = list(plugins)
+
+    def resolved(order: list[tuple[str, Any]]) -> tuple:
+        loader = PluginLoader(env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1"}).load(extra=order)
+        return (sorted(loader.provided_roles()), sorted(loader.config_sections()),
+                sorted((m.namespace, m.version, m.checksum) for m in loader.migrations()),
+                sorted((i.name, i.status) for i in loader.infos))
+
+    @settings(**_SETTINGS)
+    @given(order=st.permutations(plugins))
+    def independent(order: list[tuple[str, Any]]) -> None:
+        assert resolved(list(order)) == resolved(plugins)
+
+    independent()
+
+
+# --- services ---------------------------------------------------------------------------
+@st.composite
+def service_graphs(draw: st.DrawFn, max_services: int = 8) -> list[Service]:
+    """Random acyclic service graphs (each service may depend on earlier ones), shuffled."""
+    n = draw(st.integers(1, max_services))
+    names = [f"s{i}" for i in range(n)]
+    log: list[str] = draw(st.just([]))
+    services = []
+    for i, name in enumerate(names):
+        after = tuple(draw(st.sets(st.sampled_from(names[:i]))) if i else ())
+        services.append(Service(name, _recording(name, log), after=after))
+    return draw(st.permutations(services))
+
+
+def _recording(name: str, log: list[str]):
+    @contextlib.asynccontextmanager
+    async def lifespan(node: Any):
+        log.append(f"start {name}")
+        yield
+        log.append(f"stop {name}")
+
+    return lifespan
+
+
+def check_service_order(services: list[Service] | None = None) -> None:
+    """Start order respects ``after``; stop order is the exact reverse of start order.
+    With ``services`` given (a plugin's), checks those; otherwise random graphs."""
+
+    def run(svcs: list[Service]) -> tuple[list[str], list[str]]:
+        log: list[str] = []
+        wrapped = [attrs.evolve(s, lifespan=_recording(s.name, log)) for s in svcs]
+        ordered = start_order(wrapped)
+
+        async def go() -> None:
+            stack = ServiceStack()
+            await stack.enter(ordered, None)
+            await stack.exit(5.0)
+
+        asyncio.run(go())
+        starts = [e[6:] for e in log if e.startswith("start ")]
+        stops = [e[5:] for e in log if e.startswith("stop ")]
+        return starts, stops
+
+    def verify(svcs: list[Service]) -> None:
+        starts, stops = run(svcs)
+        pos = {n: i for i, n in enumerate(starts)}
+        names = {s.name for s in svcs}
+        for s in svcs:
+            for dep in s.after:
+                if dep in names:
+                    assert pos[dep] < pos[s.name], f"{s.name} started before {dep}"
+        assert stops == list(reversed(starts))
+
+    if services is not None:
+        verify(services)
+        return
+
+    @settings(**_SETTINGS)
+    @given(svcs=service_graphs())
+    def ordered(svcs: list[Service]) -> None:
+        verify(svcs)
+
+    ordered()
+
+
+# --- migrations -------------------------------------------------------------------------
+async def _schema(conn: Any) -> list[tuple]:
+    rows = await conn.fetch(
+        """SELECT c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+           WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+           ORDER BY 1, 2, 3""")
+    return [tuple(r) for r in rows]
+
+
+async def _fresh_db(admin_url: str) -> tuple[str, Any]:
+    import uuid
+
+    import asyncpg
+
+    from .fixtures import _with_db
+
+    name = f"forge_c_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+
+    async def drop() -> None:
+        a = await asyncpg.connect(admin_url)
+        await a.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await a.close()
+
+    return _with_db(admin_url, name), drop
+
+
+def _with_kernel(migrations: list[Migration]) -> list[Migration]:
+    from .. import kernel_plugin
+
+    kernel = kernel_plugin.forge_migrations()
+    return kernel + [m for m in migrations if m.namespace != "kernel"]
+
+
+async def check_migrations_idempotent(plugin: Any, db_url: str) -> None:
+    """Applying the plugin's migrations twice leaves the same schema and records as once."""
+    from ..db import connect
+
+    migs = _with_kernel(_migrations(plugin))
+    url, drop = await _fresh_db(db_url)
+    try:
+        conn = await connect(url)
+        try:
+            first = await migrate(conn, migs)
+            assert [m.key for m in first] == [m.key for m in migs]
+            schema, records = await _schema(conn), await conn.fetch("SELECT namespace, version, checksum FROM forge_migrations ORDER BY 1, 2")
+            assert await migrate(conn, migs) == []
+            assert await _schema(conn) == schema
+            assert await conn.fetch("SELECT namespace, version, checksum FROM forge_migrations ORDER BY 1, 2") == records
+            assert all(s.state == "applied" for s in await status(conn, migs))
+        finally:
+            await conn.close()
+    finally:
+        await drop()
+
+
+async def check_concurrent_migrations(plugin: Any, db_url: str, runners: int = 4) -> None:
+    """``runners`` concurrent migrators apply each of the plugin's migrations exactly once."""
+    from ..db import connect
+
+    migs = _with_kernel(_migrations(plugin))
+    url, drop = await _fresh_db(db_url)
+    try:
+        conns = [await connect(url) for _ in range(runners)]
+        try:
+            results = await asyncio.gather(*(migrate(c, migs) for c in conns))
+            applied = sorted(m.key for r in results for m in r)
+            assert applied == sorted(m.key for m in migs), "a migration was applied twice or not at all"
+        finally:
+            for c in conns:
+                await c.close()
+    finally:
+        await drop()
+
+
+def installed_plugins() -> list[tuple[str, Any]]:
+    """Every plugin the ``forge.plugins`` entry points load, plus the kernel's own."""
+    loader = PluginLoader().load()
+    return [(i.name, i.plugin) for i in loader.loaded()]

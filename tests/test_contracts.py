@@ -1,0 +1,39 @@
+"""The hook contracts of forge_kernel.testing.contracts, run against every installed plugin
+(the kernel, our role packages, and any third-party plugin in this environment)."""
+
+import pytest
+
+from forge_kernel.testing import contracts
+
+PLUGINS = contracts.installed_plugins()
+IDS = [name for name, _ in PLUGINS]
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+def test_config_round_trip(plugin):
+    contracts.check_config_round_trip(plugin)
+
+
+@pytest.mark.parametrize("name, plugin", PLUGINS, ids=IDS)
+def test_loader_isolation(name, plugin):
+    if name == "kernel":
+        pytest.skip("the kernel plugin is always registered first by the loader itself")
+    contracts.check_loader_isolation(plugin, name=name)
+
+
+def test_order_independence():
+    contracts.check_order_independence([(n, p) for n, p in PLUGINS if n != "kernel"])
+
+
+def test_service_order_random_graphs():
+    contracts.check_service_order()
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+async def test_migrations_twice_equal_once(plugin, forge_database_url):
+    await contracts.check_migrations_idempotent(plugin, forge_database_url)
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+async def test_concurrent_migrators_apply_once(plugin, forge_database_url):
+    await contracts.check_concurrent_migrations(plugin, forge_database_url, runners=4)
