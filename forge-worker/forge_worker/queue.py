@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import asyncpg
 import attrs
 
-from forge_kernel.app import FunctionDef, definition
+from forge_kernel.app import FunctionDef, Registry, definition
 from forge_kernel.errors import Conflict, InvalidArgument, NotFound
 from forge_kernel.executor import JobRequest, job_request
 
@@ -233,16 +233,20 @@ class JobQueue:
     >>> await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
     """
 
-    def __init__(self, db: asyncpg.Pool | asyncpg.Connection) -> None:
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None) -> None:
         self.db = db
+        #: resolves job names given as strings, so their ``@job`` defaults apply
+        self.registry = registry
 
     # --- enqueue ----------------------------------------------------------------------
-    @staticmethod
-    def request(job: Any, args: Mapping[str, Any] | None = None, /, **options: Any) -> JobRequest:
+    def request(self, job: Any, args: Mapping[str, Any] | None = None, /, **options: Any) -> JobRequest:
         """Build a :class:`JobRequest` for a ``@job`` function (arguments checked against its
-        signature) or a job name (arguments stored as given). ``options``: delay, run_at,
+        signature) or a job name (resolved through ``registry`` when given, else arguments are
+        stored as given and checked when the job runs). ``options``: delay, run_at,
         priority, queue, unique_key, on_conflict, max_attempts, capability, timeout, caller."""
         defn = definition(job)
+        if isinstance(defn, str) and self.registry is not None and self.registry.get(defn) is not None:
+            defn = self.registry.get(defn)
         allowed = {"delay", "run_at", "priority", "queue", "unique_key", "on_conflict", "max_attempts",
                    "capability", "timeout", "caller"}
         unknown = sorted(set(options) - allowed)

@@ -255,7 +255,7 @@ class Worker:
         self._last_rescue = 0.0
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
-                      "released": 0, "lost": 0}
+                      "released": 0, "lost": 0, "progress_writes": 0}
 
     # --- set-up -------------------------------------------------------------------------
     def _type_limits(self) -> dict[str, int]:
@@ -565,6 +565,7 @@ class Worker:
         for a, p in zip(attempts, prog):
             if p is not None:
                 a.written_progress = p
+                self.stats["progress_writes"] += 1
         seen = {r["id"]: r["cancel_requested"] for r in rows}
         for a in attempts:
             if self.running.get(a.id) is not a or a.task is None or a.task.done() or a.finished:

@@ -1,0 +1,277 @@
+"""Scheduling and failure semantics: priorities, delays, limits, capabilities, unique jobs,
+timeouts, retries, retry-later, cancel, dead letter, unknown types, progress, hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+
+import pytest
+
+from forge_kernel import hookimpl
+from forge_kernel.errors import NotFound
+from forge_kernel.plugins import PluginLoader
+from forge_worker import JobQueue
+from forge_worker.runtime import backoff_delay
+
+from helpers import eventually, log_rows, worker_config
+
+import worker_jobs
+
+
+async def _ran(pool, n, event="ran"):
+    rows = await pool.fetch("SELECT * FROM job_log WHERE event = $1 ORDER BY seq", event)
+    return rows if len(rows) >= n else None
+
+
+async def test_priorities_run_highest_first(forge_node, forge_db_url):
+    # store first, then start a one-slot worker, so order is decided by priority alone
+    pre = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
+    queue = JobQueue(pre.pool)
+    for i, prio in enumerate([0, 5, -1, 10, 5]):
+        await queue.enqueue("record", {"value": f"p{prio}-{i}"}, priority=prio)
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1))
+    rows = await eventually(lambda: _ran(node.pool, 5), what="5 runs")
+    assert [r["value"] for r in rows] == ["p10-3", "p5-1", "p5-4", "p0-0", "p-1-2"]
+
+
+async def test_delayed_and_scheduled_jobs_wait(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    now = await node.pool.fetchval("SELECT now()")
+    delayed = await queue.enqueue("record", {"value": "delayed"}, delay=0.6)
+    at = await queue.enqueue("record", {"value": "at"}, run_at=now + dt.timedelta(seconds=0.3))
+    far = await queue.enqueue("record", {"value": "far"}, delay=3600)
+    info = await queue.get(delayed)
+    assert info.status == "scheduled"
+    rows = await eventually(lambda: _ran(node.pool, 2), what="both due jobs")
+    assert [r["value"] for r in rows] == ["at", "delayed"]
+    by = {r["value"]: r for r in rows}
+    started = {r["job_id"]: r["at"] for r in rows}
+    assert (started[at] - now).total_seconds() >= 0.3
+    assert (started[delayed] - now).total_seconds() >= 0.6
+    assert (await queue.get(far)).status == "scheduled"
+    assert by["at"]["job_id"] == at
+
+
+async def test_retries_with_backoff_then_success(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    job_id = await JobQueue(node.pool).enqueue(worker_jobs.flaky, {"fail_times": 2})
+    await eventually(lambda: _ran(node.pool, 1), what="the third attempt")
+    attempts = [r["attempt"] for r in await log_rows(node.pool, job_id=job_id, event="attempt")]
+    assert attempts == [1, 2, 3]
+    info = await eventually(lambda: _hist(node.pool, job_id), what="history")
+    assert info.status == "succeeded" and info.attempt == 3
+
+
+async def _hist(pool, job_id):
+    j = await JobQueue(pool).get(job_id)
+    return j if j is not None and j.status in ("succeeded", "cancelled", "discarded") else None
+
+
+async def test_exhausted_jobs_go_to_dead_letter_and_can_be_retried_or_discarded(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    a = await queue.enqueue(worker_jobs.always_fails, {})
+    b = await JobQueue(node.pool, node.registry).enqueue("always_fails", {})  # name resolved: @job defaults apply
+    dead = await eventually(lambda: _dead(queue, 2), what="two dead jobs")
+    assert {j.id for j in dead} == {a, b}
+    assert all(j.attempt == 2 and "this job always fails" in j.last_error for j in dead)
+    assert await queue.retry([a]) == [a]
+    await eventually(lambda: _attempts(node.pool, a, 4), what="two more attempts")
+    await eventually(lambda: _dead(queue, 2), what="dead again")
+    assert await queue.discard([b]) == [b]
+    assert (await queue.get(b)).status == "discarded"
+    assert await queue.retry([b]) == []  # not dead any more
+
+
+async def _dead(queue, n):
+    d = await queue.dead()
+    return d if len(d) == n and all(j.status == "dead" for j in d) else None
+
+
+async def _attempts(pool, job_id, n):
+    rows = await log_rows(pool, job_id=job_id, event="attempt")
+    return rows if len(rows) >= n else None
+
+
+async def test_unknown_job_type_fails_once_and_clearly(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    job_id = await queue.enqueue("no_such_job", {"x": 1}, max_attempts=5)
+    wrong_kind = await queue.enqueue("add_item", {"id": 1, "title": "t"})
+    bad_args = await queue.enqueue("record", {"value": 5})
+    dead = await eventually(lambda: _dead(queue, 3), what="dead letter")
+    by = {j.id: j for j in dead}
+    assert by[job_id].attempt == 1 and "unknown job type 'no_such_job'" in by[job_id].last_error
+    assert "not a job" in by[wrong_kind].last_error
+    assert "value" in by[bad_args].last_error and by[bad_args].attempt == 1
+
+
+async def test_retry_later_does_not_use_attempts(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    job_id = await JobQueue(node.pool).enqueue("later", {"times": 3}, max_attempts=1)
+    await eventually(lambda: _ran(node.pool, 1), what="the job to finish")
+    info = await eventually(lambda: _hist(node.pool, job_id), what="history")
+    assert info.status == "succeeded" and info.attempt == 1
+    assert len(await log_rows(node.pool, job_id=job_id, event="attempt")) == 4
+
+
+async def test_cancel_from_inside_the_job(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    job_id = await JobQueue(node.pool).enqueue("gives_up", {})
+    info = await eventually(lambda: _hist(node.pool, job_id), what="history")
+    assert info.status == "cancelled" and info.last_error == "nothing to do"
+    assert len(await log_rows(node.pool, job_id=job_id)) == 1  # never retried
+
+
+async def test_timeout_fails_the_attempt(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    job_id = await queue.enqueue(worker_jobs.too_slow, {})
+    dead = await eventually(lambda: _dead(queue, 1), what="the timed out job in dead letter")
+    assert dead[0].id == job_id and "timed out after 0.3s" in dead[0].last_error
+    # a per-enqueue timeout overrides the job's own
+    other = await queue.enqueue("sleepy", {"seconds": 5}, timeout=0.2, max_attempts=1)
+    dead = await eventually(lambda: _dead(queue, 2), what="the second timeout")
+    assert "timed out after 0.2s" in {j.id: j for j in dead}[other].last_error
+
+
+async def test_cancel_pending_and_running_jobs(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1))
+    queue = JobQueue(node.pool)
+    running = await queue.enqueue(worker_jobs.long_running, {"seconds": 30})
+    waiting = await queue.enqueue("record", {"value": "never"})
+    await eventually(lambda: log_rows(node.pool, job_id=running, event="started"), what="the long job to start")
+    assert await queue.cancel(waiting) == "cancelled"
+    assert await queue.cancel(running) == "requested"
+    rows = await eventually(lambda: log_rows(node.pool, job_id=running, event="cancelled"), what="cancellation")
+    assert rows[0]["value"] == "True"  # the job saw ctx.cancelled
+    info = await eventually(lambda: _hist(node.pool, running), what="history")
+    assert info.status == "cancelled"
+    assert (await queue.get(waiting)).status == "cancelled"
+    assert not await log_rows(node.pool, job_id=waiting)
+    with pytest.raises(NotFound):
+        await queue.cancel(waiting)
+
+
+async def test_progress_is_coalesced(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(heartbeat_interval=0.1))
+    queue = JobQueue(node.pool)
+    job_id = await queue.enqueue("long_running", {"seconds": 3})
+    seen = await eventually(lambda: _progress(queue, job_id), what="progress to be written")
+    assert 0 <= seen.progress <= 100 and seen.progress_message.startswith("step ")
+    # a tight loop of 100,000 progress calls costs no writes of its own
+    await queue.cancel(job_id)
+    await eventually(lambda: _hist(node.pool, job_id), what="the long job to be cancelled")
+    before = node.worker.stats["progress_writes"]
+    t = await queue.enqueue("tight_progress", {"steps": 100_000})
+    await eventually(lambda: log_rows(node.pool, job_id=t, event="ran"), what="tight loop")
+    writes = node.worker.stats["progress_writes"] - before
+    # one write per lease renewal at most (0.3 s at 0.1 s intervals), not one per call
+    assert 1 <= writes <= 10
+
+
+async def _progress(queue, job_id):
+    j = await queue.get(job_id)
+    return j if j is not None and j.progress is not None and j.progress > 0 else None
+
+
+async def test_unique_jobs_skip_or_replace(forge_node):
+    pre = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
+    queue = JobQueue(pre.pool)
+    a = await queue.enqueue("record", {"value": "first"}, unique_key="k1", delay=3600)
+    b = await queue.enqueue("record", {"value": "second"}, unique_key="k1", delay=3600)
+    assert a == b  # skipped: reports the job holding the key
+    assert (await queue.get(a)).args == {"value": "first"}
+    c = await queue.enqueue("record", {"value": "third"}, unique_key="k1", on_conflict="replace")
+    assert c == a
+    info = await queue.get(a)
+    assert info.args == {"value": "third"} and info.status == "pending"
+    ids = await queue.enqueue_many([queue.request("record", {"value": str(i)}, unique_key="k2") for i in range(5)])
+    assert len(set(ids)) == 1
+    assert await pre.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE unique_key = 'k2'") == 1
+    # once finished, the key is free again
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    await eventually(lambda: _ran(node.pool, 2), what="both unique jobs")
+    await eventually(lambda: _hist(node.pool, a), what="history")
+    d = await queue.enqueue("record", {"value": "again"}, unique_key="k1")
+    assert d not in (0, a)
+
+
+async def test_per_type_concurrency_limit_holds_across_nodes(forge_node):
+    nodes = [await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=5)) for _ in range(2)]
+    queue = JobQueue(nodes[0].pool)
+    await queue.enqueue_many([queue.request("limited", {"hold": 0.2}) for _ in range(8)])
+    await eventually(lambda: _ran(nodes[0].pool, 8, "ended"), timeout=30, what="8 limited jobs")
+    events = await nodes[0].pool.fetch("SELECT event, node_id FROM job_log ORDER BY at, seq")
+    running = peak = 0
+    for e in events:
+        running += 1 if e["event"] == "started" else -1
+        peak = max(peak, running)
+    assert peak == 2
+
+
+async def test_per_queue_concurrency_limit(forge_node):
+    cfg = worker_config(concurrency=10, queue_limits={"slow": 1})
+    nodes = [await forge_node(modules=["worker_jobs"], config=cfg) for _ in range(2)]
+    queue = JobQueue(nodes[0].pool)
+    await queue.enqueue_many([queue.request("sleepy", {"seconds": 0.1}, queue="slow") for _ in range(4)] +
+                             [queue.request("record", {"value": str(i)}) for i in range(4)])
+    await eventually(lambda: _ran(nodes[0].pool, 8), timeout=30, what="all jobs")
+    spans = await nodes[0].pool.fetch(
+        "SELECT started_at, finished_at FROM forge_job_history WHERE queue = 'slow' ORDER BY started_at")
+    for prev, nxt in zip(spans, spans[1:]):
+        assert nxt["started_at"] >= prev["finished_at"] - dt.timedelta(milliseconds=5)
+
+
+async def test_capability_routing(forge_node):
+    plain = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(plain.pool)
+    job_id = await queue.enqueue(worker_jobs.needs_gpu, {"value": "x"})
+    await asyncio.sleep(0.6)
+    assert (await queue.get(job_id)).status == "pending"  # no node offers gpu yet
+    cfg = worker_config()
+    cfg["node"]["capabilities"] = ["gpu"]
+    gpu = await forge_node(modules=["worker_jobs"], config=cfg)
+    rows = await eventually(lambda: log_rows(plain.pool, job_id=job_id), what="the gpu node to run it")
+    assert rows[0]["node_id"] == gpu.id
+
+
+async def test_queues_config_selects_work(forge_node):
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(queues=["mail"]))
+    queue = JobQueue(node.pool)
+    other = await queue.enqueue("record", {"value": "default-q"})
+    mine = await queue.enqueue("record", {"value": "mail-q"}, queue="mail")
+    await eventually(lambda: log_rows(node.pool, job_id=mine), what="the mail job")
+    assert (await queue.get(other)).status == "pending"
+
+
+async def test_job_finished_hook_gets_every_attempt(forge_node):
+    outcomes = []
+
+    class Recorder:
+        @hookimpl
+        def forge_job_finished(self, node, outcome):
+            async def keep():
+                outcomes.append(outcome)
+            return keep()
+
+    loader = PluginLoader().load(extra=[("recorder", Recorder())])
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(), loader=loader)
+    job_id = await JobQueue(node.pool).enqueue(worker_jobs.flaky, {"fail_times": 1})
+    await eventually(lambda: _ran(node.pool, 1), what="success")
+    await eventually(lambda: asyncio.sleep(0, len(outcomes) >= 2), what="two outcomes")
+    assert [(o.job_id, o.status, o.attempt) for o in outcomes] == [(job_id, "failed", 1), (job_id, "succeeded", 2)]
+    assert outcomes[0].error.startswith("RuntimeError: planned failure 1")
+    assert outcomes[1].options.get("backoff") == 0.01
+
+
+def test_backoff_grows_exponentially_with_jitter():
+    rng = random.Random(3).random
+    for attempt in range(1, 12):
+        d = backoff_delay(attempt, 1.0, 60.0, rng)
+        raw = min(60.0, 2 ** (attempt - 1))
+        assert raw / 2 <= d <= raw
+    assert backoff_delay(200, 1.0, 60.0, lambda: 1.0) == 60.0
