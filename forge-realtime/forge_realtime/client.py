@@ -162,7 +162,9 @@ class ForgeClient:
             except asyncio.CancelledError:
                 raise
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
-                self.last_close_code = getattr(getattr(exc, "rcvd", None), "code", None)
+                code = getattr(getattr(exc, "rcvd", None), "code", None)
+                if code is not None:
+                    self.last_close_code = code
                 logger.debug(f"forge client: connection to {self.url} lost: {exc}")
             finally:
                 self._ws = None

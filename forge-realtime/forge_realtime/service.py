@@ -32,6 +32,8 @@ class Realtime:
         self.reader: ChangeReader | None = None
         self.sessions: set[Session] = set()
         self.accepting = False
+        self.draining = False
+        self.started = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, node: Any) -> AsyncIterator["Realtime"]:
@@ -45,10 +47,11 @@ class Realtime:
         await asyncio.wait_for(self.reader.ready.wait(), 30)
         self.engine.start()
         self.accepting = True
+        self.started.set()
         try:
             yield self
         finally:
-            self.accepting = False
+            self.accepting, self.draining = False, True
             # draining: clients reconnect to another node and resubscribe with their hashes
             await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "node draining") for s in list(self.sessions)),
                                  return_exceptions=True)
@@ -118,6 +121,10 @@ def websocket_handler(node: Any, path: str = "/ws") -> Any:
     @websocket(path)
     async def forge_realtime_socket(socket: WebSocket) -> None:
         await socket.accept()
+        if not rt.accepting and not rt.draining:
+            # the gateway may come up a moment before this service: wait instead of bouncing clients
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(rt.started.wait(), 10)
         if not rt.accepting:
             await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
             return
