@@ -1,0 +1,1 @@
+"""forge-hello: an example third-party FORGE plugin."""
