@@ -218,9 +218,9 @@ async def record_outcome(pool: asyncpg.Pool, outcome: JobOutcome) -> bool:
         return False
     duration_ms = (outcome.finished_at - outcome.started_at).total_seconds() * 1000.0
     done = await pool.fetchval(
-        """UPDATE forge_cron_runs SET status = $2, attempts = GREATEST(attempts, $3),
-               started_at = COALESCE(started_at, $4),
-               finished_at = CASE WHEN $2 = ANY($8::text[]) THEN $5 ELSE NULL END,
+        """UPDATE forge_cron_runs SET status = $2::text, attempts = GREATEST(attempts, $3::int),
+               started_at = COALESCE(started_at, $4::timestamptz),
+               finished_at = CASE WHEN $2 = ANY($8::text[]) THEN $5::timestamptz ELSE NULL END,
                duration_ms = $6, node_id = $7, error = $9
            WHERE id = $1 AND NOT (status = ANY($8::text[]) AND NOT ($2 = ANY($8::text[])))
            RETURNING true""",

@@ -40,3 +40,19 @@ async def eventually(predicate, timeout=15.0, interval=0.05, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def sched_db(forge_db_url):
+    """This test's database with the kernel's and the scheduler's tables (no node running)."""
+    from forge_kernel import migrations
+    from forge_kernel.db import connect
+    from forge_kernel.plugins import PluginLoader
+
+    loader = PluginLoader(env=ISOLATED).load()
+    conn = await connect(forge_db_url)
+    try:
+        await migrations.migrate(conn, loader.migrations())
+    finally:
+        await conn.close()
+    return forge_db_url

@@ -1,0 +1,272 @@
+"""Deciding slots against a real database: exactly once, catch-up, overlap, pause/resume/trigger,
+run history, atomicity with the job store, fencing."""
+
+import asyncio
+import datetime as dt
+
+import pytest
+from sched_fake_store import FakeDispatcher
+
+from forge_kernel import cron
+from forge_kernel.db import create_pool
+from forge_kernel.executor import JobOutcome
+from forge_scheduler import api
+from forge_scheduler.crons import CronEngine, plan_slots, record_outcome
+from forge_scheduler.election import Leadership, NotLeader
+from forge_scheduler.schedule import UTC
+from forge_scheduler.settings import CronSettings
+
+
+def settings_for(name, schedule="* * * * * *", **opts):
+    async def fn(ctx) -> None:
+        pass
+
+    fn.__name__ = name
+    return CronSettings.from_definition(cron(schedule, name=name, **opts)(fn).__forge__)
+
+
+def utc(*a):
+    return dt.datetime(*a, tzinfo=UTC)
+
+
+# --- the plan (pure) ------------------------------------------------------------------------
+def test_plan_on_time_slots_all_run():
+    c = settings_for("c", grace=5)
+    plan = plan_slots(c, utc(2026, 1, 1, 0, 0, 0), utc(2026, 1, 1, 0, 0, 4, 500))
+    assert plan.run == [utc(2026, 1, 1, 0, 0, s) for s in (1, 2, 3, 4)]
+    assert (plan.dropped, plan.missed) == (0, 0)
+
+
+def test_plan_skip_drops_every_missed_slot():
+    c = settings_for("c", grace=1, catch_up="skip")
+    plan = plan_slots(c, utc(2026, 1, 1, 0, 0, 0), utc(2026, 1, 1, 0, 1, 0, 500000))
+    # 00:00:59.5 is the cutoff: 00:01:00 is on time, 00:00:01..00:00:59 were missed
+    assert plan.run == [utc(2026, 1, 1, 0, 1, 0)]
+    assert (plan.missed, plan.dropped) == (59, 59)
+
+
+def test_plan_catch_up_runs_the_most_recent_missed_slots():
+    c = settings_for("c", grace=1, catch_up=3)
+    plan = plan_slots(c, utc(2026, 1, 1, 0, 0, 0), utc(2026, 1, 1, 0, 1, 0, 500000))
+    assert plan.run == [utc(2026, 1, 1, 0, 0, s) for s in (57, 58, 59)] + [utc(2026, 1, 1, 0, 1, 0)]
+    assert (plan.missed, plan.dropped) == (59, 56)
+
+
+def test_plan_catch_up_larger_than_the_outage_runs_all():
+    c = settings_for("c", schedule="*/10 * * * *", grace=0, catch_up=10)
+    plan = plan_slots(c, utc(2026, 1, 1, 0, 0), utc(2026, 1, 1, 0, 35))
+    assert plan.run == [utc(2026, 1, 1, 0, m) for m in (10, 20, 30)]
+    assert plan.dropped == 0
+
+
+# --- against the database -----------------------------------------------------------------------
+class Harness:
+    def __init__(self, pool, crons, dispatcher=None):
+        self.pool = pool
+        self.dispatcher = dispatcher or FakeDispatcher()
+        self.engine = CronEngine(pool, {c.name: c for c in crons}, lambda: self.dispatcher, tick_interval=0.05)
+
+    async def lead(self, node_id="n1"):
+        row = await self.pool.fetchrow(
+            """INSERT INTO forge_leaders (name, node_id, term, since, renewed_at) VALUES ('scheduler', $1, 1, now(), now())
+               ON CONFLICT (name) DO UPDATE SET node_id = $1, term = forge_leaders.term + 1 RETURNING term, since""", node_id)
+        return Leadership(node_id, row["term"], row["since"])
+
+    async def rewind(self, name, seconds):
+        await self.pool.execute("UPDATE forge_cron_state SET decided_until = clock_timestamp() - make_interval(secs => $2) "
+                                "WHERE cron = $1", name, seconds)
+
+    async def runs(self, name):
+        return await self.pool.fetch("SELECT * FROM forge_cron_runs WHERE cron = $1 ORDER BY slot", name)
+
+    async def jobs(self, name):
+        return await self.pool.fetch("SELECT * FROM sched_fake_jobs WHERE name = $1 ORDER BY id", name)
+
+
+@pytest.fixture
+async def pool(sched_db):
+    p = await create_pool(sched_db, min_size=1, max_size=8)
+    yield p
+    await p.close()
+
+
+async def test_concurrent_deciders_never_enqueue_a_slot_twice(pool):
+    c = settings_for("tick", grace=3600, catch_up=0)
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.rewind("tick", 20)
+    # many decisions at once, as two leaders overlapping or a retried tick would do
+    await asyncio.gather(*(h.engine.decide("tick", ld) for _ in range(6)))
+    runs = await h.runs("tick")
+    jobs = await h.jobs("tick")
+    assert len(runs) >= 20
+    assert len({r["slot"] for r in runs}) == len(runs)
+    assert sorted(j["options"]["cron_run"] for j in jobs) == sorted(r["id"] for r in runs)
+    # rewinding the state by hand cannot make a decided slot run again
+    await h.rewind("tick", 20)
+    await h.engine.decide("tick", ld)
+    again = await h.runs("tick")
+    assert len({r["slot"] for r in again}) == len(again)
+    assert len(await h.jobs("tick")) == len(again)
+
+
+async def test_catch_up_bound_after_an_outage(pool):
+    c = settings_for("tick", grace=1, catch_up=3)
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.rewind("tick", 30)
+    d = await h.engine.decide("tick", ld)
+    # 3 most recent missed slots plus the 1-2 on time (within grace); the rest dropped
+    assert 4 <= len(d.enqueued) <= 5
+    assert 25 <= d.dropped <= 27
+    state = await pool.fetchrow("SELECT dropped_total, last_dropped FROM forge_cron_state WHERE cron = 'tick'")
+    assert state["dropped_total"] == d.dropped == state["last_dropped"]
+    slots = [r["slot"] for r in await h.runs("tick")]
+    assert all((b - a) == dt.timedelta(seconds=1) for a, b in zip(slots, slots[1:]))  # the most recent, contiguous
+
+
+async def test_overlap_skip_records_skipped_slots_until_the_run_finishes(pool):
+    c = settings_for("slow", grace=3600, overlap="skip")
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.rewind("slow", 3)
+    await h.engine.decide("slow", ld)
+    runs = await h.runs("slow")
+    assert [r["status"] for r in runs][:1] == ["queued"]
+    assert all(r["status"] == "skipped" for r in runs[1:]) and len(runs) >= 3
+    assert "overlap" in runs[1]["error"]
+    assert len(await h.jobs("slow")) == 1
+    # the run finishes: the next slot is enqueued again
+    first = runs[0]
+    now = dt.datetime.now(UTC)
+    await record_outcome(pool, JobOutcome(first["job_id"], "slow", {}, {"cron_run": first["id"]}, "succeeded", 1,
+                                          now - dt.timedelta(seconds=2), now))
+    await asyncio.sleep(1.1)
+    d = await h.engine.decide("slow", ld)
+    assert d.enqueued and len(await h.jobs("slow")) == 2
+
+
+async def test_overlap_allow_enqueues_while_a_run_is_open(pool):
+    c = settings_for("fast", grace=3600)
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.rewind("fast", 3)
+    await h.engine.decide("fast", ld)
+    runs = await h.runs("fast")
+    assert len(runs) >= 3 and {r["status"] for r in runs} == {"queued"}
+
+
+async def test_a_failing_job_store_leaves_no_run_and_no_progress(pool):
+    class Broken:
+        async def dispatch(self, conn, requests):
+            await conn.execute("INSERT INTO sched_fake_jobs (name, options) VALUES ('x', '{}')")
+            raise RuntimeError("job store down")
+
+    c = settings_for("tick", grace=3600)
+    h = Harness(pool, [c], dispatcher=Broken())
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.rewind("tick", 5)
+    before = await pool.fetchval("SELECT decided_until FROM forge_cron_state WHERE cron = 'tick'")
+    with pytest.raises(RuntimeError, match="job store down"):
+        await h.engine.decide("tick", ld)
+    assert await h.runs("tick") == []
+    assert await pool.fetchval("SELECT count(*) FROM sched_fake_jobs") == 0
+    assert await pool.fetchval("SELECT decided_until FROM forge_cron_state WHERE cron = 'tick'") == before
+
+
+async def test_a_deposed_leader_decides_nothing(pool):
+    c = settings_for("tick", grace=3600)
+    h = Harness(pool, [c])
+    old = await h.lead("n1")
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.lead("n2")  # a successor's term
+    await h.rewind("tick", 5)
+    with pytest.raises(NotLeader):
+        await h.engine.decide("tick", old)
+    assert await h.runs("tick") == []
+
+
+async def test_pause_trigger_resume(pool):
+    c = settings_for("tick", grace=3600)
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+        assert await api.pause(conn, "tick", known=[c]) is True
+        assert await api.pause(conn, "tick", known=[c]) is False
+    await h.rewind("tick", 5)
+    await h.engine.tick(ld)
+    assert await h.runs("tick") == []  # paused: no scheduled slot runs
+    async with pool.acquire() as conn:
+        await api.trigger(conn, "tick", requested_by="test", known=[c])
+    await h.engine.tick(ld)
+    runs = await h.runs("tick")
+    assert [(r["kind"], r["status"]) for r in runs] == [("manual", "queued")]  # trigger works while paused
+    jobs = await h.jobs("tick")
+    assert jobs[-1]["options"]["trigger"] == "manual" and jobs[-1]["options"]["cron_run"] == runs[0]["id"]
+    await h.engine.tick(ld)
+    assert len(await h.runs("tick")) == 1  # a trigger runs once
+    async with pool.acquire() as conn:
+        assert await api.resume(conn, "tick", known=[c]) is True
+        assert await api.resume(conn, "tick", known=[c]) is False
+    await asyncio.sleep(1.1)
+    await h.engine.tick(ld)
+    scheduled = [r for r in await h.runs("tick") if r["kind"] == "scheduled"]
+    # resumed from now on: the slots of the pause were not caught up
+    assert 1 <= len(scheduled) <= 2
+
+
+async def test_unknown_names_are_refused(pool):
+    async with pool.acquire() as conn:
+        from forge_kernel.errors import InvalidArgument, NotFound
+
+        with pytest.raises(NotFound, match="no cron named 'nope'"):
+            await api.trigger(conn, "nope")
+        with pytest.raises(InvalidArgument):
+            await api.pause(conn, "")
+        with pytest.raises(InvalidArgument, match="limit"):
+            await api.history(conn, limit=0)
+
+
+async def test_outcomes_update_history_and_a_final_status_stays(pool):
+    c = settings_for("tick", grace=3600)
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.rewind("tick", 2)
+    await h.engine.decide("tick", ld)
+    run = (await h.runs("tick"))[0]
+    t0 = dt.datetime.now(UTC)
+
+    def outcome(status, attempt, error=None, secs=0.25):
+        return JobOutcome(run["job_id"], "tick", {}, {"cron_run": run["id"], "cron": "tick"}, status, attempt,
+                          t0, t0 + dt.timedelta(seconds=secs), error, "w1")
+
+    assert await record_outcome(pool, outcome("failed", 1, "ValueError: boom"))
+    r = await pool.fetchrow("SELECT * FROM forge_cron_runs WHERE id = $1", run["id"])
+    assert (r["status"], r["attempts"], r["error"], r["finished_at"]) == ("retrying", 1, "ValueError: boom", None)
+    assert await record_outcome(pool, outcome("succeeded", 2, secs=1.5))
+    r = await pool.fetchrow("SELECT * FROM forge_cron_runs WHERE id = $1", run["id"])
+    assert (r["status"], r["attempts"], r["error"], r["node_id"]) == ("succeeded", 2, None, "w1")
+    assert r["duration_ms"] == pytest.approx(1500.0) and r["finished_at"] is not None
+    # a late "retry" report cannot reopen a finished run
+    assert not await record_outcome(pool, outcome("failed", 1, "late"))
+    assert (await pool.fetchrow("SELECT status FROM forge_cron_runs WHERE id = $1", run["id"]))["status"] == "succeeded"
+    # jobs that are not cron runs are ignored
+    assert not await record_outcome(pool, JobOutcome(1, "other", {}, {}, "succeeded", 1, t0, t0))
+    hist = {h.id: h for h in await api.history(pool, "tick")}
+    assert hist[run["id"]].status == "succeeded" and hist[run["id"]].duration_ms == pytest.approx(1500.0)
+    listed = {ci.name: ci for ci in await api.list_crons(pool, [c])}
+    assert listed["tick"].last_status in ("succeeded", "queued") and listed["tick"].next_slot is not None
