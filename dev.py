@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
         cmd = [str(BIN / "forge-node"), "start", *argv[1:]]
     else:
         cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *argv[1:]]
-    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, env)  # the node (or pytest) receives signals directly
 
 
 if __name__ == "__main__":
