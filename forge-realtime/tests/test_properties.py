@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,6 +52,15 @@ async def prop_node(rt_node):
 
 
 async def apply(conn, batch) -> None:
+    for _ in range(20):  # concurrent batches may deadlock on each other's rows: retry, as an app would
+        try:
+            return await apply_once(conn, batch)
+        except asyncpg.exceptions.DeadlockDetectedError:
+            await asyncio.sleep(0.01)
+    raise AssertionError("batch kept deadlocking")
+
+
+async def apply_once(conn, batch) -> None:
     async with conn.transaction():
         for step in batch:
             kind = step[0]
