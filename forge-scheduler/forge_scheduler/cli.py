@@ -61,7 +61,11 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
         print("  ".join(t[c].ljust(widths[c]) for c in cols))
 
 
-async def run(args: argparse.Namespace, cli: Any) -> int:
+async def run(*params: Any) -> int:
+    """``func(args, cli)`` as ``forge_cli_commands`` documents; also ``func(cli)``, as the
+    kernel's ``main`` calls built-in commands (``cli.args`` holds the parsed arguments)."""
+    cli = params[-1]
+    args = cli.args if len(params) == 1 else params[0]
     known = _registered(cli)
     conn, pg = await cli.connect()
     try:

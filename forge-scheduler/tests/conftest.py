@@ -8,14 +8,8 @@ sys.path.insert(0, APPS)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (APPS, os.environ.get("PYTHONPATH", "")) if p)
 os.environ.setdefault("FORGE_LOG__LEVEL", "WARNING")
 
-import asyncio  # noqa: E402
-import time  # noqa: E402
-
 import pytest  # noqa: E402
-
-#: in-process nodes load only the scheduler and the test job store, whatever else is installed
-ISOLATED = {"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1", "FORGE_PLUGINS": "forge_scheduler.hooks,sched_fake_store"}
-FAST = {"election_interval": 0.1, "renew_interval": 0.2, "tick_interval": 0.1, "check_timeout": 2.0}
+from sched_helpers import FAST, ISOLATED  # noqa: E402
 
 
 @pytest.fixture
@@ -28,18 +22,6 @@ def sched_node(forge_node):
         return await forge_node(modules=list(modules), config=cfg, env={**ISOLATED, **(env or {})})
 
     return make
-
-
-async def eventually(predicate, timeout=15.0, interval=0.05, what="condition"):
-    """Poll an async predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 @pytest.fixture

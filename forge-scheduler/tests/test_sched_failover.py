@@ -4,7 +4,7 @@ every-second cron keeps every slot exactly once (the test job store records the 
 import time
 
 import asyncpg
-from conftest import ISOLATED
+from sched_helpers import ISOLATED
 
 TAKEOVER_LIMIT = 3.0
 PROC_ENV = {**ISOLATED, "FORGE_LOG__LEVEL": "INFO"}

@@ -1,4 +1,4 @@
-from conftest import eventually
+from sched_helpers import eventually
 
 from forge_scheduler import scheduler_of
 

@@ -3,7 +3,7 @@
 import asyncio
 
 import asyncpg
-from conftest import ISOLATED, eventually
+from sched_helpers import ISOLATED, eventually
 
 from forge_scheduler import scheduler_of
 from forge_scheduler.maintenance import delete_old_nodes, delete_old_runs, mark_dead_nodes

@@ -6,7 +6,7 @@ import socket
 
 import asyncpg
 import pytest
-from conftest import eventually
+from sched_helpers import eventually
 
 from forge_kernel.db import connect
 from forge_scheduler.election import LeaderElection, NotLeader, current_leader, fence

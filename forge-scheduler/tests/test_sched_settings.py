@@ -74,7 +74,7 @@ async def test_node_start_fails_naming_the_cron(sched_node, module, needle):
 
 
 async def test_crons_without_a_job_store_are_a_startup_error(forge_node):
-    from conftest import FAST
+    from sched_helpers import FAST
 
     with pytest.raises(StartupError, match="no job store"):
         await forge_node(modules=["sched_app"], config={"node": {"roles": ["scheduler"]}, "scheduler": FAST},
