@@ -81,3 +81,17 @@ def test_unknown_role_stops_startup_naming_package(forge_processes):
     node = forge_processes({"node": {"roles": ["scheduler-x"]}}, ready=False)
     assert node.proc.wait(60) == 2
     assert "roles asks for 'scheduler-x'" in node.log()
+
+
+async def test_nodes_starting_at_once_apply_each_migration_once(forge_processes, tmp_path):
+    nodes = [forge_processes({"app": {"modules": ["kernel_app"], "example": False}}, node_id=f"c{i}",
+                             env=plugin_env(tmp_path), ready=False) for i in range(3)]
+    for n in nodes:
+        n.wait_ready()
+    conn = await asyncpg.connect(forge_processes.db_url)
+    try:
+        rows = await conn.fetch("SELECT namespace, version FROM forge_migrations ORDER BY 1, 2")
+        assert [(r["namespace"], r["version"]) for r in rows] == [("kernel", 1), ("kernel_app", 1)]
+        assert await conn.fetchval("SELECT count(*) FROM forge_nodes WHERE status = 'running'") == 3
+    finally:
+        await conn.close()
