@@ -55,10 +55,13 @@ WITH req AS (
 ), wake AS (
     SELECT pg_notify('forge_jobs', node_id) FROM sleepers
 )
-SELECT req.ord, coalesce(ins.id, (SELECT j.id FROM forge_jobs j
-                                  WHERE j.unique_key = req.unique_key AND j.status <> 'dead')) AS id,
+SELECT req.ord, coalesce(ins.id, by_key.id, (SELECT j.id FROM forge_jobs j
+                                            WHERE j.unique_key = req.unique_key AND j.status <> 'dead')) AS id,
        (SELECT count(*) FROM wake) AS woke
-FROM req LEFT JOIN ins ON ins.id = req.id OR (req.unique_key IS NOT NULL AND ins.unique_key = req.unique_key)
+FROM req
+LEFT JOIN ins ON ins.id = req.id
+-- replace keeps the existing row's id: match it by key (equality joins only, so big batches hash-join)
+LEFT JOIN ins AS by_key ON by_key.unique_key = req.unique_key
 ORDER BY req.ord
 """
 _ON_CONFLICT_SKIP = "ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND status <> 'dead' DO NOTHING"

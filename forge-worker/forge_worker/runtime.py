@@ -181,6 +181,12 @@ SLEEP = """INSERT INTO forge_worker_sleepers (node_id, queues, capabilities) VAL
                                                since = now()"""
 WAKE = "DELETE FROM forge_worker_sleepers WHERE node_id = $1"
 
+# Queue tables change faster than statistics: right after a bulk insert the planner believes the
+# pending set is tiny and picks bitmap scan + sort over every pending row for each claim (~5 ms
+# per claim at 20k rows instead of ~0.3 ms). Every worker statement has an index path that
+# matches its ORDER BY, so the worker's own connections simply rule out the other plans.
+PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off"
+
 
 async def rescue_expired(conn: Any, dead_after: float) -> list[tuple[int, str]]:
     """Re-queue (or dead-letter) jobs whose worker stopped heartbeating. Safe to run anywhere,
@@ -324,6 +330,7 @@ class Worker:
             while not self.stopping:
                 try:
                     async with self.node.pool.acquire() as conn:
+                        await conn.execute(PLANNER_SETTINGS)
                         await self._claim_on(conn)
                 except _DB_ERRORS as exc:
                     if self.stopping:
@@ -515,6 +522,7 @@ class Worker:
             self.report_event.clear()
             try:
                 async with self.node.pool.acquire() as conn:
+                    await conn.execute(PLANNER_SETTINGS)
                     while self.reports:
                         batch, self.reports = self.reports, []
                         self._reporting = True
@@ -540,6 +548,7 @@ class Worker:
         while True:
             try:
                 async with self.node.pool.acquire() as conn:
+                    await conn.execute(PLANNER_SETTINGS)
                     while True:
                         await self._renew(conn)
                         now = time.monotonic()

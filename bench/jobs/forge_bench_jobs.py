@@ -1,0 +1,22 @@
+"""Jobs the FORGE side of the benchmark runs (imported as an app module by the bench node)."""
+
+from __future__ import annotations
+
+import time
+
+from forge_kernel import job
+
+#: filled by run.py: counts finished no-op jobs and records enqueue-to-start latencies
+STATE: dict = {"done": 0, "latencies": []}
+
+
+@job
+async def noop(ctx) -> None:
+    STATE["done"] += 1
+
+
+@job
+async def timed(ctx, sent: float) -> None:
+    # enqueuer and worker share this process, so perf_counter values are comparable
+    STATE["latencies"].append(time.perf_counter() - sent)
+    STATE["done"] += 1

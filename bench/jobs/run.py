@@ -1,0 +1,421 @@
+"""Job queue benchmark: FORGE vs PgQueuer vs Procrastinate on the same PostgreSQL, same run.
+
+    /work/venv/bin/python bench/jobs/run.py [--jobs 50000] [--seconds 15] [--latency-seconds 10]
+                                            [--settings stock,nofsync] [--systems forge,pgqueuer,procrastinate]
+
+For each PostgreSQL setting (``stock``: the server's durable defaults; ``nofsync``: fsync,
+synchronous_commit and full_page_writes off) it starts one embedded PostgreSQL, then runs every
+system against a fresh database of its own on that server:
+
+* **drain**: N no-op jobs are stored first, then workers empty the queue; jobs/s = N / time
+  from starting the workers until every job is done (FORGE: until the hot table is empty, i.e.
+  results written too).
+* **continuous**: one producer enqueues batches of 10 while workers dequeue, for T seconds;
+  jobs/s = jobs executed / T.
+* **latency** (FORGE only): jobs offered at a fixed 1,000/s, one job per enqueue transaction;
+  enqueue-to-start latency = from just before the enqueue call until the job function starts.
+
+PgQueuer is driven exactly like its own benchmark tool (``tools/benchmark.py`` in the PgQueuer
+repository, which the ``pgqueuer`` wheel does not ship): 5 ``PgQueuer`` instances each on its own
+asyncpg connection, dequeue batch size 10, one producer with enqueue batch size 10, drain via
+``QueueExecutionMode.drain``. Procrastinate runs one worker with concurrency 50 (its default is
+1) and ``batch_defer_async`` producers. FORGE runs one in-process node with the worker role and
+its default ``[worker]`` settings (concurrency 50). Every system runs under uvloop in this
+process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SETTINGS = {
+    "stock": {},
+    "nofsync": {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+}
+SHOWN = ["server_version", "fsync", "synchronous_commit", "full_page_writes", "wal_level", "shared_buffers",
+         "max_connections", "checkpoint_timeout", "max_wal_size", "work_mem"]
+
+
+def db_url(base: str, name: str) -> str:
+    head, _, _ = base.partition("?")[0].rpartition("/")
+    return f"{head}/{name}"
+
+
+async def fresh_db(base: str, name: str) -> str:
+    admin = await asyncpg.connect(base)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return db_url(base, name)
+
+
+# --- FORGE ---------------------------------------------------------------------------------------
+async def forge_node(url: str, **worker: Any):
+    from forge_kernel.config import load_config
+    from forge_kernel.node import Node
+    from forge_kernel.plugins import PluginLoader
+
+    loader = PluginLoader(env={}).load()
+    data = {"database": {"url": url, "pool_min": 2, "pool_max": 20},
+            "node": {"roles": ["worker"]},
+            "app": {"modules": ["forge_bench_jobs"], "example": False},
+            "log": {"level": "WARNING"},
+            "worker": dict(worker)}
+    node = Node(load_config(loader.config_sections(), data=data, env={}), loader)
+    return node
+
+
+async def forge_prepare(url: str) -> None:
+    """Create the schema (a node that runs no role applies every migration and exits)."""
+    from forge_kernel import migrations as migmod
+    from forge_kernel.app import Registry
+    from forge_kernel.node import all_migrations
+    from forge_kernel.plugins import PluginLoader
+    from forge_kernel.db import connect
+
+    loader = PluginLoader(env={}).load()
+    conn = await connect(url)
+    try:
+        await migmod.migrate(conn, all_migrations(loader, Registry.from_modules(["forge_bench_jobs"])))
+    finally:
+        await conn.close()
+
+
+async def forge_drain(base: str, n: int) -> float:
+    import forge_bench_jobs as fb
+    from forge_worker import JobQueue
+
+    url = await fresh_db(base, "bench_forge_drain")
+    await forge_prepare(url)
+    conn = await asyncpg.connect(url)
+    queue = JobQueue(conn)
+    for i in range(0, n, 10_000):
+        await queue.enqueue_many([queue.request(fb.noop) for _ in range(min(10_000, n - i))])
+    fb.STATE["done"] = 0
+    t0 = time.perf_counter()
+    node = await forge_node(url)
+    await node.start()
+    while fb.STATE["done"] < n:
+        await asyncio.sleep(0.005)
+    while await conn.fetchval("SELECT EXISTS (SELECT 1 FROM forge_jobs)"):
+        await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - t0
+    await node.stop()
+    await conn.close()
+    return n / elapsed
+
+
+async def forge_continuous(base: str, seconds: float, batch: int = 10) -> float:
+    import forge_bench_jobs as fb
+    from forge_worker import JobQueue
+
+    url = await fresh_db(base, "bench_forge_cont")
+    await forge_prepare(url)
+    node = await forge_node(url)
+    await node.start()
+    conn = await asyncpg.connect(url)
+    queue = JobQueue(conn)
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        while not stop.is_set():
+            await queue.enqueue_many([queue.request(fb.noop) for _ in range(batch)])
+
+    fb.STATE["done"] = 0
+    producer = asyncio.create_task(produce())
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    done = fb.STATE["done"]
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    await producer
+    await node.stop()
+    await conn.close()
+    return done / elapsed
+
+
+async def forge_latency(base: str, seconds: float, rate: int = 1000) -> tuple[float, float, float, int]:
+    import forge_bench_jobs as fb
+    from forge_worker import JobQueue
+
+    url = await fresh_db(base, "bench_forge_latency")
+    await forge_prepare(url)
+    node = await forge_node(url)
+    await node.start()
+    pool = await asyncpg.create_pool(url, min_size=8, max_size=8)
+    queue = JobQueue(pool)
+    fb.STATE["latencies"] = []
+    fb.STATE["done"] = 0
+    total = int(seconds * rate)
+    tasks = set()
+    t0 = time.perf_counter()
+    for i in range(total):
+        tick = t0 + i / rate
+        delay = tick - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = asyncio.create_task(queue.enqueue(fb.timed, {"sent": time.perf_counter()}))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+    offered = total / (time.perf_counter() - t0)
+    deadline = time.perf_counter() + 30
+    while fb.STATE["done"] < total and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+    lat = sorted(fb.STATE["latencies"])
+    await node.stop()
+    await pool.close()
+    q = statistics.quantiles(lat, n=100)
+    return q[49] * 1000, q[98] * 1000, offered, len(lat)
+
+
+# --- PgQueuer (driven like its tools/benchmark.py) -----------------------------------------------
+async def pgq_prepare(url: str):
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.queries import Queries
+
+    conn = await asyncpg.connect(url)
+    q = Queries(AsyncpgDriver(conn))
+    await q.install()
+    return conn, q
+
+
+async def pgq_run_consumers(url: str, dequeue: int, batch: int, mode: Any, counter: list[int],
+                            pgqs: list[Any]) -> None:
+    from pgqueuer import PgQueuer
+    from pgqueuer.db import AsyncpgDriver
+
+    async def consume(pgq: PgQueuer) -> None:
+        @pgq.entrypoint("asyncfetch")
+        async def asyncfetch(job: Any) -> None:
+            counter[0] += 1
+
+        # the tool's second entrypoint is sync; PgQueuer >= 1.x accepts only async ones
+        @pgq.entrypoint("syncfetch")
+        async def syncfetch(job: Any) -> None:
+            counter[0] += 1
+
+        await pgq.run(batch_size=batch, mode=mode)
+
+    for _ in range(dequeue):
+        pgqs.append(PgQueuer(AsyncpgDriver(await asyncpg.connect(url))))
+    await asyncio.gather(*(consume(p) for p in pgqs))
+
+
+async def pgq_drain(base: str, n: int, dequeue: int = 5, batch: int = 10) -> float:
+    import random
+
+    from pgqueuer import types
+
+    url = await fresh_db(base, "bench_pgq_drain")
+    conn, q = await pgq_prepare(url)
+    names = ["syncfetch", "asyncfetch"] * n
+    for i in range(0, n, 10_000):
+        k = min(10_000, n - i)
+        await q.enqueue(random.sample(names, k=k), [b"" for _ in range(k)], [0] * k)
+    counter = [0]
+    t0 = time.perf_counter()
+    await pgq_run_consumers(url, dequeue, batch, types.QueueExecutionMode.drain, counter, [])
+    elapsed = time.perf_counter() - t0
+    await conn.close()
+    assert counter[0] >= n, f"PgQueuer drained {counter[0]} of {n}"
+    return n / elapsed
+
+
+async def pgq_continuous(base: str, seconds: float, dequeue: int = 5, batch: int = 10, enqueue_batch: int = 10) -> float:
+    import random
+
+    from pgqueuer import types
+
+    url = await fresh_db(base, "bench_pgq_cont")
+    conn, q = await pgq_prepare(url)
+    counter = [0]
+    pgqs: list[Any] = []
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        names = ["syncfetch", "asyncfetch"] * enqueue_batch
+        i = 0
+        while not stop.is_set():
+            await q.enqueue(random.sample(names, k=enqueue_batch), [f"{i + j}".encode() for j in range(enqueue_batch)],
+                            [0] * enqueue_batch)
+            i += enqueue_batch
+
+    consumers = asyncio.create_task(pgq_run_consumers(url, dequeue, batch, types.QueueExecutionMode.continuous,
+                                                      counter, pgqs))
+    producer = asyncio.create_task(produce())
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    done, elapsed = counter[0], time.perf_counter() - t0
+    stop.set()
+    await producer
+    for p in pgqs:
+        p.shutdown.set()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consumers, 30)
+    await conn.close()
+    return done / elapsed
+
+
+# --- Procrastinate ----------------------------------------------------------------------------------
+def procrastinate_app(url: str, counter: list[int]):
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        counter[0] += 1
+
+    return app, noop
+
+
+async def procrastinate_drain(base: str, n: int, concurrency: int = 50) -> float:
+    url = await fresh_db(base, "bench_procrastinate_drain")
+    counter = [0]
+    app, noop = procrastinate_app(url, counter)
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+        for i in range(0, n, 10_000):
+            await noop.batch_defer_async(*[{} for _ in range(min(10_000, n - i))])
+        t0 = time.perf_counter()
+        await app.run_worker_async(concurrency=concurrency, wait=False, install_signal_handlers=False)
+        elapsed = time.perf_counter() - t0
+    assert counter[0] >= n, f"Procrastinate drained {counter[0]} of {n}"
+    return n / elapsed
+
+
+async def procrastinate_continuous(base: str, seconds: float, concurrency: int = 50, batch: int = 10) -> float:
+    url = await fresh_db(base, "bench_procrastinate_cont")
+    counter = [0]
+    app, noop = procrastinate_app(url, counter)
+    stop = asyncio.Event()
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+
+        async def produce() -> None:
+            while not stop.is_set():
+                await noop.batch_defer_async(*[{} for _ in range(batch)])
+
+        worker = asyncio.create_task(app.run_worker_async(concurrency=concurrency, wait=True,
+                                                          install_signal_handlers=False))
+        producer = asyncio.create_task(produce())
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        done, elapsed = counter[0], time.perf_counter() - t0
+        stop.set()
+        await producer
+        worker.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(worker, 30)
+    return done / elapsed
+
+
+# --- driver -----------------------------------------------------------------------------------------
+async def pg_settings(url: str) -> dict[str, str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {k: await conn.fetchval(f"SHOW {k}") for k in SHOWN}
+    finally:
+        await conn.close()
+
+
+async def run_setting(label: str, base: str, args: argparse.Namespace) -> dict[str, Any]:
+    systems = args.systems
+    res: dict[str, Any] = {"settings": await pg_settings(base)}
+    print(f"\n=== PostgreSQL settings '{label}': " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()),
+          flush=True)
+    runs = {
+        ("forge", "drain"): lambda: forge_drain(base, args.jobs),
+        ("pgqueuer", "drain"): lambda: pgq_drain(base, args.jobs),
+        ("procrastinate", "drain"): lambda: procrastinate_drain(base, args.jobs),
+        ("forge", "continuous"): lambda: forge_continuous(base, args.seconds),
+        ("pgqueuer", "continuous"): lambda: pgq_continuous(base, args.seconds),
+        ("procrastinate", "continuous"): lambda: procrastinate_continuous(base, args.seconds),
+    }
+    for mode in ("drain", "continuous"):
+        for system in systems:
+            rate = await runs[(system, mode)]()
+            res[(system, mode)] = rate
+            print(f"  {mode:<10} {system:<14} {rate:>10,.0f} jobs/s", flush=True)
+        for peer in systems:
+            if peer != "forge" and "forge" in systems:
+                print(f"  {mode:<10} FORGE / {peer:<14} {res[('forge', mode)] / res[(peer, mode)]:>6.2f}x", flush=True)
+    if "forge" in systems and args.latency_seconds > 0:
+        p50, p99, offered, n = await forge_latency(base, args.latency_seconds)
+        res["latency"] = (p50, p99, offered, n)
+        print(f"  latency    forge  offered {offered:,.0f} jobs/s, {n} jobs: enqueue-to-start "
+              f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
+    return res
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    from forge_kernel.embedded_pg import EmbeddedPostgres
+
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"drain N={args.jobs}, continuous T={args.seconds}s, latency {args.latency_seconds}s at 1000 jobs/s")
+    results = {}
+    for label in args.settings:
+        root = Path(tempfile.mkdtemp(prefix=f"forge-bench-{label}-"))
+        pg = EmbeddedPostgres(root, settings=SETTINGS[label])
+        base = pg.start()
+        try:
+            results[label] = await run_setting(label, base, args)
+        finally:
+            pg.release()
+            shutil.rmtree(root, ignore_errors=True)
+    print("\n=== summary (jobs/s)")
+    for label, res in results.items():
+        for mode in ("drain", "continuous"):
+            line = "  ".join(f"{s}={res[(s, mode)]:,.0f}" for s in args.systems)
+            ratios = "  ".join(f"FORGE/{s}={res[('forge', mode)] / res[(s, mode)]:.2f}x"
+                               for s in args.systems if s != "forge" and "forge" in args.systems)
+            print(f"  {label:<8} {mode:<10} {line}   {ratios}")
+        if "latency" in res:
+            p50, p99, offered, n = res["latency"]
+            print(f"  {label:<8} latency    p50={p50:.2f} ms  p99={p99:.2f} ms  (offered {offered:,.0f}/s, {n} jobs)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=50_000, help="jobs for the drain mode")
+    p.add_argument("--seconds", type=float, default=15.0, help="duration of the continuous mode")
+    p.add_argument("--latency-seconds", type=float, default=10.0, help="duration of the 1000 jobs/s latency run")
+    p.add_argument("--settings", type=lambda s: s.split(","), default=["stock", "nofsync"])
+    p.add_argument("--systems", type=lambda s: s.split(","), default=["forge", "pgqueuer", "procrastinate"])
+    args = p.parse_args()
+    import logging
+
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("FORGE_LOG__LEVEL", "WARNING")
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    try:
+        import uvloop
+
+        uvloop.run(main_async(args))
+    except ImportError:
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
