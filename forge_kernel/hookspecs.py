@@ -36,8 +36,9 @@ def forge_roles() -> list[str]:
     """Names of the roles this plugin provides (``gateway``, ``worker``, ...).
 
     Called once when the plugin is loaded and again when a node decides what to run.
-    A node runs the roles its plugins provide, narrowed by ``[node] roles``.
-    Implemented by role packages; capability plugins (codegen, metrics) return nothing.
+    Return a list of role names. A node runs the roles its plugins provide, narrowed by
+    ``[node] roles``. Implemented by role packages; capability plugins (codegen,
+    metrics) do not implement it.
     """
 
 
@@ -45,7 +46,8 @@ def forge_roles() -> list[str]:
 def forge_config_sections() -> Mapping[str, type]:
     """Map of config section name to the attrs class that structures it.
 
-    Called before configuration is loaded. Each section belongs to exactly one plugin;
+    Called before configuration is loaded; implemented by every plugin that has settings.
+    Each section belongs to exactly one plugin;
     two plugins claiming the same section is a load error for the second. Field defaults
     must give a working node; validators raise ``forge_kernel.convert.InvalidValue`` so
     the error names the key, the value and what was expected.
@@ -56,7 +58,8 @@ def forge_config_sections() -> Mapping[str, type]:
 def forge_migrations() -> list["Migration"]:
     """The plugin's versioned, forward-only SQL migrations.
 
-    Called by ``forge-node migrate`` and at node start-up. Return
+    Called by ``forge-node migrate`` and at node start-up; implemented by every plugin
+    that owns tables. Return
     ``forge_kernel.migrations.from_package("my_plugin.migrations", namespace="my_plugin")``
     or a list of ``Migration``. A namespace belongs to one plugin; versions inside it
     are applied in order, each once, in its own transaction. Editing an applied
@@ -70,7 +73,8 @@ def forge_services(node: "Node") -> list["Service"]:
     """Long-running parts of this plugin for ``node``.
 
     Called once per node start, after migrations and app loading, with the node's
-    config, pool and registry available. Return a ``Service`` per component; the node
+    config, pool and registry available. Implemented by role packages and any plugin
+    with a background component. Return a ``Service`` per component; the node
     starts those whose ``role`` it runs (or whose role is ``None``) in dependency
     order (``after``) and stops them in exact reverse. Nothing may start running
     inside this hook itself.
@@ -93,8 +97,9 @@ def forge_maintenance_tasks(node: "Node") -> list["MaintenanceTask"]:
 def forge_app_modules() -> list[str]:
     """Importable module names that contain app functions (``@query``, ``@job``...).
 
-    Called when the node builds its registry, in addition to ``[app] modules``. Lets a
-    plugin ship functions (an admin API, the example app) without configuration.
+    Called when the node builds its registry (and by ``forge-node migrate``), in addition
+    to ``[app] modules``. Return a list of module names. Implemented by any plugin that
+    ships functions (an admin API, an example app) so they need no configuration.
     """
 
 
@@ -102,9 +107,10 @@ def forge_app_modules() -> list[str]:
 def forge_registry_loaded(registry: "Registry", node: "Node | None") -> None:
     """Check the loaded app registry and raise to stop start-up.
 
-    Called after every app module is imported and before services start. A plugin
-    validates the kinds it runs - the scheduler parses every cron expression and time
-    zone - and raises ``forge_kernel.errors.StartupError`` naming the function.
+    Called after every app module is imported and before migrations and services. Return
+    nothing; raise ``forge_kernel.errors.StartupError`` naming the function to stop
+    start-up. Implemented by plugins that run a kind of function: the scheduler parses
+    every cron expression and time zone here.
     """
 
 
@@ -135,7 +141,8 @@ def forge_call_middleware(node: "Node") -> list[Callable[..., Any]]:
 def forge_gateway_routes(node: "Node") -> list[Any]:
     """Litestar route handlers (or Routers) to mount on the node's HTTP server.
 
-    Called once when the gateway builds its app. Realtime adds ``/ws``, observability
+    Called once when the gateway builds its app; implemented by plugins that serve HTTP
+    or WebSocket routes. Realtime adds ``/ws``, observability
     adds ``/metrics`` and ``/_forge/``. Paths must not collide with the gateway's own
     (``/health``, ``/ready``, ``/rpc``, ``/openapi.json``).
     """
@@ -146,7 +153,8 @@ def forge_gateway_routes(node: "Node") -> list[Any]:
 def forge_cli_commands(subparsers: Any) -> None:
     """Add ``forge-node`` sub-commands to an ``argparse`` sub-parser group.
 
-    Called when the CLI starts. Each added parser sets ``func=async_or_sync_callable``
+    Called when the CLI starts, before arguments are parsed; implemented by plugins with
+    operator commands. Return nothing. Each added parser sets ``func=async_or_sync_callable``
     taking ``(args, cli)`` where ``cli`` gives ``config()``, ``pool()`` and ``loader``.
     The worker adds ``jobs``, the scheduler adds ``crons``.
     """
@@ -167,6 +175,7 @@ def forge_job_finished(node: "Node", outcome: Any) -> Any:
 def forge_auth_verifier(node: "Node") -> Any:
     """The object that turns a bearer credential into a ``forge_kernel.Auth``.
 
+    Called once per node start by plugins that accept credentials outside HTTP (realtime).
     Implemented by the gateway (firstresult). Returns an object with
     ``async verify(token: str) -> Auth`` raising ``forge_kernel.errors.Unauthenticated``
     for a bad or expired credential (never returning an anonymous caller for a bad token).

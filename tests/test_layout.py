@@ -49,3 +49,15 @@ def test_plugin_registers_through_the_entry_point_group(pkg):
     for target in eps.values():
         module = target.split(":")[0]
         assert module.endswith(".hooks"), f"{pkg.name}: the entry point should name the thin hooks module, got {module}"
+
+
+def test_every_hook_spec_documents_its_contract():
+    from forge_kernel import hookspecs
+
+    specs = [name for name in dir(hookspecs) if name.startswith("forge_")]
+    assert len(specs) >= 10
+    for name in specs:
+        doc = getattr(hookspecs, name).__doc__ or ""
+        assert "Called" in doc or "called" in doc, f"{name}: say when it is called"
+        assert any(w in doc for w in ("Return", "return", "raise")), f"{name}: say what to return"
+        assert any(w in doc for w in ("Implemented", "plugin", "Plugin")), f"{name}: say who implements it"
