@@ -129,7 +129,8 @@ def forge_job_dispatcher(node: "Node") -> Any:
 def forge_call_middleware(node: "Node") -> list[Callable[..., Any]]:
     """Wrappers around every function call, outermost first.
 
-    Called once per node start. Each item is ``async def mw(call, next) -> result``
+    Called once per node start; implemented by plugins that observe or wrap calls.
+    Return a list; each item is ``async def mw(call, next) -> result``
     where ``call`` is a ``forge_kernel.executor.Call`` (definition, args, auth,
     request id) and ``next(call)`` runs the rest of the chain. Observability uses it
     for spans and metrics. Must not swallow ``ForgeError``.
