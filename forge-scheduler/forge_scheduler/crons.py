@@ -90,8 +90,8 @@ class CronEngine:
         if not self.crons:
             return
         await conn.executemany(
-            """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until)
-               VALUES ($1, $2, $3, clock_timestamp())
+            """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, registered_at)
+               VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp())
                ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone
                WHERE forge_cron_state.schedule IS DISTINCT FROM EXCLUDED.schedule
                   OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone""",
