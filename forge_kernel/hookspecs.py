@@ -70,7 +70,7 @@ def forge_migrations() -> list["Migration"]:
 # --- what a node runs ---------------------------------------------------------------
 @hookspec
 def forge_services(node: "Node") -> list["Service"]:
-    """Long-running parts of this plugin for ``node``.
+    """Return the long-running parts of this plugin for ``node``.
 
     Called once per node start, after migrations and app loading, with the node's
     config, pool and registry available. Implemented by role packages and any plugin
@@ -83,7 +83,7 @@ def forge_services(node: "Node") -> list["Service"]:
 
 @hookspec
 def forge_maintenance_tasks(node: "Node") -> list["MaintenanceTask"]:
-    """Periodic cluster chores that exactly one node (the scheduler leader) runs.
+    """Return periodic cluster chores that exactly one node (the scheduler leader) runs.
 
     Called once per node start. Each ``MaintenanceTask`` has a name, an interval and
     an ``async run(conn)`` that receives a pool connection; the leader re-checks its
@@ -140,7 +140,7 @@ def forge_call_middleware(node: "Node") -> list[Callable[..., Any]]:
 # --- gateway extension points (published by the kernel so plugins need not import the gateway)
 @hookspec
 def forge_gateway_routes(node: "Node") -> list[Any]:
-    """Litestar route handlers (or Routers) to mount on the node's HTTP server.
+    """Return Litestar route handlers (or Routers) to mount on the node's HTTP server.
 
     Called once when the gateway builds its app; implemented by plugins that serve HTTP
     or WebSocket routes. Realtime adds ``/ws``, observability
