@@ -118,7 +118,8 @@ def forge_registry_loaded(registry: "Registry", node: "Node | None") -> None:
 def forge_job_dispatcher(node: "Node") -> Any:
     """The object that turns ``ctx.dispatch(...)`` into stored jobs.
 
-    Implemented by the worker package (firstresult: the first plugin wins). Return an
+    Called once per node start, when the function executor is built. Implemented by
+    the worker package (firstresult: the first plugin wins). Return an
     object with ``async dispatch(conn, requests: Sequence[JobRequest]) -> list[int]``
     that writes every request on ``conn`` - inside the caller's transaction, so a
     rolled-back mutation leaves no job. Return ``None`` to decline.
