@@ -168,7 +168,8 @@ def forge_job_finished(node: "Node", outcome: Any) -> Any:
     """Called by the worker after every job attempt ends, with a ``forge_kernel.executor.JobOutcome``.
 
     Return ``None`` or an awaitable (the worker awaits it, with errors logged and ignored).
-    The scheduler uses it to record cron run history; observability to count jobs.
+    Implemented by plugins that follow jobs: the scheduler records cron run history,
+    observability counts jobs.
     Must be quick: it runs on the worker's path for every job.
     """
 
