@@ -19,7 +19,8 @@ import attrs
 
 from forge_kernel.db import quote_ident
 
-_LOCK_CLASS = 7217301  # advisory lock namespace of forge-realtime (xact locks only)
+_LOCK_CLASS = 7217301  # advisory lock namespace of forge-realtime's DDL (xact locks only)
+_HINT_LOCK_CLASS = 7217302  # the wake-up hint gate
 
 
 class CaptureError(Exception):
@@ -70,8 +71,11 @@ BEGIN
         INSERT INTO forge_changes (tbl, op) VALUES ({lit}, 'TRUNCATE');
     END IF;
     GET DIAGNOSTICS written = ROW_COUNT;
-    IF written > 0 THEN
-        PERFORM forge_realtime_hint();
+    -- the wake-up hint, at most one in flight: only the transaction holding the advisory
+    -- lock notifies; the others commit without NOTIFY's global commit lock and are read by
+    -- the poll the hint triggers (or the short fallback poll)
+    IF written > 0 AND pg_try_advisory_xact_lock({_HINT_LOCK_CLASS}, 0) THEN
+        PERFORM pg_notify('forge_changes', '');
     END IF;
     RETURN NULL;
 END

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any, Awaitable, Callable
 
 import asyncpg
@@ -31,7 +32,7 @@ SELECT pg_snapshot_xmin(s.snap)::text AS xmin, pg_snapshot_xmax(s.snap)::text AS
        c.xid::text AS xid, c.tbl, c.op, c.old_rows, c.new_rows
 FROM (SELECT pg_current_snapshot() AS snap) s
 LEFT JOIN forge_changes c ON c.xid >= $1::text::xid8 AND NOT (c.xid = ANY($2::text[]::xid8[]))
-ORDER BY c.id
+ORDER BY c.xid
 """
 
 _HORIZON_SQL = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, pg_snapshot_xmax(pg_current_snapshot())::text"
@@ -107,12 +108,14 @@ class ChangeReader:
 
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]],
                  on_changes: Callable[[list[Change], int], None], on_resync: Callable[[int], None], *,
-                 fallback_poll: float = 0.1, busy_repoll: float = 0.003) -> None:
+                 fallback_poll: float = 0.1, busy_repoll: float = 0.003, resync_after: float = 150.0) -> None:
         self._connect = connect
         self._on_changes = on_changes
         self._on_resync = on_resync
         self.fallback_poll = fallback_poll
         self.busy_repoll = busy_repoll
+        #: a gap between polls this long means changes may have been trimmed unseen: resync
+        self.resync_after = resync_after
         self.cursor: LogCursor | None = None
         self.ready = asyncio.Event()
         self.polls = 0
@@ -144,12 +147,18 @@ class ChangeReader:
             self._connected_once = True
             self.ready.set()
             delay = self.fallback_poll
+            last = time.monotonic()
             while True:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
                 self._wake.clear()
                 changes = await poll(conn, self.cursor)
                 self.polls += 1
+                now = time.monotonic()
+                if now - last > self.resync_after:
+                    logger.warning(f"change reader stalled for {now - last:.0f}s; re-running every live query")
+                    self._on_resync(self.cursor.position)
+                last = now
                 if changes:
                     self._on_changes(changes, self.cursor.position)
                     delay = self.busy_repoll

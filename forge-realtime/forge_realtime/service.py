@@ -39,7 +39,8 @@ class Realtime:
     async def lifespan(self, node: Any) -> AsyncIterator["Realtime"]:
         self.capture = CaptureManager(node.pool)
         self.reader = ChangeReader(node.connect, self._on_changes, self._on_resync,
-                                   fallback_poll=self.config.fallback_poll)
+                                   fallback_poll=self.config.fallback_poll,
+                                   resync_after=self.config.retention / 2)
         self.engine = LiveQueryEngine(node.executor, self.capture, max_concurrent_runs=self.config.max_concurrent_runs,
                                       position=lambda: self.reader.position)
         await self._capture_declared()

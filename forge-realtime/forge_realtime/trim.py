@@ -11,8 +11,8 @@ async def trim_change_log(conn: asyncpg.Connection, retention: float, batch: int
     total = 0
     while True:
         status = await conn.execute(
-            "DELETE FROM forge_changes WHERE id IN (SELECT id FROM forge_changes "
-            "WHERE at < now() - make_interval(secs => $1) LIMIT $2)", float(retention), batch)
+            "DELETE FROM forge_changes WHERE ctid = ANY(ARRAY(SELECT ctid FROM forge_changes "
+            "WHERE at < now() - make_interval(secs => $1) LIMIT $2))", float(retention), batch)
         n = int(status.split()[-1])
         total += n
         if n < batch:

@@ -1,0 +1,39 @@
+"""The app the realtime benchmark subscribes to (served by a real forge-node process)."""
+
+from __future__ import annotations
+
+from forge_kernel import model, query
+from forge_kernel.migrations import Migration
+
+MIGRATIONS = [Migration("bench_realtime", 1, "items", """
+CREATE TABLE bench_items (
+    id      bigserial PRIMARY KEY,
+    topic   integer NOT NULL,
+    payload text NOT NULL
+);
+CREATE INDEX bench_items_topic ON bench_items (topic, id DESC);
+""")]
+
+
+@model(table="bench_items")
+class BenchItem:
+    id: int | None
+    topic: int
+    payload: str
+
+
+@query(public=True)
+async def topic_latest(ctx, topic: int) -> list[BenchItem]:
+    """The five newest items of one topic (an equality filter: precise invalidation)."""
+    return await ctx.db.select(BenchItem, topic=topic, order_by="-id", limit=5)
+
+
+@query(public=True)
+async def bench_stats(ctx) -> dict:
+    """How often this node re-ran live queries (the benchmark reads it over /rpc)."""
+    from forge_realtime.service import for_node  # benchmark-only introspection
+
+    rt = for_node(ctx.node)
+    s = rt.engine.stats
+    return {"runs": s.runs, "pushes": s.pushes, "changes": s.changes, "invalidations": s.invalidations,
+            "polls": rt.reader.polls, "hints": rt.reader.hints, "sessions": len(rt.sessions)}

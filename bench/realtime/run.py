@@ -1,0 +1,386 @@
+"""forge-realtime benchmark: one run, one PostgreSQL (embedded, stock settings), real peers.
+
+(a) write throughput at 32 writers (pgbench, single-row INSERT transactions): no capture,
+    FORGE capture (statement trigger + change log + gated hint), and a NOTIFY per row.
+(b) 1,000 clients on 100 distinct queries at 1,000 writes/s: commit-to-client latency for
+    FORGE and for a naive peer that re-runs every subscription on each NOTIFY.
+(c) 5,000 clients on one query at 50 writes/s: pushes/s, latency, re-runs per write.
+(d) resident memory of the node per idle WebSocket connection.
+
+Run: ``/work/venv/bin/python bench/realtime/run.py`` (``--quick`` for a smaller, faster run).
+The node is a real ``forge-node`` process (gateway + realtime); clients and writers run in
+this process, so client-side CPU is part of the measured latency for both peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import msgspec
+import psutil
+import websockets
+
+from forge_kernel.embedded_pg import EmbeddedPostgres, _bin_dir
+from forge_kernel.testing.procs import NodeProcess, free_port
+from forge_realtime.capture import install_capture, remove_capture
+
+HERE = Path(__file__).parent
+decode = msgspec.json.Decoder().decode
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def with_db(url: str, name: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+# --- (a) write throughput ---------------------------------------------------------------------
+INSERT_SCRIPT = "\\set topic random(0, 99)\nINSERT INTO bench_writes (topic, payload) VALUES (:topic, 'payload');\n"
+NOTIFY_TRIGGER = """
+CREATE OR REPLACE FUNCTION bench_notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('bench_rows', NEW.topic::text); RETURN NULL; END $$;
+CREATE OR REPLACE TRIGGER bench_notify_row AFTER INSERT ON bench_writes FOR EACH ROW EXECUTE FUNCTION bench_notify_row();
+"""
+
+
+def pgbench(url: str, clients: int, seconds: int, script: Path) -> float:
+    out = subprocess.run([str(_bin_dir() / "pgbench"), "-n", "-c", str(clients), "-j", "2", "-T", str(seconds),
+                          "-f", str(script), url], capture_output=True, text=True, check=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench printed no tps:\n{out.stdout}\n{out.stderr}")
+
+
+async def bench_writes(url: str, seconds: int, rounds: int) -> dict:
+    conn = await asyncpg.connect(url)
+    await conn.execute("CREATE TABLE bench_writes (id bigserial PRIMARY KEY, topic integer NOT NULL, payload text NOT NULL)")
+    script = Path(tempfile.mkdtemp()) / "insert.sql"
+    script.write_text(INSERT_SCRIPT)
+    results: dict[str, list[float]] = {"capture_off": [], "capture_on": [], "notify_per_row": []}
+    try:
+        for _ in range(rounds):
+            for mode in results:
+                await remove_capture(conn, "bench_writes")
+                await conn.execute("DROP TRIGGER IF EXISTS bench_notify_row ON bench_writes")
+                if mode == "capture_on":
+                    await install_capture(conn, "bench_writes", ["topic"])
+                elif mode == "notify_per_row":
+                    await conn.execute(NOTIFY_TRIGGER)
+                await conn.execute("TRUNCATE bench_writes, forge_changes")
+                await conn.execute("VACUUM ANALYZE bench_writes")
+                await conn.execute("CHECKPOINT")
+                tps = await asyncio.to_thread(pgbench, url, 32, seconds, script)
+                results[mode].append(tps)
+                print(f"  (a) {mode:15s} {tps:9.0f} tps", flush=True)
+        logged = await conn.fetchval("SELECT count(*) FROM forge_changes")
+    finally:
+        await remove_capture(conn, "bench_writes")
+        await conn.execute("DROP TABLE bench_writes")
+        await conn.close()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {"tps_runs": results, "tps_median": med,
+            "ratio_capture_on_vs_off": med["capture_on"] / med["capture_off"],
+            "ratio_notify_per_row_vs_off": med["notify_per_row"] / med["capture_off"],
+            "change_log_rows_after_last_capture_run": logged}
+
+
+# --- clients and writers ----------------------------------------------------------------------
+class Client:
+    __slots__ = ("ws", "max_id", "received", "pushes", "task")
+
+    def __init__(self, ws) -> None:
+        self.ws, self.max_id, self.received, self.pushes, self.task = ws, 0, [], 0, None
+
+    async def read(self) -> None:
+        try:
+            async for raw in self.ws:
+                now = time.perf_counter()
+                msg = decode(raw)
+                if msg.get("type") != "data":
+                    continue
+                self.pushes += 1
+                top = self.max_id
+                for row in msg["data"]:
+                    rid = row["id"]
+                    if rid > self.max_id:
+                        self.received.append((rid, now))
+                        top = max(top, rid)
+                self.max_id = top
+        except websockets.ConnectionClosed:
+            pass
+
+
+async def open_clients(url: str, n: int, subscription, concurrency: int = 50) -> list[Client]:
+    """``subscription(i)`` -> (function, args) or None for an idle (authenticated, no subscription) socket."""
+    clients: list[Client | None] = [None] * n
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            for attempt in range(5):
+                try:
+                    ws = await websockets.connect(url, max_size=1 << 22, compression=None, ping_interval=None,
+                                                  open_timeout=30)
+                    break
+                except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            else:
+                raise RuntimeError(f"client {i} could not connect")
+            await ws.send('{"type":"auth","token":null}')
+            assert decode(await ws.recv())["type"] == "ready"
+            c = Client(ws)
+            sub = subscription(i)
+            if sub is not None:
+                await ws.send(json.dumps({"type": "subscribe", "id": "s", "function": sub[0], "args": sub[1]}))
+                first = decode(await ws.recv())
+                assert first["type"] == "data", first
+                c.max_id = max([r["id"] for r in first["data"]], default=0)
+                c.task = asyncio.create_task(c.read())
+            clients[i] = c
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return clients  # type: ignore[return-value]
+
+
+async def close_clients(clients: list[Client]) -> None:
+    async def one(c: Client) -> None:
+        try:
+            await asyncio.wait_for(c.ws.close(), 5)
+        except Exception:
+            pass
+        if c.task:
+            c.task.cancel()
+
+    for i in range(0, len(clients), 500):
+        await asyncio.gather(*(one(c) for c in clients[i:i + 500]))
+
+
+async def write_load(pool: asyncpg.Pool, rate: float, seconds: float, topic_of) -> dict[int, float]:
+    commits: dict[int, float] = {}
+    sem = asyncio.Semaphore(64)
+    tasks = []
+
+    async def one(topic: int) -> None:
+        async with sem:
+            async with pool.acquire() as conn:
+                rid = await conn.fetchval("INSERT INTO bench_items (topic, payload) VALUES ($1, 'payload') RETURNING id",
+                                          topic)
+            commits[rid] = time.perf_counter()
+
+    start = time.perf_counter()
+    i = 0
+    while True:
+        target = start + i / rate
+        now = time.perf_counter()
+        if now - start >= seconds:
+            break
+        if target > now:
+            await asyncio.sleep(target - now)
+        tasks.append(asyncio.create_task(one(topic_of(i))))
+        i += 1
+    await asyncio.gather(*tasks)
+    return commits
+
+
+def latency_report(clients: list[Client], commits: dict[int, float], expected: int, seconds: float) -> dict:
+    lat = [(t - commits[rid]) * 1000 for c in clients for rid, t in c.received if rid in commits]
+    pushes = sum(c.pushes for c in clients)
+    return {"writes": len(commits), "expected_deliveries": expected, "delivered": len(lat),
+            "delivered_fraction": len(lat) / expected if expected else float("nan"),
+            "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=float("nan")),
+            "pushes": pushes, "pushes_per_s": pushes / seconds}
+
+
+async def run_latency(url: str, db_url: str, n_clients: int, topics: int, rate: float, seconds: float,
+                      grace: float = 5.0) -> tuple[dict, list[Client]]:
+    clients = await open_clients(url, n_clients, lambda i: ("topic_latest", {"topic": i % topics}))
+    pool = await asyncpg.create_pool(db_url, min_size=16, max_size=16)
+    try:
+        await asyncio.sleep(1.0)
+        commits = await write_load(pool, rate, seconds, lambda i: i % topics)
+        await asyncio.sleep(grace)  # let the last writes arrive (or show that they do not)
+    finally:
+        await pool.close()
+    per_topic = n_clients / topics
+    report = latency_report(clients, commits, int(len(commits) * per_topic), seconds)
+    return report, clients
+
+
+# --- the node ------------------------------------------------------------------------------------
+async def node_port(db_url: str, node_id: str) -> int:
+    conn = await asyncpg.connect(db_url)
+    try:
+        for _ in range(600):
+            try:
+                ports = await conn.fetchval("SELECT ports FROM forge_nodes WHERE id = $1 AND status = 'running'", node_id)
+            except asyncpg.UndefinedTableError:  # migrations not applied yet
+                ports = None
+            ports = json.loads(ports) if isinstance(ports, str) else ports
+            if ports and "http" in ports:
+                return int(ports["http"])
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise RuntimeError("node did not publish its port")
+
+
+def start_node(workdir: Path, db_url: str) -> NodeProcess:
+    cfg = {"node": {"id": "bench", "roles": ["gateway", "function", "realtime"]},
+           "database": {"url": db_url, "pool_min": 4, "pool_max": 20},
+           "app": {"modules": ["bench_app"], "example": False},
+           "log": {"level": "WARNING"},
+           "gateway": {"port": 0},
+           "realtime": {"max_concurrent_runs": 8, "max_subscriptions": 100, "subscribe_rate": 100.0}}
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    p = NodeProcess(workdir, cfg, env=env)
+    p.start()
+    # "ready in" is logged at INFO; with WARNING logs we wait for the published port instead
+    return p
+
+
+async def node_stats(port: int) -> dict:
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_stats", json={})
+        r.raise_for_status()
+        return r.json()["data"]
+
+
+# --- main ----------------------------------------------------------------------------------------
+async def main(args: argparse.Namespace) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="forge-bench-rt-"))
+    pg = EmbeddedPostgres(root)  # stock settings (fsync and synchronous_commit on)
+    admin_url = await asyncio.to_thread(pg.start)
+    out: dict = {"args": vars(args)}
+    node = None
+    naive = None
+    try:
+        admin = await asyncpg.connect(admin_url)
+        await admin.execute("CREATE DATABASE forge_bench")
+        out["postgres"] = {k: await admin.fetchval(f"SHOW {k}") for k in (
+            "server_version", "fsync", "synchronous_commit", "full_page_writes", "wal_level", "shared_buffers",
+            "max_connections", "max_wal_size", "checkpoint_timeout", "work_mem")}
+        await admin.close()
+        db_url = with_db(admin_url, "forge_bench")
+        out["machine"] = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+        print(f"PostgreSQL {out['postgres']}", flush=True)
+
+        # the node applies every migration (change log + bench tables); start it once
+        node = start_node(root / "node", db_url)
+        port = await node_port(db_url, "bench")
+        ws_url = f"ws://127.0.0.1:{port}/ws"
+        proc = psutil.Process(node.pid)
+
+        print("(a) write throughput, 32 writers", flush=True)
+        out["a_write_throughput"] = await bench_writes(db_url, args.write_seconds, args.write_rounds)
+
+        print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: FORGE", flush=True)
+        before = await node_stats(port)
+        rep, clients = await run_latency(ws_url, db_url, args.b_clients, args.b_topics, args.b_rate, args.seconds)
+        after = await node_stats(port)
+        rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
+        rep["node_cpu_percent"] = proc.cpu_percent(None)
+        await close_clients(clients)
+        out["b_forge"] = rep
+        print(f"  {rep}", flush=True)
+
+        print(f"(c) {args.c_clients} clients on one query at {args.c_rate:g} writes/s: FORGE", flush=True)
+        clients = await open_clients(ws_url, args.c_clients, lambda i: ("topic_latest", {"topic": 1000}))
+        pool = await asyncpg.create_pool(db_url, min_size=8, max_size=8)
+        before = await node_stats(port)
+        await asyncio.sleep(1.0)
+        commits = await write_load(pool, args.c_rate, args.seconds, lambda i: 1000)
+        await asyncio.sleep(5.0)
+        after = await node_stats(port)
+        await pool.close()
+        rep = latency_report(clients, commits, len(commits) * args.c_clients, args.seconds)
+        rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
+        rep["node_pushes_per_s"] = (after["pushes"] - before["pushes"]) / args.seconds
+        out["c_forge_fanout"] = rep
+        print(f"  {rep}", flush=True)
+        await close_clients(clients)
+
+        print(f"(d) memory per idle connection ({args.idle} connections)", flush=True)
+        await asyncio.sleep(2.0)
+        rss0 = proc.memory_info().rss
+        idle = await open_clients(ws_url, args.idle, lambda i: None)
+        await asyncio.sleep(2.0)
+        rss1 = proc.memory_info().rss
+        out["d_idle_memory"] = {"connections": args.idle, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+                                "bytes_per_connection": (rss1 - rss0) / args.idle}
+        print(f"  {out['d_idle_memory']}", flush=True)
+        await close_clients(idle)
+        node.terminate(30)
+        node = None
+
+        print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: naive peer", flush=True)
+        conn = await asyncpg.connect(db_url)
+        await remove_capture(conn, "bench_items")  # the naive peer's writes pay only for its own trigger
+        await conn.close()
+        naive_port = free_port()
+        naive = subprocess.Popen([sys.executable, str(HERE / "naive_peer.py"), db_url, str(naive_port)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert "ready" in naive.stdout.readline()
+        naive_proc = psutil.Process(naive.pid)
+        naive_proc.cpu_percent(None)
+        rep, clients = await run_latency(f"ws://127.0.0.1:{naive_port}", db_url, args.b_clients, args.b_topics,
+                                         args.b_rate, args.seconds)
+        rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
+        rep["peer_cpu_percent"] = naive_proc.cpu_percent(None)
+        await close_clients(clients)
+        out["b_naive"] = rep
+        print(f"  {rep}", flush=True)
+        out["ratios"] = {
+            "a_capture_on_vs_off": out["a_write_throughput"]["ratio_capture_on_vs_off"],
+            "a_notify_per_row_vs_off": out["a_write_throughput"]["ratio_notify_per_row_vs_off"],
+            "b_p99_naive_vs_forge": out["b_naive"]["p99_ms"] / out["b_forge"]["p99_ms"],
+            "b_delivered_forge": out["b_forge"]["delivered_fraction"],
+            "b_delivered_naive": out["b_naive"]["delivered_fraction"],
+        }
+    finally:
+        if node is not None:
+            node.terminate(30)
+        if naive is not None:
+            naive.terminate()
+            naive.wait(10)
+        await asyncio.to_thread(pg.release)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0, help="write duration of (b) and (c)")
+    ap.add_argument("--write-seconds", type=int, default=10, help="pgbench duration per mode in (a)")
+    ap.add_argument("--write-rounds", type=int, default=2, help="rounds of the three modes in (a)")
+    ap.add_argument("--b-clients", type=int, default=1000)
+    ap.add_argument("--b-topics", type=int, default=100)
+    ap.add_argument("--b-rate", type=float, default=1000.0)
+    ap.add_argument("--c-clients", type=int, default=5000)
+    ap.add_argument("--c-rate", type=float, default=50.0)
+    ap.add_argument("--idle", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    ap.add_argument("--output", default=str(HERE / "last_run.json"))
+    a = ap.parse_args()
+    if a.quick:
+        a.seconds, a.write_seconds, a.write_rounds = 3.0, 3, 1
+        a.b_clients, a.b_topics, a.b_rate, a.c_clients, a.idle = 100, 10, 100.0, 200, 200
+    result = asyncio.run(main(a))
+    Path(a.output).write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result.get("ratios", {}), indent=2))
+    print(f"results written to {a.output}")
