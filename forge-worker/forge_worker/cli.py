@@ -60,7 +60,10 @@ def _print_jobs(jobs: list[Any], as_json: bool) -> None:
         print("  ".join(r[c].ljust(widths[c]) for c in cols))
 
 
-async def _run(args: argparse.Namespace, cli: Any) -> int:
+async def _run(*call: Any) -> int:
+    # the kernel calls func(cli) (cli.args holds the parsed arguments); accept (args, cli) too
+    cli = call[-1]
+    args = cli.args
     conn, pg = await cli.connect()
     try:
         return await run_jobs_command(JobQueue(conn), args)

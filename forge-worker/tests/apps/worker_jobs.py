@@ -136,3 +136,9 @@ async def dispatch_from_action(ctx, value: str) -> int:
 @cron("* * * * *")
 async def minutely(ctx) -> None:
     await log(ctx, "cron")
+
+
+@job(max_attempts=10)
+async def crash_work(ctx, i: int) -> None:
+    await asyncio.sleep(0.005)
+    await log(ctx, "ran", str(i))

@@ -1,0 +1,219 @@
+"""Real forge-node processes: a worker SIGKILLed mid-run, PostgreSQL restarted mid-run,
+graceful shutdown releasing jobs, the jobs CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from forge_kernel.embedded_pg import EmbeddedPostgres
+from forge_kernel.testing import NodeProcess
+from forge_worker import JobQueue
+
+from helpers import eventually
+
+APPS = str(Path(__file__).parent / "apps")
+ENV = {"PYTHONPATH": APPS + os.pathsep + os.environ.get("PYTHONPATH", ""), "FORGE_LOG__LEVEL": "WARNING"}
+
+
+def node_config(concurrency: int = 20, **worker) -> dict:
+    return {
+        "node": {"roles": ["worker"], "heartbeat_interval": 0.5, "dead_after": 3.0},
+        "app": {"modules": ["worker_jobs"], "example": False},
+        "worker": {"concurrency": concurrency, "lease": 5.0, "heartbeat_interval": 0.5, "rescue_interval": 1.0,
+                   "poll_interval": 0.5, "backoff_base": 0.05, "backoff_max": 0.5, **worker},
+    }
+
+
+async def enqueue_work(pool, n: int) -> list[int]:
+    queue = JobQueue(pool)
+    import worker_jobs
+
+    ids: list[int] = []
+    for start in range(0, n, 5000):
+        ids += await queue.enqueue_many([queue.request(worker_jobs.crash_work, {"i": i})
+                                         for i in range(start, min(n, start + 5000))])
+    return ids
+
+
+async def ran_counts(pool) -> dict[int, int]:
+    rows = await pool.fetch("SELECT job_id, count(*) AS n FROM job_log WHERE event = 'ran' GROUP BY job_id")
+    return {r["job_id"]: r["n"] for r in rows}
+
+
+async def crash_scenario(forge_processes, n_jobs: int) -> None:
+    nodes = [forge_processes(node_config(), node_id=f"w{i}", env=ENV) for i in (1, 2)]
+    pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=4)
+    try:
+        ids = await enqueue_work(pool, n_jobs)
+        assert len(set(ids)) == n_jobs
+
+        async def progressed():
+            return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= n_jobs // 3
+
+        await eventually(progressed, timeout=120, what="a third of the jobs")
+        victim = nodes[0]
+        victim.kill()  # SIGKILL: no drain, no release, results in flight are lost
+        # what the killed node held: rows still leased to it (running, or run with the result unwritten)
+        held = {r["id"] for r in await pool.fetch(
+            "SELECT id FROM forge_jobs WHERE status = 'running' AND node_id = $1", victim.node_id)}
+
+        async def all_done():
+            counts = await ran_counts(pool)
+            left = await pool.fetchval("SELECT count(*) FROM forge_jobs")
+            return counts if len(counts) == n_jobs and left == 0 else None
+
+        counts = await eventually(all_done, timeout=300, what="every job to complete")
+        dups = {job_id for job_id, n in counts.items() if n > 1}
+        by_node = dict(await pool.fetch(
+            "SELECT node_id, count(*) FROM job_log WHERE event = 'ran' GROUP BY node_id"))
+        print(f"\ncrash test: {n_jobs} jobs, ran {sum(counts.values())} times; per node {by_node}; "
+              f"held by the killed node {len(held)}; ran twice {len(dups)}; "
+              f"dead {await pool.fetchval('SELECT count(*) FROM forge_jobs WHERE status = $1', 'dead')}")
+        assert set(counts) == set(ids)
+        assert dups <= held, f"jobs ran twice without running on the killed node: {sorted(dups - held)[:20]}"
+        assert max(counts.values()) <= 2
+        assert nodes[1].alive()
+    finally:
+        await pool.close()
+
+
+async def test_killed_worker_jobs_rerun_and_only_those_twice(forge_processes):
+    await crash_scenario(forge_processes, 3000)
+
+
+@pytest.mark.slow
+async def test_killed_worker_20000_jobs(forge_processes):
+    await crash_scenario(forge_processes, 20_000)
+
+
+async def restart_scenario(tmp_path: Path, n_jobs: int) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pg", settings={"fsync": "off", "synchronous_commit": "off"})
+    url = pg.start()
+    admin = await asyncpg.connect(url)
+    await admin.execute("CREATE DATABASE restart_test")
+    await admin.close()
+    db_url = url.rsplit("/", 1)[0] + "/restart_test"
+    procs = []
+    try:
+        for i in (1, 2):
+            cfg = node_config()
+            cfg["database"] = {"url": db_url}
+            cfg["node"]["id"] = f"r{i}"
+            p = NodeProcess(tmp_path / f"r{i}", cfg, env=dict(ENV))
+            procs.append(p)
+            p.start()
+        for p in procs:
+            p.wait_ready()
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+        ids = await enqueue_work(pool, n_jobs)
+        await eventually(lambda: _at_least(pool, n_jobs // 4), timeout=120, what="a quarter of the jobs")
+        await pool.close()
+        # stop + start rather than EmbeddedPostgres.restart(): same data, same port
+        await asyncio.to_thread(pg.stop)
+        await asyncio.sleep(1.0)  # the workers see the database gone for a moment
+        await asyncio.to_thread(pg.start)
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+        try:
+            async def all_done():
+                counts = await ran_counts(pool)
+                left = await pool.fetchval("SELECT count(*) FROM forge_jobs")
+                return counts if len(counts) == n_jobs and left == 0 else None
+
+            counts = await eventually(all_done, timeout=180, what="every job after the restart")
+            print(f"\nrestart test: {n_jobs} jobs, ran {sum(counts.values())} times, "
+                  f"{sum(1 for n in counts.values() if n > 1)} twice")
+            assert set(counts) == set(ids)
+            assert all(p.alive() for p in procs)
+        finally:
+            await pool.close()
+    finally:
+        for p in procs:
+            p.terminate(timeout=20)
+        pg.stop()
+
+
+async def _at_least(pool, n):
+    return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= n
+
+
+async def test_workers_survive_postgres_restart(tmp_path):
+    await restart_scenario(tmp_path, 3000)
+
+
+async def test_graceful_shutdown_releases_unfinished_jobs(forge_processes):
+    node = forge_processes(node_config(concurrency=4, shutdown_timeout=0.5), node_id="g1", env=ENV)
+    pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=2)
+    try:
+        queue = JobQueue(pool)
+        ids = [await queue.enqueue("long_running", {"seconds": 60}, max_attempts=1) for _ in range(4)]
+        await eventually(lambda: _started(pool, 4), what="four long jobs to start")
+        assert node.terminate(timeout=30) == 0
+        rows = await pool.fetch("SELECT id, status, attempt, node_id FROM forge_jobs ORDER BY id")
+        # released, not failed: back to pending, the attempt not used up
+        assert [(r["id"], r["status"], r["attempt"], r["node_id"]) for r in rows] == \
+            [(i, "pending", 0, None) for i in ids]
+        other = forge_processes(node_config(concurrency=4, shutdown_timeout=0.5), node_id="g2", env=ENV)
+        await eventually(lambda: _started(pool, 8), what="another worker to pick them up")
+        other.terminate(timeout=30)
+    finally:
+        await pool.close()
+
+
+async def _started(pool, n):
+    return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'started'") >= n
+
+
+async def test_jobs_cli_lists_retries_and_discards(forge_processes, tmp_path):
+    pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=2)
+    node = forge_processes(node_config(), node_id="c1", env=ENV)
+    try:
+        queue = JobQueue(pool)
+        import worker_jobs
+
+        a = await queue.enqueue(worker_jobs.always_fails, {})
+        b = await queue.enqueue(worker_jobs.always_fails, {})
+        pending = await queue.enqueue("record", {"value": "x"}, delay=3600)
+        await eventually(lambda: _dead_count(pool, 2), what="two dead jobs")
+        cfg = tmp_path / "cli.toml"
+        cfg.write_text(f'[database]\nurl = "{forge_processes.db_url}"\n[app]\nexample = false\n')
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "forge_kernel.cli", "--config", str(cfg), "jobs", *args],
+                                  capture_output=True, text=True, timeout=60, env={**os.environ, **ENV})
+
+        out = cli("dead")
+        assert out.returncode == 0, out.stderr
+        assert "always_fails" in out.stdout and str(a) in out.stdout and "ValueError" in out.stdout
+        out = cli("retry", str(a))
+        assert out.returncode == 0 and "retried 1 job(s)" in out.stdout
+        out = cli("discard", str(b), "999999")
+        assert out.returncode == 1 and "discarded 1 job(s)" in out.stdout and "999999" in out.stdout
+        out = cli("cancel", str(pending))
+        assert out.returncode == 0 and f"job {pending}: cancelled" in out.stdout
+        out = cli("stats")
+        assert out.returncode == 0
+        out = cli("show", str(b))
+        assert '"status": "discarded"' in out.stdout
+        out = cli("retry")
+        assert out.returncode == 2 and "give job ids or --all" in out.stdout
+    finally:
+        node.terminate()
+        await pool.close()
+
+
+async def _dead_count(pool, n):
+    return await pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'dead'") >= n
+
+
+@pytest.mark.slow
+async def test_workers_survive_postgres_restart_20000_jobs(tmp_path):
+    await restart_scenario(tmp_path, 20_000)
