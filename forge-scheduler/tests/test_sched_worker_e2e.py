@@ -54,3 +54,8 @@ async def test_crons_run_on_the_worker_with_history(sched_node):
     failed = (await crons.history("failing"))[0]
     assert failed.kind == "manual" and failed.status == "failed" and "fails on purpose" in failed.error
     assert failed.attempts == 1 and isinstance(failed.finished_at, dt.datetime)
+
+    # the leader ran the worker's own chores (lease rescue, job history retention) too
+    chores = {r["task"]: r for r in await node.pool.fetch("SELECT * FROM forge_maintenance")}
+    assert chores["worker.rescue_expired_leases"]["runs"] >= 1
+    assert chores["worker.rescue_expired_leases"]["last_node"] == node.id
