@@ -83,6 +83,8 @@ class CronEngine:
         self.tick_interval = tick_interval
         self._next_cache: dict[tuple[str, dt.datetime], dt.datetime] = {}
         self.decisions = 0
+        #: failed decisions per cron (each is retried on the next tick)
+        self.failures: dict[str, int] = {}
 
     async def register(self, conn: asyncpg.Connection) -> None:
         """Create state rows for new crons (their first slot is the first one after now) and
@@ -133,7 +135,16 @@ class CronEngine:
                 continue  # a cron of another deployment; its own leader will run it
             due = not r["paused"] and self._next(name, r["decided_until"]) <= now
             if due or r["triggered"]:
-                await self.decide(name, leadership)
+                try:
+                    await self.decide(name, leadership)
+                except NotLeader:
+                    raise
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                    raise  # the database is unreachable: the whole loop backs off
+                except Exception as exc:  # one broken cron must not hold up the others; retried next tick
+                    self.failures[name] = self.failures.get(name, 0) + 1
+                    logger.opt(exception=exc).error(f"cron {name}: could not enqueue due slots "
+                                                    f"({self.failures[name]} failure(s)); retrying")
             elif not r["paused"]:
                 wait = min(wait, (self._next(name, r["decided_until"]) - now).total_seconds())
         return max(0.0, wait)

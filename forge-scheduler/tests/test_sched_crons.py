@@ -270,3 +270,27 @@ async def test_outcomes_update_history_and_a_final_status_stays(pool):
     assert hist[run["id"]].status == "succeeded" and hist[run["id"]].duration_ms == pytest.approx(1500.0)
     listed = {ci.name: ci for ci in await api.list_crons(pool, [c])}
     assert listed["tick"].last_status in ("succeeded", "queued") and listed["tick"].next_slot is not None
+
+
+async def test_one_broken_cron_does_not_hold_up_the_others(pool):
+    class Picky:
+        """Refuses jobs of one cron, as a job store with a bad setting for it would."""
+
+        def __init__(self):
+            self.inner = FakeDispatcher()
+
+        async def dispatch(self, conn, requests):
+            if any(r.name == "bad" for r in requests):
+                raise ValueError("queue 'nope' does not exist")
+            return await self.inner.dispatch(conn, requests)
+
+    bad, good = settings_for("bad", grace=3600), settings_for("good", grace=3600)
+    h = Harness(pool, [bad, good], dispatcher=Picky())
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    await h.rewind("bad", 3)
+    await h.rewind("good", 3)
+    await h.engine.tick(ld)
+    assert len(await h.runs("good")) >= 3
+    assert await h.runs("bad") == [] and h.engine.failures == {"bad": 1}
