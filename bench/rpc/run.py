@@ -1,0 +1,216 @@
+"""bench/rpc: FORGE ``POST /rpc/value`` against a bare Litestar + asyncpg app doing the same SELECT.
+
+Both run in one process each on uvicorn + httptools with the same event loop, against the same
+embedded PostgreSQL (stock durability settings), with the same pool size, driven by ``wrk``
+(C, so the load generator is not the bottleneck). Rounds alternate FORGE and bare so drift in
+machine load hits both. Prints req/s, p50, p99 per round, the medians and the ratio, and a
+JSON-RPC batch of 10 calls.
+
+    /work/venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from forge_kernel.embedded_pg import EmbeddedPostgres
+from forge_kernel.testing import free_port, wait_for
+from forge_kernel.testing.procs import write_config
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def wrk_script(path: Path, body: str, url_path: str) -> Path:
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.path = "{url_path}"\n'
+    )
+    return path
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def postgres_cpu(postmaster: int) -> float:
+    """CPU of the PostgreSQL server: the postmaster and every backend it forked (live ones)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster or int(entry.name) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / CLK
+    return total
+
+
+def run_wrk(url: str, script: Path, duration: int, connections: int, threads: int = 1,
+            server_pid: int | None = None, postmaster: int | None = None) -> dict:
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+    pg0 = postgres_cpu(postmaster) if postmaster else 0.0
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    res = {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non2xx": int(errors.group(1)) if errors else 0,
+           "socket_errors": sock.group(1) if sock else ""}
+    if server_pid:
+        res["server_cpu_us_per_req"] = (cpu_seconds(server_pid) - cpu0) / total * 1e6
+    if postmaster:
+        # backends that exited during the run are not counted; pools keep theirs open
+        res["pg_cpu_us_per_req"] = (postgres_cpu(postmaster) - pg0) / total * 1e6
+    return res
+
+
+def check(url: str, body: dict | list, expect: object) -> None:
+    r = httpx.post(url, json=body, timeout=10)
+    r.raise_for_status()
+    got = r.json()
+    if got != expect:
+        raise SystemExit(f"{url} answered {got!r}, expected {expect!r}")
+
+
+async def pg_settings(url: str) -> dict:
+    conn = await asyncpg.connect(url)
+    try:
+        names = ["server_version", "fsync", "synchronous_commit", "full_page_writes", "shared_buffers",
+                 "max_connections", "wal_level"]
+        return {n: await conn.fetchval(f"SHOW {n}") for n in names}
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pool-max", type=int, default=20)
+    ap.add_argument("--loop", default="asyncio", help="event loop for the bare app (match the FORGE node's)")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is required: apt-get install -y wrk")
+
+    tmp = Path(tempfile.mkdtemp(prefix="forge-bench-rpc-"))
+    pg = EmbeddedPostgres(tmp / "pg")  # stock settings: fsync on, synchronous_commit on
+    procs: list[subprocess.Popen] = []
+    try:
+        db_url = pg.start()
+        settings = asyncio.run(pg_settings(db_url))
+        forge_port, bare_port = free_port(), free_port()
+        cfg = write_config(tmp / "forge.toml", {
+            "database": {"url": db_url, "pool_min": 2, "pool_max": args.pool_max},
+            "app": {"modules": ["bench_app"], "example": False},
+            "gateway": {"port": forge_port},
+            "log": {"level": "WARNING"},
+            "node": {"id": "bench"},
+        })
+        env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
+        forge_log = open(tmp / "forge.log", "wb")
+        procs.append(subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp, env=env,
+                                      stdout=forge_log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen([PY, str(HERE / "bare_app.py"), "--port", str(bare_port), "--db-url", db_url,
+                                       "--pool-max", str(args.pool_max), "--loop", args.loop],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
+        forge = f"http://127.0.0.1:{forge_port}"
+        bare = f"http://127.0.0.1:{bare_port}"
+        wait_for(lambda: httpx.get(forge + "/ready").status_code == 200, 60, 0.2, "FORGE node")
+        wait_for(lambda: httpx.post(bare + "/value", json={"id": 1}).status_code == 200, 60, 0.2, "bare app")
+        check(forge + "/rpc/value", {"id": 7}, {"data": 8})
+        check(bare + "/value", {"id": 7}, {"data": 8})
+        batch = [{"jsonrpc": "2.0", "method": "value", "params": {"id": i}, "id": i} for i in range(10)]
+        check(forge + "/rpc", batch, [{"jsonrpc": "2.0", "result": i + 1, "id": i} for i in range(10)])
+
+        s_forge = wrk_script(tmp / "forge.lua", json.dumps({"id": 7}), "/rpc/value")
+        s_bare = wrk_script(tmp / "bare.lua", json.dumps({"id": 7}), "/value")
+        s_batch = wrk_script(tmp / "batch.lua", json.dumps(batch), "/rpc")
+        # warm-up: prepared statements, pool connections, CPU caches
+        run_wrk(forge, s_forge, 2, args.connections)
+        run_wrk(bare, s_bare, 2, args.connections)
+        postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+        results: dict[str, list[dict]] = {"forge": [], "bare": [], "batch10": []}
+        for i in range(args.rounds):
+            for name, url, script, pid in (("forge", forge, s_forge, procs[0].pid), ("bare", bare, s_bare, procs[1].pid)):
+                res = run_wrk(url, script, args.duration, args.connections, server_pid=pid, postmaster=postmaster)
+                results[name].append(res)
+                print(f"round {i + 1} {name:6s} {res['rps']:9.0f} req/s  p50 {res['p50_ms']:6.2f} ms  "
+                      f"p99 {res['p99_ms']:6.2f} ms  cpu/req server {res['server_cpu_us_per_req']:5.0f} us "
+                      f"postgres {res['pg_cpu_us_per_req']:5.0f} us  non-2xx {res['non2xx']} {res['socket_errors']}",
+                      flush=True)
+        for i in range(max(1, args.rounds - 1)):
+            res = run_wrk(forge, s_batch, args.duration, args.connections, server_pid=procs[0].pid, postmaster=postmaster)
+            results["batch10"].append(res)
+            print(f"round {i + 1} batch10 {res['rps']:8.0f} req/s ({res['rps'] * 10:.0f} calls/s)  "
+                  f"p50 {res['p50_ms']:6.2f} ms  p99 {res['p99_ms']:6.2f} ms  non-2xx {res['non2xx']}", flush=True)
+
+        def med(name: str, key: str) -> float:
+            return statistics.median(r[key] for r in results[name])
+
+        keys = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "pg_cpu_us_per_req")
+        summary = {name: {k: med(name, k) for k in keys} for name in results}
+        summary["ratio_forge_over_bare"] = summary["forge"]["rps"] / summary["bare"]["rps"]
+        summary["batch10"]["calls_per_s"] = summary["batch10"]["rps"] * 10
+        summary["postgresql"] = settings
+        summary["setup"] = {"connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
+                            "pool_max": args.pool_max, "server": "uvicorn+httptools, 1 process each",
+                            "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count()}
+        print("\nmedians:")
+        for name in ("forge", "bare", "batch10"):
+            s = summary[name]
+            print(f"  {name:8s} {s['rps']:9.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  "
+                  f"cpu/req server {s['server_cpu_us_per_req']:.0f} us postgres {s['pg_cpu_us_per_req']:.0f} us")
+        print(f"  batch10 = {summary['batch10']['calls_per_s']:.0f} calls/s")
+        print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} (target >= 0.8)")
+        print(f"  PostgreSQL: {settings}")
+        (HERE / "last_result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(5)
+        pg.release()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
