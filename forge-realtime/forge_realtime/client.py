@@ -51,13 +51,14 @@ class _Sub:
 
 class ForgeClient:
     def __init__(self, url: str, *, token: str | None = None, min_backoff: float = 0.1, max_backoff: float = 10.0,
-                 open_timeout: float = 10.0, max_size: int = 64 * 1024 * 1024) -> None:
+                 open_timeout: float = 10.0, max_size: int = 64 * 1024 * 1024, keepalive: float = 30.0) -> None:
         self.url = url
         self.token = token
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.open_timeout = open_timeout
         self.max_size = max_size
+        self.keepalive = keepalive
         self.connects = 0
         self.last_close_code: int | None = None
         self._subs: dict[str, _Sub] = {}
@@ -155,9 +156,13 @@ class ForgeClient:
                     self._ws = ws
                     for sub in list(self._subs.values()):
                         await self._send_subscribe(sub)
-                    async for raw in ws:
-                        attempt = 0
-                        self._dispatch(json.loads(raw))
+                    keepalive = asyncio.create_task(self._keepalive(ws))
+                    try:
+                        async for raw in ws:
+                            attempt = 0
+                            self._dispatch(json.loads(raw))
+                    finally:
+                        keepalive.cancel()
                     self.last_close_code = ws.close_code
             except asyncio.CancelledError:
                 raise
@@ -174,6 +179,14 @@ class ForgeClient:
             delay = random.uniform(0, min(self.max_backoff, self.min_backoff * 2 ** attempt))
             attempt += 1
             await asyncio.sleep(delay)
+
+    async def _keepalive(self, ws: Any) -> None:
+        # protocol-level pings: the server closes sockets that send nothing for idle_timeout
+        # (WebSocket ping frames never reach the application)
+        while True:
+            await asyncio.sleep(self.keepalive)
+            with contextlib.suppress(Exception):
+                await ws.send('{"type":"ping"}')
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")

@@ -202,7 +202,13 @@ class Session:
                 self.engine.unsubscribe(sub)
                 self.end(sub_id, Unauthenticated("the token belongs to a different caller; subscribe again"))
         else:
-            for sub in self.subscriptions.values():
+            for sub_id, sub in list(self.subscriptions.items()):
+                try:  # same caller, but its roles may have changed with the new token
+                    self.engine.executor.authorize(self.engine.executor.lookup(sub.function, kinds=("query",)), auth)
+                except ForgeError as exc:
+                    self.engine.unsubscribe(sub)
+                    self.end(sub_id, exc)
+                    continue
                 sub.auth = auth  # refreshed token: the query keeps running as the same caller
         if self._expiry is not None:
             self._expiry.cancel()

@@ -23,12 +23,15 @@ JWT_SECRET = "forge-realtime-test-secret-0123456789abcdef"
 GATEWAY = {"port": 0, "jwt_secret": JWT_SECRET, "jwt_algorithms": ["HS256"]}
 
 
-def token(user: str, ttl: float = 3600.0) -> str:
+def token(user: str, ttl: float = 3600.0, roles: list[str] | None = None) -> str:
     import time
 
     import jwt
 
-    return jwt.encode({"sub": user, "exp": int(time.time() + ttl)}, JWT_SECRET, algorithm="HS256")
+    claims = {"sub": user, "exp": int(time.time() + ttl)}
+    if roles:
+        claims["roles"] = roles
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
 def ws_url(node: Any) -> str:

@@ -57,6 +57,12 @@ async def note_count(ctx) -> int:
     return await ctx.db.fetchval("SELECT count(*) FROM rt_notes")
 
 
+@query(roles=["admin"])
+async def admin_count(ctx) -> int:
+    """Needs the admin role (does not read ctx.auth itself)."""
+    return await ctx.db.fetchval("SELECT count(*) FROM rt_items")
+
+
 @query(public=True)
 async def broken(ctx) -> int:
     raise RuntimeError("boom")

@@ -90,3 +90,14 @@ async def test_client_reconnects_after_drain_and_resubscribes_with_its_hash(rt_n
     finally:
         if first is not None:
             await first.stop()
+
+
+async def test_client_keeps_an_idle_subscription_alive(rt_node):
+    node = await rt_node(idle_timeout=1)
+    async with ForgeClient(ws_url(node), keepalive=0.3) as client:
+        counts = client.subscribe("count_items")
+        assert await anext(counts) == 0
+        await asyncio.sleep(2.5)  # longer than idle_timeout: only the keepalive pings hold it open
+        await node.executor.call("add_item", {"owner": "x", "title": "y"})
+        assert await asyncio.wait_for(anext(counts), 10) == 1
+        assert client.connects == 1

@@ -160,3 +160,18 @@ async def test_switching_caller_on_a_socket_ends_its_subscriptions(node):
         err = next(m for m in msgs if m["type"] == "error")
         assert (err["code"], err["id"]) == ("UNAUTHENTICATED", "m")
         assert any(m["type"] == "ready" and m["user_id"] == "mallory" for m in msgs)
+
+
+async def test_refreshed_token_without_the_role_ends_the_subscription(node):
+    async with ws_connect(ws_url(node), token("alice", roles=["admin"])) as c:
+        await c.send({"type": "subscribe", "id": "adm", "function": "admin_count"})
+        assert (await c.recv())["data"] == 0
+        await c.send({"type": "subscribe", "id": "pub", "function": "count_items"})
+        assert (await c.recv())["data"] == 0
+        await c.send({"type": "auth", "token": token("alice")})
+        msgs = [await c.recv(), await c.recv()]
+        err = next(m for m in msgs if m["type"] == "error")
+        assert (err["code"], err["id"]) == ("FORBIDDEN", "adm")
+        await node.executor.call("add_item", {"owner": "x", "title": "y"})
+        msg = await c.recv()
+        assert (msg["type"], msg["id"], msg["data"]) == ("data", "pub", 1)
