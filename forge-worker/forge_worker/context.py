@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Mapping
 
 import asyncpg
 import attrs
+from loguru import logger
 
 from forge_kernel.db import Database
 from forge_kernel.executor import ActionContext, Call
@@ -116,11 +117,34 @@ class JobContext(ActionContext):
     ``mutation``, ``dispatch``, ``log``, plus ``job``, ``progress()``, ``retry_later()``,
     ``cancel()`` and ``cancelled``."""
 
-    def __init__(self, executor: Any, call: Call, db: LazyDatabase, job: JobInfo, attempt_state: Any) -> None:
-        super().__init__(executor, call, db)  # type: ignore[arg-type]
-        self.job = job
+    # Context.__init__ binds a logger per call; jobs bind theirs only when a job logs (most never do)
+    def __init__(self, executor: Any, call: Call, db: LazyDatabase, row: Any, attempt_state: Any) -> None:
+        self._executor = executor
+        self._call = call
+        self.db = db  # type: ignore[assignment]
+        self.request_id = call.request_id
+        self._row = row
+        self._job: JobInfo | None = None
         self._state = attempt_state
-        self.log = self.log.bind(job_id=job.id, attempt=job.attempt)
+        self._log: Any = None
+
+    @property
+    def job(self) -> JobInfo:
+        """The running attempt (built on first use)."""
+        if self._job is None:
+            r = self._row
+            self._job = JobInfo(id=r["id"], name=r["name"], queue=r["queue"], attempt=r["attempt"],
+                                max_attempts=r["max_attempts"], priority=r["priority"], run_at=r["run_at"],
+                                created_at=r["created_at"], started_at=r["started_at"], unique_key=r["unique_key"],
+                                options=r["options"] or {})
+        return self._job
+
+    @property
+    def log(self) -> Any:
+        if self._log is None:
+            self._log = logger.bind(request_id=self.request_id, function=self._call.defn.name,
+                                    job_id=self._row["id"], attempt=self._row["attempt"])
+        return self._log
 
     def progress(self, percent: float, message: str | None = None) -> None:
         """Record progress (0-100). Cheap to call in a tight loop: only the latest value is

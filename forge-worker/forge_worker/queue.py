@@ -73,6 +73,33 @@ _ON_CONFLICT_REPLACE = """ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL 
     options = EXCLUDED.options, attempt = 0, last_error = NULL
     WHERE forge_jobs.status IN ('pending', 'scheduled')"""
 INSERT_SKIP = _INSERT.format(conflict=_ON_CONFLICT_SKIP)
+
+# Batches without unique keys (the common case) skip the speculative-insert and join machinery.
+# Ids of one INSERT ... SELECT ... ORDER BY are drawn in that order, so sorted ids follow the
+# request order.
+INSERT_PLAIN = """
+WITH ins AS (
+    INSERT INTO forge_jobs (name, args, queue, priority, run_at, status, max_attempts, capability, timeout,
+                            caller, options)
+    SELECT name, args::jsonb, queue, priority, coalesce(run_at, now()),
+           CASE WHEN run_at > now() THEN 'scheduled' ELSE 'pending' END,
+           max_attempts, capability, timeout, caller, options::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::int[], $7::text[],
+                $8::float8[], $9::text[], $10::text[], $11::text[])
+         WITH ORDINALITY AS r(name, args, queue, priority, run_at, max_attempts, capability, timeout,
+                              unique_key, caller, options, ord)
+    ORDER BY ord
+    RETURNING id
+), sleepers AS (
+    SELECT s.node_id FROM forge_worker_sleepers s
+    WHERE cardinality(s.queues) = 0 OR s.queues && $3::text[]
+    ORDER BY (s.capabilities @> $12::text[]) DESC, random()
+    LIMIT $13
+), wake AS (
+    SELECT pg_notify('forge_jobs', node_id) FROM sleepers
+)
+SELECT id, (SELECT count(*) FROM wake) AS woke FROM ins ORDER BY id
+"""
 INSERT_REPLACE = _INSERT.format(conflict=_ON_CONFLICT_REPLACE)
 
 
@@ -126,6 +153,9 @@ async def store_jobs(conn: Any, requests: Sequence[JobRequest]) -> list[int]:
         return []
     for r in requests:
         _check(r)
+    if all(r.unique_key is None for r in requests):
+        rows = await conn.fetch(INSERT_PLAIN, *_columns(requests))
+        return [r["id"] for r in rows]
     ids = [0] * len(requests)
     for mode, sql in (("skip", INSERT_SKIP), ("replace", INSERT_REPLACE)):
         # a key may appear once per statement: skip keeps the first request, replace the last

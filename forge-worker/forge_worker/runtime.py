@@ -28,11 +28,11 @@ import asyncpg
 import attrs
 from loguru import logger
 
-from forge_kernel.executor import SYSTEM, Auth, Call, JobOutcome, bind_arguments, new_request_id
+from forge_kernel.executor import SYSTEM, Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
 
 from .config import WorkerConfig
-from .context import JobCancelled, JobContext, JobInfo, LazyDatabase, RetryLater
+from .context import JobCancelled, JobContext, LazyDatabase, RetryLater
 from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
@@ -432,12 +432,8 @@ class Worker:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
             caller = row["caller"]
             auth = Auth(user_id=caller, kind="user") if caller else SYSTEM
-            call = JobCall(defn, args, auth, new_request_id())
-            info = JobInfo(id=row["id"], name=row["name"], queue=row["queue"], attempt=row["attempt"],
-                           max_attempts=row["max_attempts"], priority=row["priority"], run_at=row["run_at"],
-                           created_at=row["created_at"], started_at=started, unique_key=row["unique_key"],
-                           options=row["options"])
-            call.ctx = JobContext(self.node.executor, call, db, info, a)
+            call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
+            call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
             try:
                 async with asyncio.timeout(timeout):
