@@ -1,0 +1,87 @@
+"""The example app across a two-node cluster, with every role package, through public surfaces only:
+HTTP (gateway), WebSocket live queries (realtime), jobs (worker), leader (scheduler)."""
+
+import asyncio
+import time
+
+import asyncpg
+import httpx
+import jwt
+import pytest
+
+pytest.importorskip("forge_gateway")
+pytest.importorskip("forge_worker")
+pytest.importorskip("forge_realtime")
+pytest.importorskip("forge_scheduler")
+
+from forge_realtime.client import ForgeClient  # noqa: E402
+from forge_worker.queue import JobQueue  # noqa: E402
+
+SECRET = "e2e-secret-e2e-secret-e2e-secret!"
+
+
+def token(user: str) -> str:
+    return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def cluster(forge_processes):
+    gw = forge_processes({"node": {"roles": ["gateway", "function", "realtime"]},
+                          "gateway": {"port": 0, "jwt_secret": SECRET}}, node_id="front")
+    back = forge_processes({"node": {"roles": ["worker", "scheduler"]}, "gateway": {"jwt_secret": SECRET}},
+                           node_id="back")
+    return gw, back, forge_processes.db_url
+
+
+async def test_todo_app_end_to_end(cluster):
+    gw, back, db_url = cluster
+    port = gw.ready_info()["ports"]["http"]
+    base = f"http://127.0.0.1:{port}"
+    alice = {"Authorization": f"Bearer {token('alice')}"}
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http, \
+                ForgeClient(f"ws://127.0.0.1:{port}/ws", token=token("alice")) as live:
+            updates = live.subscribe("list_todos")
+            assert await asyncio.wait_for(updates.__anext__(), 10) == []
+
+            # a mutation commits its row and its job together (transactional outbox)
+            r = await http.post("/rpc/add_todo", json={"title": "buy milk"}, headers=alice)
+            assert r.status_code == 200, r.text
+            todo = r.json()["data"]
+            assert todo["owner"] == "alice"
+
+            # the live query pushes the new result
+            pushed = await asyncio.wait_for(updates.__anext__(), 10)
+            assert [t["title"] for t in pushed] == ["buy milk"]
+
+            jobs = await JobQueue(pool).list(name="send_reminder")
+            assert [(j.args["todo_id"], j.caller, j.status) for j in jobs] == [(todo["id"], "alice", "scheduled")]
+
+            # a mutation that fails leaves neither row nor job
+            r = await http.post("/rpc/add_todo", json={"title": "   "}, headers=alice)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_ARGUMENT"
+            assert await pool.fetchval("SELECT count(*) FROM todos") == 1
+            assert len(await JobQueue(pool).list(name="send_reminder")) == 1
+
+            # another user sees only their own rows, and anonymous callers are refused
+            r = await http.post("/rpc/list_todos", json={}, headers={"Authorization": f"Bearer {token('bob')}"})
+            assert r.json() == {"data": []}
+            r = await http.post("/rpc/list_todos", json={})
+            assert r.status_code == 401
+
+            # the worker node runs jobs dispatched through the gateway node
+            job_id = await JobQueue(pool).enqueue("send_reminder", {"todo_id": todo["id"]})
+            for _ in range(200):
+                info = await JobQueue(pool).get(job_id)
+                if info and info.status == "succeeded":
+                    break
+                await asyncio.sleep(0.05)
+            assert info.status == "succeeded" and info.node_id == "back"
+
+            # the scheduler on the back node leads
+            leader = await pool.fetchval("SELECT node_id FROM forge_leaders")
+            assert leader == "back"
+    finally:
+        await pool.close()
+    assert gw.terminate() == 0 and back.terminate() == 0
