@@ -27,10 +27,17 @@ async def connect(url: str, **kw: Any) -> asyncpg.Connection:
     return conn
 
 
-async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, timeout: float = 10.0) -> asyncpg.Pool:
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, timeout: float = 10.0,
+                      read_only: bool = False) -> asyncpg.Pool:
+    settings = {"application_name": "forge"}
+    if read_only:
+        # Every statement on these connections runs in a read-only transaction of its own, without a
+        # BEGIN/COMMIT round trip each. A startup-packet setting is also what RESET ALL (the pool's
+        # reset on release) restores, so a query cannot leave a connection writable.
+        settings = {"application_name": "forge-query", "default_transaction_read_only": "on"}
     return await asyncpg.create_pool(
         url, min_size=min_size, max_size=max_size, init=_init_connection, timeout=timeout,
-        server_settings={"application_name": "forge"},
+        server_settings=settings,
     )
 
 

@@ -78,6 +78,7 @@ class Node:
         self.url: str = ""
         self.embedded: EmbeddedPostgres | None = None
         self.pool: asyncpg.Pool | None = None
+        self.query_pool: asyncpg.Pool | None = None
         self.executor: FunctionExecutor | None = None
         self.supervisor = Supervisor()
         self.services: list[Service] = []
@@ -109,6 +110,10 @@ class Node:
             self.pool = await dbmod.create_pool(self.url, min_size=self.config.database.pool_min,
                                                 max_size=self.config.database.pool_max,
                                                 timeout=self.config.database.connect_timeout)
+            # queries run here: read-only sessions save BEGIN READ ONLY + COMMIT per call (measured in bench/rpc)
+            self.query_pool = await dbmod.create_pool(self.url, min_size=min(1, self.config.database.pool_min),
+                                                      max_size=self.config.database.pool_max,
+                                                      timeout=self.config.database.connect_timeout, read_only=True)
         except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
             raise StartupError(f"cannot connect to PostgreSQL at [database] url: {type(exc).__name__}: {exc}") from exc
         if self.registry is None:
@@ -124,7 +129,7 @@ class Node:
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
-                                         node=self)
+                                         node=self, query_pool=self.query_pool)
         await self._register()
         self.supervisor.spawn("heartbeat", self._heartbeat_loop, service="kernel")
         self.maintenance = _flat(self.loader.hook.forge_maintenance_tasks(node=self))
@@ -160,6 +165,9 @@ class Node:
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pool.close(), 5)
+        if self.query_pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.query_pool.close(), 5)
         self.status = "stopped"
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.release)
