@@ -27,9 +27,15 @@ ISSUER = "https://issuer.test"
 SERVICE_KEY = "svc-key-" + "x" * 24
 
 
-def child_env() -> dict[str, str]:
-    """PYTHONPATH for the node process so it can import the test apps."""
-    return {"PYTHONPATH": os.pathsep.join(p for p in (APPS, os.environ.get("PYTHONPATH", "")) if p)}
+def child_env(*plugins: str) -> dict[str, str]:
+    """Environment of a node process: the test apps importable, and only the kernel, the gateway and
+    ``plugins`` loaded (other packages installed beside us are built concurrently; their state must
+    not decide these tests)."""
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in (APPS, os.environ.get("PYTHONPATH", "")) if p),
+        "FORGE_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "FORGE_PLUGINS": ",".join(["forge_kernel.kernel_plugin", "forge_gateway.hooks", *plugins]),
+    }
 
 
 @attrs.frozen
