@@ -8,7 +8,7 @@ time; Procrastinate has no leader - every worker defers - so two of its workers)
 * slots expected / enqueued / duplicated / missed,
 * enqueue lag = when the job row was stored minus the slot instant (median, p95, max),
 * the longest gap between consecutive enqueues (what a crash costs),
-* FORGE's takeover time after each SIGKILL,
+* FORGE's takeover time after each SIGKILL (and over ``--takeovers`` extra rounds),
 * committed transactions per second in each side's database (all its processes together).
 
 PostgreSQL: an embedded server started here with stock settings (only port, socket dir and
@@ -138,7 +138,8 @@ async def run_forge(url: str, admin: asyncpg.Connection, work: Path, duration: f
             current = await until(successor, 30, "a new leader")
             takeovers.append(time.monotonic() - k)
         await asyncio.sleep(max(0.0, t0 + duration - time.monotonic()))
-        end = await conn.fetchval("SELECT clock_timestamp()")
+        # slots of the last second may still be in flight (Procrastinate oversleeps by 0.5 s on purpose)
+        end = await conn.fetchval("SELECT clock_timestamp()") - SECOND
         tps = (await xacts(admin, "forge_bench") - x0) / (time.monotonic() - t0)
         rows = await conn.fetch("SELECT slot, enqueued_at FROM forge_cron_runs WHERE cron = 'bench_tick' "
                                 "AND kind = 'scheduled' AND slot <= $1", end)
@@ -153,6 +154,53 @@ async def run_forge(url: str, admin: asyncpg.Connection, work: Path, duration: f
         await conn.close()
         for p in procs.values():
             p.terminate(timeout=20)
+
+
+async def run_takeovers(url: str, work: Path, rounds: int) -> list[float]:
+    """SIGKILL the leader ``rounds`` times among three scheduler nodes (the killed node is
+    started again each time, so three campaign); returns each takeover time."""
+    db_url = with_db(url, "forge_takeover")
+    env = {"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1", "FORGE_PLUGINS": "forge_scheduler.hooks,forge_worker.hooks",
+           "FORGE_LOG__LEVEL": "INFO", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    procs: dict[str, NodeProcess] = {}
+
+    def spawn(nid: str) -> NodeProcess:
+        cfg = {"database": {"url": db_url}, "node": {"id": nid, "roles": ["scheduler"]},
+               "app": {"modules": ["bench_app"], "example": False}}
+        p = NodeProcess(work / f"takeover-{nid}", cfg, env=env)
+        procs[nid] = p
+        return p.start()
+
+    spawn("t1").wait_ready()
+    for nid in ("t2", "t3"):
+        spawn(nid).wait_ready()
+    conn = await asyncpg.connect(db_url)
+    times: list[float] = []
+    try:
+        async def leader():
+            r = await conn.fetchrow("SELECT node_id, term FROM forge_leaders WHERE name = 'scheduler'")
+            return r if r is not None and r["node_id"] is not None else None
+
+        for _ in range(rounds):
+            current = await until(leader, 30, "a leader")
+            await asyncio.sleep(1.0)
+            k = time.monotonic()
+            procs[current["node_id"]].kill()
+
+            async def successor():
+                r = await leader()
+                return r if r is not None and r["term"] > current["term"] else None
+
+            await until(successor, 30, "a new leader")
+            times.append(time.monotonic() - k)
+            await asyncio.to_thread(lambda: spawn(current["node_id"]).wait_ready())
+    finally:
+        await conn.close()
+        for p in procs.values():
+            p.terminate(timeout=20)
+    print(f"FORGE takeover after SIGKILL of the leader, {rounds} rounds (3 nodes, election_interval 0.5 s): "
+          f"min {min(times):.3f} s, p50 {pct(times, 0.5):.3f} s, p95 {pct(times, 0.95):.3f} s, max {max(times):.3f} s")
+    return times
 
 
 # --- Procrastinate ------------------------------------------------------------------------
@@ -181,7 +229,8 @@ async def run_procrastinate(url: str, admin: asyncpg.Connection, work: Path, dur
             os.kill(procs[i].pid, signal.SIGKILL)
             procs[i].wait(10)
         await asyncio.sleep(max(0.0, t0 + duration - time.monotonic()))
-        end = await conn.fetchval("SELECT clock_timestamp()")
+        # slots of the last second may still be in flight (Procrastinate oversleeps by 0.5 s on purpose)
+        end = await conn.fetchval("SELECT clock_timestamp()") - SECOND
         tps = (await xacts(admin, "procr_bench") - x0) / (time.monotonic() - t0)
         rows = await conn.fetch(
             # procrastinate_periodic_defers keeps only recent rows; the jobs carry the slot as an argument
@@ -211,6 +260,7 @@ async def run_procrastinate(url: str, admin: asyncpg.Connection, work: Path, dur
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=45.0, help="seconds each side runs")
+    ap.add_argument("--takeovers", type=int, default=10, help="leader SIGKILL rounds of the takeover phase")
     args = ap.parse_args()
     kills = [args.duration / 3, 2 * args.duration / 3]
     with tempfile.TemporaryDirectory(prefix="forge-bench-sched-") as tmp:
@@ -224,8 +274,10 @@ async def main() -> None:
                 print("PostgreSQL (embedded, stock settings): " + ", ".join(f"{k}={v}" for k, v in shown.items()))
                 print(f"machine: {os.cpu_count()} cores; each side: 3 scheduling processes, cron every second, "
                       f"{args.duration:.0f} s, SIGKILL at {', '.join(f'{k:.0f} s' for k in kills)}")
-                for db in ("forge_bench", "procr_bench"):
+                for db in ("forge_bench", "procr_bench", "forge_takeover"):
                     await admin.execute(f'CREATE DATABASE "{db}"')
+                if args.takeovers:
+                    await run_takeovers(url, work, args.takeovers)
                 forge = await run_forge(url, admin, work, args.duration, kills)
                 peer = await run_procrastinate(url, admin, work, args.duration, kills)
                 print("ratios (Procrastinate / FORGE): "
