@@ -29,11 +29,16 @@ import asyncpg
 import httpx
 import msgspec
 import psutil
-import websockets
+import websockets  # noqa: F401 - the naive peer's server library
 
+from forge_kernel import db as dbmod
 from forge_kernel.embedded_pg import EmbeddedPostgres, _bin_dir
+from forge_kernel.migrations import from_package, migrate
 from forge_kernel.testing.procs import NodeProcess, free_port
 from forge_realtime.capture import install_capture, remove_capture
+
+sys.path.insert(0, str(Path(__file__).parent))
+import wsclient  # noqa: E402
 
 HERE = Path(__file__).parent
 decode = msgspec.json.Decoder().decode
@@ -68,12 +73,12 @@ def pgbench(url: str, clients: int, seconds: int, script: Path) -> float:
     raise RuntimeError(f"pgbench printed no tps:\n{out.stdout}\n{out.stderr}")
 
 
-async def bench_writes(url: str, seconds: int, rounds: int) -> dict:
+async def bench_writes(url: str, seconds: int, rounds: int, modes: tuple[str, ...]) -> dict:
     conn = await asyncpg.connect(url)
     await conn.execute("CREATE TABLE bench_writes (id bigserial PRIMARY KEY, topic integer NOT NULL, payload text NOT NULL)")
     script = Path(tempfile.mkdtemp()) / "insert.sql"
     script.write_text(INSERT_SCRIPT)
-    results: dict[str, list[float]] = {"capture_off": [], "capture_on": [], "notify_per_row": []}
+    results: dict[str, list[float]] = {m: [] for m in modes}
     try:
         for _ in range(rounds):
             for mode in results:
@@ -97,34 +102,42 @@ async def bench_writes(url: str, seconds: int, rounds: int) -> dict:
     med = {k: statistics.median(v) for k, v in results.items()}
     return {"tps_runs": results, "tps_median": med,
             "ratio_capture_on_vs_off": med["capture_on"] / med["capture_off"],
-            "ratio_notify_per_row_vs_off": med["notify_per_row"] / med["capture_off"],
+            "ratio_notify_per_row_vs_off": med["notify_per_row"] / med["capture_off"] if "notify_per_row" in med else None,
             "change_log_rows_after_last_capture_run": logged}
 
 
 # --- clients and writers ----------------------------------------------------------------------
 class Client:
-    __slots__ = ("ws", "max_id", "received", "pushes", "task")
+    """One benchmark socket (see wsclient.py): records (row id, receive time) of new rows."""
 
-    def __init__(self, ws) -> None:
-        self.ws, self.max_id, self.received, self.pushes, self.task = ws, 0, [], 0, None
+    __slots__ = ("proto", "max_id", "received", "pushes", "waiter")
 
-    async def read(self) -> None:
+    def __init__(self) -> None:
+        self.proto, self.max_id, self.received, self.pushes, self.waiter = None, 0, [], 0, None
+
+    def on_message(self, now: float, payload: bytes) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(decode(payload))
+            return
+        msg = decode(payload)
+        if msg.get("type") != "data":
+            return
+        self.pushes += 1
+        top = self.max_id
+        for row in msg["data"]:
+            rid = row["id"]
+            if rid > self.max_id:
+                self.received.append((rid, now))
+                top = max(top, rid)
+        self.max_id = top
+
+    async def request(self, text: str) -> dict:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.proto.send(text)
         try:
-            async for raw in self.ws:
-                now = time.perf_counter()
-                msg = decode(raw)
-                if msg.get("type") != "data":
-                    continue
-                self.pushes += 1
-                top = self.max_id
-                for row in msg["data"]:
-                    rid = row["id"]
-                    if rid > self.max_id:
-                        self.received.append((rid, now))
-                        top = max(top, rid)
-                self.max_id = top
-        except websockets.ConnectionClosed:
-            pass
+            return await asyncio.wait_for(self.waiter, 60)
+        finally:
+            self.waiter = None
 
 
 async def open_clients(url: str, n: int, subscription, concurrency: int = 50) -> list[Client]:
@@ -134,25 +147,21 @@ async def open_clients(url: str, n: int, subscription, concurrency: int = 50) ->
 
     async def one(i: int) -> None:
         async with sem:
+            c = Client()
             for attempt in range(5):
                 try:
-                    ws = await websockets.connect(url, max_size=1 << 22, compression=None, ping_interval=None,
-                                                  open_timeout=30)
+                    c.proto = await wsclient.connect(url, c.on_message)
                     break
-                except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
+                except (OSError, asyncio.TimeoutError, ConnectionError):
                     await asyncio.sleep(0.2 * (attempt + 1))
             else:
                 raise RuntimeError(f"client {i} could not connect")
-            await ws.send('{"type":"auth","token":null}')
-            assert decode(await ws.recv())["type"] == "ready"
-            c = Client(ws)
+            assert (await c.request('{"type":"auth","token":null}'))["type"] == "ready"
             sub = subscription(i)
             if sub is not None:
-                await ws.send(json.dumps({"type": "subscribe", "id": "s", "function": sub[0], "args": sub[1]}))
-                first = decode(await ws.recv())
+                first = await c.request(json.dumps({"type": "subscribe", "id": "s", "function": sub[0], "args": sub[1]}))
                 assert first["type"] == "data", first
                 c.max_id = max([r["id"] for r in first["data"]], default=0)
-                c.task = asyncio.create_task(c.read())
             clients[i] = c
 
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -160,16 +169,9 @@ async def open_clients(url: str, n: int, subscription, concurrency: int = 50) ->
 
 
 async def close_clients(clients: list[Client]) -> None:
-    async def one(c: Client) -> None:
-        try:
-            await asyncio.wait_for(c.ws.close(), 5)
-        except Exception:
-            pass
-        if c.task:
-            c.task.cancel()
-
-    for i in range(0, len(clients), 500):
-        await asyncio.gather(*(one(c) for c in clients[i:i + 500]))
+    for c in clients:
+        c.proto.close()
+    await asyncio.sleep(0.5)
 
 
 async def write_load(pool: asyncpg.Pool, rate: float, seconds: float, topic_of) -> dict[int, float]:
@@ -264,6 +266,7 @@ async def node_stats(port: int) -> dict:
 
 # --- main ----------------------------------------------------------------------------------------
 async def main(args: argparse.Namespace) -> dict:
+    parts = set(args.only.split(","))
     root = Path(tempfile.mkdtemp(prefix="forge-bench-rt-"))
     pg = EmbeddedPostgres(root)  # stock settings (fsync and synchronous_commit on)
     admin_url = await asyncio.to_thread(pg.start)
@@ -278,81 +281,108 @@ async def main(args: argparse.Namespace) -> dict:
             "max_connections", "max_wal_size", "checkpoint_timeout", "work_mem")}
         await admin.close()
         db_url = with_db(admin_url, "forge_bench")
-        out["machine"] = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
-        print(f"PostgreSQL {out['postgres']}", flush=True)
+        out["machine"] = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                          "load_average_at_start": os.getloadavg()}
+        print(f"PostgreSQL {out['postgres']}\nmachine {out['machine']}", flush=True)
 
-        # the node applies every migration (change log + bench tables); start it once
+        if "a" in parts:
+            # the write path alone: no node runs yet (its reader would compete for the same 2 cores)
+            conn = await dbmod.connect(db_url)
+            await migrate(conn, from_package("forge_realtime.sql", namespace="realtime"))
+            await conn.close()
+            print("(a) write throughput, 32 writers (no realtime node running)", flush=True)
+            out["a_write_throughput"] = await bench_writes(db_url, args.write_seconds, args.write_rounds,
+                                                           ("capture_off", "capture_on", "notify_per_row"))
+
         node = start_node(root / "node", db_url)
         port = await node_port(db_url, "bench")
         ws_url = f"ws://127.0.0.1:{port}/ws"
         proc = psutil.Process(node.pid)
+        print(f"node pid {node.pid} serving {ws_url}", flush=True)
 
-        print("(a) write throughput, 32 writers", flush=True)
-        out["a_write_throughput"] = await bench_writes(db_url, args.write_seconds, args.write_rounds)
+        if "d" in parts:
+            print(f"(d) memory per idle connection ({args.idle} connections)", flush=True)
+            warm = await open_clients(ws_url, 200, lambda i: None)  # warm up allocator and code paths
+            await close_clients(warm)
+            await asyncio.sleep(2.0)
+            rss0 = proc.memory_info().rss
+            idle = await open_clients(ws_url, args.idle, lambda i: None)
+            await asyncio.sleep(2.0)
+            rss1 = proc.memory_info().rss
+            out["d_idle_memory"] = {"connections": args.idle, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+                                    "bytes_per_connection": (rss1 - rss0) / args.idle}
+            print(f"  {out['d_idle_memory']}", flush=True)
+            await close_clients(idle)
 
-        print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: FORGE", flush=True)
-        before = await node_stats(port)
-        rep, clients = await run_latency(ws_url, db_url, args.b_clients, args.b_topics, args.b_rate, args.seconds)
-        after = await node_stats(port)
-        rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
-        rep["node_cpu_percent"] = proc.cpu_percent(None)
-        await close_clients(clients)
-        out["b_forge"] = rep
-        print(f"  {rep}", flush=True)
+        if "a" in parts:
+            print("(a') capture on while the realtime node reads the change log", flush=True)
+            out["a_with_reader"] = await bench_writes(db_url, args.write_seconds, max(1, args.write_rounds - 1),
+                                                      ("capture_off", "capture_on"))
 
-        print(f"(c) {args.c_clients} clients on one query at {args.c_rate:g} writes/s: FORGE", flush=True)
-        clients = await open_clients(ws_url, args.c_clients, lambda i: ("topic_latest", {"topic": 1000}))
-        pool = await asyncpg.create_pool(db_url, min_size=8, max_size=8)
-        before = await node_stats(port)
-        await asyncio.sleep(1.0)
-        commits = await write_load(pool, args.c_rate, args.seconds, lambda i: 1000)
-        await asyncio.sleep(5.0)
-        after = await node_stats(port)
-        await pool.close()
-        rep = latency_report(clients, commits, len(commits) * args.c_clients, args.seconds)
-        rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
-        rep["node_pushes_per_s"] = (after["pushes"] - before["pushes"]) / args.seconds
-        out["c_forge_fanout"] = rep
-        print(f"  {rep}", flush=True)
-        await close_clients(clients)
+        if "b" in parts:
+            print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: FORGE", flush=True)
+            before = await node_stats(port)
+            proc.cpu_percent(None)  # start the CPU measurement window
+            rep, clients = await run_latency(ws_url, db_url, args.b_clients, args.b_topics, args.b_rate, args.seconds)
+            after = await node_stats(port)
+            rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
+            rep["node_cpu_percent"] = proc.cpu_percent(None)
+            await close_clients(clients)
+            out["b_forge"] = rep
+            print(f"  {rep}", flush=True)
 
-        print(f"(d) memory per idle connection ({args.idle} connections)", flush=True)
-        await asyncio.sleep(2.0)
-        rss0 = proc.memory_info().rss
-        idle = await open_clients(ws_url, args.idle, lambda i: None)
-        await asyncio.sleep(2.0)
-        rss1 = proc.memory_info().rss
-        out["d_idle_memory"] = {"connections": args.idle, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
-                                "bytes_per_connection": (rss1 - rss0) / args.idle}
-        print(f"  {out['d_idle_memory']}", flush=True)
-        await close_clients(idle)
+        if "c" in parts:
+            print(f"(c) {args.c_clients} clients on one query at {args.c_rate:g} writes/s: FORGE", flush=True)
+            clients = await open_clients(ws_url, args.c_clients, lambda i: ("topic_latest", {"topic": 1000}))
+            pool = await asyncpg.create_pool(db_url, min_size=8, max_size=8)
+            before = await node_stats(port)
+            proc.cpu_percent(None)
+            await asyncio.sleep(1.0)
+            commits = await write_load(pool, args.c_rate, args.seconds, lambda i: 1000)
+            await asyncio.sleep(5.0)
+            after = await node_stats(port)
+            await pool.close()
+            rep = latency_report(clients, commits, len(commits) * args.c_clients, args.seconds)
+            rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
+            rep["node_pushes_per_s"] = (after["pushes"] - before["pushes"]) / args.seconds
+            rep["node_cpu_percent"] = proc.cpu_percent(None)
+            out["c_forge_fanout"] = rep
+            print(f"  {rep}", flush=True)
+            await close_clients(clients)
+
         node.terminate(30)
         node = None
 
-        print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: naive peer", flush=True)
-        conn = await asyncpg.connect(db_url)
-        await remove_capture(conn, "bench_items")  # the naive peer's writes pay only for its own trigger
-        await conn.close()
-        naive_port = free_port()
-        naive = subprocess.Popen([sys.executable, str(HERE / "naive_peer.py"), db_url, str(naive_port)],
-                                 stdout=subprocess.PIPE, text=True)
-        assert "ready" in naive.stdout.readline()
-        naive_proc = psutil.Process(naive.pid)
-        naive_proc.cpu_percent(None)
-        rep, clients = await run_latency(f"ws://127.0.0.1:{naive_port}", db_url, args.b_clients, args.b_topics,
-                                         args.b_rate, args.seconds)
-        rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
-        rep["peer_cpu_percent"] = naive_proc.cpu_percent(None)
-        await close_clients(clients)
-        out["b_naive"] = rep
-        print(f"  {rep}", flush=True)
-        out["ratios"] = {
-            "a_capture_on_vs_off": out["a_write_throughput"]["ratio_capture_on_vs_off"],
-            "a_notify_per_row_vs_off": out["a_write_throughput"]["ratio_notify_per_row_vs_off"],
-            "b_p99_naive_vs_forge": out["b_naive"]["p99_ms"] / out["b_forge"]["p99_ms"],
-            "b_delivered_forge": out["b_forge"]["delivered_fraction"],
-            "b_delivered_naive": out["b_naive"]["delivered_fraction"],
-        }
+        if "naive" in parts:
+            print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: naive peer", flush=True)
+            conn = await asyncpg.connect(db_url)
+            await remove_capture(conn, "bench_items")  # the naive peer's writes pay only for its own trigger
+            await conn.close()
+            naive_port = free_port()
+            naive = subprocess.Popen([sys.executable, str(HERE / "naive_peer.py"), db_url, str(naive_port)],
+                                     stdout=subprocess.PIPE, text=True)
+            assert "ready" in naive.stdout.readline()
+            naive_proc = psutil.Process(naive.pid)
+            naive_proc.cpu_percent(None)
+            rep, clients = await run_latency(f"ws://127.0.0.1:{naive_port}", db_url, args.b_clients, args.b_topics,
+                                             args.b_rate, args.seconds)
+            rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
+            rep["peer_cpu_percent"] = naive_proc.cpu_percent(None)
+            await close_clients(clients)
+            out["b_naive"] = rep
+            print(f"  {rep}", flush=True)
+        ratios = {}
+        if "a_write_throughput" in out:
+            ratios["a_capture_on_vs_off"] = out["a_write_throughput"]["ratio_capture_on_vs_off"]
+            ratios["a_notify_per_row_vs_off"] = out["a_write_throughput"]["ratio_notify_per_row_vs_off"]
+            ratios["a_capture_on_with_reader_vs_off"] = out["a_with_reader"]["ratio_capture_on_vs_off"]
+        if "b_forge" in out and "b_naive" in out:
+            ratios["b_p50_naive_vs_forge"] = out["b_naive"]["p50_ms"] / out["b_forge"]["p50_ms"]
+            ratios["b_p99_naive_vs_forge"] = out["b_naive"]["p99_ms"] / out["b_forge"]["p99_ms"]
+            ratios["b_delivered_forge"] = out["b_forge"]["delivered_fraction"]
+            ratios["b_delivered_naive"] = out["b_naive"]["delivered_fraction"]
+        out["ratios"] = ratios
+        out["machine"]["load_average_at_end"] = os.getloadavg()
     finally:
         if node is not None:
             node.terminate(30)
@@ -367,13 +397,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="write duration of (b) and (c)")
     ap.add_argument("--write-seconds", type=int, default=10, help="pgbench duration per mode in (a)")
-    ap.add_argument("--write-rounds", type=int, default=2, help="rounds of the three modes in (a)")
+    ap.add_argument("--write-rounds", type=int, default=3, help="rounds of the three modes in (a)")
     ap.add_argument("--b-clients", type=int, default=1000)
     ap.add_argument("--b-topics", type=int, default=100)
     ap.add_argument("--b-rate", type=float, default=1000.0)
     ap.add_argument("--c-clients", type=int, default=5000)
     ap.add_argument("--c-rate", type=float, default=50.0)
     ap.add_argument("--idle", type=int, default=2000)
+    ap.add_argument("--only", default="a,b,c,d,naive", help="parts to run (a, b, c, d, naive)")
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--output", default=str(HERE / "last_run.json"))
     a = ap.parse_args()

@@ -70,6 +70,8 @@ class Session:
         self._refilled = time.monotonic()
         self._auth_generation = 0
         self._expiry: asyncio.Task | None = None
+        self._writer_task: asyncio.Task | None = None
+        self._timed_out = False
 
     # --- the engine's side (Subscriber protocol) ---------------------------------------
     def push(self, sub_id: str, text: str, kind: str) -> None:
@@ -97,7 +99,13 @@ class Session:
         self._control.append(text)
         self._wake.set()
 
+    def _send_timed_out(self) -> None:
+        if self._writer_task is not None and not self._writer_task.done():
+            self._timed_out = True
+            self._writer_task.cancel()
+
     async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self.closed:
             await self._wake.wait()
             self._wake.clear()
@@ -106,14 +114,21 @@ class Session:
                     text = self._control.popleft()
                 else:
                     _, text = self._data.popitem(last=False)
+                # a timer per send, not wait_for: wait_for wraps every send in a new task
+                timer = loop.call_later(self.config.send_timeout, self._send_timed_out)
                 try:
-                    await asyncio.wait_for(self.transport.send_text(text), self.config.send_timeout)
-                except asyncio.TimeoutError:
-                    await self.close(CLOSE_TOO_SLOW, f"client cannot keep up: a send blocked {self.config.send_timeout:g}s")
-                    return
+                    await self.transport.send_text(text)
+                except asyncio.CancelledError:
+                    if self._timed_out:
+                        await self.close(CLOSE_TOO_SLOW,
+                                         f"client cannot keep up: a send blocked {self.config.send_timeout:g}s")
+                        return
+                    raise
                 except Exception:  # the peer is gone; the reader sees the disconnect
                     self.closed = True
                     return
+                finally:
+                    timer.cancel()
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
@@ -126,7 +141,7 @@ class Session:
 
     # --- serving ---------------------------------------------------------------------------
     async def serve(self) -> None:
-        writer = asyncio.create_task(self._writer(), name="forge:realtime-writer")
+        writer = self._writer_task = asyncio.create_task(self._writer(), name="forge:realtime-writer")
         try:
             while not self.closed:
                 try:
