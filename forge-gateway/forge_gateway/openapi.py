@@ -177,7 +177,7 @@ def _error_responses() -> dict[str, Any]:
 
 
 def _jsonrpc_schemas() -> dict[str, Any]:
-    rpc_id = {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}
+    rpc_id = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}]}
     request = {
         "type": "object", "required": ["jsonrpc", "method"],
         "properties": {"jsonrpc": {"const": "2.0"}, "method": {"type": "string"},

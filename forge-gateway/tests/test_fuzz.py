@@ -6,6 +6,8 @@ type or body the document does not declare.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -44,6 +46,8 @@ def api_schema(fuzz_gateway):
     return schema
 
 
+#: FORGE_SLOW=1 fuzzes much longer
+EXAMPLES = 400 if os.environ.get("FORGE_SLOW") == "1" else 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -61,7 +65,7 @@ def test_no_5xx_and_only_documented_answers(api_schema, mode):
         if mode is GenerationMode.NEGATIVE and op.method.upper() == "GET":
             continue  # /health and /ready take no input: nothing can be invalid
         @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             response = case.call()
             statuses.add(response.status_code)
