@@ -245,11 +245,11 @@ async def node_port(db_url: str, node_id: str) -> int:
 
 def start_node(workdir: Path, db_url: str) -> NodeProcess:
     cfg = {"node": {"id": "bench", "roles": ["gateway", "function", "realtime"]},
-           "database": {"url": db_url, "pool_min": 4, "pool_max": 20},
+           "database": {"url": db_url, "pool_min": 4, "pool_max": 30},
            "app": {"modules": ["bench_app"], "example": False},
            "log": {"level": "WARNING"},
            "gateway": {"port": 0},
-           "realtime": {"max_concurrent_runs": 8, "max_subscriptions": 100, "subscribe_rate": 100.0}}
+           "realtime": {"max_concurrent_runs": 16, "max_subscriptions": 100, "subscribe_rate": 100.0}}
     env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     p = NodeProcess(workdir, cfg, env=env)
     p.start()
@@ -320,16 +320,17 @@ async def main(args: argparse.Namespace) -> dict:
                                                       ("capture_off", "capture_on"))
 
         if "b" in parts:
-            print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: FORGE", flush=True)
-            before = await node_stats(port)
-            proc.cpu_percent(None)  # start the CPU measurement window
-            rep, clients = await run_latency(ws_url, db_url, args.b_clients, args.b_topics, args.b_rate, args.seconds)
-            after = await node_stats(port)
-            rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
-            rep["node_cpu_percent"] = proc.cpu_percent(None)
-            await close_clients(clients)
-            out["b_forge"] = rep
-            print(f"  {rep}", flush=True)
+            for rate in args.b_rates:
+                print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: FORGE", flush=True)
+                before = await node_stats(port)
+                proc.cpu_percent(None)  # start the CPU measurement window
+                rep, clients = await run_latency(ws_url, db_url, args.b_clients, args.b_topics, rate, args.seconds)
+                after = await node_stats(port)
+                rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
+                rep["node_cpu_percent"] = proc.cpu_percent(None)
+                await close_clients(clients)
+                out.setdefault("b_forge", {})[f"{rate:g}"] = rep
+                print(f"  {rep}", flush=True)
 
         if "c" in parts:
             print(f"(c) {args.c_clients} clients on one query at {args.c_rate:g} writes/s: FORGE", flush=True)
@@ -354,7 +355,6 @@ async def main(args: argparse.Namespace) -> dict:
         node = None
 
         if "naive" in parts:
-            print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {args.b_rate:g} writes/s: naive peer", flush=True)
             conn = await asyncpg.connect(db_url)
             await remove_capture(conn, "bench_items")  # the naive peer's writes pay only for its own trigger
             await conn.close()
@@ -363,24 +363,28 @@ async def main(args: argparse.Namespace) -> dict:
                                      stdout=subprocess.PIPE, text=True)
             assert "ready" in naive.stdout.readline()
             naive_proc = psutil.Process(naive.pid)
-            naive_proc.cpu_percent(None)
-            rep, clients = await run_latency(f"ws://127.0.0.1:{naive_port}", db_url, args.b_clients, args.b_topics,
-                                             args.b_rate, args.seconds)
-            rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
-            rep["peer_cpu_percent"] = naive_proc.cpu_percent(None)
-            await close_clients(clients)
-            out["b_naive"] = rep
-            print(f"  {rep}", flush=True)
+            for rate in args.b_rates:
+                print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: naive peer", flush=True)
+                naive_proc.cpu_percent(None)
+                rep, clients = await run_latency(f"ws://127.0.0.1:{naive_port}", db_url, args.b_clients, args.b_topics,
+                                                 rate, args.seconds)
+                rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
+                rep["peer_cpu_percent"] = naive_proc.cpu_percent(None)
+                await close_clients(clients)
+                out.setdefault("b_naive", {})[f"{rate:g}"] = rep
+                print(f"  {rep}", flush=True)
+                await asyncio.sleep(3.0)  # let the naive peer's backlog drain before the next rate
         ratios = {}
         if "a_write_throughput" in out:
             ratios["a_capture_on_vs_off"] = out["a_write_throughput"]["ratio_capture_on_vs_off"]
             ratios["a_notify_per_row_vs_off"] = out["a_write_throughput"]["ratio_notify_per_row_vs_off"]
             ratios["a_capture_on_with_reader_vs_off"] = out["a_with_reader"]["ratio_capture_on_vs_off"]
-        if "b_forge" in out and "b_naive" in out:
-            ratios["b_p50_naive_vs_forge"] = out["b_naive"]["p50_ms"] / out["b_forge"]["p50_ms"]
-            ratios["b_p99_naive_vs_forge"] = out["b_naive"]["p99_ms"] / out["b_forge"]["p99_ms"]
-            ratios["b_delivered_forge"] = out["b_forge"]["delivered_fraction"]
-            ratios["b_delivered_naive"] = out["b_naive"]["delivered_fraction"]
+        for rate in out.get("b_forge", {}):
+            f, n = out["b_forge"][rate], out.get("b_naive", {}).get(rate)
+            if n:
+                ratios[f"b_{rate}_p50_naive_vs_forge"] = n["p50_ms"] / f["p50_ms"]
+                ratios[f"b_{rate}_p99_naive_vs_forge"] = n["p99_ms"] / f["p99_ms"]
+                ratios[f"b_{rate}_delivered_forge_naive"] = [f["delivered_fraction"], n["delivered_fraction"]]
         out["ratios"] = ratios
         out["machine"]["load_average_at_end"] = os.getloadavg()
     finally:
@@ -400,7 +404,7 @@ if __name__ == "__main__":
     ap.add_argument("--write-rounds", type=int, default=3, help="rounds of the three modes in (a)")
     ap.add_argument("--b-clients", type=int, default=1000)
     ap.add_argument("--b-topics", type=int, default=100)
-    ap.add_argument("--b-rate", type=float, default=1000.0)
+    ap.add_argument("--b-rates", default="100,300,1000", help="write rates of (b), comma-separated")
     ap.add_argument("--c-clients", type=int, default=5000)
     ap.add_argument("--c-rate", type=float, default=50.0)
     ap.add_argument("--idle", type=int, default=2000)
@@ -410,7 +414,8 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.quick:
         a.seconds, a.write_seconds, a.write_rounds = 3.0, 3, 1
-        a.b_clients, a.b_topics, a.b_rate, a.c_clients, a.idle = 100, 10, 100.0, 200, 200
+        a.b_clients, a.b_topics, a.b_rates, a.c_clients, a.idle = 100, 10, "100", 200, 200
+    a.b_rates = [float(x) for x in str(a.b_rates).split(",")]
     result = asyncio.run(main(a))
     Path(a.output).write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result.get("ratios", {}), indent=2))
