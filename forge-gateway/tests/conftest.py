@@ -141,7 +141,7 @@ def gateway(forge_database_url: str, keys: Keys, tmp_path_factory: pytest.TempPa
         {"name": "billing-service", "sha256": hashlib.sha256(SERVICE_KEY.encode()).hexdigest(), "roles": ["admin"]}])
     cfg["database"] = {"url": db}
     cfg["node"] = {"id": "gw-main"}
-    proc = NodeProcess(tmp / "node", cfg, env=child_env())
+    proc = NodeProcess(tmp / "node", cfg, env=child_env("gw_dispatch_plugin"))
     proc.start()
     try:
         proc.wait_ready()

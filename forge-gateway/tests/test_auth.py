@@ -140,3 +140,13 @@ def test_jwt_errors_never_leak_as_500(http):
     for token in ["a.b.c", "e30.e30.", "....", "eyJhbGciOiJIUzI1NiJ9.bm90IGpzb24.c2ln", "x" * 5000 + ".y.z"]:
         r = http.post("/rpc/whoami", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401, (token, r.text)
+
+
+def test_jobs_dispatched_by_a_caller_record_that_caller(http, keys):
+    r = http.post("/rpc/enqueue", json={"tag": "a"}, headers={"Authorization": f"Bearer {keys.hs256(sub='dave')}"})
+    assert r.status_code == 200, r.text
+    assert http.post("/rpc/enqueue", json={"tag": "b"}, headers={"X-API-Key": SERVICE_KEY}).status_code == 200
+    # a mutation that fails after dispatching leaves no job (the job commits with the mutation)
+    r = http.post("/rpc/enqueue", json={"tag": "c", "fail": True}, headers={"Authorization": f"Bearer {keys.hs256(sub='erin')}"})
+    assert r.status_code == 409
+    assert http.post("/rpc/job_callers").json() == {"data": ["dave", "billing-service"]}

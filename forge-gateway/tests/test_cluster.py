@@ -163,3 +163,14 @@ def test_graceful_shutdown_finishes_in_flight_calls(forge_processes, keys, tmp_p
     assert proc.proc.returncode == 0, proc.log()[-2000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+def test_gateway_without_the_function_role_serves_no_rpc(forge_processes, keys, tmp_path):
+    cfg = gateway_config(keys, tmp_path, modules=["gw_app"])
+    cfg["node"] = {"roles": ["gateway"]}
+    forge_processes(cfg, node_id="edge", env=child_env())
+    url = f"http://127.0.0.1:{cfg['gateway']['port']}"
+    assert httpx.get(f"{url}/health").status_code == 200
+    r = httpx.post(f"{url}/rpc/add", json={"a": 1})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+    assert not any(p.startswith("/rpc") for p in httpx.get(f"{url}/openapi.json").json()["paths"])

@@ -10,11 +10,14 @@ from typing import Literal
 
 import attrs
 
-from forge_kernel import RateLimit, action, mutation, query
+from forge_kernel import RateLimit, action, job, mutation, query
 from forge_kernel.errors import Conflict, NotFound
 from forge_kernel.migrations import Migration
 
-MIGRATIONS = [Migration("gw_test_app", 1, "items", "CREATE TABLE gw_items (name text PRIMARY KEY, qty integer NOT NULL DEFAULT 0)")]
+MIGRATIONS = [
+    Migration("gw_test_app", 1, "items", "CREATE TABLE gw_items (name text PRIMARY KEY, qty integer NOT NULL DEFAULT 0)"),
+    Migration("gw_test_app", 2, "jobs", "CREATE TABLE gw_jobs (id serial PRIMARY KEY, name text NOT NULL, caller text)"),
+]
 
 
 class Colour(enum.Enum):
@@ -114,3 +117,21 @@ async def limited_user(ctx) -> str:
 @query(public=True, rate_limit=RateLimit(5, per=3600, key="global"))
 async def limited_global(ctx) -> str:
     return "ok"
+
+
+@job
+async def noop(ctx, tag: str) -> None:
+    pass
+
+
+@mutation
+async def enqueue(ctx, tag: str, fail: bool = False) -> int:
+    job_id = await ctx.dispatch(noop, tag=tag)
+    if fail:
+        raise Conflict("rolled back after dispatching")
+    return job_id
+
+
+@query(public=True)
+async def job_callers(ctx) -> list[str]:
+    return [r["caller"] for r in await ctx.db.fetch("SELECT caller FROM gw_jobs ORDER BY id")]
