@@ -1,0 +1,176 @@
+"""Unit and property tests of the gateway's parts without HTTP: verifier, rate limiter (real
+PostgreSQL), schema builder, JSON-RPC validation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import time
+import typing
+import uuid
+
+import asyncpg
+import attrs
+import jwt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from forge_kernel import ANONYMOUS, RateLimit
+from forge_kernel.convert import structure
+from forge_kernel.errors import RateLimited, Unauthenticated
+from forge_kernel.migrations import from_package, migrate
+
+from forge_gateway.auth import Verifier
+from forge_gateway.config import ApiKey, GatewayConfig
+from forge_gateway.openapi import SchemaBuilder
+from forge_gateway.ratelimit import RateLimiter
+
+SECRET = "unit-test-secret-unit-test-secret-unit-test!"
+
+
+def verifier(**kw) -> Verifier:
+    return Verifier(GatewayConfig(jwt_secret=SECRET, **kw))
+
+
+def token(**claims) -> str:
+    base = {"sub": "u1", "exp": int(time.time()) + 60}
+    base.update(claims)
+    return jwt.encode(base, SECRET, algorithm="HS256")
+
+
+async def test_verifier_roundtrip():
+    auth = await verifier().verify(token(roles=["a"], team="x"))
+    assert auth.user_id == "u1" and auth.roles == {"a"} and auth.claims["team"] == "x" and auth.kind == "user"
+    assert auth.expires_at is not None and auth.expires_at > dt.datetime.now(dt.timezone.utc)
+
+
+@settings(max_examples=150, deadline=None)
+@given(position=st.integers(min_value=0), replacement=st.characters(codec="ascii", exclude_characters="."))
+async def test_any_single_character_change_is_rejected(position, replacement):
+    good = token(roles=["reader"])
+    i = position % len(good)
+    if good[i] == "." or good[i] == replacement:
+        return
+    bad = good[:i] + replacement + good[i + 1:]
+    try:
+        auth = await verifier().verify(bad)
+    except Unauthenticated:
+        return
+    # base64url may decode a changed trailing character to the same bytes; then nothing changed
+    assert auth.user_id == "u1" and auth.roles == {"reader"}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=300))
+async def test_garbage_credentials_raise_unauthenticated_only(text):
+    v = Verifier(GatewayConfig(jwt_secret=SECRET, api_keys=[ApiKey("svc", hashlib.sha256(b"k").hexdigest())]))
+    try:
+        auth = await v.verify(text)
+    except Unauthenticated:
+        return
+    assert text == "k" and auth.user_id == "svc"
+
+
+async def test_headers_without_credentials_are_anonymous_and_bad_ones_raise():
+    v = verifier()
+    assert await v.from_headers(None, None) is ANONYMOUS
+    with pytest.raises(Unauthenticated):
+        await v.from_headers("Basic abc", None)
+    with pytest.raises(Unauthenticated):
+        await v.from_headers(f"Bearer {token()}", "also-a-key")
+
+
+def test_config_rejects_bad_values():
+    from forge_kernel.convert import StructureError
+
+    with pytest.raises(StructureError) as info:
+        structure({"api_keys": [{"name": "a", "sha256": "nothex"}]}, GatewayConfig)
+    assert "sha256" in str(info.value)
+    with pytest.raises(StructureError) as info:
+        structure({"jwt_algorithms": ["none"]}, GatewayConfig)
+    assert "none" in str(info.value)
+    with pytest.raises(StructureError) as info:
+        structure({"cors_origins": ["example.com"]}, GatewayConfig)
+    assert "cors_origins" in str(info.value)
+
+
+# --- rate limiter against a real PostgreSQL ------------------------------------------------------
+@pytest.fixture
+async def limiter_pool(forge_db_url):
+    conn = await asyncpg.connect(forge_db_url)
+    try:
+        await migrate(conn, from_package("forge_gateway.sql", namespace="gateway"))
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(forge_db_url, min_size=1, max_size=8)
+    yield pool
+    await pool.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(limit=st.integers(1, 40), lease=st.sampled_from([0.0, 0.1, 0.5]), nodes=st.integers(1, 3),
+       calls=st.integers(1, 80))
+async def test_no_window_admits_more_than_the_limit(limiter_pool, limit, lease, nodes, calls):
+    limiters = [RateLimiter(limiter_pool, lease_fraction=lease) for _ in range(nodes)]
+    rule = RateLimit(limit, per=3600, key="global")
+    fn = f"f{uuid.uuid4().hex[:8]}"
+
+    async def one(i: int) -> bool:
+        try:
+            await limiters[i % nodes].acquire(fn, rule, "*")
+            return True
+        except RateLimited as exc:
+            assert exc.retry_after >= 1
+            return False
+
+    admitted = sum(await asyncio.gather(*(one(i) for i in range(calls))))
+    assert admitted <= limit
+    if lease == 0.0:
+        assert admitted == min(limit, calls)  # exact without leasing
+
+
+async def test_keys_are_counted_separately(limiter_pool):
+    limiter = RateLimiter(limiter_pool, lease_fraction=0)
+    rule = RateLimit(1, per=3600, key="user")
+    await limiter.acquire("g", rule, "user:a")
+    await limiter.acquire("g", rule, "user:b")
+    with pytest.raises(RateLimited):
+        await limiter.acquire("g", rule, "user:a")
+
+
+# --- schema builder -----------------------------------------------------------------------------
+class Mood(__import__("enum").Enum):
+    OK = "ok"
+
+
+@attrs.frozen
+class Node:
+    name: str
+    children: list["Node"] = attrs.Factory(list)
+
+
+def test_schemas_of_common_types():
+    b = SchemaBuilder()
+    assert b.schema(int | None) == {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+    assert b.schema(typing.Optional[str]) == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert b.schema(dict[str, float]) == {"type": "object", "additionalProperties": {"type": "number"}}
+    assert b.schema(tuple[int, str])["prefixItems"] == [{"type": "integer"}, {"type": "string"}]
+    assert b.schema(tuple[int, ...]) == {"type": "array", "items": {"type": "integer"}}
+    assert b.schema(frozenset[str]) == {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    assert b.schema(typing.Literal["x", 1]) == {"enum": ["x", 1]}
+    assert b.schema(dt.timedelta) == {"type": "number", "description": "seconds"}
+    assert b.schema(typing.Any) == {}
+    assert b.schema(Mood) == {"$ref": "#/components/schemas/Mood"}
+    assert b.schema(typing.Mapping[str, int]) == {"type": "object", "additionalProperties": {"type": "integer"}}
+    assert b.schema(typing.Sequence[int]) == {"type": "array", "items": {"type": "integer"}}
+
+
+def test_recursive_attrs_classes_become_one_component():
+    b = SchemaBuilder()
+    assert b.schema(Node) == {"$ref": "#/components/schemas/Node"}
+    comp = b.components["Node"]
+    assert comp["properties"]["children"] == {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}
+    assert comp["required"] == ["name"] and comp["additionalProperties"] is False
