@@ -52,7 +52,8 @@ def plan_slots(cron: CronSettings, decided_until: dt.datetime, now: dt.datetime)
     """On-time slots (at most ``grace`` seconds late) always run; of the missed ones, the
     ``catch_up`` most recent run and the rest are dropped."""
     sched = cron.schedule
-    cutoff = now - dt.timedelta(seconds=cron.grace)
+    # a slot exactly ``grace`` late is still on time; slots are whole seconds, so 1 µs separates
+    cutoff = now - dt.timedelta(seconds=cron.grace) - dt.timedelta(microseconds=1)
     on_time = sched.between(max(decided_until, cutoff), now)
     missed_run: list[dt.datetime] = []
     missed = 0

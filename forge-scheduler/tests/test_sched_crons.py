@@ -294,3 +294,41 @@ async def test_one_broken_cron_does_not_hold_up_the_others(pool):
     await h.engine.tick(ld)
     assert len(await h.runs("good")) >= 3
     assert await h.runs("bad") == [] and h.engine.failures == {"bad": 1}
+
+
+# --- successive decisions (property) ----------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(expr=st.sampled_from(["* * * * * *", "*/7 * * * * *", "*/2 * * * *", "30 1 * * *"]),
+       zone=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York"]),
+       start=st.sampled_from([utc(2026, 3, 29, 0, 58), utc(2026, 10, 25, 0, 58), utc(2026, 11, 1, 5, 58),
+                              utc(2026, 6, 1, 12)]),
+       steps=st.lists(st.floats(0.01, 90), min_size=1, max_size=6),
+       catch_up=st.integers(0, 4), grace=st.sampled_from([0, 1, 5, 30]))
+def test_successive_decisions_partition_the_slots(expr, zone, start, steps, catch_up, grace):
+    """Whatever the leader's tick times (short ticks, long outages, DST changes), every slot is
+    decided exactly once - run or dropped - and a slot is dropped only when it was more than
+    ``grace`` late and older than the ``catch_up`` most recent missed ones of that decision."""
+    c = settings_for("p", expr, timezone=zone, catch_up=catch_up, grace=grace)
+    decided, ran, dropped_total = start, [], 0
+    now = start
+    for step in steps:
+        now = now + dt.timedelta(seconds=step)
+        plan = plan_slots(c, decided, now)
+        window = c.schedule.between(decided, now)
+        missed = [s for s in window if s < now - dt.timedelta(seconds=grace)]
+        on_time = [s for s in window if s >= now - dt.timedelta(seconds=grace)]
+        assert plan.run == sorted(set(plan.run))
+        assert set(plan.run) <= set(window)
+        assert on_time == [s for s in plan.run if s in on_time]  # every on-time slot runs
+        assert plan.run[:len(plan.run) - len(on_time)] == (missed[-catch_up:] if catch_up else [])
+        assert plan.dropped == len(missed) - min(catch_up, len(missed))
+        ran += plan.run
+        dropped_total += plan.dropped
+        decided = now
+    everything = c.schedule.between(start, now)
+    assert len(ran) == len(set(ran))
+    assert len(ran) + dropped_total == len(everything)
