@@ -55,10 +55,21 @@ class SchemaBuilder:
                 name, n = f"{base}{n}", n + 1
             self._names[tp] = name
             self.components[name] = {}  # placeholder first: recursive types refer to themselves
-            self.components[name] = build()
+            try:
+                self.components[name] = build()
+            except Exception as exc:  # noqa: BLE001 - e.g. unresolvable forward references
+                self.components[name] = {"description": f"{name} (no JSON schema: {type(exc).__name__}: {exc})"}
         return {"$ref": REF + name}
 
     def schema(self, tp: Any) -> dict[str, Any]:
+        """JSON Schema of ``tp``; a type that cannot be described (unresolvable hints, exotic
+        generics) is documented as such instead of stopping the gateway."""
+        try:
+            return self._schema(tp)
+        except Exception as exc:  # noqa: BLE001 - a doc gap must not take the API down
+            return {"description": f"{getattr(tp, '__name__', repr(tp))} (no JSON schema: {type(exc).__name__}: {exc})"}
+
+    def _schema(self, tp: Any) -> dict[str, Any]:
         if tp is Any or tp is inspect.Parameter.empty or tp is object:
             return {}
         if tp in _NONE_TYPES:

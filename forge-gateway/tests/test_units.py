@@ -174,3 +174,14 @@ def test_recursive_attrs_classes_become_one_component():
     comp = b.components["Node"]
     assert comp["properties"]["children"] == {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}
     assert comp["required"] == ["name"] and comp["additionalProperties"] is False
+
+
+def test_undescribable_types_do_not_break_the_document():
+    @attrs.frozen
+    class Broken:
+        x: "DoesNotExist"  # noqa: F821 - unresolvable on purpose
+
+    b = SchemaBuilder()
+    out = b.schema(Broken)
+    assert out.get("$ref") or "no JSON schema" in out.get("description", ""), out
+    assert "no JSON schema" in str(b.components.get("Broken", out))
