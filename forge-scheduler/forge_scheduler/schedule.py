@@ -130,24 +130,47 @@ class CronSchedule:
     def iter_after(self, after: dt.datetime) -> Iterator[dt.datetime]:
         """Every slot strictly after ``after``, ascending, forever."""
         after = _utc(after)
-        # a later instant can have an earlier local time when the clock goes back soon
+        start = self.local(after)
+        slots: Iterator[dt.datetime] = self._forward(start)
         offs = self._offsets_near(after, 0, 16)
         back = max(dt.timedelta(0), offs[0] - min(offs))
-        start = self.local(after) - back
+        if back and self.hour_wildcard:
+            # the clock goes back soon: the second pass of the repeated hour holds slots after
+            # ``after`` whose local times lie before ``start``; only that stretch is walked
+            ends = self._transition(after, after + dt.timedelta(seconds=16 * _BUCKET))
+            lo = max(start - back, self.local(ends))
+            slots = heapq.merge(slots, self._second_pass(lo, start))
+        last = after
+        for u in slots:
+            if u > last:
+                last = u
+                yield u
+
+    def _forward(self, start: dt.datetime) -> Iterator[dt.datetime]:
+        """Instants of the local matches from ``start`` on, ascending (a heap reorders the
+        second pass of a repeated hour, whose instants come an offset change later)."""
         it = self._iter(start.replace(microsecond=0) - dt.timedelta(seconds=1))
         pending: list[dt.datetime] = []
-        last = after
+        approx = self._offset(int(start.replace(tzinfo=UTC).timestamp()) // _BUCKET)
         while True:
             naive = it.get_next(dt.datetime)
             for u in self.instants(naive):
                 heapq.heappush(pending, u)
             # later local times map to instants above this floor, so what lies below is final
-            floor = (naive - max(self._offsets_near(naive.replace(tzinfo=UTC) - offs[0], 12, 16))).replace(tzinfo=UTC)
+            floor = (naive - max(self._offsets_near(naive.replace(tzinfo=UTC) - approx, 12, 16))).replace(tzinfo=UTC)
             while pending and pending[0] <= floor:
-                u = heapq.heappop(pending)
-                if u > last:
-                    last = u
-                    yield u
+                yield heapq.heappop(pending)
+
+    def _second_pass(self, lo: dt.datetime, hi: dt.datetime) -> Iterator[dt.datetime]:
+        """Second-pass instants of the repeated local times in ``[lo, hi)``, ascending."""
+        it = self._iter(lo.replace(microsecond=0) - dt.timedelta(seconds=1))
+        while True:
+            naive = it.get_next(dt.datetime)
+            if naive >= hi:
+                return
+            found = self.instants(naive)
+            if len(found) == 2:
+                yield found[1]
 
     def next_after(self, after: dt.datetime) -> dt.datetime:
         return next(self.iter_after(after))

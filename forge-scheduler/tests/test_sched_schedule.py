@@ -183,3 +183,38 @@ def test_utc_schedule_equals_plain_croniter(expr, window):
             break
         expected.append(nxt)
     assert s.between(start, end) == expected
+
+
+def brute_force(s, start, end):
+    """The DST rules of the module docstring applied second by second (or minute by minute)."""
+    step = dt.timedelta(seconds=1 if s.has_seconds else 60)
+    z = s.zone
+    u = start.replace(second=0, microsecond=0) if not s.has_seconds else start.replace(microsecond=0)
+    out = []
+    while u <= end:
+        local = u.astimezone(z)
+        naive = local.replace(tzinfo=None)
+        before = (u - step).astimezone(z)
+        jump = local.utcoffset() - before.utcoffset()
+        hit = croniter.match(s.expression, naive, second_at_beginning=s.has_seconds) and (local.fold == 0 or s.hour_wildcard)
+        if jump > dt.timedelta(0):  # the clock just jumped forward: gap times fire now
+            t = naive - jump
+            while t < naive and not hit:
+                hit = croniter.match(s.expression, t, second_at_beginning=s.has_seconds)
+                t += step
+        if hit and start < u:
+            out.append(u)
+        u += step
+    return out
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(expr=st.sampled_from(["* * * * *", "*/7 * * * *", "30 2 * * *", "0,30 1-3 * * *", "*/20 * * * * *",
+                             "0 30 2 * * *", "*/5 * 2 * * *"]),
+       zone=st.sampled_from(ZONES), base=st.sampled_from(AROUND), shift=st.integers(-150, 150),
+       length=st.integers(1, 180))
+def test_slots_equal_a_brute_force_scan(expr, zone, base, shift, length):
+    s = CronSchedule.parse(expr, zone)
+    start = base + dt.timedelta(minutes=shift, seconds=7)
+    end = start + dt.timedelta(minutes=length if not s.has_seconds else min(length, 25))
+    assert s.between(start, end) == brute_force(s, start, end)
