@@ -159,7 +159,7 @@ async def forge_latency(base: str, seconds: float, rate: int = 1000) -> tuple[fl
     await forge_prepare(url)
     node = await forge_node(url)
     await node.start()
-    pool = await asyncpg.create_pool(url, min_size=8, max_size=8)
+    pool = await asyncpg.create_pool(url, min_size=32, max_size=32)
     queue = JobQueue(pool)
     fb.STATE["latencies"] = []
     fb.STATE["done"] = 0
@@ -359,6 +359,8 @@ async def run_setting(label: str, base: str, args: argparse.Namespace) -> dict[s
         samples: dict[str, list[float]] = {s: [] for s in systems}
         for rnd in range(args.rounds):
             for system in systems:
+                if system == "procrastinate" and rnd >= args.procrastinate_rounds:
+                    continue
                 rate = await runs[(system, mode)]()
                 samples[system].append(rate)
                 print(f"  {mode:<10} {system:<14} round {rnd + 1}: {rate:>10,.0f} jobs/s  "
@@ -385,7 +387,7 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{args.rounds} rounds, latency {args.latency_seconds}s at 1000 jobs/s")
     results = {}
     for label in args.settings:
-        root = Path(tempfile.mkdtemp(prefix=f"forge-bench-{label}-"))
+        root = Path(tempfile.mkdtemp(prefix=f"forge-bench-jobs-{label}-"))
         pg = EmbeddedPostgres(root, settings=SETTINGS[label])
         base = pg.start()
         try:
@@ -411,6 +413,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="duration of the continuous mode")
     p.add_argument("--latency-seconds", type=float, default=10.0, help="duration of the 1000 jobs/s latency run")
     p.add_argument("--rounds", type=int, default=3, help="rounds per mode; each system's median is reported")
+    p.add_argument("--procrastinate-rounds", type=int, default=1,
+                   help="rounds for Procrastinate (an order of magnitude slower; one round takes minutes)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=["stock", "nofsync"])
     p.add_argument("--systems", type=lambda s: s.split(","), default=["forge", "pgqueuer", "procrastinate"])
     args = p.parse_args()

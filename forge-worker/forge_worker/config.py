@@ -41,5 +41,8 @@ class WorkerConfig:
     #: retry delay of attempt n: min(backoff_max, backoff_base * 2**(n-1)), jittered to 50-100 %
     backoff_base: float = attrs.field(default=1.0, validator=in_range(0, 86_400))
     backoff_max: float = attrs.field(default=3600.0, validator=in_range(0, 30 * 86_400))
+    #: wait for the WAL flush when writing job results (off: a PostgreSQL crash may re-run the
+    #: last finished jobs - at-least-once either way - and each result costs no flush)
+    durable_results: bool = False
     #: seconds finished jobs stay in forge_job_history (0: delete them at once)
     history_retention: float = attrs.field(default=86_400.0, validator=in_range(0, 3650 * 86_400))

@@ -189,6 +189,11 @@ PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off"
 # Reports of thousands of jobs (a drain) must hash-join the result list with the rows found
 # through the primary key; a nested loop over both is quadratic (~1 s for 1,600 results).
 REPORT_PLANNER_SETTINGS = PLANNER_SETTINGS + "; SET enable_nestloop = off"
+# Results may commit without waiting for the WAL flush: if PostgreSQL crashes before the flush,
+# the job is still leased to us, we no longer renew it, and it is re-run after its lease expires -
+# the at-least-once contract, never a second run while the first is alive. Claims stay
+# synchronous: a lost claim could let a second worker start a job the first is still running.
+ASYNC_COMMIT = "SET synchronous_commit = off"
 
 
 async def rescue_expired(conn: Any, dead_after: float) -> list[tuple[int, str]]:
@@ -522,6 +527,8 @@ class Worker:
             try:
                 async with self.node.pool.acquire() as conn:
                     await conn.execute(REPORT_PLANNER_SETTINGS)
+                    if not self.config.durable_results:
+                        await conn.execute(ASYNC_COMMIT)
                     while self.reports:
                         batch, self.reports = self.reports, []
                         self._reporting = True
