@@ -114,10 +114,13 @@ WITH r AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[])
         AS r(id, attempt, outcome, delay, error)
 ), done AS (
+    -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
     WHERE j.id = ANY($1::bigint[]) AND j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
-      AND j.status = 'running' AND r.outcome IN ('succeeded', 'cancelled')
-    RETURNING j.*, r.outcome, r.error AS outcome_error
+      AND j.status = 'running' AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
+    RETURNING j.*, CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
+              CASE WHEN r.outcome IN ('succeeded', 'cancelled') THEN r.error
+                   ELSE 'cancelled on request' END AS outcome_error
 ), hist AS (
     INSERT INTO forge_job_history (id, name, queue, args, priority, status, attempt, max_attempts, unique_key,
         caller, options, node_id, last_error, created_at, run_at, started_at, finished_at)
@@ -138,7 +141,8 @@ WITH r AS (
         lease_until = NULL, cancel_requested = false
     FROM r
     WHERE j.id = ANY($1::bigint[]) AND j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
-      AND j.status = 'running' AND r.outcome IN ('failed', 'dead', 'retry_later', 'released')
+      AND j.status = 'running' AND NOT j.cancel_requested
+      AND r.outcome IN ('failed', 'dead', 'retry_later', 'released')
     RETURNING j.id
 )
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM upd) AS written, (SELECT count(*) FROM hist) AS kept
@@ -164,14 +168,28 @@ WITH lost AS (
                             WHERE n.status IN ('stopped', 'dead')
                                OR n.last_heartbeat < now() - make_interval(secs => $1)))
     FOR UPDATE SKIP LOCKED
+), gone AS (
+    -- a cancellation its dead worker never saw still holds
+    DELETE FROM forge_jobs j USING lost WHERE j.id = lost.id AND j.cancel_requested
+    RETURNING j.*
+), hist AS (
+    INSERT INTO forge_job_history (id, name, queue, args, priority, status, attempt, max_attempts, unique_key,
+        caller, options, node_id, last_error, created_at, run_at, started_at, finished_at)
+    SELECT id, name, queue, args, priority, 'cancelled', attempt, max_attempts, unique_key, caller, options,
+           node_id, 'cancelled on request (its worker stopped before it saw the request)', created_at, run_at,
+           started_at, now()
+    FROM gone
+    RETURNING id
+), requeued AS (
+    UPDATE forge_jobs j SET
+        status = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'pending' END,
+        last_error = format('worker %s stopped heartbeating during attempt %s (lease expired)', j.node_id, j.attempt),
+        finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+        node_id = NULL, lease_until = NULL
+    FROM lost WHERE j.id = lost.id AND NOT j.cancel_requested
+    RETURNING j.id, j.status
 )
-UPDATE forge_jobs j SET
-    status = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'pending' END,
-    last_error = format('worker %s stopped heartbeating during attempt %s (lease expired)', j.node_id, j.attempt),
-    finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
-    node_id = NULL, lease_until = NULL
-FROM lost WHERE j.id = lost.id
-RETURNING j.id, j.status
+SELECT id, status FROM requeued UNION ALL SELECT id, 'cancelled' FROM hist
 """
 
 RETENTION = "DELETE FROM forge_job_history WHERE finished_at < now() - make_interval(secs => $1)"
@@ -203,11 +221,14 @@ async def rescue_expired(conn: Any, dead_after: float) -> list[tuple[int, str]]:
     return [(r["id"], r["status"]) for r in rows]
 
 
-async def apply_retention(conn: Any, retention: float) -> int:
+async def apply_retention(conn: Any, retention: float, dead_after: float = 15.0) -> int:
     res = await conn.execute(RETENTION, float(retention))
     # sleepers of nodes that died without cleaning up would only attract useless wake-ups
-    await conn.execute("""DELETE FROM forge_worker_sleepers s USING forge_nodes n
-                          WHERE n.id = s.node_id AND n.status IN ('stopped', 'dead')""")
+    await conn.execute("""DELETE FROM forge_worker_sleepers s
+                          WHERE NOT EXISTS (SELECT 1 FROM forge_nodes n WHERE n.id = s.node_id
+                                            AND n.status IN ('starting', 'running', 'draining')
+                                            AND n.last_heartbeat > now() - make_interval(secs => $1))""",
+                       float(dead_after))
     return int(res.split()[-1])
 
 

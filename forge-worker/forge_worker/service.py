@@ -34,7 +34,7 @@ def maintenance_tasks(node: Any) -> list[MaintenanceTask]:
         return len(await rescue_expired(conn, dead_after))
 
     async def retention(conn: Any) -> int:
-        return await apply_retention(conn, cfg.history_retention)
+        return await apply_retention(conn, cfg.history_retention, dead_after)
 
     return [
         MaintenanceTask("worker.rescue_expired_leases", max(1.0, min(cfg.lease / 3, 10.0)), rescue),
