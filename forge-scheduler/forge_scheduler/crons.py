@@ -169,8 +169,9 @@ class CronEngine:
             runs: list[tuple[int, str, dt.datetime]] = []
             for slot in plan.run:
                 if cron.overlap == "skip" and (runs or await conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM forge_cron_runs WHERE cron = $1 AND status = ANY($2::text[]))",
-                        name, list(OPEN))):
+                        "SELECT EXISTS (SELECT 1 FROM forge_cron_runs WHERE cron = $1 AND status = ANY($2::text[]) "
+                        "AND enqueued_at > clock_timestamp() - make_interval(secs => $3))",
+                        name, list(OPEN), cron.overlap_timeout)):
                     await conn.execute(
                         """INSERT INTO forge_cron_runs (cron, slot, kind, status, leader, leader_term, finished_at, error)
                            VALUES ($1, $2, 'scheduled', 'skipped', $3, $4, clock_timestamp(),
@@ -229,13 +230,22 @@ async def record_outcome(pool: asyncpg.Pool, outcome: JobOutcome) -> bool:
         logger.warning(f"cron run {run_id}: unknown job outcome status {outcome.status!r}; not recorded")
         return False
     duration_ms = (outcome.finished_at - outcome.started_at).total_seconds() * 1000.0
-    done = await pool.fetchval(
-        """UPDATE forge_cron_runs SET status = $2::text, attempts = GREATEST(attempts, $3::int),
-               started_at = COALESCE(started_at, $4::timestamptz),
-               finished_at = CASE WHEN $2 = ANY($8::text[]) THEN $5::timestamptz ELSE NULL END,
-               duration_ms = $6, node_id = $7, error = $9
-           WHERE id = $1 AND NOT (status = ANY($8::text[]) AND NOT ($2 = ANY($8::text[])))
-           RETURNING true""",
-        run_id, status, outcome.attempt, outcome.started_at, outcome.finished_at, duration_ms, outcome.node_id,
-        list(FINAL), outcome.error)
-    return bool(done)
+    args = (run_id, status, outcome.attempt, outcome.started_at, outcome.finished_at, duration_ms, outcome.node_id,
+            list(FINAL), outcome.error)
+    # a lost report would leave the run open for good; ride out a short database blip
+    for attempt in range(3):
+        try:
+            return bool(await pool.fetchval(_RECORD, *args))
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+            if attempt == 2:
+                raise
+            await asyncio.sleep(0.2 * 2 ** attempt)
+    return False
+
+
+_RECORD = """UPDATE forge_cron_runs SET status = $2::text, attempts = GREATEST(attempts, $3::int),
+        started_at = COALESCE(started_at, $4::timestamptz),
+        finished_at = CASE WHEN $2 = ANY($8::text[]) THEN $5::timestamptz ELSE NULL END,
+        duration_ms = $6, node_id = $7, error = $9
+    WHERE id = $1 AND NOT (status = ANY($8::text[]) AND NOT ($2 = ANY($8::text[])))
+    RETURNING true"""

@@ -43,7 +43,7 @@ class SchedulerConfig:
 
 
 # --- per-cron settings ------------------------------------------------------------------
-CRON_SETTINGS = ("catch_up", "overlap", "grace")
+CRON_SETTINGS = ("catch_up", "overlap", "grace", "overlap_timeout")
 #: job settings a cron may carry; the job store (forge-worker) interprets them
 JOB_SETTINGS = ("max_attempts", "priority", "queue", "capability", "unique", "concurrency", "backoff")
 KERNEL_KEYS = ("schedule", "timezone")
@@ -66,6 +66,8 @@ class CronSettings:
       drops older ones.
     * ``overlap``: ``"allow"`` (default) enqueues every slot; ``"skip"`` records a slot as
       ``skipped`` while a previous run of the cron is still queued or running.
+    * ``overlap_timeout``: seconds after which a run that is still open no longer blocks new
+      ones under ``overlap="skip"`` (its outcome was lost, or it hangs); default 3600.
     * ``grace``: seconds a slot may be late and still count as on time rather than missed
       (a slot is missed when the leader reaches it more than ``grace`` seconds late).
     """
@@ -75,6 +77,7 @@ class CronSettings:
     catch_up: int = 0
     overlap: str = "allow"
     grace: float = 30.0
+    overlap_timeout: float = 3600.0
     defn: FunctionDef | None = attrs.field(default=None, eq=False, repr=False)
 
     @classmethod
@@ -102,9 +105,13 @@ class CronSettings:
             grace = opts.get("grace", 30.0)
             if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 86400:
                 raise InvalidValue("grace", grace, "a number of seconds between 0 and 86400")
+            overlap_timeout = opts.get("overlap_timeout", 3600.0)
+            if (isinstance(overlap_timeout, bool) or not isinstance(overlap_timeout, (int, float))
+                    or not 1 <= overlap_timeout <= 30 * 86400):
+                raise InvalidValue("overlap_timeout", overlap_timeout, "a number of seconds between 1 and 2592000")
         except InvalidValue as exc:
             raise StartupError(f"{where}: {exc}") from None
-        return cls(defn.name, schedule, catch_up, overlap, float(grace), defn)
+        return cls(defn.name, schedule, catch_up, overlap, float(grace), float(overlap_timeout), defn)
 
 
 def crons_of(registry: Registry) -> dict[str, CronSettings]:

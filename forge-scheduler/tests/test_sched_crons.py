@@ -152,6 +152,20 @@ async def test_overlap_skip_records_skipped_slots_until_the_run_finishes(pool):
     assert d.enqueued and len(await h.jobs("slow")) == 2
 
 
+async def test_overlap_timeout_stops_a_lost_run_from_blocking(pool):
+    c = settings_for("slow", grace=3600, overlap="skip", overlap_timeout=60)
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    # a run whose outcome never arrived (its report was lost), enqueued two minutes ago
+    await pool.execute("INSERT INTO forge_cron_runs (cron, slot, kind, status, enqueued_at) "
+                       "VALUES ('slow', now() - interval '2 minutes', 'scheduled', 'queued', now() - interval '2 minutes')")
+    await h.rewind("slow", 1)
+    d = await h.engine.decide("slow", ld)
+    assert d.enqueued and not d.skipped
+
+
 async def test_overlap_allow_enqueues_while_a_run_is_open(pool):
     c = settings_for("fast", grace=3600)
     h = Harness(pool, [c])

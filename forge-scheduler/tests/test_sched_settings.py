@@ -35,6 +35,7 @@ def test_policies_are_read():
     ({"overlap": "queue"}, "overlap"),
     ({"grace": -1}, "grace"),
     ({"grace": "soon"}, "grace"),
+    ({"overlap_timeout": 0}, "overlap_timeout"),
     ({"retries": 3}, "unknown setting(s) retries"),
     ({"timezone": "Nowhere/Land"}, "unknown time zone 'Nowhere/Land'"),
 ])
