@@ -79,13 +79,17 @@ async def bench_writes(url: str, seconds: int, rounds: int, modes: tuple[str, ..
     script = Path(tempfile.mkdtemp()) / "insert.sql"
     script.write_text(INSERT_SCRIPT)
     results: dict[str, list[float]] = {m: [] for m in modes}
+    logged: list[int] = []  # change-log rows written by each capture_on run
+    install_ms: list[float] = []  # first-subscription cost: functions + 4 triggers + bookkeeping
     try:
         for _ in range(rounds):
             for mode in results:
                 await remove_capture(conn, "bench_writes")
                 await conn.execute("DROP TRIGGER IF EXISTS bench_notify_row ON bench_writes")
                 if mode == "capture_on":
+                    t0 = time.perf_counter()
                     await install_capture(conn, "bench_writes", ["topic"])
+                    install_ms.append((time.perf_counter() - t0) * 1000)
                 elif mode == "notify_per_row":
                     await conn.execute(NOTIFY_TRIGGER)
                 await conn.execute("TRUNCATE bench_writes, forge_changes")
@@ -93,8 +97,9 @@ async def bench_writes(url: str, seconds: int, rounds: int, modes: tuple[str, ..
                 await conn.execute("CHECKPOINT")
                 tps = await asyncio.to_thread(pgbench, url, 32, seconds, script)
                 results[mode].append(tps)
+                if mode == "capture_on":
+                    logged.append(await conn.fetchval("SELECT count(*) FROM forge_changes"))
                 print(f"  (a) {mode:15s} {tps:9.0f} tps", flush=True)
-        logged = await conn.fetchval("SELECT count(*) FROM forge_changes")
     finally:
         await remove_capture(conn, "bench_writes")
         await conn.execute("DROP TABLE bench_writes")
@@ -103,7 +108,8 @@ async def bench_writes(url: str, seconds: int, rounds: int, modes: tuple[str, ..
     return {"tps_runs": results, "tps_median": med,
             "ratio_capture_on_vs_off": med["capture_on"] / med["capture_off"],
             "ratio_notify_per_row_vs_off": med["notify_per_row"] / med["capture_off"] if "notify_per_row" in med else None,
-            "change_log_rows_after_last_capture_run": logged}
+            "change_log_rows_per_capture_run": logged,
+            "capture_install_ms": install_ms}
 
 
 # --- clients and writers ----------------------------------------------------------------------
@@ -267,7 +273,7 @@ async def node_stats(port: int) -> dict:
 # --- main ----------------------------------------------------------------------------------------
 async def main(args: argparse.Namespace) -> dict:
     parts = set(args.only.split(","))
-    root = Path(tempfile.mkdtemp(prefix="forge-bench-rt-"))
+    root = Path(tempfile.mkdtemp(prefix="rtbench-"))
     pg = EmbeddedPostgres(root)  # stock settings (fsync and synchronous_commit on)
     admin_url = await asyncio.to_thread(pg.start)
     out: dict = {"args": vars(args)}
