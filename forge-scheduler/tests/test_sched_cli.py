@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import asyncpg
 import pytest
 from sched_helpers import ISOLATED, eventually
 
