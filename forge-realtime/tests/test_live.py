@@ -201,3 +201,22 @@ async def test_draining_node_closes_sockets_with_1001(rt_node):
         else:
             raise AssertionError("socket stayed open while the node drained")
         await stop
+
+
+async def test_a_shared_query_that_starts_reading_auth_is_split_per_caller(rt_node):
+    node = await rt_node()
+    url = ws_url(node)
+    async with ws_connect(url, token("alice")) as alice, ws_connect(url, token("bob")) as bob:
+        for c in (alice, bob):
+            await c.send({"type": "subscribe", "id": "w", "function": "whoami_if_items"})
+            assert (await c.recv())["data"] is None
+        await settled(node)
+        [shared] = query_of(node, "whoami_if_items")
+        assert shared.key[2] == "*" and len(shared.subscriptions) == 2
+        async with node.pool.acquire() as conn:
+            await conn.execute("INSERT INTO rt_notes (body) VALUES ('x')")
+        # never a result computed as the other caller
+        assert (await alice.recv())["data"] == "alice"
+        assert (await bob.recv())["data"] == "bob"
+        await settled(node)
+        assert sorted(q.key[2] for q in query_of(node, "whoami_if_items")) == ["user:alice", "user:bob"]
