@@ -154,6 +154,9 @@ class CronEngine:
         """One transaction: fence, decide due slots and triggers, enqueue their jobs."""
         cron = self.crons[name]
         async with self.pool.acquire() as conn, conn.transaction():
+            # a leader frozen inside this transaction must not hold the fence row (and thus a
+            # successor's takeover) for longer than a few seconds
+            await conn.execute("SET LOCAL idle_in_transaction_session_timeout = 10000")
             await fence(conn, leadership)
             st = await conn.fetchrow(
                 "SELECT decided_until, paused, clock_timestamp() AS now FROM forge_cron_state WHERE cron = $1 FOR UPDATE",

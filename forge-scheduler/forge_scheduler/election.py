@@ -135,9 +135,32 @@ class LeaderElection:
             async with self._conn_lock:
                 got = await self._conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *LOCK_KEYS,
                                                 timeout=self.config.check_timeout)
+                if not got:
+                    await self._depose_stale_leader()
             if got:
                 return
             await asyncio.sleep(self.config.election_interval)
+
+    async def _depose_stale_leader(self) -> None:
+        """A leader whose process is frozen (or whose connection is half-open) keeps its session
+        and its lock, and keepalive cannot tell: the OS still answers. If it has not renewed
+        within ``leader_lease``, end its session so the lock frees up. Only the session of the
+        node the stale row names is ended, never a newer leader's."""
+        row = await self._conn.fetchrow(
+            """SELECT l.node_id, a.pid, extract(epoch FROM clock_timestamp() - l.renewed_at) AS age
+               FROM forge_leaders l
+               JOIN pg_locks k ON k.locktype = 'advisory' AND k.granted AND k.objsubid = 2
+                    AND k.classid = $2::bigint::oid AND k.objid = $3::bigint::oid
+               JOIN pg_stat_activity a ON a.pid = k.pid AND a.application_name = left('forge-leader:' || l.node_id, 63)
+               WHERE l.name = $1 AND l.node_id IS NOT NULL
+                 AND l.renewed_at < clock_timestamp() - make_interval(secs => $4)""",
+            self.name, *LOCK_KEYS, self.config.leader_lease, timeout=self.config.check_timeout)
+        if row is None:
+            return
+        ended = await self._conn.fetchval("SELECT pg_terminate_backend($1)", row["pid"], timeout=self.config.check_timeout)
+        if ended:
+            logger.warning(f"leader {row['node_id']} has not renewed for {row['age']:.1f}s "
+                           f"(leader_lease {self.config.leader_lease:g}s); ended its session to take over")
 
     async def _lead(self) -> None:
         async with self._conn_lock:

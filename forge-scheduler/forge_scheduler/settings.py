@@ -24,6 +24,9 @@ class SchedulerConfig:
     election_interval: float = attrs.field(default=0.5, validator=in_range(0.05, 60))
     #: how often the leader re-checks its lock and refreshes ``forge_leaders.renewed_at``
     renew_interval: float = attrs.field(default=1.0, validator=in_range(0.05, 60))
+    #: a leader that has not renewed for this long (frozen process, half-open connection) has its
+    #: session ended by a follower, which then takes over
+    leader_lease: float = attrs.field(default=10.0, validator=in_range(1, 3600))
     #: a leadership check slower than this counts as lost leadership
     check_timeout: float = attrs.field(default=2.0, validator=in_range(0.1, 60))
     #: longest sleep of the cron loop (it also wakes for the next due slot)

@@ -1,6 +1,7 @@
 """Real forge-node processes: the leader is SIGKILLed, another takes over within 3 s, and the
 every-second cron keeps every slot exactly once (the test job store records the jobs)."""
 
+import asyncio
 import time
 
 import asyncpg
@@ -73,3 +74,51 @@ async def test_leader_sigkill_takeover_and_no_duplicate_slot(forge_processes):
 async def _leader(conn):
     row = await leader_row(conn)
     return row if row is not None and row["node_id"] is not None else None
+
+
+async def test_frozen_leader_is_deposed_after_its_lease(forge_processes):
+    """SIGSTOP keeps the leader's socket open (the OS still answers keepalives), so only the lease
+    can end its leadership: a follower ends the frozen session and takes over. Thawed, the old
+    leader finds its leadership gone and enqueues nothing more."""
+    import os
+    import signal
+
+    lease = 2.0
+    cfg = config()
+    cfg["scheduler"] = {"leader_lease": lease}
+    procs = {nid: forge_processes(cfg, node_id=nid, env=PROC_ENV) for nid in ("f1", "f2")}
+    conn = await asyncpg.connect(forge_processes.db_url)
+    frozen = None
+    try:
+        first = await wait_async(lambda: _leader(conn), 20, "a first leader")
+        await wait_async(lambda: conn.fetchval("SELECT count(*) >= 2 FROM forge_cron_runs WHERE leader = $1",
+                                               first["node_id"]), 20, "the leader to enqueue slots")
+        frozen = procs[first["node_id"]]
+        t0 = time.monotonic()
+        os.kill(frozen.pid, signal.SIGSTOP)
+
+        async def successor():
+            row = await _leader(conn)
+            return row if row and row["term"] > first["term"] else None
+
+        nxt = await wait_async(successor, 30, "a successor")
+        took = time.monotonic() - t0
+        print(f"\ntakeover from a frozen leader (leader_lease {lease:g}s): {took:.3f}s")
+        assert nxt["node_id"] != first["node_id"]
+        assert took < lease + 5  # the lease, plus renew and election intervals
+        os.kill(frozen.pid, signal.SIGCONT)
+        frozen = None
+        await asyncio.sleep(2.5)
+        row = await _leader(conn)
+        assert row["node_id"] == nxt["node_id"] and row["term"] == nxt["term"]  # the thawed node did not come back
+        t_thaw = await conn.fetchval("SELECT clock_timestamp()")
+        await asyncio.sleep(1.5)
+        late = await conn.fetchval("SELECT count(*) FROM forge_cron_runs WHERE leader = $1 AND enqueued_at > $2",
+                                   first["node_id"], t_thaw)
+        assert late == 0
+        dup = await conn.fetchval("SELECT count(*) - count(DISTINCT slot) FROM forge_cron_runs WHERE kind = 'scheduled'")
+        assert dup == 0
+    finally:
+        if frozen is not None:
+            os.kill(frozen.pid, signal.SIGCONT)
+        await conn.close()
