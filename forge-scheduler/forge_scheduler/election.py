@@ -146,6 +146,12 @@ class LeaderElection:
         and its lock, and keepalive cannot tell: the OS still answers. If it has not renewed
         within ``leader_lease``, end its session so the lock frees up. Only the session of the
         node the stale row names is ended, never a newer leader's."""
+        stale = await self._conn.fetchval(
+            "SELECT true FROM forge_leaders WHERE name = $1 AND node_id IS NOT NULL "
+            "AND renewed_at < clock_timestamp() - make_interval(secs => $2)",
+            self.name, self.config.leader_lease, timeout=self.config.check_timeout)
+        if not stale:
+            return  # the usual case: a cheap primary-key read, no scan of pg_locks
         row = await self._conn.fetchrow(
             """SELECT l.node_id, a.pid, extract(epoch FROM clock_timestamp() - l.renewed_at) AS age
                FROM forge_leaders l
