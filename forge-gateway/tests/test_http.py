@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 
-import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from conftest import SERVICE_KEY
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ PostgreSQL), schema builder, JSON-RPC validation."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
 import time
