@@ -181,6 +181,13 @@ async def run_takeovers(url: str, work: Path, rounds: int) -> list[float]:
             r = await conn.fetchrow("SELECT node_id, term FROM forge_leaders WHERE name = 'scheduler'")
             return r if r is not None and r["node_id"] is not None else None
 
+        await until(leader, 30, "a leader")
+        # what the scheduler itself costs: 3 nodes (heartbeats, election, renewals, one cron per
+        # second enqueued into forge-worker's table), no worker running
+        x0, t0 = await xacts(conn, "forge_takeover"), time.monotonic()
+        await asyncio.sleep(10)
+        idle_tps = (await xacts(conn, "forge_takeover") - x0) / (time.monotonic() - t0)
+        print(f"FORGE scheduler alone (3 nodes, 1 cron/s, no worker): {idle_tps:.1f} commits/s")
         for _ in range(rounds):
             current = await until(leader, 30, "a leader")
             await asyncio.sleep(1.0)

@@ -133,12 +133,16 @@ class LeaderElection:
     async def _campaign(self) -> None:
         while True:
             async with self._conn_lock:
-                got = await self._conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *LOCK_KEYS,
-                                                timeout=self.config.check_timeout)
-                if not got:
+                # one statement per attempt: take the lock, or learn whether the leader went stale
+                row = await self._conn.fetchrow(
+                    """SELECT pg_try_advisory_lock($1, $2) AS got,
+                              EXISTS (SELECT 1 FROM forge_leaders WHERE name = $3 AND node_id IS NOT NULL
+                                      AND renewed_at < clock_timestamp() - make_interval(secs => $4)) AS stale""",
+                    *LOCK_KEYS, self.name, self.config.leader_lease, timeout=self.config.check_timeout)
+                if row["got"]:
+                    return
+                if row["stale"]:
                     await self._depose_stale_leader()
-            if got:
-                return
             await asyncio.sleep(self.config.election_interval)
 
     async def _depose_stale_leader(self) -> None:
@@ -146,12 +150,6 @@ class LeaderElection:
         and its lock, and keepalive cannot tell: the OS still answers. If it has not renewed
         within ``leader_lease``, end its session so the lock frees up. Only the session of the
         node the stale row names is ended, never a newer leader's."""
-        stale = await self._conn.fetchval(
-            "SELECT true FROM forge_leaders WHERE name = $1 AND node_id IS NOT NULL "
-            "AND renewed_at < clock_timestamp() - make_interval(secs => $2)",
-            self.name, self.config.leader_lease, timeout=self.config.check_timeout)
-        if not stale:
-            return  # the usual case: a cheap primary-key read, no scan of pg_locks
         row = await self._conn.fetchrow(
             """SELECT l.node_id, a.pid, extract(epoch FROM clock_timestamp() - l.renewed_at) AS age
                FROM forge_leaders l
