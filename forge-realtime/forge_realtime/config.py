@@ -26,6 +26,6 @@ class RealtimeConfig:
     #: seconds one send may block before the connection is closed as too slow (4008)
     send_timeout: float = attrs.field(default=10.0, validator=in_range(0.01, 3600))
     #: query re-runs this node executes at once (keep below [database] pool_max)
-    max_concurrent_runs: int = attrs.field(default=4, validator=in_range(1, 1000))
+    max_concurrent_runs: int = attrs.field(default=8, validator=in_range(1, 1000))
     #: seconds a socket may stay silent before the server closes it (clients ping)
     idle_timeout: float = attrs.field(default=120.0, validator=in_range(1, 86400))

@@ -220,3 +220,23 @@ async def test_a_shared_query_that_starts_reading_auth_is_split_per_caller(rt_no
         assert (await bob.recv())["data"] == "bob"
         await settled(node)
         assert sorted(q.key[2] for q in query_of(node, "whoami_if_items")) == ["user:alice", "user:bob"]
+
+
+async def test_reader_reconnects_and_resyncs_after_losing_its_connection(rt_node):
+    node = await rt_node()
+    rt = realtime(node)
+    async with ws_connect(ws_url(node)) as c:
+        await c.send({"type": "subscribe", "id": "n", "function": "count_items"})
+        assert (await c.recv())["data"] == 0
+        async with node.pool.acquire() as conn:
+            pids = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_current_snapshot%' "
+                "AND pid <> pg_backend_pid()")
+            assert pids, "the change reader's connection was not found"
+            for r in pids:
+                await conn.execute("SELECT pg_terminate_backend($1)", r["pid"])
+            # written while the reader is away: its reconnect re-runs every live query
+            await conn.execute("INSERT INTO rt_items (owner, title) VALUES ('a', 'while away')")
+        msg = await c.recv(timeout=20)
+        assert msg["data"] == 1
+        assert node.supervisor.records["realtime-changes"].crashes >= 1
