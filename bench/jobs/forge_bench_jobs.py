@@ -7,7 +7,7 @@ import time
 from forge_kernel import job
 
 #: filled by run.py: counts finished no-op jobs and records enqueue-to-start latencies
-STATE: dict = {"done": 0, "first": 0.0, "latencies": []}
+STATE: dict = {"done": 0, "first": 0.0, "latencies": [], "starts": {}, "committed": {}}
 
 
 @job
@@ -20,5 +20,7 @@ async def noop(ctx) -> None:
 @job
 async def timed(ctx, sent: float) -> None:
     # enqueuer and worker share this process, so perf_counter values are comparable
-    STATE["latencies"].append(time.perf_counter() - sent)
+    now = time.perf_counter()
+    STATE["latencies"].append(now - sent)
+    STATE["starts"][ctx.job.id] = now
     STATE["done"] += 1

@@ -32,6 +32,10 @@ class WorkerConfig:
     heartbeat_interval: float = attrs.field(default=1.0, validator=in_range(0.05, 3600))
     #: seconds between checks for new jobs when no NOTIFY arrives (fallback)
     poll_interval: float = attrs.field(default=1.0, validator=in_range(0.01, 3600))
+    #: after a claim found work, look for more every ``spin_interval`` seconds for this long
+    #: before going idle (idle workers are woken by hints); 0 disables
+    spin_window: float = attrs.field(default=0.05, validator=in_range(0, 60))
+    spin_interval: float = attrs.field(default=0.002, validator=in_range(0.0005, 1))
     #: seconds between this node's checks for jobs whose lease expired (0: leave it to maintenance)
     rescue_interval: float = attrs.field(default=5.0, validator=in_range(0, 3600))
     #: timeout of a job that sets none itself, seconds (0: no timeout)

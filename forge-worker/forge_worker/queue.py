@@ -131,9 +131,10 @@ def _check(req: JobRequest) -> None:
 
 def _json(value: Mapping[str, Any], name: str, what: str) -> str:
     try:
-        text = json.dumps(dict(value), separators=(",", ":"))
+        text = json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False)
+        text.encode("utf-8")  # a lone surrogate cannot be stored
     except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"job {name!r}: {what} must be JSON-safe: {exc}") from None
+        raise InvalidArgument(f"job {name!r}: {what} must be JSON-safe text: {exc}") from None
     if _NUL.search(text):
         raise InvalidArgument(f"job {name!r}: {what} contain a NUL character (\\u0000), which PostgreSQL "
                               f"jsonb cannot store")

@@ -280,6 +280,7 @@ class Worker:
         self.sleeping = False
         self.stopping = False
         self.next_due = 0.0  # monotonic time the next delayed job is due (0: check now)
+        self.last_work = 0.0  # monotonic time a claim last found work
         self.claim_batch = config.claim_batch or config.concurrency
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
@@ -393,11 +394,24 @@ class Worker:
             self._start_jobs(rows)
             if limited_names or limited_queues:
                 got += await self._claim_limited(conn, capacity - got)
+            now = time.monotonic()
+            if got:
+                self.last_work = now
             if got >= capacity:
                 # a backlog: keep claiming, and stop asking enqueuers for NOTIFYs
                 if self.sleeping:
                     await conn.execute(WAKE, self.node_id)
                     self.sleeping = False
+                continue
+            if cfg.spin_window and now - self.last_work < cfg.spin_window:
+                # work arrived moments ago: more is likely. Look again shortly instead of asking
+                # every enqueue for a wake-up hint - under steady load each look finds a batch,
+                # and enqueues stay a single statement.
+                if self.sleeping:
+                    await conn.execute(WAKE, self.node_id)
+                    self.sleeping = False
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), cfg.spin_interval)
                 continue
             if not self.sleeping and self.listening:
                 # announce we wait, then look once more: a job stored just before the announcement

@@ -23,7 +23,7 @@ request_st = st.builds(
     key=st.one_of(st.none(), st.sampled_from(["a", "b", "c"])),
     mode=st.sampled_from(["skip", "replace"]),
     prio=st.integers(-5, 5),
-    value=st.text(st.characters(blacklist_characters="\x00"), max_size=5),
+    value=st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=5),
     delayed=st.booleans(),
 )
 batches_st = st.lists(st.lists(request_st, min_size=1, max_size=12), min_size=1, max_size=4)
@@ -104,4 +104,6 @@ def test_nul_characters_are_rejected_clearly():
 
     with pytest.raises(InvalidArgument, match="NUL"):
         _json({"v": "a\x00b"}, "record", "args")
+    with pytest.raises(InvalidArgument, match="JSON-safe"):
+        _json({"v": "\udc00"}, "record", "args")
     assert _json({"v": "\\u0000"}, "record", "args") == '{"v":"\\\\u0000"}'
