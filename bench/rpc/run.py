@@ -139,7 +139,9 @@ def main() -> None:
             "app": {"modules": ["bench_app"], "example": False},
             "gateway": {"port": forge_port},
             "log": {"level": "WARNING"},
-            "node": {"id": "bench"},
+            # a gateway node: the roles of other installed plugins (worker, scheduler, realtime) would run
+            # their background loops in this process and skew its CPU figures
+            "node": {"id": "bench", "roles": ["gateway", "function"]},
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
         forge_log = open(tmp / "forge.log", "wb")
