@@ -213,16 +213,17 @@ class LeaderElection:
                 pause = min(pause * 2, 30.0)
 
     async def _renew(self) -> None:
+        """One statement: the lock is still ours and the row still names our term, then renew."""
         ld = self.leadership
         async with self._conn_lock:
-            held = await self._conn.fetchval(_LOCK_HELD, *LOCK_KEYS, timeout=self.config.check_timeout)
-            renewed = held and await self._conn.fetchval(
-                "UPDATE forge_leaders SET renewed_at = clock_timestamp() WHERE name = $1 AND node_id = $2 AND term = $3 "
-                "RETURNING true", self.name, ld.node_id, ld.term, timeout=self.config.check_timeout)
-        if not held:
-            raise NotLeader("the advisory lock is no longer held by this session")
-        if not renewed:
-            raise NotLeader(f"forge_leaders names another leader than {ld.node_id} term {ld.term}")
+            row = await self._conn.fetchrow(
+                f"""WITH held AS ({_LOCK_HELD.strip()})
+                    UPDATE forge_leaders SET renewed_at = clock_timestamp()
+                    WHERE name = $3 AND node_id = $4 AND term = $5 AND (SELECT exists FROM held)
+                    RETURNING (SELECT exists FROM held) AS held""",
+                *LOCK_KEYS, self.name, ld.node_id, ld.term, timeout=self.config.check_timeout)
+        if row is None:
+            raise NotLeader(f"lock lost, or forge_leaders names another leader than {ld.node_id} term {ld.term}")
 
     async def check(self) -> Leadership:
         """Confirm this node still leads (its session still holds the lock); call before
