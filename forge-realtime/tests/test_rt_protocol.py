@@ -8,7 +8,8 @@ import time
 import pytest
 import websockets
 
-from conftest import token, ws_connect, ws_url
+from rt_helpers import token, ws_connect, ws_url
+from rt_helpers import rt_node  # noqa: F401 - pytest fixtures
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ async def test_duplicate_ids_and_too_many_subscriptions(node):
 
 
 async def test_unsubscribed_queries_are_dropped(node):
-    from conftest import realtime
+    from rt_helpers import realtime
 
     async with ws_connect(ws_url(node)) as c:
         await c.send({"type": "subscribe", "id": "1", "function": "count_items"})
@@ -115,7 +116,7 @@ async def test_oversized_and_binary_messages_close_the_socket(node):
 
 async def test_auth_errors(node):
     async with websockets.connect(ws_url(node)) as ws:
-        from conftest import WsClient
+        from rt_helpers import WsClient
 
         c = WsClient(ws)
         await c.send({"type": "auth", "token": "garbage"})

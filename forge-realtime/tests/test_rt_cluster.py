@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from conftest import GATEWAY, token, ws_connect
+from rt_helpers import GATEWAY, token, ws_connect
 
 HERE = Path(__file__).parent
 

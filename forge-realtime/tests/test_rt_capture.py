@@ -11,6 +11,7 @@ from forge_kernel import db as dbmod
 from forge_realtime.capture import CaptureError, install_capture, remove_capture
 from forge_realtime.changes import CHANNEL, LogCursor, poll, start_cursor
 from forge_realtime.trim import trim_change_log
+from rt_helpers import rt_db  # noqa: F401 - pytest fixtures
 
 
 async def test_statement_trigger_logs_images_of_captured_columns(rt_db):

@@ -6,7 +6,8 @@ import asyncio
 
 import websockets
 
-from conftest import realtime, settled, token, ws_connect, ws_url
+from rt_helpers import realtime, settled, token, ws_connect, ws_url
+from rt_helpers import rt_node  # noqa: F401 - pytest fixtures
 
 
 def query_of(node, function):

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import realtime, settled
+from rt_helpers import realtime, settled
 from forge_kernel.executor import Auth
 from forge_realtime.engine import Subscription
+from rt_helpers import rt_node  # noqa: F401 - pytest fixtures
 
 OWNERS = ["a", "b", "c"]
 

@@ -7,9 +7,10 @@ import asyncio
 import asyncpg
 import pytest
 
-from conftest import realtime, token, ws_url
+from rt_helpers import realtime, token, ws_url
 from forge_kernel.testing import free_port
 from forge_realtime import ForgeClient, SubscriptionError
+from rt_helpers import rt_node  # noqa: F401 - pytest fixtures
 
 
 async def test_client_yields_result_then_updates(rt_node):
@@ -45,7 +46,7 @@ async def test_client_reconnects_after_drain_and_resubscribes_with_its_hash(rt_n
     port = free_port()
     node = await rt_node()
     await node.stop()  # the fixture's first node only prepared the database; serve on a fixed port
-    from conftest import GATEWAY
+    from rt_helpers import GATEWAY
 
     async def start():
         from forge_kernel.config import load_config

@@ -15,6 +15,7 @@ from forge_kernel.errors import ConfigError
 from forge_kernel.plugins import PluginLoader
 from forge_realtime import hooks
 from forge_realtime.capture import install_capture
+from rt_helpers import rt_db, rt_node  # noqa: F401 - pytest fixtures
 
 PACKAGE = Path(hooks.__file__).parent
 ALLOWED_THIRD_PARTY = {"attrs", "asyncpg", "litestar", "loguru", "websockets"}

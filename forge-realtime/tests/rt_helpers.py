@@ -1,23 +1,46 @@
+"""Helpers for the forge-realtime tests (a uniquely named module: several packages' test
+folders each have a conftest.py, so ``from conftest import ...`` would be ambiguous)."""
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from litestar import Litestar
 
-from forge_kernel.testing import free_port
-from forge_realtime.service import websocket_handler
+# --- fixtures (imported by the test modules that use them; no conftest.py, because several
+# packages' test folders would each have one and "conftest" is then ambiguous) ---------------
+@pytest.fixture
+async def rt_node(forge_node):
+    async def make(**config: Any):
+        cfg = {"realtime": {"fallback_poll": 0.05, **config}}
+        cfg["gateway"] = dict(GATEWAY)
+        # only the roles under test: other packages being installed alongside must not matter
+        cfg["node"] = {"roles": ["gateway", "function", "realtime"]}
+        return await forge_node(modules=["forge_rt_testapp"], config=cfg)
 
-HERE = Path(__file__).parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+    return make
 
+
+@pytest.fixture
+async def rt_db(forge_db_url):
+    """A dedicated connection to a fresh database with the realtime migrations and a test table."""
+    from forge_kernel import db as dbmod
+    from forge_kernel.migrations import from_package, migrate
+
+    conn = await dbmod.connect(forge_db_url)
+    await migrate(conn, from_package("forge_realtime.sql", namespace="realtime"))
+    await conn.execute("CREATE TABLE things (id bigserial PRIMARY KEY, owner text NOT NULL, n int NOT NULL DEFAULT 0, "
+                       "note text)")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+# --- helpers -----------------------------------------------------------------------------------
 JWT_SECRET = "forge-realtime-test-secret-0123456789abcdef"
 #: the gateway (forge-gateway) serves /ws and verifies tokens; port 0 picks a free port
 GATEWAY = {"port": 0, "jwt_secret": JWT_SECRET, "jwt_algorithms": ["HS256"]}
@@ -36,37 +59,6 @@ def token(user: str, ttl: float = 3600.0, roles: list[str] | None = None) -> str
 
 def ws_url(node: Any) -> str:
     return f"ws://127.0.0.1:{node.ports['http']}/ws"
-
-
-@contextlib.asynccontextmanager
-async def serve_ws(node: Any):
-    """Serve the node's /ws handler with uvicorn on a free port (what the gateway does)."""
-    app = Litestar(route_handlers=[websocket_handler(node)])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"ws://127.0.0.1:{port}/ws"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
-
-
-@pytest.fixture
-async def rt_node(forge_node):
-    async def make(**config: Any):
-        cfg = {"realtime": {"fallback_poll": 0.05, **config}}
-        cfg["gateway"] = dict(GATEWAY)
-        # only the roles under test: other packages being installed alongside must not matter
-        cfg["node"] = {"roles": ["gateway", "function", "realtime"]}
-        return await forge_node(modules=["forge_rt_testapp"], config=cfg)
-
-    return make
 
 
 class WsClient:
@@ -108,22 +100,6 @@ async def ws_connect(url: str, token: str | None = None, **kw: Any):
         yield c
 
 
-@pytest.fixture
-async def rt_db(forge_db_url):
-    """A dedicated connection to a fresh database with the realtime migrations and a test table."""
-    from forge_kernel import db as dbmod
-    from forge_kernel.migrations import from_package, migrate
-
-    conn = await dbmod.connect(forge_db_url)
-    await migrate(conn, from_package("forge_realtime.sql", namespace="realtime"))
-    await conn.execute("CREATE TABLE things (id bigserial PRIMARY KEY, owner text NOT NULL, n int NOT NULL DEFAULT 0, "
-                       "note text)")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 def realtime(node: Any):
     from forge_realtime.service import for_node
 
@@ -150,3 +126,4 @@ async def settled(node: Any, timeout: float = 30.0) -> None:
         quiet = 0 if (busy or behind) else quiet + 1
         rt.reader.wake()
         await asyncio.sleep(0.02)
+
