@@ -198,6 +198,13 @@ class ForgeClient:
             sub.event.set()
         elif kind == "error":
             err = SubscriptionError(msg.get("code", "INTERNAL"), msg.get("message", ""), msg.get("details"))
+            details = msg.get("details")
+            if sub is not None and err.code == "RATE_LIMITED" and isinstance(details, dict) and "rate" in details:
+                # the subscribe rate (e.g. many resubscribes after a reconnect): try again shortly
+                delay = random.uniform(0.5, 1.5) / max(0.1, float(details["rate"])) * 2
+                asyncio.get_running_loop().call_later(
+                    delay, lambda: asyncio.ensure_future(self._send_subscribe(sub)) if sub.sub_id in self._subs else None)
+                return
             if sub is not None:
                 sub.error = err
                 self._subs.pop(sub.sub_id, None)

@@ -102,3 +102,11 @@ async def test_client_keeps_an_idle_subscription_alive(rt_node):
         await node.executor.call("add_item", {"owner": "x", "title": "y"})
         assert await asyncio.wait_for(anext(counts), 10) == 1
         assert client.connects == 1
+
+
+async def test_client_retries_subscribes_refused_by_the_rate_limit(rt_node):
+    node = await rt_node(subscribe_rate=2)
+    async with ForgeClient(ws_url(node)) as client:
+        streams = [client.subscribe("items_of", owner=str(i)) for i in range(5)]
+        firsts = await asyncio.wait_for(asyncio.gather(*(anext(s) for s in streams)), 30)
+        assert firsts == [[] for _ in range(5)]
