@@ -170,7 +170,10 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
             headers[name.decode("latin-1")] = value.decode("latin-1")
     request_id = request_id_from(headers.get("x-request-id"))
     raw_path = scope.get("raw_path") or scope["path"].encode()
-    function = raw_path.decode("latin-1")[len(RPC_PREFIX):].strip("/")
+    # Litestar's mount routing cut the prefix off scope["path"]; put the request's path back so
+    # the access log (which reads this scope) shows what the client asked for
+    scope["path"] = raw_path.decode("latin-1")
+    function = scope["path"][len(RPC_PREFIX):].strip("/")
     if scope["method"] != "POST":
         err = ForgeError(f"method {scope['method']} not allowed on {RPC_PREFIX}/{function}; use POST".replace("//", "/"),
                          code="INVALID_ARGUMENT")

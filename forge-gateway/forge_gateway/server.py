@@ -22,6 +22,33 @@ from loguru import logger
 from forge_kernel.errors import StartupError
 
 
+class _ToLoguru(logging.Handler):
+    """uvicorn logs through the standard library; the node logs through loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.log(level, f"http: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _uvicorn_logs(access_log: bool):
+    handler = _ToLoguru()
+    wired = [("uvicorn.error", logging.WARNING)] + ([("uvicorn.access", logging.INFO)] if access_log else [])
+    for name, level in wired:
+        log = logging.getLogger(name)
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = False
+    try:
+        yield
+    finally:
+        for name, _ in wired:
+            logging.getLogger(name).removeHandler(handler)
+
+
 class EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # the node handles SIGTERM/SIGINT and drains us through the lifespan
@@ -47,7 +74,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _http_implementation() -> str:
     try:
-        import httptools  # noqa: F401
+        import httptools  # noqa: F401 - only checking that it is installed
     except ImportError:  # pragma: no cover - httptools is a dependency; h11 keeps working without it
         return "h11"
     return "httptools"
@@ -63,6 +90,8 @@ async def serve(app: Any, host: str, port: int, *, access_log: bool = False,
                             log_config=None, log_level=logging.WARNING, timeout_graceful_shutdown=shutdown_timeout,
                             server_header=False, date_header=True)
     server = EmbeddedServer(config)
+    logs = _uvicorn_logs(access_log)
+    logs.__enter__()
     task = asyncio.create_task(_run(server, sock), name="forge:gateway-http")
     try:
         while not server.started:
@@ -84,6 +113,7 @@ async def serve(app: Any, host: str, port: int, *, access_log: bool = False,
         except BaseException:  # noqa: BLE001 - the server failed earlier; its error was logged
             pass
         sock.close()
+        logs.__exit__(None, None, None)
 
 
 async def _run(server: EmbeddedServer, sock: socket.socket) -> None:

@@ -174,3 +174,11 @@ def test_gateway_without_the_function_role_serves_no_rpc(forge_processes, keys, 
     r = httpx.post(f"{url}/rpc/add", json={"a": 1})
     assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
     assert not any(p.startswith("/rpc") for p in httpx.get(f"{url}/openapi.json").json()["paths"])
+
+
+def test_access_log_goes_to_the_node_log(forge_processes, keys, tmp_path):
+    proc, url = spawn_gateway(forge_processes, keys, tmp_path, "access", access_log=True)
+    httpx.post(f"{url}/rpc/add", json={"a": 1}, headers={"X-Request-Id": "acc-1"})
+    from forge_kernel.testing import wait_for
+
+    wait_for(lambda: "POST /rpc/add" in proc.log(), 10, what="access log line")
