@@ -34,9 +34,22 @@ def forge_migrations():
     return from_package("forge_gateway.sql", namespace="gateway")
 
 
+_VERIFIER_ATTR = "_forge_gateway_verifier"
+
+
+def verifier_for(node: Any) -> Verifier:
+    """One verifier per node (kept on the node, not in a global), so every WebSocket connection
+    and the HTTP server share its parsed keys and JWKS cache."""
+    verifier = getattr(node, _VERIFIER_ATTR, None)
+    if verifier is None:
+        verifier = Verifier(node.config["gateway"])
+        setattr(node, _VERIFIER_ATTR, verifier)
+    return verifier
+
+
 @hookimpl
 def forge_auth_verifier(node: Any) -> Verifier:
-    return Verifier(node.config["gateway"])
+    return verifier_for(node)
 
 
 @hookimpl
@@ -61,7 +74,7 @@ def _flat(results: Any) -> list[Any]:
 @contextlib.asynccontextmanager
 async def gateway_lifespan(node: Any) -> AsyncIterator[Gateway]:
     cfg: GatewayConfig = node.config["gateway"]
-    gateway = Gateway(node, cfg, Verifier(cfg), RateLimiter(node.pool, lease_fraction=cfg.rate_limit_lease))
+    gateway = Gateway(node, cfg, verifier_for(node), RateLimiter(node.pool, lease_fraction=cfg.rate_limit_lease))
     app = build_app(gateway, _flat(node.loader.hook.forge_gateway_routes(node=node)))
     async with serve(app, cfg.host, cfg.port, access_log=cfg.access_log, shutdown_timeout=cfg.shutdown_timeout) as port:
         node.ports["http"] = port

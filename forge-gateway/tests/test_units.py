@@ -184,3 +184,15 @@ def test_undescribable_types_do_not_break_the_document():
     out = b.schema(Broken)
     assert out.get("$ref") or "no JSON schema" in out.get("description", ""), out
     assert "no JSON schema" in str(b.components.get("Broken", out))
+
+
+async def test_auth_verifier_hook_returns_one_verifier_per_node(forge_node):
+    node = await forge_node(modules=[], config={"node": {"roles": ["function"]}, "gateway": {"jwt_secret": SECRET}},
+                            env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1",
+                                 "FORGE_PLUGINS": "forge_kernel.kernel_plugin,forge_gateway.hooks"})
+    first = node.loader.hook.forge_auth_verifier(node=node)
+    assert first is node.loader.hook.forge_auth_verifier(node=node)
+    auth = await first.verify(token(sub="ws-user"))
+    assert auth.user_id == "ws-user"
+    with pytest.raises(Unauthenticated):
+        await first.verify(token(sub="x") + "tampered")
