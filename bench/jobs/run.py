@@ -374,7 +374,7 @@ async def run_setting(label: str, base: str, args: argparse.Namespace) -> dict[s
         ("pgqueuer", "continuous"): lambda: pgq_continuous(base, args.seconds),
         ("procrastinate", "continuous"): lambda: procrastinate_continuous(base, args.seconds),
     }
-    for mode in ("drain", "continuous"):
+    for mode in args.modes:
         # systems take turns, round after round, so a noisy neighbour on a shared machine hits
         # them alike; each system's figure is the median of its rounds
         samples: dict[str, list[float]] = {s: [] for s in systems}
@@ -419,7 +419,7 @@ async def main_async(args: argparse.Namespace) -> None:
             shutil.rmtree(root, ignore_errors=True)
     print("\n=== summary (jobs/s)")
     for label, res in results.items():
-        for mode in ("drain", "continuous"):
+        for mode in args.modes:
             line = "  ".join(f"{s}={res[(s, mode)]:,.0f}" for s in args.systems)
             ratios = "  ".join(f"FORGE/{s}={res[('forge', mode)] / res[(s, mode)]:.2f}x"
                                for s in args.systems if s != "forge" and "forge" in args.systems)
@@ -440,6 +440,8 @@ def main() -> None:
                    help="rounds for Procrastinate (an order of magnitude slower; one round takes minutes)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=["stock", "nofsync"])
     p.add_argument("--systems", type=lambda s: s.split(","), default=["forge", "pgqueuer", "procrastinate"])
+    p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "continuous"],
+                   help="throughput modes to run (drain,continuous); empty for the latency run only")
     args = p.parse_args()
     import logging
 

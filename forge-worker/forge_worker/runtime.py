@@ -606,7 +606,9 @@ class Worker:
                 await asyncio.sleep(0.2 + random.random() * 0.3)
 
     async def _renew(self, conn: asyncpg.Connection) -> None:
-        attempts = list(self.running.values())
+        # finished attempts are left to the report statement: renewing rows it is deleting would
+        # lock the same rows in another order (a deadlock PostgreSQL resolves by aborting one)
+        attempts = [a for a in self.running.values() if not a.finished]
         if not attempts:
             return
         prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
