@@ -19,7 +19,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from conftest import NodeProcess, child_env, create_database, drop_database, gateway_config
+from gw_support import NodeProcess, child_env, create_database, drop_database, gateway_config
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import jwt
 import pytest
 from jwt.algorithms import RSAAlgorithm
 
-from conftest import AUDIENCE, ISSUER, child_env, gateway_config
+from gw_support import AUDIENCE, ISSUER, child_env, gateway_config
 
 
 def spawn_gateway(forge_processes, keys, tmp_path, node_id, *, modules=("gw_app",), plugins=(), **gateway):

@@ -11,7 +11,7 @@ import time
 import jwt
 import pytest
 
-from conftest import AUDIENCE, ISSUER, SECRET, SERVICE_KEY
+from gw_support import AUDIENCE, ISSUER, SECRET, SERVICE_KEY
 
 
 @pytest.fixture(scope="module")
