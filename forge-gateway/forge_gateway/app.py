@@ -173,7 +173,12 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
     # Litestar's mount routing cut the prefix off scope["path"]; put the request's path back so
     # the access log (which reads this scope) shows what the client asked for
     scope["path"] = raw_path.decode("latin-1")
-    function = scope["path"][len(RPC_PREFIX):].strip("/")
+    rest = scope["path"][len(RPC_PREFIX):]
+    if rest and not rest.startswith("/"):  # the mount also matches /rpcanything
+        err = ForgeError(f"no route {scope['method']} {scope['path']}", code="NOT_FOUND")
+        await error_asgi(err, request_id)(scope, receive, send)
+        return
+    function = rest.strip("/")
     if scope["method"] != "POST":
         err = ForgeError(f"method {scope['method']} not allowed on {RPC_PREFIX}/{function}; use POST".replace("//", "/"),
                          code="INVALID_ARGUMENT")

@@ -139,6 +139,8 @@ def test_unknown_function_is_404(http):
 def test_unknown_route_is_404_in_the_same_shape(http):
     r = http.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+    r = http.post("/rpcadd", json={"a": 1})
+    assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
 
 
 def test_not_found_raised_by_the_function(http):
