@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -18,7 +18,7 @@ from forge_kernel.embedded_pg import EmbeddedPostgres
 from forge_kernel.testing import NodeProcess
 from forge_worker import JobQueue
 
-from helpers import eventually
+from worker_helpers import eventually
 
 APPS = str(Path(__file__).parent / "apps")
 ENV = {"PYTHONPATH": APPS + os.pathsep + os.environ.get("PYTHONPATH", ""), "FORGE_LOG__LEVEL": "WARNING"}
@@ -96,7 +96,9 @@ async def test_killed_worker_20000_jobs(forge_processes):
 
 
 async def restart_scenario(tmp_path: Path, n_jobs: int) -> None:
-    pg = EmbeddedPostgres(tmp_path / "pg", settings={"fsync": "off", "synchronous_commit": "off"})
+    # its own folder: pytest sessions of other projects on this host prune /tmp/pytest-of-<user>
+    pg_root = Path(tempfile.mkdtemp(prefix="forge-worker-restart-pg-"))
+    pg = EmbeddedPostgres(pg_root, settings={"fsync": "off", "synchronous_commit": "off"})
     url = pg.start()
     admin = await asyncpg.connect(url)
     await admin.execute("CREATE DATABASE restart_test")
@@ -143,6 +145,7 @@ async def restart_scenario(tmp_path: Path, n_jobs: int) -> None:
         for p in procs:
             p.terminate(timeout=20)
         pg.stop()
+        shutil.rmtree(pg_root, ignore_errors=True)
 
 
 async def _at_least(pool, n):

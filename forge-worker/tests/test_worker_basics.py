@@ -9,7 +9,7 @@ from forge_kernel import SYSTEM
 from forge_kernel.errors import InvalidArgument
 from forge_worker import JobQueue
 
-from helpers import eventually, log_rows, worker_config
+from worker_helpers import eventually, log_rows, worker_config
 
 import worker_jobs
 

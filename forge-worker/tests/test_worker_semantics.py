@@ -15,7 +15,7 @@ from forge_kernel.plugins import PluginLoader
 from forge_worker import JobQueue
 from forge_worker.runtime import backoff_delay
 
-from helpers import eventually, log_rows, worker_config
+from worker_helpers import eventually, log_rows, worker_config
 
 import worker_jobs
 

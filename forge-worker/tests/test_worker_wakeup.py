@@ -9,7 +9,7 @@ import asyncpg
 from forge_kernel import SYSTEM
 from forge_worker import JobQueue
 
-from helpers import eventually, log_rows, worker_config
+from worker_helpers import eventually, log_rows, worker_config
 
 import worker_jobs
 
@@ -81,5 +81,10 @@ async def test_live_long_job_keeps_its_lease_and_runs_once(forge_node):
     await eventually(lambda: log_rows(nodes[0].pool, job_id=job_id, event="ran"), timeout=30, what="the long job")
     rows = await log_rows(nodes[0].pool, job_id=job_id, event="started")
     assert len(rows) == 1  # three lease periods long, never handed to the other worker
-    info = await JobQueue(nodes[0].pool).get(job_id)
-    assert info.status == "succeeded" and info.attempt == 1
+    info = await eventually(lambda: _succeeded(nodes[0].pool, job_id), what="the result to be written")
+    assert info.attempt == 1
+
+
+async def _succeeded(pool, job_id):
+    info = await JobQueue(pool).get(job_id)
+    return info if info is not None and info.status == "succeeded" else None
