@@ -12,7 +12,8 @@ from forge_kernel.db import connect
 from forge_scheduler.election import LeaderElection, NotLeader, current_leader, fence
 from forge_scheduler.settings import SchedulerConfig
 
-CFG = SchedulerConfig(election_interval=0.05, renew_interval=0.1, check_timeout=2.0)
+# a generous check timeout: on a loaded machine a slow renewal would end the term mid-test
+CFG = SchedulerConfig(election_interval=0.05, renew_interval=0.1, check_timeout=10.0)
 
 
 @contextlib.asynccontextmanager

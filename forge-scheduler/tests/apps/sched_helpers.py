@@ -5,7 +5,7 @@ import time
 
 #: in-process nodes load only the scheduler and the test job store, whatever else is installed
 ISOLATED = {"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1", "FORGE_PLUGINS": "forge_scheduler.hooks,sched_fake_store"}
-FAST = {"election_interval": 0.1, "renew_interval": 0.2, "tick_interval": 0.1, "check_timeout": 2.0}
+FAST = {"election_interval": 0.1, "renew_interval": 0.2, "tick_interval": 0.1, "check_timeout": 10.0}
 
 
 async def eventually(predicate, timeout=15.0, interval=0.05, what="condition"):
