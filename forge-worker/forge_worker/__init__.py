@@ -6,8 +6,8 @@ Public API: :class:`JobQueue` (enqueue and manage jobs with only a pool), :class
 """
 
 from .config import WorkerConfig
-from .context import JobCancelled, JobContext, RetryLater
-from .queue import Dispatcher, JobInfo, JobQueue, store_jobs
+from .context import JobCancelled, JobContext, RetryLater, RunningJob
+from .queue import Dispatcher, JobInfo, JobQueue, enqueue, store_jobs
 
-__all__ = ["Dispatcher", "JobCancelled", "JobContext", "JobInfo", "JobQueue", "RetryLater", "WorkerConfig",
-           "store_jobs"]
+__all__ = ["Dispatcher", "JobCancelled", "JobContext", "JobInfo", "JobQueue", "RetryLater", "RunningJob",
+           "WorkerConfig", "enqueue", "store_jobs"]

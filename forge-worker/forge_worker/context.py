@@ -29,7 +29,7 @@ class JobCancelled(Exception):
 
 
 @attrs.frozen
-class JobInfo:
+class RunningJob:
     """``ctx.job``: the running attempt."""
 
     id: int
@@ -124,16 +124,16 @@ class JobContext(ActionContext):
         self.db = db  # type: ignore[assignment]
         self.request_id = call.request_id
         self._row = row
-        self._job: JobInfo | None = None
+        self._job: RunningJob | None = None
         self._state = attempt_state
         self._log: Any = None
 
     @property
-    def job(self) -> JobInfo:
+    def job(self) -> RunningJob:
         """The running attempt (built on first use)."""
         if self._job is None:
             r = self._row
-            self._job = JobInfo(id=r["id"], name=r["name"], queue=r["queue"], attempt=r["attempt"],
+            self._job = RunningJob(id=r["id"], name=r["name"], queue=r["queue"], attempt=r["attempt"],
                                 max_attempts=r["max_attempts"], priority=r["priority"], run_at=r["run_at"],
                                 created_at=r["created_at"], started_at=r["started_at"], unique_key=r["unique_key"],
                                 options=r["options"] or {})

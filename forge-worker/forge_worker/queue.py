@@ -439,3 +439,9 @@ class JobQueue:
         res = await self.db.execute(
             "DELETE FROM forge_job_history WHERE finished_at < now() - make_interval(secs => $1)", float(older_than))
         return int(res.split()[-1])
+
+
+async def enqueue(db: asyncpg.Pool | asyncpg.Connection, job: Any, args: Mapping[str, Any] | None = None, /,
+                  **options: Any) -> int:
+    """Store one job with only a pool or a connection: ``await enqueue(pool, send_email, {"to": a})``."""
+    return await JobQueue(db).enqueue(job, args, **options)

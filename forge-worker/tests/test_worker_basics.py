@@ -7,7 +7,7 @@ import pytest
 
 from forge_kernel import SYSTEM
 from forge_kernel.errors import InvalidArgument
-from forge_worker import JobQueue
+from forge_worker import JobQueue, enqueue
 
 from worker_helpers import eventually, log_rows, worker_config
 
@@ -99,7 +99,7 @@ async def test_plain_asyncpg_pool_without_forge_codecs(forge_node):
     pool = await asyncpg.create_pool(node.url, min_size=1, max_size=2)
     try:
         queue = JobQueue(pool)
-        job_id = await queue.enqueue("record", {"value": "raw"})
+        job_id = await enqueue(pool, "record", {"value": "raw"})
         await eventually(lambda: log_rows(node.pool, job_id=job_id), what="the job")
         info = await eventually(lambda: _status(queue, job_id, "succeeded"), what="history")
         assert info.args == {"value": "raw"}
