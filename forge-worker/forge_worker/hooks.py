@@ -11,6 +11,7 @@ from .cli import add_jobs_command
 from .config import WorkerConfig
 from .queue import Dispatcher
 from .service import maintenance_tasks, worker_service
+from .validate import check_registry
 
 
 @hookimpl
@@ -26,6 +27,11 @@ def forge_config_sections() -> dict[str, type]:
 @hookimpl
 def forge_migrations():
     return from_package("forge_worker.sql", namespace="worker")
+
+
+@hookimpl
+def forge_registry_loaded(registry: Any, node: Any) -> None:
+    check_registry(registry)
 
 
 @hookimpl

@@ -275,3 +275,27 @@ def test_backoff_grows_exponentially_with_jitter():
         raw = min(60.0, 2 ** (attempt - 1))
         assert raw / 2 <= d <= raw
     assert backoff_delay(200, 1.0, 60.0, lambda: 1.0) == 60.0
+
+
+def test_bad_job_settings_stop_startup_naming_the_job():
+    from forge_kernel import job
+    from forge_kernel.app import Registry
+    from forge_kernel.errors import StartupError
+    from forge_worker.validate import check_registry
+
+    @job(concurrency=0, backoff={"base": -1, "step": 2})
+    async def bad(ctx) -> None: ...
+
+    @job(queue="")
+    async def also_bad(ctx) -> None: ...
+
+    reg = Registry()
+    reg.add(bad.__forge__)
+    reg.add(also_bad.__forge__)
+    with pytest.raises(StartupError) as err:
+        check_registry(reg)
+    text = str(err.value)
+    assert "@job bad" in text and "concurrency must be an integer >= 1, got 0" in text
+    assert "backoff accepts the keys base and max, got step" in text and "backoff base" in text
+    assert "@job also_bad" in text and "queue must be a non-empty string" in text
+    check_registry(Registry())  # nothing to complain about
