@@ -14,6 +14,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -44,8 +45,11 @@ def ensure_venv() -> Path:
     subprocess.run([*pip, "-U", "pip", "setuptools>=70", "wheel"], check=True)
     args = ["-e", f"{ROOT}[test]"]
     for d in PACKAGES:
-        if (ROOT / d / "pyproject.toml").exists():
-            args += ["-e", str(ROOT / d)]
+        pyproject = ROOT / d / "pyproject.toml"
+        if pyproject.exists():
+            # a package's own test dependencies (validators, fuzzers) come with it
+            extras = tomllib.loads(pyproject.read_text()).get("project", {}).get("optional-dependencies", {})
+            args += ["-e", f"{ROOT / d}[test]" if "test" in extras else str(ROOT / d)]
     print("forge: installing " + ", ".join(["forge-kernel"] + [d for d in PACKAGES if (ROOT / d).exists()]), flush=True)
     subprocess.run([*pip, *args], check=True)
     stamp.write_text(_stamp())

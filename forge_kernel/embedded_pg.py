@@ -218,5 +218,9 @@ class EmbeddedPostgres:
             self._pg("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "stop")
 
     def restart(self) -> None:
-        """Restart in place (used by tests that check reconnection)."""
-        self._pg("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "restart")
+        """Restart in place with the same options (tests that check reconnection).
+
+        ``-l`` matters: without a log file pg_ctl keeps the server's stdout and never returns.
+        """
+        self._pg("pg_ctl", "-D", str(self.pgdata), "-l", str(self.root / "postgres.log"),
+                 "-w", "-t", "60", "-m", "fast", "restart")

@@ -157,7 +157,8 @@ def forge_cli_commands(subparsers: Any) -> None:
 
     Called when the CLI starts, before arguments are parsed; implemented by plugins with
     operator commands. Return nothing. Each added parser sets ``func=async_or_sync_callable``
-    taking ``(args, cli)`` where ``cli`` gives ``config()``, ``pool()`` and ``loader``.
+    taking one argument ``cli``: ``cli.args`` is the parsed namespace, and ``cli`` also gives
+    ``config()``, ``pool()`` and ``loader``. The return value is the exit code (``None`` is 0).
     The worker adds ``jobs``, the scheduler adds ``crons``.
     """
 

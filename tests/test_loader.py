@@ -78,7 +78,8 @@ def test_broken_optional_plugin_is_reported_and_skipped(site, source, error):
     assert loader.pm.get_plugin("broken_plug") is None
     assert all(impl.plugin_name != "broken_plug" for impl in loader.hook.forge_roles.get_hookimpls())
     assert infos(loader)["good_plug"].status == "loaded"
-    assert loader.resolve_roles([]) == ["greeter"]
+    roles = loader.resolve_roles([])  # installed role packages may add their own roles
+    assert "greeter" in roles and "ok" not in roles
 
 
 def test_second_plugin_claiming_a_section_fails(site):

@@ -12,7 +12,14 @@ import time
 
 import asyncpg
 import pytest
+from forge_kernel.testing import eventually as _eventually
 from sched_chaos_app import CATCH_UP, GRACE
+
+
+def eventually(check, timeout, what, interval=0.01):
+    # polled every 10 ms: the failover times these tests print come from it
+    return _eventually(check, timeout, what, interval)
+
 
 pytest.importorskip("forge_worker", reason="forge-worker is not installed")
 
@@ -28,17 +35,6 @@ def config(roles):
             "worker": {"poll_interval": 0.2}}
 
 
-async def until(fn, timeout, what, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_chaos_two_leader_kills_in_sixty_seconds(forge_processes):
@@ -50,8 +46,8 @@ async def test_chaos_two_leader_kills_in_sixty_seconds(forge_processes):
             r = await conn.fetchrow("SELECT node_id, term FROM forge_leaders WHERE name = 'scheduler'")
             return r if r is not None and r["node_id"] is not None else None
 
-        current = await until(leader, 30, "a leader")
-        begin = await until(lambda: conn.fetchval("SELECT registered_at FROM forge_cron_state WHERE cron = 'chaos_tick'"),
+        current = await eventually(leader, 30, "a leader")
+        begin = await eventually(lambda: conn.fetchval("SELECT registered_at FROM forge_cron_state WHERE cron = 'chaos_tick'"),
                             30, "the cron's state")
         t0 = time.monotonic()
         failovers: list[float] = []
@@ -64,7 +60,7 @@ async def test_chaos_two_leader_kills_in_sixty_seconds(forge_processes):
                 r = await leader()
                 return r if r is not None and r["term"] > current["term"] else None
 
-            current = await until(successor, 30, "a new leader")
+            current = await eventually(successor, 30, "a new leader")
             failovers.append(time.monotonic() - killed_at)
         await asyncio.sleep(max(0.0, t0 + DURATION - time.monotonic()))
         end = await conn.fetchval("SELECT clock_timestamp()")
@@ -75,7 +71,7 @@ async def test_chaos_two_leader_kills_in_sixty_seconds(forge_processes):
                 "SELECT count(*) = 0 FROM forge_cron_runs WHERE cron = 'chaos_tick' AND slot <= $1 "
                 "AND status IN ('queued', 'retrying')", end)
 
-        await until(settled, 30, "queued runs to finish", interval=0.2)
+        await eventually(settled, 30, "queued runs to finish", interval=0.2)
         # the first slot is the first whole second after the cluster registered the cron
         first = begin.replace(microsecond=0) + dt.timedelta(seconds=1)
         expected = []

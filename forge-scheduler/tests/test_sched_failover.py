@@ -5,7 +5,14 @@ import asyncio
 import time
 
 import asyncpg
+from forge_kernel.testing import eventually as _eventually
 from sched_helpers import ISOLATED
+
+
+def eventually(check, timeout, what, interval=0.01):
+    # polled every 10 ms: the failover times these tests print come from it
+    return _eventually(check, timeout, what, interval)
+
 
 TAKEOVER_LIMIT = 3.0
 PROC_ENV = {**ISOLATED, "FORGE_LOG__LEVEL": "INFO"}
@@ -20,28 +27,15 @@ async def leader_row(conn):
     return await conn.fetchrow("SELECT node_id, term, since FROM forge_leaders WHERE name = 'scheduler'")
 
 
-async def wait_async(fn, timeout, what, interval=0.01):
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 async def test_leader_sigkill_takeover_and_no_duplicate_slot(forge_processes):
     procs = {nid: forge_processes(config(), node_id=nid, env=PROC_ENV) for nid in ("s1", "s2", "s3")}
     conn = await asyncpg.connect(forge_processes.db_url)
     try:
-        first = await wait_async(lambda: _leader(conn), 20, "a first leader")
+        first = await eventually(lambda: _leader(conn), 20, "a first leader")
         takeovers = []
         current = first
         for _ in range(2):
-            await wait_async(lambda: conn.fetchval("SELECT count(*) >= 3 FROM forge_cron_runs WHERE leader = $1",
+            await eventually(lambda: conn.fetchval("SELECT count(*) >= 3 FROM forge_cron_runs WHERE leader = $1",
                                                    current["node_id"]), 20, "the leader to enqueue slots")
             t0 = time.monotonic()
             procs[current["node_id"]].kill()  # SIGKILL: no clean-up of any kind
@@ -50,11 +44,11 @@ async def test_leader_sigkill_takeover_and_no_duplicate_slot(forge_processes):
                 row = await _leader(conn)
                 return row if row and row["term"] > current["term"] else None
 
-            nxt = await wait_async(successor, 15, "a new leader")
+            nxt = await eventually(successor, 15, "a new leader")
             takeovers.append(time.monotonic() - t0)
             assert nxt["node_id"] != current["node_id"] and procs[nxt["node_id"]].alive()
             current = nxt
-        await wait_async(lambda: conn.fetchval("SELECT count(*) >= 3 FROM forge_cron_runs WHERE leader = $1",
+        await eventually(lambda: conn.fetchval("SELECT count(*) >= 3 FROM forge_cron_runs WHERE leader = $1",
                                                current["node_id"]), 20, "the last leader to enqueue slots")
         print(f"\ntakeover after SIGKILL: {', '.join(f'{t:.3f}s' for t in takeovers)}")
         assert all(t <= TAKEOVER_LIMIT for t in takeovers), takeovers
@@ -90,8 +84,8 @@ async def test_frozen_leader_is_deposed_after_its_lease(forge_processes):
     conn = await asyncpg.connect(forge_processes.db_url)
     frozen = None
     try:
-        first = await wait_async(lambda: _leader(conn), 20, "a first leader")
-        await wait_async(lambda: conn.fetchval("SELECT count(*) >= 2 FROM forge_cron_runs WHERE leader = $1",
+        first = await eventually(lambda: _leader(conn), 20, "a first leader")
+        await eventually(lambda: conn.fetchval("SELECT count(*) >= 2 FROM forge_cron_runs WHERE leader = $1",
                                                first["node_id"]), 20, "the leader to enqueue slots")
         frozen = procs[first["node_id"]]
         t0 = time.monotonic()
@@ -101,7 +95,7 @@ async def test_frozen_leader_is_deposed_after_its_lease(forge_processes):
             row = await _leader(conn)
             return row if row and row["term"] > first["term"] else None
 
-        nxt = await wait_async(successor, 30, "a successor")
+        nxt = await eventually(successor, 30, "a successor")
         took = time.monotonic() - t0
         print(f"\ntakeover from a frozen leader (leader_lease {lease:g}s): {took:.3f}s")
         assert nxt["node_id"] != first["node_id"]

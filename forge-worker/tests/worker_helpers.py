@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from typing import Any, Awaitable, Callable
+from typing import Any
+
+from forge_kernel.testing import eventually  # noqa: F401  (re-exported for the tests)
 
 FAST = {"heartbeat_interval": 0.1, "poll_interval": 0.2, "rescue_interval": 0.5, "backoff_base": 0.01,
         "backoff_max": 0.05, "shutdown_timeout": 2.0}
@@ -13,17 +13,6 @@ FAST = {"heartbeat_interval": 0.1, "poll_interval": 0.2, "rescue_interval": 0.5,
 def worker_config(**worker: Any) -> dict[str, dict[str, Any]]:
     return {"node": {"roles": ["worker"], "heartbeat_interval": 0.2},
             "worker": {**FAST, **worker}}
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
 
 
 async def log_rows(pool, **where: Any) -> list[Any]:

@@ -8,6 +8,6 @@
 * :mod:`forge_kernel.testing.contracts` - hypothesis properties every plugin must keep.
 """
 
-from .procs import NodeProcess, free_port, wait_for
+from .procs import NodeProcess, eventually, free_port, wait_for
 
-__all__ = ["NodeProcess", "free_port", "wait_for"]
+__all__ = ["NodeProcess", "eventually", "free_port", "wait_for"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import attrs
 
@@ -32,6 +33,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, what: str = "condition",
+                     interval: float = 0.05) -> Any:
+    """Await ``check()`` until it returns something truthy; AssertionError (with the last value) on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = await check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+        await asyncio.sleep(interval)
 
 
 def _toml_value(v: Any) -> str:
