@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -141,6 +142,10 @@ class Node:
             await self.stop()
             raise
         await self._set_status("running")
+        # What start-up built (modules, registry, routes, pools) lives as long as the node: move it out
+        # of the cyclic GC's sight so a full collection scans only what requests allocate
+        # (bench/realtime measured 25 ms full-collection pauses in the node's tail latency without this).
+        gc.freeze()
         self.ready_at = time.monotonic()
         ready_file = os.environ.get("FORGE_READY_FILE")
         if ready_file:  # lets supervisors and tests wait for readiness without parsing logs
