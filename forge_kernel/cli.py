@@ -9,7 +9,7 @@ import inspect
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Coroutine
 
 from loguru import logger
 
@@ -70,14 +70,30 @@ def _json_default(v: Any) -> Any:
     return str(v)
 
 
+def run_event_loop(main: Coroutine[Any, Any, Any], event_loop: str = "auto") -> Any:
+    """Run ``main`` to completion on uvloop (``auto`` when it is installed, or ``uvloop``) or on
+    asyncio's own loop (``asyncio``): ``[node] event_loop``."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise StartupError("[node] event_loop is 'uvloop' but uvloop is not installed "
+                                   "(pip install uvloop, or set event_loop = \"auto\")") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 # --- commands ---------------------------------------------------------------------------
-async def cmd_start(cli: Cli) -> int:
+def cmd_start(cli: Cli) -> int:
     config = cli.config()
     setup_logging(config)
     for f in cli.loader.failed():
         logger.warning(f"plugin {f.name} ({f.distribution} {f.version}) failed to load and is skipped: {f.error}")
     node = Node(config, cli.loader)
-    await node.run()
+    run_event_loop(node.run(), config.node.event_loop)
     return 0
 
 

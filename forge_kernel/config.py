@@ -65,6 +65,9 @@ class NodeConfig:
     dead_after: float = attrs.field(default=15.0, validator=in_range(0.5, 3600))
     #: seconds a draining node waits for its services to stop
     drain_timeout: float = attrs.field(default=30.0, validator=in_range(0, 3600))
+    #: ``auto`` runs the node on uvloop when it is installed (it is on Linux and macOS), else on
+    #: asyncio's own loop; ``uvloop`` insists on it, ``asyncio`` never uses it
+    event_loop: str = attrs.field(default="auto", validator=one_of("auto", "uvloop", "asyncio"))
 
 
 @attrs.frozen

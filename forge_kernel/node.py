@@ -150,10 +150,11 @@ class Node:
         ready_file = os.environ.get("FORGE_READY_FILE")
         if ready_file:  # lets supervisors and tests wait for readiness without parsing logs
             Path(ready_file).write_text(json.dumps({"id": self.id, "pid": os.getpid(), "ports": self.ports,
-                                                    "roles": self.roles, "seconds": self.ready_at - self.started_at}))
+                                                    "roles": self.roles, "seconds": self.ready_at - self.started_at,
+                                                    "event_loop": _loop_name()}))
         logger.info(f"node {self.id} ready in {self.ready_at - self.started_at:.2f}s: roles={','.join(self.roles) or '-'} "
                     f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
-                    f"functions={len(self.registry.functions)}")
+                    f"functions={len(self.registry.functions)} loop={_loop_name()}")
 
     async def stop(self) -> None:
         """Drain: mark draining, stop services in reverse start order within the drain timeout,
@@ -265,3 +266,8 @@ async def cluster_status(conn: asyncpg.Connection, dead_after: float) -> list[di
                   started_at, last_heartbeat, extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, info
            FROM forge_nodes ORDER BY status, started_at""", dead_after)
     return [dict(r) for r in rows]
+
+
+def _loop_name() -> str:
+    """``uvloop`` or ``asyncio``: which event loop runs this node."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]

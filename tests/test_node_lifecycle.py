@@ -77,6 +77,19 @@ def test_status_cli_lists_cluster(forge_processes, tmp_path):
     assert "alpha" in text and "beta" in text and "HEARTBEAT" in text
 
 
+@pytest.mark.parametrize("setting, expected", [(None, "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")])
+def test_event_loop_setting(forge_processes, tmp_path, setting, expected):
+    node = {"event_loop": setting} if setting else {}
+    proc = forge_processes({"node": node, "app": {"example": False}}, env=plugin_env(tmp_path))
+    assert proc.ready_info()["event_loop"] == expected  # uvloop is a kernel dependency on this platform
+
+
+def test_bad_event_loop_setting_names_the_key(forge_processes, tmp_path):
+    proc = forge_processes({"node": {"event_loop": "trio"}}, env=plugin_env(tmp_path), ready=False)
+    assert proc.proc.wait(60) == 2
+    assert "event_loop" in proc.log() and "'trio'" in proc.log() and "one of auto, uvloop, asyncio" in proc.log()
+
+
 def test_unknown_role_stops_startup_naming_package(forge_processes):
     node = forge_processes({"node": {"roles": ["scheduler-x"]}}, ready=False)
     assert node.proc.wait(60) == 2

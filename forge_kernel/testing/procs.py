@@ -125,7 +125,7 @@ class NodeProcess:
         return self
 
     def ready_info(self) -> dict[str, Any]:
-        """What the node reported when it became ready: id, pid, ports, roles, seconds."""
+        """What the node reported when it became ready: id, pid, ports, roles, seconds, event_loop."""
         import json
 
         return json.loads(self.ready_path.read_text())
