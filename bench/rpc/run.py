@@ -122,7 +122,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pool-max", type=int, default=20)
-    ap.add_argument("--loop", default="asyncio", help="event loop for the bare app (match the FORGE node's)")
+    ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"],
+                    help="event loop of both servers ([node] event_loop for FORGE, uvicorn --loop for bare)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required: apt-get install -y wrk")
@@ -141,7 +142,7 @@ def main() -> None:
             "log": {"level": "WARNING"},
             # a gateway node: the roles of other installed plugins (worker, scheduler, realtime) would run
             # their background loops in this process and skew its CPU figures
-            "node": {"id": "bench", "roles": ["gateway", "function"]},
+            "node": {"id": "bench", "roles": ["gateway", "function"], "event_loop": args.loop},
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
         forge_log = open(tmp / "forge.log", "wb")
