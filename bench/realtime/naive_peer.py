@@ -81,4 +81,6 @@ async def main(url: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    import uvloop  # the same event loop as the FORGE node
+
+    uvloop.run(main(sys.argv[1], int(sys.argv[2])))

@@ -100,6 +100,85 @@ def capture_needs(reads: Iterable[TableRead]) -> dict[str, set[str]]:
     return needs
 
 
+class ReadIndex:
+    """Which live queries a change may touch, found without testing every query of its table.
+
+    A read with an equality filter is filed under one filtered column and the value it wants;
+    a change looks up the values its row images hold. Reads without a usable filter are filed
+    as whole-table reads. Candidates are then confirmed with :func:`change_touches`, so the
+    index only has to be conservative: it may return too many queries, never too few.
+    """
+
+    def __init__(self) -> None:
+        #: table -> queries reading all of it (or with filters we cannot index)
+        self.whole: dict[str, set[Any]] = {}
+        #: (table, column) -> normalised value -> queries filtering on column = value
+        self.keyed: dict[tuple[str, str], dict[Any, set[Any]]] = {}
+        #: table -> the columns it is indexed by in ``keyed``
+        self.columns: dict[str, set[str]] = {}
+
+    @staticmethod
+    def _slot(read: TableRead) -> tuple[str, Any] | None:
+        for col, val in read.filters or ():
+            if isinstance(val, _COMPARABLE):
+                return col, _norm(val)
+        return None
+
+    def add(self, q: Any, reads: Iterable[TableRead]) -> None:
+        for read in reads:
+            slot = self._slot(read)
+            if slot is None:
+                self.whole.setdefault(read.table, set()).add(q)
+            else:
+                col, val = slot
+                self.keyed.setdefault((read.table, col), {}).setdefault(val, set()).add(q)
+                self.columns.setdefault(read.table, set()).add(col)
+
+    def remove(self, q: Any, reads: Iterable[TableRead]) -> None:
+        for read in reads:
+            slot = self._slot(read)
+            if slot is None:
+                _discard(self.whole, read.table, q)
+                continue
+            col, val = slot
+            values = self.keyed.get((read.table, col))
+            if values is not None:
+                _discard(values, val, q)
+                if not values:
+                    del self.keyed[(read.table, col)]
+                    cols = self.columns[read.table]
+                    cols.discard(col)
+                    if not cols:
+                        del self.columns[read.table]
+
+    def candidates(self, change: Change) -> set[Any]:
+        found = set(self.whole.get(change.table, ()))
+        for col in self.columns.get(change.table, ()):
+            values = self.keyed[(change.table, col)]
+            if change.op == "TRUNCATE":
+                for qs in values.values():
+                    found |= qs
+                continue
+            for row in change.rows():
+                if col not in row:  # an image captured before anyone filtered on col: every value may match
+                    for qs in values.values():
+                        found |= qs
+                    break
+                found |= values.get(_norm(row[col]), _NONE)
+        return found
+
+
+_NONE: frozenset[Any] = frozenset()
+
+
+def _discard(index: dict[Any, set[Any]], key: Any, q: Any) -> None:
+    qs = index.get(key)
+    if qs is not None:
+        qs.discard(q)
+        if not qs:
+            del index[key]
+
+
 # --- state -----------------------------------------------------------------------------------
 @attrs.define(eq=False)
 class Subscription:
@@ -159,7 +238,10 @@ class LiveQueryEngine:
         self.max_concurrent_runs = max_concurrent_runs
         self._position = position
         self.queries: dict[tuple[str, str, str], LiveQuery] = {}
-        self.by_table: dict[str, set[LiveQuery]] = {}
+        #: the read sets of every query with a finished run
+        self.index = ReadIndex()
+        #: queries being re-run right now (at most ``max_concurrent_runs``)
+        self.running: set[LiveQuery] = set()
         #: queries whose read set is not known yet (first run in progress): see every change
         self.unknown: set[LiveQuery] = set()
         #: whether a function read ctx.auth the last time it ran (decides its dedupe scope)
@@ -232,22 +314,11 @@ class LiveQueryEngine:
         if self.queries.get(q.key) is q:
             del self.queries[q.key]
         self.unknown.discard(q)
-        for t in {r.table for r in q.reads or ()}:
-            s = self.by_table.get(t)
-            if s is not None:
-                s.discard(q)
-                if not s:
-                    del self.by_table[t]
+        self.index.remove(q, q.reads or ())
 
     def _index(self, q: LiveQuery, reads: list[TableRead]) -> None:
-        old = {r.table for r in q.reads or ()}
-        new = {r.table for r in reads}
-        for t in old - new:
-            s = self.by_table.get(t)
-            if s is not None:
-                s.discard(q)
-        for t in new:
-            self.by_table.setdefault(t, set()).add(q)
+        self.index.remove(q, q.reads or ())
+        self.index.add(q, reads)
         q.reads = reads
         self.unknown.discard(q)
 
@@ -257,10 +328,13 @@ class LiveQueryEngine:
         for change in changes:
             for q in self.unknown:
                 self._remember(q, change)
-            for q in self.by_table.get(change.table, ()):
-                if q.running:
+            # a running query may come back with another read set: it checks every change to
+            # a table it read when it finishes (``pending``), so keep them all
+            for q in self.running:
+                if q.reads is not None and any(r.table == change.table for r in q.reads):
                     self._remember(q, change)
-                elif not q.dirty and any(change_touches(r, change) for r in q.reads or ()):
+            for q in self.index.candidates(change):
+                if not q.running and not q.dirty and any(change_touches(r, change) for r in q.reads or ()):
                     self.stats.invalidations += 1
                     q.dirty = True
                     self._schedule(q)
@@ -297,11 +371,14 @@ class LiveQueryEngine:
             q.queued = False
             if q.dropped or not q.subscriptions:
                 continue
+            self.running.add(q)
             try:
                 await self._run(q)
             except Exception:  # never lose the worker; the query gets an INTERNAL error
                 logger.exception(f"live query {q.function} failed unexpectedly")
                 self._fail(q, ForgeError("internal error while re-running the live query"))
+            finally:
+                self.running.discard(q)
 
     async def _run(self, q: LiveQuery) -> None:
         auth = q.runner_auth()
