@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import inspect
 import json
 import os
 import sys
-from typing import Any, Coroutine
+from typing import Any, AsyncIterator, Coroutine
+
+import asyncpg
 
 from loguru import logger
 
@@ -49,12 +52,22 @@ class Cli:
                 self._config = self._config.evolve("node", roles=[r.strip() for r in roles.split(",") if r.strip()])
         return self._config
 
-    async def connect(self):
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection to the configured database for one command: starts (or joins) the embedded
+        PostgreSQL when no URL is configured, and closes and releases everything on exit."""
         from .db import connect
 
         url, pg = await asyncio.to_thread(database_url, self.config())
-        conn = await connect(url)
-        return conn, pg
+        try:
+            conn = await connect(url)
+            try:
+                yield conn
+            finally:
+                await conn.close()
+        finally:
+            if pg is not None:
+                pg.release()
 
 
 def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
@@ -99,8 +112,7 @@ def cmd_start(cli: Cli) -> int:
 
 async def cmd_migrate(cli: Cli) -> int:
     config = cli.config()
-    conn, pg = await cli.connect()
-    try:
+    async with cli.connection() as conn:
         registry = Registry.from_modules(app_modules(config, cli.loader))
         migs = all_migrations(cli.loader, registry)
         if cli.args.status:
@@ -113,10 +125,6 @@ async def cmd_migrate(cli: Cli) -> int:
         done = await migmod.migrate(conn, migs)
         print(f"applied {len(done)} migration(s)" + "".join(f"\n  {m.namespace} {m.version:04d}_{m.name}" for m in done))
         return 0
-    finally:
-        await conn.close()
-        if pg is not None:
-            pg.release()
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -140,14 +148,9 @@ async def cmd_plugins(cli: Cli) -> int:
 
 async def cmd_status(cli: Cli) -> int:
     config = cli.config()
-    conn, pg = await cli.connect()
-    try:
+    async with cli.connection() as conn:
         exists = await conn.fetchval("SELECT to_regclass('forge_nodes') IS NOT NULL")
         rows = await cluster_status(conn, config.node.dead_after) if exists else []
-    finally:
-        await conn.close()
-        if pg is not None:
-            pg.release()
     if cli.args.json:
         print(json.dumps(rows, default=_json_default, indent=2))
         return 0

@@ -61,24 +61,17 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
         print("  ".join(t[c].ljust(widths[c]) for c in cols))
 
 
-async def run(*params: Any) -> int:
-    """``func(args, cli)`` as ``forge_cli_commands`` documents; also ``func(cli)``, as the
-    kernel's ``main`` calls built-in commands (``cli.args`` holds the parsed arguments)."""
-    cli = params[-1]
-    args = cli.args if len(params) == 1 else params[0]
+async def run(cli: Any) -> int:
+    """``forge-node crons ...`` (``cli.args`` holds the parsed arguments)."""
     known = _registered(cli)
-    conn, pg = await cli.connect()
-    try:
+    async with cli.connection() as conn:
         if not await conn.fetchval("SELECT to_regclass('forge_cron_state') IS NOT NULL"):
             raise StartupError("the scheduler's tables do not exist yet: run `forge-node migrate` (or start a node) first")
-        return await _dispatch(args, conn, known)
-    except ForgeError as exc:
-        print(f"forge-node crons: {exc.message}")
-        return 1
-    finally:
-        await conn.close()
-        if pg is not None:
-            pg.release()
+        try:
+            return await _dispatch(cli.args, conn, known)
+        except ForgeError as exc:
+            print(f"forge-node crons: {exc.message}")
+            return 1
 
 
 async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSettings]) -> int:

@@ -60,20 +60,13 @@ def _print_jobs(jobs: list[Any], as_json: bool) -> None:
         print("  ".join(r[c].ljust(widths[c]) for c in cols))
 
 
-async def _run(*call: Any) -> int:
-    # the kernel calls func(cli) (cli.args holds the parsed arguments); accept (args, cli) too
-    cli = call[-1]
-    args = cli.args
-    conn, pg = await cli.connect()
-    try:
-        return await run_jobs_command(JobQueue(conn), args)
-    except ForgeError as exc:
-        print(f"forge-node jobs: {exc.message}")
-        return 1
-    finally:
-        await conn.close()
-        if pg is not None:
-            pg.release()
+async def _run(cli: Any) -> int:
+    async with cli.connection() as conn:
+        try:
+            return await run_jobs_command(JobQueue(conn), cli.args)
+        except ForgeError as exc:
+            print(f"forge-node jobs: {exc.message}")
+            return 1
 
 
 async def run_jobs_command(queue: JobQueue, args: argparse.Namespace) -> int:

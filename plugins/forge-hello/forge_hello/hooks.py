@@ -33,11 +33,6 @@ def forge_cli_commands(subparsers):
 
 
 async def _count(cli):
-    conn, pg = await cli.connect()
-    try:
+    async with cli.connection() as conn:
         print(f"{await conn.fetchval('SELECT count(*) FROM hello_greetings')} greetings")
-    finally:
-        await conn.close()
-        if pg is not None:
-            pg.release()
     return 0
