@@ -13,7 +13,6 @@ import sys
 from typing import Any, AsyncIterator, Coroutine
 
 import asyncpg
-
 from loguru import logger
 
 from . import migrations as migmod

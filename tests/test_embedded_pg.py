@@ -43,6 +43,13 @@ async def test_start_reuse_and_stop(tmp_path):
     # data and port survive a restart
     again = EmbeddedPostgres(root)
     assert again.start() == url and again.started_here
+    # restart in place returns (a pg_ctl without a log file never did) and serves on the same port
+    before = again._running_pid()
+    again.restart()
+    assert again._running_pid() not in (None, before)
+    conn = await asyncpg.connect(url)
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
     again.release()
 
 
