@@ -66,7 +66,7 @@ class Cli:
                 await conn.close()
         finally:
             if pg is not None:
-                pg.release()
+                await asyncio.to_thread(pg.release)  # pg_ctl stop can take seconds: off the loop
 
 
 def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
@@ -104,7 +104,7 @@ def cmd_start(cli: Cli) -> int:
     setup_logging(config)
     for f in cli.loader.failed():
         logger.warning(f"plugin {f.name} ({f.distribution} {f.version}) failed to load and is skipped: {f.error}")
-    node = Node(config, cli.loader)
+    node = Node(config, cli.loader, freeze_gc=True)
     run_event_loop(node.run(), config.node.event_loop)
     return 0
 

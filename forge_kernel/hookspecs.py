@@ -157,8 +157,10 @@ def forge_cli_commands(subparsers: Any) -> None:
 
     Called when the CLI starts, before arguments are parsed; implemented by plugins with
     operator commands. Return nothing. Each added parser sets ``func=async_or_sync_callable``
-    taking one argument ``cli``: ``cli.args`` is the parsed namespace, and ``cli`` also gives
-    ``config()``, ``pool()`` and ``loader``. The return value is the exit code (``None`` is 0).
+    taking one argument ``cli``: ``cli.args`` is the parsed namespace, ``cli.config()`` the
+    loaded configuration, ``cli.loader`` the plugin loader, and ``async with cli.connection() as
+    conn`` a database connection (starting or joining the embedded PostgreSQL when no URL is set,
+    released on exit). The return value is the exit code (``None`` is 0).
     The worker adds ``jobs``, the scheduler adds ``crons``.
     """
 

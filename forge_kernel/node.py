@@ -67,8 +67,11 @@ def all_migrations(loader: PluginLoader, registry: Registry | None) -> list[migm
 class Node:
     """One node process. ``await node.start()`` then ``await node.stop()`` (or ``run()``)."""
 
-    def __init__(self, config: Config, loader: PluginLoader, *, registry: Registry | None = None) -> None:
+    def __init__(self, config: Config, loader: PluginLoader, *, registry: Registry | None = None,
+                 freeze_gc: bool = False) -> None:
         self.config = config
+        #: the node owns its process (``forge-node start``): collect, then freeze the start-up heap once ready
+        self.freeze_gc = freeze_gc
         self.loader = loader
         self.id = config.node.id or f"{config.node.host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.version = _version("forge-kernel") or "0"
@@ -142,10 +145,14 @@ class Node:
             await self.stop()
             raise
         await self._set_status("running")
-        # What start-up built (modules, registry, routes, pools) lives as long as the node: move it out
-        # of the cyclic GC's sight so a full collection scans only what requests allocate
-        # (bench/realtime measured 25 ms full-collection pauses in the node's tail latency without this).
-        gc.freeze()
+        if self.freeze_gc:
+            # What start-up built (modules, registry, routes, pools) lives as long as the node: move it out
+            # of the cyclic GC's sight so a full collection scans only what requests allocate
+            # (bench/realtime measured 25 ms full-collection pauses in the node's tail latency without
+            # this). Collect first so start-up garbage is not frozen for good. Only when the node owns
+            # the process: an embedding host's heap is not ours to freeze.
+            gc.collect()
+            gc.freeze()
         self.ready_at = time.monotonic()
         ready_file = os.environ.get("FORGE_READY_FILE")
         if ready_file:  # lets supervisors and tests wait for readiness without parsing logs
@@ -215,10 +222,10 @@ class Node:
         self.status = status
         if self.pool is None:
             return
-        try:
-            await self.pool.execute(
+        try:  # bounded: a pool held by stuck user code must not stall a drain
+            await asyncio.wait_for(self.pool.execute(
                 "UPDATE forge_nodes SET status = $2, last_heartbeat = now(), "
-                "stopped_at = CASE WHEN $2 = 'stopped' THEN now() ELSE NULL END WHERE id = $1", self.id, status)
+                "stopped_at = CASE WHEN $2 = 'stopped' THEN now() ELSE NULL END WHERE id = $1", self.id, status), 5)
         except Exception as exc:  # the database may be gone while we stop; that must not block exit
             logger.warning(f"could not record node status {status!r}: {exc}")
 

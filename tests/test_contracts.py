@@ -29,6 +29,12 @@ def test_service_order_random_graphs():
     contracts.check_service_order()
 
 
+def test_service_order_of_the_installed_plugins():
+    services = contracts.declared_services()
+    assert {"worker", "scheduler", "realtime"} <= {s.role for s in services}, [s.name for s in services]
+    contracts.check_service_order(services)
+
+
 @pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
 async def test_migrations_twice_equal_once(plugin, forge_database_url):
     await contracts.check_migrations_idempotent(plugin, forge_database_url)
@@ -36,4 +42,4 @@ async def test_migrations_twice_equal_once(plugin, forge_database_url):
 
 @pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
 async def test_concurrent_migrators_apply_once(plugin, forge_database_url):
-    await contracts.check_concurrent_migrations(plugin, forge_database_url, runners=4)
+    await contracts.check_concurrent_migrations(plugin, forge_database_url)

@@ -2,7 +2,10 @@
 HTTP (gateway), WebSocket live queries (realtime), jobs (worker), leader (scheduler)."""
 
 import asyncio
+import signal
+import sys
 import time
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -85,3 +88,49 @@ async def test_todo_app_end_to_end(cluster):
     finally:
         await pool.close()
     assert gw.terminate() == 0 and back.terminate() == 0
+
+
+LIVE_TODOS = Path(__file__).resolve().parents[1] / "examples" / "todo" / "live_todos.py"
+
+
+async def read_block(proc, timeout: float = 20.0) -> list[str]:
+    """The next list live_todos.py prints: its "N todo(s) for USER:" header and N item lines."""
+    async def line() -> str:
+        raw = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        assert raw, "live_todos.py exited"
+        return raw.decode().rstrip("\n")
+
+    header = ""
+    while not header:
+        header = await line()
+    assert header.endswith(" todo(s) for alice:"), header
+    return [header] + [await line() for _ in range(int(header.split()[0]))]
+
+
+async def test_live_todos_script_prints_the_list_and_its_updates(forge_processes):
+    node = forge_processes({"node": {"roles": ["gateway", "function", "realtime"]},
+                            "gateway": {"port": 0, "jwt_secret": SECRET}}, node_id="live")
+    port = node.ready_info()["ports"]["http"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-u", str(LIVE_TODOS), "--url", f"ws://127.0.0.1:{port}/ws", "--secret", SECRET,
+        "--user", "alice", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        assert await read_block(proc) == ["0 todo(s) for alice:"]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for user, title in (("bob", "not alice's"), ("alice", "buy milk")):
+                r = await http.post("/rpc/add_todo", json={"title": title},
+                                    headers={"Authorization": f"Bearer {token(user)}"})
+                assert r.status_code == 200, r.text
+            # the next list printed is alice's new one (bob's todo is not hers and changes nothing)
+            assert await read_block(proc) == ["1 todo(s) for alice:", "  [ ] buy milk"]
+            r = await http.post("/rpc/complete_todo", json={"id": r.json()["data"]["id"]},
+                                headers={"Authorization": f"Bearer {token('alice')}"})
+            assert r.status_code == 200, r.text
+            assert await read_block(proc) == ["1 todo(s) for alice:", "  [x] buy milk"]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C ends it cleanly
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert node.terminate() == 0

@@ -48,7 +48,35 @@ async def test_register_heartbeat_drain(forge_processes, tmp_path, sig):
     stops = [e for e in events if e.startswith("stop")]
     assert starts == ["start a", "start b", "start c"]
     assert stops == ["stop c", "stop b", "stop a"]  # exact reverse
+    assert "status while stopping draining" in events
     assert "start never" not in events
+
+
+async def test_drain_timeout_cuts_off_a_service_that_never_stops(forge_processes, tmp_path):
+    node = forge_processes({"node": {"drain_timeout": 1.5}, "app": {"example": False}},
+                           env={**plugin_env(tmp_path), "FORGE_TEST_HANG": "1"})
+    node.signal(signal.SIGTERM)
+    assert node.proc.wait(30) == 0  # without the cut-off it would never exit
+    events = (tmp_path / "events.txt").read_text().split("\n")
+    # the others stopped in reverse order first; the hanging one (started first) was cut off last
+    assert [e for e in events if e.startswith("stop")] == ["stop c", "stop b", "stop a"]
+    assert "hang stopping" in events
+    assert "service 'hang' did not stop within the drain timeout; cancelling it" in node.log()
+    row = await node_row(forge_processes.db_url, "n1")
+    assert row["status"] == "stopped"
+
+
+async def test_heartbeat_needs_no_pooled_connection(forge_processes, tmp_path):
+    node = forge_processes({"node": {"heartbeat_interval": 0.2}, "app": {"example": False}},
+                           env={**plugin_env(tmp_path), "FORGE_TEST_HOG": "1"})
+    wait_for(lambda: "pool exhausted" in (tmp_path / "events.txt").read_text(), 20, what="the pool to be taken")
+    first = (await node_row(forge_processes.db_url, "n1"))["last_heartbeat"]
+    time.sleep(1.0)
+    assert (await node_row(forge_processes.db_url, "n1"))["last_heartbeat"] > first
+    node.signal(signal.SIGTERM)  # marking 'draining' cannot get a connection: bounded, the drain goes on
+    assert node.proc.wait(30) == 0
+    assert "could not record node status 'draining'" in node.log()
+    assert (await node_row(forge_processes.db_url, "n1"))["status"] == "stopped"
 
 
 async def test_crashing_service_is_restarted_and_reported(forge_processes, tmp_path):
@@ -108,3 +136,13 @@ async def test_nodes_starting_at_once_apply_each_migration_once(forge_processes,
         assert await conn.fetchval("SELECT count(*) FROM forge_nodes WHERE status = 'running'") == 3
     finally:
         await conn.close()
+
+
+async def test_an_embedded_node_leaves_the_host_heap_unfrozen(forge_node):
+    # only `forge-node start`, which owns its process, freezes the start-up heap
+    import gc
+
+    before = gc.get_freeze_count()
+    node = await forge_node(modules=[])
+    assert node.status == "running"
+    assert gc.get_freeze_count() == before

@@ -73,6 +73,37 @@ def test_ready_is_503_when_migrations_are_not_current(forge_processes, keys, tmp
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_ready_is_503_while_the_database_is_unreachable(forge_processes, keys, tmp_path):
+    proc, url = spawn_gateway(forge_processes, keys, tmp_path, "ready-db")
+    assert httpx.get(f"{url}/ready").status_code == 200
+    db_url = forge_processes.db_url
+    other_db = db_url.rsplit("/", 1)[0] + "/postgres"  # ALLOW_CONNECTIONS false locks everyone out of ours
+
+    async def set_connections(allowed: bool):
+        conn = await asyncpg.connect(other_db)
+        try:
+            name = db_url.rsplit("/", 1)[1].split("?")[0]
+            await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            if not allowed:  # and drop the node's open connections
+                await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        finally:
+            await conn.close()
+
+    asyncio.run(set_connections(False))
+    try:
+        r = httpx.get(f"{url}/ready", timeout=30)
+        assert r.status_code == 503
+        assert r.json()["reason"].startswith("database unreachable")
+        assert httpx.get(f"{url}/health").status_code == 200  # alive, just not ready
+    finally:
+        asyncio.run(set_connections(True))
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/ready", timeout=30).status_code != 200:  # the pool reconnects by itself
+        assert time.monotonic() < deadline, "the node did not become ready again"
+        time.sleep(0.2)
+    assert proc.alive()
+
+
 def test_cors_origins_from_config(forge_processes, keys, tmp_path):
     _, url = spawn_gateway(forge_processes, keys, tmp_path, "cors", cors_origins=["https://app.example.com"])
     pre = httpx.options(f"{url}/rpc/add", headers={"Origin": "https://app.example.com",

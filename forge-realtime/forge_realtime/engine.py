@@ -119,10 +119,16 @@ class ReadIndex:
 
     @staticmethod
     def _slot(read: TableRead) -> tuple[str, Any] | None:
+        # file under the most telling filter: a boolean (``done = false``) splits a table in two
+        # at best, so any other comparable value goes first
+        fallback = None
         for col, val in read.filters or ():
             if isinstance(val, _COMPARABLE):
-                return col, _norm(val)
-        return None
+                if not isinstance(val, bool):
+                    return col, _norm(val)
+                if fallback is None:
+                    fallback = col, _norm(val)
+        return fallback
 
     def add(self, q: Any, reads: Iterable[TableRead]) -> None:
         for read in reads:
@@ -328,10 +334,11 @@ class LiveQueryEngine:
         for change in changes:
             for q in self.unknown:
                 self._remember(q, change)
-            # a running query may come back with another read set: it checks every change to
-            # a table it read when it finishes (``pending``), so keep them all
+            # a running query may come back with another read set (a flag in one table makes it
+            # read another): it checks every change when it finishes (``pending``), so keep them
+            # all, whatever table (at most max_concurrent_runs queries run at once)
             for q in self.running:
-                if q.reads is not None and any(r.table == change.table for r in q.reads):
+                if q not in self.unknown:
                     self._remember(q, change)
             for q in self.index.candidates(change):
                 if not q.running and not q.dirty and any(change_touches(r, change) for r in q.reads or ()):

@@ -22,8 +22,9 @@ The properties:
 * order independence - the resolved roles, config sections and migrations do not depend
   on the order in which plugins were registered;
 * service order - start order respects every ``after`` and stop order is its exact reverse;
-* migrations applied twice equal migrations applied once, and N concurrent runners
-  apply each migration exactly once.
+* service order - also for the services the installed plugins declare, in any declaration order;
+* migrations applied twice equal migrations applied once from any prefix already applied, and
+  N concurrent runners (2 to 8) apply each migration exactly once.
 """
 
 from __future__ import annotations
@@ -241,7 +242,14 @@ def check_service_order(services: list[Service] | None = None) -> None:
         assert stops == list(reversed(starts))
 
     if services is not None:
-        verify(services)
+        given_services = list(services)
+
+        @settings(**{**_SETTINGS, "max_examples": 20})
+        @given(svcs=st.permutations(given_services))
+        def any_declaration_order(svcs: list[Service]) -> None:
+            verify(svcs)
+
+        any_declaration_order()
         return
 
     @settings(**_SETTINGS)
@@ -290,45 +298,117 @@ def _with_kernel(migrations: list[Migration]) -> list[Migration]:
     return kernel + [m for m in migrations if m.namespace != "kernel"]
 
 
-async def check_migrations_idempotent(plugin: Any, db_url: str) -> None:
-    """Applying the plugin's migrations twice leaves the same schema and records as once."""
+async def _apply_all_once(migs: list[Migration], db_url: str) -> tuple[list[tuple], list[tuple]]:
+    """The schema and migration records of a fresh database after one plain run."""
     from ..db import connect
 
-    migs = _with_kernel(_migrations(plugin))
     url, drop = await _fresh_db(db_url)
     try:
         conn = await connect(url)
         try:
-            first = await migrate(conn, migs)
-            assert [m.key for m in first] == [m.key for m in migs]
-            schema, records = await _schema(conn), await conn.fetch("SELECT namespace, version, checksum FROM forge_migrations ORDER BY 1, 2")
-            assert await migrate(conn, migs) == []
-            assert await _schema(conn) == schema
-            assert await conn.fetch("SELECT namespace, version, checksum FROM forge_migrations ORDER BY 1, 2") == records
-            assert all(s.state == "applied" for s in await status(conn, migs))
+            assert [m.key for m in await migrate(conn, migs)] == [m.key for m in migs]
+            return await _schema(conn), await _records(conn)
         finally:
             await conn.close()
     finally:
         await drop()
 
 
-async def check_concurrent_migrations(plugin: Any, db_url: str, runners: int = 4) -> None:
-    """``runners`` concurrent migrators apply each of the plugin's migrations exactly once."""
+async def _records(conn: Any) -> list[tuple]:
+    return [tuple(r) for r in await conn.fetch("SELECT namespace, version, checksum FROM forge_migrations ORDER BY 1, 2")]
+
+
+def _run_property(prop: Any) -> Any:
+    # hypothesis drives a sync function; each example runs its own event loop in a worker thread
+    return asyncio.to_thread(prop)
+
+
+async def check_migrations_idempotent(plugin: Any, db_url: str, max_examples: int = 4) -> None:
+    """Applying the plugin's migrations twice leaves the same schema and records as once, whatever
+    prefix of them a database already had (a node upgraded from any earlier version)."""
     from ..db import connect
 
     migs = _with_kernel(_migrations(plugin))
-    url, drop = await _fresh_db(db_url)
-    try:
-        conns = [await connect(url) for _ in range(runners)]
+    schema, records = await _apply_all_once(migs, db_url)
+
+    async def example(done_before: int) -> None:
+        url, drop = await _fresh_db(db_url)
         try:
-            results = await asyncio.gather(*(migrate(c, migs) for c in conns))
-            applied = sorted(m.key for r in results for m in r)
-            assert applied == sorted(m.key for m in migs), "a migration was applied twice or not at all"
+            conn = await connect(url)
+            try:
+                await migrate(conn, migs[:done_before])
+                applied = await migrate(conn, migs)
+                assert [m.key for m in applied] == [m.key for m in migs[done_before:]]
+                assert await migrate(conn, migs) == [], "a second run applied something"
+                assert await _schema(conn) == schema
+                assert await _records(conn) == records
+                assert all(s.state == "applied" for s in await status(conn, migs))
+            finally:
+                await conn.close()
         finally:
-            for c in conns:
-                await c.close()
-    finally:
-        await drop()
+            await drop()
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(done_before=st.integers(0, len(migs)))
+    def twice_equals_once(done_before: int) -> None:
+        asyncio.run(example(done_before))
+
+    await _run_property(twice_equals_once)
+
+
+async def check_concurrent_migrations(plugin: Any, db_url: str, runners: int | None = None,
+                                      max_examples: int = 4) -> None:
+    """N concurrent migrators (N from 2 to 8, or exactly ``runners``) apply each of the plugin's
+    migrations exactly once, from any prefix already applied, and leave the one-run schema."""
+    from ..db import connect
+
+    migs = _with_kernel(_migrations(plugin))
+    schema, records = await _apply_all_once(migs, db_url)
+
+    async def example(n: int, done_before: int) -> None:
+        url, drop = await _fresh_db(db_url)
+        try:
+            setup = await connect(url)
+            try:
+                await migrate(setup, migs[:done_before])
+            finally:
+                await setup.close()
+            conns = [await connect(url) for _ in range(n)]
+            try:
+                results = await asyncio.gather(*(migrate(c, migs) for c in conns))
+                applied = sorted(m.key for r in results for m in r)
+                assert applied == sorted(m.key for m in migs[done_before:]), "a migration was applied twice or not at all"
+                assert await _schema(conns[0]) == schema
+                assert await _records(conns[0]) == records
+            finally:
+                for c in conns:
+                    await c.close()
+        finally:
+            await drop()
+
+    counts = st.just(runners) if runners is not None else st.integers(2, 8)
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(n=counts, done_before=st.integers(0, len(migs)))
+    def each_once(n: int, done_before: int) -> None:
+        asyncio.run(example(n, done_before))
+
+    await _run_property(each_once)
+
+
+def declared_services() -> list[Service]:
+    """Every service the installed plugins declare for a node running all their roles, built
+    with default configuration and never started (for :func:`check_service_order`)."""
+    from ..config import load_config
+    from ..node import Node
+
+    loader = PluginLoader().load()
+    node = Node(load_config(loader.config_sections(), data={"database": {"url": "postgresql://unused/x"}}, env={}),
+                loader)
+    services = []
+    for group in loader.hook.forge_services(node=node):
+        services.extend(group or ())
+    return [s for s in services if s.role is None or s.role in node.roles]
 
 
 def installed_plugins() -> list[tuple[str, Any]]:

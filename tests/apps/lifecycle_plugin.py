@@ -17,6 +17,13 @@ def _svc(name: str):
     async def lifespan(node):
         _event(f"start {name}")
         yield
+        if name == "c":  # the first to stop: the node must already show as draining
+            conn = await node.connect()  # not the pool: another test holds all of it
+            try:
+                status = await conn.fetchval("SELECT status FROM forge_nodes WHERE id = $1", node.id)
+            finally:
+                await conn.close()
+            _event(f"status while stopping {status}")
         await asyncio.sleep(0.05)
         _event(f"stop {name}")
 
@@ -44,8 +51,35 @@ def forge_services(node):
         node.supervisor.spawn("flaky-loop", flaky, service="flaky")
         yield
 
+    @contextlib.asynccontextmanager
+    async def hang_lifespan(node):
+        _event("start hang")
+        yield
+        _event("hang stopping")
+        await asyncio.Event().wait()  # never stops: the drain timeout must cut it off
+
+    @contextlib.asynccontextmanager
+    async def hog_lifespan(node):
+        # once the node runs, take every pooled connection: the heartbeat must not need one
+        held = []
+
+        async def take_all():
+            while node.status != "running":
+                await asyncio.sleep(0.05)
+            for _ in range(node.pool.get_max_size()):
+                held.append(await node.pool.acquire())
+            _event("pool exhausted")
+
+        task = asyncio.get_running_loop().create_task(take_all())
+        yield
+        task.cancel()
+        for conn in held:
+            await node.pool.release(conn)
+
+    hang = [Service("hang", hang_lifespan, role="lifecycle")] if os.environ.get("FORGE_TEST_HANG") else []
+    hang += [Service("hog", hog_lifespan, role="lifecycle")] if os.environ.get("FORGE_TEST_HOG") else []
     # declared out of order on purpose: the kernel sorts by `after`
-    return [
+    return hang + [
         Service("c", _svc("c"), role="lifecycle", after=("b",)),
         Service("a", _svc("a"), role="lifecycle"),
         Service("b", _svc("b"), role="lifecycle", after=("a",)),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from forge_kernel.testing import contracts, wait_for
@@ -45,7 +46,7 @@ def test_plugins_json_shows_it_loaded(installed):
 
 async def test_node_runs_the_installed_plugin(installed, forge_processes):
     node = forge_processes({"hello": {"greeting": "hi from a wheel", "every": 0.1}, "app": {"example": False}},
-                           env={"PYTHONPATH": str(installed), "FORGE_DISABLE_PLUGINS": "gateway,worker,scheduler,realtime,observe"})
+                           env={"PYTHONPATH": str(installed), "FORGE_DISABLE_PLUGINS": "worker,scheduler,realtime,observe"})
     conn = await asyncpg.connect(forge_processes.db_url)
     try:
         async def count():
@@ -58,6 +59,10 @@ async def test_node_runs_the_installed_plugin(installed, forge_processes):
         assert await conn.fetchval("SELECT greeting FROM hello_greetings LIMIT 1") == "hi from a wheel"
     finally:
         await conn.close()
+    # the function the plugin's forge_app_modules contributed is served like the app's own
+    port = node.ready_info()["ports"]["http"]
+    r = httpx.post(f"http://127.0.0.1:{port}/rpc/hello.greetings", json={"limit": 2}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"data": ["hi from a wheel"] * 2}
     assert node.terminate() == 0
 
 
@@ -74,4 +79,4 @@ async def test_migration_contracts(installed, monkeypatch, forge_database_url):
     import forge_hello.hooks as hooks
 
     await contracts.check_migrations_idempotent(hooks, forge_database_url)
-    await contracts.check_concurrent_migrations(hooks, forge_database_url, runners=4)
+    await contracts.check_concurrent_migrations(hooks, forge_database_url)
