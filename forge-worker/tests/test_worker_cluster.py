@@ -1,5 +1,6 @@
 """Real forge-node processes: a worker SIGKILLed mid-run, PostgreSQL restarted mid-run,
-graceful shutdown releasing jobs, the jobs CLI."""
+graceful shutdown finishing short jobs and releasing
+long ones, the jobs CLI."""
 
 from __future__ import annotations
 
@@ -171,6 +172,36 @@ async def test_graceful_shutdown_releases_unfinished_jobs(forge_processes):
         other = forge_processes(node_config(concurrency=4, shutdown_timeout=0.5), node_id="g2", env=ENV)
         await eventually(lambda: _started(pool, 8), what="another worker to pick them up")
         other.terminate(timeout=30)
+    finally:
+        await pool.close()
+
+
+async def test_graceful_shutdown_finishes_jobs_shorter_than_the_timeout(forge_processes):
+    cfg = node_config(concurrency=4, shutdown_timeout=30.0)
+    cfg["node"]["drain_timeout"] = 60.0
+    node = forge_processes(cfg, node_id="f1", env=ENV)
+    pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=2)
+    try:
+        queue = JobQueue(pool)
+        # 4 s each: still running when the signal lands, well inside the 30 s shutdown timeout
+        ids = [await queue.enqueue("long_running", {"seconds": 4}, max_attempts=1) for _ in range(4)]
+        await eventually(lambda: _started(pool, 4), what="four jobs to start")
+        # every slot is taken: this one waits, and a stopping worker must not claim it
+        waiting = await queue.enqueue("record", {"value": "after-sigterm"})
+        signalled_at = await pool.fetchval("SELECT clock_timestamp()")  # job_log.at uses the same clock
+        assert await asyncio.to_thread(node.terminate, 90) == 0, node.log()[-4000:]
+        log = await pool.fetch("SELECT job_id, event, attempt, node_id, at FROM job_log ORDER BY seq")
+        for job_id in ids:
+            events = [(r["event"], r["attempt"], r["node_id"]) for r in log if r["job_id"] == job_id]
+            # ran exactly once, to the end, on f1 - not cancelled, not released and re-run
+            assert events == [("started", 1, "f1"), ("ran", 1, "f1")], (job_id, events)
+        assert all(r["at"] > signalled_at for r in log if r["event"] == "ran")  # finished during the drain
+        history = await pool.fetch("SELECT id, status, attempt, node_id FROM forge_job_history ORDER BY id")
+        assert [(r["id"], r["status"], r["attempt"], r["node_id"]) for r in history] == \
+            [(i, "succeeded", 1, "f1") for i in ids]
+        rows = await pool.fetch("SELECT id, status, attempt, node_id FROM forge_jobs")
+        assert [(r["id"], r["status"], r["attempt"], r["node_id"]) for r in rows] == [(waiting, "pending", 0, None)]
+        assert await pool.fetchval("SELECT status FROM forge_nodes WHERE id = 'f1'") == "stopped"
     finally:
         await pool.close()
 

@@ -88,3 +88,42 @@ async def test_live_long_job_keeps_its_lease_and_runs_once(forge_node):
 async def _succeeded(pool, job_id):
     info = await JobQueue(pool).get(job_id)
     return info if info is not None and info.status == "succeeded" else None
+
+
+async def _each_ran_once(pool, n):
+    rows = await pool.fetch("SELECT job_id, count(*) AS n FROM job_log WHERE event = 'ran' GROUP BY job_id")
+    return {r["job_id"]: r["n"] for r in rows} if len(rows) >= n else None
+
+
+async def test_polling_alone_runs_every_job_when_no_hint_is_sent(forge_node):
+    # a short poll interval and no spinning: the only way to find these jobs is the poll
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(poll_interval=0.3, spin_window=0))
+    listener, hints = await _listen(node.url)
+    try:
+        await eventually(lambda: _sleeping(node), what="the worker to go idle")
+        # 1. jobs stored with plain SQL: no enqueue code ran, so no NOTIFY was sent
+        await node.pool.execute(
+            """INSERT INTO forge_jobs (name, args)
+               SELECT 'record', jsonb_build_object('value', 'sql-' || i) FROM generate_series(1, 30) AS i""")
+        # ... and one delayed job, promoted by the worker's own look at the schedule
+        await node.pool.execute(
+            """INSERT INTO forge_jobs (name, args, status, run_at)
+               VALUES ('record', '{"value": "sql-delayed"}', 'scheduled', now() + interval '1 second')""")
+        # 2. jobs enqueued through the API while the hint gate is empty: the worker believes it is
+        # registered as a sleeper, so it will not register again, and enqueues find no one to NOTIFY
+        await node.pool.execute("DELETE FROM forge_worker_sleepers")
+        queue = JobQueue(node.pool)
+        api_ids = await queue.enqueue_many([queue.request(worker_jobs.record, {"value": f"api-{i}"})
+                                            for i in range(30)])
+        api_ids.append(await queue.enqueue(worker_jobs.record, {"value": "api-single"}))
+        counts = await eventually(lambda: _each_ran_once(node.pool, 62), timeout=60,
+                                  what="every job, found by polling alone")
+        assert len(counts) == 62 and set(counts.values()) == {1}  # each ran, and ran once
+        assert set(api_ids) <= set(counts)
+        assert await node.pool.fetchval("SELECT count(*) FROM forge_jobs") == 0
+        assert await node.pool.fetchval(
+            "SELECT count(*) FROM forge_job_history WHERE status = 'succeeded' AND attempt = 1") == 62
+        await listener.execute("SELECT 1")  # any NOTIFY sent has been delivered by now
+        assert hints == []  # not one wake-up hint: polling did all of it
+    finally:
+        await listener.close()
