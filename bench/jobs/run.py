@@ -17,13 +17,20 @@ system against a fresh database of its own on that server:
   latency = from just before the enqueue call until the job function starts. One second of
   warm-up at the same rate is run first and not measured.
 
-PgQueuer is driven exactly like its own benchmark tool (``tools/benchmark.py`` in the PgQueuer
-repository, which the ``pgqueuer`` wheel does not ship): 5 ``PgQueuer`` instances each on its own
-asyncpg connection, dequeue batch size 10, one producer with enqueue batch size 10, drain via
-``QueueExecutionMode.drain``. Procrastinate runs one worker with concurrency 50 (its default is
-1) and ``batch_defer_async`` producers. FORGE runs one in-process node with the worker role and
-its default ``[worker]`` settings (concurrency 50). Every system runs under uvloop in this
-process.
+PgQueuer runs its OWN benchmark tool, ``tools/benchmark.py`` from the pinned ``pgqueuer`` sdist
+(the wheel does not ship it; the sdist is downloaded once with ``pip download`` into the git-ignored
+``bench/results/pgqueuer-<version>/`` and its sha256 checked), as a subprocess pointed at the run's
+fresh database through the libpq environment variables, after ``pgq install`` and ``pgq autovac``
+as PgQueuer's CI does. Its ``--strategy drain --jobs N`` and ``--strategy throughput --time T``
+stand for our two modes, with ``--driver apg --dequeue 5 --dequeue-batch-size 10`` (up to 50 jobs
+in flight) and, for throughput, ``--enqueue 1 --enqueue-batch-size 10``; the figure is the rate the
+tool itself reports (its ``--output-json``, the same number as its printed "Rate"). Its timing
+windows are its own: drain = N / (consumers start .. queue empty, start-up included); throughput =
+jobs done / time from its progress bar's creation until its consumers have stopped.
+Procrastinate runs one worker with concurrency 50 (its default is 1) and ``batch_defer_async``
+producers. FORGE runs one in-process node with the worker role and its default ``[worker]``
+settings (concurrency 50). FORGE and Procrastinate run under uvloop in this process, PgQueuer's
+tool under uvloop in its own.
 """
 
 from __future__ import annotations
@@ -31,15 +38,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -206,95 +218,85 @@ async def forge_latency(base: str, seconds: float, rate: int = 1000) -> tuple[fl
     return q[49] * 1000, q[98] * 1000, offered, len(lat), qc[49] * 1000, qc[98] * 1000
 
 
-# --- PgQueuer (driven like its tools/benchmark.py) -----------------------------------------------
-async def pgq_prepare(url: str):
-    from pgqueuer.db import AsyncpgDriver
-    from pgqueuer.queries import Queries
-
-    conn = await asyncpg.connect(url)
-    q = Queries(AsyncpgDriver(conn))
-    await q.install()
-    return conn, q
-
-
-async def pgq_run_consumers(url: str, dequeue: int, batch: int, mode: Any, counter: list[int],
-                            pgqs: list[Any]) -> None:
-    from pgqueuer import PgQueuer
-    from pgqueuer.db import AsyncpgDriver
-
-    async def consume(pgq: PgQueuer) -> None:
-        @pgq.entrypoint("asyncfetch")
-        async def asyncfetch(job: Any) -> None:
-            if not counter[0]:
-                counter[1] = time.perf_counter()
-            counter[0] += 1
-
-        # the tool's second entrypoint is sync; PgQueuer >= 1.x accepts only async ones
-        @pgq.entrypoint("syncfetch")
-        async def syncfetch(job: Any) -> None:
-            if not counter[0]:
-                counter[1] = time.perf_counter()
-            counter[0] += 1
-
-        await pgq.run(batch_size=batch, mode=mode)
-
-    for _ in range(dequeue):
-        pgqs.append(PgQueuer(AsyncpgDriver(await asyncpg.connect(url))))
-    await asyncio.gather(*(consume(p) for p in pgqs))
+# --- PgQueuer: its own tools/benchmark.py, from the pinned sdist ----------------------------------
+PGQ_VERSION = "1.6.0"
+#: sha256 of pgqueuer-1.6.0.tar.gz as served by PyPI
+PGQ_SDIST_SHA256 = "ed1306404f96e25c84c951f434e8b06b091e04e0177af0d5441505a7944f156e"
+#: download cache; bench/results/ is git-ignored, PgQueuer's code is not kept in the repository
+PGQ_CACHE = HERE.parent / "results" / f"pgqueuer-{PGQ_VERSION}"
+#: the tool's options, set explicitly (these are also its defaults): 5 dequeue tasks x batch 10 =
+#: up to 50 jobs in flight, as FORGE's worker concurrency 50; one producer enqueuing batches of 10,
+#: as FORGE's and Procrastinate's continuous producers; asyncpg driver, as FORGE
+PGQ_COMMON = ["--driver", "apg", "--dequeue", "5", "--dequeue-batch-size", "10"]
 
 
-async def pgq_drain(base: str, n: int, dequeue: int = 5, batch: int = 10) -> float:
-    import random
+def pgq_tool() -> Path:
+    """PgQueuer's ``tools/benchmark.py`` from its pinned sdist (the wheel does not ship it)."""
+    from importlib.metadata import version
 
-    from pgqueuer import types
+    if version("pgqueuer") != PGQ_VERSION:
+        raise SystemExit(f"pgqueuer {version('pgqueuer')} installed, the bench pins {PGQ_VERSION}: "
+                         "pip install -r bench/jobs/requirements.txt")
+    sdist = PGQ_CACHE / f"pgqueuer-{PGQ_VERSION}.tar.gz"
+    if not sdist.exists():
+        PGQ_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        f"pgqueuer=={PGQ_VERSION}", "-d", str(PGQ_CACHE)], check=True)
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != PGQ_SDIST_SHA256:
+        raise SystemExit(f"{sdist}: sha256 {digest}, expected {PGQ_SDIST_SHA256}")
+    script = PGQ_CACHE / "tools" / "benchmark.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        script.write_bytes(tar.extractfile(f"pgqueuer-{PGQ_VERSION}/tools/benchmark.py").read())
+    return script
 
-    url = await fresh_db(base, "bench_pgq_drain")
-    conn, q = await pgq_prepare(url)
-    names = ["syncfetch", "asyncfetch"] * n
-    for i in range(0, n, 10_000):
-        k = min(10_000, n - i)
-        await q.enqueue(random.sample(names, k=k), [b"" for _ in range(k)], [0] * k)
-    counter = [0, 0.0]
-    await pgq_run_consumers(url, dequeue, batch, types.QueueExecutionMode.drain, counter, [])
-    elapsed = time.perf_counter() - counter[1]
-    await conn.close()
-    assert counter[0] >= n, f"PgQueuer drained {counter[0]} of {n}"
-    return n / elapsed
+
+def pgq_args(mode: str, args: argparse.Namespace) -> list[str]:
+    """The tool's command-line options for one of our modes."""
+    if mode == "drain":
+        return ["--strategy", "drain", "--jobs", str(args.jobs), *PGQ_COMMON]
+    return ["--strategy", "throughput", "--time", f"{args.seconds:g}", *PGQ_COMMON,
+            "--enqueue", "1", "--enqueue-batch-size", "10"]
 
 
-async def pgq_continuous(base: str, seconds: float, dequeue: int = 5, batch: int = 10, enqueue_batch: int = 10) -> float:
-    import random
+def libpq_env(url: str) -> dict[str, str]:
+    """The tool connects with an empty DSN, i.e. through the libpq environment variables."""
+    u = urlsplit(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=u.hostname or "", PGPORT=str(u.port or 5432), PGUSER=u.username or "",
+               PGDATABASE=u.path.lstrip("/"), PYTHONUNBUFFERED="1")
+    if u.password:
+        env["PGPASSWORD"] = u.password
+    return env
 
-    from pgqueuer import types
 
-    url = await fresh_db(base, "bench_pgq_cont")
-    conn, q = await pgq_prepare(url)
-    counter = [0, 0.0]
-    pgqs: list[Any] = []
-    stop = asyncio.Event()
+async def run_quiet(argv: list[str], env: dict[str, str]) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out = (await proc.communicate())[0].decode(errors="replace")
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}:\n{out}")
+    return out
 
-    async def produce() -> None:
-        names = ["syncfetch", "asyncfetch"] * enqueue_batch
-        i = 0
-        while not stop.is_set():
-            await q.enqueue(random.sample(names, k=enqueue_batch), [f"{i + j}".encode() for j in range(enqueue_batch)],
-                            [0] * enqueue_batch)
-            i += enqueue_batch
 
-    consumers = asyncio.create_task(pgq_run_consumers(url, dequeue, batch, types.QueueExecutionMode.continuous,
-                                                      counter, pgqs))
-    producer = asyncio.create_task(produce())
-    t0 = time.perf_counter()
-    await asyncio.sleep(seconds)
-    done, elapsed = counter[0], time.perf_counter() - t0
-    stop.set()
-    await producer
-    for p in pgqs:
-        p.shutdown.set()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(consumers, 30)
-    await conn.close()
-    return done / elapsed
+async def pgq_run(base: str, mode: str, args: argparse.Namespace) -> float:
+    """One run of PgQueuer's benchmark tool on a fresh database; its own rate is the figure."""
+    url = await fresh_db(base, f"bench_pgq_{mode}")
+    env = libpq_env(url)
+    # the schema as PgQueuer's CI prepares it for this tool: `pgq install` then `pgq autovac`
+    # (FORGE's migration tunes its jobs table's autovacuum likewise)
+    await run_quiet([sys.executable, "-m", "pgqueuer", "install"], env)
+    await run_quiet([sys.executable, "-m", "pgqueuer", "autovac"], env)
+    with tempfile.TemporaryDirectory(prefix="forge-bench-pgq-") as tmp:
+        out = Path(tmp) / "benchmark.json"
+        argv = [sys.executable, str(args.pgq_tool), *pgq_args(mode, args), "--output-json", str(out)]
+        await run_quiet(argv, env)
+        result = json.loads(out.read_text())
+    # the JSON holds the same figure the tool prints in its result table's "Rate" row
+    print(f"    pgqueuer tools/benchmark.py: {result['steps']:,} jobs, elapsed {result['elapsed']}, "
+          f"rate {result['rate']:,.0f} jobs/s, left queued {result['queued']}", flush=True)
+    return float(result["rate"])
 
 
 # --- Procrastinate ----------------------------------------------------------------------------------
@@ -368,10 +370,10 @@ async def run_setting(label: str, base: str, args: argparse.Namespace) -> dict[s
           flush=True)
     runs = {
         ("forge", "drain"): lambda: forge_drain(base, args.jobs),
-        ("pgqueuer", "drain"): lambda: pgq_drain(base, args.jobs),
+        ("pgqueuer", "drain"): lambda: pgq_run(base, "drain", args),
         ("procrastinate", "drain"): lambda: procrastinate_drain(base, args.jobs),
         ("forge", "continuous"): lambda: forge_continuous(base, args.seconds),
-        ("pgqueuer", "continuous"): lambda: pgq_continuous(base, args.seconds),
+        ("pgqueuer", "continuous"): lambda: pgq_run(base, "continuous", args),
         ("procrastinate", "continuous"): lambda: procrastinate_continuous(base, args.seconds),
     }
     for mode in args.modes:
@@ -407,6 +409,13 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load avg {os.getloadavg()[0]:.1f}; drain N={args.jobs}, continuous T={args.seconds}s, "
           f"{args.rounds} rounds, latency {args.latency_seconds}s at 1000 jobs/s")
+    if "pgqueuer" in args.systems:
+        args.pgq_tool = pgq_tool()
+        print(f"PgQueuer {PGQ_VERSION}: its own {args.pgq_tool.relative_to(HERE.parent.parent)} (from the "
+              f"sdist, sha256 {PGQ_SDIST_SHA256[:12]}...), one process per run, libpq environment -> the "
+              "run's database:")
+        for mode in args.modes:
+            print(f"  {mode:<10} python tools/benchmark.py {' '.join(pgq_args(mode, args))} --output-json ...")
     results = {}
     for label in args.settings:
         root = Path(tempfile.mkdtemp(prefix=f"forge-bench-jobs-{label}-"))

@@ -87,12 +87,7 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
         await pool.close()
 
 
-async def test_killed_worker_jobs_rerun_and_only_those_twice(forge_processes):
-    await crash_scenario(forge_processes, 3000)
-
-
-@pytest.mark.slow
-async def test_killed_worker_20000_jobs(forge_processes):
+async def test_killed_worker_20000_jobs_rerun_and_only_those_twice(forge_processes):
     await crash_scenario(forge_processes, 20_000)
 
 
@@ -153,8 +148,8 @@ async def _at_least(pool, n):
     return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= n
 
 
-async def test_workers_survive_postgres_restart(tmp_path):
-    await restart_scenario(tmp_path, 3000)
+async def test_workers_survive_postgres_restart_20000_jobs(tmp_path):
+    await restart_scenario(tmp_path, 20_000)
 
 
 async def test_graceful_shutdown_releases_unfinished_jobs(forge_processes):
@@ -251,7 +246,3 @@ async def test_jobs_cli_lists_retries_and_discards(forge_processes, tmp_path):
 async def _dead_count(pool, n):
     return await pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'dead'") >= n
 
-
-@pytest.mark.slow
-async def test_workers_survive_postgres_restart_20000_jobs(tmp_path):
-    await restart_scenario(tmp_path, 20_000)
