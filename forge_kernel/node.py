@@ -153,12 +153,13 @@ class Node:
             # the process: an embedding host's heap is not ours to freeze.
             gc.collect()
             gc.freeze()
+            gc.set_threshold(*self.config.node.gc_thresholds)
         self.ready_at = time.monotonic()
         ready_file = os.environ.get("FORGE_READY_FILE")
         if ready_file:  # lets supervisors and tests wait for readiness without parsing logs
             Path(ready_file).write_text(json.dumps({"id": self.id, "pid": os.getpid(), "ports": self.ports,
                                                     "roles": self.roles, "seconds": self.ready_at - self.started_at,
-                                                    "event_loop": _loop_name()}))
+                                                    "event_loop": _loop_name(), "gc_thresholds": gc.get_threshold()}))
         logger.info(f"node {self.id} ready in {self.ready_at - self.started_at:.2f}s: roles={','.join(self.roles) or '-'} "
                     f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
                     f"functions={len(self.registry.functions)} loop={_loop_name()}")

@@ -82,6 +82,8 @@ def test_wrong_types_name_key_value_and_expectation(data, key, expect):
     ({"node": {"roles": ["a b"]}}, {}, "[node] roles", "names of letters"),
     ({"database": {"pool_min": 9, "pool_max": 2}}, {}, "pool_min", "at most pool_max (2)"),
     ({"node": {"heartbeat_interval": -1}}, {}, "[node] heartbeat_interval = -1", "between 0.05 and 300"),
+    ({"node": {"gc_thresholds": [700, 10]}}, {}, "[node] gc_thresholds = [700, 10]", "three whole numbers >= 0"),
+    ({"node": {"gc_thresholds": [700, -1, 10]}}, {}, "[node] gc_thresholds", "three whole numbers >= 0"),
 ])
 def test_bad_values_name_key_value_and_expectation(data, env, key, expect):
     with pytest.raises(ConfigError) as ei:

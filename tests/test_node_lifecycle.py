@@ -112,6 +112,13 @@ def test_event_loop_setting(forge_processes, tmp_path, setting, expected):
     assert proc.ready_info()["event_loop"] == expected  # uvloop is a kernel dependency on this platform
 
 
+@pytest.mark.parametrize("setting, expected", [(None, [50_000, 10, 10]), ([2000, 5, 5], [2000, 5, 5])])
+def test_gc_thresholds_setting(forge_processes, tmp_path, setting, expected):
+    node = {"gc_thresholds": setting} if setting else {}
+    proc = forge_processes({"node": node, "app": {"example": False}}, env=plugin_env(tmp_path))
+    assert proc.ready_info()["gc_thresholds"] == expected
+
+
 def test_bad_event_loop_setting_names_the_key(forge_processes, tmp_path):
     proc = forge_processes({"node": {"event_loop": "trio"}}, env=plugin_env(tmp_path), ready=False)
     assert proc.proc.wait(60) == 2
