@@ -157,9 +157,12 @@ class Node:
         self.ready_at = time.monotonic()
         ready_file = os.environ.get("FORGE_READY_FILE")
         if ready_file:  # lets supervisors and tests wait for readiness without parsing logs
-            Path(ready_file).write_text(json.dumps({"id": self.id, "pid": os.getpid(), "ports": self.ports,
-                                                    "roles": self.roles, "seconds": self.ready_at - self.started_at,
-                                                    "event_loop": _loop_name(), "gc_thresholds": gc.get_threshold()}))
+            # written aside, then renamed: whoever sees the file sees all of it
+            partial = Path(f"{ready_file}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps({"id": self.id, "pid": os.getpid(), "ports": self.ports,
+                                           "roles": self.roles, "seconds": self.ready_at - self.started_at,
+                                           "event_loop": _loop_name(), "gc_thresholds": gc.get_threshold()}))
+            os.replace(partial, ready_file)
         logger.info(f"node {self.id} ready in {self.ready_at - self.started_at:.2f}s: roles={','.join(self.roles) or '-'} "
                     f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
                     f"functions={len(self.registry.functions)} loop={_loop_name()}")

@@ -37,16 +37,18 @@ def one(folder: Path, env: dict[str, str]) -> tuple[float, float, int]:
     proc = subprocess.Popen([sys.executable, "-m", "forge_kernel.cli", "start"], cwd=folder,
                             env={**env, "FORGE_READY_FILE": str(ready)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"node exited with {proc.returncode}")
-        time.sleep(0.005)
-    wall = time.monotonic() - t0
-    inside = json.loads(ready.read_text())["seconds"]
-    time.sleep(3)
-    rss = rss_kib(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    try:
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"node exited with {proc.returncode}")
+            time.sleep(0.005)
+        wall = time.monotonic() - t0
+        inside = json.loads(ready.read_text())["seconds"]
+        time.sleep(3)
+        rss = rss_kib(proc.pid)
+    finally:  # never leave a node (and its PostgreSQL) behind
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
     return wall, inside, rss
 
 
