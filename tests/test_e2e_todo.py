@@ -113,7 +113,10 @@ async def test_live_todos_script_prints_the_list_and_its_updates(forge_processes
     port = node.ready_info()["ports"]["http"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-u", str(LIVE_TODOS), "--url", f"ws://127.0.0.1:{port}/ws", "--secret", SECRET,
-        "--user", "alice", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "--user", "alice", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        # a suite started in the background (`.ci/run &`) inherits SIGINT ignored, and Python then
+        # never installs its Ctrl-C handler: give the script the default disposition a terminal has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert await read_block(proc) == ["0 todo(s) for alice:"]
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
