@@ -62,10 +62,15 @@ def canonical_args(args: Any) -> str:
 
 # --- matching changes against read sets ---------------------------------------------------
 def _norm(value: Any) -> Any:
+    """One spelling per value, whichever side it comes from. Row images come through jsonb, so
+    a float8 2.0 or a numeric 2.00 arrives as 2 or 2.0, and PostgreSQL accepts True for an
+    integer column: numbers that are equal must compare equal (a bool as 1 or 0)."""
     if isinstance(value, bool):
-        return "true" if value else "false"
+        return "1" if value else "0"
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
 
 
@@ -216,6 +221,9 @@ class LiveQuery:
     queued: bool = False
     dirty: bool = False
     pending: list[Change] = attrs.field(factory=list)
+    #: tables with more changes than ``pending`` may hold while the query ran or waited for its
+    #: first run: any read of them makes it dirty
+    overflow: set[str] = attrs.field(factory=set)
     runs: int = 0
     dropped: bool = False
 
@@ -355,9 +363,12 @@ class LiveQueryEngine:
     def _remember(self, q: LiveQuery, change: Change) -> None:
         if q.dirty:
             return
+        if change.table in q.overflow:
+            return
         if len(q.pending) >= _PENDING_LIMIT:
-            q.pending.clear()
-            q.dirty = True
+            # bounded memory without marking the query dirty for writes to tables it may not
+            # read: remember only that this table had too many changes to keep
+            q.overflow.add(change.table)
         else:
             q.pending.append(change)
 
@@ -392,7 +403,7 @@ class LiveQueryEngine:
         if auth is None:
             return
         q.running, q.dirty = True, False
-        q.pending = []
+        q.pending, q.overflow = [], set()
         position = self._position()
         self.stats.runs += 1
         q.runs += 1
@@ -428,9 +439,10 @@ class LiveQueryEngine:
             if merged is None:
                 return
         self._index(q, reads)
-        if not q.dirty and any(change_touches(r, c) for c in q.pending for r in reads):
+        if not q.dirty and (any(r.table in q.overflow for r in reads)
+                            or any(change_touches(r, c) for c in q.pending for r in reads)):
             q.dirty = True
-        q.pending = []
+        q.pending, q.overflow = [], set()
         text = encode(result)
         q.result_json, q.hash, q.position = text, result_hash(text), position
         if q.dirty:

@@ -197,3 +197,49 @@ async def test_a_rerun_that_starts_reading_a_table_sees_changes_to_it_made_meanw
         await asyncio.sleep(0)
     await engine.stop()
     assert sink.last["s1"] == [7], "the insert into t during the re-run was missed"
+
+
+async def test_many_writes_to_another_table_during_a_run_do_not_make_it_dirty(monkeypatch):
+    # a running query keeps a bounded number of changes; past the bound it remembers only which
+    # tables overflowed, so a flood of writes elsewhere does not re-run it (it would never settle)
+    from forge_realtime import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_PENDING_LIMIT", 5)
+    ex = ModelExecutor(random.Random(0))
+    gate = asyncio.Event()
+    compute = ex.call
+
+    async def gated(fn, args, auth, track_reads, call_out):
+        await gate.wait()
+        return await compute(fn, args, auth, track_reads, call_out)
+
+    ex.call = gated
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
+    engine.start()
+    sink = Sink()
+    sub = Subscription(sink, "s1", "by_owner", {"o": "a"}, Caller("u1"))
+    engine.subscribe(sub)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sub.query.running
+    engine.on_changes([Change("elsewhere", "INSERT", (), ({"id": i},)) for i in range(50)], 1)
+    gate.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert engine.stats.runs == 1 and not sub.query.dirty
+    # past the bound on a table it does read, it re-runs
+    gate.clear()
+    engine.on_changes([Change("t", "INSERT", (), ({"id": 1, "owner": "a", "topic": 0},))], 2)
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sub.query.running
+    engine.on_changes([Change("elsewhere", "INSERT", (), ({"id": i},)) for i in range(50)]
+                      + [Change("t", "INSERT", (), ({"id": 9, "owner": "b", "topic": 0},))], 3)
+    assert "t" in sub.query.overflow
+    gate.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await engine.stop()
+    assert engine.stats.runs == 3  # the first run, the insert into t, and the overflowed t
+    assert sink.last["s1"] == [[1, "a", 0]]

@@ -58,3 +58,17 @@ def test_a_write_to_another_owner_is_not_a_candidate():
     assert index.candidates(change) == {"bob"}
     moved = Change("todos", "UPDATE", ({"id": 1, "owner": "bob"},), ({"id": 1, "owner": "alice"},))
     assert index.candidates(moved) == {"alice", "bob"}  # a row moving between results touches both
+
+
+def test_equal_numbers_match_however_jsonb_spells_them():
+    # images come through jsonb: a float8 2.0 or numeric 2.00 may arrive as 2 or 2.0, and
+    # PostgreSQL takes True for an integer column
+    cases = [("n", 2.0, 2), ("n", 2, 2.0), ("flag", True, 1), ("flag", False, 0), ("n", 1, True)]
+    for col, wanted, stored in cases:
+        read = TableRead("t", ((col, wanted),))
+        change = Change("t", "INSERT", (), ({col: stored},))
+        assert change_touches(read, change), (wanted, stored)
+        index = ReadIndex()
+        index.add("q", [read])
+        assert "q" in index.candidates(change), (wanted, stored)
+    assert not change_touches(TableRead("t", (("n", 2.5),)), Change("t", "INSERT", (), ({"n": 2},)))
