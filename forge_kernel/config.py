@@ -50,8 +50,8 @@ def identifiers(inst: Any, attr: attrs.Attribute, value: Any) -> None:
 
 
 def _gc_thresholds(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if len(value) != 3 or any(v < 0 for v in value):
-        raise InvalidValue(attr.name, value, "three whole numbers >= 0 (generations 0, 1 and 2)")
+    if len(value) != 3 or any(not 0 <= v <= 2**31 - 1 for v in value):
+        raise InvalidValue(attr.name, value, "three whole numbers from 0 to 2147483647 (generations 0, 1 and 2)")
 
 
 # --- kernel sections ---------------------------------------------------------------
@@ -170,10 +170,16 @@ def _env_value(raw: str, tp: Any) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        # a bare word for a list of names: FORGE_NODE__ROLES=worker,gateway
         origin = typing.get_origin(tp)
-        if origin in (list, tuple, set, frozenset) and typing.get_args(tp)[:1] == (str,):
-            return [part.strip() for part in raw.split(",") if part.strip()]
+        if origin in (list, tuple, set, frozenset):
+            # bare words for a list of names: FORGE_NODE__ROLES=worker,gateway
+            if typing.get_args(tp)[:1] == (str,):
+                return [part.strip() for part in raw.split(",") if part.strip()]
+            # a list without brackets: FORGE_NODE__GC_THRESHOLDS=50000,10,10
+            try:
+                return tomllib.loads(f"v = [{raw}]")["v"]
+            except tomllib.TOMLDecodeError:
+                pass
         return raw
 
 

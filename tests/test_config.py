@@ -44,6 +44,11 @@ def test_toml_file_and_env_override(tmp_path):
     assert cfg.node.capabilities == ["gpu", "email"]
 
 
+@pytest.mark.parametrize("raw", ["50000,10,10", "[50000, 10, 10]"])
+def test_env_list_of_numbers_with_or_without_brackets(raw):
+    assert load(env={"FORGE_NODE__GC_THRESHOLDS": raw}).node.gc_thresholds == [50000, 10, 10]
+
+
 def test_env_string_keys_stay_strings():
     cfg = load(env={"FORGE_DATABASE__URL": "postgresql://x@h:1/db", "FORGE_NODE__ID": "123"})
     assert cfg.database.url == "postgresql://x@h:1/db"
@@ -82,8 +87,9 @@ def test_wrong_types_name_key_value_and_expectation(data, key, expect):
     ({"node": {"roles": ["a b"]}}, {}, "[node] roles", "names of letters"),
     ({"database": {"pool_min": 9, "pool_max": 2}}, {}, "pool_min", "at most pool_max (2)"),
     ({"node": {"heartbeat_interval": -1}}, {}, "[node] heartbeat_interval = -1", "between 0.05 and 300"),
-    ({"node": {"gc_thresholds": [700, 10]}}, {}, "[node] gc_thresholds = [700, 10]", "three whole numbers >= 0"),
-    ({"node": {"gc_thresholds": [700, -1, 10]}}, {}, "[node] gc_thresholds", "three whole numbers >= 0"),
+    ({"node": {"gc_thresholds": [700, 10]}}, {}, "[node] gc_thresholds = [700, 10]", "three whole numbers from 0"),
+    ({"node": {"gc_thresholds": [700, -1, 10]}}, {}, "[node] gc_thresholds", "three whole numbers from 0"),
+    ({}, {"FORGE_NODE__GC_THRESHOLDS": "10000000000000000000,1,1"}, "[node] gc_thresholds", "to 2147483647"),
 ])
 def test_bad_values_name_key_value_and_expectation(data, env, key, expect):
     with pytest.raises(ConfigError) as ei:

@@ -149,7 +149,7 @@ async def test_an_embedded_node_leaves_the_host_heap_unfrozen(forge_node):
     # only `forge-node start`, which owns its process, freezes the start-up heap
     import gc
 
-    before = gc.get_freeze_count()
+    before, thresholds = gc.get_freeze_count(), gc.get_threshold()
     node = await forge_node(modules=[])
     assert node.status == "running"
-    assert gc.get_freeze_count() == before
+    assert gc.get_freeze_count() == before and gc.get_threshold() == thresholds

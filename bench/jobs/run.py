@@ -271,10 +271,15 @@ def libpq_env(url: str) -> dict[str, str]:
     return env
 
 
-async def run_quiet(argv: list[str], env: dict[str, str]) -> str:
+async def run_quiet(argv: list[str], env: dict[str, str], limit: float = 600.0) -> str:
     proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT)
-    out = (await proc.communicate())[0].decode(errors="replace")
+    try:
+        out = (await asyncio.wait_for(proc.communicate(), limit))[0].decode(errors="replace")
+    finally:  # a timeout or a cancelled bench never leaves the tool running
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}:\n{out}")
     return out
@@ -296,6 +301,18 @@ async def pgq_run(base: str, mode: str, args: argparse.Namespace) -> float:
     # the JSON holds the same figure the tool prints in its result table's "Rate" row
     print(f"    pgqueuer tools/benchmark.py: {result['steps']:,} jobs, elapsed {result['elapsed']}, "
           f"rate {result['rate']:,.0f} jobs/s, left queued {result['queued']}", flush=True)
+    # the tool reports its drain figure without checking the queue emptied, and a throughput
+    # run whose consumers missed their grace period reports 0: check both before trusting it
+    if not (result["steps"] > 0 and result["rate"] > 0):
+        raise RuntimeError(f"PgQueuer's tool reported no work: {result}")
+    if mode == "drain":
+        conn = await asyncpg.connect(url)
+        try:
+            left = await conn.fetchval("SELECT count(*) FROM pgqueuer")
+        finally:
+            await conn.close()
+        if left:
+            raise RuntimeError(f"PgQueuer's drain left {left} of {args.jobs} jobs queued; its rate is not a drain")
     return float(result["rate"])
 
 

@@ -9,6 +9,7 @@ import http.server
 import json
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -76,13 +77,13 @@ def test_ready_is_503_when_migrations_are_not_current(forge_processes, keys, tmp
 def test_ready_is_503_while_the_database_is_unreachable(forge_processes, keys, tmp_path):
     proc, url = spawn_gateway(forge_processes, keys, tmp_path, "ready-db")
     assert httpx.get(f"{url}/ready").status_code == 200
-    db_url = forge_processes.db_url
-    other_db = db_url.rsplit("/", 1)[0] + "/postgres"  # ALLOW_CONNECTIONS false locks everyone out of ours
+    db_url = urlsplit(forge_processes.db_url)
+    name = db_url.path.lstrip("/")
+    other_db = urlunsplit(db_url._replace(path="/postgres"))  # ALLOW_CONNECTIONS false locks everyone out of ours
 
     async def set_connections(allowed: bool):
         conn = await asyncpg.connect(other_db)
         try:
-            name = db_url.rsplit("/", 1)[1].split("?")[0]
             await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
             if not allowed:  # and drop the node's open connections
                 await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)

@@ -87,6 +87,7 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
         await pool.close()
 
 
+@pytest.mark.timeout(600)  # its own waits (120 s + 300 s) name what is late; the suite's 300 s would not
 async def test_killed_worker_20000_jobs_rerun_and_only_those_twice(forge_processes):
     await crash_scenario(forge_processes, 20_000)
 
@@ -148,6 +149,7 @@ async def _at_least(pool, n):
     return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= n
 
 
+@pytest.mark.timeout(600)
 async def test_workers_survive_postgres_restart_20000_jobs(tmp_path):
     await restart_scenario(tmp_path, 20_000)
 
@@ -178,8 +180,9 @@ async def test_graceful_shutdown_finishes_jobs_shorter_than_the_timeout(forge_pr
     pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=2)
     try:
         queue = JobQueue(pool)
-        # 4 s each: still running when the signal lands, well inside the 30 s shutdown timeout
-        ids = [await queue.enqueue("long_running", {"seconds": 4}, max_attempts=1) for _ in range(4)]
+        # 8 s each: still running when the signal lands on a loaded machine, well inside the 30 s
+        # shutdown timeout
+        ids = [await queue.enqueue("long_running", {"seconds": 8}, max_attempts=1) for _ in range(4)]
         await eventually(lambda: _started(pool, 4), what="four jobs to start")
         # every slot is taken: this one waits, and a stopping worker must not claim it
         waiting = await queue.enqueue("record", {"value": "after-sigterm"})

@@ -318,6 +318,14 @@ async def _records(conn: Any) -> list[tuple]:
     return [tuple(r) for r in await conn.fetch("SELECT namespace, version, checksum FROM forge_migrations ORDER BY 1, 2")]
 
 
+def _same(what: str, got: list[tuple], want: list[tuple], done_before: int) -> None:
+    # plain asserts here are not rewritten by pytest: say what differs
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise AssertionError(f"{what} differs from a single run (with {done_before} applied before): "
+                             f"missing {missing[:10]}, unexpected {extra[:10]}")
+
+
 def _run_property(prop: Any) -> Any:
     # hypothesis drives a sync function; each example runs its own event loop in a worker thread
     return asyncio.to_thread(prop)
@@ -338,11 +346,14 @@ async def check_migrations_idempotent(plugin: Any, db_url: str, max_examples: in
             try:
                 await migrate(conn, migs[:done_before])
                 applied = await migrate(conn, migs)
-                assert [m.key for m in applied] == [m.key for m in migs[done_before:]]
-                assert await migrate(conn, migs) == [], "a second run applied something"
-                assert await _schema(conn) == schema
-                assert await _records(conn) == records
-                assert all(s.state == "applied" for s in await status(conn, migs))
+                assert [m.key for m in applied] == [m.key for m in migs[done_before:]], (
+                    f"with {done_before} applied before, the run applied {[m.key for m in applied]}")
+                again = await migrate(conn, migs)
+                assert again == [], f"a second run applied {[m.key for m in again]}"
+                _same("schema", await _schema(conn), schema, done_before)
+                _same("forge_migrations records", await _records(conn), records, done_before)
+                states = {(st.namespace, st.version): st.state for st in await status(conn, migs)}
+                assert all(v == "applied" for v in states.values()), f"status after two runs: {states}"
             finally:
                 await conn.close()
         finally:
@@ -377,9 +388,11 @@ async def check_concurrent_migrations(plugin: Any, db_url: str, runners: int | N
             try:
                 results = await asyncio.gather(*(migrate(c, migs) for c in conns))
                 applied = sorted(m.key for r in results for m in r)
-                assert applied == sorted(m.key for m in migs[done_before:]), "a migration was applied twice or not at all"
-                assert await _schema(conns[0]) == schema
-                assert await _records(conns[0]) == records
+                assert applied == sorted(m.key for m in migs[done_before:]), (
+                    f"{n} concurrent runners after {done_before} applied: applied {applied}, expected each of "
+                    f"{sorted(m.key for m in migs[done_before:])} once")
+                _same("schema", await _schema(conns[0]), schema, done_before)
+                _same("forge_migrations records", await _records(conns[0]), records, done_before)
             finally:
                 for c in conns:
                     await c.close()
@@ -398,7 +411,10 @@ async def check_concurrent_migrations(plugin: Any, db_url: str, runners: int | N
 
 def declared_services() -> list[Service]:
     """Every service the installed plugins declare for a node running all their roles, built
-    with default configuration and never started (for :func:`check_service_order`)."""
+    with default configuration and never started (for :func:`check_service_order`). The node
+    is not started either: ``forge_services`` sees its config, roles and loader, but no pool
+    and no registry yet (the kernel calls the hook only after both exist, so a plugin that
+    needs them there cannot be checked this way)."""
     from ..config import load_config
     from ..node import Node
 
