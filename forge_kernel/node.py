@@ -239,9 +239,10 @@ class Node:
             try:
                 if self._hb_conn is None or self._hb_conn.is_closed():
                     self._hb_conn = await self.connect(timeout=5)
+                # the status too: it restores a row marked dead by a leader that thought us gone, and
+                # records 'draining' when the pool was too busy for _set_status
                 row = await self._hb_conn.fetchval(
-                    "UPDATE forge_nodes SET last_heartbeat = now(), "
-                    "status = CASE WHEN status = 'dead' THEN $2 ELSE status END "
+                    "UPDATE forge_nodes SET last_heartbeat = now(), status = $2, stopped_at = NULL "
                     "WHERE id = $1 RETURNING 1", self.id, self.status)
                 if row is None:
                     logger.warning(f"node row {self.id} vanished; registering again")

@@ -76,6 +76,8 @@ async def test_heartbeat_needs_no_pooled_connection(forge_processes, tmp_path):
     node.signal(signal.SIGTERM)  # marking 'draining' cannot get a connection: bounded, the drain goes on
     assert node.proc.wait(30) == 0
     assert "could not record node status 'draining'" in node.log()
+    # the heartbeat (its own connection) recorded it instead, before the first service stopped
+    assert "status while stopping draining" in (tmp_path / "events.txt").read_text().split("\n")
     assert (await node_row(forge_processes.db_url, "n1"))["status"] == "stopped"
 
 
