@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import Iterable
 
 import asyncpg
@@ -150,25 +151,33 @@ class CaptureManager:
 
     pool: asyncpg.Pool
     captured: dict[str, frozenset[str]] = attrs.field(factory=dict)
+    #: table -> when (monotonic) this node last installed or learned its capture
+    changed_at: dict[str, float] = attrs.field(factory=dict)
     _lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
 
     def covers(self, table: str, columns: Iterable[str]) -> bool:
         have = self.captured.get(table)
         return have is not None and set(columns) <= have
 
-    async def ensure(self, needs: dict[str, set[str]]) -> bool:
+    async def ensure(self, needs: dict[str, set[str]], since: float | None = None) -> bool:
         """Capture every table in ``needs`` with images of its columns. Returns True when
-        some trigger or image changed just now (the caller re-runs its query then)."""
+        some trigger or image changed just now, or after ``since`` (a ``time.monotonic()``
+        taken before the caller's query started): the caller re-runs its query then, since
+        writes between its snapshot and the change were not captured. ``since`` matters when
+        another query on this node installed the capture while this one ran."""
         changed = False
         async with self._lock:
             for table, cols in needs.items():
                 if self.covers(table, cols):
+                    if since is not None and self.changed_at.get(table, -1.0) >= since:
+                        changed = True
                     continue
                 async with self.pool.acquire() as conn:
                     have, _ = await install_capture(conn, table, cols)
                 # a column the table lacks can never be captured; remember it as covered
                 # so we do not retry forever (its filter then matches conservatively)
                 self.captured[table] = have | frozenset(cols)
+                self.changed_at[table] = time.monotonic()
                 # even when another node installed it (did=False) it may have done so after
                 # our query's snapshot: writes in between were not captured, so re-run
                 changed = True

@@ -13,6 +13,7 @@ import datetime as dt
 import decimal
 import hashlib
 import json
+import time
 import uuid
 from collections import deque
 from typing import Any, Iterable, Protocol
@@ -408,6 +409,7 @@ class LiveQueryEngine:
         self.stats.runs += 1
         q.runs += 1
         calls: list[Any] = []
+        started = time.monotonic()  # before the query's snapshot (see CaptureManager.ensure)
         try:
             result = await self.executor.call(q.function, q.args, auth, track_reads=True, call_out=calls)
         except ForgeError as exc:
@@ -418,7 +420,7 @@ class LiveQueryEngine:
         defn = call.defn
         reads = list(dict.fromkeys(list(call.reads) + [TableRead(t) for t in defn.reads]))
         try:
-            if await self.capture.ensure(capture_needs(reads)):
+            if await self.capture.ensure(capture_needs(reads), since=started):
                 q.dirty = True  # triggers appeared after our snapshot: writes in between were not captured
         except CaptureError as exc:
             logger.warning(f"live query {q.function}: {exc}")

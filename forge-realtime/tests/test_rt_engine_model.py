@@ -31,7 +31,7 @@ class Caller:
 
 
 class NoCapture:
-    async def ensure(self, needs) -> bool:
+    async def ensure(self, needs, since=None) -> bool:
         return False
 
 

@@ -241,3 +241,58 @@ async def test_reader_reconnects_and_resyncs_after_losing_its_connection(rt_node
         msg = await c.recv(timeout=20)
         assert msg["data"] == 1
         assert node.supervisor.records["realtime-changes"].crashes >= 1
+
+
+class _Pushes:
+    def __init__(self) -> None:
+        self.data: dict[str, list] = {}
+
+    def push(self, sub_id, text, kind) -> None:
+        if kind == "data":
+            self.data.setdefault(sub_id, []).append(__import__("json").loads(text)["data"])
+
+    def end(self, sub_id, error) -> None:
+        raise AssertionError(f"{sub_id} ended: {error}")
+
+
+async def test_a_query_whose_table_another_query_captured_meanwhile_runs_again(rt_node):
+    """Two first runs at once on a table nobody captures yet: the held one's snapshot predates
+    the triggers the other installs, so a write between the two is in no change log. It must
+    run again (it once did not: the capture looked installed to it, and nothing re-ran it)."""
+    from forge_kernel.executor import ANONYMOUS
+    from forge_realtime.engine import Subscription
+
+    node = await rt_node(max_concurrent_runs=2)
+    rt = realtime(node)
+    original = rt.engine.executor.call
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def gated(function, args, auth, **kw):
+        result = await original(function, args, auth, **kw)
+        if function == "count_items" and not held.is_set():  # computed from a snapshot, not yet handled
+            held.set()
+            await release.wait()
+        return result
+
+    rt.engine.executor = type("Gated", (), {"call": staticmethod(gated), "lookup": original.__self__.lookup,
+                                            "authorize": original.__self__.authorize,
+                                            "registry": original.__self__.registry})()
+    pushes = _Pushes()
+    counting = Subscription(pushes, "count", "count_items", {}, ANONYMOUS)
+    rt.engine.subscribe(counting)
+    await asyncio.wait_for(held.wait(), 10)
+    assert not rt.capture.covers("rt_items", ())
+    async with node.pool.acquire() as conn:  # no trigger on rt_items yet: this write is not logged
+        await conn.execute("INSERT INTO rt_items (owner, title) VALUES ('x', 'unlogged')")
+    listing = Subscription(pushes, "list", "items_of", {"owner": "x"}, ANONYMOUS)
+    rt.engine.subscribe(listing)  # its first run installs the capture of rt_items
+    for _ in range(500):
+        if "list" in pushes.data:
+            break
+        await asyncio.sleep(0.02)
+    assert rt.capture.covers("rt_items", ())
+    release.set()
+    await settled(node)
+    assert pushes.data["count"][-1] == 1, pushes.data["count"]
+    rt.engine.unsubscribe(counting)
+    rt.engine.unsubscribe(listing)
