@@ -139,10 +139,11 @@ def job(fn: Callable[..., Any] | None = None, /, *, max_attempts: int = 5, prior
 
     ``priority``: higher runs first. ``capability``: only nodes with that ``[node] capabilities``
     entry run it. ``max_attempts``: attempts before dead letter. Further settings
-    (``unique``, ``concurrency``, ``backoff``) are interpreted by the worker plugin.
+    (``concurrency``, ``backoff``) are interpreted by the worker plugin; uniqueness is per
+    dispatch (``ctx.dispatch(..., unique_key=...)``).
     """
-    if max_attempts < 1:
-        raise ValueError(f"@job: max_attempts must be >= 1, got {max_attempts}")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"@job: max_attempts must be a whole number >= 1, got {max_attempts!r}")
     opts = dict(max_attempts=max_attempts, priority=priority, queue=queue, capability=capability, **settings)
     if fn is not None:
         return _make("job", fn, timeout=timeout, **opts)

@@ -121,7 +121,8 @@ class JobOutcome:
     #: succeeded | failed (will retry) | dead (attempts exhausted) | cancelled | retry_later
     status: str
     attempt: int
-    started_at: dt.datetime
+    #: None for a job that never started (cancelled, or discarded, before a worker ran it)
+    started_at: dt.datetime | None
     finished_at: dt.datetime
     error: str | None = None
     node_id: str | None = None

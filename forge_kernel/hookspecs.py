@@ -123,6 +123,13 @@ def forge_job_dispatcher(node: "Node") -> Any:
     object with ``async dispatch(conn, requests: Sequence[JobRequest]) -> list[int]``
     that writes every request on ``conn`` - inside the caller's transaction, so a
     rolled-back mutation leaves no job. Return ``None`` to decline.
+
+    The object may also offer ``async ended(conn, job_ids: Sequence[int]) -> dict[int,
+    JobOutcome | None]``: for each of ``job_ids`` that has ended for good (succeeded,
+    dead-lettered, cancelled, discarded) its outcome, ``None`` for an id the store has no
+    record of, and nothing for a job still waiting or running. Followers of jobs (the
+    scheduler's run history) use it to learn of endings that no ``forge_job_finished``
+    call reported: a job cancelled before it ran, or one whose worker died.
     """
 
 

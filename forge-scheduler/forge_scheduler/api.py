@@ -4,7 +4,9 @@ Every function takes an asyncpg connection (or pool) of the cluster's database, 
 from a node (``node.pool``), the CLI or a test. "Trigger now" writes a request that the leader
 turns into exactly one run on its next tick; pause and resume take effect on the leader's
 next tick too. Names are checked against the crons the cluster knows (``forge_cron_state``)
-plus ``known`` (e.g. the crons of a registry that no leader has registered yet).
+plus ``known`` (e.g. the crons of a registry that no leader has registered yet); a cron the
+current leader does not define (its row is left from an earlier deployment) is refused, since
+a trigger for it would never run.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class CronInfo:
     last_status: str | None
     last_slot: dt.datetime | None
     runs: int
+    #: the scheduler leader defines it (False: left from an earlier deployment, runs nowhere;
+    #: None: no leader has registered it yet)
+    defined: bool | None = None
 
 
 @attrs.frozen
@@ -59,13 +64,22 @@ def _check_name(name: Any) -> str:
 
 async def _known(conn: Any, name: str, known: Iterable[CronSettings]) -> CronSettings | None:
     """The registered settings for ``name``, or None when only the cluster's state knows it;
-    raises NotFound when nobody knows it."""
+    raises NotFound when nobody knows it, or when the cluster's leader does not define it."""
     extra = {c.name: c for c in known}
-    exists = await conn.fetchval("SELECT true FROM forge_cron_state WHERE cron = $1", name)
-    if exists or name in extra:
+    defined = await conn.fetchrow("SELECT defined FROM forge_cron_state WHERE cron = $1", name)
+    if defined is not None and defined["defined"] is False:
+        where = ("this app defines it, but the running scheduler leader does not (deploy it first)"
+                 if name in extra else "it is left from an earlier deployment; its history is kept")
+        raise NotFound(f"cron {name!r} is not defined by the running cluster, so it would never run: {where}; "
+                       f"defined crons: {', '.join(await _defined_names(conn, extra)) or '(none)'}")
+    if defined is not None or name in extra:
         return extra.get(name)
-    names = sorted({r["cron"] for r in await conn.fetch("SELECT cron FROM forge_cron_state")} | set(extra))
-    raise NotFound(f"no cron named {name!r}; known crons: {', '.join(names) or '(none)'}")
+    raise NotFound(f"no cron named {name!r}; known crons: {', '.join(await _defined_names(conn, extra)) or '(none)'}")
+
+
+async def _defined_names(conn: Any, extra: dict[str, CronSettings]) -> list[str]:
+    rows = await conn.fetch("SELECT cron, defined FROM forge_cron_state")
+    return sorted({r["cron"] for r in rows if r["defined"] is not False} | set(extra))
 
 
 async def _ensure_state(conn: Any, cron: CronSettings | None) -> None:
@@ -106,12 +120,20 @@ async def resume(conn: Any, name: str, *, known: Iterable[CronSettings] = ()) ->
         "updated_at = clock_timestamp() WHERE cron = $1 AND paused RETURNING true", name))
 
 
-async def history(conn: Any, name: str | None = None, *, limit: int = 20) -> list[RunInfo]:
-    """Newest runs first, of one cron or of all."""
+async def history(conn: Any, name: str | None = None, *, limit: int = 20,
+                  known: Iterable[CronSettings] = ()) -> list[RunInfo]:
+    """Newest runs first, of one cron or of all. Raises NotFound for a name that is neither in
+    the cluster's state, nor in ``known``, nor in the run history."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise InvalidArgument(f"limit must be a whole number between 1 and 10000, got {limit!r}")
     if name is not None:
         _check_name(name)
+        extra = {c.name: c for c in known}
+        if name not in extra and not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM forge_cron_state WHERE cron = $1) "
+                "OR EXISTS (SELECT 1 FROM forge_cron_runs WHERE cron = $1)", name):
+            names = sorted({r["cron"] for r in await conn.fetch("SELECT cron FROM forge_cron_state")} | set(extra))
+            raise NotFound(f"no cron named {name!r}; known crons: {', '.join(names) or '(none)'}")
     rows = await conn.fetch(
         """SELECT id, cron, slot, kind, status, job_id, enqueued_at, started_at, finished_at, duration_ms,
                   attempts, node_id, error
@@ -122,7 +144,7 @@ async def history(conn: Any, name: str | None = None, *, limit: int = 20) -> lis
 async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[CronInfo]:
     """Every cron of the cluster (and of ``known``) with its state, next slot and last run."""
     rows = await conn.fetch(
-        """SELECT s.cron, s.schedule, s.timezone, s.paused, s.decided_until, s.dropped_total,
+        """SELECT s.cron, s.schedule, s.timezone, s.paused, s.decided_until, s.dropped_total, s.defined,
                   (SELECT count(*) FROM forge_cron_runs r WHERE r.cron = s.cron) AS runs,
                   l.status AS last_status, l.slot AS last_slot
            FROM forge_cron_state s
@@ -137,8 +159,10 @@ async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[Cron
         nxt = None
         if cron is not None and not r["paused"]:
             nxt = cron.schedule.next_after(max(r["decided_until"], now))
+        if r["defined"] is False:
+            nxt = None  # it runs nowhere
         out.append(CronInfo(r["cron"], r["schedule"], r["timezone"], r["paused"], r["decided_until"], nxt,
-                            r["dropped_total"], r["last_status"], r["last_slot"], r["runs"]))
+                            r["dropped_total"], r["last_status"], r["last_slot"], r["runs"], r["defined"]))
     for cron in registered.values():
         out.append(CronInfo(cron.name, cron.schedule.expression, cron.schedule.timezone, False, None,
                             cron.schedule.next_after(now), 0, None, None, 0))
@@ -171,7 +195,7 @@ class Crons:
 
     async def history(self, name: str | None = None, *, limit: int = 20) -> list[RunInfo]:
         async with self.pool.acquire() as conn:
-            return await history(conn, name, limit=limit)
+            return await history(conn, name, limit=limit, known=self.known)
 
     async def list(self) -> list[CronInfo]:
         async with self.pool.acquire() as conn:

@@ -81,11 +81,11 @@ async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSetting
         if args.json:
             print(json.dumps(rows, default=_plain, indent=2))
         else:
-            _table(rows, ["name", "schedule", "timezone", "paused", "next_slot", "last_status", "last_slot", "runs",
-                          "dropped_total"])
+            _table(rows, ["name", "schedule", "timezone", "paused", "defined", "next_slot", "last_status", "last_slot",
+                          "runs", "dropped_total"])
         return 0
     if cmd == "history":
-        rows = [attrs.asdict(r) for r in await api.history(conn, args.name, limit=args.limit)]
+        rows = [attrs.asdict(r) for r in await api.history(conn, args.name, limit=args.limit, known=known)]
         if args.json:
             print(json.dumps(rows, default=_plain, indent=2))
         else:

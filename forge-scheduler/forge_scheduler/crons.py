@@ -31,6 +31,8 @@ from .settings import CronSettings
 
 #: counting dropped slots stops here (a per-second cron down for days would take long to count)
 DROP_COUNT_CAP = 10_000
+#: seconds of backlog (beyond grace) still planned on the event loop; longer ones go to a thread
+OUTAGE_PLANNED_INLINE = 60.0
 OPEN = ("queued", "retrying")
 FINAL = ("succeeded", "failed", "cancelled")
 #: JobOutcome.status -> run status
@@ -46,6 +48,8 @@ class SlotPlan:
     #: missed slots dropped by the catch-up policy (counted up to DROP_COUNT_CAP)
     dropped: int
     missed: int
+    #: counting stopped at DROP_COUNT_CAP: more slots than ``dropped`` were dropped
+    capped: bool = False
 
 
 def plan_slots(cron: CronSettings, decided_until: dt.datetime, now: dt.datetime) -> SlotPlan:
@@ -57,11 +61,20 @@ def plan_slots(cron: CronSettings, decided_until: dt.datetime, now: dt.datetime)
     on_time = sched.between(max(decided_until, cutoff), now)
     missed_run: list[dt.datetime] = []
     missed = 0
+    cap = DROP_COUNT_CAP + cron.catch_up
     if decided_until < cutoff:
-        missed = sched.count_between(decided_until, cutoff, cap=DROP_COUNT_CAP)
+        missed = sched.count_between(decided_until, cutoff, cap=cap)
         if missed:
             missed_run = sched.latest(decided_until, cutoff, cron.catch_up) if cron.catch_up else []
-    return SlotPlan(missed_run + on_time, max(0, missed - len(missed_run)), missed)
+    return SlotPlan(missed_run + on_time, max(0, missed - len(missed_run)), missed, capped=missed >= cap)
+
+
+async def plan_due(cron: CronSettings, decided_until: dt.datetime, now: dt.datetime) -> SlotPlan:
+    """:func:`plan_slots`, in a thread after an outage: counting thousands of missed slots
+    takes CPU time that must not stall this node's event loop (heartbeat, renewals, requests)."""
+    if (now - decided_until).total_seconds() <= cron.grace + OUTAGE_PLANNED_INLINE:
+        return plan_slots(cron, decided_until, now)
+    return await asyncio.to_thread(plan_slots, cron, decided_until, now)
 
 
 @attrs.frozen
@@ -88,17 +101,32 @@ class CronEngine:
         self.failures: dict[str, int] = {}
 
     async def register(self, conn: asyncpg.Connection) -> None:
-        """Create state rows for new crons (their first slot is the first one after now) and
-        record the current schedule of known ones."""
-        if not self.crons:
-            return
-        await conn.executemany(
-            """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, registered_at)
-               VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp())
-               ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone
-               WHERE forge_cron_state.schedule IS DISTINCT FROM EXCLUDED.schedule
-                  OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone""",
-            [(c.name, c.schedule.expression, c.schedule.timezone) for c in self.crons.values()])
+        """Create state rows for new crons (their first slot is the first one after now),
+        record the current schedule of known ones, and mark the rows of crons this deployment
+        no longer defines (they run nowhere: one leader serves the whole database)."""
+        if self.crons:
+            await conn.executemany(
+                """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, registered_at, defined)
+                   VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), true)
+                   ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone,
+                       defined = true
+                   WHERE forge_cron_state.schedule IS DISTINCT FROM EXCLUDED.schedule
+                      OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone
+                      OR forge_cron_state.defined IS NOT TRUE""",
+                [(c.name, c.schedule.expression, c.schedule.timezone) for c in self.crons.values()])
+        await self._mark_defined(conn, [], await conn.fetch(
+            "SELECT cron FROM forge_cron_state WHERE cron <> ALL($1::text[]) AND defined IS NOT FALSE",
+            list(self.crons)))
+
+    async def _mark_defined(self, conn: asyncpg.Connection, defined: list[str], undefined: list[Any]) -> None:
+        """Keep ``forge_cron_state.defined`` true for our crons and false for the others."""
+        gone = [r["cron"] for r in undefined]
+        if defined:
+            await conn.execute("UPDATE forge_cron_state SET defined = true WHERE cron = ANY($1::text[])", defined)
+        if gone:
+            await conn.execute("UPDATE forge_cron_state SET defined = false WHERE cron = ANY($1::text[])", gone)
+            logger.warning(f"cron(s) {', '.join(sorted(gone))} in forge_cron_state are not defined by this "
+                           f"deployment: they do not run, and trigger/pause/resume refuse them")
 
     def _next(self, name: str, after: dt.datetime) -> dt.datetime:
         key = (name, after)
@@ -123,9 +151,14 @@ class CronEngine:
         """Decide every due cron once; returns seconds until the next due slot (capped)."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT s.cron, s.decided_until, s.paused, clock_timestamp() AS now,
+                """SELECT s.cron, s.decided_until, s.paused, s.defined, clock_timestamp() AS now,
                           EXISTS (SELECT 1 FROM forge_cron_triggers t WHERE t.cron = s.cron) AS triggered
                    FROM forge_cron_state s""")
+            # rows written by the API since we registered (a name only the caller's code knew)
+            ours = [r["cron"] for r in rows if r["cron"] in self.crons and r["defined"] is not True]
+            others = [r for r in rows if r["cron"] not in self.crons and r["defined"] is not False]
+            if ours or others:
+                await self._mark_defined(conn, ours, others)
         if not rows:
             return self.tick_interval
         now = rows[0]["now"]
@@ -133,7 +166,7 @@ class CronEngine:
         for r in rows:
             name = r["cron"]
             if name not in self.crons:
-                continue  # a cron of another deployment; its own leader will run it
+                continue  # not defined by this deployment (marked above): it runs nowhere
             due = not r["paused"] and self._next(name, r["decided_until"]) <= now
             if due or r["triggered"]:
                 try:
@@ -166,7 +199,7 @@ class CronEngine:
             now = st["now"]
             triggers = await conn.fetch(
                 "DELETE FROM forge_cron_triggers WHERE cron = $1 RETURNING id, requested_at, requested_by", name)
-            plan = SlotPlan([], 0, 0) if st["paused"] else plan_slots(cron, st["decided_until"], now)
+            plan = SlotPlan([], 0, 0) if st["paused"] else await plan_due(cron, st["decided_until"], now)
             enqueued: list[dt.datetime] = []
             skipped: list[dt.datetime] = []
             runs: list[tuple[int, str, dt.datetime]] = []
@@ -211,8 +244,10 @@ class CronEngine:
                    WHERE cron = $1""", name, now if not st["paused"] else st["decided_until"], plan.dropped)
         self.decisions += 1
         if plan.dropped:
-            logger.warning(f"cron {name}: {plan.missed} slot(s) missed while no leader ran; ran the "
-                           f"{plan.missed - plan.dropped} most recent (catch_up={cron.catch_up}), dropped {plan.dropped}")
+            more = "at least " if plan.capped else ""
+            logger.warning(f"cron {name}: {more}{plan.missed} slot(s) missed while no leader ran; ran the "
+                           f"{plan.missed - plan.dropped} most recent (catch_up={cron.catch_up}), "
+                           f"dropped {more}{plan.dropped}")
         return Decision(name, enqueued, skipped, len(triggers), plan.dropped)
 
     @staticmethod
@@ -228,22 +263,28 @@ async def record_outcome(pool: asyncpg.Pool, outcome: JobOutcome) -> bool:
     run_id = (outcome.options or {}).get("cron_run")
     if not isinstance(run_id, int) or isinstance(run_id, bool):
         return False
-    status = OUTCOME_STATUS.get(outcome.status)
-    if status is None:
-        logger.warning(f"cron run {run_id}: unknown job outcome status {outcome.status!r}; not recorded")
-        return False
-    duration_ms = (outcome.finished_at - outcome.started_at).total_seconds() * 1000.0
-    args = (run_id, status, outcome.attempt, outcome.started_at, outcome.finished_at, duration_ms, outcome.node_id,
-            list(FINAL), outcome.error)
-    # a lost report would leave the run open for good; ride out a short database blip
+    # a lost report would leave the run open until reconcile_runs finds it; ride out a short blip
     for attempt in range(3):
         try:
-            return bool(await pool.fetchval(_RECORD, *args))
+            return await record_run(pool, run_id, outcome)
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
             if attempt == 2:
                 raise
             await asyncio.sleep(0.2 * 2 ** attempt)
     return False
+
+
+async def record_run(db: asyncpg.Pool | asyncpg.Connection, run_id: int, outcome: JobOutcome) -> bool:
+    """Write ``outcome`` into run ``run_id``; False when the status is unknown or the run is
+    already final and the outcome is not."""
+    status = OUTCOME_STATUS.get(outcome.status)
+    if status is None:
+        logger.warning(f"cron run {run_id}: unknown job outcome status {outcome.status!r}; not recorded")
+        return False
+    started = outcome.started_at
+    duration_ms = None if started is None else (outcome.finished_at - started).total_seconds() * 1000.0
+    return bool(await db.fetchval(_RECORD, run_id, status, outcome.attempt, started, outcome.finished_at, duration_ms,
+                                  outcome.node_id, list(FINAL), outcome.error))
 
 
 _RECORD = """UPDATE forge_cron_runs SET status = $2::text, attempts = GREATEST(attempts, $3::int),
@@ -252,3 +293,41 @@ _RECORD = """UPDATE forge_cron_runs SET status = $2::text, attempts = GREATEST(a
         duration_ms = $6, node_id = $7, error = $9
     WHERE id = $1 AND NOT (status = ANY($8::text[]) AND NOT ($2 = ANY($8::text[])))
     RETURNING true"""
+
+#: open runs looked at per reconcile pass
+RECONCILE_BATCH = 500
+
+
+async def reconcile_runs(conn: asyncpg.Connection, dispatcher: Any, older_than: float) -> int:
+    """Close open runs whose job has ended although no ``forge_job_finished`` said so (a job
+    cancelled before it ran, dead-lettered by the lease rescue after its worker died, or whose
+    worker died between finishing and reporting). Asks the job store (``ended``, see the
+    ``forge_job_dispatcher`` hook spec); a store without it cannot tell, and nothing changes.
+    Returns how many runs were closed."""
+    ended = getattr(dispatcher, "ended", None)
+    if ended is None:
+        return 0
+    rows = await conn.fetch(
+        """SELECT id, job_id FROM forge_cron_runs
+           WHERE status = ANY($1::text[]) AND job_id IS NOT NULL
+             AND enqueued_at < clock_timestamp() - make_interval(secs => $2)
+           ORDER BY id LIMIT $3""", list(OPEN), older_than, RECONCILE_BATCH)
+    if not rows:
+        return 0
+    outcomes = await ended(conn, [r["job_id"] for r in rows])
+    closed = 0
+    for r in rows:
+        if r["job_id"] not in outcomes:
+            continue  # still waiting or running
+        outcome = outcomes[r["job_id"]]
+        if outcome is None:
+            done = await conn.fetchval(
+                """UPDATE forge_cron_runs SET status = 'failed', finished_at = clock_timestamp(),
+                       error = format('job %s is no longer in the job store (purged or removed); how it ended is unknown', job_id)
+                   WHERE id = $1 AND status = ANY($2::text[]) RETURNING true""", r["id"], list(OPEN))
+        else:
+            done = await record_run(conn, r["id"], outcome)
+        closed += bool(done)
+    if closed:
+        logger.info(f"closed {closed} cron run(s) whose job ended without a report from a worker")
+    return closed

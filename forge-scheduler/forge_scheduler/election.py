@@ -10,6 +10,11 @@ Every takeover bumps ``forge_leaders.term``. Leader actions check leadership fir
 (:meth:`LeaderElection.check`: the lock is still granted on our session) and writes that
 matter also fence on ``(node_id, term)`` inside their own transaction, so a leader that lost
 its lock without noticing cannot act after a successor has taken over.
+
+Row locks on ``forge_leaders`` are chosen so that a fenced transaction (``FOR KEY SHARE``)
+holds up a takeover (``FOR UPDATE``) but never the leader's own renewal (a plain ``UPDATE``
+of a non-key column, which takes ``FOR NO KEY UPDATE``): a decision that runs longer than
+``check_timeout`` must not make its own leader's renewal time out and end the term.
 """
 
 from __future__ import annotations
@@ -167,7 +172,11 @@ class LeaderElection:
                            f"(leader_lease {self.config.leader_lease:g}s); ended its session to take over")
 
     async def _lead(self) -> None:
-        async with self._conn_lock:
+        async with self._conn_lock, self._conn.transaction():
+            # FOR UPDATE waits for fenced transactions of the previous term (FOR KEY SHARE) to end;
+            # the upsert alone would not (it changes no key column)
+            await self._conn.execute("SELECT 1 FROM forge_leaders WHERE name = $1 FOR UPDATE", self.name,
+                                     timeout=self.config.check_timeout)
             row = await self._conn.fetchrow(
                 """INSERT INTO forge_leaders (name, node_id, term, since, renewed_at)
                    VALUES ($1, $2, 1, clock_timestamp(), clock_timestamp())
@@ -271,9 +280,11 @@ class LeaderElection:
 
 async def fence(conn: asyncpg.Connection, leadership: Leadership, name: str = ELECTION) -> None:
     """Inside a transaction: proceed only if ``forge_leaders`` still names this term. The row
-    lock (FOR SHARE) makes a successor's takeover wait until this transaction ends."""
-    ok = await conn.fetchval("SELECT true FROM forge_leaders WHERE name = $1 AND node_id = $2 AND term = $3 FOR SHARE",
-                             name, leadership.node_id, leadership.term)
+    lock (FOR KEY SHARE) makes a successor's takeover (FOR UPDATE) wait until this transaction
+    ends, while this leader's renewals (FOR NO KEY UPDATE) go on."""
+    ok = await conn.fetchval(
+        "SELECT true FROM forge_leaders WHERE name = $1 AND node_id = $2 AND term = $3 FOR KEY SHARE",
+        name, leadership.node_id, leadership.term)
     if not ok:
         raise NotLeader(f"term {leadership.term} of {leadership.node_id} has ended")
 

@@ -36,7 +36,7 @@ def forge_services(node):
 
 @hookimpl
 def forge_maintenance_tasks(node):
-    return maintenance.own_tasks(node.config["scheduler"], node.config.node.dead_after)
+    return maintenance.own_tasks(node.config["scheduler"], node.config.node.dead_after, node.executor.dispatcher)
 
 
 @hookimpl

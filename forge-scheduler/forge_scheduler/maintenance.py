@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import asyncpg
 from loguru import logger
 
+from forge_kernel.errors import ForgeError
 from forge_kernel.services import MaintenanceTask
 
+from .crons import reconcile_runs
 from .election import LeaderElection, Leadership
 from .settings import SchedulerConfig
 
@@ -58,8 +60,16 @@ async def delete_old_nodes(conn: asyncpg.Connection, older_than: float) -> int:
     return int(res.split()[-1])
 
 
-def own_tasks(config: SchedulerConfig, dead_after: float) -> list[MaintenanceTask]:
-    """The scheduler's own chores (contributed through ``forge_maintenance_tasks`` like any plugin's)."""
+def own_tasks(config: SchedulerConfig, dead_after: float, dispatcher: Callable[[], Any]) -> list[MaintenanceTask]:
+    """The scheduler's own chores (contributed through ``forge_maintenance_tasks`` like any plugin's).
+    ``dispatcher`` returns the job store's dispatcher (raising ForgeError when none is installed)."""
+
+    async def open_runs(conn: asyncpg.Connection) -> int:
+        try:
+            store = dispatcher()
+        except ForgeError:
+            return 0  # no job store on this node: no cron jobs to follow
+        return await reconcile_runs(conn, store, config.reconcile_interval)
 
     async def dead_nodes(conn: asyncpg.Connection) -> list[str]:
         return await mark_dead_nodes(conn, dead_after)
@@ -74,6 +84,7 @@ def own_tasks(config: SchedulerConfig, dead_after: float) -> list[MaintenanceTas
         MaintenanceTask("scheduler.dead_nodes", config.dead_node_interval, dead_nodes),
         MaintenanceTask("scheduler.cron_history_retention", config.retention_interval, cron_history),
         MaintenanceTask("scheduler.node_retention", config.retention_interval, node_rows),
+        MaintenanceTask("scheduler.reconcile_runs", config.reconcile_interval, open_runs),
     ]
 
 

@@ -43,20 +43,28 @@ class SchedulerConfig:
     node_retention: float = attrs.field(default=7 * 86400.0, validator=in_range(60, 10 * 365 * 86400))
     #: how often retention runs
     retention_interval: float = attrs.field(default=300.0, validator=in_range(1, 86400))
+    #: how often open cron runs are checked against the job store (and how old they must be):
+    #: closes runs whose job ended without a worker's report (cancelled before it ran, rescued)
+    reconcile_interval: float = attrs.field(default=10.0, validator=in_range(0.1, 3600))
 
 
 # --- per-cron settings ------------------------------------------------------------------
 CRON_SETTINGS = ("catch_up", "overlap", "grace", "overlap_timeout")
 #: job settings a cron may carry; the job store (forge-worker) interprets them
-JOB_SETTINGS = ("max_attempts", "priority", "queue", "capability", "unique", "concurrency", "backoff")
+JOB_SETTINGS = ("max_attempts", "priority", "queue", "capability", "concurrency", "backoff")
 KERNEL_KEYS = ("schedule", "timezone")
+
+
+#: most missed slots a cron may run per outage (each becomes a job in one decision transaction)
+MAX_CATCH_UP = 1000
 
 
 def _catch_up(value: Any) -> int:
     if value == "skip":
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidValue("catch_up", value, "'skip' or a whole number >= 0 of missed slots to run per outage")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CATCH_UP:
+        raise InvalidValue("catch_up", value,
+                           f"'skip' or a whole number from 0 to {MAX_CATCH_UP} of missed slots to run per outage")
     return value
 
 

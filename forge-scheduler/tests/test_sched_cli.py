@@ -62,6 +62,9 @@ async def test_crons_cli_against_a_running_leader(sched_node, crons_cli, forge_d
 
     code, out = crons_cli("trigger", "nope")
     assert code == 1 and "no cron named 'nope'" in out and "every_second" in out
+    code, out = crons_cli("history", "nope")
+    assert code == 1 and "no cron named 'nope'" in out
+    assert listed["morning"]["defined"] is True  # the running leader defines it
 
 
 async def _v(value):

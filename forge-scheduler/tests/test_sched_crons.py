@@ -346,3 +346,135 @@ def test_successive_decisions_partition_the_slots(expr, zone, start, steps, catc
     everything = c.schedule.between(start, now)
     assert len(ran) == len(set(ran))
     assert len(ran) + dropped_total == len(everything)
+
+
+# --- review findings of 2026-12-01 -------------------------------------------------------------
+def test_plan_counts_drops_past_a_large_catch_up_and_says_when_it_stopped_counting():
+    from forge_scheduler.crons import DROP_COUNT_CAP
+
+    c = settings_for("c", grace=0, catch_up=1000)
+    # a per-second cron down for six hours: 21,600 missed, the 1,000 most recent run
+    plan = plan_slots(c, utc(2026, 1, 1, 0, 0, 0), utc(2026, 1, 1, 6, 0, 0, 500000))
+    assert len(plan.run) == 1000 and plan.run[-1] == utc(2026, 1, 1, 6, 0, 0)
+    # counting stops at the cap (plus what runs): the drop count is a floor, and says so
+    assert plan.dropped == DROP_COUNT_CAP and plan.capped
+    small = plan_slots(c, utc(2026, 1, 1, 0, 0, 0), utc(2026, 1, 1, 0, 30, 0, 500000))
+    assert (small.missed, small.dropped, small.capped) == (1800, 800, False)
+
+
+def test_catch_up_is_bounded_at_registration():
+    from forge_kernel.errors import StartupError
+
+    with pytest.raises(StartupError, match=r"cron 'greedy'.*catch_up.*0 to 1000"):
+        settings_for("greedy", catch_up=50_000)
+    with pytest.raises(StartupError, match=r"cron 'uniq'.*unknown setting\(s\) unique"):
+        settings_for("uniq", unique=True)  # uniqueness is per dispatch; overlap="skip" is the cron's way
+
+
+async def test_a_decision_longer_than_check_timeout_keeps_its_term(sched_db):
+    """The decision's fence row lock must not block the leader's own renewal: with a job store
+    that takes 1.5 s per dispatch and check_timeout 1 s, the term survives and runs commit
+    (before the fix every renewal timed out behind the fence, each term rolled its decision
+    back, and no run ever committed)."""
+    from forge_kernel.db import connect
+    from forge_scheduler.election import LeaderElection
+    from forge_scheduler.settings import SchedulerConfig
+
+    class SlowStore(FakeDispatcher):
+        async def dispatch(self, conn, requests):
+            await conn.execute("SELECT pg_sleep(1.5)")
+            return await super().dispatch(conn, requests)
+
+    pool = await create_pool(sched_db, min_size=1, max_size=8)
+    engine = CronEngine(pool, {"tick": settings_for("tick", grace=5)}, SlowStore, tick_interval=0.1)
+
+    async def connector(**kw):
+        return await connect(sched_db, **kw)
+
+    election = LeaderElection("n1", connector, SchedulerConfig(election_interval=0.1, renew_interval=0.2,
+                                                               check_timeout=1.0))
+
+    async def crons_loop(ld):
+        await engine.run(election, ld)
+
+    election.workers = [crons_loop]
+    task = asyncio.create_task(election.run())
+    try:
+        await asyncio.sleep(6)
+        assert election.terms_won == 1 and election.is_leader
+        assert await pool.fetchval("SELECT count(*) FROM forge_cron_runs") >= 3
+        assert await pool.fetchval("SELECT term FROM forge_leaders") == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
+
+
+async def test_a_takeover_waits_for_a_decision_in_flight(sched_db):
+    """FOR KEY SHARE (the fence) still holds up a successor's takeover (FOR UPDATE), so a
+    deposed leader's decision is ordered entirely before the next term."""
+    from forge_kernel.db import connect
+    from forge_scheduler.election import LeaderElection, fence
+    from forge_scheduler.settings import SchedulerConfig
+
+    pool = await create_pool(sched_db, min_size=1, max_size=4)
+    h = Harness(pool, [])
+    old = await h.lead("n1")
+    conn = await pool.acquire()
+    tr = conn.transaction()
+    await tr.start()
+    await fence(conn, old)  # a decision of term 1 in flight
+
+    async def connector(**kw):
+        return await connect(sched_db, **kw)
+
+    successor = LeaderElection("n2", connector, SchedulerConfig(election_interval=0.1, check_timeout=10.0))
+    task = asyncio.create_task(successor.run())
+    try:
+        await asyncio.sleep(1.0)
+        assert not successor.is_leader  # it holds the advisory lock but waits for the fenced decision
+        await pool.execute("UPDATE forge_leaders SET renewed_at = now()")  # the old leader's renewal still works
+        await tr.commit()
+        await asyncio.wait_for(successor.elected.wait(), 5)
+        assert (await pool.fetchrow("SELECT node_id, term FROM forge_leaders"))["term"] == old.term + 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.release(conn)
+        await pool.close()
+
+
+async def test_crons_the_leader_does_not_define_are_refused(pool):
+    from forge_kernel.errors import NotFound
+
+    c = settings_for("tick", grace=3600)
+    h = Harness(pool, [c])
+    ld = await h.lead()
+    # a cron an earlier deployment registered, and that this one no longer has
+    await pool.execute("INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, defined) "
+                       "VALUES ('retired', '* * * * *', 'UTC', now(), true)")
+    async with pool.acquire() as conn:
+        await h.engine.register(conn)
+    assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'retired'") is False
+    assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'tick'") is True
+    async with pool.acquire() as conn:
+        for verb in (api.trigger, api.pause, api.resume):
+            with pytest.raises(NotFound, match="'retired' is not defined by the running cluster.*earlier deployment"):
+                await verb(conn, "retired")
+        # the caller's app defines it, the running leader does not: deploy first
+        with pytest.raises(NotFound, match="deploy it first"):
+            await api.trigger(conn, "retired", known=[settings_for("retired")])
+        assert await conn.fetchval("SELECT count(*) FROM forge_cron_triggers") == 0
+        # its history stays readable; a name nobody knows is an error, not an empty list
+        assert await api.history(conn, "retired") == []
+        with pytest.raises(NotFound, match="no cron named 'nope'.*tick"):
+            await api.history(conn, "nope")
+        listed = {ci.name: ci for ci in await api.list_crons(conn, [c])}
+        assert listed["retired"].defined is False and listed["retired"].next_slot is None
+        assert listed["tick"].defined is True
+    # a row the API wrote for a name only the caller's code knew is marked on the next tick
+    async with pool.acquire() as conn:
+        await api.trigger(conn, "newer", known=[settings_for("newer")])
+    assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'newer'") is None
+    await h.engine.tick(ld)
+    assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'newer'") is False

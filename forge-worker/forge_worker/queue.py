@@ -18,7 +18,7 @@ import attrs
 
 from forge_kernel.app import FunctionDef, Registry, definition
 from forge_kernel.errors import Conflict, InvalidArgument, NotFound
-from forge_kernel.executor import JobRequest, job_request
+from forge_kernel.executor import JobOutcome, JobRequest, job_request
 
 #: channel for "work is waiting" hints; the payload names the node to wake (or ``*``)
 WAKE_CHANNEL = "forge_jobs"
@@ -237,6 +237,42 @@ class Dispatcher:
 
     async def dispatch(self, conn: Any, requests: Sequence[JobRequest]) -> list[int]:
         return await store_jobs(conn, requests)
+
+    async def ended(self, conn: Any, job_ids: Sequence[int]) -> dict[int, JobOutcome | None]:
+        """How each of ``job_ids`` ended, for those that have (see the hook spec): dead letters
+        from the live table, succeeded, cancelled and discarded jobs from history; ``None`` for
+        an id in neither (its history was purged)."""
+        ids = _ids(job_ids)
+        rows = await conn.fetch(_ENDED, ids)
+        out: dict[int, JobOutcome | None] = {i: None for i in ids}
+        for r in rows:
+            if r["status"] not in ("dead", "succeeded", "cancelled", "discarded"):
+                out.pop(r["id"], None)  # still scheduled, pending or running
+                continue
+            status, error = r["status"], r["last_error"]
+            if status == "discarded":
+                status, error = "dead", "discarded from the dead-letter queue" + (f": {error}" if error else "")
+            elif status == "cancelled":
+                error = error or "cancelled before it finished"
+            options = r["options"]
+            out[r["id"]] = JobOutcome(
+                job_id=r["id"], name=r["name"], args={}, options=json.loads(options) if isinstance(options, str)
+                else (options or {}), status=status, attempt=r["attempt"], started_at=r["started_at"],
+                finished_at=r["finished_at"] or r["now"], error=error if status != "succeeded" else None,
+                node_id=r["node_id"])
+        return out
+
+
+# live rows first: a job id is in one table at a time, but history may hold several rows of one id
+_ENDED = """
+SELECT DISTINCT ON (id) id, name, options, status, attempt, started_at, finished_at, last_error, node_id, now() AS now
+FROM (SELECT id, name, options, status, attempt, started_at, finished_at, last_error, node_id, 0 AS rank
+      FROM forge_jobs WHERE id = ANY($1::bigint[])
+      UNION ALL
+      SELECT id, name, options, status, attempt, started_at, finished_at, last_error, node_id, 1 AS rank
+      FROM forge_job_history WHERE id = ANY($1::bigint[])) j
+ORDER BY id, rank, finished_at DESC NULLS LAST
+"""
 
 
 # --- reading and managing jobs ------------------------------------------------------------

@@ -289,12 +289,20 @@ def test_bad_job_settings_stop_startup_naming_the_job():
     @job(queue="")
     async def also_bad(ctx) -> None: ...
 
+    from forge_kernel import cron
+
+    @cron("* * * * *", max_attempts=0)
+    async def nightly(ctx) -> None: ...
+
     reg = Registry()
     reg.add(bad.__forge__)
     reg.add(also_bad.__forge__)
+    reg.add(nightly.__forge__)
     with pytest.raises(StartupError) as err:
         check_registry(reg)
     text = str(err.value)
+    # a cron's job settings are checked at start-up too, not at every tick
+    assert "@cron nightly" in text and "max_attempts must be a whole number >= 1, got 0" in text
     assert "@job bad" in text and "concurrency must be an integer >= 1, got 0" in text
     assert "backoff accepts the keys base and max, got step" in text and "backoff base" in text
     assert "@job also_bad" in text and "queue must be a non-empty string" in text
