@@ -1,6 +1,6 @@
 """Job queue benchmark: FORGE vs PgQueuer vs Procrastinate on the same PostgreSQL, same run.
 
-    /work/venv/bin/python bench/jobs/run.py [--jobs 50000] [--seconds 15] [--latency-seconds 10]
+    .venv/bin/python bench/jobs/run.py [--jobs 50000] [--seconds 15] [--latency-seconds 10]
                                             [--settings stock,nofsync] [--systems forge,pgqueuer,procrastinate]
 
 For each PostgreSQL setting (``stock``: the server's durable defaults; ``nofsync``: fsync,

@@ -7,7 +7,7 @@
 (c) 5,000 clients on one query at 50 writes/s: pushes/s, latency, re-runs per write.
 (d) resident memory of the node per idle WebSocket connection.
 
-Run: ``/work/venv/bin/python bench/realtime/run.py`` (``--quick`` for a smaller, faster run).
+Run: ``.venv/bin/python bench/realtime/run.py`` (``--quick`` for a smaller, faster run).
 The node is a real ``forge-node`` process (gateway + realtime); clients and writers run in
 this process, so client-side CPU is part of the measured latency for both peers.
 """

@@ -6,7 +6,7 @@ embedded PostgreSQL (stock durability settings), with the same pool size, driven
 machine load hits both. Prints req/s, p50, p99 per round, the medians and the ratio, and a
 JSON-RPC batch of 10 calls.
 
-    /work/venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3]
+    .venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3]
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ time; Procrastinate has no leader - every worker defers - so two of its workers)
 PostgreSQL: an embedded server started here with stock settings (only port, socket dir and
 max_connections=300 are set); the script prints the relevant settings. Usage:
 
-    /work/venv/bin/python bench/scheduler/bench_scheduler.py [--duration 45]
+    .venv/bin/python bench/scheduler/bench_scheduler.py [--duration 45]
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ class CronInfo:
     last_status: str | None
     last_slot: dt.datetime | None
     runs: int
-    #: the scheduler leader defines it (False: left from an earlier deployment, runs nowhere;
-    #: None: no leader has registered it yet)
+    #: the current scheduler leader defines it (False: left from an earlier deployment, runs
+    #: nowhere; None: the leader has not said - none leads, or it runs code older than the flag)
     defined: bool | None = None
 
 
@@ -64,22 +64,31 @@ def _check_name(name: Any) -> str:
 
 async def _known(conn: Any, name: str, known: Iterable[CronSettings]) -> CronSettings | None:
     """The registered settings for ``name``, or None when only the cluster's state knows it;
-    raises NotFound when nobody knows it, or when the cluster's leader does not define it."""
+    raises NotFound when nobody knows it, or when the current leader does not define it."""
     extra = {c.name: c for c in known}
-    defined = await conn.fetchrow("SELECT defined FROM forge_cron_state WHERE cron = $1", name)
-    if defined is not None and defined["defined"] is False:
+    states = await _states(conn)
+    if states.get(name) is False:
         where = ("this app defines it, but the running scheduler leader does not (deploy it first)"
                  if name in extra else "it is left from an earlier deployment; its history is kept")
         raise NotFound(f"cron {name!r} is not defined by the running cluster, so it would never run: {where}; "
-                       f"defined crons: {', '.join(await _defined_names(conn, extra)) or '(none)'}")
-    if defined is not None or name in extra:
+                       f"defined crons: {', '.join(_defined_names(states, extra)) or '(none)'}")
+    if name in states or name in extra:
         return extra.get(name)
-    raise NotFound(f"no cron named {name!r}; known crons: {', '.join(await _defined_names(conn, extra)) or '(none)'}")
+    raise NotFound(f"no cron named {name!r}; known crons: {', '.join(_defined_names(states, extra)) or '(none)'}")
 
 
-async def _defined_names(conn: Any, extra: dict[str, CronSettings]) -> list[str]:
-    rows = await conn.fetch("SELECT cron, defined FROM forge_cron_state")
-    return sorted({r["cron"] for r in rows if r["defined"] is not False} | set(extra))
+_STATES = """SELECT s.cron, CASE WHEN s.defined_term = l.term AND l.node_id IS NOT NULL THEN s.defined END AS defined
+             FROM forge_cron_state s LEFT JOIN forge_leaders l ON l.name = $1"""
+
+
+async def _states(conn: Any) -> dict[str, bool | None]:
+    """Every cron in ``forge_cron_state`` -> whether the current leader defines it (None: it has
+    not said, e.g. no leader, or a leader running code that predates the flag)."""
+    return {r["cron"]: r["defined"] for r in await conn.fetch(_STATES, ELECTION)}
+
+
+def _defined_names(states: dict[str, bool | None], extra: dict[str, CronSettings]) -> list[str]:
+    return sorted({n for n, d in states.items() if d is not False} | set(extra))
 
 
 async def _ensure_state(conn: Any, cron: CronSettings | None) -> None:
@@ -144,7 +153,7 @@ async def history(conn: Any, name: str | None = None, *, limit: int = 20,
 async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[CronInfo]:
     """Every cron of the cluster (and of ``known``) with its state, next slot and last run."""
     rows = await conn.fetch(
-        """SELECT s.cron, s.schedule, s.timezone, s.paused, s.decided_until, s.dropped_total, s.defined,
+        """SELECT s.cron, s.schedule, s.timezone, s.paused, s.decided_until, s.dropped_total,
                   (SELECT count(*) FROM forge_cron_runs r WHERE r.cron = s.cron) AS runs,
                   l.status AS last_status, l.slot AS last_slot
            FROM forge_cron_state s
@@ -152,6 +161,7 @@ async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[Cron
                               ORDER BY id DESC LIMIT 1) l ON true
            ORDER BY s.cron""")
     registered = {c.name: c for c in known}
+    states = await _states(conn)
     out: list[CronInfo] = []
     now = dt.datetime.now(dt.timezone.utc)
     for r in rows:
@@ -159,10 +169,11 @@ async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[Cron
         nxt = None
         if cron is not None and not r["paused"]:
             nxt = cron.schedule.next_after(max(r["decided_until"], now))
-        if r["defined"] is False:
+        defined = states.get(r["cron"])
+        if defined is False:
             nxt = None  # it runs nowhere
         out.append(CronInfo(r["cron"], r["schedule"], r["timezone"], r["paused"], r["decided_until"], nxt,
-                            r["dropped_total"], r["last_status"], r["last_slot"], r["runs"], r["defined"]))
+                            r["dropped_total"], r["last_status"], r["last_slot"], r["runs"], defined))
     for cron in registered.values():
         out.append(CronInfo(cron.name, cron.schedule.expression, cron.schedule.timezone, False, None,
                             cron.schedule.next_after(now), 0, None, None, 0))

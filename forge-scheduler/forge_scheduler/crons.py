@@ -31,7 +31,7 @@ from .settings import CronSettings
 
 #: counting dropped slots stops here (a per-second cron down for days would take long to count)
 DROP_COUNT_CAP = 10_000
-#: seconds of backlog (beyond grace) still planned on the event loop; longer ones go to a thread
+#: seconds of backlog still planned on the event loop; longer ones go to a thread
 OUTAGE_PLANNED_INLINE = 60.0
 OPEN = ("queued", "retrying")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -72,7 +72,7 @@ def plan_slots(cron: CronSettings, decided_until: dt.datetime, now: dt.datetime)
 async def plan_due(cron: CronSettings, decided_until: dt.datetime, now: dt.datetime) -> SlotPlan:
     """:func:`plan_slots`, in a thread after an outage: counting thousands of missed slots
     takes CPU time that must not stall this node's event loop (heartbeat, renewals, requests)."""
-    if (now - decided_until).total_seconds() <= cron.grace + OUTAGE_PLANNED_INLINE:
+    if (now - decided_until).total_seconds() <= OUTAGE_PLANNED_INLINE:
         return plan_slots(cron, decided_until, now)
     return await asyncio.to_thread(plan_slots, cron, decided_until, now)
 
@@ -100,31 +100,33 @@ class CronEngine:
         #: failed decisions per cron (each is retried on the next tick)
         self.failures: dict[str, int] = {}
 
-    async def register(self, conn: asyncpg.Connection) -> None:
-        """Create state rows for new crons (their first slot is the first one after now),
-        record the current schedule of known ones, and mark the rows of crons this deployment
-        no longer defines (they run nowhere: one leader serves the whole database)."""
+    async def register(self, conn: asyncpg.Connection, term: int | None = None) -> None:
+        """Create state rows for new crons (their first slot is the first one after now) and
+        record the current schedule of known ones; with the leader's ``term``, also mark which
+        crons this deployment defines (the others run nowhere: one leader serves the database)."""
         if self.crons:
             await conn.executemany(
-                """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, registered_at, defined)
-                   VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), true)
-                   ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone,
-                       defined = true
+                """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, registered_at)
+                   VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp())
+                   ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone
                    WHERE forge_cron_state.schedule IS DISTINCT FROM EXCLUDED.schedule
-                      OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone
-                      OR forge_cron_state.defined IS NOT TRUE""",
+                      OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone""",
                 [(c.name, c.schedule.expression, c.schedule.timezone) for c in self.crons.values()])
-        await self._mark_defined(conn, [], await conn.fetch(
-            "SELECT cron FROM forge_cron_state WHERE cron <> ALL($1::text[]) AND defined IS NOT FALSE",
-            list(self.crons)))
+        if term is not None:
+            await self._mark_defined(conn, await conn.fetch(
+                "SELECT cron, defined, defined_term FROM forge_cron_state"), term)
 
-    async def _mark_defined(self, conn: asyncpg.Connection, defined: list[str], undefined: list[Any]) -> None:
-        """Keep ``forge_cron_state.defined`` true for our crons and false for the others."""
-        gone = [r["cron"] for r in undefined]
-        if defined:
-            await conn.execute("UPDATE forge_cron_state SET defined = true WHERE cron = ANY($1::text[])", defined)
+    async def _mark_defined(self, conn: asyncpg.Connection, rows: list[Any], term: int) -> None:
+        """Set ``forge_cron_state.defined`` (true for our crons, false for the others) where
+        this term has not set it yet, e.g. on rows the API wrote for a name only its caller knew."""
+        ours = [r["cron"] for r in rows if r["cron"] in self.crons and (r["defined"] is not True or r["defined_term"] != term)]
+        gone = [r["cron"] for r in rows if r["cron"] not in self.crons
+                and (r["defined"] is not False or r["defined_term"] != term)]
+        for names, value in ((ours, True), (gone, False)):
+            if names:
+                await conn.execute("UPDATE forge_cron_state SET defined = $2, defined_term = $3 WHERE cron = ANY($1::text[])",
+                                   names, value, term)
         if gone:
-            await conn.execute("UPDATE forge_cron_state SET defined = false WHERE cron = ANY($1::text[])", gone)
             logger.warning(f"cron(s) {', '.join(sorted(gone))} in forge_cron_state are not defined by this "
                            f"deployment: they do not run, and trigger/pause/resume refuse them")
 
@@ -141,7 +143,7 @@ class CronEngine:
         """Loop while leading: check leadership, decide what is due, sleep until the next slot."""
         await election.check()
         async with self.pool.acquire() as conn:
-            await self.register(conn)
+            await self.register(conn, leadership.term)
         while True:
             await election.check()
             wait = await self.tick(leadership)
@@ -151,14 +153,10 @@ class CronEngine:
         """Decide every due cron once; returns seconds until the next due slot (capped)."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT s.cron, s.decided_until, s.paused, s.defined, clock_timestamp() AS now,
+                """SELECT s.cron, s.decided_until, s.paused, s.defined, s.defined_term, clock_timestamp() AS now,
                           EXISTS (SELECT 1 FROM forge_cron_triggers t WHERE t.cron = s.cron) AS triggered
                    FROM forge_cron_state s""")
-            # rows written by the API since we registered (a name only the caller's code knew)
-            ours = [r["cron"] for r in rows if r["cron"] in self.crons and r["defined"] is not True]
-            others = [r for r in rows if r["cron"] not in self.crons and r["defined"] is not False]
-            if ours or others:
-                await self._mark_defined(conn, ours, others)
+            await self._mark_defined(conn, rows, leadership.term)
         if not rows:
             return self.tick_interval
         now = rows[0]["now"]
@@ -274,60 +272,83 @@ async def record_outcome(pool: asyncpg.Pool, outcome: JobOutcome) -> bool:
     return False
 
 
-async def record_run(db: asyncpg.Pool | asyncpg.Connection, run_id: int, outcome: JobOutcome) -> bool:
+async def record_run(db: asyncpg.Pool | asyncpg.Connection, run_id: int, outcome: JobOutcome,
+                     *, only_open: bool = False) -> bool:
     """Write ``outcome`` into run ``run_id``; False when the status is unknown or the run is
-    already final and the outcome is not."""
+    already final and the outcome is not (with ``only_open``: when the run is final at all)."""
     status = OUTCOME_STATUS.get(outcome.status)
     if status is None:
         logger.warning(f"cron run {run_id}: unknown job outcome status {outcome.status!r}; not recorded")
         return False
     started = outcome.started_at
     duration_ms = None if started is None else (outcome.finished_at - started).total_seconds() * 1000.0
-    return bool(await db.fetchval(_RECORD, run_id, status, outcome.attempt, started, outcome.finished_at, duration_ms,
-                                  outcome.node_id, list(FINAL), outcome.error))
+    return bool(await db.fetchval(_RECORD_OPEN if only_open else _RECORD, run_id, status, outcome.attempt, started,
+                                  outcome.finished_at, duration_ms, outcome.node_id, list(FINAL), outcome.error))
 
 
-_RECORD = """UPDATE forge_cron_runs SET status = $2::text, attempts = GREATEST(attempts, $3::int),
+_SET_OUTCOME = """UPDATE forge_cron_runs SET status = $2::text, attempts = GREATEST(attempts, $3::int),
         started_at = COALESCE(started_at, $4::timestamptz),
         finished_at = CASE WHEN $2 = ANY($8::text[]) THEN $5::timestamptz ELSE NULL END,
         duration_ms = $6, node_id = $7, error = $9
-    WHERE id = $1 AND NOT (status = ANY($8::text[]) AND NOT ($2 = ANY($8::text[])))
-    RETURNING true"""
+    WHERE id = $1 AND """
+#: a final status is never replaced by an open one
+_RECORD = _SET_OUTCOME + "NOT (status = ANY($8::text[]) AND NOT ($2 = ANY($8::text[]))) RETURNING true"
+_RECORD_OPEN = _SET_OUTCOME + "status IN ('queued', 'retrying') RETURNING true"
 
-#: open runs looked at per reconcile pass
+#: open runs looked at per batch, and batches per reconcile pass
 RECONCILE_BATCH = 500
+RECONCILE_BATCHES = 4
 
 
-async def reconcile_runs(conn: asyncpg.Connection, dispatcher: Any, older_than: float) -> int:
-    """Close open runs whose job has ended although no ``forge_job_finished`` said so (a job
+class RunReconciler:
+    """Closes open runs whose job has ended although no ``forge_job_finished`` said so (a job
     cancelled before it ran, dead-lettered by the lease rescue after its worker died, or whose
     worker died between finishing and reporting). Asks the job store (``ended``, see the
     ``forge_job_dispatcher`` hook spec); a store without it cannot tell, and nothing changes.
-    Returns how many runs were closed."""
-    ended = getattr(dispatcher, "ended", None)
-    if ended is None:
-        return 0
-    rows = await conn.fetch(
-        """SELECT id, job_id FROM forge_cron_runs
-           WHERE status = ANY($1::text[]) AND job_id IS NOT NULL
-             AND enqueued_at < clock_timestamp() - make_interval(secs => $2)
-           ORDER BY id LIMIT $3""", list(OPEN), older_than, RECONCILE_BATCH)
-    if not rows:
-        return 0
-    outcomes = await ended(conn, [r["job_id"] for r in rows])
-    closed = 0
-    for r in rows:
-        if r["job_id"] not in outcomes:
-            continue  # still waiting or running
-        outcome = outcomes[r["job_id"]]
-        if outcome is None:
-            done = await conn.fetchval(
-                """UPDATE forge_cron_runs SET status = 'failed', finished_at = clock_timestamp(),
-                       error = format('job %s is no longer in the job store (purged or removed); how it ended is unknown', job_id)
-                   WHERE id = $1 AND status = ANY($2::text[]) RETURNING true""", r["id"], list(OPEN))
-        else:
-            done = await record_run(conn, r["id"], outcome)
-        closed += bool(done)
-    if closed:
-        logger.info(f"closed {closed} cron run(s) whose job ended without a report from a worker")
-    return closed
+
+    Pages through open runs by id across passes, so runs that are legitimately still waiting
+    (a backlog, a queue no worker serves) never hide newer ones that have ended."""
+
+    def __init__(self, older_than: float) -> None:
+        self.older_than = older_than
+        self.after_id = 0
+
+    async def run(self, conn: asyncpg.Connection, dispatcher: Any) -> int:
+        """One pass; returns how many runs were closed."""
+        ended = getattr(dispatcher, "ended", None)
+        if ended is None:
+            return 0
+        closed = 0
+        for _ in range(RECONCILE_BATCHES):
+            rows = await conn.fetch(
+                """SELECT id, job_id FROM forge_cron_runs
+                   WHERE status = ANY($1::text[]) AND job_id IS NOT NULL AND id > $4
+                     AND enqueued_at < clock_timestamp() - make_interval(secs => $2)
+                   ORDER BY id LIMIT $3""", list(OPEN), self.older_than, RECONCILE_BATCH, self.after_id)
+            self.after_id = rows[-1]["id"] if len(rows) == RECONCILE_BATCH else 0
+            if rows:
+                closed += await self._close(conn, rows, await ended(conn, [r["job_id"] for r in rows]))
+            if not self.after_id:
+                break
+        if closed:
+            logger.info(f"closed {closed} cron run(s) whose job ended without a report from a worker")
+        return closed
+
+    @staticmethod
+    async def _close(conn: asyncpg.Connection, rows: list[Any], outcomes: Mapping[int, Any]) -> int:
+        closed = 0
+        for r in rows:
+            if r["job_id"] not in outcomes:
+                continue  # still waiting or running
+            outcome = outcomes[r["job_id"]]
+            # only_open: a worker's report may have closed the run since it was read (a retried
+            # dead letter that then succeeded); what the job store said earlier must not overwrite it
+            if outcome is None:
+                done = await conn.fetchval(
+                    """UPDATE forge_cron_runs SET status = 'failed', finished_at = clock_timestamp(),
+                           error = format('job %s is no longer in the job store (purged or removed); how it ended is unknown', job_id)
+                       WHERE id = $1 AND status = ANY($2::text[]) RETURNING true""", r["id"], list(OPEN))
+            else:
+                done = await record_run(conn, r["id"], outcome, only_open=True)
+            closed += bool(done)
+        return closed

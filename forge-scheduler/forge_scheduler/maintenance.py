@@ -16,7 +16,7 @@ from loguru import logger
 from forge_kernel.errors import ForgeError
 from forge_kernel.services import MaintenanceTask
 
-from .crons import reconcile_runs
+from .crons import RunReconciler
 from .election import LeaderElection, Leadership
 from .settings import SchedulerConfig
 
@@ -64,12 +64,14 @@ def own_tasks(config: SchedulerConfig, dead_after: float, dispatcher: Callable[[
     """The scheduler's own chores (contributed through ``forge_maintenance_tasks`` like any plugin's).
     ``dispatcher`` returns the job store's dispatcher (raising ForgeError when none is installed)."""
 
+    reconciler = RunReconciler(config.reconcile_interval)
+
     async def open_runs(conn: asyncpg.Connection) -> int:
         try:
             store = dispatcher()
         except ForgeError:
             return 0  # no job store on this node: no cron jobs to follow
-        return await reconcile_runs(conn, store, config.reconcile_interval)
+        return await reconciler.run(conn, store)
 
     async def dead_nodes(conn: asyncpg.Connection) -> list[str]:
         return await mark_dead_nodes(conn, dead_after)

@@ -433,7 +433,8 @@ async def test_a_takeover_waits_for_a_decision_in_flight(sched_db):
     try:
         await asyncio.sleep(1.0)
         assert not successor.is_leader  # it holds the advisory lock but waits for the fenced decision
-        await pool.execute("UPDATE forge_leaders SET renewed_at = now()")  # the old leader's renewal still works
+        # the old leader's renewal still works (under FOR SHARE it would wait, and time out here)
+        await pool.execute("UPDATE forge_leaders SET renewed_at = now()", timeout=5)
         await tr.commit()
         await asyncio.wait_for(successor.elected.wait(), 5)
         assert (await pool.fetchrow("SELECT node_id, term FROM forge_leaders"))["term"] == old.term + 1
@@ -454,7 +455,7 @@ async def test_crons_the_leader_does_not_define_are_refused(pool):
     await pool.execute("INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, defined) "
                        "VALUES ('retired', '* * * * *', 'UTC', now(), true)")
     async with pool.acquire() as conn:
-        await h.engine.register(conn)
+        await h.engine.register(conn, ld.term)
     assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'retired'") is False
     assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'tick'") is True
     async with pool.acquire() as conn:
@@ -478,3 +479,72 @@ async def test_crons_the_leader_does_not_define_are_refused(pool):
     assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'newer'") is None
     await h.engine.tick(ld)
     assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'newer'") is False
+    # a later term whose leader runs code older than the flag (a rollback) never writes it: what
+    # an earlier term wrote says nothing then, and the name is accepted as before
+    await pool.execute("UPDATE forge_leaders SET term = term + 1")
+    async with pool.acquire() as conn:
+        assert await api.pause(conn, "retired") is True
+        assert {ci.name: ci.defined for ci in await api.list_crons(conn)}["retired"] is None
+
+
+class EndedStore(FakeDispatcher):
+    """A job store that can say how jobs ended: ``self.ended_as[job_id] = JobOutcome | None``."""
+
+    def __init__(self):
+        self.ended_as = {}
+        self.asked = []
+
+    async def ended(self, conn, job_ids):
+        self.asked.append(list(job_ids))
+        return {i: self.ended_as[i] for i in job_ids if i in self.ended_as}
+
+
+def _ended(job_id, status, error=None):
+    t = dt.datetime.now(UTC)
+    return JobOutcome(job_id, "tick", {}, {}, status, 1, None if status == "cancelled" else t - dt.timedelta(seconds=1),
+                      t, error, "w1")
+
+
+async def _open_runs(pool, n, first_job=1):
+    await pool.execute(
+        """INSERT INTO forge_cron_runs (cron, slot, kind, status, job_id, enqueued_at)
+           SELECT 'tick', now() - make_interval(secs => g), 'manual', 'queued', $1 + g, now() - interval '1 minute'
+           FROM generate_series(0, $2 - 1) AS g""", first_job, n)
+
+
+async def test_reconcile_pages_past_runs_that_are_still_waiting(pool, monkeypatch):
+    """More waiting runs than one batch must not hide a newer run whose job has ended."""
+    from forge_scheduler import crons as crons_mod
+
+    monkeypatch.setattr(crons_mod, "RECONCILE_BATCH", 3)
+    monkeypatch.setattr(crons_mod, "RECONCILE_BATCHES", 2)
+    await _open_runs(pool, 10)  # jobs 1..10 still waiting, except the newest
+    store = EndedStore()
+    store.ended_as[10] = _ended(10, "cancelled")
+    reconciler = crons_mod.RunReconciler(older_than=5)
+    async with pool.acquire() as conn:
+        closed = [await reconciler.run(conn, store) for _ in range(3)]
+    assert sum(closed) == 1 and closed[:1] == [0]  # found on the second pass, two batches each
+    assert await pool.fetchval("SELECT status FROM forge_cron_runs WHERE job_id = 10") == "cancelled"
+    assert await pool.fetchval("SELECT count(*) FROM forge_cron_runs WHERE status = 'queued'") == 9
+
+
+async def test_reconcile_never_overwrites_a_report_that_came_meanwhile(pool):
+    """The store said "dead" for a job that was then retried and succeeded; the worker's report
+    closed the run first. The older word from the store must not replace it."""
+    from forge_scheduler.crons import RunReconciler
+
+    await _open_runs(pool, 1, first_job=7)
+
+    class RacingStore(EndedStore):
+        async def ended(self, conn, job_ids):
+            out = {7: _ended(7, "dead", "worker w1 stopped heartbeating")}
+            await record_outcome(pool, attrs_evolve(_ended(7, "succeeded"), options={"cron_run": run_id}))
+            return out
+
+    from attrs import evolve as attrs_evolve
+
+    run_id = await pool.fetchval("SELECT id FROM forge_cron_runs WHERE job_id = 7")
+    async with pool.acquire() as conn:
+        assert await RunReconciler(older_than=5).run(conn, RacingStore()) == 0
+    assert await pool.fetchval("SELECT status FROM forge_cron_runs WHERE id = $1", run_id) == "succeeded"

@@ -29,7 +29,7 @@ def job_option_problems(options: dict[str, Any]) -> list[str]:
             problems.append(f"backoff must be seconds >= 0 or {{'base': s, 'max': s}}, got {backoff!r}")
     max_attempts = options.get("max_attempts", 5)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 2**31 - 1:
-        problems.append(f"max_attempts must be a whole number >= 1, got {max_attempts!r}")
+        problems.append(f"max_attempts must be a whole number from 1 to 2147483647, got {max_attempts!r}")
     queue = options.get("queue", "default")
     if not isinstance(queue, str) or not queue:
         problems.append(f"queue must be a non-empty string, got {queue!r}")

@@ -302,7 +302,7 @@ def test_bad_job_settings_stop_startup_naming_the_job():
         check_registry(reg)
     text = str(err.value)
     # a cron's job settings are checked at start-up too, not at every tick
-    assert "@cron nightly" in text and "max_attempts must be a whole number >= 1, got 0" in text
+    assert "@cron nightly" in text and "max_attempts must be a whole number from 1 to 2147483647, got 0" in text
     assert "@job bad" in text and "concurrency must be an integer >= 1, got 0" in text
     assert "backoff accepts the keys base and max, got step" in text and "backoff base" in text
     assert "@job also_bad" in text and "queue must be a non-empty string" in text

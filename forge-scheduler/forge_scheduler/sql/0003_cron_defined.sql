@@ -1,5 +1,6 @@
--- Whether the scheduler's current leader defines this cron (its code has it): true, false (the row
--- is left from an earlier deployment: the cron runs nowhere, and trigger/pause/resume refuse it),
--- NULL (no leader has looked yet). Each leader keeps it current while it ticks.
-ALTER TABLE forge_cron_state ADD COLUMN defined boolean;
-UPDATE forge_cron_state SET defined = true;
+-- Whether the scheduler leader of term defined_term defines this cron (its code has it): true,
+-- or false (the row is left from an earlier deployment: the cron runs nowhere, so
+-- trigger/pause/resume refuse it). Each leader writes both while it ticks; a value written in
+-- another term than the current one (or by a leader running older code, which never writes
+-- them) says nothing, and the API then accepts the name as before.
+ALTER TABLE forge_cron_state ADD COLUMN defined boolean, ADD COLUMN defined_term bigint;
