@@ -107,3 +107,76 @@ def test_nul_characters_are_rejected_clearly():
     with pytest.raises(InvalidArgument, match="JSON-safe"):
         _json({"v": "\udc00"}, "record", "args")
     assert _json({"v": "\\u0000"}, "record", "args") == '{"v":"\\\\u0000"}'
+
+
+FATES = ("pending", "running", "cancelled", "dead", "discarded", "succeeded", "purged")
+
+
+def test_ended_matches_the_model(forge_database_url):
+    """``Dispatcher.ended`` (the ``forge_job_dispatcher`` hook's optional method): whatever
+    became of each job - through the queue's own cancel, discard, purge and lease rescue - it
+    reports exactly the jobs that ended, with their outcome; ``None`` for ids it has no record
+    of; nothing for jobs still waiting or running."""
+    from forge_worker.queue import Dispatcher, JobQueue
+    from forge_worker.runtime import rescue_expired
+
+    url = _db(forge_database_url)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(fates=st.lists(st.sampled_from(FATES), min_size=1, max_size=10),
+           unknown=st.lists(st.integers(10**9, 10**9 + 100), max_size=3, unique=True))
+    def check(fates, unknown):
+        asyncio.run(run(fates, unknown))
+
+    async def run(fates, unknown):
+        conn = await connect(url)
+        queue = JobQueue(conn)
+        try:
+            await conn.execute("TRUNCATE forge_jobs, forge_job_history, forge_nodes")
+            await conn.execute("INSERT INTO forge_nodes (id, host, pid, version, status, last_heartbeat) "
+                               "VALUES ('gone', 'h', 1, '0', 'dead', now())")
+            ids = await store_jobs(conn, [JobRequest(name="record", args={"i": i}, max_attempts=1,
+                                                     options={"cron_run": i}) for i in range(len(fates))])
+            for job_id, fate in zip(ids, fates):
+                if fate in ("running", "dead", "discarded"):
+                    # claimed by a worker that died: a lapsed lease for "dead", a live one for "running"
+                    await conn.execute(
+                        "UPDATE forge_jobs SET status = 'running', attempt = 1, started_at = now(), node_id = $2, "
+                        "lease_until = now() + make_interval(secs => $3) WHERE id = $1",
+                        job_id, "gone" if fate != "running" else None, -1.0 if fate != "running" else 60.0)
+                if fate in ("cancelled", "purged"):
+                    assert await queue.cancel(job_id) == "cancelled"
+                if fate == "succeeded":  # what a worker's result write leaves
+                    await conn.execute(
+                        """WITH gone AS (DELETE FROM forge_jobs WHERE id = $1 RETURNING *)
+                           INSERT INTO forge_job_history (id, name, queue, args, priority, status, attempt, max_attempts,
+                               unique_key, caller, options, node_id, last_error, created_at, run_at, started_at)
+                           SELECT id, name, queue, args, priority, 'succeeded', 1, max_attempts, unique_key, caller,
+                                  options, 'w1', NULL, created_at, run_at, now() FROM gone""", job_id)
+            await rescue_expired(conn, 15)
+            await queue.discard([i for i, f in zip(ids, fates) if f == "discarded"])
+            await conn.execute("DELETE FROM forge_job_history WHERE id = ANY($1::bigint[])",
+                               [i for i, f in zip(ids, fates) if f == "purged"])
+
+            got = await Dispatcher().ended(conn, ids + unknown)
+            want = {"cancelled": "cancelled", "dead": "dead", "discarded": "dead", "succeeded": "succeeded"}
+            for job_id, fate in zip(ids, fates):
+                if fate in ("pending", "running"):
+                    assert job_id not in got, (fate, got.get(job_id))
+                elif fate == "purged":
+                    assert got[job_id] is None
+                else:
+                    o = got[job_id]
+                    assert (o.job_id, o.status, o.options["cron_run"]) == (job_id, want[fate], ids.index(job_id))
+                    assert o.finished_at is not None and (o.error is None) == (fate == "succeeded")
+                    if fate == "discarded":
+                        assert o.error.startswith("discarded from the dead-letter queue")
+                    if fate == "dead":
+                        assert "stopped heartbeating" in o.error
+                    assert (o.started_at is None) == (fate == "cancelled")
+            assert all(got[u] is None for u in unknown)
+            assert set(got) == {i for i, f in zip(ids, fates) if f not in ("pending", "running")} | set(unknown)
+        finally:
+            await conn.close()
+
+    check()
