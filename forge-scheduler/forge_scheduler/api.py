@@ -74,21 +74,28 @@ async def _known(conn: Any, name: str, known: Iterable[CronSettings]) -> CronSet
                        f"defined crons: {', '.join(_defined_names(states, extra)) or '(none)'}")
     if name in states or name in extra:
         return extra.get(name)
-    raise NotFound(f"no cron named {name!r}; known crons: {', '.join(_defined_names(states, extra)) or '(none)'}")
+    raise _no_such_cron(name, states, extra)
 
 
-_STATES = """SELECT s.cron, CASE WHEN s.defined_term = l.term AND l.node_id IS NOT NULL THEN s.defined END AS defined
-             FROM forge_cron_state s LEFT JOIN forge_leaders l ON l.name = $1"""
+#: whether the current leader defines a cron; NULL when it has not said (none leads, or it runs
+#: code older than the flag), since a value of an earlier term says nothing
+_DEFINED = "CASE WHEN s.defined_term = ld.term AND ld.node_id IS NOT NULL THEN s.defined END AS defined"
+#: joins the leader row (bind ``ELECTION`` as ``$1``)
+_LEADER_JOIN = "LEFT JOIN forge_leaders ld ON ld.name = $1"
 
 
 async def _states(conn: Any) -> dict[str, bool | None]:
-    """Every cron in ``forge_cron_state`` -> whether the current leader defines it (None: it has
-    not said, e.g. no leader, or a leader running code that predates the flag)."""
-    return {r["cron"]: r["defined"] for r in await conn.fetch(_STATES, ELECTION)}
+    """Every cron in ``forge_cron_state`` -> whether the current leader defines it."""
+    return {r["cron"]: r["defined"]
+            for r in await conn.fetch(f"SELECT s.cron, {_DEFINED} FROM forge_cron_state s {_LEADER_JOIN}", ELECTION)}
 
 
 def _defined_names(states: dict[str, bool | None], extra: dict[str, CronSettings]) -> list[str]:
     return sorted({n for n, d in states.items() if d is not False} | set(extra))
+
+
+def _no_such_cron(name: str, states: dict[str, bool | None], extra: dict[str, CronSettings]) -> NotFound:
+    return NotFound(f"no cron named {name!r}; known crons: {', '.join(_defined_names(states, extra)) or '(none)'}")
 
 
 async def _ensure_state(conn: Any, cron: CronSettings | None) -> None:
@@ -138,11 +145,10 @@ async def history(conn: Any, name: str | None = None, *, limit: int = 20,
     if name is not None:
         _check_name(name)
         extra = {c.name: c for c in known}
-        if name not in extra and not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM forge_cron_state WHERE cron = $1) "
-                "OR EXISTS (SELECT 1 FROM forge_cron_runs WHERE cron = $1)", name):
-            names = sorted({r["cron"] for r in await conn.fetch("SELECT cron FROM forge_cron_state")} | set(extra))
-            raise NotFound(f"no cron named {name!r}; known crons: {', '.join(names) or '(none)'}")
+        states = await _states(conn)
+        if name not in extra and name not in states and not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM forge_cron_runs WHERE cron = $1)", name):
+            raise _no_such_cron(name, states, extra)
     rows = await conn.fetch(
         """SELECT id, cron, slot, kind, status, job_id, enqueued_at, started_at, finished_at, duration_ms,
                   attempts, node_id, error
@@ -153,15 +159,14 @@ async def history(conn: Any, name: str | None = None, *, limit: int = 20,
 async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[CronInfo]:
     """Every cron of the cluster (and of ``known``) with its state, next slot and last run."""
     rows = await conn.fetch(
-        """SELECT s.cron, s.schedule, s.timezone, s.paused, s.decided_until, s.dropped_total,
+        f"""SELECT s.cron, s.schedule, s.timezone, s.paused, s.decided_until, s.dropped_total, {_DEFINED},
                   (SELECT count(*) FROM forge_cron_runs r WHERE r.cron = s.cron) AS runs,
                   l.status AS last_status, l.slot AS last_slot
-           FROM forge_cron_state s
+           FROM forge_cron_state s {_LEADER_JOIN}
            LEFT JOIN LATERAL (SELECT status, slot FROM forge_cron_runs r WHERE r.cron = s.cron
                               ORDER BY id DESC LIMIT 1) l ON true
-           ORDER BY s.cron""")
+           ORDER BY s.cron""", ELECTION)
     registered = {c.name: c for c in known}
-    states = await _states(conn)
     out: list[CronInfo] = []
     now = dt.datetime.now(dt.timezone.utc)
     for r in rows:
@@ -169,11 +174,10 @@ async def list_crons(conn: Any, known: Iterable[CronSettings] = ()) -> list[Cron
         nxt = None
         if cron is not None and not r["paused"]:
             nxt = cron.schedule.next_after(max(r["decided_until"], now))
-        defined = states.get(r["cron"])
-        if defined is False:
+        if r["defined"] is False:
             nxt = None  # it runs nowhere
         out.append(CronInfo(r["cron"], r["schedule"], r["timezone"], r["paused"], r["decided_until"], nxt,
-                            r["dropped_total"], r["last_status"], r["last_slot"], r["runs"], defined))
+                            r["dropped_total"], r["last_status"], r["last_slot"], r["runs"], r["defined"]))
     for cron in registered.values():
         out.append(CronInfo(cron.name, cron.schedule.expression, cron.schedule.timezone, False, None,
                             cron.schedule.next_after(now), 0, None, None, 0))

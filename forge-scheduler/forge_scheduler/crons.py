@@ -100,25 +100,24 @@ class CronEngine:
         #: failed decisions per cron (each is retried on the next tick)
         self.failures: dict[str, int] = {}
 
-    async def register(self, conn: asyncpg.Connection, term: int | None = None) -> None:
+    async def register(self, conn: asyncpg.Connection) -> None:
         """Create state rows for new crons (their first slot is the first one after now) and
-        record the current schedule of known ones; with the leader's ``term``, also mark which
-        crons this deployment defines (the others run nowhere: one leader serves the database)."""
-        if self.crons:
-            await conn.executemany(
-                """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, registered_at)
-                   VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp())
-                   ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone
-                   WHERE forge_cron_state.schedule IS DISTINCT FROM EXCLUDED.schedule
-                      OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone""",
-                [(c.name, c.schedule.expression, c.schedule.timezone) for c in self.crons.values()])
-        if term is not None:
-            await self._mark_defined(conn, await conn.fetch(
-                "SELECT cron, defined, defined_term FROM forge_cron_state"), term)
+        record the current schedule of known ones. Which crons this deployment defines is
+        marked by every :meth:`tick`."""
+        if not self.crons:
+            return
+        await conn.executemany(
+            """INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, registered_at)
+               VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp())
+               ON CONFLICT (cron) DO UPDATE SET schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone
+               WHERE forge_cron_state.schedule IS DISTINCT FROM EXCLUDED.schedule
+                  OR forge_cron_state.timezone IS DISTINCT FROM EXCLUDED.timezone""",
+            [(c.name, c.schedule.expression, c.schedule.timezone) for c in self.crons.values()])
 
     async def _mark_defined(self, conn: asyncpg.Connection, rows: list[Any], term: int) -> None:
-        """Set ``forge_cron_state.defined`` (true for our crons, false for the others) where
-        this term has not set it yet, e.g. on rows the API wrote for a name only its caller knew."""
+        """Set ``forge_cron_state.defined`` (true for our crons, false for the others: one
+        leader serves the database, so those run nowhere) where this term has not set it yet,
+        e.g. at the term's first tick or on rows the API wrote for a name only its caller knew."""
         ours = [r["cron"] for r in rows if r["cron"] in self.crons and (r["defined"] is not True or r["defined_term"] != term)]
         gone = [r["cron"] for r in rows if r["cron"] not in self.crons
                 and (r["defined"] is not False or r["defined_term"] != term)]
@@ -143,7 +142,7 @@ class CronEngine:
         """Loop while leading: check leadership, decide what is due, sleep until the next slot."""
         await election.check()
         async with self.pool.acquire() as conn:
-            await self.register(conn, leadership.term)
+            await self.register(conn)
         while True:
             await election.check()
             wait = await self.tick(leadership)

@@ -455,7 +455,8 @@ async def test_crons_the_leader_does_not_define_are_refused(pool):
     await pool.execute("INSERT INTO forge_cron_state (cron, schedule, timezone, decided_until, defined) "
                        "VALUES ('retired', '* * * * *', 'UTC', now(), true)")
     async with pool.acquire() as conn:
-        await h.engine.register(conn, ld.term)
+        await h.engine.register(conn)
+    await h.engine.tick(ld)
     assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'retired'") is False
     assert await pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'tick'") is True
     async with pool.acquire() as conn:
