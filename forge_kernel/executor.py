@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
+import time
 import traceback
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
@@ -27,6 +28,7 @@ from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
 from .db import Database, TableRead
 from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
+from .telemetry import current_span, format_traceparent, new_span_id
 
 
 # --- auth ------------------------------------------------------------------------------
@@ -184,8 +186,20 @@ class MutationContext(Context):
             defn = found if found is not None else defn
         req = job_request(defn, args, caller=self._call.auth.user_id, delay=delay, run_at=run_at,
                           priority=priority, queue=queue, unique_key=unique_key, on_conflict=on_conflict)
+        span = current_span()
+        if span is None:
+            ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
+            return ids[0] if ids else 0
+        # traced: the job row carries the trace on (its run continues it, on whatever node), with
+        # this dispatch span as the run's parent
+        sid, t0 = new_span_id(), time.time_ns()
+        req = attrs.evolve(req, options={**req.options,
+                                         "traceparent": format_traceparent(span.trace_id, sid, span.trace.sampled)})
         ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
-        return ids[0] if ids else 0
+        job_id = ids[0] if ids else 0
+        span.record(f"dispatch {req.name}", "producer", t0, time.time_ns(), {"job.name": req.name, "job.id": job_id},
+                    span_id=sid)
+        return job_id
 
 
 class ActionContext(Context):
@@ -232,6 +246,11 @@ def bind_arguments(defn: FunctionDef, args: Mapping[str, Any] | Any) -> dict[str
         text = "; ".join(f"{q['argument']}: {q['message']}" for q in problems)
         raise InvalidArgument(f"invalid arguments for {defn.name}: {text}", details=problems)
     return out
+
+
+#: a sampled mutation's transaction names its trace in this transaction-local setting (see
+#: forge_kernel.telemetry); realtime's change log stores it with each captured write
+SET_TRACE = "SELECT set_config('forge.traceparent', $1, true)"
 
 
 def new_request_id() -> str:
@@ -336,4 +355,8 @@ class FunctionExecutor:
                         call.reads = await db.read_set()
                     return result
             async with conn.transaction():
+                span = current_span()
+                if span is not None and span.trace.sampled:
+                    # what this transaction's writes trigger (a live query's re-run) joins its trace
+                    await conn.execute(SET_TRACE, span.traceparent())
                 return await defn.fn(MutationContext(self, call, Database(conn)), **call.args)

@@ -26,6 +26,7 @@ from .errors import StartupError
 from .executor import FunctionExecutor
 from .plugins import PluginLoader, _flat, _version
 from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
+from .telemetry import CountingDispatcher, Telemetry
 
 EXAMPLE_MODULE = "forge_example"
 
@@ -93,6 +94,8 @@ class Node:
         self.stack = ServiceStack()
         self._hb_conn: asyncpg.Connection | None = None
         self._stopping = asyncio.Event()
+        #: what the node's parts record for an observer (forge-observe); inert until one attaches
+        self.telemetry = Telemetry()
         self.supervisor.on_crash.append(lambda rec, exc: self._crash_noted(rec, exc))
 
     # --- helpers for plugins --------------------------------------------------------
@@ -131,9 +134,12 @@ class Node:
         if applied:
             logger.info(f"applied {len(applied)} migration(s): " + ", ".join(f"{m.namespace}/{m.version:04d}_{m.name}" for m in applied))
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
+        dispatcher = self.loader.hook.forge_job_dispatcher(node=self)
+        if dispatcher is not None:
+            dispatcher = CountingDispatcher(dispatcher, self.telemetry)
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
-                                         middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
-                                         node=self, query_pool=self.query_pool)
+                                         middleware=middleware, dispatcher=dispatcher, node=self,
+                                         query_pool=self.query_pool)
         await self._register()
         self.supervisor.spawn("heartbeat", self._heartbeat_loop, service="kernel")
         self.maintenance = _flat(self.loader.hook.forge_maintenance_tasks(node=self))

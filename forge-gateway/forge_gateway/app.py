@@ -47,7 +47,8 @@ class Gateway:
         self.api_key_header = config.api_key_header.lower()
         #: request headers the /rpc/{function} handler reads (raw, lower-case as ASGI gives them)
         self.header_names = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-forwarded-for",
-                                       self.api_key_header.encode("latin-1")})
+                                       b"traceparent", self.api_key_header.encode("latin-1")})
+        self.telemetry = node.telemetry
         self.serves_functions = node.runs("function")
         self.openapi = _encode(build_document(
             node.registry.functions.values(), title=f"FORGE app ({', '.join(node.registry.modules) or 'no modules'})",
@@ -189,14 +190,38 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
         client = headers["x-forwarded-for"].split(",")[0].strip()
     else:
         client = scope["client"][0] if scope.get("client") else "unknown"
+    tel = gw.telemetry
+    span = None
+    if tel.enabled:
+        # the request's span continues the caller's W3C traceparent and returns its own in the reply
+        span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
+                              remote=headers.get("traceparent"), attrs={"request.id": request_id})
+        send = _traced_send(send, span)
     try:
-        if function:
-            response = await _call_function(gw, function, headers, receive, client, request_id)
-        else:
-            response = await _json_rpc(gw, headers, receive, client, request_id)
-    except _Disconnected:
-        return
-    await response(scope, receive, send)
+        try:
+            if function:
+                response = await _call_function(gw, function, headers, receive, client, request_id)
+            else:
+                response = await _json_rpc(gw, headers, receive, client, request_id)
+        except _Disconnected:
+            return
+        await response(scope, receive, send)
+    finally:
+        if span is not None:
+            status = (span.attrs or {}).get("http.status_code", 0)
+            tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
+
+
+def _traced_send(send: Any, span: Any) -> Any:
+    header = (b"traceparent", span.traceparent().encode("latin-1"))
+
+    async def traced(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+            span.set("http.status_code", message["status"])
+        await send(message)
+
+    return traced
 
 
 RPC_PREFIX = "/rpc"
@@ -290,8 +315,8 @@ def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
     cors = None
     if cfg.cors_origins:
         cors = CORSConfig(allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
-                          allow_headers=["authorization", "content-type", "x-request-id", cfg.api_key_header.lower()],
-                          expose_headers=["x-request-id", "retry-after"], allow_credentials=cfg.cors_allow_credentials)
+                          allow_headers=["authorization", "content-type", "x-request-id", "traceparent", cfg.api_key_header.lower()],
+                          expose_headers=["x-request-id", "retry-after", "traceparent"], allow_credentials=cfg.cors_allow_credentials)
     app = Litestar(
         route_handlers=routes,
         cors_config=cors,

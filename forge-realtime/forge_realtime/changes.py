@@ -29,7 +29,7 @@ CHANNEL = "forge_changes"
 
 _POLL_SQL = """
 SELECT pg_snapshot_xmin(s.snap)::text AS xmin, pg_snapshot_xmax(s.snap)::text AS xmax,
-       c.xid::text AS xid, c.tbl, c.op, c.old_rows, c.new_rows
+       c.xid::text AS xid, c.tbl, c.op, c.old_rows, c.new_rows, c.trace
 FROM (SELECT pg_current_snapshot() AS snap) s
 LEFT JOIN forge_changes c ON c.xid >= $1::text::xid8 AND NOT (c.xid = ANY($2::text[]::xid8[]))
 ORDER BY c.xid
@@ -47,6 +47,8 @@ class Change:
     old_rows: tuple[dict[str, Any], ...] = ()
     new_rows: tuple[dict[str, Any], ...] = ()
     xid: int = 0
+    #: the W3C traceparent of the (sampled) mutation that wrote it
+    trace: str | None = None
 
     def rows(self) -> tuple[dict[str, Any], ...]:
         return self.old_rows + self.new_rows
@@ -83,7 +85,8 @@ async def poll(conn: asyncpg.Connection, cursor: LogCursor) -> list[Change]:
             continue
         xid = int(r["xid"])
         xids.add(xid)
-        changes.append(Change(r["tbl"], r["op"], tuple(r["old_rows"] or ()), tuple(r["new_rows"] or ()), xid))
+        changes.append(Change(r["tbl"], r["op"], tuple(r["old_rows"] or ()), tuple(r["new_rows"] or ()), xid,
+                              r["trace"]))
     cursor.advance(int(rows[0]["xmin"]), int(rows[0]["xmax"]), xids)
     return changes
 

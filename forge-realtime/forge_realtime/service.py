@@ -47,6 +47,12 @@ class Realtime:
         node.supervisor.spawn("realtime-changes", self.reader.run, service=SERVICE_NAME)
         await asyncio.wait_for(self.reader.ready.wait(), 30)
         self.engine.start()
+        tel = node.telemetry
+        tel.gauge("forge_realtime_connections", "Open WebSocket connections", lambda: len(self.sessions))
+        tel.gauge("forge_realtime_subscriptions", "Live-query subscriptions",
+                  lambda: sum(len(s.subscriptions) for s in self.sessions))
+        tel.gauge("forge_realtime_live_queries", "Distinct live-query executions (shared by subscribers)",
+                  lambda: len(self.engine.queries))
         self.accepting = True
         self.started.set()
         try:

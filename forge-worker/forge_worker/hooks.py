@@ -6,10 +6,11 @@ from typing import Any
 
 from forge_kernel import hookimpl
 from forge_kernel.migrations import from_package
+from forge_kernel.telemetry import ClusterGauge
 
 from .cli import add_jobs_command
 from .config import WorkerConfig
-from .queue import Dispatcher
+from .queue import Dispatcher, job_counts, oldest_pending
 from .service import maintenance_tasks, worker_service
 from .validate import check_registry
 
@@ -53,3 +54,11 @@ def forge_maintenance_tasks(node: Any):
 @hookimpl
 def forge_cli_commands(subparsers: Any) -> None:
     add_jobs_command(subparsers)
+
+
+@hookimpl
+def forge_cluster_gauges(node: Any):
+    return [ClusterGauge("forge_jobs", "Live jobs per queue and status (scheduled, pending, running, dead)",
+                         ("queue", "status"), job_counts),
+            ClusterGauge("forge_jobs_oldest_pending_seconds", "Age of the oldest due job per queue",
+                         ("queue",), oldest_pending)]

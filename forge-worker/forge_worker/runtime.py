@@ -30,6 +30,7 @@ from loguru import logger
 
 from forge_kernel.executor import SYSTEM, Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
+from forge_kernel.telemetry import job_wait
 
 from .config import WorkerConfig
 from .context import JobCancelled, JobContext, LazyDatabase, RetryLater
@@ -463,6 +464,7 @@ class Worker:
         started = row["started_at"]
         outcome, delay, error = "succeeded", 0.0, None
         db = LazyDatabase(self.node.pool)
+        tel, span = self.node.telemetry, None
         try:
             defn = self.node.registry.get(row["name"])
             if defn is None or defn.kind not in ("job", "cron"):
@@ -478,6 +480,8 @@ class Worker:
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
+            if tel.enabled:
+                span = self._job_span(tel, row, a)
             try:
                 async with asyncio.timeout(timeout):
                     await self._chain(call)
@@ -513,6 +517,8 @@ class Worker:
                            f"{type(exc).__name__}: {exc}")
         finally:
             a.finished = True
+            if span is not None:
+                tel.end_span(span, None if outcome in ("succeeded", "retry_later") else (error or outcome))
             with contextlib.suppress(Exception):
                 await db.release()
         try:
@@ -527,6 +533,21 @@ class Worker:
         finally:
             self.running.pop(a.id, None)
             self.slot_free.set()
+
+    @staticmethod
+    def _job_span(tel: Any, row: Any, a: Attempt) -> Any:
+        """The run's span, continuing the trace of whoever dispatched the job (its ``traceparent``)."""
+        opts = row["options"] if isinstance(row["options"], dict) else {}
+        wait = job_wait(row["run_at"], row["started_at"])
+        tel.emit("job.started", row["name"], row["queue"], wait)
+        span = tel.start_span(f"job {row['name']}", "consumer", remote=opts.get("traceparent") or "",
+                              attrs={"job.id": a.id, "job.attempt": a.attempt, "job.queue": row["queue"],
+                                     "job.queue_wait_s": wait})
+        span.trace.ids["job"] = a.id
+        if "cron_run" in opts:
+            span.trace.ids["cron_run"] = opts["cron_run"]
+            span.set("cron.name", opts.get("cron"))
+        return span
 
     def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
         return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error

@@ -21,7 +21,7 @@ The properties:
   reported failed, none is left half-registered, and the rest load;
 * order independence - the resolved roles, config sections and migrations do not depend
   on the order in which plugins were registered;
-* service order - start order respects every ``after`` and stop order is its exact reverse;
+* service order - start order respects every ``after`` and ``before``, and stop order is its exact reverse;
 * service order - also for the services the installed plugins declare, in any declaration order;
 * migrations applied twice equal migrations applied once from any prefix already applied, and
   N concurrent runners (2 to 8) apply each migration exactly once.
@@ -198,7 +198,9 @@ def service_graphs(draw: st.DrawFn, max_services: int = 8) -> list[Service]:
     services = []
     for i, name in enumerate(names):
         after = tuple(draw(st.sets(st.sampled_from(names[:i]))) if i else ())
-        services.append(Service(name, _recording(name, log), after=after))
+        # 'before' edges point the same way (from an earlier service to a later one), so the graph stays acyclic
+        before = tuple(draw(st.sets(st.sampled_from(names[i + 1:]))) if i + 1 < n else ())
+        services.append(Service(name, _recording(name, log), after=after, before=before))
     return draw(st.permutations(services))
 
 
@@ -239,6 +241,9 @@ def check_service_order(services: list[Service] | None = None) -> None:
             for dep in s.after:
                 if dep in names:
                     assert pos[dep] < pos[s.name], f"{s.name} started before {dep}"
+            for later in s.before:
+                if later in names:
+                    assert pos[s.name] < pos[later], f"{later} started before {s.name}"
         assert stops == list(reversed(starts))
 
     if services is not None:

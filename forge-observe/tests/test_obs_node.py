@@ -1,0 +1,154 @@
+"""forge-observe in an in-process node: metrics, /metrics, stored logs and spans, tail sampling."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from forge_kernel.testing.procs import eventually
+from forge_observe import query
+from forge_observe.service import for_node
+
+from obs_support import FAST, rows
+
+
+async def _node(forge_node, **observe):
+    return await forge_node(modules=["obs_app"], config={
+        "observe": {**FAST, **observe}, "gateway": {"port": 0}, "scheduler": {"tick_interval": 0.2}})
+
+
+async def test_function_calls_are_counted_and_served_on_metrics(forge_node):
+    node = await _node(forge_node)
+    port = node.ports["http"]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        for _ in range(3):
+            assert (await http.post("/rpc/ping", json={})).json() == {"data": "pong"}
+        assert (await http.post("/rpc/boom", json={})).status_code == 500
+        text = (await http.get("/metrics")).text
+    assert 'forge_function_calls_total{code="OK",function="ping",kind="query"} 3.0' in text
+    assert 'forge_function_calls_total{code="INTERNAL",function="boom",kind="action"} 1.0' in text
+    assert "forge_function_duration_seconds_bucket" in text
+    assert "process_resident_memory_bytes" in text
+    assert 'forge_db_pool_connections{pool="main",state="in_use"}' in text
+    assert "forge_event_loop_lag_seconds" in text
+
+
+async def test_errors_are_kept_and_stored_with_their_logs(forge_node, forge_db_url):
+    node = await _node(forge_node, sample_rate=0.0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+        reply = await http.post("/rpc/boom", json={})
+        ok = await http.post("/rpc/ping", json={})
+    tp = reply.headers["traceparent"]
+    trace_id = tp.split("-")[1]
+    assert ok.headers["traceparent"].split("-")[1] != trace_id
+
+    async def stored():
+        return await rows(forge_db_url, "SELECT name, kind, error FROM forge_obs_spans WHERE trace_id = $1", trace_id)
+
+    spans = await eventually(stored, what="the failed call's spans")
+    assert {(r["name"], r["kind"]) for r in spans} >= {("POST /rpc/boom", "server"), ("boom", "internal")}
+    assert any(r["error"] == "INTERNAL" for r in spans)
+    # the successful call at sample rate 0 is not kept
+    assert not await rows(forge_db_url, "SELECT 1 FROM forge_obs_spans WHERE trace_id = $1",
+                          ok.headers["traceparent"].split("-")[1])
+
+    async def logged():
+        return await rows(forge_db_url, "SELECT level, message, trace_id, call_id FROM forge_obs_logs "
+                                        "WHERE message LIKE 'about to fail%'")
+
+    (log,) = await eventually(logged, what="the log line")
+    assert log["level"] == "ERROR" and log["trace_id"] == trace_id and log["call_id"]
+
+
+async def test_client_traceparent_is_continued_and_sampled_flag_honoured(forge_node, forge_db_url):
+    node = await _node(forge_node, sample_rate=0.0)
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+        reply = await http.post("/rpc/ping", json={}, headers={"traceparent": parent})
+        bad = await http.post("/rpc/ping", json={}, headers={"traceparent": "00-zz-00-01"})
+    version, trace_id, span_id, flags = reply.headers["traceparent"].split("-")
+    assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and flags == "01" and span_id != "00f067aa0ba902b7"
+    assert bad.status_code == 200 and bad.headers["traceparent"].split("-")[1] != trace_id
+
+    async def stored():
+        return await rows(forge_db_url, "SELECT name, parent_id FROM forge_obs_spans WHERE trace_id = $1", trace_id)
+
+    spans = {r["name"]: r["parent_id"] for r in await eventually(stored, what="the continued trace")}
+    assert spans["POST /rpc/ping"] == "00f067aa0ba902b7"
+    assert spans["ping"] == span_id
+
+
+async def test_sampled_mutation_links_sql_dispatch_and_job(forge_node, forge_db_url):
+    node = await _node(forge_node, sample_rate=1.0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+        reply = await http.post("/rpc/add_note", json={"body": "hi"})
+    assert reply.status_code == 200, reply.text
+    trace_id = reply.headers["traceparent"].split("-")[1]
+
+    async def chain():
+        found = await rows(forge_db_url, "SELECT span_id, parent_id, name, kind, attrs FROM forge_obs_spans "
+                                         "WHERE trace_id = $1", trace_id)
+        return found if any(r["name"] == "note_job" for r in found) else None
+
+    spans = await eventually(chain, what="the job's spans in the request's trace")
+    by_name = {r["name"]: r for r in spans}
+    assert by_name["add_note"]["parent_id"] == by_name["POST /rpc/add_note"]["span_id"]
+    assert by_name["dispatch note_job"]["parent_id"] == by_name["add_note"]["span_id"]
+    assert by_name["job note_job"]["parent_id"] == by_name["dispatch note_job"]["span_id"]
+    assert by_name["note_job"]["parent_id"] == by_name["job note_job"]["span_id"]
+    sqls = [r for r in spans if r["kind"] == "client"]
+    assert any("INSERT INTO obs_notes" in r["attrs"] for r in sqls)
+    assert any("UPDATE obs_notes" in r["attrs"] for r in sqls)
+    recs = await eventually(lambda: _job_logs(forge_db_url), what="the job's log line")
+    assert recs[0]["trace_id"] == trace_id and recs[0]["job_id"] is not None
+    spans_api = await query.trace(node.pool, trace_id)
+    assert [s.name for d, s in query.span_tree(spans_api)][0] == "POST /rpc/add_note"
+
+
+async def _job_logs(url):
+    return await rows(url, "SELECT trace_id, job_id FROM forge_obs_logs WHERE message LIKE 'job for note%'")
+
+
+async def test_slow_calls_are_kept(forge_node, forge_db_url):
+    node = await _node(forge_node, sample_rate=0.0, slow_threshold=0.2)
+    obs = for_node(node)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+        reply = await http.post("/rpc/sleepy", json={"seconds": 0.3})
+    trace_id = reply.headers["traceparent"].split("-")[1]
+
+    async def stored():
+        return await rows(forge_db_url, "SELECT 1 FROM forge_obs_spans WHERE trace_id = $1", trace_id)
+
+    await eventually(stored, what="the slow trace")
+    assert obs.sink.kept >= 1
+
+
+async def test_oversized_log_message_is_truncated_with_a_marker(forge_node, forge_db_url):
+    node = await _node(forge_node, max_message_bytes=1000)
+    assert (await node.executor.call("shout", {"size": 50_000})) == 50_000
+
+    async def stored():
+        return await rows(forge_db_url, "SELECT message FROM forge_obs_logs WHERE message LIKE 'xxx%'")
+
+    (r,) = await eventually(stored, what="the long log line")
+    assert len(r["message"].encode()) <= 1000 and r["message"].endswith("bytes]") and "truncated" in r["message"]
+
+
+async def test_metrics_history_is_flushed_and_summarised(forge_node, forge_db_url):
+    node = await _node(forge_node)
+    for _ in range(5):
+        await node.executor.call("ping", {})
+
+    async def summary():
+        fns = await query.function_summary(node.pool, 600)
+        return [f for f in fns if f.function == "ping" and f.calls == 5]
+
+    (ping,) = await eventually(summary, what="ping in the stored metrics")
+    assert ping.p95_ms is not None and ping.errors == 0
+
+
+async def test_metrics_endpoint_refuses_other_networks(forge_node):
+    node = await _node(forge_node, metrics_allow=["10.0.0.0/8"])
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+        reply = await http.get("/metrics")
+    assert reply.status_code == 403 and "metrics_allow" in reply.text
