@@ -46,10 +46,11 @@ def database_url(config: Config) -> tuple[str, EmbeddedPostgres | None]:
 
 
 def app_modules(config: Config, loader: PluginLoader) -> list[str]:
-    modules = list(config.app.modules) + _flat(loader.hook.forge_app_modules())
+    modules = list(config.app.modules)
     if not modules and config.app.example:
         modules = [EXAMPLE_MODULE]
-    return list(dict.fromkeys(modules))
+    # functions plugins ship (forge-observe's alert webhook job) come on top and never replace the example app
+    return list(dict.fromkeys(modules + _flat(loader.hook.forge_app_modules())))
 
 
 def app_migrations(registry: Registry) -> list[migmod.Migration]:

@@ -23,6 +23,11 @@ def forge_migrations():
 
 
 @hookimpl
+def forge_app_modules() -> list[str]:
+    return ["forge_observe.jobs"]
+
+
+@hookimpl
 def forge_call_middleware(node: Any):
     return [recorder.call_middleware(node.telemetry)]
 

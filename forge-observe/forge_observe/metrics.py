@@ -72,6 +72,8 @@ class NodeMetrics:
                                "and reason", ["kind", "reason"], registry=r)
         self.written = Counter("forge_observe_written", "Telemetry records stored in PostgreSQL", ["kind"],
                                registry=r)
+        self.reconnects = Counter("forge_observe_writer_reconnects", "Times the telemetry writer lost its "
+                                  "database connection and opened a new one", registry=r)
         self.exported = Counter("forge_observe_exported_spans", "Spans sent to the OTLP endpoint", registry=r)
         self.traces = Counter("forge_observe_traces", "Local traces finished, by sampling decision", ["decision"],
                               registry=r)

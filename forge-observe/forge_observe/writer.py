@@ -126,11 +126,14 @@ class Writer:
             with contextlib.suppress(Exception):
                 conn.terminate()
             self.reconnects += 1
+            self.metrics.reconnects.inc()
         logger.warning(f"observe: telemetry writer lost the database ({type(exc).__name__}: {exc}); "
                        f"reconnecting, {self.pending()} record(s) buffered")
 
     async def _ensure_conn(self) -> asyncpg.Connection:
-        if self.conn is None or self.conn.is_closed():
+        if self.conn is not None and self.conn.is_closed():  # closed under us while idle (terminated, restarted)
+            self._lost(ConnectionError("connection closed"))
+        if self.conn is None:
             self.conn = await self._connect()
             self._partitions_for = None
         today = dt.datetime.now(dt.timezone.utc).date()

@@ -436,13 +436,13 @@ class LiveQueryEngine:
         if span is not None:
             # the pushes it causes are children of this span; it ends once they are queued
             try:
-                await self._finish_run(q, calls, result, started)
+                await self._finish_run(q, calls, result, started, position)
             finally:
                 tel.end_span(span)
             return
-        await self._finish_run(q, calls, result, started)
+        await self._finish_run(q, calls, result, started, position)
 
-    async def _finish_run(self, q: LiveQuery, calls: list[Any], result: Any, started: float) -> None:
+    async def _finish_run(self, q: LiveQuery, calls: list[Any], result: Any, started: float, position: int) -> None:
         call = calls[0]
         defn = call.defn
         reads = list(dict.fromkeys(list(call.reads) + [TableRead(t) for t in defn.reads]))
