@@ -436,3 +436,75 @@ def installed_plugins() -> list[tuple[str, Any]]:
     """Every plugin the ``forge.plugins`` entry points load, plus the kernel's own."""
     loader = PluginLoader().load()
     return [(i.name, i.plugin) for i in loader.loaded()]
+
+
+# --- telemetry ----------------------------------------------------------------------------
+def check_telemetry_traces() -> None:
+    """``node.telemetry``'s span contract: for any tree of nested spans (some ending with an error),
+    the observer gets each local trace exactly once, after its last span ended, with every span in it,
+    every parent among them (or the remote parent), one trace id, and the current span restored."""
+    from ..telemetry import Telemetry, current_span
+
+    @st.composite
+    def trees(draw: st.DrawFn) -> list[Any]:
+        def node(depth: int) -> Any:
+            kids = draw(st.integers(0, 3 if depth < 3 else 0))
+            return (draw(st.booleans()), [node(depth + 1) for _ in range(kids)])
+        return [node(0) for _ in range(draw(st.integers(1, 3)))]
+
+    @settings(**_SETTINGS)
+    @given(forest=trees(), remote=st.booleans(), rate=st.sampled_from([0.0, 1.0]))
+    def traces(forest: list[Any], remote: bool, rate: float) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate)
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00" if remote else None
+        counts = []
+
+        def run(tree: Any, top: bool) -> int:
+            failed, kids = tree
+            span = tel.start_span("s", remote=parent if top else None)
+            n = 1 + sum(run(k, False) for k in kids)
+            tel.end_span(span, "boom" if failed else None)
+            return n
+
+        for tree in forest:
+            counts.append(run(tree, True))
+            assert current_span() is None
+        assert [len(t.spans) for t in got] == counts
+        for t in got:
+            ids = {s.span_id for s in t.spans}
+            assert len({s.trace_id for s in t.spans}) == 1 and t.open == 0
+            assert all(s.parent_id in ids or s.parent_id == t.remote_parent for s in t.spans)
+            assert t.sampled == (rate == 1.0)
+            if remote:
+                assert t.trace_id == 0x0af7651916cd43dd8448eb211c80319c and t.remote_parent == 0xb7ad6b7169203331
+
+    traces()
+
+
+def check_telemetry_events() -> None:
+    """``emit`` keeps the newest ``ring_size`` events in order and counts every one it lost;
+    with no observer attached it records nothing."""
+    from ..telemetry import Telemetry
+
+    @settings(**_SETTINGS)
+    @given(ring=st.integers(1024, 1100), n=st.integers(0, 2500), drains=st.lists(st.integers(0, 2500), max_size=3))
+    def bounded(ring: int, n: int, drains: list[int]) -> None:
+        idle = Telemetry()
+        idle.emit("x", 1)
+        assert idle.drain() == [] and idle.dropped == 0
+        tel = Telemetry()
+        tel.attach(lambda t: None, ring_size=ring)
+        seen: list[tuple] = []
+        emitted = 0
+        for cut in sorted(drains) + [n]:
+            while emitted < min(cut, n):
+                tel.emit("e", emitted)
+                emitted += 1
+            seen.extend(tel.drain())
+        values = [f[0] for _, f in seen]
+        assert values == sorted(values) and len(values) + tel.dropped == n
+        assert not values or values[-1] == n - 1
+
+    bounded()
