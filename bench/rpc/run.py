@@ -6,7 +6,11 @@ embedded PostgreSQL (stock durability settings), with the same pool size, driven
 machine load hits both. Prints req/s, p50, p99 per round, the medians and the ratio, and a
 JSON-RPC batch of 10 calls.
 
-    .venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3]
+    .venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3] [--observe]
+
+``--observe`` adds a third server: the same FORGE node with forge-observe at its defaults (the
+plain FORGE node runs with FORGE_DISABLE_PLUGINS=observe), measured in the same alternating rounds,
+and prints its throughput ratio and CPU per request against the plain node (target >= 0.95).
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ def main() -> None:
     ap.add_argument("--pool-max", type=int, default=20)
     ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"],
                     help="event loop of both servers ([node] event_loop for FORGE, uvicorn --loop for bare)")
+    ap.add_argument("--observe", action="store_true",
+                    help="also run a FORGE node with forge-observe at its defaults and compare it with the plain one")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required: apt-get install -y wrk")
@@ -146,13 +152,27 @@ def main() -> None:
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
         forge_log = open(tmp / "forge.log", "wb")
-        procs.append(subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp, env=env,
+        procs.append(subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                                      env={**env, "FORGE_DISABLE_PLUGINS": "observe"},
                                       stdout=forge_log, stderr=subprocess.STDOUT, start_new_session=True))
         procs.append(subprocess.Popen([PY, str(HERE / "bare_app.py"), "--port", str(bare_port), "--db-url", db_url,
                                        "--pool-max", str(args.pool_max), "--loop", args.loop],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
         forge = f"http://127.0.0.1:{forge_port}"
         bare = f"http://127.0.0.1:{bare_port}"
+        servers = [("forge", forge, procs[0].pid), ("bare", bare, procs[1].pid)]
+        if args.observe:
+            obs_port = free_port()
+            procs.append(subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                                          env={**env, "FORGE_GATEWAY__PORT": str(obs_port), "FORGE_NODE__ID": "bench-obs"},
+                                          stdout=open(tmp / "forge-observe.log", "wb"), stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            observed = f"http://127.0.0.1:{obs_port}"
+            servers.insert(1, ("observe", observed, procs[2].pid))
+            wait_for(lambda: httpx.get(observed + "/ready").status_code == 200, 60, 0.2, "FORGE node with forge-observe")
+            check(observed + "/rpc/value", {"id": 7}, {"data": 8})
+            if "forge_function_calls_total" not in httpx.get(observed + "/metrics").text:
+                raise SystemExit("the node with forge-observe serves no metrics: is forge-observe installed?")
         wait_for(lambda: httpx.get(forge + "/ready").status_code == 200, 60, 0.2, "FORGE node")
         wait_for(lambda: httpx.post(bare + "/value", json={"id": 1}).status_code == 200, 60, 0.2, "bare app")
         check(forge + "/rpc/value", {"id": 7}, {"data": 8})
@@ -167,9 +187,13 @@ def main() -> None:
         run_wrk(forge, s_forge, 2, args.connections)
         run_wrk(bare, s_bare, 2, args.connections)
         postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
-        results: dict[str, list[dict]] = {"forge": [], "bare": [], "batch10": []}
+        if args.observe:
+            run_wrk(observed, s_forge, 2, args.connections)
+        results: dict[str, list[dict]] = {name: [] for name, _, _ in servers}
+        results["batch10"] = []
         for i in range(args.rounds):
-            for name, url, script, pid in (("forge", forge, s_forge, procs[0].pid), ("bare", bare, s_bare, procs[1].pid)):
+            for name, url, pid in servers:
+                script = s_bare if name == "bare" else s_forge
                 res = run_wrk(url, script, args.duration, args.connections, server_pid=pid, postmaster=postmaster)
                 results[name].append(res)
                 print(f"round {i + 1} {name:6s} {res['rps']:9.0f} req/s  p50 {res['p50_ms']:6.2f} ms  "
@@ -193,18 +217,26 @@ def main() -> None:
         cost = {n: summary[n]["server_cpu_us_per_req"] + summary[n]["pg_cpu_us_per_req"] for n in ("forge", "bare")}
         summary["cpu_ratio_bare_over_forge"] = cost["bare"] / cost["forge"]
         summary["batch10"]["calls_per_s"] = summary["batch10"]["rps"] * 10
+        if args.observe:
+            summary["ratio_observe_over_forge"] = summary["observe"]["rps"] / summary["forge"]["rps"]
+            summary["observe_cpu_us_per_req_added"] = (summary["observe"]["server_cpu_us_per_req"]
+                                                      - summary["forge"]["server_cpu_us_per_req"])
         summary["postgresql"] = settings
         summary["setup"] = {"connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
                             "pool_max": args.pool_max, "server": "uvicorn+httptools, 1 process each",
                             "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count()}
         print("\nmedians:")
-        for name in ("forge", "bare", "batch10"):
+        for name in [n for n, _, _ in servers] + ["batch10"]:
             s = summary[name]
             print(f"  {name:8s} {s['rps']:9.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  "
                   f"cpu/req server {s['server_cpu_us_per_req']:.0f} us postgres {s['pg_cpu_us_per_req']:.0f} us")
         print(f"  batch10 = {summary['batch10']['calls_per_s']:.0f} calls/s")
         print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} req/s (target >= 0.8); "
               f"by CPU per request (server + PostgreSQL) {summary['cpu_ratio_bare_over_forge']:.3f}")
+        if args.observe:
+            print(f"  ratio FORGE with forge-observe / without = {summary['ratio_observe_over_forge']:.3f} req/s "
+                  f"(target >= 0.95); server CPU per request {summary['observe_cpu_us_per_req_added']:+.1f} us")
+        print(f"  load average: {os.getloadavg()}")
         print(f"  PostgreSQL: {settings}")
         (HERE / "last_result.json").write_text(json.dumps(summary, indent=2) + "\n")
     finally:
