@@ -54,6 +54,11 @@ def _gc_thresholds(inst: Any, attr: attrs.Attribute, value: Any) -> None:
         raise InvalidValue(attr.name, value, "three whole numbers from 0 to 2147483647 (generations 0, 1 and 2)")
 
 
+def _port_or_zero(attr: attrs.Attribute, value: int) -> None:
+    if value != 0 and not 1024 <= value <= 65535:
+        raise InvalidValue(attr.name, value, "0 (unix socket only) or a TCP port from 1024 to 65535")
+
+
 # --- kernel sections ---------------------------------------------------------------
 @attrs.frozen
 class NodeConfig:
@@ -85,6 +90,9 @@ class DatabaseConfig:
     #: PostgreSQL URL; empty means an embedded server under ``data_dir``
     url: str = ""
     data_dir: str = ".forge"
+    #: embedded server only: 0 serves the unix socket alone; a port also listens on 127.0.0.1 there
+    #: (password required) and keeps that port across restarts
+    embedded_port: int = attrs.field(default=0, validator=lambda i, a, v: _port_or_zero(a, v))
     pool_min: int = attrs.field(default=2, validator=in_range(0, 1000))
     pool_max: int = attrs.field(default=20, validator=in_range(1, 1000))
     #: seconds to wait for a connection at start-up

@@ -34,13 +34,15 @@ def database_url(config: Config) -> tuple[str, EmbeddedPostgres | None]:
     """The configured URL, or an embedded server under ``[database] data_dir`` (started or reused)."""
     if config.database.url:
         return config.database.url, None
-    pg = EmbeddedPostgres(Path(config.database.data_dir).resolve())
+    pg = EmbeddedPostgres(Path(config.database.data_dir).resolve(), tcp_port=config.database.embedded_port)
     first = not pg.initialized()
     t0 = time.monotonic()
     url = pg.start()
     what = "initialised and started" if first else ("started" if pg.started_here else "reused")
+    tcp = f"; also on 127.0.0.1:{pg.port} (password in {pg.passfile})" if config.database.embedded_port else ""
+    # the URL names the password file (readable by this account only), never the password
     logger.info(f"embedded PostgreSQL {what} in {time.monotonic() - t0:.2f}s under {pg.root}; "
-                f"connect with: psql {url}")
+                f"connect with: psql '{url}'{tcp}")
     return url, pg
 
 
@@ -187,7 +189,9 @@ class Node:
                 await asyncio.wait_for(self.query_pool.close(), 5)
         self.status = "stopped"
         if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.release)
+            # this node owns the server it started: nodes that joined through its URL get the drain
+            # timeout to leave (warned about by name) before it stops
+            await asyncio.to_thread(self.embedded.release, self.config.node.drain_timeout)
 
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT, drain."""

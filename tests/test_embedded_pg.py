@@ -20,8 +20,8 @@ sys.stdin.read()
 """
 
 
-async def test_start_reuse_and_stop(tmp_path):
-    root = tmp_path / ".forge"
+async def test_start_reuse_and_stop(forge_pg_folder):
+    root = forge_pg_folder / ".forge"
     pg = EmbeddedPostgres(root)
     url = pg.start()
     assert pg.initialized() and pg.started_here
@@ -53,9 +53,10 @@ async def test_start_reuse_and_stop(tmp_path):
     again.release()
 
 
-def test_forge_node_start_in_an_empty_folder(tmp_path):
+def test_forge_node_start_in_an_empty_folder(forge_pg_folder):
     """`forge-node start` with no config: embedded PostgreSQL, example app, psql URL printed,
     database stopped on exit."""
+    tmp_path = forge_pg_folder
     env_kw = dict(cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import os
 
@@ -74,12 +75,12 @@ def test_forge_node_start_in_an_empty_folder(tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "embedded PostgreSQL initialised and started" in out
-    assert "connect with: psql postgresql://postgres@127.0.0.1:" in out
+    # the URL names the socket folder and the password file, never the password
+    url = out.split("connect with: psql '")[1].split("'")[0]
+    sock_dir = tmp_path / ".forge" / "run"
+    assert url == f"postgresql://postgres@/postgres?host={sock_dir}&port=5432&passfile={tmp_path / '.forge' / 'pgpass'}"
+    assert (tmp_path / ".forge" / "pgpass").read_text().split(":")[-1].strip() not in out
     assert "applied" in out and "example/0001_todos" in out
     # the server is stopped with the last node that used it
     wait_for(lambda: not pidfile.exists(), 30, what="embedded PostgreSQL to stop")
-    port = int(out.split("connect with: psql postgresql://postgres@127.0.0.1:")[1].split("/")[0])
-    import socket
-
-    with socket.socket() as sock:
-        assert sock.connect_ex(("127.0.0.1", port)) != 0, "embedded PostgreSQL still accepts connections"
+    assert not (sock_dir / ".s.PGSQL.5432").exists(), "embedded PostgreSQL still has its socket"

@@ -43,7 +43,9 @@ SETTINGS = ("server_version", "fsync", "synchronous_commit", "full_page_writes",
 
 
 def with_db(url: str, name: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + name
+    from forge_kernel.db import with_database
+
+    return with_database(url, name)
 
 
 def pct(values: list[float], q: float) -> float:
