@@ -9,6 +9,7 @@ naming the key, the value and what was expected.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -19,6 +20,7 @@ import attrs
 
 from .convert import InvalidValue, Problem, StructureError, structure, unstructure
 from .errors import ConfigError
+from .logs import Redactor, is_secret_field, secret_values
 
 ENV_PREFIX = "FORGE_"
 
@@ -191,6 +193,19 @@ def _env_value(raw: str, tp: Any) -> Any:
         return raw
 
 
+def _kind_at(table: Mapping[str, Any], path: str) -> str:
+    """The type name of the raw value at ``path`` (``api_keys[0].sha256``) in ``table``."""
+    value: Any = table
+    for part in re.findall(r"[^.\[\]]+", path):
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return "a value"
+    return type(value).__name__
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
@@ -260,11 +275,18 @@ def load_config(
                 value = table.get(p.path.split(".")[0].split("[")[0], None) if p.path else None
                 owner = f" (section of {owners[name]})" if owners and owners.get(name, "forge-kernel") != "forge-kernel" else ""
                 key = f"[{name}] {p.path}" if p.path else f"[{name}]"
+                if any(is_secret_field(part) for part in re.split(r"[.\[\]]", p.path) if part):
+                    # a secret (or a raw key where its hash belongs) is never echoed: its type only
+                    message = p.message.split(", got ")[0] + f", got {_kind_at(table, p.path)} (value not shown: a secret)"
+                    problems.append(Problem(key, message + owner))
+                    continue
                 shown = f" = {value!r}" if value is not None and "unknown key" not in p.message else ""
                 problems.append(Problem(key + shown, p.message + owner))
         except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
             problems.append(Problem(f"[{name}]", str(exc)))
     if problems:
         listing = "\n".join(f"  - {p.path}: {p.message}" for p in problems)
-        raise ConfigError(f"invalid configuration in {source}:\n{listing}")
+        scrub = Redactor()  # the config never loaded, so the process-wide redactor knows none of its secrets
+        scrub.add_values(secret_values(raw))
+        raise ConfigError(scrub(f"invalid configuration in {source}:\n{listing}"))
     return Config(sections=built, source=source)
