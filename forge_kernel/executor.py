@@ -234,6 +234,29 @@ def bind_arguments(defn: FunctionDef, args: Mapping[str, Any] | Any) -> dict[str
     return out
 
 
+# The caller's data, refused by PostgreSQL: class 22 (invalid text incl. NUL bytes, value too long,
+# numeric out of range, bad datetime), class 23 (not-null, foreign-key, check, exclusion; unique is
+# CONFLICT and caught before), and asyncpg refusing to encode an argument (e.g. out of int32 range).
+_REFUSED_DATA = (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError,
+                 asyncpg.exceptions._base.DataError)
+
+
+def refused_by_database(function: str, request_id: str, exc: Exception) -> InvalidArgument:
+    """``INVALID_ARGUMENT`` naming what the database refused (constraint, column, table), logged
+    at INFO without a traceback: bad input is the caller's problem, not the node's."""
+    where = {k: v for k, v in (("constraint", getattr(exc, "constraint_name", None)),
+                               ("column", getattr(exc, "column_name", None)),
+                               ("table", getattr(exc, "table_name", None))) if v}
+    sqlstate = getattr(exc, "sqlstate", None)
+    message = getattr(exc, "message", None) or str(exc)
+    named = ", ".join(f"{k} {v}" for k, v in where.items())
+    logger.bind(request_id=request_id).info(
+        f"{function}: the database refused the call's data ({sqlstate or type(exc).__name__}"
+        f"{'; ' + named if named else ''}; request {request_id})")
+    return InvalidArgument(f"{function}: invalid argument: {message}" + (f" ({named})" if named else ""),
+                           details={**where, "sqlstate": sqlstate} if sqlstate else where or None)
+
+
 def new_request_id() -> str:
     return secrets.token_hex(8)
 
@@ -307,6 +330,8 @@ class FunctionExecutor:
                              f"(request {call.request_id})") from None
         except asyncpg.exceptions.UniqueViolationError as exc:
             raise ForgeError(f"conflict: {exc.detail or 'a unique constraint was violated'}", code="CONFLICT") from None
+        except _REFUSED_DATA as exc:
+            raise refused_by_database(defn.name, call.request_id, exc) from None
         except Exception:
             logger.bind(request_id=call.request_id).error(
                 f"{defn.name} raised (request {call.request_id}):\n{traceback.format_exc()}")
