@@ -14,6 +14,7 @@ Every surface (HTTP, WebSocket, jobs, tests) calls functions through
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import secrets
 import traceback
@@ -30,9 +31,25 @@ from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, U
 
 
 # --- auth ------------------------------------------------------------------------------
+#: user ids of API-key callers start with this, so no token subject can be one of them
+API_KEY_PREFIX = "apikey:"
+#: the user id of the system identity; token subjects may not take it either
+SYSTEM_USER_ID = "system"
+
+
 @attrs.frozen
 class Auth:
-    """Who is calling. ``kind`` is ``anonymous``, ``user`` or ``service`` (an API key)."""
+    """Who is calling. ``kind``:
+
+    * ``anonymous`` - no credential;
+    * ``user`` - a verified token (``user_id`` is its subject, see :meth:`for_user`);
+    * ``service`` - an API key (``user_id`` is ``apikey:<name>``, see :meth:`for_api_key`);
+    * ``system`` - the node itself (:data:`SYSTEM`): crons, jobs enqueued from plain Python, and
+      code that elevates explicitly with ``ctx.as_system()``. It passes every roles check.
+
+    A job runs as the identity that dispatched it (kind, user id and roles are stored with the
+    job; token claims are not).
+    """
 
     user_id: str | None = None
     roles: frozenset[str] = frozenset()
@@ -40,19 +57,52 @@ class Auth:
     kind: str = "anonymous"
     expires_at: dt.datetime | None = None
 
+    @classmethod
+    def for_user(cls, user_id: str, roles: Iterable[str] = (), claims: Mapping[str, Any] | None = None,
+                 expires_at: dt.datetime | None = None) -> "Auth":
+        """The caller of a verified token. Raises ``ValueError`` for a subject in a reserved
+        namespace (``apikey:...`` or ``system``): a token must not pose as a service or the node."""
+        if user_id == SYSTEM_USER_ID or user_id.startswith(API_KEY_PREFIX):
+            raise ValueError(f"subject {user_id!r} is reserved ('{SYSTEM_USER_ID}' and '{API_KEY_PREFIX}...' "
+                             f"name the node and API keys)")
+        return cls(user_id=user_id, roles=frozenset(roles), claims=dict(claims or {}), kind="user",
+                   expires_at=expires_at)
+
+    @classmethod
+    def for_api_key(cls, name: str, roles: Iterable[str] = ()) -> "Auth":
+        """The caller of an API key: ``user_id`` is ``apikey:<name>``, its own namespace."""
+        return cls(user_id=API_KEY_PREFIX + name, roles=frozenset(roles), claims={"api_key": name}, kind="service")
+
     @property
     def authenticated(self) -> bool:
         return self.kind != "anonymous"
 
     def has_roles(self, required: Iterable[str]) -> bool:
-        return set(required) <= self.roles
+        return self.kind == "system" or set(required) <= self.roles
 
     def scope_key(self) -> str:
         return f"{self.kind}:{self.user_id or ''}"
 
+    def to_job(self) -> dict[str, Any]:
+        """What a job stores of its dispatcher (``run_as``)."""
+        return {"kind": self.kind, "user_id": self.user_id, "roles": sorted(self.roles)}
+
+    @classmethod
+    def from_job(cls, run_as: Mapping[str, Any] | None, caller: str | None = None) -> "Auth":
+        """The identity a stored job runs as. Rows without ``run_as`` predate it: their ``caller``
+        ran as a user without roles, no caller as the system."""
+        if run_as is None:
+            return cls(user_id=caller, kind="user") if caller else SYSTEM
+        kind = run_as.get("kind")
+        if kind == "system":
+            return SYSTEM
+        if kind == "anonymous":
+            return ANONYMOUS
+        return cls(user_id=run_as.get("user_id"), roles=frozenset(run_as.get("roles") or ()), kind=kind or "user")
+
 
 ANONYMOUS = Auth()
-SYSTEM = Auth(user_id="system", roles=frozenset({"system"}), kind="service")
+SYSTEM = Auth(user_id=SYSTEM_USER_ID, roles=frozenset({"system"}), kind="system")
 
 
 # --- jobs dispatched from contexts --------------------------------------------------------
@@ -70,16 +120,22 @@ class JobRequest:
     timeout: float | None = None
     unique_key: str | None = None
     on_conflict: str = "skip"  # skip | replace
+    #: who asked, shown in job listings (the dispatcher's user id, or a label such as "scheduler")
     caller: str | None = None
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: the identity the job runs as (``Auth.to_job()``); ``job_request`` fills it (the system by default)
+    run_as: Mapping[str, Any] | None = None
 
 
 def job_request(defn: FunctionDef | str, args: Mapping[str, Any], *, caller: str | None = None,
+                run_as: Auth | None = None,
                 delay: dt.timedelta | float | None = None, run_at: dt.datetime | None = None,
                 priority: int | None = None, queue: str | None = None, unique_key: str | None = None,
                 on_conflict: str = "skip", max_attempts: int | None = None, capability: str | None = None,
                 timeout: float | None = None) -> JobRequest:
-    """Validate ``args`` against the job's signature and build a :class:`JobRequest`."""
+    """Validate ``args`` against the job's signature and build a :class:`JobRequest`.
+
+    ``run_as``: the identity the job runs as; ``None`` (crons, plain Python) is the system."""
     if isinstance(defn, str):
         name, opts, jt = defn, {}, None
         payload = dict(args)
@@ -105,8 +161,9 @@ def job_request(defn: FunctionDef | str, args: Mapping[str, Any], *, caller: str
         timeout=timeout if timeout is not None else jt,
         unique_key=unique_key,
         on_conflict=on_conflict,
-        caller=caller,
+        caller=caller if caller is not None or run_as is None else run_as.user_id,
         options={k: v for k, v in opts.items() if k not in ("queue", "priority", "max_attempts", "capability")},
+        run_as=(run_as or SYSTEM).to_job(),
     )
 
 
@@ -167,6 +224,17 @@ class Context:
     def node(self):
         return self._executor.node
 
+    def as_system(self) -> "Context":
+        """This context acting as the system identity: ``ctx.as_system().query(...)``,
+        ``.mutation(...)`` and ``.dispatch(...)`` run as :data:`SYSTEM` (every roles check passes,
+        jobs run as system). The one way app code elevates; grep for ``as_system``. The elevated
+        context shares this call's connection: its ``db`` is still the caller's transaction."""
+        elevated = copy.copy(self)
+        elevated._call = attrs.evolve(self._call, auth=SYSTEM)
+        logger.bind(request_id=self.request_id).debug(
+            f"{self._call.defn.name}: elevated to system (was {self._call.auth.scope_key()})")
+        return elevated
+
 
 class QueryContext(Context):
     pass
@@ -182,7 +250,8 @@ class MutationContext(Context):
         if isinstance(defn, str):
             found = self._executor.registry.get(defn)
             defn = found if found is not None else defn
-        req = job_request(defn, args, caller=self._call.auth.user_id, delay=delay, run_at=run_at,
+        # the job runs as whoever dispatched it (anonymous stays anonymous)
+        req = job_request(defn, args, run_as=self._call.auth, delay=delay, run_at=run_at,
                           priority=priority, queue=queue, unique_key=unique_key, on_conflict=on_conflict)
         ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
         return ids[0] if ids else 0
@@ -288,7 +357,7 @@ class FunctionExecutor:
         return self._dispatcher
 
     def authorize(self, defn: FunctionDef, auth: Auth) -> None:
-        if defn.public:
+        if defn.public or auth.kind == "system":
             return
         if not auth.authenticated:
             raise Unauthenticated(f"{defn.name} requires an authenticated caller")
