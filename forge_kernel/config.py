@@ -113,6 +113,9 @@ class AppConfig:
     function_timeout: float = attrs.field(default=30.0, validator=in_range(0.001, 86400))
     #: serve ``forge_kernel.example`` when no modules are configured
     example: bool = True
+    #: every call's transaction carries the caller for row-level security policies (forge.user_id,
+    #: forge.auth_kind, forge.roles): ``auto`` when a table has RLS enabled, ``on``, ``off``
+    row_security: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
 
 
 @attrs.frozen

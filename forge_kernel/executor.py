@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import json
 import secrets
 import traceback
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -345,6 +346,8 @@ class FunctionExecutor:
         self.middleware = list(middleware)
         self._dispatcher = dispatcher
         self.node = node
+        #: every call's transaction carries the caller (``set_caller``); see ``[app] row_security``
+        self.row_security = False
         chain: Callable[[Call], Awaitable[Any]] = self._invoke
         for mw in reversed(self.middleware):
             chain = (lambda m, nxt: (lambda c: m(c, nxt)))(mw, chain)
@@ -413,21 +416,64 @@ class FunctionExecutor:
         if defn.kind == "action":
             return await defn.fn(ActionContext(self, call, None), **call.args)
         if defn.kind == "query" and self.query_pool is not None:
-            # Each statement runs in its own read-only transaction (the session default). At READ
-            # COMMITTED that is what BEGIN READ ONLY gave (a snapshot per statement), minus two round trips.
             async with self.query_pool.acquire() as conn:
-                db = Database(conn, readonly=True)
-                result = await defn.fn(QueryContext(self, call, db), **call.args)
-                if call.track_reads:
-                    call.reads = await db.read_set()
-                return result
+                if not self.row_security:
+                    # Each statement runs in its own read-only transaction (the session default). At READ
+                    # COMMITTED that is what BEGIN READ ONLY gave (a snapshot per statement), minus two round trips.
+                    return await self._query(conn, call)
+                # the caller's settings are transaction-local: one transaction (read-only, the session's default)
+                async with conn.transaction():
+                    await set_caller(conn, call.auth)
+                    return await self._query(conn, call)
         async with self.pool.acquire() as conn:
             if defn.kind == "query":
                 async with conn.transaction(readonly=True):
-                    db = Database(conn, readonly=True)
-                    result = await defn.fn(QueryContext(self, call, db), **call.args)
-                    if call.track_reads:
-                        call.reads = await db.read_set()
-                    return result
+                    if self.row_security:
+                        await set_caller(conn, call.auth)
+                    return await self._query(conn, call)
             async with conn.transaction():
+                if self.row_security:
+                    await set_caller(conn, call.auth)
                 return await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
+
+    async def _query(self, conn: asyncpg.Connection, call: Call) -> Any:
+        db = Database(conn, readonly=True)
+        result = await call.defn.fn(QueryContext(self, call, db), **call.args)
+        if call.track_reads:
+            call.reads = await db.read_set()
+        return result
+
+
+# --- row-level security -------------------------------------------------------------------
+#: Transaction-local settings that carry the caller into PostgreSQL, for row-level security
+#: policies: ``current_setting('forge.user_id', true)`` (empty for anonymous),
+#: ``forge.auth_kind`` (anonymous | user | service | system) and ``forge.roles`` (a JSON array:
+#: ``current_setting('forge.roles', true)::jsonb ? 'admin'``).
+SET_CALLER = ("SELECT set_config('forge.user_id', $1, true), set_config('forge.auth_kind', $2, true), "
+              "set_config('forge.roles', $3, true)")
+
+
+async def set_caller(conn: asyncpg.Connection, auth: Auth) -> None:
+    """Put ``auth`` into the current transaction's settings (gone at its end, so a pooled
+    connection never carries one caller into the next)."""
+    await conn.execute(SET_CALLER, auth.user_id or "", auth.kind, json.dumps(sorted(auth.roles)))
+
+
+async def row_security(conn: asyncpg.Connection, mode: str) -> tuple[bool, str, bool]:
+    """Whether calls carry the caller (``[app] row_security``: ``on``, ``off``, or ``auto`` - on
+    when a table of this database has row-level security enabled), a line saying so, and whether
+    the connection's role bypasses every policy (a superuser or BYPASSRLS role)."""
+    tables = await conn.fetch("SELECT c.oid::regclass::text AS name FROM pg_class c JOIN pg_namespace n ON "
+                              "n.oid = c.relnamespace WHERE c.relrowsecurity AND c.relkind IN ('r', 'p') "
+                              "AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1")
+    on = mode == "on" or (mode == "auto" and bool(tables))
+    if not on:
+        return False, "", False
+    bypass = await conn.fetchval("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")
+    names = ", ".join(r["name"] for r in tables[:10]) or "none yet"
+    line = f"row security: calls carry the caller (tables with policies: {names})"
+    if bypass:
+        user = await conn.fetchval("SELECT current_user")
+        line += (f"; but the node connects as {user}, a superuser or BYPASSRLS role, which no policy restricts - "
+                 f"connect as a role without SUPERUSER and BYPASSRLS for the policies to apply")
+    return True, line, bool(bypass)

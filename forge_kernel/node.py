@@ -23,7 +23,7 @@ from .app import Registry
 from .config import Config
 from .embedded_pg import EmbeddedPostgres
 from .errors import StartupError
-from .executor import FunctionExecutor
+from .executor import FunctionExecutor, row_security
 from .plugins import PluginLoader, _flat, _version
 from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
 
@@ -136,6 +136,11 @@ class Node:
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
                                          node=self, query_pool=self.query_pool)
+        async with self.pool.acquire() as c:
+            self.executor.row_security, line, bypassed = await row_security(c, self.config.app.row_security)
+        if line:
+            # a superuser bypasses every policy: worth a warning against a real server, a note on the embedded one
+            (logger.warning if bypassed and self.embedded is None else logger.info)(line)
         await self._register()
         self.supervisor.spawn("heartbeat", self._heartbeat_loop, service="kernel")
         self.maintenance = _flat(self.loader.hook.forge_maintenance_tasks(node=self))

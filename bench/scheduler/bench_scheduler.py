@@ -274,6 +274,7 @@ async def main() -> None:
     kills = [args.duration / 3, 2 * args.duration / 3]
     with tempfile.TemporaryDirectory(prefix="forge-bench-sched-") as tmp:
         work = Path(tmp)
+        work.chmod(0o711)  # as root the server runs as forge_pg, which must pass through to work/pg
         pg = EmbeddedPostgres(work / "pg")
         url = pg.start()
         try:

@@ -474,6 +474,8 @@ class Worker:
             except ForgeError as exc:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
             auth = Auth.from_job(row["run_as"], row["caller"])  # the identity that dispatched it
+            if self.node.executor.row_security:
+                db.caller = auth
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
