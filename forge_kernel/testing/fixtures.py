@@ -29,7 +29,9 @@ def forge_database_url() -> Iterator[str]:
 
     root = Path(os.environ.get("FORGE_TEST_PGROOT") or tempfile.mkdtemp(prefix="forge-test-pg-"))
     # tests need speed, not durability; benchmarks start their own server with stock settings
-    pg = EmbeddedPostgres(root, settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    # TCP too (password required), for the few tests about TCP sockets (keepalive); the URL is the socket's
+    pg = EmbeddedPostgres(root, settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+                          tcp_port=free_port())
     url = pg.start()
     # child processes (forge-node) share it: the URL names the password file (0600, this account's),
     # so children running as this account connect and nobody else can
