@@ -400,7 +400,11 @@ class EmbeddedPostgres:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self._prepare_root()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        try:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        except OSError as exc:  # ELOOP: a link planted where the lock belongs
+            raise StartupError(f"{self.root / 'lock'}: cannot be opened safely ({exc.strerror}); FORGE never "
+                               f"follows links in its data folder - remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

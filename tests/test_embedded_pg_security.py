@@ -229,3 +229,35 @@ async def test_an_unprivileged_node_account_runs_its_own_server_that_others_cann
     finally:
         out, err = proc.communicate("", timeout=60)
     assert proc.returncode == 0 and out.strip() == "True", err
+
+
+async def test_a_data_folder_from_an_older_forge_is_taken_back_and_given_a_password(forge_pg_folder):
+    """The old layout: .forge/ owned by forge_pg (who could plant links there) and a cluster without
+    a password. The next start takes the folder back without following the planted link, drops
+    the server's top-level files and gives the superuser a password."""
+    victim = victim_file(forge_pg_folder)
+    root = forge_pg_folder / ".forge"
+    first = EmbeddedPostgres(root)
+    await asyncio.to_thread(first.start)
+    await asyncio.to_thread(first.release, 0)
+    acc = server_account()
+    os.chown(root, acc.uid, acc.gid)  # as the old code left it
+    old_password = (root / "pgpass").read_text()
+    (root / "pgpass").unlink()        # a cluster made before passwords
+    (root / "server.json").unlink()
+    (root / "server.json").symlink_to(victim)
+    os.lchown(root / "server.json", acc.uid, acc.gid)
+    again = EmbeddedPostgres(root)
+    url = await asyncio.to_thread(again.start)
+    try:
+        assert_untouched(victim)
+        st = root.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, acc.gid, 0o710)
+        assert not (root / "server.json").is_symlink()
+        assert (root / "pgpass").read_text() != old_password
+        conn = await asyncpg.connect(url)  # the new password, from the new pgpass
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        assert "trust" not in (root / "pg_hba.conf").read_text()
+    finally:
+        await asyncio.to_thread(again.release, 0)
