@@ -30,30 +30,26 @@ def bearer(user: str) -> str:
     return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
 
 
+async def as_superuser(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
 async def app_role_url(forge_db_url):
     """The test database handed to a new non-superuser login role (its owner), and a URL for it."""
     role, password = f"forge_app_{secrets.token_hex(4)}", secrets.token_urlsafe(16)
     name = forge_db_url.partition("?")[0].rpartition("/")[2]
-    admin = await asyncpg.connect(forge_db_url)
-    try:
-        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-        await admin.execute(f'ALTER DATABASE "{name}" OWNER TO {role}')
-    finally:
-        await admin.close()
+    await as_superuser(forge_db_url, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'",
+                       f'ALTER DATABASE "{name}" OWNER TO {role}')
     yield forge_db_url.replace("postgresql://postgres@", f"postgresql://{role}:{password}@", 1)
-    admin = await asyncpg.connect(forge_db_url)
-    try:
-        await admin.execute(f"REASSIGN OWNED BY {role} TO postgres")
-        await admin.execute(f"DROP OWNED BY {role}")
-    finally:
-        await admin.close()
-    admin = await asyncpg.connect(with_database(forge_db_url, "postgres"))
-    try:
-        with contextlib.suppress(asyncpg.PostgresError):
-            await admin.execute(f"DROP ROLE {role}")
-    finally:
-        await admin.close()
+    await as_superuser(forge_db_url, f"REASSIGN OWNED BY {role} TO postgres", f"DROP OWNED BY {role}")
+    with contextlib.suppress(asyncpg.PostgresError):
+        await as_superuser(with_database(forge_db_url, "postgres"), f"DROP ROLE {role}")
 
 
 @pytest.fixture
