@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .admin import AdminAction
     from .app import Registry
     from .migrations import Migration
     from .node import Node
@@ -214,4 +215,27 @@ def forge_cluster_gauges(node: "Node") -> list["ClusterGauge"]:
     returning ``[(label values, value)]``). Only the scheduler leader collects them (as a
     maintenance task) and exports them, so scraping every node never counts the cluster twice.
     ``collect`` must be one cheap query: it runs every few seconds.
+    """
+
+
+@hookspec
+def forge_admin_actions(node: "Node") -> list["AdminAction"]:
+    """Operator actions on the tables this plugin owns (retry a job, pause a queue, trigger a cron).
+
+    Called when an operator tool (the admin dashboard) starts on a node; implemented by every
+    plugin whose state operators change: the worker (``job.retry``, ``job.cancel``,
+    ``job.discard``, ``queue.pause``, ``queue.resume``), the scheduler (``cron.trigger``,
+    ``cron.pause``, ``cron.resume``), the workflow runtime (``workflow.cancel``,
+    ``workflow.retry``, ``workflow.send_event``) and the kernel (``node.drain``). Return a list of
+    ``forge_kernel.admin.AdminAction``; a name belongs to one plugin.
+
+    ``await action.run(conn, targets, params, actor)`` must: do all its writes on ``conn`` (the
+    caller runs it inside a transaction and commits its own audit row with it); raise
+    ``forge_kernel.errors.InvalidArgument`` for a malformed target or parameter (``NotFound`` for
+    a target the owner cannot act on, e.g. an unknown cron), naming it, the caller's transaction
+    then being rolled back; leave alone targets already in the end state, so
+    running it again with the same targets changes nothing and reports ``affected == 0``
+    (a cron trigger is the exception: each run asks for one more run, so tools de-duplicate
+    repeated requests themselves); and work whichever node leads the cluster (write requests the
+    leader picks up, never state only one process holds).
     """

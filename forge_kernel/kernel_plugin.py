@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .admin import kernel_actions
 from .config import KERNEL_SECTIONS
 from .hookspecs import hookimpl
 from .migrations import from_package
@@ -15,3 +16,8 @@ def forge_config_sections():
 @hookimpl
 def forge_migrations():
     return from_package("forge_kernel.sql", namespace="kernel")
+
+
+@hookimpl
+def forge_admin_actions(node):
+    return kernel_actions()

@@ -19,6 +19,7 @@ from loguru import logger
 
 from . import db as dbmod
 from . import migrations as migmod
+from .admin import DRAIN_KEY
 from .app import Registry
 from .config import Config
 from .embedded_pg import EmbeddedPostgres
@@ -259,11 +260,15 @@ class Node:
                 # records 'draining' when the pool was too busy for _set_status
                 row = await self._hb_conn.fetchval(
                     "UPDATE forge_nodes SET last_heartbeat = now(), status = $2, stopped_at = NULL "
-                    "WHERE id = $1 RETURNING 1", self.id, self.status)
+                    "WHERE id = $1 RETURNING coalesce(info -> $3, 'false')", self.id, self.status, DRAIN_KEY)
                 if row is None:
                     logger.warning(f"node row {self.id} vanished; registering again")
                     await self._register()
                     await self._set_status(self.status)
+                elif row and not self._stopping.is_set():
+                    # an operator asked (node.drain admin action): drain as on SIGTERM
+                    logger.warning(f"node {self.id} draining: asked by {row.get('by', '?') if isinstance(row, dict) else '?'} (node.drain)")
+                    self.request_stop()
             except (OSError, asyncpg.PostgresError, asyncio.TimeoutError, asyncpg.InterfaceError) as exc:
                 logger.warning(f"heartbeat failed ({type(exc).__name__}: {exc}); retrying")
                 if self._hb_conn is not None:

@@ -43,3 +43,18 @@ async def test_migrations_twice_equal_once(plugin, forge_database_url):
 @pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
 async def test_concurrent_migrators_apply_once(plugin, forge_database_url):
     await contracts.check_concurrent_migrations(plugin, forge_database_url)
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+async def test_admin_actions_leave_unknown_targets_alone(plugin, forge_database_url):
+    await contracts.check_admin_actions(plugin, forge_database_url)
+
+
+def test_admin_action_names_are_unique_across_plugins():
+    from forge_kernel.admin import collect
+
+    loader = contracts.PluginLoader().load()
+    node = contracts.types.SimpleNamespace(id="n", registry=None, pool=None, config=None)
+    names = set(collect(loader.hook.forge_admin_actions(node=node)))
+    assert {"job.retry", "job.cancel", "job.discard", "queue.pause", "queue.resume", "cron.trigger", "cron.pause",
+            "cron.resume", "node.drain"} <= names, sorted(names)

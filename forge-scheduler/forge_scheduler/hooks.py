@@ -5,7 +5,7 @@ from __future__ import annotations
 from forge_kernel import hookimpl
 from forge_kernel.migrations import from_package
 
-from . import cli, crons, maintenance, service, settings
+from . import admin, cli, crons, maintenance, service, settings
 
 
 @hookimpl
@@ -49,3 +49,8 @@ def forge_job_finished(node, outcome):
 @hookimpl
 def forge_cli_commands(subparsers):
     cli.add_commands(subparsers)
+
+
+@hookimpl
+def forge_admin_actions(node):
+    return admin.admin_actions(lambda: settings.crons_of(node.registry).values() if node.registry else ())

@@ -8,6 +8,7 @@ from forge_kernel import hookimpl
 from forge_kernel.migrations import from_package
 from forge_kernel.telemetry import ClusterGauge
 
+from .admin import admin_actions
 from .cli import add_jobs_command
 from .config import WorkerConfig
 from .queue import Dispatcher, job_counts, oldest_pending
@@ -62,3 +63,8 @@ def forge_cluster_gauges(node: Any):
                          ("queue", "status"), job_counts),
             ClusterGauge("forge_jobs_oldest_pending_seconds", "Age of the oldest due job per queue",
                          ("queue",), oldest_pending)]
+
+
+@hookimpl
+def forge_admin_actions(node: Any):
+    return admin_actions(lambda: node.registry)

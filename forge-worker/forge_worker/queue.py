@@ -347,6 +347,17 @@ def _ids(ids: Iterable[int]) -> list[int]:
     return out
 
 
+def _queues(queues: Iterable[str]) -> list[str]:
+    if isinstance(queues, str):
+        queues = [queues]
+    out = []
+    for q in queues:
+        if not isinstance(q, str) or not q or len(q) > 200:
+            raise InvalidArgument(f"a queue name is a non-empty string of at most 200 characters, got {q!r}")
+        out.append(q)
+    return out
+
+
 class JobQueue:
     """Enqueue and manage jobs with only a pool (or a connection): no node needed.
 
@@ -459,21 +470,54 @@ class JobQueue:
         is cancelled and ``ctx.cancelled`` turns true. Raises ``NotFound`` for a job that is
         not live (finished, dead-lettered or unknown)."""
         (job_id,) = _ids([job_id])
-        row = await self.db.fetchrow(
-            """WITH gone AS (
-                   DELETE FROM forge_jobs WHERE id = $1 AND status IN ('scheduled', 'pending') RETURNING *
-               ), hist AS (""" + _MOVE_TO_HISTORY + """ RETURNING id
-               ), asked AS (
-                   UPDATE forge_jobs SET cancel_requested = true WHERE id = $1 AND status = 'running'
-                   RETURNING id, pg_notify('forge_jobs_cancel', id::text)
-               )
-               SELECT (SELECT count(*) FROM hist) AS cancelled, (SELECT count(*) FROM asked) AS requested""",
-            job_id, "cancelled")
-        if row["cancelled"]:
+        cancelled, requested = await self.cancel_many([job_id])
+        if cancelled:
             return "cancelled"
-        if row["requested"]:
+        if requested:
             return "requested"
         raise NotFound(f"job {job_id} is not scheduled, pending or running")
+
+    async def cancel_many(self, ids: Iterable[int]) -> tuple[list[int], list[int]]:
+        """Cancel many jobs in one statement: scheduled and pending ones are removed (kept in
+        history as ``cancelled``), running ones are asked to stop. Returns (removed ids, asked
+        ids); jobs already asked, finished, dead-lettered or unknown are left alone."""
+        rows = await self.db.fetch(
+            """WITH gone AS (
+                   DELETE FROM forge_jobs WHERE id = ANY($1::bigint[]) AND status IN ('scheduled', 'pending')
+                   RETURNING *
+               ), hist AS (""" + _MOVE_TO_HISTORY + """ RETURNING id
+               ), asked AS (
+                   UPDATE forge_jobs SET cancel_requested = true
+                   WHERE id = ANY($1::bigint[]) AND status = 'running' AND NOT cancel_requested
+                   RETURNING id, pg_notify('forge_jobs_cancel', id::text)
+               )
+               SELECT id, 'cancelled' AS how FROM hist UNION ALL SELECT id, 'requested' FROM asked ORDER BY id""",
+            _ids(ids), "cancelled")
+        return ([r["id"] for r in rows if r["how"] == "cancelled"], [r["id"] for r in rows if r["how"] == "requested"])
+
+    # --- pausing queues -------------------------------------------------------------------
+    async def pause(self, queues: Iterable[str], *, by: str | None = None) -> list[str]:
+        """Stop workers from claiming jobs of ``queues`` (running jobs finish). Returns the queues
+        that were not paused before."""
+        rows = await self.db.fetch(
+            """INSERT INTO forge_worker_queue_pauses (queue, paused_by) SELECT q, $2 FROM unnest($1::text[]) AS q
+               ON CONFLICT (queue) DO NOTHING RETURNING queue""", _queues(queues), by)
+        return sorted(r["queue"] for r in rows)
+
+    async def resume(self, queues: Iterable[str]) -> list[str]:
+        """Let workers claim jobs of ``queues`` again (and wake one that sleeps). Returns the
+        queues that were paused."""
+        rows = await self.db.fetch(
+            """WITH back AS (DELETE FROM forge_worker_queue_pauses WHERE queue = ANY($1::text[]) RETURNING queue)
+               SELECT queue, (SELECT count(pg_notify('forge_jobs', '*'))
+                              FROM (SELECT 1 FROM forge_worker_sleepers LIMIT 1) s) AS woke
+               FROM back""", _queues(queues))
+        return sorted(r["queue"] for r in rows)
+
+    async def paused(self) -> dict[str, dt.datetime]:
+        """Paused queues and since when."""
+        return {r["queue"]: r["paused_at"] for r in await self.db.fetch(
+            "SELECT queue, paused_at FROM forge_worker_queue_pauses ORDER BY queue")}
 
     async def purge_history(self, older_than: float) -> int:
         """Delete history rows finished more than ``older_than`` seconds ago; returns how many."""

@@ -52,6 +52,7 @@ WITH c AS (
       AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[]))
       AND (capability IS NULL OR capability = ANY($4::text[]))
       AND NOT (name = ANY($5::text[])) AND NOT (queue = ANY($6::text[]))
+      AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
     ORDER BY priority DESC, id
     LIMIT $7
     FOR UPDATE SKIP LOCKED
@@ -78,6 +79,7 @@ WITH run_q AS (
       AND (capability IS NULL OR capability = ANY($4::text[]))
       AND ($8::text IS NULL OR queue = $8)
       AND ($9::text IS NULL OR (name = $9 AND NOT (queue = ANY($6::text[]))))
+      AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
     ORDER BY priority DESC, id
     LIMIT $5::int * 4 + 16
 ), ranked AS (

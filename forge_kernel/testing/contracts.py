@@ -508,3 +508,79 @@ def check_telemetry_events() -> None:
         assert not values or values[-1] == n - 1
 
     bounded()
+
+
+# --- admin actions -------------------------------------------------------------------------
+def _admin_actions(plugin: Any) -> dict[str, Any]:
+    from ..admin import collect
+
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    # the hook sees a node that has not started: no pool, no registry (actions get their connection per call)
+    node = types.SimpleNamespace(id="contract-node", registry=None, pool=None, config=None)
+    return collect(pm.hook.forge_admin_actions(node=node))
+
+
+async def _contents(conn: Any) -> list[tuple]:
+    """Every row of every table of the public schema, as text (the contract's databases are tiny)."""
+    out = []
+    for (name,) in await conn.fetch("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1"):
+        rows = await conn.fetch(f'SELECT t::text AS row FROM "{name}" t ORDER BY 1')
+        out.append((name, tuple(r["row"] for r in rows)))
+    return out
+
+
+_garbage_targets = st.lists(
+    st.one_of(st.text(max_size=40), st.integers(-10, 10**20).map(str), st.just(""), st.just(" "),
+              st.from_regex(r"[a-z_]{1,12}", fullmatch=True), st.just("1" * 400)),
+    max_size=5)
+
+
+async def check_admin_actions(plugin: Any, db_url: str, max_examples: int = 25) -> None:
+    """``forge_admin_actions``: valid unique names; and for any targets (unknown ids and names,
+    malformed text, empty lists) each action either raises ``InvalidArgument`` / ``NotFound`` or
+    returns an ``ActionResult`` with ``affected == 0`` and changes no row of any table, twice in a
+    row - on a database with only the kernel's and the plugin's tables, where no target exists."""
+    from ..admin import ActionResult, AdminAction
+    from ..db import connect
+    from ..errors import InvalidArgument, NotFound
+
+    actions = _admin_actions(plugin)
+    if not actions:
+        return
+    for name, action in actions.items():
+        assert isinstance(action, AdminAction) and action.name == name
+        assert action.max_targets >= 1 and callable(action.run), name
+    url, drop = await _fresh_db(db_url)
+    try:
+        conn = await connect(url)
+        try:
+            await migrate(conn, _with_kernel(_migrations(plugin)))
+        finally:
+            await conn.close()
+
+        async def example(name: str, targets: list[str]) -> None:
+            conn = await connect(url)
+            try:
+                before = await _contents(conn)
+                for _ in range(2):
+                    try:
+                        async with conn.transaction():
+                            result = await actions[name].run(conn, targets, {}, "contract")
+                    except (InvalidArgument, NotFound):
+                        continue
+                    assert isinstance(result, ActionResult), f"{name} returned {result!r}"
+                    assert result.affected == 0, f"{name}({targets!r}) changed {result.affected} unknown target(s)"
+                assert await _contents(conn) == before, f"{name}({targets!r}) changed rows without a target"
+            finally:
+                await conn.close()
+
+        @settings(**{**_SETTINGS, "max_examples": max_examples})
+        @given(name=st.sampled_from(sorted(actions)), targets=_garbage_targets)
+        def unknown_targets_change_nothing(name: str, targets: list[str]) -> None:
+            asyncio.run(example(name, targets))
+
+        await _run_property(unknown_targets_change_nothing)
+    finally:
+        await drop()
