@@ -230,10 +230,16 @@ async def window_deltas(db: Any, names: Iterable[str], start: dt.datetime) -> di
              FROM forge_obs_metrics WHERE name = ANY($1::text[]) AND at > $2 AND at <= $3
              ORDER BY node_id, name, labels, at DESC"""
     now = dt.datetime.now(dt.timezone.utc)
-    end = {(s.node_id, s.name, json.dumps(s.labels, sort_keys=True)): s
-           for s in map(_series, await db.fetch(sql, names, start - LOOKBACK, now))}
-    begin = {(s.node_id, s.name, json.dumps(s.labels, sort_keys=True)): s
-             for s in map(_series, await db.fetch(sql, names, start - LOOKBACK, start))}
+    return deltas(names, map(_series, await db.fetch(sql, names, start - LOOKBACK, now)),
+                  map(_series, await db.fetch(sql, names, start - LOOKBACK, start)), start)
+
+
+def deltas(names: Iterable[str], end_rows: Iterable[Series], begin_rows: Iterable[Series],
+           start: dt.datetime) -> dict[str, list[Delta]]:
+    """The growth of each series from its newest row at ``start`` (``begin_rows``) to its newest now
+    (``end_rows``), per metric name (the dashboard fetches both sets in one statement)."""
+    end = {(s.node_id, s.name, json.dumps(s.labels, sort_keys=True)): s for s in end_rows}
+    begin = {(s.node_id, s.name, json.dumps(s.labels, sort_keys=True)): s for s in begin_rows}
     out: dict[str, list[Delta]] = {n: [] for n in names}
     for key, e in end.items():
         b = begin.get(key)
@@ -250,7 +256,7 @@ async def window_deltas(db: Any, names: Iterable[str], start: dt.datetime) -> di
                 buckets = list(e.buckets)
             else:
                 buckets = [x - y for x, y in zip(e.buckets, b.buckets)]
-        out[e.name].append(Delta(e.labels, value, total, e.bounds, buckets))
+        out.setdefault(e.name, []).append(Delta(e.labels, value, total, e.bounds, buckets))
     return out
 
 
