@@ -29,6 +29,11 @@ _AUDIT = """INSERT INTO forge_dashboard_audit (who, kind, role, node_id, client,
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING id, at"""
 
 
+def _plain(value: Any) -> Any:
+    """JSON-safe copy (the pool's jsonb codec encodes it; dates become text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _key(value: Any) -> str | None:
     if value in (None, ""):
         return None
@@ -70,7 +75,7 @@ class Actions:
                                   f"accepted: {', '.join(action.params) or 'none'}")
         key = _key(idempotency_key)
         head = (viewer.who, viewer.kind, viewer.role, self.node.id, client, name, targets,
-                json.dumps(filter, default=str) if filter is not None else None, json.dumps(params, default=str))
+                _plain(filter) if filter is not None else None, _plain(params))
         async with self.pools.write.acquire() as conn:
             if key is not None:
                 done = await self._recorded(conn, key)
@@ -79,8 +84,8 @@ class Actions:
             try:
                 async with conn.transaction():
                     result = await action.run(conn, targets, params, viewer.who)
-                    row = await conn.fetchrow(_AUDIT, *head, result.affected, json.dumps(result.before, default=str),
-                                              json.dumps(result.after, default=str), "ok", None, key)
+                    row = await conn.fetchrow(_AUDIT, *head, result.affected, _plain(result.before), _plain(result.after),
+                                              "ok", None, key)
             except asyncpg.UniqueViolationError as exc:
                 if key is not None and "idempotency" in str(exc.constraint_name or ""):
                     done = await self._recorded(conn, key)  # the same request, committed meanwhile

@@ -174,6 +174,8 @@ class Renderer:
         self.env.filters.update(num=num, compact=compact, ms=duration_ms, seconds=seconds, pct=pct, when=when,
                                 spark=spark, pretty=pretty_json, status=status_class)
         self.env.globals.update(static=self.static.url, P=PREFIX, qs=query_string)
+        # macros as a global: a live fragment renders one block alone, outside the page's imports
+        self.env.globals["m"] = self.env.get_template("macros.html").module
 
     def page(self, template: str, **ctx: Any) -> str:
         return self.env.get_template(template).render(**ctx)

@@ -121,7 +121,8 @@ def _error(dash: Dashboard, request: Request, exc: ForgeError, api: bool) -> Res
     if request.headers.get("hx-request"):
         return _html(dash.render.page("toast.html", ok=False, message=exc.message), exc.status)
     return _html(dash.render.page("error.html", status=exc.status, message=exc.message, nav=NAV, viewer=None,
-                                  notice=dash.access.describe()), exc.status)
+                                  notice=dash.access.describe(), csrf="", page="", title=str(exc.status),
+                                  node_id=dash.node.id, live_interval=dash.config.live_interval), exc.status)
 
 
 def routes(dash: Dashboard) -> Router:
