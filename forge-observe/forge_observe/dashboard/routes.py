@@ -227,7 +227,7 @@ def routes(dash: Dashboard) -> Router:
             data = await dash.data(query)
         except ForgeError as exc:
             return with_session(request, _error(dash, request, exc, api=False))
-        live_path = request.url.path.replace(PREFIX, PREFIX + "/live", 1)
+        live_path = f"{PREFIX}/live/{name}" + (f"/{item}" if item else "")
         if request.url.query:
             live_path += "?" + request.url.query
         html = dash.render.page(dash.template_of(query.page), d=data, f=query.filters,
