@@ -139,7 +139,9 @@ WITH lost AS (
                      ELSE r.error END,
         finished_at = CASE WHEN r.recoveries >= r.max_recoveries THEN now() END,
         wait = jsonb_build_object('kind', 'recovered', 'node', r.node_id, 'claim', r.claims, 'at', now()),
-        recoveries = r.recoveries + 1, run_at = now(), node_id = NULL, lease_until = NULL, updated_at = now()
+        -- due since it was created: a recovered run is claimed before runs started after it (oldest first)
+        recoveries = r.recoveries + 1, run_at = r.created_at, node_id = NULL, lease_until = NULL,
+        updated_at = now()
     FROM lost WHERE r.id = lost.id
     RETURNING r.id, r.status, r.parent_id, r.error
 ), told AS (
