@@ -15,7 +15,8 @@ from forge_kernel.migrations import migrate
 from forge_kernel.db import create_pool
 from forge_worker.config import WorkflowConfig
 from forge_worker.hooks import forge_migrations
-from forge_worker.workflows.context import Suspended, WorkflowContext, new_scope
+from forge_worker.workflows import store
+from forge_worker.workflows.context import Park, Suspended, WorkflowContext, new_scope
 from forge_worker.workflows.runtime import Execution, WorkflowRuntime
 from forge_worker.workflows.store import WorkflowEngine
 
@@ -47,16 +48,21 @@ CLAIM_ONE = """UPDATE forge_workflow_runs SET status = 'running', claims = claim
 
 
 async def _wait_once(rt: _Runtime, row, history) -> object:
-    """One execution of a run whose code is ``await ctx.wait_for_event("go")``."""
+    """One execution of a run whose code is ``await ctx.wait_for_event("go")``, parked as the
+    runtime parks it (asleep, or handed back due at once when an event arrived meanwhile)."""
     new_scope()
     x = Execution.from_row(rt, row)
     ctx = WorkflowContext(x, history)
-    return await ctx.wait_for_event("go")
+    try:
+        return await ctx.wait_for_event("go")
+    except Park as park:
+        await x.suspend(park.until, park.wait, park.events, park.seen)  # raises Suspended when asleep
+        assert await x.fenced(store.RELEASE + " RETURNING id")
+        raise Suspended() from None
 
 
 async def _history(pool, run_id):
     from forge_worker.workflows.context import Record
-    from forge_worker.workflows import store
 
     rows = await pool.fetch(store.HISTORY, run_id)
     return {r["key"]: Record(r["key"], r["name"], r["kind"], r["status"], store.loads(r["result"]), r["error"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 import uuid
 from typing import Any, Mapping, Sequence
@@ -126,6 +127,9 @@ def explain(row: Mapping[str, Any], limit: int | None) -> str | None:
                 f"{wait.get('recorded')} but the code (version {wait.get('code_version')}) asks for {wait.get('code')}; "
                 f"deploy code that matches, or retry/cancel the run")
     if status == "waiting":
+        if wait.get("kind") == "parallel":
+            parts = [explain({**row, "wait": json.dumps(w)}, limit) for w in wait.get("waits", [])]
+            return "parallel branches: " + "; ".join(p for p in parts if p)
         kind = wait.get("kind")
         if kind == "sleep":
             return f"sleeping until {_fmt(wait.get('until'))} (step {wait.get('key')})"

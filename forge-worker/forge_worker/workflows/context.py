@@ -73,7 +73,28 @@ class ChildRun:
 
 # --- control flow of the runtime (BaseException: workflow code's ``except Exception`` cannot swallow them)
 class Suspended(BaseException):
-    """The run gave up its lease until a timer or an event; this execution ends here."""
+    """The runtime gave the run up until a timer or an event; this execution ends here."""
+
+
+class Park(BaseException):
+    """The run must wait (a long sleep, a retry's back-off, an event, a child): this execution
+    ends and the runtime gives the run up until ``until`` or one of ``events`` (``seen``: the
+    event count the mailbox was read at). Parallel branches park together (see ``gather``)."""
+
+    def __init__(self, until: dt.datetime | None, wait: dict[str, Any], events: list[str] | None = None,
+                 seen: int | None = None) -> None:
+        super().__init__(wait.get("kind", "wait"))
+        self.until, self.wait, self.events, self.seen = until, wait, events, seen
+
+    @classmethod
+    def combine(cls, parks: list["Park"]) -> "Park":
+        if len(parks) == 1:
+            return parks[0]
+        untils = [p.until for p in parks if p.until is not None]
+        events = sorted({e for p in parks for e in (p.events or [])})
+        seens = [p.seen for p in parks if p.seen is not None]
+        return cls(min(untils) if untils else None, {"kind": "parallel", "waits": [p.wait for p in parks]},
+                   events or None, min(seens) if seens else None)
 
 
 class Diverged(BaseException):
@@ -311,7 +332,7 @@ class WorkflowContext:
             try:
                 async with asyncio.timeout(limit):
                     value = await self._call(fn, app, args, kwargs)
-            except (asyncio.CancelledError, Suspended, LeaseLost, Diverged):
+            except (asyncio.CancelledError, Park, LeaseLost, Diverged):
                 raise
             except Exception as exc:
                 error = (f"timed out after {limit:g}s" if isinstance(exc, TimeoutError) and limit
@@ -391,7 +412,7 @@ class WorkflowContext:
             await asyncio.sleep(left)
             return
         await self._flush()
-        await self._x.suspend(when, wait, None, None)
+        raise Park(when, {**wait, "until": when.isoformat()} if "until" not in wait else wait)
 
     async def _flush(self) -> None:
         if self._pending:
@@ -424,20 +445,17 @@ class WorkflowContext:
         else:
             deadline = _now() + dt.timedelta(seconds=seconds) if seconds is not None else None
         info = {"deadline": deadline.isoformat() if deadline else None}
-        while True:
-            if self._x.replay_only:
-                raise ReplayEnd()
-            rows, self._pending = self._pending, []
-            if rows:
-                await self._x.checkpoint(rows)
-            got, seen = await self._x.consume(key, op_name, names, store.dumps(info, "wait"))
-            if got is not None:
-                return got
-            if deadline is not None and _now() >= deadline:
-                await self._write(key, op_name, "event", "succeeded",
-                                  result=store.dumps({"timed_out": True, **info}, "wait"))
-                return None
-            await self._x.suspend(deadline, {**wait, "key": key, **info}, names, seen)
+        if self._x.replay_only:
+            raise ReplayEnd()
+        await self._flush()
+        got, seen = await self._x.consume(key, op_name, names, store.dumps(info, "wait"))
+        if got is not None:
+            return got
+        if deadline is not None and _now() >= deadline:
+            await self._write(key, op_name, "event", "succeeded",
+                              result=store.dumps({"timed_out": True, **info}, "wait"))
+            return None
+        raise Park(deadline, {**wait, "key": key, **info}, names, seen)
 
     # --- children ---------------------------------------------------------------------------------
     async def start_child(self, workflow: Any, /, **args: Any) -> ChildRun:
@@ -481,7 +499,9 @@ class WorkflowContext:
     async def gather(self, *aws: Awaitable[Any]) -> list[Any]:
         """Run operations in parallel (``await ctx.gather(ctx.step(a), ctx.step(b))``); results
         in order. Each branch numbers its operations on its own, so a branch's keys do not
-        depend on how fast the others are. The first failure cancels the other branches."""
+        depend on how fast the others are. Every branch runs to its end even when another
+        fails (so which steps completed - and get compensated - never depends on timing); then
+        the first failure in branch order is raised."""
         key = self._key()
         self._visited.add(key)  # a gather records nothing itself; its branches do
         rec = self._history.get(key)
@@ -493,18 +513,26 @@ class WorkflowContext:
             ctx.run(_scope.set, _Scope(f"{key}.{i}."))
             tasks.append(asyncio.get_running_loop().create_task(_awaited(aw), context=ctx))
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                # the runtime's own signals (lease lost, diverged, cancelled) end every branch
+                stop = next((t.exception() for t in done if not t.cancelled() and t.exception() is not None
+                             and not isinstance(t.exception(), (Exception, Park))), None)
+                if stop is not None:
+                    raise stop
         except BaseException:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
-        if failed is not None:
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            raise failed.exception()
+        for t in tasks:
+            if isinstance(t.exception(), Exception):
+                raise t.exception()
+        # branches that must wait wait together, once every other branch got as far as it can
+        parks = [t.exception() for t in tasks if isinstance(t.exception(), Park)]
+        if parks:
+            raise Park.combine(parks)
         return [t.result() for t in tasks]
 
 

@@ -35,8 +35,8 @@ from forge_kernel.convert import unstructure
 from ..config import WorkflowConfig
 from ..runtime import backoff_delay
 from . import store
-from .context import (Diverged, LeaseLost, Record, ReplayEnd, Suspended, WorkflowContext, _error_text, _structured_args,
-                      new_scope, resolve_ref)
+from .context import (Diverged, LeaseLost, Park, Record, ReplayEnd, Suspended, WorkflowContext, _error_text,
+                      _structured_args, new_scope, resolve_ref)
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
 
@@ -105,8 +105,8 @@ class Execution:
 
     async def suspend(self, run_at: dt.datetime | None, wait: dict[str, Any], wait_events: list[str] | None,
                       seen: int | None) -> None:
-        """Give the run up until ``run_at`` / an event; raises :class:`Suspended`. Returns (to look
-        at the mailbox again) when an event arrived since ``seen``."""
+        """Give the run up until ``run_at`` / an event; raises :class:`Suspended`. Returns when an
+        event arrived since ``seen`` (the run must look at its mailbox again)."""
         async with self.runtime.write_pool.acquire() as conn:
             done = await conn.fetchval(store.SUSPEND, self.run_id, self.claims, run_at,
                                        store.dumps(wait, "wait"), wait_events, seen)
@@ -356,6 +356,9 @@ class WorkflowRuntime:
         except Diverged as d:
             await self._block(x, defn, d.key, d.recorded, d.code)
             return
+        except Park as park:
+            await self._park(x, park)
+            return
         except CancelRequested:
             await self._compensate(x, "cancelled on request")
             return
@@ -383,6 +386,17 @@ class WorkflowRuntime:
             return
         if await x.fenced(store.FINISH, "succeeded", text, None):
             self.stats["succeeded"] += 1
+
+    async def _park(self, x: Execution, park: Park) -> None:
+        """Give the run up until its timer or events. If an event arrived since its mailbox was
+        read, hand it back due at once instead (it replays and finds the event)."""
+        try:
+            await x.suspend(park.until, park.wait, park.events, park.seen)
+        except CancelRequested:
+            await self._compensate(x, "cancelled on request")
+            return
+        if await x.fenced(store.RELEASE + " RETURNING id"):
+            self.wake.set()
 
     async def _block(self, x: Execution, defn: FunctionDef, key: str, recorded: str, code: str) -> None:
         code_version = defn.options.get("version", "")
