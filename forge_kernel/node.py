@@ -45,10 +45,12 @@ def database_url(config: Config) -> tuple[str, EmbeddedPostgres | None]:
 
 
 def app_modules(config: Config, loader: PluginLoader) -> list[str]:
-    modules = list(config.app.modules) + _flat(loader.hook.forge_app_modules())
-    if not modules and config.app.example:
-        modules = [EXAMPLE_MODULE]
-    return list(dict.fromkeys(modules))
+    # the example app stands in for the user's modules only: functions plugins ship (the
+    # worker's forge.workflows.* admin API) come on top and do not replace it
+    own = list(config.app.modules)
+    if not own and config.app.example:
+        own = [EXAMPLE_MODULE]
+    return list(dict.fromkeys(own + _flat(loader.hook.forge_app_modules())))
 
 
 def app_migrations(registry: Registry) -> list[migmod.Migration]:

@@ -67,6 +67,8 @@ class Execution:
     undoing: bool = False
     #: ``workflows check``: return recorded results, never run or write anything
     replay_only: bool = False
+    #: the run was given up or ended by this claim: nothing left to renew
+    ended: bool = False
 
     @classmethod
     def from_row(cls, runtime: Any, row: Any) -> "Execution":
@@ -113,6 +115,7 @@ class Execution:
             if done is None:
                 state = await conn.fetchrow(store.STATE, self.run_id)
         if done is not None:
+            self.ended = True
             self.runtime.suspended(run_at)
             raise Suspended()
         if state is None or state["claims"] != self.claims or state["status"] != "running":
@@ -134,8 +137,12 @@ class Execution:
                                                      request_id=f"wf-{self.run_id}-{self.claims}")
 
     async def fenced(self, sql: str, *args: Any) -> bool:
+        """A write of this claim (ending, blocking, handing back the run); False if the claim is stale."""
         async with self.runtime.write_pool.acquire() as conn:
-            return await conn.fetchval(sql, self.run_id, self.claims, *args) is not None
+            done = await conn.fetchval(sql, self.run_id, self.claims, *args) is not None
+        if done and sql is not store.START_COMPENSATING:
+            self.ended = True
+        return done
 
 
 class WorkflowRuntime:
@@ -504,7 +511,7 @@ class WorkflowRuntime:
                 await asyncio.sleep(0.2 + random.random() * 0.3)
 
     async def _renew(self, conn: asyncpg.Connection) -> None:
-        xs = [x for x in self.running.values() if x.task is not None and not x.task.done()]
+        xs = [x for x in self.running.values() if x.task is not None and not x.task.done() and not x.ended]
         if not xs:
             return
         rows = await conn.fetch(store.RENEW, [x.run_id for x in xs], [x.claims for x in xs], self.config.lease,
@@ -514,7 +521,7 @@ class WorkflowRuntime:
             if self.running.get(x.run_id) is not x:
                 continue
             if x.run_id not in seen:
-                if x.task is not None and not x.task.done():
+                if x.task is not None and not x.task.done() and not x.ended:
                     logger.warning(f"workflow run {x.run_id} lost its lease; stopping it here")
                     self._stop(x, "lease_lost")
             elif seen[x.run_id]:

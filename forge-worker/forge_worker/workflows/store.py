@@ -272,7 +272,8 @@ WITH run AS (
     FROM (SELECT node_id FROM forge_workflow_sleepers ORDER BY random() LIMIT 1) s
     WHERE EXISTS (SELECT 1 FROM parent WHERE due)
 )
-SELECT (SELECT count(*) FROM run) AS done, (SELECT count(*) FROM wake) AS woke
+-- no row when the claim was stale (fenced out)
+SELECT run.id, (SELECT count(*) FROM wake) AS woke FROM run
 """
 
 HISTORY = """SELECT key, name, kind, status, result::text AS result, error, attempts, finished_at

@@ -1,0 +1,29 @@
+"""The FORGE side's workflows: 3 no-op steps, and a slower one for the resume measurement."""
+
+from __future__ import annotations
+
+import asyncio
+
+from forge_kernel import workflow
+
+
+async def noop(i: int) -> int:
+    return i
+
+
+async def hold(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+@workflow(version="1")
+async def three_noop(ctx, i: int) -> int:
+    await ctx.step(noop, i)
+    await ctx.step(noop, i)
+    return await ctx.step(noop, i)
+
+
+@workflow(version="1")
+async def slow_three(ctx, i: int, hold_s: float) -> int:
+    await ctx.step(noop, i)
+    await ctx.step(hold, hold_s)
+    return await ctx.step(noop, i)
