@@ -342,6 +342,8 @@ class FunctionExecutor:
 
     def resolve(self, fn_or_name: Any) -> FunctionDef | str:
         """The FunctionDef of a decorated function or a registered name (a bare name otherwise)."""
+        if isinstance(fn_or_name, FunctionDef):
+            return fn_or_name
         defn = definition(fn_or_name)
         if isinstance(defn, str):
             found = self.registry.get(defn)

@@ -27,3 +27,17 @@ async def slow_three(ctx, i: int, hold_s: float) -> int:
     await ctx.step(noop, i)
     await ctx.step(hold, hold_s)
     return await ctx.step(noop, i)
+
+
+@workflow(version="1")
+async def waiter(ctx, i: int) -> int:
+    await ctx.wait_for_event("go")
+    return await ctx.step(noop, i)
+
+
+@workflow(version="1")
+async def sleeper(ctx, i: int, until: str) -> int:
+    import datetime as dt
+
+    await ctx.sleep_until(dt.datetime.fromisoformat(until))
+    return await ctx.step(noop, i)

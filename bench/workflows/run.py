@@ -17,9 +17,11 @@ no-op workflows with the same concurrency (C runs at once) under uvloop:
 * checkpoint latency: the time of each step's checkpoint during the drain (FORGE: the one
   statement; DBOS: its read then write transactions of the step);
 * resume: R slow workflows (step, 3 s step, step) in flight on one process, SIGKILLed once every
-  run recorded its first step; a new process takes over (FORGE: a new node, lease 5 s; DBOS: a
+  run recorded its first step; a new process takes over (FORGE: a new node, lease 2 s; DBOS: a
   process with the same executor id, which recovers that executor's workflows). Seconds from
-  the kill until every run finished (the 3 s step runs again in both).
+  the kill until every run finished (the 3 s step runs again in both);
+* wake (FORGE only): an idle node's CPU over 20 s, then 200 runs waiting for an event (one sent
+  every 20 ms) and 200 runs sleeping until a time 20 ms apart: event/timer to resumption p50/p99.
 """
 
 from __future__ import annotations
@@ -79,13 +81,13 @@ def forge_config(url: str, concurrency: int, **workflows) -> dict:
             "log": {"level": "WARNING"}, "workflows": {"concurrency": concurrency, **workflows}}
 
 
-async def forge_node(url: str, concurrency: int):
+async def forge_node(url: str, concurrency: int, **workflows):
     from forge_kernel.config import load_config
     from forge_kernel.node import Node
     from forge_kernel.plugins import PluginLoader
 
     loader = PluginLoader().load()
-    cfg = load_config(loader.config_sections(), data=forge_config(url, concurrency), env={})
+    cfg = load_config(loader.config_sections(), data=forge_config(url, concurrency, **workflows), env={})
     node = Node(cfg, loader, freeze_gc=False)
     await node.start()
     return node
@@ -105,6 +107,8 @@ async def forge_migrate(url: str) -> None:
 
 
 TIMES: list[float] = []
+#: the resume run's [workflows] lease: a killed node's runs are recovered once it expires
+LEASE = 2.0
 
 
 def instrument_forge() -> None:
@@ -131,7 +135,7 @@ async def succeeded(url_or_pool) -> int:
     return await url_or_pool.fetchval("SELECT count(*) FROM forge_workflow_runs WHERE status = 'succeeded'")
 
 
-async def forge_drain(base: str, n: int, concurrency: int) -> dict:
+async def forge_drain(base: str, n: int, concurrency: int, durable: bool = False) -> dict:
     from forge_worker import WorkflowClient
 
     url = await fresh_db(base, "forge_drain")
@@ -142,7 +146,7 @@ async def forge_drain(base: str, n: int, concurrency: int) -> dict:
         await client.start_many([client.request("three_noop", {"i": i}) for i in range(at, min(n, at + 1000))])
     TIMES.clear()
     t0 = time.perf_counter()
-    node = await forge_node(url, concurrency)
+    node = await forge_node(url, concurrency, durable_steps=durable)
     try:
         while await succeeded(pool) < n:
             await asyncio.sleep(0.01)
@@ -150,7 +154,7 @@ async def forge_drain(base: str, n: int, concurrency: int) -> dict:
     finally:
         await node.stop()
         await pool.close()
-    return {"mode": "drain", "n": n, "seconds": took, "rate": n / took, "checkpoint_p50_ms": pct(TIMES, 0.5),
+    return {"mode": "drain", "durable_steps": durable, "n": n, "seconds": took, "rate": n / took, "checkpoint_p50_ms": pct(TIMES, 0.5),
             "checkpoint_p99_ms": pct(TIMES, 0.99), "checkpoints": len(TIMES)}
 
 
@@ -185,7 +189,7 @@ async def forge_resume(base: str, runs: int, tmp: Path) -> dict:
     url = await fresh_db(base, "forge_resume")
     await forge_migrate(url)
     env = {"PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""), "FORGE_LOG__LEVEL": "WARNING"}
-    cfg = forge_config(url, runs, lease=5.0, rescue_interval=0.5)
+    cfg = forge_config(url, runs, lease=LEASE, rescue_interval=0.5, heartbeat_interval=0.5)
     cfg["database"]["pool_max"] = 40
     a = NodeProcess(tmp / "a", {**cfg, "node": {"id": "resume-a", "roles": ["worker"]}}, env=env).start().wait_ready()
     pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
@@ -212,7 +216,53 @@ async def forge_resume(base: str, runs: int, tmp: Path) -> dict:
             b.terminate(20)
     return {"mode": "resume", "runs": runs, "seconds_to_all_done": took, "resumed": len(firsts),
             "resume_p50_s": statistics.median(firsts) if firsts else None, "resume_p99_s": pct(firsts, 0.99) / 1000,
-            "lease_s": 5.0}
+            "lease_s": LEASE}
+
+
+async def forge_wake(base: str, runs: int, concurrency: int) -> dict:
+    """Item 7: how soon a sent event / a due timer resumes a waiting run (database clock: from the
+    event's sent_at, or the sleep's wake time, to the start of the run's next record), and what an
+    idle node costs (this process's CPU time while nothing is due, in % of one core)."""
+    import datetime as dt
+
+    from forge_worker import WorkflowClient
+
+    url = await fresh_db(base, "forge_wake")
+    await forge_migrate(url)
+    node = await forge_node(url, concurrency, heartbeat_interval=1.0)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+    client = WorkflowClient(pool)
+    try:
+        await asyncio.sleep(2)  # settle
+        c0, w0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(20)
+        idle_cpu = (time.process_time() - c0) / (time.perf_counter() - w0) * 100
+        ids = await client.start_many([client.request("waiter", {"i": i}) for i in range(runs)])
+        while await pool.fetchval("SELECT count(*) FROM forge_workflow_runs WHERE status = 'waiting'") < runs:
+            await asyncio.sleep(0.05)
+        for run_id in ids:  # one event every 20 ms
+            await client.send_event(run_id, "go")
+            await asyncio.sleep(0.02)
+        while await succeeded(pool) < runs:
+            await asyncio.sleep(0.05)
+        event_lag = [float(r["s"]) for r in await pool.fetch(
+            """SELECT extract(epoch FROM s.started_at - e.sent_at) AS s FROM forge_workflow_events e
+               JOIN forge_workflow_steps s ON s.run_id = e.run_id AND s.key = '2'""")]
+        start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=3)
+        await client.start_many([client.request("sleeper", {"i": i, "until": (start + dt.timedelta(
+            milliseconds=20 * i)).isoformat()}) for i in range(runs)])
+        while await succeeded(pool) < 2 * runs:
+            await asyncio.sleep(0.05)
+        timer_lag = [float(r["s"]) for r in await pool.fetch(
+            """SELECT extract(epoch FROM s.started_at - (w.result->>'until')::timestamptz) AS s
+               FROM forge_workflow_steps w JOIN forge_workflow_steps s ON s.run_id = w.run_id AND s.key = '2'
+               WHERE w.kind = 'sleep'""")]
+    finally:
+        await pool.close()
+        await node.stop()
+    return {"mode": "wake", "runs": runs, "idle_cpu_percent_of_one_core": idle_cpu,
+            "event_to_resume_p50_ms": pct(event_lag, 0.5), "event_to_resume_p99_ms": pct(event_lag, 0.99),
+            "timer_to_resume_p50_ms": pct(timer_lag, 0.5), "timer_to_resume_p99_ms": pct(timer_lag, 0.99)}
 
 
 # --- DBOS -----------------------------------------------------------------------------------------
@@ -265,7 +315,7 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--resume-runs", type=int, default=1000)
     ap.add_argument("--systems", default="forge,dbos")
-    ap.add_argument("--modes", default="drain,continuous,resume")
+    ap.add_argument("--modes", default="drain,continuous,resume,wake")
     args = ap.parse_args()
     systems, modes = args.systems.split(","), args.modes.split(",")
     from forge_kernel.embedded_pg import EmbeddedPostgres
@@ -290,10 +340,17 @@ async def main() -> None:
                 if system == "forge":
                     if mode == "drain":
                         r = await forge_drain(base, args.n, args.concurrency)
+                        # the same with every checkpoint waiting for its WAL flush, as DBOS's do
+                        results["forge"]["drain_durable"] = d = await forge_drain(base, args.n, args.concurrency, True)
+                        print(f"forge  drain (durable_steps) {json.dumps(d)}  load {load()}", flush=True)
                     elif mode == "continuous":
                         r = await forge_continuous(base, args.seconds, args.concurrency)
+                    elif mode == "wake":
+                        r = await forge_wake(base, 200, args.concurrency)
                     else:
                         r = await forge_resume(base, args.resume_runs, root)
+                elif mode == "wake":
+                    continue
                 else:
                     if mode == "drain":
                         r = dbos(py, "drain", await fresh_db(base, "dbos_drain"), n=args.n,
@@ -316,6 +373,10 @@ async def main() -> None:
                 print(f"  {mode}: {f[mode]['rate']:.0f} vs {d[mode]['rate']:.1f} workflows/s = {f[mode]['rate'] / d[mode]['rate']:.1f}x")
         if "continuous" in f and "direct" in d:
             print(f"  continuous vs DBOS direct calls: {f['continuous']['rate'] / d['direct']['rate']:.1f}x")
+        if "drain_durable" in f and "drain" in d:
+            print(f"  drain with durable_steps: {f['drain_durable']['rate']:.0f} vs {d['drain']['rate']:.1f} = "
+                  f"{f['drain_durable']['rate'] / d['drain']['rate']:.1f}x; checkpoint p50 "
+                  f"{f['drain_durable']['checkpoint_p50_ms']:.2f} ms p99 {f['drain_durable']['checkpoint_p99_ms']:.2f} ms")
         if "drain" in f and "drain" in d and d["drain"].get("checkpoint_p50_ms"):
             print(f"  checkpoint p50 {f['drain']['checkpoint_p50_ms']:.2f} ms vs {d['drain']['checkpoint_p50_ms']:.2f} ms; "
                   f"p99 {f['drain']['checkpoint_p99_ms']:.2f} ms vs {d['drain']['checkpoint_p99_ms']:.2f} ms")

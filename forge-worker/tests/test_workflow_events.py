@@ -33,6 +33,7 @@ class _Runtime:
         self.write_pool = pool
         self.node_id = "events-test"
         self.stats = {"checkpoints": 0, "suspended": 0}
+        self.commit_mode = "on"
 
     def suspended(self, run_at) -> None:
         self.stats["suspended"] += 1

@@ -226,7 +226,8 @@ class WorkflowClient:
         rows = await self.db.fetch(
             f"""SELECT {_COLS}, now() AS now, NULL::bigint AS ahead, NULL::bigint AS running
                 FROM forge_workflow_runs r
-                WHERE ($1::text IS NULL OR (r.status = $1 AND NOT r.compensating)
+                WHERE ($1::text IS NULL
+                       OR (r.status = $1 AND NOT (r.compensating AND r.status IN ('pending', 'running')))
                        OR ($1 = 'compensating' AND r.compensating AND r.status IN ('pending', 'running')))
                   AND ($2::text IS NULL OR r.name = $2) AND ($3::text IS NULL OR r.correlation_key = $3)
                 ORDER BY r.created_at DESC, r.id LIMIT $4""", status, name, correlation_key, limit)

@@ -90,7 +90,7 @@ class Execution:
         cols = list(zip(*rows))
         async with self.runtime.write_pool.acquire() as conn:
             got = await conn.fetch(store.CHECKPOINT, self.run_id, self.claims, self.config.lease,
-                                   self.runtime.node_id, *[list(c) for c in cols])
+                                   self.runtime.node_id, *[list(c) for c in cols], self.runtime.commit_mode)
         if len(got) != len(rows):
             raise LeaseLost()
         self.runtime.stats["checkpoints"] += 1
@@ -169,18 +169,11 @@ class WorkflowRuntime:
         self._claim_done = asyncio.Event()
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "suspended": 0, "blocked": 0,
                       "lost": 0, "released": 0, "checkpoints": 0}
-        self._own_pool: Any = None
+        #: synchronous_commit of checkpoints and run endings ([workflows] durable_steps)
+        self.commit_mode = "on" if config.durable_steps else "off"
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        if not self.config.durable_steps:
-            from forge_kernel import db as dbmod
-
-            self._own_pool = await asyncpg.create_pool(
-                self.node.url, min_size=1, max_size=self.node.config.database.pool_max,
-                init=dbmod._init_connection, server_settings={"application_name": "forge-workflows",
-                                                              "synchronous_commit": "off"})
-            self.write_pool = self._own_pool
         await self.node.pool.execute(store.AWAKE, self.node_id)
         sup = self.node.supervisor
         sup.spawn("workflows.claim", self._claim_loop, service="worker")
@@ -205,8 +198,6 @@ class WorkflowRuntime:
             logger.info(f"workflows: handed {len(left)} unfinished run(s) back to other workers")
         with contextlib.suppress(*_DB_ERRORS):
             await asyncio.wait_for(self.node.pool.execute(store.AWAKE, self.node_id), 5)
-        if self._own_pool is not None:
-            await self._own_pool.close()
 
     def on_wake(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if payload == self.node_id or payload == "*":
@@ -391,7 +382,7 @@ class WorkflowRuntime:
         except Exception as exc:
             await self._compensate(x, f"workflow {x.name}: the result cannot be stored: {exc}")
             return
-        if await x.fenced(store.FINISH, "succeeded", text, None):
+        if await x.fenced(store.FINISH, "succeeded", text, None, self.commit_mode):
             self.stats["succeeded"] += 1
 
     async def _park(self, x: Execution, park: Park) -> None:
@@ -464,7 +455,7 @@ class WorkflowRuntime:
             state = await conn.fetchrow(store.STATE, x.run_id)
         status = "cancelled" if state is not None and state["cancel_requested"] else "failed"
         final = error if problem is None else f"{error}\n{problem} (later compensations were not run)"
-        if await x.fenced(store.FINISH, status, None, final):
+        if await x.fenced(store.FINISH, status, None, final, self.commit_mode):
             self.stats[status] += 1
 
     async def _call_compensation(self, x: Execution, comp: dict[str, Any]) -> None:

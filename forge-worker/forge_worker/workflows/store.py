@@ -166,6 +166,8 @@ AWAKE = "DELETE FROM forge_workflow_sleepers WHERE node_id = $1"
 # --- writing a claimed run ------------------------------------------------------------------------
 # The checkpoint: extend the lease and record one or more operations, in one statement, only while
 # the claim is current. A row already final is never overwritten (recorded results are written once).
+# $15 is this transaction's synchronous_commit ([workflows] durable_steps), set inside the statement
+# itself (set_config(..., true) lasts until its commit), so it costs no round trip.
 CHECKPOINT = """
 WITH run AS (
     UPDATE forge_workflow_runs SET lease_until = now() + make_interval(secs => $3), steps_done = steps_done + 1,
@@ -177,7 +179,7 @@ INSERT INTO forge_workflow_steps AS s (run_id, key, name, kind, status, args, re
                                        claim, node_id, started_at)
 SELECT run.id, k.key, k.name, k.kind, k.status, k.args::jsonb, k.result::jsonb, k.error, k.attempts,
        k.compensation::jsonb, $2, $4, k.started_at
-FROM run, unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[],
+FROM run, (SELECT set_config('synchronous_commit', $15, true)) AS commit_mode, unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[],
                  $13::text[], $14::timestamptz[])
           AS k(key, name, kind, status, args, result, error, attempts, compensation, started_at)
 ON CONFLICT (run_id, key) DO UPDATE SET status = EXCLUDED.status, result = EXCLUDED.result, error = EXCLUDED.error,
@@ -272,8 +274,8 @@ WITH run AS (
     FROM (SELECT node_id FROM forge_workflow_sleepers ORDER BY random() LIMIT 1) s
     WHERE EXISTS (SELECT 1 FROM parent WHERE due)
 )
--- no row when the claim was stale (fenced out)
-SELECT run.id, (SELECT count(*) FROM wake) AS woke FROM run
+-- no row when the claim was stale (fenced out); $6: synchronous_commit, as for CHECKPOINT
+SELECT run.id, (SELECT count(*) FROM wake) AS woke, set_config('synchronous_commit', $6, true) FROM run
 """
 
 HISTORY = """SELECT key, name, kind, status, result::text AS result, error, attempts, finished_at
