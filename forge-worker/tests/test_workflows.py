@@ -195,3 +195,34 @@ async def test_concurrency_limit_holds_cluster_wide_and_queued_runs_explain_why(
     spans = await node.pool.fetch("""SELECT started_at, finished_at FROM forge_workflow_steps
                                      WHERE run_id = ANY($1::uuid[]) ORDER BY started_at""", ids)
     assert all(a["finished_at"] <= b["started_at"] for a, b in zip(spans, spans[1:]))
+
+
+async def test_a_job_starts_a_run_once_whatever_its_attempts(forge_node):
+    from forge_worker import JobQueue
+
+    node, client = await _node(forge_node)
+    queue = JobQueue(node.pool)
+    for _ in range(2):  # the same job run twice (as a retry would) starts one run
+        await queue.enqueue(workflow_app.kick_off, {"key": "from-a-job"})
+
+    async def started():
+        runs = await client.list(name="three_steps")
+        return runs if runs and runs[0].status == "succeeded" else None
+
+    runs = await eventually(started, what="the run the job started")
+    assert len(runs) == 1 and runs[0].result == 13 and runs[0].idempotency_key == "from-a-job"
+
+
+async def test_retry_from_a_chosen_step_keeps_the_steps_before_it(forge_node):
+    node, client = await _node(forge_node)
+    run_id = await client.start(workflow_app.booking, {"fail_at": 3})
+    assert (await client.wait(run_id)).status == "failed"
+    await client.retry(run_id, from_step="2")  # step 1 ('a') keeps its record; 2 and later run again
+    info = await client.wait(run_id)
+    assert info.status == "failed"
+    steps = (await client.get(run_id)).steps
+    live = [(s.key, s.claim) for s in steps if "~" not in s.key]
+    assert live[0] == ("1", 1) and all(claim == 2 for key, claim in live[1:]), live
+    assert sorted(s.key for s in steps if "~" in s.key) == ["2~1", "3~1", "c:1~1", "c:2~1"]
+    assert await _log(node.pool, run_id) == [("a", "ran"), ("b", "ran"), ("b", "undone"), ("a", "undone"),
+                                             ("b", "ran"), ("b", "undone"), ("a", "undone")]

@@ -148,3 +148,12 @@ async def approve(ctx, target: str, fail: bool = False) -> int:
     if fail:
         raise RuntimeError("rolled back")
     return n
+
+
+from forge_kernel import job  # noqa: E402
+
+
+@job
+async def kick_off(ctx, key: str) -> None:
+    """A job (or a cron, which runs as one) starting a run; the key makes a re-run harmless."""
+    await ctx.start_workflow(three_steps, n=10, idempotency_key=key)
