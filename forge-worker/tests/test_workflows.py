@@ -226,3 +226,23 @@ async def test_retry_from_a_chosen_step_keeps_the_steps_before_it(forge_node):
     assert sorted(s.key for s in steps if "~" in s.key) == ["2~1", "3~1", "c:1~1", "c:2~1"]
     assert await _log(node.pool, run_id) == [("a", "ran"), ("b", "ran"), ("b", "undone"), ("a", "undone"),
                                              ("b", "ran"), ("b", "undone"), ("a", "undone")]
+
+
+async def test_recovery_and_retention_chores_run_from_any_node(forge_node):
+    from forge_worker.service import maintenance_tasks
+
+    node, client = await _node(forge_node)
+    tasks = {t.name: t for t in maintenance_tasks(node)}
+    ghost = await client.start(workflow_app.three_steps, {"n": 1}, delay=3600)
+    # a run held by a worker that vanished: its lease ran out
+    await node.pool.execute("""UPDATE forge_workflow_runs SET status = 'running', node_id = 'ghost', claims = 1,
+                                      lease_until = now() - interval '1 second' WHERE id = $1""", ghost)
+    async with node.pool.acquire() as conn:
+        assert await tasks["workflows.recover_runs"].run(conn) == 1
+    info = await client.wait(ghost)
+    assert (info.status, info.recoveries, info.claims) == ("succeeded", 1, 2)
+    await node.pool.execute("UPDATE forge_workflow_runs SET finished_at = now() - interval '30 days'")
+    async with node.pool.acquire() as conn:
+        assert await tasks["workflows.retention"].run(conn) == 1
+    assert await client.get(ghost) is None
+    assert await node.pool.fetchval("SELECT count(*) FROM forge_workflow_steps WHERE run_id = $1", ghost) == 0
