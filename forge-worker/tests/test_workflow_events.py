@@ -17,7 +17,7 @@ from forge_worker.config import WorkflowConfig
 from forge_worker.hooks import forge_migrations
 from forge_worker.workflows import store
 from forge_worker.workflows.context import Park, Suspended, WorkflowContext, new_scope
-from forge_worker.workflows.runtime import Execution, WorkflowRuntime
+from forge_worker.workflows.runtime import WRITERS, Execution, WorkflowRuntime, Writer
 from forge_worker.workflows.store import WorkflowEngine
 
 
@@ -30,10 +30,9 @@ class _Runtime:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.config = WorkflowConfig()
-        self.write_pool = pool
         self.node_id = "events-test"
+        self.writer = Writer(pool, self.config.lease, self.node_id, "on")
         self.stats = {"checkpoints": 0, "suspended": 0}
-        self.commit_mode = "on"
 
     def suspended(self, run_at) -> None:
         self.stats["suspended"] += 1
@@ -138,8 +137,10 @@ async def test_10000_send_and_wait_races_lose_no_event_and_deliver_none_twice(fo
     finally:
         await conn.close()
     pool = await create_pool(forge_db_url, min_size=PARALLEL, max_size=PARALLEL + 10)
+    writers: list = []
     try:
         rt, engine, rng = _Runtime(pool), WorkflowEngine(), random.Random(12)
+        writers = [asyncio.ensure_future(rt.writer.loop()) for _ in range(WRITERS)]
         modes: dict[str, int] = {}
         left = TRIALS
 
@@ -163,4 +164,7 @@ async def test_10000_send_and_wait_races_lose_no_event_and_deliver_none_twice(fo
         assert waits["delivered"] == TRIALS and waits["waiting"] == 0
         assert all(modes.get(m) for m in ("before", "during", "after"))
     finally:
+        for w in writers:
+            w.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
         await pool.close()

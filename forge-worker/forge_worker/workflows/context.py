@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as dt
+import functools
 import importlib
 import inspect
 import random as _random
@@ -158,7 +159,9 @@ def resolve_ref(ref: str) -> Any:
     return obj
 
 
+@functools.lru_cache(maxsize=4096)
 def _return_hint(fn: Any) -> Any:
+    """The type a step's result is structured back into (cached: resolving hints compiles them)."""
     defn = getattr(fn, "__forge__", None)
     if isinstance(defn, FunctionDef):
         return defn.returns
@@ -291,7 +294,10 @@ class WorkflowContext:
         if not isinstance(step_name, str) or not step_name:
             raise TypeError(f"ctx.step: give name= for {fn!r}")
         key = self._key()
-        hint = _return_hint(fn)
+        try:
+            hint = _return_hint(fn)
+        except TypeError:  # an unhashable callable
+            hint = _return_hint.__wrapped__(fn)
         rec = self._recorded(key, step_name, "step")
         if rec is not None and rec.status == "succeeded":
             return _decode(rec.result, hint)

@@ -41,6 +41,121 @@ from .context import (Diverged, LeaseLost, Park, Record, ReplayEnd, Suspended, W
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
 
 
+#: connections that write checkpoints and run endings, each held for the node's life (no pool
+#: round trip and reset per statement), each writing whatever is waiting in one statement
+WRITERS = 4
+WRITER_BATCH = 500
+
+
+class Writer:
+    """Writes for executions on a few held connections. Checkpoints waiting together go out in
+    one statement (one commit); other statements run one by one, in arrival order."""
+
+    def __init__(self, pool: Any, lease: float, node_id: str, commit_mode: str) -> None:
+        self.pool, self.lease, self.node_id, self.commit_mode = pool, lease, node_id, commit_mode
+        self.checkpoints: list[tuple[uuid.UUID, int, list[tuple], asyncio.Future]] = []
+        self.endings: list[tuple[uuid.UUID, int, str, str | None, str | None, asyncio.Future]] = []
+        self.statements: list[tuple[str, str, tuple, asyncio.Future]] = []
+        self.ready = asyncio.Event()
+
+    async def checkpoint(self, run_id: uuid.UUID, claims: int, rows: list[tuple]) -> bool:
+        """Record ``rows`` for this claim of the run; False when the claim is stale."""
+        fut = asyncio.get_running_loop().create_future()
+        self.checkpoints.append((run_id, claims, rows, fut))
+        self.ready.set()
+        return await fut
+
+    async def finish(self, run_id: uuid.UUID, claims: int, status: str, result: str | None,
+                     error: str | None) -> bool:
+        """End this claim of the run; False when the claim is stale."""
+        fut = asyncio.get_running_loop().create_future()
+        self.endings.append((run_id, claims, status, result, error, fut))
+        self.ready.set()
+        return await fut
+
+    async def run(self, method: str, sql: str, *args: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self.statements.append((method, sql, args, fut))
+        self.ready.set()
+        return await fut
+
+    async def loop(self) -> None:
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    while True:
+                        await self.ready.wait()
+                        if not self.checkpoints and not self.statements and not self.endings:
+                            self.ready.clear()
+                            continue
+                        # one of each per turn: nothing waits behind a stream of the others
+                        if self.statements:
+                            await self._statement(conn, *self.statements.pop(0))
+                        if self.checkpoints:
+                            batch, self.checkpoints = self.checkpoints[:WRITER_BATCH], self.checkpoints[WRITER_BATCH:]
+                            await self._write(conn, batch)
+                        if self.endings:
+                            batch, self.endings = self.endings[:WRITER_BATCH], self.endings[WRITER_BATCH:]
+                            await self._end(conn, batch)
+            except _DB_ERRORS as exc:
+                logger.warning(f"workflow writer lost the database ({type(exc).__name__}: {exc}); retrying")
+                await asyncio.sleep(0.2 + random.random() * 0.3)
+
+    async def _statement(self, conn: Any, method: str, sql: str, args: tuple, fut: asyncio.Future) -> None:
+        if fut.done():
+            return
+        try:
+            result = await getattr(conn, method)(sql, *args)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
+            if conn.is_closed() or not isinstance(exc, Exception):
+                raise
+            return  # a statement's own error fails its caller, not the writer
+        if not fut.done():
+            fut.set_result(result)
+
+    async def _write(self, conn: Any, batch: list[tuple]) -> None:
+        cols: list[list[Any]] = [[] for _ in range(12)]
+        for run_id, claims, rows, _ in batch:
+            for row in rows:
+                for i, value in enumerate((run_id, claims) + tuple(row)):
+                    cols[i].append(value)
+        try:
+            got = await conn.fetch(store.CHECKPOINT, self.lease, self.node_id, self.commit_mode, *cols)
+        except BaseException as exc:
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
+            if conn.is_closed() or not isinstance(exc, Exception):
+                raise
+            return
+        written: dict[uuid.UUID, int] = {}
+        for r in got:
+            written[r["run_id"]] = written.get(r["run_id"], 0) + 1
+        for run_id, _, rows, fut in batch:
+            if not fut.done():
+                fut.set_result(written.get(run_id, 0) >= len(rows))
+                written[run_id] = written.get(run_id, 0) - len(rows)
+
+
+    async def _end(self, conn: Any, batch: list[tuple]) -> None:
+        try:
+            rows = await conn.fetch(store.FINISH, [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch],
+                                    [b[3] for b in batch], [b[4] for b in batch], self.commit_mode)
+        except BaseException as exc:
+            for b in batch:
+                if not b[5].done():
+                    b[5].set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
+            if conn.is_closed() or not isinstance(exc, Exception):
+                raise
+            return
+        ended = {r["id"] for r in rows}
+        for b in batch:
+            if not b[5].done():
+                b[5].set_result(b[0] in ended)
+
+
 class CancelRequested(BaseException):
     """Someone asked to cancel the run while it was about to wait."""
 
@@ -87,18 +202,14 @@ class Execution:
         return self.runtime.resolve(workflow)
 
     async def checkpoint(self, rows: list[tuple]) -> None:
-        cols = list(zip(*rows))
-        async with self.runtime.write_pool.acquire() as conn:
-            got = await conn.fetch(store.CHECKPOINT, self.run_id, self.claims, self.config.lease,
-                                   self.runtime.node_id, *[list(c) for c in cols], self.runtime.commit_mode)
-        if len(got) != len(rows):
+        if not await self.runtime.writer.checkpoint(self.run_id, self.claims, rows):
             raise LeaseLost()
         self.runtime.stats["checkpoints"] += 1
 
     async def consume(self, key: str, op_name: str, names: list[str], info: str) -> tuple[Any, int]:
-        async with self.runtime.write_pool.acquire() as conn:
-            row = await conn.fetchrow(store.CONSUME, self.run_id, self.claims, self.config.lease, self.runtime.node_id,
-                                      names, key, op_name, info, dt.datetime.now(dt.timezone.utc))
+        row = await self.runtime.writer.run("fetchrow", store.CONSUME, self.run_id, self.claims, self.config.lease,
+                                            self.runtime.node_id, names, key, op_name, info,
+                                            dt.datetime.now(dt.timezone.utc))
         if not row["owned"]:
             raise LeaseLost()
         if row["id"] is not None:
@@ -109,11 +220,11 @@ class Execution:
                       seen: int | None) -> None:
         """Give the run up until ``run_at`` / an event; raises :class:`Suspended`. Returns when an
         event arrived since ``seen`` (the run must look at its mailbox again)."""
-        async with self.runtime.write_pool.acquire() as conn:
-            done = await conn.fetchval(store.SUSPEND, self.run_id, self.claims, run_at,
-                                       store.dumps(wait, "wait"), wait_events, seen)
-            if done is None:
-                state = await conn.fetchrow(store.STATE, self.run_id)
+        writer = self.runtime.writer
+        done = await writer.run("fetchval", store.SUSPEND, self.run_id, self.claims, run_at, store.dumps(wait, "wait"),
+                                wait_events, seen)
+        if done is None:
+            state = await writer.run("fetchrow", store.STATE, self.run_id)
         if done is not None:
             self.ended = True
             self.runtime.suspended(run_at)
@@ -129,17 +240,22 @@ class Execution:
             req = workflow_request(defn, args, caller=self.caller)
         except ForgeError as exc:
             raise TypeError(f"ctx.start_child: {exc.message}") from None
-        async with self.runtime.write_pool.acquire() as conn:
+        async with self.runtime.node.pool.acquire() as conn:
             await self.runtime.engine.start(conn, [req], ids=[child_id], parent=(self.run_id, key))
 
     async def call_app(self, defn: FunctionDef, kwargs: dict[str, Any]) -> Any:
         return await self.runtime.node.executor.call(defn.name, kwargs, self.auth, unstructured=False,
                                                      request_id=f"wf-{self.run_id}-{self.claims}")
 
+    async def finish(self, status: str, result: str | None, error: str | None) -> bool:
+        """End the run (succeeded, failed, cancelled); False if the claim is stale."""
+        done = await self.runtime.writer.finish(self.run_id, self.claims, status, result, error)
+        self.ended = self.ended or done
+        return done
+
     async def fenced(self, sql: str, *args: Any) -> bool:
         """A write of this claim (ending, blocking, handing back the run); False if the claim is stale."""
-        async with self.runtime.write_pool.acquire() as conn:
-            done = await conn.fetchval(sql, self.run_id, self.claims, *args) is not None
+        done = await self.runtime.writer.run("fetchval", sql, self.run_id, self.claims, *args) is not None
         if done and sql is not store.START_COMPENSATING:
             self.ended = True
         return done
@@ -154,7 +270,7 @@ class WorkflowRuntime:
         self.engine = engine
         self.worker = worker
         self.node_id: str = node.id
-        self.write_pool: Any = node.pool
+        self.writer = Writer(node.pool, config.lease, node.id, "on" if config.durable_steps else "off")
         self.running: dict[uuid.UUID, Execution] = {}
         self.wake = asyncio.Event()
         self.slot_free = asyncio.Event()
@@ -170,12 +286,13 @@ class WorkflowRuntime:
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "suspended": 0, "blocked": 0,
                       "lost": 0, "released": 0, "checkpoints": 0}
         #: synchronous_commit of checkpoints and run endings ([workflows] durable_steps)
-        self.commit_mode = "on" if config.durable_steps else "off"
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.node.pool.execute(store.AWAKE, self.node_id)
         sup = self.node.supervisor
+        for i in range(WRITERS):
+            sup.spawn(f"workflows.writer.{i}", self.writer.loop, service="worker")
         sup.spawn("workflows.claim", self._claim_loop, service="worker")
         sup.spawn("workflows.lease", self._lease_loop, service="worker")
 
@@ -382,7 +499,7 @@ class WorkflowRuntime:
         except Exception as exc:
             await self._compensate(x, f"workflow {x.name}: the result cannot be stored: {exc}")
             return
-        if await x.fenced(store.FINISH, "succeeded", text, None, self.commit_mode):
+        if await x.finish("succeeded", text, None):
             self.stats["succeeded"] += 1
 
     async def _park(self, x: Execution, park: Park) -> None:
@@ -455,7 +572,7 @@ class WorkflowRuntime:
             state = await conn.fetchrow(store.STATE, x.run_id)
         status = "cancelled" if state is not None and state["cancel_requested"] else "failed"
         final = error if problem is None else f"{error}\n{problem} (later compensations were not run)"
-        if await x.fenced(store.FINISH, status, None, final, self.commit_mode):
+        if await x.finish(status, None, final):
             self.stats[status] += 1
 
     async def _call_compensation(self, x: Execution, comp: dict[str, Any]) -> None:

@@ -166,27 +166,32 @@ AWAKE = "DELETE FROM forge_workflow_sleepers WHERE node_id = $1"
 # --- writing a claimed run ------------------------------------------------------------------------
 # The checkpoint: extend the lease and record one or more operations, in one statement, only while
 # the claim is current. A row already final is never overwritten (recorded results are written once).
-# $15 is this transaction's synchronous_commit ([workflows] durable_steps), set inside the statement
-# itself (set_config(..., true) lasts until its commit), so it costs no round trip.
+# One statement carries the checkpoints of many runs (the writer batches whatever is waiting): rows
+# of a run whose claim is stale are dropped by the join. $3 is the transaction's synchronous_commit
+# ([workflows] durable_steps), set inside the statement itself (set_config(..., true) lasts until
+# its commit), so it costs no round trip.
 CHECKPOINT = """
 WITH run AS (
-    UPDATE forge_workflow_runs SET lease_until = now() + make_interval(secs => $3), steps_done = steps_done + 1,
+    UPDATE forge_workflow_runs r SET lease_until = now() + make_interval(secs => $1), steps_done = r.steps_done + 1,
            updated_at = now()
-    WHERE id = $1 AND claims = $2 AND status = 'running'
-    RETURNING id
+    FROM (SELECT DISTINCT id, claims FROM unnest($4::uuid[], $5::int[]) AS q(id, claims)) q
+    WHERE r.id = q.id AND r.claims = q.claims AND r.status = 'running'
+    RETURNING r.id
 )
 INSERT INTO forge_workflow_steps AS s (run_id, key, name, kind, status, args, result, error, attempts, compensation,
                                        claim, node_id, started_at)
-SELECT run.id, k.key, k.name, k.kind, k.status, k.args::jsonb, k.result::jsonb, k.error, k.attempts,
-       k.compensation::jsonb, $2, $4, k.started_at
-FROM run, (SELECT set_config('synchronous_commit', $15, true)) AS commit_mode, unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[],
-                 $13::text[], $14::timestamptz[])
-          AS k(key, name, kind, status, args, result, error, attempts, compensation, started_at)
+SELECT k.run_id, k.key, k.name, k.kind, k.status, k.args::jsonb, k.result::jsonb, k.error, k.attempts,
+       k.compensation::jsonb, k.claim, $2, k.started_at
+FROM (SELECT set_config('synchronous_commit', $3, true)) AS commit_mode,
+     unnest($4::uuid[], $5::int[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+            $12::text[], $13::int[], $14::text[], $15::timestamptz[])
+         AS k(run_id, claim, key, name, kind, status, args, result, error, attempts, compensation, started_at)
+JOIN run ON run.id = k.run_id
 ON CONFLICT (run_id, key) DO UPDATE SET status = EXCLUDED.status, result = EXCLUDED.result, error = EXCLUDED.error,
     attempts = EXCLUDED.attempts, compensation = EXCLUDED.compensation, claim = EXCLUDED.claim,
     node_id = EXCLUDED.node_id, finished_at = clock_timestamp()
     WHERE s.status IN ('retrying', 'waiting')
-RETURNING s.key
+RETURNING s.run_id, s.key
 """
 
 # An event wait: take the oldest matching unconsumed event and record it as the wait's result in
@@ -250,31 +255,34 @@ BLOCK = """UPDATE forge_workflow_runs SET status = 'blocked', wait = $3::text::j
 START_COMPENSATING = """UPDATE forge_workflow_runs SET compensating = true, error = $3, updated_at = now()
                         WHERE id = $1 AND claims = $2 AND status = 'running' RETURNING id"""
 
-# The end of a run; a child tells its parent in the same statement.
+# The end of runs (many at once, like checkpoints); a child tells its parent in the same
+# statement. A run whose claim is stale is not touched (and returns no row). $6: synchronous_commit.
 FINISH = """
-WITH run AS (
-    UPDATE forge_workflow_runs SET status = $3, result = $4::text::jsonb, error = $5, finished_at = now(),
+WITH f AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[]) AS f(id, claims, status, result, error)
+), run AS (
+    UPDATE forge_workflow_runs r SET status = f.status, result = f.result::jsonb, error = f.error, finished_at = now(),
            lease_until = NULL, wait = NULL, wait_events = NULL, run_at = NULL, updated_at = now()
-    WHERE id = $1 AND claims = $2 AND status = 'running'
-    RETURNING id, parent_id
+    FROM f WHERE r.id = f.id AND r.claims = f.claims AND r.status = 'running'
+    RETURNING r.id, r.parent_id, f.status, f.result, f.error
 ), told AS (
     INSERT INTO forge_workflow_events (run_id, name, payload)
-    SELECT parent_id, 'forge.child:' || id::text, jsonb_build_object('status', $3::text, 'result', $4::text::jsonb,
-                                                                     'error', $5::text)
+    SELECT parent_id, 'forge.child:' || id::text,
+           jsonb_build_object('status', status, 'result', result::jsonb, 'error', error)
     FROM run WHERE parent_id IS NOT NULL
     RETURNING run_id, name
 ), parent AS (
-    UPDATE forge_workflow_runs p SET events_sent = p.events_sent + 1, updated_at = now(),
-        status = CASE WHEN p.status = 'waiting' AND told.name = ANY(p.wait_events) THEN 'pending' ELSE p.status END,
-        run_at = CASE WHEN p.status = 'waiting' AND told.name = ANY(p.wait_events) THEN now() ELSE p.run_at END
-    FROM told WHERE p.id = told.run_id
+    UPDATE forge_workflow_runs p SET events_sent = p.events_sent + t.n, updated_at = now(),
+        status = CASE WHEN p.status = 'waiting' AND t.names && p.wait_events THEN 'pending' ELSE p.status END,
+        run_at = CASE WHEN p.status = 'waiting' AND t.names && p.wait_events THEN now() ELSE p.run_at END
+    FROM (SELECT run_id, count(*) AS n, array_agg(name) AS names FROM told GROUP BY run_id) t
+    WHERE p.id = t.run_id
     RETURNING p.id, p.status = 'pending' AS due
 ), wake AS (
     SELECT pg_notify('forge_workflows', s.node_id)
     FROM (SELECT node_id FROM forge_workflow_sleepers ORDER BY random() LIMIT 1) s
     WHERE EXISTS (SELECT 1 FROM parent WHERE due)
 )
--- no row when the claim was stale (fenced out); $6: synchronous_commit, as for CHECKPOINT
 SELECT run.id, (SELECT count(*) FROM wake) AS woke, set_config('synchronous_commit', $6, true) FROM run
 """
 
