@@ -107,6 +107,7 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--hold", type=float, default=1.0)
     ap.add_argument("--poll", type=float, default=0.05)
+    ap.add_argument("--rate", type=float, default=50.0)
     args = ap.parse_args()
     _instrument()
     if args.mode == "drain":
@@ -157,6 +158,28 @@ async def main() -> None:
             done = await _count_done(args.url) - before
         print(json.dumps({"mode": args.mode, "done": done, "seconds": took, "rate": done / took,
                           **_checkpoint_stats()}), flush=True)
+    elif args.mode == "latency":
+        DBOS(config=_config(args))
+        DBOS.launch()
+        tasks = []
+        interval = 1.0 / args.rate
+        t0 = time.perf_counter()
+        i = 0
+        while time.perf_counter() - t0 < 1.0:  # warm-up, not measured
+            tasks.append(asyncio.ensure_future(three_noop(i)))
+            i += 1
+            await asyncio.sleep(interval)
+        await asyncio.gather(*tasks)
+        CHECKPOINTS.clear()
+        tasks = []
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            tasks.append(asyncio.ensure_future(three_noop(i)))
+            i += 1
+            await asyncio.sleep(max(0.0, t0 + i * interval - time.perf_counter()))
+        await asyncio.gather(*tasks)
+        print(json.dumps({"mode": "latency", "rate": args.rate, "workflows": len(tasks), **_checkpoint_stats()}),
+              flush=True)
     elif args.mode == "hold":
         DBOS(config=_config(args))
         DBOS.launch()

@@ -9,13 +9,15 @@ requirements-dbos.txt) as a subprocess; FORGE runs an in-process node (worker ro
 throughput modes and real ``forge-node`` processes for the resume measurement. Both run 3-step
 no-op workflows with the same concurrency (C runs at once) under uvloop:
 
-* drain: N workflows stored first (FORGE: WorkflowClient.start_many; DBOS: DBOSClient.enqueue on
+* drain: N workflows stored first (N=3,000 for DBOS, 20,000 for FORGE, whose 3,000 last ~2 s) (FORGE: WorkflowClient.start_many; DBOS: DBOSClient.enqueue on
   a queue), then the runtime starts: workflows/s = N / (runtime start .. all N succeeded);
 * continuous: one producer starts batches of 10 for T s while the runtime runs (FORGE:
   start_many; DBOS: queue.enqueue_async); workflows/s = workflows finished in the window / T;
   DBOS also runs "direct": C tasks call the workflow function in a loop (its fastest path);
-* checkpoint latency: the time of each step's checkpoint during the drain (FORGE: the one
-  statement; DBOS: its read then write transactions of the step);
+* checkpoint latency: the time of each step's checkpoint (FORGE: its write, batched with whatever
+  other checkpoints wait; DBOS: its read then write transactions of the step), during the drain
+  (queueing included) and at an offered --rate (default 50 workflows/s, one started every 20 ms,
+  which both sustain; FORGE's default durable_steps=false);
 * resume: R slow workflows (step, 3 s step, step) in flight on one process, SIGKILLed once every
   run recorded its first step; a new process takes over (FORGE: a new node, lease 2 s; DBOS: a
   process with the same executor id, which recovers that executor's workflows). Seconds from
@@ -182,6 +184,38 @@ async def forge_continuous(base: str, seconds: float, concurrency: int) -> dict:
     return {"mode": "continuous", "done": done, "started": i, "seconds": took, "rate": done / took}
 
 
+async def forge_latency(base: str, seconds: float, concurrency: int, rate: float) -> dict:
+    """Checkpoint latency at an offered rate both sides sustain (not queueing behind a drain)."""
+    from forge_worker import WorkflowClient
+
+    url = await fresh_db(base, "forge_latency")
+    await forge_migrate(url)
+    node = await forge_node(url, concurrency)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+    client = WorkflowClient(pool)
+    try:
+        async def offer(duration: float) -> int:
+            t0, i = time.perf_counter(), 0
+            while time.perf_counter() - t0 < duration:
+                await client.start("three_noop", {"i": i})
+                i += 1
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            return i
+
+        await offer(1.0)  # warm-up, not measured
+        while await succeeded(pool) < await pool.fetchval("SELECT count(*) FROM forge_workflow_runs"):
+            await asyncio.sleep(0.05)
+        TIMES.clear()
+        n = await offer(seconds)
+        while await succeeded(pool) < await pool.fetchval("SELECT count(*) FROM forge_workflow_runs"):
+            await asyncio.sleep(0.05)
+    finally:
+        await pool.close()
+        await node.stop()
+    return {"mode": "latency", "rate": rate, "workflows": n, "checkpoint_p50_ms": pct(TIMES, 0.5),
+            "checkpoint_p99_ms": pct(TIMES, 0.99), "checkpoints": len(TIMES)}
+
+
 async def forge_resume(base: str, runs: int, tmp: Path) -> dict:
     from forge_kernel.testing import NodeProcess
     from forge_worker import WorkflowClient
@@ -310,12 +344,14 @@ async def dbos_resume(py: str, base: str, runs: int) -> dict:
 # --- the run --------------------------------------------------------------------------------------------
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--n", type=int, default=3000, help="DBOS drain size")
+    ap.add_argument("--forge-n", type=int, default=20000, help="FORGE drain size (its drain of 3,000 lasts ~2 s)")
+    ap.add_argument("--rate", type=float, default=50.0, help="offered workflows/s of the latency mode")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--resume-runs", type=int, default=1000)
     ap.add_argument("--systems", default="forge,dbos")
-    ap.add_argument("--modes", default="drain,continuous,resume,wake")
+    ap.add_argument("--modes", default="drain,continuous,latency,resume,wake")
     args = ap.parse_args()
     systems, modes = args.systems.split(","), args.modes.split(",")
     from forge_kernel.embedded_pg import EmbeddedPostgres
@@ -339,14 +375,17 @@ async def main() -> None:
                 before = load()
                 if system == "forge":
                     if mode == "drain":
-                        r = await forge_drain(base, args.n, args.concurrency)
+                        r = await forge_drain(base, args.forge_n, args.concurrency)
                         # the same with every checkpoint waiting for its WAL flush, as DBOS's do
-                        results["forge"]["drain_durable"] = d = await forge_drain(base, args.n, args.concurrency, True)
+                        results["forge"]["drain_durable"] = d = await forge_drain(base, args.forge_n, args.concurrency,
+                                                                                  True)
                         print(f"forge  drain (durable_steps) {json.dumps(d)}  load {load()}", flush=True)
                     elif mode == "continuous":
                         r = await forge_continuous(base, args.seconds, args.concurrency)
                     elif mode == "wake":
                         r = await forge_wake(base, 200, args.concurrency)
+                    elif mode == "latency":
+                        r = await forge_latency(base, args.seconds, args.concurrency, args.rate)
                     else:
                         r = await forge_resume(base, args.resume_runs, root)
                 elif mode == "wake":
@@ -355,6 +394,9 @@ async def main() -> None:
                     if mode == "drain":
                         r = dbos(py, "drain", await fresh_db(base, "dbos_drain"), n=args.n,
                                  concurrency=args.concurrency)
+                    elif mode == "latency":
+                        r = dbos(py, "latency", await fresh_db(base, "dbos_latency"), seconds=args.seconds,
+                                 concurrency=args.concurrency, rate=args.rate)
                     elif mode == "continuous":
                         r = dbos(py, "continuous", await fresh_db(base, "dbos_cont"), seconds=args.seconds,
                                  concurrency=args.concurrency)
@@ -380,6 +422,10 @@ async def main() -> None:
         if "drain" in f and "drain" in d and d["drain"].get("checkpoint_p50_ms"):
             print(f"  checkpoint p50 {f['drain']['checkpoint_p50_ms']:.2f} ms vs {d['drain']['checkpoint_p50_ms']:.2f} ms; "
                   f"p99 {f['drain']['checkpoint_p99_ms']:.2f} ms vs {d['drain']['checkpoint_p99_ms']:.2f} ms")
+        if "latency" in f and "latency" in d:
+            print(f"  checkpoint latency at {args.rate:g} workflows/s offered: p50 {f['latency']['checkpoint_p50_ms']:.2f} ms "
+                  f"vs {d['latency']['checkpoint_p50_ms']:.2f} ms, p99 {f['latency']['checkpoint_p99_ms']:.2f} ms vs "
+                  f"{d['latency']['checkpoint_p99_ms']:.2f} ms")
         if "resume" in f and "resume" in d:
             print(f"  resume of {args.resume_runs} SIGKILLed runs: {f['resume']['seconds_to_all_done']:.1f} s vs "
                   f"{d['resume']['seconds_to_all_done']:.1f} s")
