@@ -246,3 +246,27 @@ async def test_recovery_and_retention_chores_run_from_any_node(forge_node):
         assert await tasks["workflows.retention"].run(conn) == 1
     assert await client.get(ghost) is None
     assert await node.pool.fetchval("SELECT count(*) FROM forge_workflow_steps WHERE run_id = $1", ghost) == 0
+
+
+async def test_a_lost_write_is_not_a_failed_workflow(forge_node, monkeypatch):
+    """A checkpoint the runtime could not write (connection lost, statement aborted) leaves the
+    run to be resumed after its lease; it never fails the run or runs its compensations."""
+    import asyncpg
+
+    from forge_worker.workflows import runtime as wfruntime
+
+    node, client = await _node(forge_node, lease=1.0, rescue_interval=0.2)
+    real = wfruntime.Execution.checkpoint
+    broken: set = set()
+
+    async def checkpoint(self, rows):
+        if rows[-1][0] == "3" and self.run_id not in broken:  # the third step's write is lost once
+            broken.add(self.run_id)
+            raise asyncpg.InterfaceError("connection lost (injected)")
+        return await real(self, rows)
+
+    monkeypatch.setattr(wfruntime.Execution, "checkpoint", checkpoint)
+    run_id = await client.start(workflow_app.booking, {})
+    info = await client.wait(run_id)
+    assert (info.status, info.claims, info.recoveries) == ("succeeded", 2, 1), info
+    assert await _log(node.pool, run_id) == [("a", "ran"), ("b", "ran"), ("c", "ran"), ("c", "ran")]

@@ -39,12 +39,25 @@ from .context import (Diverged, LeaseLost, Park, Record, ReplayEnd, Suspended, W
                       _structured_args, new_scope, resolve_ref)
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
+#: what a failed write of the runtime raises into workflow code (never a workflow's own failure)
+_WRITE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)
 
 
 #: connections that write checkpoints and run endings, each held for the node's life (no pool
 #: round trip and reset per statement), each writing whatever is waiting in one statement
 WRITERS = 4
 WRITER_BATCH = 500
+
+
+async def _retrying(call: Any, *args: Any) -> Any:
+    """A statement that lost a deadlock or serialization race (it did nothing) runs again."""
+    for attempt in range(5):
+        try:
+            return await call(*args)
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.01 * (attempt + 1))
 
 
 class Writer:
@@ -122,7 +135,7 @@ class Writer:
                 for i, value in enumerate((run_id, claims) + tuple(row)):
                     cols[i].append(value)
         try:
-            got = await conn.fetch(store.CHECKPOINT, self.lease, self.node_id, self.commit_mode, *cols)
+            got = await _retrying(conn.fetch, store.CHECKPOINT, self.lease, self.node_id, self.commit_mode, *cols)
         except BaseException as exc:
             for *_, fut in batch:
                 if not fut.done():
@@ -141,8 +154,8 @@ class Writer:
 
     async def _end(self, conn: Any, batch: list[tuple]) -> None:
         try:
-            rows = await conn.fetch(store.FINISH, [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch],
-                                    [b[3] for b in batch], [b[4] for b in batch], self.commit_mode)
+            rows = await _retrying(conn.fetch, store.FINISH, [b[0] for b in batch], [b[1] for b in batch],
+                                   [b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch], self.commit_mode)
         except BaseException as exc:
             for b in batch:
                 if not b[5].done():
@@ -485,6 +498,8 @@ class WorkflowRuntime:
             return
         except (LeaseLost, Suspended):
             raise
+        except _WRITE_ERRORS:
+            raise  # the runtime lost the database, the workflow did not fail: the run resumes after its lease
         except Exception as exc:
             await self._compensate(x, _error_text(exc) if not hasattr(exc, "step") else str(exc))
             return

@@ -113,9 +113,12 @@ NEXT_DUE = """SELECT extract(epoch FROM min(run_at) - now()) FROM forge_workflow
               WHERE status IN ('pending', 'waiting') AND run_at IS NOT NULL AND name = ANY($1::text[])"""
 
 RENEW = """
+WITH locked AS MATERIALIZED (
+    SELECT r.id FROM forge_workflow_runs r WHERE r.id = ANY($1::uuid[]) ORDER BY r.id FOR NO KEY UPDATE
+)
 UPDATE forge_workflow_runs r SET lease_until = now() + make_interval(secs => $3)
 FROM unnest($1::uuid[], $2::int[]) AS p(id, claims)
-WHERE r.id = p.id AND r.claims = p.claims AND r.node_id = $4 AND r.status = 'running'
+WHERE r.id = p.id AND r.claims = p.claims AND r.node_id = $4 AND r.status = 'running' AND r.id IN (SELECT id FROM locked)
 RETURNING r.id, r.cancel_requested
 """
 
@@ -171,11 +174,15 @@ AWAKE = "DELETE FROM forge_workflow_sleepers WHERE node_id = $1"
 # ([workflows] durable_steps), set inside the statement itself (set_config(..., true) lasts until
 # its commit), so it costs no round trip.
 CHECKPOINT = """
-WITH run AS (
+WITH locked AS MATERIALIZED (
+    -- every statement that writes several runs locks them in id order first: no deadlocks between them
+    SELECT r.id FROM forge_workflow_runs r
+    WHERE r.id = ANY($4::uuid[]) ORDER BY r.id FOR NO KEY UPDATE
+), run AS (
     UPDATE forge_workflow_runs r SET lease_until = now() + make_interval(secs => $1), steps_done = r.steps_done + 1,
            updated_at = now()
     FROM (SELECT DISTINCT id, claims FROM unnest($4::uuid[], $5::int[]) AS q(id, claims)) q
-    WHERE r.id = q.id AND r.claims = q.claims AND r.status = 'running'
+    WHERE r.id = q.id AND r.claims = q.claims AND r.status = 'running' AND r.id IN (SELECT id FROM locked)
     RETURNING r.id
 )
 INSERT INTO forge_workflow_steps AS s (run_id, key, name, kind, status, args, result, error, attempts, compensation,
@@ -260,10 +267,12 @@ START_COMPENSATING = """UPDATE forge_workflow_runs SET compensating = true, erro
 FINISH = """
 WITH f AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[]) AS f(id, claims, status, result, error)
+), locked AS MATERIALIZED (
+    SELECT r.id FROM forge_workflow_runs r WHERE r.id = ANY($1::uuid[]) ORDER BY r.id FOR NO KEY UPDATE
 ), run AS (
     UPDATE forge_workflow_runs r SET status = f.status, result = f.result::jsonb, error = f.error, finished_at = now(),
            lease_until = NULL, wait = NULL, wait_events = NULL, run_at = NULL, updated_at = now()
-    FROM f WHERE r.id = f.id AND r.claims = f.claims AND r.status = 'running'
+    FROM f WHERE r.id = f.id AND r.claims = f.claims AND r.status = 'running' AND r.id IN (SELECT id FROM locked)
     RETURNING r.id, r.parent_id, f.status, f.result, f.error
 ), told AS (
     INSERT INTO forge_workflow_events (run_id, name, payload)
