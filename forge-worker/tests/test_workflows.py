@@ -270,3 +270,14 @@ async def test_a_lost_write_is_not_a_failed_workflow(forge_node, monkeypatch):
     info = await client.wait(run_id)
     assert (info.status, info.claims, info.recoveries) == ("succeeded", 2, 1), info
     assert await _log(node.pool, run_id) == [("a", "ran"), ("b", "ran"), ("c", "ran"), ("c", "ran")]
+
+
+async def test_a_run_acts_as_whoever_started_it(forge_node):
+    from forge_kernel.executor import Auth
+
+    node, client = await _node(forge_node)
+    alice = Auth.for_user("alice", roles=["buyer"])
+    run_id = await node.executor.call("start_who_runs", {}, alice)
+    assert (await client.wait(run_id)).result == {"user_id": "alice", "kind": "user", "roles": ["buyer"]}
+    plain = await client.start(workflow_app.who_runs, {})  # plain Python: the system, as for jobs
+    assert (await client.wait(plain)).result["kind"] == "system"

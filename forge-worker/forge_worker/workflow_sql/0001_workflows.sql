@@ -35,6 +35,8 @@ CREATE TABLE forge_workflow_runs (
     parent_id        uuid,
     parent_key       text,
     caller           text,
+    -- the identity the run acts as (Auth.to_job() of whoever started it; NULL: the system)
+    run_as           jsonb,
     result           jsonb,
     error            text,
     created_at       timestamptz NOT NULL DEFAULT now(),

@@ -178,12 +178,14 @@ class WorkflowClient:
     def request(self, workflow: Any, args: Mapping[str, Any] | None = None, /, *,
                 idempotency_key: str | None = None, correlation_key: str | None = None,
                 delay: float | dt.timedelta | None = None, run_at: dt.datetime | None = None,
-                caller: str | None = None) -> WorkflowRequest:
+                run_as: Any = None) -> WorkflowRequest:
+        """``run_as``: the ``forge_kernel.Auth`` the run acts as (default: the system, as for jobs
+        enqueued from plain Python)."""
         defn = definition(workflow)
         if isinstance(defn, str) and self.registry is not None and self.registry.get(defn) is not None:
             defn = self.registry.get(defn)
         try:
-            return workflow_request(defn, dict(args or {}), caller=caller, idempotency_key=idempotency_key,
+            return workflow_request(defn, dict(args or {}), run_as=run_as, idempotency_key=idempotency_key,
                                     correlation_key=correlation_key, delay=delay, run_at=run_at)
         except TypeError as exc:
             raise InvalidArgument(str(exc)) from None

@@ -82,7 +82,8 @@ async def check_runs(conn: Any, registry: Registry, config: WorkflowConfig, *, i
     statuses = list(store.LIVE + (store.FINAL if include_ended else ()))
     names = [d.name for d in registry.of_kind("workflow")]
     rows = await conn.fetch(
-        """SELECT id, name, version, args::text AS args, claims, steps_done, compensating, cancel_requested, caller, error
+        """SELECT id, name, version, args::text AS args, claims, steps_done, compensating, cancel_requested, caller,
+                  run_as::text AS run_as, error
            FROM forge_workflow_runs WHERE status = ANY($1::text[]) AND NOT compensating
            ORDER BY created_at LIMIT $2""", statuses, limit)
     problems: list[Divergence | str] = []

@@ -188,6 +188,7 @@ class Execution:
     cancel_requested: bool
     caller: str | None
     error: str | None
+    run_as: Any = None
     task: asyncio.Task | None = None
     #: why the task was cancelled from outside: cancel | lease_lost | shutdown
     stop_reason: str | None = None
@@ -201,7 +202,8 @@ class Execution:
     @classmethod
     def from_row(cls, runtime: Any, row: Any) -> "Execution":
         return cls(runtime, row["id"], row["name"], row["version"], store.loads(row["args"]), row["claims"],
-                   row["steps_done"], row["compensating"], row["cancel_requested"], row["caller"], row["error"])
+                   row["steps_done"], row["compensating"], row["cancel_requested"], row["caller"], row["error"],
+                   store.loads(row.get("run_as")))
 
     @property
     def config(self) -> WorkflowConfig:
@@ -209,7 +211,8 @@ class Execution:
 
     @property
     def auth(self) -> Auth:
-        return Auth(user_id=self.caller, kind="user") if self.caller else SYSTEM
+        """Who started the run: its steps (app functions) and children act as that identity."""
+        return Auth.from_job(self.run_as, self.caller)
 
     def resolve(self, workflow: Any) -> Any:
         return self.runtime.resolve(workflow)
@@ -250,7 +253,7 @@ class Execution:
 
     async def start_child(self, defn: Any, args: dict[str, Any], child_id: uuid.UUID, key: str) -> None:
         try:
-            req = workflow_request(defn, args, caller=self.caller)
+            req = workflow_request(defn, args, run_as=self.auth)
         except ForgeError as exc:
             raise TypeError(f"ctx.start_child: {exc.message}") from None
         async with self.runtime.node.pool.acquire() as conn:

@@ -32,14 +32,14 @@ _KEY_LIMIT = 512
 START = """
 WITH req AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::timestamptz[], $8::text[], $9::int[], $10::uuid[], $11::text[])
+                         $7::timestamptz[], $8::text[], $9::int[], $10::uuid[], $11::text[], $13::text[])
          WITH ORDINALITY AS r(id, name, version, args, idempotency_key, correlation_key, run_at, caller,
-                              max_recoveries, parent_id, parent_key, ord)
+                              max_recoveries, parent_id, parent_key, run_as, ord)
 ), ins AS (
     INSERT INTO forge_workflow_runs (id, name, version, args, status, run_at, idempotency_key, correlation_key,
-                                     caller, max_recoveries, parent_id, parent_key)
+                                     caller, max_recoveries, parent_id, parent_key, run_as)
     SELECT id, name, version, args::jsonb, 'pending', coalesce(run_at, now()), idempotency_key, correlation_key,
-           caller, max_recoveries, parent_id, parent_key
+           caller, max_recoveries, parent_id, parent_key, run_as::jsonb
     FROM req ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -78,7 +78,7 @@ _CLAIMED = """SET status = 'running', node_id = $1, claims = r.claims + 1,
                   lease_until = now() + make_interval(secs => $2), started_at = coalesce(r.started_at, now()),
                   wait = NULL, wait_events = NULL, updated_at = now()"""
 _RETURNING = """RETURNING r.id, r.name, r.version, r.args::text AS args, r.claims, r.steps_done, r.compensating, r.cancel_requested,
-                          r.caller, r.parent_id, r.error, r.events_sent"""
+                          r.caller, r.run_as::text AS run_as, r.parent_id, r.error, r.events_sent"""
 
 CLAIM = f"""
 WITH c AS (
@@ -374,7 +374,8 @@ class WorkflowEngine:
             [rows[i] for i in chosen], [r.idempotency_key for r in reqs], [r.correlation_key for r in reqs],
             [r.run_at for r in reqs], [r.caller for r in reqs],
             [self.max_recoveries.get(r.name, self.default_max_recoveries) for r in reqs],
-            [parent[0] if parent else None for _ in reqs], [parent[1] if parent else None for _ in reqs], len(reqs))
+            [parent[0] if parent else None for _ in reqs], [parent[1] if parent else None for _ in reqs], len(reqs),
+            [None if r.run_as is None else json.dumps(dict(r.run_as), separators=(",", ":")) for r in reqs])
         out: dict[int, str] = {}
         missing: list[str] = []
         for row in result:

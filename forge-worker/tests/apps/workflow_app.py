@@ -157,3 +157,18 @@ from forge_kernel import job  # noqa: E402
 async def kick_off(ctx, key: str) -> None:
     """A job (or a cron, which runs as one) starting a run; the key makes a re-run harmless."""
     await ctx.start_workflow(three_steps, n=10, idempotency_key=key)
+
+
+@mutation
+async def whoami(ctx) -> dict:
+    return {"user_id": ctx.auth.user_id, "kind": ctx.auth.kind, "roles": sorted(ctx.auth.roles)}
+
+
+@workflow
+async def who_runs(ctx) -> dict:
+    return await ctx.step(whoami)
+
+
+@mutation
+async def start_who_runs(ctx) -> str:
+    return await ctx.start_workflow(who_runs)
