@@ -68,8 +68,9 @@ async def fresh_db(base: str, name: str) -> str:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    head = base.partition("?")[0].rpartition("/")[0]
-    return f"{head}/{name}"
+    from forge_kernel.db import with_database
+
+    return with_database(base, name)
 
 
 def load() -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from forge_kernel.db import with_database
 from forge_kernel.embedded_pg import EmbeddedPostgres
 from forge_kernel.testing import NodeProcess
 from forge_worker import WorkflowClient
@@ -87,7 +88,7 @@ async def test_1000_runs_survive_sigkills_mid_step_sleep_compensation_and_a_post
     admin = await asyncpg.connect(url)
     await admin.execute("CREATE DATABASE wf_kill")
     await admin.close()
-    db_url = url.rsplit("/", 1)[0] + "/wf_kill"
+    db_url = with_database(url, "wf_kill")
     procs: list[NodeProcess] = []
 
     def spawn(node_id: str) -> NodeProcess:
