@@ -365,6 +365,7 @@ async def main() -> None:
     instrument_forge()
     py = dbos_python() if "dbos" in systems else ""
     root = Path(tempfile.mkdtemp(prefix="forge-bench-wf-"))
+    root.chmod(0o711)  # the embedded server runs as its own account and must pass through to root/pg
     pg = EmbeddedPostgres(root / "pg", settings={})
     base = pg.start()
     results: dict = {"forge": {}, "dbos": {}}
