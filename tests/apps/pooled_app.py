@@ -118,3 +118,10 @@ async def dispatch_noops(ctx, n: int) -> int:
 @job(max_attempts=1)
 async def noop(ctx) -> None:
     """Touches no database: the worker's own statements are all that run."""
+
+
+@query(public=True)
+async def orders_where(ctx, owner: str) -> dict:
+    """The owner's items and whether a replica answered."""
+    replica = await ctx.db.fetchval("SELECT pg_is_in_recovery()")
+    return {"replica": replica, "items": [o.item for o in await ctx.db.select(Order, owner=owner, order_by="id")]}
