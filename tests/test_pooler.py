@@ -29,7 +29,7 @@ import websockets
 from forge_kernel import ANONYMOUS, ForgeError
 from forge_kernel.errors import StartupError
 from forge_kernel.testing import NodeProcess, eventually, free_port
-from forge_kernel.testing.servers import PgBouncer, PgServer, embedded_bin_dir, private_folder
+from forge_kernel.testing.servers import PgBouncer, PgServer, create_app_role, embedded_bin_dir, private_folder
 
 pytestmark = pytest.mark.skipif(PgBouncer.binary() is None, reason="pgbouncer is not installed (.ci/run installs it)")
 
@@ -37,6 +37,8 @@ APPS = str(Path(__file__).parent / "apps")
 ENV = {"PYTHONPATH": APPS + os.pathsep + os.environ.get("PYTHONPATH", ""), "FORGE_LOG__LEVEL": "WARNING"}
 ROLE = "forge_app"
 POOL_SIZE = 6  # PgBouncer's server connections per database: far below what three nodes would open
+#: as a managed server sets them
+TIMEOUTS = {"statement_timeout": "5s", "idle_in_transaction_session_timeout": "5s"}
 
 
 class Setup:
@@ -48,16 +50,6 @@ class Setup:
 
     def pooled(self, db: str) -> str:
         return self.bouncer.url(db, ROLE)
-
-
-async def create_role(admin: asyncpg.Connection, password: str) -> None:
-    """A managed server's app role: no superuser, no CREATEDB/CREATEROLE (so no CREATE EXTENSION
-    of untrusted extensions), with server-side timeouts."""
-    await admin.execute(await admin.fetchval(
-        "SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %L', $1::text, $2::text)",
-        ROLE, password))
-    await admin.execute(f"ALTER ROLE {ROLE} SET statement_timeout = '5s'")
-    await admin.execute(f"ALTER ROLE {ROLE} SET idle_in_transaction_session_timeout = '5s'")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def setup() -> Any:
         async def prepare() -> None:
             admin = await asyncpg.connect(server.url())
             try:
-                await create_role(admin, password)
+                await create_app_role(admin, ROLE, password, settings=TIMEOUTS)
             finally:
                 await admin.close()
 

@@ -114,6 +114,50 @@ def url(*, user: str, database: str, host: str, port: int, password: str | None 
     return f"postgresql://{auth}@{where}/{quote(database, safe='')}" + (f"?{q}" if q else "")
 
 
+@attrs.frozen
+class Tls:
+    """A throwaway CA and a server certificate it signed (for localhost and 127.0.0.1)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def throwaway_tls(folder: Path, name: str = "forge test") -> Tls:
+    """Make a CA and a server certificate with ``openssl`` in ``folder`` (the server's account
+    owns the key, 0600, as PostgreSQL requires)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    give(folder)
+
+    def ssl(*args: str, stdin: str | None = None) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder, input=stdin, text=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", f"/CN={name} CA")
+    ssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    (folder / "ca.key").unlink()  # nothing more is signed with it
+    for f in ("ca.crt", "server.crt"):
+        give(folder / f, 0o644)
+    give(folder / "server.key", 0o600)
+    return Tls(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+
+
+async def create_app_role(admin: Any, role: str, password: str, *, settings: Mapping[str, str] | None = None,
+                          connection_limit: int = -1) -> None:
+    """A role as managed servers hand out: no superuser, no CREATEDB or CREATEROLE (so no
+    CREATE EXTENSION but of trusted extensions), a password, optional role settings
+    (``statement_timeout``...) and CONNECTION LIMIT. ``admin`` is an asyncpg connection."""
+    await admin.execute(await admin.fetchval(
+        "SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE CONNECTION LIMIT %s PASSWORD %L', "
+        "$1::text, $2::int, $3::text)", role, connection_limit, password))
+    for key, value in (settings or {}).items():
+        await admin.execute(await admin.fetchval("SELECT format('ALTER ROLE %I SET %I = %L', $1::text, $2::text, $3::text)",
+                                                 role, key, value))
+
+
 @attrs.define
 class PgServer:
     """A PostgreSQL server in ``root``: ``data/`` (initdb), ``run/`` (its socket), ``postgres.log``.
