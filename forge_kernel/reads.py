@@ -19,9 +19,8 @@ reached sends queries to the primary for a few seconds before it is tried again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from typing import AsyncIterator
+from typing import Any
 
 import asyncpg
 import attrs
@@ -86,25 +85,10 @@ class QueryReads:
         if self.replica is not None:
             self.note(await conn.fetchval(PRIMARY_POSITION))
 
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection inside a read-only transaction, released (and the transaction ended) on exit."""
-        target = self.primary
-        conn = await self._replica_conn() if self.replica is not None else None
-        if conn is not None:
-            target = self.replica
-        else:
-            if self.replica is not None:
-                self.stats.primary += 1
-            conn = await self.primary.pool.acquire()
-        try:
-            if target.readonly_sessions:
-                yield conn
-            else:
-                async with conn.transaction(readonly=True):
-                    yield conn
-        finally:
-            await target.pool.release(conn)
+    def connection(self) -> "QueryConnection":
+        """``async with reads.connection() as conn``: a connection inside a read-only transaction,
+        released (and the transaction ended) on exit."""
+        return QueryConnection(self)
 
     async def _replica_conn(self) -> asyncpg.Connection | None:
         """A replica connection that has replayed the floor, or None (read the primary)."""
@@ -157,3 +141,46 @@ class QueryReads:
         self._down_until = time.monotonic() + self.retry_after
         logger.warning(f"replica at [database] read_url unreachable ({type(exc).__name__}: {exc}); "
                        f"queries read the primary for {self.retry_after:g}s")
+
+
+class QueryConnection:
+    """What :meth:`QueryReads.connection` returns (a class, not a generator: it is on every
+    query's path)."""
+
+    __slots__ = ("reads", "target", "conn", "transaction")
+
+    def __init__(self, reads: QueryReads) -> None:
+        self.reads = reads
+        self.target: ReadPool | None = None
+        self.conn: asyncpg.Connection | None = None
+        self.transaction: Any = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        reads = self.reads
+        if reads.replica is not None:
+            self.conn = await reads._replica_conn()
+            if self.conn is not None:
+                self.target = reads.replica
+            else:
+                reads.stats.primary += 1
+        if self.conn is None:
+            self.target = reads.primary
+            self.conn = await reads.primary.pool.acquire()
+        if not self.target.readonly_sessions:
+            self.transaction = self.conn.transaction(readonly=True)
+            try:
+                await self.transaction.start()
+            except BaseException:
+                await self.target.pool.release(self.conn)
+                raise
+        return self.conn
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self.transaction is not None:
+                if exc_type is None:
+                    await self.transaction.commit()
+                else:
+                    await self.transaction.rollback()
+        finally:
+            await self.target.pool.release(self.conn)
