@@ -40,13 +40,20 @@ async def _init_read_only(conn: asyncpg.Connection) -> None:
         raise PoolerDetected("the startup parameter default_transaction_read_only did not reach the server")
 
 
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Through a transaction pooler the pool's reset on release (RESET ALL, UNLISTEN *, unlock
+    advisory locks, CLOSE ALL) would run on whichever server connection the pooler picks, not
+    on those our transactions used: a round trip per call that cleans nothing of ours."""
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, timeout: float = 10.0,
                       read_only: bool = False, pooled: bool = False) -> asyncpg.Pool:
     """An asyncpg pool with FORGE's codecs.
 
     ``pooled``: ``url`` is a transaction-mode pooler, where consecutive transactions of one client
     connection may run on different server connections: no named prepared statements (asyncpg's
-    statement cache off) and no startup parameters beyond those PgBouncer passes on.
+    statement cache off), no startup parameters beyond those PgBouncer passes on, no session reset
+    on release.
 
     ``read_only`` (never with ``pooled``): every statement runs in a read-only transaction of its
     own, without a BEGIN/COMMIT round trip each. A startup-packet setting is also what RESET ALL
@@ -63,7 +70,7 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, timeou
     try:
         return await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, init=init, timeout=timeout, server_settings=settings,
-            statement_cache_size=0 if pooled else 100,
+            statement_cache_size=0 if pooled else 100, reset=_no_session_reset if pooled else None,
         )
     except asyncpg.ProtocolViolationError as exc:
         # PgBouncer: "unsupported startup parameter: default_transaction_read_only"
