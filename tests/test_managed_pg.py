@@ -5,7 +5,6 @@ over TLS with a password, as a role that is not a superuser, with server-side ti
 from __future__ import annotations
 
 import asyncio
-import secrets
 import shutil
 import uuid
 from typing import Any
@@ -16,8 +15,7 @@ import pytest
 from forge_kernel import ANONYMOUS
 from forge_kernel.errors import StartupError
 from forge_kernel.testing import eventually
-from forge_kernel.testing.servers import (PgServer, create_app_role, debian_bin_dir, give, private_folder,
-                                          throwaway_tls)
+from forge_kernel.testing.servers import PgServer, debian_bin_dir, give, private_folder, throwaway_tls
 
 pytestmark = pytest.mark.skipif(debian_bin_dir() is None, reason="Debian's postgresql is not installed (.ci/run installs it)")
 
@@ -47,16 +45,7 @@ def managed() -> Any:
                                 "fsync": "off", "full_page_writes": "off"})
     try:
         server.initdb().start()
-        password = secrets.token_hex(16)
-
-        async def prepare() -> None:
-            admin = await asyncpg.connect(server.url())
-            try:
-                await create_app_role(admin, ROLE, password, settings=TIMEOUTS)
-            finally:
-                await admin.close()
-
-        asyncio.run(prepare())
+        password = asyncio.run(server.create_app_role(ROLE, settings=TIMEOUTS))
         yield Managed(server, tls, other, password)
     finally:
         server.stop()
@@ -65,14 +54,9 @@ def managed() -> Any:
 
 @pytest.fixture
 async def database(managed: Managed) -> Any:
-    name = f"managed_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(managed.server.url())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" OWNER {ROLE}')
+    """A fresh database owned by the app role."""
+    async with managed.server.fresh_database("managed_", ROLE) as name:
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_verify_full_as_an_unprivileged_role_with_server_timeouts(managed, database, forge_node):
@@ -116,10 +100,10 @@ async def test_a_certificate_from_another_ca_is_refused_clearly(managed, databas
 async def test_a_connection_limit_below_the_pool_minimum_names_the_setting(managed, database, forge_node):
     """Before: 'cannot connect to PostgreSQL at [database] url: TooManyConnectionsError: too many
     connections for role' - nothing said which setting asks for the connections."""
+    role = f"small_{uuid.uuid4().hex[:6]}"
+    password = await managed.server.create_app_role(role, connection_limit=2)
     admin = await asyncpg.connect(managed.server.url())
-    role, password = f"small_{uuid.uuid4().hex[:6]}", secrets.token_hex(8)
     try:
-        await create_app_role(admin, role, password, connection_limit=2)
         await admin.execute(f'GRANT ALL ON DATABASE "{database}" TO {role}')
         with pytest.raises(StartupError) as info:
             await forge_node(modules=["pooled_app"], config={

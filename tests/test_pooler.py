@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import websockets
 from forge_kernel import ANONYMOUS, ForgeError
 from forge_kernel.errors import StartupError
 from forge_kernel.testing import NodeProcess, eventually, free_port
-from forge_kernel.testing.servers import PgBouncer, PgServer, create_app_role, embedded_bin_dir, private_folder
+from forge_kernel.testing.servers import PgBouncer, PgServer, embedded_bin_dir, private_folder
 
 pytestmark = pytest.mark.skipif(PgBouncer.binary() is None, reason="pgbouncer is not installed (.ci/run installs it)")
 
@@ -61,16 +59,7 @@ def setup() -> Any:
     bouncer = None
     try:
         server.initdb().start()
-        password = secrets.token_hex(16)
-
-        async def prepare() -> None:
-            admin = await asyncpg.connect(server.url())
-            try:
-                await create_app_role(admin, ROLE, password, settings=TIMEOUTS)
-            finally:
-                await admin.close()
-
-        asyncio.run(prepare())
+        password = asyncio.run(server.create_app_role(ROLE, settings=TIMEOUTS))
         bouncer = PgBouncer(root, str(server.socket_dir), server.port, {ROLE: password}, pool_size=POOL_SIZE).start()
         yield Setup(server, bouncer, password)
     finally:
@@ -83,14 +72,8 @@ def setup() -> Any:
 @pytest.fixture
 async def database(setup: Setup) -> Any:
     """A fresh database owned by the app role."""
-    name = f"pooler_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(setup.server.url())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" OWNER {ROLE}')
+    async with setup.server.fresh_database("pooler_", ROLE) as name:
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 # --- in-process: detection and the query path through the pooler ------------------------------

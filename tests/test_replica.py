@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import uuid
 from typing import Any
 
 import asyncpg
@@ -48,11 +47,7 @@ def pair() -> Any:
 
 @pytest.fixture
 async def database(pair: Pair) -> Any:
-    name = f"replica_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(pair.primary.url())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-
+    async with pair.primary.fresh_database("replica_") as name:
         async def replicated() -> bool:
             try:
                 conn = await asyncpg.connect(pair.standby.url(name))
@@ -63,9 +58,6 @@ async def database(pair: Pair) -> Any:
 
         await eventually(replicated, 30, "the database on the standby")
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture

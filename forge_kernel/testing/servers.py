@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shlex
 import shutil
 import signal
@@ -20,8 +21,9 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Mapping
 from urllib.parse import quote
 
 import attrs
@@ -145,19 +147,6 @@ def throwaway_tls(folder: Path, name: str = "forge test") -> Tls:
     return Tls(folder / "ca.crt", folder / "server.crt", folder / "server.key")
 
 
-async def create_app_role(admin: Any, role: str, password: str, *, settings: Mapping[str, str] | None = None,
-                          connection_limit: int = -1) -> None:
-    """A role as managed servers hand out: no superuser, no CREATEDB or CREATEROLE (so no
-    CREATE EXTENSION but of trusted extensions), a password, optional role settings
-    (``statement_timeout``...) and CONNECTION LIMIT. ``admin`` is an asyncpg connection."""
-    await admin.execute(await admin.fetchval(
-        "SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE CONNECTION LIMIT %s PASSWORD %L', "
-        "$1::text, $2::int, $3::text)", role, connection_limit, password))
-    for key, value in (settings or {}).items():
-        await admin.execute(await admin.fetchval("SELECT format('ALTER ROLE %I SET %I = %L', $1::text, $2::text, $3::text)",
-                                                 role, key, value))
-
-
 @attrs.define
 class PgServer:
     """A PostgreSQL server in ``root``: ``data/`` (initdb), ``run/`` (its socket), ``postgres.log``.
@@ -219,6 +208,40 @@ class PgServer:
         """A URL to this server: through the socket, or through TCP (``tcp``, needs ``listen``)."""
         host = self.listen if tcp else str(self.socket_dir)
         return url(user=user, database=database, host=host, port=self.port, password=password, **params)
+
+    async def create_app_role(self, role: str, *, settings: Mapping[str, str] | None = None,
+                              connection_limit: int = -1) -> str:
+        """A role as managed servers hand out: no superuser, no CREATEDB or CREATEROLE (so no
+        CREATE EXTENSION but of trusted extensions), optional role settings (``statement_timeout``
+        ...) and CONNECTION LIMIT. Returns its new random password."""
+        import asyncpg
+
+        password = secrets.token_hex(16)
+        admin = await asyncpg.connect(self.url())
+        try:
+            await admin.execute(await admin.fetchval(
+                "SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE CONNECTION LIMIT %s "
+                "PASSWORD %L', $1::text, $2::int, $3::text)", role, connection_limit, password))
+            for key, value in (settings or {}).items():
+                await admin.execute(await admin.fetchval(
+                    "SELECT format('ALTER ROLE %I SET %I = %L', $1::text, $2::text, $3::text)", role, key, value))
+        finally:
+            await admin.close()
+        return password
+
+    @contextlib.asynccontextmanager
+    async def fresh_database(self, prefix: str, owner: str | None = None) -> AsyncIterator[str]:
+        """A new database (owned by ``owner``), dropped with its connections on exit."""
+        import asyncpg
+
+        name = f"{prefix}{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(self.url())
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"' + (f' OWNER "{owner}"' if owner else ""))
+            yield name
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
 
     def standby(self, root: Path, **kw: Any) -> "PgServer":
         """A streaming replica (hot standby) of this server in ``root``: ``pg_basebackup -R``,
