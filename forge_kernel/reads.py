@@ -26,8 +26,8 @@ import asyncpg
 import attrs
 from loguru import logger
 
-#: what a query waiting for the replica (or failing to reach it) may run into
-_REPLICA_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: what reading a WAL position or reaching the replica may run into
+_DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 #: the WAL position after every commit this session has seen: the insert position, not the
 #: write or flush position - a commit made with synchronous_commit = off is visible before its
@@ -71,7 +71,7 @@ class QueryReads:
         #: the replica's replay position last seen (only grows)
         self.replayed = 0
         self.stats = ReadStats()
-        self._down_until = 0.0
+        self._primary_only_until = 0.0
         self._warned_not_standby = False
 
     def note(self, lsn: int | None) -> None:
@@ -81,9 +81,16 @@ class QueryReads:
 
     async def committed(self, conn: asyncpg.Connection) -> None:
         """After a commit on ``conn`` (the primary): raise the floor to cover it. One round trip,
-        only when queries read a replica."""
-        if self.replica is not None:
+        only when queries read a replica. Never raises: the commit has happened; when its position
+        cannot be read, queries read the primary for ``retry_after`` seconds instead."""
+        if self.replica is None:
+            return
+        try:
             self.note(await conn.fetchval(PRIMARY_POSITION))
+        except _DB_ERRORS as exc:
+            self._primary_only_until = time.monotonic() + self.retry_after
+            logger.warning(f"could not read the primary's WAL position after a commit ({type(exc).__name__}: "
+                           f"{exc}); queries read the primary for {self.retry_after:g}s")
 
     def connection(self) -> "QueryConnection":
         """``async with reads.connection() as conn``: a connection inside a read-only transaction,
@@ -92,13 +99,13 @@ class QueryReads:
 
     async def _replica_conn(self) -> asyncpg.Connection | None:
         """A replica connection that has replayed the floor, or None (read the primary)."""
-        if time.monotonic() < self._down_until:
+        if time.monotonic() < self._primary_only_until:
             self.stats.unreachable += 1
             return None
         pool = self.replica.pool
         try:
             conn = await pool.acquire(timeout=max(self.wait, 1.0))
-        except _REPLICA_ERRORS as exc:
+        except _DB_ERRORS as exc:
             self.unreachable(exc)
             return None
         try:
@@ -106,7 +113,7 @@ class QueryReads:
                 self.stats.replica += 1
                 return conn
             self.stats.lagged += 1
-        except _REPLICA_ERRORS as exc:
+        except _DB_ERRORS as exc:
             self.unreachable(exc)
         await pool.release(conn)
         return None
@@ -138,7 +145,7 @@ class QueryReads:
     def unreachable(self, exc: BaseException) -> None:
         """The replica failed: queries read the primary for ``retry_after`` seconds."""
         self.stats.unreachable += 1
-        self._down_until = time.monotonic() + self.retry_after
+        self._primary_only_until = time.monotonic() + self.retry_after
         logger.warning(f"replica at [database] read_url unreachable ({type(exc).__name__}: {exc}); "
                        f"queries read the primary for {self.retry_after:g}s")
 
