@@ -37,10 +37,12 @@ class Realtime:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, node: Any) -> AsyncIterator["Realtime"]:
-        self.capture = CaptureManager(node.pool)
+        # live queries may read a replica: their re-runs must see what the reader and the capture saw
+        reads = node.executor.reads
+        self.capture = CaptureManager(node.pool, after_install=reads.committed)
         self.reader = ChangeReader(node.connect, self._on_changes, self._on_resync,
                                    fallback_poll=self.config.fallback_poll,
-                                   resync_after=self.config.retention / 2)
+                                   resync_after=self.config.retention / 2, on_lsn=reads.note)
         self.engine = LiveQueryEngine(node.executor, self.capture, max_concurrent_runs=self.config.max_concurrent_runs,
                                       position=lambda: self.reader.position)
         await self._capture_declared()
