@@ -43,16 +43,6 @@ def _networks(inst: object, attr: attrs.Attribute, value: list[str]) -> None:
             raise InvalidValue(attr.name, net, "IP addresses or CIDR ranges like '10.0.0.0/8' or '::1'") from None
 
 
-class _Hidden:
-    """Stands in for a secret in an error message: its size, never its text."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __repr__(self) -> str:
-        return f"a secret of {self.size} bytes (not shown)"
-
-
 @attrs.frozen
 class ApiKey:
     """A service credential: callers send the key, the config stores only its SHA-256."""
@@ -169,6 +159,8 @@ class GatewayConfig:
         need_alg = max(hmac_algs, key=HMAC_MIN_KEY_BYTES.__getitem__)
         need, size = HMAC_MIN_KEY_BYTES[need_alg], len(self.jwt_secret.encode())
         if size < need:
-            raise InvalidValue("jwt_secret", _Hidden(size),
-                               f"at least {need} bytes for {need_alg} (RFC 7518 3.2); "
-                               "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(64))'")
+            # a plain ValueError, not InvalidValue: the config loader shows the value of a key named
+            # in an InvalidValue, and this one is a secret
+            raise ValueError(f"jwt_secret: the secret has {size} bytes; {need_alg} needs at least {need} bytes "
+                             "(RFC 7518 3.2). Generate one with: "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(64))'")
