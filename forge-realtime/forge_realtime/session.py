@@ -206,11 +206,14 @@ class Session:
             self._send(error_message(InvalidArgument(
                 f"unknown message type {kind!r}; expected auth, subscribe, unsubscribe or ping"), None))
             return
+        sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and _valid_id(msg.get("id")) else None
         try:
             await handler(msg)
         except ForgeError as exc:
-            sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and _valid_id(msg.get("id")) else None
             self._send(error_message(exc, sub_id))
+        except Exception as exc:  # a bug of ours: answer without internals, keep the socket, log it
+            logger.opt(exception=exc).error(f"realtime: handling a {kind!r} message failed")
+            self._send(error_message(ForgeError("internal error while handling the message"), sub_id))
 
     # --- messages ---------------------------------------------------------------------------
     async def _on_ping(self, msg: dict[str, Any]) -> None:
