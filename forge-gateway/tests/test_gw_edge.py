@@ -14,8 +14,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from forge_kernel.testing import NodeProcess, wait_for
-from gw_support import RunningGateway, child_env, create_database, drop_database, gateway_config
+from forge_kernel.testing import wait_for
+from gw_support import RunningGateway, child_env, running_gateway
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +27,10 @@ def http(gateway):
 @pytest.fixture(scope="module")
 def edge(forge_database_url: str, keys: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     """A node with small edge limits and a trusted proxy range."""
-    tmp = tmp_path_factory.mktemp("edge")
-    db = create_database(forge_database_url)
-    cfg = gateway_config(keys, tmp, modules=["gw_app"], header_timeout=1.0, max_connections=25,
-                         trust_forwarded_for=True, trusted_proxies=["127.0.0.1/32", "10.0.0.0/8"])
-    cfg["database"] = {"url": db}
-    cfg["node"] = {"id": "gw-edge"}
-    proc = NodeProcess(tmp / "node", cfg, env=child_env("gw_dispatch_plugin"))
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield RunningGateway(f"http://127.0.0.1:{cfg['gateway']['port']}", proc)
-    finally:
-        proc.terminate(timeout=20)
-        drop_database(forge_database_url, db)
+    with running_gateway(forge_database_url, keys, tmp_path_factory.mktemp("edge"), node_id="gw-edge",
+                         header_timeout=1.0, max_connections=25, trust_forwarded_for=True,
+                         trusted_proxies=["127.0.0.1/32", "10.0.0.0/8"]) as gw:
+        yield gw
 
 
 def _port(gw: RunningGateway) -> int:

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from forge_kernel.testing import NodeProcess, wait_for
-from gw_support import child_env, create_database, drop_database, gateway_config
+from forge_kernel.testing import wait_for
+from gw_support import running_gateway
 
 
 def _name(cn: str) -> x509.Name:
@@ -82,20 +82,10 @@ def tls_node(forge_database_url: str, keys: Any, tmp_path_factory: pytest.TempPa
     cert_path, key_path = tmp / "node.crt", tmp / "node.key"
     _write(cert_path, cert)
     _write(key_path, key)
-    db = create_database(forge_database_url)
-    cfg = gateway_config(keys, tmp, modules=["gw_app"], tls_cert=str(cert_path), tls_key=str(key_path),
-                         hsts_max_age=31536000)
-    cfg["database"] = {"url": db}
-    cfg["node"] = {"id": "gw-tls"}
-    proc = NodeProcess(tmp / "node", cfg, env=child_env("gw_dispatch_plugin", "gw_routes_plugin"))
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield {"port": cfg["gateway"]["port"], "ca": ca, "serial": serial, "cert": cert_path, "key": key_path,
-               "proc": proc}
-    finally:
-        proc.terminate(timeout=20)
-        drop_database(forge_database_url, db)
+    with running_gateway(forge_database_url, keys, tmp, node_id="gw-tls", plugins=("gw_routes_plugin",),
+                         tls_cert=str(cert_path), tls_key=str(key_path), hsts_max_age=31536000) as gw:
+        yield {"port": int(gw.url.rsplit(":", 1)[1]), "ca": ca, "serial": serial, "cert": cert_path, "key": key_path,
+               "proc": gw.proc}
 
 
 def test_https_with_hsts(tls_node):
