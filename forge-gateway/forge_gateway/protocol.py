@@ -78,35 +78,52 @@ def error_bytes(status: int, code: str, message: str, details: Any, default_head
 
 
 class EdgeProtocol(HttpToolsProtocol):
+    # The hot path (a request whose headers arrive in one piece) costs one length check per chunk
+    # and no timer: the header timer is armed only while a request's headers are incomplete after
+    # a chunk (and once per connection, for a client that sends nothing), and lines are measured
+    # only for requests whose headers are longer than a line may be (or that were pipelined
+    # behind another request in one chunk, where the count may be short by that chunk).
+
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None, *, gate: ConnectionGate) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+        HttpToolsProtocol.__init__(self, config, server_state, app_state, _loop)
         self.gate = gate
         self.limits = gate.limits
         #: bytes of the current request received while its headers were incomplete
         self._header_bytes = 0
+        #: the bytes arriving now may be header bytes (a request has not finished its headers, or
+        #: the next one has not begun)
         self._in_headers = True
+        #: a request has begun (or the connection opened) and its headers are not complete
+        self._awaiting_headers = True
+        self._header_since = 0.0
+        #: no callback has run yet for the chunk being fed
+        self._fresh_chunk = True
+        #: the current request began at the start of a chunk, so ``_header_bytes`` counted all of it
+        #: (a pipelined request that began inside a chunk is measured line by line instead)
+        self._counted_whole = True
         self._header_timer: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str, str, Any] | None = None
 
     # --- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        HttpToolsProtocol.connection_made(self, transport)
         if len(self.connections) > self.limits.max_connections:
             self.gate.refuse(len(self.connections) - 1)
             self._answer(503, "RATE_LIMITED", f"the node has reached its connection limit ([gateway] "
                                               f"max_connections = {self.limits.max_connections}); retry later",
                          {"limit": self.limits.max_connections}, extra=((b"retry-after", b"1"),))
             return
+        self._header_since = self.loop.time()
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
-        super().connection_lost(exc)
+        HttpToolsProtocol.connection_lost(self, exc)
 
     def _arm_header_timer(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timed_out)
+        self._header_timer = self.loop.call_at(self._header_since + self.limits.header_timeout,
+                                               self._header_timed_out)
 
     def _disarm_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -115,7 +132,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        if self._in_headers and not self.transport.is_closing():
+        if self._awaiting_headers and not self.transport.is_closing():
             self._answer(408, "TIMEOUT", f"request headers not complete within {self.limits.header_timeout:g}s "
                                          "([gateway] header_timeout)", {"timeout": self.limits.header_timeout})
 
@@ -124,26 +141,38 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._in_headers:
             room = self.limits.max_header_bytes - self._header_bytes
             if len(data) > room:
-                # feed what the limit allows: if the headers end inside it, the rest is body
-                head, rest = data[:max(room, 0)], data[max(room, 0):]
-                self._header_bytes += len(head)
-                if head:
-                    super().data_received(head)
-                if self.transport.is_closing():
-                    return
-                if self._in_headers:
-                    self._answer(431, "PAYLOAD_TOO_LARGE",
-                                 f"request headers larger than {self.limits.max_header_bytes} bytes "
-                                 "([gateway] max_header_bytes)", {"limit": self.limits.max_header_bytes})
-                    return
-                protocol = self.transport.get_protocol()
-                if protocol is not self:  # upgraded to WebSocket: the rest belongs to it
-                    protocol.data_received(rest)
-                else:
-                    self.data_received(rest)
+                self._over_the_header_limit(data, room)
                 return
             self._header_bytes += len(data)
-        super().data_received(data)
+        self._fresh_chunk = True
+        HttpToolsProtocol.data_received(self, data)
+        if self._awaiting_headers and self._header_timer is None and not self.transport.is_closing():
+            self._arm_header_timer()  # headers still incomplete after this chunk
+
+    def _over_the_header_limit(self, data: bytes, room: int) -> None:
+        # feed what the limit allows: if the headers end inside it, the rest is body
+        room = max(room, 0)
+        head, rest = data[:room], data[room:]
+        self._header_bytes += len(head)
+        if head:
+            self._fresh_chunk = True
+            HttpToolsProtocol.data_received(self, head)
+        if self.transport.is_closing():
+            return
+        if self._in_headers:
+            limit = self.limits.max_header_line_bytes
+            if self._awaiting_headers and len(getattr(self, "url", b"")) > limit:
+                self._answer(414, "PAYLOAD_TOO_LARGE", _target_message(limit), {"limit": limit})
+            else:
+                self._answer(431, "PAYLOAD_TOO_LARGE", f"request headers larger than {self.limits.max_header_bytes} "
+                                                       "bytes ([gateway] max_header_bytes)",
+                             {"limit": self.limits.max_header_bytes})
+            return
+        protocol = self.transport.get_protocol()
+        if protocol is not self:  # upgraded to WebSocket: the rest belongs to it
+            protocol.data_received(rest)
+        else:
+            self.data_received(rest)
 
     def send_400_response(self, msg: str) -> None:
         # called by uvicorn when the parser (or one of our callbacks) stops on a request
@@ -165,31 +194,35 @@ class EdgeProtocol(HttpToolsProtocol):
         self._refusal = (status, "PAYLOAD_TOO_LARGE", message, {"limit": limit})
         raise _Refused(message)
 
+    def _check_lines(self) -> None:
+        limit = self.limits.max_header_line_bytes
+        if len(self.url) > limit:
+            self._refuse(414, _target_message(limit), limit)
+        for name, value in self.headers:
+            if len(name) + len(value) > limit:
+                self._refuse(431, f"request header {name[:64].decode('latin-1')!r} longer than {limit} bytes "
+                                  "([gateway] max_header_line_bytes)", limit)
+
     # --- parser callbacks --------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_headers = True
-        self._arm_header_timer()
-
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) > self.limits.max_header_line_bytes:
-            self._refuse(414, f"request target longer than {self.limits.max_header_line_bytes} bytes "
-                              "([gateway] max_header_line_bytes)", self.limits.max_header_line_bytes)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > self.limits.max_header_line_bytes:
-            self._refuse(431, f"request header {name[:64].decode('latin-1')!r} longer than "
-                              f"{self.limits.max_header_line_bytes} bytes ([gateway] max_header_line_bytes)",
-                         self.limits.max_header_line_bytes)
-        super().on_header(name, value)
+        HttpToolsProtocol.on_message_begin(self)
+        self._in_headers = self._awaiting_headers = True
+        self._counted_whole = self._fresh_chunk
+        self._header_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        self._in_headers = False
-        self._disarm_header_timer()
-        super().on_headers_complete()
+        self._in_headers = self._awaiting_headers = False
+        if self._header_timer is not None:
+            self._disarm_header_timer()
+        if self._header_bytes > self.limits.max_header_line_bytes or not self._counted_whole:
+            self._check_lines()  # only then can a line be too long
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
         # the next bytes on this connection start a new request
-        self._in_headers, self._header_bytes = True, 0
+        self._in_headers, self._header_bytes, self._fresh_chunk = True, 0, False
+
+
+def _target_message(limit: int) -> str:
+    return f"request target longer than {limit} bytes ([gateway] max_header_line_bytes)"

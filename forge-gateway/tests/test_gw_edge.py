@@ -131,6 +131,23 @@ def test_a_100_mb_header_is_cut_off_at_the_limit(gateway):
     assert sent < 32 * 1024 * 1024, sent
 
 
+def test_a_long_line_in_a_pipelined_request_is_refused_too(gateway):
+    """The second request arrives in the same write as the first one's body (bytes the header
+    count does not see), so its lines are measured one by one."""
+    body = b'{"a": 1}'
+    first = b"POST /rpc/add HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    second = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"l" * 17_000 + b"\r\n\r\n"
+    with _connect(gateway) as sock:
+        sock.sendall(first)
+        time.sleep(0.3)
+        sock.sendall(body + second)
+        raw = _read_all(sock)
+    # the refusal closes the connection; the first request may not have been answered yet
+    assert b"HTTP/1.1 431" in raw, raw[:300]
+    err = assert_error_shape(*_response(raw[raw.index(b"HTTP/1.1 431"):]), 431, "PAYLOAD_TOO_LARGE")
+    assert "x-long" in err["message"].lower()
+
+
 def test_headers_and_bodies_within_the_limits_still_work(gateway, http):
     assert http.get("/health", headers={"X-Ok": "c" * 15_000}).status_code == 200
     many = {f"X-Many-{i}": "d" * 1000 for i in range(55)}  # ~56 KiB of headers in total
