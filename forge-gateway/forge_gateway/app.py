@@ -177,7 +177,8 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
                 if name == b"x-forwarded-for":  # several headers are one list (RFC 9110 5.3)
                     headers[key] += "," + value.decode("latin-1")
                     continue
-                repeated = name
+                if name in gw.credential_headers:
+                    repeated = name
             headers[key] = value.decode("latin-1")
     request_id = request_id_from(headers.get("x-request-id"))
     raw_path = scope.get("raw_path") or scope["path"].encode()
@@ -196,7 +197,7 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
         response = json_asgi(_encode({"error": err.to_dict()}), 405, {"x-request-id": request_id, "allow": "POST"})
         await response(scope, receive, send)
         return
-    if repeated is not None and repeated in gw.credential_headers:
+    if repeated is not None:
         # two credentials, one request: answering for either would let a proxy's or a client's
         # header win depending on order, so neither is used
         err = InvalidArgument(f"the {gw.credential_headers[repeated]} header is sent more than once; "

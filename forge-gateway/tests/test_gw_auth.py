@@ -175,7 +175,8 @@ def test_a_repeated_credential_header_is_refused_whatever_its_order(http, keys):
     assert whoami(http, keys.hs256(sub="carol")).status_code == 200
     for headers in ([("Authorization", bad), ("Authorization", good)], [("Authorization", good), ("Authorization", bad)],
                     [("Authorization", good), ("Authorization", good)],
-                    [("X-API-Key", "wrong"), ("X-API-Key", SERVICE_KEY)], [("X-API-Key", SERVICE_KEY), ("x-api-key", "w")]):
+                    [("X-API-Key", "wrong"), ("X-API-Key", SERVICE_KEY)], [("X-API-Key", SERVICE_KEY), ("x-api-key", "w")],
+                    [("Authorization", bad), ("Authorization", good), ("X-Request-Id", "a"), ("X-Request-Id", "b")]):
         for path, body in (("/rpc/whoami", None), ("/rpc", {"jsonrpc": "2.0", "method": "whoami", "id": 1})):
             r = http.post(path, headers=headers, json=body)
             assert r.status_code == 400, (headers, path, r.text)
