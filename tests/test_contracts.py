@@ -50,3 +50,13 @@ async def test_workflow_engine_starts_exactly_on_commit(forge_database_url):
     assert engines, "no installed plugin provides forge_workflow_engine"
     for _, plugin in engines:
         await contracts.check_workflow_engine(plugin, forge_database_url)
+
+
+async def test_rate_limiter_hook_contract(forge_node):
+    """The gateway's ``forge_rate_limiter`` object, on a live node (no HTTP server: role function only)."""
+    node = await forge_node(modules=[], config={"node": {"roles": ["function"]},
+                                                "gateway": {"rate_limit_lease": 0.5}})
+    limiter = node.loader.hook.forge_rate_limiter(node=node)
+    assert limiter is not None, "no plugin implements forge_rate_limiter (is forge-gateway installed?)"
+    assert limiter is node.loader.hook.forge_rate_limiter(node=node), "one limiter per node, shared by transports"
+    await contracts.check_rate_limiter(limiter)
