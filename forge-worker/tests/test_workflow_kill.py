@@ -37,7 +37,9 @@ def node_config(db_url: str, node_id: str) -> dict:
         "node": {"id": node_id, "roles": ["worker"], "heartbeat_interval": 0.5, "dead_after": 3.0},
         "app": {"modules": ["workflow_app"], "example": False},
         "workflows": {"concurrency": 150, "lease": LEASE, "heartbeat_interval": 0.5, "rescue_interval": 0.5,
-                      "poll_interval": 0.5, "suspend_after": 1.0, "step_backoff": 0.01, "step_backoff_max": 0.05,
+                      "poll_interval": 0.5, "suspend_after": 1.0,
+                      # a step (an app mutation) fails while PostgreSQL restarts: its retries outlast the outage
+                      "step_retries": 10, "step_backoff": 0.2, "step_backoff_max": 1.0,
                       # the default (off) runs in every other test
                       "durable_steps": True},
     }
