@@ -84,9 +84,10 @@ class TypeScriptTypes:
     # --- public -------------------------------------------------------------------------------
     def render(self, tp: Any, *, output: bool, path: str = "") -> str:
         """The TypeScript type of ``tp`` travelling to the client (``output``) or from it."""
+        text = self._ts(tp, output, path)  # first: its errors name the field
         if not output:
             self._check_structurable(tp, path)
-        return self._ts(tp, output, path)
+        return text
 
     # --- helpers ------------------------------------------------------------------------------
     def _check_structurable(self, tp: Any, path: str) -> None:
@@ -114,7 +115,7 @@ class TypeScriptTypes:
         if isinstance(tp, str) or isinstance(tp, typing.ForwardRef):
             raise Unsupported(path, f"unresolved forward reference {tp!r}")
         origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if origin is typing.Annotated:
+        if origin in (typing.Annotated, typing.NotRequired, typing.Required):
             return self._ts(args[0], output, path)
         if origin is typing.Literal:
             return " | ".join(self._literal(a, path) for a in args)
@@ -243,12 +244,19 @@ class TypeScriptTypes:
         if not differs:
             self._names[(tp, not output)] = name
         lines = []
-        for f in fields:
-            if not output and not f.in_input:
-                continue
-            optional = f.optional_out if output else f.optional_in
-            text = json.dumps(f.literal) if f.has_literal else self._ts(f.tp, output, f"{path}.{f.key}")
-            lines.append(f"  {_key(f.key)}{'?' if optional else ''}: {text};")
+        try:
+            for f in fields:
+                if not output and not f.in_input:
+                    continue
+                optional = f.optional_out if output else f.optional_in
+                text = json.dumps(f.literal) if f.has_literal else self._ts(f.tp, output, f"{path}.{f.key}")
+                lines.append(f"  {_key(f.key)}{'?' if optional else ''}: {text};")
+        except Unsupported:
+            # forget the half-made declaration: the other direction must find the problem again
+            for k in [k for k, v in self._names.items() if v == name]:
+                del self._names[k]
+            self._taken.discard(name)
+            raise
         body = "\n".join(lines)
         self.declarations[name] = f"export interface {name} {{\n{body}\n}}" if lines else f"export interface {name} {{}}"
         return name

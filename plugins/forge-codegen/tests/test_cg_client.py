@@ -97,3 +97,32 @@ def test_runtime_size_stays_small(js_tools, tmp_path):
     minified, gzipped = js_tools.min_gzip_size(tmp_path / "generated" / "api.ts", tmp_path)
     print(f"generated client: {minified} bytes minified, {gzipped} bytes min+gzip")
     assert gzipped <= 10_000
+
+
+def test_svelte_bindings_compile_without_warnings_and_work_with_a_fake_socket(js_tools, tmp_path):
+    generated = _generate(tmp_path / "generated", ["cg_app"], svelte=True)
+    build = JS / ".build" / tmp_path.name  # inside js/: node resolves svelte from js/node_modules
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        compiled = js_tools.svelte_compile(tmp_path / "generated" / "svelte.svelte.ts", build / "svelte.js")
+        assert compiled.returncode == 0 and compiled.stdout == "", _fail("svelte compile (warnings or errors)", compiled)
+        harness = js_tools.svelte_compile(JS / "tests" / "harness.svelte.js", build / "harness.js")
+        assert harness.returncode == 0, _fail("svelte compile of the test harness", harness)
+        shutil.copy(tmp_path / "generated" / "runtime.ts", build / "runtime.ts")
+        shutil.copy(JS / "tests" / "svelte-entry.js", build / "entry.js")
+        js_tools.bundle(build / "entry.js", build / "bundle.mjs", browser=True)
+        result = js_tools.node_test([JS / "tests" / "svelte.test.mjs"], env={"FORGE_SVELTE_BUNDLE": str(build / "bundle.mjs")})
+        assert result.returncode == 0, _fail("node --test", result)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    # the bindings type-check with the generated client too
+    (tmp_path / "use.ts").write_text(
+        'import { connect } from "./generated/api";\nimport { useQuery } from "./generated/svelte.svelte";\n'
+        'const api = connect({ url: "http://x" });\n'
+        "export const items = () => useQuery(api.list_items, () => ({}));\n"
+        "// @ts-expect-error only queries\nexport const bad = () => useQuery(api.add_item, () => ({ title: 'x' }));\n"
+        "// @ts-expect-error arguments of the wrong shape\nexport const bad2 = () => useQuery(api.echo, () => ({ text: 1 }));\n")
+    assert "svelte.svelte.ts" in generated.files
+    (tmp_path / "node_modules").symlink_to(JS / "node_modules")  # svelte's types, as in a real project
+    proc = js_tools.tsc(tmp_path, ["generated/*.ts", "use.ts"])
+    assert proc.returncode == 0, _fail("tsc", proc)
