@@ -9,7 +9,7 @@ from typing import Any
 
 from forge_kernel.node import app_modules
 
-from . import appload, tsgen
+from . import appload, scaffold, tsgen
 
 
 def project_dir(cli: Any) -> Path:
@@ -59,7 +59,42 @@ def cmd_generate_ts(cli: Any) -> int:
     return 0
 
 
+# --- new ----------------------------------------------------------------------------------------
+def cmd_new(cli: Any) -> int:
+    args = cli.args
+    target = Path(args.dir or args.name)
+    try:
+        package, files = scaffold.render(args.name, frontend=args.frontend)
+        scaffold.write(target, files, force=args.force)
+    except scaffold.ScaffoldError as exc:
+        _err(f"new: {exc}")
+        return 2
+    lines = [f"created {target}/ ({len(files)} files)"]
+    if args.frontend == "svelte":
+        # the page imports the generated client: write it now, from the new app itself
+        appload.use_project_path(target)
+        try:
+            generated = tsgen.generate(appload.load([f"{package}.app"]).registry, svelte=True)
+        except (appload.AppImportError, tsgen.GenerateError) as exc:
+            _err(f"new: the project was written but its TypeScript client was not: {exc}")
+            return 1
+        tsgen.write(target / scaffold.SVELTE_TS_OUT, generated)
+        lines.append(f"wrote the TypeScript client to {target / scaffold.SVELTE_TS_OUT}/")
+    lines += ["", "next:", f"  cd {target}", "  forge-node dev    # serve the app on http://127.0.0.1:8080, reloading on save",
+              "  pytest            # the app's tests, on an embedded PostgreSQL"]
+    if args.frontend == "svelte":
+        lines.append("  cd web && npm install && npm run dev   # the Svelte page on http://localhost:5173")
+    print("\n".join(lines))
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("new", help="create a runnable FORGE project (templates ship with forge-codegen)")
+    p.add_argument("name", help="project name (letters, digits, '-', '_'); the Python package is its lower-case form")
+    p.add_argument("--dir", help="folder to create (default: NAME)")
+    p.add_argument("--frontend", choices=["svelte"], help="add a Svelte 5 page using the generated client")
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    p.set_defaults(func=cmd_new)
     gen = subparsers.add_parser("generate", help="generate the TypeScript client or a migration from the app")
     kinds = gen.add_subparsers(dest="what", required=True)
     p = kinds.add_parser("ts", help="write the typed TypeScript client of the app's functions")
