@@ -15,6 +15,8 @@ from .ratelimit import RateLimiter, prune
 from .server import serve
 
 SERVICE_NAME = "gateway-http"
+#: the running Gateway of a node (set while its HTTP service runs)
+_ATTR = "_forge_gateway"
 
 
 @hookimpl
@@ -53,6 +55,14 @@ def forge_auth_verifier(node: Any) -> Verifier:
 
 
 @hookimpl
+def forge_registry_reloaded(node: Any, registry: Any) -> None:
+    # /rpc looks functions up per call; the OpenAPI document is built once, so build it again
+    gateway = getattr(node, _ATTR, None)
+    if gateway is not None:
+        gateway.describe(registry)
+
+
+@hookimpl
 def forge_services(node: Any) -> list[Service]:
     return [Service(SERVICE_NAME, gateway_lifespan, role="gateway")]
 
@@ -79,4 +89,8 @@ async def gateway_lifespan(node: Any) -> AsyncIterator[Gateway]:
     async with serve(app, cfg.host, cfg.port, access_log=cfg.access_log, shutdown_timeout=cfg.shutdown_timeout) as port:
         node.ports["http"] = port
         await node.publish_ports()
-        yield gateway
+        setattr(node, _ATTR, gateway)
+        try:
+            yield gateway
+        finally:
+            setattr(node, _ATTR, None)

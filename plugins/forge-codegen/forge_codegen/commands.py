@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from forge_kernel.node import app_modules
 
-from . import appload, scaffold, tsgen
+from . import appload, scaffold, schema, tsgen
 
 
 def project_dir(cli: Any) -> Path:
@@ -59,6 +61,83 @@ def cmd_generate_ts(cli: Any) -> int:
     return 0
 
 
+# --- generate migration ---------------------------------------------------------------------------
+_MIGRATION_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,80}$")
+
+
+def migration_home(registry: Any, table: str) -> tuple[str, Path, str, int]:
+    """(app module, migrations folder, namespace, next version) for the model of ``table``: the first
+    app module holding the model that ships ``MIGRATIONS`` read from a ``migrations`` package."""
+    md = registry.models[table]
+    for name in registry.modules:
+        module = sys.modules.get(name)
+        if module is None or not any(v is md.cls for v in vars(module).values()):
+            continue
+        migrations = getattr(module, "MIGRATIONS", None)
+        package = name.rpartition(".")[0] or name
+        spec = importlib.util.find_spec(f"{package}.migrations")
+        if migrations is None or spec is None or not spec.submodule_search_locations:
+            raise appload.AppImportError(
+                name, LookupError(f"model {md.cls.__name__} (table {table}) has nowhere to put its migration: add a "
+                                  f"{package}/migrations/ package and MIGRATIONS = from_package("
+                                  f"\"{package}.migrations\", namespace=\"{package}\") to {name}"), None, None)
+        namespace = migrations[0].namespace if migrations else package
+        version = max((m.version for m in migrations if m.namespace == namespace), default=0) + 1
+        return name, Path(list(spec.submodule_search_locations)[0]), namespace, version
+    raise LookupError(f"no app module holds the model of table {table}")
+
+
+async def cmd_generate_migration(cli: Any) -> int:
+    from forge_kernel import migrations as migmod
+    from forge_kernel.node import all_migrations
+
+    if not _MIGRATION_NAME.match(cli.args.name):
+        _err(f"generate migration: name {cli.args.name!r}: use letters, digits, '_' and '-' (it becomes NNNN_name.sql)")
+        return 2
+    try:
+        registry = load_app(cli).registry
+    except appload.AppImportError as exc:
+        _err(f"generate migration: {exc}")
+        return 1
+    if not registry.models:
+        _err("generate migration: the app has no @model classes")
+        return 1
+    async with cli.connection() as conn:
+        states = await migmod.status(conn, all_migrations(cli.loader, registry))
+        pending = [f"{s.namespace}/{s.version:04d}_{s.name}" for s in states if s.state in ("pending", "drift")]
+        if pending:
+            _err("generate migration: apply the migrations written so far first (forge-node migrate, or let "
+                 f"forge-node dev do it): {', '.join(pending)}; the new one is computed from the database")
+            return 1
+        try:
+            changes = await schema.compare(conn, registry)
+        except schema.SchemaError as exc:
+            _err(f"generate migration: {exc}")
+            return 1
+    if not changes:
+        print("the models match the database: no migration written")
+        return 0
+    by_home: dict[tuple, list] = {}
+    for change in changes:
+        try:
+            home = migration_home(registry, change.table)
+        except appload.AppImportError as exc:
+            _err(f"generate migration: {exc}")
+            return 1
+        by_home.setdefault(home, []).append(change)
+    for (module, folder, namespace, version), group in by_home.items():
+        path = folder / f"{version:04d}_{cli.args.name}.sql"
+        text = schema.render(group, allow_destructive=cli.args.allow_destructive,
+                             title=f"{namespace} {version:04d}_{cli.args.name} (models of {module})")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        held = [c for c in group if c.destructive and not cli.args.allow_destructive]
+        print(f"wrote {path}: {len(group) - len(held)} change(s)"
+              + (f", {len(held)} destructive one(s) commented out (see the WARNING lines)" if held else ""))
+    return 0
+
+
 # --- new ----------------------------------------------------------------------------------------
 def cmd_new(cli: Any) -> int:
     args = cli.args
@@ -88,7 +167,20 @@ def cmd_new(cli: Any) -> int:
     return 0
 
 
+# --- dev ----------------------------------------------------------------------------------------
+def cmd_dev(cli: Any) -> int:
+    from . import dev
+
+    return dev.run(cli, project_dir(cli))
+
+
 def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("dev", help="run a node that reloads the app's code on save (WebSockets stay open)")
+    p.add_argument("--roles", help="comma-separated roles, overrides [node] roles")
+    p.add_argument("--port", type=int, help="HTTP port, overrides [gateway] port (0 picks a free one)")
+    p.add_argument("--ts-out", dest="ts_out", help="write the TypeScript client here on every reload "
+                                                   "(default: [codegen] ts_out)")
+    p.set_defaults(func=cmd_dev)
     p = subparsers.add_parser("new", help="create a runnable FORGE project (templates ship with forge-codegen)")
     p.add_argument("name", help="project name (letters, digits, '-', '_'); the Python package is its lower-case form")
     p.add_argument("--dir", help="folder to create (default: NAME)")
@@ -102,3 +194,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--check", action="store_true", help="exit 1 when the files on disk differ (for CI)")
     p.add_argument("--frontend", choices=["svelte"], help="also write the Svelte 5 bindings")
     p.set_defaults(func=cmd_generate_ts)
+    p = kinds.add_parser("migration", help="write the next SQL migration that makes the database match the models")
+    p.add_argument("name", help="the migration's name (NNNN_name.sql)")
+    p.add_argument("--allow-destructive", action="store_true",
+                   help="write drops and narrowing type changes as statements instead of commented out")
+    p.set_defaults(func=cmd_generate_migration)

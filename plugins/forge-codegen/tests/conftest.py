@@ -20,7 +20,3 @@ def js_tools():
     cg_js.ensure_installed()
     return cg_js
 
-
-def child_env() -> dict[str, str]:
-    """Environment for forge-node children: the test apps importable."""
-    return {"PYTHONPATH": os.pathsep.join([str(APPS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}

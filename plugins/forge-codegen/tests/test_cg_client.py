@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env
+from cg_support import child_env
 from forge_codegen import tsgen
 from forge_codegen.appload import load
 from forge_kernel.testing.procs import free_port

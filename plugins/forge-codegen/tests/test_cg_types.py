@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import cg_bad_types_app
 import cg_types_app as app
-from conftest import APPS
+from cg_support import APPS
 from forge_codegen import tsgen
 from forge_codegen.appload import load
 from forge_kernel.convert import structure, unstructure
