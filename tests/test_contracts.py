@@ -45,9 +45,11 @@ async def test_concurrent_migrators_apply_once(plugin, forge_database_url):
     await contracts.check_concurrent_migrations(plugin, forge_database_url)
 
 
-async def test_registry_reloads_serve_exactly_the_new_registry(forge_node):
-    """forge_registry_reloaded, against every installed plugin on a running node (gateway, realtime, ...)."""
+async def test_registry_reloads_and_dev_notices(forge_node):
+    """forge_registry_reloaded and forge_dev_notice, against every installed plugin on a running node
+    (gateway, realtime, ...)."""
     from forge_kernel.testing.procs import free_port
 
     node = await forge_node(modules=[], config={"gateway": {"port": free_port()}})
     await contracts.check_registry_reloads(node)
+    await contracts.check_dev_notices(node)

@@ -505,3 +505,32 @@ async def check_registry_reloads(node: Any, max_examples: int = 15, pool: int = 
         node.loader.pm.unregister(name="forge-contract-reload-spy")
         logger.remove(sink)
         await node.reload_registry(original)
+
+
+def dev_notices() -> st.SearchStrategy[dict[str, Any]]:
+    """What ``forge_dev_notice`` receives: JSON-safe, with the documented keys."""
+    text = st.text(max_size=200)
+    return st.fixed_dictionaries({
+        "event": st.sampled_from(["reloaded", "reload_failed"]),
+        "message": text,
+        "file": st.none() | st.text(min_size=1, max_size=80),
+        "line": st.none() | st.integers(1, 10**6),
+        "functions": st.lists(st.from_regex(r"[a-z_][a-z0-9_.]{0,20}", fullmatch=True), max_size=5),
+    })
+
+
+async def check_dev_notices(node: Any, max_examples: int = 30) -> None:
+    """Every installed ``forge_dev_notice`` implementation takes any documented notice on a running
+    node without raising and returns nothing."""
+    notices: list[dict[str, Any]] = []
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples, "database": None})
+    @given(dev_notices())
+    def draw(notice: dict[str, Any]) -> None:
+        notices.append(notice)
+
+    draw()
+    for notice in notices:
+        results = node.loader.hook.forge_dev_notice(node=node, notice=notice)
+        assert all(r is None for r in results), f"forge_dev_notice returned {results!r}"
+        await asyncio.sleep(0)  # let writers run: a notice must not break a connection's outbox

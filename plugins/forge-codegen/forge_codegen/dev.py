@@ -89,8 +89,9 @@ class DevSession:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         try:
+            self.write_client()  # before the node is ready: a page can build against it at once
             await self.node.start()
-            await self.after_load()
+            await self.report_drift()
             logger.info(f"forge dev: watching {', '.join(self._rel(r) for r in self.roots)} "
                         f"(every {self.poll_interval:g}s); save a file to reload")
             watcher = asyncio.create_task(self.watch(), name="forge:dev-watch")
@@ -171,26 +172,33 @@ class DevSession:
     async def after_load(self) -> str:
         """Regenerate the TypeScript client and report models that differ from the database.
         Returns a summary of problems (empty when there are none)."""
-        problems = []
-        if self.ts_out is not None:
-            try:
-                written = tsgen.write(self.ts_out, tsgen.generate(self.node.registry, svelte=self.svelte))
-                if written:
-                    logger.info(f"forge dev: TypeScript client written: {', '.join(self._rel(p) for p in written)}")
-            except tsgen.GenerateError as exc:
-                problems.append(f"the TypeScript client was not regenerated: {exc}")
-                logger.warning(f"forge dev: {problems[-1]}")
+        return "\n".join(p for p in (self.write_client(), await self.report_drift()) if p)
+
+    def write_client(self) -> str:
+        if self.ts_out is None:
+            return ""
+        try:
+            written = tsgen.write(self.ts_out, tsgen.generate(self.node.registry, svelte=self.svelte))
+        except tsgen.GenerateError as exc:
+            problem = f"the TypeScript client was not regenerated: {exc}"
+            logger.warning(f"forge dev: {problem}")
+            return problem
+        if written:
+            logger.info(f"forge dev: TypeScript client written: {', '.join(self._rel(p) for p in written)}")
+        return ""
+
+    async def report_drift(self) -> str:
         try:
             drift = await schema.drift(self.node, self.node.registry)
         except Exception as exc:  # noqa: BLE001 - a report, never a reason to stop serving
             logger.opt(exception=exc).warning("forge dev: could not compare the models with the database")
-            drift = []
-        if drift:
-            text = "models differ from the database (forge-node generate migration NAME writes the migration):\n  " \
-                   + "\n  ".join(drift)
-            problems.append(text)
-            logger.warning(f"forge dev: {text}")
-        return "\n".join(problems)
+            return ""
+        if not drift:
+            return ""
+        text = ("models differ from the database (forge-node generate migration NAME writes the migration):\n  "
+                + "\n  ".join(drift))
+        logger.warning(f"forge dev: {text}")
+        return text
 
 
 def port_problem(config: Any) -> str | None:
