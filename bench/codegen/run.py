@@ -123,6 +123,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+        print((work / "demo" / "dev.log").read_text()[-2500:]) if os.environ.get("SHOWLOG") else None
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     out = args.out or Path(__file__).parent / f"results-{result['date']}.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -63,18 +64,21 @@ def source_roots(module_names: Iterable[str]) -> list[Path]:
         else:
             continue
         for p in paths:
-            p = p.resolve()
-            if p not in roots:
-                roots.append(p)
+            # as found (module files carry the sys.path spelling) and resolved (symlinked checkouts)
+            for candidate in (p.absolute(), p.resolve()):
+                if candidate not in roots:
+                    roots.append(candidate)
     return roots
 
 
-def _under(module: ModuleType, roots: list[Path]) -> bool:
+def _prefixes(roots: list[Path]) -> tuple[str, ...]:
+    return tuple(str(r) for r in roots)
+
+
+def _under(module: ModuleType, prefixes: tuple[str, ...]) -> bool:
+    # plain string tests: resolving the path of every loaded module costs ~100 ms per reload
     file = getattr(module, "__file__", None)
-    if not file:
-        return False
-    path = Path(file).resolve()
-    return any(path == r or r in path.parents for r in roots)
+    return bool(file) and any(file == p or file.startswith(p + os.sep) for p in prefixes)
 
 
 @attrs.define
@@ -87,9 +91,10 @@ def load(module_names: list[str], *, fresh: bool = False) -> Loaded:
     """Import the app's modules and build their registry. With ``fresh``, every module under the
     app's source roots is imported anew; on failure the previous modules are restored."""
     roots = source_roots(module_names)
+    prefixes = _prefixes(roots)
     saved: dict[str, ModuleType] = {}
     if fresh:
-        saved = {n: m for n, m in list(sys.modules.items()) if m is not None and _under(m, roots)}
+        saved = {n: m for n, m in list(sys.modules.items()) if m is not None and _under(m, prefixes)}
         for n in saved:
             del sys.modules[n]
         importlib.invalidate_caches()
@@ -102,7 +107,7 @@ def load(module_names: list[str], *, fresh: bool = False) -> Loaded:
             reg.add_module(importlib.import_module(current))
     except BaseException as exc:
         if fresh:
-            for n in [n for n, m in sys.modules.items() if m is not None and _under(m, roots)]:
+            for n in [n for n, m in sys.modules.items() if m is not None and _under(m, prefixes)]:
                 del sys.modules[n]
             sys.modules.update(saved)
         if isinstance(exc, KeyboardInterrupt):

@@ -132,11 +132,13 @@ class DevSession:
         except appload.AppImportError as exc:
             self.failed(f"{type(exc.error).__name__}: {exc.error}", exc.file, exc.line, what)
             return False
+        imported = time.monotonic()
         try:
             applied = await self.node.reload_registry(loaded.registry)
         except StartupError as exc:
             self.failed(str(exc), None, None, what)
             return False
+        swapped = time.monotonic()
         self.roots = loaded.roots
         self.reloads += 1
         after = set(loaded.registry.functions)
@@ -147,7 +149,8 @@ class DevSession:
             parts.append("removed " + ", ".join(sorted(before - after)))
         if applied:
             parts.append("applied " + ", ".join(f"{m.namespace}/{m.version:04d}_{m.name}" for m in applied))
-        logger.info(f"forge dev: reloaded {what} in {(time.monotonic() - started) * 1000:.0f} ms: {'; '.join(parts)}")
+        logger.info(f"forge dev: reloaded {what} in {(swapped - started) * 1000:.0f} ms (import "
+                    f"{(imported - started) * 1000:.0f} ms, swap {(swapped - imported) * 1000:.0f} ms): {'; '.join(parts)}")
         message = await self.after_load()
         self.notice({"event": "reloaded", "message": message or f"reloaded {what}", "file": None, "line": None,
                      "functions": sorted(after)})
