@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from cg_support import DevProcess
-from forge_kernel.testing.procs import free_port, write_config
+from forge_kernel.testing.procs import eventually, free_port, write_config
 
 APP = '''\
 from forge_kernel import field, model, query
@@ -65,15 +64,8 @@ def call(port: int, name: str, args: dict | None = None) -> dict:
     return httpx.post(f"http://127.0.0.1:{port}/rpc/{name}", json=args or {}, timeout=10).json()
 
 
-async def until(check, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+async def until(check, what: str):
+    return await eventually(check, timeout=30, what=what)
 
 
 class Socket:
