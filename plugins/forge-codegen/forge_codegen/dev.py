@@ -163,7 +163,8 @@ class DevSession:
         code = linecache.getline(file, line).rstrip() if file and line else ""
         logger.error(f"forge dev: reload of {what} failed, the previous code keeps serving\n  {where}: {message}"
                      + (f"\n    {line} | {code}" if code else ""))
-        self.notice({"event": "reload_failed", "message": message, "file": file, "line": line,
+        # project-relative: a page needs where, not the server's directory layout
+        self.notice({"event": "reload_failed", "message": message, "file": self._rel(file) if file else None, "line": line,
                      "functions": sorted(self.node.registry.functions)})
 
     def notice(self, notice: dict[str, Any]) -> None:

@@ -182,3 +182,25 @@ def test_cli_reports_unsupported_types_and_writes_nothing(tmp_path):
     assert proc.returncode == 1
     assert "function 'either' (cg_bad_types_app), argument 'value'" in proc.stderr
     assert not (root / "client").exists()
+
+
+def test_dotted_function_names_nest_and_collisions_are_named():
+    from forge_kernel.app import Registry
+
+    reg = Registry()
+    for name in ("todos.add", "todos.list", "health"):
+        reg.add(_named(name))
+    text = tsgen.generate(reg).files["api.ts"]
+    assert '  todos: {\n' in text and '    add: fn<"query", Record<string, never>, number>("todos.add", "query"),' in text
+    reg.add(_named("todos"))
+    with pytest.raises(tsgen.GenerateError, match="function 'todos' and function 'todos.add'"):
+        tsgen.generate(reg)
+
+
+def _named(name: str):
+    from forge_kernel import query
+
+    async def fn(ctx) -> int:
+        return 1
+
+    return query(name=name, public=True)(fn).__forge__
