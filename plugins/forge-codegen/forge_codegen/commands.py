@@ -20,9 +20,9 @@ def project_dir(cli: Any) -> Path:
     return Path(path).resolve().parent if path else Path.cwd()
 
 
-def load_app(cli: Any, *, fresh: bool = False) -> appload.Loaded:
+def load_app(cli: Any) -> appload.Loaded:
     appload.use_project_path(project_dir(cli))
-    return appload.load(app_modules(cli.config(), cli.loader), fresh=fresh)
+    return appload.load(app_modules(cli.config(), cli.loader))
 
 
 def _err(text: str) -> None:
@@ -77,14 +77,13 @@ def migration_home(registry: Any, table: str) -> tuple[str, Path, str, int]:
         package = name.rpartition(".")[0] or name
         spec = importlib.util.find_spec(f"{package}.migrations")
         if migrations is None or spec is None or not spec.submodule_search_locations:
-            raise appload.AppImportError(
-                name, LookupError(f"model {md.cls.__name__} (table {table}) has nowhere to put its migration: add a "
-                                  f"{package}/migrations/ package and MIGRATIONS = from_package("
-                                  f"\"{package}.migrations\", namespace=\"{package}\") to {name}"), None, None)
+            raise schema.SchemaError(f"model {md.cls.__name__} (table {table}) has nowhere to put its migration: add "
+                                     f"a {package}/migrations/ package and MIGRATIONS = from_package("
+                                     f"\"{package}.migrations\", namespace=\"{package}\") to {name}")
         namespace = migrations[0].namespace if migrations else package
         version = max((m.version for m in migrations if m.namespace == namespace), default=0) + 1
         return name, Path(list(spec.submodule_search_locations)[0]), namespace, version
-    raise LookupError(f"no app module holds the model of table {table}")
+    raise schema.SchemaError(f"no app module holds the model of table {table}")
 
 
 async def cmd_generate_migration(cli: Any) -> int:
@@ -121,7 +120,7 @@ async def cmd_generate_migration(cli: Any) -> int:
     for change in changes:
         try:
             home = migration_home(registry, change.table)
-        except appload.AppImportError as exc:
+        except schema.SchemaError as exc:
             _err(f"generate migration: {exc}")
             return 1
         by_home.setdefault(home, []).append(change)

@@ -286,3 +286,14 @@ def test_the_example_apps_models_match_their_hand_written_migration(forge_db_url
             await conn.close()
 
     asyncio.run(go())
+
+
+def test_generate_migration_says_where_a_models_migrations_should_go(forge_db_url, tmp_path):
+    (tmp_path / "loneapp.py").write_text("import uuid\nfrom forge_kernel import model\n\n"
+                                         "@model(table='lone')\nclass Lone:\n    id: uuid.UUID\n")
+    (tmp_path / "forge.toml").write_text('[app]\nmodules = ["loneapp"]\nexample = false\n')
+    env = {**os.environ, "FORGE_DATABASE__URL": forge_db_url}
+    proc = _run(tmp_path, env, "generate", "migration", "first")
+    assert proc.returncode == 1
+    assert "model Lone (table lone) has nowhere to put its migration" in proc.stderr, proc.stderr
+    assert "MIGRATIONS = from_package" in proc.stderr
