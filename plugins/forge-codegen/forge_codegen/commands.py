@@ -75,7 +75,10 @@ def migration_home(registry: Any, table: str) -> tuple[str, Path, str, int]:
             continue
         migrations = getattr(module, "MIGRATIONS", None)
         package = name.rpartition(".")[0] or name
-        spec = importlib.util.find_spec(f"{package}.migrations")
+        try:
+            spec = importlib.util.find_spec(f"{package}.migrations")
+        except ModuleNotFoundError:  # the module is not in a package
+            spec = None
         if migrations is None or spec is None or not spec.submodule_search_locations:
             raise schema.SchemaError(f"model {md.cls.__name__} (table {table}) has nowhere to put its migration: add "
                                      f"a {package}/migrations/ package and MIGRATIONS = from_package("
@@ -88,7 +91,7 @@ def migration_home(registry: Any, table: str) -> tuple[str, Path, str, int]:
 
 async def cmd_generate_migration(cli: Any) -> int:
     from forge_kernel import migrations as migmod
-    from forge_kernel.node import all_migrations
+    from forge_kernel.node import app_migrations
 
     if not _MIGRATION_NAME.match(cli.args.name):
         _err(f"generate migration: name {cli.args.name!r}: use letters, digits, '_' and '-' (it becomes NNNN_name.sql)")
@@ -102,7 +105,8 @@ async def cmd_generate_migration(cli: Any) -> int:
         _err("generate migration: the app has no @model classes")
         return 1
     async with cli.connection() as conn:
-        states = await migmod.status(conn, all_migrations(cli.loader, registry))
+        # the app's own migrations (plugins' tables are never compared)
+        states = await migmod.status(conn, app_migrations(registry))
         pending = [f"{s.namespace}/{s.version:04d}_{s.name}" for s in states if s.state in ("pending", "drift")]
         if pending:
             _err("generate migration: apply the migrations written so far first (forge-node migrate, or let "
