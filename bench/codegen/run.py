@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="forge-bench-codegen-"))
+    work.chmod(0o711)  # run as root, the embedded PostgreSQL (account forge_pg) must pass through
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
     result: dict = {"date": dt.date.today().isoformat(), "load_average_start": os.getloadavg()}

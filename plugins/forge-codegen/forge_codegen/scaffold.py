@@ -84,6 +84,12 @@ def render(name: str, *, frontend: str | None = None) -> tuple[str, dict[str, st
     return package, files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def occupied(target: Path) -> list[str]:
     return sorted(p.name for p in target.iterdir()) if target.is_dir() else []
 
@@ -109,6 +115,7 @@ def write(target: Path, files: dict[str, str], *, force: bool = False) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the project gets the usual mode
         for rel, text in files.items():
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)

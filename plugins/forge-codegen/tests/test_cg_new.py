@@ -23,6 +23,9 @@ def test_new_project_passes_its_own_tests_on_an_embedded_postgresql(tmp_path):
     proc = new(tmp_path, "todo-board")
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "todo-board"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~mask  # not the 0700 of the staging folder
     for rel in ["forge.toml", "README.md", "pyproject.toml", ".gitignore", "todo_board/app.py",
                 "todo_board/migrations/0001_tasks.sql", "tests/test_app.py"]:
         assert (root / rel).is_file(), rel
