@@ -33,7 +33,8 @@ async def test_http_needs_an_admin_and_the_cli_manages_runs(forge_processes, tmp
                             "gateway": {"api_keys": [_key("ops", ADMIN, ["admin"]), _key("app", USER, [])]},
                             "workflows": WF_FAST}, env=ENV)
     base = f"http://127.0.0.1:{node.ready_info()['ports']['http']}"
-    start = {"workflow": "approval", "args": {"timeout": 60}, "idempotency_key": "http-1", "correlation_key": "o-9"}
+    start = {"workflow": "approval", "args": json.dumps({"timeout": 60}), "idempotency_key": "http-1",
+             "correlation_key": "o-9"}
     async with httpx.AsyncClient(base_url=base, timeout=20) as http:
         r = await http.post("/rpc/forge.workflows.start", json=start)
         assert r.status_code == 401, r.text
@@ -47,9 +48,11 @@ async def test_http_needs_an_admin_and_the_cli_manages_runs(forge_processes, tmp
         bad = await http.post("/rpc/forge.workflows.start", json={"workflow": "nope"}, headers={"X-API-Key": ADMIN})
         assert bad.status_code == 400 and "no workflow named 'nope'" in bad.json()["error"]["message"]
         r = await http.post("/rpc/forge.workflows.send_event", json={"target": "o-9", "name": "approved",
-                                                                   "payload": {"ok": True}},
+                                                                   "payload": json.dumps({"ok": True})},
                             headers={"X-API-Key": ADMIN})
         assert r.json() == {"data": 1}, r.text
+        r = await http.post("/rpc/forge.workflows.get", json={"run_id": run_id}, headers={"X-API-Key": ADMIN})
+        assert r.json()["data"]["name"] == "approval" and r.json()["data"]["correlation_key"] == "o-9", r.text
     pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=2)
     try:
         info = await WorkflowClient(pool).wait(run_id, timeout=30)
