@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import decimal
 import json
 from typing import Any
 
 import attrs
 from loguru import logger
 
+from forge_kernel.cli import bounded_int
 from forge_kernel.errors import ForgeError, StartupError
 
 from . import api
@@ -23,7 +25,7 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--json", action="store_true")
     c = sub.add_parser("history", help="recent runs, newest first")
     c.add_argument("name", nargs="?", help="only this cron")
-    c.add_argument("--limit", type=int, default=20)
+    c.add_argument("--limit", type=bounded_int(1, 10_000), default=20)
     c.add_argument("--json", action="store_true")
     for verb, text in (("trigger", "run a cron once now (also when paused)"),
                        ("pause", "stop scheduling a cron until resumed"),
@@ -48,13 +50,25 @@ def _registered(cli: Any) -> list[CronSettings]:
 
 
 def _plain(v: Any) -> Any:
+    """JSON for what the database returns (``json.dumps`` default): times as ISO 8601 text."""
     if isinstance(v, dt.datetime):
         return v.isoformat()
-    return v
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, dt.timedelta):
+        return v.total_seconds()
+    return str(v)
+
+
+def _cell(v: Any) -> str:
+    """Table text: times as ISO 8601, fractions rounded to what a reader needs."""
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+    return "" if v is None else str(_plain(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v)
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
-    text = [{c: "" if r.get(c) is None else str(_plain(r.get(c))) for c in cols} for r in rows]
+    text = [{c: _cell(r.get(c)) for c in cols} for r in rows]
     widths = {c: max([len(c)] + [len(t[c]) for t in text]) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols))
     for t in text:
