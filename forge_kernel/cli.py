@@ -122,7 +122,9 @@ def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
-def _json_default(v: Any) -> Any:
+def json_default(v: Any) -> Any:
+    """``json.dumps(default=...)`` of every ``--json`` output: times as ISO 8601 text, intervals
+    and decimals as numbers (seconds), anything else as text."""
     if isinstance(v, (dt.datetime, dt.date)):
         return v.isoformat()
     if isinstance(v, dt.timedelta):
@@ -167,7 +169,7 @@ async def cmd_migrate(cli: Cli) -> int:
         if cli.args.status:
             states = await migmod.status(conn, migs)
             if cli.args.json:
-                print(json.dumps([s.__dict__ if hasattr(s, "__dict__") else _asdict(s) for s in states], default=_json_default))
+                print(json.dumps([s.__dict__ if hasattr(s, "__dict__") else _asdict(s) for s in states], default=json_default))
             else:
                 _print_table([_asdict(s) for s in states], ["namespace", "version", "name", "state", "applied_at"])
             return 1 if any(s.state in ("drift", "pending") for s in states) else 0
@@ -201,7 +203,7 @@ async def cmd_status(cli: Cli) -> int:
         exists = await conn.fetchval("SELECT to_regclass('forge_nodes') IS NOT NULL")
         rows = await cluster_status(conn, config.node.dead_after, config.node.heartbeat_interval) if exists else []
     if cli.args.json:
-        print(json.dumps(rows, default=_json_default, indent=2))
+        print(json.dumps(rows, default=json_default, indent=2))
         return 0
     if not cli.args.all:
         rows = [r for r in rows if r["status"] not in ("stopped",)]

@@ -285,7 +285,11 @@ def test_every_command_against_an_unreachable_database_says_so_in_one_line(tmp_p
         assert "hunter2secret" not in line, (argv, line)
 
 
-def test_commands_before_migrate_say_to_migrate(tmp_path, forge_db_url):
+def test_commands_before_migrate_say_to_migrate_and_empty_stats_say_so(tmp_path, forge_db_url):
     env = _clean_env(FORGE_DATABASE__URL=forge_db_url)
     for out in _run_all([["jobs", "list"], ["jobs", "stats"]], env, tmp_path):
         assert "forge-node migrate" in _one_line_error(out)
+    assert _run_all([["migrate"]], env, tmp_path)[0].returncode == 0
+    text, as_json = _run_all([["jobs", "stats"], ["jobs", "stats", "--json"]], env, tmp_path)
+    assert text.returncode == 0 and text.stdout.strip() == "no live jobs (nothing scheduled, pending, running or dead-lettered)"
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == {}

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 from loguru import logger
 
-from forge_kernel.cli import bounded_int
+from forge_kernel.cli import bounded_int, json_default
 from forge_kernel.errors import ForgeError, StartupError
 
 from . import api
@@ -49,22 +49,11 @@ def _registered(cli: Any) -> list[CronSettings]:
         return []
 
 
-def _plain(v: Any) -> Any:
-    """JSON for what the database returns (``json.dumps`` default): times as ISO 8601 text."""
-    if isinstance(v, dt.datetime):
-        return v.isoformat()
-    if isinstance(v, decimal.Decimal):
-        return float(v)
-    if isinstance(v, dt.timedelta):
-        return v.total_seconds()
-    return str(v)
-
-
 def _cell(v: Any) -> str:
     """Table text: times as ISO 8601, fractions rounded to what a reader needs."""
     if isinstance(v, float):
         return f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
-    return "" if v is None else str(_plain(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v)
+    return "" if v is None else str(json_default(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v)
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
@@ -93,7 +82,7 @@ async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSetting
     if cmd == "list":
         rows = [attrs.asdict(c) for c in await api.list_crons(conn, known)]
         if args.json:
-            print(json.dumps(rows, default=_plain, indent=2))
+            print(json.dumps(rows, default=json_default, indent=2))
         else:
             _table(rows, ["name", "schedule", "timezone", "paused", "defined", "next_slot", "last_status", "last_slot",
                           "runs", "dropped_total"])
@@ -101,7 +90,7 @@ async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSetting
     if cmd == "history":
         rows = [attrs.asdict(r) for r in await api.history(conn, args.name, limit=args.limit, known=known)]
         if args.json:
-            print(json.dumps(rows, default=_plain, indent=2))
+            print(json.dumps(rows, default=json_default, indent=2))
         else:
             _table(rows, ["id", "cron", "slot", "kind", "status", "attempts", "duration_ms", "node_id", "error"])
         return 0
@@ -120,7 +109,7 @@ async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSetting
     if cmd == "leader":
         row = await api.leader(conn)
         if args.json:
-            print(json.dumps(row, default=_plain, indent=2))
+            print(json.dumps(row, default=json_default, indent=2))
         elif row is None or row["node_id"] is None:
             print("no scheduler leader" + (f" (last term {row['term']})" if row else ""))
         else:

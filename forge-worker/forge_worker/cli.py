@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from forge_kernel.cli import bounded_int
+from forge_kernel.cli import bounded_int, json_default
 from forge_kernel.errors import ForgeError
 
 from .queue import HISTORY_STATUSES, LIVE_STATUSES, JobQueue
@@ -49,7 +49,7 @@ def add_jobs_command(subparsers: Any) -> None:
 
 def _print_jobs(jobs: list[Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([j.to_dict() for j in jobs], default=str, indent=2))
+        print(json.dumps([j.to_dict() for j in jobs], default=json_default, indent=2))
         return
     cols = ["id", "name", "queue", "status", "attempt", "run_at", "node_id", "last_error"]
     rows = []
@@ -85,7 +85,7 @@ async def run_jobs_command(queue: JobQueue, args: argparse.Namespace) -> int:
         if job is None:
             print(f"no job {args.id}")
             return 1
-        print(json.dumps(job.to_dict(), default=str, indent=2))
+        print(json.dumps(job.to_dict(), default=json_default, indent=2))
     elif action in ("retry", "discard"):
         if not args.ids and not args.all:
             print(f"forge-node jobs {action}: give job ids or --all")
