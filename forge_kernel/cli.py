@@ -73,7 +73,7 @@ class Cli:
         try:
             try:
                 conn = await connect(url, timeout=config.database.connect_timeout)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, ValueError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise StartupError(f"cannot connect to PostgreSQL at {redact_url(url)} ([database] url): "
                                    f"{type(exc).__name__}: {exc}") from None
             try:

@@ -150,7 +150,7 @@ class Node:
             self.query_pool = await dbmod.create_pool(self.url, min_size=min(1, self.config.database.pool_min),
                                                       max_size=self.config.database.pool_max,
                                                       timeout=self.config.database.connect_timeout, read_only=True)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
             raise StartupError(f"cannot connect to PostgreSQL at [database] url: {type(exc).__name__}: {exc}") from exc
         for package, sections in sorted(self.config.ignored.items()):
             logger.info(f"config sections {', '.join(f'[{s}]' for s in sections)} ignored: they belong to "
