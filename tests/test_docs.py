@@ -59,19 +59,20 @@ def test_the_architecture_document_is_linked_from_the_readme():
 
 
 # --- every --json output has a documented shape ------------------------------------------------
-def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+def cli_leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """``(("jobs", "show"), parser)`` for every command that takes no further sub-command."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subs:
         yield path, parser
         return
     for name, child in subs[0].choices.items():
-        yield from _leaves(child, path + (name,))
+        yield from cli_leaves(child, path + (name,))
 
 
 def json_commands() -> list[str]:
     """Every command that prints JSON: those with ``--json``, and ``jobs show`` (always JSON)."""
     out = []
-    for path, leaf in _leaves(build_parser(PluginLoader().load())):
+    for path, leaf in cli_leaves(build_parser(PluginLoader().load())):
         if "--json" in leaf._option_string_actions:
             extra = " --status" if path == ("migrate",) else ""
             out.append(" ".join(("forge-node", *path)) + extra + " --json")

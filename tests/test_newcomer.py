@@ -25,6 +25,8 @@ from forge_kernel.plugins import SECTION_PACKAGES, PluginLoader
 from forge_kernel.testing import free_port, wait_for
 from forge_kernel.testing.procs import write_config
 
+from test_docs import cli_leaves
+
 FORGE_NODE = str(Path(sys.executable).parent / "forge-node")
 APP = '''
 from forge_kernel import query
@@ -44,16 +46,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        return [(path, parser)]
-    out = []
-    for name, child in subs[0].choices.items():
-        out.extend(_leaves(child, path + (name,)))
-    return out
-
-
 def _argv(path: tuple[str, ...], parser: argparse.ArgumentParser) -> list[str]:
     """``path`` plus a plausible value for each required positional argument."""
     argv = list(path)
@@ -66,7 +58,7 @@ def _argv(path: tuple[str, ...], parser: argparse.ArgumentParser) -> list[str]:
 # --- 1. --config before or after any sub-command ----------------------------------------------
 def test_config_option_is_accepted_after_every_sub_command():
     parser = build_parser(PluginLoader().load())
-    leaves = _leaves(parser)
+    leaves = list(cli_leaves(parser))
     assert {("start",), ("jobs", "show"), ("crons", "leader")} <= {p for p, _ in leaves}  # plugins' too
     for path, leaf in leaves:
         argv = _argv(path, leaf)
@@ -276,7 +268,7 @@ def test_bad_command_lines_get_one_line_and_exit_2(argv, needle, tmp_path):
 def test_every_command_against_an_unreachable_database_says_so_in_one_line(tmp_path):
     url = f"postgresql://forge:hunter2secret@127.0.0.1:{free_port()}/forge"
     parser = build_parser(PluginLoader().load())
-    argvs = [_argv(path, leaf) for path, leaf in _leaves(parser) if path != ("plugins",)]
+    argvs = [_argv(path, leaf) for path, leaf in cli_leaves(parser) if path != ("plugins",)]
     argvs.append(["migrate", "--status"])
     env = _clean_env(FORGE_DATABASE__URL=url, FORGE_LOG__LEVEL="WARNING")
     for argv, out in zip(argvs, _run_all(argvs, env, tmp_path)):
