@@ -86,15 +86,18 @@ class Cli:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
+    """``url`` without its password (in the user part or a ``password=`` parameter), for messages."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+            parts = parts._replace(netloc=netloc)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(k == "password" for k, _ in query):
+            parts = parts._replace(query=urlencode([(k, "***" if k == "password" else v) for k, v in query], safe="*"))
+        return urlunsplit(parts)
     except ValueError:
         return "<the configured URL>"
 
