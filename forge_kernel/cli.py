@@ -14,7 +14,6 @@ import datetime as dt
 import decimal
 import inspect
 import json
-import os
 import sys
 from typing import Any, AsyncIterator, Coroutine
 
@@ -25,22 +24,12 @@ from . import migrations as migmod
 from .app import Registry
 from .config import Config, load_config
 from .errors import StartupError
+from .logs import REDACTOR, redact, setup_logging
 from .node import Node, all_migrations, app_modules, cluster_status, database_url, importable_app_dir
 from .plugins import PluginLoader
 
 #: the largest id a BIGINT column holds (job ids, run ids)
 MAX_BIGINT = 2**63 - 1
-
-
-def setup_logging(config: Config | None = None) -> None:
-    level = config.log.level if config else os.environ.get("FORGE_LOG__LEVEL", "INFO")
-    logger.remove()
-    logger.configure(extra={"request_id": "-"})
-    if config and config.log.json:
-        logger.add(sys.stderr, level=level, serialize=True)
-    else:
-        logger.add(sys.stderr, level=level,
-                   format="<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}")
 
 
 class Cli:
@@ -55,6 +44,7 @@ class Cli:
         if self._config is None:
             self._config = load_config(self.loader.config_sections(), path=getattr(self.args, "config", None),
                                        owners=self.loader.section_owner, foreign=self.loader.absent_sections())
+            REDACTOR.add_config(self._config)  # every command's output and log lines keep its secrets out
             roles = getattr(self.args, "roles", None)
             if roles:
                 self._config = self._config.evolve("node", roles=[r.strip() for r in roles.split(",") if r.strip()])
@@ -74,7 +64,7 @@ class Cli:
             try:
                 conn = await connect(url, timeout=config.database.connect_timeout)
             except (OSError, ValueError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                raise StartupError(f"cannot connect to PostgreSQL at {redact_url(url)} ([database] url): "
+                raise StartupError(f"cannot connect to PostgreSQL at {redact(url)} ([database] url): "
                                    f"{type(exc).__name__}: {exc}") from None
             try:
                 yield conn
@@ -83,23 +73,6 @@ class Cli:
         finally:
             if pg is not None:
                 await asyncio.to_thread(pg.release)  # pg_ctl stop can take seconds: off the loop
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password (in the user part or a ``password=`` parameter), for messages."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-            parts = parts._replace(netloc=netloc)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        if any(k == "password" for k, _ in query):
-            parts = parts._replace(query=urlencode([(k, "***" if k == "password" else v) for k, v in query], safe="*"))
-        return urlunsplit(parts)
-    except ValueError:
-        return "<the configured URL>"
 
 
 def bounded_int(lo: int, hi: int = MAX_BIGINT, what: str = "a whole number") -> Any:
@@ -281,21 +254,21 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(result)
         return int(result or 0)
     except StartupError as exc:
-        print(f"forge-node: error: {exc}", file=sys.stderr)
+        print(f"forge-node: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except asyncpg.UndefinedTableError as exc:
-        print(f"forge-node: error: the database lacks FORGE's tables ({exc}); run 'forge-node migrate' "
-              f"(or start a node) first", file=sys.stderr)
+        print(f"forge-node: error: the database lacks FORGE's tables ({redact(str(exc))}); run 'forge-node "
+              f"migrate' (or start a node) first", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"forge-node: error: database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"forge-node: error: database: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback; the trace at DEBUG
         logger.opt(exception=exc).debug("forge-node failed")
-        print(f"forge-node: error: {type(exc).__name__}: {exc} (FORGE_LOG__LEVEL=DEBUG shows the traceback)",
-              file=sys.stderr)
+        print(f"forge-node: error: {type(exc).__name__}: {redact(str(exc))} (FORGE_LOG__LEVEL=DEBUG shows the "
+              f"traceback)", file=sys.stderr)
         return 1
 
 

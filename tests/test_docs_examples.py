@@ -1,5 +1,5 @@
 """Every code example in the documentation runs: each ```python block of every markdown file and
-each literal block (``::``) in the docstrings of FORGE's packages is executed here, in the
+each literal block (``::``) of Python in the docstrings of FORGE's packages is executed here, in the
 setting it describes (a node, a pool, a plugin). A new example without a runner fails
 ``test_every_example_has_a_runner``."""
 
@@ -64,9 +64,19 @@ def docstring_examples() -> dict[str, str]:
             nodes = [(module, tree)] + [(f"{module}.{n.name}", n) for n in ast.walk(tree)
                                         if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
             for name, node in nodes:
-                for i, code in enumerate(_literal_blocks(ast.get_docstring(node, clean=True) or "")):
+                blocks = [b for b in _literal_blocks(ast.get_docstring(node, clean=True) or "") if _is_python(b)]
+                for i, code in enumerate(blocks):
                     out[f"{name}#{i}"] = code
     return out
+
+
+def _is_python(block: str) -> bool:
+    """Literal blocks are code when they parse as Python (a folder layout or a shell line does not)."""
+    try:
+        compile(block, "<docstring>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except SyntaxError:
+        return False
+    return True
 
 
 def all_examples() -> dict[str, str]:

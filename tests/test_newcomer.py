@@ -265,15 +265,6 @@ def test_bad_command_lines_get_one_line_and_exit_2(argv, needle, tmp_path):
     assert needle in _one_line_error(out) and out.returncode == 2
 
 
-def test_database_urls_in_messages_hide_the_password():
-    from forge_kernel.cli import redact_url
-
-    assert redact_url("postgresql://app:s3cret@db:5432/x") == "postgresql://app:***@db:5432/x"
-    assert redact_url("postgresql://db/x?sslmode=require&password=s3cret") == \
-        "postgresql://db/x?sslmode=require&password=***"
-    assert redact_url("postgresql://app@db/x") == "postgresql://app@db/x"
-
-
 def test_every_command_against_an_unreachable_database_says_so_in_one_line(tmp_path):
     url = f"postgresql://forge:hunter2secret@127.0.0.1:{free_port()}/forge"
     parser = build_parser(PluginLoader().load())
