@@ -231,7 +231,7 @@ async def _function_nodes(gw: Gateway) -> str:
         async with asyncio.timeout(2):
             rows = await gw.node.pool.fetch(
                 """SELECT id, host, ports->>'http' AS port FROM forge_nodes
-                   WHERE 'function' = ANY(roles) AND status = 'running'
+                   WHERE 'function' = ANY(roles) AND status IN ('starting', 'running')
                      AND last_heartbeat > now() - make_interval(secs => $1) ORDER BY id LIMIT 5""",
                 float(gw.node.config.node.dead_after))
         text = "; nodes running it now: " + (", ".join(
