@@ -25,7 +25,7 @@ from .app import Registry
 from .config import Config, load_config
 from .errors import StartupError
 from .logs import REDACTOR, redact, setup_logging
-from .node import Node, all_migrations, app_modules, cluster_status, database_url, importable_app_dir
+from .node import Node, all_migrations, app_modules, cluster_status, database_url, importable_app_dir, session_url
 from .plugins import PluginLoader
 
 #: the largest id a BIGINT column holds (job ids, run ids)
@@ -61,10 +61,12 @@ class Cli:
         config = self.config()
         url, pg = await asyncio.to_thread(database_url, config)
         try:
+            url = session_url(config, url)  # migrate takes a session lock
+            key = "direct_url" if config.database.direct_url else "url"
             try:
                 conn = await connect(url, timeout=config.database.connect_timeout)
             except (OSError, ValueError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                raise StartupError(f"cannot connect to PostgreSQL at {redact(url)} ([database] url): "
+                raise StartupError(f"cannot connect to PostgreSQL at {redact(url)} ([database] {key}): "
                                    f"{type(exc).__name__}: {exc}") from None
             try:
                 yield conn
