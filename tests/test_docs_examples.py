@@ -155,6 +155,28 @@ async def _readme_app(ex: Ex) -> None:
     assert job["args"] == {"todo_id": todo["id"]}
 
 
+@runs("plugins/forge-codegen/README.md#0")
+async def _codegen_model_options(ex: Ex) -> None:
+    from forge_codegen import schema
+
+    prelude = ("from datetime import datetime\nfrom uuid import UUID\nfrom forge_kernel import model\n\n"
+               "@model(table='users')\nclass User:\n    id: UUID\n\n")
+    module = ex.module("doc_codegen_models", prelude + ex.code)
+    models = [module.User.__forge_model__, module.Task.__forge_model__]
+    ddl = "\n".join(schema.model_ddl(models))
+    conn = await asyncpg.connect(ex.db_url)
+    try:
+        async with conn.transaction():  # the DDL the models describe is valid PostgreSQL
+            for statement in schema.model_ddl(models):
+                await conn.execute(statement)
+            tasks = await schema.current_tables(conn, ["tasks"])
+    finally:
+        await conn.close()
+    assert "REFERENCES" in ddl and "ON DELETE CASCADE" in ddl.upper(), ddl
+    columns = tasks["tasks"].columns
+    assert columns["email"].nullable and not columns["created_at"].nullable and not columns["title"].nullable, columns
+
+
 @runs("docs/architecture.md#0")
 async def _architecture_sketch(ex: Ex) -> None:
     registry = _registry_checked(ex.module("doc_architecture"))
