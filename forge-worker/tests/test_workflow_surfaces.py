@@ -68,7 +68,7 @@ async def test_http_needs_an_admin_and_the_cli_manages_runs(forge_processes, tmp
         out = cli("start", "booking", "--args", json.dumps({"sleep": 30}), "--idempotency-key", "cli-1")
         assert out.returncode == 0, out.stdout + out.stderr
         booked = out.stdout.strip()
-        out = cli("show", booked, "--json")
+        out = cli("show", booked)
         assert json.loads(out.stdout)["name"] == "booking"
         out = cli("cancel", booked)
         assert out.returncode == 0 and "cancel requested" in out.stdout, out.stdout
@@ -76,7 +76,7 @@ async def test_http_needs_an_admin_and_the_cli_manages_runs(forge_processes, tmp
         assert info.status == "cancelled"
         out = cli("list", "--status", "cancelled")
         assert booked in out.stdout and "cancelled" in out.stdout
-        out = cli("show", booked)
+        out = cli("steps", booked)
         assert "c:1" in out.stdout and "compensation" in out.stdout, out.stdout
         out = cli("send", "no-such-run", "approved")
         assert out.returncode == 1 and "no live workflow run" in out.stdout
