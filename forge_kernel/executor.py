@@ -170,6 +170,52 @@ def job_request(defn: FunctionDef | str, args: Mapping[str, Any], *, caller: str
 
 
 @attrs.frozen
+class WorkflowRequest:
+    """A workflow run to start (see ``forge_workflow_engine``). ``args`` are already unstructured
+    (JSON-safe); ``version`` ``None`` lets the engine record the version the name has on its node."""
+
+    name: str
+    args: Mapping[str, Any]
+    version: str | None = None
+    #: a second start with the same key returns the first run's id instead of starting another
+    idempotency_key: str | None = None
+    #: a key events can be sent to instead of the run id (``send_event("order-42", ...)``)
+    correlation_key: str | None = None
+    run_at: dt.datetime | None = None
+    caller: str | None = None
+    #: the identity the run (its steps) acts as, ``Auth.to_job()``; ``None`` is the system
+    run_as: Mapping[str, Any] | None = None
+
+
+def workflow_request(defn: FunctionDef | str, args: Mapping[str, Any], *, run_as: "Auth | None" = None,
+                     idempotency_key: str | None = None, correlation_key: str | None = None,
+                     delay: dt.timedelta | float | None = None, run_at: dt.datetime | None = None) -> WorkflowRequest:
+    """Validate ``args`` against the workflow's signature and build a :class:`WorkflowRequest`.
+    ``run_as``: who started it - the run acts as that identity, like a job (default: the system)."""
+    if isinstance(defn, str):
+        name, version, payload = defn, None, dict(args)
+    else:
+        if defn.kind != "workflow":
+            raise TypeError(f"{defn.name} is a {defn.kind}, not a workflow")
+        name, version = defn.name, defn.options.get("version")
+        payload = unstructure(bind_arguments(defn, args))
+    for what, key in (("idempotency_key", idempotency_key), ("correlation_key", correlation_key)):
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
+            raise InvalidArgument(f"workflow {name!r}: {what} must be a non-empty string of at most 512 "
+                                  f"characters, got {key!r}")
+    if delay is not None and run_at is not None:
+        raise InvalidArgument(f"workflow {name!r}: give either delay or run_at, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
+        run_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    if run_at is not None and (not isinstance(run_at, dt.datetime) or run_at.tzinfo is None):
+        raise InvalidArgument(f"workflow {name!r}: run_at must be a timezone-aware datetime, got {run_at!r}")
+    who = run_as or SYSTEM
+    return WorkflowRequest(name=name, args=payload, version=version, idempotency_key=idempotency_key,
+                           correlation_key=correlation_key, run_at=run_at, caller=who.user_id, run_as=who.to_job())
+
+
+@attrs.frozen
 class JobOutcome:
     """How one job attempt ended (passed to ``forge_job_finished``)."""
 
@@ -258,6 +304,23 @@ class MutationContext(Context):
         ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
         return ids[0] if ids else 0
 
+    async def start_workflow(self, workflow: Any, /, *, idempotency_key: str | None = None,
+                             correlation_key: str | None = None, delay: dt.timedelta | float | None = None,
+                             run_at: dt.datetime | None = None, **args: Any) -> str:
+        """Start a workflow run in this mutation's transaction (it exists exactly when the mutation
+        commits); returns the run id. A second start with the same ``idempotency_key`` returns the
+        first run's id."""
+        defn = self._executor.resolve(workflow)
+        # the run acts as whoever started it, like a dispatched job
+        req = workflow_request(defn, args, run_as=self._call.auth, idempotency_key=idempotency_key,
+                               correlation_key=correlation_key, delay=delay, run_at=run_at)
+        return (await self._executor.workflow_engine().start(self.db.conn, [req]))[0]
+
+    async def send_event(self, target: str, name: str, payload: Any = None) -> int:
+        """Send an event to a run (its id or correlation key) in this mutation's transaction;
+        returns how many live runs it reached (0 raises ``NotFound``)."""
+        return await self._executor.workflow_engine().send_event(self.db.conn, str(target), name, unstructure(payload))
+
 
 class ActionContext(Context):
     async def query(self, fn: Any, /, **args: Any) -> Any:
@@ -271,6 +334,16 @@ class ActionContext(Context):
         async with self._executor.pool.acquire() as conn:
             ctx = MutationContext(self._executor, self._call, Database(conn))
             return await ctx.dispatch(job, **kw)
+
+    async def start_workflow(self, workflow: Any, /, **kw: Any) -> str:
+        """Start a workflow run at once (its own transaction); returns the run id."""
+        async with self._executor.pool.acquire() as conn:
+            return await MutationContext(self._executor, self._call, Database(conn)).start_workflow(workflow, **kw)
+
+    async def send_event(self, target: str, name: str, payload: Any = None) -> int:
+        """Send an event to a run (its id or correlation key) at once."""
+        async with self._executor.pool.acquire() as conn:
+            return await MutationContext(self._executor, self._call, Database(conn)).send_event(target, name, payload)
 
 
 def _name(fn: Any) -> str:
@@ -337,7 +410,8 @@ class FunctionExecutor:
 
     def __init__(self, registry: Registry, pool: asyncpg.Pool, *, default_timeout: float = 30.0,
                  middleware: Sequence[Callable[[Call, Callable[[Call], Awaitable[Any]]], Awaitable[Any]]] = (),
-                 dispatcher: Any = None, node: Any = None, reads: QueryReads | None = None) -> None:
+                 dispatcher: Any = None, node: Any = None, reads: QueryReads | None = None,
+                 workflow_engine: Any = None) -> None:
         self.registry = registry
         self.pool = pool
         #: where queries read (replica or primary, read-only sessions or BEGIN READ ONLY); without
@@ -346,6 +420,7 @@ class FunctionExecutor:
         self.default_timeout = default_timeout
         self.middleware = list(middleware)
         self._dispatcher = dispatcher
+        self._workflow_engine = workflow_engine
         self.node = node
         #: every call's transaction carries the caller (``set_caller``); see ``[app] row_security``
         self.row_security = False
@@ -359,6 +434,22 @@ class FunctionExecutor:
             raise ForgeError("ctx.dispatch needs a job store: install forge-worker (pip install forge-worker) "
                              "on this node; it need not run the worker role", code="UNAVAILABLE")
         return self._dispatcher
+
+    def workflow_engine(self) -> Any:
+        if self._workflow_engine is None:
+            raise ForgeError("starting workflows and sending events needs a workflow engine: install "
+                             "forge-worker (pip install forge-worker) on this node; it need not run the worker role")
+        return self._workflow_engine
+
+    def resolve(self, fn_or_name: Any) -> FunctionDef | str:
+        """The FunctionDef of a decorated function or a registered name (a bare name otherwise)."""
+        if isinstance(fn_or_name, FunctionDef):
+            return fn_or_name
+        defn = definition(fn_or_name)
+        if isinstance(defn, str):
+            found = self.registry.get(defn)
+            return found if found is not None else defn
+        return defn
 
     def authorize(self, defn: FunctionDef, auth: Auth) -> None:
         if defn.public or auth.kind == "system":

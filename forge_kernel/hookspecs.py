@@ -160,6 +160,27 @@ def forge_job_dispatcher(node: "Node") -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def forge_workflow_engine(node: "Node") -> Any:
+    """The object that starts durable workflow runs and delivers events to them.
+
+    Called once per node start, when the function executor is built. Implemented by the
+    worker package (firstresult: the first plugin wins); return ``None`` to decline. The
+    object offers:
+
+    * ``async start(conn, requests: Sequence[WorkflowRequest]) -> list[str]``: store one run
+      per request on ``conn`` - inside the caller's transaction when there is one, so a run
+      started by a mutation exists exactly when the mutation commits and never after a
+      rollback - and return the run ids in request order. A request whose
+      ``idempotency_key`` is already held by a run returns that run's id and starts nothing.
+      A request it cannot store raises ``forge_kernel.errors.InvalidArgument`` naming it.
+    * ``async send_event(conn, target: str, name: str, payload) -> int``: store the event for
+      every live run whose id or correlation key is ``target`` (again on ``conn``, inside its
+      transaction) and return how many runs it reached; ``NotFound`` when none. An event sent
+      before a run waits for it is kept and delivered to the first wait for that name, once.
+    """
+
+
 @hookspec
 def forge_call_middleware(node: "Node") -> list[Callable[..., Any]]:
     """Wrappers around every function call, outermost first.

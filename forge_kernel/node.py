@@ -205,7 +205,8 @@ class Node:
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=dispatcher,
-                                         node=self, reads=self.reads)
+                                         node=self, reads=self.reads,
+                                         workflow_engine=self.loader.hook.forge_workflow_engine(node=self))
         async with self.pool.acquire() as c:
             self.executor.row_security, line, bypassed = await row_security(c, self.config.app.row_security)
         if line:

@@ -45,6 +45,13 @@ async def test_concurrent_migrators_apply_once(plugin, forge_database_url):
     await contracts.check_concurrent_migrations(plugin, forge_database_url)
 
 
+async def test_workflow_engine_starts_exactly_on_commit(forge_database_url):
+    engines = [(n, p) for n, p in PLUGINS if hasattr(p, "forge_workflow_engine")]
+    assert engines, "no installed plugin provides forge_workflow_engine"
+    for _, plugin in engines:
+        await contracts.check_workflow_engine(plugin, forge_database_url)
+
+
 async def test_rate_limiter_hook_contract(forge_node):
     """The gateway's ``forge_rate_limiter`` object, on a live node (no HTTP server: role function only)."""
     node = await forge_node(modules=[], config={"node": {"roles": ["function"]},

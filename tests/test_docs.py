@@ -150,6 +150,10 @@ async def busy_cluster(forge_node, forge_db_url, tmp_path):
     await eventually(lambda: node.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'dead'"),
                      timeout=60, what="a dead-lettered job")
     await node.executor.call("add_todo", {"title": "write docs"}, Auth(user_id="ann", kind="user"))
+    from forge_worker import WorkflowClient
+
+    # a run of a workflow no node defines: it waits, pending, for a worker that knows it
+    await WorkflowClient(node.pool).start("docs_flow", {"step": 1}, correlation_key="docs")
     cfg = write_config(tmp_path / "cli.toml", {"database": {"url": forge_db_url}})
     return {"config": cfg, "ID": str(live), "NAME": "count_open_todos"}
 

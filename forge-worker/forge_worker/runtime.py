@@ -304,6 +304,10 @@ class Worker:
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
                       "released": 0, "lost": 0, "progress_writes": 0}
+        #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
+        self.extra_channels: dict[str, Callable[..., Any]] = {}
+        #: called whenever the listen connection is (re)established
+        self.on_listening: list[Callable[[], Any]] = []
 
     # --- set-up -------------------------------------------------------------------------
     def _type_limits(self) -> dict[str, int]:
@@ -687,8 +691,12 @@ class Worker:
                 conn.add_termination_listener(lambda _c: closed.set())
                 await conn.add_listener(WAKE_CHANNEL, self._on_wake)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
+                for channel, callback in self.extra_channels.items():
+                    await conn.add_listener(channel, callback)
                 self.listening = True
                 self.wake.set()  # anything stored while we were not listening
+                for callback in self.on_listening:
+                    callback()
                 while not closed.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(closed.wait(), 15)

@@ -29,6 +29,8 @@ The properties:
   limit's key: user, client address or everyone) is admitted exactly ``min(calls, requests)``
   times, every refusal is ``RateLimited`` with a ``retry_after`` of at least a second, and a
   function without a limit is never refused (:func:`check_rate_limiter`).
+* the workflow engine (``forge_workflow_engine``) starts runs and sends events exactly when the
+  caller's transaction commits, and idempotency keys name one run.
 """
 
 from __future__ import annotations
@@ -439,6 +441,119 @@ def installed_plugins() -> list[tuple[str, Any]]:
     """Every plugin the ``forge.plugins`` entry points load, plus the kernel's own."""
     loader = PluginLoader().load()
     return [(i.name, i.plugin) for i in loader.loaded()]
+
+
+def _engine(plugin: Any) -> Any:
+    """The plugin's ``forge_workflow_engine`` for a node with default settings and no app."""
+    import types
+
+    from ..app import Registry
+    from ..config import load_config
+
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    node = types.SimpleNamespace(id="contract", config=load_config(_sections(plugin), data={}), registry=Registry())
+    return pm.hook.forge_workflow_engine(node=node)
+
+
+async def check_workflow_engine(plugin: Any, db_url: str, max_examples: int = 25) -> None:
+    """``forge_workflow_engine``: runs started (and events sent) inside a transaction exist
+    exactly when it commits; a request whose idempotency key a run holds returns that run's id
+    (in the same batch, a later batch, or a batch after a rollback) and starts nothing; requests
+    without a key always start a new run; ids come back in request order."""
+    import uuid
+
+    from ..db import connect
+    from ..errors import NotFound
+    from ..executor import WorkflowRequest
+
+    engine = _engine(plugin)
+    assert engine is not None, "the plugin declined forge_workflow_engine"
+    migs = _with_kernel(_migrations(plugin))
+    url, drop = await _fresh_db(db_url)
+    conn = await connect(url)
+    await migrate(conn, migs)
+    await conn.close()
+
+    async def example(batches: list[tuple[list[tuple[str, int, int | None]], bool]]) -> None:
+        prefix = uuid.uuid4().hex[:8]
+        conn = await connect(url)
+        try:
+            held: dict[str, str] = {}  # committed key -> run id
+            for requests, commit in batches:
+                reqs = [WorkflowRequest(name=name, args={"x": x},
+                                        idempotency_key=None if key is None else f"{prefix}-{key}")
+                        for name, x, key in requests]
+                tx = conn.transaction()
+                await tx.start()
+                ids = await engine.start(conn, reqs)
+                assert len(ids) == len(reqs), f"{len(reqs)} requests, {len(ids)} ids"
+                seen: dict[str, str] = {}
+                for r, run_id in zip(reqs, ids):
+                    k = r.idempotency_key
+                    if k is not None and k in held:
+                        assert run_id == held[k], f"key {k} is held by {held[k]}, start returned {run_id}"
+                    if k is not None:
+                        assert seen.setdefault(k, run_id) == run_id, f"key {k} got two runs in one batch"
+                fresh = [i for r, i in zip(reqs, ids) if r.idempotency_key is None]
+                assert len(set(fresh)) == len(fresh), "requests without a key shared a run"
+                new_ids = [i for r, i in zip(reqs, ids) if r.idempotency_key not in held]
+                events = 0
+                if new_ids:
+                    events = await engine.send_event(conn, new_ids[0], "contract.ping", {"n": 1})
+                    assert events >= 1, "send_event reached no run it just started"
+                if commit:
+                    await tx.commit()
+                    for r, i in zip(reqs, ids):
+                        if r.idempotency_key is not None:
+                            held.setdefault(r.idempotency_key, i)
+                else:
+                    await tx.rollback()
+                # seen from another connection, through the engine alone: an event reaches a
+                # committed run and no rolled-back one; a key names its committed run again
+                probe = await connect(url)
+                try:
+                    for run_id in new_ids:
+                        try:
+                            reached = await engine.send_event(probe, run_id, "contract.probe", None)
+                        except NotFound:
+                            reached = 0
+                        assert bool(reached) == commit, (
+                            f"run {run_id} {'missing after commit' if commit else 'visible after rollback'}")
+                    async with probe.transaction():
+                        keyed = [r for r in reqs if r.idempotency_key is not None]
+                        again = await engine.start(probe, keyed)
+                        for r, i in zip(keyed, again):
+                            if r.idempotency_key in held:
+                                assert i == held[r.idempotency_key], f"key {r.idempotency_key} lost its run"
+                            else:
+                                assert i not in ids, f"a rolled-back run {i} still holds key {r.idempotency_key}"
+                        raise _Undo()
+                except _Undo:
+                    pass
+                finally:
+                    await probe.close()
+        finally:
+            await conn.close()
+
+    name = st.sampled_from(["alpha", "beta.step", "gamma_3"])
+    request = st.tuples(name, st.integers(-5, 5), st.one_of(st.none(), st.integers(0, 4)))
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(batches=st.lists(st.tuples(st.lists(request, min_size=1, max_size=6), st.booleans()),
+                            min_size=1, max_size=4))
+    def starts_are_transactional(batches: list) -> None:
+        asyncio.run(example(batches))
+
+    try:
+        await _run_property(starts_are_transactional)
+    finally:
+        await drop()
+
+
+
+class _Undo(Exception):
+    """Rolls a probe's transaction back."""
 
 
 # --- forge_rate_limiter -------------------------------------------------------------------
