@@ -281,3 +281,15 @@ async def test_a_run_acts_as_whoever_started_it(forge_node):
     assert (await client.wait(run_id)).result == {"user_id": "alice", "kind": "user", "roles": ["buyer"]}
     plain = await client.start(workflow_app.who_runs, {})  # plain Python: the system, as for jobs
     assert (await client.wait(plain)).result["kind"] == "system"
+
+
+def test_a_compensation_read_back_resolves_only_to_functions_of_the_apps_modules():
+    """A compensation is stored as ``module:qualname``; a row written by hand must not make the
+    worker import or call anything outside the app (``os:system`` and the like)."""
+    from forge_worker.workflows.context import resolve_ref
+
+    assert resolve_ref("workflow_app:add", MODS) is workflow_app.add
+    for ref in ["os:system", "subprocess:run", "workflow_app:asyncio.sleep", "workflow_app:dt.datetime",
+                "workflow_app:__builtins__", "workflow_app:"]:
+        with pytest.raises(LookupError):
+            resolve_ref(ref, MODS)

@@ -151,11 +151,20 @@ def function_ref(fn: Any) -> str:
     return f"{module}:{qual}"
 
 
-def resolve_ref(ref: str) -> Any:
+def resolve_ref(ref: str, app_modules: Iterable[str] | None = None) -> Any:
+    """The function ``ref`` (``module:qualname``) names. With ``app_modules`` (what a worker passes
+    for a ref read back from the database) only a function defined in the app's own packages
+    resolves: a row someone wrote by hand cannot make the worker import or call anything else."""
     module, _, qual = ref.partition(":")
+    if app_modules is not None:
+        roots = {m.split(".")[0] for m in app_modules}
+        if module.split(".")[0] not in roots or not qual or any(p.startswith("_") for p in qual.split(".")):
+            raise LookupError(f"compensation {ref!r} is not a function of the app's modules ({', '.join(sorted(roots))})")
     obj: Any = importlib.import_module(module)
     for part in qual.split("."):
         obj = getattr(obj, part)
+    if app_modules is not None and not (inspect.isfunction(obj) and obj.__module__ == module):
+        raise LookupError(f"compensation {ref!r} is not a function defined in {module}")
     return obj
 
 

@@ -601,7 +601,7 @@ class WorkflowRuntime:
                 raise LookupError(f"compensation {ref[4:]!r} is not an app function on this node")
             await x.call_app(defn, dict(comp.get("kwargs") or {}))
             return
-        fn = resolve_ref(ref)
+        fn = resolve_ref(ref, self.node.registry.modules)
         args, kwargs = _structured_args(fn, comp.get("args") or [], comp.get("kwargs") or {})
         value = fn(*args, **kwargs)
         if asyncio.iscoroutine(value) or hasattr(value, "__await__"):
