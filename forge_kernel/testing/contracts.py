@@ -452,7 +452,7 @@ def _engine(plugin: Any) -> Any:
 
     pm = new_plugin_manager()
     pm.register(plugin, name="under-test")
-    node = types.SimpleNamespace(id="contract", config=load_config(_sections(plugin), data={}), registry=Registry())
+    node = types.SimpleNamespace(id="contract", config=load_config(_sections(plugin), data={}, env={}), registry=Registry())
     return pm.hook.forge_workflow_engine(node=node)
 
 
