@@ -14,6 +14,8 @@ ERROR_STATUS: dict[str, int] = {
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
+    #: nothing here can run it now: this node does not run the needed role, or a needed package is missing
+    "UNAVAILABLE": 503,
     "TIMEOUT": 504,
 }
 
@@ -66,6 +68,10 @@ class PayloadTooLarge(ForgeError):
 
 class RateLimited(ForgeError):
     code = "RATE_LIMITED"
+
+
+class Unavailable(ForgeError):
+    code = "UNAVAILABLE"
 
 
 class Timeout(ForgeError):

@@ -133,7 +133,8 @@ class Node:
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
-                                         node=self, query_pool=self.query_pool)
+                                         node=self, query_pool=self.query_pool,
+                                         forwarder=self.loader.hook.forge_call_forwarder(node=self))
         await self._register()
         self.supervisor.spawn("heartbeat", self._heartbeat_loop, service="kernel")
         self.maintenance = _flat(self.loader.hook.forge_maintenance_tasks(node=self))

@@ -73,6 +73,7 @@ FORGE_TO_JSONRPC = {
     "CONFLICT": -32009,
     "PAYLOAD_TOO_LARGE": -32013,
     "RATE_LIMITED": -32029,
+    "UNAVAILABLE": -32053,
     "INTERNAL": INTERNAL_ERROR,
 }
 _ALLOWED_MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})

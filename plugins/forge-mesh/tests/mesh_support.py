@@ -1,0 +1,106 @@
+"""Helpers shared by the mesh tests (imported as ``mesh_support``): node processes, HTTP calls, databases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import jwt
+
+from forge_kernel.testing import NodeProcess, free_port
+
+APPS = str(Path(__file__).parent / "apps")
+SECRET = "mesh-test-secret-long-enough-for-hs256-signatures"
+PLUGINS = ("forge_kernel.kernel_plugin", "forge_gateway.hooks", "forge_mesh.hooks")
+
+
+def node_env(*extra_plugins: str, **env: str) -> dict[str, str]:
+    """A node process: the test apps importable; only the kernel, the gateway, the mesh and
+    ``extra_plugins`` loaded (packages built beside us must not decide these tests)."""
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in (APPS, os.environ.get("PYTHONPATH", "")) if p),
+        "FORGE_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "FORGE_PLUGINS": ",".join([*PLUGINS, *extra_plugins]),
+        "FORGE_LOG__LEVEL": "INFO",
+        **env,
+    }
+
+
+def node_config(db_url: str, node_id: str, roles: list[str], *, capabilities: list[str] | None = None,
+                mesh: dict[str, Any] | None = None, http_port: int | None = None, **sections: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "node": {"id": node_id, "roles": roles, "capabilities": capabilities or [], "heartbeat_interval": 0.5,
+                 "drain_timeout": 10.0},
+        "database": {"url": db_url, "pool_min": 1, "pool_max": 8},
+        "app": {"modules": ["mesh_app"], "example": False, "function_timeout": 10.0},
+        "mesh": {"refresh_interval": 0.2, "probe_interval": 0.25, **(mesh or {})},
+    }
+    if "gateway" in roles:
+        cfg["gateway"] = {"port": http_port or free_port(), "jwt_secret": SECRET, "jwt_algorithms": ["HS256"]}
+    for name, table in sections.items():
+        cfg.setdefault(name, {}).update(table)
+    return cfg
+
+
+def start_node(workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None, *, wait: bool = True) -> NodeProcess:
+    p = NodeProcess(workdir / f"{config['node']['id']}-{uuid.uuid4().hex[:6]}", config, env=env or node_env())
+    p.start()
+    if wait:
+        p.wait_ready(90)
+    return p
+
+
+def http_url(p: NodeProcess) -> str:
+    return f"http://127.0.0.1:{p.config['gateway']['port']}"
+
+
+def token(sub: str = "alice", roles: tuple[str, ...] = ("reader",)) -> str:
+    return jwt.encode({"sub": sub, "roles": list(roles), "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+async def create_database(admin_url: str) -> str:
+    name = f"forge_mesh_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base, _, query = admin_url.partition("?")
+    return f"{base.rpartition('/')[0]}/{name}" + (f"?{query}" if query else "")
+
+
+async def wait_peers(db_url: str, node_id: str, want: set[str], timeout: float = 30.0) -> None:
+    """Until ``node_id``'s mesh lists exactly the nodes of ``want`` as healthy (asks it over the mesh)."""
+    from forge_kernel.config import load_config
+    from forge_kernel.plugins import PluginLoader
+    from forge_mesh import live_status
+
+    loader = PluginLoader(env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1", "FORGE_PLUGINS": ",".join(PLUGINS)}).load()
+    config = load_config(loader.config_sections(), data={"database": {"url": db_url}}, env={})
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        conn = await asyncpg.connect(db_url)
+        try:
+            rows = await live_status(config, conn, timeout=1.0)
+        finally:
+            await conn.close()
+        mine = next((r for r in rows if r["id"] == node_id and r["reachable"]), None)
+        if mine is not None:
+            peers = mine["activity"].get("mesh", {}).get("peers", {})
+            healthy = {nid for nid, p in peers.items() if not p["suspect"]}
+            last = peers
+            if healthy == want:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"node {node_id} did not see healthy peers {sorted(want)} in time (last: {last})")
+
+
+async def rpc(client: httpx.AsyncClient, base: str, function: str, args: dict | None = None, **kw: Any) -> httpx.Response:
+    return await client.post(f"{base}/rpc/{function}", json=args or {}, **kw)
