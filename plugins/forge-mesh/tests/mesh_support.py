@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
@@ -75,31 +76,46 @@ async def create_database(admin_url: str) -> str:
     return f"{base.rpartition('/')[0]}/{name}" + (f"?{query}" if query else "")
 
 
-async def wait_peers(db_url: str, node_id: str, want: set[str], timeout: float = 30.0) -> None:
-    """Until ``node_id``'s mesh lists exactly the nodes of ``want`` as healthy (asks it over the mesh)."""
+@functools.lru_cache(maxsize=32)
+def client_config(db_url: str) -> Any:
+    """The configuration a CLI (or the dashboard) of this cluster would load."""
     from forge_kernel.config import load_config
     from forge_kernel.plugins import PluginLoader
-    from forge_mesh import live_status
 
     loader = PluginLoader(env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1", "FORGE_PLUGINS": ",".join(PLUGINS)}).load()
-    config = load_config(loader.config_sections(), data={"database": {"url": db_url}}, env={})
+    return load_config(loader.config_sections(), data={"database": {"url": db_url}}, env={})
+
+
+async def mesh_view(db_url: str, node_id: str) -> dict[str, Any] | None:
+    """What ``node_id`` says about its mesh (live status over the mesh), or None when it does not answer."""
+    from forge_mesh import live_status
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await live_status(client_config(db_url), conn, timeout=1.0)
+    finally:
+        await conn.close()
+    mine = next((r for r in rows if r["id"] == node_id and r["reachable"]), None)
+    return mine["activity"].get("mesh") if mine is not None else None
+
+
+async def wait_peers(db_url: str, node_id: str, want: set[str], timeout: float = 30.0,
+                     in_flight: dict[str, int] | None = None) -> None:
+    """Until ``node_id``'s mesh lists exactly the nodes of ``want`` as healthy (and, when given,
+    has those calls in flight to them)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        conn = await asyncpg.connect(db_url)
-        try:
-            rows = await live_status(config, conn, timeout=1.0)
-        finally:
-            await conn.close()
-        mine = next((r for r in rows if r["id"] == node_id and r["reachable"]), None)
-        if mine is not None:
-            peers = mine["activity"].get("mesh", {}).get("peers", {})
-            healthy = {nid for nid, p in peers.items() if not p["suspect"]}
+        view = await mesh_view(db_url, node_id)
+        if view is not None:
+            peers = view.get("peers", {})
             last = peers
-            if healthy == want:
+            healthy = {nid for nid, p in peers.items() if not p["suspect"]}
+            if healthy == want and all(peers[n]["in_flight"] == c for n, c in (in_flight or {}).items()):
                 return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"node {node_id} did not see healthy peers {sorted(want)} in time (last: {last})")
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"node {node_id} did not see healthy peers {sorted(want)} {in_flight or ''} in time "
+                         f"(last: {last})")
 
 
 async def rpc(client: httpx.AsyncClient, base: str, function: str, args: dict | None = None, **kw: Any) -> httpx.Response:

@@ -78,6 +78,13 @@ async def slow(ctx, seconds: float, marker: str = "") -> str:
     return _node_id(ctx)
 
 
+@query(public=True, timeout=3600)
+async def hold(ctx, seconds: float) -> str:
+    """Keeps a node busy (a call in flight) so the forwarder prefers the others."""
+    await asyncio.sleep(seconds)
+    return _node_id(ctx)
+
+
 @query(public=True, capability="gpu")
 async def on_gpu(ctx) -> str:
     return _node_id(ctx)
