@@ -631,7 +631,7 @@ class Worker:
     def cancel_running(self, job_id: int) -> bool:
         """Stop job ``job_id`` if it runs here (a cancel request that came outside the database)."""
         a = self.running.get(job_id)
-        if a is None or a.finished:
+        if a is None or a.finished or a.cancel_reason is not None:
             return False
         self._cancel(a, "cancel")
         return True

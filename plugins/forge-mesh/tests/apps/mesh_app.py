@@ -85,6 +85,17 @@ async def hold(ctx, seconds: float) -> str:
     return _node_id(ctx)
 
 
+@query(public=True, timeout=1.0)
+async def quick(ctx) -> str:
+    """A query with a 1 s deadline."""
+    return _node_id(ctx)
+
+
+@mutation(public=True)
+async def start_long_job(ctx, seconds: float = 60.0) -> int:
+    return await ctx.dispatch(long_job, seconds=seconds)
+
+
 @query(public=True, capability="gpu")
 async def on_gpu(ctx) -> str:
     return _node_id(ctx)
