@@ -97,6 +97,7 @@ class Mesh:
         self.stats = {"forwarded": 0, "retried": 0, "refused_unstarted": 0, "unavailable": 0, "timeouts": 0,
                       "served": 0, "fenced": 0}
         self._stubs: dict[tuple[str, str], Stubs] = {}
+        self._retiring: list[Peer] = []
         self._followers: dict[asyncio.Queue, int] = {}
         self._sink_id: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,7 +161,14 @@ class Mesh:
             peer.in_flight += 1
             self.forwarding += 1
             try:
-                reply = await self._stubs_for(peer).call(req, timeout=remaining)
+                try:
+                    reply = await self._stubs_for(peer).call(req, timeout=remaining)
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise  # our caller went away
+                    # the channel closed under the call (the peer left the table): a transport failure
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                               grpc.aio.Metadata(), "channel closed") from None
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -322,8 +330,15 @@ class Mesh:
     # --- background loops --------------------------------------------------------------------------
     async def refresh(self) -> None:
         rows = await self.node.pool.fetch(PEERS_SQL, self.node.config.node.dead_after)
-        for peer in self.directory.update(rows):
-            await self._close_stubs(peer.key)
+        self._retiring.extend(self.directory.update(rows))
+        # a peer that left keeps its channel until the calls on it are answered
+        keep = []
+        for peer in self._retiring:
+            if peer.in_flight:
+                keep.append(peer)
+            else:
+                await self._close_stubs(peer.key)
+        self._retiring = keep
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -96,6 +96,12 @@ async def start_long_job(ctx, seconds: float = 60.0) -> int:
     return await ctx.dispatch(long_job, seconds=seconds)
 
 
+@query(public=True)
+async def shout(ctx, text: str) -> str:
+    ctx.log.info(f"shout: {text}")
+    return _node_id(ctx)
+
+
 @query(public=True, capability="gpu")
 async def on_gpu(ctx) -> str:
     return _node_id(ctx)
