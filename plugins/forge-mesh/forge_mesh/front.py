@@ -79,9 +79,11 @@ class TlsFront:
                 conn.close()
                 return
             reader = asyncio.StreamReader(limit=_RELAY_CHUNK)
+            protocol = asyncio.StreamReaderProtocol(reader)
             try:
-                transport, protocol = await loop.connect_accepted_socket(
-                    lambda: asyncio.StreamReaderProtocol(reader), conn, ssl=self.context, ssl_handshake_timeout=10)
+                # uvloop returns its TLS protocol here, not ours: keep ours for the writer
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self.context, ssl_handshake_timeout=10)
             except (ssl.SSLError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
                 from .tls import classify_handshake_error
 

@@ -77,22 +77,23 @@ async def create_database(admin_url: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def client_config(db_url: str) -> Any:
+def client_config(db_url: str, tls_dir: str = "") -> Any:
     """The configuration a CLI (or the dashboard) of this cluster would load."""
     from forge_kernel.config import load_config
     from forge_kernel.plugins import PluginLoader
 
     loader = PluginLoader(env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1", "FORGE_PLUGINS": ",".join(PLUGINS)}).load()
-    return load_config(loader.config_sections(), data={"database": {"url": db_url}}, env={})
+    return load_config(loader.config_sections(), data={"database": {"url": db_url},
+                                                            "mesh": {"tls_dir": tls_dir} if tls_dir else {}}, env={})
 
 
-async def mesh_view(db_url: str, node_id: str) -> dict[str, Any] | None:
+async def mesh_view(db_url: str, node_id: str, tls_dir: str = "") -> dict[str, Any] | None:
     """What ``node_id`` says about its mesh (live status over the mesh), or None when it does not answer."""
     from forge_mesh import live_status
 
     conn = await asyncpg.connect(db_url)
     try:
-        rows = await live_status(client_config(db_url), conn, timeout=1.0)
+        rows = await live_status(client_config(db_url, tls_dir), conn, timeout=1.0)
     finally:
         await conn.close()
     mine = next((r for r in rows if r["id"] == node_id and r["reachable"]), None)
