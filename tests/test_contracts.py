@@ -43,3 +43,13 @@ async def test_migrations_twice_equal_once(plugin, forge_database_url):
 @pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
 async def test_concurrent_migrators_apply_once(plugin, forge_database_url):
     await contracts.check_concurrent_migrations(plugin, forge_database_url)
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+def test_call_forwarder_wants_is_pure(plugin):
+    contracts.check_call_forwarder_wants(plugin)
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+async def test_call_ledger_matches_its_model(plugin, forge_database_url):
+    await contracts.check_call_ledger(plugin, forge_database_url)
