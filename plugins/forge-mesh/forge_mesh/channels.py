@@ -15,6 +15,7 @@ import grpc
 from . import wire
 from .protocol import mesh_pb2 as pb
 from .tls import CLUSTER_NAME, Material, channel_credentials
+from .token import METADATA_KEY
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -48,9 +49,10 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 @attrs.define
 class Stubs:
-    """One channel and the callables of every mesh method on it."""
+    """One channel and the callables of every mesh method on it; pass ``metadata=stubs.metadata``."""
 
     channel: Any
+    metadata: tuple[tuple[str, str], ...]
     call: Any
     ping: Any
     status: Any
@@ -62,8 +64,9 @@ class Stubs:
         await self.channel.close(grace=None)
 
 
-def open_stubs(address: str, tls: bool, material: Material | None, max_message_bytes: int) -> Stubs:
-    """Must run inside the event loop that will use the channel. A TLS peer needs ``material``."""
+def open_stubs(address: str, tls: bool, material: Material | None, max_message_bytes: int, token: str) -> Stubs:
+    """Must run inside the event loop that will use the channel. A TLS peer needs ``material``;
+    ``token`` is the cluster's mesh token (token.py)."""
     options = channel_options(max_message_bytes)
     if tls:
         if material is None:
@@ -79,6 +82,7 @@ def open_stubs(address: str, tls: bool, material: Material | None, max_message_b
 
     return Stubs(
         channel=channel,
+        metadata=((METADATA_KEY, token),),
         call=unary(wire.CALL, pb.CallRequest, pb.CallReply),
         ping=unary(wire.PING, pb.PingRequest, pb.PingReply),
         status=unary(wire.STATUS, pb.StatusRequest, pb.StatusReply),

@@ -18,6 +18,7 @@ from .channels import Stubs, open_stubs
 from .config import MeshConfig
 from .protocol import mesh_pb2 as pb
 from .tls import Material, load_material
+from .token import cluster_token
 
 _NODES_SQL = """
 SELECT n.id, n.status, n.last_heartbeat, m.address, m.epoch, m.tls, m.protocol
@@ -40,13 +41,14 @@ async def _mesh_tables(conn: Any) -> bool:
 class NodeClient:
     """Channels to the nodes of one cluster, for one command."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, token: str) -> None:
         self.config: MeshConfig = config["mesh"]
+        self.token = token
         self.material = _material(self.config)
         self._open: list[Stubs] = []
 
     def stubs(self, row: Any) -> Stubs:
-        stubs = open_stubs(row["address"], row["tls"], self.material, self.config.max_message_bytes)
+        stubs = open_stubs(row["address"], row["tls"], self.material, self.config.max_message_bytes, self.token)
         self._open.append(stubs)
         return stubs
 
@@ -77,15 +79,19 @@ async def node_row(conn: Any, node_id: str) -> Any:
 async def live_status(config: Any, conn: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
     """Ask every node that forge_nodes lists as not stopped what it is doing now. Answers within
     ``timeout`` seconds overall; a node that does not answer in time is ``reachable: False``."""
-    rows = await conn.fetch(_NODES_SQL) if await _mesh_tables(conn) else []
+    if not await _mesh_tables(conn):
+        return []
+    rows = await conn.fetch(_NODES_SQL)
     out: list[dict[str, Any]] = []
-    async with NodeClient(config) as client:
+    async with NodeClient(config, await cluster_token(conn)) as client:
         async def ask(row: Any) -> dict[str, Any]:
             base = {"id": row["id"], "status": row["status"], "address": row["address"]}
             if row["address"] is None:
                 return {**base, "reachable": False, "error": "no mesh address (forge-mesh not installed there?)"}
             try:
-                reply = await client.stubs(row).status(pb.StatusRequest(protocol=row["protocol"] or 1), timeout=timeout)
+                stubs = client.stubs(row)
+                reply = await stubs.status(pb.StatusRequest(protocol=row["protocol"] or 1), timeout=timeout,
+                                           metadata=stubs.metadata)
             except grpc.aio.AioRpcError as exc:
                 return {**base, "reachable": False, "error": f"{exc.code().name}: {exc.details()}"}
             except ConnectionError as exc:
@@ -109,8 +115,9 @@ async def live_status(config: Any, conn: Any, timeout: float = 1.0) -> list[dict
 async def follow_logs(config: Any, conn: Any, node_id: str, level: str = "INFO") -> AsyncIterator[str]:
     """The live log lines of ``node_id`` until the caller stops iterating or the node goes away."""
     row = await node_row(conn, node_id)
-    async with NodeClient(config) as client:
-        call = client.stubs(row).logs(pb.LogsRequest(level=level))
+    async with NodeClient(config, await cluster_token(conn)) as client:
+        stubs = client.stubs(row)
+        call = stubs.logs(pb.LogsRequest(level=level), metadata=stubs.metadata)
         try:
             async for line in call:
                 yield line.text
@@ -120,9 +127,10 @@ async def follow_logs(config: Any, conn: Any, node_id: str, level: str = "INFO")
 
 async def drain(config: Any, conn: Any, node_id: str, timeout: float = 5.0) -> pb.DrainReply:
     row = await node_row(conn, node_id)
-    async with NodeClient(config) as client:
-        return await client.stubs(row).drain(pb.DrainRequest(target_node=node_id, target_epoch=row["epoch"]),
-                                             timeout=timeout)
+    async with NodeClient(config, await cluster_token(conn)) as client:
+        stubs = client.stubs(row)
+        return await stubs.drain(pb.DrainRequest(target_node=node_id, target_epoch=row["epoch"]), timeout=timeout,
+                                 metadata=stubs.metadata)
 
 
 async def cancel_job(config: Any, conn: Any, job_id: int, node_id: str, timeout: float = 1.0) -> bool:
@@ -130,9 +138,10 @@ async def cancel_job(config: Any, conn: Any, job_id: int, node_id: str, timeout:
     request reaches it anyway)."""
     try:
         row = await node_row(conn, node_id)
-        async with NodeClient(config) as client:
-            reply = await client.stubs(row).cancel_job(pb.CancelJobRequest(job_id=job_id, target_node=node_id),
-                                                       timeout=timeout)
+        async with NodeClient(config, await cluster_token(conn)) as client:
+            stubs = client.stubs(row)
+            reply = await stubs.cancel_job(pb.CancelJobRequest(job_id=job_id, target_node=node_id), timeout=timeout,
+                                           metadata=stubs.metadata)
         return reply.cancelled
     except (NotFound, grpc.aio.AioRpcError, ConnectionError, OSError, asyncio.TimeoutError):
         return False

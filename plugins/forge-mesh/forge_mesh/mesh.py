@@ -43,6 +43,7 @@ from .ledger import Ledger
 from .peers import PEERS_SQL, Directory, Peer
 from .protocol import mesh_pb2 as pb
 from .tls import Material, load_material, log_plaintext, material_stamp, server_context
+from .token import cluster_token, token_matches
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 _LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
@@ -103,6 +104,9 @@ class Mesh:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._failpoint = _failpoint_from_env()
+        #: the cluster's mesh token (read at start); requests without it are refused and counted
+        self.token = ""
+        self.refused_token = 0
 
     # --- the forwarder the kernel executor uses (forge_call_forwarder) --------------------------
     def wants(self, defn: FunctionDef) -> bool:
@@ -162,7 +166,8 @@ class Mesh:
             self.forwarding += 1
             try:
                 try:
-                    reply = await self._stubs_for(peer).call(req, timeout=remaining)
+                    stubs = self._stubs_for(peer)
+                    reply = await stubs.call(req, timeout=remaining, metadata=stubs.metadata)
                 except asyncio.CancelledError:
                     if asyncio.current_task().cancelling():
                         raise  # our caller went away
@@ -231,7 +236,7 @@ class Mesh:
     def _stubs_for(self, peer: Peer) -> Stubs:
         stubs = self._stubs.get(peer.key)
         if stubs is None:
-            stubs = open_stubs(peer.address, peer.tls, self.material, self.config.max_message_bytes)
+            stubs = open_stubs(peer.address, peer.tls, self.material, self.config.max_message_bytes, self.token)
             self._stubs[peer.key] = stubs
         return stubs
 
@@ -263,6 +268,8 @@ class Mesh:
             with contextlib.suppress(StartupError):
                 if Path(cfg.ca_file or Path(cfg.tls_dir) / "ca.pem").exists():
                     self.material = load_material(cfg, self.node.id)
+        async with self.node.pool.acquire() as conn:
+            self.token = await cluster_token(conn)
         self.server = grpc.aio.server(options=server_options(cfg.max_message_bytes))
         self.server.add_generic_rpc_handlers((self._handlers(),))
         if self.tls:
@@ -359,9 +366,9 @@ class Mesh:
         """Ping ``peer``; a right answer clears it, anything else (no answer in time, another
         process, draining) marks it suspect."""
         try:
-            reply = await self._stubs_for(peer).ping(
-                pb.PingRequest(protocol=self.protocol, target_node=peer.node_id),
-                timeout=max(0.2, min(1.0, self.config.probe_interval)))
+            stubs = self._stubs_for(peer)
+            reply = await stubs.ping(pb.PingRequest(protocol=self.protocol, target_node=peer.node_id),
+                                     timeout=max(0.2, min(1.0, self.config.probe_interval)), metadata=stubs.metadata)
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
             peer.suspect(exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc))
             return False
@@ -399,16 +406,34 @@ class Mesh:
             logger.info("mesh: reloaded the cluster certificates (new connections use them)")
 
     # --- the server side -----------------------------------------------------------------------------
+    async def _check_token(self, context: Any) -> None:
+        if not token_matches(context.invocation_metadata(), self.token):
+            self.refused_token += 1
+            logger.warning(f"mesh: refused a request from {context.peer()} without the cluster's mesh token "
+                           f"({self.refused_token} so far)")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the cluster's mesh token is missing or wrong")
+
     def _handlers(self) -> Any:
+        def guarded(fn: Any) -> Any:
+            async def handler(req: Any, context: Any) -> Any:
+                await self._check_token(context)
+                return await fn(req, context)
+            return handler
+
         def unary(fn: Any, req: Any, rep: Any) -> Any:
-            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
+            return grpc.unary_unary_rpc_method_handler(guarded(fn), request_deserializer=req.FromString,
                                                        response_serializer=rep.SerializeToString)
+
+        async def logs(req: Any, context: Any) -> AsyncIterator[pb.LogLine]:
+            await self._check_token(context)
+            async for line in self._serve_logs(req, context):
+                yield line
 
         return grpc.method_handlers_generic_handler(wire.SERVICE, {
             "Call": unary(self._serve_call, pb.CallRequest, pb.CallReply),
             "Ping": unary(self._serve_ping, pb.PingRequest, pb.PingReply),
             "Status": unary(self._serve_status, pb.StatusRequest, pb.StatusReply),
-            "Logs": grpc.unary_stream_rpc_method_handler(self._serve_logs, request_deserializer=pb.LogsRequest.FromString,
+            "Logs": grpc.unary_stream_rpc_method_handler(logs, request_deserializer=pb.LogsRequest.FromString,
                                                          response_serializer=pb.LogLine.SerializeToString),
             "Drain": unary(self._serve_drain, pb.DrainRequest, pb.DrainReply),
             "CancelJob": unary(self._serve_cancel_job, pb.CancelJobRequest, pb.CancelJobReply),
@@ -481,8 +506,7 @@ class Mesh:
         out = {"address": self.address, "epoch": self.epoch, "protocol": self.protocol, "tls": self.tls,
                "draining": self.draining, "serving": self.serving, "forwarding": self.forwarding,
                "stats": dict(self.stats), "peers": peers}
-        if self.front is not None:
-            out["refused"] = dict(self.front.refused)
+        out["refused"] = {"token": self.refused_token, **(self.front.refused if self.front is not None else {})}
         return {"mesh": out}
 
     async def _serve_logs(self, req: pb.LogsRequest, context: Any) -> AsyncIterator[pb.LogLine]:

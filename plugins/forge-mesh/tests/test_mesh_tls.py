@@ -7,6 +7,7 @@ import os
 import stat
 import time
 
+import asyncpg
 import grpc
 import httpx
 import pytest
@@ -18,16 +19,19 @@ from forge_mesh.tls import Material, init_ca, issue_cert
 from mesh_support import create_database, http_url, mesh_view, node_config, node_env, rpc, start_node, wait_peers
 
 
+TOKEN = ""  # the cluster's mesh token, read from the test's database
+
+
 def material(folder, name="test-client") -> Material:
     ca, key = (folder / "ca.pem").read_bytes(), (folder / "ca.key").read_bytes()
     cert, ckey = issue_cert(ca, key, name)
     return Material(ca, cert, ckey)
 
 
-async def ping(port: int, tls: bool, m: Material | None) -> str:
-    stubs = open_stubs(f"127.0.0.1:{port}", tls, m, 1 << 20)
+async def ping(port: int, tls: bool, m: Material | None, token: str = TOKEN) -> str:
+    stubs = open_stubs(f"127.0.0.1:{port}", tls, m, 1 << 20, token or TOKEN)
     try:
-        reply = await stubs.ping(pb.PingRequest(protocol=2), timeout=3)
+        reply = await stubs.ping(pb.PingRequest(protocol=2), timeout=3, metadata=stubs.metadata)
         return f"ok:{reply.node_id}"
     except grpc.aio.AioRpcError as exc:
         return f"refused:{exc.code().name}"
@@ -61,6 +65,12 @@ async def test_a_node_listening_beyond_loopback_requires_mutual_tls(forge_databa
         await asyncio.to_thread(g.wait_ready, 90)
         assert "mutual TLS" in f.log() and "plaintext, loopback only" in g.log()
         await wait_peers(db, "g", {"f"})
+        global TOKEN
+        conn = await asyncpg.connect(db)
+        try:
+            TOKEN = await conn.fetchval("SELECT token FROM forge_mesh_cluster")
+        finally:
+            await conn.close()
         async with httpx.AsyncClient(timeout=30) as client:
             r = await rpc(client, http_url(g), "whoami")
             assert r.status_code == 200 and r.json()["data"]["node"] == "f", r.text
@@ -71,8 +81,10 @@ async def test_a_node_listening_beyond_loopback_requires_mutual_tls(forge_databa
         assert (await ping(port, True, Material((ca1 / "ca.pem").read_bytes(), foreign.cert, foreign.key))).startswith(
             "refused")
         assert await ping(port, True, material(ca1)) == "ok:f"
+        # a cluster certificate is not enough: the request must carry the cluster's mesh token too
+        assert await ping(port, True, material(ca1), token="wrong") == "refused:UNAUTHENTICATED"
         refused = (await mesh_view(db, "f", str(ca1)))["refused"]
-        assert refused["plaintext"] >= 1 and refused["wrong_ca"] >= 1, refused
+        assert refused["plaintext"] >= 1 and refused["wrong_ca"] >= 1 and refused["token"] >= 1, refused
 
         # new certificate files (a new cluster CA) apply to new connections without a restart
         _install(certs, ca2, "f")
@@ -105,3 +117,32 @@ async def test_a_node_beyond_loopback_without_certificates_does_not_start(forge_
         p.terminate(timeout=10)
     assert code != 0
     assert "[mesh]" in p.log() and "init-ca" in p.log(), p.log()[-2000:]
+
+
+async def test_on_loopback_another_local_user_without_the_database_is_refused(forge_database_url, tmp_path):
+    """Plaintext on loopback: the port is reachable by every local process, so every request must
+    carry the cluster's mesh token, which only holders of the database can read."""
+    db = await create_database(forge_database_url)
+    port = free_port()
+    f = start_node(tmp_path, node_config(db, "f", ["function"], mesh={"port": port}))
+    try:
+        assert "plaintext, loopback only" in f.log()
+        conn = await asyncpg.connect(db)
+        try:
+            token = await conn.fetchval("SELECT token FROM forge_mesh_cluster")
+        finally:
+            await conn.close()
+        assert await ping(port, False, None, token="guessed") == "refused:UNAUTHENTICATED"
+        stubs = open_stubs(f"127.0.0.1:{port}", False, None, 1 << 20, "unused")
+        try:  # no token at all: a forged call under someone else's identity
+            req = pb.CallRequest(function="whoami", args_json=b"{}", caller=pb.Caller(user_id="admin", kind="user",
+                                 roles=["admin"]), target_node="f", protocol=2)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stubs.call(req, timeout=3)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await stubs.close()
+        assert await ping(port, False, None, token=token) == "ok:f"
+        assert (await mesh_view(db, "f"))["refused"]["token"] == 2
+    finally:
+        f.terminate(timeout=20)

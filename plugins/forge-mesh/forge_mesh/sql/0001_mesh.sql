@@ -28,3 +28,10 @@ CREATE TABLE forge_mesh_calls (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX forge_mesh_calls_created ON forge_mesh_calls (created_at);
+
+-- The cluster's shared mesh token: every mesh request carries it, so a process that can reach a
+-- mesh port but cannot read this database (another user on a loopback-only machine) is refused.
+CREATE TABLE forge_mesh_cluster (
+    id     boolean PRIMARY KEY DEFAULT true CHECK (id),
+    token  text NOT NULL
+);
