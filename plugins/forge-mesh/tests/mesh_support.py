@@ -121,3 +121,10 @@ async def wait_peers(db_url: str, node_id: str, want: set[str], timeout: float =
 
 async def rpc(client: httpx.AsyncClient, base: str, function: str, args: dict | None = None, **kw: Any) -> httpx.Response:
     return await client.post(f"{base}/rpc/{function}", json=args or {}, **kw)
+
+
+async def hold(url: str) -> None:
+    """A call that stays in flight on one function node until cancelled (the forwarder then prefers
+    the other nodes: fewest calls in flight)."""
+    async with httpx.AsyncClient(timeout=None) as client:
+        await rpc(client, url, "hold", {"seconds": 3000})

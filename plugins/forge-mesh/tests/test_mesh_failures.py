@@ -13,14 +13,9 @@ import httpx
 import pytest
 
 from forge_kernel.testing import free_port
-from mesh_support import (client_config, create_database, http_url, mesh_view, node_config, node_env, rpc, start_node,
-                          wait_peers)
+from mesh_support import (client_config, create_database, hold, http_url, mesh_view, node_config, node_env, rpc,
+                          start_node, wait_peers)
 from tcp_proxy import Proxy
-
-
-async def hold(url: str) -> None:
-    async with httpx.AsyncClient(timeout=None) as client:
-        await rpc(client, url, "hold", {"seconds": 3000})
 
 
 @pytest.fixture(scope="module")

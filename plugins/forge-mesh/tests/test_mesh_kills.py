@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from mesh_support import create_database, http_url, node_config, node_env, rpc, start_node, wait_peers
+from mesh_support import create_database, hold, http_url, node_config, node_env, rpc, start_node, wait_peers
 
 KILLS = int(os.environ.get("FORGE_MESH_KILLS", "15"))
 
@@ -26,12 +26,6 @@ POINTS = {
     "mid_transaction": {"MESH_TEST_KILL_MID_TX": "1"},
     "after_commit": {"FORGE_MESH_FAILPOINT": "after_commit:add_item"},
 }
-
-
-async def hold(url: str) -> None:
-    """A call that stays in flight until cancelled."""
-    async with httpx.AsyncClient(timeout=None) as client:
-        await rpc(client, url, "hold", {"seconds": 3000})
 
 
 @pytest.fixture(scope="module")

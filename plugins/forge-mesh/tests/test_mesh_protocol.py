@@ -26,7 +26,7 @@ PROTO_DIR = Path(compat.__file__).parent
 def test_the_committed_mesh_pb2_is_generated_from_mesh_proto(tmp_path):
     out = tmp_path / "mesh.desc"
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-Iforge_mesh/protocol={PROTO_DIR}",
-                    f"--descriptor_set_out={out}", f"forge_mesh/protocol/mesh.proto"], check=True)
+                    f"--descriptor_set_out={out}", "forge_mesh/protocol/mesh.proto"], check=True)
     generated = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     committed = descriptor_pb2.FileDescriptorProto()
     mesh_pb2.DESCRIPTOR.CopyToProto(committed)

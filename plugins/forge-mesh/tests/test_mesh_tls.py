@@ -16,7 +16,7 @@ from forge_kernel.testing import free_port
 from forge_mesh.channels import open_stubs
 from forge_mesh.protocol import mesh_pb2 as pb
 from forge_mesh.tls import Material, init_ca, issue_cert
-from mesh_support import create_database, http_url, mesh_view, node_config, node_env, rpc, start_node, wait_peers
+from mesh_support import create_database, http_url, mesh_view, node_config, rpc, start_node, wait_peers
 
 
 TOKEN = ""  # the cluster's mesh token, read from the test's database
