@@ -46,6 +46,8 @@ from .tls import Material, load_material, log_plaintext, material_stamp, server_
 from .token import cluster_token, token_matches
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+#: answers of a live but overloaded peer (too many streams, cancelled by the server)
+_BUSY = {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 #: test failpoints: FORGE_MESH_FAILPOINT="<point>:<function>" SIGKILLs this process at that point
 #: of every forwarded call of <function> (before_start, after_commit). For kill tests only.
@@ -179,7 +181,8 @@ class Mesh:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     peer.suspect("a call ran into its deadline")
                     raise self._timeout(defn, timeout, peer) from None
-                peer.suspect(f"{code.name}: {exc.details()}")
+                if code not in _BUSY:  # a busy peer is alive: try another without taking it out of rotation
+                    peer.suspect(f"{code.name}: {exc.details()}")
                 tried.add(peer.key)
                 reasons.append(f"{peer.node_id}: {code.name}")
                 if defn.kind != "query":
