@@ -115,3 +115,34 @@ async def _next_of(ws, sub_id: str) -> dict:
         msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
         if msg.get("id") == sub_id:
             return msg
+
+
+async def test_a_call_meant_for_another_process_is_refused_unstarted(cluster):
+    """The epoch names the process: a restarted node refuses calls meant for its predecessor, before
+    running anything, so the caller may send them elsewhere whatever their kind."""
+    from forge_mesh.channels import open_stubs
+    from forge_mesh.protocol import mesh_pb2 as pb
+
+    conn = await asyncpg.connect(cluster["db"])
+    try:
+        row = await conn.fetchrow("SELECT address, epoch FROM forge_mesh_nodes WHERE node_id = 'f1'")
+        token = await conn.fetchval("SELECT token FROM forge_mesh_cluster")
+        before = await conn.fetchval("SELECT count(*) FROM mesh_items WHERE key = 'stale-epoch'")
+    finally:
+        await conn.close()
+    stubs = open_stubs(row["address"], False, None, 1 << 20, token)
+    try:
+        for epoch, target in (("0123456789abcdef", "f1"), (row["epoch"], "f2")):
+            req = pb.CallRequest(function="add_item", args_json=b'{"key": "stale-epoch"}', caller=pb.Caller(kind="anonymous"),
+                                 call_id=f"stale-{target}", target_node=target, target_epoch=epoch, protocol=2,
+                                 timeout_ms=5000)
+            reply = await stubs.call(req, timeout=5, metadata=stubs.metadata)
+            assert reply.WhichOneof("outcome") == "error" and reply.error.not_started, reply
+            assert reply.error.code == "UNAVAILABLE" and "epoch" in reply.error.message, reply
+    finally:
+        await stubs.close()
+    conn = await asyncpg.connect(cluster["db"])
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM mesh_items WHERE key = 'stale-epoch'") == before == 0
+    finally:
+        await conn.close()

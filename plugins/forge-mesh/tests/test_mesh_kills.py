@@ -120,3 +120,22 @@ async def test_an_action_whose_node_died_after_it_started_never_runs_twice(base)
     finally:
         await conn.close()
     assert effects == {"act-2": 1}, effects
+
+
+async def test_a_query_whose_node_died_is_retried_on_another_node(base):
+    db, url = base["db"], base["url"]
+    async with httpx.AsyncClient(timeout=30) as client:
+        await wait_peers(db, "g", {"f2"})
+        holder = asyncio.ensure_future(hold(url))
+        await wait_peers(db, "g", {"f2"}, in_flight={"f2": 1})
+        f1 = start_node(base["tmp"], node_config(db, "f1", ["function"]),
+                        node_env(FORGE_MESH_FAILPOINT="before_start:whoami"))
+        try:
+            await wait_peers(db, "g", {"f1", "f2"}, in_flight={"f1": 0, "f2": 1})
+            r = await rpc(client, url, "whoami")
+            await asyncio.to_thread(f1.proc.wait, 30)
+            assert f1.proc.returncode == -9
+            assert r.status_code == 200 and r.json()["data"]["node"] == "f2", r.text
+        finally:
+            holder.cancel()
+            f1.terminate(timeout=10)
