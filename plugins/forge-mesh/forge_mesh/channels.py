@@ -59,6 +59,8 @@ class Stubs:
     logs: Any
     drain: Any
     cancel_job: Any
+    #: protocol 3: opens the call stream (CallFrame in, CallResult out)
+    calls: Any
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -90,4 +92,6 @@ def open_stubs(address: str, tls: bool, material: Material | None, max_message_b
                                   response_deserializer=pb.LogLine.FromString),
         drain=unary(wire.DRAIN, pb.DrainRequest, pb.DrainReply),
         cancel_job=unary(wire.CANCEL_JOB, pb.CancelJobRequest, pb.CancelJobReply),
+        calls=channel.stream_stream(wire.CALLS, request_serializer=pb.CallFrame.SerializeToString,
+                                    response_deserializer=pb.CallResult.FromString),
     )

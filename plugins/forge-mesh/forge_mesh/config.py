@@ -10,8 +10,8 @@ import attrs
 from forge_kernel.config import in_range, one_of
 from forge_kernel.convert import InvalidValue
 
-#: the protocol this code speaks; PREVIOUS_PROTOCOL is the oldest it still talks to
-PROTOCOL = 2
+#: the protocol this code speaks, and the oldest it still talks to
+PROTOCOL = 3
 MIN_PROTOCOL = 1
 
 _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")

@@ -41,6 +41,7 @@ from .config import MIN_PROTOCOL, MeshConfig, is_loopback
 from .front import TlsFront
 from .ledger import Ledger
 from .peers import PEERS_SQL, Directory, Peer
+from .streams import CallStream, serve_stream
 from .protocol import mesh_pb2 as pb
 from .tls import Material, load_material, log_plaintext, material_stamp, server_context
 from .token import cluster_token, token_matches
@@ -101,6 +102,7 @@ class Mesh:
                       "served": 0, "fenced": 0}
         self._stubs: dict[tuple[str, str], Stubs] = {}
         self._retiring: list[Peer] = []
+        self._streams: dict[tuple[str, str], CallStream] = {}
         self._followers: dict[asyncio.Queue, int] = {}
         self._sink_id: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,8 +170,11 @@ class Mesh:
             self.forwarding += 1
             try:
                 try:
-                    stubs = self._stubs_for(peer)
-                    reply = await stubs.call(req, timeout=remaining, metadata=stubs.metadata)
+                    if proto >= 3:
+                        reply = await self._stream_for(peer).request(req, remaining)
+                    else:
+                        stubs = self._stubs_for(peer)
+                        reply = await stubs.call(req, timeout=remaining, metadata=stubs.metadata)
                 except asyncio.CancelledError:
                     if asyncio.current_task().cancelling():
                         raise  # our caller went away
@@ -243,7 +248,18 @@ class Mesh:
             self._stubs[peer.key] = stubs
         return stubs
 
+    def _stream_for(self, peer: Peer) -> CallStream:
+        stream = self._streams.get(peer.key)
+        if stream is None:
+            stubs = self._stubs_for(peer)
+            stream = CallStream(lambda: stubs.calls(metadata=stubs.metadata))
+            self._streams[peer.key] = stream
+        return stream
+
     async def _close_stubs(self, key: tuple[str, str]) -> None:
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            await stream.close()
         stubs = self._stubs.pop(key, None)
         if stubs is not None:
             with contextlib.suppress(Exception):
@@ -432,6 +448,11 @@ class Mesh:
             async for line in self._serve_logs(req, context):
                 yield line
 
+        async def calls(frames: Any, context: Any) -> AsyncIterator[pb.CallResult]:
+            await self._check_token(context)
+            async for result in serve_stream(frames, lambda req: self._serve_call(req, None)):
+                yield result
+
         return grpc.method_handlers_generic_handler(wire.SERVICE, {
             "Call": unary(self._serve_call, pb.CallRequest, pb.CallReply),
             "Ping": unary(self._serve_ping, pb.PingRequest, pb.PingReply),
@@ -440,6 +461,8 @@ class Mesh:
                                                          response_serializer=pb.LogLine.SerializeToString),
             "Drain": unary(self._serve_drain, pb.DrainRequest, pb.DrainReply),
             "CancelJob": unary(self._serve_cancel_job, pb.CancelJobRequest, pb.CancelJobReply),
+            "Calls": grpc.stream_stream_rpc_method_handler(calls, request_deserializer=pb.CallFrame.FromString,
+                                                           response_serializer=pb.CallResult.SerializeToString),
         })
 
     @staticmethod

@@ -26,6 +26,7 @@ STATUS = f"/{SERVICE}/Status"
 LOGS = f"/{SERVICE}/Logs"
 DRAIN = f"/{SERVICE}/Drain"
 CANCEL_JOB = f"/{SERVICE}/CancelJob"
+CALLS = f"/{SERVICE}/Calls"
 
 
 class ProtocolError(Exception):

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from forge_kernel.testing.procs import write_config
+from forge_mesh.config import PROTOCOL
 from mesh_support import client_config, create_database, http_url, mesh_view, node_config, node_env, rpc, start_node, wait_peers
 
 
@@ -59,7 +60,7 @@ async def test_status_live_reports_what_every_node_does_and_marks_a_frozen_node_
         act = row["activity"]
         assert act["node"]["id"] == nid and act["node"]["status"] == "running", act
         assert {"in_use", "size", "max"} <= set(act["node"]["pool"]), act
-        assert act["mesh"]["protocol"] == 2 and "serving" in act["mesh"], act
+        assert act["mesh"]["protocol"] == PROTOCOL and "serving" in act["mesh"], act
     assert rows["f1"]["activity"]["jobs"]["running"] == 0 and "jobs" not in rows["g"]["activity"]
     # a call in flight shows on the node running it
     async with httpx.AsyncClient(timeout=30) as client:

@@ -110,21 +110,24 @@ def test_additions_are_not_breaking(data):
 
 @pytest.fixture(scope="module")
 def mixed(forge_database_url, tmp_path_factory):
-    """G2 and F2 speak protocol 2; G1 and F1 are pinned to protocol 1 (as during a rolling upgrade)."""
+    """A rolling upgrade: gnew and fnew speak the current protocol, gprev and fprev are pinned to the
+    previous one, and fv1 to protocol 1 (before read sets)."""
     tmp = tmp_path_factory.mktemp("mesh-mixed")
     db = asyncio.run(create_database(forge_database_url))
-    v1 = {"protocol_version": 1}
+    prev = {"protocol_version": PROTOCOL - 1}
     procs = {
-        "g2": start_node(tmp, node_config(db, "g2", ["gateway", "realtime"]), node_env("forge_realtime.hooks"), wait=False),
-        "g1": start_node(tmp, node_config(db, "g1", ["gateway"], mesh=v1), wait=False),
-        "f1": start_node(tmp, node_config(db, "f1", ["function"], mesh=v1), wait=False),
-        "f2": start_node(tmp, node_config(db, "f2", ["function"]), wait=False),
+        "gnew": start_node(tmp, node_config(db, "gnew", ["gateway", "realtime"]), node_env("forge_realtime.hooks"),
+                           wait=False),
+        "gprev": start_node(tmp, node_config(db, "gprev", ["gateway"], mesh=prev), wait=False),
+        "fprev": start_node(tmp, node_config(db, "fprev", ["function"], mesh=prev), wait=False),
+        "fnew": start_node(tmp, node_config(db, "fnew", ["function"]), wait=False),
+        "fv1": start_node(tmp, node_config(db, "fv1", ["function"], mesh={"protocol_version": 1}), wait=False),
     }
     try:
         for p in procs.values():
             p.wait_ready(90)
-        for g in ("g1", "g2"):
-            asyncio.run(wait_peers(db, g, {"f1", "f2"}))
+        for g in ("gnew", "gprev"):
+            asyncio.run(wait_peers(db, g, {"fprev", "fnew", "fv1"}))
         yield {"db": db, **procs}
     finally:
         for p in procs.values():
@@ -133,24 +136,24 @@ def mixed(forge_database_url, tmp_path_factory):
 
 async def test_a_mixed_cluster_forwards_between_protocol_versions(mixed):
     async with httpx.AsyncClient(timeout=20) as client:
-        for g in ("g1", "g2"):
+        for g in ("gnew", "gprev"):
             seen = set()
-            for i in range(20):
+            for i in range(30):
                 r = await rpc(client, http_url(mixed[g]), "whoami")
                 assert r.status_code == 200, r.text
                 seen.add(r.json()["data"]["node"])
                 r = await rpc(client, http_url(mixed[g]), "add_item", {"key": f"mixed-{g}-{i}"})
                 assert r.status_code == 200, r.text
-            assert seen == {"f1", "f2"}, (g, seen)
-    assert "protocol 1" in mixed["f1"].log() and "protocol 2" in mixed["f2"].log()
+            assert seen == {"fprev", "fnew", "fv1"}, (g, seen)
+    assert f"protocol {PROTOCOL - 1}" in mixed["fprev"].log() and f"protocol {PROTOCOL}" in mixed["fnew"].log()
 
 
 async def test_live_query_reruns_go_only_to_nodes_that_return_read_sets(mixed):
     """Read sets came with protocol 2: a protocol 1 node cannot run a re-run for a subscriber."""
     import websockets
 
-    url = http_url(mixed["g2"]).replace("http://", "ws://") + "/ws"
-    for i in range(6):
+    url = http_url(mixed["gnew"]).replace("http://", "ws://") + "/ws"
+    for i in range(8):
         async with websockets.connect(url) as ws:
             await ws.send(json.dumps({"type": "auth", "token": None}))
             await asyncio.wait_for(ws.recv(), 20)
@@ -159,4 +162,4 @@ async def test_live_query_reruns_go_only_to_nodes_that_return_read_sets(mixed):
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
                 if msg.get("id") == f"s{i}":
                     break
-            assert msg["type"] == "data" and msg["data"]["node"] == "f2", msg
+            assert msg["type"] == "data" and msg["data"]["node"] in ("fprev", "fnew"), msg

@@ -159,3 +159,21 @@ class CancelJobReply(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     cancelled: bool
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class CallFrame(_message.Message):
+    __slots__ = ("seq", "request", "cancel")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    request: CallRequest
+    cancel: bool
+    def __init__(self, seq: _Optional[int] = ..., request: _Optional[_Union[CallRequest, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class CallResult(_message.Message):
+    __slots__ = ("seq", "reply")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    reply: CallReply
+    def __init__(self, seq: _Optional[int] = ..., reply: _Optional[_Union[CallReply, _Mapping]] = ...) -> None: ...
