@@ -33,8 +33,19 @@ class Connection:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
     async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        if self.writer is None or self.writer.is_closing():
+        fresh = self.writer is None or self.writer.is_closing()
+        if fresh:
             await self.open()
+        try:
+            return await self._post(path, body, headers)
+        except (ConnectionError, OSError):
+            if fresh:
+                raise
+            # the server closed an idle keep-alive connection (uvicorn: after 5 s): once more on a new one
+            await self.open()
+            return await self._post(path, body, headers)
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str] | None) -> tuple[int, bytes]:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                           f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
