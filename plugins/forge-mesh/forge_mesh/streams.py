@@ -14,6 +14,7 @@ import contextlib
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from loguru import logger
 
 from .protocol import mesh_pb2 as pb
 
@@ -114,6 +115,9 @@ async def serve_stream(frames: AsyncIterator[pb.CallFrame],
             reply = await run(req)
         except asyncio.CancelledError:
             return  # the caller gave up: nobody waits for an answer
+        except Exception as exc:  # never leave a caller waiting for its deadline
+            logger.opt(exception=exc).error(f"mesh: call {req.function} failed outside the executor")
+            reply = pb.CallReply(error=pb.CallError(code="INTERNAL", message=f"internal error (request {req.request_id})"))
         finally:
             tasks.pop(seq, None)
         out.put_nowait(pb.CallResult(seq=seq, reply=reply))
