@@ -8,7 +8,6 @@ import contextlib
 import datetime as dt
 import inspect
 import json
-import os
 import sys
 from typing import Any, AsyncIterator, Coroutine
 
@@ -19,19 +18,9 @@ from . import migrations as migmod
 from .app import Registry
 from .config import Config, load_config
 from .errors import StartupError
+from .logs import REDACTOR, redact, setup_logging
 from .node import Node, all_migrations, app_modules, cluster_status, database_url
 from .plugins import PluginLoader
-
-
-def setup_logging(config: Config | None = None) -> None:
-    level = config.log.level if config else os.environ.get("FORGE_LOG__LEVEL", "INFO")
-    logger.remove()
-    logger.configure(extra={"request_id": "-"})
-    if config and config.log.json:
-        logger.add(sys.stderr, level=level, serialize=True)
-    else:
-        logger.add(sys.stderr, level=level,
-                   format="<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}")
 
 
 class Cli:
@@ -46,6 +35,7 @@ class Cli:
         if self._config is None:
             self._config = load_config(self.loader.config_sections(), path=getattr(self.args, "config", None),
                                        owners=self.loader.section_owner)
+            REDACTOR.add_config(self._config)  # every command's output and log lines keep its secrets out
             roles = getattr(self.args, "roles", None)
             if roles:
                 self._config = self._config.evolve("node", roles=[r.strip() for r in roles.split(",") if r.strip()])
@@ -219,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(result)
         return int(result or 0)
     except StartupError as exc:
-        print(f"forge-node: error: {exc}", file=sys.stderr)
+        print(f"forge-node: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ naming the key, the value and what was expected.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -19,6 +20,7 @@ import attrs
 
 from .convert import InvalidValue, Problem, StructureError, structure, unstructure
 from .errors import ConfigError
+from .logs import Redactor, is_secret_field, secret_values
 
 ENV_PREFIX = "FORGE_"
 
@@ -54,6 +56,11 @@ def _gc_thresholds(inst: Any, attr: attrs.Attribute, value: Any) -> None:
         raise InvalidValue(attr.name, value, "three whole numbers from 0 to 2147483647 (generations 0, 1 and 2)")
 
 
+def _port_or_zero(attr: attrs.Attribute, value: int) -> None:
+    if value != 0 and not 1024 <= value <= 65535:
+        raise InvalidValue(attr.name, value, "0 (unix socket only) or a TCP port from 1024 to 65535")
+
+
 # --- kernel sections ---------------------------------------------------------------
 @attrs.frozen
 class NodeConfig:
@@ -85,6 +92,9 @@ class DatabaseConfig:
     #: PostgreSQL URL; empty means an embedded server under ``data_dir``
     url: str = ""
     data_dir: str = ".forge"
+    #: embedded server only: 0 serves the unix socket alone; a port also listens on 127.0.0.1 there
+    #: (password required) and keeps that port across restarts
+    embedded_port: int = attrs.field(default=0, validator=lambda i, a, v: _port_or_zero(a, v))
     pool_min: int = attrs.field(default=2, validator=in_range(0, 1000))
     pool_max: int = attrs.field(default=20, validator=in_range(1, 1000))
     #: seconds to wait for a connection at start-up
@@ -103,6 +113,9 @@ class AppConfig:
     function_timeout: float = attrs.field(default=30.0, validator=in_range(0.001, 86400))
     #: serve ``forge_kernel.example`` when no modules are configured
     example: bool = True
+    #: every call's transaction carries the caller for row-level security policies (forge.user_id,
+    #: forge.auth_kind, forge.roles): ``auto`` when a table has RLS enabled, ``on``, ``off``
+    row_security: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
 
 
 @attrs.frozen
@@ -183,6 +196,19 @@ def _env_value(raw: str, tp: Any) -> Any:
         return raw
 
 
+def _kind_at(table: Mapping[str, Any], path: str) -> str:
+    """The type name of the raw value at ``path`` (``api_keys[0].sha256``) in ``table``."""
+    value: Any = table
+    for part in re.findall(r"[^.\[\]]+", path):
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return "a value"
+    return type(value).__name__
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
@@ -252,11 +278,18 @@ def load_config(
                 value = table.get(p.path.split(".")[0].split("[")[0], None) if p.path else None
                 owner = f" (section of {owners[name]})" if owners and owners.get(name, "forge-kernel") != "forge-kernel" else ""
                 key = f"[{name}] {p.path}" if p.path else f"[{name}]"
+                if any(is_secret_field(part) for part in re.split(r"[.\[\]]", p.path) if part):
+                    # a secret (or a raw key where its hash belongs) is never echoed: its type only
+                    message = p.message.split(", got ")[0] + f", got {_kind_at(table, p.path)} (value not shown: a secret)"
+                    problems.append(Problem(key, message + owner))
+                    continue
                 shown = f" = {value!r}" if value is not None and "unknown key" not in p.message else ""
                 problems.append(Problem(key + shown, p.message + owner))
         except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
             problems.append(Problem(f"[{name}]", str(exc)))
     if problems:
         listing = "\n".join(f"  - {p.path}: {p.message}" for p in problems)
-        raise ConfigError(f"invalid configuration in {source}:\n{listing}")
+        scrub = Redactor()  # the config never loaded, so the process-wide redactor knows none of its secrets
+        scrub.add_values(secret_values(raw))
+        raise ConfigError(scrub(f"invalid configuration in {source}:\n{listing}"))
     return Config(sections=built, source=source)

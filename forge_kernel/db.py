@@ -15,6 +15,14 @@ from .convert import converter
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` instead, keeping its query (the embedded server's
+    URL carries the socket folder and the password file there)."""
+    base, _, query = url.partition("?")
+    head, _, _ = base.rpartition("/")
+    return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")

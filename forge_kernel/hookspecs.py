@@ -223,6 +223,9 @@ def forge_auth_verifier(node: "Node") -> Any:
     Implemented by the gateway (firstresult). Returns an object with
     ``async verify(token: str) -> Auth`` raising ``forge_kernel.errors.Unauthenticated``
     for a bad or expired credential (never returning an anonymous caller for a bad token).
+    Token callers are built with ``Auth.for_user`` (which refuses the reserved subjects
+    ``system`` and ``apikey:...``), API-key callers with ``Auth.for_api_key`` (user id
+    ``apikey:<name>``), so no token can pose as a key or the node.
     Realtime uses it for the WebSocket ``auth`` message.
     """
 

@@ -23,7 +23,7 @@ from .app import Registry
 from .config import Config
 from .embedded_pg import EmbeddedPostgres
 from .errors import StartupError
-from .executor import FunctionExecutor
+from .executor import FunctionExecutor, row_security
 from .plugins import PluginLoader, _flat, _version
 from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
 
@@ -34,13 +34,15 @@ def database_url(config: Config) -> tuple[str, EmbeddedPostgres | None]:
     """The configured URL, or an embedded server under ``[database] data_dir`` (started or reused)."""
     if config.database.url:
         return config.database.url, None
-    pg = EmbeddedPostgres(Path(config.database.data_dir).resolve())
+    pg = EmbeddedPostgres(Path(config.database.data_dir).resolve(), tcp_port=config.database.embedded_port)
     first = not pg.initialized()
     t0 = time.monotonic()
     url = pg.start()
     what = "initialised and started" if first else ("started" if pg.started_here else "reused")
+    tcp = f"; also on 127.0.0.1:{pg.port} (password in {pg.passfile})" if config.database.embedded_port else ""
+    # the URL names the password file (readable by this account only), never the password
     logger.info(f"embedded PostgreSQL {what} in {time.monotonic() - t0:.2f}s under {pg.root}; "
-                f"connect with: psql {url}")
+                f"connect with: psql '{url}'{tcp}")
     return url, pg
 
 
@@ -135,6 +137,11 @@ class Node:
                                          middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
                                          node=self, query_pool=self.query_pool,
                                          forwarder=self.loader.hook.forge_call_forwarder(node=self))
+        async with self.pool.acquire() as c:
+            self.executor.row_security, line, bypassed = await row_security(c, self.config.app.row_security)
+        if line:
+            # a superuser bypasses every policy: worth a warning against a real server, a note on the embedded one
+            (logger.warning if bypassed and self.embedded is None else logger.info)(line)
         await self._register()
         self.supervisor.spawn("heartbeat", self._heartbeat_loop, service="kernel")
         self.maintenance = _flat(self.loader.hook.forge_maintenance_tasks(node=self))
@@ -188,7 +195,9 @@ class Node:
                 await asyncio.wait_for(self.query_pool.close(), 5)
         self.status = "stopped"
         if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.release)
+            # this node owns the server it started: nodes that joined through its URL get the drain
+            # timeout to leave (warned about by name) before it stops
+            await asyncio.to_thread(self.embedded.release, self.config.node.drain_timeout)
 
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT, drain."""

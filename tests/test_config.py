@@ -121,3 +121,13 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "[node] heartbeat_interval = 'fast': expected float" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", [80, 70000, -1])
+def test_embedded_port_is_zero_or_an_unprivileged_tcp_port(value):
+    with pytest.raises(ConfigError) as ei:
+        load({"database": {"embedded_port": value}})
+    msg = str(ei.value)
+    assert f"[database] embedded_port = {value}" in msg and "0 (unix socket only) or a TCP port from 1024 to 65535" in msg
+    assert load({"database": {"embedded_port": 5433}}).database.embedded_port == 5433
+    assert load().database.embedded_port == 0

@@ -51,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -67,8 +67,9 @@ SHOWN = ["server_version", "fsync", "synchronous_commit", "full_page_writes", "w
 
 
 def db_url(base: str, name: str) -> str:
-    head, _, _ = base.partition("?")[0].rpartition("/")
-    return f"{head}/{name}"
+    from forge_kernel.db import with_database
+
+    return with_database(base, name)
 
 
 async def fresh_db(base: str, name: str) -> str:
@@ -263,9 +264,12 @@ def pgq_args(mode: str, args: argparse.Namespace) -> list[str]:
 def libpq_env(url: str) -> dict[str, str]:
     """The tool connects with an empty DSN, i.e. through the libpq environment variables."""
     u = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(u.query).items()}  # the embedded server: socket folder, passfile
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGHOST=u.hostname or "", PGPORT=str(u.port or 5432), PGUSER=u.username or "",
-               PGDATABASE=u.path.lstrip("/"), PYTHONUNBUFFERED="1")
+    env.update(PGHOST=query.get("host") or u.hostname or "", PGPORT=query.get("port") or str(u.port or 5432),
+               PGUSER=u.username or "", PGDATABASE=u.path.lstrip("/"), PYTHONUNBUFFERED="1")
+    if "passfile" in query:
+        env["PGPASSFILE"] = query["passfile"]
     if u.password:
         env["PGPASSWORD"] = u.password
     return env

@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pool-max", type=int, default=20)
+    ap.add_argument("--row-security", default="auto", choices=["auto", "on", "off"],
+                    help="[app] row_security of the FORGE node: 'on' puts the caller into every call's transaction")
     ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"],
                     help="event loop of both servers ([node] event_loop for FORGE, uvicorn --loop for bare)")
     args = ap.parse_args()
@@ -129,6 +131,7 @@ def main() -> None:
         raise SystemExit("wrk is required: apt-get install -y wrk")
 
     tmp = Path(tempfile.mkdtemp(prefix="forge-bench-rpc-"))
+    tmp.chmod(0o711)  # as root the server runs as forge_pg, which must pass through to tmp/pg
     pg = EmbeddedPostgres(tmp / "pg")  # stock settings: fsync on, synchronous_commit on
     procs: list[subprocess.Popen] = []
     try:
@@ -137,7 +140,7 @@ def main() -> None:
         forge_port, bare_port = free_port(), free_port()
         cfg = write_config(tmp / "forge.toml", {
             "database": {"url": db_url, "pool_min": 2, "pool_max": args.pool_max},
-            "app": {"modules": ["bench_app"], "example": False},
+            "app": {"modules": ["bench_app"], "example": False, "row_security": args.row_security},
             "gateway": {"port": forge_port},
             "log": {"level": "WARNING"},
             # a gateway node: the roles of other installed plugins (worker, scheduler, realtime) would run
@@ -196,7 +199,8 @@ def main() -> None:
         summary["postgresql"] = settings
         summary["setup"] = {"connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
                             "pool_max": args.pool_max, "server": "uvicorn+httptools, 1 process each",
-                            "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count()}
+                            "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count(),
+                            "row_security": args.row_security}
         print("\nmedians:")
         for name in ("forge", "bare", "batch10"):
             s = summary[name]

@@ -59,7 +59,7 @@ def test_api_key_for_services(http):
     r = http.post("/rpc/admin_only", headers={"X-API-Key": SERVICE_KEY})
     assert r.status_code == 200 and r.json() == {"data": "secret admin data"}
     r = http.post("/rpc/whoami", headers={"Authorization": f"Bearer {SERVICE_KEY}"})
-    assert r.json()["data"]["kind"] == "service" and r.json()["data"]["user_id"] == "billing-service"
+    assert r.json()["data"]["kind"] == "service" and r.json()["data"]["user_id"] == "apikey:billing-service"
     assert_401(http.post("/rpc/whoami", headers={"X-API-Key": SERVICE_KEY + "x"}), "unknown API key")
 
 
@@ -149,4 +149,4 @@ def test_jobs_dispatched_by_a_caller_record_that_caller(http, keys):
     # a mutation that fails after dispatching leaves no job (the job commits with the mutation)
     r = http.post("/rpc/enqueue", json={"tag": "c", "fail": True}, headers={"Authorization": f"Bearer {keys.hs256(sub='erin')}"})
     assert r.status_code == 409
-    assert http.post("/rpc/job_callers").json() == {"data": ["dave", "billing-service"]}
+    assert http.post("/rpc/job_callers").json() == {"data": ["dave", "apikey:billing-service"]}

@@ -70,7 +70,7 @@ async def test_garbage_credentials_raise_unauthenticated_only(text):
         auth = await v.verify(text)
     except Unauthenticated:
         return
-    assert text == "k" and auth.user_id == "svc"
+    assert text == "k" and auth.user_id == "apikey:svc"
 
 
 async def test_headers_without_credentials_are_anonymous_and_bad_ones_raise():

@@ -28,7 +28,7 @@ import asyncpg
 import attrs
 from loguru import logger
 
-from forge_kernel.executor import SYSTEM, Auth, Call, JobOutcome, bind_arguments
+from forge_kernel.executor import Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
 
 from .config import WorkerConfig
@@ -37,7 +37,7 @@ from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
 
-_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.options,
+_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.run_as, j.options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 _CLAIMED = """SET status = 'running', node_id = $1, attempt = j.attempt + 1, started_at = now(),
                   lease_until = now() + make_interval(secs => $2), cancel_requested = false,
@@ -473,8 +473,9 @@ class Worker:
                 args = bind_arguments(defn, row["args"])
             except ForgeError as exc:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
-            caller = row["caller"]
-            auth = Auth(user_id=caller, kind="user") if caller else SYSTEM
+            auth = Auth.from_job(row["run_as"], row["caller"])  # the identity that dispatched it
+            if self.node.executor.row_security:
+                db.caller = auth
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None

@@ -15,6 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from forge_kernel.db import with_database
 from forge_kernel.embedded_pg import EmbeddedPostgres
 from forge_kernel.testing import NodeProcess
 from forge_worker import JobQueue
@@ -100,7 +101,7 @@ async def restart_scenario(tmp_path: Path, n_jobs: int) -> None:
     admin = await asyncpg.connect(url)
     await admin.execute("CREATE DATABASE restart_test")
     await admin.close()
-    db_url = url.rsplit("/", 1)[0] + "/restart_test"
+    db_url = with_database(url, "restart_test")
     procs = []
     try:
         for i in (1, 2):

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from ..db import with_database as _with_db
 from .procs import NodeProcess, free_port
 
 
@@ -28,20 +29,33 @@ def forge_database_url() -> Iterator[str]:
 
     root = Path(os.environ.get("FORGE_TEST_PGROOT") or tempfile.mkdtemp(prefix="forge-test-pg-"))
     # tests need speed, not durability; benchmarks start their own server with stock settings
-    pg = EmbeddedPostgres(root, settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    # TCP too (password required), for the few tests about TCP sockets (keepalive); the URL is the socket's
+    pg = EmbeddedPostgres(root, settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+                          tcp_port=free_port())
     url = pg.start()
-    os.environ["FORGE_TEST_DATABASE_URL"] = url  # child processes (forge-node) share it
+    # child processes (forge-node) share it: the URL names the password file (0600, this account's),
+    # so children running as this account connect and nobody else can
+    os.environ["FORGE_TEST_DATABASE_URL"] = url
     try:
         yield url
     finally:
         os.environ.pop("FORGE_TEST_DATABASE_URL", None)
-        pg.release()
+        pg.release(wait=5)
 
 
-def _with_db(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}" + (f"?{query}" if query else "")
+@pytest.fixture
+def forge_pg_folder() -> Iterator[Path]:
+    """A fresh folder for an embedded PostgreSQL of a test's own, removed afterwards. Outside
+    pytest's ``tmp_path``: as root the server runs as ``forge_pg``, which may not enter the 0700
+    ``/tmp/pytest-of-root`` (and FORGE never loosens folders it does not own)."""
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="forge-pg-test-"))
+    folder.chmod(0o711)  # ours: others may pass through to the data folder, not list it
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
