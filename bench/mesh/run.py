@@ -134,6 +134,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="forge-bench-mesh-"))
+    tmp.chmod(0o711)  # as root the server runs as forge_pg, which must pass through to tmp/pg
     pg = EmbeddedPostgres(tmp / "pg")
     procs: dict[str, subprocess.Popen] = {}
     try:

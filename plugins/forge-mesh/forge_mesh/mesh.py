@@ -34,6 +34,7 @@ from loguru import logger
 
 from forge_kernel.app import FunctionDef
 from forge_kernel.errors import ForgeError, InvalidArgument, StartupError, Timeout, Unavailable
+from forge_kernel.logs import add_sink
 
 from . import wire
 from .channels import Stubs, open_stubs, server_options
@@ -553,7 +554,9 @@ class Mesh:
     def _follow(self, queue: asyncio.Queue, threshold: int) -> None:
         self._followers[queue] = threshold
         if self._sink_id is None:
-            self._sink_id = logger.add(self._sink, level="TRACE", format=_LOG_FORMAT, colorize=False, catch=True)
+            # through the kernel's add_sink: followers get redacted lines, like every other sink
+            self._sink_id = add_sink(self._sink, level="TRACE", format="{level.no}|" + _LOG_FORMAT + "\n",
+                                     colorize=False, catch=True)
 
     def _unfollow(self, queue: asyncio.Queue) -> None:
         self._followers.pop(queue, None)
@@ -566,10 +569,11 @@ class Mesh:
                 logger.remove(self._sink_id)
             self._sink_id = None
 
-    def _sink(self, message: Any) -> None:
-        """Called by loguru in whatever thread logged; hands the line to the followers' queues."""
-        no = message.record["level"].no
-        text = str(message).rstrip("\n")
+    def _sink(self, message: str) -> None:
+        """Called by loguru in whatever thread logged (with the redacted ``<level no>|<line>``);
+        hands the line to the followers' queues."""
+        head, _, text = message.rstrip("\n").partition("|")
+        no = int(head) if head.isdigit() else 0
         loop = self._loop
         if loop is None or loop.is_closed():
             return

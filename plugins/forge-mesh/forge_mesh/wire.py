@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from forge_kernel import Auth
+from forge_kernel import SYSTEM, Auth
 from forge_kernel.db import TableRead
 from forge_kernel.errors import ERROR_STATUS, ForgeError
 
@@ -62,8 +62,10 @@ def caller_message(auth: Auth) -> pb.Caller:
 
 
 def caller_auth(msg: pb.Caller) -> Auth:
-    if msg.kind not in ("anonymous", "user", "service"):
-        raise ProtocolError(f"Caller.kind must be anonymous, user or service, got {msg.kind!r}")
+    if msg.kind not in ("anonymous", "user", "service", "system"):
+        raise ProtocolError(f"Caller.kind must be anonymous, user, service or system, got {msg.kind!r}")
+    if msg.kind == "system":
+        return SYSTEM
     claims = decode_json(msg.claims_json, "Caller.claims_json") or {}
     if not isinstance(claims, dict):
         raise ProtocolError("Caller.claims_json must be a JSON object")

@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 import jwt
 
+from forge_kernel.db import with_database
 from forge_kernel.testing import NodeProcess, free_port
 
 APPS = str(Path(__file__).parent / "apps")
@@ -72,8 +73,7 @@ async def create_database(admin_url: str) -> str:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    base, _, query = admin_url.partition("?")
-    return f"{base.rpartition('/')[0]}/{name}" + (f"?{query}" if query else "")
+    return with_database(admin_url, name)
 
 
 @functools.lru_cache(maxsize=32)
