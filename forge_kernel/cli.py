@@ -19,7 +19,7 @@ from .app import Registry
 from .config import Config, load_config
 from .errors import StartupError
 from .logs import REDACTOR, redact, setup_logging
-from .node import Node, all_migrations, app_modules, cluster_status, database_url
+from .node import Node, all_migrations, app_modules, cluster_status, database_url, session_url
 from .plugins import PluginLoader
 
 
@@ -49,7 +49,7 @@ class Cli:
 
         url, pg = await asyncio.to_thread(database_url, self.config())
         try:
-            conn = await connect(url)
+            conn = await connect(session_url(self.config(), url))  # migrate takes a session lock
             try:
                 yield conn
             finally:

@@ -25,6 +25,13 @@ from .logs import Redactor, is_secret_field, secret_values
 ENV_PREFIX = "FORGE_"
 
 
+def redact_url(text: str) -> str:
+    """``text`` with the password of a ``scheme://user:password@host`` URL (or its ``password=``
+    parameter) replaced by ``***``: config errors and logs show URLs, never their passwords."""
+    text = re.sub(r"(://[^:/?#@\s]*:)[^/?#\s]*@", r"\1***@", text)
+    return re.sub(r"([?&]password=)[^&\s]*", r"\1***", text)
+
+
 # --- validators that name what they expect -------------------------------------------
 def in_range(lo: float | None = None, hi: float | None = None):
     def check(inst: Any, attr: attrs.Attribute, value: Any) -> None:
@@ -89,8 +96,21 @@ class NodeConfig:
 
 @attrs.frozen
 class DatabaseConfig:
-    #: PostgreSQL URL; empty means an embedded server under ``data_dir``
+    #: PostgreSQL URL of the pool (functions, jobs, crons); may be a transaction-mode pooler
+    #: (PgBouncer). Empty means an embedded server under ``data_dir``
     url: str = ""
+    #: the server itself, for what needs a session: migrations, leader election, LISTEN, the
+    #: realtime change reader, heartbeats. Empty means ``url``
+    direct_url: str = ""
+    #: ``transaction``: ``url`` is a transaction-mode pooler - no statement cache, no session state
+    #: between transactions. ``none``: a server (or a session-mode pooler). ``auto``: ``transaction``
+    #: when ``direct_url`` is set and differs from ``url``, else ``none``
+    pooler: str = attrs.field(default="auto", validator=one_of("auto", "none", "transaction"))
+    #: a streaming replica (hot standby) queries may read from; empty means they read ``url``
+    read_url: str = ""
+    #: seconds a query waits for the replica to replay the writes it must see (read-your-writes)
+    #: before it reads the primary instead
+    read_wait: float = attrs.field(default=0.5, validator=in_range(0, 60))
     data_dir: str = ".forge"
     #: embedded server only: 0 serves the unix socket alone; a port also listens on 127.0.0.1 there
     #: (password required) and keeps that port across restarts
@@ -103,6 +123,31 @@ class DatabaseConfig:
     def __attrs_post_init__(self) -> None:
         if self.pool_min > self.pool_max:
             raise InvalidValue("pool_min", self.pool_min, f"at most pool_max ({self.pool_max})")
+        if not self.url:
+            for key in ("direct_url", "read_url"):
+                if getattr(self, key):
+                    raise InvalidValue(key, redact_url(getattr(self, key)),
+                                       "nothing while [database] url is empty (the embedded server "
+                                       "needs no direct URL and has no replica)")
+            if self.pooler == "transaction":
+                raise InvalidValue("pooler", self.pooler, "'none' or 'auto' while [database] url is empty "
+                                                          "(the embedded server has no pooler in front)")
+        elif self.pooler == "transaction" and self.session_url == self.url:
+            raise InvalidValue("direct_url", redact_url(self.direct_url),
+                               "the server itself, not [database] url, with pooler = 'transaction' (migrations, "
+                               "leader election and LISTEN need a session, which a transaction pooler cannot keep)")
+
+    @property
+    def session_url(self) -> str:
+        """Where sessions go (``direct_url``, else ``url``)."""
+        return self.direct_url or self.url
+
+    @property
+    def transaction_pooler(self) -> bool:
+        """Whether ``url`` is a transaction-mode pooler (``pooler``, ``auto`` resolved)."""
+        if self.pooler == "auto":
+            return bool(self.direct_url) and self.direct_url != self.url
+        return self.pooler == "transaction"
 
 
 @attrs.frozen
@@ -283,6 +328,8 @@ def load_config(
                     message = p.message.split(", got ")[0] + f", got {_kind_at(table, p.path)} (value not shown: a secret)"
                     problems.append(Problem(key, message + owner))
                     continue
+                if isinstance(value, str):
+                    value = redact_url(value)
                 shown = f" = {value!r}" if value is not None and "unknown key" not in p.message else ""
                 problems.append(Problem(key + shown, p.message + owner))
         except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__

@@ -29,6 +29,7 @@ from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
 from .db import Database, TableRead
 from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
+from .reads import QueryReads, ReadPool
 
 
 # --- auth ------------------------------------------------------------------------------
@@ -338,13 +339,13 @@ class FunctionExecutor:
 
     def __init__(self, registry: Registry, pool: asyncpg.Pool, *, default_timeout: float = 30.0,
                  middleware: Sequence[Callable[[Call, Callable[[Call], Awaitable[Any]]], Awaitable[Any]]] = (),
-                 dispatcher: Any = None, node: Any = None, query_pool: asyncpg.Pool | None = None,
+                 dispatcher: Any = None, node: Any = None, reads: QueryReads | None = None,
                  forwarder: Any = None) -> None:
         self.registry = registry
         self.pool = pool
-        #: connections whose sessions are read-only by default (``db.create_pool(read_only=True)``);
-        #: without one, queries run in BEGIN READ ONLY ... COMMIT on ``pool``
-        self.query_pool = query_pool
+        #: where queries read (replica or primary, read-only sessions or BEGIN READ ONLY); without
+        #: it, queries run in BEGIN READ ONLY ... COMMIT on ``pool``
+        self.reads = reads or QueryReads(ReadPool(pool))
         self.default_timeout = default_timeout
         self.middleware = list(middleware)
         self._dispatcher = dispatcher
@@ -437,35 +438,27 @@ class FunctionExecutor:
                 async with self.pool.acquire() as conn:
                     await self.forwarder.record(conn, call.call_id, result)
             return result
-        if defn.kind == "query" and self.query_pool is not None:
-            async with self.query_pool.acquire() as conn:
-                if not self.row_security:
-                    # Each statement runs in its own read-only transaction (the session default). At READ
-                    # COMMITTED that is what BEGIN READ ONLY gave (a snapshot per statement), minus two round trips.
-                    return await self._query(conn, call)
-                # the caller's settings are transaction-local: one transaction (read-only, the session's default)
-                async with conn.transaction():
+        if defn.kind == "query":
+            # with row security on, the caller's settings need a transaction of their own (read-only)
+            async with self.reads.connection(transaction=self.row_security) as conn:
+                if self.row_security:
                     await set_caller(conn, call.auth)
-                    return await self._query(conn, call)
+                return await self._query(conn, call)
         async with self.pool.acquire() as conn:
-            if defn.kind == "query":
-                async with conn.transaction(readonly=True):
-                    if self.row_security:
-                        await set_caller(conn, call.auth)
-                    return await self._query(conn, call)
             async with conn.transaction():
                 if self.row_security:
                     await set_caller(conn, call.auth)
-                if call.call_id is None:
-                    return await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
-                # the call id commits with the mutation: a retry after this node died finds it (and its
-                # result) or finds nothing and runs the mutation; a retry while it runs waits for it
-                done, stored = await self.forwarder.claim(conn, call.call_id, defn)
-                if done:
-                    return stored
+                if call.call_id is not None:
+                    # the call id commits with the mutation: a retry after this node died finds it (and
+                    # its result) or finds nothing and runs the mutation; a retry while it runs waits for it
+                    done, stored = await self.forwarder.claim(conn, call.call_id, defn)
+                    if done:
+                        return stored
                 result = await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
-                await self.forwarder.record(conn, call.call_id, result)
-                return result
+                if call.call_id is not None:
+                    await self.forwarder.record(conn, call.call_id, result)
+            await self.reads.committed(conn)  # read-your-writes on a replica
+            return result
 
     async def _query(self, conn: asyncpg.Connection, call: Call) -> Any:
         db = Database(conn, readonly=True)

@@ -277,3 +277,23 @@ def forge_live_status(config: Any, conn: Any, timeout: float) -> Any:
     "activity"}`` - within ``timeout`` seconds overall, partial results included (a node that
     did not answer in time is ``reachable: False`` with the reason).
     """
+
+
+@hookspec(firstresult=True)
+def forge_rate_limiter(node: "Node") -> Any:
+    """The functions' declared rate limits (``@query(rate_limit=RateLimit(...))``) for calls that
+    reach the node other than through the gateway's ``/rpc``, so no transport walks around them.
+
+    Called once per node start by plugins that run functions for remote callers (realtime, for
+    every WebSocket ``subscribe``). Implemented by the gateway (firstresult); ``None`` when no
+    plugin limits calls. Returns one object per node, shared with ``/rpc`` (a call spends the
+    same window whichever way it came), with:
+
+    * ``client_address(scope) -> str``: the caller's address for an ASGI ``http`` or ``websocket``
+      connection scope, believing forwarded headers only as the gateway's config says;
+    * ``async admit(definition, auth, client) -> None``: spend one call of the
+      ``forge_kernel.app.FunctionDef``'s limit for ``auth`` calling from ``client``; returns at once
+      for a function without a limit; raises ``forge_kernel.errors.RateLimited`` with
+      ``details["retry_after"]`` (whole seconds, at least 1) when the limit is used up. Callers
+      authorise first, so an unauthorised caller never spends another caller's calls.
+    """

@@ -24,6 +24,7 @@ from .config import Config
 from .embedded_pg import EmbeddedPostgres
 from .errors import StartupError
 from .executor import FunctionExecutor, row_security
+from .reads import QueryReads, ReadPool
 from .plugins import PluginLoader, _flat, _version
 from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
 
@@ -44,6 +45,11 @@ def database_url(config: Config) -> tuple[str, EmbeddedPostgres | None]:
     logger.info(f"embedded PostgreSQL {what} in {time.monotonic() - t0:.2f}s under {pg.root}; "
                 f"connect with: psql '{url}'{tcp}")
     return url, pg
+
+
+def session_url(config: Config, url: str) -> str:
+    """Where sessions go: ``[database] direct_url``, else the URL ``database_url`` gave."""
+    return config.database.direct_url or url
 
 
 def app_modules(config: Config, loader: PluginLoader) -> list[str]:
@@ -81,10 +87,19 @@ class Node:
         self.capabilities = list(config.node.capabilities)
         self.ports: dict[str, int] = {}
         self.registry = registry
+        #: the pool's URL (``[database] url``, maybe a transaction pooler) and the sessions' URL
         self.url: str = ""
+        self.direct_url: str = ""
+        #: ``self.url`` is a transaction-mode pooler: pool connections keep no session state
+        #: between transactions (use SET LOCAL inside a transaction, never SET)
+        self.pooled = False
         self.embedded: EmbeddedPostgres | None = None
         self.pool: asyncpg.Pool | None = None
+        #: read-only sessions on the primary for queries (not through a pooler)
         self.query_pool: asyncpg.Pool | None = None
+        #: the replica's pool (``[database] read_url``)
+        self.read_pool: asyncpg.Pool | None = None
+        self.reads: QueryReads | None = None
         self.executor: FunctionExecutor | None = None
         self.supervisor = Supervisor()
         self.services: list[Service] = []
@@ -105,27 +120,43 @@ class Node:
         return self.config[name]
 
     async def connect(self, **kw: Any) -> asyncpg.Connection:
-        """A dedicated connection (never from the pool), for LISTEN, advisory locks, heartbeats."""
-        return await dbmod.connect(self.url, **kw)
+        """A dedicated connection (never from the pool) to ``[database] direct_url``, for what needs
+        a session: LISTEN, advisory locks, migrations, heartbeats. Never through a transaction pooler."""
+        return await dbmod.connect(self.direct_url, **kw)
 
     # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         self.started_at = time.monotonic()
+        db = self.config.database
         self.url, self.embedded = await asyncio.to_thread(database_url, self.config)
-        try:
-            self.pool = await dbmod.create_pool(self.url, min_size=self.config.database.pool_min,
-                                                max_size=self.config.database.pool_max,
-                                                timeout=self.config.database.connect_timeout)
-            # queries run here: read-only sessions save BEGIN READ ONLY + COMMIT per call (measured in bench/rpc)
-            self.query_pool = await dbmod.create_pool(self.url, min_size=min(1, self.config.database.pool_min),
-                                                      max_size=self.config.database.pool_max,
-                                                      timeout=self.config.database.connect_timeout, read_only=True)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-            raise StartupError(f"cannot connect to PostgreSQL at [database] url: {type(exc).__name__}: {exc}") from exc
+        self.direct_url = session_url(self.config, self.url)
+        self.pooled = db.transaction_pooler
+        self.pool = await self._open_pool("url", self.url, min_size=db.pool_min, pooled=self.pooled)
+        primary = ReadPool(self.pool)
+        if not self.pooled:
+            # queries run here: read-only sessions save BEGIN READ ONLY + COMMIT per call (measured in
+            # bench/rpc); through a transaction pooler they run in BEGIN READ ONLY on the pool instead
+            self.query_pool = await self._open_pool("url", self.url, min_size=min(1, db.pool_min), read_only=True)
+            primary = ReadPool(self.query_pool, readonly_sessions=True)
+        replica = None
+        if db.read_url:
+            # opened lazily (min 0): a replica that is down sends queries to the primary, it does not stop the node
+            self.read_pool = await self._open_pool("read_url", db.read_url, min_size=0, read_only=not self.pooled,
+                                                   pooled=self.pooled)
+            replica = ReadPool(self.read_pool, readonly_sessions=not self.pooled)
+        self.reads = QueryReads(primary, replica, wait=db.read_wait)
+        if replica is not None:
+            await self._probe_replica()
         if self.registry is None:
             self.registry = Registry.from_modules(app_modules(self.config, self.loader))
         self.loader.hook.forge_registry_loaded(registry=self.registry, node=self)
-        conn = await self.connect()
+        direct_key = "direct_url" if db.direct_url else "url"
+        try:
+            conn = await self.connect(timeout=db.connect_timeout)
+        except asyncpg.TooManyConnectionsError as exc:
+            raise StartupError(connection_limit_message(direct_key, exc, db.pool_min)) from None
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            raise StartupError(f"cannot connect to PostgreSQL at [database] {direct_key}: {type(exc).__name__}: {exc}") from exc
         try:
             applied = await migmod.migrate(conn, all_migrations(self.loader, self.registry))
         finally:
@@ -135,7 +166,7 @@ class Node:
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
-                                         node=self, query_pool=self.query_pool,
+                                         node=self, reads=self.reads,
                                          forwarder=self.loader.hook.forge_call_forwarder(node=self))
         async with self.pool.acquire() as c:
             self.executor.row_security, line, bypassed = await row_security(c, self.config.app.row_security)
@@ -175,6 +206,37 @@ class Node:
                     f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
                     f"functions={len(self.registry.functions)} loop={_loop_name()}")
 
+    async def _open_pool(self, key: str, url: str, *, min_size: int, read_only: bool = False,
+                         pooled: bool = False) -> asyncpg.Pool:
+        db = self.config.database
+        try:
+            return await dbmod.create_pool(url, min_size=min_size, max_size=db.pool_max, timeout=db.connect_timeout,
+                                           read_only=read_only, pooled=pooled)
+        except dbmod.PoolerDetected as exc:
+            raise StartupError(
+                f"[database] {key} leads to a connection pooler ({exc}) but [database] pooler is '{db.pooler}'"
+                f"{'' if db.direct_url else ' and direct_url is empty'}: set [database] direct_url to the PostgreSQL "
+                f"server itself (migrations, leader election and LISTEN need a session) and [database] pooler = "
+                f"\"transaction\"") from None
+        except asyncpg.TooManyConnectionsError as exc:
+            raise StartupError(connection_limit_message(key, exc, db.pool_min)) from None
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            raise StartupError(f"cannot connect to PostgreSQL at [database] {key}: {type(exc).__name__}: {exc}") from exc
+
+    async def _probe_replica(self) -> None:
+        """Say at start-up when the replica cannot be reached or is no standby (not fatal: queries
+        read the primary then)."""
+        try:
+            async with asyncio.timeout(self.config.database.connect_timeout):
+                async with self.read_pool.acquire() as conn:
+                    standby = await conn.fetchval("SELECT pg_is_in_recovery()")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            self.reads.unreachable(exc)
+            return
+        if not standby:
+            logger.warning("[database] read_url is not a standby (pg_is_in_recovery() is false); queries read it as if "
+                           "it had every commit of the primary")
+
     async def stop(self) -> None:
         """Drain: mark draining, stop services in reverse start order within the drain timeout,
         mark stopped, close the pool, leave the embedded database."""
@@ -190,9 +252,10 @@ class Node:
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pool.close(), 5)
-        if self.query_pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.query_pool.close(), 5)
+        for pool in (self.query_pool, self.read_pool):
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pool.close(), 5)
         self.status = "stopped"
         if self.embedded is not None:
             # this node owns the server it started: nodes that joined through its URL get the drain
@@ -278,6 +341,14 @@ class Node:
                     self.id, rec.name, {"count": rec.crashes, "error": rec.last_error})
 
         asyncio.get_running_loop().create_task(note())
+
+
+def connection_limit_message(key: str, exc: BaseException, pool_min: int) -> str:
+    return (f"PostgreSQL at [database] {key} refused a connection while the node opened its minimum "
+            f"([database] pool_min = {pool_min} pool connections, one for queries, one session): {exc}. The "
+            f"server allows fewer connections than the node needs (max_connections, or the role's or "
+            f"database's CONNECTION LIMIT): lower [database] pool_min and pool_max, put a pooler in front "
+            f"([database] url, with direct_url for sessions), or raise the limit")
 
 
 async def cluster_status(conn: asyncpg.Connection, dead_after: float) -> list[dict[str, Any]]:

@@ -53,3 +53,13 @@ def test_call_forwarder_wants_is_pure(plugin):
 @pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
 async def test_call_ledger_matches_its_model(plugin, forge_database_url):
     await contracts.check_call_ledger(plugin, forge_database_url)
+
+
+async def test_rate_limiter_hook_contract(forge_node):
+    """The gateway's ``forge_rate_limiter`` object, on a live node (no HTTP server: role function only)."""
+    node = await forge_node(modules=[], config={"node": {"roles": ["function"]},
+                                                "gateway": {"rate_limit_lease": 0.5}})
+    limiter = node.loader.hook.forge_rate_limiter(node=node)
+    assert limiter is not None, "no plugin implements forge_rate_limiter (is forge-gateway installed?)"
+    assert limiter is node.loader.hook.forge_rate_limiter(node=node), "one limiter per node, shared by transports"
+    await contracts.check_rate_limiter(limiter)

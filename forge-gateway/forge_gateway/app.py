@@ -28,7 +28,7 @@ from .auth import Verifier
 from .calls import PARSE_ERROR, FunctionCaller, JsonRpc, request_id_from, rpc_error
 from .config import GatewayConfig
 from .openapi import build_document
-from .ratelimit import RateLimiter
+from .ratelimit import CallLimits
 
 JSON = "application/json"
 _STATUS_CODE = {status: code for code, status in ERROR_STATUS.items()}
@@ -39,16 +39,20 @@ _decode = msgspec.json.Decoder().decode
 class Gateway:
     """What the route handlers share: config, caller verification, function calls, the node."""
 
-    def __init__(self, node: Any, config: GatewayConfig, verifier: Verifier, limiter: RateLimiter | None) -> None:
+    def __init__(self, node: Any, config: GatewayConfig, verifier: Verifier, limits: CallLimits) -> None:
         self.node = node
         self.config = config
         self.verifier = verifier
-        self.caller = FunctionCaller(node.executor, limiter)
+        self.clients = limits.clients
+        self.caller = FunctionCaller(node.executor, limits)
         self.rpc = JsonRpc(self.caller, max_batch=config.max_batch)
         self.api_key_header = config.api_key_header.lower()
+        #: headers that carry a credential: a request must not send one of them twice
+        self.credential_headers = {b"authorization": "Authorization",
+                                   self.api_key_header.encode("latin-1"): config.api_key_header}
         #: request headers the /rpc/{function} handler reads (raw, lower-case as ASGI gives them)
-        self.header_names = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-forwarded-for",
-                                       self.api_key_header.encode("latin-1")})
+        self.header_names = frozenset({b"x-request-id", b"content-length", *self.credential_headers}
+                                      | ({b"x-forwarded-for"} if self.clients.reads_forwarded else set()))
         #: this node does not run functions but sends /rpc calls to nodes that do (forge_call_forwarder)
         self.forwards = not node.runs("function") and getattr(node.executor, "forwarder", None) is not None
         self.serves_functions = node.runs("function") or self.forwards
@@ -170,9 +174,17 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
     gw: Gateway = scope["app"].state.gateway
     wanted = gw.header_names
     headers: dict[str, str] = {}
+    repeated: bytes | None = None
     for name, value in scope["headers"]:
         if name in wanted:
-            headers[name.decode("latin-1")] = value.decode("latin-1")
+            key = name.decode("latin-1")
+            if key in headers:
+                if name == b"x-forwarded-for":  # several headers are one list (RFC 9110 5.3)
+                    headers[key] += "," + value.decode("latin-1")
+                    continue
+                if name in gw.credential_headers:
+                    repeated = name
+            headers[key] = value.decode("latin-1")
     request_id = request_id_from(headers.get("x-request-id"))
     raw_path = scope.get("raw_path") or scope["path"].encode()
     # Litestar's mount routing cut the prefix off scope["path"]; put the request's path back so
@@ -190,10 +202,16 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
         response = json_asgi(_encode({"error": err.to_dict()}), 405, {"x-request-id": request_id, "allow": "POST"})
         await response(scope, receive, send)
         return
-    if gw.config.trust_forwarded_for and headers.get("x-forwarded-for"):
-        client = headers["x-forwarded-for"].split(",")[0].strip()
-    else:
-        client = scope["client"][0] if scope.get("client") else "unknown"
+    if repeated is not None:
+        # two credentials, one request: answering for either would let a proxy's or a client's
+        # header win depending on order, so neither is used
+        err = InvalidArgument(f"the {gw.credential_headers[repeated]} header is sent more than once; "
+                              "send exactly one credential")
+        await error_asgi(err, request_id)(scope, receive, send)
+        return
+    client = scope["client"][0] if scope.get("client") else None
+    forwarded = headers.get("x-forwarded-for")
+    client = gw.clients.of(client, [forwarded]) if forwarded is not None else (client or "unknown")
     try:
         if function:
             response = await _call_function(gw, function, headers, receive, client, request_id)

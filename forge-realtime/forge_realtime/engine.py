@@ -13,6 +13,7 @@ import datetime as dt
 import decimal
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections import deque
@@ -50,7 +51,23 @@ def _json_default(value: Any) -> Any:
 
 
 def encode(value: Any) -> str:
-    return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON that any strict parser reads: NaN and infinities (a float column can hold
+    them) become ``null``, as the gateway's encoder writes them on /rpc."""
+    try:
+        return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), default=_json_default, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def result_hash(result_json: str) -> str:

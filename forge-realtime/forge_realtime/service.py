@@ -31,18 +31,23 @@ class Realtime:
         self.engine: LiveQueryEngine | None = None
         self.reader: ChangeReader | None = None
         self.sessions: set[Session] = set()
+        #: the functions' rate limits, from the gateway through ``forge_rate_limiter`` (None: no limiter)
+        self.limits: Any = None
         self.accepting = False
         self.draining = False
         self.started = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, node: Any) -> AsyncIterator["Realtime"]:
-        self.capture = CaptureManager(node.pool)
+        # live queries may read a replica: their re-runs must see what the reader and the capture saw
+        reads = node.executor.reads
+        self.capture = CaptureManager(node.pool, after_install=reads.committed)
         self.reader = ChangeReader(node.connect, self._on_changes, self._on_resync,
                                    fallback_poll=self.config.fallback_poll,
-                                   resync_after=self.config.retention / 2)
+                                   resync_after=self.config.retention / 2, on_lsn=reads.note)
         self.engine = LiveQueryEngine(node.executor, self.capture, max_concurrent_runs=self.config.max_concurrent_runs,
                                       position=lambda: self.reader.position)
+        self.limits = node.loader.hook.forge_rate_limiter(node=node)
         await self._capture_declared()
         node.supervisor.spawn("realtime-changes", self.reader.run, service=SERVICE_NAME)
         await asyncio.wait_for(self.reader.ready.wait(), 30)
@@ -78,9 +83,12 @@ class Realtime:
     def verifier(self) -> Any:
         return self.node.loader.hook.forge_auth_verifier(node=self.node)
 
-    async def serve(self, transport: Any) -> Session | None:
-        """Run one connection to its end."""
-        session = Session(self.engine, self.verifier(), self.config, transport)
+    async def serve(self, transport: Any, scope: Any = None) -> Session | None:
+        """Run one connection (whose ASGI scope is ``scope``) to its end."""
+        client = "unknown"
+        if self.limits is not None and scope is not None:
+            client = self.limits.client_address(scope)
+        session = Session(self.engine, self.verifier(), self.config, transport, limits=self.limits, client=client)
         self.sessions.add(session)
         try:
             await session.serve()
@@ -129,6 +137,6 @@ def websocket_handler(node: Any, path: str = "/ws") -> Any:
         if not rt.accepting:
             await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
             return
-        await rt.serve(LitestarTransport(socket))
+        await rt.serve(LitestarTransport(socket), socket.scope)
 
     return forge_realtime_socket

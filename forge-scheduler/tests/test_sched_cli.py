@@ -34,6 +34,11 @@ async def test_crons_cli_without_tables_says_to_migrate(crons_cli):
 async def test_crons_cli_against_a_running_leader(sched_node, crons_cli, forge_db_url):
     node = await sched_node(scheduler={"tick_interval": 0.1})
     await eventually(lambda: _v(scheduler_of(node).election.is_leader), what="leadership")
+    # The crons CLI runs as a blocking subprocess, which stops this node's loop while it runs: wait
+    # for the leader's first tick (it marks the crons it defines) before asking, or `list` may
+    # read the state between taking the lead and that tick, when `defined` is rightly unknown.
+    await eventually(lambda: node.pool.fetchval("SELECT defined FROM forge_cron_state WHERE cron = 'morning'"),
+                     what="the leader's first tick marking its crons")
 
     code, out = crons_cli("leader")
     assert code == 0 and f"leader {node.id} term 1" in out

@@ -6,6 +6,8 @@
   ``forge_node`` (an in-process node), ``forge_processes`` (real ``forge-node`` processes,
   killed by pid at teardown), ``forge_plugin_manager``.
 * :mod:`forge_kernel.testing.contracts` - hypothesis properties every plugin must keep.
+* :mod:`forge_kernel.testing.servers` - PostgreSQL servers (a streaming replica, Debian's
+  server with TLS) and PgBouncer of a test's own, run as an unprivileged account.
 """
 
 from .procs import NodeProcess, eventually, free_port, wait_for

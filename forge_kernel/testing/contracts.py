@@ -29,6 +29,10 @@ The properties:
   ledger behaves like a map from call id to the result of the one transaction that committed it:
   a claim after a commit returns the stored result, a claim after a rollback owns the id again, and
   no interleaving of commits, rollbacks and retries makes a call id run twice.
+* ``forge_rate_limiter`` - for any limit and any interleaving of callers, each caller (by the
+  limit's key: user, client address or everyone) is admitted exactly ``min(calls, requests)``
+  times, every refusal is ``RateLimited`` with a ``retry_after`` of at least a second, and a
+  function without a limit is never refused (:func:`check_rate_limiter`).
 """
 
 from __future__ import annotations
@@ -543,3 +547,62 @@ async def check_call_ledger(plugin: Any, db_url: str, max_examples: int = 40) ->
         await _run_property(ledger)
     finally:
         await drop()
+
+
+# --- forge_rate_limiter -------------------------------------------------------------------
+async def check_rate_limiter(limiter: Any, max_examples: int = 25) -> None:
+    """The object a plugin returns from ``forge_rate_limiter`` keeps the hook's contract, on a
+    live node (its database): each example uses a function name of its own and hour-long windows.
+
+    Call from an async test with the node's event loop running (the examples run on it)."""
+    import uuid
+
+    from ..app import FunctionDef, RateLimit
+    from ..errors import RateLimited
+    from ..executor import ANONYMOUS, Auth
+
+    loop = asyncio.get_running_loop()
+    assert callable(getattr(limiter, "client_address", None)), "the limiter has no client_address(scope)"
+    client = limiter.client_address({"type": "http", "client": ("192.0.2.10", 5000), "headers": []})
+    assert isinstance(client, str) and client, f"client_address gave {client!r}"
+
+    async def noop(ctx: Any) -> None:  # pragma: no cover - never run
+        return None
+
+    def definition(limit: RateLimit | None) -> FunctionDef:
+        return FunctionDef(name=f"contract_{uuid.uuid4().hex[:12]}", kind="query", fn=noop, params=(), returns=None,
+                           public=True, rate_limit=limit)
+
+    def caller(i: int) -> Auth:
+        return ANONYMOUS if i == 0 else Auth(user_id=f"contract-user-{i}", kind="user")
+
+    async def example(requests: int, key: str, calls: list[tuple[int, int]]) -> None:
+        limited, free = definition(RateLimit(requests, per=3600, key=key)), definition(None)
+        admitted: dict[Any, int] = {}
+        for who, address in calls:
+            auth, client = caller(who), f"192.0.2.{address}"
+            await limiter.admit(free, auth, client)  # never refused
+            if key == "global":
+                bucket: Any = "*"
+            elif key == "ip" or not auth.authenticated:
+                bucket = ("ip", client)
+            else:
+                bucket = ("user", auth.user_id)
+            before = admitted.get(bucket, 0)
+            try:
+                await limiter.admit(limited, auth, client)
+            except RateLimited as exc:
+                assert before >= requests, f"{bucket} refused after {before} of {requests} calls"
+                retry = (exc.details or {}).get("retry_after")
+                assert isinstance(retry, int) and retry >= 1, f"retry_after {retry!r}"
+                continue
+            assert before < requests, f"{bucket} admitted a call beyond its {requests}"
+            admitted[bucket] = before + 1
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(requests=st.integers(1, 5), key=st.sampled_from(["user", "ip", "global"]),
+           calls=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), max_size=25))
+    def admits_exactly_the_limit(requests: int, key: str, calls: list[tuple[int, int]]) -> None:
+        asyncio.run_coroutine_threadsafe(example(requests, key, calls), loop).result(timeout=120)
+
+    await _run_property(admits_exactly_the_limit)

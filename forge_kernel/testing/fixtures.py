@@ -99,7 +99,7 @@ async def forge_node(forge_db_url: str):
                    loader: PluginLoader | None = None, registry: Any = None, env: dict[str, str] | None = None) -> Node:
         loader = loader or PluginLoader(env=env).load()
         data: dict[str, Any] = {k: dict(v) for k, v in (config or {}).items()}
-        data.setdefault("database", {})["url"] = forge_db_url
+        data.setdefault("database", {}).setdefault("url", forge_db_url)  # a test may bring its own server
         data["database"].setdefault("pool_min", 1)
         data["database"].setdefault("pool_max", 10)
         if modules is not None:
