@@ -171,14 +171,18 @@ class Mesh:
             self.forwarding += 1
             try:
                 try:
+                    # a hair before the executor's own deadline, so the peer is judged here
+                    budget = max(0.001, remaining - 0.002)
                     if proto >= 3:
-                        reply = await self._stream_for(peer).request(req, remaining)
+                        reply = await self._stream_for(peer).request(req, budget)
                     else:
                         stubs = self._stubs_for(peer)
-                        reply = await stubs.call(req, timeout=remaining, metadata=stubs.metadata)
+                        reply = await stubs.call(req, timeout=budget, metadata=stubs.metadata)
                 except asyncio.CancelledError:
                     if asyncio.current_task().cancelling():
-                        raise  # our caller went away
+                        if loop.time() >= deadline - 0.005:  # the caller's deadline ended it: the peer is slow
+                            peer.suspect("a call ran into its deadline")
+                        raise  # our caller went away or gave up
                     # the channel closed under the call (the peer left the table): a transport failure
                     raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
                                                grpc.aio.Metadata(), "channel closed") from None

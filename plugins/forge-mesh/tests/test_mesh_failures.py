@@ -22,7 +22,10 @@ from tcp_proxy import Proxy
 def trio(forge_database_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mesh-fail")
     db = asyncio.run(create_database(forge_database_url))
-    procs = [start_node(tmp, node_config(db, nid, roles), wait=False)
+    # G probes every 2 s (1 s ping deadline): the frozen-node test's call must reach the frozen node
+    # before a probe could take it out of rotation, even when this busy machine stalls the test a while
+    procs = [start_node(tmp, node_config(db, nid, roles, mesh={"probe_interval": 2.0} if nid == "g" else None),
+                        wait=False)
              for nid, roles in (("g", ["gateway"]), ("f1", ["function"]), ("f2", ["function"]))]
     try:
         for p in procs:
@@ -49,11 +52,13 @@ async def test_a_frozen_node_times_out_within_the_deadline_and_is_avoided_after_
                 busy = [n for n, p in peers.items() if p["in_flight"] == 1]
                 victim = ({"f1", "f2"} - set(busy)).pop() if len(busy) == 1 else None
             other = ({"f1", "f2"} - {victim}).pop()
+            r = await rpc(client, url, "quick")  # the victim's call stream is open and in use
+            assert r.json()["data"] == victim, r.text
             trio[victim].signal(signal.SIGSTOP)
             t0 = time.monotonic()
             r = await rpc(client, url, "quick")  # @query(timeout=1.0)
             took = time.monotonic() - t0
-            assert r.status_code == 504 and r.json()["error"]["code"] == "TIMEOUT", r.text
+            assert r.status_code == 504 and r.json()["error"]["code"] == "TIMEOUT", (victim, r.text, (await mesh_view(db, "g"))["peers"])
             print(f"\nfrozen node: TIMEOUT after {took * 1000:.0f} ms for a 1000 ms deadline")
             assert took < 1.5, took  # the bound is deadline + 100 ms; this only guards against hangs
             # the very next calls go to the other node, long before the frozen one's heartbeat goes
