@@ -114,6 +114,33 @@ def forge_registry_loaded(registry: "Registry", node: "Node | None") -> None:
     """
 
 
+@hookspec
+def forge_registry_reloaded(node: "Node", registry: "Registry") -> Any:
+    """The node now serves ``registry`` in place of the one it had (``forge-node dev`` reloaded the app).
+
+    Called by ``Node.reload_registry`` on the node's event loop, after ``registry`` passed
+    ``forge_registry_loaded``, its new migrations were applied, and ``node.registry`` and
+    ``node.executor.registry`` point at it; never during start-up. Return ``None`` or an
+    awaitable (the node awaits it); an exception is logged and does not undo the swap.
+    Implemented by plugins that keep something derived from the registry: the gateway
+    rebuilds its OpenAPI document, realtime re-runs every live query as its subscriber and
+    pushes only results that changed (open WebSockets stay open). Must not keep the old
+    registry's functions around.
+    """
+
+
+@hookspec
+def forge_dev_notice(node: "Node", notice: Mapping[str, Any]) -> None:
+    """A message for the developers watching a node run by ``forge-node dev``.
+
+    Called by the dev command after each reload attempt, with a JSON-safe mapping:
+    ``event`` (``"reloaded"`` or ``"reload_failed"``), ``message``, ``file`` and ``line``
+    (where a failed reload's error is, or ``None``), ``functions`` (names now served). Return
+    nothing; must not block. Implemented by plugins with connected clients: realtime sends it
+    to every open WebSocket as ``{"type": "dev", ...}`` so a page can show the error.
+    """
+
+
 @hookspec(firstresult=True)
 def forge_job_dispatcher(node: "Node") -> Any:
     """The object that turns ``ctx.dispatch(...)`` into stored jobs.

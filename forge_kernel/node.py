@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import json
 import os
 import signal
@@ -277,6 +278,31 @@ class Node:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    async def reload_registry(self, registry: Registry) -> list[migmod.Migration]:
+        """Serve ``registry`` from now on, without a restart (``forge-node dev``): check it
+        (``forge_registry_loaded``), apply its new migrations, swap it in, then call
+        ``forge_registry_reloaded``. A failed check or migration raises ``StartupError`` and the
+        node keeps the registry it had. Returns the migrations applied."""
+        self.loader.hook.forge_registry_loaded(registry=registry, node=self)
+        conn = await self.connect()
+        try:
+            applied = await migmod.migrate(conn, all_migrations(self.loader, registry))
+        finally:
+            await conn.close()
+        self.registry = registry
+        if self.executor is not None:
+            self.executor.registry = registry
+        args = {"node": self, "registry": registry}
+        # each implementation on its own: one failing must neither stop the others nor the node
+        for impl in self.loader.hook.forge_registry_reloaded.get_hookimpls():
+            try:
+                result = impl.function(**{name: args[name] for name in impl.argnames})
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception(f"forge_registry_reloaded of plugin {impl.plugin_name} failed")
+        return applied
 
     # --- membership -----------------------------------------------------------------
     async def _register(self) -> None:

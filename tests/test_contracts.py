@@ -63,3 +63,13 @@ async def test_rate_limiter_hook_contract(forge_node):
     assert limiter is not None, "no plugin implements forge_rate_limiter (is forge-gateway installed?)"
     assert limiter is node.loader.hook.forge_rate_limiter(node=node), "one limiter per node, shared by transports"
     await contracts.check_rate_limiter(limiter)
+
+
+async def test_registry_reloads_and_dev_notices(forge_node):
+    """forge_registry_reloaded and forge_dev_notice, against every installed plugin on a running node
+    (gateway, realtime, ...)."""
+    from forge_kernel.testing.procs import free_port
+
+    node = await forge_node(modules=[], config={"gateway": {"port": free_port()}})
+    await contracts.check_registry_reloads(node)
+    await contracts.check_dev_notices(node)

@@ -56,9 +56,14 @@ class Gateway:
         #: this node does not run functions but sends /rpc calls to nodes that do (forge_call_forwarder)
         self.forwards = not node.runs("function") and getattr(node.executor, "forwarder", None) is not None
         self.serves_functions = node.runs("function") or self.forwards
+        self.openapi = b""
+        self.describe(node.registry)
+
+    def describe(self, registry: Any) -> None:
+        """(Re)build the OpenAPI document of ``registry``'s functions (at start and after a reload)."""
         self.openapi = _encode(build_document(
-            node.registry.functions.values(), title=f"FORGE app ({', '.join(node.registry.modules) or 'no modules'})",
-            version=node.version, include_rpc=self.serves_functions, api_key_header=config.api_key_header))
+            registry.functions.values(), title=f"FORGE app ({', '.join(registry.modules) or 'no modules'})",
+            version=self.node.version, include_rpc=self.serves_functions, api_key_header=self.config.api_key_header))
 
 
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:

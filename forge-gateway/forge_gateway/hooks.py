@@ -16,6 +16,8 @@ from .ratelimit import CallLimits, RateLimiter, prune
 from .server import serve
 
 SERVICE_NAME = "gateway-http"
+#: the running Gateway of a node (set while its HTTP service runs)
+_ATTR = "_forge_gateway"
 
 
 @hookimpl
@@ -74,6 +76,14 @@ def forge_rate_limiter(node: Any) -> CallLimits:
 
 
 @hookimpl
+def forge_registry_reloaded(node: Any, registry: Any) -> None:
+    # /rpc looks functions up per call; the OpenAPI document is built once, so build it again
+    gateway = getattr(node, _ATTR, None)
+    if gateway is not None:
+        gateway.describe(registry)
+
+
+@hookimpl
 def forge_services(node: Any) -> list[Service]:
     return [Service(SERVICE_NAME, gateway_lifespan, role="gateway")]
 
@@ -100,4 +110,8 @@ async def gateway_lifespan(node: Any) -> AsyncIterator[Gateway]:
     async with serve(app, cfg) as port:
         node.ports["http"] = port
         await node.publish_ports()
-        yield gateway
+        setattr(node, _ATTR, gateway)
+        try:
+            yield gateway
+        finally:
+            setattr(node, _ATTR, None)

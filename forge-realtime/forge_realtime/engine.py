@@ -23,7 +23,7 @@ import attrs
 from loguru import logger
 
 from forge_kernel.db import TableRead
-from forge_kernel.errors import ForgeError, InvalidArgument
+from forge_kernel.errors import ForgeError, InvalidArgument, NotFound
 from forge_kernel.executor import Auth, bind_arguments
 
 from .capture import CaptureError, CaptureManager
@@ -377,6 +377,22 @@ class LiveQueryEngine:
         for q in list(self.queries.values()):
             q.dirty = True
             self._schedule(q)
+
+    def reevaluate(self, registry: Any) -> None:
+        """The app's code was reloaded (``forge-node dev``): what functions were learned to read is
+        forgotten and every live query runs again as its subscriber; results whose hash did not
+        change are not pushed. Subscriptions to a function that is gone, or no longer a query, end
+        with an error (a mutation must never be re-run as a live query)."""
+        self.uses_auth.clear()
+        for q in list(self.queries.values()):
+            defn = registry.get(q.function)
+            if defn is None:
+                self._fail(q, NotFound(f"no function named {q.function!r} (the app was reloaded without it)"))
+            elif defn.kind != "query":
+                self._fail(q, InvalidArgument(f"{q.function} is a {defn.kind} now; only queries can be subscribed to"))
+            else:
+                q.dirty = True
+                self._schedule(q)
 
     def _remember(self, q: LiveQuery, change: Change) -> None:
         if q.dirty:

@@ -14,7 +14,7 @@ from forge_kernel.db import TableRead
 from .capture import CaptureError, CaptureManager
 from .changes import ChangeReader
 from .config import RealtimeConfig
-from .engine import LiveQueryEngine, capture_needs
+from .engine import LiveQueryEngine, capture_needs, encode
 from .session import CLOSE_GOING_AWAY, Session
 
 SERVICE_NAME = "realtime"
@@ -79,6 +79,21 @@ class Realtime:
     def _on_resync(self, position: int) -> None:
         logger.warning("realtime: change reader reconnected; re-running every live query")
         self.engine.on_resync(position)
+
+    async def reloaded(self, registry: Any) -> None:
+        """``forge_registry_reloaded``: capture newly declared tables, re-run every live query."""
+        if not self.accepting:
+            return
+        await self._capture_declared()
+        self.engine.reevaluate(registry)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        """Send ``message`` to every open connection (``forge_dev_notice``)."""
+        if not self.accepting:
+            return
+        text = encode(message)
+        for session in list(self.sessions):
+            session.notify(text)
 
     def verifier(self) -> Any:
         return self.node.loader.hook.forge_auth_verifier(node=self.node)

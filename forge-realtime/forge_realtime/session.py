@@ -109,6 +109,10 @@ class Session:
             self._data.pop(sub_id, None)
             self._send(error_message(error, sub_id))
 
+    def notify(self, text: str) -> None:
+        """Queue a message that concerns no subscription (a ``dev`` notice)."""
+        self._send(text)
+
     # --- outbox ---------------------------------------------------------------------------
     def _send(self, text: str) -> None:
         if self.closed:
