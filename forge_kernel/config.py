@@ -3,7 +3,13 @@
 Each plugin owns a section: an attrs class returned from ``forge_config_sections``.
 The kernel owns ``[node]``, ``[database]``, ``[app]`` and ``[log]``. Every problem
 (unknown section or key, wrong type, bad value) is collected and reported at once,
-naming the key, the value and what was expected.
+naming the key, the value, what was expected and where the value came from (the file, or
+the environment variable that set it).
+
+One ``forge.toml`` can serve a whole cluster: a section that belongs to a FORGE package
+whose plugin is not loaded on this node (``foreign``: section -> package, see
+``forge_kernel.plugins.SECTION_PACKAGES``) is skipped and listed in ``Config.ignored``;
+a section nobody knows stays an error.
 """
 
 from __future__ import annotations
@@ -183,6 +189,10 @@ class Config:
 
     sections: Mapping[str, Any]
     source: str = "<defaults>"
+    #: the config file read, if any
+    path: str | None = None
+    #: sections skipped because they belong to a FORGE package not loaded here: package -> sections
+    ignored: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
 
     def __getitem__(self, name: str) -> Any:
         return self.sections[name]
@@ -269,14 +279,17 @@ def load_config(
     env: Mapping[str, str] | None = None,
     data: Mapping[str, Any] | None = None,
     owners: Mapping[str, str] | None = None,
+    foreign: Mapping[str, str] | None = None,
 ) -> Config:
     """Build a :class:`Config` from a TOML file (or ``data``) and environment overrides.
 
     ``sections`` maps section name to attrs class (kernel plus plugins); ``owners`` maps
-    section to the distribution that owns it, for error messages.
+    section to the distribution that owns it, for error messages; ``foreign`` maps sections
+    of FORGE packages not loaded on this node to their package: those are ignored.
     """
     env = os.environ if env is None else env
-    source = "<defaults>"
+    foreign = foreign or {}
+    source, file = "<defaults>", None
     raw: dict[str, Any] = {}
     if data is not None:
         raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
@@ -284,32 +297,46 @@ def load_config(
     else:
         explicit = path or env.get("FORGE_CONFIG")
         candidate = Path(explicit) if explicit else Path("forge.toml")
-        if candidate.exists():
+        if candidate.is_file():
             raw = read_toml(candidate)
-            source = str(candidate)
+            source = file = str(candidate)
         elif explicit:
-            raise ConfigError(f"config file {candidate} (from {'--config' if path else 'FORGE_CONFIG'}) does not exist")
+            what = "does not exist" if not candidate.exists() else "is not a file"
+            raise ConfigError(f"config file {candidate} (from {'--config' if path else 'FORGE_CONFIG'}) {what}")
 
     problems: list[Problem] = []
-    for name, value in raw.items():
-        if name not in sections:
-            problems.append(Problem(f"[{name}]", f"unknown section; known sections: {', '.join(sorted(sections))}"))
+    ignored: dict[str, list[str]] = {}
+    where = f" (in {source})" if file else ""
+    for name, value in list(raw.items()):
+        if name not in sections and name in foreign:
+            ignored.setdefault(foreign[name], []).append(name)
+            del raw[name]
+        elif name not in sections:
+            problems.append(Problem(f"[{name}]", f"unknown section{where}; known sections: {', '.join(sorted(sections))}"))
         elif not isinstance(value, Mapping):
-            problems.append(Problem(f"[{name}]", f"expected a table, got {type(value).__name__} {value!r}"))
+            problems.append(Problem(f"[{name}]", f"expected a table, got {type(value).__name__} {value!r}{where}"))
 
-    for key, rawval in env.items():
+    #: (section, key) -> the environment variable that set it
+    from_env: dict[tuple[str, str], str] = {}
+    for key, rawval in sorted(env.items()):
         if not key.startswith(ENV_PREFIX) or "__" not in key or key == "FORGE_CONFIG":
             continue
         section, _, field = key[len(ENV_PREFIX):].partition("__")
         section, field = section.lower(), field.lower()
         if section not in sections:
-            # FORGE_TEST__... and other FORGE_ variables of other tools are not ours
+            if section in foreign:
+                if section not in ignored.get(foreign[section], []):
+                    ignored.setdefault(foreign[section], []).append(section)
+            else:
+                problems.append(Problem(f"[{section}] {field}", f"unknown section (set by environment variable {key}); "
+                                                                f"known sections: {', '.join(sorted(sections))}"))
             continue
         table = raw.setdefault(section, {})
         if isinstance(table, Mapping):
             table = dict(table)
             table[field] = _env_value(rawval, _field_type(sections[section], field))
             raw[section] = table
+            from_env[(section, field)] = key
 
     built: dict[str, Any] = {}
     for name, cls in sections.items():
@@ -320,23 +347,29 @@ def load_config(
             built[name] = structure(dict(table), cls)
         except StructureError as exc:
             for p in exc.problems:
-                value = table.get(p.path.split(".")[0].split("[")[0], None) if p.path else None
+                field = p.path.split(".")[0].split("[")[0] if p.path else ""
+                value = table.get(field, None) if field else None
                 owner = f" (section of {owners[name]})" if owners and owners.get(name, "forge-kernel") != "forge-kernel" else ""
                 key = f"[{name}] {p.path}" if p.path else f"[{name}]"
+                origin = (f" (set by environment variable {from_env[(name, field)]})" if (name, field) in from_env
+                          else where)
                 if any(is_secret_field(part) for part in re.split(r"[.\[\]]", p.path) if part):
                     # a secret (or a raw key where its hash belongs) is never echoed: its type only
                     message = p.message.split(", got ")[0] + f", got {_kind_at(table, p.path)} (value not shown: a secret)"
-                    problems.append(Problem(key, message + owner))
+                    problems.append(Problem(key, message + owner + origin))
                     continue
                 if isinstance(value, str):
                     value = redact_url(value)
                 shown = f" = {value!r}" if value is not None and "unknown key" not in p.message else ""
-                problems.append(Problem(key + shown, p.message + owner))
+                problems.append(Problem(key + shown, p.message + owner + origin))
         except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
-            problems.append(Problem(f"[{name}]", str(exc)))
+            set_by = sorted(v for (sec, _), v in from_env.items() if sec == name)
+            origin = where + (f" (environment variables: {', '.join(set_by)})" if set_by else "")
+            problems.append(Problem(f"[{name}]", str(exc) + origin))
     if problems:
         listing = "\n".join(f"  - {p.path}: {p.message}" for p in problems)
         scrub = Redactor()  # the config never loaded, so the process-wide redactor knows none of its secrets
         scrub.add_values(secret_values(raw))
         raise ConfigError(scrub(f"invalid configuration in {source}:\n{listing}"))
-    return Config(sections=built, source=source)
+    return Config(sections=built, source=source, path=file,
+                  ignored={pkg: tuple(secs) for pkg, secs in ignored.items()})

@@ -168,7 +168,8 @@ class Database:
     def _row(self, md: ModelDef, rec: asyncpg.Record | None) -> Any:
         if rec is None:
             return None
-        return converter.structure(dict(rec), md.cls)
+        # a model may leave columns of its table out (created_at with a default, audit columns)
+        return converter.structure({c: rec[c] for c in md.columns if c in rec}, md.cls)
 
     def _values(self, md: ModelDef, obj: Any) -> dict[str, Any]:
         return {a.name: getattr(obj, a.name) for a in attrs.fields(md.cls)}

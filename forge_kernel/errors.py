@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# code -> HTTP status (DESIGN §7)
+# code -> HTTP status (docs/architecture.md, section 7)
 ERROR_STATUS: dict[str, int] = {
     "INVALID_ARGUMENT": 400,
     "UNAUTHENTICATED": 401,

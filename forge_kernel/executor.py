@@ -362,7 +362,7 @@ class FunctionExecutor:
     def dispatcher(self) -> Any:
         if self._dispatcher is None:
             raise ForgeError("ctx.dispatch needs a job store: install forge-worker (pip install forge-worker) "
-                             "on this node; it need not run the worker role")
+                             "on this node; it need not run the worker role", code="UNAVAILABLE")
         return self._dispatcher
 
     def authorize(self, defn: FunctionDef, auth: Auth) -> None:

@@ -54,10 +54,40 @@ def session_url(config: Config, url: str) -> str:
 
 
 def app_modules(config: Config, loader: PluginLoader) -> list[str]:
-    modules = list(config.app.modules) + _flat(loader.hook.forge_app_modules())
+    """``[app] modules``, then the modules plugins ship (``forge_app_modules``). The example app
+    is served when ``[app] modules`` is empty and ``[app] example`` is not false, whatever
+    plugins add: installing a plugin never takes the example away."""
+    modules = list(config.app.modules)
     if not modules and config.app.example:
         modules = [EXAMPLE_MODULE]
-    return list(dict.fromkeys(modules))
+    return list(dict.fromkeys(modules + _flat(loader.hook.forge_app_modules())))
+
+
+def importable_app_dir(config: Config) -> Path:
+    """Put the folder of the config file (the working directory when there is none) first on
+    ``sys.path``, as uvicorn's ``--app-dir`` does, so ``[app] modules`` next to ``forge.toml``
+    import without ``PYTHONPATH``. Returns the folder."""
+    folder = Path(config.path).resolve().parent if config.path else Path.cwd()
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder
+
+
+#: the kinds of app function that only run when a job store is installed (forge-worker)
+JOB_KINDS = ("job", "cron", "workflow")
+
+
+def check_job_store(registry: Registry, dispatcher: Any, roles: list[str]) -> None:
+    """A node that serves functions (role ``function``) for an app with jobs needs a job store:
+    without one every ``ctx.dispatch`` would fail, so say what to install before serving anything."""
+    if dispatcher is not None or "function" not in roles:
+        return
+    kinds = registry.of_kind(*JOB_KINDS)
+    if kinds:
+        names = ", ".join(f"@{d.kind} {d.name}" for d in kinds[:5]) + (" ..." if len(kinds) > 5 else "")
+        raise StartupError(f"the app defines background work ({names}) but no installed plugin stores jobs, "
+                           f"so its functions could not dispatch them: install forge-worker on this node "
+                           f"(pip install forge-worker; it need not run the worker role)")
 
 
 def app_migrations(registry: Registry) -> list[migmod.Migration]:
@@ -110,6 +140,8 @@ class Node:
         self.ready_at = 0.0
         self.stack = ServiceStack()
         self._hb_conn: asyncpg.Connection | None = None
+        #: the node's row exists in forge_nodes (status changes before that have nowhere to go)
+        self._registered = False
         self._stopping = asyncio.Event()
         self.supervisor.on_crash.append(lambda rec, exc: self._crash_noted(rec, exc))
 
@@ -148,8 +180,14 @@ class Node:
         self.reads = QueryReads(primary, replica, wait=db.read_wait)
         if replica is not None:
             await self._probe_replica()
+        for package, sections in sorted(self.config.ignored.items()):
+            logger.info(f"config sections {', '.join(f'[{s}]' for s in sections)} ignored: they belong to "
+                        f"{package}, {'which is not installed' if _version(package) is None else 'whose plugin is not loaded'}"
+                        f" on this node")
         if self.registry is None:
             self.registry = Registry.from_modules(app_modules(self.config, self.loader))
+        dispatcher = self.loader.hook.forge_job_dispatcher(node=self)
+        check_job_store(self.registry, dispatcher, self.roles)
         self.loader.hook.forge_registry_loaded(registry=self.registry, node=self)
         direct_key = "direct_url" if db.direct_url else "url"
         try:
@@ -166,7 +204,7 @@ class Node:
             logger.info(f"applied {len(applied)} migration(s): " + ", ".join(f"{m.namespace}/{m.version:04d}_{m.name}" for m in applied))
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
-                                         middleware=middleware, dispatcher=self.loader.hook.forge_job_dispatcher(node=self),
+                                         middleware=middleware, dispatcher=dispatcher,
                                          node=self, reads=self.reads,
                                          forwarder=self.loader.hook.forge_call_forwarder(node=self))
         async with self.pool.acquire() as c:
@@ -221,7 +259,7 @@ class Node:
                 f"\"transaction\"") from None
         except asyncpg.TooManyConnectionsError as exc:
             raise StartupError(connection_limit_message(key, exc, db.pool_min)) from None
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
             raise StartupError(f"cannot connect to PostgreSQL at [database] {key}: {type(exc).__name__}: {exc}") from exc
 
     async def _probe_replica(self) -> None:
@@ -313,8 +351,9 @@ class Node:
                  roles = EXCLUDED.roles, capabilities = EXCLUDED.capabilities, version = EXCLUDED.version,
                  status = 'starting', started_at = now(), last_heartbeat = now(), stopped_at = NULL, info = EXCLUDED.info""",
             self.id, self.config.node.host, os.getpid(), self.ports, self.roles, self.capabilities, self.version,
-            {"plugins": [i.name for i in self.loader.loaded()]},
+            {"plugins": [i.name for i in self.loader.loaded()], "heartbeat_interval": self.config.node.heartbeat_interval},
         )
+        self._registered = True
 
     async def publish_ports(self) -> None:
         """Services call this after binding a port so ``forge-node status`` shows it."""
@@ -323,8 +362,8 @@ class Node:
 
     async def _set_status(self, status: str) -> None:
         self.status = status
-        if self.pool is None:
-            return
+        if self.pool is None or not self._registered:
+            return  # a start that failed early: no row to update, only the real error to tell
         try:  # bounded: a pool held by stuck user code must not stall a drain
             await asyncio.wait_for(self.pool.execute(
                 "UPDATE forge_nodes SET status = $2, last_heartbeat = now(), "
@@ -377,13 +416,25 @@ def connection_limit_message(key: str, exc: BaseException, pool_min: int) -> str
             f"([database] url, with direct_url for sessions), or raise the limit")
 
 
-async def cluster_status(conn: asyncpg.Connection, dead_after: float) -> list[dict[str, Any]]:
+#: heartbeats a live node may miss before ``forge-node status`` calls it unresponsive
+MISSED_HEARTBEATS = 3
+
+
+async def cluster_status(conn: asyncpg.Connection, dead_after: float,
+                         heartbeat_interval: float = 2.0) -> list[dict[str, Any]]:
+    """The cluster's nodes. A node whose row says it is live (starting, running, draining) shows
+    as ``unresponsive`` once it missed ``MISSED_HEARTBEATS`` of its own heartbeats (at least 1 s)
+    and as ``dead`` once its heartbeat is older than ``dead_after`` (when the cluster re-runs its
+    jobs), before the scheduler leader marks it so. ``heartbeat_age`` is in seconds."""
     rows = await conn.fetch(
         """SELECT id, host, pid, ports, roles, capabilities, version,
-                  CASE WHEN status IN ('running','starting','draining')
-                        AND last_heartbeat < now() - make_interval(secs => $1) THEN 'unresponsive' ELSE status END AS status,
-                  started_at, last_heartbeat, extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, info
-           FROM forge_nodes ORDER BY status, started_at""", dead_after)
+                  CASE WHEN status NOT IN ('running', 'starting', 'draining') THEN status
+                       WHEN age > $1 THEN 'dead'
+                       WHEN age > GREATEST(1.0, $3 * coalesce((info->>'heartbeat_interval')::float8, $2)) THEN 'unresponsive'
+                       ELSE status END AS status,
+                  started_at, last_heartbeat, age AS heartbeat_age, info
+           FROM (SELECT *, extract(epoch FROM now() - last_heartbeat)::float8 AS age FROM forge_nodes) n
+           ORDER BY status, started_at""", float(dead_after), float(heartbeat_interval), float(MISSED_HEARTBEATS))
     return [dict(r) for r in rows]
 
 

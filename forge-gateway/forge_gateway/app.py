@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any, Iterable
 
 import msgspec
@@ -254,6 +255,45 @@ async def _disconnect(receive: Any) -> None:
         pass
 
 
+@asgi("/rpc", is_mount=True, copy_scope=False)
+async def rpc_elsewhere(scope: Any, receive: Any, send: Any) -> None:
+    """``/rpc`` on a node that does not run the ``function`` role: UNAVAILABLE (503), naming the
+    role and the live nodes that run it, instead of a bare 404."""
+    gw: Gateway = scope["app"].state.gateway
+    request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or None)
+    node = gw.node
+    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    if path[len(RPC_PREFIX):][:1] not in ("", "/"):  # the mount also matches /rpcanything
+        await error_asgi(ForgeError(f"no route {scope['method']} {path}", code="NOT_FOUND"), request_id)(scope, receive, send)
+        return
+    err = ForgeError(f"node {node.id} does not run functions (its roles: {', '.join(node.roles) or 'none'}); "
+                     f"/rpc is served by nodes running the 'function' role (forge-gateway){await _function_nodes(gw)}",
+                     code="UNAVAILABLE", details={"role": "function", "node": node.id})
+    await error_asgi(err, request_id)(scope, receive, send)
+
+
+async def _function_nodes(gw: Gateway) -> str:
+    """``; nodes running it now: ...`` from forge_nodes, looked up at most every 5 s (a flood of
+    misdirected calls must not become a flood of queries); empty when the database cannot say."""
+    cached = getattr(gw, "_function_nodes", None)
+    if cached is not None and time.monotonic() - cached[0] < 5:
+        return cached[1]
+    text = ""
+    try:
+        async with asyncio.timeout(2):
+            rows = await gw.node.pool.fetch(
+                """SELECT id, host, ports->>'http' AS port FROM forge_nodes
+                   WHERE 'function' = ANY(roles) AND status IN ('starting', 'running')
+                     AND last_heartbeat > now() - make_interval(secs => $1) ORDER BY id LIMIT 5""",
+                float(gw.node.config.node.dead_after))
+        text = "; nodes running it now: " + (", ".join(
+            f"{r['id']} ({r['host']}:{r['port']})" if r["port"] else r["id"] for r in rows) or "none")
+    except (Exception, asyncio.TimeoutError):  # the hint is a courtesy; the answer stands without it
+        pass
+    gw._function_nodes = (time.monotonic(), text)  # type: ignore[attr-defined]
+    return text
+
+
 async def _caller(gw: Gateway, headers: dict[str, str]) -> Auth:
     authorization, api_key = headers.get("authorization"), headers.get(gw.api_key_header)
     if authorization is None and api_key is None:
@@ -338,8 +378,7 @@ def _forge_error(request: Request, exc: ForgeError) -> Response:
 def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
     cfg = gateway.config
     routes: list[Any] = [health, ready, openapi]
-    if gateway.serves_functions:
-        routes += [rpc_routes]
+    routes += [rpc_routes if gateway.serves_functions else rpc_elsewhere]
     routes += list(extra_routes)
     cors = None
     if cfg.cors_origins:

@@ -33,7 +33,9 @@ def child_env(*plugins: str) -> dict[str, str]:
     return {
         "PYTHONPATH": os.pathsep.join(p for p in (APPS, os.environ.get("PYTHONPATH", "")) if p),
         "FORGE_DISABLE_PLUGIN_AUTOLOAD": "1",
-        "FORGE_PLUGINS": ",".join(["forge_kernel.kernel_plugin", "forge_gateway.hooks", *plugins]),
+        # gw_app has a @job: a node serving it needs a job store (the stand-in one)
+        "FORGE_PLUGINS": ",".join(dict.fromkeys(["forge_kernel.kernel_plugin", "forge_gateway.hooks",
+                                                 "gw_dispatch_plugin", *plugins])),
         # the repository's root conftest turns node logs down to WARNING; these tests read INFO lines
         "FORGE_LOG__LEVEL": "INFO",
     }

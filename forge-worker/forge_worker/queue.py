@@ -28,6 +28,7 @@ WAKE_CHANNEL = "forge_jobs"
 CANCEL_CHANNEL = "forge_jobs_cancel"
 
 _MAX_INT = 2_147_483_647
+_MAX_BIGINT = 2**63 - 1
 #: an escaped NUL in JSON text (not an escaped backslash followed by "u0000")
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -343,8 +344,8 @@ _MOVE_TO_HISTORY = """
 def _ids(ids: Iterable[int]) -> list[int]:
     out = []
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or i <= 0:
-            raise InvalidArgument(f"job ids are positive integers, got {i!r}")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 < i <= _MAX_BIGINT:
+            raise InvalidArgument(f"job ids are whole numbers from 1 to {_MAX_BIGINT}, got {i!r}")
         out.append(i)
     return out
 
@@ -352,9 +353,13 @@ def _ids(ids: Iterable[int]) -> list[int]:
 class JobQueue:
     """Enqueue and manage jobs with only a pool (or a connection): no node needed.
 
-    >>> queue = JobQueue(pool)
-    >>> job_id = await queue.enqueue(send_email, to="a@example.com", delay=60)
-    >>> await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
+    Example (``tests/test_docs_examples.py`` runs it)::
+
+        queue = JobQueue(pool)
+        job_id = await queue.enqueue(send_email, {"to": "a@example.com"}, delay=60)
+        ids = await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
+
+    Arguments of the job go in one dict; keyword arguments are options (``delay``, ``priority``...).
     """
 
     def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None, *,

@@ -542,18 +542,28 @@ class Worker:
             a.finished = True
             with contextlib.suppress(Exception):
                 await db.release()
+        reported = False
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
             if outcome != "lost":
                 self.reports.append((a.id, a.attempt, outcome, delay, error))
+                reported = True
                 self.report_event.set()
                 if outcome in ("failed", "retry_later") and delay > 0:
                     self.next_due = min(self.next_due, time.monotonic() + delay)
             if self._finished_hook is not None and outcome not in ("lost", "released"):
                 await self._job_finished(row, a, outcome, started, error)
         finally:
-            self.running.pop(a.id, None)
-            self.slot_free.set()
+            if not reported:  # else the slot stays taken until the report loop has written the result
+                self._free(a)
+
+    def _free(self, a: Attempt) -> None:
+        """Give ``a``'s slot back. A finished job keeps its slot until its result is written: its
+        row stays leased to this node until then, so a node killed at any moment holds at most
+        ``concurrency`` rows and the rescue re-runs at most that many of its jobs."""
+        if self.running.get(a.id) is a:
+            del self.running[a.id]
+        self.slot_free.set()
 
     def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
         return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error
@@ -603,6 +613,10 @@ class Worker:
                             raise
                         finally:
                             self._reporting = False
+                        for job_id, attempt, *_ in batch:
+                            a = self.running.get(job_id)
+                            if a is not None and a.attempt == attempt and a.finished:
+                                self._free(a)
                     self.reported.set()
             except _DB_ERRORS as exc:
                 logger.warning(f"worker could not write {len(self.reports)} job result(s) "

@@ -44,8 +44,12 @@ import types
 from typing import Any, Iterable
 
 import attrs
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+try:
+    from hypothesis import HealthCheck, assume, given, settings
+    from hypothesis import strategies as st
+except ImportError as exc:  # production nodes do not install hypothesis
+    raise ImportError("forge_kernel.testing.contracts needs hypothesis, which comes with the testing extra: "
+                      "pip install 'forge-kernel[testing]'") from exc
 
 from ..convert import StructureError, structure, unstructure
 from ..migrations import Migration, migrate, status
