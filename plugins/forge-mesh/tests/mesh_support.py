@@ -19,7 +19,9 @@ from forge_kernel.testing import NodeProcess, free_port
 
 APPS = str(Path(__file__).parent / "apps")
 SECRET = "mesh-test-secret-long-enough-for-hs256-signatures"
-PLUGINS = ("forge_kernel.kernel_plugin", "forge_gateway.hooks", "forge_mesh.hooks")
+# forge-worker too: the test app defines a job, and a node must have a job store for it (its roles
+# are chosen per test, so the worker role runs only where a test asks for it)
+PLUGINS = ("forge_kernel.kernel_plugin", "forge_gateway.hooks", "forge_mesh.hooks", "forge_worker.hooks")
 
 
 def node_env(*extra_plugins: str, **env: str) -> dict[str, str]:
@@ -28,7 +30,7 @@ def node_env(*extra_plugins: str, **env: str) -> dict[str, str]:
     return {
         "PYTHONPATH": os.pathsep.join(p for p in (APPS, os.environ.get("PYTHONPATH", "")) if p),
         "FORGE_DISABLE_PLUGIN_AUTOLOAD": "1",
-        "FORGE_PLUGINS": ",".join([*PLUGINS, *extra_plugins]),
+        "FORGE_PLUGINS": ",".join(dict.fromkeys([*PLUGINS, *extra_plugins])),
         "FORGE_LOG__LEVEL": "INFO",
         **env,
     }
