@@ -247,6 +247,8 @@ class Call:
     reads: list[TableRead] = attrs.field(factory=list)
     #: True when the function looked at ``ctx.auth`` (realtime keys results by caller then)
     used_auth: bool = False
+    #: a forwarded mutation's or action's id: a retry with the same id returns the stored result
+    call_id: str | None = None
 
 
 class Context:
@@ -411,7 +413,7 @@ class FunctionExecutor:
     def __init__(self, registry: Registry, pool: asyncpg.Pool, *, default_timeout: float = 30.0,
                  middleware: Sequence[Callable[[Call, Callable[[Call], Awaitable[Any]]], Awaitable[Any]]] = (),
                  dispatcher: Any = None, node: Any = None, reads: QueryReads | None = None,
-                 workflow_engine: Any = None) -> None:
+                 workflow_engine: Any = None, forwarder: Any = None) -> None:
         self.registry = registry
         self.pool = pool
         #: where queries read (replica or primary, read-only sessions or BEGIN READ ONLY); without
@@ -422,6 +424,8 @@ class FunctionExecutor:
         self._dispatcher = dispatcher
         self._workflow_engine = workflow_engine
         self.node = node
+        #: runs calls this node should not run on another node (``forge_call_forwarder``)
+        self.forwarder = forwarder
         #: every call's transaction carries the caller (``set_caller``); see ``[app] row_security``
         self.row_security = False
         chain: Callable[[Call], Awaitable[Any]] = self._invoke
@@ -468,21 +472,29 @@ class FunctionExecutor:
 
     async def call(self, name: str, args: Mapping[str, Any] | Any, auth: Auth = ANONYMOUS, *,
                    request_id: str | None = None, track_reads: bool = False, unstructured: bool = True,
-                   call_out: list | None = None) -> Any:
+                   call_out: list | None = None, call_id: str | None = None, timeout: float | None = None,
+                   forwarded: bool = False) -> Any:
         """Call ``name`` with JSON-ish ``args`` as ``auth``; returns the (unstructured) result.
 
         Raises :class:`ForgeError` only. ``call_out`` (a list) receives the :class:`Call`, for
-        callers that need its read set or whether it used ``ctx.auth``.
+        callers that need its read set or whether it used ``ctx.auth``. A call the forwarder
+        wants runs on another node, unless it came from one (``forwarded``); those carry what is
+        left of the caller's deadline (``timeout``) and, for mutations and actions, a ``call_id``.
         """
         defn = self.lookup(name)
         self.authorize(defn, auth)
-        call = Call(defn, bind_arguments(defn, args), auth, request_id or new_request_id(), track_reads)
+        call = Call(defn, bind_arguments(defn, args), auth, request_id or new_request_id(), track_reads,
+                    call_id=call_id)
         if call_out is not None:
             call_out.append(call)
-        timeout = defn.timeout or self.default_timeout
+        if timeout is None:
+            timeout = defn.timeout or self.default_timeout
+        forwarder = None if forwarded else self.forwarder
         try:
             # asyncio.timeout, not wait_for: no extra task per call (measured in bench/rpc)
             async with asyncio.timeout(timeout):
+                if forwarder is not None and forwarder.wants(defn):
+                    return await forwarder.forward(call, args, timeout)
                 result = await self._chain(call)
         except ForgeError:
             raise
@@ -506,7 +518,16 @@ class FunctionExecutor:
     async def _invoke(self, call: Call) -> Any:
         defn = call.defn
         if defn.kind == "action":
-            return await defn.fn(ActionContext(self, call, None), **call.args)
+            if call.call_id is not None:  # at most once: the claim commits before the action starts
+                async with self.pool.acquire() as conn:
+                    done, stored = await self.forwarder.claim(conn, call.call_id, defn)
+                if done:
+                    return stored
+            result = await defn.fn(ActionContext(self, call, None), **call.args)
+            if call.call_id is not None:
+                async with self.pool.acquire() as conn:
+                    await self.forwarder.record(conn, call.call_id, result)
+            return result
         if defn.kind == "query":
             # with row security on, the caller's settings need a transaction of their own (read-only)
             async with self.reads.connection(transaction=self.row_security) as conn:
@@ -517,7 +538,15 @@ class FunctionExecutor:
             async with conn.transaction():
                 if self.row_security:
                     await set_caller(conn, call.auth)
+                if call.call_id is not None:
+                    # the call id commits with the mutation: a retry after this node died finds it (and
+                    # its result) or finds nothing and runs the mutation; a retry while it runs waits for it
+                    done, stored = await self.forwarder.claim(conn, call.call_id, defn)
+                    if done:
+                        return stored
                 result = await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
+                if call.call_id is not None:
+                    await self.forwarder.record(conn, call.call_id, result)
             await self.reads.committed(conn)  # read-your-writes on a replica
             return result
 

@@ -181,6 +181,37 @@ def forge_workflow_engine(node: "Node") -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def forge_call_forwarder(node: "Node") -> Any:
+    """The object that runs a call on another node when this node should not run it itself.
+
+    Called once per node start, when the function executor is built. Implemented by
+    forge-mesh (firstresult); return ``None`` to decline (every call then runs here). The
+    executor uses the object like this:
+
+    * ``wants(defn: FunctionDef) -> bool`` - asked for every call that did not arrive from
+      another node: ``True`` sends it elsewhere (this node runs ``gateway`` but not
+      ``function``, or the function needs a capability this node lacks). Cheap and pure.
+    * ``async forward(call: Call, args, timeout: float) -> Any`` - run ``call`` (its definition,
+      auth, request id; ``args`` is the arguments object as the caller sent it) on another node
+      within ``timeout`` seconds and return the result unstructured (JSON-safe). When
+      ``call.track_reads`` is set, fill ``call.reads`` and ``call.used_auth`` from the remote
+      run. Raise ``ForgeError`` only: ``UNAVAILABLE`` when no node can run it now, ``TIMEOUT``
+      when the deadline passed, the remote run's own error otherwise. A mutation or action must
+      never run twice because of a retry here.
+    * ``async claim(conn, call_id: str, defn: FunctionDef) -> tuple[bool, Any]`` - called by
+      the node that runs a forwarded mutation (inside the mutation's transaction, before the
+      function runs) or action (in a statement of its own) that carries a call id. Return
+      ``(True, stored_result)`` when that call id already completed; ``(False, None)`` when
+      this run now owns it; raise ``ForgeError`` when it started elsewhere and its outcome is
+      unknown (an action whose node died).
+    * ``async record(conn, call_id: str, result: Any) -> None`` - store the result under the
+      call id (for a mutation: in its transaction, so the result exists exactly when it commits).
+    * ``problem() -> str | None`` - why this node cannot forward right now (no reachable node
+      runs ``function``), for readiness checks; ``None`` when it can.
+    """
+
+
 @hookspec
 def forge_call_middleware(node: "Node") -> list[Callable[..., Any]]:
     """Wrappers around every function call, outermost first.
@@ -244,6 +275,55 @@ def forge_auth_verifier(node: "Node") -> Any:
     ``system`` and ``apikey:...``), API-key callers with ``Auth.for_api_key`` (user id
     ``apikey:<name>``), so no token can pose as a key or the node.
     Realtime uses it for the WebSocket ``auth`` message.
+    """
+
+
+@hookspec
+def forge_job_cancel_requested(config: Any, conn: Any, job_id: int, node_id: str) -> Any:
+    """Called by the worker package right after it recorded a cancel request for a job that is
+    running on node ``node_id`` (from the CLI, the Python API or the dashboard).
+
+    Implemented by forge-mesh. Return ``None`` or an awaitable that tells that node at once (over
+    the mesh) and resolves to ``True`` when the node answered that it stopped the job. It must not
+    take more than about a second and must not raise: the database request (seen by the running
+    worker within moments) stays the fallback. ``config`` is the caller's configuration and
+    ``conn`` a database connection it may use to find the node.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_cancel_running_job(node: "Node", job_id: int) -> Any:
+    """Stop job ``job_id`` if it is running on ``node`` now, as a cancel request would.
+
+    Called on the node that runs the job when a cancel request reaches it outside the database
+    (forge-mesh calls it when a ``forge_job_cancel_requested`` message arrives). Implemented by
+    the worker package (firstresult). Return ``True`` when the job was running here and has been
+    told to stop, ``False`` when it is not running here; ``None`` means no plugin runs jobs.
+    Must be quick and must not touch the database (the request is already recorded).
+    """
+
+
+@hookspec
+def forge_node_activity(node: "Node") -> Mapping[str, Any]:
+    """What this plugin is doing on ``node`` right now, for live cluster status.
+
+    Called on demand (``forge-node status --live`` asks every node, with a 1 s deadline).
+    Implemented by plugins with in-flight work: the worker reports running jobs, realtime its
+    sockets and subscriptions, the mesh its forwarded calls. Return a small JSON-safe mapping
+    (counts and at most a few dozen ids) under keys named after the plugin's area, or ``None``.
+    Must be quick and must not touch the database.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_live_status(config: Any, conn: Any, timeout: float) -> Any:
+    """Ask every live node what it is doing now, for ``forge-node status --live``.
+
+    Called by the kernel's CLI with the loaded configuration and a database connection.
+    Implemented by forge-mesh (firstresult). Return an awaitable resolving to a list of dicts,
+    one per node that ``forge_nodes`` lists as not stopped: ``{"id", "reachable", "error",
+    "activity"}`` - within ``timeout`` seconds overall, partial results included (a node that
+    did not answer in time is ``reachable: False`` with the reason).
     """
 
 

@@ -206,7 +206,8 @@ class Node:
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=dispatcher,
                                          node=self, reads=self.reads,
-                                         workflow_engine=self.loader.hook.forge_workflow_engine(node=self))
+                                         workflow_engine=self.loader.hook.forge_workflow_engine(node=self),
+                                         forwarder=self.loader.hook.forge_call_forwarder(node=self))
         async with self.pool.acquire() as c:
             self.executor.row_security, line, bypassed = await row_security(c, self.config.app.row_security)
         if line:

@@ -52,6 +52,16 @@ async def test_workflow_engine_starts_exactly_on_commit(forge_database_url):
         await contracts.check_workflow_engine(plugin, forge_database_url)
 
 
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+def test_call_forwarder_wants_is_pure(plugin):
+    contracts.check_call_forwarder_wants(plugin)
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+async def test_call_ledger_matches_its_model(plugin, forge_database_url):
+    await contracts.check_call_ledger(plugin, forge_database_url)
+
+
 async def test_rate_limiter_hook_contract(forge_node):
     """The gateway's ``forge_rate_limiter`` object, on a live node (no HTTP server: role function only)."""
     node = await forge_node(modules=[], config={"node": {"roles": ["function"]},

@@ -9,6 +9,7 @@ Every error leaves as ``{"error": {"code", "message", "details"}}`` with the sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, Iterable
 
@@ -53,7 +54,9 @@ class Gateway:
         #: request headers the /rpc/{function} handler reads (raw, lower-case as ASGI gives them)
         self.header_names = frozenset({b"x-request-id", b"content-length", *self.credential_headers}
                                       | ({b"x-forwarded-for"} if self.clients.reads_forwarded else set()))
-        self.serves_functions = node.runs("function")
+        #: this node does not run functions but sends /rpc calls to nodes that do (forge_call_forwarder)
+        self.forwards = not node.runs("function") and getattr(node.executor, "forwarder", None) is not None
+        self.serves_functions = node.runs("function") or self.forwards
         self.openapi = b""
         self.describe(node.registry)
 
@@ -134,6 +137,8 @@ async def ready(request: Request) -> Response:
                 async with node.pool.acquire() as conn:
                     if not await migmod.is_current(conn, all_migrations(node.loader, node.registry)):
                         reason = "migrations pending: run 'forge-node migrate'"
+            if reason is None and gw.forwards:
+                reason = node.executor.forwarder.problem()
         except (Exception, asyncio.TimeoutError) as exc:  # any failure to reach the database means not ready
             reason = f"database unreachable: {type(exc).__name__}: {exc}"
     if reason is None:
@@ -226,6 +231,30 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
 RPC_PREFIX = "/rpc"
 
 
+async def _unless_disconnected(gw: Gateway, receive: Any, work: Any) -> Any:
+    """Await ``work``; on a node that forwards calls, a client that goes away first cancels it (and so
+    the call on the node running it). Raises ``_Disconnected`` then. Only after the body was read."""
+    if not gw.forwards:
+        return await work
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise _Disconnected
+
+
+async def _disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 @asgi("/rpc", is_mount=True, copy_scope=False)
 async def rpc_elsewhere(scope: Any, receive: Any, send: Any) -> None:
     """``/rpc`` on a node that does not run the ``function`` role: UNAVAILABLE (503), naming the
@@ -286,7 +315,8 @@ async def _call_function(gw: Gateway, function: str, headers: dict[str, str], re
         auth = await _caller(gw, headers)
         body = await _body(gw, headers, receive)
         args = decode_json(body) if body.strip() else {}
-        result = await gw.caller.call(function, args, auth, client=client, request_id=request_id)
+        result = await _unless_disconnected(gw, receive, gw.caller.call(function, args, auth, client=client,
+                                                                        request_id=request_id))
         return json_asgi(encode_or_internal({"data": result}, request_id, function), 200, {"x-request-id": request_id})
     except ForgeError as exc:
         return error_asgi(exc, request_id)
@@ -305,7 +335,8 @@ async def _json_rpc(gw: Gateway, headers: dict[str, str], receive: Any, client: 
         content = _encode(rpc_error(None, code, f"Parse error: {exc.message}" if code == PARSE_ERROR else exc.message,
                                     exc.code, exc.details))
         return json_asgi(content, exc.status, out_headers)
-    reply, error = await gw.rpc.handle(payload, auth, client=client, request_id=request_id)
+    reply, error = await _unless_disconnected(gw, receive, gw.rpc.handle(payload, auth, client=client,
+                                                                         request_id=request_id))
     if reply is None:
         return ASGIResponse(body=b"", status_code=204, headers=out_headers)
     status = 200

@@ -69,3 +69,15 @@ def forge_maintenance_tasks(node: Any):
 def forge_cli_commands(subparsers: Any) -> None:
     add_jobs_command(subparsers)
     add_workflows_command(subparsers)
+
+
+@hookimpl
+def forge_cancel_running_job(node: Any, job_id: int) -> Any:
+    worker = getattr(node, "worker", None)
+    return worker.cancel_running(job_id) if worker is not None else False
+
+
+@hookimpl
+def forge_node_activity(node: Any) -> Any:
+    worker = getattr(node, "worker", None)
+    return worker.activity() if worker is not None else None

@@ -8,7 +8,9 @@ plain connection, or inside the caller's transaction.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import inspect
 import json
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -360,10 +362,15 @@ class JobQueue:
     Arguments of the job go in one dict; keyword arguments are options (``delay``, ``priority``...).
     """
 
-    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None) -> None:
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None, *,
+                 hook: Any = None, config: Any = None) -> None:
         self.db = db
         #: resolves job names given as strings, so their ``@job`` defaults apply
         self.registry = registry
+        #: the plugin hooks and configuration (``node.loader.hook``, ``node.config``): with them a
+        #: cancel also reaches the running node at once (``forge_job_cancel_requested``, forge-mesh)
+        self.hook = hook
+        self.config = config
 
     # --- enqueue ----------------------------------------------------------------------
     def request(self, job: Any, args: Mapping[str, Any] | None = None, /, **options: Any) -> JobRequest:
@@ -470,13 +477,17 @@ class JobQueue:
                ), hist AS (""" + _MOVE_TO_HISTORY + """ RETURNING id
                ), asked AS (
                    UPDATE forge_jobs SET cancel_requested = true WHERE id = $1 AND status = 'running'
-                   RETURNING id, pg_notify('forge_jobs_cancel', id::text)
+                   RETURNING id, node_id, pg_notify('forge_jobs_cancel', id::text)
                )
-               SELECT (SELECT count(*) FROM hist) AS cancelled, (SELECT count(*) FROM asked) AS requested""",
+               SELECT (SELECT count(*) FROM hist) AS cancelled, (SELECT node_id FROM asked) AS running_on""",
             job_id, "cancelled")
         if row["cancelled"]:
             return "cancelled"
-        if row["requested"]:
+        if row["running_on"] is not None:
+            # the request is recorded (the running worker sees it within moments); plugins may tell
+            # that node at once as well
+            if self.hook is not None and self.config is not None:
+                await _tell_running_node(self.hook, self.config, self.db, job_id, row["running_on"])
             return "requested"
         raise NotFound(f"job {job_id} is not scheduled, pending or running")
 
@@ -487,6 +498,13 @@ class JobQueue:
         res = await self.db.execute(
             "DELETE FROM forge_job_history WHERE finished_at < now() - make_interval(secs => $1)", float(older_than))
         return int(res.split()[-1])
+
+
+async def _tell_running_node(hook: Any, config: Any, db: Any, job_id: int, node_id: str) -> None:
+    results = hook.forge_job_cancel_requested(config=config, conn=db, job_id=job_id, node_id=node_id)
+    pending = [r for r in results if inspect.isawaitable(r)]
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)  # the database request stays the fallback
 
 
 async def enqueue(db: asyncpg.Pool | asyncpg.Connection, job: Any, args: Mapping[str, Any] | None = None, /,

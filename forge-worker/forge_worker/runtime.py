@@ -676,6 +676,19 @@ class Worker:
             elif seen[a.id]:
                 self._cancel(a, "cancel")
 
+    def cancel_running(self, job_id: int) -> bool:
+        """Stop job ``job_id`` if it runs here (a cancel request that came outside the database)."""
+        a = self.running.get(job_id)
+        if a is None or a.finished or a.cancel_reason is not None:
+            return False
+        self._cancel(a, "cancel")
+        return True
+
+    def activity(self) -> dict[str, Any]:
+        running = [a for a in self.running.values() if not a.finished]
+        return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
+                         "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
+
     def _cancel(self, a: Attempt, reason: str) -> None:
         if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
             a.cancel_reason = reason

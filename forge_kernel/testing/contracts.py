@@ -25,6 +25,10 @@ The properties:
 * service order - also for the services the installed plugins declare, in any declaration order;
 * migrations applied twice equal migrations applied once from any prefix already applied, and
   N concurrent runners (2 to 8) apply each migration exactly once;
+* call forwarder (``forge_call_forwarder``) - ``wants`` is a pure yes/no per function; the call-id
+  ledger behaves like a map from call id to the result of the one transaction that committed it:
+  a claim after a commit returns the stored result, a claim after a rollback owns the id again, and
+  no interleaving of commits, rollbacks and retries makes a call id run twice.
 * ``forge_rate_limiter`` - for any limit and any interleaving of callers, each caller (by the
   limit's key: user, client address or everyone) is admitted exactly ``min(calls, requests)``
   times, every refusal is ``RateLimited`` with a ``retry_after`` of at least a second, and a
@@ -547,6 +551,114 @@ async def check_workflow_engine(plugin: Any, db_url: str, max_examples: int = 25
 
     try:
         await _run_property(starts_are_transactional)
+    finally:
+        await drop()
+
+
+# --- forge_call_forwarder -------------------------------------------------------------------
+class _StubNode:
+    """Just enough of a node for a forwarder to be built (never started): default config sections."""
+
+    def __init__(self, plugin: Any, roles: list[str], capabilities: list[str]) -> None:
+        self.id = "contract-node"
+        self.roles = roles
+        self.capabilities = capabilities
+        self.config = {name: cls() for name, cls in _sections(plugin).items()}
+
+    def runs(self, role: str) -> bool:
+        return role in self.roles
+
+
+def _forwarder(plugin: Any, roles: list[str], capabilities: list[str]) -> Any:
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    return pm.hook.forge_call_forwarder(node=_StubNode(plugin, roles, capabilities))
+
+
+def check_call_forwarder_wants(plugin: Any) -> None:
+    """``wants(defn)`` answers a bool, the same every time, for any function on any node."""
+    from ..app import query as query_deco
+
+    if _forwarder(plugin, [], []) is None:
+        return
+
+    async def fn(ctx) -> None:  # noqa: ANN001 - a function to describe
+        return None
+
+    @settings(**_SETTINGS)
+    @given(kind=st.sampled_from(["query", "mutation", "action"]), capability=st.none() | st.sampled_from(["gpu", "media"]),
+           roles=st.lists(st.sampled_from(["gateway", "function", "worker"]), unique=True),
+           caps=st.lists(st.sampled_from(["gpu", "media"]), unique=True))
+    def pure(kind: str, capability: str | None, roles: list[str], caps: list[str]) -> None:
+        defn = attrs.evolve(query_deco(fn).__forge__, kind=kind, options={"capability": capability} if capability else {})
+        fwd = _forwarder(plugin, roles, caps)
+        first = fwd.wants(defn)
+        assert isinstance(first, bool) and all(fwd.wants(defn) is first for _ in range(3)), (kind, capability, roles)
+        if "function" in roles and (capability is None or capability in caps):
+            assert first is False, f"a node that can run {kind} {capability} itself should not forward it"
+
+    pure()
+
+
+async def check_call_ledger(plugin: Any, db_url: str, max_examples: int = 40) -> None:
+    """Model-based: random interleavings of mutations that claim a call id in their transaction and
+    commit or roll back, and retries of the same ids, against a map of committed results."""
+    from ..app import mutation as mutation_deco
+    from ..db import connect
+
+    if _forwarder(plugin, ["function"], []) is None:
+        return
+    migs = _with_kernel(_migrations(plugin))
+
+    async def fn(ctx) -> None:  # noqa: ANN001 - a function to describe
+        return None
+
+    defn = mutation_deco(fn).__forge__
+    steps = st.lists(st.tuples(st.sampled_from(["commit", "rollback", "retry"]), st.integers(0, 3),
+                               st.integers(0, 1000)), min_size=1, max_size=25)
+
+    url, drop = await _fresh_db(db_url)
+    try:
+        conn = await connect(url)
+        try:
+            await migrate(conn, migs)
+        finally:
+            await conn.close()
+
+        async def example(ops: list[tuple[str, int, int]]) -> None:
+            import uuid
+
+            prefix = uuid.uuid4().hex[:8]  # each example its own call ids, in one database
+            conn = await connect(url)
+            try:
+                fwd = _forwarder(plugin, ["function"], [])
+                committed: dict[str, Any] = {}
+                for op, which, value in ops:
+                    call_id = f"{prefix}-{which}"
+                    result = {"value": value}
+                    tx = conn.transaction()
+                    await tx.start()
+                    done, stored = await fwd.claim(conn, call_id, defn)
+                    assert done == (call_id in committed), (op, call_id, done, committed)
+                    if done:
+                        assert stored == committed[call_id], (stored, committed[call_id])
+                        await tx.rollback()
+                        continue
+                    if op == "rollback":
+                        await tx.rollback()
+                        continue
+                    await fwd.record(conn, call_id, result)
+                    await tx.commit()
+                    committed[call_id] = result
+            finally:
+                await conn.close()
+
+        @settings(**{**_SETTINGS, "max_examples": max_examples})
+        @given(ops=steps)
+        def ledger(ops: list[tuple[str, int, int]]) -> None:
+            asyncio.run(example(ops))
+
+        await _run_property(ledger)
     finally:
         await drop()
 
