@@ -70,7 +70,7 @@ def _issue_cert(cli: Any) -> int:
 
 async def _logs(cli: Any) -> int:
     if not cli.args.follow:
-        print("forge-node logs --node X over the mesh shows live lines only: add --follow "
+        print("forge-node: error: forge-node logs --node X over the mesh shows live lines only: add --follow "
               "(stored logs come from forge-observe)", file=sys.stderr)
         return 2
     async with cli.connection() as conn:
