@@ -12,7 +12,7 @@ import attrs
 
 from .app import ModelDef, model_def
 from .convert import converter
-from .telemetry import current_span
+from .telemetry import current
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -89,8 +89,8 @@ def _relations(plan: Any, out: set[str]) -> None:
 async def _traced(method: Any, sql: str, args: Sequence[Any]) -> Any:
     """Run one statement; inside a sampled trace it becomes a ``sql`` span (statement text only,
     never the values)."""
-    span = current_span()
-    if span is None or not span.trace.sampled:
+    span = current()
+    if span is None or not span.sampled:
         return await method(sql, *args)
     t0, error = time.time_ns(), None
     try:
@@ -116,25 +116,29 @@ class Database:
     # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.fetch(sql, *args)
         return await _traced(self.conn.fetch, sql, args)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.fetchrow(sql, *args)
         return await _traced(self.conn.fetchrow, sql, args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.fetchval(sql, *args)
         return await _traced(self.conn.fetchval, sql, args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.execute(sql, *args)
         return await _traced(self.conn.execute, sql, args)
 

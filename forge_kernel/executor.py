@@ -28,7 +28,7 @@ from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
 from .db import Database, TableRead
 from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
-from .telemetry import current_span, format_traceparent, new_span_id
+from .telemetry import Telemetry, current, format_traceparent, new_span_id
 
 
 # --- auth ------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class MutationContext(Context):
             defn = found if found is not None else defn
         req = job_request(defn, args, caller=self._call.auth.user_id, delay=delay, run_at=run_at,
                           priority=priority, queue=queue, unique_key=unique_key, on_conflict=on_conflict)
-        span = current_span()
+        span = current()
         if span is None:
             ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
             return ids[0] if ids else 0
@@ -194,7 +194,7 @@ class MutationContext(Context):
         # this dispatch span as the run's parent
         sid, t0 = new_span_id(), time.time_ns()
         req = attrs.evolve(req, options={**req.options,
-                                         "traceparent": format_traceparent(span.trace_id, sid, span.trace.sampled)})
+                                         "traceparent": format_traceparent(span.trace_id, sid, span.sampled)})
         ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
         job_id = ids[0] if ids else 0
         span.record(f"dispatch {req.name}", "producer", t0, time.time_ns(), {"job.name": req.name, "job.id": job_id},
@@ -272,6 +272,8 @@ class FunctionExecutor:
         self.middleware = list(middleware)
         self._dispatcher = dispatcher
         self.node = node
+        #: where calls are recorded (``node.telemetry``; an unattached one records nothing)
+        self.telemetry: Telemetry = getattr(node, "telemetry", None) or Telemetry()
         chain: Callable[[Call], Awaitable[Any]] = self._invoke
         for mw in reversed(self.middleware):
             chain = (lambda m, nxt: (lambda c: m(c, nxt)))(mw, chain)
@@ -312,25 +314,44 @@ class FunctionExecutor:
         if call_out is not None:
             call_out.append(call)
         timeout = defn.timeout or self.default_timeout
+        tel = self.telemetry
+        if tel.enabled:  # one ``call`` event; a span only where it can matter (Telemetry.call_started)
+            parent = current()
+            span = None if parent is not None and not parent.sampled else tel.call_started(defn.name, defn.kind,
+                                                                                          call.request_id)
+            t0, code = time.time_ns(), "OK"
+        else:
+            t0 = 0
         try:
             # asyncio.timeout, not wait_for: no extra task per call (measured in bench/rpc)
             async with asyncio.timeout(timeout):
                 result = await self._chain(call)
-        except ForgeError:
+        except ForgeError as exc:
+            code = exc.code
             raise
         except asyncio.TimeoutError:
+            code = Timeout.code
             raise Timeout(f"{defn.name} did not finish within {timeout:g}s") from None
         except asyncpg.exceptions.ReadOnlySQLTransactionError:
+            code = ForgeError.code
             logger.bind(request_id=call.request_id).exception(f"{defn.name}: query tried to write")
             raise ForgeError(f"{defn.name} is a query and cannot write; make it a mutation "
                              f"(request {call.request_id})") from None
         except asyncpg.exceptions.UniqueViolationError as exc:
+            code = "CONFLICT"
             raise ForgeError(f"conflict: {exc.detail or 'a unique constraint was violated'}", code="CONFLICT") from None
         except Exception:
+            code = ForgeError.code
             logger.bind(request_id=call.request_id).error(
                 f"{defn.name} raised (request {call.request_id}):\n{traceback.format_exc()}")
             raise ForgeError(f"internal error (request {call.request_id})",
                              details={"request_id": call.request_id}) from None
+        except BaseException:
+            code = "CANCELLED"  # the caller went away (its task was cancelled)
+            raise
+        finally:
+            if t0:
+                tel.call_ended(span, defn.name, defn.kind, call.request_id, t0, code)
         return unstructure(result) if unstructured else result
 
     async def _invoke(self, call: Call) -> Any:
@@ -355,8 +376,8 @@ class FunctionExecutor:
                         call.reads = await db.read_set()
                     return result
             async with conn.transaction():
-                span = current_span()
-                if span is not None and span.trace.sampled:
+                span = current()
+                if span is not None and span.sampled:
                     # what this transaction's writes trigger (a live query's re-run) joins its trace
                     await conn.execute(SET_TRACE, span.traceparent())
                 return await defn.fn(MutationContext(self, call, Database(conn)), **call.args)

@@ -28,11 +28,6 @@ def forge_app_modules() -> list[str]:
 
 
 @hookimpl
-def forge_call_middleware(node: Any):
-    return [recorder.call_middleware(node.telemetry)]
-
-
-@hookimpl
 def forge_services(node: Any):
     obs = for_node(node)
     obs.cluster_gauges = [g for found in node.loader.hook.forge_cluster_gauges(node=node) for g in (found or ())]

@@ -66,7 +66,7 @@ class Observer:
         self.sink = TraceSink(self.writer, cfg.slow_threshold, self.exporter.offer if self.exporter else None,
                               lambda why: self.metrics.traces.labels(why).inc())
         node.telemetry.attach(self.sink, sample_rate=cfg.sample_rate, ring_size=cfg.event_ring,
-                              honor_remote_sampled=cfg.honor_remote_sampled)
+                              honor_remote_sampled=cfg.honor_remote_sampled, keep_over=cfg.slow_threshold)
         self._log_sink_id = logger.add(LogSink(self.writer, node.id, cfg.max_message_bytes, redactor()),
                                        level=cfg.log_level, format="{message}", catch=True)
         sup = node.supervisor

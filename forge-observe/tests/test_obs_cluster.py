@@ -40,7 +40,7 @@ async def test_one_trace_from_http_to_a_job_on_another_node_and_a_push(forge_pro
             rows = await conn.fetch("SELECT span_id, parent_id, name, kind, node_id FROM forge_obs_spans "
                                     "WHERE trace_id = $1", trace_id)
             names = {r["name"] for r in rows}
-            return rows if {"note_job", "push"} <= names else None
+            return rows if {"job note_job", "push"} <= names else None
 
         rows = await eventually(chain, timeout=60, what="every span of the trace in the database")
     finally:
@@ -49,14 +49,15 @@ async def test_one_trace_from_http_to_a_job_on_another_node_and_a_push(forge_pro
     for r in rows:
         by_name.setdefault(r["name"], r)
     http_span, mutation = by_name["POST /rpc/add_note"], by_name["add_note"]
-    dispatch, job_run, job_fn = by_name["dispatch note_job"], by_name["job note_job"], by_name["note_job"]
+    dispatch, job_run = by_name["dispatch note_job"], by_name["job note_job"]
     rerun, push = by_name["live query notes"], by_name["push"]
     assert http_span["node_id"] == mutation["node_id"] == "front" and http_span["kind"] == "server"
     assert mutation["parent_id"] == http_span["span_id"]
     assert dispatch["parent_id"] == mutation["span_id"]
-    assert job_run["node_id"] == job_fn["node_id"] == "back"
-    assert job_run["parent_id"] == dispatch["span_id"] and job_fn["parent_id"] == job_run["span_id"]
-    assert any(r["kind"] == "client" and r["node_id"] == "back" for r in rows), "the job's SQL"
+    assert job_run["node_id"] == "back" and job_run["kind"] == "consumer"
+    assert job_run["parent_id"] == dispatch["span_id"]
+    assert any(r["kind"] == "client" and r["node_id"] == "back" and r["parent_id"] == job_run["span_id"]
+               for r in rows), "the job's SQL"
     assert rerun["parent_id"] == mutation["span_id"] and rerun["node_id"] == "front"
     assert push["parent_id"] == rerun["span_id"]
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import types
 from typing import Any, Iterable
 
@@ -441,8 +442,11 @@ def installed_plugins() -> list[tuple[str, Any]]:
 # --- telemetry ----------------------------------------------------------------------------
 def check_telemetry_traces() -> None:
     """``node.telemetry``'s span contract: for any tree of nested spans (some ending with an error),
-    the observer gets each local trace exactly once, after its last span ended, with every span in it,
-    every parent among them (or the remote parent), one trace id, and the current span restored."""
+    each local trace is either handed to the observer exactly once, after its last span ended, with
+    every span in it, every parent among them (or the remote parent) and one trace id, or counted as
+    discarded; it is handed over whenever it is head-sampled, has a failed span, or its root took at
+    least ``keep_over``; finished spans no longer point at their trace (no reference cycle); and the
+    current span is restored."""
     from ..telemetry import Telemetry, current_span
 
     @st.composite
@@ -452,35 +456,76 @@ def check_telemetry_traces() -> None:
             return (draw(st.booleans()), [node(depth + 1) for _ in range(kids)])
         return [node(0) for _ in range(draw(st.integers(1, 3)))]
 
+    def failing(tree: Any) -> bool:
+        return tree[0] or any(failing(k) for k in tree[1])
+
     @settings(**_SETTINGS)
-    @given(forest=trees(), remote=st.booleans(), rate=st.sampled_from([0.0, 1.0]))
-    def traces(forest: list[Any], remote: bool, rate: float) -> None:
+    @given(forest=trees(), remote=st.booleans(), rate=st.sampled_from([0.0, 1.0]),
+           keep_over=st.sampled_from([0.0, float("inf")]))
+    def traces(forest: list[Any], remote: bool, rate: float, keep_over: float) -> None:
         got: list[Any] = []
         tel = Telemetry()
-        tel.attach(got.append, sample_rate=rate)
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
         parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00" if remote else None
-        counts = []
+        expected = []
 
         def run(tree: Any, top: bool) -> int:
             failed, kids = tree
             span = tel.start_span("s", remote=parent if top else None)
             n = 1 + sum(run(k, False) for k in kids)
             tel.end_span(span, "boom" if failed else None)
+            assert span.trace is None and span.end_ns >= span.start_ns
             return n
 
         for tree in forest:
-            counts.append(run(tree, True))
+            n = run(tree, True)
+            if rate == 1.0 or keep_over == 0.0 or failing(tree):
+                expected.append(n)
             assert current_span() is None
-        assert [len(t.spans) for t in got] == counts
+        assert [len(t.spans) for t in got] == expected
+        assert tel.discarded == len(forest) - len(expected)
         for t in got:
             ids = {s.span_id for s in t.spans}
             assert len({s.trace_id for s in t.spans}) == 1 and t.open == 0
             assert all(s.parent_id in ids or s.parent_id == t.remote_parent for s in t.spans)
-            assert t.sampled == (rate == 1.0)
+            assert t.root is not None and t.root.parent_id == t.remote_parent
+            assert t.sampled == (rate == 1.0) and all(s.sampled == t.sampled for s in t.spans)
+            assert t.errors == sum(s.error is not None for s in t.spans)
             if remote:
                 assert t.trace_id == 0x0af7651916cd43dd8448eb211c80319c and t.remote_parent == 0xb7ad6b7169203331
 
     traces()
+
+
+def check_telemetry_calls() -> None:
+    """The executor's call recording (``call_started`` / ``call_ended``): every call makes exactly one
+    ``call`` event; a call inside a sampled trace, or outside any span, gets a real span; inside an
+    unsampled trace it gets a span only when it failed or took at least ``keep_over`` (recorded
+    afterwards, a child of the current span), so the tail sampler can keep that trace."""
+    from ..telemetry import Telemetry
+
+    @settings(**_SETTINGS)
+    @given(rate=st.sampled_from([0.0, 1.0]), keep_over=st.sampled_from([0.0, float("inf")]),
+           codes=st.lists(st.sampled_from(["OK", "INTERNAL", "NOT_FOUND"]), max_size=4), rooted=st.booleans())
+    def calls(rate: float, keep_over: float, codes: list[str], rooted: bool) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
+        root = tel.start_span("POST /rpc", "server") if rooted else None
+        for code in codes:
+            span = tel.call_started("f", "query", "req")
+            assert (span is not None) == (not rooted or rate == 1.0)
+            tel.call_ended(span, "f", "query", "req", time.time_ns(), code)
+        tel.end_span(root)
+        events = tel.drain()
+        assert [f[2] for _, f in events] == codes and all(k == "call" for k, _ in events)
+        spans = [s for t in got for s in t.spans if s.name == "f"]
+        assert [s.error or "OK" for s in spans] == (codes if rate == 1.0 else
+                                                     [c for c in codes if c != "OK" or keep_over == 0.0])
+        if rooted:
+            assert all(s.parent_id == root.span_id for s in spans)
+
+    calls()
 
 
 def check_telemetry_events() -> None:
