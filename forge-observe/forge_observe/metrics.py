@@ -69,10 +69,12 @@ class HistogramSeries:
         return row
 
     def observe(self, key: tuple, value: float) -> None:
+        """Raises (TypeError, ValueError) before changing anything when ``value`` is not a number."""
+        i = bisect_left(self.bounds, value)  # le is inclusive: the first bound >= value
         if value != value:  # NaN: no bucket holds it, and it would poison the sum
             raise ValueError("NaN")
         row = self.row(key)
-        row[bisect_left(self.bounds, value)] += 1  # le is inclusive: the first bound >= value
+        row[i] += 1
         row[-1] += value
 
     def family(self) -> HistogramMetricFamily:
@@ -122,7 +124,8 @@ class EventSeries(Collector):
             yield series.family()
 
     def apply(self, events: Iterable[tuple], malformed: Callable[[], None]) -> int:
-        """Fold drained events into the series; unknown kinds are ignored (newer emitters)."""
+        """Fold drained events into the series; unknown kinds are ignored (newer emitters). A
+        malformed event changes nothing (its histogram value is checked before its counter moves)."""
         n = 0
         calls = self.calls.values
         call_rows, latency = self.call_seconds.rows, self.call_seconds.bounds
@@ -131,45 +134,46 @@ class EventSeries(Collector):
             try:
                 if kind == "call":  # one per function call: the hottest, inlined
                     name, fkind, code, seconds = f
+                    i = bisect_left(latency, seconds)
+                    if seconds != seconds:
+                        raise ValueError("NaN")
                     key = (name, fkind, code)
                     calls[key] = calls.get(key, 0) + 1
                     row = call_rows.get(key[:2])
                     if row is None:
                         row = self.call_seconds.row(key[:2])
-                    if seconds != seconds:
-                        raise ValueError("NaN")
-                    row[bisect_left(latency, seconds)] += 1
+                    row[i] += 1
                     row[-1] += seconds
                 elif kind == "job.dispatched":
                     self.jobs_dispatched.add((f[0], f[1]))
                 elif kind == "job.started":
-                    self.jobs_started.add((f[0], f[1]))
                     self.job_wait.observe((f[0], f[1]), f[2])
+                    self.jobs_started.add((f[0], f[1]))
                 elif kind == "job.finished":
                     name, status, seconds = f
-                    self.jobs_finished.add((name, status))
                     if seconds is not None:
                         self.job_seconds.observe((name,), seconds)
+                    self.jobs_finished.add((name, status))
                 elif kind == "cron.run":
                     name, status, lag = f
-                    self.cron_runs.add((name, status))
                     if lag is not None:
                         self.cron_lag.observe((name,), lag)
+                    self.cron_runs.add((name, status))
                 elif kind == "cron.missed":
-                    if f[1] < 0:
-                        raise ValueError("negative")
+                    if not f[1] >= 0:
+                        raise ValueError("not a count")
                     self.cron_missed.add((f[0],), f[1])
                 elif kind == "rt.push":
                     self.pushes.add((f[0],))
                 elif kind == "rt.rerun":
-                    self.reruns.add((f[0],))
                     self.rerun_seconds.observe((f[0],), f[1])
+                    self.reruns.add((f[0],))
                 elif kind == "workflow.run":
                     self.workflow_runs.add((f[0], f[1]))
                 elif kind == "workflow.step":
-                    self.workflow_steps.add((f[0], f[1], f[2]))
                     if len(f) > 3 and f[3] is not None:
                         self.workflow_step_seconds.observe((f[0], f[1]), f[3])
+                    self.workflow_steps.add((f[0], f[1], f[2]))
                 elif kind == "workflow.compensation":
                     self.compensations.add((f[0], f[1], f[2]))
             except (ValueError, TypeError, IndexError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 
@@ -154,3 +157,97 @@ async def test_metrics_endpoint_refuses_other_networks(forge_node):
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
         reply = await http.get("/metrics")
     assert reply.status_code == 403 and "metrics_allow" in reply.text
+
+
+class _Receiver:
+    """A webhook receiver on loopback: records each POSTed JSON body; answers 500 to the first."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                outer.bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(500 if len(outer.bodies) == 1 else 200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_alert_webhook_is_delivered_by_a_job_and_retried(forge_node, forge_db_url):
+    receiver = _Receiver()
+    try:
+        rule = {"name": "calls-failing", "metric": "function_error_rate", "threshold": 0.0, "op": ">",
+                "window": 60, "webhook": receiver.url}
+        node = await forge_node(modules=["obs_app"], config={
+            "observe": {**FAST, "alerts": [rule], "alert_interval": 1}, "gateway": {"port": 0},
+            "scheduler": {"tick_interval": 0.2}, "worker": {"backoff_base": 0.1, "poll_interval": 0.2}})
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+            assert (await http.post("/rpc/ping", json={})).status_code == 200
+            await asyncio.sleep(1.0)  # a snapshot before the failure: the window's start
+            assert (await http.post("/rpc/boom", json={})).status_code == 500
+
+        async def delivered():
+            return len(receiver.bodies) >= 2
+
+        await eventually(delivered, timeout=60, what="the alert webhook delivered (after one refused POST)")
+        first, second = receiver.bodies[:2]
+        assert first == second and second["rule"] == "calls-failing" and second["state"] == "firing"
+        assert second["metric"] == "function_error_rate" and 0 < second["value"] <= 1
+        (alert,) = await query.alerts(node.pool)
+        assert alert.state == "firing" and alert.id == second["alert_id"]
+
+        async def finished():
+            return await node.pool.fetchrow("SELECT status, attempt FROM forge_job_history "
+                                            "WHERE name = 'observe_alert_webhook'")
+
+        job = await eventually(finished, what="the webhook job's result")
+        assert job["status"] == "succeeded" and job["attempt"] == 2  # the refused POST was retried
+    finally:
+        receiver.close()
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")}
+
+
+async def test_cluster_gauges_come_from_the_leader_only(forge_node, forge_db_url):
+    nodes = [await forge_node(modules=["obs_app"], config={
+        "observe": {**FAST, "cluster_interval": 1}, "gateway": {"port": 0}, "node": {
+            "id": f"gauge-{i}", "roles": ["gateway", "function", "scheduler"]},
+        "scheduler": {"tick_interval": 0.2}}) for i in (1, 2)]
+    async with httpx.AsyncClient() as http:
+        assert (await http.post(f"http://127.0.0.1:{nodes[0].ports['http']}/rpc/add_note",
+                                json={"body": "queued"})).status_code == 200  # a job no node here runs
+        leader = await eventually(lambda: nodes[0].pool.fetchval("SELECT node_id FROM forge_leaders"),
+                                  what="a scheduler leader")
+
+        async def scraped():
+            texts = {n.id: (await http.get(f"http://127.0.0.1:{n.ports['http']}/metrics")).text for n in nodes}
+            return texts if _samples(texts[leader], "forge_jobs") else None
+
+        texts = await eventually(scraped, what="the leader's cluster gauges")
+    follower = next(n.id for n in nodes if n.id != leader)
+    assert _samples(texts[leader], "forge_jobs") == {'forge_jobs{queue="default",status="pending"}': 1.0}
+    assert _samples(texts[leader], "forge_cluster_nodes") == {'forge_cluster_nodes{status="running"}': 2.0}
+    # a scrape of every node counts the cluster once: the follower exports none of it
+    for name in ("forge_jobs", "forge_jobs_oldest_pending_seconds", "forge_cluster_nodes"):
+        assert not _samples(texts[follower], name), name
+    # each node still serves its own series
+    assert 'forge_node_info{node="%s"' % follower in texts[follower]
+    assert _samples(texts[follower], "forge_db_pool_connections")

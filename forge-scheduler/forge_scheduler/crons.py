@@ -90,11 +90,13 @@ class CronEngine:
     """The leader's cron loop. ``dispatcher`` returns the job store's dispatcher."""
 
     def __init__(self, pool: asyncpg.Pool, crons: Mapping[str, CronSettings], dispatcher: Callable[[], Any],
-                 *, tick_interval: float = 0.5) -> None:
+                 *, tick_interval: float = 0.5, telemetry: Any = None) -> None:
         self.pool = pool
         self.crons = dict(crons)
         self.dispatcher = dispatcher
         self.tick_interval = tick_interval
+        #: the node's telemetry (``node.telemetry``): slots dropped by the catch-up policy are ``cron.missed``
+        self.telemetry = telemetry
         self._next_cache: dict[tuple[str, dt.datetime], dt.datetime] = {}
         self.decisions = 0
         #: failed decisions per cron (each is retried on the next tick)
@@ -241,6 +243,8 @@ class CronEngine:
                    WHERE cron = $1""", name, now if not st["paused"] else st["decided_until"], plan.dropped)
         self.decisions += 1
         if plan.dropped:
+            if self.telemetry is not None:
+                self.telemetry.emit("cron.missed", name, plan.dropped)
             more = "at least " if plan.capped else ""
             logger.warning(f"cron {name}: {more}{plan.missed} slot(s) missed while no leader ran; ran the "
                            f"{plan.missed - plan.dropped} most recent (catch_up={cron.catch_up}), "

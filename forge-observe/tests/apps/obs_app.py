@@ -47,6 +47,6 @@ async def sleepy(ctx, seconds: float) -> float:
 
 
 @action(public=True)
-async def shout(ctx, size: int) -> int:
-    ctx.log.info("x" * size)
+async def shout(ctx, size: int, letter: str = "x") -> int:
+    ctx.log.info(letter * size)
     return size
