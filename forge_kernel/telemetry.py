@@ -34,8 +34,9 @@ kind                   fields                                                   
 =====================  ==========================================================  ================
 ``call``               function name, kind, outcome code, seconds                  kernel (executor)
 ``job.dispatched``     job name, queue                                             kernel (dispatch)
-``job.started``        job name, queue, queue wait                                 worker
-``cron.missed``        cron name, slots missed                                     scheduler
+``job.finished``       job name, queue, outcome, queue wait, run time (or None)    worker (per attempt)
+``cron.run``           cron name, outcome, lag from its slot (or None)             scheduler
+``cron.missed``        cron name, slots dropped by its catch_up policy             scheduler
 ``rt.connections``     change (+1 / -1)                                            realtime
 ``rt.subscriptions``   change (+1 / -1)                                            realtime
 ``rt.push``            kind (``data`` / ``unchanged``)                             realtime
@@ -112,7 +113,11 @@ def traceparent() -> str | None:
 
 
 class Trace:
-    """The part of one trace recorded in this process for one piece of work (a request, a job run)."""
+    """The part of one trace recorded in this process for one piece of work (a request, a job run).
+
+    Made when the local work has more than its root span (a child, a recorded SQL statement, a
+    failed call) or when it is handed to the observer: an unsampled request or job that went well
+    is one :class:`Span` and never gets one."""
 
     __slots__ = ("trace_id", "sampled", "spans", "open", "_ids", "overflow", "remote_parent", "errors", "last")
 
@@ -134,8 +139,8 @@ class Trace:
 
     @property
     def ids(self) -> dict[str, Any]:
-        """Ids log lines of this work carry (``job``, ``cron_run``, ``workflow_run``): whoever starts
-        the work sets them (made on first use: most traces never need one)."""
+        """Ids log lines of this work carry (``job``, ``cron_run``, ``workflow_run``), shared with the
+        local root span's ``ids``; whoever starts the work sets them (``start_span(ids=...)``)."""
         if self._ids is None:
             self._ids = {}
         return self._ids
@@ -163,13 +168,12 @@ class Trace:
 class Span:
     """One timed operation. Times are wall-clock nanoseconds (``time.time_ns``)."""
 
-    __slots__ = ("trace", "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs",
-                 "error", "sampled", "_token")
+    __slots__ = ("_trace", "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs",
+                 "error", "sampled", "ids", "_token")
 
     def __init__(self, trace: Trace | None, trace_id: int, sampled: bool, span_id: int, parent_id: int, name: str,
                  kind: str, attrs: dict[str, Any] | None, start_ns: int) -> None:
-        #: the local trace while the span is open; ``None`` once it ended (it is then in ``trace.spans``)
-        self.trace = trace
+        self._trace = trace
         self.trace_id = trace_id
         #: the trace's head decision (the flag its ``traceparent`` carries)
         self.sampled = sampled
@@ -182,7 +186,18 @@ class Span:
         self.error: str | None = None
         self.start_ns = start_ns
         self.end_ns = 0
+        #: ids log lines of this work carry (local roots only; see ``Trace.ids``)
+        self.ids: dict[str, Any] | None = None
         self._token: contextvars.Token | None = None
+
+    @property
+    def trace(self) -> Trace | None:
+        """The local trace while the span is open (made on first use for a root span); ``None``
+        once the span ended (it is then in ``trace.spans``, or was discarded)."""
+        trace = self._trace
+        if trace is None and not self.end_ns:
+            trace = _local_trace(self)
+        return trace
 
     def set(self, key: str, value: Any) -> None:
         if self.attrs is None:
@@ -212,6 +227,19 @@ class Span:
         return f"<Span {self.name} {self.trace_id:032x}/{self.span_id:016x} parent={self.parent_id:016x}>"
 
 
+def _local_trace(root: Span) -> Trace:
+    """The local trace of an open root span that had none yet (its first child, record or hand-over)."""
+    trace = root._trace = Trace(root.trace_id, root.sampled, root.parent_id)
+    trace.open = 1
+    if root.ids is None:
+        root.ids = {}
+    trace._ids = root.ids  # one dict: ids set on either are seen by both
+    return trace
+
+
+_new_span = object.__new__
+
+
 def new_span_id() -> int:
     return _getrandbits(64) or 1
 
@@ -227,11 +255,13 @@ class Telemetry:
         self.dropped = 0
         self._on_trace: Callable[[Trace], None] | None = None
         self._sample_below = 0
+        self._sample_rate = 0.0
         self._honor_sampled = True
         #: seconds; an unsampled function call this slow (or failing) still gets its span (see call_ended),
         #: and an unsampled local trace without errors reaches the observer only when its root took this long
         self.keep_over = float("inf")
-        self._keep_over_ns = 1 << 62
+        #: the same in nanoseconds (compared with time.time_ns() differences on hot paths)
+        self.keep_over_ns = 1 << 62
         #: local traces ended with nothing to keep them for (unsampled, no error, fast)
         self.discarded = 0
         #: name -> (help, labels, read): values read when the observer samples, never on a hot path
@@ -256,9 +286,10 @@ class Telemetry:
             raise ValueError(f"sample_rate must be between 0 and 1, got {sample_rate!r}")
         self._on_trace = on_trace
         self._sample_below = int(sample_rate * (1 << 64))
+        self._sample_rate = sample_rate
         self._honor_sampled = honor_remote_sampled
         self.keep_over = keep_over
-        self._keep_over_ns = min(1 << 62, int(keep_over * 1e9)) if keep_over != float("inf") else 1 << 62
+        self.keep_over_ns = min(1 << 62, int(keep_over * 1e9)) if keep_over != float("inf") else 1 << 62
         self.events = collections.deque(maxlen=ring_size)
         self.enabled = True
 
@@ -272,14 +303,9 @@ class Telemetry:
         ev = self.events
         if not ev:
             return []
-        out = []
-        pop = ev.popleft
-        try:
-            for _ in range(len(ev)):
-                out.append(pop())
-        except IndexError:  # pragma: no cover - nothing else pops
-            pass
-        return out
+        # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
+        self.events = collections.deque(maxlen=ev.maxlen)
+        return list(ev)
 
     # --- the recording side --------------------------------------------------------------
     def emit(self, kind: str, *fields: Any) -> None:
@@ -296,40 +322,60 @@ class Telemetry:
             return True
         return (trace_id & _LOW64) < self._sample_below
 
+    def head_sampled_remote(self, remote: str | None) -> bool:
+        """The head decision for work continuing ``remote`` (a ``traceparent``, or None for a fresh
+        trace): what ``start_span(remote=...)`` would decide, without opening anything. Lets a
+        caller leave unsampled work without a span until it needs one (the worker does)."""
+        ctx = parse_traceparent(remote) if remote else None
+        if ctx is None:
+            return random.random() < self._sample_rate
+        return self.head_sampled(ctx[0], ctx[2])
+
     def start_span(self, name: str, kind: str = "internal", *, remote: str | None = None,
-                   attrs: dict[str, Any] | None = None) -> Span | None:
+                   attrs: dict[str, Any] | None = None, ids: dict[str, Any] | None = None,
+                   start_ns: int = 0) -> Span | None:
         """Open a span and make it current. ``remote`` (a ``traceparent``) starts a new local trace
-        continuing it (an invalid value starts a fresh trace). ``None`` when nothing observes."""
+        continuing it (an invalid value starts a fresh trace). ``ids`` (a new local trace's root
+        only) are the ids its log lines carry; ``start_ns`` when the work began earlier than now
+        (a span opened late). ``None`` when nothing observes."""
         if not self.enabled:
             return None
         parent = _current.get() if remote is None else None
-        if parent is not None and parent.trace is not None:
-            trace, parent_id = parent.trace, parent.span_id
-        else:
-            ctx = parse_traceparent(remote) if remote else None
-            if ctx is not None:
-                trace_id, parent_id, flags = ctx
-                trace = Trace(trace_id, self.head_sampled(trace_id, flags), parent_id)
-            else:  # a fresh trace: one draw gives its id and the root span's
-                bits = _getrandbits(192)
-                trace_id = (bits >> 64) or 1
-                trace = Trace(trace_id, (trace_id & _LOW64) < self._sample_below)
-                span = Span(trace, trace_id, trace.sampled, (bits & _LOW64) or 1, 0, name, kind, attrs, _time_ns())
-                trace.open = 1
-                span._token = _current.set(span)
-                return span
-        span = Span(trace, trace.trace_id, trace.sampled, _getrandbits(64) or 1, parent_id, name, kind, attrs,
-                    _time_ns())
-        trace.open += 1
+        if parent is not None and not parent.end_ns:
+            trace = parent._trace
+            if trace is None:
+                trace = _local_trace(parent)
+            span = Span(trace, trace.trace_id, trace.sampled, _getrandbits(64) or 1, parent.span_id, name, kind,
+                        attrs, start_ns or _time_ns())
+            trace.open += 1
+            span._token = _current.set(span)
+            return span
+        ctx = parse_traceparent(remote) if remote else None
+        if ctx is not None:
+            trace_id, parent_id, flags = ctx
+            sampled = self.head_sampled(trace_id, flags)
+            span_id = _getrandbits(64) or 1
+        else:  # a fresh trace: one draw gives its id and the root span's
+            bits = _getrandbits(192)
+            trace_id, span_id, parent_id = (bits >> 64) or 1, (bits & _LOW64) or 1, 0
+            sampled = (trace_id & _LOW64) < self._sample_below
+        # A new local root: built field by field (no __init__ call) and without a Trace, which is
+        # made only if the work gets a child (see Span.trace): most unsampled work never does.
+        span = _new_span(Span)
+        span._trace = None
+        span.trace_id, span.sampled, span.span_id, span.parent_id = trace_id, sampled, span_id, parent_id
+        span.name, span.kind, span.attrs, span.ids = name, kind, attrs, ids
+        span.error, span.end_ns = None, 0
+        span.start_ns = start_ns or _time_ns()
         span._token = _current.set(span)
         return span
 
     def end_span(self, span: Span | None, error: str | None = None) -> None:
         """Close ``span`` (``None`` is ignored). ``error`` marks it failed. When it was the last open
-        span of its local trace, the observer gets the trace."""
-        if span is None:
+        span of its local trace, the observer gets the trace if it may keep it (see ``attach``)."""
+        if span is None or span.end_ns:  # nothing, or ended before
             return
-        span.end_ns = _time_ns()
+        span.end_ns = end = _time_ns()
         if error is not None:
             span.error = error
         token = span._token
@@ -339,14 +385,17 @@ class Telemetry:
                 _current.reset(token)
             except ValueError:  # ended in another context than it started in
                 pass
-        trace = span.trace
-        if trace is None:  # ended twice
-            return
-        span.trace = None
+        trace = span._trace
+        if trace is None:  # a root that had no child: the local trace is this one span
+            if error is None and not span.sampled and end - span.start_ns < self.keep_over_ns:
+                self.discarded += 1  # nothing the observer could keep it for: the common case
+                return
+            trace = _local_trace(span)
+        span._trace = None  # a finished span is data: no reference cycle with its trace
         trace.open -= 1
         if (trace.open <= 0 and error is None and not trace.errors and not trace.sampled
-                and span.parent_id == trace.remote_parent and span.end_ns - span.start_ns < self._keep_over_ns):
-            self.discarded += 1  # nothing the observer could keep it for: the common case, decided here
+                and span.parent_id == trace.remote_parent and end - span.start_ns < self.keep_over_ns):
+            self.discarded += 1
             return
         if error is not None:
             trace.errors += 1
@@ -368,9 +417,9 @@ class Telemetry:
         """Whether ``span``'s local trace (``span`` still open) reaches the observer as things stand:
         head-sampled, a span of it failed, or it has run for ``keep_over`` seconds already. (A
         failure still to come may add to that.)"""
-        trace = span.trace
+        trace = span._trace
         return (span.sampled or (trace is not None and trace.errors > 0)
-                or _time_ns() - span.start_ns >= self._keep_over_ns)
+                or _time_ns() - span.start_ns >= self.keep_over_ns)
 
     # --- function calls (the executor) ------------------------------------------------------
     def call_started(self, name: str, kind: str, call_id: str) -> Span | None:

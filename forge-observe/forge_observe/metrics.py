@@ -13,8 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import operator
 import time
 from bisect import bisect_left
+from collections import Counter as Tally
+from itertools import compress, groupby, repeat
 from typing import Any, Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -33,22 +36,39 @@ SLOW = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 9
 OK = "OK"
 
 
+def _labels(key: Any) -> list[str]:
+    return [str(v) for v in key] if isinstance(key, tuple) else [str(key)]
+
+
 class CounterSeries:
-    """A counter per label set (``values[label values] = count``)."""
+    """A counter per label set (``values[label values] = count``; a single label's value is the key)."""
 
     __slots__ = ("name", "help", "labels", "values")
 
     def __init__(self, name: str, help: str, labels: Sequence[str]) -> None:
         self.name, self.help, self.labels = name, help, list(labels)
-        self.values: dict[tuple, float] = {}
+        self.values: dict[Any, float] = {}
 
-    def add(self, key: tuple, n: float = 1) -> None:
-        self.values[key] = self.values.get(key, 0) + n
+    def prepare(self, keys: list, amounts: list | None = None) -> dict:
+        """The increments of a batch (checked: unhashable labels, a negative or non-numeric amount raise)."""
+        if amounts is None:
+            return Tally(keys)  # counts in C
+        if not all(map(operator.ge, amounts, repeat(0))):
+            raise ValueError("a counter only goes up")
+        delta: dict = {}
+        for k, n in zip(keys, amounts):
+            delta[k] = delta.get(k, 0) + n
+        return delta
+
+    def commit(self, delta: dict) -> None:
+        values = self.values
+        for k, n in delta.items():
+            values[k] = values.get(k, 0) + n
 
     def family(self) -> CounterMetricFamily:
         fam = CounterMetricFamily(self.name, self.help, labels=self.labels)
         for key, value in list(self.values.items()):
-            fam.add_metric([str(v) for v in key], value)
+            fam.add_metric(_labels(key), value)
         return fam
 
 
@@ -59,23 +79,35 @@ class HistogramSeries:
 
     def __init__(self, name: str, help: str, labels: Sequence[str], bounds: Sequence[float]) -> None:
         self.name, self.help, self.labels, self.bounds = name, help, list(labels), tuple(bounds)
-        self.rows: dict[tuple, list] = {}
+        self.rows: dict[Any, list] = {}
         self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
 
-    def row(self, key: tuple) -> list:
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = [0] * (len(self.bounds) + 1) + [0.0]
-        return row
-
-    def observe(self, key: tuple, value: float) -> None:
-        """Raises (TypeError, ValueError) before changing anything when ``value`` is not a number."""
-        i = bisect_left(self.bounds, value)  # le is inclusive: the first bound >= value
-        if value != value:  # NaN: no bucket holds it, and it would poison the sum
+    def prepare(self, keys: list, values: list) -> tuple[Tally, dict]:
+        """A batch's bucket counts and sums (checked: a value that is not a number, or NaN, raises)."""
+        # le is inclusive: a value goes to the first bound >= it (bisect_left), all in C
+        buckets = Tally(zip(keys, map(bisect_left, repeat(self.bounds), values)))
+        if any(map(math.isnan, values)):  # no bucket holds NaN, and it would poison the sum
             raise ValueError("NaN")
-        row = self.row(key)
-        row[i] += 1
-        row[-1] += value
+        sums: dict = {}
+        distinct = set(keys)
+        if len(distinct) <= 8:  # the usual batch: a few label sets, each summed in C
+            for k in distinct:
+                sums[k] = sum(compress(values, map(operator.eq, keys, repeat(k))))
+        else:
+            for k, v in zip(keys, values):
+                sums[k] = sums.get(k, 0.0) + v
+        return buckets, sums
+
+    def commit(self, delta: tuple[Tally, dict]) -> None:
+        buckets, sums = delta
+        rows, width = self.rows, len(self.bounds) + 1
+        for (k, i), n in buckets.items():
+            row = rows.get(k)
+            if row is None:
+                row = rows[k] = [0] * width + [0.0]
+            row[i] += n
+        for k, v in sums.items():
+            rows[k][-1] += v
 
     def family(self) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(self.name, self.help, labels=self.labels)
@@ -84,12 +116,39 @@ class HistogramSeries:
             for le, n in zip(self._le, row):
                 total += n
                 buckets.append((le, total))
-            fam.add_metric([str(v) for v in key], buckets, sum_value=row[-1])
+            fam.add_metric(_labels(key), buckets, sum_value=row[-1])
         return fam
 
 
+def _get(*indices: int) -> Callable[[list], list]:
+    """A batch's values at ``indices`` of each event's fields (one tuple per event for several)."""
+    getter = operator.itemgetter(*indices)
+    return lambda fields: list(map(getter, fields))
+
+
+def _optional(index: int) -> Callable[[list], list]:
+    """A batch's values at ``index``, None for events with fewer fields."""
+    return lambda fields: [f[index] if len(f) > index else None for f in fields]
+
+
+def _wait(due: int, started: int) -> Callable[[list], list]:
+    """Seconds from ``due`` to ``started`` (two datetimes per event), at least 0, worked out in C."""
+    due_at, started_at = operator.itemgetter(due), operator.itemgetter(started)
+    return lambda fields: list(map(max, map(_SECONDS, map(operator.sub, map(started_at, fields),
+                                                            map(due_at, fields))), repeat(0.0)))
+
+
+_SECONDS = dt.timedelta.total_seconds
+_KIND, _FIELDS = operator.itemgetter(0), operator.itemgetter(1)
+
+
 class EventSeries(Collector):
-    """Every series fed from telemetry events, exposed through ``prometheus_client``."""
+    """Every series fed from telemetry events, exposed through ``prometheus_client``.
+
+    A drained batch is grouped by event kind and folded kind by kind with C-level iteration
+    (``Counter``, ``map(bisect_left, ...)``): the per-event Python work is a few bytecodes (a
+    histogram's sum), which matters because it runs in the node's process like the work it
+    measures. A batch with a malformed event is folded again event by event, the bad ones counted."""
 
     def __init__(self) -> None:
         c, h = CounterSeries, HistogramSeries
@@ -98,10 +157,12 @@ class EventSeries(Collector):
                               LATENCY)
         self.jobs_dispatched = c("forge_jobs_dispatched", "Jobs stored by this node (a rolled-back mutation's "
                                  "jobs included)", ["job", "queue"])
-        self.jobs_started = c("forge_jobs_started", "Job attempts started on this node", ["job", "queue"])
+        self.jobs_started = c("forge_jobs_started", "Job attempts run on this node (counted as each ends: the "
+                              "cluster's running ones are forge_jobs{status=\"running\"})", ["job", "queue"])
         self.job_wait = h("forge_job_queue_wait_seconds", "From due to started", ["job", "queue"], SLOW)
         self.jobs_finished = c("forge_jobs_finished", "Job attempts ended, by status (succeeded, failed = will "
-                               "retry, dead, cancelled, retry_later)", ["job", "status"])
+                               "retry, dead, cancelled, retry_later, lost = lease lost, released = node "
+                               "stopping)", ["job", "status"])
         self.job_seconds = h("forge_job_run_seconds", "Job attempt run time", ["job"], SLOW)
         self.cron_runs = c("forge_cron_runs", "Cron runs ended on this node, by status", ["cron", "status"])
         self.cron_lag = h("forge_cron_lag_seconds", "From the scheduled slot to the start of its run", ["cron"],
@@ -118,67 +179,69 @@ class EventSeries(Collector):
         self.reruns = c("forge_realtime_reruns", "Live-query re-runs", ["function"])
         self.rerun_seconds = h("forge_realtime_rerun_seconds", "Live-query re-run time", ["function"], LATENCY)
         self.all = [v for v in vars(self).values() if isinstance(v, (CounterSeries, HistogramSeries))]
+        #: event kind -> [(series, a batch's label values, its values or amounts (None: count 1), may be None)]
+        #: (the fields of each kind: the table in forge_kernel.telemetry)
+        self.specs: dict[str, list[tuple[Any, Callable, Callable | None, bool]]] = {
+            "call": [(self.calls, _get(0, 1, 2), None, False), (self.call_seconds, _get(0, 1), _get(3), False)],
+            "job.finished": [(self.jobs_started, _get(0, 1), None, False),
+                             (self.jobs_finished, _get(0, 2), None, False),
+                             (self.job_wait, _get(0, 1), _wait(3, 4), False),
+                             (self.job_seconds, _get(0), _get(5), False)],
+            "job.dispatched": [(self.jobs_dispatched, _get(0, 1), None, False)],
+            "cron.run": [(self.cron_runs, _get(0, 1), None, False), (self.cron_lag, _get(0), _get(2), True)],
+            "cron.missed": [(self.cron_missed, _get(0), _get(1), False)],
+            "rt.push": [(self.pushes, _get(0), None, False)],
+            "rt.rerun": [(self.reruns, _get(0), None, False), (self.rerun_seconds, _get(0), _get(1), False)],
+            "workflow.run": [(self.workflow_runs, _get(0, 1), None, False)],
+            "workflow.step": [(self.workflow_steps, _get(0, 1, 2), None, False),
+                              (self.workflow_step_seconds, _get(0, 1), _optional(3), True)],
+            "workflow.compensation": [(self.compensations, _get(0, 1, 2), None, False)],
+        }
 
     def collect(self) -> Iterable[Any]:
         for series in self.all:
             yield series.family()
 
-    def apply(self, events: Iterable[tuple], malformed: Callable[[], None]) -> int:
-        """Fold drained events into the series; unknown kinds are ignored (newer emitters). A
-        malformed event changes nothing (its histogram value is checked before its counter moves)."""
-        n = 0
-        calls = self.calls.values
-        call_rows, latency = self.call_seconds.rows, self.call_seconds.bounds
-        for kind, f in events:
-            n += 1
+    def apply(self, events: Sequence[tuple], malformed: Callable[[], None]) -> int:
+        """Fold drained ``(kind, fields)`` events into the series; unknown kinds are ignored (newer
+        emitters). A malformed event changes nothing: ``malformed()`` is called for it."""
+        # runs of one kind (a job drain is one run; a mix is folded run by run: sorting cost more)
+        for kind, group in groupby(events, _KIND):
             try:
-                if kind == "call":  # one per function call: the hottest, inlined
-                    name, fkind, code, seconds = f
-                    i = bisect_left(latency, seconds)
-                    if seconds != seconds:
-                        raise ValueError("NaN")
-                    key = (name, fkind, code)
-                    calls[key] = calls.get(key, 0) + 1
-                    row = call_rows.get(key[:2])
-                    if row is None:
-                        row = self.call_seconds.row(key[:2])
-                    row[i] += 1
-                    row[-1] += seconds
-                elif kind == "job.dispatched":
-                    self.jobs_dispatched.add((f[0], f[1]))
-                elif kind == "job.started":
-                    self.job_wait.observe((f[0], f[1]), f[2])
-                    self.jobs_started.add((f[0], f[1]))
-                elif kind == "job.finished":
-                    name, status, seconds = f
-                    if seconds is not None:
-                        self.job_seconds.observe((name,), seconds)
-                    self.jobs_finished.add((name, status))
-                elif kind == "cron.run":
-                    name, status, lag = f
-                    if lag is not None:
-                        self.cron_lag.observe((name,), lag)
-                    self.cron_runs.add((name, status))
-                elif kind == "cron.missed":
-                    if not f[1] >= 0:
-                        raise ValueError("not a count")
-                    self.cron_missed.add((f[0],), f[1])
-                elif kind == "rt.push":
-                    self.pushes.add((f[0],))
-                elif kind == "rt.rerun":
-                    self.rerun_seconds.observe((f[0],), f[1])
-                    self.reruns.add((f[0],))
-                elif kind == "workflow.run":
-                    self.workflow_runs.add((f[0], f[1]))
-                elif kind == "workflow.step":
-                    if len(f) > 3 and f[3] is not None:
-                        self.workflow_step_seconds.observe((f[0], f[1]), f[3])
-                    self.workflow_steps.add((f[0], f[1], f[2]))
-                elif kind == "workflow.compensation":
-                    self.compensations.add((f[0], f[1], f[2]))
-            except (ValueError, TypeError, IndexError):
-                malformed()
-        return n
+                spec = self.specs.get(kind)
+            except TypeError:  # an unhashable kind
+                spec = None
+            if spec is None:
+                continue
+            if spec is None:
+                continue
+            fields = list(map(_FIELDS, group))
+            try:
+                self._fold(spec, fields)
+            except (TypeError, ValueError, IndexError):
+                for f in fields:
+                    try:
+                        self._fold(spec, [f])
+                    except (TypeError, ValueError, IndexError):
+                        malformed()
+        return len(events)
+
+    @staticmethod
+    def _fold(spec: list, fields: list) -> None:
+        # every series' share is computed (and checked) before any is changed
+        deltas = []
+        for series, key, value, optional in spec:
+            keys = key(fields)
+            if value is None:
+                deltas.append((series, series.prepare(keys)))
+                continue
+            values = value(fields)
+            if optional and any(map(operator.is_, values, repeat(None))):
+                kept = list(map(operator.is_not, values, repeat(None)))
+                keys, values = list(compress(keys, kept)), list(compress(values, kept))
+            deltas.append((series, series.prepare(keys, values)))
+        for series, delta in deltas:
+            series.commit(delta)
 
 
 class NodeMetrics:
@@ -211,7 +274,7 @@ class NodeMetrics:
     def apply(self, events: Iterable[tuple]) -> int:
         """Aggregate drained telemetry events (off the hot path); also brings the ring's loss count
         and the kernel's count of discarded traces into their series."""
-        n = self.events.apply(events, lambda: self.drop("events", "malformed"))
+        n = self.events.apply(events, self._malformed)
         tel = getattr(self.node, "telemetry", None)
         if tel is not None:
             if tel.dropped > self._events_dropped_seen:
@@ -222,6 +285,9 @@ class NodeMetrics:
                 self.traces.labels("discarded").inc(discarded - self._discarded_seen)
                 self._discarded_seen = discarded
         return n
+
+    def _malformed(self) -> None:
+        self.drop("events", "malformed")
 
     def drop(self, kind: str, reason: str, n: int = 1) -> None:
         if n > 0:

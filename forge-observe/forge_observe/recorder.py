@@ -1,4 +1,4 @@
-"""The hot-path side of forge-observe: the tail sampler, job and log hooks.
+"""The hot-path side of forge-observe: the tail sampler and the log sink.
 
 Everything here runs on the app's path and therefore only decides and appends: a kept trace or a
 log row into the writer's queue, an event tuple into the node's ring. Function calls are recorded
@@ -8,7 +8,6 @@ middleware layer cost more per call than everything else recorded for it (bench/
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Any, Callable
 
@@ -82,8 +81,12 @@ class LogSink:
             text = self.redact(text)
         extra = r["extra"]
         span = current_span()
-        trace = span.trace if span is not None else None
-        ids = trace.ids if trace is not None else {}
+        ids = None
+        if span is not None:  # a root carries its work's ids; a child reaches them through its trace
+            ids = span.ids
+            if ids is None and span.trace is not None:
+                ids = span.trace.ids
+        ids = ids or {}
         call_id = extra.get("request_id")
         if call_id == "-":
             call_id = None
@@ -109,23 +112,3 @@ def _extra(extra: dict[str, Any], limit: int, redact: Callable[[str], str] | Non
     if len(text) > limit:
         return json.dumps({"truncated": truncate(text, limit)})
     return text
-
-
-def job_finished(tel: Telemetry, outcome: Any) -> None:
-    """``forge_job_finished``: job and cron outcome events (the aggregation happens later)."""
-    if not tel.enabled:
-        return
-    started = outcome.started_at
-    seconds = (outcome.finished_at - started).total_seconds() if started is not None else None
-    tel.emit("job.finished", outcome.name, outcome.status, seconds)
-    opts = outcome.options or {}
-    cron = opts.get("cron")
-    if cron:
-        lag = None
-        slot = opts.get("slot")
-        if started is not None and isinstance(slot, str):
-            try:
-                lag = max(0.0, (started - dt.datetime.fromisoformat(slot)).total_seconds())
-            except (ValueError, TypeError):
-                lag = None
-        tel.emit("cron.run", cron, outcome.status, lag)

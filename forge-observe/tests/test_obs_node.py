@@ -251,3 +251,37 @@ async def test_cluster_gauges_come_from_the_leader_only(forge_node, forge_db_url
     # each node still serves its own series
     assert 'forge_node_info{node="%s"' % follower in texts[follower]
     assert _samples(texts[follower], "forge_db_pool_connections")
+
+
+async def test_unsampled_jobs_get_a_span_only_when_they_log_fail_or_hand_on(forge_node, forge_db_url):
+    """A job in an unsampled trace runs without a span (one job.finished event) until it needs one:
+    its log lines still name the trace and the job, and a failed run is kept as a span continuing
+    the request's trace (the dispatch span as its parent)."""
+    node = await _node(forge_node, sample_rate=0.0)
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    unsampled = f"00-{trace_id}-b7ad6b7169203331-00"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+        assert (await http.post("/rpc/add_note", json={"body": "quiet"},
+                                headers={"traceparent": unsampled})).status_code == 200
+        assert (await http.post("/rpc/add_failing", json={}, headers={"traceparent": unsampled})).status_code == 200
+
+    async def job_log():
+        return await rows(forge_db_url, "SELECT trace_id, span_id, job_id FROM forge_obs_logs "
+                                        "WHERE message LIKE 'job for note%'")
+
+    (line,) = await eventually(job_log, what="the job's log line")
+    assert line["trace_id"] == trace_id and line["job_id"] is not None and line["span_id"]
+
+    async def failed_run():
+        return await rows(forge_db_url, "SELECT span_id, parent_id, name, kind, error FROM forge_obs_spans "
+                                        "WHERE trace_id = $1", trace_id)
+
+    spans = await eventually(failed_run, what="the failed job's span")
+    (run,) = [s for s in spans if s["name"] == "job failing_job"]
+    assert run["kind"] == "consumer" and "failing on purpose" in run["error"] and run["parent_id"] != "b7ad6b7169203331"
+    # the note job went well and its trace was not sampled: it kept nothing (its log line named the trace)
+    assert not [s for s in spans if s["name"] == "job note_job"]
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{node.ports['http']}/metrics")).text
+    assert 'forge_jobs_finished_total{job="note_job",status="succeeded"} 1.0' in text
+    assert 'forge_jobs_finished_total{job="failing_job",status="dead"} 1.0' in text

@@ -214,14 +214,16 @@ async def test_alert_fires_once_and_resolves(forge_db_url):
         await conn.close()
 
 
+_T0 = dt.datetime(2026, 12, 6, tzinfo=dt.timezone.utc)
 _seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0.0005, 0.001, 0.25, 60.0]))
 
 
 @settings(max_examples=60, deadline=None)
 @given(calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), st.sampled_from(["OK", "INTERNAL"]), _seconds),
                       max_size=40),
-       waits=st.lists(st.tuples(st.sampled_from(["j", "k"]), _seconds), max_size=10),
-       junk=st.lists(st.sampled_from([("call", ("f",)), ("job.started", ("j", "default", "soon")),
+       waits=st.lists(st.tuples(st.sampled_from(["j", "k"]), _seconds, _seconds), max_size=10),
+       junk=st.lists(st.sampled_from([("call", ("f",)), ("job.finished", ("j", "default", "succeeded", "soon", _T0,
+                                                                          1.0)),
                                       ("call", ("f", "query", "OK", float("nan"))), ("later.kind", (1,))]),
                      max_size=4))
 def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
@@ -244,9 +246,14 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
         events.append(("call", (name, "query", code, seconds)))
         m_calls.labels(name, "query", code).inc()
         m_seconds.labels(name, "query").observe(seconds)
-    for job, seconds in waits:
-        events.append(("job.started", (job, "default", seconds)))
-        m_wait.labels(job, "default").observe(seconds)
+    m_started = Counter("forge_jobs_started", "", ["job", "queue"], registry=model)
+    m_run = Histogram("forge_job_run_seconds", "", ["job"], buckets=SLOW, registry=model)
+    for job, seconds, run in waits:
+        started = _T0 + dt.timedelta(seconds=seconds)  # the job's row holds times (to the microsecond)
+        events.append(("job.finished", (job, "default", "succeeded", _T0, started, run)))
+        m_wait.labels(job, "default").observe((started - _T0).total_seconds())
+        m_started.labels(job, "default").inc()
+        m_run.labels(job).observe(run)
     half = len(events) // 2  # two drains, as the aggregation loop makes them
     assert ours.apply(events[:half] + junk) + ours.apply(events[half:]) == len(events) + len(junk)
 
@@ -255,7 +262,8 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
                       for fam in registry.collect() if fam.name in names for s in fam.samples
                       if not s.name.endswith("_created"))
 
-    names = {"forge_function_calls", "forge_function_duration_seconds", "forge_job_queue_wait_seconds"}
+    names = {"forge_function_calls", "forge_function_duration_seconds", "forge_job_queue_wait_seconds",
+             "forge_jobs_started", "forge_job_run_seconds"}
     assert samples(ours.registry, names) == samples(model, names)
     malformed = sum(1 for kind, f in junk if kind != "later.kind")
     assert sum(s.value for fam in ours.registry.collect() if fam.name == "forge_observe_dropped"

@@ -258,6 +258,21 @@ class CronEngine:
                                           "slot": slot.isoformat(), "trigger": kind})
 
 
+def count_run(telemetry: Any, outcome: JobOutcome) -> None:
+    """A ``cron.run`` event (cron, status, lag from the slot to the run's start) for whoever observes
+    the node (``node.telemetry``; free when nothing does)."""
+    if telemetry is None or not telemetry.enabled:
+        return
+    opts = outcome.options or {}
+    lag, slot, started = None, opts.get("slot"), outcome.started_at
+    if started is not None and isinstance(slot, str):
+        try:
+            lag = max(0.0, (started - dt.datetime.fromisoformat(slot)).total_seconds())
+        except (ValueError, TypeError):
+            lag = None
+    telemetry.emit("cron.run", opts.get("cron"), outcome.status, lag)
+
+
 async def record_outcome(pool: asyncpg.Pool, outcome: JobOutcome) -> bool:
     """Update the run behind a cron job with how an attempt ended (``forge_job_finished``).
     A final status is never replaced by an open one (a late duplicate cannot reopen a run)."""

@@ -50,3 +50,13 @@ async def sleepy(ctx, seconds: float) -> float:
 async def shout(ctx, size: int, letter: str = "x") -> int:
     ctx.log.info(letter * size)
     return size
+
+
+@mutation(public=True)
+async def add_failing(ctx) -> int:
+    return await ctx.dispatch(failing_job)
+
+
+@job(max_attempts=1)
+async def failing_job(ctx) -> None:
+    raise RuntimeError("failing on purpose")
