@@ -24,7 +24,7 @@ from loguru import logger
 from forge_kernel.db import TableRead
 from forge_kernel.errors import ForgeError, InvalidArgument
 from forge_kernel.executor import Auth, bind_arguments
-from forge_kernel.telemetry import current_span
+from forge_kernel.telemetry import current_span, traceparent
 
 from .capture import CaptureError, CaptureManager
 from .changes import Change
@@ -318,6 +318,8 @@ class LiveQueryEngine:
         if q.result_json is not None and not q.running and not q.queued and not q.dirty:
             self._deliver_one(q, sub)
         else:
+            if q.cause is None and not q.running:
+                q.cause = traceparent()  # the first run joins the trace of the subscribe that asked for it
             self._schedule(q)
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -484,6 +486,8 @@ class LiveQueryEngine:
             if not sub.acked:
                 sub.acked = True
                 self.stats.unchanged += 1
+                if self.telemetry is not None and self.telemetry.enabled:
+                    self.telemetry.emit("rt.push", "unchanged")
                 sub.owner.push(sub.sub_id, encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
                                                    "position": q.position}), "unchanged")
             return

@@ -84,9 +84,10 @@ class Realtime:
     def verifier(self) -> Any:
         return self.node.loader.hook.forge_auth_verifier(node=self.node)
 
-    async def serve(self, transport: Any) -> Session | None:
-        """Run one connection to its end."""
+    async def serve(self, transport: Any, traceparent: str | None = None) -> Session | None:
+        """Run one connection to its end. ``traceparent``: the trace its messages' spans continue."""
         session = Session(self.engine, self.verifier(), self.config, transport)
+        session.telemetry, session.traceparent = self.node.telemetry, traceparent
         self.sessions.add(session)
         try:
             await session.serve()
@@ -127,14 +128,23 @@ def websocket_handler(node: Any, path: str = "/ws") -> Any:
 
     @websocket(path)
     async def forge_realtime_socket(socket: WebSocket) -> None:
-        await socket.accept()
-        if not rt.accepting and not rt.draining:
-            # the gateway may come up a moment before this service: wait instead of bouncing clients
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(rt.started.wait(), 10)
-        if not rt.accepting:
-            await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
-            return
-        await rt.serve(LitestarTransport(socket))
+        tel = node.telemetry
+        # a span for the handshake only (a connection lasts hours): it continues the client's
+        # traceparent, and each message's span continues it in turn, so a connection is one trace
+        span = tel.start_span(f"WS {path}", "server", remote=socket.headers.get("traceparent") or "",
+                              attrs={"ws.path": path}) if tel.enabled else None
+        try:
+            await socket.accept()
+            if not rt.accepting and not rt.draining:
+                # the gateway may come up a moment before this service: wait instead of bouncing clients
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(rt.started.wait(), 10)
+            if not rt.accepting:
+                await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
+                tel.end_span(span, "UNAVAILABLE")
+                return
+        finally:
+            tel.end_span(span)
+        await rt.serve(LitestarTransport(socket), span.traceparent() if span is not None else None)
 
     return forge_realtime_socket
