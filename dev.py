@@ -21,8 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-# the role packages, installed beside the kernel; third-party examples under plugins/ are built by their tests
-PACKAGES = ["forge-gateway", "forge-worker", "forge-scheduler", "forge-realtime", "forge-observe"]
+# the role packages and forge-codegen, installed beside the kernel; third-party examples under plugins/
+# (forge-hello) are built by their tests
+PACKAGES = ["forge-gateway", "forge-worker", "forge-scheduler", "forge-realtime", "forge-observe", "plugins/forge-codegen"]
 
 
 def _stamp() -> str:

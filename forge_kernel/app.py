@@ -162,17 +162,74 @@ def cron(schedule: str, /, *, timezone: str = "UTC", name: str | None = None, **
 
 
 # --- models ---------------------------------------------------------------------------
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+ON_DELETE = ("cascade", "restrict", "set null", "set default", "no action")
+
+
+@attrs.frozen
+class Column:
+    """Column options of a ``@model`` field (``field(index=True, ...)``); the schema tools
+    (``forge-node generate migration``) read them. Nullability comes from ``X | None`` unless
+    ``nullable`` says otherwise; the SQL type from the Python type unless ``sql_type`` does."""
+
+    index: bool = False
+    unique: bool = False
+    #: a ``@model`` class (or its table name) whose primary key this column refers to
+    references: Any = None
+    on_delete: str | None = None
+    #: a SQL boolean expression over the row (``"length(title) <= 200"``)
+    check: str | None = None
+    #: a SQL expression the database fills in (``"now()"``); a plain Python default (a number, a
+    #: string, a boolean) becomes the column's DEFAULT by itself
+    server_default: str | None = None
+    sql_type: str | None = None
+    nullable: bool | None = None
+
+
+COLUMN_KEY = "forge.column"
+
+
+def field(*, default: Any = attrs.NOTHING, factory: Callable[[], Any] | None = None, index: bool = False,
+          unique: bool = False, references: Any = None, on_delete: str | None = None, check: str | None = None,
+          server_default: str | None = None, sql_type: str | None = None, nullable: bool | None = None,
+          **settings: Any) -> Any:
+    """A ``@model`` field with column options: ``board: str = field(index=True)``,
+    ``owner: UUID = field(references=User, on_delete="cascade")``. Other keyword arguments go
+    to ``attrs.field``."""
+    if on_delete is not None and on_delete.lower() not in ON_DELETE:
+        raise ValueError(f"field: on_delete must be one of {', '.join(ON_DELETE)}, got {on_delete!r}")
+    if on_delete is not None and references is None:
+        raise ValueError("field: on_delete needs references=...")
+    col = Column(index=index, unique=unique, references=references, on_delete=on_delete and on_delete.lower(),
+                 check=check, server_default=server_default, sql_type=sql_type, nullable=nullable)
+    metadata = {**settings.pop("metadata", {}), COLUMN_KEY: col}
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=metadata, **settings)
+    return attrs.field(default=default, metadata=metadata, **settings)
+
+
 @attrs.frozen
 class ModelDef:
     cls: type
     table: str
     primary_key: str
     columns: tuple[str, ...]
+    #: column options by column name (``Column()`` for plain fields)
+    options: Mapping[str, Column] = attrs.field(factory=dict)
+    #: indexes over several columns: ``(("owner", "created_at"), ...)``
+    indexes: tuple[tuple[str, ...], ...] = ()
+    #: unique constraints over several columns
+    unique_together: tuple[tuple[str, ...], ...] = ()
+
+    def column(self, name: str) -> Column:
+        return self.options.get(name) or Column()
 
 
-def model(cls: type | None = None, /, *, table: str | None = None, primary_key: str = "id"):
+def model(cls: type | None = None, /, *, table: str | None = None, primary_key: str = "id",
+          indexes: Iterable[Iterable[str]] = (), unique_together: Iterable[Iterable[str]] = ()):
     """``@model`` turns a class into an attrs class mapped to a table (``table`` defaults to the
-    lower-cased class name plus ``s``). ``ctx.db.insert/get/select/update/delete`` use it."""
+    lower-cased class name plus ``s``). ``ctx.db.insert/get/select/update/delete`` use it, and
+    ``forge-node generate migration`` writes its table from the fields (see :func:`field`)."""
 
     def wrap(c: type) -> type:
         if not attrs.has(c):
@@ -183,7 +240,18 @@ def model(cls: type | None = None, /, *, table: str | None = None, primary_key: 
         cols = tuple(a.name for a in attrs.fields(c))
         if primary_key not in cols:
             raise ValueError(f"@model {c.__name__}: primary key {primary_key!r} is not a field")
-        c.__forge_model__ = ModelDef(c, tname, primary_key, cols)  # type: ignore[attr-defined]
+        multi = []
+        for what, groups in (("indexes", indexes), ("unique_together", unique_together)):
+            out = []
+            for group in groups:
+                group = (group,) if isinstance(group, str) else tuple(group)
+                unknown = [g for g in group if g not in cols]
+                if not group or unknown:
+                    raise ValueError(f"@model {c.__name__}: {what} {group!r} names no field or unknown fields {unknown}")
+                out.append(group)
+            multi.append(tuple(out))
+        options = {a.name: a.metadata[COLUMN_KEY] for a in attrs.fields(c) if COLUMN_KEY in a.metadata}
+        c.__forge_model__ = ModelDef(c, tname, primary_key, cols, options, *multi)  # type: ignore[attr-defined]
         return c
 
     return wrap(cls) if cls is not None else wrap

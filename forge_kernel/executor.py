@@ -14,7 +14,9 @@ Every surface (HTTP, WebSocket, jobs, tests) calls functions through
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
+import json
 import secrets
 import time
 import traceback
@@ -28,13 +30,30 @@ from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
 from .db import Database, TableRead
 from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
+from .reads import QueryReads, ReadPool
 from .telemetry import Telemetry, current, format_traceparent, new_span_id
 
 
 # --- auth ------------------------------------------------------------------------------
+#: user ids of API-key callers start with this, so no token subject can be one of them
+API_KEY_PREFIX = "apikey:"
+#: the user id of the system identity; token subjects may not take it either
+SYSTEM_USER_ID = "system"
+
+
 @attrs.frozen
 class Auth:
-    """Who is calling. ``kind`` is ``anonymous``, ``user`` or ``service`` (an API key)."""
+    """Who is calling. ``kind``:
+
+    * ``anonymous`` - no credential;
+    * ``user`` - a verified token (``user_id`` is its subject, see :meth:`for_user`);
+    * ``service`` - an API key (``user_id`` is ``apikey:<name>``, see :meth:`for_api_key`);
+    * ``system`` - the node itself (:data:`SYSTEM`): crons, jobs enqueued from plain Python, and
+      code that elevates explicitly with ``ctx.as_system()``. It passes every roles check.
+
+    A job runs as the identity that dispatched it (kind, user id and roles are stored with the
+    job; token claims are not).
+    """
 
     user_id: str | None = None
     roles: frozenset[str] = frozenset()
@@ -42,19 +61,52 @@ class Auth:
     kind: str = "anonymous"
     expires_at: dt.datetime | None = None
 
+    @classmethod
+    def for_user(cls, user_id: str, roles: Iterable[str] = (), claims: Mapping[str, Any] | None = None,
+                 expires_at: dt.datetime | None = None) -> "Auth":
+        """The caller of a verified token. Raises ``ValueError`` for a subject in a reserved
+        namespace (``apikey:...`` or ``system``): a token must not pose as a service or the node."""
+        if user_id == SYSTEM_USER_ID or user_id.startswith(API_KEY_PREFIX):
+            raise ValueError(f"subject {user_id!r} is reserved ('{SYSTEM_USER_ID}' and '{API_KEY_PREFIX}...' "
+                             f"name the node and API keys)")
+        return cls(user_id=user_id, roles=frozenset(roles), claims=dict(claims or {}), kind="user",
+                   expires_at=expires_at)
+
+    @classmethod
+    def for_api_key(cls, name: str, roles: Iterable[str] = ()) -> "Auth":
+        """The caller of an API key: ``user_id`` is ``apikey:<name>``, its own namespace."""
+        return cls(user_id=API_KEY_PREFIX + name, roles=frozenset(roles), claims={"api_key": name}, kind="service")
+
     @property
     def authenticated(self) -> bool:
         return self.kind != "anonymous"
 
     def has_roles(self, required: Iterable[str]) -> bool:
-        return set(required) <= self.roles
+        return self.kind == "system" or set(required) <= self.roles
 
     def scope_key(self) -> str:
         return f"{self.kind}:{self.user_id or ''}"
 
+    def to_job(self) -> dict[str, Any]:
+        """What a job stores of its dispatcher (``run_as``)."""
+        return {"kind": self.kind, "user_id": self.user_id, "roles": sorted(self.roles)}
+
+    @classmethod
+    def from_job(cls, run_as: Mapping[str, Any] | None, caller: str | None = None) -> "Auth":
+        """The identity a stored job runs as. Rows without ``run_as`` predate it: their ``caller``
+        ran as a user without roles, no caller as the system."""
+        if run_as is None:
+            return cls(user_id=caller, kind="user") if caller else SYSTEM
+        kind = run_as.get("kind")
+        if kind == "system":
+            return SYSTEM
+        if kind == "anonymous":
+            return ANONYMOUS
+        return cls(user_id=run_as.get("user_id"), roles=frozenset(run_as.get("roles") or ()), kind=kind or "user")
+
 
 ANONYMOUS = Auth()
-SYSTEM = Auth(user_id="system", roles=frozenset({"system"}), kind="service")
+SYSTEM = Auth(user_id=SYSTEM_USER_ID, roles=frozenset({"system"}), kind="system")
 
 
 # --- jobs dispatched from contexts --------------------------------------------------------
@@ -72,16 +124,22 @@ class JobRequest:
     timeout: float | None = None
     unique_key: str | None = None
     on_conflict: str = "skip"  # skip | replace
+    #: who asked, shown in job listings (the dispatcher's user id, or a label such as "scheduler")
     caller: str | None = None
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: the identity the job runs as (``Auth.to_job()``); ``job_request`` fills it (the system by default)
+    run_as: Mapping[str, Any] | None = None
 
 
 def job_request(defn: FunctionDef | str, args: Mapping[str, Any], *, caller: str | None = None,
+                run_as: Auth | None = None,
                 delay: dt.timedelta | float | None = None, run_at: dt.datetime | None = None,
                 priority: int | None = None, queue: str | None = None, unique_key: str | None = None,
                 on_conflict: str = "skip", max_attempts: int | None = None, capability: str | None = None,
                 timeout: float | None = None) -> JobRequest:
-    """Validate ``args`` against the job's signature and build a :class:`JobRequest`."""
+    """Validate ``args`` against the job's signature and build a :class:`JobRequest`.
+
+    ``run_as``: the identity the job runs as; ``None`` (crons, plain Python) is the system."""
     if isinstance(defn, str):
         name, opts, jt = defn, {}, None
         payload = dict(args)
@@ -107,8 +165,9 @@ def job_request(defn: FunctionDef | str, args: Mapping[str, Any], *, caller: str
         timeout=timeout if timeout is not None else jt,
         unique_key=unique_key,
         on_conflict=on_conflict,
-        caller=caller,
+        caller=caller if caller is not None or run_as is None else run_as.user_id,
         options={k: v for k, v in opts.items() if k not in ("queue", "priority", "max_attempts", "capability")},
+        run_as=(run_as or SYSTEM).to_job(),
     )
 
 
@@ -169,6 +228,17 @@ class Context:
     def node(self):
         return self._executor.node
 
+    def as_system(self) -> "Context":
+        """This context acting as the system identity: ``ctx.as_system().query(...)``,
+        ``.mutation(...)`` and ``.dispatch(...)`` run as :data:`SYSTEM` (every roles check passes,
+        jobs run as system). The one way app code elevates; grep for ``as_system``. The elevated
+        context shares this call's connection: its ``db`` is still the caller's transaction."""
+        elevated = copy.copy(self)
+        elevated._call = attrs.evolve(self._call, auth=SYSTEM)
+        logger.bind(request_id=self.request_id).debug(
+            f"{self._call.defn.name}: elevated to system (was {self._call.auth.scope_key()})")
+        return elevated
+
 
 class QueryContext(Context):
     pass
@@ -184,7 +254,8 @@ class MutationContext(Context):
         if isinstance(defn, str):
             found = self._executor.registry.get(defn)
             defn = found if found is not None else defn
-        req = job_request(defn, args, caller=self._call.auth.user_id, delay=delay, run_at=run_at,
+        # the job runs as whoever dispatched it (anonymous stays anonymous)
+        req = job_request(defn, args, run_as=self._call.auth, delay=delay, run_at=run_at,
                           priority=priority, queue=queue, unique_key=unique_key, on_conflict=on_conflict)
         span = current()
         if span is None:
@@ -253,6 +324,29 @@ def bind_arguments(defn: FunctionDef, args: Mapping[str, Any] | Any) -> dict[str
 SET_TRACE = "SELECT set_config('forge.traceparent', $1, true)"
 
 
+# The caller's data, refused by PostgreSQL: class 22 (invalid text incl. NUL bytes, value too long,
+# numeric out of range, bad datetime), class 23 (not-null, foreign-key, check, exclusion; unique is
+# CONFLICT and caught before), and asyncpg refusing to encode an argument (e.g. out of int32 range).
+_REFUSED_DATA = (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError,
+                 asyncpg.exceptions._base.DataError)
+
+
+def refused_by_database(function: str, request_id: str, exc: Exception) -> InvalidArgument:
+    """``INVALID_ARGUMENT`` naming what the database refused (constraint, column, table), logged
+    at INFO without a traceback: bad input is the caller's problem, not the node's."""
+    where = {k: v for k, v in (("constraint", getattr(exc, "constraint_name", None)),
+                               ("column", getattr(exc, "column_name", None)),
+                               ("table", getattr(exc, "table_name", None))) if v}
+    sqlstate = getattr(exc, "sqlstate", None)
+    message = getattr(exc, "message", None) or str(exc)
+    named = ", ".join(f"{k} {v}" for k, v in where.items())
+    logger.bind(request_id=request_id).info(
+        f"{function}: the database refused the call's data ({sqlstate or type(exc).__name__}"
+        f"{'; ' + named if named else ''}; request {request_id})")
+    return InvalidArgument(f"{function}: invalid argument: {message}" + (f" ({named})" if named else ""),
+                           details={**where, "sqlstate": sqlstate} if sqlstate else where or None)
+
+
 def new_request_id() -> str:
     return secrets.token_hex(8)
 
@@ -262,18 +356,20 @@ class FunctionExecutor:
 
     def __init__(self, registry: Registry, pool: asyncpg.Pool, *, default_timeout: float = 30.0,
                  middleware: Sequence[Callable[[Call, Callable[[Call], Awaitable[Any]]], Awaitable[Any]]] = (),
-                 dispatcher: Any = None, node: Any = None, query_pool: asyncpg.Pool | None = None) -> None:
+                 dispatcher: Any = None, node: Any = None, reads: QueryReads | None = None) -> None:
         self.registry = registry
         self.pool = pool
-        #: connections whose sessions are read-only by default (``db.create_pool(read_only=True)``);
-        #: without one, queries run in BEGIN READ ONLY ... COMMIT on ``pool``
-        self.query_pool = query_pool
+        #: where queries read (replica or primary, read-only sessions or BEGIN READ ONLY); without
+        #: it, queries run in BEGIN READ ONLY ... COMMIT on ``pool``
+        self.reads = reads or QueryReads(ReadPool(pool))
         self.default_timeout = default_timeout
         self.middleware = list(middleware)
         self._dispatcher = dispatcher
         self.node = node
         #: where calls are recorded (``node.telemetry``; an unattached one records nothing)
         self.telemetry: Telemetry = getattr(node, "telemetry", None) or Telemetry()
+        #: every call's transaction carries the caller (``set_caller``); see ``[app] row_security``
+        self.row_security = False
         chain: Callable[[Call], Awaitable[Any]] = self._invoke
         for mw in reversed(self.middleware):
             chain = (lambda m, nxt: (lambda c: m(c, nxt)))(mw, chain)
@@ -282,11 +378,11 @@ class FunctionExecutor:
     def dispatcher(self) -> Any:
         if self._dispatcher is None:
             raise ForgeError("ctx.dispatch needs a job store: install forge-worker (pip install forge-worker) "
-                             "on this node; it need not run the worker role")
+                             "on this node; it need not run the worker role", code="UNAVAILABLE")
         return self._dispatcher
 
     def authorize(self, defn: FunctionDef, auth: Auth) -> None:
-        if defn.public:
+        if defn.public or auth.kind == "system":
             return
         if not auth.authenticated:
             raise Unauthenticated(f"{defn.name} requires an authenticated caller")
@@ -340,6 +436,9 @@ class FunctionExecutor:
         except asyncpg.exceptions.UniqueViolationError as exc:
             code = "CONFLICT"
             raise ForgeError(f"conflict: {exc.detail or 'a unique constraint was violated'}", code="CONFLICT") from None
+        except _REFUSED_DATA as exc:
+            code = InvalidArgument.code
+            raise refused_by_database(defn.name, call.request_id, exc) from None
         except Exception:
             code = ForgeError.code
             logger.bind(request_id=call.request_id).error(
@@ -358,26 +457,62 @@ class FunctionExecutor:
         defn = call.defn
         if defn.kind == "action":
             return await defn.fn(ActionContext(self, call, None), **call.args)
-        if defn.kind == "query" and self.query_pool is not None:
-            # Each statement runs in its own read-only transaction (the session default). At READ
-            # COMMITTED that is what BEGIN READ ONLY gave (a snapshot per statement), minus two round trips.
-            async with self.query_pool.acquire() as conn:
-                db = Database(conn, readonly=True)
-                result = await defn.fn(QueryContext(self, call, db), **call.args)
-                if call.track_reads:
-                    call.reads = await db.read_set()
-                return result
+        if defn.kind == "query":
+            # with row security on, the caller's settings need a transaction of their own (read-only)
+            async with self.reads.connection(transaction=self.row_security) as conn:
+                if self.row_security:
+                    await set_caller(conn, call.auth)
+                return await self._query(conn, call)
         async with self.pool.acquire() as conn:
-            if defn.kind == "query":
-                async with conn.transaction(readonly=True):
-                    db = Database(conn, readonly=True)
-                    result = await defn.fn(QueryContext(self, call, db), **call.args)
-                    if call.track_reads:
-                        call.reads = await db.read_set()
-                    return result
             async with conn.transaction():
+                if self.row_security:
+                    await set_caller(conn, call.auth)
                 span = current()
                 if span is not None and span.sampled:
                     # what this transaction's writes trigger (a live query's re-run) joins its trace
                     await conn.execute(SET_TRACE, span.traceparent())
-                return await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
+                result = await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
+            await self.reads.committed(conn)  # read-your-writes on a replica
+            return result
+
+    async def _query(self, conn: asyncpg.Connection, call: Call) -> Any:
+        db = Database(conn, readonly=True)
+        result = await call.defn.fn(QueryContext(self, call, db), **call.args)
+        if call.track_reads:
+            call.reads = await db.read_set()
+        return result
+
+
+# --- row-level security -------------------------------------------------------------------
+#: Transaction-local settings that carry the caller into PostgreSQL, for row-level security
+#: policies: ``current_setting('forge.user_id', true)`` (empty for anonymous),
+#: ``forge.auth_kind`` (anonymous | user | service | system) and ``forge.roles`` (a JSON array:
+#: ``current_setting('forge.roles', true)::jsonb ? 'admin'``).
+SET_CALLER = ("SELECT set_config('forge.user_id', $1, true), set_config('forge.auth_kind', $2, true), "
+              "set_config('forge.roles', $3, true)")
+
+
+async def set_caller(conn: asyncpg.Connection, auth: Auth) -> None:
+    """Put ``auth`` into the current transaction's settings (gone at its end, so a pooled
+    connection never carries one caller into the next)."""
+    await conn.execute(SET_CALLER, auth.user_id or "", auth.kind, json.dumps(sorted(auth.roles)))
+
+
+async def row_security(conn: asyncpg.Connection, mode: str) -> tuple[bool, str, bool]:
+    """Whether calls carry the caller (``[app] row_security``: ``on``, ``off``, or ``auto`` - on
+    when a table of this database has row-level security enabled), a line saying so, and whether
+    the connection's role bypasses every policy (a superuser or BYPASSRLS role)."""
+    tables = await conn.fetch("SELECT c.oid::regclass::text AS name FROM pg_class c JOIN pg_namespace n ON "
+                              "n.oid = c.relnamespace WHERE c.relrowsecurity AND c.relkind IN ('r', 'p') "
+                              "AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1")
+    on = mode == "on" or (mode == "auto" and bool(tables))
+    if not on:
+        return False, "", False
+    bypass = await conn.fetchval("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")
+    names = ", ".join(r["name"] for r in tables[:10]) or "none yet"
+    line = f"row security: calls carry the caller (tables with policies: {names})"
+    if bypass:
+        user = await conn.fetchval("SELECT current_user")
+        line += (f"; but the node connects as {user}, a superuser or BYPASSRLS role, which no policy restricts - "
+                 f"connect as a role without SUPERUSER and BYPASSRLS for the policies to apply")
+    return True, line, bool(bypass)

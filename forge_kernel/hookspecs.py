@@ -119,6 +119,33 @@ def forge_registry_loaded(registry: "Registry", node: "Node | None") -> None:
     """
 
 
+@hookspec
+def forge_registry_reloaded(node: "Node", registry: "Registry") -> Any:
+    """The node now serves ``registry`` in place of the one it had (``forge-node dev`` reloaded the app).
+
+    Called by ``Node.reload_registry`` on the node's event loop, after ``registry`` passed
+    ``forge_registry_loaded``, its new migrations were applied, and ``node.registry`` and
+    ``node.executor.registry`` point at it; never during start-up. Return ``None`` or an
+    awaitable (the node awaits it); an exception is logged and does not undo the swap.
+    Implemented by plugins that keep something derived from the registry: the gateway
+    rebuilds its OpenAPI document, realtime re-runs every live query as its subscriber and
+    pushes only results that changed (open WebSockets stay open). Must not keep the old
+    registry's functions around.
+    """
+
+
+@hookspec
+def forge_dev_notice(node: "Node", notice: Mapping[str, Any]) -> None:
+    """A message for the developers watching a node run by ``forge-node dev``.
+
+    Called by the dev command after each reload attempt, with a JSON-safe mapping:
+    ``event`` (``"reloaded"`` or ``"reload_failed"``), ``message``, ``file`` and ``line``
+    (where a failed reload's error is, or ``None``), ``functions`` (names now served). Return
+    nothing; must not block. Implemented by plugins with connected clients: realtime sends it
+    to every open WebSocket as ``{"type": "dev", ...}`` so a page can show the error.
+    """
+
+
 @hookspec(firstresult=True)
 def forge_job_dispatcher(node: "Node") -> Any:
     """The object that turns ``ctx.dispatch(...)`` into stored jobs.
@@ -197,6 +224,9 @@ def forge_auth_verifier(node: "Node") -> Any:
     Implemented by the gateway (firstresult). Returns an object with
     ``async verify(token: str) -> Auth`` raising ``forge_kernel.errors.Unauthenticated``
     for a bad or expired credential (never returning an anonymous caller for a bad token).
+    Token callers are built with ``Auth.for_user`` (which refuses the reserved subjects
+    ``system`` and ``apikey:...``), API-key callers with ``Auth.for_api_key`` (user id
+    ``apikey:<name>``), so no token can pose as a key or the node.
     Realtime uses it for the WebSocket ``auth`` message.
     """
 
@@ -211,4 +241,24 @@ def forge_cluster_gauges(node: "Node") -> list["ClusterGauge"]:
     returning ``[(label values, value)]``). Only the scheduler leader collects them (as a
     maintenance task) and exports them, so scraping every node never counts the cluster twice.
     ``collect`` must be one cheap query: it runs every few seconds.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_rate_limiter(node: "Node") -> Any:
+    """The functions' declared rate limits (``@query(rate_limit=RateLimit(...))``) for calls that
+    reach the node other than through the gateway's ``/rpc``, so no transport walks around them.
+
+    Called once per node start by plugins that run functions for remote callers (realtime, for
+    every WebSocket ``subscribe``). Implemented by the gateway (firstresult); ``None`` when no
+    plugin limits calls. Returns one object per node, shared with ``/rpc`` (a call spends the
+    same window whichever way it came), with:
+
+    * ``client_address(scope) -> str``: the caller's address for an ASGI ``http`` or ``websocket``
+      connection scope, believing forwarded headers only as the gateway's config says;
+    * ``async admit(definition, auth, client) -> None``: spend one call of the
+      ``forge_kernel.app.FunctionDef``'s limit for ``auth`` calling from ``client``; returns at once
+      for a function without a limit; raises ``forge_kernel.errors.RateLimited`` with
+      ``details["retry_after"]`` (whole seconds, at least 1) when the limit is used up. Callers
+      authorise first, so an unauthorised caller never spends another caller's calls.
     """

@@ -29,7 +29,9 @@ windows are its own: drain = N / (consumers start .. queue empty, start-up inclu
 jobs done / time from its progress bar's creation until its consumers have stopped.
 Procrastinate runs one worker with concurrency 50 (its default is 1) and ``batch_defer_async``
 producers. FORGE runs one in-process node with the worker role and its default ``[worker]``
-settings (concurrency 50). FORGE and Procrastinate run under uvloop in this process, PgQueuer's
+settings (concurrency 50). ``forge_pgbouncer`` is the same node with its pool through PgBouncer
+in transaction mode (``[database] url``; sessions straight to the server, ``direct_url``), the
+continuous producer through PgBouncer too; its ratio to ``forge`` is printed. FORGE and Procrastinate run under uvloop in this process, PgQueuer's
 tool under uvloop in its own.
 """
 
@@ -51,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -67,8 +69,9 @@ SHOWN = ["server_version", "fsync", "synchronous_commit", "full_page_writes", "w
 
 
 def db_url(base: str, name: str) -> str:
-    head, _, _ = base.partition("?")[0].rpartition("/")
-    return f"{head}/{name}"
+    from forge_kernel.db import with_database
+
+    return with_database(base, name)
 
 
 async def fresh_db(base: str, name: str) -> str:
@@ -82,7 +85,7 @@ async def fresh_db(base: str, name: str) -> str:
 
 
 # --- FORGE ---------------------------------------------------------------------------------------
-async def forge_node(url: str, observe: bool = False, **worker: Any):
+async def forge_node(url: str, direct_url: str = "", observe: bool = False, **worker: Any):
     from forge_kernel.config import load_config
     from forge_kernel.node import Node
     from forge_kernel.plugins import PluginLoader
@@ -91,7 +94,7 @@ async def forge_node(url: str, observe: bool = False, **worker: Any):
     loader = PluginLoader(env={} if observe else {"FORGE_DISABLE_PLUGINS": "observe"}).load()
     if observe and "observe" not in {p.name for p in loader.loaded()}:
         raise SystemExit("forge-observe is not installed in this environment (python3 dev.py test installs it)")
-    data = {"database": {"url": url, "pool_min": 2, "pool_max": 20},
+    data = {"database": {"url": url, "direct_url": direct_url, "pool_min": 2, "pool_max": 20},
             "node": {"roles": ["worker"]},
             "app": {"modules": ["forge_bench_jobs"], "example": False},
             "log": {"level": "WARNING"},
@@ -116,7 +119,30 @@ async def forge_prepare(url: str) -> None:
         await conn.close()
 
 
-async def forge_drain(base: str, n: int, observe: bool = False) -> float:
+class Bouncer:
+    """PgBouncer (transaction mode, 20 server connections, FORGE's pool_max) in front of the
+    run's server, for ``forge_pgbouncer``: ``url(database)`` goes through it."""
+
+    def __init__(self, base: str) -> None:
+        import secrets
+
+        from forge_kernel.testing.servers import PgBouncer, private_folder
+
+        where = urlsplit(base)
+        self.root = private_folder("forge-bench-pgbouncer-")
+        self.bouncer = PgBouncer(self.root, where.hostname, where.port, {where.username: secrets.token_hex(12)},
+                                 pool_size=20).start()
+        self.user = where.username
+
+    def url(self, database: str) -> str:
+        return self.bouncer.url(database, self.user)
+
+    def stop(self) -> None:
+        self.bouncer.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None, observe: bool = False) -> float:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -127,7 +153,7 @@ async def forge_drain(base: str, n: int, observe: bool = False) -> float:
     for i in range(0, n, 10_000):
         await queue.enqueue_many([queue.request(fb.noop) for _ in range(min(10_000, n - i))])
     fb.STATE["done"] = 0
-    node = await forge_node(url, observe)
+    node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else await forge_node(url, observe=observe)
     await node.start()
     while fb.STATE["done"] < n:
         await asyncio.sleep(0.005)
@@ -141,15 +167,22 @@ async def forge_drain(base: str, n: int, observe: bool = False) -> float:
     return n / elapsed
 
 
-async def forge_continuous(base: str, seconds: float, batch: int = 10, observe: bool = False) -> float:
+async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None,
+                           observe: bool = False) -> float:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
     url = await fresh_db(base, "bench_forge_cont")
     await forge_prepare(url)
-    node = await forge_node(url, observe)
-    await node.start()
-    conn = await asyncpg.connect(url)
+    if bouncer:
+        pooled = bouncer.url("bench_forge_cont")
+        node = await forge_node(pooled, url)
+        await node.start()
+        conn = await asyncpg.connect(pooled, statement_cache_size=0)
+    else:
+        node = await forge_node(url, observe=observe)
+        await node.start()
+        conn = await asyncpg.connect(url)
     queue = JobQueue(conn)
     stop = asyncio.Event()
 
@@ -268,9 +301,12 @@ def pgq_args(mode: str, args: argparse.Namespace) -> list[str]:
 def libpq_env(url: str) -> dict[str, str]:
     """The tool connects with an empty DSN, i.e. through the libpq environment variables."""
     u = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(u.query).items()}  # the embedded server: socket folder, passfile
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGHOST=u.hostname or "", PGPORT=str(u.port or 5432), PGUSER=u.username or "",
-               PGDATABASE=u.path.lstrip("/"), PYTHONUNBUFFERED="1")
+    env.update(PGHOST=query.get("host") or u.hostname or "", PGPORT=query.get("port") or str(u.port or 5432),
+               PGUSER=u.username or "", PGDATABASE=u.path.lstrip("/"), PYTHONUNBUFFERED="1")
+    if "passfile" in query:
+        env["PGPASSFILE"] = query["passfile"]
     if u.password:
         env["PGPASSWORD"] = u.password
     return env
@@ -388,15 +424,28 @@ async def pg_settings(url: str) -> dict[str, str]:
 async def run_setting(label: str, base: str, args: argparse.Namespace) -> dict[str, Any]:
     systems = args.systems
     res: dict[str, Any] = {"settings": await pg_settings(base)}
+    bouncer = Bouncer(base) if "forge_pgbouncer" in systems else None
+    try:
+        return await _run_setting(label, base, args, res, bouncer)
+    finally:
+        if bouncer is not None:
+            bouncer.stop()
+
+
+async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dict[str, Any],
+                       bouncer: Bouncer | None) -> dict[str, Any]:
+    systems = args.systems
     print(f"\n=== PostgreSQL settings '{label}': " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()),
           flush=True)
     runs = {
         ("forge", "drain"): lambda: forge_drain(base, args.jobs),
+        ("forge_pgbouncer", "drain"): lambda: forge_drain(base, args.jobs, bouncer),
         ("forge-observe", "drain"): lambda: forge_drain(base, args.jobs, observe=True),
         ("forge-observe", "continuous"): lambda: forge_continuous(base, args.seconds, observe=True),
         ("pgqueuer", "drain"): lambda: pgq_run(base, "drain", args),
         ("procrastinate", "drain"): lambda: procrastinate_drain(base, args.jobs),
         ("forge", "continuous"): lambda: forge_continuous(base, args.seconds),
+        ("forge_pgbouncer", "continuous"): lambda: forge_continuous(base, args.seconds, bouncer=bouncer),
         ("pgqueuer", "continuous"): lambda: pgq_run(base, "continuous", args),
         ("procrastinate", "continuous"): lambda: procrastinate_continuous(base, args.seconds),
     }
@@ -427,6 +476,9 @@ async def run_setting(label: str, base: str, args: argparse.Namespace) -> dict[s
         for peer in systems:
             if peer not in ("forge", "forge-observe") and "forge" in systems:
                 print(f"  {mode:<10} FORGE / {peer:<14} {res[('forge', mode)] / res[(peer, mode)]:>6.2f}x", flush=True)
+        if "forge" in systems and "forge_pgbouncer" in systems:
+            print(f"  {mode:<10} FORGE through PgBouncer / direct {res[('forge_pgbouncer', mode)] / res[('forge', mode)]:>6.2f}x",
+                  flush=True)
         if "forge" in systems and "forge-observe" in systems:
             ratio = res[("forge-observe", mode)] / res[("forge", mode)]
             paired = statistics.median(o / f for o, f in zip(samples["forge-observe"], samples["forge"]))
@@ -492,8 +544,8 @@ def main() -> None:
                    help="rounds for Procrastinate (an order of magnitude slower; one round takes minutes)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=["stock", "nofsync"])
     p.add_argument("--systems", type=lambda s: s.split(","), default=["forge", "pgqueuer", "procrastinate"],
-                   help="forge (without forge-observe), forge-observe (FORGE with it at its defaults), pgqueuer, "
-                        "procrastinate")
+                   help="forge (without forge-observe), forge-observe (FORGE with it at its defaults), "
+                        "forge_pgbouncer (FORGE's pool through PgBouncer), pgqueuer, procrastinate")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "continuous"],
                    help="throughput modes to run (drain,continuous); empty for the latency run only")
     args = p.parse_args()

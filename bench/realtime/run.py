@@ -53,7 +53,9 @@ def pct(values: list[float], p: float) -> float:
 
 
 def with_db(url: str, name: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + name
+    from forge_kernel.db import with_database
+
+    return with_database(url, name)
 
 
 # --- (a) write throughput ---------------------------------------------------------------------

@@ -43,7 +43,9 @@ SETTINGS = ("server_version", "fsync", "synchronous_commit", "full_page_writes",
 
 
 def with_db(url: str, name: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + name
+    from forge_kernel.db import with_database
+
+    return with_database(url, name)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -272,6 +274,7 @@ async def main() -> None:
     kills = [args.duration / 3, 2 * args.duration / 3]
     with tempfile.TemporaryDirectory(prefix="forge-bench-sched-") as tmp:
         work = Path(tmp)
+        work.chmod(0o711)  # as root the server runs as forge_pg, which must pass through to work/pg
         pg = EmbeddedPostgres(work / "pg")
         url = pg.start()
         try:

@@ -63,6 +63,7 @@ def main() -> None:
         env["FORGE_NODE__ROLES"] = a.roles
     cold, warm = [], []
     base = Path(tempfile.mkdtemp(prefix="forge-startup-"))
+    base.chmod(0o711)  # as root the server runs as forge_pg, which must pass through to each .forge
     try:
         for i in range(a.runs):
             folder = base / f"cold{i}"

@@ -9,6 +9,7 @@ Every error leaves as ``{"error": {"code", "message", "details"}}`` with the sta
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Iterable
 
 import msgspec
@@ -27,7 +28,7 @@ from .auth import Verifier
 from .calls import PARSE_ERROR, FunctionCaller, JsonRpc, request_id_from, rpc_error
 from .config import GatewayConfig
 from .openapi import build_document
-from .ratelimit import RateLimiter
+from .ratelimit import CallLimits
 
 JSON = "application/json"
 _STATUS_CODE = {status: code for code, status in ERROR_STATUS.items()}
@@ -38,21 +39,30 @@ _decode = msgspec.json.Decoder().decode
 class Gateway:
     """What the route handlers share: config, caller verification, function calls, the node."""
 
-    def __init__(self, node: Any, config: GatewayConfig, verifier: Verifier, limiter: RateLimiter | None) -> None:
+    def __init__(self, node: Any, config: GatewayConfig, verifier: Verifier, limits: CallLimits) -> None:
         self.node = node
         self.config = config
         self.verifier = verifier
-        self.caller = FunctionCaller(node.executor, limiter)
+        self.clients = limits.clients
+        self.caller = FunctionCaller(node.executor, limits)
         self.rpc = JsonRpc(self.caller, max_batch=config.max_batch)
         self.api_key_header = config.api_key_header.lower()
+        #: headers that carry a credential: a request must not send one of them twice
+        self.credential_headers = {b"authorization": "Authorization",
+                                   self.api_key_header.encode("latin-1"): config.api_key_header}
         #: request headers the /rpc/{function} handler reads (raw, lower-case as ASGI gives them)
-        self.header_names = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-forwarded-for",
-                                       b"traceparent", self.api_key_header.encode("latin-1")})
+        self.header_names = frozenset({b"x-request-id", b"content-length", b"traceparent", *self.credential_headers}
+                                      | ({b"x-forwarded-for"} if self.clients.reads_forwarded else set()))
         self.telemetry = node.telemetry
         self.serves_functions = node.runs("function")
+        self.openapi = b""
+        self.describe(node.registry)
+
+    def describe(self, registry: Any) -> None:
+        """(Re)build the OpenAPI document of ``registry``'s functions (at start and after a reload)."""
         self.openapi = _encode(build_document(
-            node.registry.functions.values(), title=f"FORGE app ({', '.join(node.registry.modules) or 'no modules'})",
-            version=node.version, include_rpc=self.serves_functions, api_key_header=config.api_key_header))
+            registry.functions.values(), title=f"FORGE app ({', '.join(registry.modules) or 'no modules'})",
+            version=self.node.version, include_rpc=self.serves_functions, api_key_header=self.config.api_key_header))
 
 
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
@@ -166,9 +176,17 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
     gw: Gateway = scope["app"].state.gateway
     wanted = gw.header_names
     headers: dict[str, str] = {}
+    repeated: bytes | None = None
     for name, value in scope["headers"]:
         if name in wanted:
-            headers[name.decode("latin-1")] = value.decode("latin-1")
+            key = name.decode("latin-1")
+            if key in headers:
+                if name == b"x-forwarded-for":  # several headers are one list (RFC 9110 5.3)
+                    headers[key] += "," + value.decode("latin-1")
+                    continue
+                if name in gw.credential_headers:
+                    repeated = name
+            headers[key] = value.decode("latin-1")
     request_id = request_id_from(headers.get("x-request-id"))
     raw_path = scope.get("raw_path") or scope["path"].encode()
     # Litestar's mount routing cut the prefix off scope["path"]; put the request's path back so
@@ -186,10 +204,16 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
         response = json_asgi(_encode({"error": err.to_dict()}), 405, {"x-request-id": request_id, "allow": "POST"})
         await response(scope, receive, send)
         return
-    if gw.config.trust_forwarded_for and headers.get("x-forwarded-for"):
-        client = headers["x-forwarded-for"].split(",")[0].strip()
-    else:
-        client = scope["client"][0] if scope.get("client") else "unknown"
+    if repeated is not None:
+        # two credentials, one request: answering for either would let a proxy's or a client's
+        # header win depending on order, so neither is used
+        err = InvalidArgument(f"the {gw.credential_headers[repeated]} header is sent more than once; "
+                              "send exactly one credential")
+        await error_asgi(err, request_id)(scope, receive, send)
+        return
+    client = scope["client"][0] if scope.get("client") else None
+    forwarded = headers.get("x-forwarded-for")
+    client = gw.clients.of(client, [forwarded]) if forwarded is not None else (client or "unknown")
     tel = gw.telemetry
     if not tel.enabled:
         try:
@@ -225,6 +249,45 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
 
 
 RPC_PREFIX = "/rpc"
+
+
+@asgi("/rpc", is_mount=True, copy_scope=False)
+async def rpc_elsewhere(scope: Any, receive: Any, send: Any) -> None:
+    """``/rpc`` on a node that does not run the ``function`` role: UNAVAILABLE (503), naming the
+    role and the live nodes that run it, instead of a bare 404."""
+    gw: Gateway = scope["app"].state.gateway
+    request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or None)
+    node = gw.node
+    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    if path[len(RPC_PREFIX):][:1] not in ("", "/"):  # the mount also matches /rpcanything
+        await error_asgi(ForgeError(f"no route {scope['method']} {path}", code="NOT_FOUND"), request_id)(scope, receive, send)
+        return
+    err = ForgeError(f"node {node.id} does not run functions (its roles: {', '.join(node.roles) or 'none'}); "
+                     f"/rpc is served by nodes running the 'function' role (forge-gateway){await _function_nodes(gw)}",
+                     code="UNAVAILABLE", details={"role": "function", "node": node.id})
+    await error_asgi(err, request_id)(scope, receive, send)
+
+
+async def _function_nodes(gw: Gateway) -> str:
+    """``; nodes running it now: ...`` from forge_nodes, looked up at most every 5 s (a flood of
+    misdirected calls must not become a flood of queries); empty when the database cannot say."""
+    cached = getattr(gw, "_function_nodes", None)
+    if cached is not None and time.monotonic() - cached[0] < 5:
+        return cached[1]
+    text = ""
+    try:
+        async with asyncio.timeout(2):
+            rows = await gw.node.pool.fetch(
+                """SELECT id, host, ports->>'http' AS port FROM forge_nodes
+                   WHERE 'function' = ANY(roles) AND status IN ('starting', 'running')
+                     AND last_heartbeat > now() - make_interval(secs => $1) ORDER BY id LIMIT 5""",
+                float(gw.node.config.node.dead_after))
+        text = "; nodes running it now: " + (", ".join(
+            f"{r['id']} ({r['host']}:{r['port']})" if r["port"] else r["id"] for r in rows) or "none")
+    except (Exception, asyncio.TimeoutError):  # the hint is a courtesy; the answer stands without it
+        pass
+    gw._function_nodes = (time.monotonic(), text)  # type: ignore[attr-defined]
+    return text
 
 
 async def _caller(gw: Gateway, headers: dict[str, str]) -> Auth:
@@ -309,8 +372,7 @@ def _forge_error(request: Request, exc: ForgeError) -> Response:
 def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
     cfg = gateway.config
     routes: list[Any] = [health, ready, openapi]
-    if gateway.serves_functions:
-        routes += [rpc_routes]
+    routes += [rpc_routes if gateway.serves_functions else rpc_elsewhere]
     routes += list(extra_routes)
     cors = None
     if cfg.cors_origins:

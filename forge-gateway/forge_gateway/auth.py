@@ -108,7 +108,7 @@ class Verifier:
                 match = entry
         if match is None:
             raise Unauthenticated("unknown API key")
-        return Auth(user_id=match.name, roles=frozenset(match.roles), claims={"api_key": match.name}, kind="service")
+        return Auth.for_api_key(match.name, match.roles)  # user id apikey:<name>: no token subject can be it
 
     async def verify_jwt(self, token: str) -> Auth:
         cfg = self.config
@@ -150,6 +150,8 @@ class Verifier:
             raise Unauthenticated(f"token rejected: {exc}") from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated("token signature is invalid") from None
+        except OverflowError:  # exp/iat/nbf of Infinity (Python's json reads it) or beyond any clock
+            raise Unauthenticated("token rejected: a time claim (exp, iat, nbf) is out of range") from None
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise Unauthenticated(f"token rejected: {exc}") from None
         return self._auth_from_claims(claims)
@@ -167,8 +169,17 @@ class Verifier:
         else:
             raise Unauthenticated(f"token claim {cfg.roles_claim!r} must be a list of strings or a space-separated string")
         exp = claims.get("exp")
-        expires = dt.datetime.fromtimestamp(exp, dt.timezone.utc) if isinstance(exp, (int, float)) else None
-        return Auth(user_id=str(user), roles=frozenset(roles), claims=dict(claims), kind="user", expires_at=expires)
+        expires = None
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            try:
+                expires = dt.datetime.fromtimestamp(exp, dt.timezone.utc)
+            except (OverflowError, ValueError, OSError):  # a signed exp past the year 9999
+                raise Unauthenticated("token rejected: exp is out of range (after the year 9999); "
+                                      "issue tokens with a real expiry") from None
+        try:
+            return Auth.for_user(str(user), roles, claims, expires)
+        except ValueError as exc:  # a subject posing as an API key or the node
+            raise Unauthenticated(f"token {cfg.user_id_claim!r} claim: {exc}") from None
 
     async def from_headers(self, authorization: str | None, api_key: str | None) -> Auth:
         """The caller of an HTTP request: no credential is anonymous; a bad one raises."""

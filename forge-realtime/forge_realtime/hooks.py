@@ -45,6 +45,17 @@ def forge_maintenance_tasks(node):
 
 
 @hookimpl
+def forge_registry_reloaded(node, registry):
+    # every live query runs again on the new code; subscribers get only results that changed
+    return for_node(node).reloaded(registry)
+
+
+@hookimpl
+def forge_dev_notice(node, notice):
+    for_node(node).broadcast({"type": "dev", **notice})
+
+
+@hookimpl
 def forge_gateway_routes(node):
     if not node.runs(ROLE):
         return []

@@ -120,8 +120,18 @@ async def test_check_raises_when_not_leading(sched_db):
         await LeaderElection("x", connector, CFG).check()
 
 
+def _over_tcp(url: str) -> str:
+    """``url`` through 127.0.0.1 when it names a unix socket folder (the embedded test server also
+    listens on TCP, at the same port number)."""
+    base, _, query = url.partition("?")
+    params = dict(p.split("=", 1) for p in query.split("&") if p)
+    if params.get("host", "").startswith("/"):
+        params["host"] = "127.0.0.1"
+    return base + ("?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else "")
+
+
 async def test_leader_connection_has_keepalive_on_both_ends(sched_db):
-    async with elections(sched_db, ["a"]) as (els, _):
+    async with elections(_over_tcp(sched_db), ["a"]) as (els, _):
         await eventually(lambda: _v(els["a"].is_leader), what="leadership")
         conn = els["a"]._conn
         sock = conn._transport.get_extra_info("socket")

@@ -14,9 +14,9 @@ from forge_scheduler import scheduler_of
 
 
 @pytest.fixture
-async def private_pg(tmp_path):
+async def private_pg(forge_pg_folder):
     """A server of this test's own: restarting the shared one would disturb other tests."""
-    pg = EmbeddedPostgres(tmp_path / "pg", settings={"fsync": "off"})
+    pg = EmbeddedPostgres(forge_pg_folder / "pg", settings={"fsync": "off"})
     url = await asyncio.to_thread(pg.start)
     yield pg, url
     await asyncio.to_thread(pg.release)

@@ -11,7 +11,7 @@ import attrs
 from loguru import logger
 
 from forge_kernel.db import Database
-from forge_kernel.executor import ActionContext, Call
+from forge_kernel.executor import ActionContext, Auth, Call, set_caller
 from forge_kernel.telemetry import job_wait
 
 
@@ -49,10 +49,13 @@ class RunningJob:
 class LazyDatabase:
     """``ctx.db`` for jobs: takes a pool connection only on first use (most jobs never touch
     the database, and a pool round trip per job would cap throughput), released after the job.
-    Statements run in autocommit; use ``async with ctx.db.transaction():`` for a transaction."""
+    Statements run in autocommit; use ``async with ctx.db.transaction():`` for a transaction
+    (with row security on, only statements inside one carry the job's caller to the policies)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, caller: Auth | None = None) -> None:
         self._pool = pool
+        #: with row security on, the job's identity, put into each ``transaction()`` it opens
+        self.caller = caller
         self._conn: Any = None
         self._db: Database | None = None
 
@@ -105,6 +108,8 @@ class LazyDatabase:
     async def transaction(self, **kw: Any) -> AsyncIterator[Database]:
         db = await self._get()
         async with db.conn.transaction(**kw):
+            if self.caller is not None:
+                await set_caller(db.conn, self.caller)
             yield db
 
     async def release(self) -> None:

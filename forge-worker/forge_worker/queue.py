@@ -26,6 +26,7 @@ WAKE_CHANNEL = "forge_jobs"
 CANCEL_CHANNEL = "forge_jobs_cancel"
 
 _MAX_INT = 2_147_483_647
+_MAX_BIGINT = 2**63 - 1
 #: an escaped NUL in JSON text (not an escaped backslash followed by "u0000")
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -38,15 +39,15 @@ _INSERT = """
 WITH req AS (
     SELECT nextval(pg_get_serial_sequence('forge_jobs', 'id')) AS id, r.*
     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::int[], $7::text[],
-                $8::float8[], $9::text[], $10::text[], $11::text[])
+                $8::float8[], $9::text[], $10::text[], $11::text[], $15::text[])
          WITH ORDINALITY AS r(name, args, queue, priority, run_at, max_attempts, capability, timeout,
-                              unique_key, caller, options, ord)
+                              unique_key, caller, options, run_as, ord)
 ), ins AS (
     INSERT INTO forge_jobs (id, name, args, queue, priority, run_at, status, max_attempts, capability, timeout,
-                            unique_key, caller, options)
+                            unique_key, caller, options, run_as)
     SELECT id, name, args::jsonb, queue, priority, coalesce(run_at, now()),
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'pending' END,
-           max_attempts, capability, timeout, unique_key, caller, options::jsonb
+           max_attempts, capability, timeout, unique_key, caller, options::jsonb, run_as::jsonb
     FROM req ORDER BY ord
     {conflict}
     RETURNING id, unique_key
@@ -73,7 +74,7 @@ _ON_CONFLICT_REPLACE = """ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL 
     name = EXCLUDED.name, args = EXCLUDED.args, queue = EXCLUDED.queue, priority = EXCLUDED.priority,
     run_at = EXCLUDED.run_at, status = EXCLUDED.status, max_attempts = EXCLUDED.max_attempts,
     capability = EXCLUDED.capability, timeout = EXCLUDED.timeout, caller = EXCLUDED.caller,
-    options = EXCLUDED.options, attempt = 0, last_error = NULL
+    options = EXCLUDED.options, run_as = EXCLUDED.run_as, attempt = 0, last_error = NULL
     WHERE forge_jobs.status IN ('pending', 'scheduled')"""
 INSERT_SKIP = _INSERT.format(conflict=_ON_CONFLICT_SKIP)
 
@@ -83,14 +84,14 @@ INSERT_SKIP = _INSERT.format(conflict=_ON_CONFLICT_SKIP)
 INSERT_PLAIN = """
 WITH ins AS (
     INSERT INTO forge_jobs (name, args, queue, priority, run_at, status, max_attempts, capability, timeout,
-                            caller, options)
+                            caller, options, run_as)
     SELECT name, args::jsonb, queue, priority, coalesce(run_at, now()),
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'pending' END,
-           max_attempts, capability, timeout, caller, options::jsonb
+           max_attempts, capability, timeout, caller, options::jsonb, run_as::jsonb
     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::int[], $7::text[],
-                $8::float8[], $9::text[], $10::text[], $11::text[])
+                $8::float8[], $9::text[], $10::text[], $11::text[], $15::text[])
          WITH ORDINALITY AS r(name, args, queue, priority, run_at, max_attempts, capability, timeout,
-                              unique_key, caller, options, ord)
+                              unique_key, caller, options, run_as, ord)
     ORDER BY ord
     RETURNING id
 ), sleepers AS (
@@ -151,6 +152,11 @@ def _columns(reqs: Sequence[JobRequest]) -> tuple:
     )
 
 
+def _run_as(reqs: Sequence[JobRequest]) -> list[str | None]:
+    """$15: the identity each job runs as (``Auth.to_job()``; NULL only for requests built by hand)."""
+    return [None if r.run_as is None else json.dumps(dict(r.run_as), separators=(",", ":")) for r in reqs]
+
+
 # The wake-up hint for jobs stored outside a transaction block, sent once they are committed.
 # NOTIFY takes a cluster-wide lock at commit and holds it through the commit's WAL flush, so
 # notifying inside every durable single-job transaction serialises them all (with fsync on, an
@@ -191,7 +197,7 @@ async def _store(conn: Any, requests: Sequence[JobRequest]) -> list[int]:
 
 async def _insert(conn: Any, requests: Sequence[JobRequest], inline: bool, sleepers: set[str]) -> list[int]:
     if all(r.unique_key is None for r in requests):
-        rows = await conn.fetch(INSERT_PLAIN, *_columns(requests), inline)
+        rows = await conn.fetch(INSERT_PLAIN, *_columns(requests), inline, _run_as(requests))
         if rows and not inline and rows[0]["sleepers"]:
             sleepers.update(rows[0]["sleepers"])
         return [r["id"] for r in rows]
@@ -219,7 +225,8 @@ async def _insert(conn: Any, requests: Sequence[JobRequest], inline: bool, sleep
         if not chosen:
             continue
         order = sorted(chosen)
-        rows = await conn.fetch(sql, *_columns([requests[i] for i in order]), inline)
+        chosen_requests = [requests[i] for i in order]
+        rows = await conn.fetch(sql, *_columns(chosen_requests), inline, _run_as(chosen_requests))
         if rows and not inline and rows[0]["sleepers"]:
             sleepers.update(rows[0]["sleepers"])
         for row in rows:
@@ -335,8 +342,8 @@ _MOVE_TO_HISTORY = """
 def _ids(ids: Iterable[int]) -> list[int]:
     out = []
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or i <= 0:
-            raise InvalidArgument(f"job ids are positive integers, got {i!r}")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 < i <= _MAX_BIGINT:
+            raise InvalidArgument(f"job ids are whole numbers from 1 to {_MAX_BIGINT}, got {i!r}")
         out.append(i)
     return out
 
@@ -344,9 +351,13 @@ def _ids(ids: Iterable[int]) -> list[int]:
 class JobQueue:
     """Enqueue and manage jobs with only a pool (or a connection): no node needed.
 
-    >>> queue = JobQueue(pool)
-    >>> job_id = await queue.enqueue(send_email, to="a@example.com", delay=60)
-    >>> await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
+    Example (``tests/test_docs_examples.py`` runs it)::
+
+        queue = JobQueue(pool)
+        job_id = await queue.enqueue(send_email, {"to": "a@example.com"}, delay=60)
+        ids = await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
+
+    Arguments of the job go in one dict; keyword arguments are options (``delay``, ``priority``...).
     """
 
     def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None) -> None:
@@ -359,12 +370,13 @@ class JobQueue:
         """Build a :class:`JobRequest` for a ``@job`` function (arguments checked against its
         signature) or a job name (resolved through ``registry`` when given, else arguments are
         stored as given and checked when the job runs). ``options``: delay, run_at,
-        priority, queue, unique_key, on_conflict, max_attempts, capability, timeout, caller."""
+        priority, queue, unique_key, on_conflict, max_attempts, capability, timeout, caller (a label
+        shown in listings), run_as (a ``forge_kernel.Auth`` the job runs as; default: the system)."""
         defn = definition(job)
         if isinstance(defn, str) and self.registry is not None and self.registry.get(defn) is not None:
             defn = self.registry.get(defn)
         allowed = {"delay", "run_at", "priority", "queue", "unique_key", "on_conflict", "max_attempts",
-                   "capability", "timeout", "caller"}
+                   "capability", "timeout", "caller", "run_as"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise InvalidArgument(f"unknown job option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")

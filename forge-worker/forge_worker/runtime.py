@@ -28,7 +28,7 @@ import asyncpg
 import attrs
 from loguru import logger
 
-from forge_kernel.executor import SYSTEM, Auth, Call, JobOutcome, bind_arguments
+from forge_kernel.executor import Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
 
 from .config import WorkerConfig
@@ -37,7 +37,7 @@ from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
 
-_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.options,
+_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.run_as, j.options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 _CLAIMED = """SET status = 'running', node_id = $1, attempt = j.attempt + 1, started_at = now(),
                   lease_until = now() + make_interval(secs => $2), cancel_requested = false,
@@ -214,6 +214,16 @@ REPORT_PLANNER_SETTINGS = PLANNER_SETTINGS + "; SET enable_nestloop = off"
 ASYNC_COMMIT = "SET synchronous_commit = off"
 
 
+@contextlib.asynccontextmanager
+async def _local_settings(conn: asyncpg.Connection, settings: str) -> Any:
+    """A transaction with ``settings`` as SET LOCAL. Through a transaction pooler a session SET
+    stays behind on whichever server connection ran it (and reaches other clients, not our next
+    statement), so there the settings are made per transaction."""
+    async with conn.transaction():
+        await conn.execute(settings.replace("SET ", "SET LOCAL "))
+        yield
+
+
 async def rescue_expired(conn: Any, dead_after: float) -> list[tuple[int, str]]:
     """Re-queue (or dead-letter) jobs whose worker stopped heartbeating. Safe to run anywhere,
     any number of times: rows are locked with SKIP LOCKED and re-checked."""
@@ -278,6 +288,8 @@ class Worker:
         self.node = node
         self.config = config
         self.node_id: str = node.id
+        #: node.pool is a transaction pooler: settings per transaction (SET LOCAL), not per session
+        self.pooled: bool = node.pooled
         self.capabilities = list(node.capabilities)
         self.queues = list(config.queues)
         self.running: dict[int, Attempt] = {}
@@ -364,13 +376,24 @@ class Worker:
         with contextlib.suppress(*_DB_ERRORS):
             await asyncio.wait_for(self.node.pool.execute(WAKE, self.node_id), 5)
 
+    # --- settings of the worker's own connections -------------------------------------------
+    async def _session_settings(self, conn: asyncpg.Connection, settings: str) -> None:
+        """Settings for every statement of a loop's connection (direct), made once per acquire."""
+        if not self.pooled:
+            await conn.execute(settings)
+
+    def _planned(self, conn: asyncpg.Connection, settings: str) -> Any:
+        """Where the statements inside must run under ``settings``: nothing to do on a direct
+        connection (:meth:`_session_settings`), a transaction with SET LOCAL through a pooler."""
+        return _local_settings(conn, settings) if self.pooled else contextlib.nullcontext()
+
     # --- claiming -------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         try:
             while not self.stopping:
                 try:
                     async with self.node.pool.acquire() as conn:
-                        await conn.execute(PLANNER_SETTINGS)
+                        await self._session_settings(conn, PLANNER_SETTINGS)
                         await self._claim_on(conn)
                 except _DB_ERRORS as exc:
                     if self.stopping:
@@ -393,13 +416,14 @@ class Worker:
                     await self.slot_free.wait()
                 continue
             self.wake.clear()
-            if time.monotonic() >= self.next_due:
-                row = await conn.fetchrow(PROMOTE)
-                nxt = row["next_in"]
-                self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
-                                                    else cfg.poll_interval)
-            rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
-                                    limited_names, limited_queues, capacity)
+            async with self._planned(conn, PLANNER_SETTINGS):
+                if time.monotonic() >= self.next_due:
+                    row = await conn.fetchrow(PROMOTE)
+                    nxt = row["next_in"]
+                    self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
+                                                        else cfg.poll_interval)
+                rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
+                                        limited_names, limited_queues, capacity)
             got = len(rows)
             self._start_jobs(rows)
             if limited_names or limited_queues:
@@ -449,6 +473,8 @@ class Worker:
             keys = sorted({f"queue:{queue}"} | {f"type:{n}" for n in self.type_limits}) if queue is not None \
                 else [f"type:{name}"]
             async with conn.transaction():
+                if self.pooled:
+                    await conn.execute(PLANNER_SETTINGS.replace("SET ", "SET LOCAL "))
                 for key in keys:  # sorted: every node takes them in the same order, no deadlock
                     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                                        "forge_worker.limit." + key)
@@ -486,8 +512,9 @@ class Worker:
                 args = bind_arguments(defn, row["args"])
             except ForgeError as exc:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
-            caller = row["caller"]
-            auth = Auth(user_id=caller, kind="user") if caller else SYSTEM
+            auth = Auth.from_job(row["run_as"], row["caller"])  # the identity that dispatched it
+            if self.node.executor.row_security:
+                db.caller = auth
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
@@ -532,18 +559,28 @@ class Worker:
                 self._observed(tel, row, a, outcome, error)
             with contextlib.suppress(Exception):
                 await db.release()
+        reported = False
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
             if outcome != "lost":
                 self.reports.append((a.id, a.attempt, outcome, delay, error))
+                reported = True
                 self.report_event.set()
                 if outcome in ("failed", "retry_later") and delay > 0:
                     self.next_due = min(self.next_due, time.monotonic() + delay)
             if self._finished_hook is not None and outcome not in ("lost", "released"):
                 await self._job_finished(row, a, outcome, started, error)
         finally:
-            self.running.pop(a.id, None)
-            self.slot_free.set()
+            if not reported:  # else the slot stays taken until the report loop has written the result
+                self._free(a)
+
+    def _free(self, a: Attempt) -> None:
+        """Give ``a``'s slot back. A finished job keeps its slot until its result is written: its
+        row stays leased to this node until then, so a node killed at any moment holds at most
+        ``concurrency`` rows and the rescue re-runs at most that many of its jobs."""
+        if self.running.get(a.id) is a:
+            del self.running[a.id]
+        self.slot_free.set()
 
     @staticmethod
     def _observed(tel: Any, row: Any, a: Attempt, outcome: str, error: str | None) -> None:
@@ -593,21 +630,25 @@ class Worker:
             self.report_event.clear()
             try:
                 async with self.node.pool.acquire() as conn:
-                    await conn.execute(REPORT_PLANNER_SETTINGS)
-                    if not self.config.durable_results:
-                        await conn.execute(ASYNC_COMMIT)
+                    settings = REPORT_PLANNER_SETTINGS + ("" if self.config.durable_results else "; " + ASYNC_COMMIT)
+                    await self._session_settings(conn, settings)
                     while self.reports:
                         batch, self.reports = self.reports, []
                         self._reporting = True
                         try:
-                            await conn.fetchrow(REPORT, [r[0] for r in batch], [r[1] for r in batch],
-                                                [r[2] for r in batch], [r[3] for r in batch], [r[4] for r in batch],
-                                                self.node_id, self._keep_history)
+                            async with self._planned(conn, settings):
+                                await conn.fetchrow(REPORT, [r[0] for r in batch], [r[1] for r in batch],
+                                                    [r[2] for r in batch], [r[3] for r in batch],
+                                                    [r[4] for r in batch], self.node_id, self._keep_history)
                         except BaseException:
                             self.reports[:0] = batch  # written on the next try
                             raise
                         finally:
                             self._reporting = False
+                        for job_id, attempt, *_ in batch:
+                            a = self.running.get(job_id)
+                            if a is not None and a.attempt == attempt and a.finished:
+                                self._free(a)
                     self.reported.set()
             except _DB_ERRORS as exc:
                 logger.warning(f"worker could not write {len(self.reports)} job result(s) "
@@ -621,13 +662,14 @@ class Worker:
         while True:
             try:
                 async with self.node.pool.acquire() as conn:
-                    await conn.execute(PLANNER_SETTINGS)
+                    await self._session_settings(conn, PLANNER_SETTINGS)
                     while True:
                         await self._renew(conn)
                         now = time.monotonic()
                         if cfg.rescue_interval and now - self._last_rescue >= cfg.rescue_interval:
                             self._last_rescue = now
-                            rescued = await rescue_expired(conn, self.node.config.node.dead_after)
+                            async with self._planned(conn, PLANNER_SETTINGS):
+                                rescued = await rescue_expired(conn, self.node.config.node.dead_after)
                             if rescued:
                                 logger.warning(f"worker re-queued {len(rescued)} job(s) whose worker stopped "
                                                f"heartbeating: {[i for i, _ in rescued][:20]}")
@@ -644,8 +686,10 @@ class Worker:
         if not attempts:
             return
         prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
-        rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
-                                [p[0] if p else None for p in prog], [p[1] if p else None for p in prog], self.node_id)
+        async with self._planned(conn, PLANNER_SETTINGS):
+            rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
+                                    [p[0] if p else None for p in prog], [p[1] if p else None for p in prog],
+                                    self.node_id)
         for a, p in zip(attempts, prog):
             if p is not None:
                 a.written_progress = p

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forge_kernel import migrations as migmod
-from forge_kernel.db import connect
+from forge_kernel.db import connect, with_database
 from forge_kernel.executor import JobRequest
 from forge_kernel.kernel_plugin import forge_migrations as kernel_migrations
 from forge_worker import store_jobs
@@ -38,14 +38,14 @@ def _db(base: str) -> str:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
             await admin.close()
-        conn = await connect(base.rsplit("/", 1)[0] + "/" + name)
+        conn = await connect(with_database(base, name))
         try:
             await migmod.migrate(conn, kernel_migrations() + worker_migrations())
         finally:
             await conn.close()
 
     asyncio.run(make())
-    return base.rsplit("/", 1)[0] + "/" + name
+    return with_database(base, name)
 
 
 def test_batches_match_the_model(forge_database_url):

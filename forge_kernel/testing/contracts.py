@@ -24,7 +24,11 @@ The properties:
 * service order - start order respects every ``after`` and ``before``, and stop order is its exact reverse;
 * service order - also for the services the installed plugins declare, in any declaration order;
 * migrations applied twice equal migrations applied once from any prefix already applied, and
-  N concurrent runners (2 to 8) apply each migration exactly once.
+  N concurrent runners (2 to 8) apply each migration exactly once;
+* ``forge_rate_limiter`` - for any limit and any interleaving of callers, each caller (by the
+  limit's key: user, client address or everyone) is admitted exactly ``min(calls, requests)``
+  times, every refusal is ``RateLimited`` with a ``retry_after`` of at least a second, and a
+  function without a limit is never refused (:func:`check_rate_limiter`).
 """
 
 from __future__ import annotations
@@ -37,8 +41,12 @@ import types
 from typing import Any, Iterable
 
 import attrs
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+try:
+    from hypothesis import HealthCheck, assume, given, settings
+    from hypothesis import strategies as st
+except ImportError as exc:  # production nodes do not install hypothesis
+    raise ImportError("forge_kernel.testing.contracts needs hypothesis, which comes with the testing extra: "
+                      "pip install 'forge-kernel[testing]'") from exc
 
 from ..convert import StructureError, structure, unstructure
 from ..migrations import Migration, migrate, status
@@ -553,3 +561,165 @@ def check_telemetry_events() -> None:
         assert not values or values[-1] == n - 1
 
     bounded()
+
+
+# --- forge_rate_limiter -------------------------------------------------------------------
+async def check_rate_limiter(limiter: Any, max_examples: int = 25) -> None:
+    """The object a plugin returns from ``forge_rate_limiter`` keeps the hook's contract, on a
+    live node (its database): each example uses a function name of its own and hour-long windows.
+
+    Call from an async test with the node's event loop running (the examples run on it)."""
+    import uuid
+
+    from ..app import FunctionDef, RateLimit
+    from ..errors import RateLimited
+    from ..executor import ANONYMOUS, Auth
+
+    loop = asyncio.get_running_loop()
+    assert callable(getattr(limiter, "client_address", None)), "the limiter has no client_address(scope)"
+    client = limiter.client_address({"type": "http", "client": ("192.0.2.10", 5000), "headers": []})
+    assert isinstance(client, str) and client, f"client_address gave {client!r}"
+
+    async def noop(ctx: Any) -> None:  # pragma: no cover - never run
+        return None
+
+    def definition(limit: RateLimit | None) -> FunctionDef:
+        return FunctionDef(name=f"contract_{uuid.uuid4().hex[:12]}", kind="query", fn=noop, params=(), returns=None,
+                           public=True, rate_limit=limit)
+
+    def caller(i: int) -> Auth:
+        return ANONYMOUS if i == 0 else Auth(user_id=f"contract-user-{i}", kind="user")
+
+    async def example(requests: int, key: str, calls: list[tuple[int, int]]) -> None:
+        limited, free = definition(RateLimit(requests, per=3600, key=key)), definition(None)
+        admitted: dict[Any, int] = {}
+        for who, address in calls:
+            auth, client = caller(who), f"192.0.2.{address}"
+            await limiter.admit(free, auth, client)  # never refused
+            if key == "global":
+                bucket: Any = "*"
+            elif key == "ip" or not auth.authenticated:
+                bucket = ("ip", client)
+            else:
+                bucket = ("user", auth.user_id)
+            before = admitted.get(bucket, 0)
+            try:
+                await limiter.admit(limited, auth, client)
+            except RateLimited as exc:
+                assert before >= requests, f"{bucket} refused after {before} of {requests} calls"
+                retry = (exc.details or {}).get("retry_after")
+                assert isinstance(retry, int) and retry >= 1, f"retry_after {retry!r}"
+                continue
+            assert before < requests, f"{bucket} admitted a call beyond its {requests}"
+            admitted[bucket] = before + 1
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(requests=st.integers(1, 5), key=st.sampled_from(["user", "ip", "global"]),
+           calls=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), max_size=25))
+    def admits_exactly_the_limit(requests: int, key: str, calls: list[tuple[int, int]]) -> None:
+        asyncio.run_coroutine_threadsafe(example(requests, key, calls), loop).result(timeout=120)
+
+    await _run_property(admits_exactly_the_limit)
+
+
+# --- reloading the registry (forge_registry_reloaded) ------------------------------------------------
+def _reload_probe(i: int) -> Any:
+    """A public query (even i) or mutation (odd i) named ``forge_contract_reload_<i>`` returning i."""
+    from ..app import mutation, query
+
+    async def probe(ctx) -> int:
+        return i
+
+    probe.__name__ = probe.__qualname__ = f"forge_contract_reload_{i}"
+    return (query if i % 2 == 0 else mutation)(public=True)(probe)
+
+
+async def check_registry_reloads(node: Any, max_examples: int = 15, pool: int = 6) -> None:
+    """For random sequences of registries, ``node.reload_registry`` leaves the node serving exactly the
+    latest one (every function in it answers, every other is NOT_FOUND), calls each
+    ``forge_registry_reloaded`` implementation once per reload with that registry, and none of the
+    installed implementations fails. ``node`` is a started node; its registry is restored at the end."""
+    from loguru import logger
+
+    from ..app import Registry
+    from ..errors import NotFound
+    from ..hookspecs import hookimpl
+
+    probes = [_reload_probe(i) for i in range(pool)]
+    sequences: list[list[frozenset[int]]] = []
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples, "database": None})
+    @given(st.lists(st.frozensets(st.integers(0, pool - 1)), min_size=1, max_size=4))
+    def draw(seq: list[frozenset[int]]) -> None:
+        sequences.append(seq)
+
+    draw()  # the node lives on this event loop: draw the examples first, then replay them here
+
+    class Spy:
+        seen: list[Any] = []
+
+        @hookimpl
+        def forge_registry_reloaded(self, node: Any, registry: Any) -> None:
+            self.seen.append(registry)
+
+    spy = Spy()
+    failures: list[str] = []
+    sink = logger.add(lambda m: failures.append(str(m)), level="ERROR",
+                      filter=lambda r: "forge_registry_reloaded" in r["message"])
+    node.loader.pm.register(spy, name="forge-contract-reload-spy")
+    original = node.registry
+    try:
+        for seq in sequences:
+            for subset in seq:
+                reg = Registry()
+                for i in sorted(subset):
+                    reg.add(probes[i].__forge__)
+                before = len(spy.seen)
+                await node.reload_registry(reg)
+                assert node.registry is reg and node.executor.registry is reg, "the node does not serve the new registry"
+                assert spy.seen[before:] == [reg], "forge_registry_reloaded was not called exactly once with it"
+                for i in range(pool):
+                    name = f"forge_contract_reload_{i}"
+                    if i in subset:
+                        assert await node.executor.call(name, {}) == i, f"{name} does not answer after the reload"
+                    else:
+                        try:
+                            await node.executor.call(name, {})
+                        except NotFound:
+                            pass
+                        else:
+                            raise AssertionError(f"{name} still answers after a reload without it")
+        assert not failures, f"forge_registry_reloaded implementations failed: {failures}"
+    finally:
+        node.loader.pm.unregister(name="forge-contract-reload-spy")
+        logger.remove(sink)
+        await node.reload_registry(original)
+
+
+def dev_notices() -> st.SearchStrategy[dict[str, Any]]:
+    """What ``forge_dev_notice`` receives: JSON-safe, with the documented keys."""
+    text = st.text(max_size=200)
+    return st.fixed_dictionaries({
+        "event": st.sampled_from(["reloaded", "reload_failed"]),
+        "message": text,
+        "file": st.none() | st.text(min_size=1, max_size=80),
+        "line": st.none() | st.integers(1, 10**6),
+        "functions": st.lists(st.from_regex(r"[a-z_][a-z0-9_.]{0,20}", fullmatch=True), max_size=5),
+    })
+
+
+async def check_dev_notices(node: Any, max_examples: int = 30) -> None:
+    """Every installed ``forge_dev_notice`` implementation takes any documented notice on a running
+    node without raising and returns nothing."""
+    notices: list[dict[str, Any]] = []
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples, "database": None})
+    @given(dev_notices())
+    def draw(notice: dict[str, Any]) -> None:
+        notices.append(notice)
+
+    draw()
+    for notice in notices:
+        results = node.loader.hook.forge_dev_notice(node=node, notice=notice)
+        assert all(r is None for r in results), f"forge_dev_notice returned {results!r}"
+        await asyncio.sleep(0)  # let writers run: a notice must not break a connection's outbox

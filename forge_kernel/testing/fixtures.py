@@ -3,6 +3,12 @@
 Tests talk to a real PostgreSQL: ``FORGE_TEST_DATABASE_URL`` when set, otherwise one
 embedded server per test session under a temporary folder (stopped at the end). Each
 test that asks for ``forge_db_url`` gets a database of its own.
+
+Needs ``pip install 'forge-kernel[testing]'`` (pytest, pytest-asyncio, hypothesis). The async
+fixtures are pytest-asyncio fixtures, so they work in either ``asyncio_mode``: with ``auto``
+(``[tool.pytest.ini_options] asyncio_mode = "auto"``, what this repository uses) async tests need
+nothing more; in pytest-asyncio's default ``strict`` mode mark each async test
+``@pytest.mark.asyncio``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,13 @@ from typing import Any, Iterator
 
 import pytest
 
+from ..db import with_database as _with_db
 from .procs import NodeProcess, free_port
+
+try:
+    from pytest_asyncio import fixture as async_fixture
+except ImportError:  # without pytest-asyncio no async test runs; the plain fixtures still load
+    async_fixture = pytest.fixture
 
 
 @pytest.fixture(scope="session")
@@ -28,23 +40,36 @@ def forge_database_url() -> Iterator[str]:
 
     root = Path(os.environ.get("FORGE_TEST_PGROOT") or tempfile.mkdtemp(prefix="forge-test-pg-"))
     # tests need speed, not durability; benchmarks start their own server with stock settings
-    pg = EmbeddedPostgres(root, settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    # TCP too (password required), for the few tests about TCP sockets (keepalive); the URL is the socket's
+    pg = EmbeddedPostgres(root, settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+                          tcp_port=free_port())
     url = pg.start()
-    os.environ["FORGE_TEST_DATABASE_URL"] = url  # child processes (forge-node) share it
+    # child processes (forge-node) share it: the URL names the password file (0600, this account's),
+    # so children running as this account connect and nobody else can
+    os.environ["FORGE_TEST_DATABASE_URL"] = url
     try:
         yield url
     finally:
         os.environ.pop("FORGE_TEST_DATABASE_URL", None)
-        pg.release()
-
-
-def _with_db(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}" + (f"?{query}" if query else "")
+        pg.release(wait=5)
 
 
 @pytest.fixture
+def forge_pg_folder() -> Iterator[Path]:
+    """A fresh folder for an embedded PostgreSQL of a test's own, removed afterwards. Outside
+    pytest's ``tmp_path``: as root the server runs as ``forge_pg``, which may not enter the 0700
+    ``/tmp/pytest-of-root`` (and FORGE never loosens folders it does not own)."""
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="forge-pg-test-"))
+    folder.chmod(0o711)  # ours: others may pass through to the data folder, not list it
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@async_fixture
 async def forge_db_url(forge_database_url: str) -> Any:
     """A fresh, empty database for this test; dropped afterwards."""
     import asyncpg
@@ -71,7 +96,7 @@ def forge_plugin_manager():
     return new_plugin_manager()
 
 
-@pytest.fixture
+@async_fixture
 async def forge_node(forge_db_url: str):
     """Factory for in-process nodes on this test's database: ``node = await forge_node(modules=[...])``.
     Every node is stopped at teardown."""
@@ -85,7 +110,7 @@ async def forge_node(forge_db_url: str):
                    loader: PluginLoader | None = None, registry: Any = None, env: dict[str, str] | None = None) -> Node:
         loader = loader or PluginLoader(env=env).load()
         data: dict[str, Any] = {k: dict(v) for k, v in (config or {}).items()}
-        data.setdefault("database", {})["url"] = forge_db_url
+        data.setdefault("database", {}).setdefault("url", forge_db_url)  # a test may bring its own server
         data["database"].setdefault("pool_min", 1)
         data["database"].setdefault("pool_max", 10)
         if modules is not None:

@@ -101,3 +101,24 @@ class DispatcherPlugin:
     @hookimpl
     def forge_job_dispatcher(self, node):
         return TableDispatcher()
+
+
+_REFUSED_SQL = {
+    "numeric": "SELECT $1::text::smallint",
+    "datetime": "SELECT $1::text::timestamptz",
+    "truncation": "INSERT INTO refused_child (v, p) VALUES ($1, NULL)",
+    "not_null": "INSERT INTO refused_child (v, p) VALUES (NULLIF($1, $1), NULL)",
+    "foreign_key": "INSERT INTO refused_child (v, p) VALUES ('ok', length($1))",
+    "nul": "SELECT $1::text",
+    "int32": "SELECT $1::int",
+}
+
+
+@mutation
+async def refused(ctx, kind: str, value: str) -> int:
+    """Runs SQL the database refuses for the caller's ``value`` (tests/test_db_errors.py)."""
+    await ctx.db.execute("CREATE TEMP TABLE refused_parent (id int PRIMARY KEY) ON COMMIT DROP")
+    await ctx.db.execute("CREATE TEMP TABLE refused_child (v varchar(3) NOT NULL, p int REFERENCES refused_parent) "
+                         "ON COMMIT DROP")
+    await ctx.db.execute(_REFUSED_SQL[kind], int(value) if kind == "int32" else value)
+    return 1

@@ -2,7 +2,9 @@
 
 Owners see only their own todos; ``list_todos`` is a live query (subscribe to it over
 ``/ws``), ``add_todo`` dispatches a reminder job in the same transaction, and a cron
-counts open todos every minute.
+counts open todos every minute. The todos table has a row-level security policy
+(migration 0002): ``recent_todos`` has no owner filter and still returns only the
+caller's rows, wherever the node connects as a role policies bind (not a superuser).
 """
 
 from __future__ import annotations
@@ -12,20 +14,21 @@ import uuid
 
 import attrs
 
-from forge_kernel import action, cron, job, model, mutation, query
+from forge_kernel import action, cron, field, job, model, mutation, query
 from forge_kernel.errors import Forbidden, NotFound
 from forge_kernel.migrations import from_package
 
 MIGRATIONS = from_package("forge_example.migrations", namespace="example")
 
 
-@model(table="todos")
+@model(table="todos", indexes=[("owner", "created_at")])
 class Todo:
     id: uuid.UUID
     owner: str
-    title: str
+    title: str = field(check="length(title) <= 500")
     done: bool = False
-    created_at: dt.datetime | None = None
+    # None on insert: the database fills it in
+    created_at: dt.datetime | None = field(default=None, server_default="clock_timestamp()", nullable=False)
 
 
 @query
@@ -34,9 +37,15 @@ async def list_todos(ctx) -> list[Todo]:
     return await ctx.db.select(Todo, owner=ctx.auth.user_id, order_by="created_at")
 
 
+@query
+async def recent_todos(ctx, limit: int = 20) -> list[Todo]:
+    """The caller's latest todos. No owner filter: the table's policy keeps other owners' rows out."""
+    return await ctx.db.select(Todo, order_by="-created_at", limit=max(1, min(limit, 100)))
+
+
 @query(public=True)
 async def count_open(ctx) -> int:
-    """How many todos are open across all owners (public)."""
+    """How many todos are open (public; under the table's policy, those the caller may see)."""
     return await ctx.db.fetchval("SELECT count(*) FROM todos WHERE NOT done")
 
 
