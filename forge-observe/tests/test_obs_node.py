@@ -285,3 +285,20 @@ async def test_unsampled_jobs_get_a_span_only_when_they_log_fail_or_hand_on(forg
         text = (await http.get(f"http://127.0.0.1:{node.ports['http']}/metrics")).text
     assert 'forge_jobs_finished_total{job="note_job",status="succeeded"} 1.0' in text
     assert 'forge_jobs_finished_total{job="failing_job",status="dead"} 1.0' in text
+
+
+async def test_stored_log_lines_are_redacted_and_tracebacks_show_no_locals(forge_node, forge_db_url):
+    """The PostgreSQL log sink goes through the kernel's log set-up (forge_kernel.logs.add_sink):
+    secrets in the text are replaced, and a stored traceback never shows local variables."""
+    node = await _node(forge_node)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}") as http:
+        assert (await http.post("/rpc/leaky", json={})).status_code == 200
+
+    async def stored():
+        return await rows(forge_db_url, "SELECT message FROM forge_obs_logs WHERE message LIKE 'retrying with%'")
+
+    (line,) = await eventually(stored, what="the log line")
+    text = line["message"]
+    assert "RuntimeError: lookup failed for 30 bytes" in text  # the exception is stored with its line
+    assert "hunter2hunter2" not in text and "abcdefghijklmnop" not in text and "password=***" in text
+    assert "z" * 24 not in text  # no locals (diagnose off): the secret in a local never reaches the database

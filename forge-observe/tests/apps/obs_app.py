@@ -60,3 +60,12 @@ async def add_failing(ctx) -> int:
 @job(max_attempts=1)
 async def failing_job(ctx) -> None:
     raise RuntimeError("failing on purpose")
+
+
+@action(public=True)
+async def leaky(ctx) -> None:
+    session_secret = "local-" + "z" * 24  # a local variable a traceback with locals would show
+    try:
+        raise RuntimeError(f"lookup failed for {len(session_secret)} bytes")
+    except RuntimeError:
+        ctx.log.opt(exception=True).error("retrying with password=hunter2hunter2 and Bearer abcdefghijklmnop")
