@@ -89,8 +89,9 @@ class Observer:
             await asyncio.to_thread(self.exporter.stop, 2.0)
 
     async def _connect(self) -> asyncpg.Connection:
-        # its own connection (not the pool, no JSON codecs: COPY sends jsonb as text in binary format)
-        return await asyncpg.connect(self.node.url, timeout=10, server_settings={
+        # its own connection (not the pool, no JSON codecs: COPY sends jsonb as text in binary format),
+        # a session on [database] direct_url: its startup settings would not pass a transaction pooler
+        return await asyncpg.connect(self.node.direct_url or self.node.url, timeout=10, server_settings={
             "application_name": "forge-observe", "synchronous_commit": "off"})
 
     # --- aggregation and snapshots -----------------------------------------------------------
