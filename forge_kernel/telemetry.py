@@ -413,14 +413,6 @@ class Telemetry:
             except Exception:  # an observer must never break the work it observes
                 self.dropped += 1
 
-    def keeps(self, span: Span) -> bool:
-        """Whether ``span``'s local trace (``span`` still open) reaches the observer as things stand:
-        head-sampled, a span of it failed, or it has run for ``keep_over`` seconds already. (A
-        failure still to come may add to that.)"""
-        trace = span._trace
-        return (span.sampled or (trace is not None and trace.errors > 0)
-                or _time_ns() - span.start_ns >= self.keep_over_ns)
-
     # --- function calls (the executor) ------------------------------------------------------
     def call_started(self, name: str, kind: str, call_id: str) -> Span | None:
         """Where a function call starts: a real span when it is the root of the work (no current
@@ -434,19 +426,18 @@ class Telemetry:
         """One ``call`` event; ends ``span``, or (unsampled trace) adds the call's span afterwards
         when it failed or took at least ``keep_over`` seconds, since the observer may keep that trace."""
         end = _time_ns()
-        seconds = (end - start_ns) / 1e9
         ev = self.events
         if ev is not None:
             if len(ev) == ev.maxlen:
                 self.dropped += 1
-            ev.append(("call", (name, kind, code, seconds)))
-        error = None if code == "OK" else code
+            ev.append(("call", (name, kind, code, (end - start_ns) / 1e9)))
         if span is not None:
-            self.end_span(span, error)
-        elif error is not None or seconds >= self.keep_over:
+            self.end_span(span, None if code == "OK" else code)
+        elif code != "OK" or end - start_ns >= self.keep_over_ns:
             parent = _current.get()
             if parent is not None:
-                parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id}, error)
+                parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id},
+                              None if code == "OK" else code)
 
 
 @attrs.frozen

@@ -12,12 +12,15 @@ straight to the server, ``direct_url``): its ratio to the direct FORGE node is p
 PgBouncer's own CPU per request.
 
     .venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3] [--observe | --observe-only]
+    .venv/bin/python bench/rpc/run.py --instructions 1000
 
 The FORGE node runs without forge-observe (``FORGE_DISABLE_PLUGINS=observe``). ``--observe`` adds
 the same node with forge-observe at its defaults to every round; ``--observe-only`` runs just the
 two of them (many short rounds fit in the same time). Contenders take turns in a round, in reverse
 order every other round; the with/without ratio is printed as the ratio of medians and as the
 median of each round's own ratio, with the CPU each request cost in the server process.
+``--instructions N`` counts, with callgrind, the CPU instructions a request costs each node
+instead: a figure that does not move with the machine's load.
 """
 
 from __future__ import annotations
@@ -123,6 +126,54 @@ def check(url: str, body: dict | list, expect: object) -> None:
         raise SystemExit(f"{url} answered {got!r}, expected {expect!r}")
 
 
+def instructions_per_request(tmp: Path, env: dict, n: int, observe: bool) -> float:
+    """CPU instructions one ``POST /rpc/value`` costs the node, counted by callgrind (steady on a
+    shared machine, where timings swing by 2x): the node runs under valgrind with instrumentation
+    off, is warmed up, then ``n`` requests (8 at a time) are counted. forge-observe's timed loops
+    (metric snapshots every 10 s, writes every 0.5 s) would run 50x more often per request under
+    valgrind's slowdown: they are slowed down too (``flush_interval`` 3600 s, ``write_interval``
+    60 s), so the figure is the per-request path plus the aggregation of its events."""
+    port, out = free_port(), tmp / f"callgrind.{'observe' if observe else 'forge'}"
+    node_env = {**env, "FORGE_GATEWAY__PORT": str(port)}
+    if observe:
+        node_env.update(FORGE_OBSERVE__FLUSH_INTERVAL="3600", FORGE_OBSERVE__WRITE_INTERVAL="60",
+                        FORGE_NODE__ID="bench-observe-cg")
+    else:
+        node_env.update(FORGE_DISABLE_PLUGINS="observe", FORGE_NODE__ID="bench-cg")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no",
+                             f"--callgrind-out-file={out}", PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                            env=node_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    async def load(count: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def worker(k: int) -> None:
+                for _ in range(k):
+                    assert (await client.post("/rpc/value", json={"id": 7})).status_code == 200
+            await asyncio.gather(*(worker(count // 8) for _ in range(8)))
+
+    def control(*argv: str) -> None:
+        subprocess.run(["callgrind_control", *argv, str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+
+    try:
+        wait_for(lambda: httpx.get(url + "/ready", timeout=30).status_code == 200, 600, 1, "the node under valgrind")
+        asyncio.run(load(400))
+        control("-z")
+        control("-i", "on")
+        asyncio.run(load(n))
+        control("-i", "off")
+        control("-d", "measured")
+        time.sleep(1)
+        for dump in tmp.glob(out.name + "*"):
+            text = dump.read_text(errors="replace")
+            if re.search(r"^desc: Trigger: dump measured", text, re.M):
+                return int(re.search(r"^totals: (\d+)", text, re.M).group(1)) / (n // 8 * 8)
+        raise SystemExit("callgrind wrote no dump for the measured requests")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 async def pg_settings(url: str) -> dict:
     conn = await asyncpg.connect(url)
     try:
@@ -147,9 +198,14 @@ def main() -> None:
                     help="also run the FORGE node with forge-observe at its defaults and compare (target >= 0.95)")
     ap.add_argument("--observe-only", action="store_true",
                     help="run only FORGE with and without forge-observe (no bare app, no PgBouncer)")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="instead of wrk rounds: CPU instructions per request with and without forge-observe, "
+                         "counted by callgrind over N requests each (needs valgrind)")
     args = ap.parse_args()
     args.observe = args.observe or args.observe_only
-    if not shutil.which("wrk"):
+    if args.instructions and not shutil.which("valgrind"):
+        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
+    if not args.instructions and not shutil.which("wrk"):
         raise SystemExit("wrk is required: apt-get install -y wrk")
 
     load_start = os.getloadavg()
@@ -172,6 +228,13 @@ def main() -> None:
             "node": {"id": "bench", "roles": ["gateway", "function"], "event_loop": args.loop},
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
+        if args.instructions:
+            without = instructions_per_request(tmp, env, args.instructions, observe=False)
+            with_ = instructions_per_request(tmp, env, args.instructions, observe=True)
+            print(f"CPU instructions per request (callgrind, {args.instructions} requests each): without "
+                  f"forge-observe {without:,.0f}, with {with_:,.0f} ({with_ - without:+,.0f}, "
+                  f"{(with_ / without - 1) * 100:+.1f}%); load average {os.getloadavg()}")
+            return
         forge_log = open(tmp / "forge.log", "wb")
         # the FORGE node as before forge-observe existed; with --observe a second one has it
         forge_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
@@ -221,7 +284,11 @@ def main() -> None:
         check(forge + "/rpc/value", {"id": 7}, {"data": 8})
         check(bare + "/value", {"id": 7}, {"data": 8})
         if bouncer:
-            wait_for(lambda: httpx.get(pooled + "/ready").status_code == 200, 60, 0.2, "FORGE node through PgBouncer")
+            try:
+                wait_for(lambda: httpx.get(pooled + "/ready").status_code == 200, 60, 0.2, "FORGE node through PgBouncer")
+            except TimeoutError:
+                raise SystemExit("the FORGE node through PgBouncer did not start:\n"
+                                 + (tmp / "pooled" / "forge.log").read_text(errors="replace")[-3000:]) from None
             check(pooled + "/rpc/value", {"id": 7}, {"data": 8})
         if observed:
             wait_for(lambda: httpx.get(observed + "/ready").status_code == 200, 60, 0.2, "FORGE node with forge-observe")
@@ -270,7 +337,7 @@ def main() -> None:
             return statistics.median(r[key] for r in results[name])
 
         keys = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "pg_cpu_us_per_req")
-        summary = {name: {k: med(name, k) for k in keys} for name in results}
+        summary = {name: {k: med(name, k) for k in keys} for name in results if results[name]}
         if bouncer:
             summary["pgbouncer"]["pgbouncer_cpu_us_per_req"] = med("pgbouncer", "pgbouncer_cpu_us_per_req")
         # req/s on a shared 2-core machine swings with other load; CPU per request is the steadier
@@ -294,10 +361,8 @@ def main() -> None:
             pooled_cost = cost_of(summary["pgbouncer"])
             summary["ratio_pgbouncer_over_direct"] = summary["pgbouncer"]["rps"] / summary["forge"]["rps"]
             summary["cpu_ratio_direct_over_pgbouncer"] = cost["forge"] / pooled_cost
-        if results["batch10"]:
+        if "batch10" in summary:
             summary["batch10"]["calls_per_s"] = summary["batch10"]["rps"] * 10
-        else:
-            del summary["batch10"]
         summary["postgresql"] = settings
         summary["setup"] = {"connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
                             "pool_max": args.pool_max, "server": "uvicorn+httptools, 1 process each",

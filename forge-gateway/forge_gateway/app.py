@@ -235,11 +235,11 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
         except _Disconnected:
             return
         status = attrs["http.status_code"] = response.status_code
-        # The reply names its trace when that is of use: the caller traces, or the trace will be
-        # stored (sampled, failed, slow). Every other reply has only x-request-id, which a stored
-        # trace also records: formatting and sending the header on every reply cost 15k CPU
-        # instructions per request, half the overhead budget (bench/rpc/README.md).
-        if remote is not None or status >= 500 or tel.keeps(span):
+        # The reply names its trace when that is of use: the caller traces, or the trace is stored
+        # for sure (head-sampled, or a server error). Every other reply has only x-request-id, which
+        # a stored root span also records: formatting and sending the header on every reply cost
+        # 15k CPU instructions per request, half the overhead budget (bench/rpc/README.md).
+        if remote is not None or status >= 500 or span.sampled:
             # the raw header list (MutableScopeHeaders.headers): its add() lower-cases and encodes again
             response.headers.headers.append((b"traceparent", span.traceparent().encode("latin-1")))
         await response(scope, receive, send)
