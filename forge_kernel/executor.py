@@ -18,6 +18,7 @@ import copy
 import datetime as dt
 import json
 import secrets
+import time
 import traceback
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
@@ -30,6 +31,9 @@ from .convert import StructureError, converter, structure, unstructure
 from .db import Database, TableRead
 from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
+from .telemetry import Telemetry, current, format_traceparent, new_span_id
+
+_time_ns = time.time_ns
 
 
 # --- auth ------------------------------------------------------------------------------
@@ -303,8 +307,20 @@ class MutationContext(Context):
         # the job runs as whoever dispatched it (anonymous stays anonymous)
         req = job_request(defn, args, run_as=self._call.auth, delay=delay, run_at=run_at,
                           priority=priority, queue=queue, unique_key=unique_key, on_conflict=on_conflict)
+        span = current()
+        if span is None:
+            ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
+            return ids[0] if ids else 0
+        # traced: the job row carries the trace on (its run continues it, on whatever node), with
+        # this dispatch span as the run's parent
+        sid, t0 = new_span_id(), time.time_ns()
+        req = attrs.evolve(req, options={**req.options,
+                                         "traceparent": format_traceparent(span.trace_id, sid, span.sampled)})
         ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
-        return ids[0] if ids else 0
+        job_id = ids[0] if ids else 0
+        span.record(f"dispatch {req.name}", "producer", t0, time.time_ns(), {"job.name": req.name, "job.id": job_id},
+                    span_id=sid)
+        return job_id
 
     async def start_workflow(self, workflow: Any, /, *, idempotency_key: str | None = None,
                              correlation_key: str | None = None, delay: dt.timedelta | float | None = None,
@@ -380,6 +396,11 @@ def bind_arguments(defn: FunctionDef, args: Mapping[str, Any] | Any) -> dict[str
     return out
 
 
+#: a sampled mutation's transaction names its trace in this transaction-local setting (see
+#: forge_kernel.telemetry); realtime's change log stores it with each captured write
+SET_TRACE = "SELECT set_config('forge.traceparent', $1, true)"
+
+
 # The caller's data, refused by PostgreSQL: class 22 (invalid text incl. NUL bytes, value too long,
 # numeric out of range, bad datetime), class 23 (not-null, foreign-key, check, exclusion; unique is
 # CONFLICT and caught before), and asyncpg refusing to encode an argument (e.g. out of int32 range).
@@ -426,6 +447,8 @@ class FunctionExecutor:
         self.node = node
         #: runs calls this node should not run on another node (``forge_call_forwarder``)
         self.forwarder = forwarder
+        #: where calls are recorded (``node.telemetry``; an unattached one records nothing)
+        self.telemetry: Telemetry = getattr(node, "telemetry", None) or Telemetry()
         #: every call's transaction carries the caller (``set_caller``); see ``[app] row_security``
         self.row_security = False
         chain: Callable[[Call], Awaitable[Any]] = self._invoke
@@ -490,29 +513,49 @@ class FunctionExecutor:
         if timeout is None:
             timeout = defn.timeout or self.default_timeout
         forwarder = None if forwarded else self.forwarder
+        tel = self.telemetry
+        if tel.enabled:  # one ``call`` event; a span only where it can matter (Telemetry.call_started)
+            parent = current()
+            span = None if parent is not None and not parent.sampled else tel.call_started(defn.name, defn.kind,
+                                                                                          call.request_id)
+            t0, code = _time_ns(), "OK"
+        else:
+            t0 = 0
         try:
             # asyncio.timeout, not wait_for: no extra task per call (measured in bench/rpc)
             async with asyncio.timeout(timeout):
                 if forwarder is not None and forwarder.wants(defn):
                     return await forwarder.forward(call, args, timeout)
                 result = await self._chain(call)
-        except ForgeError:
+        except ForgeError as exc:
+            code = exc.code
             raise
         except asyncio.TimeoutError:
+            code = Timeout.code
             raise Timeout(f"{defn.name} did not finish within {timeout:g}s") from None
         except asyncpg.exceptions.ReadOnlySQLTransactionError:
+            code = ForgeError.code
             logger.bind(request_id=call.request_id).exception(f"{defn.name}: query tried to write")
             raise ForgeError(f"{defn.name} is a query and cannot write; make it a mutation "
                              f"(request {call.request_id})") from None
         except asyncpg.exceptions.UniqueViolationError as exc:
+            code = "CONFLICT"
             raise ForgeError(f"conflict: {exc.detail or 'a unique constraint was violated'}", code="CONFLICT") from None
         except _REFUSED_DATA as exc:
+            code = InvalidArgument.code
             raise refused_by_database(defn.name, call.request_id, exc) from None
         except Exception:
+            code = ForgeError.code
             logger.bind(request_id=call.request_id).error(
                 f"{defn.name} raised (request {call.request_id}):\n{traceback.format_exc()}")
             raise ForgeError(f"internal error (request {call.request_id})",
                              details={"request_id": call.request_id}) from None
+        except BaseException:
+            code = "CANCELLED"  # the caller went away (its task was cancelled)
+            raise
+        finally:
+            if t0:
+                tel.call_ended(span, defn.name, defn.kind, call.request_id, t0, code)
         return unstructure(result) if unstructured else result
 
     async def _invoke(self, call: Call) -> Any:
@@ -544,6 +587,10 @@ class FunctionExecutor:
                     done, stored = await self.forwarder.claim(conn, call.call_id, defn)
                     if done:
                         return stored
+                span = current()
+                if span is not None and span.sampled:
+                    # what this transaction's writes trigger (a live query's re-run) joins its trace
+                    await conn.execute(SET_TRACE, span.traceparent())
                 result = await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
                 if call.call_id is not None:
                     await self.forwarder.record(conn, call.call_id, result)

@@ -12,6 +12,10 @@ Conventions: hooks returning lists are collected from every plugin (pluggy retur
 result per implementation); hooks marked *firstresult* stop at the first non-``None``.
 Hooks may be called more than once (the CLI and tests build several nodes per process)
 and must therefore not keep global state.
+
+Events and spans are not hooks: packages record them through ``node.telemetry``
+(:mod:`forge_kernel.telemetry`: ``emit(kind, *fields)`` into a bounded ring, ``start_span`` /
+``end_span`` with W3C trace context), which costs nothing until an observer attaches.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .migrations import Migration
     from .node import Node
     from .services import MaintenanceTask, Service
+    from .telemetry import ClusterGauge
 
 hookspec = pluggy.HookspecMarker("forge")
 hookimpl = pluggy.HookimplMarker("forge")
@@ -324,6 +329,19 @@ def forge_live_status(config: Any, conn: Any, timeout: float) -> Any:
     one per node that ``forge_nodes`` lists as not stopped: ``{"id", "reachable", "error",
     "activity"}`` - within ``timeout`` seconds overall, partial results included (a node that
     did not answer in time is ``reachable: False`` with the reason).
+    """
+
+
+@hookspec
+def forge_cluster_gauges(node: "Node") -> list["ClusterGauge"]:
+    """Cluster-wide gauges computed from shared tables (queue depth, dead letters, nodes).
+
+    Called once per node start by the observer (forge-observe); implemented by plugins that own
+    such tables (the worker: jobs per queue and status). Return a list of
+    ``forge_kernel.telemetry.ClusterGauge`` (name, help, label names, ``async collect(conn)``
+    returning ``[(label values, value)]``). Only the scheduler leader collects them (as a
+    maintenance task) and exports them, so scraping every node never counts the cluster twice.
+    ``collect`` must be one cheap query: it runs every few seconds.
     """
 
 

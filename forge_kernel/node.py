@@ -28,6 +28,7 @@ from .executor import FunctionExecutor, row_security
 from .reads import QueryReads, ReadPool
 from .plugins import PluginLoader, _flat, _version
 from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
+from .telemetry import CountingDispatcher, Telemetry
 
 EXAMPLE_MODULE = "forge_example"
 
@@ -143,6 +144,8 @@ class Node:
         #: the node's row exists in forge_nodes (status changes before that have nowhere to go)
         self._registered = False
         self._stopping = asyncio.Event()
+        #: what the node's parts record for an observer (forge-observe); inert until one attaches
+        self.telemetry = Telemetry()
         self.supervisor.on_crash.append(lambda rec, exc: self._crash_noted(rec, exc))
 
     # --- helpers for plugins --------------------------------------------------------
@@ -203,6 +206,8 @@ class Node:
         if applied:
             logger.info(f"applied {len(applied)} migration(s): " + ", ".join(f"{m.namespace}/{m.version:04d}_{m.name}" for m in applied))
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
+        if dispatcher is not None:  # what it stores is counted for an observer (job.dispatched)
+            dispatcher = CountingDispatcher(dispatcher, self.telemetry)
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=dispatcher,
                                          node=self, reads=self.reads,

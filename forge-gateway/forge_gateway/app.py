@@ -52,8 +52,9 @@ class Gateway:
         self.credential_headers = {b"authorization": "Authorization",
                                    self.api_key_header.encode("latin-1"): config.api_key_header}
         #: request headers the /rpc/{function} handler reads (raw, lower-case as ASGI gives them)
-        self.header_names = frozenset({b"x-request-id", b"content-length", *self.credential_headers}
+        self.header_names = frozenset({b"x-request-id", b"content-length", b"traceparent", *self.credential_headers}
                                       | ({b"x-forwarded-for"} if self.clients.reads_forwarded else set()))
+        self.telemetry = node.telemetry
         #: this node does not run functions but sends /rpc calls to nodes that do (forge_call_forwarder)
         self.forwards = not node.runs("function") and getattr(node.executor, "forwarder", None) is not None
         self.serves_functions = node.runs("function") or self.forwards
@@ -218,14 +219,38 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
     client = scope["client"][0] if scope.get("client") else None
     forwarded = headers.get("x-forwarded-for")
     client = gw.clients.of(client, [forwarded]) if forwarded is not None else (client or "unknown")
-    try:
-        if function:
-            response = await _call_function(gw, function, headers, receive, client, request_id)
-        else:
-            response = await _json_rpc(gw, headers, receive, client, request_id)
-    except _Disconnected:
+    tel = gw.telemetry
+    if not tel.enabled:
+        try:
+            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                              else _json_rpc(gw, headers, receive, client, request_id))
+        except _Disconnected:
+            return
+        await response(scope, receive, send)
         return
-    await response(scope, receive, send)
+    # the request's span continues the caller's W3C traceparent
+    remote = headers.get("traceparent")
+    attrs = {"request.id": request_id, "http.status_code": 0}
+    span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
+                          remote=remote, attrs=attrs)
+    try:
+        try:
+            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                              else _json_rpc(gw, headers, receive, client, request_id))
+        except _Disconnected:
+            return
+        status = attrs["http.status_code"] = response.status_code
+        # The reply names its trace when that is of use: the caller traces, or the trace is stored
+        # for sure (head-sampled, or a server error). Every other reply has only x-request-id, which
+        # a stored root span also records: formatting and sending the header on every reply cost
+        # 15k CPU instructions per request, half the overhead budget (bench/rpc/README.md).
+        if remote is not None or status >= 500 or span.sampled:
+            # the raw header list (MutableScopeHeaders.headers): its add() lower-cases and encodes again
+            response.headers.headers.append((b"traceparent", span.traceparent().encode("latin-1")))
+        await response(scope, receive, send)
+    finally:
+        status = attrs["http.status_code"]
+        tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
 
 
 RPC_PREFIX = "/rpc"
@@ -383,8 +408,8 @@ def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
     cors = None
     if cfg.cors_origins:
         cors = CORSConfig(allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
-                          allow_headers=["authorization", "content-type", "x-request-id", cfg.api_key_header.lower()],
-                          expose_headers=["x-request-id", "retry-after"], allow_credentials=cfg.cors_allow_credentials)
+                          allow_headers=["authorization", "content-type", "x-request-id", "traceparent", cfg.api_key_header.lower()],
+                          expose_headers=["x-request-id", "retry-after", "traceparent"], allow_credentials=cfg.cors_allow_credentials)
     app = Litestar(
         route_handlers=routes,
         cors_config=cors,

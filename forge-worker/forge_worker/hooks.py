@@ -6,10 +6,11 @@ from typing import Any
 
 from forge_kernel import hookimpl
 from forge_kernel.migrations import from_package
+from forge_kernel.telemetry import ClusterGauge
 
 from .cli import add_jobs_command
 from .config import WorkerConfig, WorkflowConfig
-from .queue import Dispatcher
+from .queue import Dispatcher, job_counts, oldest_pending
 from .service import maintenance_tasks, worker_service, workflow_engine
 from .workflows.cli import add_workflows_command
 from .validate import check_registry
@@ -81,3 +82,11 @@ def forge_cancel_running_job(node: Any, job_id: int) -> Any:
 def forge_node_activity(node: Any) -> Any:
     worker = getattr(node, "worker", None)
     return worker.activity() if worker is not None else None
+
+
+@hookimpl
+def forge_cluster_gauges(node: Any):
+    return [ClusterGauge("forge_jobs", "Live jobs per queue and status (scheduled, pending, running, dead)",
+                         ("queue", "status"), job_counts),
+            ClusterGauge("forge_jobs_oldest_pending_seconds", "Age of the oldest due job per queue",
+                         ("queue",), oldest_pending)]

@@ -511,3 +511,17 @@ async def enqueue(db: asyncpg.Pool | asyncpg.Connection, job: Any, args: Mapping
                   **options: Any) -> int:
     """Store one job with only a pool or a connection: ``await enqueue(pool, send_email, {"to": a})``."""
     return await JobQueue(db).enqueue(job, args, **options)
+
+
+# --- cluster gauges (forge_cluster_gauges: collected by the scheduler leader only) ----------------
+async def job_counts(conn: Any) -> list[tuple[tuple[str, ...], float]]:
+    """Live jobs per (queue, status)."""
+    rows = await conn.fetch("SELECT queue, status, count(*) AS n FROM forge_jobs GROUP BY queue, status")
+    return [((r["queue"], r["status"]), float(r["n"])) for r in rows]
+
+
+async def oldest_pending(conn: Any) -> list[tuple[tuple[str, ...], float]]:
+    """Per queue, how long its oldest due job has been waiting (seconds)."""
+    rows = await conn.fetch("SELECT queue, extract(epoch FROM now() - min(run_at))::float8 AS age FROM forge_jobs "
+                            "WHERE status = 'pending' GROUP BY queue")
+    return [((r["queue"],), max(0.0, r["age"] or 0.0)) for r in rows]

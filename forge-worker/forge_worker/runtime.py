@@ -32,7 +32,7 @@ from forge_kernel.executor import Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
 
 from .config import WorkerConfig
-from .context import JobCancelled, JobContext, LazyDatabase, RetryLater
+from .context import JobCancelled, JobContext, LazyDatabase, RetryLater, job_span
 from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
@@ -248,6 +248,11 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return raw * (0.5 + rng() / 2)
 
 
+#: outcomes that are no failure (a span of the attempt ends without an error)
+_WENT_WELL = frozenset({"succeeded", "retry_later"})
+_NONE: dict = {}
+
+
 @attrs.define
 class Attempt:
     """A claimed job on this node."""
@@ -262,6 +267,11 @@ class Attempt:
     cancel_reason: str | None = None
     #: the attempt has ended; only its result remains to be written
     finished: bool = False
+    #: when observed (forge-observe): when it started (time.time_ns) and its span, once it has one
+    #: (at once in a head-sampled trace; else when the job logs, calls or dispatches, or afterwards
+    #: when it failed or ran slow: see Worker._run)
+    t0: int = 0
+    span: Any = None
 
 
 @attrs.define
@@ -493,6 +503,9 @@ class Worker:
         started = row["started_at"]
         outcome, delay, error = "succeeded", 0.0, None
         db = LazyDatabase(self.node.pool)
+        tel = self.node.telemetry
+        if tel.enabled:
+            a.t0 = time.time_ns()
         try:
             defn = self.node.registry.get(row["name"])
             if defn is None or defn.kind not in ("job", "cron"):
@@ -509,6 +522,8 @@ class Worker:
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
+            if a.t0 and tel.head_sampled_remote((row["options"] or _NONE).get("traceparent")):
+                job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
             try:
                 async with asyncio.timeout(timeout):
                     await self._chain(call)
@@ -544,6 +559,8 @@ class Worker:
                            f"{type(exc).__name__}: {exc}")
         finally:
             a.finished = True
+            if a.t0:
+                self._observed(tel, row, a, outcome, error)
             with contextlib.suppress(Exception):
                 await db.release()
         reported = False
@@ -568,6 +585,21 @@ class Worker:
         if self.running.get(a.id) is a:
             del self.running[a.id]
         self.slot_free.set()
+
+    @staticmethod
+    def _observed(tel: Any, row: Any, a: Attempt, outcome: str, error: str | None) -> None:
+        """The attempt's ``job.finished`` event, and the end of its span: the one it had, or one made
+        now for an attempt that failed or ran slow (tail sampling may keep it)."""
+        end = time.time_ns()
+        span = a.span
+        if span is None and (outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns):
+            span = job_span(tel, row, a)
+        if span is not None:
+            a.span = None
+            tel.end_span(span, None if outcome in _WENT_WELL else (error or outcome))
+        # raw times: the observer works out queue waits for a whole batch at once
+        tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], row["started_at"],
+                 (end - a.t0) / 1e9)
 
     def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
         return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error

@@ -21,7 +21,7 @@ The properties:
   reported failed, none is left half-registered, and the rest load;
 * order independence - the resolved roles, config sections and migrations do not depend
   on the order in which plugins were registered;
-* service order - start order respects every ``after`` and stop order is its exact reverse;
+* service order - start order respects every ``after`` and ``before``, and stop order is its exact reverse;
 * service order - also for the services the installed plugins declare, in any declaration order;
 * migrations applied twice equal migrations applied once from any prefix already applied, and
   N concurrent runners (2 to 8) apply each migration exactly once;
@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import types
 from typing import Any, Iterable
 
@@ -212,7 +213,9 @@ def service_graphs(draw: st.DrawFn, max_services: int = 8) -> list[Service]:
     services = []
     for i, name in enumerate(names):
         after = tuple(draw(st.sets(st.sampled_from(names[:i]))) if i else ())
-        services.append(Service(name, _recording(name, log), after=after))
+        # 'before' edges point the same way (from an earlier service to a later one), so the graph stays acyclic
+        before = tuple(draw(st.sets(st.sampled_from(names[i + 1:]))) if i + 1 < n else ())
+        services.append(Service(name, _recording(name, log), after=after, before=before))
     return draw(st.permutations(services))
 
 
@@ -253,6 +256,9 @@ def check_service_order(services: list[Service] | None = None) -> None:
             for dep in s.after:
                 if dep in names:
                     assert pos[dep] < pos[s.name], f"{s.name} started before {dep}"
+            for later in s.before:
+                if later in names:
+                    assert pos[s.name] < pos[later], f"{later} started before {s.name}"
         assert stops == list(reversed(starts))
 
     if services is not None:
@@ -666,6 +672,122 @@ async def check_call_ledger(plugin: Any, db_url: str, max_examples: int = 40) ->
 
 class _Undo(Exception):
     """Rolls a probe's transaction back."""
+
+
+# --- telemetry ----------------------------------------------------------------------------
+def check_telemetry_traces() -> None:
+    """``node.telemetry``'s span contract: for any tree of nested spans (some ending with an error),
+    each local trace is either handed to the observer exactly once, after its last span ended, with
+    every span in it, every parent among them (or the remote parent) and one trace id, or counted as
+    discarded; it is handed over whenever it is head-sampled, has a failed span, or its root took at
+    least ``keep_over``; finished spans no longer point at their trace (no reference cycle); and the
+    current span is restored."""
+    from ..telemetry import Telemetry, current_span
+
+    @st.composite
+    def trees(draw: st.DrawFn) -> list[Any]:
+        def node(depth: int) -> Any:
+            kids = draw(st.integers(0, 3 if depth < 3 else 0))
+            return (draw(st.booleans()), [node(depth + 1) for _ in range(kids)])
+        return [node(0) for _ in range(draw(st.integers(1, 3)))]
+
+    def failing(tree: Any) -> bool:
+        return tree[0] or any(failing(k) for k in tree[1])
+
+    @settings(**_SETTINGS)
+    @given(forest=trees(), remote=st.booleans(), rate=st.sampled_from([0.0, 1.0]),
+           keep_over=st.sampled_from([0.0, float("inf")]))
+    def traces(forest: list[Any], remote: bool, rate: float, keep_over: float) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00" if remote else None
+        expected = []
+
+        def run(tree: Any, top: bool) -> int:
+            failed, kids = tree
+            span = tel.start_span("s", remote=parent if top else None)
+            n = 1 + sum(run(k, False) for k in kids)
+            tel.end_span(span, "boom" if failed else None)
+            assert span.trace is None and span.end_ns >= span.start_ns
+            return n
+
+        for tree in forest:
+            n = run(tree, True)
+            if rate == 1.0 or keep_over == 0.0 or failing(tree):
+                expected.append(n)
+            assert current_span() is None
+        assert [len(t.spans) for t in got] == expected
+        assert tel.discarded == len(forest) - len(expected)
+        for t in got:
+            ids = {s.span_id for s in t.spans}
+            assert len({s.trace_id for s in t.spans}) == 1 and t.open == 0
+            assert all(s.parent_id in ids or s.parent_id == t.remote_parent for s in t.spans)
+            assert t.root is not None and t.root.parent_id == t.remote_parent
+            assert t.sampled == (rate == 1.0) and all(s.sampled == t.sampled for s in t.spans)
+            assert t.errors == sum(s.error is not None for s in t.spans)
+            if remote:
+                assert t.trace_id == 0x0af7651916cd43dd8448eb211c80319c and t.remote_parent == 0xb7ad6b7169203331
+
+    traces()
+
+
+def check_telemetry_calls() -> None:
+    """The executor's call recording (``call_started`` / ``call_ended``): every call makes exactly one
+    ``call`` event; a call inside a sampled trace, or outside any span, gets a real span; inside an
+    unsampled trace it gets a span only when it failed or took at least ``keep_over`` (recorded
+    afterwards, a child of the current span), so the tail sampler can keep that trace."""
+    from ..telemetry import Telemetry
+
+    @settings(**_SETTINGS)
+    @given(rate=st.sampled_from([0.0, 1.0]), keep_over=st.sampled_from([0.0, float("inf")]),
+           codes=st.lists(st.sampled_from(["OK", "INTERNAL", "NOT_FOUND"]), max_size=4), rooted=st.booleans())
+    def calls(rate: float, keep_over: float, codes: list[str], rooted: bool) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
+        root = tel.start_span("POST /rpc", "server") if rooted else None
+        for code in codes:
+            span = tel.call_started("f", "query", "req")
+            assert (span is not None) == (not rooted or rate == 1.0)
+            tel.call_ended(span, "f", "query", "req", time.time_ns(), code)
+        tel.end_span(root)
+        events = tel.drain()
+        assert [f[2] for _, f in events] == codes and all(k == "call" for k, _ in events)
+        spans = [s for t in got for s in t.spans if s.name == "f"]
+        assert [s.error or "OK" for s in spans] == (codes if rate == 1.0 else
+                                                     [c for c in codes if c != "OK" or keep_over == 0.0])
+        if rooted:
+            assert all(s.parent_id == root.span_id for s in spans)
+
+    calls()
+
+
+def check_telemetry_events() -> None:
+    """``emit`` keeps the newest ``ring_size`` events in order and counts every one it lost;
+    with no observer attached it records nothing."""
+    from ..telemetry import Telemetry
+
+    @settings(**_SETTINGS)
+    @given(ring=st.integers(1024, 1100), n=st.integers(0, 2500), drains=st.lists(st.integers(0, 2500), max_size=3))
+    def bounded(ring: int, n: int, drains: list[int]) -> None:
+        idle = Telemetry()
+        idle.emit("x", 1)
+        assert idle.drain() == [] and idle.dropped == 0
+        tel = Telemetry()
+        tel.attach(lambda t: None, ring_size=ring)
+        seen: list[tuple] = []
+        emitted = 0
+        for cut in sorted(drains) + [n]:
+            while emitted < min(cut, n):
+                tel.emit("e", emitted)
+                emitted += 1
+            seen.extend(tel.drain())
+        values = [f[0] for _, f in seen]
+        assert values == sorted(values) and len(values) + tel.dropped == n
+        assert not values or values[-1] == n - 1
+
+    bounded()
 
 
 # --- forge_rate_limiter -------------------------------------------------------------------

@@ -59,6 +59,6 @@ def forge_job_cancel_requested(config: Any, conn: Any, job_id: int, node_id: str
     return client.cancel_job(config, conn, job_id, node_id)
 
 
-@hookimpl
+@hookimpl(trylast=True)  # after forge-observe's: its stored-log 'logs' command keeps the name
 def forge_cli_commands(subparsers: Any) -> None:
     add_commands(subparsers)
