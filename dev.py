@@ -21,8 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-# the role packages, installed beside the kernel; third-party examples under plugins/ are built by their tests
-PACKAGES = ["forge-gateway", "forge-worker", "forge-scheduler", "forge-realtime", "forge-observe"]
+# the role packages and our own plugins (forge-codegen, forge-mesh), installed beside the kernel;
+# the third-party example under plugins/ (forge-hello) is built by its tests
+PACKAGES = ["forge-gateway", "forge-worker", "forge-scheduler", "forge-realtime", "forge-observe", "plugins/forge-codegen",
+            "plugins/forge-mesh"]
 
 
 def _stamp() -> str:

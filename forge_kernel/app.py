@@ -128,8 +128,6 @@ query = _decorator("query")
 mutation = _decorator("mutation")
 #: ``@action`` - may call the outside world; calls queries/mutations through ``ctx``.
 action = _decorator("action")
-#: ``@workflow`` - durable multi-step process (run by the worker).
-workflow = _decorator("workflow")
 
 
 def job(fn: Callable[..., Any] | None = None, /, *, max_attempts: int = 5, priority: int = 0,
@@ -150,6 +148,55 @@ def job(fn: Callable[..., Any] | None = None, /, *, max_attempts: int = 5, prior
     return lambda f: _make("job", f, timeout=timeout, **opts)
 
 
+def workflow(fn: Callable[..., Any] | None = None, /, *, version: str | int | None = None,
+             previous: Mapping[str | int, Callable[..., Any]] | None = None, concurrency: int | None = None,
+             max_recoveries: int | None = None, **settings: Any):
+    """``@workflow`` - a durable multi-step process run by worker nodes (forge-worker).
+
+    ``version``: the code version new runs record (default: a hash of the function's code);
+    ``previous``: ``{old_version: old_function}`` so runs started on an older version keep
+    running that version's code; ``concurrency``: most runs of this workflow executing at
+    once, cluster-wide; ``max_recoveries``: how often a run may be recovered after its worker
+    died before it fails (a run that kills its worker must not loop forever). Further settings
+    are interpreted by the worker plugin.
+    """
+    if version is not None and (isinstance(version, bool) or not isinstance(version, (str, int))
+                                or not str(version).strip()):
+        raise ValueError(f"@workflow: version must be a non-empty string or an integer, got {version!r}")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise ValueError(f"@workflow: concurrency must be a whole number >= 1, got {concurrency!r}")
+    if max_recoveries is not None and (isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int)
+                                       or max_recoveries < 0):
+        raise ValueError(f"@workflow: max_recoveries must be a whole number >= 0, got {max_recoveries!r}")
+    old: dict[str, Callable[..., Any]] = {}
+    for key, value in dict(previous or {}).items():
+        if not inspect.iscoroutinefunction(value):
+            raise ValueError(f"@workflow: previous[{key!r}] must be an 'async def' function, got {value!r}")
+        old[str(key)] = value
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        ver = str(version) if version is not None else code_version(f)
+        if ver in old:
+            raise ValueError(f"@workflow {f.__name__}: version {ver!r} is also listed in previous")
+        return _make("workflow", f, version=ver, previous=old, concurrency=concurrency,
+                     max_recoveries=max_recoveries, **settings)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def code_version(fn: Callable[..., Any]) -> str:
+    """A short hash of a function's source (its bytecode when the source is not available)."""
+    import hashlib
+
+    try:
+        text = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = fn.__code__
+        text = code.co_code + repr(code.co_consts).encode() + repr(code.co_names).encode()
+    return hashlib.sha256(text).hexdigest()[:12]
+
+
 def cron(schedule: str, /, *, timezone: str = "UTC", name: str | None = None, **settings: Any):
     """``@cron("*/5 * * * *", timezone="Europe/Berlin")`` - run as a job once per scheduled slot.
 
@@ -162,17 +209,74 @@ def cron(schedule: str, /, *, timezone: str = "UTC", name: str | None = None, **
 
 
 # --- models ---------------------------------------------------------------------------
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+ON_DELETE = ("cascade", "restrict", "set null", "set default", "no action")
+
+
+@attrs.frozen
+class Column:
+    """Column options of a ``@model`` field (``field(index=True, ...)``); the schema tools
+    (``forge-node generate migration``) read them. Nullability comes from ``X | None`` unless
+    ``nullable`` says otherwise; the SQL type from the Python type unless ``sql_type`` does."""
+
+    index: bool = False
+    unique: bool = False
+    #: a ``@model`` class (or its table name) whose primary key this column refers to
+    references: Any = None
+    on_delete: str | None = None
+    #: a SQL boolean expression over the row (``"length(title) <= 200"``)
+    check: str | None = None
+    #: a SQL expression the database fills in (``"now()"``); a plain Python default (a number, a
+    #: string, a boolean) becomes the column's DEFAULT by itself
+    server_default: str | None = None
+    sql_type: str | None = None
+    nullable: bool | None = None
+
+
+COLUMN_KEY = "forge.column"
+
+
+def field(*, default: Any = attrs.NOTHING, factory: Callable[[], Any] | None = None, index: bool = False,
+          unique: bool = False, references: Any = None, on_delete: str | None = None, check: str | None = None,
+          server_default: str | None = None, sql_type: str | None = None, nullable: bool | None = None,
+          **settings: Any) -> Any:
+    """A ``@model`` field with column options: ``board: str = field(index=True)``,
+    ``owner: UUID = field(references=User, on_delete="cascade")``. Other keyword arguments go
+    to ``attrs.field``."""
+    if on_delete is not None and on_delete.lower() not in ON_DELETE:
+        raise ValueError(f"field: on_delete must be one of {', '.join(ON_DELETE)}, got {on_delete!r}")
+    if on_delete is not None and references is None:
+        raise ValueError("field: on_delete needs references=...")
+    col = Column(index=index, unique=unique, references=references, on_delete=on_delete and on_delete.lower(),
+                 check=check, server_default=server_default, sql_type=sql_type, nullable=nullable)
+    metadata = {**settings.pop("metadata", {}), COLUMN_KEY: col}
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=metadata, **settings)
+    return attrs.field(default=default, metadata=metadata, **settings)
+
+
 @attrs.frozen
 class ModelDef:
     cls: type
     table: str
     primary_key: str
     columns: tuple[str, ...]
+    #: column options by column name (``Column()`` for plain fields)
+    options: Mapping[str, Column] = attrs.field(factory=dict)
+    #: indexes over several columns: ``(("owner", "created_at"), ...)``
+    indexes: tuple[tuple[str, ...], ...] = ()
+    #: unique constraints over several columns
+    unique_together: tuple[tuple[str, ...], ...] = ()
+
+    def column(self, name: str) -> Column:
+        return self.options.get(name) or Column()
 
 
-def model(cls: type | None = None, /, *, table: str | None = None, primary_key: str = "id"):
+def model(cls: type | None = None, /, *, table: str | None = None, primary_key: str = "id",
+          indexes: Iterable[Iterable[str]] = (), unique_together: Iterable[Iterable[str]] = ()):
     """``@model`` turns a class into an attrs class mapped to a table (``table`` defaults to the
-    lower-cased class name plus ``s``). ``ctx.db.insert/get/select/update/delete`` use it."""
+    lower-cased class name plus ``s``). ``ctx.db.insert/get/select/update/delete`` use it, and
+    ``forge-node generate migration`` writes its table from the fields (see :func:`field`)."""
 
     def wrap(c: type) -> type:
         if not attrs.has(c):
@@ -183,7 +287,18 @@ def model(cls: type | None = None, /, *, table: str | None = None, primary_key: 
         cols = tuple(a.name for a in attrs.fields(c))
         if primary_key not in cols:
             raise ValueError(f"@model {c.__name__}: primary key {primary_key!r} is not a field")
-        c.__forge_model__ = ModelDef(c, tname, primary_key, cols)  # type: ignore[attr-defined]
+        multi = []
+        for what, groups in (("indexes", indexes), ("unique_together", unique_together)):
+            out = []
+            for group in groups:
+                group = (group,) if isinstance(group, str) else tuple(group)
+                unknown = [g for g in group if g not in cols]
+                if not group or unknown:
+                    raise ValueError(f"@model {c.__name__}: {what} {group!r} names no field or unknown fields {unknown}")
+                out.append(group)
+            multi.append(tuple(out))
+        options = {a.name: a.metadata[COLUMN_KEY] for a in attrs.fields(c) if COLUMN_KEY in a.metadata}
+        c.__forge_model__ = ModelDef(c, tname, primary_key, cols, options, *multi)  # type: ignore[attr-defined]
         return c
 
     return wrap(cls) if cls is not None else wrap

@@ -1,4 +1,9 @@
-"""``forge-node``: start | migrate | plugins | status (plus sub-commands from plugins)."""
+"""``forge-node``: start | migrate | plugins | status (plus sub-commands from plugins).
+
+Every command answers bad input, a missing file and an unreachable database with one line on
+stderr and a non-zero exit (2: the command line or the configuration is wrong, 1: it failed),
+never a traceback. ``--config`` is accepted before or after any sub-command.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import decimal
 import inspect
 import json
 import sys
@@ -19,8 +25,11 @@ from .app import Registry
 from .config import Config, load_config
 from .errors import StartupError
 from .logs import REDACTOR, redact, setup_logging
-from .node import Node, all_migrations, app_modules, cluster_status, database_url
+from .node import Node, all_migrations, app_modules, cluster_status, database_url, importable_app_dir, session_url
 from .plugins import PluginLoader
+
+#: the largest id a BIGINT column holds (job ids, run ids)
+MAX_BIGINT = 2**63 - 1
 
 
 class Cli:
@@ -34,11 +43,13 @@ class Cli:
     def config(self) -> Config:
         if self._config is None:
             self._config = load_config(self.loader.config_sections(), path=getattr(self.args, "config", None),
-                                       owners=self.loader.section_owner)
+                                       owners=self.loader.section_owner, foreign=self.loader.absent_sections())
             REDACTOR.add_config(self._config)  # every command's output and log lines keep its secrets out
             roles = getattr(self.args, "roles", None)
             if roles:
                 self._config = self._config.evolve("node", roles=[r.strip() for r in roles.split(",") if r.strip()])
+            # like uvicorn's --app-dir: app modules beside forge.toml import without PYTHONPATH
+            importable_app_dir(self._config)
         return self._config
 
     @contextlib.asynccontextmanager
@@ -47,9 +58,16 @@ class Cli:
         PostgreSQL when no URL is configured, and closes and releases everything on exit."""
         from .db import connect
 
-        url, pg = await asyncio.to_thread(database_url, self.config())
+        config = self.config()
+        url, pg = await asyncio.to_thread(database_url, config)
         try:
-            conn = await connect(url)
+            url = session_url(config, url)  # migrate takes a session lock
+            key = "direct_url" if config.database.direct_url else "url"
+            try:
+                conn = await connect(url, timeout=config.database.connect_timeout)
+            except (OSError, ValueError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise StartupError(f"cannot connect to PostgreSQL at {redact(url)} ([database] {key}): "
+                                   f"{type(exc).__name__}: {exc}") from None
             try:
                 yield conn
             finally:
@@ -59,6 +77,22 @@ class Cli:
                 await asyncio.to_thread(pg.release)  # pg_ctl stop can take seconds: off the loop
 
 
+def bounded_int(lo: int, hi: int = MAX_BIGINT, what: str = "a whole number") -> Any:
+    """An ``argparse`` type: a whole number from ``lo`` to ``hi`` (a job id: ``bounded_int(1)``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} expected, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{what} from {lo} to {hi} expected, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
 def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols))
@@ -66,9 +100,15 @@ def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
-def _json_default(v: Any) -> Any:
+def json_default(v: Any) -> Any:
+    """``json.dumps(default=...)`` of every ``--json`` output: times as ISO 8601 text, intervals
+    and decimals as numbers (seconds), anything else as text."""
     if isinstance(v, (dt.datetime, dt.date)):
         return v.isoformat()
+    if isinstance(v, dt.timedelta):
+        return v.total_seconds()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
     return str(v)
 
 
@@ -107,7 +147,7 @@ async def cmd_migrate(cli: Cli) -> int:
         if cli.args.status:
             states = await migmod.status(conn, migs)
             if cli.args.json:
-                print(json.dumps([s.__dict__ if hasattr(s, "__dict__") else _asdict(s) for s in states], default=_json_default))
+                print(json.dumps([s.__dict__ if hasattr(s, "__dict__") else _asdict(s) for s in states], default=json_default))
             else:
                 _print_table([_asdict(s) for s in states], ["namespace", "version", "name", "state", "applied_at"])
             return 1 if any(s.state in ("drift", "pending") for s in states) else 0
@@ -137,11 +177,13 @@ async def cmd_plugins(cli: Cli) -> int:
 
 async def cmd_status(cli: Cli) -> int:
     config = cli.config()
+    if cli.args.live:
+        return await _live_status(cli, config)
     async with cli.connection() as conn:
         exists = await conn.fetchval("SELECT to_regclass('forge_nodes') IS NOT NULL")
-        rows = await cluster_status(conn, config.node.dead_after) if exists else []
+        rows = await cluster_status(conn, config.node.dead_after, config.node.heartbeat_interval) if exists else []
     if cli.args.json:
-        print(json.dumps(rows, default=_json_default, indent=2))
+        print(json.dumps(rows, default=json_default, indent=2))
         return 0
     if not cli.args.all:
         rows = [r for r in rows if r["status"] not in ("stopped",)]
@@ -151,9 +193,58 @@ async def cmd_status(cli: Cli) -> int:
     return 0
 
 
+async def _live_status(cli: Cli, config: Config) -> int:
+    """Every live node asked what it does now, through ``forge_live_status`` (forge-mesh)."""
+    async with cli.connection() as conn:
+        pending = cli.loader.hook.forge_live_status(config=config, conn=conn, timeout=cli.args.timeout)
+        if pending is None:
+            print("forge-node status --live asks nodes over the mesh: install forge-mesh (pip install forge-mesh)",
+                  file=sys.stderr)
+            return 2
+        rows = await pending
+    if cli.args.json:
+        print(json.dumps(rows, default=json_default, indent=2))
+    else:
+        _print_table([{"id": r["id"], "reachable": "yes" if r["reachable"] else f"no ({r.get('error') or '?'})",
+                       **{k: json.dumps(v, default=json_default) for k, v in (r.get("activity") or {}).items()}}
+                      for r in rows],
+                     ["id", "reachable", *sorted({k for r in rows for k in (r.get("activity") or {})})])
+    return 0 if all(r["reachable"] for r in rows) else 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (and the help that explains it named)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"forge-node: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+CONFIG_HELP = "path to forge.toml (default: ./forge.toml or $FORGE_CONFIG)"
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every sub-command parser below it (plugins' included)."""
+    out = [parser]
+    for action in parser._actions:  # argparse keeps sub-parsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                out.extend(_parsers(child))
+    return out
+
+
+def _config_option_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--config`` after any sub-command too (``forge-node start --config my.toml``).
+    A sub-command's copy has no default, so it never hides one given before the sub-command."""
+    for p in _parsers(parser)[1:]:
+        if "--config" in p._option_string_actions:
+            continue
+        flags = ["--config"] + (["-c"] if "-c" not in p._option_string_actions else [])
+        p.add_argument(*flags, default=argparse.SUPPRESS, help=CONFIG_HELP)
+
+
 def build_parser(loader: PluginLoader | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forge-node", description="Run and inspect FORGE nodes.")
-    parser.add_argument("--config", "-c", help="path to forge.toml (default: ./forge.toml or $FORGE_CONFIG)")
+    parser = ArgumentParser(prog="forge-node", description="Run and inspect FORGE nodes.")
+    parser.add_argument("--config", "-c", help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="start a node (an embedded PostgreSQL when [database] url is empty)")
     p.add_argument("--roles", help="comma-separated roles, overrides [node] roles")
@@ -168,9 +259,13 @@ def build_parser(loader: PluginLoader | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="list the nodes of the cluster")
     p.add_argument("--json", action="store_true")
     p.add_argument("--all", action="store_true", help="include stopped nodes")
+    p.add_argument("--live", action="store_true",
+                   help="ask every live node what it is doing now (in-flight calls, jobs, sockets, pool; needs forge-mesh)")
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds --live waits for the nodes (default 1)")
     p.set_defaults(func=cmd_status)
     if loader is not None:
         loader.hook.forge_cli_commands(subparsers=sub)
+    _config_option_everywhere(parser)
     return parser
 
 
@@ -189,6 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except asyncpg.UndefinedTableError as exc:
+        print(f"forge-node: error: the database lacks FORGE's tables ({redact(str(exc))}); run 'forge-node "
+              f"migrate' (or start a node) first", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"forge-node: error: database: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback; the trace at DEBUG
+        logger.opt(exception=exc).debug("forge-node failed")
+        print(f"forge-node: error: {type(exc).__name__}: {redact(str(exc))} (FORGE_LOG__LEVEL=DEBUG shows the "
+              f"traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

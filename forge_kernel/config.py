@@ -3,7 +3,13 @@
 Each plugin owns a section: an attrs class returned from ``forge_config_sections``.
 The kernel owns ``[node]``, ``[database]``, ``[app]`` and ``[log]``. Every problem
 (unknown section or key, wrong type, bad value) is collected and reported at once,
-naming the key, the value and what was expected.
+naming the key, the value, what was expected and where the value came from (the file, or
+the environment variable that set it).
+
+One ``forge.toml`` can serve a whole cluster: a section that belongs to a FORGE package
+whose plugin is not loaded on this node (``foreign``: section -> package, see
+``forge_kernel.plugins.SECTION_PACKAGES``) is skipped and listed in ``Config.ignored``;
+a section nobody knows stays an error.
 """
 
 from __future__ import annotations
@@ -23,6 +29,13 @@ from .errors import ConfigError
 from .logs import Redactor, is_secret_field, secret_values
 
 ENV_PREFIX = "FORGE_"
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of a ``scheme://user:password@host`` URL (or its ``password=``
+    parameter) replaced by ``***``: config errors and logs show URLs, never their passwords."""
+    text = re.sub(r"(://[^:/?#@\s]*:)[^/?#\s]*@", r"\1***@", text)
+    return re.sub(r"([?&]password=)[^&\s]*", r"\1***", text)
 
 
 # --- validators that name what they expect -------------------------------------------
@@ -89,8 +102,21 @@ class NodeConfig:
 
 @attrs.frozen
 class DatabaseConfig:
-    #: PostgreSQL URL; empty means an embedded server under ``data_dir``
+    #: PostgreSQL URL of the pool (functions, jobs, crons); may be a transaction-mode pooler
+    #: (PgBouncer). Empty means an embedded server under ``data_dir``
     url: str = ""
+    #: the server itself, for what needs a session: migrations, leader election, LISTEN, the
+    #: realtime change reader, heartbeats. Empty means ``url``
+    direct_url: str = ""
+    #: ``transaction``: ``url`` is a transaction-mode pooler - no statement cache, no session state
+    #: between transactions. ``none``: a server (or a session-mode pooler). ``auto``: ``transaction``
+    #: when ``direct_url`` is set and differs from ``url``, else ``none``
+    pooler: str = attrs.field(default="auto", validator=one_of("auto", "none", "transaction"))
+    #: a streaming replica (hot standby) queries may read from; empty means they read ``url``
+    read_url: str = ""
+    #: seconds a query waits for the replica to replay the writes it must see (read-your-writes)
+    #: before it reads the primary instead
+    read_wait: float = attrs.field(default=0.5, validator=in_range(0, 60))
     data_dir: str = ".forge"
     #: embedded server only: 0 serves the unix socket alone; a port also listens on 127.0.0.1 there
     #: (password required) and keeps that port across restarts
@@ -103,6 +129,31 @@ class DatabaseConfig:
     def __attrs_post_init__(self) -> None:
         if self.pool_min > self.pool_max:
             raise InvalidValue("pool_min", self.pool_min, f"at most pool_max ({self.pool_max})")
+        if not self.url:
+            for key in ("direct_url", "read_url"):
+                if getattr(self, key):
+                    raise InvalidValue(key, redact_url(getattr(self, key)),
+                                       "nothing while [database] url is empty (the embedded server "
+                                       "needs no direct URL and has no replica)")
+            if self.pooler == "transaction":
+                raise InvalidValue("pooler", self.pooler, "'none' or 'auto' while [database] url is empty "
+                                                          "(the embedded server has no pooler in front)")
+        elif self.pooler == "transaction" and self.session_url == self.url:
+            raise InvalidValue("direct_url", redact_url(self.direct_url),
+                               "the server itself, not [database] url, with pooler = 'transaction' (migrations, "
+                               "leader election and LISTEN need a session, which a transaction pooler cannot keep)")
+
+    @property
+    def session_url(self) -> str:
+        """Where sessions go (``direct_url``, else ``url``)."""
+        return self.direct_url or self.url
+
+    @property
+    def transaction_pooler(self) -> bool:
+        """Whether ``url`` is a transaction-mode pooler (``pooler``, ``auto`` resolved)."""
+        if self.pooler == "auto":
+            return bool(self.direct_url) and self.direct_url != self.url
+        return self.pooler == "transaction"
 
 
 @attrs.frozen
@@ -138,6 +189,10 @@ class Config:
 
     sections: Mapping[str, Any]
     source: str = "<defaults>"
+    #: the config file read, if any
+    path: str | None = None
+    #: sections skipped because they belong to a FORGE package not loaded here: package -> sections
+    ignored: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
 
     def __getitem__(self, name: str) -> Any:
         return self.sections[name]
@@ -224,14 +279,17 @@ def load_config(
     env: Mapping[str, str] | None = None,
     data: Mapping[str, Any] | None = None,
     owners: Mapping[str, str] | None = None,
+    foreign: Mapping[str, str] | None = None,
 ) -> Config:
     """Build a :class:`Config` from a TOML file (or ``data``) and environment overrides.
 
     ``sections`` maps section name to attrs class (kernel plus plugins); ``owners`` maps
-    section to the distribution that owns it, for error messages.
+    section to the distribution that owns it, for error messages; ``foreign`` maps sections
+    of FORGE packages not loaded on this node to their package: those are ignored.
     """
     env = os.environ if env is None else env
-    source = "<defaults>"
+    foreign = foreign or {}
+    source, file = "<defaults>", None
     raw: dict[str, Any] = {}
     if data is not None:
         raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
@@ -239,32 +297,46 @@ def load_config(
     else:
         explicit = path or env.get("FORGE_CONFIG")
         candidate = Path(explicit) if explicit else Path("forge.toml")
-        if candidate.exists():
+        if candidate.is_file():
             raw = read_toml(candidate)
-            source = str(candidate)
+            source = file = str(candidate)
         elif explicit:
-            raise ConfigError(f"config file {candidate} (from {'--config' if path else 'FORGE_CONFIG'}) does not exist")
+            what = "does not exist" if not candidate.exists() else "is not a file"
+            raise ConfigError(f"config file {candidate} (from {'--config' if path else 'FORGE_CONFIG'}) {what}")
 
     problems: list[Problem] = []
-    for name, value in raw.items():
-        if name not in sections:
-            problems.append(Problem(f"[{name}]", f"unknown section; known sections: {', '.join(sorted(sections))}"))
+    ignored: dict[str, list[str]] = {}
+    where = f" (in {source})" if file else ""
+    for name, value in list(raw.items()):
+        if name not in sections and name in foreign:
+            ignored.setdefault(foreign[name], []).append(name)
+            del raw[name]
+        elif name not in sections:
+            problems.append(Problem(f"[{name}]", f"unknown section{where}; known sections: {', '.join(sorted(sections))}"))
         elif not isinstance(value, Mapping):
-            problems.append(Problem(f"[{name}]", f"expected a table, got {type(value).__name__} {value!r}"))
+            problems.append(Problem(f"[{name}]", f"expected a table, got {type(value).__name__} {value!r}{where}"))
 
-    for key, rawval in env.items():
+    #: (section, key) -> the environment variable that set it
+    from_env: dict[tuple[str, str], str] = {}
+    for key, rawval in sorted(env.items()):
         if not key.startswith(ENV_PREFIX) or "__" not in key or key == "FORGE_CONFIG":
             continue
         section, _, field = key[len(ENV_PREFIX):].partition("__")
         section, field = section.lower(), field.lower()
         if section not in sections:
-            # FORGE_TEST__... and other FORGE_ variables of other tools are not ours
+            if section in foreign:
+                if section not in ignored.get(foreign[section], []):
+                    ignored.setdefault(foreign[section], []).append(section)
+            else:
+                problems.append(Problem(f"[{section}] {field}", f"unknown section (set by environment variable {key}); "
+                                                                f"known sections: {', '.join(sorted(sections))}"))
             continue
         table = raw.setdefault(section, {})
         if isinstance(table, Mapping):
             table = dict(table)
             table[field] = _env_value(rawval, _field_type(sections[section], field))
             raw[section] = table
+            from_env[(section, field)] = key
 
     built: dict[str, Any] = {}
     for name, cls in sections.items():
@@ -275,21 +347,29 @@ def load_config(
             built[name] = structure(dict(table), cls)
         except StructureError as exc:
             for p in exc.problems:
-                value = table.get(p.path.split(".")[0].split("[")[0], None) if p.path else None
+                field = p.path.split(".")[0].split("[")[0] if p.path else ""
+                value = table.get(field, None) if field else None
                 owner = f" (section of {owners[name]})" if owners and owners.get(name, "forge-kernel") != "forge-kernel" else ""
                 key = f"[{name}] {p.path}" if p.path else f"[{name}]"
+                origin = (f" (set by environment variable {from_env[(name, field)]})" if (name, field) in from_env
+                          else where)
                 if any(is_secret_field(part) for part in re.split(r"[.\[\]]", p.path) if part):
                     # a secret (or a raw key where its hash belongs) is never echoed: its type only
                     message = p.message.split(", got ")[0] + f", got {_kind_at(table, p.path)} (value not shown: a secret)"
-                    problems.append(Problem(key, message + owner))
+                    problems.append(Problem(key, message + owner + origin))
                     continue
+                if isinstance(value, str):
+                    value = redact_url(value)
                 shown = f" = {value!r}" if value is not None and "unknown key" not in p.message else ""
-                problems.append(Problem(key + shown, p.message + owner))
+                problems.append(Problem(key + shown, p.message + owner + origin))
         except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
-            problems.append(Problem(f"[{name}]", str(exc)))
+            set_by = sorted(v for (sec, _), v in from_env.items() if sec == name)
+            origin = where + (f" (environment variables: {', '.join(set_by)})" if set_by else "")
+            problems.append(Problem(f"[{name}]", str(exc) + origin))
     if problems:
         listing = "\n".join(f"  - {p.path}: {p.message}" for p in problems)
         scrub = Redactor()  # the config never loaded, so the process-wide redactor knows none of its secrets
         scrub.add_values(secret_values(raw))
         raise ConfigError(scrub(f"invalid configuration in {source}:\n{listing}"))
-    return Config(sections=built, source=source)
+    return Config(sections=built, source=source, path=file,
+                  ignored={pkg: tuple(secs) for pkg, secs in ignored.items()})

@@ -6,16 +6,21 @@ rejected, and every failure becomes a list of ``Problem`` naming the exact path.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import decimal
 import enum
+import sys
+import types
 import typing
 import uuid
 from typing import Any, Mapping
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError,
+                           IterableValidationError)
 
 
 @attrs.frozen
@@ -111,12 +116,129 @@ def make_converter() -> cattrs.Converter:
         return hook
 
     conv.register_structure_hook_factory(lambda t: is_sequence(t) or is_mutable_set(t), no_scalars)
+    # bytes travel as base64 text (JSON has no bytes)
+    conv.register_structure_hook(bytes, _base64)
+    conv.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode("ascii"))
+    conv.register_structure_hook_factory(is_struct, _struct_structure)
+    conv.register_unstructure_hook_factory(is_struct, _struct_unstructure)
+    conv.register_structure_hook_factory(is_tagged_struct_union, _tagged_union_structure)
     conv.register_unstructure_hook(uuid.UUID, str)
     conv.register_unstructure_hook(dt.datetime, dt.datetime.isoformat)
     conv.register_unstructure_hook(dt.date, dt.date.isoformat)
     conv.register_unstructure_hook(decimal.Decimal, str)
     conv.register_unstructure_hook(dt.timedelta, dt.timedelta.total_seconds)
     return conv
+
+
+def _base64(value: Any, _: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"expected base64 text, got {type(value).__name__} {_describe(value)}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"expected base64 text, got {_describe(value)}") from None
+
+
+# --- msgspec Structs: the same strict rules as attrs classes, through this converter's hooks ------
+def is_struct(tp: Any) -> bool:
+    """A msgspec Struct class (msgspec is imported by whoever defines one; the kernel does not need it)."""
+    msgspec = sys.modules.get("msgspec")
+    return msgspec is not None and isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def struct_fields(tp: type) -> tuple[Any, ...]:
+    """``msgspec.structs.fields``: name, encode_name (the wire key), type, default, default_factory."""
+    return sys.modules["msgspec"].structs.fields(tp)
+
+
+def struct_tag(tp: type) -> tuple[str, Any] | None:
+    """(tag field, tag value) of a tagged Struct, e.g. ``("type", "Circle")``."""
+    cfg = tp.__struct_config__
+    return (cfg.tag_field, cfg.tag) if cfg.tag_field is not None else None
+
+
+def struct_required(field: Any) -> bool:
+    nodefault = sys.modules["msgspec"].NODEFAULT
+    return field.default is nodefault and field.default_factory is nodefault
+
+
+def _noted(exc: BaseException, name: str, tp: Any, cls: type) -> BaseException:
+    exc.__notes__ = [*getattr(exc, "__notes__", []),
+                     AttributeValidationNote(f"Structuring class {cls.__qualname__} @ attribute {name}", name, tp)]
+    return exc
+
+
+def _struct_structure(tp: type, conv: cattrs.Converter):
+    fields = struct_fields(tp)
+    tag = struct_tag(tp)
+    known = {f.encode_name for f in fields} | ({tag[0]} if tag else set())
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected an object, got {type(value).__name__} {_describe(value)}")
+        errors: list[BaseException] = []
+        extra = set(value) - known
+        if extra:
+            errors.append(ForbiddenExtraKeysError("", tp, extra))
+        if tag and tag[0] in value and value[tag[0]] != tag[1]:
+            errors.append(_noted(ValueError(f"expected {tag[1]!r}, got {_describe(value[tag[0]])}"), tag[0], str, tp))
+        kwargs = {}
+        for f in fields:
+            if f.encode_name in value:
+                try:
+                    kwargs[f.name] = conv.structure(value[f.encode_name], f.type)
+                except Exception as exc:  # noqa: BLE001 - collected like cattrs does for attrs classes
+                    errors.append(_noted(exc, f.encode_name, f.type, tp))
+            elif struct_required(f):
+                errors.append(_noted(KeyError(f.encode_name), f.encode_name, f.type, tp))
+        if errors:
+            raise ClassValidationError(f"While structuring {tp.__name__}", errors, tp)
+        return tp(**kwargs)
+
+    return hook
+
+
+def _struct_unstructure(tp: type, conv: cattrs.Converter):
+    fields = [(f.name, f.encode_name, conv.get_unstructure_hook(f.type)) for f in struct_fields(tp)]
+    tag = struct_tag(tp)
+
+    def hook(obj: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {tag[0]: tag[1]} if tag else {}
+        for name, key, unstructure_field in fields:
+            out[key] = unstructure_field(getattr(obj, name))
+        return out
+
+    return hook
+
+
+def is_tagged_struct_union(tp: Any) -> bool:
+    """``A | B | ...`` (optionally ``| None``) of tagged Structs sharing one tag field."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    members = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(members) < 2 or not all(is_struct(m) and struct_tag(m) for m in members):
+        return False
+    return len({struct_tag(m)[0] for m in members}) == 1
+
+
+def _tagged_union_structure(tp: Any, conv: cattrs.Converter):
+    members = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = len(members) != len(typing.get_args(tp))
+    field = struct_tag(members[0])[0]
+    by_tag = {struct_tag(m)[1]: m for m in members}
+
+    def hook(value: Any, _: Any) -> Any:
+        if value is None and optional:
+            return None
+        if not isinstance(value, Mapping) or value.get(field) not in by_tag:
+            got = value.get(field) if isinstance(value, Mapping) else value
+            raise ValueError(f"expected an object whose {field!r} is one of {sorted(map(str, by_tag))}, "
+                             f"got {_describe(got)}")
+        return conv.structure(value, by_tag[value[field]])
+
+    return hook
 
 
 converter = make_converter()

@@ -12,7 +12,7 @@ import attrs
 
 from .app import ModelDef, model_def
 from .convert import converter
-from .telemetry import current_span
+from .telemetry import current
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -31,24 +31,62 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def connect(url: str, **kw: Any) -> asyncpg.Connection:
-    """A dedicated (non-pool) connection with FORGE's codecs, for LISTEN, locks and heartbeats."""
+    """A dedicated (non-pool) connection with FORGE's codecs, for LISTEN, locks and heartbeats.
+    Give it a session URL (``[database] direct_url``), never a transaction pooler."""
     conn = await asyncpg.connect(url, **kw)
     await _init_connection(conn)
     return conn
 
 
+class PoolerDetected(Exception):
+    """Startup parameters do not reach the server: ``url`` is a pooler (PgBouncer) although
+    ``[database] pooler`` says it is not."""
+
+
+async def _init_read_only(conn: asyncpg.Connection) -> None:
+    await _init_connection(conn)
+    # PgBouncer told to ignore the startup parameter would silently drop the read-only guard
+    if await conn.fetchval("SELECT current_setting('default_transaction_read_only')") != "on":
+        raise PoolerDetected("the startup parameter default_transaction_read_only did not reach the server")
+
+
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Through a transaction pooler the pool's reset on release (RESET ALL, UNLISTEN *, unlock
+    advisory locks, CLOSE ALL) would run on whichever server connection the pooler picks, not
+    on those our transactions used: a round trip per call that cleans nothing of ours."""
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, timeout: float = 10.0,
-                      read_only: bool = False) -> asyncpg.Pool:
+                      read_only: bool = False, pooled: bool = False) -> asyncpg.Pool:
+    """An asyncpg pool with FORGE's codecs.
+
+    ``pooled``: ``url`` is a transaction-mode pooler, where consecutive transactions of one client
+    connection may run on different server connections: no named prepared statements (asyncpg's
+    statement cache off), no startup parameters beyond those PgBouncer passes on, no session reset
+    on release.
+
+    ``read_only`` (never with ``pooled``): every statement runs in a read-only transaction of its
+    own, without a BEGIN/COMMIT round trip each. A startup-packet setting is also what RESET ALL
+    (the pool's reset on release) restores, so a query cannot leave a connection writable.
+    """
+    if read_only and pooled:
+        raise ValueError("read-only sessions need startup parameters, which a transaction pooler does not pass on; "
+                         "run queries in BEGIN READ ONLY transactions on a pooled pool instead")
     settings = {"application_name": "forge"}
+    init = _init_connection
     if read_only:
-        # Every statement on these connections runs in a read-only transaction of its own, without a
-        # BEGIN/COMMIT round trip each. A startup-packet setting is also what RESET ALL (the pool's
-        # reset on release) restores, so a query cannot leave a connection writable.
         settings = {"application_name": "forge-query", "default_transaction_read_only": "on"}
-    return await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, timeout=timeout,
-        server_settings=settings,
-    )
+        init = _init_read_only
+    try:
+        return await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, init=init, timeout=timeout, server_settings=settings,
+            statement_cache_size=0 if pooled else 100, reset=_no_session_reset if pooled else None,
+        )
+    except asyncpg.ProtocolViolationError as exc:
+        # PgBouncer: "unsupported startup parameter: default_transaction_read_only"
+        if "startup parameter" in str(exc):
+            raise PoolerDetected(str(exc)) from exc
+        raise
 
 
 def quote_ident(name: str) -> str:
@@ -97,8 +135,8 @@ def _relations(plan: Any, out: set[str]) -> None:
 async def _traced(method: Any, sql: str, args: Sequence[Any]) -> Any:
     """Run one statement; inside a sampled trace it becomes a ``sql`` span (statement text only,
     never the values)."""
-    span = current_span()
-    if span is None or not span.trace.sampled:
+    span = current()
+    if span is None or not span.sampled:
         return await method(sql, *args)
     t0, error = time.time_ns(), None
     try:
@@ -124,25 +162,29 @@ class Database:
     # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.fetch(sql, *args)
         return await _traced(self.conn.fetch, sql, args)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.fetchrow(sql, *args)
         return await _traced(self.conn.fetchrow, sql, args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.fetchval(sql, *args)
         return await _traced(self.conn.fetchval, sql, args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         self._statements.append((sql, args))
-        if current_span() is None:
+        span = current()
+        if span is None or not span.sampled:
             return await self.conn.execute(sql, *args)
         return await _traced(self.conn.execute, sql, args)
 
@@ -156,7 +198,8 @@ class Database:
     def _row(self, md: ModelDef, rec: asyncpg.Record | None) -> Any:
         if rec is None:
             return None
-        return converter.structure(dict(rec), md.cls)
+        # a model may leave columns of its table out (created_at with a default, audit columns)
+        return converter.structure({c: rec[c] for c in md.columns if c in rec}, md.cls)
 
     def _values(self, md: ModelDef, obj: Any) -> dict[str, Any]:
         return {a.name: getattr(obj, a.name) for a in attrs.fields(md.cls)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# code -> HTTP status (DESIGN §7)
+# code -> HTTP status (docs/architecture.md, section 7)
 ERROR_STATUS: dict[str, int] = {
     "INVALID_ARGUMENT": 400,
     "UNAUTHENTICATED": 401,
@@ -14,6 +14,8 @@ ERROR_STATUS: dict[str, int] = {
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
+    #: nothing here can run it now: this node does not run the needed role, or a needed package is missing
+    "UNAVAILABLE": 503,
     "TIMEOUT": 504,
 }
 
@@ -66,6 +68,10 @@ class PayloadTooLarge(ForgeError):
 
 class RateLimited(ForgeError):
     code = "RATE_LIMITED"
+
+
+class Unavailable(ForgeError):
+    code = "UNAVAILABLE"
 
 
 class Timeout(ForgeError):

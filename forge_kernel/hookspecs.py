@@ -120,6 +120,33 @@ def forge_registry_loaded(registry: "Registry", node: "Node | None") -> None:
     """
 
 
+@hookspec
+def forge_registry_reloaded(node: "Node", registry: "Registry") -> Any:
+    """The node now serves ``registry`` in place of the one it had (``forge-node dev`` reloaded the app).
+
+    Called by ``Node.reload_registry`` on the node's event loop, after ``registry`` passed
+    ``forge_registry_loaded``, its new migrations were applied, and ``node.registry`` and
+    ``node.executor.registry`` point at it; never during start-up. Return ``None`` or an
+    awaitable (the node awaits it); an exception is logged and does not undo the swap.
+    Implemented by plugins that keep something derived from the registry: the gateway
+    rebuilds its OpenAPI document, realtime re-runs every live query as its subscriber and
+    pushes only results that changed (open WebSockets stay open). Must not keep the old
+    registry's functions around.
+    """
+
+
+@hookspec
+def forge_dev_notice(node: "Node", notice: Mapping[str, Any]) -> None:
+    """A message for the developers watching a node run by ``forge-node dev``.
+
+    Called by the dev command after each reload attempt, with a JSON-safe mapping:
+    ``event`` (``"reloaded"`` or ``"reload_failed"``), ``message``, ``file`` and ``line``
+    (where a failed reload's error is, or ``None``), ``functions`` (names now served). Return
+    nothing; must not block. Implemented by plugins with connected clients: realtime sends it
+    to every open WebSocket as ``{"type": "dev", ...}`` so a page can show the error.
+    """
+
+
 @hookspec(firstresult=True)
 def forge_job_dispatcher(node: "Node") -> Any:
     """The object that turns ``ctx.dispatch(...)`` into stored jobs.
@@ -136,6 +163,58 @@ def forge_job_dispatcher(node: "Node") -> Any:
     record of, and nothing for a job still waiting or running. Followers of jobs (the
     scheduler's run history) use it to learn of endings that no ``forge_job_finished``
     call reported: a job cancelled before it ran, or one whose worker died.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_workflow_engine(node: "Node") -> Any:
+    """The object that starts durable workflow runs and delivers events to them.
+
+    Called once per node start, when the function executor is built. Implemented by the
+    worker package (firstresult: the first plugin wins); return ``None`` to decline. The
+    object offers:
+
+    * ``async start(conn, requests: Sequence[WorkflowRequest]) -> list[str]``: store one run
+      per request on ``conn`` - inside the caller's transaction when there is one, so a run
+      started by a mutation exists exactly when the mutation commits and never after a
+      rollback - and return the run ids in request order. A request whose
+      ``idempotency_key`` is already held by a run returns that run's id and starts nothing.
+      A request it cannot store raises ``forge_kernel.errors.InvalidArgument`` naming it.
+    * ``async send_event(conn, target: str, name: str, payload) -> int``: store the event for
+      every live run whose id or correlation key is ``target`` (again on ``conn``, inside its
+      transaction) and return how many runs it reached; ``NotFound`` when none. An event sent
+      before a run waits for it is kept and delivered to the first wait for that name, once.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_call_forwarder(node: "Node") -> Any:
+    """The object that runs a call on another node when this node should not run it itself.
+
+    Called once per node start, when the function executor is built. Implemented by
+    forge-mesh (firstresult); return ``None`` to decline (every call then runs here). The
+    executor uses the object like this:
+
+    * ``wants(defn: FunctionDef) -> bool`` - asked for every call that did not arrive from
+      another node: ``True`` sends it elsewhere (this node runs ``gateway`` but not
+      ``function``, or the function needs a capability this node lacks). Cheap and pure.
+    * ``async forward(call: Call, args, timeout: float) -> Any`` - run ``call`` (its definition,
+      auth, request id; ``args`` is the arguments object as the caller sent it) on another node
+      within ``timeout`` seconds and return the result unstructured (JSON-safe). When
+      ``call.track_reads`` is set, fill ``call.reads`` and ``call.used_auth`` from the remote
+      run. Raise ``ForgeError`` only: ``UNAVAILABLE`` when no node can run it now, ``TIMEOUT``
+      when the deadline passed, the remote run's own error otherwise. A mutation or action must
+      never run twice because of a retry here.
+    * ``async claim(conn, call_id: str, defn: FunctionDef) -> tuple[bool, Any]`` - called by
+      the node that runs a forwarded mutation (inside the mutation's transaction, before the
+      function runs) or action (in a statement of its own) that carries a call id. Return
+      ``(True, stored_result)`` when that call id already completed; ``(False, None)`` when
+      this run now owns it; raise ``ForgeError`` when it started elsewhere and its outcome is
+      unknown (an action whose node died).
+    * ``async record(conn, call_id: str, result: Any) -> None`` - store the result under the
+      call id (for a mutation: in its transaction, so the result exists exactly when it commits).
+    * ``problem() -> str | None`` - why this node cannot forward right now (no reachable node
+      runs ``function``), for readiness checks; ``None`` when it can.
     """
 
 
@@ -206,6 +285,55 @@ def forge_auth_verifier(node: "Node") -> Any:
 
 
 @hookspec
+def forge_job_cancel_requested(config: Any, conn: Any, job_id: int, node_id: str) -> Any:
+    """Called by the worker package right after it recorded a cancel request for a job that is
+    running on node ``node_id`` (from the CLI, the Python API or the dashboard).
+
+    Implemented by forge-mesh. Return ``None`` or an awaitable that tells that node at once (over
+    the mesh) and resolves to ``True`` when the node answered that it stopped the job. It must not
+    take more than about a second and must not raise: the database request (seen by the running
+    worker within moments) stays the fallback. ``config`` is the caller's configuration and
+    ``conn`` a database connection it may use to find the node.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_cancel_running_job(node: "Node", job_id: int) -> Any:
+    """Stop job ``job_id`` if it is running on ``node`` now, as a cancel request would.
+
+    Called on the node that runs the job when a cancel request reaches it outside the database
+    (forge-mesh calls it when a ``forge_job_cancel_requested`` message arrives). Implemented by
+    the worker package (firstresult). Return ``True`` when the job was running here and has been
+    told to stop, ``False`` when it is not running here; ``None`` means no plugin runs jobs.
+    Must be quick and must not touch the database (the request is already recorded).
+    """
+
+
+@hookspec
+def forge_node_activity(node: "Node") -> Mapping[str, Any]:
+    """What this plugin is doing on ``node`` right now, for live cluster status.
+
+    Called on demand (``forge-node status --live`` asks every node, with a 1 s deadline).
+    Implemented by plugins with in-flight work: the worker reports running jobs, realtime its
+    sockets and subscriptions, the mesh its forwarded calls. Return a small JSON-safe mapping
+    (counts and at most a few dozen ids) under keys named after the plugin's area, or ``None``.
+    Must be quick and must not touch the database.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_live_status(config: Any, conn: Any, timeout: float) -> Any:
+    """Ask every live node what it is doing now, for ``forge-node status --live``.
+
+    Called by the kernel's CLI with the loaded configuration and a database connection.
+    Implemented by forge-mesh (firstresult). Return an awaitable resolving to a list of dicts,
+    one per node that ``forge_nodes`` lists as not stopped: ``{"id", "reachable", "error",
+    "activity"}`` - within ``timeout`` seconds overall, partial results included (a node that
+    did not answer in time is ``reachable: False`` with the reason).
+    """
+
+
+@hookspec
 def forge_cluster_gauges(node: "Node") -> list["ClusterGauge"]:
     """Cluster-wide gauges computed from shared tables (queue depth, dead letters, nodes).
 
@@ -238,4 +366,24 @@ def forge_admin_actions(node: "Node") -> list["AdminAction"]:
     (a cron trigger is the exception: each run asks for one more run, so tools de-duplicate
     repeated requests themselves); and work whichever node leads the cluster (write requests the
     leader picks up, never state only one process holds).
+    """
+
+
+@hookspec(firstresult=True)
+def forge_rate_limiter(node: "Node") -> Any:
+    """The functions' declared rate limits (``@query(rate_limit=RateLimit(...))``) for calls that
+    reach the node other than through the gateway's ``/rpc``, so no transport walks around them.
+
+    Called once per node start by plugins that run functions for remote callers (realtime, for
+    every WebSocket ``subscribe``). Implemented by the gateway (firstresult); ``None`` when no
+    plugin limits calls. Returns one object per node, shared with ``/rpc`` (a call spends the
+    same window whichever way it came), with:
+
+    * ``client_address(scope) -> str``: the caller's address for an ASGI ``http`` or ``websocket``
+      connection scope, believing forwarded headers only as the gateway's config says;
+    * ``async admit(definition, auth, client) -> None``: spend one call of the
+      ``forge_kernel.app.FunctionDef``'s limit for ``auth`` calling from ``client``; returns at once
+      for a function without a limit; raises ``forge_kernel.errors.RateLimited`` with
+      ``details["retry_after"]`` (whole seconds, at least 1) when the limit is used up. Callers
+      authorise first, so an unauthorised caller never spends another caller's calls.
     """

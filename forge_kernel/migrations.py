@@ -8,6 +8,7 @@ recorded or neither). Editing an applied migration changes its checksum: that is
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.resources
 import re
@@ -140,6 +141,16 @@ def _raise_on_drift(states: list[MigrationStatus]) -> None:
         )
 
 
+async def _lock(conn: asyncpg.Connection) -> None:
+    """Take the migration lock. Tried in a loop rather than waited for in one pg_advisory_lock:
+    a server-side statement_timeout (managed servers set one) would cancel a wait that outlasts
+    another node's migrations."""
+    pause = 0.02
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
 async def migrate(conn: asyncpg.Connection, migrations: Sequence[Migration]) -> list[Migration]:
     """Apply pending migrations on ``conn`` (a dedicated connection). Returns those applied here.
 
@@ -147,7 +158,7 @@ async def migrate(conn: asyncpg.Connection, migrations: Sequence[Migration]) -> 
     finds nothing pending.
     """
     migrations = check_unique(migrations)
-    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    await _lock(conn)
     try:
         await conn.execute(BOOTSTRAP)
         states = await status(conn, migrations)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from .config import Config
 from .embedded_pg import EmbeddedPostgres
 from .errors import StartupError
 from .executor import FunctionExecutor, row_security
+from .reads import QueryReads, ReadPool
 from .plugins import PluginLoader, _flat, _version
 from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
 from .telemetry import CountingDispatcher, Telemetry
@@ -48,12 +50,46 @@ def database_url(config: Config) -> tuple[str, EmbeddedPostgres | None]:
     return url, pg
 
 
+def session_url(config: Config, url: str) -> str:
+    """Where sessions go: ``[database] direct_url``, else the URL ``database_url`` gave."""
+    return config.database.direct_url or url
+
+
 def app_modules(config: Config, loader: PluginLoader) -> list[str]:
+    """``[app] modules``, then the modules plugins ship (``forge_app_modules``). The example app
+    is served when ``[app] modules`` is empty and ``[app] example`` is not false, whatever
+    plugins add: installing a plugin never takes the example away."""
     modules = list(config.app.modules)
     if not modules and config.app.example:
         modules = [EXAMPLE_MODULE]
-    # functions plugins ship (forge-observe's alert webhook job) come on top and never replace the example app
     return list(dict.fromkeys(modules + _flat(loader.hook.forge_app_modules())))
+
+
+def importable_app_dir(config: Config) -> Path:
+    """Put the folder of the config file (the working directory when there is none) first on
+    ``sys.path``, as uvicorn's ``--app-dir`` does, so ``[app] modules`` next to ``forge.toml``
+    import without ``PYTHONPATH``. Returns the folder."""
+    folder = Path(config.path).resolve().parent if config.path else Path.cwd()
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder
+
+
+#: the kinds of app function that only run when a job store is installed (forge-worker)
+JOB_KINDS = ("job", "cron", "workflow")
+
+
+def check_job_store(registry: Registry, dispatcher: Any, roles: list[str]) -> None:
+    """A node that serves functions (role ``function``) for an app with jobs needs a job store:
+    without one every ``ctx.dispatch`` would fail, so say what to install before serving anything."""
+    if dispatcher is not None or "function" not in roles:
+        return
+    kinds = registry.of_kind(*JOB_KINDS)
+    if kinds:
+        names = ", ".join(f"@{d.kind} {d.name}" for d in kinds[:5]) + (" ..." if len(kinds) > 5 else "")
+        raise StartupError(f"the app defines background work ({names}) but no installed plugin stores jobs, "
+                           f"so its functions could not dispatch them: install forge-worker on this node "
+                           f"(pip install forge-worker; it need not run the worker role)")
 
 
 def app_migrations(registry: Registry) -> list[migmod.Migration]:
@@ -84,10 +120,19 @@ class Node:
         self.capabilities = list(config.node.capabilities)
         self.ports: dict[str, int] = {}
         self.registry = registry
+        #: the pool's URL (``[database] url``, maybe a transaction pooler) and the sessions' URL
         self.url: str = ""
+        self.direct_url: str = ""
+        #: ``self.url`` is a transaction-mode pooler: pool connections keep no session state
+        #: between transactions (use SET LOCAL inside a transaction, never SET)
+        self.pooled = False
         self.embedded: EmbeddedPostgres | None = None
         self.pool: asyncpg.Pool | None = None
+        #: read-only sessions on the primary for queries (not through a pooler)
         self.query_pool: asyncpg.Pool | None = None
+        #: the replica's pool (``[database] read_url``)
+        self.read_pool: asyncpg.Pool | None = None
+        self.reads: QueryReads | None = None
         self.executor: FunctionExecutor | None = None
         self.supervisor = Supervisor()
         self.services: list[Service] = []
@@ -97,6 +142,8 @@ class Node:
         self.ready_at = 0.0
         self.stack = ServiceStack()
         self._hb_conn: asyncpg.Connection | None = None
+        #: the node's row exists in forge_nodes (status changes before that have nowhere to go)
+        self._registered = False
         self._stopping = asyncio.Event()
         #: what the node's parts record for an observer (forge-observe); inert until one attaches
         self.telemetry = Telemetry()
@@ -110,27 +157,49 @@ class Node:
         return self.config[name]
 
     async def connect(self, **kw: Any) -> asyncpg.Connection:
-        """A dedicated connection (never from the pool), for LISTEN, advisory locks, heartbeats."""
-        return await dbmod.connect(self.url, **kw)
+        """A dedicated connection (never from the pool) to ``[database] direct_url``, for what needs
+        a session: LISTEN, advisory locks, migrations, heartbeats. Never through a transaction pooler."""
+        return await dbmod.connect(self.direct_url, **kw)
 
     # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         self.started_at = time.monotonic()
+        db = self.config.database
         self.url, self.embedded = await asyncio.to_thread(database_url, self.config)
-        try:
-            self.pool = await dbmod.create_pool(self.url, min_size=self.config.database.pool_min,
-                                                max_size=self.config.database.pool_max,
-                                                timeout=self.config.database.connect_timeout)
-            # queries run here: read-only sessions save BEGIN READ ONLY + COMMIT per call (measured in bench/rpc)
-            self.query_pool = await dbmod.create_pool(self.url, min_size=min(1, self.config.database.pool_min),
-                                                      max_size=self.config.database.pool_max,
-                                                      timeout=self.config.database.connect_timeout, read_only=True)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-            raise StartupError(f"cannot connect to PostgreSQL at [database] url: {type(exc).__name__}: {exc}") from exc
+        self.direct_url = session_url(self.config, self.url)
+        self.pooled = db.transaction_pooler
+        self.pool = await self._open_pool("url", self.url, min_size=db.pool_min, pooled=self.pooled)
+        primary = ReadPool(self.pool)
+        if not self.pooled:
+            # queries run here: read-only sessions save BEGIN READ ONLY + COMMIT per call (measured in
+            # bench/rpc); through a transaction pooler they run in BEGIN READ ONLY on the pool instead
+            self.query_pool = await self._open_pool("url", self.url, min_size=min(1, db.pool_min), read_only=True)
+            primary = ReadPool(self.query_pool, readonly_sessions=True)
+        replica = None
+        if db.read_url:
+            # opened lazily (min 0): a replica that is down sends queries to the primary, it does not stop the node
+            self.read_pool = await self._open_pool("read_url", db.read_url, min_size=0, read_only=not self.pooled,
+                                                   pooled=self.pooled)
+            replica = ReadPool(self.read_pool, readonly_sessions=not self.pooled)
+        self.reads = QueryReads(primary, replica, wait=db.read_wait)
+        if replica is not None:
+            await self._probe_replica()
+        for package, sections in sorted(self.config.ignored.items()):
+            logger.info(f"config sections {', '.join(f'[{s}]' for s in sections)} ignored: they belong to "
+                        f"{package}, {'which is not installed' if _version(package) is None else 'whose plugin is not loaded'}"
+                        f" on this node")
         if self.registry is None:
             self.registry = Registry.from_modules(app_modules(self.config, self.loader))
+        dispatcher = self.loader.hook.forge_job_dispatcher(node=self)
+        check_job_store(self.registry, dispatcher, self.roles)
         self.loader.hook.forge_registry_loaded(registry=self.registry, node=self)
-        conn = await self.connect()
+        direct_key = "direct_url" if db.direct_url else "url"
+        try:
+            conn = await self.connect(timeout=db.connect_timeout)
+        except asyncpg.TooManyConnectionsError as exc:
+            raise StartupError(connection_limit_message(direct_key, exc, db.pool_min)) from None
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            raise StartupError(f"cannot connect to PostgreSQL at [database] {direct_key}: {type(exc).__name__}: {exc}") from exc
         try:
             applied = await migmod.migrate(conn, all_migrations(self.loader, self.registry))
         finally:
@@ -138,12 +207,13 @@ class Node:
         if applied:
             logger.info(f"applied {len(applied)} migration(s): " + ", ".join(f"{m.namespace}/{m.version:04d}_{m.name}" for m in applied))
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
-        dispatcher = self.loader.hook.forge_job_dispatcher(node=self)
-        if dispatcher is not None:
+        if dispatcher is not None:  # what it stores is counted for an observer (job.dispatched)
             dispatcher = CountingDispatcher(dispatcher, self.telemetry)
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
-                                         middleware=middleware, dispatcher=dispatcher, node=self,
-                                         query_pool=self.query_pool)
+                                         middleware=middleware, dispatcher=dispatcher,
+                                         node=self, reads=self.reads,
+                                         workflow_engine=self.loader.hook.forge_workflow_engine(node=self),
+                                         forwarder=self.loader.hook.forge_call_forwarder(node=self))
         async with self.pool.acquire() as c:
             self.executor.row_security, line, bypassed = await row_security(c, self.config.app.row_security)
         if line:
@@ -182,6 +252,37 @@ class Node:
                     f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
                     f"functions={len(self.registry.functions)} loop={_loop_name()}")
 
+    async def _open_pool(self, key: str, url: str, *, min_size: int, read_only: bool = False,
+                         pooled: bool = False) -> asyncpg.Pool:
+        db = self.config.database
+        try:
+            return await dbmod.create_pool(url, min_size=min_size, max_size=db.pool_max, timeout=db.connect_timeout,
+                                           read_only=read_only, pooled=pooled)
+        except dbmod.PoolerDetected as exc:
+            raise StartupError(
+                f"[database] {key} leads to a connection pooler ({exc}) but [database] pooler is '{db.pooler}'"
+                f"{'' if db.direct_url else ' and direct_url is empty'}: set [database] direct_url to the PostgreSQL "
+                f"server itself (migrations, leader election and LISTEN need a session) and [database] pooler = "
+                f"\"transaction\"") from None
+        except asyncpg.TooManyConnectionsError as exc:
+            raise StartupError(connection_limit_message(key, exc, db.pool_min)) from None
+        except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            raise StartupError(f"cannot connect to PostgreSQL at [database] {key}: {type(exc).__name__}: {exc}") from exc
+
+    async def _probe_replica(self) -> None:
+        """Say at start-up when the replica cannot be reached or is no standby (not fatal: queries
+        read the primary then)."""
+        try:
+            async with asyncio.timeout(self.config.database.connect_timeout):
+                async with self.read_pool.acquire() as conn:
+                    standby = await conn.fetchval("SELECT pg_is_in_recovery()")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            self.reads.unreachable(exc)
+            return
+        if not standby:
+            logger.warning("[database] read_url is not a standby (pg_is_in_recovery() is false); queries read it as if "
+                           "it had every commit of the primary")
+
     async def stop(self) -> None:
         """Drain: mark draining, stop services in reverse start order within the drain timeout,
         mark stopped, close the pool, leave the embedded database."""
@@ -197,9 +298,10 @@ class Node:
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pool.close(), 5)
-        if self.query_pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.query_pool.close(), 5)
+        for pool in (self.query_pool, self.read_pool):
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pool.close(), 5)
         self.status = "stopped"
         if self.embedded is not None:
             # this node owns the server it started: nodes that joined through its URL get the drain
@@ -222,6 +324,31 @@ class Node:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    async def reload_registry(self, registry: Registry) -> list[migmod.Migration]:
+        """Serve ``registry`` from now on, without a restart (``forge-node dev``): check it
+        (``forge_registry_loaded``), apply its new migrations, swap it in, then call
+        ``forge_registry_reloaded``. A failed check or migration raises ``StartupError`` and the
+        node keeps the registry it had. Returns the migrations applied."""
+        self.loader.hook.forge_registry_loaded(registry=registry, node=self)
+        conn = await self.connect()
+        try:
+            applied = await migmod.migrate(conn, all_migrations(self.loader, registry))
+        finally:
+            await conn.close()
+        self.registry = registry
+        if self.executor is not None:
+            self.executor.registry = registry
+        args = {"node": self, "registry": registry}
+        # each implementation on its own: one failing must neither stop the others nor the node
+        for impl in self.loader.hook.forge_registry_reloaded.get_hookimpls():
+            try:
+                result = impl.function(**{name: args[name] for name in impl.argnames})
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception(f"forge_registry_reloaded of plugin {impl.plugin_name} failed")
+        return applied
+
     # --- membership -----------------------------------------------------------------
     async def _register(self) -> None:
         await self.pool.execute(
@@ -231,8 +358,9 @@ class Node:
                  roles = EXCLUDED.roles, capabilities = EXCLUDED.capabilities, version = EXCLUDED.version,
                  status = 'starting', started_at = now(), last_heartbeat = now(), stopped_at = NULL, info = EXCLUDED.info""",
             self.id, self.config.node.host, os.getpid(), self.ports, self.roles, self.capabilities, self.version,
-            {"plugins": [i.name for i in self.loader.loaded()]},
+            {"plugins": [i.name for i in self.loader.loaded()], "heartbeat_interval": self.config.node.heartbeat_interval},
         )
+        self._registered = True
 
     async def publish_ports(self) -> None:
         """Services call this after binding a port so ``forge-node status`` shows it."""
@@ -241,8 +369,8 @@ class Node:
 
     async def _set_status(self, status: str) -> None:
         self.status = status
-        if self.pool is None:
-            return
+        if self.pool is None or not self._registered:
+            return  # a start that failed early: no row to update, only the real error to tell
         try:  # bounded: a pool held by stuck user code must not stall a drain
             await asyncio.wait_for(self.pool.execute(
                 "UPDATE forge_nodes SET status = $2, last_heartbeat = now(), "
@@ -291,13 +419,33 @@ class Node:
         asyncio.get_running_loop().create_task(note())
 
 
-async def cluster_status(conn: asyncpg.Connection, dead_after: float) -> list[dict[str, Any]]:
+def connection_limit_message(key: str, exc: BaseException, pool_min: int) -> str:
+    return (f"PostgreSQL at [database] {key} refused a connection while the node opened its minimum "
+            f"([database] pool_min = {pool_min} pool connections, one for queries, one session): {exc}. The "
+            f"server allows fewer connections than the node needs (max_connections, or the role's or "
+            f"database's CONNECTION LIMIT): lower [database] pool_min and pool_max, put a pooler in front "
+            f"([database] url, with direct_url for sessions), or raise the limit")
+
+
+#: heartbeats a live node may miss before ``forge-node status`` calls it unresponsive
+MISSED_HEARTBEATS = 3
+
+
+async def cluster_status(conn: asyncpg.Connection, dead_after: float,
+                         heartbeat_interval: float = 2.0) -> list[dict[str, Any]]:
+    """The cluster's nodes. A node whose row says it is live (starting, running, draining) shows
+    as ``unresponsive`` once it missed ``MISSED_HEARTBEATS`` of its own heartbeats (at least 1 s)
+    and as ``dead`` once its heartbeat is older than ``dead_after`` (when the cluster re-runs its
+    jobs), before the scheduler leader marks it so. ``heartbeat_age`` is in seconds."""
     rows = await conn.fetch(
         """SELECT id, host, pid, ports, roles, capabilities, version,
-                  CASE WHEN status IN ('running','starting','draining')
-                        AND last_heartbeat < now() - make_interval(secs => $1) THEN 'unresponsive' ELSE status END AS status,
-                  started_at, last_heartbeat, extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, info
-           FROM forge_nodes ORDER BY status, started_at""", dead_after)
+                  CASE WHEN status NOT IN ('running', 'starting', 'draining') THEN status
+                       WHEN age > $1 THEN 'dead'
+                       WHEN age > GREATEST(1.0, $3 * coalesce((info->>'heartbeat_interval')::float8, $2)) THEN 'unresponsive'
+                       ELSE status END AS status,
+                  started_at, last_heartbeat, age AS heartbeat_age, info
+           FROM (SELECT *, extract(epoch FROM now() - last_heartbeat)::float8 AS age FROM forge_nodes) n
+           ORDER BY status, started_at""", float(dead_after), float(heartbeat_interval), float(MISSED_HEARTBEATS))
     return [dict(r) for r in rows]
 
 

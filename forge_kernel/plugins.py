@@ -38,6 +38,21 @@ ROLE_PACKAGES = {
     "observe": "forge-observe",
 }
 
+#: which FORGE distribution owns a config section. One ``forge.toml`` serves a whole cluster: a
+#: node ignores (with one log line) the sections of packages whose plugin it does not load, and
+#: still rejects sections nobody owns. Add a package's sections here when it gains some.
+SECTION_PACKAGES = {
+    "gateway": "forge-gateway",
+    "worker": "forge-worker",
+    "workflows": "forge-worker",
+    "scheduler": "forge-scheduler",
+    "realtime": "forge-realtime",
+    "observe": "forge-observe",
+    "mesh": "forge-mesh",
+    "codegen": "forge-codegen",
+    "hello": "forge-hello",
+}
+
 
 @attrs.define
 class PluginInfo:
@@ -139,7 +154,8 @@ class PluginLoader:
         for spec in [p.strip() for p in self.env.get("FORGE_PLUGINS", "").split(",") if p.strip()]:
             if spec in disabled:
                 continue
-            info = PluginInfo(spec, None, None)
+            dist = _distribution_of(spec)
+            info = PluginInfo(spec, dist, _version(dist) if dist else None)
             self._load_one(info, lambda s=spec: importlib.import_module(s))
         for name, obj in extra:
             self._load_one(PluginInfo(name, None, None), lambda o=obj: o)
@@ -193,6 +209,11 @@ class PluginLoader:
                 out.setdefault(r, i.distribution or i.name)
         return out
 
+    def absent_sections(self) -> dict[str, str]:
+        """Config sections of FORGE packages with no loaded plugin here: section -> package."""
+        loaded = {i.distribution for i in self.loaded()}
+        return {sec: pkg for sec, pkg in SECTION_PACKAGES.items() if pkg not in loaded}
+
     def config_sections(self) -> dict[str, type]:
         out: dict[str, type] = {}
         for res in self.pm.hook.forge_config_sections():
@@ -230,6 +251,12 @@ class PluginLoader:
             hint = f"install {dist} (pip install {dist})" if dist else "no known package provides it"
             raise StartupError(f"[node] roles asks for {role!r}, which no loaded plugin provides; {hint}")
         return sorted(dict.fromkeys(wanted))
+
+
+def _distribution_of(module: str) -> str | None:
+    """The installed distribution that ships ``module`` (for plugins named in FORGE_PLUGINS)."""
+    dists = md.packages_distributions().get(module.split(".")[0]) or []
+    return dists[0] if dists else None
 
 
 def _version(dist: str) -> str | None:

@@ -98,6 +98,31 @@ def test_bad_values_name_key_value_and_expectation(data, env, key, expect):
     assert key in msg and expect in msg, msg
 
 
+@pytest.mark.parametrize("database, key, expect", [
+    ({"read_url": "postgresql://u:hunter2@replica/db"}, "read_url", "nothing while [database] url is empty"),
+    ({"direct_url": "postgresql://u@db/x"}, "direct_url", "nothing while [database] url is empty"),
+    ({"pooler": "transaction"}, "pooler", "'none' or 'auto' while [database] url is empty"),
+    ({"url": "postgresql://u:hunter2@bouncer/db", "pooler": "transaction"}, "direct_url", "the server itself"),
+    ({"url": "postgresql://u:hunter2@bouncer/db", "pooler": "session"}, "pooler", "one of auto, none, transaction"),
+])
+def test_database_urls_and_pooler_are_checked_without_showing_passwords(database, key, expect):
+    with pytest.raises(ConfigError) as info:
+        load({"database": database})
+    assert f"[database] {key}" in str(info.value) and expect in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("database, pooled, session", [
+    ({"url": "postgresql://a/db"}, False, "postgresql://a/db"),
+    ({"url": "postgresql://bouncer/db", "direct_url": "postgresql://a/db"}, True, "postgresql://a/db"),
+    ({"url": "postgresql://b/db", "direct_url": "postgresql://a/db", "pooler": "none"}, False, "postgresql://a/db"),
+    ({"url": "postgresql://a/db", "direct_url": "postgresql://a/db"}, False, "postgresql://a/db"),
+])
+def test_pooler_auto_means_transaction_when_direct_url_differs(database, pooled, session):
+    cfg = load({"database": database})
+    assert cfg.database.transaction_pooler is pooled and cfg.database.session_url == session
+
+
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as ei:
         load({"plugin": {"port": "x", "extra": 1}, "log": {"level": "NOPE"}})

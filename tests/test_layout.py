@@ -1,4 +1,4 @@
-"""Layout rules from DESIGN §2: plugins depend on the kernel and third-party libraries, never on each other."""
+"""Layout rules from docs/architecture.md (section 2): plugins depend on the kernel and third-party libraries, never on each other."""
 
 import ast
 import tomllib

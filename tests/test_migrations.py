@@ -65,6 +65,24 @@ async def test_concurrent_runners_apply_each_migration_once(forge_db_url):
             await c.close()
 
 
+async def test_waiting_for_another_nodes_migrations_outlasts_a_statement_timeout(forge_db_url):
+    """Managed servers set statement_timeout; a node waiting for another node's long migrations
+    must not be cancelled by it. Before: pg_advisory_lock waited in one statement and failed with
+    'canceling statement due to statement timeout'."""
+    holder, waiter = await connect(forge_db_url), await connect(forge_db_url)
+    try:
+        await waiter.execute("SET statement_timeout = '200ms'")
+        await holder.execute("SELECT pg_advisory_lock($1)", mig.LOCK_KEY)  # another node migrating
+        waiting = asyncio.create_task(mig.migrate(waiter, [M1]))
+        await asyncio.sleep(1.0)  # five statement timeouts
+        assert not waiting.done()
+        await holder.execute("SELECT pg_advisory_unlock($1)", mig.LOCK_KEY)
+        assert await asyncio.wait_for(waiting, 30) == [M1]
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
 def test_cli_migrate_and_status(tmp_path, forge_db_url):
     (tmp_path / "forge.toml").write_text(f'[database]\nurl = "{forge_db_url}"\n')
     run = lambda *a: subprocess.run([sys.executable, "-m", "forge_kernel.cli", *a], cwd=tmp_path,

@@ -10,6 +10,10 @@ def test_span_contract():
     contracts.check_telemetry_traces()
 
 
+def test_call_recording_contract():
+    contracts.check_telemetry_calls()
+
+
 def test_event_ring_contract():
     contracts.check_telemetry_events()
 
@@ -28,7 +32,7 @@ def test_an_observer_that_raises_never_breaks_the_work():
     def broken(trace):
         raise RuntimeError("observer bug")
 
-    tel.attach(broken)
+    tel.attach(broken, sample_rate=1.0)
     span = tel.start_span("work")
     tel.end_span(span)
     assert tel.dropped == 1

@@ -9,6 +9,8 @@ Every error leaves as ``{"error": {"code", "message", "details"}}`` with the sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any, Iterable
 
 import msgspec
@@ -27,7 +29,7 @@ from .auth import Verifier
 from .calls import PARSE_ERROR, FunctionCaller, JsonRpc, request_id_from, rpc_error
 from .config import GatewayConfig
 from .openapi import build_document
-from .ratelimit import RateLimiter
+from .ratelimit import CallLimits
 
 JSON = "application/json"
 _STATUS_CODE = {status: code for code, status in ERROR_STATUS.items()}
@@ -38,21 +40,32 @@ _decode = msgspec.json.Decoder().decode
 class Gateway:
     """What the route handlers share: config, caller verification, function calls, the node."""
 
-    def __init__(self, node: Any, config: GatewayConfig, verifier: Verifier, limiter: RateLimiter | None) -> None:
+    def __init__(self, node: Any, config: GatewayConfig, verifier: Verifier, limits: CallLimits) -> None:
         self.node = node
         self.config = config
         self.verifier = verifier
-        self.caller = FunctionCaller(node.executor, limiter)
+        self.clients = limits.clients
+        self.caller = FunctionCaller(node.executor, limits)
         self.rpc = JsonRpc(self.caller, max_batch=config.max_batch)
         self.api_key_header = config.api_key_header.lower()
+        #: headers that carry a credential: a request must not send one of them twice
+        self.credential_headers = {b"authorization": "Authorization",
+                                   self.api_key_header.encode("latin-1"): config.api_key_header}
         #: request headers the /rpc/{function} handler reads (raw, lower-case as ASGI gives them)
-        self.header_names = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-forwarded-for",
-                                       b"traceparent", self.api_key_header.encode("latin-1")})
+        self.header_names = frozenset({b"x-request-id", b"content-length", b"traceparent", *self.credential_headers}
+                                      | ({b"x-forwarded-for"} if self.clients.reads_forwarded else set()))
         self.telemetry = node.telemetry
-        self.serves_functions = node.runs("function")
+        #: this node does not run functions but sends /rpc calls to nodes that do (forge_call_forwarder)
+        self.forwards = not node.runs("function") and getattr(node.executor, "forwarder", None) is not None
+        self.serves_functions = node.runs("function") or self.forwards
+        self.openapi = b""
+        self.describe(node.registry)
+
+    def describe(self, registry: Any) -> None:
+        """(Re)build the OpenAPI document of ``registry``'s functions (at start and after a reload)."""
         self.openapi = _encode(build_document(
-            node.registry.functions.values(), title=f"FORGE app ({', '.join(node.registry.modules) or 'no modules'})",
-            version=node.version, include_rpc=self.serves_functions, api_key_header=config.api_key_header))
+            registry.functions.values(), title=f"FORGE app ({', '.join(registry.modules) or 'no modules'})",
+            version=self.node.version, include_rpc=self.serves_functions, api_key_header=self.config.api_key_header))
 
 
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
@@ -125,6 +138,8 @@ async def ready(request: Request) -> Response:
                 async with node.pool.acquire() as conn:
                     if not await migmod.is_current(conn, all_migrations(node.loader, node.registry)):
                         reason = "migrations pending: run 'forge-node migrate'"
+            if reason is None and gw.forwards:
+                reason = node.executor.forwarder.problem()
         except (Exception, asyncio.TimeoutError) as exc:  # any failure to reach the database means not ready
             reason = f"database unreachable: {type(exc).__name__}: {exc}"
     if reason is None:
@@ -166,9 +181,17 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
     gw: Gateway = scope["app"].state.gateway
     wanted = gw.header_names
     headers: dict[str, str] = {}
+    repeated: bytes | None = None
     for name, value in scope["headers"]:
         if name in wanted:
-            headers[name.decode("latin-1")] = value.decode("latin-1")
+            key = name.decode("latin-1")
+            if key in headers:
+                if name == b"x-forwarded-for":  # several headers are one list (RFC 9110 5.3)
+                    headers[key] += "," + value.decode("latin-1")
+                    continue
+                if name in gw.credential_headers:
+                    repeated = name
+            headers[key] = value.decode("latin-1")
     request_id = request_id_from(headers.get("x-request-id"))
     raw_path = scope.get("raw_path") or scope["path"].encode()
     # Litestar's mount routing cut the prefix off scope["path"]; put the request's path back so
@@ -186,45 +209,114 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
         response = json_asgi(_encode({"error": err.to_dict()}), 405, {"x-request-id": request_id, "allow": "POST"})
         await response(scope, receive, send)
         return
-    if gw.config.trust_forwarded_for and headers.get("x-forwarded-for"):
-        client = headers["x-forwarded-for"].split(",")[0].strip()
-    else:
-        client = scope["client"][0] if scope.get("client") else "unknown"
+    if repeated is not None:
+        # two credentials, one request: answering for either would let a proxy's or a client's
+        # header win depending on order, so neither is used
+        err = InvalidArgument(f"the {gw.credential_headers[repeated]} header is sent more than once; "
+                              "send exactly one credential")
+        await error_asgi(err, request_id)(scope, receive, send)
+        return
+    client = scope["client"][0] if scope.get("client") else None
+    forwarded = headers.get("x-forwarded-for")
+    client = gw.clients.of(client, [forwarded]) if forwarded is not None else (client or "unknown")
     tel = gw.telemetry
-    span = None
-    if tel.enabled:
-        # the request's span continues the caller's W3C traceparent and returns its own in the reply
-        span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
-                              remote=headers.get("traceparent"), attrs={"request.id": request_id})
-        send = _traced_send(send, span)
-    try:
+    if not tel.enabled:
         try:
-            if function:
-                response = await _call_function(gw, function, headers, receive, client, request_id)
-            else:
-                response = await _json_rpc(gw, headers, receive, client, request_id)
+            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                              else _json_rpc(gw, headers, receive, client, request_id))
         except _Disconnected:
             return
         await response(scope, receive, send)
+        return
+    # the request's span continues the caller's W3C traceparent
+    remote = headers.get("traceparent")
+    attrs = {"request.id": request_id, "http.status_code": 0}
+    span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
+                          remote=remote, attrs=attrs)
+    try:
+        try:
+            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                              else _json_rpc(gw, headers, receive, client, request_id))
+        except _Disconnected:
+            return
+        status = attrs["http.status_code"] = response.status_code
+        # The reply names its trace when that is of use: the caller traces, or the trace is stored
+        # for sure (head-sampled, or a server error). Every other reply has only x-request-id, which
+        # a stored root span also records: formatting and sending the header on every reply cost
+        # 15k CPU instructions per request, half the overhead budget (bench/rpc/README.md).
+        if remote is not None or status >= 500 or span.sampled:
+            # the raw header list (MutableScopeHeaders.headers): its add() lower-cases and encodes again
+            response.headers.headers.append((b"traceparent", span.traceparent().encode("latin-1")))
+        await response(scope, receive, send)
     finally:
-        if span is not None:
-            status = (span.attrs or {}).get("http.status_code", 0)
-            tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
-
-
-def _traced_send(send: Any, span: Any) -> Any:
-    header = (b"traceparent", span.traceparent().encode("latin-1"))
-
-    async def traced(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), header]
-            span.set("http.status_code", message["status"])
-        await send(message)
-
-    return traced
+        status = attrs["http.status_code"]
+        tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
 
 
 RPC_PREFIX = "/rpc"
+
+
+async def _unless_disconnected(gw: Gateway, receive: Any, work: Any) -> Any:
+    """Await ``work``; on a node that forwards calls, a client that goes away first cancels it (and so
+    the call on the node running it). Raises ``_Disconnected`` then. Only after the body was read."""
+    if not gw.forwards:
+        return await work
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise _Disconnected
+
+
+async def _disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+@asgi("/rpc", is_mount=True, copy_scope=False)
+async def rpc_elsewhere(scope: Any, receive: Any, send: Any) -> None:
+    """``/rpc`` on a node that does not run the ``function`` role: UNAVAILABLE (503), naming the
+    role and the live nodes that run it, instead of a bare 404."""
+    gw: Gateway = scope["app"].state.gateway
+    request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or None)
+    node = gw.node
+    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    if path[len(RPC_PREFIX):][:1] not in ("", "/"):  # the mount also matches /rpcanything
+        await error_asgi(ForgeError(f"no route {scope['method']} {path}", code="NOT_FOUND"), request_id)(scope, receive, send)
+        return
+    err = ForgeError(f"node {node.id} does not run functions (its roles: {', '.join(node.roles) or 'none'}); "
+                     f"/rpc is served by nodes running the 'function' role (forge-gateway){await _function_nodes(gw)}",
+                     code="UNAVAILABLE", details={"role": "function", "node": node.id})
+    await error_asgi(err, request_id)(scope, receive, send)
+
+
+async def _function_nodes(gw: Gateway) -> str:
+    """``; nodes running it now: ...`` from forge_nodes, looked up at most every 5 s (a flood of
+    misdirected calls must not become a flood of queries); empty when the database cannot say."""
+    cached = getattr(gw, "_function_nodes", None)
+    if cached is not None and time.monotonic() - cached[0] < 5:
+        return cached[1]
+    text = ""
+    try:
+        async with asyncio.timeout(2):
+            rows = await gw.node.pool.fetch(
+                """SELECT id, host, ports->>'http' AS port FROM forge_nodes
+                   WHERE 'function' = ANY(roles) AND status IN ('starting', 'running')
+                     AND last_heartbeat > now() - make_interval(secs => $1) ORDER BY id LIMIT 5""",
+                float(gw.node.config.node.dead_after))
+        text = "; nodes running it now: " + (", ".join(
+            f"{r['id']} ({r['host']}:{r['port']})" if r["port"] else r["id"] for r in rows) or "none")
+    except (Exception, asyncio.TimeoutError):  # the hint is a courtesy; the answer stands without it
+        pass
+    gw._function_nodes = (time.monotonic(), text)  # type: ignore[attr-defined]
+    return text
 
 
 async def _caller(gw: Gateway, headers: dict[str, str]) -> Auth:
@@ -248,7 +340,8 @@ async def _call_function(gw: Gateway, function: str, headers: dict[str, str], re
         auth = await _caller(gw, headers)
         body = await _body(gw, headers, receive)
         args = decode_json(body) if body.strip() else {}
-        result = await gw.caller.call(function, args, auth, client=client, request_id=request_id)
+        result = await _unless_disconnected(gw, receive, gw.caller.call(function, args, auth, client=client,
+                                                                        request_id=request_id))
         return json_asgi(encode_or_internal({"data": result}, request_id, function), 200, {"x-request-id": request_id})
     except ForgeError as exc:
         return error_asgi(exc, request_id)
@@ -267,7 +360,8 @@ async def _json_rpc(gw: Gateway, headers: dict[str, str], receive: Any, client: 
         content = _encode(rpc_error(None, code, f"Parse error: {exc.message}" if code == PARSE_ERROR else exc.message,
                                     exc.code, exc.details))
         return json_asgi(content, exc.status, out_headers)
-    reply, error = await gw.rpc.handle(payload, auth, client=client, request_id=request_id)
+    reply, error = await _unless_disconnected(gw, receive, gw.rpc.handle(payload, auth, client=client,
+                                                                         request_id=request_id))
     if reply is None:
         return ASGIResponse(body=b"", status_code=204, headers=out_headers)
     status = 200
@@ -309,8 +403,7 @@ def _forge_error(request: Request, exc: ForgeError) -> Response:
 def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
     cfg = gateway.config
     routes: list[Any] = [health, ready, openapi]
-    if gateway.serves_functions:
-        routes += [rpc_routes]
+    routes += [rpc_routes if gateway.serves_functions else rpc_elsewhere]
     routes += list(extra_routes)
     cors = None
     if cfg.cors_origins:

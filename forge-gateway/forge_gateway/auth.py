@@ -150,6 +150,8 @@ class Verifier:
             raise Unauthenticated(f"token rejected: {exc}") from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated("token signature is invalid") from None
+        except OverflowError:  # exp/iat/nbf of Infinity (Python's json reads it) or beyond any clock
+            raise Unauthenticated("token rejected: a time claim (exp, iat, nbf) is out of range") from None
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise Unauthenticated(f"token rejected: {exc}") from None
         return self._auth_from_claims(claims)
@@ -167,7 +169,13 @@ class Verifier:
         else:
             raise Unauthenticated(f"token claim {cfg.roles_claim!r} must be a list of strings or a space-separated string")
         exp = claims.get("exp")
-        expires = dt.datetime.fromtimestamp(exp, dt.timezone.utc) if isinstance(exp, (int, float)) else None
+        expires = None
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            try:
+                expires = dt.datetime.fromtimestamp(exp, dt.timezone.utc)
+            except (OverflowError, ValueError, OSError):  # a signed exp past the year 9999
+                raise Unauthenticated("token rejected: exp is out of range (after the year 9999); "
+                                      "issue tokens with a real expiry") from None
         try:
             return Auth.for_user(str(user), roles, claims, expires)
         except ValueError as exc:  # a subject posing as an API key or the node

@@ -17,7 +17,7 @@ from forge_kernel import Auth, ForgeError
 from forge_kernel.app import FunctionDef
 from forge_kernel.errors import InvalidArgument, NotFound
 
-from .ratelimit import RateLimiter
+from .ratelimit import CallLimits
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
@@ -32,9 +32,9 @@ def request_id_from(header: str | None) -> str:
 class FunctionCaller:
     """``call(name, args, auth, ...)``: lookup, auth, rate limit, then ``node.executor.call``."""
 
-    def __init__(self, executor: Any, limiter: RateLimiter | None) -> None:
+    def __init__(self, executor: Any, limits: CallLimits | None) -> None:
         self.executor = executor
-        self.limiter = limiter
+        self.limits = limits
 
     def lookup(self, name: str) -> FunctionDef:
         return self.executor.lookup(name)
@@ -42,17 +42,10 @@ class FunctionCaller:
     async def call(self, name: str, args: Any, auth: Auth, *, client: str, request_id: str,
                    defn: FunctionDef | None = None) -> Any:
         defn = defn or self.executor.lookup(name)
-        limit = defn.rate_limit
-        if limit is not None and self.limiter is not None:
+        if defn.rate_limit is not None and self.limits is not None:
             # authorise first: an unauthenticated caller must not spend a user's tokens
             self.executor.authorize(defn, auth)
-            if limit.key == "global":
-                key = "*"
-            elif limit.key == "ip" or not auth.authenticated:
-                key = f"ip:{client}"
-            else:
-                key = auth.scope_key()
-            await self.limiter.acquire(defn.name, limit, key)
+            await self.limits.admit(defn, auth, client)
         return await self.executor.call(defn.name, args, auth, request_id=request_id)
 
 
@@ -73,6 +66,7 @@ FORGE_TO_JSONRPC = {
     "CONFLICT": -32009,
     "PAYLOAD_TOO_LARGE": -32013,
     "RATE_LIMITED": -32029,
+    "UNAVAILABLE": -32053,
     "INTERNAL": INTERNAL_ERROR,
 }
 _ALLOWED_MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})

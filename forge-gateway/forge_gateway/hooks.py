@@ -10,11 +10,14 @@ from forge_kernel.migrations import from_package
 
 from .app import Gateway, build_app
 from .auth import Verifier
+from .clients import ClientAddress
 from .config import GatewayConfig
-from .ratelimit import RateLimiter, prune
+from .ratelimit import CallLimits, RateLimiter, prune
 from .server import serve
 
 SERVICE_NAME = "gateway-http"
+#: the running Gateway of a node (set while its HTTP service runs)
+_ATTR = "_forge_gateway"
 
 
 @hookimpl
@@ -52,6 +55,34 @@ def forge_auth_verifier(node: Any) -> Verifier:
     return verifier_for(node)
 
 
+_LIMITS_ATTR = "_forge_gateway_limits"
+
+
+def limits_for(node: Any) -> CallLimits:
+    """One rate limiter per node (kept on the node), shared by /rpc and the /ws of realtime, so a
+    call spends the same leases and windows whichever transport brought it."""
+    limits = getattr(node, _LIMITS_ATTR, None)
+    if limits is None:
+        cfg: GatewayConfig = node.config["gateway"]
+        limits = CallLimits(RateLimiter(node.pool, lease_fraction=cfg.rate_limit_lease),
+                            ClientAddress(cfg.trust_forwarded_for, cfg.trusted_proxies))
+        setattr(node, _LIMITS_ATTR, limits)
+    return limits
+
+
+@hookimpl
+def forge_rate_limiter(node: Any) -> CallLimits:
+    return limits_for(node)
+
+
+@hookimpl
+def forge_registry_reloaded(node: Any, registry: Any) -> None:
+    # /rpc looks functions up per call; the OpenAPI document is built once, so build it again
+    gateway = getattr(node, _ATTR, None)
+    if gateway is not None:
+        gateway.describe(registry)
+
+
 @hookimpl
 def forge_services(node: Any) -> list[Service]:
     return [Service(SERVICE_NAME, gateway_lifespan, role="gateway")]
@@ -74,9 +105,13 @@ def _flat(results: Any) -> list[Any]:
 @contextlib.asynccontextmanager
 async def gateway_lifespan(node: Any) -> AsyncIterator[Gateway]:
     cfg: GatewayConfig = node.config["gateway"]
-    gateway = Gateway(node, cfg, verifier_for(node), RateLimiter(node.pool, lease_fraction=cfg.rate_limit_lease))
+    gateway = Gateway(node, cfg, verifier_for(node), limits_for(node))
     app = build_app(gateway, _flat(node.loader.hook.forge_gateway_routes(node=node)))
-    async with serve(app, cfg.host, cfg.port, access_log=cfg.access_log, shutdown_timeout=cfg.shutdown_timeout) as port:
+    async with serve(app, cfg) as port:
         node.ports["http"] = port
         await node.publish_ports()
-        yield gateway
+        setattr(node, _ATTR, gateway)
+        try:
+            yield gateway
+        finally:
+            setattr(node, _ATTR, None)

@@ -171,6 +171,7 @@ _ERROR_DESCRIPTIONS = {
     "PAYLOAD_TOO_LARGE": "request body above [gateway] max_body_bytes",
     "RATE_LIMITED": "the function's rate limit is used up; see Retry-After",
     "INTERNAL": "the function failed; details carry the request id to look up in the server log",
+    "UNAVAILABLE": "this node cannot run it now (it does not run the needed role, or a needed package is missing)",
     "TIMEOUT": "the function did not finish within its timeout",
 }
 

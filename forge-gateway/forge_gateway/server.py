@@ -6,12 +6,19 @@ share the node's asyncpg pool and supervisor. uvicorn's ``Server`` can, with htt
 the HTTP parser. The node owns signals, so uvicorn's signal capture is switched off, and
 the gateway binds the socket itself so a port in use is a clear start-up error (uvicorn
 would call ``sys.exit``) and port 0 reports the port actually bound.
+
+What uvicorn leaves open at the connection level is closed here: the HTTP protocol is
+:class:`forge_gateway.protocol.EdgeProtocol` (header size and time limits, a connection cap),
+uvicorn's proxy-header rewriting is off (it believed ``X-Forwarded-For`` from any loopback
+peer; the gateway reads it itself, see ``clients.py``), WebSocket messages are bounded by the
+frame parser (``ws_max_message_bytes``), and TLS comes from :mod:`forge_gateway.tls`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from typing import Any, AsyncIterator
@@ -20,6 +27,10 @@ import uvicorn
 from loguru import logger
 
 from forge_kernel.errors import StartupError
+
+from .config import GatewayConfig
+from .protocol import ConnectionGate, EdgeLimits, EdgeProtocol
+from .tls import ReloadingTls
 
 
 class _ToLoguru(logging.Handler):
@@ -72,25 +83,32 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _http_implementation() -> str:
-    try:
-        import httptools  # noqa: F401 - only checking that it is installed
-    except ImportError:  # pragma: no cover - httptools is a dependency; h11 keeps working without it
-        return "h11"
-    return "httptools"
+def uvicorn_config(app: Any, cfg: GatewayConfig) -> tuple[uvicorn.Config, ReloadingTls | None]:
+    """uvicorn's settings for ``cfg``, loaded, with the TLS context (if any) in place."""
+    gate = ConnectionGate(EdgeLimits(cfg.max_header_line_bytes, cfg.max_header_bytes, cfg.header_timeout,
+                                     cfg.max_connections))
+    tls = ReloadingTls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    headers = [("strict-transport-security", f"max-age={cfg.hsts_max_age}")] if tls and cfg.hsts_max_age else []
+    config = uvicorn.Config(app, lifespan="on", http=functools.partial(EdgeProtocol, gate=gate), ws="auto",
+                            ws_max_size=cfg.ws_max_message_bytes, proxy_headers=False, headers=headers,
+                            access_log=cfg.access_log, log_config=None, log_level=logging.WARNING,
+                            timeout_graceful_shutdown=cfg.shutdown_timeout, server_header=False, date_header=True)
+    config.load()
+    if tls is not None:
+        config.ssl = tls.listener  # uvicorn only builds contexts from paths; ours swaps certificates
+    return config, tls
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any, host: str, port: int, *, access_log: bool = False,
-                shutdown_timeout: float = 10.0) -> AsyncIterator[int]:
-    """Serve ``app`` until the block exits; yields the bound port once the server accepts connections."""
-    sock = bind(host, port)
+async def serve(app: Any, cfg: GatewayConfig) -> AsyncIterator[int]:
+    """Serve ``app`` as ``cfg`` says until the block exits; yields the bound port once the server
+    accepts connections."""
+    config, tls = uvicorn_config(app, cfg)
+    host, shutdown_timeout = cfg.host, cfg.shutdown_timeout
+    sock = bind(host, cfg.port)
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", http=_http_implementation(), ws="auto", access_log=access_log,
-                            log_config=None, log_level=logging.WARNING, timeout_graceful_shutdown=shutdown_timeout,
-                            server_header=False, date_header=True)
     server = EmbeddedServer(config)
-    logs = _uvicorn_logs(access_log)
+    logs = _uvicorn_logs(cfg.access_log)
     logs.__enter__()
     task = asyncio.create_task(_run(server, sock), name="forge:gateway-http")
     try:
@@ -99,7 +117,7 @@ async def serve(app: Any, host: str, port: int, *, access_log: bool = False,
                 exc = task.exception()
                 raise StartupError(f"HTTP server on {host}:{bound_port} did not start: {exc!r}")
             await asyncio.sleep(0.01)
-        logger.info(f"gateway listening on http://{host}:{bound_port}")
+        logger.info(f"gateway listening on {'https' if tls else 'http'}://{host}:{bound_port}")
         yield bound_port
     finally:
         server.should_exit = True

@@ -8,8 +8,7 @@ from typing import Iterator
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gw_support import (SERVICE_KEY, Keys, NodeProcess, RunningGateway, _rsa, child_env, create_database,
-                        drop_database, gateway_config)
+from gw_support import SERVICE_KEY, Keys, RunningGateway, _rsa, running_gateway
 
 
 @pytest.fixture(scope="session")
@@ -25,17 +24,7 @@ def keys() -> Keys:
 @pytest.fixture(scope="module")
 def gateway(forge_database_url: str, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     """One gateway node for a test module, serving ``gw_app``; killed (by pid) at the end."""
-    tmp = tmp_path_factory.mktemp("gw")
-    db = create_database(forge_database_url)
-    cfg = gateway_config(keys, tmp, modules=["gw_app"], api_keys=[
-        {"name": "billing-service", "sha256": hashlib.sha256(SERVICE_KEY.encode()).hexdigest(), "roles": ["admin"]}])
-    cfg["database"] = {"url": db}
-    cfg["node"] = {"id": "gw-main"}
-    proc = NodeProcess(tmp / "node", cfg, env=child_env("gw_dispatch_plugin"))
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield RunningGateway(f"http://127.0.0.1:{cfg['gateway']['port']}", proc)
-    finally:
-        proc.terminate(timeout=20)
-        drop_database(forge_database_url, db)
+    with running_gateway(forge_database_url, keys, tmp_path_factory.mktemp("gw"), node_id="gw-main", api_keys=[
+            {"name": "billing-service", "sha256": hashlib.sha256(SERVICE_KEY.encode()).hexdigest(), "roles": ["admin"]}
+    ]) as gw:
+        yield gw

@@ -4,11 +4,12 @@ package's tests use, so it cannot be imported by name when the whole repository 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import asyncpg
 import attrs
@@ -32,7 +33,9 @@ def child_env(*plugins: str) -> dict[str, str]:
     return {
         "PYTHONPATH": os.pathsep.join(p for p in (APPS, os.environ.get("PYTHONPATH", "")) if p),
         "FORGE_DISABLE_PLUGIN_AUTOLOAD": "1",
-        "FORGE_PLUGINS": ",".join(["forge_kernel.kernel_plugin", "forge_gateway.hooks", *plugins]),
+        # gw_app has a @job: a node serving it needs a job store (the stand-in one)
+        "FORGE_PLUGINS": ",".join(dict.fromkeys(["forge_kernel.kernel_plugin", "forge_gateway.hooks",
+                                                 "gw_dispatch_plugin", *plugins])),
         # the repository's root conftest turns node logs down to WARNING; these tests read INFO lines
         "FORGE_LOG__LEVEL": "INFO",
     }
@@ -120,3 +123,24 @@ class RunningGateway:
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kw)
+
+
+@contextlib.contextmanager
+def running_gateway(admin_url: str, keys: Keys, tmp: Path, *, node_id: str, plugins: tuple[str, ...] = (),
+                    modules: tuple[str, ...] = ("gw_app",), **gateway: Any) -> Iterator[RunningGateway]:
+    """A ``forge-node`` process serving ``modules`` on a database of its own, with ``[gateway]``
+    settings ``gateway`` on top of the tests' defaults; killed (by pid) and its database dropped
+    when the block ends."""
+    db = create_database(admin_url)
+    cfg = gateway_config(keys, tmp, modules=list(modules), **gateway)
+    cfg["database"] = {"url": db}
+    cfg["node"] = {"id": node_id}
+    proc = NodeProcess(tmp / "node", cfg, env=child_env("gw_dispatch_plugin", *plugins))
+    proc.start()
+    try:
+        proc.wait_ready()
+        scheme = "https" if gateway.get("tls_cert") else "http"
+        yield RunningGateway(f"{scheme}://127.0.0.1:{cfg['gateway']['port']}", proc)
+    finally:
+        proc.terminate(timeout=20)
+        drop_database(admin_url, db)

@@ -150,3 +150,36 @@ def test_jobs_dispatched_by_a_caller_record_that_caller(http, keys):
     r = http.post("/rpc/enqueue", json={"tag": "c", "fail": True}, headers={"Authorization": f"Bearer {keys.hs256(sub='erin')}"})
     assert r.status_code == 409
     assert http.post("/rpc/job_callers").json() == {"data": ["dave", "apikey:billing-service"]}
+
+
+# --- issue 19 item 8: signed tokens with absurd time claims are 401, never 500 -----------------
+@pytest.mark.parametrize("claims, fragment", [
+    ({"exp": int(time.time()) + 10**12}, "exp is out of range"),  # year 33715: past datetime's range
+    ({"exp": 10**30}, "exp is out of range"),
+    ({"exp": float("inf")}, "exp"),  # Python's json writes and reads Infinity
+    ({"exp": float("nan")}, "exp"),
+    ({"iat": float("inf")}, "iat"),
+    ({"nbf": float("inf")}, "nbf"),
+    ({"nbf": float("-inf")}, "nbf"),
+    ({"iat": 10**30}, "iat"),
+    ({"nbf": 10**30}, "not valid yet"),
+])
+def test_absurd_time_claims_in_a_signed_token_are_401(http, keys, claims, fragment):
+    assert_401(whoami(http, keys.hs256(claims)), fragment)
+    assert_401(whoami(http, keys.rs256(claims)), fragment)
+
+
+# --- issue 19 item 10: one credential per request ---------------------------------------------
+def test_a_repeated_credential_header_is_refused_whatever_its_order(http, keys):
+    good, bad = f"Bearer {keys.hs256(sub='carol')}", "Bearer not-a-token"
+    assert whoami(http, keys.hs256(sub="carol")).status_code == 200
+    for headers in ([("Authorization", bad), ("Authorization", good)], [("Authorization", good), ("Authorization", bad)],
+                    [("Authorization", good), ("Authorization", good)],
+                    [("X-API-Key", "wrong"), ("X-API-Key", SERVICE_KEY)], [("X-API-Key", SERVICE_KEY), ("x-api-key", "w")],
+                    [("Authorization", bad), ("Authorization", good), ("X-Request-Id", "a"), ("X-Request-Id", "b")]):
+        for path, body in (("/rpc/whoami", None), ("/rpc", {"jsonrpc": "2.0", "method": "whoami", "id": 1})):
+            r = http.post(path, headers=headers, json=body)
+            assert r.status_code == 400, (headers, path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "INVALID_ARGUMENT" and "more than once" in err["message"], err
+            assert headers[0][0] in err["message"]

@@ -50,6 +50,34 @@ def test_rate_limit_leases_never_over_admit(forge_processes, keys, tmp_path):
     assert set(codes) <= {200, 429}
 
 
+def test_rpc_on_a_node_without_the_function_role_names_the_role_and_who_runs_it(forge_processes, keys, tmp_path):
+    urls = {}
+    for node_id, roles in (("edge-only", ["gateway"]), ("full", ["gateway", "function"])):
+        cfg = gateway_config(keys, tmp_path, modules=["gw_app"])
+        cfg["node"] = {"roles": roles}
+        forge_processes(cfg, node_id=node_id, env=child_env())
+        urls[node_id] = f"http://127.0.0.1:{cfg['gateway']['port']}"
+    edge, full = urls["edge-only"], urls["full"]
+    from forge_kernel.testing import wait_for
+
+    def unavailable(path: str) -> dict:
+        r = httpx.post(f"{edge}{path}", json={}, timeout=30)
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "UNAVAILABLE" and err["details"] == {"role": "function", "node": "edge-only"}
+        assert "node edge-only does not run functions (its roles: gateway)" in err["message"]
+        return err
+
+    # the list of nodes is looked up at most every 5 s (a loaded machine may record 'full' late)
+    err = wait_for(lambda: (e := unavailable("/rpc/add")) and "nodes running it now: full (" in e["message"] and e,
+                   30, interval=1, what="the hint naming the node that runs functions")
+    assert f":{urlsplit(full).port})" in err["message"]
+    assert unavailable("/rpc")["message"] == err["message"]  # JSON-RPC's path too
+    assert httpx.post(f"{edge}/rpcx", timeout=30).status_code == 404
+    assert httpx.get(f"{edge}/health", timeout=30).status_code == 200
+    assert not any(p.startswith("/rpc") for p in httpx.get(f"{edge}/openapi.json", timeout=30).json()["paths"])
+
+
 def test_plugin_routes_are_mounted(forge_processes, keys, tmp_path):
     _, url = spawn_gateway(forge_processes, keys, tmp_path, "routes", plugins=("gw_routes_plugin",))
     r = httpx.get(f"{url}/hello")
@@ -195,17 +223,6 @@ def test_graceful_shutdown_finishes_in_flight_calls(forge_processes, keys, tmp_p
     assert proc.proc.returncode == 0, proc.log()[-2000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
-
-
-def test_gateway_without_the_function_role_serves_no_rpc(forge_processes, keys, tmp_path):
-    cfg = gateway_config(keys, tmp_path, modules=["gw_app"])
-    cfg["node"] = {"roles": ["gateway"]}
-    forge_processes(cfg, node_id="edge", env=child_env())
-    url = f"http://127.0.0.1:{cfg['gateway']['port']}"
-    assert httpx.get(f"{url}/health").status_code == 200
-    r = httpx.post(f"{url}/rpc/add", json={"a": 1})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
-    assert not any(p.startswith("/rpc") for p in httpx.get(f"{url}/openapi.json").json()["paths"])
 
 
 def test_access_log_goes_to_the_node_log(forge_processes, keys, tmp_path):

@@ -1,4 +1,4 @@
-"""Routes and every DESIGN §7 error code, over real HTTP against a real forge-node process."""
+"""Routes and every error code (docs/architecture.md, section 7), over real HTTP against a real forge-node process."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ async def test_queries_cannot_write_and_sessions_stay_read_only(forge_node):
     node = await forge_node(registry=_registry(), config={"node": {"roles": ["function"]},
                                                          "database": {"pool_min": 1, "pool_max": 1}})
     await node.pool.execute("CREATE TABLE qp_items (n integer)")
-    assert node.executor.query_pool is not None
+    assert node.executor.reads.primary.pool is node.query_pool and node.executor.reads.primary.readonly_sessions
     with pytest.raises(ForgeError) as info:
         await node.executor.call("sneaky_write", {}, ANONYMOUS)
     assert info.value.code == "INTERNAL" and "cannot write" in info.value.message

@@ -196,3 +196,75 @@ async def test_auth_verifier_hook_returns_one_verifier_per_node(forge_node):
     assert auth.user_id == "ws-user"
     with pytest.raises(Unauthenticated):
         await first.verify(token(sub="x") + "tampered")
+
+
+# --- issue 19 item 3: a bounded lease table, O(1) per call ----------------------------------
+@settings(max_examples=200, deadline=None)
+@given(capacity=st.integers(1, 8),
+       steps=st.lists(st.tuples(st.sampled_from("abcdefghij"), st.integers(0, 5), st.booleans()), max_size=60))
+def test_the_lease_table_is_bounded_and_never_returns_an_ended_lease(capacity, steps):
+    """Against a model (a plain dict): the table never holds more than ``capacity`` entries, never
+    hands out a lease whose window ended, and whatever it returns is what was last put there."""
+    from forge_gateway.ratelimit import LeaseTable, _Lease
+
+    table, model, now = LeaseTable(capacity), {}, 0.0
+    for bucket, lasts, put in steps:
+        now += 1.0
+        if put:
+            lease = _Lease(3, now + lasts)
+            table.put(bucket, lease, now)
+            model[bucket] = lease
+        else:
+            got = table.get(bucket, now)
+            if got is not None:
+                assert got.ends > now and got is model[bucket]
+            elif bucket in model and model[bucket].ends > now:
+                pass  # evicted early: allowed (only unspent tokens are given up)
+        assert len(table) <= capacity
+
+
+async def test_a_flood_of_distinct_callers_keeps_the_limiter_bounded(limiter_pool):
+    """Each distinct key leaves one lease behind; the table stays at its capacity (the old one grew
+    past 100,000 entries and then walked all of them on every new caller)."""
+    limiter = RateLimiter(limiter_pool, lease_fraction=0.5, max_leases=50)
+    rule = RateLimit(10, per=3600, key="ip")
+    for i in range(300):
+        await limiter.acquire("flood", rule, f"ip:10.0.{i // 256}.{i % 256}")
+    assert len(limiter._leases) == 50
+
+
+def test_client_address_reads_forwarded_for_from_the_right():
+    from forge_gateway.clients import ClientAddress
+
+    off = ClientAddress(False, ["127.0.0.1"])
+    assert off.of("127.0.0.1", ["6.6.6.6"]) == "127.0.0.1"
+    on = ClientAddress(True, ["127.0.0.1/32", "10.0.0.0/8", "::1"])
+    assert on.of("127.0.0.1", ["evil, 1.2.3.4, 10.0.0.7"]) == "1.2.3.4"
+    assert on.of("127.0.0.1", ["evil", "1.2.3.4,10.0.0.7"]) == "1.2.3.4"  # two headers are one list
+    assert on.of("::1", ["2001:db8::0001"]) == "2001:db8::1"
+    assert on.of("127.0.0.1", ["10.0.0.1, 10.0.0.2"]) == "10.0.0.1"  # every hop is ours
+    assert on.of("127.0.0.1", [" , "]) == "127.0.0.1"
+    assert on.of("127.0.0.1", ["unknown"]) == "unknown"
+    assert on.of("192.0.2.9", ["1.2.3.4"]) == "192.0.2.9"  # not from a trusted proxy: header ignored
+    assert on.of(None, ["1.2.3.4"]) == "unknown"
+
+
+# --- issue 19 item 6: HMAC secrets as long as RFC 7518 asks -------------------------------------
+@pytest.mark.parametrize("algorithms, need", [(["HS256"], 32), (["HS256", "RS256"], 32), (["HS384"], 48),
+                                              (["HS256", "HS512"], 64)])
+def test_a_short_jwt_secret_stops_start_up_without_showing_it(algorithms, need):
+    from forge_kernel.config import load_config
+    from forge_kernel.errors import ConfigError
+
+    short = "s3cr3t-" + "q" * (need - 8)
+    with pytest.raises(ConfigError) as info:
+        load_config({"gateway": GatewayConfig}, data={"gateway": {"jwt_secret": short, "jwt_algorithms": algorithms}},
+                    env={})
+    message = str(info.value)
+    assert "jwt_secret" in message and f"at least {need} bytes" in message and "[gateway]" in message, message
+    assert short not in message and "s3cr3t" not in message, message
+    ok = load_config({"gateway": GatewayConfig}, data={"gateway": {"jwt_secret": short + "q", "jwt_algorithms": algorithms}},
+                     env={})
+    assert ok["gateway"].jwt_secret == short + "q"
+    # public-key algorithms only: the secret is unused, so its length does not matter
+    assert GatewayConfig(jwt_secret="short", jwt_algorithms=["RS256"]).jwt_secret == "short"

@@ -7,7 +7,6 @@ from typing import Any
 from forge_kernel import MaintenanceTask, Service, hookimpl
 from forge_kernel.migrations import from_package
 
-from . import recorder
 from .config import ObserveConfig
 from .service import OBSERVED_SERVICES, SERVICE_NAME, for_node
 
@@ -28,11 +27,6 @@ def forge_app_modules() -> list[str]:
 
 
 @hookimpl
-def forge_call_middleware(node: Any):
-    return [recorder.call_middleware(node.telemetry)]
-
-
-@hookimpl
 def forge_services(node: Any):
     obs = for_node(node)
     obs.cluster_gauges = [g for found in node.loader.hook.forge_cluster_gauges(node=node) for g in (found or ())]
@@ -45,11 +39,6 @@ def forge_gateway_routes(node: Any):
     from .routes import metrics_route
 
     return [metrics_route(for_node(node))]
-
-
-@hookimpl
-def forge_job_finished(node: Any, outcome: Any) -> None:
-    recorder.job_finished(node.telemetry, outcome)
 
 
 @hookimpl

@@ -1,7 +1,10 @@
-"""In-process metrics of one node: a ``prometheus_client`` registry fed from telemetry events.
+"""In-process metrics of one node: event series aggregated off the hot path, served by ``prometheus_client``.
 
-The hot paths only append tuples (``node.telemetry.emit``); :meth:`NodeMetrics.apply` turns a
-drained batch into counter increments and histogram observations, off the request path.
+The hot paths only append tuples (``node.telemetry.emit``, the executor's ``call`` events).
+:meth:`NodeMetrics.apply` folds a drained batch into plain dicts (a count per label set, bucket
+counts and a sum per histogram label set): a dict lookup and an add per event. ``prometheus_client``
+is used for what it is good at: the exposition format (a collector builds the families when
+``/metrics`` is scraped or a snapshot is taken) and the process, GC and the observer's own counters.
 :meth:`NodeMetrics.snapshot` reads every series back as rows for PostgreSQL.
 """
 
@@ -10,14 +13,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import operator
 import time
+from bisect import bisect_left
+from collections import Counter as Tally
+from itertools import compress, groupby, repeat
 from typing import Any, Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 #: seconds; function calls and live-query re-runs are mostly milliseconds
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -28,44 +36,222 @@ SLOW = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 9
 OK = "OK"
 
 
+def _labels(key: Any) -> list[str]:
+    return [str(v) for v in key] if isinstance(key, tuple) else [str(key)]
+
+
+class CounterSeries:
+    """A counter per label set (``values[label values] = count``; a single label's value is the key)."""
+
+    __slots__ = ("name", "help", "labels", "values")
+
+    def __init__(self, name: str, help: str, labels: Sequence[str]) -> None:
+        self.name, self.help, self.labels = name, help, list(labels)
+        self.values: dict[Any, float] = {}
+
+    def prepare(self, keys: list, amounts: list | None = None) -> dict:
+        """The increments of a batch (checked: unhashable labels, a negative or non-numeric amount raise)."""
+        if amounts is None:
+            return Tally(keys)  # counts in C
+        if not all(map(operator.ge, amounts, repeat(0))):
+            raise ValueError("a counter only goes up")
+        delta: dict = {}
+        for k, n in zip(keys, amounts):
+            delta[k] = delta.get(k, 0) + n
+        return delta
+
+    def commit(self, delta: dict) -> None:
+        values = self.values
+        for k, n in delta.items():
+            values[k] = values.get(k, 0) + n
+
+    def family(self) -> CounterMetricFamily:
+        fam = CounterMetricFamily(self.name, self.help, labels=self.labels)
+        for key, value in list(self.values.items()):
+            fam.add_metric(_labels(key), value)
+        return fam
+
+
+class HistogramSeries:
+    """Bucket counts and a sum per label set: ``rows[label values] = [n per bucket..., n above, sum]``."""
+
+    __slots__ = ("name", "help", "labels", "bounds", "rows", "_le")
+
+    def __init__(self, name: str, help: str, labels: Sequence[str], bounds: Sequence[float]) -> None:
+        self.name, self.help, self.labels, self.bounds = name, help, list(labels), tuple(bounds)
+        self.rows: dict[Any, list] = {}
+        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+
+    def prepare(self, keys: list, values: list) -> tuple[Tally, dict]:
+        """A batch's bucket counts and sums (checked: a value that is not a number, or NaN, raises)."""
+        # le is inclusive: a value goes to the first bound >= it (bisect_left), all in C
+        buckets = Tally(zip(keys, map(bisect_left, repeat(self.bounds), values)))
+        if any(map(math.isnan, values)):  # no bucket holds NaN, and it would poison the sum
+            raise ValueError("NaN")
+        sums: dict = {}
+        distinct = set(keys)
+        if len(distinct) <= 8:  # the usual batch: a few label sets, each summed in C
+            for k in distinct:
+                sums[k] = sum(compress(values, map(operator.eq, keys, repeat(k))))
+        else:
+            for k, v in zip(keys, values):
+                sums[k] = sums.get(k, 0.0) + v
+        return buckets, sums
+
+    def commit(self, delta: tuple[Tally, dict]) -> None:
+        buckets, sums = delta
+        rows, width = self.rows, len(self.bounds) + 1
+        for (k, i), n in buckets.items():
+            row = rows.get(k)
+            if row is None:
+                row = rows[k] = [0] * width + [0.0]
+            row[i] += n
+        for k, v in sums.items():
+            rows[k][-1] += v
+
+    def family(self) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(self.name, self.help, labels=self.labels)
+        for key, row in list(self.rows.items()):
+            total, buckets = 0, []
+            for le, n in zip(self._le, row):
+                total += n
+                buckets.append((le, total))
+            fam.add_metric(_labels(key), buckets, sum_value=row[-1])
+        return fam
+
+
+def _get(*indices: int) -> Callable[[list], list]:
+    """A batch's values at ``indices`` of each event's fields (one tuple per event for several)."""
+    getter = operator.itemgetter(*indices)
+    return lambda fields: list(map(getter, fields))
+
+
+def _optional(index: int) -> Callable[[list], list]:
+    """A batch's values at ``index``, None for events with fewer fields."""
+    return lambda fields: [f[index] if len(f) > index else None for f in fields]
+
+
+def _wait(due: int, started: int) -> Callable[[list], list]:
+    """Seconds from ``due`` to ``started`` (two datetimes per event), at least 0, worked out in C."""
+    due_at, started_at = operator.itemgetter(due), operator.itemgetter(started)
+    return lambda fields: list(map(max, map(_SECONDS, map(operator.sub, map(started_at, fields),
+                                                            map(due_at, fields))), repeat(0.0)))
+
+
+_SECONDS = dt.timedelta.total_seconds
+_KIND, _FIELDS = operator.itemgetter(0), operator.itemgetter(1)
+
+
+class EventSeries(Collector):
+    """Every series fed from telemetry events, exposed through ``prometheus_client``.
+
+    A drained batch is grouped by event kind and folded kind by kind with C-level iteration
+    (``Counter``, ``map(bisect_left, ...)``): the per-event Python work is a few bytecodes (a
+    histogram's sum), which matters because it runs in the node's process like the work it
+    measures. A batch with a malformed event is folded again event by event, the bad ones counted."""
+
+    def __init__(self) -> None:
+        c, h = CounterSeries, HistogramSeries
+        self.calls = c("forge_function_calls", "Function calls by outcome code", ["function", "kind", "code"])
+        self.call_seconds = h("forge_function_duration_seconds", "Function call latency", ["function", "kind"],
+                              LATENCY)
+        self.jobs_dispatched = c("forge_jobs_dispatched", "Jobs stored by this node (a rolled-back mutation's "
+                                 "jobs included)", ["job", "queue"])
+        self.jobs_started = c("forge_jobs_started", "Job attempts run on this node (counted as each ends: the "
+                              "cluster's running ones are forge_jobs{status=\"running\"})", ["job", "queue"])
+        self.job_wait = h("forge_job_queue_wait_seconds", "From due to started", ["job", "queue"], SLOW)
+        self.jobs_finished = c("forge_jobs_finished", "Job attempts ended, by status (succeeded, failed = will "
+                               "retry, dead, cancelled, retry_later, lost = lease lost, released = node "
+                               "stopping)", ["job", "status"])
+        self.job_seconds = h("forge_job_run_seconds", "Job attempt run time", ["job"], SLOW)
+        self.cron_runs = c("forge_cron_runs", "Cron runs ended on this node, by status", ["cron", "status"])
+        self.cron_lag = h("forge_cron_lag_seconds", "From the scheduled slot to the start of its run", ["cron"],
+                          SLOW)
+        self.cron_missed = c("forge_cron_missed_slots", "Slots missed while no leader ran (dropped past "
+                             "catch_up)", ["cron"])
+        self.workflow_runs = c("forge_workflow_runs", "Workflow runs by status", ["workflow", "status"])
+        self.workflow_steps = c("forge_workflow_steps", "Workflow steps by status", ["workflow", "step", "status"])
+        self.workflow_step_seconds = h("forge_workflow_step_seconds", "Workflow step run time",
+                                       ["workflow", "step"], SLOW)
+        self.compensations = c("forge_workflow_compensations", "Compensations run, by status",
+                               ["workflow", "step", "status"])
+        self.pushes = c("forge_realtime_pushes", "Live-query results sent", ["kind"])
+        self.reruns = c("forge_realtime_reruns", "Live-query re-runs", ["function"])
+        self.rerun_seconds = h("forge_realtime_rerun_seconds", "Live-query re-run time", ["function"], LATENCY)
+        self.all = [v for v in vars(self).values() if isinstance(v, (CounterSeries, HistogramSeries))]
+        #: event kind -> [(series, a batch's label values, its values or amounts (None: count 1), may be None)]
+        #: (the fields of each kind: the table in forge_kernel.telemetry)
+        self.specs: dict[str, list[tuple[Any, Callable, Callable | None, bool]]] = {
+            "call": [(self.calls, _get(0, 1, 2), None, False), (self.call_seconds, _get(0, 1), _get(3), False)],
+            "job.finished": [(self.jobs_started, _get(0, 1), None, False),
+                             (self.jobs_finished, _get(0, 2), None, False),
+                             (self.job_wait, _get(0, 1), _wait(3, 4), False),
+                             (self.job_seconds, _get(0), _get(5), False)],
+            "job.dispatched": [(self.jobs_dispatched, _get(0, 1), None, False)],
+            "cron.run": [(self.cron_runs, _get(0, 1), None, False), (self.cron_lag, _get(0), _get(2), True)],
+            "cron.missed": [(self.cron_missed, _get(0), _get(1), False)],
+            "rt.push": [(self.pushes, _get(0), None, False)],
+            "rt.rerun": [(self.reruns, _get(0), None, False), (self.rerun_seconds, _get(0), _get(1), False)],
+            "workflow.run": [(self.workflow_runs, _get(0, 1), None, False)],
+            "workflow.step": [(self.workflow_steps, _get(0, 1, 2), None, False),
+                              (self.workflow_step_seconds, _get(0, 1), _optional(3), True)],
+            "workflow.compensation": [(self.compensations, _get(0, 1, 2), None, False)],
+        }
+
+    def collect(self) -> Iterable[Any]:
+        for series in self.all:
+            yield series.family()
+
+    def apply(self, events: Sequence[tuple], malformed: Callable[[], None]) -> int:
+        """Fold drained ``(kind, fields)`` events into the series; unknown kinds are ignored (newer
+        emitters). A malformed event changes nothing: ``malformed()`` is called for it."""
+        # runs of one kind (a job drain is one run; a mix is folded run by run: sorting cost more)
+        for kind, group in groupby(events, _KIND):
+            try:
+                spec = self.specs.get(kind)
+            except TypeError:  # an unhashable kind
+                spec = None
+            if spec is None:
+                continue
+            if spec is None:
+                continue
+            fields = list(map(_FIELDS, group))
+            try:
+                self._fold(spec, fields)
+            except (TypeError, ValueError, IndexError):
+                for f in fields:
+                    try:
+                        self._fold(spec, [f])
+                    except (TypeError, ValueError, IndexError):
+                        malformed()
+        return len(events)
+
+    @staticmethod
+    def _fold(spec: list, fields: list) -> None:
+        # every series' share is computed (and checked) before any is changed
+        deltas = []
+        for series, key, value, optional in spec:
+            keys = key(fields)
+            if value is None:
+                deltas.append((series, series.prepare(keys)))
+                continue
+            values = value(fields)
+            if optional and any(map(operator.is_, values, repeat(None))):
+                kept = list(map(operator.is_not, values, repeat(None)))
+                keys, values = list(compress(keys, kept)), list(compress(values, kept))
+            deltas.append((series, series.prepare(keys, values)))
+        for series, delta in deltas:
+            series.commit(delta)
+
+
 class NodeMetrics:
     """One node's registry (never the global default one: tests run several nodes per process)."""
 
     def __init__(self, node: Any, process: bool = True) -> None:
         self.node = node
         self.registry = r = CollectorRegistry(auto_describe=False)
-        self.calls = Counter("forge_function_calls", "Function calls by outcome code",
-                             ["function", "kind", "code"], registry=r)
-        self.call_seconds = Histogram("forge_function_duration_seconds", "Function call latency",
-                                      ["function", "kind"], buckets=LATENCY, registry=r)
-        self.jobs_dispatched = Counter("forge_jobs_dispatched", "Jobs stored by this node (a rolled-back "
-                                       "mutation's jobs included)", ["job", "queue"], registry=r)
-        self.jobs_started = Counter("forge_jobs_started", "Job attempts started on this node", ["job", "queue"],
-                                    registry=r)
-        self.job_wait = Histogram("forge_job_queue_wait_seconds", "From due to started", ["job", "queue"],
-                                  buckets=SLOW, registry=r)
-        self.jobs_finished = Counter("forge_jobs_finished", "Job attempts ended, by status (succeeded, failed "
-                                     "= will retry, dead, cancelled, retry_later)", ["job", "status"], registry=r)
-        self.job_seconds = Histogram("forge_job_run_seconds", "Job attempt run time", ["job"], buckets=SLOW,
-                                     registry=r)
-        self.cron_runs = Counter("forge_cron_runs", "Cron runs ended on this node, by status", ["cron", "status"],
-                                 registry=r)
-        self.cron_lag = Histogram("forge_cron_lag_seconds", "From the scheduled slot to the start of its run",
-                                  ["cron"], buckets=SLOW, registry=r)
-        self.cron_missed = Counter("forge_cron_missed_slots", "Slots missed while no leader ran", ["cron"],
-                                   registry=r)
-        self.workflow_runs = Counter("forge_workflow_runs", "Workflow runs by status", ["workflow", "status"],
-                                     registry=r)
-        self.workflow_steps = Counter("forge_workflow_steps", "Workflow steps by status",
-                                      ["workflow", "step", "status"], registry=r)
-        self.workflow_step_seconds = Histogram("forge_workflow_step_seconds", "Workflow step run time",
-                                               ["workflow", "step"], buckets=SLOW, registry=r)
-        self.compensations = Counter("forge_workflow_compensations", "Compensations run, by status",
-                                     ["workflow", "step", "status"], registry=r)
-        self.pushes = Counter("forge_realtime_pushes", "Live-query results sent", ["kind"], registry=r)
-        self.reruns = Counter("forge_realtime_reruns", "Live-query re-runs", ["function"], registry=r)
-        self.rerun_seconds = Histogram("forge_realtime_rerun_seconds", "Live-query re-run time", ["function"],
-                                       buckets=LATENCY, registry=r)
+        self.events = EventSeries()
+        r.register(self.events)
         self.loop_lag = Gauge("forge_event_loop_lag_seconds", "Largest event-loop delay seen in the last "
                               "sampling period", registry=r)
         self.dropped = Counter("forge_observe_dropped", "Telemetry records lost (never the app's work), by kind "
@@ -75,90 +261,42 @@ class NodeMetrics:
         self.reconnects = Counter("forge_observe_writer_reconnects", "Times the telemetry writer lost its "
                                   "database connection and opened a new one", registry=r)
         self.exported = Counter("forge_observe_exported_spans", "Spans sent to the OTLP endpoint", registry=r)
-        self.traces = Counter("forge_observe_traces", "Local traces finished, by sampling decision", ["decision"],
-                              registry=r)
+        self.traces = Counter("forge_observe_traces", "Local traces finished, by sampling decision (discarded: "
+                              "nothing to keep them for)", ["decision"], registry=r)
         self.node_collector = NodeCollector(node)
         r.register(self.node_collector)
         if process:
             ProcessCollector(registry=r)
             GCCollector(registry=r)
-        self._children: dict[tuple, Any] = {}
         self._events_dropped_seen = 0
-
-    # --- events -> series ------------------------------------------------------------
-    def _child(self, metric: Any, labels: tuple) -> Any:
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._discarded_seen = 0
 
     def apply(self, events: Iterable[tuple]) -> int:
-        """Aggregate drained telemetry events; unknown kinds are ignored (newer emitters)."""
-        n = 0
-        child = self._child
-        for kind, f in events:
-            n += 1
-            try:
-                if kind == "call":
-                    name, fkind, code, seconds = f
-                    child(self.calls, (name, fkind, code)).inc()
-                    child(self.call_seconds, (name, fkind)).observe(seconds)
-                elif kind == "job.dispatched":
-                    child(self.jobs_dispatched, (f[0], f[1])).inc()
-                elif kind == "job.started":
-                    child(self.jobs_started, (f[0], f[1])).inc()
-                    child(self.job_wait, (f[0], f[1])).observe(f[2])
-                elif kind == "job.finished":
-                    name, status, seconds = f
-                    child(self.jobs_finished, (name, status)).inc()
-                    if seconds is not None:
-                        child(self.job_seconds, (name,)).observe(seconds)
-                elif kind == "cron.run":
-                    name, status, lag = f
-                    child(self.cron_runs, (name, status)).inc()
-                    if lag is not None:
-                        child(self.cron_lag, (name,)).observe(lag)
-                elif kind == "cron.missed":
-                    child(self.cron_missed, (f[0],)).inc(f[1])
-                elif kind == "rt.push":
-                    child(self.pushes, (f[0],)).inc()
-                elif kind == "rt.rerun":
-                    child(self.reruns, (f[0],)).inc()
-                    child(self.rerun_seconds, (f[0],)).observe(f[1])
-                elif kind == "workflow.run":
-                    child(self.workflow_runs, (f[0], f[1])).inc()
-                elif kind == "workflow.step":
-                    child(self.workflow_steps, (f[0], f[1], f[2])).inc()
-                    if len(f) > 3 and f[3] is not None:
-                        child(self.workflow_step_seconds, (f[0], f[1])).observe(f[3])
-                elif kind == "workflow.compensation":
-                    child(self.compensations, (f[0], f[1], f[2])).inc()
-            except (ValueError, TypeError, IndexError):
-                self.drop("events", "malformed")
+        """Aggregate drained telemetry events (off the hot path); also brings the ring's loss count
+        and the kernel's count of discarded traces into their series."""
+        n = self.events.apply(events, self._malformed)
         tel = getattr(self.node, "telemetry", None)
-        if tel is not None and tel.dropped > self._events_dropped_seen:
-            self.drop("events", "ring_full", tel.dropped - self._events_dropped_seen)
-            self._events_dropped_seen = tel.dropped
+        if tel is not None:
+            if tel.dropped > self._events_dropped_seen:
+                self.drop("events", "ring_full", tel.dropped - self._events_dropped_seen)
+                self._events_dropped_seen = tel.dropped
+            discarded = getattr(tel, "discarded", 0)
+            if discarded > self._discarded_seen:
+                self.traces.labels("discarded").inc(discarded - self._discarded_seen)
+                self._discarded_seen = discarded
         return n
+
+    def _malformed(self) -> None:
+        self.drop("events", "malformed")
 
     def drop(self, kind: str, reason: str, n: int = 1) -> None:
         if n > 0:
-            self._child(self.dropped, (kind, reason)).inc(n)
-
-    def dropped_total(self, kind: str | None = None) -> float:
-        total = 0.0
-        for metric in self.dropped.collect():
-            for s in metric.samples:
-                if s.name.endswith("_total") and (kind is None or s.labels.get("kind") == kind):
-                    total += s.value
-        return total
+            self.dropped.labels(kind, reason).inc(n)
 
     # --- series -> rows ----------------------------------------------------------------
     def snapshot(self, at: dt.datetime, node_id: str) -> list[tuple]:
         """Every series as a row of forge_obs_metrics: (at, node, name, labels json, value, sum, bounds, buckets)."""
         return series_rows(self.registry.collect(), at, node_id)
-
 
 def series_rows(families: Iterable[Any], at: dt.datetime, node_id: str) -> list[tuple]:
     rows: list[tuple] = []

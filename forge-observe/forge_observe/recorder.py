@@ -1,20 +1,16 @@
-"""The hot-path side of forge-observe: the call middleware, the tail sampler, job and log hooks.
+"""The hot-path side of forge-observe: the tail sampler and the log sink.
 
-Everything here runs on the app's path and therefore only measures and appends: a span into
-its trace, an event tuple into the node's ring, a kept trace or a log row into the writer's queue.
+Everything here runs on the app's path and therefore only decides and appends: a kept trace or a
+log row into the writer's queue, an event tuple into the node's ring. Function calls are recorded
+by the kernel's executor (``Telemetry.call_started`` / ``call_ended``), not by a middleware: a
+middleware layer cost more per call than everything else recorded for it (bench/rpc/README.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
 import json
-import time
 from typing import Any, Callable
 
-import asyncpg
-
-from forge_kernel.errors import ForgeError
 from forge_kernel.telemetry import Telemetry, Trace, current_span
 
 from .writer import Writer, truncate
@@ -24,44 +20,14 @@ CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "UNAUTHENTICATED", "FORBIDDEN", "N
                           "PAYLOAD_TOO_LARGE", "RATE_LIMITED"})
 
 
-def call_middleware(tel: Telemetry) -> Callable[..., Any]:
-    """``forge_call_middleware``: a span and a ``call`` event per function call (jobs included)."""
-
-    async def observe_call(call: Any, nxt: Callable[[Any], Any]) -> Any:
-        if not tel.enabled:
-            return await nxt(call)
-        defn = call.defn
-        span = tel.start_span(defn.name, "internal", attrs={"function.kind": defn.kind, "call.id": call.request_id})
-        t0 = time.perf_counter()
-        code = "OK"
-        try:
-            return await nxt(call)
-        except ForgeError as exc:
-            code = exc.code
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"  # a timeout (asyncio.timeout cancels) or the caller went away
-            raise
-        except asyncpg.UniqueViolationError:
-            code = "CONFLICT"
-            raise
-        except BaseException:
-            code = "INTERNAL"
-            raise
-        finally:
-            tel.emit("call", defn.name, defn.kind, code, time.perf_counter() - t0)
-            tel.end_span(span, None if code == "OK" else code)
-
-    return observe_call
-
-
 def keep(trace: Trace, slow_threshold: float) -> str | None:
     """The tail-sampling decision: why ``trace`` is kept (``sampled``, ``error``, ``slow``) or None."""
     if trace.sampled:
         return "sampled"
-    for s in trace.spans:
-        if s.error is not None and s.error not in CLIENT_CODES:
-            return "error"
+    if trace.errors:
+        for s in trace.spans:
+            if s.error is not None and s.error not in CLIENT_CODES:
+                return "error"
     root = trace.root
     if root is not None and root.duration >= slow_threshold:
         return "slow"
@@ -81,9 +47,12 @@ class TraceSink:
         self.discarded = 0
 
     def __call__(self, trace: Trace) -> None:
+        # the kernel hands over only traces that may be kept (Telemetry.attach): sampled, failed or slow
         why = keep(trace, self.slow_threshold)
-        if why is None:
+        if why is None:  # e.g. only a client error (a bad argument, a missing row)
             self.discarded += 1
+            if self.count is not None:
+                self.count("discarded")
             return
         self.kept += 1
         if self.count is not None:
@@ -112,7 +81,12 @@ class LogSink:
             text = self.redact(text)
         extra = r["extra"]
         span = current_span()
-        ids = span.trace.ids if span is not None else {}
+        ids = None
+        if span is not None:  # a root carries its work's ids; a child reaches them through its trace
+            ids = span.ids
+            if ids is None and span.trace is not None:
+                ids = span.trace.ids
+        ids = ids or {}
         call_id = extra.get("request_id")
         if call_id == "-":
             call_id = None
@@ -138,23 +112,3 @@ def _extra(extra: dict[str, Any], limit: int, redact: Callable[[str], str] | Non
     if len(text) > limit:
         return json.dumps({"truncated": truncate(text, limit)})
     return text
-
-
-def job_finished(tel: Telemetry, outcome: Any) -> None:
-    """``forge_job_finished``: job and cron outcome events (the aggregation happens later)."""
-    if not tel.enabled:
-        return
-    started = outcome.started_at
-    seconds = (outcome.finished_at - started).total_seconds() if started is not None else None
-    tel.emit("job.finished", outcome.name, outcome.status, seconds)
-    opts = outcome.options or {}
-    cron = opts.get("cron")
-    if cron:
-        lag = None
-        slot = opts.get("slot")
-        if started is not None and isinstance(slot, str):
-            try:
-                lag = max(0.0, (started - dt.datetime.fromisoformat(slot)).total_seconds())
-            except (ValueError, TypeError):
-                lag = None
-        tel.emit("cron.run", cron, outcome.status, lag)

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import asyncpg
 from loguru import logger
 
+from forge_kernel.logs import add_sink, redact
 from forge_kernel.telemetry import ClusterGauge
 
 from .config import ObserveConfig
@@ -25,15 +26,6 @@ _ATTR = "_forge_observe"
 OBSERVED_SERVICES = ("gateway-http", "worker", "scheduler", "realtime")
 #: every so many flushes, every series is written even if unchanged (alerts need a value at a window's start)
 FULL_SNAPSHOT_EVERY = 30
-
-
-def redactor() -> Callable[[str], str] | None:
-    """The kernel's secret redaction for log text, when this kernel has one (``forge_kernel.logs.redact``)."""
-    try:
-        from forge_kernel import logs  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(logs, "redact", None)
 
 
 class Observer:
@@ -66,9 +58,10 @@ class Observer:
         self.sink = TraceSink(self.writer, cfg.slow_threshold, self.exporter.offer if self.exporter else None,
                               lambda why: self.metrics.traces.labels(why).inc())
         node.telemetry.attach(self.sink, sample_rate=cfg.sample_rate, ring_size=cfg.event_ring,
-                              honor_remote_sampled=cfg.honor_remote_sampled)
-        self._log_sink_id = logger.add(LogSink(self.writer, node.id, cfg.max_message_bytes, redactor()),
-                                       level=cfg.log_level, format="{message}", catch=True)
+                              honor_remote_sampled=cfg.honor_remote_sampled, keep_over=cfg.slow_threshold)
+        # through the kernel's log set-up: no locals in stored tracebacks, secrets redacted
+        self._log_sink_id = add_sink(LogSink(self.writer, node.id, cfg.max_message_bytes, redact), records=True,
+                                     level=cfg.log_level, format="{message}", catch=True)
         sup = node.supervisor
         sup.spawn("observe.writer", self.writer.run, service=SERVICE_NAME)
         sup.spawn("observe.aggregate", self._aggregate_loop, service=SERVICE_NAME)
@@ -96,8 +89,9 @@ class Observer:
             await asyncio.to_thread(self.exporter.stop, 2.0)
 
     async def _connect(self) -> asyncpg.Connection:
-        # its own connection (not the pool, no JSON codecs: COPY sends jsonb as text in binary format)
-        return await asyncpg.connect(self.node.url, timeout=10, server_settings={
+        # its own connection (not the pool, no JSON codecs: COPY sends jsonb as text in binary format),
+        # a session on [database] direct_url: its startup settings would not pass a transaction pooler
+        return await asyncpg.connect(self.node.direct_url or self.node.url, timeout=10, server_settings={
             "application_name": "forge-observe", "synchronous_commit": "off"})
 
     # --- aggregation and snapshots -----------------------------------------------------------

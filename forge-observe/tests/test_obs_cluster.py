@@ -40,7 +40,7 @@ async def test_one_trace_from_http_to_a_job_on_another_node_and_a_push(forge_pro
             rows = await conn.fetch("SELECT span_id, parent_id, name, kind, node_id FROM forge_obs_spans "
                                     "WHERE trace_id = $1", trace_id)
             names = {r["name"] for r in rows}
-            return rows if {"note_job", "push"} <= names else None
+            return rows if {"job note_job", "push"} <= names else None
 
         rows = await eventually(chain, timeout=60, what="every span of the trace in the database")
     finally:
@@ -49,16 +49,49 @@ async def test_one_trace_from_http_to_a_job_on_another_node_and_a_push(forge_pro
     for r in rows:
         by_name.setdefault(r["name"], r)
     http_span, mutation = by_name["POST /rpc/add_note"], by_name["add_note"]
-    dispatch, job_run, job_fn = by_name["dispatch note_job"], by_name["job note_job"], by_name["note_job"]
+    dispatch, job_run = by_name["dispatch note_job"], by_name["job note_job"]
     rerun, push = by_name["live query notes"], by_name["push"]
     assert http_span["node_id"] == mutation["node_id"] == "front" and http_span["kind"] == "server"
     assert mutation["parent_id"] == http_span["span_id"]
     assert dispatch["parent_id"] == mutation["span_id"]
-    assert job_run["node_id"] == job_fn["node_id"] == "back"
-    assert job_run["parent_id"] == dispatch["span_id"] and job_fn["parent_id"] == job_run["span_id"]
-    assert any(r["kind"] == "client" and r["node_id"] == "back" for r in rows), "the job's SQL"
+    assert job_run["node_id"] == "back" and job_run["kind"] == "consumer"
+    assert job_run["parent_id"] == dispatch["span_id"]
+    assert any(r["kind"] == "client" and r["node_id"] == "back" and r["parent_id"] == job_run["span_id"]
+               for r in rows), "the job's SQL"
     assert rerun["parent_id"] == mutation["span_id"] and rerun["node_id"] == "front"
     assert push["parent_id"] == rerun["span_id"]
+
+
+async def test_websocket_handshake_and_subscribe_are_traced(forge_processes, forge_db_url):
+    """/ws: a span for the handshake continuing the client's traceparent, one per message continuing
+    the handshake's, and the subscription's first live-query run a child of its subscribe span."""
+    node = forge_processes({"app": APP, "node": {"roles": ["gateway", "function", "realtime"]},
+                            "observe": {**FAST, "sample_rate": 1.0}}, env=ENV)
+    port = node.ready_info()["ports"]["http"]
+    client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", additional_headers={"traceparent": client}) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "id": "s1", "function": "notes", "args": {}}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "data"
+        await ws.send(json.dumps({"type": "subscribe", "id": "s2", "function": "no_such_query", "args": {}}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "error"
+    conn = await asyncpg.connect(forge_db_url)
+    try:
+        async def stored():
+            rows = await conn.fetch("SELECT span_id, parent_id, name, kind, error, attrs FROM forge_obs_spans "
+                                    "WHERE trace_id = $1", "4bf92f3577b34da6a3ce929d0e0e4736")
+            return rows if sum(r["name"] == "WS subscribe" for r in rows) == 2 and any(
+                r["name"] == "live query notes" for r in rows) else None
+
+        rows = await eventually(stored, timeout=60, what="the connection's spans")
+    finally:
+        await conn.close()
+    (handshake,) = [r for r in rows if r["name"] == "WS /ws"]
+    ok, bad = sorted((r for r in rows if r["name"] == "WS subscribe"), key=lambda r: r["error"] is not None)
+    (run,) = [r for r in rows if r["name"] == "live query notes"]
+    assert handshake["kind"] == "server" and handshake["parent_id"] == "00f067aa0ba902b7"
+    assert ok["parent_id"] == bad["parent_id"] == handshake["span_id"] and ok["error"] is None
+    assert json.loads(ok["attrs"])["live.function"] == "notes" and bad["error"] == "NOT_FOUND"
+    assert run["parent_id"] == ok["span_id"]
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

@@ -212,3 +212,59 @@ async def test_alert_fires_once_and_resolves(forge_db_url):
         assert alert.state == "resolved" and alert.resolved_at is not None
     finally:
         await conn.close()
+
+
+_T0 = dt.datetime(2026, 12, 6, tzinfo=dt.timezone.utc)
+_seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0.0005, 0.001, 0.25, 60.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), st.sampled_from(["OK", "INTERNAL"]), _seconds),
+                      max_size=40),
+       waits=st.lists(st.tuples(st.sampled_from(["j", "k"]), _seconds, _seconds), max_size=10),
+       junk=st.lists(st.sampled_from([("call", ("f",)), ("job.finished", ("j", "default", "succeeded", "soon", _T0,
+                                                                          1.0)),
+                                      ("call", ("f", "query", "OK", float("nan"))), ("later.kind", (1,))]),
+                     max_size=4))
+def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
+    """The event series (plain dicts folded off the hot path) expose exactly what prometheus_client's
+    own Counter and Histogram would for the same observations; malformed events are counted, not kept."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from forge_observe.metrics import LATENCY, SLOW, NodeMetrics
+
+    import types
+
+    ours = NodeMetrics(node=types.SimpleNamespace(id="n1"), process=False)
+    model = CollectorRegistry()
+    m_calls = Counter("forge_function_calls", "", ["function", "kind", "code"], registry=model)
+    m_seconds = Histogram("forge_function_duration_seconds", "", ["function", "kind"], buckets=LATENCY,
+                          registry=model)
+    m_wait = Histogram("forge_job_queue_wait_seconds", "", ["job", "queue"], buckets=SLOW, registry=model)
+    events = []
+    for name, code, seconds in calls:
+        events.append(("call", (name, "query", code, seconds)))
+        m_calls.labels(name, "query", code).inc()
+        m_seconds.labels(name, "query").observe(seconds)
+    m_started = Counter("forge_jobs_started", "", ["job", "queue"], registry=model)
+    m_run = Histogram("forge_job_run_seconds", "", ["job"], buckets=SLOW, registry=model)
+    for job, seconds, run in waits:
+        started = _T0 + dt.timedelta(seconds=seconds)  # the job's row holds times (to the microsecond)
+        events.append(("job.finished", (job, "default", "succeeded", _T0, started, run)))
+        m_wait.labels(job, "default").observe((started - _T0).total_seconds())
+        m_started.labels(job, "default").inc()
+        m_run.labels(job).observe(run)
+    half = len(events) // 2  # two drains, as the aggregation loop makes them
+    assert ours.apply(events[:half] + junk) + ours.apply(events[half:]) == len(events) + len(junk)
+
+    def samples(registry, names):
+        return sorted((s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+                      for fam in registry.collect() if fam.name in names for s in fam.samples
+                      if not s.name.endswith("_created"))
+
+    names = {"forge_function_calls", "forge_function_duration_seconds", "forge_job_queue_wait_seconds",
+             "forge_jobs_started", "forge_job_run_seconds"}
+    assert samples(ours.registry, names) == samples(model, names)
+    malformed = sum(1 for kind, f in junk if kind != "later.kind")
+    assert sum(s.value for fam in ours.registry.collect() if fam.name == "forge_observe_dropped"
+               for s in fam.samples if s.name.endswith("_total")) == malformed

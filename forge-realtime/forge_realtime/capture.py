@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 
 import asyncpg
 import attrs
@@ -150,6 +150,8 @@ class CaptureManager:
     """What this node knows is captured; extends the capture when a read set needs more."""
 
     pool: asyncpg.Pool
+    #: called with the connection after each install: queries that read a replica must see it
+    after_install: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
     captured: dict[str, frozenset[str]] = attrs.field(factory=dict)
     #: table -> when (monotonic) this node last installed or learned its capture
     changed_at: dict[str, float] = attrs.field(factory=dict)
@@ -174,6 +176,8 @@ class CaptureManager:
                     continue
                 async with self.pool.acquire() as conn:
                     have, _ = await install_capture(conn, table, cols)
+                    if self.after_install is not None:
+                        await self.after_install(conn)
                 # a column the table lacks can never be captured; remember it as covered
                 # so we do not retry forever (its filter then matches conservatively)
                 self.captured[table] = have | frozenset(cols)

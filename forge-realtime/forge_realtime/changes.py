@@ -27,10 +27,12 @@ from loguru import logger
 
 CHANNEL = "forge_changes"
 
+# lsn: the WAL insert position, read after the snapshot was taken - every change the poll sees
+# committed before it (a replica that replayed it shows them all; see forge_kernel.reads)
 _POLL_SQL = """
-SELECT pg_snapshot_xmin(s.snap)::text AS xmin, pg_snapshot_xmax(s.snap)::text AS xmax,
+SELECT pg_snapshot_xmin(s.snap)::text AS xmin, pg_snapshot_xmax(s.snap)::text AS xmax, s.lsn,
        c.xid::text AS xid, c.tbl, c.op, c.old_rows, c.new_rows, c.trace
-FROM (SELECT pg_current_snapshot() AS snap) s
+FROM (SELECT pg_current_snapshot() AS snap, pg_current_wal_insert_lsn() AS lsn) s
 LEFT JOIN forge_changes c ON c.xid >= $1::text::xid8 AND NOT (c.xid = ANY($2::text[]::xid8[]))
 ORDER BY c.xid
 """
@@ -63,6 +65,8 @@ class LogCursor:
     #: the xmax of the last poll's snapshot: every transaction below it that is not in
     #: progress has been delivered. Monotonic; pushes carry it as their log position.
     position: int = 0
+    #: the primary's WAL position at the last poll: every delivered change committed before it
+    lsn: int = 0
 
     def args(self) -> tuple[str, list[str]]:
         return str(self.horizon), [str(x) for x in self.seen]
@@ -88,6 +92,7 @@ async def poll(conn: asyncpg.Connection, cursor: LogCursor) -> list[Change]:
         changes.append(Change(r["tbl"], r["op"], tuple(r["old_rows"] or ()), tuple(r["new_rows"] or ()), xid,
                               r["trace"]))
     cursor.advance(int(rows[0]["xmin"]), int(rows[0]["xmax"]), xids)
+    cursor.lsn = max(cursor.lsn, rows[0]["lsn"])
     return changes
 
 
@@ -106,15 +111,19 @@ class ChangeReader:
 
     ``on_changes(changes, position)`` is called (synchronously) for every non-empty poll;
     ``on_resync(position)`` after a reconnect, when changes may have been missed and every
-    live query must be re-run.
+    live query must be re-run. ``on_lsn(lsn)``, before either, after every poll: the primary's
+    WAL position that covers every change delivered so far (queries reading a replica wait
+    for it).
     """
 
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]],
                  on_changes: Callable[[list[Change], int], None], on_resync: Callable[[int], None], *,
-                 fallback_poll: float = 0.1, busy_repoll: float = 0.003, resync_after: float = 150.0) -> None:
+                 fallback_poll: float = 0.1, busy_repoll: float = 0.003, resync_after: float = 150.0,
+                 on_lsn: Callable[[int], None] = lambda lsn: None) -> None:
         self._connect = connect
         self._on_changes = on_changes
         self._on_resync = on_resync
+        self._on_lsn = on_lsn
         self.fallback_poll = fallback_poll
         self.busy_repoll = busy_repoll
         #: a gap between polls this long means changes may have been trimmed unseen: resync
@@ -146,6 +155,7 @@ class ChangeReader:
             else:
                 # changes may have been committed (or trimmed) while we were away
                 self.cursor = await start_cursor(conn)
+                self._on_lsn(self.cursor.lsn)
                 self._on_resync(self.cursor.position)
             self._connected_once = True
             self.ready.set()
@@ -156,6 +166,7 @@ class ChangeReader:
                     await asyncio.wait_for(self._wake.wait(), delay)
                 self._wake.clear()
                 changes = await poll(conn, self.cursor)
+                self._on_lsn(self.cursor.lsn)
                 self.polls += 1
                 now = time.monotonic()
                 if now - last > self.resync_after:

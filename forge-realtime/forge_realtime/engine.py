@@ -13,6 +13,7 @@ import datetime as dt
 import decimal
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections import deque
@@ -22,9 +23,9 @@ import attrs
 from loguru import logger
 
 from forge_kernel.db import TableRead
-from forge_kernel.errors import ForgeError, InvalidArgument
+from forge_kernel.errors import ForgeError, InvalidArgument, NotFound
 from forge_kernel.executor import Auth, bind_arguments
-from forge_kernel.telemetry import current_span
+from forge_kernel.telemetry import current_span, traceparent
 
 from .capture import CaptureError, CaptureManager
 from .changes import Change
@@ -51,7 +52,23 @@ def _json_default(value: Any) -> Any:
 
 
 def encode(value: Any) -> str:
-    return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON that any strict parser reads: NaN and infinities (a float column can hold
+    them) become ``null``, as the gateway's encoder writes them on /rpc."""
+    try:
+        return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), default=_json_default, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def result_hash(result_json: str) -> str:
@@ -318,6 +335,8 @@ class LiveQueryEngine:
         if q.result_json is not None and not q.running and not q.queued and not q.dirty:
             self._deliver_one(q, sub)
         else:
+            if q.cause is None and not q.running:
+                q.cause = traceparent()  # the first run joins the trace of the subscribe that asked for it
             self._schedule(q)
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -367,6 +386,22 @@ class LiveQueryEngine:
         for q in list(self.queries.values()):
             q.dirty = True
             self._schedule(q)
+
+    def reevaluate(self, registry: Any) -> None:
+        """The app's code was reloaded (``forge-node dev``): what functions were learned to read is
+        forgotten and every live query runs again as its subscriber; results whose hash did not
+        change are not pushed. Subscriptions to a function that is gone, or no longer a query, end
+        with an error (a mutation must never be re-run as a live query)."""
+        self.uses_auth.clear()
+        for q in list(self.queries.values()):
+            defn = registry.get(q.function)
+            if defn is None:
+                self._fail(q, NotFound(f"no function named {q.function!r} (the app was reloaded without it)"))
+            elif defn.kind != "query":
+                self._fail(q, InvalidArgument(f"{q.function} is a {defn.kind} now; only queries can be subscribed to"))
+            else:
+                q.dirty = True
+                self._schedule(q)
 
     def _remember(self, q: LiveQuery, change: Change) -> None:
         if q.dirty:
@@ -484,6 +519,8 @@ class LiveQueryEngine:
             if not sub.acked:
                 sub.acked = True
                 self.stats.unchanged += 1
+                if self.telemetry is not None and self.telemetry.enabled:
+                    self.telemetry.emit("rt.push", "unchanged")
                 sub.owner.push(sub.sub_id, encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
                                                    "position": q.position}), "unchanged")
             return

@@ -45,7 +45,30 @@ def forge_maintenance_tasks(node):
 
 
 @hookimpl
+def forge_registry_reloaded(node, registry):
+    # every live query runs again on the new code; subscribers get only results that changed
+    return for_node(node).reloaded(registry)
+
+
+@hookimpl
+def forge_dev_notice(node, notice):
+    for_node(node).broadcast({"type": "dev", **notice})
+
+
+@hookimpl
 def forge_gateway_routes(node):
     if not node.runs(ROLE):
         return []
     return [websocket_handler(node)]
+
+
+@hookimpl
+def forge_node_activity(node):
+    if not node.runs(ROLE):
+        return None
+    rt = for_node(node)
+    engine = rt.engine
+    return {"realtime": {"sockets": len(rt.sessions), "accepting": rt.accepting,
+                         "subscriptions": sum(len(q.subscriptions) for q in engine.queries.values()) if engine else 0,
+                         "live_queries": len(engine.queries) if engine else 0,
+                         "running": len(engine.running) if engine else 0}}

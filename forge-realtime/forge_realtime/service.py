@@ -14,7 +14,7 @@ from forge_kernel.db import TableRead
 from .capture import CaptureError, CaptureManager
 from .changes import ChangeReader
 from .config import RealtimeConfig
-from .engine import LiveQueryEngine, capture_needs
+from .engine import LiveQueryEngine, capture_needs, encode
 from .session import CLOSE_GOING_AWAY, Session
 
 SERVICE_NAME = "realtime"
@@ -31,18 +31,23 @@ class Realtime:
         self.engine: LiveQueryEngine | None = None
         self.reader: ChangeReader | None = None
         self.sessions: set[Session] = set()
+        #: the functions' rate limits, from the gateway through ``forge_rate_limiter`` (None: no limiter)
+        self.limits: Any = None
         self.accepting = False
         self.draining = False
         self.started = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, node: Any) -> AsyncIterator["Realtime"]:
-        self.capture = CaptureManager(node.pool)
+        # live queries may read a replica: their re-runs must see what the reader and the capture saw
+        reads = node.executor.reads
+        self.capture = CaptureManager(node.pool, after_install=reads.committed)
         self.reader = ChangeReader(node.connect, self._on_changes, self._on_resync,
                                    fallback_poll=self.config.fallback_poll,
-                                   resync_after=self.config.retention / 2)
+                                   resync_after=self.config.retention / 2, on_lsn=reads.note)
         self.engine = LiveQueryEngine(node.executor, self.capture, max_concurrent_runs=self.config.max_concurrent_runs,
                                       position=lambda: self.reader.position)
+        self.limits = node.loader.hook.forge_rate_limiter(node=node)
         await self._capture_declared()
         node.supervisor.spawn("realtime-changes", self.reader.run, service=SERVICE_NAME)
         await asyncio.wait_for(self.reader.ready.wait(), 30)
@@ -81,12 +86,32 @@ class Realtime:
         logger.warning("realtime: change reader reconnected; re-running every live query")
         self.engine.on_resync(position)
 
+    async def reloaded(self, registry: Any) -> None:
+        """``forge_registry_reloaded``: capture newly declared tables, re-run every live query."""
+        if not self.accepting:
+            return
+        await self._capture_declared()
+        self.engine.reevaluate(registry)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        """Send ``message`` to every open connection (``forge_dev_notice``)."""
+        if not self.accepting:
+            return
+        text = encode(message)
+        for session in list(self.sessions):
+            session.notify(text)
+
     def verifier(self) -> Any:
         return self.node.loader.hook.forge_auth_verifier(node=self.node)
 
-    async def serve(self, transport: Any) -> Session | None:
-        """Run one connection to its end."""
-        session = Session(self.engine, self.verifier(), self.config, transport)
+    async def serve(self, transport: Any, scope: Any = None, traceparent: str | None = None) -> Session | None:
+        """Run one connection (whose ASGI scope is ``scope``) to its end. ``traceparent``: the trace
+        its messages' spans continue."""
+        client = "unknown"
+        if self.limits is not None and scope is not None:
+            client = self.limits.client_address(scope)
+        session = Session(self.engine, self.verifier(), self.config, transport, limits=self.limits, client=client)
+        session.telemetry, session.traceparent = self.node.telemetry, traceparent
         self.sessions.add(session)
         try:
             await session.serve()
@@ -127,14 +152,23 @@ def websocket_handler(node: Any, path: str = "/ws") -> Any:
 
     @websocket(path)
     async def forge_realtime_socket(socket: WebSocket) -> None:
-        await socket.accept()
-        if not rt.accepting and not rt.draining:
-            # the gateway may come up a moment before this service: wait instead of bouncing clients
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(rt.started.wait(), 10)
-        if not rt.accepting:
-            await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
-            return
-        await rt.serve(LitestarTransport(socket))
+        tel = node.telemetry
+        # a span for the handshake only (a connection lasts hours): it continues the client's
+        # traceparent, and each message's span continues it in turn, so a connection is one trace
+        span = tel.start_span(f"WS {path}", "server", remote=socket.headers.get("traceparent") or "",
+                              attrs={"ws.path": path}) if tel.enabled else None
+        try:
+            await socket.accept()
+            if not rt.accepting and not rt.draining:
+                # the gateway may come up a moment before this service: wait instead of bouncing clients
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(rt.started.wait(), 10)
+            if not rt.accepting:
+                await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
+                tel.end_span(span, "UNAVAILABLE")
+                return
+        finally:
+            tel.end_span(span)
+        await rt.serve(LitestarTransport(socket), socket.scope, span.traceparent() if span is not None else None)
 
     return forge_realtime_socket

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import time
 from collections import OrderedDict, deque
 from typing import Any, Protocol
 
+import msgspec
 from loguru import logger
 
 from forge_kernel.errors import Conflict, ForgeError, InvalidArgument, NotFound, RateLimited, Unauthenticated
@@ -38,6 +38,21 @@ CLOSE_TOO_SLOW = 4008  # the client does not read fast enough
 MAX_ID_LENGTH = 128
 
 
+# strict JSON (RFC 8259): no NaN/Infinity, no number beyond a double, no lone surrogate escape,
+# so whatever a client sends can be echoed back as valid JSON
+_decode = msgspec.json.Decoder().decode
+
+
+def parse_message(raw: str) -> Any:
+    """The message in ``raw``, or ``InvalidArgument`` saying why it is not one."""
+    try:
+        return _decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError ("Number out of range") is a DecodeError
+        raise InvalidArgument(f"malformed message: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidArgument("malformed message: nested too deeply") from None
+
+
 def _valid_id(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
 
@@ -54,11 +69,16 @@ def error_message(error: ForgeError, sub_id: str | None) -> str:
 
 
 class Session:
-    def __init__(self, engine: LiveQueryEngine, verifier: Any, config: RealtimeConfig, transport: Transport) -> None:
+    def __init__(self, engine: LiveQueryEngine, verifier: Any, config: RealtimeConfig, transport: Transport, *,
+                 limits: Any = None, client: str = "unknown") -> None:
         self.engine = engine
         self.verifier = verifier
         self.config = config
         self.transport = transport
+        #: the functions' rate limits (``forge_rate_limiter``), the same ones /rpc spends; None: unlimited
+        self.limits = limits
+        #: the caller's address, for ``key="ip"`` limits
+        self.client = client
         self.auth: Auth = ANONYMOUS
         self.subscriptions: dict[str, Subscription] = {}
         self.closed = False
@@ -72,6 +92,9 @@ class Session:
         self._expiry: asyncio.Task | None = None
         self._writer_task: asyncio.Task | None = None
         self._timed_out = False
+        #: the node's telemetry and the trace each message's span continues (set by Realtime.serve)
+        self.telemetry: Any = None
+        self.traceparent: str | None = None
 
     # --- the engine's side (Subscriber protocol) ---------------------------------------
     def push(self, sub_id: str, text: str, kind: str) -> None:
@@ -88,6 +111,10 @@ class Session:
         if self.subscriptions.pop(sub_id, None) is not None:
             self._data.pop(sub_id, None)
             self._send(error_message(error, sub_id))
+
+    def notify(self, text: str) -> None:
+        """Queue a message that concerns no subscription (a ``dev`` notice)."""
+        self._send(text)
 
     # --- outbox ---------------------------------------------------------------------------
     def _send(self, text: str) -> None:
@@ -172,9 +199,9 @@ class Session:
 
     async def handle(self, raw: str) -> None:
         try:
-            msg = json.loads(raw)
-        except ValueError:
-            self._send(error_message(InvalidArgument("malformed message: not valid JSON"), None))
+            msg = parse_message(raw)
+        except InvalidArgument as exc:
+            self._send(error_message(exc, None))
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             self._send(error_message(InvalidArgument('malformed message: expected a JSON object with a string "type"'), None))
@@ -186,11 +213,28 @@ class Session:
             self._send(error_message(InvalidArgument(
                 f"unknown message type {kind!r}; expected auth, subscribe, unsubscribe or ping"), None))
             return
+        sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and _valid_id(msg.get("id")) else None
+        tel = self.telemetry
+        span = None
+        if kind != "ping" and tel is not None and tel.enabled:
+            attrs = {"ws.message": kind}
+            if kind == "subscribe" and isinstance(msg.get("function"), str):
+                attrs["live.function"] = msg["function"]
+            span = tel.start_span(f"WS {kind}", "server", remote=self.traceparent or "", attrs=attrs)
         try:
             await handler(msg)
         except ForgeError as exc:
-            sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and _valid_id(msg.get("id")) else None
             self._send(error_message(exc, sub_id))
+            if span is not None:
+                tel.end_span(span, exc.code)
+        except Exception as exc:  # a bug of ours: answer without internals, keep the socket, log it
+            logger.opt(exception=exc).error(f"realtime: handling a {kind!r} message failed")
+            self._send(error_message(ForgeError("internal error while handling the message"), sub_id))
+            if span is not None:
+                tel.end_span(span, "INTERNAL")
+        finally:
+            if span is not None:
+                tel.end_span(span)
 
     # --- messages ---------------------------------------------------------------------------
     async def _on_ping(self, msg: dict[str, Any]) -> None:
@@ -274,6 +318,8 @@ class Session:
             raise InvalidArgument("subscribe: hash must be a string or null")
         function = msg.get("function")
         args = self.engine.validate(function, msg.get("args"), self.auth)
+        if self.limits is not None:  # a subscribe is a call: it spends the function's rate limit like /rpc
+            await self.limits.admit(self.engine.executor.lookup(function, kinds=("query",)), self.auth, self.client)
         sub = Subscription(self, sub_id, function, args, self.auth, last_hash=last_hash)
         self.subscriptions[sub_id] = sub
         self.engine.subscribe(sub)

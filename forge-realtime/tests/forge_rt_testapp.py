@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from forge_kernel import model, mutation, query
+from forge_kernel import RateLimit, model, mutation, query
 from forge_kernel.migrations import Migration
 
 MIGRATIONS = [Migration("rt_testapp", 1, "items", """
@@ -69,6 +69,18 @@ async def whoami_if_items(ctx) -> str | None:
     if await ctx.db.fetchval("SELECT count(*) FROM rt_notes"):
         return ctx.auth.user_id
     return None
+
+
+@query(public=True, rate_limit=RateLimit(3, per=3600, key="ip"))
+async def limited_count(ctx) -> int:
+    """Three calls per hour per client address, over /rpc and /ws together."""
+    return await ctx.db.fetchval("SELECT count(*) FROM rt_items")
+
+
+@query(public=True)
+async def not_a_number(ctx) -> dict:
+    """Float values JSON cannot carry."""
+    return {"nan": float("nan"), "inf": [float("inf"), 1.5]}
 
 
 @query(public=True)

@@ -18,7 +18,7 @@ from forge_realtime.capture import install_capture
 from rt_helpers import rt_db, rt_node  # noqa: F401 - pytest fixtures
 
 PACKAGE = Path(hooks.__file__).parent
-ALLOWED_THIRD_PARTY = {"attrs", "asyncpg", "litestar", "loguru", "websockets"}
+ALLOWED_THIRD_PARTY = {"attrs", "asyncpg", "litestar", "loguru", "msgspec", "websockets"}
 
 
 def test_imports_only_the_kernel_stdlib_and_declared_libraries():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import decimal
 import json
 from typing import Any
 
 import attrs
 from loguru import logger
 
+from forge_kernel.cli import bounded_int, json_default
 from forge_kernel.errors import ForgeError, StartupError
 
 from . import api
@@ -23,7 +25,7 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--json", action="store_true")
     c = sub.add_parser("history", help="recent runs, newest first")
     c.add_argument("name", nargs="?", help="only this cron")
-    c.add_argument("--limit", type=int, default=20)
+    c.add_argument("--limit", type=bounded_int(1, 10_000), default=20)
     c.add_argument("--json", action="store_true")
     for verb, text in (("trigger", "run a cron once now (also when paused)"),
                        ("pause", "stop scheduling a cron until resumed"),
@@ -47,14 +49,15 @@ def _registered(cli: Any) -> list[CronSettings]:
         return []
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, dt.datetime):
-        return v.isoformat()
-    return v
+def _cell(v: Any) -> str:
+    """Table text: times as ISO 8601, fractions rounded to what a reader needs."""
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+    return "" if v is None else str(json_default(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v)
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
-    text = [{c: "" if r.get(c) is None else str(_plain(r.get(c))) for c in cols} for r in rows]
+    text = [{c: _cell(r.get(c)) for c in cols} for r in rows]
     widths = {c: max([len(c)] + [len(t[c]) for t in text]) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols))
     for t in text:
@@ -79,7 +82,7 @@ async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSetting
     if cmd == "list":
         rows = [attrs.asdict(c) for c in await api.list_crons(conn, known)]
         if args.json:
-            print(json.dumps(rows, default=_plain, indent=2))
+            print(json.dumps(rows, default=json_default, indent=2))
         else:
             _table(rows, ["name", "schedule", "timezone", "paused", "defined", "next_slot", "last_status", "last_slot",
                           "runs", "dropped_total"])
@@ -87,7 +90,7 @@ async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSetting
     if cmd == "history":
         rows = [attrs.asdict(r) for r in await api.history(conn, args.name, limit=args.limit, known=known)]
         if args.json:
-            print(json.dumps(rows, default=_plain, indent=2))
+            print(json.dumps(rows, default=json_default, indent=2))
         else:
             _table(rows, ["id", "cron", "slot", "kind", "status", "attempts", "duration_ms", "node_id", "error"])
         return 0
@@ -106,7 +109,7 @@ async def _dispatch(args: argparse.Namespace, conn: Any, known: list[CronSetting
     if cmd == "leader":
         row = await api.leader(conn)
         if args.json:
-            print(json.dumps(row, default=_plain, indent=2))
+            print(json.dumps(row, default=json_default, indent=2))
         elif row is None or row["node_id"] is None:
             print("no scheduler leader" + (f" (last term {row['term']})" if row else ""))
         else:

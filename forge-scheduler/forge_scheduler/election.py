@@ -291,6 +291,6 @@ async def fence(conn: asyncpg.Connection, leadership: Leadership, name: str = EL
 
 async def current_leader(conn: asyncpg.Connection, name: str = ELECTION) -> dict[str, Any] | None:
     row = await conn.fetchrow("SELECT name, node_id, term, since, renewed_at, "
-                              "extract(epoch FROM clock_timestamp() - renewed_at) AS renewed_age "
+                              "extract(epoch FROM clock_timestamp() - renewed_at)::float8 AS renewed_age "
                               "FROM forge_leaders WHERE name = $1", name)
     return dict(row) if row else None

@@ -41,7 +41,10 @@ def forge_maintenance_tasks(node):
 
 @hookimpl
 def forge_job_finished(node, outcome):
-    if "cron_run" not in (outcome.options or {}) or node.pool is None:
+    if "cron_run" not in (outcome.options or {}):
+        return None
+    crons.count_run(node.telemetry, outcome)
+    if node.pool is None:
         return None
     return crons.record_outcome(node.pool, outcome)
 

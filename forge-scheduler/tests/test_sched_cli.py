@@ -61,6 +61,17 @@ async def test_crons_cli_against_a_running_leader(sched_node, crons_cli, forge_d
 
     code, out = crons_cli("history", "morning")
     assert code == 0 and "manual" in out and "queued" in out.lower()
+    await node.pool.execute("UPDATE forge_cron_runs SET status = 'succeeded', duration_ms = 1234.56789 "
+                            "WHERE id = $1", run["id"])
+    code, out = crons_cli("history", "morning")
+    assert code == 0 and " 1235 " in out and "1234.5" not in out  # rounded for reading
+    code, out = crons_cli("history", "morning", "--json")
+    assert code == 0 and json.loads(out)[0]["duration_ms"] == 1234.56789
+
+    code, out = crons_cli("leader", "--json")
+    leader = json.loads(out)
+    assert code == 0 and leader["node_id"] == node.id and leader["term"] == 1
+    assert isinstance(leader["renewed_age"], float) and leader["since"].startswith("20")
     code, out = crons_cli("resume", "morning")
     assert code == 0 and "resumed" in out
     assert await node.pool.fetchval("SELECT paused FROM forge_cron_state WHERE cron = 'morning'") is False

@@ -6,9 +6,14 @@ import argparse
 import json
 from typing import Any
 
+from forge_kernel.cli import bounded_int, json_default
 from forge_kernel.errors import ForgeError
 
 from .queue import HISTORY_STATUSES, LIVE_STATUSES, JobQueue
+
+
+JOB_ID = bounded_int(1, what="a job id (a whole number)")
+LIMIT = bounded_int(1, 100_000)
 
 
 def add_jobs_command(subparsers: Any) -> None:
@@ -18,24 +23,24 @@ def add_jobs_command(subparsers: Any) -> None:
     ls.add_argument("--status", choices=LIVE_STATUSES + HISTORY_STATUSES)
     ls.add_argument("--name")
     ls.add_argument("--queue")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=LIMIT, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_run, action="list")
     dead = sub.add_parser("dead", help="list dead-lettered jobs")
-    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--limit", type=LIMIT, default=50)
     dead.add_argument("--json", action="store_true")
     dead.set_defaults(func=_run, action="dead")
     show = sub.add_parser("show", help="show one job")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=JOB_ID)
     show.set_defaults(func=_run, action="show", json=True)
     for name, what in (("retry", "put dead-lettered jobs back in the queue"),
                        ("discard", "remove dead-lettered jobs (kept in history as discarded)")):
         q = sub.add_parser(name, help=what)
-        q.add_argument("ids", type=int, nargs="*")
+        q.add_argument("ids", type=JOB_ID, nargs="*")
         q.add_argument("--all", action="store_true", help="every dead-lettered job")
         q.set_defaults(func=_run, action=name)
     c = sub.add_parser("cancel", help="cancel pending or running jobs")
-    c.add_argument("ids", type=int, nargs="+")
+    c.add_argument("ids", type=JOB_ID, nargs="+")
     c.set_defaults(func=_run, action="cancel")
     st = sub.add_parser("stats", help="live jobs per queue and status")
     st.add_argument("--json", action="store_true")
@@ -44,7 +49,7 @@ def add_jobs_command(subparsers: Any) -> None:
 
 def _print_jobs(jobs: list[Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([j.to_dict() for j in jobs], default=str, indent=2))
+        print(json.dumps([j.to_dict() for j in jobs], default=json_default, indent=2))
         return
     cols = ["id", "name", "queue", "status", "attempt", "run_at", "node_id", "last_error"]
     rows = []
@@ -63,7 +68,7 @@ def _print_jobs(jobs: list[Any], as_json: bool) -> None:
 async def _run(cli: Any) -> int:
     async with cli.connection() as conn:
         try:
-            return await run_jobs_command(JobQueue(conn), cli.args)
+            return await run_jobs_command(JobQueue(conn, hook=cli.loader.hook, config=cli.config()), cli.args)
         except ForgeError as exc:
             print(f"forge-node jobs: {exc.message}")
             return 1
@@ -80,7 +85,7 @@ async def run_jobs_command(queue: JobQueue, args: argparse.Namespace) -> int:
         if job is None:
             print(f"no job {args.id}")
             return 1
-        print(json.dumps(job.to_dict(), default=str, indent=2))
+        print(json.dumps(job.to_dict(), default=json_default, indent=2))
     elif action in ("retry", "discard"):
         if not args.ids and not args.all:
             print(f"forge-node jobs {action}: give job ids or --all")
@@ -105,6 +110,8 @@ async def run_jobs_command(queue: JobQueue, args: argparse.Namespace) -> int:
         counts = await queue.counts()
         if args.json:
             print(json.dumps(counts, indent=2))
+        elif not counts:
+            print("no live jobs (nothing scheduled, pending, running or dead-lettered)")
         else:
             for q, by_status in sorted(counts.items()):
                 print(f"{q}: " + ", ".join(f"{s}={n}" for s, n in sorted(by_status.items())))

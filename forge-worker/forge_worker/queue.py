@@ -8,7 +8,9 @@ plain connection, or inside the caller's transaction.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import inspect
 import json
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -26,6 +28,7 @@ WAKE_CHANNEL = "forge_jobs"
 CANCEL_CHANNEL = "forge_jobs_cancel"
 
 _MAX_INT = 2_147_483_647
+_MAX_BIGINT = 2**63 - 1
 #: an escaped NUL in JSON text (not an escaped backslash followed by "u0000")
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -341,8 +344,8 @@ _MOVE_TO_HISTORY = """
 def _ids(ids: Iterable[int]) -> list[int]:
     out = []
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or i <= 0:
-            raise InvalidArgument(f"job ids are positive integers, got {i!r}")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 < i <= _MAX_BIGINT:
+            raise InvalidArgument(f"job ids are whole numbers from 1 to {_MAX_BIGINT}, got {i!r}")
         out.append(i)
     return out
 
@@ -361,15 +364,24 @@ def _queues(queues: Iterable[str]) -> list[str]:
 class JobQueue:
     """Enqueue and manage jobs with only a pool (or a connection): no node needed.
 
-    >>> queue = JobQueue(pool)
-    >>> job_id = await queue.enqueue(send_email, to="a@example.com", delay=60)
-    >>> await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
+    Example (``tests/test_docs_examples.py`` runs it)::
+
+        queue = JobQueue(pool)
+        job_id = await queue.enqueue(send_email, {"to": "a@example.com"}, delay=60)
+        ids = await queue.enqueue_many([queue.request("resize", {"image": i}) for i in range(5000)])
+
+    Arguments of the job go in one dict; keyword arguments are options (``delay``, ``priority``...).
     """
 
-    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None) -> None:
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None, *,
+                 hook: Any = None, config: Any = None) -> None:
         self.db = db
         #: resolves job names given as strings, so their ``@job`` defaults apply
         self.registry = registry
+        #: the plugin hooks and configuration (``node.loader.hook``, ``node.config``): with them a
+        #: cancel also reaches the running node at once (``forge_job_cancel_requested``, forge-mesh)
+        self.hook = hook
+        self.config = config
 
     # --- enqueue ----------------------------------------------------------------------
     def request(self, job: Any, args: Mapping[str, Any] | None = None, /, **options: Any) -> JobRequest:
@@ -473,7 +485,8 @@ class JobQueue:
         cancelled, requested = await self.cancel_many([job_id])
         if cancelled:
             return "cancelled"
-        if requested:
+        if requested or await self.db.fetchval(
+                "SELECT cancel_requested FROM forge_jobs WHERE id = $1 AND status = 'running'", job_id):
             return "requested"
         raise NotFound(f"job {job_id} is not scheduled, pending or running")
 
@@ -489,11 +502,18 @@ class JobQueue:
                ), asked AS (
                    UPDATE forge_jobs SET cancel_requested = true
                    WHERE id = ANY($1::bigint[]) AND status = 'running' AND NOT cancel_requested
-                   RETURNING id, pg_notify('forge_jobs_cancel', id::text)
+                   RETURNING id, node_id, pg_notify('forge_jobs_cancel', id::text)
                )
-               SELECT id, 'cancelled' AS how FROM hist UNION ALL SELECT id, 'requested' FROM asked ORDER BY id""",
+               SELECT id, 'cancelled' AS how, NULL AS node_id FROM hist
+               UNION ALL SELECT id, 'requested', node_id FROM asked ORDER BY id""",
             _ids(ids), "cancelled")
-        return ([r["id"] for r in rows if r["how"] == "cancelled"], [r["id"] for r in rows if r["how"] == "requested"])
+        asked = [r for r in rows if r["how"] == "requested"]
+        if asked and self.hook is not None and self.config is not None:
+            # the requests are recorded (running workers see them within moments); plugins may tell
+            # those nodes at once as well
+            await asyncio.gather(*(_tell_running_node(self.hook, self.config, self.db, r["id"], r["node_id"])
+                                   for r in asked))
+        return [r["id"] for r in rows if r["how"] == "cancelled"], [r["id"] for r in asked]
 
     # --- pausing queues -------------------------------------------------------------------
     async def pause(self, queues: Iterable[str], *, by: str | None = None) -> list[str]:
@@ -526,6 +546,13 @@ class JobQueue:
         res = await self.db.execute(
             "DELETE FROM forge_job_history WHERE finished_at < now() - make_interval(secs => $1)", float(older_than))
         return int(res.split()[-1])
+
+
+async def _tell_running_node(hook: Any, config: Any, db: Any, job_id: int, node_id: str) -> None:
+    results = hook.forge_job_cancel_requested(config=config, conn=db, job_id=job_id, node_id=node_id)
+    pending = [r for r in results if inspect.isawaitable(r)]
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)  # the database request stays the fallback
 
 
 async def enqueue(db: asyncpg.Pool | asyncpg.Connection, job: Any, args: Mapping[str, Any] | None = None, /,

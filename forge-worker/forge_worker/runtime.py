@@ -30,10 +30,9 @@ from loguru import logger
 
 from forge_kernel.executor import Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
-from forge_kernel.telemetry import job_wait
 
 from .config import WorkerConfig
-from .context import JobCancelled, JobContext, LazyDatabase, RetryLater
+from .context import JobCancelled, JobContext, LazyDatabase, RetryLater, job_span
 from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
@@ -217,6 +216,16 @@ REPORT_PLANNER_SETTINGS = PLANNER_SETTINGS + "; SET enable_nestloop = off"
 ASYNC_COMMIT = "SET synchronous_commit = off"
 
 
+@contextlib.asynccontextmanager
+async def _local_settings(conn: asyncpg.Connection, settings: str) -> Any:
+    """A transaction with ``settings`` as SET LOCAL. Through a transaction pooler a session SET
+    stays behind on whichever server connection ran it (and reaches other clients, not our next
+    statement), so there the settings are made per transaction."""
+    async with conn.transaction():
+        await conn.execute(settings.replace("SET ", "SET LOCAL "))
+        yield
+
+
 async def rescue_expired(conn: Any, dead_after: float) -> list[tuple[int, str]]:
     """Re-queue (or dead-letter) jobs whose worker stopped heartbeating. Safe to run anywhere,
     any number of times: rows are locked with SKIP LOCKED and re-checked."""
@@ -241,6 +250,11 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return raw * (0.5 + rng() / 2)
 
 
+#: outcomes that are no failure (a span of the attempt ends without an error)
+_WENT_WELL = frozenset({"succeeded", "retry_later"})
+_NONE: dict = {}
+
+
 @attrs.define
 class Attempt:
     """A claimed job on this node."""
@@ -255,6 +269,11 @@ class Attempt:
     cancel_reason: str | None = None
     #: the attempt has ended; only its result remains to be written
     finished: bool = False
+    #: when observed (forge-observe): when it started (time.time_ns) and its span, once it has one
+    #: (at once in a head-sampled trace; else when the job logs, calls or dispatches, or afterwards
+    #: when it failed or ran slow: see Worker._run)
+    t0: int = 0
+    span: Any = None
 
 
 @attrs.define
@@ -271,6 +290,8 @@ class Worker:
         self.node = node
         self.config = config
         self.node_id: str = node.id
+        #: node.pool is a transaction pooler: settings per transaction (SET LOCAL), not per session
+        self.pooled: bool = node.pooled
         self.capabilities = list(node.capabilities)
         self.queues = list(config.queues)
         self.running: dict[int, Attempt] = {}
@@ -295,6 +316,10 @@ class Worker:
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
                       "released": 0, "lost": 0, "progress_writes": 0}
+        #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
+        self.extra_channels: dict[str, Callable[..., Any]] = {}
+        #: called whenever the listen connection is (re)established
+        self.on_listening: list[Callable[[], Any]] = []
 
     # --- set-up -------------------------------------------------------------------------
     def _type_limits(self) -> dict[str, int]:
@@ -357,13 +382,24 @@ class Worker:
         with contextlib.suppress(*_DB_ERRORS):
             await asyncio.wait_for(self.node.pool.execute(WAKE, self.node_id), 5)
 
+    # --- settings of the worker's own connections -------------------------------------------
+    async def _session_settings(self, conn: asyncpg.Connection, settings: str) -> None:
+        """Settings for every statement of a loop's connection (direct), made once per acquire."""
+        if not self.pooled:
+            await conn.execute(settings)
+
+    def _planned(self, conn: asyncpg.Connection, settings: str) -> Any:
+        """Where the statements inside must run under ``settings``: nothing to do on a direct
+        connection (:meth:`_session_settings`), a transaction with SET LOCAL through a pooler."""
+        return _local_settings(conn, settings) if self.pooled else contextlib.nullcontext()
+
     # --- claiming -------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         try:
             while not self.stopping:
                 try:
                     async with self.node.pool.acquire() as conn:
-                        await conn.execute(PLANNER_SETTINGS)
+                        await self._session_settings(conn, PLANNER_SETTINGS)
                         await self._claim_on(conn)
                 except _DB_ERRORS as exc:
                     if self.stopping:
@@ -386,13 +422,14 @@ class Worker:
                     await self.slot_free.wait()
                 continue
             self.wake.clear()
-            if time.monotonic() >= self.next_due:
-                row = await conn.fetchrow(PROMOTE)
-                nxt = row["next_in"]
-                self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
-                                                    else cfg.poll_interval)
-            rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
-                                    limited_names, limited_queues, capacity)
+            async with self._planned(conn, PLANNER_SETTINGS):
+                if time.monotonic() >= self.next_due:
+                    row = await conn.fetchrow(PROMOTE)
+                    nxt = row["next_in"]
+                    self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
+                                                        else cfg.poll_interval)
+                rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
+                                        limited_names, limited_queues, capacity)
             got = len(rows)
             self._start_jobs(rows)
             if limited_names or limited_queues:
@@ -442,6 +479,8 @@ class Worker:
             keys = sorted({f"queue:{queue}"} | {f"type:{n}" for n in self.type_limits}) if queue is not None \
                 else [f"type:{name}"]
             async with conn.transaction():
+                if self.pooled:
+                    await conn.execute(PLANNER_SETTINGS.replace("SET ", "SET LOCAL "))
                 for key in keys:  # sorted: every node takes them in the same order, no deadlock
                     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                                        "forge_worker.limit." + key)
@@ -466,7 +505,9 @@ class Worker:
         started = row["started_at"]
         outcome, delay, error = "succeeded", 0.0, None
         db = LazyDatabase(self.node.pool)
-        tel, span = self.node.telemetry, None
+        tel = self.node.telemetry
+        if tel.enabled:
+            a.t0 = time.time_ns()
         try:
             defn = self.node.registry.get(row["name"])
             if defn is None or defn.kind not in ("job", "cron"):
@@ -483,8 +524,8 @@ class Worker:
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
-            if tel.enabled:
-                span = self._job_span(tel, row, a)
+            if a.t0 and tel.head_sampled_remote((row["options"] or _NONE).get("traceparent")):
+                job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
             try:
                 async with asyncio.timeout(timeout):
                     await self._chain(call)
@@ -520,37 +561,47 @@ class Worker:
                            f"{type(exc).__name__}: {exc}")
         finally:
             a.finished = True
-            if span is not None:
-                tel.end_span(span, None if outcome in ("succeeded", "retry_later") else (error or outcome))
+            if a.t0:
+                self._observed(tel, row, a, outcome, error)
             with contextlib.suppress(Exception):
                 await db.release()
+        reported = False
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
             if outcome != "lost":
                 self.reports.append((a.id, a.attempt, outcome, delay, error))
+                reported = True
                 self.report_event.set()
                 if outcome in ("failed", "retry_later") and delay > 0:
                     self.next_due = min(self.next_due, time.monotonic() + delay)
             if self._finished_hook is not None and outcome not in ("lost", "released"):
                 await self._job_finished(row, a, outcome, started, error)
         finally:
-            self.running.pop(a.id, None)
-            self.slot_free.set()
+            if not reported:  # else the slot stays taken until the report loop has written the result
+                self._free(a)
+
+    def _free(self, a: Attempt) -> None:
+        """Give ``a``'s slot back. A finished job keeps its slot until its result is written: its
+        row stays leased to this node until then, so a node killed at any moment holds at most
+        ``concurrency`` rows and the rescue re-runs at most that many of its jobs."""
+        if self.running.get(a.id) is a:
+            del self.running[a.id]
+        self.slot_free.set()
 
     @staticmethod
-    def _job_span(tel: Any, row: Any, a: Attempt) -> Any:
-        """The run's span, continuing the trace of whoever dispatched the job (its ``traceparent``)."""
-        opts = row["options"] if isinstance(row["options"], dict) else {}
-        wait = job_wait(row["run_at"], row["started_at"])
-        tel.emit("job.started", row["name"], row["queue"], wait)
-        span = tel.start_span(f"job {row['name']}", "consumer", remote=opts.get("traceparent") or "",
-                              attrs={"job.id": a.id, "job.attempt": a.attempt, "job.queue": row["queue"],
-                                     "job.queue_wait_s": wait})
-        span.trace.ids["job"] = a.id
-        if "cron_run" in opts:
-            span.trace.ids["cron_run"] = opts["cron_run"]
-            span.set("cron.name", opts.get("cron"))
-        return span
+    def _observed(tel: Any, row: Any, a: Attempt, outcome: str, error: str | None) -> None:
+        """The attempt's ``job.finished`` event, and the end of its span: the one it had, or one made
+        now for an attempt that failed or ran slow (tail sampling may keep it)."""
+        end = time.time_ns()
+        span = a.span
+        if span is None and (outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns):
+            span = job_span(tel, row, a)
+        if span is not None:
+            a.span = None
+            tel.end_span(span, None if outcome in _WENT_WELL else (error or outcome))
+        # raw times: the observer works out queue waits for a whole batch at once
+        tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], row["started_at"],
+                 (end - a.t0) / 1e9)
 
     def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
         return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error
@@ -585,21 +636,25 @@ class Worker:
             self.report_event.clear()
             try:
                 async with self.node.pool.acquire() as conn:
-                    await conn.execute(REPORT_PLANNER_SETTINGS)
-                    if not self.config.durable_results:
-                        await conn.execute(ASYNC_COMMIT)
+                    settings = REPORT_PLANNER_SETTINGS + ("" if self.config.durable_results else "; " + ASYNC_COMMIT)
+                    await self._session_settings(conn, settings)
                     while self.reports:
                         batch, self.reports = self.reports, []
                         self._reporting = True
                         try:
-                            await conn.fetchrow(REPORT, [r[0] for r in batch], [r[1] for r in batch],
-                                                [r[2] for r in batch], [r[3] for r in batch], [r[4] for r in batch],
-                                                self.node_id, self._keep_history)
+                            async with self._planned(conn, settings):
+                                await conn.fetchrow(REPORT, [r[0] for r in batch], [r[1] for r in batch],
+                                                    [r[2] for r in batch], [r[3] for r in batch],
+                                                    [r[4] for r in batch], self.node_id, self._keep_history)
                         except BaseException:
                             self.reports[:0] = batch  # written on the next try
                             raise
                         finally:
                             self._reporting = False
+                        for job_id, attempt, *_ in batch:
+                            a = self.running.get(job_id)
+                            if a is not None and a.attempt == attempt and a.finished:
+                                self._free(a)
                     self.reported.set()
             except _DB_ERRORS as exc:
                 logger.warning(f"worker could not write {len(self.reports)} job result(s) "
@@ -613,13 +668,14 @@ class Worker:
         while True:
             try:
                 async with self.node.pool.acquire() as conn:
-                    await conn.execute(PLANNER_SETTINGS)
+                    await self._session_settings(conn, PLANNER_SETTINGS)
                     while True:
                         await self._renew(conn)
                         now = time.monotonic()
                         if cfg.rescue_interval and now - self._last_rescue >= cfg.rescue_interval:
                             self._last_rescue = now
-                            rescued = await rescue_expired(conn, self.node.config.node.dead_after)
+                            async with self._planned(conn, PLANNER_SETTINGS):
+                                rescued = await rescue_expired(conn, self.node.config.node.dead_after)
                             if rescued:
                                 logger.warning(f"worker re-queued {len(rescued)} job(s) whose worker stopped "
                                                f"heartbeating: {[i for i, _ in rescued][:20]}")
@@ -636,8 +692,10 @@ class Worker:
         if not attempts:
             return
         prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
-        rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
-                                [p[0] if p else None for p in prog], [p[1] if p else None for p in prog], self.node_id)
+        async with self._planned(conn, PLANNER_SETTINGS):
+            rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
+                                    [p[0] if p else None for p in prog], [p[1] if p else None for p in prog],
+                                    self.node_id)
         for a, p in zip(attempts, prog):
             if p is not None:
                 a.written_progress = p
@@ -651,6 +709,19 @@ class Worker:
                 self._cancel(a, "lease_lost")
             elif seen[a.id]:
                 self._cancel(a, "cancel")
+
+    def cancel_running(self, job_id: int) -> bool:
+        """Stop job ``job_id`` if it runs here (a cancel request that came outside the database)."""
+        a = self.running.get(job_id)
+        if a is None or a.finished or a.cancel_reason is not None:
+            return False
+        self._cancel(a, "cancel")
+        return True
+
+    def activity(self) -> dict[str, Any]:
+        running = [a for a in self.running.values() if not a.finished]
+        return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
+                         "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
 
     def _cancel(self, a: Attempt, reason: str) -> None:
         if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
@@ -667,8 +738,12 @@ class Worker:
                 conn.add_termination_listener(lambda _c: closed.set())
                 await conn.add_listener(WAKE_CHANNEL, self._on_wake)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
+                for channel, callback in self.extra_channels.items():
+                    await conn.add_listener(channel, callback)
                 self.listening = True
                 self.wake.set()  # anything stored while we were not listening
+                for callback in self.on_listening:
+                    callback()
                 while not closed.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(closed.wait(), 15)

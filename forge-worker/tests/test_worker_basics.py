@@ -96,8 +96,10 @@ async def test_bad_enqueue_input_is_rejected_clearly(forge_node):
         await queue.enqueue("record", {"value": "x"}, unique_key="k", on_conflict="merge")
     with pytest.raises(InvalidArgument, match="JSON"):
         await queue.enqueue("record", {"value": object()})
-    with pytest.raises(InvalidArgument, match="positive integers"):
+    with pytest.raises(InvalidArgument, match="whole numbers from 1 to 9223372036854775807, got -3"):
         await queue.get(-3)
+    with pytest.raises(InvalidArgument, match="got 9223372036854775808"):  # past BIGINT: never sent to PostgreSQL
+        await queue.cancel(2**63)
 
 
 async def test_plain_asyncpg_pool_without_forge_codecs(forge_node):

@@ -82,6 +82,7 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
               f"dead {await pool.fetchval('SELECT count(*) FROM forge_jobs WHERE status = $1', 'dead')}")
         assert set(counts) == set(ids)
         assert dups <= held, f"jobs ran twice without running on the killed node: {sorted(dups - held)[:20]}"
+        assert len(held) <= 20, f"the killed node held {len(held)} jobs with [worker] concurrency = 20"
         assert max(counts.values()) <= 2
         assert nodes[1].alive()
     finally:
@@ -91,6 +92,49 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
 @pytest.mark.timeout(600)  # its own waits (120 s + 300 s) name what is late; the suite's 300 s would not
 async def test_killed_worker_20000_jobs_rerun_and_only_those_twice(forge_processes):
     await crash_scenario(forge_processes, 20_000)
+
+
+async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes):
+    """A finished job keeps its slot until its result is written, so a node SIGKILLed while results
+    wait to be written holds (and the rescue re-runs) at most ``concurrency`` jobs. The results are
+    held back on purpose: the test locks forge_job_history, which every result write inserts into."""
+    concurrency, n_jobs = 8, 120
+    pool = await asyncpg.create_pool(forge_processes.db_url, min_size=2, max_size=4)
+    lock = await asyncpg.connect(forge_processes.db_url)
+    try:
+        victim = forge_processes(node_config(concurrency), node_id="victim", env=ENV)
+        lock_tx = lock.transaction()
+        await lock_tx.start()
+        await lock.execute("LOCK TABLE forge_job_history IN SHARE ROW EXCLUSIVE MODE")  # blocks result writes only
+        ids = await enqueue_work(pool, n_jobs)
+
+        async def finished_unwritten():
+            return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= concurrency
+
+        await eventually(finished_unwritten, timeout=60, what="jobs to finish while their results cannot be written")
+        await asyncio.sleep(1.0)  # room for a worker that frees slots early to claim and run more
+        held = await pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'running' AND node_id = 'victim'")
+        ran_before = await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'")
+        victim.kill()
+        # its blocked result write would commit once the lock goes: end it as the crash would have
+        await pool.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                           "AND pid <> pg_backend_pid() AND pid <> $1", lock.get_server_pid())
+        await lock_tx.rollback()
+        assert held <= concurrency and ran_before <= concurrency, (held, ran_before)
+        forge_processes(node_config(concurrency), node_id="rescuer", env=ENV)
+
+        async def all_done():
+            counts = await ran_counts(pool)
+            left = await pool.fetchval("SELECT count(*) FROM forge_jobs")
+            return counts if len(counts) == n_jobs and left == 0 else None
+
+        counts = await eventually(all_done, timeout=120, what="every job to complete on the second worker")
+        reruns = {job_id: n - 1 for job_id, n in counts.items() if n > 1}
+        assert set(counts) == set(ids)
+        assert len(reruns) <= concurrency and max(counts.values()) <= 2, reruns
+    finally:
+        await lock.close()
+        await pool.close()
 
 
 async def restart_scenario(tmp_path: Path, n_jobs: int) -> None:

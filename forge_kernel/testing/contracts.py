@@ -24,7 +24,17 @@ The properties:
 * service order - start order respects every ``after`` and ``before``, and stop order is its exact reverse;
 * service order - also for the services the installed plugins declare, in any declaration order;
 * migrations applied twice equal migrations applied once from any prefix already applied, and
-  N concurrent runners (2 to 8) apply each migration exactly once.
+  N concurrent runners (2 to 8) apply each migration exactly once;
+* call forwarder (``forge_call_forwarder``) - ``wants`` is a pure yes/no per function; the call-id
+  ledger behaves like a map from call id to the result of the one transaction that committed it:
+  a claim after a commit returns the stored result, a claim after a rollback owns the id again, and
+  no interleaving of commits, rollbacks and retries makes a call id run twice.
+* ``forge_rate_limiter`` - for any limit and any interleaving of callers, each caller (by the
+  limit's key: user, client address or everyone) is admitted exactly ``min(calls, requests)``
+  times, every refusal is ``RateLimited`` with a ``retry_after`` of at least a second, and a
+  function without a limit is never refused (:func:`check_rate_limiter`).
+* the workflow engine (``forge_workflow_engine``) starts runs and sends events exactly when the
+  caller's transaction commits, and idempotency keys name one run.
 """
 
 from __future__ import annotations
@@ -32,12 +42,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import types
 from typing import Any, Iterable
 
 import attrs
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+try:
+    from hypothesis import HealthCheck, assume, given, settings
+    from hypothesis import strategies as st
+except ImportError as exc:  # production nodes do not install hypothesis
+    raise ImportError("forge_kernel.testing.contracts needs hypothesis, which comes with the testing extra: "
+                      "pip install 'forge-kernel[testing]'") from exc
 
 from ..convert import StructureError, structure, unstructure
 from ..migrations import Migration, migrate, status
@@ -438,11 +453,235 @@ def installed_plugins() -> list[tuple[str, Any]]:
     return [(i.name, i.plugin) for i in loader.loaded()]
 
 
+def _engine(plugin: Any) -> Any:
+    """The plugin's ``forge_workflow_engine`` for a node with default settings and no app."""
+    import types
+
+    from ..app import Registry
+    from ..config import load_config
+
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    node = types.SimpleNamespace(id="contract", config=load_config(_sections(plugin), data={}, env={}), registry=Registry())
+    return pm.hook.forge_workflow_engine(node=node)
+
+
+async def check_workflow_engine(plugin: Any, db_url: str, max_examples: int = 25) -> None:
+    """``forge_workflow_engine``: runs started (and events sent) inside a transaction exist
+    exactly when it commits; a request whose idempotency key a run holds returns that run's id
+    (in the same batch, a later batch, or a batch after a rollback) and starts nothing; requests
+    without a key always start a new run; ids come back in request order."""
+    import uuid
+
+    from ..db import connect
+    from ..errors import NotFound
+    from ..executor import WorkflowRequest
+
+    engine = _engine(plugin)
+    assert engine is not None, "the plugin declined forge_workflow_engine"
+    migs = _with_kernel(_migrations(plugin))
+    url, drop = await _fresh_db(db_url)
+    conn = await connect(url)
+    await migrate(conn, migs)
+    await conn.close()
+
+    async def example(batches: list[tuple[list[tuple[str, int, int | None]], bool]]) -> None:
+        prefix = uuid.uuid4().hex[:8]
+        conn = await connect(url)
+        try:
+            held: dict[str, str] = {}  # committed key -> run id
+            for requests, commit in batches:
+                reqs = [WorkflowRequest(name=name, args={"x": x},
+                                        idempotency_key=None if key is None else f"{prefix}-{key}")
+                        for name, x, key in requests]
+                tx = conn.transaction()
+                await tx.start()
+                ids = await engine.start(conn, reqs)
+                assert len(ids) == len(reqs), f"{len(reqs)} requests, {len(ids)} ids"
+                seen: dict[str, str] = {}
+                for r, run_id in zip(reqs, ids):
+                    k = r.idempotency_key
+                    if k is not None and k in held:
+                        assert run_id == held[k], f"key {k} is held by {held[k]}, start returned {run_id}"
+                    if k is not None:
+                        assert seen.setdefault(k, run_id) == run_id, f"key {k} got two runs in one batch"
+                fresh = [i for r, i in zip(reqs, ids) if r.idempotency_key is None]
+                assert len(set(fresh)) == len(fresh), "requests without a key shared a run"
+                new_ids = [i for r, i in zip(reqs, ids) if r.idempotency_key not in held]
+                events = 0
+                if new_ids:
+                    events = await engine.send_event(conn, new_ids[0], "contract.ping", {"n": 1})
+                    assert events >= 1, "send_event reached no run it just started"
+                if commit:
+                    await tx.commit()
+                    for r, i in zip(reqs, ids):
+                        if r.idempotency_key is not None:
+                            held.setdefault(r.idempotency_key, i)
+                else:
+                    await tx.rollback()
+                # seen from another connection, through the engine alone: an event reaches a
+                # committed run and no rolled-back one; a key names its committed run again
+                probe = await connect(url)
+                try:
+                    for run_id in new_ids:
+                        try:
+                            reached = await engine.send_event(probe, run_id, "contract.probe", None)
+                        except NotFound:
+                            reached = 0
+                        assert bool(reached) == commit, (
+                            f"run {run_id} {'missing after commit' if commit else 'visible after rollback'}")
+                    async with probe.transaction():
+                        keyed = [r for r in reqs if r.idempotency_key is not None]
+                        again = await engine.start(probe, keyed)
+                        for r, i in zip(keyed, again):
+                            if r.idempotency_key in held:
+                                assert i == held[r.idempotency_key], f"key {r.idempotency_key} lost its run"
+                            else:
+                                assert i not in ids, f"a rolled-back run {i} still holds key {r.idempotency_key}"
+                        raise _Undo()
+                except _Undo:
+                    pass
+                finally:
+                    await probe.close()
+        finally:
+            await conn.close()
+
+    name = st.sampled_from(["alpha", "beta.step", "gamma_3"])
+    request = st.tuples(name, st.integers(-5, 5), st.one_of(st.none(), st.integers(0, 4)))
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(batches=st.lists(st.tuples(st.lists(request, min_size=1, max_size=6), st.booleans()),
+                            min_size=1, max_size=4))
+    def starts_are_transactional(batches: list) -> None:
+        asyncio.run(example(batches))
+
+    try:
+        await _run_property(starts_are_transactional)
+    finally:
+        await drop()
+
+
+# --- forge_call_forwarder -------------------------------------------------------------------
+class _StubNode:
+    """Just enough of a node for a forwarder to be built (never started): default config sections."""
+
+    def __init__(self, plugin: Any, roles: list[str], capabilities: list[str]) -> None:
+        self.id = "contract-node"
+        self.roles = roles
+        self.capabilities = capabilities
+        self.config = {name: cls() for name, cls in _sections(plugin).items()}
+
+    def runs(self, role: str) -> bool:
+        return role in self.roles
+
+
+def _forwarder(plugin: Any, roles: list[str], capabilities: list[str]) -> Any:
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    return pm.hook.forge_call_forwarder(node=_StubNode(plugin, roles, capabilities))
+
+
+def check_call_forwarder_wants(plugin: Any) -> None:
+    """``wants(defn)`` answers a bool, the same every time, for any function on any node."""
+    from ..app import query as query_deco
+
+    if _forwarder(plugin, [], []) is None:
+        return
+
+    async def fn(ctx) -> None:  # noqa: ANN001 - a function to describe
+        return None
+
+    @settings(**_SETTINGS)
+    @given(kind=st.sampled_from(["query", "mutation", "action"]), capability=st.none() | st.sampled_from(["gpu", "media"]),
+           roles=st.lists(st.sampled_from(["gateway", "function", "worker"]), unique=True),
+           caps=st.lists(st.sampled_from(["gpu", "media"]), unique=True))
+    def pure(kind: str, capability: str | None, roles: list[str], caps: list[str]) -> None:
+        defn = attrs.evolve(query_deco(fn).__forge__, kind=kind, options={"capability": capability} if capability else {})
+        fwd = _forwarder(plugin, roles, caps)
+        first = fwd.wants(defn)
+        assert isinstance(first, bool) and all(fwd.wants(defn) is first for _ in range(3)), (kind, capability, roles)
+        if "function" in roles and (capability is None or capability in caps):
+            assert first is False, f"a node that can run {kind} {capability} itself should not forward it"
+
+    pure()
+
+
+async def check_call_ledger(plugin: Any, db_url: str, max_examples: int = 40) -> None:
+    """Model-based: random interleavings of mutations that claim a call id in their transaction and
+    commit or roll back, and retries of the same ids, against a map of committed results."""
+    from ..app import mutation as mutation_deco
+    from ..db import connect
+
+    if _forwarder(plugin, ["function"], []) is None:
+        return
+    migs = _with_kernel(_migrations(plugin))
+
+    async def fn(ctx) -> None:  # noqa: ANN001 - a function to describe
+        return None
+
+    defn = mutation_deco(fn).__forge__
+    steps = st.lists(st.tuples(st.sampled_from(["commit", "rollback", "retry"]), st.integers(0, 3),
+                               st.integers(0, 1000)), min_size=1, max_size=25)
+
+    url, drop = await _fresh_db(db_url)
+    try:
+        conn = await connect(url)
+        try:
+            await migrate(conn, migs)
+        finally:
+            await conn.close()
+
+        async def example(ops: list[tuple[str, int, int]]) -> None:
+            import uuid
+
+            prefix = uuid.uuid4().hex[:8]  # each example its own call ids, in one database
+            conn = await connect(url)
+            try:
+                fwd = _forwarder(plugin, ["function"], [])
+                committed: dict[str, Any] = {}
+                for op, which, value in ops:
+                    call_id = f"{prefix}-{which}"
+                    result = {"value": value}
+                    tx = conn.transaction()
+                    await tx.start()
+                    done, stored = await fwd.claim(conn, call_id, defn)
+                    assert done == (call_id in committed), (op, call_id, done, committed)
+                    if done:
+                        assert stored == committed[call_id], (stored, committed[call_id])
+                        await tx.rollback()
+                        continue
+                    if op == "rollback":
+                        await tx.rollback()
+                        continue
+                    await fwd.record(conn, call_id, result)
+                    await tx.commit()
+                    committed[call_id] = result
+            finally:
+                await conn.close()
+
+        @settings(**{**_SETTINGS, "max_examples": max_examples})
+        @given(ops=steps)
+        def ledger(ops: list[tuple[str, int, int]]) -> None:
+            asyncio.run(example(ops))
+
+        await _run_property(ledger)
+    finally:
+        await drop()
+
+
+
+class _Undo(Exception):
+    """Rolls a probe's transaction back."""
+
+
 # --- telemetry ----------------------------------------------------------------------------
 def check_telemetry_traces() -> None:
     """``node.telemetry``'s span contract: for any tree of nested spans (some ending with an error),
-    the observer gets each local trace exactly once, after its last span ended, with every span in it,
-    every parent among them (or the remote parent), one trace id, and the current span restored."""
+    each local trace is either handed to the observer exactly once, after its last span ended, with
+    every span in it, every parent among them (or the remote parent) and one trace id, or counted as
+    discarded; it is handed over whenever it is head-sampled, has a failed span, or its root took at
+    least ``keep_over``; finished spans no longer point at their trace (no reference cycle); and the
+    current span is restored."""
     from ..telemetry import Telemetry, current_span
 
     @st.composite
@@ -452,35 +691,76 @@ def check_telemetry_traces() -> None:
             return (draw(st.booleans()), [node(depth + 1) for _ in range(kids)])
         return [node(0) for _ in range(draw(st.integers(1, 3)))]
 
+    def failing(tree: Any) -> bool:
+        return tree[0] or any(failing(k) for k in tree[1])
+
     @settings(**_SETTINGS)
-    @given(forest=trees(), remote=st.booleans(), rate=st.sampled_from([0.0, 1.0]))
-    def traces(forest: list[Any], remote: bool, rate: float) -> None:
+    @given(forest=trees(), remote=st.booleans(), rate=st.sampled_from([0.0, 1.0]),
+           keep_over=st.sampled_from([0.0, float("inf")]))
+    def traces(forest: list[Any], remote: bool, rate: float, keep_over: float) -> None:
         got: list[Any] = []
         tel = Telemetry()
-        tel.attach(got.append, sample_rate=rate)
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
         parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00" if remote else None
-        counts = []
+        expected = []
 
         def run(tree: Any, top: bool) -> int:
             failed, kids = tree
             span = tel.start_span("s", remote=parent if top else None)
             n = 1 + sum(run(k, False) for k in kids)
             tel.end_span(span, "boom" if failed else None)
+            assert span.trace is None and span.end_ns >= span.start_ns
             return n
 
         for tree in forest:
-            counts.append(run(tree, True))
+            n = run(tree, True)
+            if rate == 1.0 or keep_over == 0.0 or failing(tree):
+                expected.append(n)
             assert current_span() is None
-        assert [len(t.spans) for t in got] == counts
+        assert [len(t.spans) for t in got] == expected
+        assert tel.discarded == len(forest) - len(expected)
         for t in got:
             ids = {s.span_id for s in t.spans}
             assert len({s.trace_id for s in t.spans}) == 1 and t.open == 0
             assert all(s.parent_id in ids or s.parent_id == t.remote_parent for s in t.spans)
-            assert t.sampled == (rate == 1.0)
+            assert t.root is not None and t.root.parent_id == t.remote_parent
+            assert t.sampled == (rate == 1.0) and all(s.sampled == t.sampled for s in t.spans)
+            assert t.errors == sum(s.error is not None for s in t.spans)
             if remote:
                 assert t.trace_id == 0x0af7651916cd43dd8448eb211c80319c and t.remote_parent == 0xb7ad6b7169203331
 
     traces()
+
+
+def check_telemetry_calls() -> None:
+    """The executor's call recording (``call_started`` / ``call_ended``): every call makes exactly one
+    ``call`` event; a call inside a sampled trace, or outside any span, gets a real span; inside an
+    unsampled trace it gets a span only when it failed or took at least ``keep_over`` (recorded
+    afterwards, a child of the current span), so the tail sampler can keep that trace."""
+    from ..telemetry import Telemetry
+
+    @settings(**_SETTINGS)
+    @given(rate=st.sampled_from([0.0, 1.0]), keep_over=st.sampled_from([0.0, float("inf")]),
+           codes=st.lists(st.sampled_from(["OK", "INTERNAL", "NOT_FOUND"]), max_size=4), rooted=st.booleans())
+    def calls(rate: float, keep_over: float, codes: list[str], rooted: bool) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
+        root = tel.start_span("POST /rpc", "server") if rooted else None
+        for code in codes:
+            span = tel.call_started("f", "query", "req")
+            assert (span is not None) == (not rooted or rate == 1.0)
+            tel.call_ended(span, "f", "query", "req", time.time_ns(), code)
+        tel.end_span(root)
+        events = tel.drain()
+        assert [f[2] for _, f in events] == codes and all(k == "call" for k, _ in events)
+        spans = [s for t in got for s in t.spans if s.name == "f"]
+        assert [s.error or "OK" for s in spans] == (codes if rate == 1.0 else
+                                                     [c for c in codes if c != "OK" or keep_over == 0.0])
+        if rooted:
+            assert all(s.parent_id == root.span_id for s in spans)
+
+    calls()
 
 
 def check_telemetry_events() -> None:
@@ -584,3 +864,165 @@ async def check_admin_actions(plugin: Any, db_url: str, max_examples: int = 25) 
         await _run_property(unknown_targets_change_nothing)
     finally:
         await drop()
+
+
+# --- forge_rate_limiter -------------------------------------------------------------------
+async def check_rate_limiter(limiter: Any, max_examples: int = 25) -> None:
+    """The object a plugin returns from ``forge_rate_limiter`` keeps the hook's contract, on a
+    live node (its database): each example uses a function name of its own and hour-long windows.
+
+    Call from an async test with the node's event loop running (the examples run on it)."""
+    import uuid
+
+    from ..app import FunctionDef, RateLimit
+    from ..errors import RateLimited
+    from ..executor import ANONYMOUS, Auth
+
+    loop = asyncio.get_running_loop()
+    assert callable(getattr(limiter, "client_address", None)), "the limiter has no client_address(scope)"
+    client = limiter.client_address({"type": "http", "client": ("192.0.2.10", 5000), "headers": []})
+    assert isinstance(client, str) and client, f"client_address gave {client!r}"
+
+    async def noop(ctx: Any) -> None:  # pragma: no cover - never run
+        return None
+
+    def definition(limit: RateLimit | None) -> FunctionDef:
+        return FunctionDef(name=f"contract_{uuid.uuid4().hex[:12]}", kind="query", fn=noop, params=(), returns=None,
+                           public=True, rate_limit=limit)
+
+    def caller(i: int) -> Auth:
+        return ANONYMOUS if i == 0 else Auth(user_id=f"contract-user-{i}", kind="user")
+
+    async def example(requests: int, key: str, calls: list[tuple[int, int]]) -> None:
+        limited, free = definition(RateLimit(requests, per=3600, key=key)), definition(None)
+        admitted: dict[Any, int] = {}
+        for who, address in calls:
+            auth, client = caller(who), f"192.0.2.{address}"
+            await limiter.admit(free, auth, client)  # never refused
+            if key == "global":
+                bucket: Any = "*"
+            elif key == "ip" or not auth.authenticated:
+                bucket = ("ip", client)
+            else:
+                bucket = ("user", auth.user_id)
+            before = admitted.get(bucket, 0)
+            try:
+                await limiter.admit(limited, auth, client)
+            except RateLimited as exc:
+                assert before >= requests, f"{bucket} refused after {before} of {requests} calls"
+                retry = (exc.details or {}).get("retry_after")
+                assert isinstance(retry, int) and retry >= 1, f"retry_after {retry!r}"
+                continue
+            assert before < requests, f"{bucket} admitted a call beyond its {requests}"
+            admitted[bucket] = before + 1
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(requests=st.integers(1, 5), key=st.sampled_from(["user", "ip", "global"]),
+           calls=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), max_size=25))
+    def admits_exactly_the_limit(requests: int, key: str, calls: list[tuple[int, int]]) -> None:
+        asyncio.run_coroutine_threadsafe(example(requests, key, calls), loop).result(timeout=120)
+
+    await _run_property(admits_exactly_the_limit)
+
+
+# --- reloading the registry (forge_registry_reloaded) ------------------------------------------------
+def _reload_probe(i: int) -> Any:
+    """A public query (even i) or mutation (odd i) named ``forge_contract_reload_<i>`` returning i."""
+    from ..app import mutation, query
+
+    async def probe(ctx) -> int:
+        return i
+
+    probe.__name__ = probe.__qualname__ = f"forge_contract_reload_{i}"
+    return (query if i % 2 == 0 else mutation)(public=True)(probe)
+
+
+async def check_registry_reloads(node: Any, max_examples: int = 15, pool: int = 6) -> None:
+    """For random sequences of registries, ``node.reload_registry`` leaves the node serving exactly the
+    latest one (every function in it answers, every other is NOT_FOUND), calls each
+    ``forge_registry_reloaded`` implementation once per reload with that registry, and none of the
+    installed implementations fails. ``node`` is a started node; its registry is restored at the end."""
+    from loguru import logger
+
+    from ..app import Registry
+    from ..errors import NotFound
+    from ..hookspecs import hookimpl
+
+    probes = [_reload_probe(i) for i in range(pool)]
+    sequences: list[list[frozenset[int]]] = []
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples, "database": None})
+    @given(st.lists(st.frozensets(st.integers(0, pool - 1)), min_size=1, max_size=4))
+    def draw(seq: list[frozenset[int]]) -> None:
+        sequences.append(seq)
+
+    draw()  # the node lives on this event loop: draw the examples first, then replay them here
+
+    class Spy:
+        seen: list[Any] = []
+
+        @hookimpl
+        def forge_registry_reloaded(self, node: Any, registry: Any) -> None:
+            self.seen.append(registry)
+
+    spy = Spy()
+    failures: list[str] = []
+    sink = logger.add(lambda m: failures.append(str(m)), level="ERROR",
+                      filter=lambda r: "forge_registry_reloaded" in r["message"])
+    node.loader.pm.register(spy, name="forge-contract-reload-spy")
+    original = node.registry
+    try:
+        for seq in sequences:
+            for subset in seq:
+                reg = Registry()
+                for i in sorted(subset):
+                    reg.add(probes[i].__forge__)
+                before = len(spy.seen)
+                await node.reload_registry(reg)
+                assert node.registry is reg and node.executor.registry is reg, "the node does not serve the new registry"
+                assert spy.seen[before:] == [reg], "forge_registry_reloaded was not called exactly once with it"
+                for i in range(pool):
+                    name = f"forge_contract_reload_{i}"
+                    if i in subset:
+                        assert await node.executor.call(name, {}) == i, f"{name} does not answer after the reload"
+                    else:
+                        try:
+                            await node.executor.call(name, {})
+                        except NotFound:
+                            pass
+                        else:
+                            raise AssertionError(f"{name} still answers after a reload without it")
+        assert not failures, f"forge_registry_reloaded implementations failed: {failures}"
+    finally:
+        node.loader.pm.unregister(name="forge-contract-reload-spy")
+        logger.remove(sink)
+        await node.reload_registry(original)
+
+
+def dev_notices() -> st.SearchStrategy[dict[str, Any]]:
+    """What ``forge_dev_notice`` receives: JSON-safe, with the documented keys."""
+    text = st.text(max_size=200)
+    return st.fixed_dictionaries({
+        "event": st.sampled_from(["reloaded", "reload_failed"]),
+        "message": text,
+        "file": st.none() | st.text(min_size=1, max_size=80),
+        "line": st.none() | st.integers(1, 10**6),
+        "functions": st.lists(st.from_regex(r"[a-z_][a-z0-9_.]{0,20}", fullmatch=True), max_size=5),
+    })
+
+
+async def check_dev_notices(node: Any, max_examples: int = 30) -> None:
+    """Every installed ``forge_dev_notice`` implementation takes any documented notice on a running
+    node without raising and returns nothing."""
+    notices: list[dict[str, Any]] = []
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples, "database": None})
+    @given(dev_notices())
+    def draw(notice: dict[str, Any]) -> None:
+        notices.append(notice)
+
+    draw()
+    for notice in notices:
+        results = node.loader.hook.forge_dev_notice(node=node, notice=notice)
+        assert all(r is None for r in results), f"forge_dev_notice returned {results!r}"
+        await asyncio.sleep(0)  # let writers run: a notice must not break a connection's outbox

@@ -3,6 +3,12 @@
 Tests talk to a real PostgreSQL: ``FORGE_TEST_DATABASE_URL`` when set, otherwise one
 embedded server per test session under a temporary folder (stopped at the end). Each
 test that asks for ``forge_db_url`` gets a database of its own.
+
+Needs ``pip install 'forge-kernel[testing]'`` (pytest, pytest-asyncio, hypothesis). The async
+fixtures are pytest-asyncio fixtures, so they work in either ``asyncio_mode``: with ``auto``
+(``[tool.pytest.ini_options] asyncio_mode = "auto"``, what this repository uses) async tests need
+nothing more; in pytest-asyncio's default ``strict`` mode mark each async test
+``@pytest.mark.asyncio``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ import pytest
 
 from ..db import with_database as _with_db
 from .procs import NodeProcess, free_port
+
+try:
+    from pytest_asyncio import fixture as async_fixture
+except ImportError:  # without pytest-asyncio no async test runs; the plain fixtures still load
+    async_fixture = pytest.fixture
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +69,7 @@ def forge_pg_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture
+@async_fixture
 async def forge_db_url(forge_database_url: str) -> Any:
     """A fresh, empty database for this test; dropped afterwards."""
     import asyncpg
@@ -85,7 +96,7 @@ def forge_plugin_manager():
     return new_plugin_manager()
 
 
-@pytest.fixture
+@async_fixture
 async def forge_node(forge_db_url: str):
     """Factory for in-process nodes on this test's database: ``node = await forge_node(modules=[...])``.
     Every node is stopped at teardown."""
@@ -99,7 +110,7 @@ async def forge_node(forge_db_url: str):
                    loader: PluginLoader | None = None, registry: Any = None, env: dict[str, str] | None = None) -> Node:
         loader = loader or PluginLoader(env=env).load()
         data: dict[str, Any] = {k: dict(v) for k, v in (config or {}).items()}
-        data.setdefault("database", {})["url"] = forge_db_url
+        data.setdefault("database", {}).setdefault("url", forge_db_url)  # a test may bring its own server
         data["database"].setdefault("pool_min", 1)
         data["database"].setdefault("pool_max", 10)
         if modules is not None:

@@ -14,20 +14,21 @@ import uuid
 
 import attrs
 
-from forge_kernel import action, cron, job, model, mutation, query
+from forge_kernel import action, cron, field, job, model, mutation, query
 from forge_kernel.errors import Forbidden, NotFound
 from forge_kernel.migrations import from_package
 
 MIGRATIONS = from_package("forge_example.migrations", namespace="example")
 
 
-@model(table="todos")
+@model(table="todos", indexes=[("owner", "created_at")])
 class Todo:
     id: uuid.UUID
     owner: str
-    title: str
+    title: str = field(check="length(title) <= 500")
     done: bool = False
-    created_at: dt.datetime | None = None
+    # None on insert: the database fills it in
+    created_at: dt.datetime | None = field(default=None, server_default="clock_timestamp()", nullable=False)
 
 
 @query

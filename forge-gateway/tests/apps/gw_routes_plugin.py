@@ -1,6 +1,6 @@
-"""A third-party plugin that adds a route through the gateway hook (as realtime adds /ws)."""
+"""A third-party plugin that adds routes through the gateway hook (as realtime adds /ws)."""
 
-from litestar import get
+from litestar import WebSocket, get, websocket
 
 from forge_kernel import hookimpl
 
@@ -10,6 +10,17 @@ async def hello() -> dict[str, str]:
     return {"hello": "from a plugin"}
 
 
+@websocket("/echo")
+async def echo(socket: WebSocket) -> None:
+    """Answers every text message with itself (the TLS tests speak WSS to it)."""
+    await socket.accept()
+    while True:
+        event = await socket.receive()
+        if event["type"] == "websocket.disconnect":
+            return
+        await socket.send_text(event.get("text") or "")
+
+
 @hookimpl
 def forge_gateway_routes(node):
-    return [hello]
+    return [hello, echo]

@@ -47,6 +47,25 @@ async def sleepy(ctx, seconds: float) -> float:
 
 
 @action(public=True)
-async def shout(ctx, size: int) -> int:
-    ctx.log.info("x" * size)
+async def shout(ctx, size: int, letter: str = "x") -> int:
+    ctx.log.info(letter * size)
     return size
+
+
+@mutation(public=True)
+async def add_failing(ctx) -> int:
+    return await ctx.dispatch(failing_job)
+
+
+@job(max_attempts=1)
+async def failing_job(ctx) -> None:
+    raise RuntimeError("failing on purpose")
+
+
+@action(public=True)
+async def leaky(ctx) -> None:
+    session_secret = "local-" + "z" * 24  # a local variable a traceback with locals would show
+    try:
+        raise RuntimeError(f"lookup failed for {len(session_secret)} bytes")
+    except RuntimeError:
+        ctx.log.opt(exception=True).error("retrying with password=hunter2hunter2 and Bearer abcdefghijklmnop")

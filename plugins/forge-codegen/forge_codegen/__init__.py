@@ -1,0 +1,1 @@
+"""FORGE developer experience: ``forge-node new``, ``dev``, ``generate ts`` and ``generate migration``."""

@@ -1,0 +1,177 @@
+"""The TypeScript client of an app: ``api.ts`` from the function registry plus the runtime files.
+
+``generate(registry)`` returns the files to write (name -> text). The output depends only on the
+registry (functions sorted by name, no timestamps), so it is byte-identical across runs and a
+committed copy can be checked for staleness (``forge-node generate ts --check``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+import typing
+from pathlib import Path
+from typing import Iterable
+
+import attrs
+
+from forge_kernel.app import FunctionDef, Registry
+
+from .tstypes import TypeScriptTypes, Unsupported
+
+CALLABLE = ("query", "mutation", "action")
+RUNTIME_FILES = ("runtime.ts",)
+SVELTE_FILES = ("svelte.svelte.ts",)
+API_FILE = "api.ts"
+BRANDS = ("Base64", "DateString", "DateTime", "Decimal", "UUID")
+
+
+class GenerateError(Exception):
+    """The registry has functions the client cannot type; ``problems`` names each function and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("cannot generate the TypeScript client:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+def runtime_source(name: str) -> str:
+    return importlib.resources.files("forge_codegen.runtime").joinpath(name).read_text()
+
+
+def _doc(defn: FunctionDef) -> str:
+    summary = (defn.doc or "").strip().splitlines()
+    head = f"{defn.kind}{' (public)' if defn.public else ''}"
+    text = f"{head}: {summary[0]}" if summary else head
+    return "  /** " + text.replace("*/", "* /") + " */"
+
+
+def _tree(defns: Iterable[FunctionDef]) -> dict:
+    """Function names split on dots into nested objects (``todos.add`` -> ``todos: { add }``)."""
+    root: dict = {}
+    problems = []
+    for d in defns:
+        parts = d.name.split(".")
+        node = root
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"function {child.name!r} and function {d.name!r}: the first is also used as a namespace "
+                                f"in the generated api object; rename one")
+                break
+            node = child
+        else:
+            if parts[-1] in node:
+                problems.append(f"function {d.name!r}: its name is also a namespace of other functions; rename it")
+            else:
+                node[parts[-1]] = d
+    if problems:
+        raise GenerateError(problems)
+    return root
+
+
+@attrs.frozen
+class Generated:
+    files: dict[str, str]
+    functions: tuple[str, ...]
+
+
+def generate(registry: Registry, *, svelte: bool = False) -> Generated:
+    """Every file of the client for ``registry``; raises ``GenerateError`` listing every problem."""
+    types = TypeScriptTypes()
+    defns = sorted((d for d in registry.functions.values() if d.kind in CALLABLE), key=lambda d: d.name)
+    problems: list[str] = []
+    signatures: dict[str, tuple[str, str]] = {}
+    for d in defns:
+        fields, ok = [], True
+        for p in d.params:
+            try:
+                fields.append(f"{p.name}{'' if p.required else '?'}: {types.render(p.type, output=False)}")
+            except Unsupported as exc:
+                ok = False
+                problems.append(f"function {d.name!r} ({d.module}), argument {p.name + exc.path!r}: {exc.message}")
+        try:
+            result = types.render(d.returns, output=True)
+        except Unsupported as exc:
+            ok = False
+            where = f"result{exc.path}" if exc.path else "result"
+            problems.append(f"function {d.name!r} ({d.module}), {where}: {exc.message}"
+                            + (" (annotate the return type, e.g. -> None)" if d.returns is typing.Any else ""))
+        if ok:
+            args = "{ " + "; ".join(fields) + " }" if fields else "Record<string, never>"
+            signatures[d.name] = (args, result)
+    if problems:
+        raise GenerateError(problems)
+    tree = _tree(defns)
+    body: list[str] = []
+    for name in sorted(types.declarations):
+        body += [types.declarations[name], ""]
+
+    def emit(node: dict, indent: str) -> None:
+        for key in sorted(node):
+            value = node[key]
+            if isinstance(value, dict):
+                body.append(f"{indent}{key}: {{")
+                emit(value, indent + "  ")
+                body.append(f"{indent}}},")
+            else:
+                args, result = signatures[value.name]
+                body.append(indent + _doc(value).lstrip())
+                body.append(f'{indent}{key}: fn<"{value.kind}", {args}, {result}>("{value.name}", "{value.kind}"),')
+
+    body.append("/** Every callable function: name, kind, argument and result types. */")
+    body.append("export const functions = {")
+    emit(tree, "  ")
+    text = "\n".join(body)
+    brands = [b for b in BRANDS if re.search(rf"\b{b}\b", text)]
+    out = [
+        "// Generated by `forge-node generate ts` from the app's functions. Do not edit: change the Python",
+        "// functions and generate again (`forge-node generate ts --check` fails when this file is stale).",
+        # the modules whose functions the client has (not those that only ship jobs, e.g. a plugin's)
+        f"// modules: {', '.join(sorted({d.module for d in defns})) or '-'}",
+        'import { bindApi, ForgeClient, fn, type Bound, type ClientOptions } from "./runtime";',
+        *([f'import type {{ {", ".join(brands)} }} from "./runtime";'] if brands else []),
+        'export * from "./runtime";',
+        "",
+        text,
+        "} as const;",
+        "",
+        "export type Api = Bound<typeof functions>;",
+        "",
+        "/** The functions bound to a client: `await api.add_todo({ title })`. */",
+        "export function createApi(client: ForgeClient): Api {",
+        "  return bindApi(client, functions);",
+        "}",
+        "",
+        "/** A client for the node at `options.url` and its functions. */",
+        "export function connect(options: ClientOptions): Api {",
+        "  return createApi(new ForgeClient(options));",
+        "}",
+        "",
+    ]
+    files = {API_FILE: "\n".join(out)}
+    for name in RUNTIME_FILES + (SVELTE_FILES if svelte else ()):
+        files[name] = runtime_source(name)
+    return Generated(files, tuple(d.name for d in defns))
+
+
+def stale(out_dir: Path, generated: Generated) -> list[str]:
+    """Files under ``out_dir`` that differ from (or lack) what ``generated`` holds."""
+    bad = []
+    for name, text in sorted(generated.files.items()):
+        path = out_dir / name
+        if not path.exists() or path.read_bytes() != text.encode():
+            bad.append(str(path))
+    return bad
+
+
+def write(out_dir: Path, generated: Generated) -> list[str]:
+    """Write the files that changed (atomically: a reader never sees half a file). Returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in stale(out_dir, generated):
+        path = Path(name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(generated.files[path.name])
+        tmp.replace(path)
+        written.append(name)
+    return written
