@@ -101,13 +101,20 @@ async def fresh_db(base: str, name: str) -> str:
     return db_url(base, name)
 
 
+#: FORGE's variants; the others are peers
+FORGES = ("forge", "forge-observe")
+
+
 # --- FORGE ---------------------------------------------------------------------------------------
-async def forge_node(url: str, direct_url: str = "", **worker: Any):
+async def forge_node(url: str, direct_url: str = "", observe: bool = False, **worker: Any):
     from forge_kernel.config import load_config
     from forge_kernel.node import Node
     from forge_kernel.plugins import PluginLoader
 
-    loader = PluginLoader(env={}).load()
+    # "forge" runs without forge-observe (as before it existed); "forge-observe" with it at its defaults
+    loader = PluginLoader(env={} if observe else {"FORGE_DISABLE_PLUGINS": "observe"}).load()
+    if observe and "observe" not in {p.name for p in loader.loaded()}:
+        raise SystemExit("forge-observe is not installed in this environment (python3 dev.py test installs it)")
     data = {"database": {"url": url, "direct_url": direct_url, "pool_min": 2, "pool_max": 20},
             "node": {"roles": ["worker"]},
             "app": {"modules": ["forge_bench_jobs"], "example": False},
@@ -157,7 +164,7 @@ class Bouncer:
 
 
 async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
-                      postmaster: int | None = None) -> Sample:
+                      postmaster: int | None = None, observe: bool = False) -> Sample:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -168,7 +175,7 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
     for i in range(0, n, 10_000):
         await queue.enqueue_many([queue.request(fb.noop) for _ in range(min(10_000, n - i))])
     fb.STATE["done"] = 0
-    node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else await forge_node(url)
+    node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else await forge_node(url, observe=observe)
     await node.start()
     meter = CpuMeter(lambda: [os.getpid()], postmaster) if postmaster else None
     while not fb.STATE["done"]:
@@ -187,7 +194,8 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
     return Sample(n / elapsed, n, meter)
 
 
-async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None) -> float:
+async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None,
+                           observe: bool = False) -> Sample:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -199,7 +207,7 @@ async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: 
         await node.start()
         conn = await asyncpg.connect(pooled, statement_cache_size=0)
     else:
-        node = await forge_node(url)
+        node = await forge_node(url, observe=observe)
         await node.start()
         conn = await asyncpg.connect(url)
     queue = JobQueue(conn)
@@ -399,7 +407,7 @@ def procrastinate_app(url: str, counter: list[int]):
     return app, noop
 
 
-async def procrastinate_drain(base: str, n: int, concurrency: int = 50) -> float:
+async def procrastinate_drain(base: str, n: int, concurrency: int = 50) -> Sample:
     url = await fresh_db(base, "bench_procrastinate_drain")
     counter = [0, 0.0]
     app, noop = procrastinate_app(url, counter)
@@ -413,7 +421,7 @@ async def procrastinate_drain(base: str, n: int, concurrency: int = 50) -> float
     return Sample(n / elapsed, n)
 
 
-async def procrastinate_continuous(base: str, seconds: float, concurrency: int = 50, batch: int = 10) -> float:
+async def procrastinate_continuous(base: str, seconds: float, concurrency: int = 50, batch: int = 10) -> Sample:
     url = await fresh_db(base, "bench_procrastinate_cont")
     counter = [0, 0.0]
     app, noop = procrastinate_app(url, counter)
@@ -615,10 +623,10 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
                   note=f"fewest pending {result['fewest_pending']:,}")
 
 
-async def forge_bound(base: str, args: argparse.Namespace) -> Sample:
+async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False) -> Sample:
     url = await fresh_db(base, "bench_forge_bound")
     await forge_prepare(url)
-    node = await forge_node(url)
+    node = await forge_node(url, observe=observe)
     await node.start()
     try:
         return await bound_window("forge", url, lambda: [os.getpid()], args)
@@ -654,6 +662,9 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
     runs = {
         ("forge", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster),
         ("forge_pgbouncer", "drain"): lambda: forge_drain(base, args.jobs, bouncer, args.postmaster),
+        ("forge-observe", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster, observe=True),
+        ("forge-observe", "continuous"): lambda: forge_continuous(base, args.seconds, observe=True),
+        ("forge-observe", "bound"): lambda: forge_bound(base, args, observe=True),
         ("pgqueuer", "drain"): lambda: pgq_run(base, "drain", args),
         ("procrastinate", "drain"): lambda: procrastinate_drain(base, args.jobs),
         ("forge", "continuous"): lambda: forge_continuous(base, args.seconds),
@@ -673,7 +684,8 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         samples: dict[str, list[Sample]] = {s: [] for s in here}
         loads: list[float] = []
         for rnd in range(args.rounds):
-            for system in here:
+            # every other round in reverse order, so no system always runs first
+            for system in (here if rnd % 2 == 0 else here[::-1]):
                 if system == "procrastinate" and rnd >= args.procrastinate_rounds:
                     continue
                 sample = await runs[(system, mode)]()
@@ -695,13 +707,22 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         if loads:
             print(f"  {mode:<10} load avg min/median/max {min(loads):.1f}/{statistics.median(loads):.1f}/"
                   f"{max(loads):.1f}", flush=True)
-        for peer in here:
-            if peer != "forge" and "forge" in here:
-                print(f"  {mode:<10} FORGE / {peer:<14} {res[('forge', mode)]['rate'] / res[(peer, mode)]['rate']:>6.2f}x",
-                      flush=True)
+        for forge in FORGES:
+            for peer in here:
+                if forge in here and not peer.startswith("forge"):
+                    print(f"  {mode:<10} {forge} / {peer:<14} "
+                          f"{res[(forge, mode)]['rate'] / res[(peer, mode)]['rate']:>6.2f}x", flush=True)
         if "forge" in here and "forge_pgbouncer" in here:
             print(f"  {mode:<10} FORGE through PgBouncer / direct "
                   f"{res[('forge_pgbouncer', mode)]['rate'] / res[('forge', mode)]['rate']:>6.2f}x", flush=True)
+        if "forge" in here and "forge-observe" in here:
+            ratio = res[("forge-observe", mode)]["rate"] / res[("forge", mode)]["rate"]
+            paired = statistics.median(o.rate / f.rate for o, f in zip(samples["forge-observe"], samples["forge"]))
+            extra = (f"; node CPU per job {res[('forge-observe', mode)]['worker_us'] - res[('forge', mode)]['worker_us']:+.1f} us"
+                     if "worker_us" in res[("forge", mode)] else "")
+            res[("ratio", mode)] = ratio
+            print(f"  {mode:<10} with forge-observe / without = {ratio:.3f} (medians), {paired:.3f} (median of "
+                  f"per-round ratios); target >= 0.95{extra}", flush=True)
     if "forge" in systems and args.latency_seconds > 0:
         p50, p99, offered, n, c50, c99 = await forge_latency(base, args.latency_seconds)
         res["latency"] = (p50, p99, offered, n, c50, c99)
@@ -717,7 +738,9 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load avg {os.getloadavg()[0]:.1f}; drain N={args.jobs}, continuous/bound T={args.seconds}s, "
           f"{args.rounds} rounds, latency {args.latency_seconds}s at 1000 jobs/s")
-    print(f"forge-observe installed: {observe_installed()} (FORGE runs with every installed plugin at its defaults)")
+    if "forge-observe" in args.systems and not observe_installed():
+        raise SystemExit("forge-observe is not installed in this environment (python3 dev.py test installs it)")
+    print("'forge' is a node without forge-observe, 'forge-observe' the same node with it at its defaults")
     if "bound" in args.modes:
         print(f"worker-bound: producer.py in a process of its own, {args.bound_producers} connections storing batches "
               f"of {args.bound_batch} whenever fewer than {args.bound_depth:,} jobs are pending (1 s warm-up)")
@@ -754,8 +777,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 m = res[(s, mode)]
                 return f"{s}={m['rate']:,.0f}" + (f" ({m['worker_us']:.0f}/{m['pg_us']:.0f})" if "worker_us" in m else "")
 
-            ratios = "  ".join(f"FORGE/{s}={res[('forge', mode)]['rate'] / res[(s, mode)]['rate']:.2f}x"
-                               for s in here if s != "forge" and "forge" in here)
+            ratios = "  ".join(f"{f}/{s}={res[(f, mode)]['rate'] / res[(s, mode)]['rate']:.2f}x"
+                               for f in FORGES if f in here for s in here if not s.startswith("forge"))
+            if ("ratio", mode) in res:
+                ratios += f"  with/without forge-observe={res[('ratio', mode)]:.3f}"
             load = res.get(("load", mode))
             print(f"  {label:<8} {mode:<10} {'  '.join(fmt(s) for s in here)}   {ratios}"
                   + (f"   load {load[0]:.1f}-{load[2]:.1f}" if load else ""))
@@ -785,8 +810,9 @@ def main() -> None:
                    help="rounds for Procrastinate (an order of magnitude slower; one round takes minutes)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=["stock", "nofsync"])
     p.add_argument("--systems", type=lambda s: s.split(","),
-                   default=["forge", "graphile_1x50", "graphile_4x24", "pgqueuer", "procrastinate"],
-                   help="forge, forge_pgbouncer (FORGE's pool through PgBouncer), graphile_1x50, graphile_4x24, "
+                   default=["forge", "forge-observe", "graphile_1x50", "graphile_4x24", "pgqueuer", "procrastinate"],
+                   help="forge (without forge-observe), forge-observe (FORGE with it at its defaults), "
+                        "forge_pgbouncer (FORGE's pool through PgBouncer), graphile_1x50, graphile_4x24, "
                         "pgqueuer, procrastinate")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "bound", "continuous"],
                    help="throughput modes to run (drain, bound = worker-bound continuous, continuous = one "
