@@ -52,19 +52,41 @@ async def main(args: argparse.Namespace) -> None:
             await conns[i].execute("SELECT graphile_worker.add_jobs(ARRAY(SELECT json_populate_recordset("
                                    "NULL::graphile_worker.job_spec, $1::json)))", specs)
 
+    gate = asyncio.Event()  # cleared while a snapshot is taken: no enqueue is half-counted
+    gate.set()
+    inflight = [0]
+    watch_lock = asyncio.Lock()
+
     async def produce(i: int) -> None:
         nonlocal stored
         while not stop.is_set():
+            await gate.wait()
             if pending[0] < args.depth:
-                await store(i)
+                inflight[0] += 1
+                try:
+                    await store(i)
+                finally:
+                    inflight[0] -= 1
                 stored += args.batch
                 pending[0] += args.batch
             else:
                 await asyncio.sleep(0.002)
 
+    async def snapshot() -> tuple[int, int, float]:
+        """Jobs stored so far and rows in the table, at one moment (no enqueue in flight)."""
+        gate.clear()
+        try:
+            while inflight[0]:
+                await asyncio.sleep(0.0005)
+            async with watch_lock:
+                return stored, await watch.fetchval(count_all), time.perf_counter()
+        finally:
+            gate.set()
+
     async def observe(measuring: list[bool]) -> None:
         while not stop.is_set():
-            pending[0] = await watch.fetchval(count_pending)
+            async with watch_lock:
+                pending[0] = await watch.fetchval(count_pending)
             if measuring[0]:
                 low[0] = pending[0] if low[0] is None else min(low[0], pending[0])
             await asyncio.sleep(0.005)
@@ -73,15 +95,14 @@ async def main(args: argparse.Namespace) -> None:
     tasks = [asyncio.create_task(produce(i)) for i in range(args.producers)]
     tasks.append(asyncio.create_task(observe(measuring)))
     await asyncio.sleep(args.warmup)
-    s0, r0 = stored, await watch.fetchval(count_all)
-    t0 = time.perf_counter()
+    s0, r0, t0 = await snapshot()
     measuring[0] = True
     print("start", flush=True)
     await asyncio.sleep(args.seconds)
-    s1, r1 = stored, await watch.fetchval(count_all)
-    t1 = time.perf_counter()
+    s1, r1, t1 = await snapshot()
     print("stop", flush=True)
     stop.set()
+    gate.set()
     await asyncio.gather(*tasks)
     print(json.dumps({"stored": s1 - s0, "rows_before": r0, "rows_after": r1, "elapsed": t1 - t0,
                       "completed": (s1 - s0) - (r1 - r0), "fewest_pending": low[0]}), flush=True)

@@ -507,6 +507,7 @@ class GraphileWorkers:
                              "maxPoolSize": concurrency + 1, **GRAPHILE_PRESET}}
         (self.dir / "graphile.config.js").write_text(f"module.exports = {json.dumps(preset)};\n")
         self.procs: list[asyncio.subprocess.Process] = []
+        self.output: list[str] = []
         self.firsts: list[float] = []
         self._readers: list[asyncio.Task] = []
 
@@ -514,23 +515,30 @@ class GraphileWorkers:
         await run_quiet(["node", str(self.cli), "--schema-only"], self.env, cwd=self.dir)
 
     async def start(self) -> None:
-        ready = [asyncio.Event() for _ in range(self.n)]
-        for i in range(self.n):
+        """Start the processes; return once each has its LISTEN connection (NO_LOG_SUCCESS, as in
+        graphile's perfTest, also silences its "looking for jobs" line)."""
+        for _ in range(self.n):
             proc = await asyncio.create_subprocess_exec(
                 "node", str(self.cli), "-j", str(self.concurrency), "-m", str(self.concurrency + 1),
                 cwd=self.dir, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             self.procs.append(proc)
-            self._readers.append(asyncio.create_task(self._read(proc, ready[i])))
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 60)
+            self._readers.append(asyncio.create_task(self._read(proc)))
+        conn = await asyncpg.connect(self.url)
+        try:
+            deadline = time.monotonic() + 60
+            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND query LIKE 'LISTEN \"jobs:insert\"%'") < self.n:
+                if time.monotonic() > deadline or any(p.returncode is not None for p in self.procs):
+                    raise RuntimeError("graphile-worker did not start: " + "\n".join(self.output[-20:]))
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
 
-    async def _read(self, proc: asyncio.subprocess.Process, ready: asyncio.Event) -> None:
-        self.output: list[str] = getattr(self, "output", [])
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").strip()
             if line.startswith("first "):
                 self.firsts.append(float(line.split()[1]) / 1000)
-            elif "looking for jobs" in line:
-                ready.set()
             elif line:
                 self.output.append(line)
 
