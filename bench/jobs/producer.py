@@ -89,7 +89,7 @@ async def main(args: argparse.Namespace) -> None:
                 pending[0] = await watch.fetchval(count_pending)
             if measuring[0]:
                 low[0] = pending[0] if low[0] is None else min(low[0], pending[0])
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(args.watch_interval)
 
     measuring = [False]
     tasks = [asyncio.create_task(produce(i)) for i in range(args.producers)]
@@ -120,4 +120,6 @@ if __name__ == "__main__":
     p.add_argument("--depth", type=int, default=5000)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--producers", type=int, default=2)
+    p.add_argument("--watch-interval", type=float, default=0.025,
+                   help="seconds between counts of pending jobs (each costs PostgreSQL CPU beside the workers')")
     asyncio.run(main(p.parse_args()))

@@ -103,6 +103,8 @@ async def fresh_db(base: str, name: str) -> str:
 
 #: FORGE's variants; the others are peers
 FORGES = ("forge", "forge-observe")
+#: [worker] settings of every FORGE node (--forge-worker); empty: the defaults
+FORGE_WORKER: dict[str, Any] = {}
 
 
 # --- FORGE ---------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ async def forge_node(url: str, direct_url: str = "", observe: bool = False, **wo
             "node": {"roles": ["worker"]},
             "app": {"modules": ["forge_bench_jobs"], "example": False},
             "log": {"level": "WARNING"},
-            "worker": dict(worker)}
+            "worker": {**FORGE_WORKER, **worker}}
     node = Node(load_config(loader.config_sections(), data=data, env={}), loader)
     return node
 
@@ -748,7 +750,8 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{args.rounds} rounds, latency {args.latency_seconds}s at 1000 jobs/s")
     if "forge-observe" in args.systems and not observe_installed():
         raise SystemExit("forge-observe is not installed in this environment (python3 dev.py test installs it)")
-    print("'forge' is a node without forge-observe, 'forge-observe' the same node with it at its defaults")
+    print("'forge' is a node without forge-observe, 'forge-observe' the same node with it at its defaults; "
+          f"[worker] settings: {FORGE_WORKER or 'the defaults'}")
     if "bound" in args.modes:
         print(f"worker-bound: producer.py in a process of its own, {args.bound_producers} connections storing batches "
               f"of {args.bound_batch} whenever fewer than {args.bound_depth:,} jobs are pending (1 s warm-up)")
@@ -828,7 +831,10 @@ def main() -> None:
     p.add_argument("--bound-depth", type=int, default=5000, help="worker-bound: keep at least this many jobs pending")
     p.add_argument("--bound-batch", type=int, default=500, help="worker-bound: jobs per enqueue call")
     p.add_argument("--bound-producers", type=int, default=2, help="worker-bound: producer connections")
+    p.add_argument("--forge-worker", type=lambda s: dict(kv.split("=", 1) for kv in s.split(",") if kv), default={},
+                   help="[worker] settings for FORGE's nodes, e.g. claim_statements=1 (default: none, the defaults)")
     args = p.parse_args()
+    FORGE_WORKER.update({k: json.loads(v) for k, v in args.forge_worker.items()})
     import logging
 
     logging.disable(logging.WARNING)
