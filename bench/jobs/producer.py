@@ -7,7 +7,7 @@ line: jobs stored and rows in the queue table at both moments (jobs completed in
 stored - growth of the table) and the fewest pending jobs seen in the window (> 0: the workers
 never ran dry).
 
-    python producer.py --system forge|graphile --url URL [--seconds 10] [--depth 5000] [--batch 500]
+    python producer.py --system forge|graphile --url URL [--seconds 10] [--depth 20000] [--batch 500]
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ if __name__ == "__main__":
     p.add_argument("--app-dir", default=".")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--depth", type=int, default=5000)
+    p.add_argument("--depth", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--producers", type=int, default=2)
     p.add_argument("--watch-interval", type=float, default=0.025,

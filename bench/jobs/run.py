@@ -828,7 +828,7 @@ def main() -> None:
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "bound", "continuous"],
                    help="throughput modes to run (drain, bound = worker-bound continuous, continuous = one "
                         "producer of batches of 10); empty for the latency run only")
-    p.add_argument("--bound-depth", type=int, default=5000, help="worker-bound: keep at least this many jobs pending")
+    p.add_argument("--bound-depth", type=int, default=20_000, help="worker-bound: keep at least this many jobs pending")
     p.add_argument("--bound-batch", type=int, default=500, help="worker-bound: jobs per enqueue call")
     p.add_argument("--bound-producers", type=int, default=2, help="worker-bound: producer connections")
     p.add_argument("--forge-worker", type=lambda s: dict(kv.split("=", 1) for kv in s.split(",") if kv), default={},
