@@ -144,18 +144,22 @@ WITH {_RESULTS}
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM upd) AS written, (SELECT count(*) FROM hist) AS kept
 """
 
-# Jobs of unlimited queues and types, when no result waits to be written.
-CLAIM = f"""
-WITH c AS (
+# Pending jobs of unlimited queues and types a claim takes: ${0} queues (empty: all), ${1}
+# capabilities, ${2} limited types, ${3} limited queues, ${4} how many; paused queues are skipped.
+_PENDING = """
     SELECT id FROM forge_jobs
     WHERE status = 'pending'
-      AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[]))
-      AND (capability IS NULL OR capability = ANY($4::text[]))
-      AND NOT (name = ANY($5::text[])) AND NOT (queue = ANY($6::text[]))
+      AND (cardinality(${0}::text[]) = 0 OR queue = ANY(${0}::text[]))
+      AND (capability IS NULL OR capability = ANY(${1}::text[]))
+      AND NOT (name = ANY(${2}::text[])) AND NOT (queue = ANY(${3}::text[]))
       AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
     ORDER BY priority DESC, id
-    LIMIT $7
-    FOR UPDATE SKIP LOCKED
+    LIMIT ${4}
+    FOR UPDATE SKIP LOCKED"""
+
+# Jobs of unlimited queues and types, when no result waits to be written.
+CLAIM = f"""
+WITH c AS ({_PENDING.format(3, 4, 5, 6, 7)}
 )
 UPDATE forge_jobs j {_CLAIMED}
 FROM c WHERE j.id = c.id
@@ -170,16 +174,7 @@ FROM c WHERE j.id = c.id
 # could hand a running job to a second worker); a statement that claimed nothing commits
 # without waiting for the flush (results may: see durable_results, $14).
 WRITE_AND_CLAIM = f"""
-WITH {_RESULTS}, c AS (
-    SELECT id FROM forge_jobs
-    WHERE status = 'pending'
-      AND (cardinality($9::text[]) = 0 OR queue = ANY($9::text[]))
-      AND (capability IS NULL OR capability = ANY($10::text[]))
-      AND NOT (name = ANY($11::text[])) AND NOT (queue = ANY($12::text[]))
-      AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
-    ORDER BY priority DESC, id
-    LIMIT $13
-    FOR UPDATE SKIP LOCKED
+WITH {_RESULTS}, c AS ({_PENDING.format(9, 10, 11, 12, 13)}
 ), claimed AS (
     UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8")}
     FROM c WHERE j.id = c.id
