@@ -82,11 +82,11 @@ def send_event_action(engine: Callable[[], WorkflowEngine]) -> Any:
         event = params.get("event")
         if not isinstance(event, str) or not event:
             raise InvalidArgument(f"workflow.send_event: params.event (the event's name) is required, got {event!r}")
-        payload = params.get("payload")
+        payload, sender = params.get("payload"), engine()
         reached = []
         for target in dict.fromkeys(str(t) for t in targets):
             # NotFound when no live run has this id or correlation key: nothing is sent to any target
-            reached.append((target, await engine().send_event(conn, target, event, payload)))
+            reached.append((target, await sender.send_event(conn, target, event, payload)))
         total = sum(n for _, n in reached)
         return ActionResult(total, [{"target": t, "event": event} for t, _ in reached],
                             [{"target": t, "event": event, "runs": n} for t, n in reached],
