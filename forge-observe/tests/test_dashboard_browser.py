@@ -55,6 +55,7 @@ async def _sign_in(page, url: str, key: str) -> None:
     await page.fill("input[name=credential]", key)
     await page.click("button.primary")
     await page.wait_for_url(f"{url}/_forge/")
+    await page.wait_for_load_state("networkidle")  # the next navigation must not abort this page's favicon
 
 
 async def test_dashboard_in_chromium(forge_processes, tmp_path):
@@ -131,6 +132,7 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
                              what="the scheduled jobs cancelled")
             await page.goto(f"{url}/_forge/crons")
             await page.click("tr[data-cron=nightly_cleanup] [data-action='cron.trigger']")
+            await page.wait_for_selector("[data-toast] >> text=requested")  # answered: no request left to abort
             await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_cron_triggers WHERE cron = 'nightly_cleanup'")
                              or conn.fetchval("SELECT count(*) FROM forge_cron_runs WHERE kind = 'manual'"),
                              what="the cron trigger")
@@ -150,6 +152,7 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
             paid.write_text("paid")
             await page.select_option("[data-form=retry] select", charge)
             await page.click("[data-form=retry] [data-action='workflow.retry']")
+            await page.wait_for_selector("[data-toast] >> text=run again")
             await eventually(lambda: _run_is(conn, run_id, "succeeded"), what="the retried run succeeded")
             assert await conn.fetchval("SELECT result FROM forge_workflow_runs WHERE id = $1::uuid", run_id) == {
                 "approved_by": {"by": "browser"}, "paid": "charged stool"}
