@@ -53,7 +53,9 @@ async def lifespan(node: Any) -> AsyncIterator[Any]:
 
     cfg = node.config["dashboard"]
     pools = Pools()
-    await pools.open(node.url, cfg.statement_timeout)
+    # its own sessions, straight to the server: startup settings (statement_timeout, read-only)
+    # would not pass a transaction-mode pooler at [database] url
+    await pools.open(node.direct_url or node.url, cfg.statement_timeout)
     hub = Hub(pools, cfg.live_interval)
     try:
         have = frozenset(r["t"] for r in await pools.read.fetch(
