@@ -62,9 +62,9 @@ LEADER = "(SELECT to_jsonb(l) FROM (SELECT node_id, term, since, renewed_at FROM
 
 #: the newest value of each series of some gauges (the leader writes cluster gauges with every flush)
 def latest_gauges(names_param: str, within: str = "interval '3 minutes'") -> str:
-    return _agg(f"""SELECT DISTINCT ON (node_id, name, labels) node_id, name, labels, value, at
+    return _agg(f"""SELECT DISTINCT ON (node_id, name, labels::text) node_id, name, labels, value, at
                     FROM forge_obs_metrics WHERE name = ANY({names_param}::text[]) AND at > now() - {within}
-                    ORDER BY node_id, name, labels, at DESC""")
+                    ORDER BY node_id, name, labels::text, at DESC""")
 
 
 def per_minute(names_param: str, minutes_param: str, sample_param: str, step_param: str = "1") -> str:
@@ -134,7 +134,7 @@ def functions(since_minutes: int, lookback: float, sample: float, step: int) -> 
     cols = "node_id, name, labels, at, value, sum, bounds, buckets"
     start = "now() - make_interval(mins => $2)"
     back = "make_interval(secs => $4)"
-    end = _agg(f"""SELECT DISTINCT ON (node_id, name, labels) {cols} FROM (
+    end = _agg(f"""SELECT DISTINCT ON (node_id, name, labels::text) {cols} FROM (
                        SELECT {cols} FROM forge_obs_metrics
                        WHERE name = ANY($1::text[]) AND at > greatest({start}, now() - {back}) AND at <= now()
                        UNION ALL
@@ -145,10 +145,10 @@ def functions(since_minutes: int, lookback: float, sample: float, step: int) -> 
                              AND at <= least(coalesce(n.stopped_at, n.last_heartbeat) + {back}, now() - {back})
                            OFFSET 0) m  -- one index range scan per node
                        WHERE coalesce(n.stopped_at, n.last_heartbeat) > {start}) r
-                   ORDER BY node_id, name, labels, at DESC""")
-    begin = _agg(f"""SELECT DISTINCT ON (node_id, name, labels) {cols} FROM forge_obs_metrics
+                   ORDER BY node_id, name, labels::text, at DESC""")
+    begin = _agg(f"""SELECT DISTINCT ON (node_id, name, labels::text) {cols} FROM forge_obs_metrics
                      WHERE name = ANY($1::text[]) AND at > {start} - {back} AND at <= {start}
-                     ORDER BY node_id, name, labels, at DESC""")
+                     ORDER BY node_id, name, labels::text, at DESC""")
     sql = (f"SELECT jsonb_build_object('now', now(), 'end', {end}, 'begin', {begin}, "
            f"'minutes', {per_minute('$3', '$2', '$5', '$6')})")
     return sql, [names, since_minutes, ["forge_function_calls_total"], lookback, sample, step]
