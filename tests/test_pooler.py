@@ -139,8 +139,8 @@ async def test_forge_observe_writes_through_its_own_session_not_the_pooler(setup
 
 async def test_dashboard_reads_through_its_own_sessions_under_its_timeout(setup, database, forge_node):
     """The dashboard's pools set statement_timeout (and read-only) at start-up, which PgBouncer
-    refuses: they connect to [database] direct_url. Before: every page answered an error
-    ('unsupported startup parameter')."""
+    refuses: they connect to [database] direct_url. Before: a gateway node behind PgBouncer did
+    not start ("service 'dashboard' failed to start: unsupported startup parameter: statement_timeout")."""
     pytest.importorskip("forge_observe")
     node = await forge_node(modules=["pooled_app"], config={
         "database": {"url": setup.pooled(database), "direct_url": setup.direct(database)},

@@ -120,7 +120,7 @@ def overview(dead_after: float, cap: int, have: set[str], sample: float) -> tupl
                  ["forge_function_calls_total", "forge_jobs_finished_total"], sample]
 
 
-def functions(since_minutes: int, lookback: float, sample: float, step: int) -> tuple[str, list[Any]]:
+def functions(since_minutes: int, lookback: float, sample: float, step: int, chart_minutes: int) -> tuple[str, list[Any]]:
     """The newest row of each call/latency series now and at the window's start, and calls per
     minute. ``lookback`` (seconds) is how far back a series's newest row can be: every series is
     written in full every 30th flush, so 31 flush intervals.
@@ -150,8 +150,8 @@ def functions(since_minutes: int, lookback: float, sample: float, step: int) -> 
                      WHERE name = ANY($1::text[]) AND at > {start} - {back} AND at <= {start}
                      ORDER BY node_id, name, labels::text, at DESC""")
     sql = (f"SELECT jsonb_build_object('now', now(), 'end', {end}, 'begin', {begin}, "
-           f"'minutes', {per_minute('$3', '$2', '$5', '$6')})")
-    return sql, [names, since_minutes, ["forge_function_calls_total"], lookback, sample, step]
+           f"'minutes', {per_minute('$3', '$7', '$5', '$6')})")
+    return sql, [names, since_minutes, ["forge_function_calls_total"], lookback, sample, step, chart_minutes]
 
 
 JOB_COLS = """id, name, queue, status, priority, attempt, max_attempts, run_at, created_at, started_at, finished_at,

@@ -204,7 +204,7 @@ def functions(ctx: Ctx, params: Mapping[str, str]) -> Query:
     # at most CHART_POINTS points: a long window's chart has one per few minutes
     step = max(1, math.ceil(round(window) / CHART_POINTS))
     points = max(1, math.ceil(round(window) / step))
-    sql, args = q.functions(points * step, ctx.metric_lookback, ctx.metric_sample, step)
+    sql, args = q.functions(int(max(1, round(window))), ctx.metric_lookback, ctx.metric_sample, step, points * step)
 
     def shape(raw: dict[str, Any]) -> dict[str, Any]:
         start = iso(raw["now"]) - dt.timedelta(minutes=window)
