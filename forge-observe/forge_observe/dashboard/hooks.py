@@ -53,8 +53,7 @@ async def lifespan(node: Any) -> AsyncIterator[Any]:
 
     cfg = node.config["dashboard"]
     pools = Pools()
-    # its own sessions, straight to the server: startup settings (statement_timeout, read-only)
-    # would not pass a transaction-mode pooler at [database] url
+    # sessions on [database] direct_url: their startup settings would not pass a transaction pooler
     await pools.open(node.direct_url or node.url, cfg.statement_timeout)
     hub = Hub(pools, cfg.live_interval)
     try:
