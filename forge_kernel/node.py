@@ -202,6 +202,8 @@ class Node:
             raise StartupError(f"cannot connect to PostgreSQL at [database] {direct_key}: {type(exc).__name__}: {exc}") from exc
         try:
             applied = await migmod.migrate(conn, all_migrations(self.loader, self.registry))
+            # queries read a replica only once it has replayed the schema (ours or another node's)
+            await self.reads.committed(conn)
         finally:
             await conn.close()
         if applied:

@@ -107,6 +107,17 @@ async def test_past_read_wait_queries_read_the_primary(pair, database, forge_nod
     assert await node.executor.call("orders_where", {"owner": "c"}, ANONYMOUS) == {"replica": True, "items": ["fresh"]}
 
 
+async def test_a_new_nodes_queries_wait_for_the_replica_to_have_its_tables(pair, database, forge_node, standby_admin):
+    """Before: a node that had just created its tables on the primary sent its first queries to a
+    replica that had not replayed them yet: 'relation "pa_orders" does not exist', INTERNAL."""
+    await standby_admin.execute("SELECT pg_wal_replay_pause()")
+    node = await forge_node(modules=["pooled_app"], config=config(pair, database, read_wait=0.2))
+    assert await node.executor.call("orders_of", {"owner": "x"}, ANONYMOUS) == []
+    assert node.reads.stats.lagged >= 1
+    await standby_admin.execute("SELECT pg_wal_replay_resume()")
+    assert await node.executor.call("where", {}, ANONYMOUS) == {"replica": True, "read_only": True}
+
+
 async def test_an_unreachable_replica_sends_queries_to_the_primary(pair, database, forge_node):
     cfg = config(pair, database)
     cfg["database"]["read_url"] = f"postgresql://postgres@127.0.0.1:{free_port()}/{database}"
