@@ -13,13 +13,13 @@ import datetime as dt
 import decimal
 import hashlib
 import json
-import math
 import time
 import uuid
 from collections import deque
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import attrs
+import msgspec
 from loguru import logger
 
 from forge_kernel.db import TableRead
@@ -35,8 +35,12 @@ SHARED = "*"
 _PENDING_LIMIT = 2000
 
 
+#: a message to send: the concatenation of these buffers is one JSON text (see forge_kernel.websocket)
+Message = tuple[bytes, ...]
+
+
 class Subscriber(Protocol):
-    def push(self, sub_id: str, text: str, kind: str) -> None: ...
+    def push(self, sub_id: str, message: Message, kind: str) -> None: ...
     def end(self, sub_id: str, error: ForgeError) -> None: ...
 
 
@@ -50,28 +54,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot send {type(value).__name__} as JSON")
 
 
-def encode(value: Any) -> str:
-    """Compact JSON that any strict parser reads: NaN and infinities (a float column can hold
-    them) become ``null``, as the gateway's encoder writes them on /rpc."""
-    try:
-        return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(value), default=_json_default, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
+#: compact UTF-8 JSON that any strict parser reads, as the gateway writes /rpc (msgspec): NaN and
+#: infinities (a float column can hold them) become ``null``
+encode: Callable[[Any], bytes] = msgspec.json.Encoder(enc_hook=_json_default).encode
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def result_hash(result_json: str) -> str:
-    return hashlib.blake2b(result_json.encode(), digest_size=16).hexdigest()
+def result_hash(result_json: bytes) -> str:
+    return hashlib.blake2b(result_json, digest_size=16).hexdigest()
 
 
 def canonical_args(args: Any) -> str:
@@ -221,6 +210,11 @@ class Subscription:
     last_hash: str | None = None
     acked: bool = False
     query: "LiveQuery | None" = None
+    #: the start of every ``data`` message of this subscription (the rest is its query's, shared)
+    data_head: bytes = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.data_head = b'{"type":"data","id":' + encode(self.sub_id)
 
 
 @attrs.define(eq=False)
@@ -232,7 +226,10 @@ class LiveQuery:
     args: dict[str, Any]
     subscriptions: set[Subscription] = attrs.field(factory=set)
     reads: list[TableRead] | None = None
-    result_json: str | None = None
+    #: the last result, encoded once for every subscriber
+    result_json: bytes | None = None
+    #: the end of its ``data`` message (hash, position, data), shared by every subscriber
+    data_tail: bytes = b""
     hash: str | None = None
     position: int = 0
     running: bool = False
@@ -478,8 +475,10 @@ class LiveQueryEngine:
                             or any(change_touches(r, c) for c in q.pending for r in reads)):
             q.dirty = True
         q.pending, q.overflow = [], set()
-        text = encode(result)
-        q.result_json, q.hash, q.position = text, result_hash(text), position
+        body = encode(result)
+        q.result_json, q.hash, q.position = body, result_hash(body), position
+        q.data_tail = b"".join((b',"hash":"', q.hash.encode(), b'","position":', str(position).encode(), b',"data":',
+                                body, b"}"))
         if q.dirty:
             self._schedule(q)  # coalesced: one more run covers every change seen meanwhile
         for sub in list(q.subscriptions):
@@ -490,15 +489,13 @@ class LiveQueryEngine:
             if not sub.acked:
                 sub.acked = True
                 self.stats.unchanged += 1
-                sub.owner.push(sub.sub_id, encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
-                                                   "position": q.position}), "unchanged")
+                sub.owner.push(sub.sub_id, (encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
+                                                    "position": q.position}),), "unchanged")
             return
         sub.acked = True
         sub.last_hash = q.hash
         self.stats.pushes += 1
-        text = ('{"type":"data","id":' + encode(sub.sub_id) + ',"hash":"' + q.hash + '","position":'
-                + str(q.position) + ',"data":' + q.result_json + "}")
-        sub.owner.push(sub.sub_id, text, "data")
+        sub.owner.push(sub.sub_id, (sub.data_head, q.data_tail), "data")
 
     def _fail(self, q: LiveQuery, exc: ForgeError) -> None:
         subs = list(q.subscriptions)

@@ -81,9 +81,9 @@ class Sink:
     def __init__(self) -> None:
         self.last: dict[str, object] = {}
 
-    def push(self, sub_id: str, text: str, kind: str) -> None:
+    def push(self, sub_id: str, message: tuple[bytes, ...], kind: str) -> None:
         if kind == "data":
-            self.last[sub_id] = json.loads(text)["data"]
+            self.last[sub_id] = json.loads(b"".join(message))["data"]
 
     def end(self, sub_id: str, error) -> None:
         raise AssertionError(f"{sub_id} ended: {error}")
@@ -243,3 +243,39 @@ async def test_many_writes_to_another_table_during_a_run_do_not_make_it_dirty(mo
     await engine.stop()
     assert engine.stats.runs == 3  # the first run, the insert into t, and the overflowed t
     assert sink.last["s1"] == [[1, "a", 0]]
+
+
+async def test_a_result_is_encoded_once_and_the_same_bytes_go_to_every_subscriber():
+    class Parts:
+        def __init__(self) -> None:
+            self.messages: dict[str, tuple[bytes, ...]] = {}
+
+        def push(self, sub_id, message, kind) -> None:
+            self.messages[sub_id] = message
+
+        def end(self, sub_id, error) -> None:
+            raise AssertionError(f"{sub_id} ended: {error}")
+
+    ex = ModelExecutor(random.Random(0))
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
+    engine.start()
+    sink = Parts()
+    subs = [Subscription(sink, f"s{i}", "by_owner", {"o": "a"}, Caller("u1")) for i in range(50)]
+    for sub in subs:
+        engine.subscribe(sub)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    ex.rows[2] = {"owner": "a", "topic": 1}
+    engine.on_changes([Change("t", "INSERT", (), ({"id": 2, "owner": "a", "topic": 1},))], 5)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await engine.stop()
+    assert engine.stats.runs == 2
+    tails = [m[-1] for m in sink.messages.values()]
+    assert all(isinstance(t, bytes) and b'"data":[[1,' in t for t in tails)
+    assert len({id(t) for t in tails}) == 1, "each subscriber got its own copy of the result"
+    for sub in subs:
+        msg = json.loads(b"".join(sink.messages[sub.sub_id]))
+        assert msg == {"type": "data", "id": sub.sub_id, "hash": sub.query.hash, "position": 0,
+                       "data": [[1, "a", 0], [2, "a", 1]]}
