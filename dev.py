@@ -21,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-# the role packages and forge-codegen, installed beside the kernel; third-party examples under plugins/
-# (forge-hello) are built by their tests
-PACKAGES = ["forge-gateway", "forge-worker", "forge-scheduler", "forge-realtime", "forge-observe", "plugins/forge-codegen"]
+# the role packages and our own plugins (forge-codegen, forge-mesh), installed beside the kernel;
+# the third-party example under plugins/ (forge-hello) is built by its tests
+PACKAGES = ["forge-gateway", "forge-worker", "forge-scheduler", "forge-realtime", "forge-observe", "plugins/forge-codegen",
+            "plugins/forge-mesh"]
 
 
 def _stamp() -> str:

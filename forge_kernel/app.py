@@ -128,8 +128,6 @@ query = _decorator("query")
 mutation = _decorator("mutation")
 #: ``@action`` - may call the outside world; calls queries/mutations through ``ctx``.
 action = _decorator("action")
-#: ``@workflow`` - durable multi-step process (run by the worker).
-workflow = _decorator("workflow")
 
 
 def job(fn: Callable[..., Any] | None = None, /, *, max_attempts: int = 5, priority: int = 0,
@@ -148,6 +146,55 @@ def job(fn: Callable[..., Any] | None = None, /, *, max_attempts: int = 5, prior
     if fn is not None:
         return _make("job", fn, timeout=timeout, **opts)
     return lambda f: _make("job", f, timeout=timeout, **opts)
+
+
+def workflow(fn: Callable[..., Any] | None = None, /, *, version: str | int | None = None,
+             previous: Mapping[str | int, Callable[..., Any]] | None = None, concurrency: int | None = None,
+             max_recoveries: int | None = None, **settings: Any):
+    """``@workflow`` - a durable multi-step process run by worker nodes (forge-worker).
+
+    ``version``: the code version new runs record (default: a hash of the function's code);
+    ``previous``: ``{old_version: old_function}`` so runs started on an older version keep
+    running that version's code; ``concurrency``: most runs of this workflow executing at
+    once, cluster-wide; ``max_recoveries``: how often a run may be recovered after its worker
+    died before it fails (a run that kills its worker must not loop forever). Further settings
+    are interpreted by the worker plugin.
+    """
+    if version is not None and (isinstance(version, bool) or not isinstance(version, (str, int))
+                                or not str(version).strip()):
+        raise ValueError(f"@workflow: version must be a non-empty string or an integer, got {version!r}")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise ValueError(f"@workflow: concurrency must be a whole number >= 1, got {concurrency!r}")
+    if max_recoveries is not None and (isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int)
+                                       or max_recoveries < 0):
+        raise ValueError(f"@workflow: max_recoveries must be a whole number >= 0, got {max_recoveries!r}")
+    old: dict[str, Callable[..., Any]] = {}
+    for key, value in dict(previous or {}).items():
+        if not inspect.iscoroutinefunction(value):
+            raise ValueError(f"@workflow: previous[{key!r}] must be an 'async def' function, got {value!r}")
+        old[str(key)] = value
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        ver = str(version) if version is not None else code_version(f)
+        if ver in old:
+            raise ValueError(f"@workflow {f.__name__}: version {ver!r} is also listed in previous")
+        return _make("workflow", f, version=ver, previous=old, concurrency=concurrency,
+                     max_recoveries=max_recoveries, **settings)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def code_version(fn: Callable[..., Any]) -> str:
+    """A short hash of a function's source (its bytecode when the source is not available)."""
+    import hashlib
+
+    try:
+        text = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = fn.__code__
+        text = code.co_code + repr(code.co_consts).encode() + repr(code.co_names).encode()
+    return hashlib.sha256(text).hexdigest()[:12]
 
 
 def cron(schedule: str, /, *, timezone: str = "UTC", name: str | None = None, **settings: Any):

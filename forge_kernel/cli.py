@@ -177,6 +177,8 @@ async def cmd_plugins(cli: Cli) -> int:
 
 async def cmd_status(cli: Cli) -> int:
     config = cli.config()
+    if cli.args.live:
+        return await _live_status(cli, config)
     async with cli.connection() as conn:
         exists = await conn.fetchval("SELECT to_regclass('forge_nodes') IS NOT NULL")
         rows = await cluster_status(conn, config.node.dead_after, config.node.heartbeat_interval) if exists else []
@@ -189,6 +191,25 @@ async def cmd_status(cli: Cli) -> int:
                    "heartbeat": f"{r['heartbeat_age']:.1f}s ago"} for r in rows],
                  ["id", "host", "status", "roles", "ports", "version", "heartbeat"])
     return 0
+
+
+async def _live_status(cli: Cli, config: Config) -> int:
+    """Every live node asked what it does now, through ``forge_live_status`` (forge-mesh)."""
+    async with cli.connection() as conn:
+        pending = cli.loader.hook.forge_live_status(config=config, conn=conn, timeout=cli.args.timeout)
+        if pending is None:
+            print("forge-node status --live asks nodes over the mesh: install forge-mesh (pip install forge-mesh)",
+                  file=sys.stderr)
+            return 2
+        rows = await pending
+    if cli.args.json:
+        print(json.dumps(rows, default=json_default, indent=2))
+    else:
+        _print_table([{"id": r["id"], "reachable": "yes" if r["reachable"] else f"no ({r.get('error') or '?'})",
+                       **{k: json.dumps(v, default=json_default) for k, v in (r.get("activity") or {}).items()}}
+                      for r in rows],
+                     ["id", "reachable", *sorted({k for r in rows for k in (r.get("activity") or {})})])
+    return 0 if all(r["reachable"] for r in rows) else 1
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -238,6 +259,9 @@ def build_parser(loader: PluginLoader | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="list the nodes of the cluster")
     p.add_argument("--json", action="store_true")
     p.add_argument("--all", action="store_true", help="include stopped nodes")
+    p.add_argument("--live", action="store_true",
+                   help="ask every live node what it is doing now (in-flight calls, jobs, sockets, pool; needs forge-mesh)")
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds --live waits for the nodes (default 1)")
     p.set_defaults(func=cmd_status)
     if loader is not None:
         loader.hook.forge_cli_commands(subparsers=sub)

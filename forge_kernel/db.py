@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import asyncpg
@@ -11,6 +12,7 @@ import attrs
 
 from .app import ModelDef, model_def
 from .convert import converter
+from .telemetry import current
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -130,6 +132,22 @@ def _relations(plan: Any, out: set[str]) -> None:
             _relations(v, out)
 
 
+async def _traced(method: Any, sql: str, args: Sequence[Any]) -> Any:
+    """Run one statement; inside a sampled trace it becomes a ``sql`` span (statement text only,
+    never the values)."""
+    span = current()
+    if span is None or not span.sampled:
+        return await method(sql, *args)
+    t0, error = time.time_ns(), None
+    try:
+        return await method(sql, *args)
+    except BaseException as exc:
+        error = type(exc).__name__
+        raise
+    finally:
+        span.record("sql", "client", t0, time.time_ns(), {"db.statement": sql}, error)
+
+
 class Database:
     """``ctx.db``: runs SQL on the call's connection and remembers what it read."""
 
@@ -144,19 +162,31 @@ class Database:
     # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         self._statements.append((sql, args))
-        return await self.conn.fetch(sql, *args)
+        span = current()
+        if span is None or not span.sampled:
+            return await self.conn.fetch(sql, *args)
+        return await _traced(self.conn.fetch, sql, args)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         self._statements.append((sql, args))
-        return await self.conn.fetchrow(sql, *args)
+        span = current()
+        if span is None or not span.sampled:
+            return await self.conn.fetchrow(sql, *args)
+        return await _traced(self.conn.fetchrow, sql, args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         self._statements.append((sql, args))
-        return await self.conn.fetchval(sql, *args)
+        span = current()
+        if span is None or not span.sampled:
+            return await self.conn.fetchval(sql, *args)
+        return await _traced(self.conn.fetchval, sql, args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         self._statements.append((sql, args))
-        return await self.conn.execute(sql, *args)
+        span = current()
+        if span is None or not span.sampled:
+            return await self.conn.execute(sql, *args)
+        return await _traced(self.conn.execute, sql, args)
 
     async def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
         await self.conn.executemany(sql, args)
@@ -181,12 +211,13 @@ class Database:
         cols = [c for c in md.columns if vals[c] is not None]
         sql = (f"INSERT INTO {_table(md.table)} ({', '.join(map(quote_ident, cols))}) "
                f"VALUES ({', '.join(f'${i + 1}' for i in range(len(cols)))}) RETURNING *")
-        return self._row(md, await self.conn.fetchrow(sql, *(vals[c] for c in cols)))
+        return self._row(md, await _traced(self.conn.fetchrow, sql, [vals[c] for c in cols]))
 
     async def get(self, cls: type, pk: Any) -> Any:
         md = model_def(cls)
         self._reads.append(TableRead(md.table, ((md.primary_key, pk),)))
-        rec = await self.conn.fetchrow(f"SELECT * FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1", pk)
+        rec = await _traced(self.conn.fetchrow, f"SELECT * FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1",
+                            (pk,))
         return self._row(md, rec)
 
     async def select(self, cls: type, *, order_by: str | None = None, limit: int | None = None, **where: Any) -> list[Any]:
@@ -207,7 +238,7 @@ class Database:
             sql += f" ORDER BY {quote_ident(col)}{' DESC' if desc else ''}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [self._row(md, r) for r in await self.conn.fetch(sql, *where.values())]
+        return [self._row(md, r) for r in await _traced(self.conn.fetch, sql, list(where.values()))]
 
     async def update(self, obj: Any) -> Any:
         md = model_def(type(obj))
@@ -215,11 +246,12 @@ class Database:
         cols = [c for c in md.columns if c != md.primary_key]
         sets = ", ".join(f"{quote_ident(c)} = ${i + 2}" for i, c in enumerate(cols))
         sql = f"UPDATE {_table(md.table)} SET {sets} WHERE {quote_ident(md.primary_key)} = $1 RETURNING *"
-        return self._row(md, await self.conn.fetchrow(sql, vals[md.primary_key], *(vals[c] for c in cols)))
+        return self._row(md, await _traced(self.conn.fetchrow, sql, [vals[md.primary_key], *(vals[c] for c in cols)]))
 
     async def delete(self, cls: type, pk: Any) -> bool:
         md = model_def(cls)
-        res = await self.conn.execute(f"DELETE FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1", pk)
+        res = await _traced(self.conn.execute, f"DELETE FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1",
+                            (pk,))
         return res != "DELETE 0"
 
     # --- what was read --------------------------------------------------------------

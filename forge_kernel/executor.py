@@ -18,6 +18,7 @@ import copy
 import datetime as dt
 import json
 import secrets
+import time
 import traceback
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
@@ -30,6 +31,9 @@ from .convert import StructureError, converter, structure, unstructure
 from .db import Database, TableRead
 from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
+from .telemetry import Telemetry, current, format_traceparent, new_span_id
+
+_time_ns = time.time_ns
 
 
 # --- auth ------------------------------------------------------------------------------
@@ -170,6 +174,52 @@ def job_request(defn: FunctionDef | str, args: Mapping[str, Any], *, caller: str
 
 
 @attrs.frozen
+class WorkflowRequest:
+    """A workflow run to start (see ``forge_workflow_engine``). ``args`` are already unstructured
+    (JSON-safe); ``version`` ``None`` lets the engine record the version the name has on its node."""
+
+    name: str
+    args: Mapping[str, Any]
+    version: str | None = None
+    #: a second start with the same key returns the first run's id instead of starting another
+    idempotency_key: str | None = None
+    #: a key events can be sent to instead of the run id (``send_event("order-42", ...)``)
+    correlation_key: str | None = None
+    run_at: dt.datetime | None = None
+    caller: str | None = None
+    #: the identity the run (its steps) acts as, ``Auth.to_job()``; ``None`` is the system
+    run_as: Mapping[str, Any] | None = None
+
+
+def workflow_request(defn: FunctionDef | str, args: Mapping[str, Any], *, run_as: "Auth | None" = None,
+                     idempotency_key: str | None = None, correlation_key: str | None = None,
+                     delay: dt.timedelta | float | None = None, run_at: dt.datetime | None = None) -> WorkflowRequest:
+    """Validate ``args`` against the workflow's signature and build a :class:`WorkflowRequest`.
+    ``run_as``: who started it - the run acts as that identity, like a job (default: the system)."""
+    if isinstance(defn, str):
+        name, version, payload = defn, None, dict(args)
+    else:
+        if defn.kind != "workflow":
+            raise TypeError(f"{defn.name} is a {defn.kind}, not a workflow")
+        name, version = defn.name, defn.options.get("version")
+        payload = unstructure(bind_arguments(defn, args))
+    for what, key in (("idempotency_key", idempotency_key), ("correlation_key", correlation_key)):
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
+            raise InvalidArgument(f"workflow {name!r}: {what} must be a non-empty string of at most 512 "
+                                  f"characters, got {key!r}")
+    if delay is not None and run_at is not None:
+        raise InvalidArgument(f"workflow {name!r}: give either delay or run_at, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
+        run_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    if run_at is not None and (not isinstance(run_at, dt.datetime) or run_at.tzinfo is None):
+        raise InvalidArgument(f"workflow {name!r}: run_at must be a timezone-aware datetime, got {run_at!r}")
+    who = run_as or SYSTEM
+    return WorkflowRequest(name=name, args=payload, version=version, idempotency_key=idempotency_key,
+                           correlation_key=correlation_key, run_at=run_at, caller=who.user_id, run_as=who.to_job())
+
+
+@attrs.frozen
 class JobOutcome:
     """How one job attempt ended (passed to ``forge_job_finished``)."""
 
@@ -201,6 +251,8 @@ class Call:
     reads: list[TableRead] = attrs.field(factory=list)
     #: True when the function looked at ``ctx.auth`` (realtime keys results by caller then)
     used_auth: bool = False
+    #: a forwarded mutation's or action's id: a retry with the same id returns the stored result
+    call_id: str | None = None
 
 
 class Context:
@@ -255,8 +307,37 @@ class MutationContext(Context):
         # the job runs as whoever dispatched it (anonymous stays anonymous)
         req = job_request(defn, args, run_as=self._call.auth, delay=delay, run_at=run_at,
                           priority=priority, queue=queue, unique_key=unique_key, on_conflict=on_conflict)
+        span = current()
+        if span is None:
+            ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
+            return ids[0] if ids else 0
+        # traced: the job row carries the trace on (its run continues it, on whatever node), with
+        # this dispatch span as the run's parent
+        sid, t0 = new_span_id(), time.time_ns()
+        req = attrs.evolve(req, options={**req.options,
+                                         "traceparent": format_traceparent(span.trace_id, sid, span.sampled)})
         ids = await self._executor.dispatcher().dispatch(self.db.conn, [req])
-        return ids[0] if ids else 0
+        job_id = ids[0] if ids else 0
+        span.record(f"dispatch {req.name}", "producer", t0, time.time_ns(), {"job.name": req.name, "job.id": job_id},
+                    span_id=sid)
+        return job_id
+
+    async def start_workflow(self, workflow: Any, /, *, idempotency_key: str | None = None,
+                             correlation_key: str | None = None, delay: dt.timedelta | float | None = None,
+                             run_at: dt.datetime | None = None, **args: Any) -> str:
+        """Start a workflow run in this mutation's transaction (it exists exactly when the mutation
+        commits); returns the run id. A second start with the same ``idempotency_key`` returns the
+        first run's id."""
+        defn = self._executor.resolve(workflow)
+        # the run acts as whoever started it, like a dispatched job
+        req = workflow_request(defn, args, run_as=self._call.auth, idempotency_key=idempotency_key,
+                               correlation_key=correlation_key, delay=delay, run_at=run_at)
+        return (await self._executor.workflow_engine().start(self.db.conn, [req]))[0]
+
+    async def send_event(self, target: str, name: str, payload: Any = None) -> int:
+        """Send an event to a run (its id or correlation key) in this mutation's transaction;
+        returns how many live runs it reached (0 raises ``NotFound``)."""
+        return await self._executor.workflow_engine().send_event(self.db.conn, str(target), name, unstructure(payload))
 
 
 class ActionContext(Context):
@@ -271,6 +352,16 @@ class ActionContext(Context):
         async with self._executor.pool.acquire() as conn:
             ctx = MutationContext(self._executor, self._call, Database(conn))
             return await ctx.dispatch(job, **kw)
+
+    async def start_workflow(self, workflow: Any, /, **kw: Any) -> str:
+        """Start a workflow run at once (its own transaction); returns the run id."""
+        async with self._executor.pool.acquire() as conn:
+            return await MutationContext(self._executor, self._call, Database(conn)).start_workflow(workflow, **kw)
+
+    async def send_event(self, target: str, name: str, payload: Any = None) -> int:
+        """Send an event to a run (its id or correlation key) at once."""
+        async with self._executor.pool.acquire() as conn:
+            return await MutationContext(self._executor, self._call, Database(conn)).send_event(target, name, payload)
 
 
 def _name(fn: Any) -> str:
@@ -305,6 +396,11 @@ def bind_arguments(defn: FunctionDef, args: Mapping[str, Any] | Any) -> dict[str
     return out
 
 
+#: a sampled mutation's transaction names its trace in this transaction-local setting (see
+#: forge_kernel.telemetry); realtime's change log stores it with each captured write
+SET_TRACE = "SELECT set_config('forge.traceparent', $1, true)"
+
+
 # The caller's data, refused by PostgreSQL: class 22 (invalid text incl. NUL bytes, value too long,
 # numeric out of range, bad datetime), class 23 (not-null, foreign-key, check, exclusion; unique is
 # CONFLICT and caught before), and asyncpg refusing to encode an argument (e.g. out of int32 range).
@@ -337,7 +433,8 @@ class FunctionExecutor:
 
     def __init__(self, registry: Registry, pool: asyncpg.Pool, *, default_timeout: float = 30.0,
                  middleware: Sequence[Callable[[Call, Callable[[Call], Awaitable[Any]]], Awaitable[Any]]] = (),
-                 dispatcher: Any = None, node: Any = None, reads: QueryReads | None = None) -> None:
+                 dispatcher: Any = None, node: Any = None, reads: QueryReads | None = None,
+                 workflow_engine: Any = None, forwarder: Any = None) -> None:
         self.registry = registry
         self.pool = pool
         #: where queries read (replica or primary, read-only sessions or BEGIN READ ONLY); without
@@ -346,7 +443,12 @@ class FunctionExecutor:
         self.default_timeout = default_timeout
         self.middleware = list(middleware)
         self._dispatcher = dispatcher
+        self._workflow_engine = workflow_engine
         self.node = node
+        #: runs calls this node should not run on another node (``forge_call_forwarder``)
+        self.forwarder = forwarder
+        #: where calls are recorded (``node.telemetry``; an unattached one records nothing)
+        self.telemetry: Telemetry = getattr(node, "telemetry", None) or Telemetry()
         #: every call's transaction carries the caller (``set_caller``); see ``[app] row_security``
         self.row_security = False
         chain: Callable[[Call], Awaitable[Any]] = self._invoke
@@ -359,6 +461,22 @@ class FunctionExecutor:
             raise ForgeError("ctx.dispatch needs a job store: install forge-worker (pip install forge-worker) "
                              "on this node; it need not run the worker role", code="UNAVAILABLE")
         return self._dispatcher
+
+    def workflow_engine(self) -> Any:
+        if self._workflow_engine is None:
+            raise ForgeError("starting workflows and sending events needs a workflow engine: install "
+                             "forge-worker (pip install forge-worker) on this node; it need not run the worker role")
+        return self._workflow_engine
+
+    def resolve(self, fn_or_name: Any) -> FunctionDef | str:
+        """The FunctionDef of a decorated function or a registered name (a bare name otherwise)."""
+        if isinstance(fn_or_name, FunctionDef):
+            return fn_or_name
+        defn = definition(fn_or_name)
+        if isinstance(defn, str):
+            found = self.registry.get(defn)
+            return found if found is not None else defn
+        return defn
 
     def authorize(self, defn: FunctionDef, auth: Auth) -> None:
         if defn.public or auth.kind == "system":
@@ -377,45 +495,82 @@ class FunctionExecutor:
 
     async def call(self, name: str, args: Mapping[str, Any] | Any, auth: Auth = ANONYMOUS, *,
                    request_id: str | None = None, track_reads: bool = False, unstructured: bool = True,
-                   call_out: list | None = None) -> Any:
+                   call_out: list | None = None, call_id: str | None = None, timeout: float | None = None,
+                   forwarded: bool = False) -> Any:
         """Call ``name`` with JSON-ish ``args`` as ``auth``; returns the (unstructured) result.
 
         Raises :class:`ForgeError` only. ``call_out`` (a list) receives the :class:`Call`, for
-        callers that need its read set or whether it used ``ctx.auth``.
+        callers that need its read set or whether it used ``ctx.auth``. A call the forwarder
+        wants runs on another node, unless it came from one (``forwarded``); those carry what is
+        left of the caller's deadline (``timeout``) and, for mutations and actions, a ``call_id``.
         """
         defn = self.lookup(name)
         self.authorize(defn, auth)
-        call = Call(defn, bind_arguments(defn, args), auth, request_id or new_request_id(), track_reads)
+        call = Call(defn, bind_arguments(defn, args), auth, request_id or new_request_id(), track_reads,
+                    call_id=call_id)
         if call_out is not None:
             call_out.append(call)
-        timeout = defn.timeout or self.default_timeout
+        if timeout is None:
+            timeout = defn.timeout or self.default_timeout
+        forwarder = None if forwarded else self.forwarder
+        tel = self.telemetry
+        if tel.enabled:  # one ``call`` event; a span only where it can matter (Telemetry.call_started)
+            parent = current()
+            span = None if parent is not None and not parent.sampled else tel.call_started(defn.name, defn.kind,
+                                                                                          call.request_id)
+            t0, code = _time_ns(), "OK"
+        else:
+            t0 = 0
         try:
             # asyncio.timeout, not wait_for: no extra task per call (measured in bench/rpc)
             async with asyncio.timeout(timeout):
+                if forwarder is not None and forwarder.wants(defn):
+                    return await forwarder.forward(call, args, timeout)
                 result = await self._chain(call)
-        except ForgeError:
+        except ForgeError as exc:
+            code = exc.code
             raise
         except asyncio.TimeoutError:
+            code = Timeout.code
             raise Timeout(f"{defn.name} did not finish within {timeout:g}s") from None
         except asyncpg.exceptions.ReadOnlySQLTransactionError:
+            code = ForgeError.code
             logger.bind(request_id=call.request_id).exception(f"{defn.name}: query tried to write")
             raise ForgeError(f"{defn.name} is a query and cannot write; make it a mutation "
                              f"(request {call.request_id})") from None
         except asyncpg.exceptions.UniqueViolationError as exc:
+            code = "CONFLICT"
             raise ForgeError(f"conflict: {exc.detail or 'a unique constraint was violated'}", code="CONFLICT") from None
         except _REFUSED_DATA as exc:
+            code = InvalidArgument.code
             raise refused_by_database(defn.name, call.request_id, exc) from None
         except Exception:
+            code = ForgeError.code
             logger.bind(request_id=call.request_id).error(
                 f"{defn.name} raised (request {call.request_id}):\n{traceback.format_exc()}")
             raise ForgeError(f"internal error (request {call.request_id})",
                              details={"request_id": call.request_id}) from None
+        except BaseException:
+            code = "CANCELLED"  # the caller went away (its task was cancelled)
+            raise
+        finally:
+            if t0:
+                tel.call_ended(span, defn.name, defn.kind, call.request_id, t0, code)
         return unstructure(result) if unstructured else result
 
     async def _invoke(self, call: Call) -> Any:
         defn = call.defn
         if defn.kind == "action":
-            return await defn.fn(ActionContext(self, call, None), **call.args)
+            if call.call_id is not None:  # at most once: the claim commits before the action starts
+                async with self.pool.acquire() as conn:
+                    done, stored = await self.forwarder.claim(conn, call.call_id, defn)
+                if done:
+                    return stored
+            result = await defn.fn(ActionContext(self, call, None), **call.args)
+            if call.call_id is not None:
+                async with self.pool.acquire() as conn:
+                    await self.forwarder.record(conn, call.call_id, result)
+            return result
         if defn.kind == "query":
             # with row security on, the caller's settings need a transaction of their own (read-only)
             async with self.reads.connection(transaction=self.row_security) as conn:
@@ -426,7 +581,19 @@ class FunctionExecutor:
             async with conn.transaction():
                 if self.row_security:
                     await set_caller(conn, call.auth)
+                if call.call_id is not None:
+                    # the call id commits with the mutation: a retry after this node died finds it (and
+                    # its result) or finds nothing and runs the mutation; a retry while it runs waits for it
+                    done, stored = await self.forwarder.claim(conn, call.call_id, defn)
+                    if done:
+                        return stored
+                span = current()
+                if span is not None and span.sampled:
+                    # what this transaction's writes trigger (a live query's re-run) joins its trace
+                    await conn.execute(SET_TRACE, span.traceparent())
                 result = await defn.fn(MutationContext(self, call, Database(conn)), **call.args)
+                if call.call_id is not None:
+                    await self.forwarder.record(conn, call.call_id, result)
             await self.reads.committed(conn)  # read-your-writes on a replica
             return result
 

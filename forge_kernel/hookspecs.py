@@ -12,6 +12,10 @@ Conventions: hooks returning lists are collected from every plugin (pluggy retur
 result per implementation); hooks marked *firstresult* stop at the first non-``None``.
 Hooks may be called more than once (the CLI and tests build several nodes per process)
 and must therefore not keep global state.
+
+Events and spans are not hooks: packages record them through ``node.telemetry``
+(:mod:`forge_kernel.telemetry`: ``emit(kind, *fields)`` into a bounded ring, ``start_span`` /
+``end_span`` with W3C trace context), which costs nothing until an observer attaches.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .admin import AdminAction
     from .app import Registry
     from .migrations import Migration
     from .node import Node
     from .services import MaintenanceTask, Service
+    from .telemetry import ClusterGauge
 
 hookspec = pluggy.HookspecMarker("forge")
 hookimpl = pluggy.HookimplMarker("forge")
@@ -160,6 +166,58 @@ def forge_job_dispatcher(node: "Node") -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def forge_workflow_engine(node: "Node") -> Any:
+    """The object that starts durable workflow runs and delivers events to them.
+
+    Called once per node start, when the function executor is built. Implemented by the
+    worker package (firstresult: the first plugin wins); return ``None`` to decline. The
+    object offers:
+
+    * ``async start(conn, requests: Sequence[WorkflowRequest]) -> list[str]``: store one run
+      per request on ``conn`` - inside the caller's transaction when there is one, so a run
+      started by a mutation exists exactly when the mutation commits and never after a
+      rollback - and return the run ids in request order. A request whose
+      ``idempotency_key`` is already held by a run returns that run's id and starts nothing.
+      A request it cannot store raises ``forge_kernel.errors.InvalidArgument`` naming it.
+    * ``async send_event(conn, target: str, name: str, payload) -> int``: store the event for
+      every live run whose id or correlation key is ``target`` (again on ``conn``, inside its
+      transaction) and return how many runs it reached; ``NotFound`` when none. An event sent
+      before a run waits for it is kept and delivered to the first wait for that name, once.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_call_forwarder(node: "Node") -> Any:
+    """The object that runs a call on another node when this node should not run it itself.
+
+    Called once per node start, when the function executor is built. Implemented by
+    forge-mesh (firstresult); return ``None`` to decline (every call then runs here). The
+    executor uses the object like this:
+
+    * ``wants(defn: FunctionDef) -> bool`` - asked for every call that did not arrive from
+      another node: ``True`` sends it elsewhere (this node runs ``gateway`` but not
+      ``function``, or the function needs a capability this node lacks). Cheap and pure.
+    * ``async forward(call: Call, args, timeout: float) -> Any`` - run ``call`` (its definition,
+      auth, request id; ``args`` is the arguments object as the caller sent it) on another node
+      within ``timeout`` seconds and return the result unstructured (JSON-safe). When
+      ``call.track_reads`` is set, fill ``call.reads`` and ``call.used_auth`` from the remote
+      run. Raise ``ForgeError`` only: ``UNAVAILABLE`` when no node can run it now, ``TIMEOUT``
+      when the deadline passed, the remote run's own error otherwise. A mutation or action must
+      never run twice because of a retry here.
+    * ``async claim(conn, call_id: str, defn: FunctionDef) -> tuple[bool, Any]`` - called by
+      the node that runs a forwarded mutation (inside the mutation's transaction, before the
+      function runs) or action (in a statement of its own) that carries a call id. Return
+      ``(True, stored_result)`` when that call id already completed; ``(False, None)`` when
+      this run now owns it; raise ``ForgeError`` when it started elsewhere and its outcome is
+      unknown (an action whose node died).
+    * ``async record(conn, call_id: str, result: Any) -> None`` - store the result under the
+      call id (for a mutation: in its transaction, so the result exists exactly when it commits).
+    * ``problem() -> str | None`` - why this node cannot forward right now (no reachable node
+      runs ``function``), for readiness checks; ``None`` when it can.
+    """
+
+
 @hookspec
 def forge_call_middleware(node: "Node") -> list[Callable[..., Any]]:
     """Wrappers around every function call, outermost first.
@@ -223,6 +281,91 @@ def forge_auth_verifier(node: "Node") -> Any:
     ``system`` and ``apikey:...``), API-key callers with ``Auth.for_api_key`` (user id
     ``apikey:<name>``), so no token can pose as a key or the node.
     Realtime uses it for the WebSocket ``auth`` message.
+    """
+
+
+@hookspec
+def forge_job_cancel_requested(config: Any, conn: Any, job_id: int, node_id: str) -> Any:
+    """Called by the worker package right after it recorded a cancel request for a job that is
+    running on node ``node_id`` (from the CLI, the Python API or the dashboard).
+
+    Implemented by forge-mesh. Return ``None`` or an awaitable that tells that node at once (over
+    the mesh) and resolves to ``True`` when the node answered that it stopped the job. It must not
+    take more than about a second and must not raise: the database request (seen by the running
+    worker within moments) stays the fallback. ``config`` is the caller's configuration and
+    ``conn`` a database connection it may use to find the node.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_cancel_running_job(node: "Node", job_id: int) -> Any:
+    """Stop job ``job_id`` if it is running on ``node`` now, as a cancel request would.
+
+    Called on the node that runs the job when a cancel request reaches it outside the database
+    (forge-mesh calls it when a ``forge_job_cancel_requested`` message arrives). Implemented by
+    the worker package (firstresult). Return ``True`` when the job was running here and has been
+    told to stop, ``False`` when it is not running here; ``None`` means no plugin runs jobs.
+    Must be quick and must not touch the database (the request is already recorded).
+    """
+
+
+@hookspec
+def forge_node_activity(node: "Node") -> Mapping[str, Any]:
+    """What this plugin is doing on ``node`` right now, for live cluster status.
+
+    Called on demand (``forge-node status --live`` asks every node, with a 1 s deadline).
+    Implemented by plugins with in-flight work: the worker reports running jobs, realtime its
+    sockets and subscriptions, the mesh its forwarded calls. Return a small JSON-safe mapping
+    (counts and at most a few dozen ids) under keys named after the plugin's area, or ``None``.
+    Must be quick and must not touch the database.
+    """
+
+
+@hookspec(firstresult=True)
+def forge_live_status(config: Any, conn: Any, timeout: float) -> Any:
+    """Ask every live node what it is doing now, for ``forge-node status --live``.
+
+    Called by the kernel's CLI with the loaded configuration and a database connection.
+    Implemented by forge-mesh (firstresult). Return an awaitable resolving to a list of dicts,
+    one per node that ``forge_nodes`` lists as not stopped: ``{"id", "reachable", "error",
+    "activity"}`` - within ``timeout`` seconds overall, partial results included (a node that
+    did not answer in time is ``reachable: False`` with the reason).
+    """
+
+
+@hookspec
+def forge_cluster_gauges(node: "Node") -> list["ClusterGauge"]:
+    """Cluster-wide gauges computed from shared tables (queue depth, dead letters, nodes).
+
+    Called once per node start by the observer (forge-observe); implemented by plugins that own
+    such tables (the worker: jobs per queue and status). Return a list of
+    ``forge_kernel.telemetry.ClusterGauge`` (name, help, label names, ``async collect(conn)``
+    returning ``[(label values, value)]``). Only the scheduler leader collects them (as a
+    maintenance task) and exports them, so scraping every node never counts the cluster twice.
+    ``collect`` must be one cheap query: it runs every few seconds.
+    """
+
+
+@hookspec
+def forge_admin_actions(node: "Node") -> list["AdminAction"]:
+    """Operator actions on the tables this plugin owns (retry a job, pause a queue, trigger a cron).
+
+    Called when an operator tool (the admin dashboard) starts on a node; implemented by every
+    plugin whose state operators change: the worker (``job.retry``, ``job.cancel``,
+    ``job.discard``, ``queue.pause``, ``queue.resume``), the scheduler (``cron.trigger``,
+    ``cron.pause``, ``cron.resume``), the workflow runtime (``workflow.cancel``,
+    ``workflow.retry``, ``workflow.send_event``) and the kernel (``node.drain``). Return a list of
+    ``forge_kernel.admin.AdminAction``; a name belongs to one plugin.
+
+    ``await action.run(conn, targets, params, actor)`` must: do all its writes on ``conn`` (the
+    caller runs it inside a transaction and commits its own audit row with it); raise
+    ``forge_kernel.errors.InvalidArgument`` for a malformed target or parameter (``NotFound`` for
+    a target the owner cannot act on, e.g. an unknown cron), naming it, the caller's transaction
+    then being rolled back; leave alone targets already in the end state, so
+    running it again with the same targets changes nothing and reports ``affected == 0``
+    (a cron trigger is the exception: each run asks for one more run, so tools de-duplicate
+    repeated requests themselves); and work whichever node leads the cluster (write requests the
+    leader picks up, never state only one process holds).
     """
 
 

@@ -191,12 +191,19 @@ class _RedactingWriter:
             self._flush()
 
 
-def add_sink(sink: Any, **options: Any) -> int:
+def add_sink(sink: Any, *, records: bool = False, **options: Any) -> int:
     """``logger.add`` with FORGE's defaults: no locals in tracebacks, no frames above the one
     that caught the error, and redaction of every line. ``sink`` is a stream or a function
-    taking the formatted text; loguru's other options pass through. Returns the sink id."""
+    taking the formatted text; loguru's other options pass through. Returns the sink id.
+
+    ``records=True``: ``sink`` is a function taking loguru's message itself (``message.record``
+    for the fields: forge-observe stores them as columns). Its record's message and ``extra`` are
+    redacted already (the patcher); the formatted text, which holds the exception, the sink
+    passes through :func:`redact`."""
     options.setdefault("diagnose", False)
     options.setdefault("backtrace", False)
+    if records:
+        return logger.add(sink, **options)
     if "colorize" not in options and hasattr(sink, "isatty"):
         options["colorize"] = _isatty(sink)
     return logger.add(_RedactingWriter(sink), **options)

@@ -20,6 +20,7 @@ from loguru import logger
 
 from . import db as dbmod
 from . import migrations as migmod
+from .admin import DRAIN_KEY
 from .app import Registry
 from .config import Config
 from .embedded_pg import EmbeddedPostgres
@@ -28,6 +29,7 @@ from .executor import FunctionExecutor, row_security
 from .reads import QueryReads, ReadPool
 from .plugins import PluginLoader, _flat, _version
 from .services import MaintenanceTask, Service, ServiceStack, Supervisor, start_order
+from .telemetry import CountingDispatcher, Telemetry
 
 EXAMPLE_MODULE = "forge_example"
 
@@ -143,6 +145,8 @@ class Node:
         #: the node's row exists in forge_nodes (status changes before that have nowhere to go)
         self._registered = False
         self._stopping = asyncio.Event()
+        #: what the node's parts record for an observer (forge-observe); inert until one attaches
+        self.telemetry = Telemetry()
         self.supervisor.on_crash.append(lambda rec, exc: self._crash_noted(rec, exc))
 
     # --- helpers for plugins --------------------------------------------------------
@@ -203,9 +207,13 @@ class Node:
         if applied:
             logger.info(f"applied {len(applied)} migration(s): " + ", ".join(f"{m.namespace}/{m.version:04d}_{m.name}" for m in applied))
         middleware = _flat(self.loader.hook.forge_call_middleware(node=self))
+        if dispatcher is not None:  # what it stores is counted for an observer (job.dispatched)
+            dispatcher = CountingDispatcher(dispatcher, self.telemetry)
         self.executor = FunctionExecutor(self.registry, self.pool, default_timeout=self.config.app.function_timeout,
                                          middleware=middleware, dispatcher=dispatcher,
-                                         node=self, reads=self.reads)
+                                         node=self, reads=self.reads,
+                                         workflow_engine=self.loader.hook.forge_workflow_engine(node=self),
+                                         forwarder=self.loader.hook.forge_call_forwarder(node=self))
         async with self.pool.acquire() as c:
             self.executor.row_security, line, bypassed = await row_security(c, self.config.app.row_security)
         if line:
@@ -380,11 +388,15 @@ class Node:
                 # records 'draining' when the pool was too busy for _set_status
                 row = await self._hb_conn.fetchval(
                     "UPDATE forge_nodes SET last_heartbeat = now(), status = $2, stopped_at = NULL "
-                    "WHERE id = $1 RETURNING 1", self.id, self.status)
+                    "WHERE id = $1 RETURNING coalesce(info -> $3, 'false')", self.id, self.status, DRAIN_KEY)
                 if row is None:
                     logger.warning(f"node row {self.id} vanished; registering again")
                     await self._register()
                     await self._set_status(self.status)
+                elif row and not self._stopping.is_set():
+                    # an operator asked (node.drain admin action): drain as on SIGTERM
+                    logger.warning(f"node {self.id} draining: asked by {row.get('by', '?') if isinstance(row, dict) else '?'} (node.drain)")
+                    self.request_stop()
             except (OSError, asyncpg.PostgresError, asyncio.TimeoutError, asyncpg.InterfaceError) as exc:
                 logger.warning(f"heartbeat failed ({type(exc).__name__}: {exc}); retrying")
                 if self._hb_conn is not None:

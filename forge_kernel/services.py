@@ -28,6 +28,9 @@ class Service:
     role: str | None = None
     #: names of services that must be started before this one
     after: tuple[str, ...] = ()
+    #: names of services that must be started after this one (and so stopped before it): an
+    #: observer that must see every other service stop names them here
+    before: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -40,7 +43,7 @@ class MaintenanceTask:
 
 
 def start_order(services: Sequence[Service]) -> list[Service]:
-    """Topological order respecting ``after``; ties keep the given order. Raises on cycles or
+    """Topological order respecting ``after`` and ``before``; ties keep the given order. Raises on cycles or
     unknown names (an ``after`` naming a service that is not running is ignored only when
     the name belongs to a role this node does not run - the caller filters those first)."""
     by_name: dict[str, Service] = {}
@@ -48,6 +51,11 @@ def start_order(services: Sequence[Service]) -> list[Service]:
         if s.name in by_name:
             raise StartupError(f"two services are named {s.name!r}")
         by_name[s.name] = s
+    deps: dict[str, list[str]] = {s.name: list(s.after) for s in services}
+    for s in services:
+        for later in s.before:
+            if later in deps:
+                deps[later].append(s.name)
     order: list[Service] = []
     state: dict[str, int] = {}  # 1 visiting, 2 done
 
@@ -58,7 +66,7 @@ def start_order(services: Sequence[Service]) -> list[Service]:
         if st == 1:
             raise StartupError(f"service dependency cycle: {' -> '.join(path + (s.name,))}")
         state[s.name] = 1
-        for dep in s.after:
+        for dep in deps[s.name]:
             if dep in by_name:
                 visit(by_name[dep], path + (s.name,))
         state[s.name] = 2

@@ -45,6 +45,38 @@ async def test_concurrent_migrators_apply_once(plugin, forge_database_url):
     await contracts.check_concurrent_migrations(plugin, forge_database_url)
 
 
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+async def test_admin_actions_leave_unknown_targets_alone(plugin, forge_database_url):
+    await contracts.check_admin_actions(plugin, forge_database_url)
+
+
+def test_admin_action_names_are_unique_across_plugins():
+    from forge_kernel.admin import collect
+
+    loader = contracts.PluginLoader().load()
+    node = contracts.types.SimpleNamespace(id="n", registry=None, pool=None, config=None)
+    names = set(collect(loader.hook.forge_admin_actions(node=node)))
+    assert {"job.retry", "job.cancel", "job.discard", "queue.pause", "queue.resume", "cron.trigger", "cron.pause",
+            "cron.resume", "node.drain"} <= names, sorted(names)
+
+
+async def test_workflow_engine_starts_exactly_on_commit(forge_database_url):
+    engines = [(n, p) for n, p in PLUGINS if hasattr(p, "forge_workflow_engine")]
+    assert engines, "no installed plugin provides forge_workflow_engine"
+    for _, plugin in engines:
+        await contracts.check_workflow_engine(plugin, forge_database_url)
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+def test_call_forwarder_wants_is_pure(plugin):
+    contracts.check_call_forwarder_wants(plugin)
+
+
+@pytest.mark.parametrize("plugin", [p for _, p in PLUGINS], ids=IDS)
+async def test_call_ledger_matches_its_model(plugin, forge_database_url):
+    await contracts.check_call_ledger(plugin, forge_database_url)
+
+
 async def test_rate_limiter_hook_contract(forge_node):
     """The gateway's ``forge_rate_limiter`` object, on a live node (no HTTP server: role function only)."""
     node = await forge_node(modules=[], config={"node": {"roles": ["function"]},

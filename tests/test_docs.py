@@ -70,12 +70,16 @@ def cli_leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 
 def json_commands() -> list[str]:
-    """Every command that prints JSON: those with ``--json``, and ``jobs show`` (always JSON)."""
+    """Every command that prints JSON: those with ``--json`` (required positional arguments as their
+    upper-case names, e.g. ``forge-node traces show TRACE_ID --json``), and ``jobs show``
+    (always JSON)."""
     out = []
     for path, leaf in cli_leaves(build_parser(PluginLoader().load())):
         if "--json" in leaf._option_string_actions:
             extra = " --status" if path == ("migrate",) else ""
-            out.append(" ".join(("forge-node", *path)) + extra + " --json")
+            positional = [a.dest.upper() for a in leaf._actions if not a.option_strings and a.nargs not in ("?", "*")
+                          and not isinstance(a, argparse._SubParsersAction)]
+            out.append(" ".join(("forge-node", *path, *positional)) + extra + " --json")
     return out + ["forge-node jobs show ID"]
 
 
@@ -150,8 +154,16 @@ async def busy_cluster(forge_node, forge_db_url, tmp_path):
     await eventually(lambda: node.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'dead'"),
                      timeout=60, what="a dead-lettered job")
     await node.executor.call("add_todo", {"title": "write docs"}, Auth(user_id="ann", kind="user"))
+    from forge_worker import WorkflowClient
+
+    # a run of a workflow no node defines: it waits, pending, for a worker that knows it
+    await WorkflowClient(node.pool).start("docs_flow", {"step": 1}, correlation_key="docs")
     cfg = write_config(tmp_path / "cli.toml", {"database": {"url": forge_db_url}})
-    return {"config": cfg, "ID": str(live), "NAME": "count_open_todos"}
+    words = {"config": cfg, "ID": str(live), "NAME": "count_open_todos"}
+    if "observe" in {p.name for p in node.loader.loaded()}:  # forge-observe keeps the dead job's trace
+        words["TRACE_ID"] = await eventually(lambda: node.pool.fetchval("SELECT trace_id FROM forge_obs_spans"),
+                                             timeout=60, what="a stored trace")
+    return words
 
 
 async def _leader(node) -> bool:
@@ -178,7 +190,10 @@ async def test_every_json_output_has_its_documented_shape(busy_cluster):
         if out.returncode not in (0, 1) or not out.stdout.strip():  # migrate --status exits 1 with pending ones
             problems.append(f"{command}: exit {out.returncode}: {out.stderr[-500:]}")
             continue
-        actual = json.loads(out.stdout)
+        try:
+            actual = json.loads(out.stdout)
+        except json.JSONDecodeError:  # JSON lines (forge-node logs --json): a list of objects
+            actual = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
         assert actual, f"{command} printed nothing to compare: {out.stdout}"
         where, example = shapes[command]
         problems += [f"{p} (documented in {where})" for p in check_shape(actual, example, command)]

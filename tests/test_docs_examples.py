@@ -258,6 +258,14 @@ async def _enqueue_from_python(ex: Ex) -> None:
         await pool.close()
 
 
+@runs("forge-worker/README.md#2")
+async def _workflow_definitions(ex: Ex) -> None:
+    registry = _registry_checked(ex.module("doc_workflows"))
+    checkout = registry.get("checkout")
+    assert checkout.kind == "workflow" and checkout.options["version"] == "2" and checkout.options["concurrency"] == 20
+    assert registry.get("place_order").kind == "mutation"
+
+
 # --- docstrings ------------------------------------------------------------------------------
 @runs("forge_worker.queue.JobQueue#0")
 async def _job_queue_docstring(ex: Ex) -> None:

@@ -52,6 +52,8 @@ def _argv(path: tuple[str, ...], parser: argparse.ArgumentParser) -> list[str]:
     for a in parser._actions:
         if not a.option_strings and a.nargs not in ("?", "*", argparse.PARSER) and a.dest != "help":
             argv.append("1" if a.type is not None and a.type is not str else "x")
+        elif a.option_strings and a.required:
+            argv += [a.option_strings[0], "1" if a.type is not None and a.type is not str else "x"]
     return argv
 
 
@@ -144,13 +146,14 @@ def test_config_errors_say_whether_the_file_or_which_variable_set_the_value(tmp_
 
 def test_a_worker_only_node_starts_with_the_whole_clusters_config(forge_processes):
     cluster = {"gateway": {"port": 8080, "max_body_bytes": 1000}, "scheduler": {"tick_interval": 0.5},
-               "realtime": {"fallback_poll": 1.0}, "worker": {"concurrency": 4}, "mesh": {"port": 7000}}
+               "realtime": {"fallback_poll": 1.0}, "worker": {"concurrency": 4}, "mesh": {"port": 7000},
+               "hello": {"greeting": "hi"}}
     node = forge_processes(cluster, env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1", "FORGE_PLUGINS": "forge_worker.hooks",
                                          "FORGE_LOG__LEVEL": "INFO"})
     assert node.ready_info()["roles"] == ["worker"]
     log = node.log()
     assert "config sections [gateway] ignored: they belong to forge-gateway, whose plugin is not loaded" in log
-    assert "config sections [mesh] ignored: they belong to forge-mesh, which is not installed" in log
+    assert "config sections [hello] ignored: they belong to forge-hello, which is not installed" in log
     assert "[scheduler] ignored: they belong to forge-scheduler" in log
     assert "[worker]" not in log.split("ignored")[0].rsplit("\n", 1)[-1]
 
@@ -270,8 +273,9 @@ def test_every_command_against_an_unreachable_database_says_so_in_one_line(tmp_p
     parser = build_parser(PluginLoader().load())
     # commands that never open the database: listing plugins, and forge-codegen's project scaffold
     # and TypeScript generation (they read only files)
-    offline = {("plugins",), ("new",), ("generate", "ts")}
-    argvs = [_argv(path, leaf) for path, leaf in cli_leaves(parser) if path not in offline]
+    offline = {("plugins",), ("new",), ("generate", "ts"), ("mesh", "init-ca"), ("mesh", "issue-cert")}
+    needs = {("mesh", "logs"): ["--follow"], ("logs",): ["--follow"]}  # without it, a usage error first
+    argvs = [_argv(path, leaf) + needs.get(path, []) for path, leaf in cli_leaves(parser) if path not in offline]
     argvs.append(["migrate", "--status"])
     env = _clean_env(FORGE_DATABASE__URL=url, FORGE_LOG__LEVEL="WARNING")
     for argv, out in zip(argvs, _run_all(argvs, env, tmp_path)):

@@ -120,6 +120,23 @@ async def test_queries_through_the_pooler_are_read_only_transactions(setup, data
     assert await node.pool.fetchval("SELECT count(*) FROM pa_log WHERE event = 'sneaky'") == 0
 
 
+async def test_forge_observe_writes_through_its_own_session_not_the_pooler(setup, database, forge_node):
+    """forge-observe's writer opens a session with startup settings (application_name,
+    synchronous_commit) that PgBouncer refuses: it connects to [database] direct_url. Before: it
+    reconnected forever ('unsupported startup parameter') and stored nothing."""
+    pytest.importorskip("forge_observe")
+    from loguru import logger
+
+    node = await forge_node(modules=["pooled_app"], config={
+        "database": {"url": setup.pooled(database), "direct_url": setup.direct(database)},
+        "node": {"roles": ["function"]}, "observe": {"write_interval": 0.05}})
+    logger.error("stored through the writer's own session")
+    (row,) = await eventually(lambda: node.pool.fetch(
+        "SELECT node_id FROM forge_obs_logs WHERE message = 'stored through the writer''s own session'"),
+        30, "the log line in PostgreSQL")
+    assert row["node_id"] == node.id
+
+
 async def test_worker_settings_stay_in_their_transactions(setup, database, forge_node):
     """The worker plans its statements with seq/bitmap scans off and writes results with
     synchronous_commit off. Through a pooler a session SET stays on whichever server connection

@@ -85,12 +85,15 @@ async def fresh_db(base: str, name: str) -> str:
 
 
 # --- FORGE ---------------------------------------------------------------------------------------
-async def forge_node(url: str, direct_url: str = "", **worker: Any):
+async def forge_node(url: str, direct_url: str = "", observe: bool = False, **worker: Any):
     from forge_kernel.config import load_config
     from forge_kernel.node import Node
     from forge_kernel.plugins import PluginLoader
 
-    loader = PluginLoader(env={}).load()
+    # "forge" runs without forge-observe (as before it existed); "forge-observe" with it at its defaults
+    loader = PluginLoader(env={} if observe else {"FORGE_DISABLE_PLUGINS": "observe"}).load()
+    if observe and "observe" not in {p.name for p in loader.loaded()}:
+        raise SystemExit("forge-observe is not installed in this environment (python3 dev.py test installs it)")
     data = {"database": {"url": url, "direct_url": direct_url, "pool_min": 2, "pool_max": 20},
             "node": {"roles": ["worker"]},
             "app": {"modules": ["forge_bench_jobs"], "example": False},
@@ -139,7 +142,7 @@ class Bouncer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None) -> float:
+async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None, observe: bool = False) -> float:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -150,19 +153,22 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None) -> floa
     for i in range(0, n, 10_000):
         await queue.enqueue_many([queue.request(fb.noop) for _ in range(min(10_000, n - i))])
     fb.STATE["done"] = 0
-    node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else await forge_node(url)
+    node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else await forge_node(url, observe=observe)
     await node.start()
     while fb.STATE["done"] < n:
         await asyncio.sleep(0.005)
     while await conn.fetchval("SELECT EXISTS (SELECT 1 FROM forge_jobs)"):
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - fb.STATE["first"]
+    # CPU of this process (the node's worker, plus this loop's polling, alike on both sides) per job
+    fb.STATE["cpu_us_per_job"] = (time.process_time() - fb.STATE["first_cpu"]) / n * 1e6
     await node.stop()
     await conn.close()
     return n / elapsed
 
 
-async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None) -> float:
+async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None,
+                           observe: bool = False) -> float:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -174,7 +180,7 @@ async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: 
         await node.start()
         conn = await asyncpg.connect(pooled, statement_cache_size=0)
     else:
-        node = await forge_node(url)
+        node = await forge_node(url, observe=observe)
         await node.start()
         conn = await asyncpg.connect(url)
     queue = JobQueue(conn)
@@ -434,6 +440,8 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
     runs = {
         ("forge", "drain"): lambda: forge_drain(base, args.jobs),
         ("forge_pgbouncer", "drain"): lambda: forge_drain(base, args.jobs, bouncer),
+        ("forge-observe", "drain"): lambda: forge_drain(base, args.jobs, observe=True),
+        ("forge-observe", "continuous"): lambda: forge_continuous(base, args.seconds, observe=True),
         ("pgqueuer", "drain"): lambda: pgq_run(base, "drain", args),
         ("procrastinate", "drain"): lambda: procrastinate_drain(base, args.jobs),
         ("forge", "continuous"): lambda: forge_continuous(base, args.seconds),
@@ -445,23 +453,40 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         # systems take turns, round after round, so a noisy neighbour on a shared machine hits
         # them alike; each system's figure is the median of its rounds
         samples: dict[str, list[float]] = {s: [] for s in systems}
+        cpu: dict[str, list[float]] = {s: [] for s in systems}
         for rnd in range(args.rounds):
-            for system in systems:
+            # every other round in reverse order, so neither side always runs first
+            for system in (systems if rnd % 2 == 0 else systems[::-1]):
                 if system == "procrastinate" and rnd >= args.procrastinate_rounds:
                     continue
                 rate = await runs[(system, mode)]()
                 samples[system].append(rate)
-                print(f"  {mode:<10} {system:<14} round {rnd + 1}: {rate:>10,.0f} jobs/s  "
+                per_job = ""
+                if system.startswith("forge") and mode == "drain":
+                    import forge_bench_jobs as fb
+
+                    cpu[system].append(fb.STATE["cpu_us_per_job"])
+                    per_job = f", {fb.STATE['cpu_us_per_job']:.1f} us CPU per job"
+                print(f"  {mode:<10} {system:<14} round {rnd + 1}: {rate:>10,.0f} jobs/s{per_job}  "
                       f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
         for system in systems:
             res[(system, mode)] = statistics.median(samples[system])
-            print(f"  {mode:<10} {system:<14} median {res[(system, mode)]:>10,.0f} jobs/s", flush=True)
+            per_job = f", {statistics.median(cpu[system]):.1f} us CPU per job" if cpu[system] else ""
+            print(f"  {mode:<10} {system:<14} median {res[(system, mode)]:>10,.0f} jobs/s{per_job}", flush=True)
         for peer in systems:
-            if peer != "forge" and "forge" in systems:
+            if peer not in ("forge", "forge-observe") and "forge" in systems:
                 print(f"  {mode:<10} FORGE / {peer:<14} {res[('forge', mode)] / res[(peer, mode)]:>6.2f}x", flush=True)
         if "forge" in systems and "forge_pgbouncer" in systems:
             print(f"  {mode:<10} FORGE through PgBouncer / direct {res[('forge_pgbouncer', mode)] / res[('forge', mode)]:>6.2f}x",
                   flush=True)
+        if "forge" in systems and "forge-observe" in systems:
+            ratio = res[("forge-observe", mode)] / res[("forge", mode)]
+            paired = statistics.median(o / f for o, f in zip(samples["forge-observe"], samples["forge"]))
+            extra = (f"; CPU per job {statistics.median(cpu['forge-observe']) - statistics.median(cpu['forge']):+.1f} us"
+                     if cpu["forge"] else "")
+            res[("ratio", mode)] = ratio
+            print(f"  {mode:<10} with forge-observe / without = {ratio:.3f} (medians), {paired:.3f} (median of "
+                  f"per-round ratios); target >= 0.95{extra}", flush=True)
     if "forge" in systems and args.latency_seconds > 0:
         p50, p99, offered, n, c50, c99 = await forge_latency(base, args.latency_seconds)
         res["latency"] = (p50, p99, offered, n, c50, c99)
@@ -499,7 +524,9 @@ async def main_async(args: argparse.Namespace) -> None:
         for mode in args.modes:
             line = "  ".join(f"{s}={res[(s, mode)]:,.0f}" for s in args.systems)
             ratios = "  ".join(f"FORGE/{s}={res[('forge', mode)] / res[(s, mode)]:.2f}x"
-                               for s in args.systems if s != "forge" and "forge" in args.systems)
+                               for s in args.systems if s not in ("forge", "forge-observe") and "forge" in args.systems)
+            if ("ratio", mode) in res:
+                ratios += f"  with/without forge-observe={res[('ratio', mode)]:.3f}"
             print(f"  {label:<8} {mode:<10} {line}   {ratios}")
         if "latency" in res:
             p50, p99, offered, n, c50, c99 = res["latency"]
@@ -517,7 +544,8 @@ def main() -> None:
                    help="rounds for Procrastinate (an order of magnitude slower; one round takes minutes)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=["stock", "nofsync"])
     p.add_argument("--systems", type=lambda s: s.split(","), default=["forge", "pgqueuer", "procrastinate"],
-                   help="forge, forge_pgbouncer (FORGE's pool through PgBouncer), pgqueuer, procrastinate")
+                   help="forge (without forge-observe), forge-observe (FORGE with it at its defaults), "
+                        "forge_pgbouncer (FORGE's pool through PgBouncer), pgqueuer, procrastinate")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "continuous"],
                    help="throughput modes to run (drain,continuous); empty for the latency run only")
     args = p.parse_args()

@@ -11,7 +11,16 @@ through PgBouncer in transaction mode (``[database] url``, pool_size = ``--pool-
 straight to the server, ``direct_url``): its ratio to the direct FORGE node is printed, with
 PgBouncer's own CPU per request.
 
-    .venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3]
+    .venv/bin/python bench/rpc/run.py [--duration 10] [--connections 32] [--rounds 3] [--observe | --observe-only]
+    .venv/bin/python bench/rpc/run.py --instructions 1000
+
+The FORGE node runs without forge-observe (``FORGE_DISABLE_PLUGINS=observe``). ``--observe`` adds
+the same node with forge-observe at its defaults to every round; ``--observe-only`` runs just the
+two of them (many short rounds fit in the same time). Contenders take turns in a round, in reverse
+order every other round; the with/without ratio is printed as the ratio of medians and as the
+median of each round's own ratio, with the CPU each request cost in the server process.
+``--instructions N`` counts, with callgrind, the CPU instructions a request costs each node
+instead: a figure that does not move with the machine's load.
 """
 
 from __future__ import annotations
@@ -117,6 +126,54 @@ def check(url: str, body: dict | list, expect: object) -> None:
         raise SystemExit(f"{url} answered {got!r}, expected {expect!r}")
 
 
+def instructions_per_request(tmp: Path, env: dict, n: int, observe: bool) -> float:
+    """CPU instructions one ``POST /rpc/value`` costs the node, counted by callgrind (steady on a
+    shared machine, where timings swing by 2x): the node runs under valgrind with instrumentation
+    off, is warmed up, then ``n`` requests (8 at a time) are counted. forge-observe's timed loops
+    (metric snapshots every 10 s, writes every 0.5 s) would run 50x more often per request under
+    valgrind's slowdown: they are slowed down too (``flush_interval`` 3600 s, ``write_interval``
+    60 s), so the figure is the per-request path plus the aggregation of its events."""
+    port, out = free_port(), tmp / f"callgrind.{'observe' if observe else 'forge'}"
+    node_env = {**env, "FORGE_GATEWAY__PORT": str(port)}
+    if observe:
+        node_env.update(FORGE_OBSERVE__FLUSH_INTERVAL="3600", FORGE_OBSERVE__WRITE_INTERVAL="60",
+                        FORGE_NODE__ID="bench-observe-cg")
+    else:
+        node_env.update(FORGE_DISABLE_PLUGINS="observe", FORGE_NODE__ID="bench-cg")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no",
+                             f"--callgrind-out-file={out}", PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                            env=node_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    async def load(count: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def worker(k: int) -> None:
+                for _ in range(k):
+                    assert (await client.post("/rpc/value", json={"id": 7})).status_code == 200
+            await asyncio.gather(*(worker(count // 8) for _ in range(8)))
+
+    def control(*argv: str) -> None:
+        subprocess.run(["callgrind_control", *argv, str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+
+    try:
+        wait_for(lambda: httpx.get(url + "/ready", timeout=30).status_code == 200, 600, 1, "the node under valgrind")
+        asyncio.run(load(400))
+        control("-z")
+        control("-i", "on")
+        asyncio.run(load(n))
+        control("-i", "off")
+        control("-d", "measured")
+        time.sleep(1)
+        for dump in tmp.glob(out.name + "*"):
+            text = dump.read_text(errors="replace")
+            if re.search(r"^desc: Trigger: dump measured", text, re.M):
+                return int(re.search(r"^totals: (\d+)", text, re.M).group(1)) / (n // 8 * 8)
+        raise SystemExit("callgrind wrote no dump for the measured requests")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 async def pg_settings(url: str) -> dict:
     conn = await asyncpg.connect(url)
     try:
@@ -137,8 +194,18 @@ def main() -> None:
                     help="[app] row_security of the FORGE node: 'on' puts the caller into every call's transaction")
     ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"],
                     help="event loop of both servers ([node] event_loop for FORGE, uvicorn --loop for bare)")
+    ap.add_argument("--observe", action="store_true",
+                    help="also run the FORGE node with forge-observe at its defaults and compare (target >= 0.95)")
+    ap.add_argument("--observe-only", action="store_true",
+                    help="run only FORGE with and without forge-observe (no bare app, no PgBouncer)")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="instead of wrk rounds: CPU instructions per request with and without forge-observe, "
+                         "counted by callgrind over N requests each (needs valgrind)")
     args = ap.parse_args()
-    if not shutil.which("wrk"):
+    args.observe = args.observe or args.observe_only
+    if args.instructions and not shutil.which("valgrind"):
+        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
+    if not args.instructions and not shutil.which("wrk"):
         raise SystemExit("wrk is required: apt-get install -y wrk")
 
     load_start = os.getloadavg()
@@ -161,12 +228,31 @@ def main() -> None:
             "node": {"id": "bench", "roles": ["gateway", "function"], "event_loop": args.loop},
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
+        if args.instructions:
+            without = instructions_per_request(tmp, env, args.instructions, observe=False)
+            with_ = instructions_per_request(tmp, env, args.instructions, observe=True)
+            print(f"CPU instructions per request (callgrind, {args.instructions} requests each): without "
+                  f"forge-observe {without:,.0f}, with {with_:,.0f} ({with_ - without:+,.0f}, "
+                  f"{(with_ / without - 1) * 100:+.1f}%); load average {os.getloadavg()}")
+            return
         forge_log = open(tmp / "forge.log", "wb")
-        forge_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp, env=env,
+        # the FORGE node as before forge-observe existed; with --observe a second one has it
+        forge_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                                      env={**env, "FORGE_DISABLE_PLUGINS": "observe"},
                                       stdout=forge_log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(forge_proc)
+        observed_proc, observed = None, ""
+        if args.observe:
+            obs_port = free_port()
+            observed_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                                             env={**env, "FORGE_GATEWAY__PORT": str(obs_port),
+                                                  "FORGE_NODE__ID": "bench-observe"},
+                                             stdout=open(tmp / "forge-observe.log", "wb"), stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            procs.append(observed_proc)
+            observed = f"http://127.0.0.1:{obs_port}"
         pooled_port, pooled_proc = 0, None
-        if PgBouncer.binary():
+        if PgBouncer.binary() and not args.observe_only:
             where = urlsplit(db_url)
             bouncer = PgBouncer(private_folder("forge-bench-rpc-pgbouncer-"), where.hostname, where.port,
                                 {where.username: secrets.token_hex(12)}, pool_size=args.pool_max).start()
@@ -198,8 +284,17 @@ def main() -> None:
         check(forge + "/rpc/value", {"id": 7}, {"data": 8})
         check(bare + "/value", {"id": 7}, {"data": 8})
         if bouncer:
-            wait_for(lambda: httpx.get(pooled + "/ready").status_code == 200, 60, 0.2, "FORGE node through PgBouncer")
+            try:
+                wait_for(lambda: httpx.get(pooled + "/ready").status_code == 200, 60, 0.2, "FORGE node through PgBouncer")
+            except TimeoutError:
+                raise SystemExit("the FORGE node through PgBouncer did not start:\n"
+                                 + (tmp / "pooled" / "forge.log").read_text(errors="replace")[-3000:]) from None
             check(pooled + "/rpc/value", {"id": 7}, {"data": 8})
+        if observed:
+            wait_for(lambda: httpx.get(observed + "/ready").status_code == 200, 60, 0.2, "FORGE node with forge-observe")
+            check(observed + "/rpc/value", {"id": 7}, {"data": 8})
+            if "forge_function_calls_total" not in httpx.get(observed + "/metrics").text:
+                raise SystemExit("the node with forge-observe serves no metrics: is forge-observe installed?")
         batch = [{"jsonrpc": "2.0", "method": "value", "params": {"id": i}, "id": i} for i in range(10)]
         check(forge + "/rpc", batch, [{"jsonrpc": "2.0", "result": i + 1, "id": i} for i in range(10)])
 
@@ -209,7 +304,12 @@ def main() -> None:
         # warm-up: prepared statements, pool connections, CPU caches
         run_wrk(forge, s_forge, 2, args.connections)
         run_wrk(bare, s_bare, 2, args.connections)
-        contenders = [("forge", forge, s_forge, forge_proc.pid), ("bare", bare, s_bare, bare_proc.pid)]
+        contenders = [("forge", forge, s_forge, forge_proc.pid)]
+        if observed:
+            run_wrk(observed, s_forge, 2, args.connections)
+            contenders.append(("observe", observed, s_forge, observed_proc.pid))
+        if not args.observe_only:
+            contenders.append(("bare", bare, s_bare, bare_proc.pid))
         if bouncer:
             run_wrk(pooled, s_forge, 2, args.connections)
             contenders.append(("pgbouncer", pooled, s_forge, pooled_proc.pid))
@@ -217,7 +317,8 @@ def main() -> None:
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         results["batch10"] = []
         for i in range(args.rounds):
-            for name, url, script, pid in contenders:
+            # every other round in reverse order: no contender always follows the same one
+            for name, url, script, pid in (contenders if i % 2 == 0 else contenders[::-1]):
                 res = run_wrk(url, script, args.duration, args.connections, server_pid=pid, postmaster=postmaster,
                               pooler_pid=bouncer.proc.pid if name == "pgbouncer" else None)
                 results[name].append(res)
@@ -226,7 +327,7 @@ def main() -> None:
                       f"p99 {res['p99_ms']:6.2f} ms  cpu/req server {res['server_cpu_us_per_req']:5.0f} us "
                       f"postgres {res['pg_cpu_us_per_req']:5.0f} us{extra}  non-2xx {res['non2xx']} "
                       f"{res['socket_errors']}  (load avg {os.getloadavg()[0]:.1f})", flush=True)
-        for i in range(max(1, args.rounds - 1)):
+        for i in range(0 if args.observe_only else max(1, args.rounds - 1)):
             res = run_wrk(forge, s_batch, args.duration, args.connections, server_pid=forge_proc.pid, postmaster=postmaster)
             results["batch10"].append(res)
             print(f"round {i + 1} batch10 {res['rps']:8.0f} req/s ({res['rps'] * 10:.0f} calls/s)  "
@@ -236,39 +337,58 @@ def main() -> None:
             return statistics.median(r[key] for r in results[name])
 
         keys = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "pg_cpu_us_per_req")
-        summary = {name: {k: med(name, k) for k in keys} for name in results}
+        summary = {name: {k: med(name, k) for k in keys} for name in results if results[name]}
         if bouncer:
             summary["pgbouncer"]["pgbouncer_cpu_us_per_req"] = med("pgbouncer", "pgbouncer_cpu_us_per_req")
-        summary["ratio_forge_over_bare"] = summary["forge"]["rps"] / summary["bare"]["rps"]
         # req/s on a shared 2-core machine swings with other load; CPU per request is the steadier
         # measure of the work each side does (server process + PostgreSQL backends)
         def cost_of(s: dict) -> float:
             return s["server_cpu_us_per_req"] + s["pg_cpu_us_per_req"] + s.get("pgbouncer_cpu_us_per_req", 0.0)
 
-        cost = {n: cost_of(summary[n]) for n in ("forge", "bare")}
-        summary["cpu_ratio_bare_over_forge"] = cost["bare"] / cost["forge"]
+        cost = {n: cost_of(summary[n]) for n in ("forge", "bare") if n in summary}
+        if "bare" in summary:
+            summary["ratio_forge_over_bare"] = summary["forge"]["rps"] / summary["bare"]["rps"]
+            summary["cpu_ratio_bare_over_forge"] = cost["bare"] / cost["forge"]
+        if observed:
+            with_, without = summary["observe"], summary["forge"]
+            summary["ratio_observe_over_forge"] = with_["rps"] / without["rps"]
+            summary["ratio_observe_over_forge_per_round"] = statistics.median(
+                o["rps"] / f["rps"] for o, f in zip(results["observe"], results["forge"]))
+            summary["observe_server_cpu_us_per_req_added"] = (with_["server_cpu_us_per_req"]
+                                                              - without["server_cpu_us_per_req"])
+            summary["observe_pg_cpu_us_per_req_added"] = with_["pg_cpu_us_per_req"] - without["pg_cpu_us_per_req"]
         if bouncer:
             pooled_cost = cost_of(summary["pgbouncer"])
             summary["ratio_pgbouncer_over_direct"] = summary["pgbouncer"]["rps"] / summary["forge"]["rps"]
             summary["cpu_ratio_direct_over_pgbouncer"] = cost["forge"] / pooled_cost
-        summary["batch10"]["calls_per_s"] = summary["batch10"]["rps"] * 10
+        if "batch10" in summary:
+            summary["batch10"]["calls_per_s"] = summary["batch10"]["rps"] * 10
         summary["postgresql"] = settings
         summary["setup"] = {"connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
                             "pool_max": args.pool_max, "server": "uvicorn+httptools, 1 process each",
                             "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count(),
                             "row_security": args.row_security}
         print("\nmedians:")
-        for name in [n for n in ("forge", "bare", "pgbouncer", "batch10") if n in summary]:
+        for name in [n for n in ("forge", "observe", "bare", "pgbouncer", "batch10") if n in summary]:
             s = summary[name]
             print(f"  {name:8s} {s['rps']:9.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  "
-                  f"cpu/req server {s['server_cpu_us_per_req']:.0f} us postgres {s['pg_cpu_us_per_req']:.0f} us")
-        print(f"  batch10 = {summary['batch10']['calls_per_s']:.0f} calls/s")
-        print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} req/s (target >= 0.8); "
-              f"by CPU per request (server + PostgreSQL) {summary['cpu_ratio_bare_over_forge']:.3f}")
+                  f"cpu/req server {s['server_cpu_us_per_req']:.1f} us postgres {s['pg_cpu_us_per_req']:.1f} us")
+        if "batch10" in summary:
+            print(f"  batch10 = {summary['batch10']['calls_per_s']:.0f} calls/s")
+        if "bare" in summary:
+            print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} req/s (target >= 0.8); "
+                  f"by CPU per request (server + PostgreSQL) {summary['cpu_ratio_bare_over_forge']:.3f}")
+        if observed:
+            print(f"  ratio FORGE with forge-observe / without = {summary['ratio_observe_over_forge']:.3f} req/s "
+                  f"(medians), {summary['ratio_observe_over_forge_per_round']:.3f} (median of per-round ratios); "
+                  f"target >= 0.95; CPU per request added: server "
+                  f"{summary['observe_server_cpu_us_per_req_added']:+.1f} us, PostgreSQL "
+                  f"{summary['observe_pg_cpu_us_per_req_added']:+.1f} us")
         if bouncer:
             print(f"  FORGE through PgBouncer / direct = {summary['ratio_pgbouncer_over_direct']:.3f} req/s; by CPU per "
                   f"request (server + PostgreSQL + PgBouncer) {summary['cpu_ratio_direct_over_pgbouncer']:.3f}")
         summary["load_avg"] = {"start": load_start, "end": os.getloadavg()}
+        print(f"  load average: start {load_start}, end {summary['load_avg']['end']}")
         print(f"  PostgreSQL: {settings}")
         (HERE / "last_result.json").write_text(json.dumps(summary, indent=2) + "\n")
     finally:

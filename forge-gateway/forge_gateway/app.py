@@ -9,6 +9,7 @@ Every error leaves as ``{"error": {"code", "message", "details"}}`` with the sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, Iterable
 
@@ -51,9 +52,12 @@ class Gateway:
         self.credential_headers = {b"authorization": "Authorization",
                                    self.api_key_header.encode("latin-1"): config.api_key_header}
         #: request headers the /rpc/{function} handler reads (raw, lower-case as ASGI gives them)
-        self.header_names = frozenset({b"x-request-id", b"content-length", *self.credential_headers}
+        self.header_names = frozenset({b"x-request-id", b"content-length", b"traceparent", *self.credential_headers}
                                       | ({b"x-forwarded-for"} if self.clients.reads_forwarded else set()))
-        self.serves_functions = node.runs("function")
+        self.telemetry = node.telemetry
+        #: this node does not run functions but sends /rpc calls to nodes that do (forge_call_forwarder)
+        self.forwards = not node.runs("function") and getattr(node.executor, "forwarder", None) is not None
+        self.serves_functions = node.runs("function") or self.forwards
         self.openapi = b""
         self.describe(node.registry)
 
@@ -134,6 +138,8 @@ async def ready(request: Request) -> Response:
                 async with node.pool.acquire() as conn:
                     if not await migmod.is_current(conn, all_migrations(node.loader, node.registry)):
                         reason = "migrations pending: run 'forge-node migrate'"
+            if reason is None and gw.forwards:
+                reason = node.executor.forwarder.problem()
         except (Exception, asyncio.TimeoutError) as exc:  # any failure to reach the database means not ready
             reason = f"database unreachable: {type(exc).__name__}: {exc}"
     if reason is None:
@@ -213,17 +219,65 @@ async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
     client = scope["client"][0] if scope.get("client") else None
     forwarded = headers.get("x-forwarded-for")
     client = gw.clients.of(client, [forwarded]) if forwarded is not None else (client or "unknown")
-    try:
-        if function:
-            response = await _call_function(gw, function, headers, receive, client, request_id)
-        else:
-            response = await _json_rpc(gw, headers, receive, client, request_id)
-    except _Disconnected:
+    tel = gw.telemetry
+    if not tel.enabled:
+        try:
+            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                              else _json_rpc(gw, headers, receive, client, request_id))
+        except _Disconnected:
+            return
+        await response(scope, receive, send)
         return
-    await response(scope, receive, send)
+    # the request's span continues the caller's W3C traceparent
+    remote = headers.get("traceparent")
+    attrs = {"request.id": request_id, "http.status_code": 0}
+    span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
+                          remote=remote, attrs=attrs)
+    try:
+        try:
+            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                              else _json_rpc(gw, headers, receive, client, request_id))
+        except _Disconnected:
+            return
+        status = attrs["http.status_code"] = response.status_code
+        # The reply names its trace when that is of use: the caller traces, or the trace is stored
+        # for sure (head-sampled, or a server error). Every other reply has only x-request-id, which
+        # a stored root span also records: formatting and sending the header on every reply cost
+        # 15k CPU instructions per request, half the overhead budget (bench/rpc/README.md).
+        if remote is not None or status >= 500 or span.sampled:
+            # the raw header list (MutableScopeHeaders.headers): its add() lower-cases and encodes again
+            response.headers.headers.append((b"traceparent", span.traceparent().encode("latin-1")))
+        await response(scope, receive, send)
+    finally:
+        status = attrs["http.status_code"]
+        tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
 
 
 RPC_PREFIX = "/rpc"
+
+
+async def _unless_disconnected(gw: Gateway, receive: Any, work: Any) -> Any:
+    """Await ``work``; on a node that forwards calls, a client that goes away first cancels it (and so
+    the call on the node running it). Raises ``_Disconnected`` then. Only after the body was read."""
+    if not gw.forwards:
+        return await work
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise _Disconnected
+
+
+async def _disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @asgi("/rpc", is_mount=True, copy_scope=False)
@@ -286,7 +340,8 @@ async def _call_function(gw: Gateway, function: str, headers: dict[str, str], re
         auth = await _caller(gw, headers)
         body = await _body(gw, headers, receive)
         args = decode_json(body) if body.strip() else {}
-        result = await gw.caller.call(function, args, auth, client=client, request_id=request_id)
+        result = await _unless_disconnected(gw, receive, gw.caller.call(function, args, auth, client=client,
+                                                                        request_id=request_id))
         return json_asgi(encode_or_internal({"data": result}, request_id, function), 200, {"x-request-id": request_id})
     except ForgeError as exc:
         return error_asgi(exc, request_id)
@@ -305,7 +360,8 @@ async def _json_rpc(gw: Gateway, headers: dict[str, str], receive: Any, client: 
         content = _encode(rpc_error(None, code, f"Parse error: {exc.message}" if code == PARSE_ERROR else exc.message,
                                     exc.code, exc.details))
         return json_asgi(content, exc.status, out_headers)
-    reply, error = await gw.rpc.handle(payload, auth, client=client, request_id=request_id)
+    reply, error = await _unless_disconnected(gw, receive, gw.rpc.handle(payload, auth, client=client,
+                                                                         request_id=request_id))
     if reply is None:
         return ASGIResponse(body=b"", status_code=204, headers=out_headers)
     status = 200
@@ -352,8 +408,8 @@ def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
     cors = None
     if cfg.cors_origins:
         cors = CORSConfig(allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
-                          allow_headers=["authorization", "content-type", "x-request-id", cfg.api_key_header.lower()],
-                          expose_headers=["x-request-id", "retry-after"], allow_credentials=cfg.cors_allow_credentials)
+                          allow_headers=["authorization", "content-type", "x-request-id", "traceparent", cfg.api_key_header.lower()],
+                          expose_headers=["x-request-id", "retry-after", "traceparent"], allow_credentials=cfg.cors_allow_credentials)
     app = Litestar(
         route_handlers=routes,
         cors_config=cors,

@@ -31,7 +31,7 @@ CHANNEL = "forge_changes"
 # committed before it (a replica that replayed it shows them all; see forge_kernel.reads)
 _POLL_SQL = """
 SELECT pg_snapshot_xmin(s.snap)::text AS xmin, pg_snapshot_xmax(s.snap)::text AS xmax, s.lsn,
-       c.xid::text AS xid, c.tbl, c.op, c.old_rows, c.new_rows
+       c.xid::text AS xid, c.tbl, c.op, c.old_rows, c.new_rows, c.trace
 FROM (SELECT pg_current_snapshot() AS snap, pg_current_wal_insert_lsn() AS lsn) s
 LEFT JOIN forge_changes c ON c.xid >= $1::text::xid8 AND NOT (c.xid = ANY($2::text[]::xid8[]))
 ORDER BY c.xid
@@ -49,6 +49,8 @@ class Change:
     old_rows: tuple[dict[str, Any], ...] = ()
     new_rows: tuple[dict[str, Any], ...] = ()
     xid: int = 0
+    #: the W3C traceparent of the (sampled) mutation that wrote it
+    trace: str | None = None
 
     def rows(self) -> tuple[dict[str, Any], ...]:
         return self.old_rows + self.new_rows
@@ -87,7 +89,8 @@ async def poll(conn: asyncpg.Connection, cursor: LogCursor) -> list[Change]:
             continue
         xid = int(r["xid"])
         xids.add(xid)
-        changes.append(Change(r["tbl"], r["op"], tuple(r["old_rows"] or ()), tuple(r["new_rows"] or ()), xid))
+        changes.append(Change(r["tbl"], r["op"], tuple(r["old_rows"] or ()), tuple(r["new_rows"] or ()), xid,
+                              r["trace"]))
     cursor.advance(int(rows[0]["xmin"]), int(rows[0]["xmax"]), xids)
     cursor.lsn = max(cursor.lsn, rows[0]["lsn"])
     return changes

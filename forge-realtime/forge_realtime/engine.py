@@ -25,6 +25,7 @@ from loguru import logger
 from forge_kernel.db import TableRead
 from forge_kernel.errors import ForgeError, InvalidArgument, NotFound
 from forge_kernel.executor import Auth, bind_arguments
+from forge_kernel.telemetry import current_span, traceparent
 
 from .capture import CaptureError, CaptureManager
 from .changes import Change
@@ -236,6 +237,8 @@ class LiveQuery:
     queued: bool = False
     dirty: bool = False
     pending: list[Change] = attrs.field(factory=list)
+    #: the traceparent of a traced write that made this query dirty: its next run continues that trace
+    cause: str | None = None
     #: tables with more changes than ``pending`` may hold while the query ran or waited for its
     #: first run: any read of them makes it dirty
     overflow: set[str] = attrs.field(factory=set)
@@ -277,6 +280,8 @@ class LiveQueryEngine:
         self.uses_auth: dict[str, bool] = {}
         self.stats = EngineStats()
         self._queue: deque[LiveQuery] = deque()
+        #: the node's telemetry (``node.telemetry``), when it has one
+        self.telemetry = getattr(getattr(executor, "node", None), "telemetry", None)
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task] = []
 
@@ -327,6 +332,8 @@ class LiveQueryEngine:
         if q.result_json is not None and not q.running and not q.queued and not q.dirty:
             self._deliver_one(q, sub)
         else:
+            if q.cause is None and not q.running:
+                q.cause = traceparent()  # the first run joins the trace of the subscribe that asked for it
             self._schedule(q)
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -367,6 +374,8 @@ class LiveQueryEngine:
                 if not q.running and not q.dirty and any(change_touches(r, change) for r in q.reads or ()):
                     self.stats.invalidations += 1
                     q.dirty = True
+                    if change.trace:
+                        q.cause = change.trace
                     self._schedule(q)
 
     def on_resync(self, position: int) -> None:
@@ -440,12 +449,32 @@ class LiveQueryEngine:
         q.runs += 1
         calls: list[Any] = []
         started = time.monotonic()  # before the query's snapshot (see CaptureManager.ensure)
+        tel = self.telemetry
+        span = tel.start_span(f"live query {q.function}", "internal", remote=q.cause or "",
+                              attrs={"live.subscribers": len(q.subscriptions), "live.run": q.runs}) \
+            if tel is not None and tel.enabled else None
+        q.cause = None
         try:
             result = await self.executor.call(q.function, q.args, auth, track_reads=True, call_out=calls)
         except ForgeError as exc:
             q.running = False
+            if span is not None:
+                tel.end_span(span, exc.code)
             self._fail(q, exc)
             return
+        finally:
+            if tel is not None and tel.enabled:
+                tel.emit("rt.rerun", q.function, time.monotonic() - started)
+        if span is not None:
+            # the pushes it causes are children of this span; it ends once they are queued
+            try:
+                await self._finish_run(q, calls, result, started, position)
+            finally:
+                tel.end_span(span)
+            return
+        await self._finish_run(q, calls, result, started, position)
+
+    async def _finish_run(self, q: LiveQuery, calls: list[Any], result: Any, started: float, position: int) -> None:
         call = calls[0]
         defn = call.defn
         reads = list(dict.fromkeys(list(call.reads) + [TableRead(t) for t in defn.reads]))
@@ -489,12 +518,21 @@ class LiveQueryEngine:
             if not sub.acked:
                 sub.acked = True
                 self.stats.unchanged += 1
+                if self.telemetry is not None and self.telemetry.enabled:
+                    self.telemetry.emit("rt.push", "unchanged")
                 sub.owner.push(sub.sub_id, (encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
                                                     "position": q.position}),), "unchanged")
             return
         sub.acked = True
         sub.last_hash = q.hash
         self.stats.pushes += 1
+        tel = self.telemetry
+        if tel is not None and tel.enabled:
+            tel.emit("rt.push", "data")
+            span = current_span()
+            if span is not None:
+                now = time.time_ns()
+                span.record("push", "producer", now, now, {"live.subscription": sub.sub_id, "live.hash": q.hash})
         sub.owner.push(sub.sub_id, (sub.data_head, q.data_tail), "data")
 
     def _fail(self, q: LiveQuery, exc: ForgeError) -> None:

@@ -60,3 +60,15 @@ def forge_gateway_routes(node):
     if not node.runs(ROLE):
         return []
     return [websocket_handler(node)]
+
+
+@hookimpl
+def forge_node_activity(node):
+    if not node.runs(ROLE):
+        return None
+    rt = for_node(node)
+    engine = rt.engine
+    return {"realtime": {"sockets": len(rt.sessions), "accepting": rt.accepting,
+                         "subscriptions": sum(len(q.subscriptions) for q in engine.queries.values()) if engine else 0,
+                         "live_queries": len(engine.queries) if engine else 0,
+                         "running": len(engine.running) if engine else 0}}

@@ -53,6 +53,12 @@ class Realtime:
         node.supervisor.spawn("realtime-changes", self.reader.run, service=SERVICE_NAME)
         await asyncio.wait_for(self.reader.ready.wait(), 30)
         self.engine.start()
+        tel = node.telemetry
+        tel.gauge("forge_realtime_connections", "Open WebSocket connections", lambda: len(self.sessions))
+        tel.gauge("forge_realtime_subscriptions", "Live-query subscriptions",
+                  lambda: sum(len(s.subscriptions) for s in self.sessions))
+        tel.gauge("forge_realtime_live_queries", "Distinct live-query executions (shared by subscribers)",
+                  lambda: len(self.engine.queries))
         self.accepting = True
         self.started.set()
         try:
@@ -99,12 +105,14 @@ class Realtime:
     def verifier(self) -> Any:
         return self.node.loader.hook.forge_auth_verifier(node=self.node)
 
-    async def serve(self, transport: Any, scope: Any = None) -> Session | None:
-        """Run one connection (whose ASGI scope is ``scope``) to its end."""
+    async def serve(self, transport: Any, scope: Any = None, traceparent: str | None = None) -> Session | None:
+        """Run one connection (whose ASGI scope is ``scope``) to its end. ``traceparent``: the trace
+        its messages' spans continue."""
         client = "unknown"
         if self.limits is not None and scope is not None:
             client = self.limits.client_address(scope)
         session = Session(self.engine, self.verifier(), self.config, transport, limits=self.limits, client=client)
+        session.telemetry, session.traceparent = self.node.telemetry, traceparent
         self.sessions.add(session)
         try:
             await session.serve()
@@ -147,14 +155,23 @@ def websocket_handler(node: Any, path: str = "/ws") -> Any:
 
     @websocket(path)
     async def forge_realtime_socket(socket: WebSocket) -> None:
-        await socket.accept()
-        if not rt.accepting and not rt.draining:
-            # the gateway may come up a moment before this service: wait instead of bouncing clients
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(rt.started.wait(), 10)
-        if not rt.accepting:
-            await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
-            return
-        await rt.serve(LitestarTransport(socket), socket.scope)
+        tel = node.telemetry
+        # a span for the handshake only (a connection lasts hours): it continues the client's
+        # traceparent, and each message's span continues it in turn, so a connection is one trace
+        span = tel.start_span(f"WS {path}", "server", remote=socket.headers.get("traceparent") or "",
+                              attrs={"ws.path": path}) if tel.enabled else None
+        try:
+            await socket.accept()
+            if not rt.accepting and not rt.draining:
+                # the gateway may come up a moment before this service: wait instead of bouncing clients
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(rt.started.wait(), 10)
+            if not rt.accepting:
+                await socket.close(code=CLOSE_GOING_AWAY, reason="realtime is not running on this node")
+                tel.end_span(span, "UNAVAILABLE")
+                return
+        finally:
+            tel.end_span(span)
+        await rt.serve(LitestarTransport(socket), socket.scope, span.traceparent() if span is not None else None)
 
     return forge_realtime_socket

@@ -102,6 +102,9 @@ class Session:
         self._expiry: asyncio.Task | None = None
         self._writer_task: asyncio.Task | None = None
         self._timed_out = False
+        #: the node's telemetry and the trace each message's span continues (set by Realtime.serve)
+        self.telemetry: Any = None
+        self.traceparent: str | None = None
 
     # --- the engine's side (Subscriber protocol) ---------------------------------------
     def push(self, sub_id: str, message: Message, kind: str) -> None:
@@ -233,13 +236,27 @@ class Session:
                 f"unknown message type {kind!r}; expected auth, subscribe, unsubscribe or ping"), None))
             return
         sub_id = msg.get("id") if kind in ("subscribe", "unsubscribe") and _valid_id(msg.get("id")) else None
+        tel = self.telemetry
+        span = None
+        if kind != "ping" and tel is not None and tel.enabled:
+            attrs = {"ws.message": kind}
+            if kind == "subscribe" and isinstance(msg.get("function"), str):
+                attrs["live.function"] = msg["function"]
+            span = tel.start_span(f"WS {kind}", "server", remote=self.traceparent or "", attrs=attrs)
         try:
             await handler(msg)
         except ForgeError as exc:
             self._send(error_message(exc, sub_id))
+            if span is not None:
+                tel.end_span(span, exc.code)
         except Exception as exc:  # a bug of ours: answer without internals, keep the socket, log it
             logger.opt(exception=exc).error(f"realtime: handling a {kind!r} message failed")
             self._send(error_message(ForgeError("internal error while handling the message"), sub_id))
+            if span is not None:
+                tel.end_span(span, "INTERNAL")
+        finally:
+            if span is not None:
+                tel.end_span(span)
 
     # --- messages ---------------------------------------------------------------------------
     async def _on_ping(self, msg: dict[str, Any]) -> None:

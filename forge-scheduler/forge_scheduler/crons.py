@@ -90,11 +90,13 @@ class CronEngine:
     """The leader's cron loop. ``dispatcher`` returns the job store's dispatcher."""
 
     def __init__(self, pool: asyncpg.Pool, crons: Mapping[str, CronSettings], dispatcher: Callable[[], Any],
-                 *, tick_interval: float = 0.5) -> None:
+                 *, tick_interval: float = 0.5, telemetry: Any = None) -> None:
         self.pool = pool
         self.crons = dict(crons)
         self.dispatcher = dispatcher
         self.tick_interval = tick_interval
+        #: the node's telemetry (``node.telemetry``): slots dropped by the catch-up policy are ``cron.missed``
+        self.telemetry = telemetry
         self._next_cache: dict[tuple[str, dt.datetime], dt.datetime] = {}
         self.decisions = 0
         #: failed decisions per cron (each is retried on the next tick)
@@ -241,6 +243,8 @@ class CronEngine:
                    WHERE cron = $1""", name, now if not st["paused"] else st["decided_until"], plan.dropped)
         self.decisions += 1
         if plan.dropped:
+            if self.telemetry is not None:
+                self.telemetry.emit("cron.missed", name, plan.dropped)
             more = "at least " if plan.capped else ""
             logger.warning(f"cron {name}: {more}{plan.missed} slot(s) missed while no leader ran; ran the "
                            f"{plan.missed - plan.dropped} most recent (catch_up={cron.catch_up}), "
@@ -252,6 +256,21 @@ class CronEngine:
         req = job_request(cron.defn, {}, caller="scheduler")
         return attrs.evolve(req, options={**req.options, "cron": cron.name, "cron_run": run_id,
                                           "slot": slot.isoformat(), "trigger": kind})
+
+
+def count_run(telemetry: Any, outcome: JobOutcome) -> None:
+    """A ``cron.run`` event (cron, status, lag from the slot to the run's start) for whoever observes
+    the node (``node.telemetry``; free when nothing does)."""
+    if telemetry is None or not telemetry.enabled:
+        return
+    opts = outcome.options or {}
+    lag, slot, started = None, opts.get("slot"), outcome.started_at
+    if started is not None and isinstance(slot, str):
+        try:
+            lag = max(0.0, (started - dt.datetime.fromisoformat(slot)).total_seconds())
+        except (ValueError, TypeError):
+            lag = None
+    telemetry.emit("cron.run", opts.get("cron"), outcome.status, lag)
 
 
 async def record_outcome(pool: asyncpg.Pool, outcome: JobOutcome) -> bool:

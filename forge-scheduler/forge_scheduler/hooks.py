@@ -5,7 +5,7 @@ from __future__ import annotations
 from forge_kernel import hookimpl
 from forge_kernel.migrations import from_package
 
-from . import cli, crons, maintenance, service, settings
+from . import admin, cli, crons, maintenance, service, settings
 
 
 @hookimpl
@@ -41,7 +41,10 @@ def forge_maintenance_tasks(node):
 
 @hookimpl
 def forge_job_finished(node, outcome):
-    if "cron_run" not in (outcome.options or {}) or node.pool is None:
+    if "cron_run" not in (outcome.options or {}):
+        return None
+    crons.count_run(node.telemetry, outcome)
+    if node.pool is None:
         return None
     return crons.record_outcome(node.pool, outcome)
 
@@ -49,3 +52,8 @@ def forge_job_finished(node, outcome):
 @hookimpl
 def forge_cli_commands(subparsers):
     cli.add_commands(subparsers)
+
+
+@hookimpl
+def forge_admin_actions(node):
+    return admin.admin_actions(lambda: settings.crons_of(node.registry).values() if node.registry else ())

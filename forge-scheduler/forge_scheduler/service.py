@@ -43,7 +43,8 @@ def build(node: Any) -> Scheduler:
         except ForgeError as exc:
             names = ", ".join(sorted(crons))
             raise StartupError(f"the scheduler runs crons ({names}) as jobs but no job store is installed: {exc}") from None
-    engine = CronEngine(node.pool, crons, node.executor.dispatcher, tick_interval=cfg.tick_interval)
+    engine = CronEngine(node.pool, crons, node.executor.dispatcher, tick_interval=cfg.tick_interval,
+                        telemetry=node.telemetry)
     runner = MaintenanceRunner(node.pool, node.maintenance, node.id)
     election = LeaderElection(node.id, node.connect, cfg)
 

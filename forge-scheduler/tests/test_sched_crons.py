@@ -10,6 +10,7 @@ from sched_fake_store import FakeDispatcher
 from forge_kernel import cron
 from forge_kernel.db import create_pool
 from forge_kernel.executor import JobOutcome
+from forge_kernel.telemetry import Telemetry
 from forge_scheduler import api
 from forge_scheduler.crons import CronEngine, plan_slots, record_outcome
 from forge_scheduler.election import Leadership, NotLeader
@@ -64,7 +65,10 @@ class Harness:
     def __init__(self, pool, crons, dispatcher=None):
         self.pool = pool
         self.dispatcher = dispatcher or FakeDispatcher()
-        self.engine = CronEngine(pool, {c.name: c for c in crons}, lambda: self.dispatcher, tick_interval=0.05)
+        self.telemetry = Telemetry()
+        self.telemetry.attach(lambda trace: None)
+        self.engine = CronEngine(pool, {c.name: c for c in crons}, lambda: self.dispatcher, tick_interval=0.05,
+                                 telemetry=self.telemetry)
 
     async def lead(self, node_id="n1"):
         row = await self.pool.fetchrow(
@@ -125,6 +129,8 @@ async def test_catch_up_bound_after_an_outage(pool):
     assert 25 <= d.dropped <= 27
     state = await pool.fetchrow("SELECT dropped_total, last_dropped FROM forge_cron_state WHERE cron = 'tick'")
     assert state["dropped_total"] == d.dropped == state["last_dropped"]
+    # the dropped slots reach the node's telemetry (forge_cron_missed_slots_total with forge-observe)
+    assert [e for e in h.telemetry.drain() if e[0] == "cron.missed"] == [("cron.missed", ("tick", d.dropped))]
     slots = [r["slot"] for r in await h.runs("tick")]
     assert all((b - a) == dt.timedelta(seconds=1) for a, b in zip(slots, slots[1:]))  # the most recent, contiguous
 

@@ -68,7 +68,7 @@ def _print_jobs(jobs: list[Any], as_json: bool) -> None:
 async def _run(cli: Any) -> int:
     async with cli.connection() as conn:
         try:
-            return await run_jobs_command(JobQueue(conn), cli.args)
+            return await run_jobs_command(JobQueue(conn, hook=cli.loader.hook, config=cli.config()), cli.args)
         except ForgeError as exc:
             print(f"forge-node jobs: {exc.message}")
             return 1

@@ -50,3 +50,42 @@ class WorkerConfig:
     durable_results: bool = False
     #: seconds finished jobs stay in forge_job_history (0: delete them at once)
     history_retention: float = attrs.field(default=86_400.0, validator=in_range(0, 3650 * 86_400))
+
+
+@attrs.frozen
+class WorkflowConfig:
+    """The ``[workflows]`` section: the durable workflow runtime on worker nodes."""
+
+    #: workflow runs this node executes at the same time (waiting runs do not count)
+    concurrency: int = attrs.field(default=100, validator=in_range(1, 100_000))
+    #: seconds a claimed run stays leased without a checkpoint or renewal; then another worker resumes it
+    lease: float = attrs.field(default=30.0, validator=in_range(1, 86_400))
+    #: seconds between lease renewals of running runs (which also notice cancellations)
+    heartbeat_interval: float = attrs.field(default=1.0, validator=in_range(0.05, 3600))
+    #: seconds between checks for due runs when no NOTIFY arrives (fallback)
+    poll_interval: float = attrs.field(default=1.0, validator=in_range(0.01, 3600))
+    #: after a claim found work, look for more every ``spin_interval`` seconds for this long
+    spin_window: float = attrs.field(default=0.05, validator=in_range(0, 60))
+    spin_interval: float = attrs.field(default=0.002, validator=in_range(0.0005, 1))
+    #: seconds between this node's checks for runs whose worker died (0: leave it to maintenance)
+    rescue_interval: float = attrs.field(default=2.0, validator=in_range(0, 3600))
+    #: sleeps, retry back-offs and waits shorter than this stay in the worker holding the lease;
+    #: longer ones give the run up until they are due (it then costs no worker slot)
+    suspend_after: float = attrs.field(default=1.0, validator=in_range(0, 86_400))
+    #: retries of a step that sets none (attempts = retries + 1)
+    step_retries: int = attrs.field(default=3, validator=in_range(0, 1000))
+    #: retry delay of a step's attempt n: min(step_backoff_max, step_backoff * 2**(n-1)), jittered to 50-100 %
+    step_backoff: float = attrs.field(default=1.0, validator=in_range(0, 86_400))
+    step_backoff_max: float = attrs.field(default=300.0, validator=in_range(0, 30 * 86_400))
+    #: recoveries after a worker died holding a run before the run fails (``@workflow(max_recoveries=)``)
+    max_recoveries: int = attrs.field(default=10, validator=in_range(0, 1_000_000))
+    #: largest JSON text of a step result, a step's or run's arguments, an event payload (bytes)
+    max_value_bytes: int = attrs.field(default=1_048_576, validator=in_range(1024, 256 * 1_048_576))
+    #: wait for the WAL flush on every checkpoint. Off (the default, like ``[worker]
+    #: durable_results``): a checkpoint is committed and visible at once, but a PostgreSQL crash
+    #: (never a worker crash) may forget the last few hundred milliseconds of them - a consistent
+    #: earlier state, whose steps then run again, as after a worker crash. On: every step waits
+    #: for a disk flush (fdatasync: ~4-6 ms on this machine's disk)
+    durable_steps: bool = False
+    #: seconds ended runs (and their steps and events) are kept (0: forever)
+    retention: float = attrs.field(default=7 * 86_400.0, validator=in_range(0, 3650 * 86_400))

@@ -12,6 +12,7 @@ from loguru import logger
 
 from forge_kernel.db import Database
 from forge_kernel.executor import ActionContext, Auth, Call, set_caller
+from forge_kernel.telemetry import job_wait
 
 
 class RetryLater(Exception):
@@ -147,9 +148,23 @@ class JobContext(ActionContext):
     @property
     def log(self) -> Any:
         if self._log is None:
+            job_span(self._executor.telemetry, self._row, self._state)  # its lines name the trace
             self._log = logger.bind(request_id=self.request_id, function=self._call.defn.name,
                                     job_id=self._row["id"], attempt=self._row["attempt"])
         return self._log
+
+    # what the job hands on (calls, jobs) joins its trace, so it gets its span first
+    async def query(self, fn: Any, /, **args: Any) -> Any:
+        job_span(self._executor.telemetry, self._row, self._state)
+        return await super().query(fn, **args)
+
+    async def mutation(self, fn: Any, /, **args: Any) -> Any:
+        job_span(self._executor.telemetry, self._row, self._state)
+        return await super().mutation(fn, **args)
+
+    async def dispatch(self, job: Any, /, **kw: Any) -> int:
+        job_span(self._executor.telemetry, self._row, self._state)
+        return await super().dispatch(job, **kw)
 
     def progress(self, percent: float, message: str | None = None) -> None:
         """Record progress (0-100). Cheap to call in a tight loop: only the latest value is
@@ -175,3 +190,27 @@ class JobContext(ActionContext):
     def cancelled(self) -> bool:
         """True once someone asked to cancel this job (the task is also cancelled)."""
         return self._state.cancel_reason == "cancel"
+
+
+def job_options(row: Any) -> dict:
+    opts = row["options"]
+    return opts if isinstance(opts, dict) else {}
+
+
+def job_span(tel: Any, row: Any, attempt: Any) -> Any:
+    """The attempt's span, opened now (dated from when the attempt started) if it has none yet,
+    continuing the trace of whoever dispatched the job (its ``traceparent``). A job gets one when
+    it needs one: at once in a head-sampled trace, when it logs, calls or dispatches, or at its end
+    when it failed or ran slow. An unsampled job that does none of these, the common case, costs
+    one event (``job.finished``) and no span. ``None`` when nothing observes."""
+    if attempt.span is None and attempt.t0:
+        opts = job_options(row)
+        attrs = {"job.id": attempt.id, "job.attempt": attempt.attempt, "job.queue": row["queue"],
+                 "job.queue_wait_s": job_wait(row["run_at"], row["started_at"])}
+        ids = {"job": attempt.id}
+        if "cron_run" in opts:
+            ids["cron_run"] = opts["cron_run"]
+            attrs["cron.name"] = opts.get("cron")
+        attempt.span = tel.start_span(f"job {row['name']}", "consumer", remote=opts.get("traceparent") or "",
+                                      attrs=attrs, ids=ids, start_ns=attempt.t0)
+    return attempt.span

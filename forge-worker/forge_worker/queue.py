@@ -8,7 +8,9 @@ plain connection, or inside the caller's transaction.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import inspect
 import json
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -348,6 +350,17 @@ def _ids(ids: Iterable[int]) -> list[int]:
     return out
 
 
+def _queues(queues: Iterable[str]) -> list[str]:
+    if isinstance(queues, str):
+        queues = [queues]
+    out = []
+    for q in queues:
+        if not isinstance(q, str) or not q or len(q) > 200:
+            raise InvalidArgument(f"a queue name is a non-empty string of at most 200 characters, got {q!r}")
+        out.append(q)
+    return out
+
+
 class JobQueue:
     """Enqueue and manage jobs with only a pool (or a connection): no node needed.
 
@@ -360,10 +373,15 @@ class JobQueue:
     Arguments of the job go in one dict; keyword arguments are options (``delay``, ``priority``...).
     """
 
-    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None) -> None:
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection, registry: Registry | None = None, *,
+                 hook: Any = None, config: Any = None) -> None:
         self.db = db
         #: resolves job names given as strings, so their ``@job`` defaults apply
         self.registry = registry
+        #: the plugin hooks and configuration (``node.loader.hook``, ``node.config``): with them a
+        #: cancel also reaches the running node at once (``forge_job_cancel_requested``, forge-mesh)
+        self.hook = hook
+        self.config = config
 
     # --- enqueue ----------------------------------------------------------------------
     def request(self, job: Any, args: Mapping[str, Any] | None = None, /, **options: Any) -> JobRequest:
@@ -464,21 +482,62 @@ class JobQueue:
         is cancelled and ``ctx.cancelled`` turns true. Raises ``NotFound`` for a job that is
         not live (finished, dead-lettered or unknown)."""
         (job_id,) = _ids([job_id])
-        row = await self.db.fetchrow(
-            """WITH gone AS (
-                   DELETE FROM forge_jobs WHERE id = $1 AND status IN ('scheduled', 'pending') RETURNING *
-               ), hist AS (""" + _MOVE_TO_HISTORY + """ RETURNING id
-               ), asked AS (
-                   UPDATE forge_jobs SET cancel_requested = true WHERE id = $1 AND status = 'running'
-                   RETURNING id, pg_notify('forge_jobs_cancel', id::text)
-               )
-               SELECT (SELECT count(*) FROM hist) AS cancelled, (SELECT count(*) FROM asked) AS requested""",
-            job_id, "cancelled")
-        if row["cancelled"]:
+        cancelled, requested = await self.cancel_many([job_id])
+        if cancelled:
             return "cancelled"
-        if row["requested"]:
+        if requested or await self.db.fetchval(
+                "SELECT cancel_requested FROM forge_jobs WHERE id = $1 AND status = 'running'", job_id):
             return "requested"
         raise NotFound(f"job {job_id} is not scheduled, pending or running")
+
+    async def cancel_many(self, ids: Iterable[int]) -> tuple[list[int], list[int]]:
+        """Cancel many jobs in one statement: scheduled and pending ones are removed (kept in
+        history as ``cancelled``), running ones are asked to stop. Returns (removed ids, asked
+        ids); jobs already asked, finished, dead-lettered or unknown are left alone."""
+        rows = await self.db.fetch(
+            """WITH gone AS (
+                   DELETE FROM forge_jobs WHERE id = ANY($1::bigint[]) AND status IN ('scheduled', 'pending')
+                   RETURNING *
+               ), hist AS (""" + _MOVE_TO_HISTORY + """ RETURNING id
+               ), asked AS (
+                   UPDATE forge_jobs SET cancel_requested = true
+                   WHERE id = ANY($1::bigint[]) AND status = 'running' AND NOT cancel_requested
+                   RETURNING id, node_id, pg_notify('forge_jobs_cancel', id::text)
+               )
+               SELECT id, 'cancelled' AS how, NULL AS node_id FROM hist
+               UNION ALL SELECT id, 'requested', node_id FROM asked ORDER BY id""",
+            _ids(ids), "cancelled")
+        asked = [r for r in rows if r["how"] == "requested"]
+        if asked and self.hook is not None and self.config is not None:
+            # the requests are recorded (running workers see them within moments); plugins may tell
+            # those nodes at once as well
+            await asyncio.gather(*(_tell_running_node(self.hook, self.config, self.db, r["id"], r["node_id"])
+                                   for r in asked))
+        return [r["id"] for r in rows if r["how"] == "cancelled"], [r["id"] for r in asked]
+
+    # --- pausing queues -------------------------------------------------------------------
+    async def pause(self, queues: Iterable[str], *, by: str | None = None) -> list[str]:
+        """Stop workers from claiming jobs of ``queues`` (running jobs finish). Returns the queues
+        that were not paused before."""
+        rows = await self.db.fetch(
+            """INSERT INTO forge_worker_queue_pauses (queue, paused_by) SELECT q, $2 FROM unnest($1::text[]) AS q
+               ON CONFLICT (queue) DO NOTHING RETURNING queue""", _queues(queues), by)
+        return sorted(r["queue"] for r in rows)
+
+    async def resume(self, queues: Iterable[str]) -> list[str]:
+        """Let workers claim jobs of ``queues`` again (and wake one that sleeps). Returns the
+        queues that were paused."""
+        rows = await self.db.fetch(
+            """WITH back AS (DELETE FROM forge_worker_queue_pauses WHERE queue = ANY($1::text[]) RETURNING queue)
+               SELECT queue, (SELECT count(pg_notify('forge_jobs', '*'))
+                              FROM (SELECT 1 FROM forge_worker_sleepers LIMIT 1) s) AS woke
+               FROM back""", _queues(queues))
+        return sorted(r["queue"] for r in rows)
+
+    async def paused(self) -> dict[str, dt.datetime]:
+        """Paused queues and since when."""
+        return {r["queue"]: r["paused_at"] for r in await self.db.fetch(
+            "SELECT queue, paused_at FROM forge_worker_queue_pauses ORDER BY queue")}
 
     async def purge_history(self, older_than: float) -> int:
         """Delete history rows finished more than ``older_than`` seconds ago; returns how many."""
@@ -489,7 +548,28 @@ class JobQueue:
         return int(res.split()[-1])
 
 
+async def _tell_running_node(hook: Any, config: Any, db: Any, job_id: int, node_id: str) -> None:
+    results = hook.forge_job_cancel_requested(config=config, conn=db, job_id=job_id, node_id=node_id)
+    pending = [r for r in results if inspect.isawaitable(r)]
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)  # the database request stays the fallback
+
+
 async def enqueue(db: asyncpg.Pool | asyncpg.Connection, job: Any, args: Mapping[str, Any] | None = None, /,
                   **options: Any) -> int:
     """Store one job with only a pool or a connection: ``await enqueue(pool, send_email, {"to": a})``."""
     return await JobQueue(db).enqueue(job, args, **options)
+
+
+# --- cluster gauges (forge_cluster_gauges: collected by the scheduler leader only) ----------------
+async def job_counts(conn: Any) -> list[tuple[tuple[str, ...], float]]:
+    """Live jobs per (queue, status)."""
+    rows = await conn.fetch("SELECT queue, status, count(*) AS n FROM forge_jobs GROUP BY queue, status")
+    return [((r["queue"], r["status"]), float(r["n"])) for r in rows]
+
+
+async def oldest_pending(conn: Any) -> list[tuple[tuple[str, ...], float]]:
+    """Per queue, how long its oldest due job has been waiting (seconds)."""
+    rows = await conn.fetch("SELECT queue, extract(epoch FROM now() - min(run_at))::float8 AS age FROM forge_jobs "
+                            "WHERE status = 'pending' GROUP BY queue")
+    return [((r["queue"],), max(0.0, r["age"] or 0.0)) for r in rows]

@@ -32,7 +32,7 @@ from forge_kernel.executor import Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
 
 from .config import WorkerConfig
-from .context import JobCancelled, JobContext, LazyDatabase, RetryLater
+from .context import JobCancelled, JobContext, LazyDatabase, RetryLater, job_span
 from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
@@ -51,6 +51,7 @@ WITH c AS (
       AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[]))
       AND (capability IS NULL OR capability = ANY($4::text[]))
       AND NOT (name = ANY($5::text[])) AND NOT (queue = ANY($6::text[]))
+      AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
     ORDER BY priority DESC, id
     LIMIT $7
     FOR UPDATE SKIP LOCKED
@@ -77,6 +78,7 @@ WITH run_q AS (
       AND (capability IS NULL OR capability = ANY($4::text[]))
       AND ($8::text IS NULL OR queue = $8)
       AND ($9::text IS NULL OR (name = $9 AND NOT (queue = ANY($6::text[]))))
+      AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
     ORDER BY priority DESC, id
     LIMIT $5::int * 4 + 16
 ), ranked AS (
@@ -248,6 +250,11 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return raw * (0.5 + rng() / 2)
 
 
+#: outcomes that are no failure (a span of the attempt ends without an error)
+_WENT_WELL = frozenset({"succeeded", "retry_later"})
+_NONE: dict = {}
+
+
 @attrs.define
 class Attempt:
     """A claimed job on this node."""
@@ -262,6 +269,11 @@ class Attempt:
     cancel_reason: str | None = None
     #: the attempt has ended; only its result remains to be written
     finished: bool = False
+    #: when observed (forge-observe): when it started (time.time_ns) and its span, once it has one
+    #: (at once in a head-sampled trace; else when the job logs, calls or dispatches, or afterwards
+    #: when it failed or ran slow: see Worker._run)
+    t0: int = 0
+    span: Any = None
 
 
 @attrs.define
@@ -304,6 +316,10 @@ class Worker:
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
                       "released": 0, "lost": 0, "progress_writes": 0}
+        #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
+        self.extra_channels: dict[str, Callable[..., Any]] = {}
+        #: called whenever the listen connection is (re)established
+        self.on_listening: list[Callable[[], Any]] = []
 
     # --- set-up -------------------------------------------------------------------------
     def _type_limits(self) -> dict[str, int]:
@@ -489,6 +505,9 @@ class Worker:
         started = row["started_at"]
         outcome, delay, error = "succeeded", 0.0, None
         db = LazyDatabase(self.node.pool)
+        tel = self.node.telemetry
+        if tel.enabled:
+            a.t0 = time.time_ns()
         try:
             defn = self.node.registry.get(row["name"])
             if defn is None or defn.kind not in ("job", "cron"):
@@ -505,6 +524,8 @@ class Worker:
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
+            if a.t0 and tel.head_sampled_remote((row["options"] or _NONE).get("traceparent")):
+                job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
             try:
                 async with asyncio.timeout(timeout):
                     await self._chain(call)
@@ -540,6 +561,8 @@ class Worker:
                            f"{type(exc).__name__}: {exc}")
         finally:
             a.finished = True
+            if a.t0:
+                self._observed(tel, row, a, outcome, error)
             with contextlib.suppress(Exception):
                 await db.release()
         reported = False
@@ -564,6 +587,21 @@ class Worker:
         if self.running.get(a.id) is a:
             del self.running[a.id]
         self.slot_free.set()
+
+    @staticmethod
+    def _observed(tel: Any, row: Any, a: Attempt, outcome: str, error: str | None) -> None:
+        """The attempt's ``job.finished`` event, and the end of its span: the one it had, or one made
+        now for an attempt that failed or ran slow (tail sampling may keep it)."""
+        end = time.time_ns()
+        span = a.span
+        if span is None and (outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns):
+            span = job_span(tel, row, a)
+        if span is not None:
+            a.span = None
+            tel.end_span(span, None if outcome in _WENT_WELL else (error or outcome))
+        # raw times: the observer works out queue waits for a whole batch at once
+        tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], row["started_at"],
+                 (end - a.t0) / 1e9)
 
     def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
         return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error
@@ -672,6 +710,19 @@ class Worker:
             elif seen[a.id]:
                 self._cancel(a, "cancel")
 
+    def cancel_running(self, job_id: int) -> bool:
+        """Stop job ``job_id`` if it runs here (a cancel request that came outside the database)."""
+        a = self.running.get(job_id)
+        if a is None or a.finished or a.cancel_reason is not None:
+            return False
+        self._cancel(a, "cancel")
+        return True
+
+    def activity(self) -> dict[str, Any]:
+        running = [a for a in self.running.values() if not a.finished]
+        return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
+                         "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
+
     def _cancel(self, a: Attempt, reason: str) -> None:
         if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
             a.cancel_reason = reason
@@ -687,8 +738,12 @@ class Worker:
                 conn.add_termination_listener(lambda _c: closed.set())
                 await conn.add_listener(WAKE_CHANNEL, self._on_wake)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
+                for channel, callback in self.extra_channels.items():
+                    await conn.add_listener(channel, callback)
                 self.listening = True
                 self.wake.set()  # anything stored while we were not listening
+                for callback in self.on_listening:
+                    callback()
                 while not closed.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(closed.wait(), 15)

@@ -7,19 +7,44 @@ from typing import Any, AsyncIterator
 
 from forge_kernel import MaintenanceTask, Service
 
-from .config import WorkerConfig
+from .config import WorkerConfig, WorkflowConfig
 from .runtime import Worker, apply_retention, rescue_expired
+from .workflows import runtime as wfruntime
+from .workflows import store as wfstore
+from .workflows.runtime import WorkflowRuntime
+from .workflows.store import WorkflowEngine
 
 
 @contextlib.asynccontextmanager
 async def worker_lifespan(node: Any) -> AsyncIterator[Worker]:
     worker = Worker(node, node.config["worker"])
     node.worker = worker  # type: ignore[attr-defined]  # for tests and introspection
+    flows = None
+    if node.registry.of_kind("workflow"):  # no workflows, no workflow loops: nothing to claim
+        flows = WorkflowRuntime(node, node.config["workflows"], workflow_engine(node), worker)
+        worker.extra_channels[wfstore.WAKE_CHANNEL] = flows.on_wake
+        worker.extra_channels[wfstore.CANCEL_CHANNEL] = flows.on_cancel
+        worker.on_listening.append(flows.on_listening)
+    node.workflows = flows  # type: ignore[attr-defined]
     await worker.start()
+    if flows is not None:
+        await flows.start()
     try:
         yield worker
     finally:
+        if flows is not None:
+            await flows.stop()
         await worker.stop()
+
+
+def workflow_engine(node: Any) -> WorkflowEngine:
+    cfg: WorkflowConfig = node.config["workflows"]
+    registry = node.registry
+    limits = {}
+    if registry is not None:
+        limits = {d.name: d.options["max_recoveries"] for d in registry.of_kind("workflow")
+                  if d.options.get("max_recoveries") is not None}
+    return WorkflowEngine(limits, cfg.max_recoveries, cfg.max_value_bytes)
 
 
 def worker_service() -> Service:
@@ -36,7 +61,17 @@ def maintenance_tasks(node: Any) -> list[MaintenanceTask]:
     async def retention(conn: Any) -> int:
         return await apply_retention(conn, cfg.history_retention, dead_after)
 
+    wcfg: WorkflowConfig = node.config["workflows"]
+
+    async def rescue_runs(conn: Any) -> int:
+        return len(await wfruntime.rescue_runs(conn, dead_after))
+
+    async def run_retention(conn: Any) -> int:
+        return await wfruntime.apply_retention(conn, wcfg.retention, dead_after)
+
     return [
         MaintenanceTask("worker.rescue_expired_leases", max(1.0, min(cfg.lease / 3, 10.0)), rescue),
         MaintenanceTask("worker.history_retention", 60.0, retention),
+        MaintenanceTask("workflows.recover_runs", max(1.0, min(wcfg.lease / 3, 10.0)), rescue_runs),
+        MaintenanceTask("workflows.retention", 60.0, run_retention),
     ]

@@ -18,7 +18,8 @@ async def _ghost_job(pool, *, attempt: int, max_attempts: int = 5, cancel: bool 
 async def test_rescue_task_requeues_dead_letters_and_honours_cancellation(forge_node):
     node = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
     tasks = {t.name: t for t in maintenance_tasks(node)}
-    assert set(tasks) == {"worker.rescue_expired_leases", "worker.history_retention"}
+    assert set(tasks) == {"worker.rescue_expired_leases", "worker.history_retention", "workflows.recover_runs",
+                          "workflows.retention"}
     expired = await _ghost_job(node.pool, attempt=1)
     last = await _ghost_job(node.pool, attempt=5, max_attempts=5)
     cancelled = await _ghost_job(node.pool, attempt=1, cancel=True)

@@ -18,3 +18,13 @@ def worker_config(**worker: Any) -> dict[str, dict[str, Any]]:
 async def log_rows(pool, **where: Any) -> list[Any]:
     cond = " AND ".join(f"{k} = ${i + 1}" for i, k in enumerate(where)) or "true"
     return await pool.fetch(f"SELECT * FROM job_log WHERE {cond} ORDER BY seq", *where.values())
+
+
+WF_FAST = {"heartbeat_interval": 0.2, "poll_interval": 0.2, "rescue_interval": 0.5, "step_backoff": 0.01,
+           "step_backoff_max": 0.05, "suspend_after": 0.3}
+
+
+def workflow_config(**workflows: Any) -> dict[str, dict[str, Any]]:
+    cfg = worker_config()
+    cfg["workflows"] = {**WF_FAST, **workflows}
+    return cfg

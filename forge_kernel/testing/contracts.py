@@ -21,17 +21,23 @@ The properties:
   reported failed, none is left half-registered, and the rest load;
 * order independence - the resolved roles, config sections and migrations do not depend
   on the order in which plugins were registered;
-* service order - start order respects every ``after`` and stop order is its exact reverse;
+* service order - start order respects every ``after`` and ``before``, and stop order is its exact reverse;
 * service order - also for the services the installed plugins declare, in any declaration order;
 * migrations applied twice equal migrations applied once from any prefix already applied, and
   N concurrent runners (2 to 8) apply each migration exactly once;
+* call forwarder (``forge_call_forwarder``) - ``wants`` is a pure yes/no per function; the call-id
+  ledger behaves like a map from call id to the result of the one transaction that committed it:
+  a claim after a commit returns the stored result, a claim after a rollback owns the id again, and
+  no interleaving of commits, rollbacks and retries makes a call id run twice.
 * ``forge_rate_limiter`` - for any limit and any interleaving of callers, each caller (by the
   limit's key: user, client address or everyone) is admitted exactly ``min(calls, requests)``
   times, every refusal is ``RateLimited`` with a ``retry_after`` of at least a second, and a
   function without a limit is never refused (:func:`check_rate_limiter`);
 * the WebSocket ``write_now`` extension (:mod:`forge_kernel.websocket`) - any mix of messages
   written through it (in any number of buffers) and through ASGI ``websocket.send`` arrives
-  intact and in call order (:func:`check_websocket_write_now`).
+  intact and in call order (:func:`check_websocket_write_now`);
+* the workflow engine (``forge_workflow_engine``) starts runs and sends events exactly when the
+  caller's transaction commits, and idempotency keys name one run.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import types
 from typing import Any, Iterable
 
@@ -209,7 +216,9 @@ def service_graphs(draw: st.DrawFn, max_services: int = 8) -> list[Service]:
     services = []
     for i, name in enumerate(names):
         after = tuple(draw(st.sets(st.sampled_from(names[:i]))) if i else ())
-        services.append(Service(name, _recording(name, log), after=after))
+        # 'before' edges point the same way (from an earlier service to a later one), so the graph stays acyclic
+        before = tuple(draw(st.sets(st.sampled_from(names[i + 1:]))) if i + 1 < n else ())
+        services.append(Service(name, _recording(name, log), after=after, before=before))
     return draw(st.permutations(services))
 
 
@@ -250,6 +259,9 @@ def check_service_order(services: list[Service] | None = None) -> None:
             for dep in s.after:
                 if dep in names:
                     assert pos[dep] < pos[s.name], f"{s.name} started before {dep}"
+            for later in s.before:
+                if later in names:
+                    assert pos[s.name] < pos[later], f"{later} started before {s.name}"
         assert stops == list(reversed(starts))
 
     if services is not None:
@@ -442,6 +454,419 @@ def installed_plugins() -> list[tuple[str, Any]]:
     """Every plugin the ``forge.plugins`` entry points load, plus the kernel's own."""
     loader = PluginLoader().load()
     return [(i.name, i.plugin) for i in loader.loaded()]
+
+
+def _engine(plugin: Any) -> Any:
+    """The plugin's ``forge_workflow_engine`` for a node with default settings and no app."""
+    import types
+
+    from ..app import Registry
+    from ..config import load_config
+
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    node = types.SimpleNamespace(id="contract", config=load_config(_sections(plugin), data={}, env={}), registry=Registry())
+    return pm.hook.forge_workflow_engine(node=node)
+
+
+async def check_workflow_engine(plugin: Any, db_url: str, max_examples: int = 25) -> None:
+    """``forge_workflow_engine``: runs started (and events sent) inside a transaction exist
+    exactly when it commits; a request whose idempotency key a run holds returns that run's id
+    (in the same batch, a later batch, or a batch after a rollback) and starts nothing; requests
+    without a key always start a new run; ids come back in request order."""
+    import uuid
+
+    from ..db import connect
+    from ..errors import NotFound
+    from ..executor import WorkflowRequest
+
+    engine = _engine(plugin)
+    assert engine is not None, "the plugin declined forge_workflow_engine"
+    migs = _with_kernel(_migrations(plugin))
+    url, drop = await _fresh_db(db_url)
+    conn = await connect(url)
+    await migrate(conn, migs)
+    await conn.close()
+
+    async def example(batches: list[tuple[list[tuple[str, int, int | None]], bool]]) -> None:
+        prefix = uuid.uuid4().hex[:8]
+        conn = await connect(url)
+        try:
+            held: dict[str, str] = {}  # committed key -> run id
+            for requests, commit in batches:
+                reqs = [WorkflowRequest(name=name, args={"x": x},
+                                        idempotency_key=None if key is None else f"{prefix}-{key}")
+                        for name, x, key in requests]
+                tx = conn.transaction()
+                await tx.start()
+                ids = await engine.start(conn, reqs)
+                assert len(ids) == len(reqs), f"{len(reqs)} requests, {len(ids)} ids"
+                seen: dict[str, str] = {}
+                for r, run_id in zip(reqs, ids):
+                    k = r.idempotency_key
+                    if k is not None and k in held:
+                        assert run_id == held[k], f"key {k} is held by {held[k]}, start returned {run_id}"
+                    if k is not None:
+                        assert seen.setdefault(k, run_id) == run_id, f"key {k} got two runs in one batch"
+                fresh = [i for r, i in zip(reqs, ids) if r.idempotency_key is None]
+                assert len(set(fresh)) == len(fresh), "requests without a key shared a run"
+                new_ids = [i for r, i in zip(reqs, ids) if r.idempotency_key not in held]
+                events = 0
+                if new_ids:
+                    events = await engine.send_event(conn, new_ids[0], "contract.ping", {"n": 1})
+                    assert events >= 1, "send_event reached no run it just started"
+                if commit:
+                    await tx.commit()
+                    for r, i in zip(reqs, ids):
+                        if r.idempotency_key is not None:
+                            held.setdefault(r.idempotency_key, i)
+                else:
+                    await tx.rollback()
+                # seen from another connection, through the engine alone: an event reaches a
+                # committed run and no rolled-back one; a key names its committed run again
+                probe = await connect(url)
+                try:
+                    for run_id in new_ids:
+                        try:
+                            reached = await engine.send_event(probe, run_id, "contract.probe", None)
+                        except NotFound:
+                            reached = 0
+                        assert bool(reached) == commit, (
+                            f"run {run_id} {'missing after commit' if commit else 'visible after rollback'}")
+                    async with probe.transaction():
+                        keyed = [r for r in reqs if r.idempotency_key is not None]
+                        again = await engine.start(probe, keyed)
+                        for r, i in zip(keyed, again):
+                            if r.idempotency_key in held:
+                                assert i == held[r.idempotency_key], f"key {r.idempotency_key} lost its run"
+                            else:
+                                assert i not in ids, f"a rolled-back run {i} still holds key {r.idempotency_key}"
+                        raise _Undo()
+                except _Undo:
+                    pass
+                finally:
+                    await probe.close()
+        finally:
+            await conn.close()
+
+    name = st.sampled_from(["alpha", "beta.step", "gamma_3"])
+    request = st.tuples(name, st.integers(-5, 5), st.one_of(st.none(), st.integers(0, 4)))
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(batches=st.lists(st.tuples(st.lists(request, min_size=1, max_size=6), st.booleans()),
+                            min_size=1, max_size=4))
+    def starts_are_transactional(batches: list) -> None:
+        asyncio.run(example(batches))
+
+    try:
+        await _run_property(starts_are_transactional)
+    finally:
+        await drop()
+
+
+# --- forge_call_forwarder -------------------------------------------------------------------
+class _StubNode:
+    """Just enough of a node for a forwarder to be built (never started): default config sections."""
+
+    def __init__(self, plugin: Any, roles: list[str], capabilities: list[str]) -> None:
+        self.id = "contract-node"
+        self.roles = roles
+        self.capabilities = capabilities
+        self.config = {name: cls() for name, cls in _sections(plugin).items()}
+
+    def runs(self, role: str) -> bool:
+        return role in self.roles
+
+
+def _forwarder(plugin: Any, roles: list[str], capabilities: list[str]) -> Any:
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    return pm.hook.forge_call_forwarder(node=_StubNode(plugin, roles, capabilities))
+
+
+def check_call_forwarder_wants(plugin: Any) -> None:
+    """``wants(defn)`` answers a bool, the same every time, for any function on any node."""
+    from ..app import query as query_deco
+
+    if _forwarder(plugin, [], []) is None:
+        return
+
+    async def fn(ctx) -> None:  # noqa: ANN001 - a function to describe
+        return None
+
+    @settings(**_SETTINGS)
+    @given(kind=st.sampled_from(["query", "mutation", "action"]), capability=st.none() | st.sampled_from(["gpu", "media"]),
+           roles=st.lists(st.sampled_from(["gateway", "function", "worker"]), unique=True),
+           caps=st.lists(st.sampled_from(["gpu", "media"]), unique=True))
+    def pure(kind: str, capability: str | None, roles: list[str], caps: list[str]) -> None:
+        defn = attrs.evolve(query_deco(fn).__forge__, kind=kind, options={"capability": capability} if capability else {})
+        fwd = _forwarder(plugin, roles, caps)
+        first = fwd.wants(defn)
+        assert isinstance(first, bool) and all(fwd.wants(defn) is first for _ in range(3)), (kind, capability, roles)
+        if "function" in roles and (capability is None or capability in caps):
+            assert first is False, f"a node that can run {kind} {capability} itself should not forward it"
+
+    pure()
+
+
+async def check_call_ledger(plugin: Any, db_url: str, max_examples: int = 40) -> None:
+    """Model-based: random interleavings of mutations that claim a call id in their transaction and
+    commit or roll back, and retries of the same ids, against a map of committed results."""
+    from ..app import mutation as mutation_deco
+    from ..db import connect
+
+    if _forwarder(plugin, ["function"], []) is None:
+        return
+    migs = _with_kernel(_migrations(plugin))
+
+    async def fn(ctx) -> None:  # noqa: ANN001 - a function to describe
+        return None
+
+    defn = mutation_deco(fn).__forge__
+    steps = st.lists(st.tuples(st.sampled_from(["commit", "rollback", "retry"]), st.integers(0, 3),
+                               st.integers(0, 1000)), min_size=1, max_size=25)
+
+    url, drop = await _fresh_db(db_url)
+    try:
+        conn = await connect(url)
+        try:
+            await migrate(conn, migs)
+        finally:
+            await conn.close()
+
+        async def example(ops: list[tuple[str, int, int]]) -> None:
+            import uuid
+
+            prefix = uuid.uuid4().hex[:8]  # each example its own call ids, in one database
+            conn = await connect(url)
+            try:
+                fwd = _forwarder(plugin, ["function"], [])
+                committed: dict[str, Any] = {}
+                for op, which, value in ops:
+                    call_id = f"{prefix}-{which}"
+                    result = {"value": value}
+                    tx = conn.transaction()
+                    await tx.start()
+                    done, stored = await fwd.claim(conn, call_id, defn)
+                    assert done == (call_id in committed), (op, call_id, done, committed)
+                    if done:
+                        assert stored == committed[call_id], (stored, committed[call_id])
+                        await tx.rollback()
+                        continue
+                    if op == "rollback":
+                        await tx.rollback()
+                        continue
+                    await fwd.record(conn, call_id, result)
+                    await tx.commit()
+                    committed[call_id] = result
+            finally:
+                await conn.close()
+
+        @settings(**{**_SETTINGS, "max_examples": max_examples})
+        @given(ops=steps)
+        def ledger(ops: list[tuple[str, int, int]]) -> None:
+            asyncio.run(example(ops))
+
+        await _run_property(ledger)
+    finally:
+        await drop()
+
+
+
+class _Undo(Exception):
+    """Rolls a probe's transaction back."""
+
+
+# --- telemetry ----------------------------------------------------------------------------
+def check_telemetry_traces() -> None:
+    """``node.telemetry``'s span contract: for any tree of nested spans (some ending with an error),
+    each local trace is either handed to the observer exactly once, after its last span ended, with
+    every span in it, every parent among them (or the remote parent) and one trace id, or counted as
+    discarded; it is handed over whenever it is head-sampled, has a failed span, or its root took at
+    least ``keep_over``; finished spans no longer point at their trace (no reference cycle); and the
+    current span is restored."""
+    from ..telemetry import Telemetry, current_span
+
+    @st.composite
+    def trees(draw: st.DrawFn) -> list[Any]:
+        def node(depth: int) -> Any:
+            kids = draw(st.integers(0, 3 if depth < 3 else 0))
+            return (draw(st.booleans()), [node(depth + 1) for _ in range(kids)])
+        return [node(0) for _ in range(draw(st.integers(1, 3)))]
+
+    def failing(tree: Any) -> bool:
+        return tree[0] or any(failing(k) for k in tree[1])
+
+    @settings(**_SETTINGS)
+    @given(forest=trees(), remote=st.booleans(), rate=st.sampled_from([0.0, 1.0]),
+           keep_over=st.sampled_from([0.0, float("inf")]))
+    def traces(forest: list[Any], remote: bool, rate: float, keep_over: float) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00" if remote else None
+        expected = []
+
+        def run(tree: Any, top: bool) -> int:
+            failed, kids = tree
+            span = tel.start_span("s", remote=parent if top else None)
+            n = 1 + sum(run(k, False) for k in kids)
+            tel.end_span(span, "boom" if failed else None)
+            assert span.trace is None and span.end_ns >= span.start_ns
+            return n
+
+        for tree in forest:
+            n = run(tree, True)
+            if rate == 1.0 or keep_over == 0.0 or failing(tree):
+                expected.append(n)
+            assert current_span() is None
+        assert [len(t.spans) for t in got] == expected
+        assert tel.discarded == len(forest) - len(expected)
+        for t in got:
+            ids = {s.span_id for s in t.spans}
+            assert len({s.trace_id for s in t.spans}) == 1 and t.open == 0
+            assert all(s.parent_id in ids or s.parent_id == t.remote_parent for s in t.spans)
+            assert t.root is not None and t.root.parent_id == t.remote_parent
+            assert t.sampled == (rate == 1.0) and all(s.sampled == t.sampled for s in t.spans)
+            assert t.errors == sum(s.error is not None for s in t.spans)
+            if remote:
+                assert t.trace_id == 0x0af7651916cd43dd8448eb211c80319c and t.remote_parent == 0xb7ad6b7169203331
+
+    traces()
+
+
+def check_telemetry_calls() -> None:
+    """The executor's call recording (``call_started`` / ``call_ended``): every call makes exactly one
+    ``call`` event; a call inside a sampled trace, or outside any span, gets a real span; inside an
+    unsampled trace it gets a span only when it failed or took at least ``keep_over`` (recorded
+    afterwards, a child of the current span), so the tail sampler can keep that trace."""
+    from ..telemetry import Telemetry
+
+    @settings(**_SETTINGS)
+    @given(rate=st.sampled_from([0.0, 1.0]), keep_over=st.sampled_from([0.0, float("inf")]),
+           codes=st.lists(st.sampled_from(["OK", "INTERNAL", "NOT_FOUND"]), max_size=4), rooted=st.booleans())
+    def calls(rate: float, keep_over: float, codes: list[str], rooted: bool) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
+        root = tel.start_span("POST /rpc", "server") if rooted else None
+        for code in codes:
+            span = tel.call_started("f", "query", "req")
+            assert (span is not None) == (not rooted or rate == 1.0)
+            tel.call_ended(span, "f", "query", "req", time.time_ns(), code)
+        tel.end_span(root)
+        events = tel.drain()
+        assert [f[2] for _, f in events] == codes and all(k == "call" for k, _ in events)
+        spans = [s for t in got for s in t.spans if s.name == "f"]
+        assert [s.error or "OK" for s in spans] == (codes if rate == 1.0 else
+                                                     [c for c in codes if c != "OK" or keep_over == 0.0])
+        if rooted:
+            assert all(s.parent_id == root.span_id for s in spans)
+
+    calls()
+
+
+def check_telemetry_events() -> None:
+    """``emit`` keeps the newest ``ring_size`` events in order and counts every one it lost;
+    with no observer attached it records nothing."""
+    from ..telemetry import Telemetry
+
+    @settings(**_SETTINGS)
+    @given(ring=st.integers(1024, 1100), n=st.integers(0, 2500), drains=st.lists(st.integers(0, 2500), max_size=3))
+    def bounded(ring: int, n: int, drains: list[int]) -> None:
+        idle = Telemetry()
+        idle.emit("x", 1)
+        assert idle.drain() == [] and idle.dropped == 0
+        tel = Telemetry()
+        tel.attach(lambda t: None, ring_size=ring)
+        seen: list[tuple] = []
+        emitted = 0
+        for cut in sorted(drains) + [n]:
+            while emitted < min(cut, n):
+                tel.emit("e", emitted)
+                emitted += 1
+            seen.extend(tel.drain())
+        values = [f[0] for _, f in seen]
+        assert values == sorted(values) and len(values) + tel.dropped == n
+        assert not values or values[-1] == n - 1
+
+    bounded()
+
+
+# --- admin actions -------------------------------------------------------------------------
+def _admin_actions(plugin: Any) -> dict[str, Any]:
+    from ..admin import collect
+
+    pm = new_plugin_manager()
+    pm.register(plugin, name="under-test")
+    # the hook sees a node that has not started: no pool, no registry (actions get their connection per call)
+    node = types.SimpleNamespace(id="contract-node", registry=None, pool=None, config=None)
+    return collect(pm.hook.forge_admin_actions(node=node))
+
+
+async def _contents(conn: Any) -> list[tuple]:
+    """Every row of every table of the public schema, as text (the contract's databases are tiny)."""
+    out = []
+    for (name,) in await conn.fetch("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1"):
+        rows = await conn.fetch(f'SELECT t::text AS row FROM "{name}" t ORDER BY 1')
+        out.append((name, tuple(r["row"] for r in rows)))
+    return out
+
+
+_garbage_targets = st.lists(
+    st.one_of(st.text(max_size=40), st.integers(-10, 10**20).map(str), st.just(""), st.just(" "),
+              st.from_regex(r"[a-z_]{1,12}", fullmatch=True), st.just("1" * 400)),
+    max_size=5)
+
+
+async def check_admin_actions(plugin: Any, db_url: str, max_examples: int = 25) -> None:
+    """``forge_admin_actions``: valid unique names; and for any targets (unknown ids and names,
+    malformed text, empty lists) each action either raises ``InvalidArgument`` / ``NotFound`` or
+    returns an ``ActionResult`` with ``affected == 0`` and changes no row of any table, twice in a
+    row - on a database with only the kernel's and the plugin's tables, where no target exists."""
+    from ..admin import ActionResult, AdminAction
+    from ..db import connect
+    from ..errors import InvalidArgument, NotFound
+
+    actions = _admin_actions(plugin)
+    if not actions:
+        return
+    for name, action in actions.items():
+        assert isinstance(action, AdminAction) and action.name == name
+        assert action.max_targets >= 1 and callable(action.run), name
+    url, drop = await _fresh_db(db_url)
+    try:
+        conn = await connect(url)
+        try:
+            await migrate(conn, _with_kernel(_migrations(plugin)))
+        finally:
+            await conn.close()
+
+        async def example(name: str, targets: list[str]) -> None:
+            conn = await connect(url)
+            try:
+                before = await _contents(conn)
+                for _ in range(2):
+                    try:
+                        async with conn.transaction():
+                            result = await actions[name].run(conn, targets, {}, "contract")
+                    except (InvalidArgument, NotFound):
+                        continue
+                    assert isinstance(result, ActionResult), f"{name} returned {result!r}"
+                    assert result.affected == 0, f"{name}({targets!r}) changed {result.affected} unknown target(s)"
+                assert await _contents(conn) == before, f"{name}({targets!r}) changed rows without a target"
+            finally:
+                await conn.close()
+
+        @settings(**{**_SETTINGS, "max_examples": max_examples})
+        @given(name=st.sampled_from(sorted(actions)), targets=_garbage_targets)
+        def unknown_targets_change_nothing(name: str, targets: list[str]) -> None:
+            asyncio.run(example(name, targets))
+
+        await _run_property(unknown_targets_change_nothing)
+    finally:
+        await drop()
 
 
 # --- forge_rate_limiter -------------------------------------------------------------------

@@ -156,7 +156,9 @@ def cmd_new(cli: Any) -> int:
         # the page imports the generated client: write it now, from the new app itself
         appload.use_project_path(target)
         try:
-            generated = tsgen.generate(appload.load([f"{package}.app"]).registry, svelte=True)
+            # with the functions installed plugins ship (as `generate ts` and the node serve them)
+            shipped = [m for r in cli.loader.hook.forge_app_modules() for m in (r or [])]
+            generated = tsgen.generate(appload.load([f"{package}.app", *shipped]).registry, svelte=True)
         except (appload.AppImportError, tsgen.GenerateError) as exc:
             _err(f"new: the project was written but its TypeScript client was not: {exc}")
             return 1

@@ -64,8 +64,13 @@ def call(port: int, name: str, args: dict | None = None) -> dict:
     return httpx.post(f"http://127.0.0.1:{port}/rpc/{name}", json=args or {}, timeout=10).json()
 
 
-async def until(check, what: str):
-    return await eventually(check, timeout=30, what=what)
+async def until(check, what: str, node=None):
+    try:
+        return await eventually(check, timeout=30, what=what)
+    except AssertionError as exc:  # the dev node's own account of what it did says why
+        if node is None:
+            raise
+        raise AssertionError(f"{exc}\n--- forge-node dev log (tail) ---\n{node.log()[-6000:]}") from None
 
 
 class Socket:
@@ -170,7 +175,7 @@ async def test_dev_applies_new_migrations_writes_the_client_and_reports_drift(de
     async def served():
         return await asyncio.to_thread(lambda: call(port, "notes")) == {"data": ["hi"]}
 
-    await until(served, "the query over the new migration's table")
+    await until(served, "the query over the new migration's table", node)
     assert "applied devapp/0002_notes" in node.log()
     api = await until(lambda: asyncio.to_thread(
         lambda: "notes: fn<\"query\", Record<string, never>, string[]>" in (root / "client" / "api.ts").read_text()),

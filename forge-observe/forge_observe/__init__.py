@@ -1,0 +1,1 @@
+"""forge-observe: metrics, logs and traces of every node, stored in PostgreSQL."""

@@ -1,0 +1,1 @@
+"""The admin dashboard at ``/_forge/`` (plugin ``dashboard``, shipped with forge-observe)."""

@@ -1,0 +1,92 @@
+// FORGE dashboard: live regions over Server-Sent Events (closed while the tab is hidden), relative
+// times that stay current, theme switch, keyboard shortcuts. No inline script anywhere (CSP).
+(function () {
+  "use strict";
+  var rtf = window.Intl && Intl.RelativeTimeFormat ? new Intl.RelativeTimeFormat(undefined, { numeric: "auto" }) : null;
+  function rel(date) {
+    var s = (date.getTime() - Date.now()) / 1000, a = Math.abs(s);
+    if (a < 5) return "just now";
+    var units = [[86400, "day"], [3600, "hour"], [60, "minute"], [1, "second"]];
+    for (var i = 0; i < units.length; i++) {
+      if (a >= units[i][0]) {
+        var n = Math.round(s / units[i][0]);
+        return rtf ? rtf.format(n, units[i][1]) : (Math.abs(n) + " " + units[i][1] + "s" + (n < 0 ? " ago" : ""));
+      }
+    }
+    return "just now";
+  }
+  function refreshTimes(root) {
+    (root || document).querySelectorAll("time[data-rel]").forEach(function (t) {
+      var d = new Date(t.getAttribute("datetime"));
+      if (!isNaN(d)) t.textContent = rel(d);
+    });
+  }
+
+  // theme: auto -> dark -> light
+  var root = document.documentElement;
+  var saved = localStorage.getItem("forge-theme");
+  if (saved) root.setAttribute("data-theme", saved);
+
+  var source = null, live = null, dot = null;
+  function connect() {
+    if (!live || source || document.hidden) return;
+    source = new EventSource(live.getAttribute("data-live-url"));
+    source.addEventListener("update", function (e) {
+      var focused = document.activeElement && live.contains(document.activeElement) ? document.activeElement : null;
+      var key = focused && (focused.getAttribute("data-action") + "|" + (focused.getAttribute("hx-vals") || ""));
+      live.innerHTML = e.data;
+      if (window.htmx) htmx.process(live);
+      refreshTimes(live);
+      if (key) {  // keep keyboard focus on the same control after the swap
+        var again = Array.prototype.find.call(live.querySelectorAll("[data-action]"), function (b) {
+          return b.getAttribute("data-action") + "|" + (b.getAttribute("hx-vals") || "") === key;
+        });
+        if (again) again.focus();
+      }
+      live.dispatchEvent(new CustomEvent("forge:updated", { bubbles: true }));
+    });
+    source.onopen = function () { if (dot) { dot.hidden = false; dot.classList.remove("paused"); dot.textContent = "live"; } };
+    source.onerror = function () { if (dot) { dot.classList.add("paused"); dot.textContent = "reconnecting"; } };
+  }
+  function disconnect() {
+    if (source) { source.close(); source = null; }
+    if (dot) { dot.classList.add("paused"); dot.textContent = "paused"; }
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    refreshTimes();
+    setInterval(refreshTimes, 5000);
+    var theme = document.getElementById("theme");
+    if (theme) theme.addEventListener("click", function () {
+      var cur = root.getAttribute("data-theme");
+      var dark = cur ? cur === "dark" : window.matchMedia("(prefers-color-scheme: dark)").matches;
+      var next = dark ? "light" : "dark";
+      root.setAttribute("data-theme", next);
+      localStorage.setItem("forge-theme", next);
+    });
+    live = document.querySelector("#live[data-live-url]");
+    dot = document.getElementById("livedot");
+    connect();
+    // no stream while nobody looks: the node's snapshot skips views nobody watches
+    document.addEventListener("visibilitychange", function () { document.hidden ? disconnect() : connect(); });
+    document.addEventListener("keydown", function (e) {
+      if (e.key === "/" && !/INPUT|SELECT|TEXTAREA/.test(document.activeElement.tagName)) {
+        var search = document.querySelector("[data-search]");
+        if (search) { e.preventDefault(); search.focus(); }
+      }
+      if (e.key === "Escape") { var c = document.querySelector(".confirm"); if (c) c.remove(); }
+    });
+    document.addEventListener("click", function (e) {
+      var t = e.target.closest("[data-dismiss]");
+      if (t) { var c = t.closest(".confirm"); if (c) c.remove(); }
+    });
+    // a toast fades after a while; a confirmed bulk action closes its dialog
+    document.body.addEventListener("htmx:afterSwap", function (e) {
+      if (e.detail.target.id === "toast") {
+        var c = document.querySelector(".confirm"); if (c && e.detail.requestConfig && e.detail.requestConfig.path.indexOf("/bulk/") >= 0) c.remove();
+        var toast = e.detail.target.firstElementChild;
+        setTimeout(function () { if (toast && toast.parentNode) toast.remove(); }, 8000);
+      }
+    });
+  });
+})();

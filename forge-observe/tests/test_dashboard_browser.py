@@ -1,0 +1,192 @@
+"""The dashboard in a real browser: Playwright driving Debian's Chromium (/usr/bin/chromium).
+
+Signs in through the form, loads every page (no console error, no failed request, no response
+>= 400), clicks actions and checks the rows in PostgreSQL, watches a database change appear without
+a reload, follows a log line's trace link to the waterfall, checks the read-only view, and writes a
+screenshot of each page to docs/dashboard/ (1280 px light, 390 px dark). Screenshots of failures
+go to the test's tmp folder."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dash_support import ADMIN_KEY, ENV, READ_KEY, base_url, client, config, db, seed_jobs
+from forge_kernel.testing.procs import eventually
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "dashboard"
+PAGES = ["", "functions", "jobs", "queues", "crons", "realtime", "logs", "traces", "nodes", "migrations", "alerts",
+         "audit"]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+class Watch:
+    """Console errors, failed requests and responses >= 400 of a page."""
+
+    def __init__(self, page) -> None:
+        self.problems: list[str] = []
+        page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text} at {m.location}"))
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: self._failed(r))
+        page.on("response", lambda r: r.status >= 400 and self.problems.append(f"{r.status} {r.url}"))
+
+    def _failed(self, r) -> None:
+        # a live stream closed by navigation is not a failure
+        if "/_forge/live/" in r.url and "ERR_ABORTED" in (r.failure or ""):
+            return
+        self.problems.append(f"failed: {r.url} {r.failure}")
+
+    def take(self) -> list[str]:
+        out, self.problems = self.problems, []
+        return out
+
+
+async def _sign_in(page, url: str, key: str) -> None:
+    await page.goto(f"{url}/_forge/login")
+    await page.fill("input[name=credential]", key)
+    await page.click("button.primary")
+    await page.wait_for_url(f"{url}/_forge/")
+
+
+async def test_dashboard_in_chromium(forge_processes, tmp_path):
+    from playwright.async_api import async_playwright
+
+    p = forge_processes(config(secured=True), env=ENV)
+    url = base_url(p)
+    conn = await db(forge_processes.db_url)
+    ids = await seed_jobs(conn)
+    async with client(p) as api:  # traffic: a traced request whose job logs with the trace id
+        for item in ("lamp", "desk", "chair"):
+            assert (await api.post("/rpc/place_order", json={"item": item})).status_code == 200
+    await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_obs_logs WHERE message LIKE 'shipping %' "
+                                           "AND trace_id IS NOT NULL"), what="job logs with a trace id")
+    await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_cron_state"), what="crons registered")
+    DOCS.mkdir(parents=True, exist_ok=True)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        ctx = await browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
+        page = await ctx.new_page()
+        page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
+        watch = Watch(page)
+        try:
+            # refused without the credential
+            r = await page.goto(f"{url}/_forge/jobs")
+            assert page.url.endswith("/_forge/login") and r.status == 200
+            watch.take()
+            await _sign_in(page, url, ADMIN_KEY)
+
+            for name in PAGES:
+                r = await page.goto(f"{url}/_forge/{name}")
+                assert r.status == 200, name
+                await page.wait_for_load_state("networkidle")
+                await page.screenshot(path=str(DOCS / f"{name or 'overview'}.png"), full_page=True)
+                problems = watch.take()
+                assert problems == [], (name, problems)
+            for path, shot in ((f"jobs/{ids['dead'][0]}", "job"),):
+                assert (await page.goto(f"{url}/_forge/{path}")).status == 200
+                await page.screenshot(path=str(DOCS / f"{shot}.png"), full_page=True)
+            assert watch.take() == []
+
+            # keyboard: "/" focuses the search box
+            await page.goto(f"{url}/_forge/jobs")
+            await page.keyboard.press("/")
+            assert await page.evaluate("document.activeElement.name") == "name"
+
+            # actions by clicking: pause the mail queue, then retry a dead job (it stays pending)
+            await page.goto(f"{url}/_forge/queues")
+            await page.click("tr[data-queue=mail] [data-action='queue.pause']")
+            await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_worker_queue_pauses WHERE queue = 'mail'"),
+                             what="the queue paused in PostgreSQL")
+            await page.wait_for_selector("tr[data-queue=mail] [data-action='queue.resume']")  # the live region followed
+            await page.goto(f"{url}/_forge/jobs?status=dead")
+            job_id = ids["dead"][0]
+            await page.click(f"tr[data-job='{job_id}'] [data-action='job.retry']")
+            await page.wait_for_selector("[data-toast]")
+            await eventually(lambda: _status_is(conn, job_id, "pending"), what="the retried job pending")
+            await page.click(f"tr[data-job='{ids['dead'][1]}'] [data-action='job.discard']")
+            await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_job_history WHERE id = $1 AND "
+                                                   "status = 'discarded'", ids["dead"][1]), what="discarded")
+            # a whole filter: the count first, then the action
+            await page.goto(f"{url}/_forge/jobs?status=scheduled")
+            await page.click("[data-bulk=cancel]")
+            await page.wait_for_selector("[data-confirm-bulk=cancel]")
+            assert "2 job(s)" in await page.inner_text(".confirm")
+            await page.click("[data-confirm-bulk=cancel]")
+            await eventually(lambda: conn.fetchval("SELECT count(*) = 0 FROM forge_jobs WHERE status = 'scheduled'"),
+                             what="the scheduled jobs cancelled")
+            await page.goto(f"{url}/_forge/crons")
+            await page.click("tr[data-cron=nightly_cleanup] [data-action='cron.trigger']")
+            await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_cron_triggers WHERE cron = 'nightly_cleanup'")
+                             or conn.fetchval("SELECT count(*) FROM forge_cron_runs WHERE kind = 'manual'"),
+                             what="the cron trigger")
+            assert watch.take() == []
+
+            # a change made in the database appears without a reload
+            await page.goto(f"{url}/_forge/jobs?status=live")
+            await page.wait_for_selector("#livedot:not([hidden])")
+            marker = f"seen-live-{uuid.uuid4().hex[:6]}"
+            target = ids["dead"][2]
+            t0 = time.monotonic()
+            await conn.execute("UPDATE forge_jobs SET last_error = $2 WHERE id = $1", target, marker)
+            await page.wait_for_selector(f"tr[data-job='{target}'] >> text={marker}", timeout=10_000)
+            latency = time.monotonic() - t0
+            print(f"\ndatabase change to page: {latency * 1000:.0f} ms (live_interval 1 s)")
+
+            # a log line's trace link opens the waterfall
+            await page.goto(f"{url}/_forge/logs?text=shipping")
+            await page.click(".line [data-trace]")
+            await page.wait_for_selector(".waterfall")
+            names = await page.eval_on_selector_all(".span-row", "rows => rows.map(r => r.dataset.span)")
+            assert "POST /rpc/place_order" in names and any(n.startswith("job ship_order") for n in names), names
+            await page.screenshot(path=str(DOCS / "trace.png"), full_page=True)
+            assert watch.take() == []
+
+            # 390 px wide, dark
+            small = await browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark")
+            await small.add_cookies(await ctx.cookies())
+            sp = await small.new_page()
+            sw = Watch(sp)
+            for name in ("", "jobs", "traces"):
+                assert (await sp.goto(f"{url}/_forge/{name}")).status == 200
+                await sp.wait_for_load_state("networkidle")
+                width = await sp.evaluate("document.documentElement.scrollWidth")
+                assert width <= 390, (name, width)
+                await sp.screenshot(path=str(DOCS / f"{name or 'overview'}-390-dark.png"), full_page=True)
+            assert sw.take() == []
+            await small.close()
+
+            # read-only: no action buttons, 403 on POST
+            ro = await browser.new_context(viewport={"width": 1280, "height": 900})
+            rp = await ro.new_page()
+            await _sign_in(rp, url, READ_KEY)
+            for name in ("jobs?status=dead", "queues", "crons", "nodes"):
+                await rp.goto(f"{url}/_forge/{name}")
+                assert await rp.locator("[data-action], [data-bulk]").count() == 0, name
+            csrf = await rp.evaluate("JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRF-Token']")
+            r = await rp.request.post(f"{url}/_forge/api/actions/job.retry", data={"targets": [str(target)]},
+                                      headers={"X-CSRF-Token": csrf})
+            assert r.status == 403
+            await ro.close()
+            # and the admin's POST without the CSRF token is refused
+            r = await page.request.post(f"{url}/_forge/api/actions/job.retry", data={"targets": [str(target)]})
+            assert r.status == 403
+        except Exception:
+            await page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            print(f"screenshot of the failure: {tmp_path / 'failure.png'}")
+            raise
+        finally:
+            await browser.close()
+            await conn.close()
+
+
+async def _status_is(conn, job_id: int, status: str) -> bool:
+    return await conn.fetchval("SELECT status FROM forge_jobs WHERE id = $1", job_id) == status

@@ -1,0 +1,270 @@
+"""forge-observe pieces without a node: OTLP export to an in-process receiver, truncation, config
+errors, the W3C traceparent parser against OpenTelemetry's, partitions and retention, alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import http.server
+import threading
+import time
+
+import asyncpg
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from forge_kernel.config import load_config
+from forge_kernel.errors import ConfigError
+from forge_kernel.migrations import migrate
+from forge_kernel.plugins import PluginLoader
+from forge_kernel.telemetry import Telemetry, parse_traceparent
+from forge_observe import hooks, query
+from forge_observe.alerts import AlertEvaluator
+from forge_observe.config import AlertRule
+from forge_observe.otlp import OtlpExporter
+from forge_observe.writer import drop_partitions, ensure_partitions, truncate
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if self.headers.get("content-encoding") == "gzip":
+            import gzip
+
+            body = gzip.decompress(body)
+        type(self).bodies.append(body)
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _trace(tel: Telemetry):
+    got = []
+    tel.attach(got.append, sample_rate=1.0)
+    root = tel.start_span("POST /rpc/x", "server", attrs={"big": "y" * 5000})
+    child = tel.start_span("x", "internal")
+    tel.end_span(child, "INTERNAL")
+    tel.end_span(root)
+    return got[0]
+
+
+def test_otlp_export_reaches_a_receiver_decoded_with_opentelemetry_proto():
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    _Receiver.bodies = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    exporter = OtlpExporter(f"http://127.0.0.1:{server.server_address[1]}/v1/traces", "n1", attr_limit=100)
+    exporter.start()
+    trace = _trace(Telemetry())
+    try:
+        exporter.offer(trace)
+        deadline = time.monotonic() + 20
+        while not _Receiver.bodies and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        exporter.stop()
+        server.shutdown()
+    req = ExportTraceServiceRequest.FromString(_Receiver.bodies[0])
+    spans = [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    by_name = {s.name: s for s in spans}
+    root, child = by_name["POST /rpc/x"], by_name["x"]
+    assert root.trace_id.hex() == f"{trace.trace_id:032x}" and child.parent_span_id == root.span_id
+    assert child.status.code == 2 and child.status.message == "INTERNAL"  # STATUS_CODE_ERROR
+    big = next(a for a in root.attributes if a.key == "big").value.string_value
+    assert len(big.encode()) <= 100 and "truncated" in big
+    assert exporter.exported == 2
+
+
+def test_unreachable_otlp_endpoint_drops_and_counts_without_blocking(caplog):
+    dropped = []
+    exporter = OtlpExporter("http://127.0.0.1:9/v1/traces", "n1", timeout=0.5, on_drop=dropped.append)
+    exporter.start()
+    tel = Telemetry()
+    t0 = time.monotonic()
+    for _ in range(3):
+        exporter.offer(_trace(tel))
+    assert time.monotonic() - t0 < 0.5  # offering never waits for the network
+    deadline = time.monotonic() + 30
+    while exporter.dropped < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    exporter.stop()
+    assert exporter.dropped == 6 and sum(dropped) == 6 and exporter.exported == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.text(max_size=70),
+    st.builds(lambda v, t, s, f, rest: f"{v}-{t}-{s}-{f}{rest}",
+              st.sampled_from(["00", "01", "ff", "0g", "cc"]), st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
+              | st.just("0" * 32), st.from_regex(r"[0-9a-f]{16}", fullmatch=True) | st.just("0" * 16),
+              st.from_regex(r"[0-9a-f]{2}", fullmatch=True), st.sampled_from(["", "-", "-x", " ", "-00"]))))
+def test_traceparent_parser_agrees_with_opentelemetry(value):
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": value})
+    theirs = trace.get_current_span(ctx).get_span_context()
+    ours = parse_traceparent(value)
+    if not theirs.is_valid:
+        assert ours is None, value
+    else:
+        assert ours == (theirs.trace_id, theirs.span_id, int(theirs.trace_flags)), value
+
+
+@given(st.text(max_size=3000), st.integers(64, 2000))
+def test_truncation_bounds_bytes_and_marks_the_cut(text, limit):
+    out = truncate(text, limit)
+    if len(text.encode("utf-8", "replace")) <= limit:
+        assert out == text
+    else:
+        assert len(out.encode()) <= limit and out.endswith("bytes]") and "…[truncated" in out
+
+
+def _config(data):
+    loader = PluginLoader(env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1"}).load(extra=[("observe", hooks)])
+    return load_config(loader.config_sections(), data=data, env={})
+
+
+@pytest.mark.parametrize("observe, key", [
+    ({"sample_rate": 1.5}, "[observe] sample_rate"),
+    ({"otlp_endpoint": "ftp://x"}, "[observe] otlp_endpoint"),
+    ({"metrics_allow": ["nonsense"]}, "[observe] metrics_allow"),
+    ({"retention": {"logs": 0}}, "logs"),
+    ({"alerts": [{"name": "a", "metric": "cpu", "threshold": 1}]}, "metric"),
+    ({"samplerate": 0.5}, "samplerate"),
+])
+def test_bad_observe_config_names_the_key(observe, key):
+    with pytest.raises(ConfigError) as err:
+        _config({"observe": observe})
+    assert key in str(err.value)
+
+
+async def _observe_db(url: str) -> asyncpg.Connection:
+    from forge_kernel import kernel_plugin
+
+    conn = await asyncpg.connect(url)
+    await migrate(conn, kernel_plugin.forge_migrations() + hooks.forge_migrations())
+    return conn
+
+
+async def test_partitions_are_made_ahead_and_dropped_past_retention(forge_db_url):
+    conn = await _observe_db(forge_db_url)
+    try:
+        today = dt.date(2026, 12, 1)
+        assert await ensure_partitions(conn, today - dt.timedelta(days=10), today) == 33
+        await conn.execute("INSERT INTO forge_obs_logs (at, node_id, level, message) VALUES ($1, 'n', 'INFO', 'old')",
+                           dt.datetime(2026, 11, 21, 12, tzinfo=dt.timezone.utc))
+        dropped = await drop_partitions(conn, {"logs": 7, "spans": 3, "metrics": 30}, today)
+        # kept for 7 days: the partitions of 24 November to 1 December stay
+        assert "forge_obs_logs_p20261121" in dropped and "forge_obs_logs_p20261123" in dropped
+        assert "forge_obs_logs_p20261124" not in dropped and len([d for d in dropped if "spans" in d]) == 7
+        assert not [d for d in dropped if "metrics" in d]
+        assert await conn.fetchval("SELECT count(*) FROM forge_obs_logs") == 0
+        left = await conn.fetchval("SELECT count(*) FROM pg_inherits WHERE inhparent = 'forge_obs_logs'::regclass")
+        assert left == 8
+        with pytest.raises(asyncpg.RaiseError):
+            await conn.fetch("SELECT forge_obs_drop_partitions('forge_nodes', now()::date)")
+    finally:
+        await conn.close()
+
+
+class _Node:
+    def __init__(self):
+        self.id = "leader"
+        self.config = type("C", (), {"node": type("N", (), {"dead_after": 15.0})()})()
+        self.executor = None
+
+
+async def test_alert_fires_once_and_resolves(forge_db_url):
+    conn = await _observe_db(forge_db_url)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        await ensure_partitions(conn, now.date() - dt.timedelta(days=1), now.date() + dt.timedelta(days=1))
+
+        async def finished(at, ok, bad):
+            await conn.executemany(
+                "INSERT INTO forge_obs_metrics (at, node_id, name, labels, value) VALUES ($1, 'n1', "
+                "'forge_jobs_finished_total', $2::jsonb, $3)",
+                [(at, '{"job": "j", "status": "succeeded"}', ok), (at, '{"job": "j", "status": "dead"}', bad)])
+
+        await finished(now - dt.timedelta(seconds=200), 100, 0)
+        await finished(now - dt.timedelta(seconds=30), 150, 10)  # 10 of 60 in the window failed
+        rule = AlertRule(name="jobs-failing", metric="job_failure_rate", threshold=0.05, window=60)
+        evaluator = AlertEvaluator(_Node(), [rule])
+        assert await evaluator.run(conn) == [("jobs-failing", "firing")]
+        assert await evaluator.run(conn) == []  # still firing: no second row
+        (alert,) = await query.alerts(conn)
+        assert alert.state == "firing" and abs(alert.value - 10 / 60) < 1e-9 and "job_failure_rate" in alert.message
+        await finished(dt.datetime.now(dt.timezone.utc), 160, 10)
+        await asyncio.sleep(0.01)
+        # over the last 20 s: 10 more succeeded, none failed
+        quiet = AlertEvaluator(_Node(), [AlertRule(name="jobs-failing", metric="job_failure_rate", threshold=0.05,
+                                                   window=20)])
+        assert await quiet.run(conn) == [("jobs-failing", "resolved")]
+        (alert,) = await query.alerts(conn)
+        assert alert.state == "resolved" and alert.resolved_at is not None
+    finally:
+        await conn.close()
+
+
+_T0 = dt.datetime(2026, 12, 6, tzinfo=dt.timezone.utc)
+_seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0.0005, 0.001, 0.25, 60.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), st.sampled_from(["OK", "INTERNAL"]), _seconds),
+                      max_size=40),
+       waits=st.lists(st.tuples(st.sampled_from(["j", "k"]), _seconds, _seconds), max_size=10),
+       junk=st.lists(st.sampled_from([("call", ("f",)), ("job.finished", ("j", "default", "succeeded", "soon", _T0,
+                                                                          1.0)),
+                                      ("call", ("f", "query", "OK", float("nan"))), ("later.kind", (1,))]),
+                     max_size=4))
+def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
+    """The event series (plain dicts folded off the hot path) expose exactly what prometheus_client's
+    own Counter and Histogram would for the same observations; malformed events are counted, not kept."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from forge_observe.metrics import LATENCY, SLOW, NodeMetrics
+
+    import types
+
+    ours = NodeMetrics(node=types.SimpleNamespace(id="n1"), process=False)
+    model = CollectorRegistry()
+    m_calls = Counter("forge_function_calls", "", ["function", "kind", "code"], registry=model)
+    m_seconds = Histogram("forge_function_duration_seconds", "", ["function", "kind"], buckets=LATENCY,
+                          registry=model)
+    m_wait = Histogram("forge_job_queue_wait_seconds", "", ["job", "queue"], buckets=SLOW, registry=model)
+    events = []
+    for name, code, seconds in calls:
+        events.append(("call", (name, "query", code, seconds)))
+        m_calls.labels(name, "query", code).inc()
+        m_seconds.labels(name, "query").observe(seconds)
+    m_started = Counter("forge_jobs_started", "", ["job", "queue"], registry=model)
+    m_run = Histogram("forge_job_run_seconds", "", ["job"], buckets=SLOW, registry=model)
+    for job, seconds, run in waits:
+        started = _T0 + dt.timedelta(seconds=seconds)  # the job's row holds times (to the microsecond)
+        events.append(("job.finished", (job, "default", "succeeded", _T0, started, run)))
+        m_wait.labels(job, "default").observe((started - _T0).total_seconds())
+        m_started.labels(job, "default").inc()
+        m_run.labels(job).observe(run)
+    half = len(events) // 2  # two drains, as the aggregation loop makes them
+    assert ours.apply(events[:half] + junk) + ours.apply(events[half:]) == len(events) + len(junk)
+
+    def samples(registry, names):
+        return sorted((s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+                      for fam in registry.collect() if fam.name in names for s in fam.samples
+                      if not s.name.endswith("_created"))
+
+    names = {"forge_function_calls", "forge_function_duration_seconds", "forge_job_queue_wait_seconds",
+             "forge_jobs_started", "forge_job_run_seconds"}
+    assert samples(ours.registry, names) == samples(model, names)
+    malformed = sum(1 for kind, f in junk if kind != "later.kind")
+    assert sum(s.value for fam in ours.registry.collect() if fam.name == "forge_observe_dropped"
+               for s in fam.samples if s.name.endswith("_total")) == malformed

@@ -1,0 +1,480 @@
+"""What the kernel and the role packages record for whoever observes them (forge-observe).
+
+Two things, both free when nothing observes the node:
+
+* **events** - ``node.telemetry.emit(kind, *fields)`` appends one tuple to a bounded ring
+  (``collections.deque``). The observer drains it off the hot path and aggregates. When the
+  ring is full the oldest event goes and ``dropped`` counts it. With no observer attached,
+  ``emit`` returns at once.
+* **spans** - ``span = node.telemetry.start_span(name, kind, remote=traceparent)`` opens a span
+  as the child of the current one (a ``contextvars`` variable, so it follows ``await`` and
+  tasks), or starts a new local trace continuing ``remote`` (a W3C ``traceparent``) or a fresh
+  one. ``end_span(span)`` closes it; when the last open span of a local trace closes, the
+  observer's ``on_trace(trace)`` gets every span of it and decides whether to keep them (tail
+  sampling). ``start_span`` returns ``None`` when nothing observes, and ``end_span(None)`` does
+  nothing, so callers need no second branch. A finished span is plain data: it no longer
+  points at its trace (no reference cycle, so an unkept trace is freed at once, never by the
+  cyclic garbage collector).
+* **function calls** - the executor records each call with :meth:`Telemetry.call_started` /
+  :meth:`Telemetry.call_ended`: one ``call`` event, and a span only where it can matter: a real
+  child span in a sampled trace (so its SQL statements nest under it), a finished span added
+  afterwards when the call failed or took at least ``keep_over`` seconds (tail sampling may keep
+  those traces), nothing more otherwise. An unsampled call that went well costs one tuple.
+
+The head decision ``trace.sampled`` is known when a trace starts: the remote parent's sampled
+flag (when the observer honours it) or the trace id's low 64 bits under the sampling rate. It
+is the same on every node for the same trace id, so a job run on another node keeps its part of
+a trace exactly when the request that dispatched it did; the observer may keep more at the end
+(errors, slow work). Costly recording (SQL statements) happens only in sampled traces.
+
+Event kinds emitted by FORGE's packages (fields in order; times in seconds):
+
+=====================  ==========================================================  ================
+kind                   fields                                                      emitted by
+=====================  ==========================================================  ================
+``call``               function name, kind, outcome code, seconds                  kernel (executor)
+``job.dispatched``     job name, queue                                             kernel (dispatch)
+``job.finished``       job name, queue, outcome, queue wait, run time (or None)    worker (per attempt)
+``cron.run``           cron name, outcome, lag from its slot (or None)             scheduler
+``cron.missed``        cron name, slots dropped by its catch_up policy             scheduler
+``rt.connections``     change (+1 / -1)                                            realtime
+``rt.subscriptions``   change (+1 / -1)                                            realtime
+``rt.push``            kind (``data`` / ``unchanged``)                             realtime
+``rt.rerun``           query function, seconds                                     realtime
+``workflow.run``       workflow name, status (started, succeeded, failed, ...)     workflow runtime
+``workflow.step``      workflow name, step name, status, seconds                   workflow runtime
+``workflow.compensation``  workflow name, step name, status                        workflow runtime
+=====================  ==========================================================  ================
+
+Ids that log lines should carry are kept on the local trace (``trace.ids``: ``job``,
+``cron_run``, ``workflow_run``); whoever starts the work sets them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import random
+import re
+import time
+from typing import Any, Awaitable, Callable
+
+import attrs
+
+__all__ = ["ClusterGauge", "Span", "Telemetry", "Trace", "current_span", "format_traceparent", "parse_traceparent",
+           "traceparent"]
+
+_current: contextvars.ContextVar["Span | None"] = contextvars.ContextVar("forge_span", default=None)
+#: the current span without a Python call (hot paths: ``span = current()``)
+current = _current.get
+_getrandbits = random.getrandbits
+_time_ns = time.time_ns
+
+#: spans one local trace keeps; later ones are counted in ``Trace.overflow`` and not kept
+MAX_SPANS_PER_TRACE = 512
+_LOW64 = (1 << 64) - 1
+
+# The W3C trace-context grammar (https://www.w3.org/TR/trace-context/#traceparent-header), read as
+# OpenTelemetry's propagator reads it: surrounding whitespace allowed, version ff invalid, version 00
+# exactly four fields, later versions may add fields after a dash, all-zero ids invalid.
+_TRACEPARENT = re.compile(r"^\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*$")
+
+
+def parse_traceparent(value: Any) -> tuple[int, int, int] | None:
+    """``(trace_id, parent_span_id, flags)`` of a W3C ``traceparent`` value, or ``None`` when it is
+    not a valid one (never raises: the header comes from anyone)."""
+    if not isinstance(value, str) or len(value) > 512:
+        return None
+    m = _TRACEPARENT.match(value)
+    if m is None:
+        return None
+    version, trace_hex, span_hex, flags_hex, rest = m.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, int(flags_hex, 16)
+
+
+def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+
+
+def current_span() -> "Span | None":
+    """The span the running code is inside of (``None`` outside any, or when nothing observes)."""
+    return _current.get()
+
+
+def traceparent() -> str | None:
+    """The current span as a W3C ``traceparent`` value, for work handed to another process (jobs)."""
+    span = _current.get()
+    return None if span is None else span.traceparent()
+
+
+class Trace:
+    """The part of one trace recorded in this process for one piece of work (a request, a job run).
+
+    Made when the local work has more than its root span (a child, a recorded SQL statement, a
+    failed call) or when it is handed to the observer: an unsampled request or job that went well
+    is one :class:`Span` and never gets one."""
+
+    __slots__ = ("trace_id", "sampled", "spans", "open", "_ids", "overflow", "remote_parent", "errors", "last")
+
+    def __init__(self, trace_id: int, sampled: bool, remote_parent: int = 0) -> None:
+        self.trace_id = trace_id
+        #: the head decision: keep this trace whatever happens (see the module docstring)
+        self.sampled = sampled
+        self.spans: list[Span] = []
+        self.open = 0
+        #: ids log lines of this work carry: job, cron_run, workflow_run (see ``ids``)
+        self._ids: dict[str, Any] | None = None
+        self.overflow = 0
+        #: the span id of the remote parent this local trace continues (0: it starts the trace)
+        self.remote_parent = remote_parent
+        #: spans that ended with an error (the observer looks at them only when there are any)
+        self.errors = 0
+        #: the span whose end closed the trace (normally the local root)
+        self.last: Span | None = None
+
+    @property
+    def ids(self) -> dict[str, Any]:
+        """Ids log lines of this work carry (``job``, ``cron_run``, ``workflow_run``), shared with the
+        local root span's ``ids``; whoever starts the work sets them (``start_span(ids=...)``)."""
+        if self._ids is None:
+            self._ids = {}
+        return self._ids
+
+    @property
+    def root(self) -> "Span | None":
+        """The local root: the span this process started the work with (the last to end)."""
+        last = self.last
+        if last is not None and last.parent_id == self.remote_parent:
+            return last
+        for s in self.spans:
+            if s.parent_id == self.remote_parent:
+                return s
+        return self.spans[-1] if self.spans else None
+
+    def add(self, span: "Span") -> None:
+        if span.error is not None:
+            self.errors += 1
+        if len(self.spans) < MAX_SPANS_PER_TRACE:
+            self.spans.append(span)
+        else:
+            self.overflow += 1
+
+
+class Span:
+    """One timed operation. Times are wall-clock nanoseconds (``time.time_ns``)."""
+
+    __slots__ = ("_trace", "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs",
+                 "error", "sampled", "ids", "_token")
+
+    def __init__(self, trace: Trace | None, trace_id: int, sampled: bool, span_id: int, parent_id: int, name: str,
+                 kind: str, attrs: dict[str, Any] | None, start_ns: int) -> None:
+        self._trace = trace
+        self.trace_id = trace_id
+        #: the trace's head decision (the flag its ``traceparent`` carries)
+        self.sampled = sampled
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.name = name
+        #: server (an HTTP request), consumer (a job run), internal (a function call), client (SQL)
+        self.kind = kind
+        self.attrs = attrs
+        self.error: str | None = None
+        self.start_ns = start_ns
+        self.end_ns = 0
+        #: ids log lines of this work carry (local roots only; see ``Trace.ids``)
+        self.ids: dict[str, Any] | None = None
+        self._token: contextvars.Token | None = None
+
+    @property
+    def trace(self) -> Trace | None:
+        """The local trace while the span is open (made on first use for a root span); ``None``
+        once the span ended (it is then in ``trace.spans``, or was discarded)."""
+        trace = self._trace
+        if trace is None and not self.end_ns:
+            trace = _local_trace(self)
+        return trace
+
+    def set(self, key: str, value: Any) -> None:
+        if self.attrs is None:
+            self.attrs = {}
+        self.attrs[key] = value
+
+    def traceparent(self) -> str:
+        return "00-%032x-%016x-%s" % (self.trace_id, self.span_id, "01" if self.sampled else "00")
+
+    def record(self, name: str, kind: str, start_ns: int, end_ns: int, attrs: dict[str, Any] | None = None,
+               error: str | None = None, span_id: int = 0) -> "Span":
+        """Add a finished child span measured by the caller (a SQL statement, a dispatch) to this open
+        span's trace; ``span_id`` when the caller handed the id on before the span ended (a job's parent)."""
+        child = Span(None, self.trace_id, self.sampled, span_id or _getrandbits(64) or 1, self.span_id, name, kind,
+                     attrs, start_ns)
+        child.end_ns, child.error = end_ns, error
+        trace = self.trace
+        if trace is not None:
+            trace.add(child)
+        return child
+
+    @property
+    def duration(self) -> float:
+        return max(0, self.end_ns - self.start_ns) / 1e9
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"<Span {self.name} {self.trace_id:032x}/{self.span_id:016x} parent={self.parent_id:016x}>"
+
+
+def _local_trace(root: Span) -> Trace:
+    """The local trace of an open root span that had none yet (its first child, record or hand-over)."""
+    trace = root._trace = Trace(root.trace_id, root.sampled, root.parent_id)
+    trace.open = 1
+    if root.ids is None:
+        root.ids = {}
+    trace._ids = root.ids  # one dict: ids set on either are seen by both
+    return trace
+
+
+_new_span = object.__new__
+
+
+def new_span_id() -> int:
+    return _getrandbits(64) or 1
+
+
+class Telemetry:
+    """One per node (``node.telemetry``). Role packages record into it; one observer attaches."""
+
+    def __init__(self) -> None:
+        #: True while an observer is attached; hot paths test it before doing any work
+        self.enabled = False
+        self.events: collections.deque | None = None
+        #: events lost because the ring was full
+        self.dropped = 0
+        self._on_trace: Callable[[Trace], None] | None = None
+        self._sample_below = 0
+        self._sample_rate = 0.0
+        self._honor_sampled = True
+        #: seconds; an unsampled function call this slow (or failing) still gets its span (see call_ended),
+        #: and an unsampled local trace without errors reaches the observer only when its root took this long
+        self.keep_over = float("inf")
+        #: the same in nanoseconds (compared with time.time_ns() differences on hot paths)
+        self.keep_over_ns = 1 << 62
+        #: local traces ended with nothing to keep them for (unsampled, no error, fast)
+        self.discarded = 0
+        #: name -> (help, labels, read): values read when the observer samples, never on a hot path
+        self.gauges: dict[str, tuple[str, tuple[str, ...], Callable[[], Any]]] = {}
+
+    def gauge(self, name: str, help: str, read: Callable[[], Any], labels: tuple[str, ...] = ()) -> None:
+        """Register a gauge of this node read when the observer samples (a scrape, a flush).
+        ``read()`` returns a number, or with ``labels`` a list of ``(label values, number)``.
+        It must be cheap and must not await. Registering a name again replaces it."""
+        self.gauges[name] = (help, tuple(labels), read)
+
+    # --- the observer side -------------------------------------------------------------
+    def attach(self, on_trace: Callable[[Trace], None], *, sample_rate: float = 0.01, ring_size: int = 65536,
+               honor_remote_sampled: bool = True, keep_over: float = float("inf")) -> None:
+        """Start recording. ``on_trace`` receives each finished local trace that may be worth keeping
+        (on the event loop, synchronously: it must only queue): head-sampled ones, ones with a span
+        that ended with an error, and ones whose local root took at least ``keep_over`` seconds (the
+        observer's slow threshold; an unsampled function call that slow also gets its span, see
+        :meth:`call_ended`). The others are only counted (``discarded``). ``sample_rate`` (0..1) is
+        the head-sampling rate."""
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be between 0 and 1, got {sample_rate!r}")
+        self._on_trace = on_trace
+        self._sample_below = int(sample_rate * (1 << 64))
+        self._sample_rate = sample_rate
+        self._honor_sampled = honor_remote_sampled
+        self.keep_over = keep_over
+        self.keep_over_ns = min(1 << 62, int(keep_over * 1e9)) if keep_over != float("inf") else 1 << 62
+        self.events = collections.deque(maxlen=ring_size)
+        self.enabled = True
+
+    def detach(self) -> None:
+        self.enabled = False
+        self._on_trace = None
+        self.events = None
+
+    def drain(self) -> list[tuple]:
+        """Every event recorded since the last drain, oldest first."""
+        ev = self.events
+        if not ev:
+            return []
+        # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
+        self.events = collections.deque(maxlen=ev.maxlen)
+        return list(ev)
+
+    # --- the recording side --------------------------------------------------------------
+    def emit(self, kind: str, *fields: Any) -> None:
+        """Record one event (see the table in the module docstring). Never raises, never blocks."""
+        ev = self.events
+        if ev is None:
+            return
+        if len(ev) == ev.maxlen:
+            self.dropped += 1
+        ev.append((kind, fields))
+
+    def head_sampled(self, trace_id: int, flags: int | None) -> bool:
+        if flags is not None and flags & 1 and self._honor_sampled:
+            return True
+        return (trace_id & _LOW64) < self._sample_below
+
+    def head_sampled_remote(self, remote: str | None) -> bool:
+        """The head decision for work continuing ``remote`` (a ``traceparent``, or None for a fresh
+        trace): what ``start_span(remote=...)`` would decide, without opening anything. Lets a
+        caller leave unsampled work without a span until it needs one (the worker does)."""
+        ctx = parse_traceparent(remote) if remote else None
+        if ctx is None:
+            return random.random() < self._sample_rate
+        return self.head_sampled(ctx[0], ctx[2])
+
+    def start_span(self, name: str, kind: str = "internal", *, remote: str | None = None,
+                   attrs: dict[str, Any] | None = None, ids: dict[str, Any] | None = None,
+                   start_ns: int = 0) -> Span | None:
+        """Open a span and make it current. ``remote`` (a ``traceparent``) starts a new local trace
+        continuing it (an invalid value starts a fresh trace). ``ids`` (a new local trace's root
+        only) are the ids its log lines carry; ``start_ns`` when the work began earlier than now
+        (a span opened late). ``None`` when nothing observes."""
+        if not self.enabled:
+            return None
+        parent = _current.get() if remote is None else None
+        if parent is not None and not parent.end_ns:
+            trace = parent._trace
+            if trace is None:
+                trace = _local_trace(parent)
+            span = Span(trace, trace.trace_id, trace.sampled, _getrandbits(64) or 1, parent.span_id, name, kind,
+                        attrs, start_ns or _time_ns())
+            trace.open += 1
+            span._token = _current.set(span)
+            return span
+        ctx = parse_traceparent(remote) if remote else None
+        if ctx is not None:
+            trace_id, parent_id, flags = ctx
+            sampled = self.head_sampled(trace_id, flags)
+            span_id = _getrandbits(64) or 1
+        else:  # a fresh trace: one draw gives its id and the root span's
+            bits = _getrandbits(192)
+            trace_id, span_id, parent_id = (bits >> 64) or 1, (bits & _LOW64) or 1, 0
+            sampled = (trace_id & _LOW64) < self._sample_below
+        # A new local root: built field by field (no __init__ call) and without a Trace, which is
+        # made only if the work gets a child (see Span.trace): most unsampled work never does.
+        span = _new_span(Span)
+        span._trace = None
+        span.trace_id, span.sampled, span.span_id, span.parent_id = trace_id, sampled, span_id, parent_id
+        span.name, span.kind, span.attrs, span.ids = name, kind, attrs, ids
+        span.error, span.end_ns = None, 0
+        span.start_ns = start_ns or _time_ns()
+        span._token = _current.set(span)
+        return span
+
+    def end_span(self, span: Span | None, error: str | None = None) -> None:
+        """Close ``span`` (``None`` is ignored). ``error`` marks it failed. When it was the last open
+        span of its local trace, the observer gets the trace if it may keep it (see ``attach``)."""
+        if span is None or span.end_ns:  # nothing, or ended before
+            return
+        span.end_ns = end = _time_ns()
+        if error is not None:
+            span.error = error
+        token = span._token
+        if token is not None:
+            span._token = None
+            try:
+                _current.reset(token)
+            except ValueError:  # ended in another context than it started in
+                pass
+        trace = span._trace
+        if trace is None:  # a root that had no child: the local trace is this one span
+            if error is None and not span.sampled and end - span.start_ns < self.keep_over_ns:
+                self.discarded += 1  # nothing the observer could keep it for: the common case
+                return
+            trace = _local_trace(span)
+        span._trace = None  # a finished span is data: no reference cycle with its trace
+        trace.open -= 1
+        if (trace.open <= 0 and error is None and not trace.errors and not trace.sampled
+                and span.parent_id == trace.remote_parent and end - span.start_ns < self.keep_over_ns):
+            self.discarded += 1
+            return
+        if error is not None:
+            trace.errors += 1
+        if len(trace.spans) < MAX_SPANS_PER_TRACE:
+            trace.spans.append(span)
+        else:
+            trace.overflow += 1
+        if trace.open > 0:
+            return
+        trace.last = span
+        on_trace = self._on_trace
+        if on_trace is not None:
+            try:
+                on_trace(trace)
+            except Exception:  # an observer must never break the work it observes
+                self.dropped += 1
+
+    # --- function calls (the executor) ------------------------------------------------------
+    def call_started(self, name: str, kind: str, call_id: str) -> Span | None:
+        """Where a function call starts: a real span when it is the root of the work (no current
+        span) or its trace is sampled; ``None`` otherwise (see :meth:`call_ended`)."""
+        parent = _current.get()
+        if parent is None or parent.sampled:
+            return self.start_span(name, "internal", attrs={"function.kind": kind, "call.id": call_id})
+        return None
+
+    def call_ended(self, span: Span | None, name: str, kind: str, call_id: str, start_ns: int, code: str) -> None:
+        """One ``call`` event; ends ``span``, or (unsampled trace) adds the call's span afterwards
+        when it failed or took at least ``keep_over`` seconds, since the observer may keep that trace."""
+        end = _time_ns()
+        ev = self.events
+        if ev is not None:
+            if len(ev) == ev.maxlen:
+                self.dropped += 1
+            ev.append(("call", (name, kind, code, (end - start_ns) / 1e9)))
+        if span is not None:
+            self.end_span(span, None if code == "OK" else code)
+        elif code != "OK" or end - start_ns >= self.keep_over_ns:
+            parent = _current.get()
+            if parent is not None:
+                parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id},
+                              None if code == "OK" else code)
+
+
+@attrs.frozen
+class ClusterGauge:
+    """A cluster-wide gauge (``forge_cluster_gauges``): the leader collects it, so a scrape of every
+    node does not count it once per node. ``collect(conn)`` returns ``[(label values, value)]``, one
+    label value per name in ``labels``."""
+
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    collect: Callable[[Any], Awaitable[list[tuple[tuple[str, ...], float]]]]
+
+
+def job_wait(run_at: Any, started_at: Any) -> float:
+    """Seconds a job waited in its queue: from when it was due to when a worker started it."""
+    try:
+        return max(0.0, (started_at - run_at).total_seconds())
+    except (TypeError, AttributeError):
+        return 0.0
+
+
+class CountingDispatcher:
+    """The node's job dispatcher, counting what it stores (``job.dispatched`` events); every other
+    attribute (``ended``...) is the wrapped dispatcher's."""
+
+    def __init__(self, inner: Any, telemetry: Telemetry) -> None:
+        self.inner = inner
+        self.telemetry = telemetry
+
+    async def dispatch(self, conn: Any, requests: Any) -> list[int]:
+        ids = await self.inner.dispatch(conn, requests)
+        tel = self.telemetry
+        if tel.enabled:
+            for r in requests:
+                tel.emit("job.dispatched", r.name, r.queue)
+        return ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
