@@ -27,8 +27,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import attrs
 import httpx
 import psutil
 import websockets  # noqa: F401 - the naive peer's server library
@@ -294,37 +296,54 @@ async def quiet(stats, settle: float = 0.5, timeout: float = 30.0) -> None:
         last = now
 
 
-async def measure_step(clients: ClientProcs, meter: CpuMeter, db_url: str, rate: float, seconds: float, topic_of,
-                       per_write: float, stats=None, grace: float = 5.0, profile_to: Path | None = None) -> dict:
-    """One write rate: writes for ``seconds``, then ``grace`` for the last deliveries; latency
-    from each write's commit to each subscriber that receives it, CPU of every process."""
+@attrs.define
+class Target:
+    """What one measurement watches: a server (its CPU, its stats) and the clients subscribed to it."""
+
+    name: str
+    clients: ClientProcs
+    meter: CpuMeter
+    stats: Any = None  # async () -> the node's bench_stats (None: the naive peer)
+
+
+async def measure_step(targets: list[Target], db_url: str, rate: float, seconds: float, topic_of, per_write: float,
+                       grace: float = 5.0, profile_to=None) -> dict[str, dict]:
+    """One write rate, seen by every target at once: writes for ``seconds``, then ``grace`` for the
+    last deliveries; latency from each write's commit to each subscriber that receives it, CPU of
+    every process. ``profile_to(name)``: where to write a py-spy profile of that target's server."""
     pool = await asyncpg.create_pool(db_url, min_size=16, max_size=16)
     try:
-        if stats is not None:
-            await quiet(stats)
-        await clients.reset()
-        before = await stats() if stats is not None else None
-        spy = profile(profile_to, meter.node.pid, seconds) if profile_to and meter.node else None
-        a = meter.sample()
+        for t in targets:
+            if t.stats is not None:
+                await quiet(t.stats)
+            await t.clients.reset()
+        before = {t.name: await t.stats() if t.stats is not None else None for t in targets}
+        spies = [profile(profile_to(t.name), t.meter.node.pid, seconds) for t in targets if profile_to and t.meter.node]
+        a = {t.name: t.meter.sample() for t in targets}
         commits = await write_load(pool, rate, seconds, topic_of)
-        during = meter.sample()  # the write window: how busy each process was
+        during = {t.name: t.meter.sample() for t in targets}  # the write window: how busy each process was
         await asyncio.sleep(grace)  # let the last writes arrive (or show that they do not)
-        b = meter.sample()  # and what the whole step cost, backlog included (per operation)
-        if spy is not None:
+        b = {t.name: t.meter.sample() for t in targets}  # and what the whole step cost, backlog included
+        for spy in spies:
             await asyncio.to_thread(spy.wait)
-        after = await stats() if stats is not None else None
+        after = {t.name: await t.stats() if t.stats is not None else None for t in targets}
     finally:
         await pool.close()
-    deliveries, pushes = await clients.report()
-    rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds)
-    reruns = None
-    if stats is not None:
-        reruns = after["runs"] - before["runs"]
-        rep["reruns_per_write"] = reruns / max(1, rep["writes"])
-        rep["node_pushes_per_s"] = (after["pushes"] - before["pushes"]) / seconds
-        rep["node_stats_after"] = after
-    rep["cpu"] = CpuMeter.report(a, during, b, rep["writes"], pushes, reruns)
-    return rep
+    reports = {}
+    for t in targets:
+        deliveries, pushes = await t.clients.report()
+        rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds)
+        reruns = None
+        if t.stats is not None:
+            reruns = after[t.name]["runs"] - before[t.name]["runs"]
+            rep["reruns_per_write"] = reruns / max(1, rep["writes"])
+            rep["node_pushes_per_s"] = (after[t.name]["pushes"] - before[t.name]["pushes"]) / seconds
+            rep["node_stats_after"] = after[t.name]
+        rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
+        if len(targets) > 1:
+            rep["cpu"]["side_by_side"] = [x.name for x in targets]  # PostgreSQL and the writer serve them all
+        reports[t.name] = rep
+    return reports
 
 
 def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
@@ -367,10 +386,11 @@ PACKAGE_DIRS = ("", "forge-gateway", "forge-realtime", "forge-worker", "forge-sc
                 "plugins/forge-codegen")
 
 
-def start_node(workdir: Path, db_url: str, tree: Path | None = None, extra: dict | None = None) -> NodeProcess:
+def start_node(workdir: Path, db_url: str, tree: Path | None = None, extra: dict | None = None,
+               node_id: str = "bench") -> NodeProcess:
     """A real forge-node (gateway + realtime) serving bench_app; ``tree``: run the code of another
     checkout (its packages go first on PYTHONPATH) for an A/B comparison in one run."""
-    cfg = {"node": {"id": "bench", "roles": ["gateway", "function", "realtime"]},
+    cfg = {"node": {"id": node_id, "roles": ["gateway", "function", "realtime"]},
            "database": {"url": db_url, "pool_min": 4, "pool_max": 30},
            "app": {"modules": ["bench_app"], "example": False},
            "log": {"level": "WARNING"},
@@ -417,61 +437,80 @@ def median_report(reports: list[dict]) -> dict:
 
 
 # --- main ----------------------------------------------------------------------------------------
+async def started_node(root: Path, db_url: str, name: str, tree: Path | None, args: argparse.Namespace,
+                       rnd: int) -> tuple[NodeProcess, int]:
+    node = start_node(root / f"node-{name}-{rnd}", db_url, tree, args.node_config, node_id=f"bench-{name}")
+    port = await node_port(db_url, f"bench-{name}")
+    print(f"[{name} round {rnd}] node pid {node.pid} serving ws://127.0.0.1:{port}/ws", flush=True)
+    return node, port
+
+
 async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_url: str, pg_pid: int,
-                    name: str, tree: Path | None, out: dict, rnd: int) -> None:
-    """One round of (d), (b) and (c) against one node build."""
-    node = start_node(root / f"node-{name}-{rnd}", db_url, tree, args.node_config)
+                    variants: list[tuple[str, Path | None]], out: dict, rnd: int) -> None:
+    """One round of (d), (b) and (c) against the node builds in ``variants``, all running at once
+    and seeing the same writes (side by side: the same machine load for each)."""
+    nodes: list[tuple[str, NodeProcess, int]] = []
     try:
-        port = await node_port(db_url, "bench")
-        ws_url = f"ws://127.0.0.1:{port}/ws"
-        proc = psutil.Process(node.pid)
-        print(f"[{name} round {rnd}] node pid {node.pid} serving {ws_url}", flush=True)
-        stats = lambda: node_stats(port)  # noqa: E731
+        for name, tree in variants:
+            node, port = await started_node(root, db_url, name, tree, args, rnd)
+            nodes.append((name, node, port))
 
         if "d" in parts and rnd == 0:
             from clients import ClientSet
 
-            print(f"(d) memory per idle connection ({args.idle} connections)", flush=True)
-            warm = ClientSet()
-            await warm.open(ws_url, 200, lambda i: None)  # warm up allocator and code paths
-            await warm.close()
-            await asyncio.sleep(2.0)
-            rss0 = proc.memory_info().rss
-            idle = ClientSet()
-            await idle.open(ws_url, args.idle, lambda i: None)
-            await asyncio.sleep(2.0)
-            rss1 = proc.memory_info().rss
-            out.setdefault("d_idle_memory", {})[name] = {
-                "connections": args.idle, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
-                "bytes_per_connection": (rss1 - rss0) / args.idle}
-            print(f"  {out['d_idle_memory'][name]}", flush=True)
-            await idle.close()
+            for name, node, port in nodes:
+                proc = psutil.Process(node.pid)
+                print(f"(d) [{name}] memory per idle connection ({args.idle} connections)", flush=True)
+                warm = ClientSet()
+                await warm.open(f"ws://127.0.0.1:{port}/ws", 200, lambda i: None)  # warm up allocator and code paths
+                await warm.close()
+                await asyncio.sleep(2.0)
+                rss0 = proc.memory_info().rss
+                idle = ClientSet()
+                await idle.open(f"ws://127.0.0.1:{port}/ws", args.idle, lambda i: None)
+                await asyncio.sleep(2.0)
+                rss1 = proc.memory_info().rss
+                out.setdefault("d_idle_memory", {})[name] = {
+                    "connections": args.idle, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+                    "bytes_per_connection": (rss1 - rss0) / args.idle}
+                print(f"  {out['d_idle_memory'][name]}", flush=True)
+                await idle.close()
+
+        async def targets(stack: contextlib.AsyncExitStack, count: int, **sub) -> list[Target]:
+            found = []
+            for name, node, port in nodes:
+                clients = await stack.enter_async_context(ClientProcs(f"ws://127.0.0.1:{port}/ws", args.client_procs))
+                await clients.open(count, "topic_latest", **sub)
+                found.append(Target(name, clients, CpuMeter(node.pid, pg_pid, clients.pids),
+                                    (lambda p: lambda: node_stats(p))(port)))
+            return found
 
         if "b" in parts:
-            async with ClientProcs(ws_url, args.client_procs) as clients:
-                await clients.open(args.b_clients, "topic_latest", topics=args.b_topics)
-                meter = CpuMeter(node.pid, pg_pid, clients.pids)
+            async with contextlib.AsyncExitStack() as stack:
+                ts = await targets(stack, args.b_clients, topics=args.b_topics)
                 await asyncio.sleep(1.0)
                 for rate in args.b_rates:
-                    rep = await measure_step(clients, meter, db_url, rate, args.seconds, lambda i: i % args.b_topics,
-                                             args.b_clients / args.b_topics, stats,
-                                             profile_to=args.profile and args.profile / f"b-{name}-{rnd}-{rate:g}.txt")
-                    out.setdefault("b_forge", {}).setdefault(name, {}).setdefault(f"{rate:g}", []).append(rep)
-                    print(f"(b) [{name}] {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: "
-                          f"{step_line(rep)}", flush=True)
+                    reps = await measure_step(ts, db_url, rate, args.seconds, lambda i: i % args.b_topics,
+                                              args.b_clients / args.b_topics,
+                                              profile_to=args.profile and (lambda n: args.profile / f"b-{n}-{rnd}-{rate:g}.txt"))
+                    for name, rep in reps.items():
+                        out.setdefault("b_forge", {}).setdefault(name, {}).setdefault(f"{rate:g}", []).append(rep)
+                        print(f"(b) [{name}] {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: "
+                              f"{step_line(rep)}", flush=True)
 
         if "c" in parts:
-            async with ClientProcs(ws_url, args.client_procs) as clients:
-                await clients.open(args.c_clients, "topic_latest", topic=1000)
-                meter = CpuMeter(node.pid, pg_pid, clients.pids)
+            async with contextlib.AsyncExitStack() as stack:
+                ts = await targets(stack, args.c_clients, topic=1000)
                 await asyncio.sleep(1.0)
-                rep = await measure_step(clients, meter, db_url, args.c_rate, args.seconds, lambda i: 1000,
-                                         args.c_clients, stats, profile_to=args.profile and args.profile / f"c-{name}-{rnd}.txt")
-                out.setdefault("c_forge_fanout", {}).setdefault(name, []).append(rep)
-                print(f"(c) [{name}] {args.c_clients} clients on one query at {args.c_rate:g} writes/s: "
-                      f"{step_line(rep)}", flush=True)
+                reps = await measure_step(ts, db_url, args.c_rate, args.seconds, lambda i: 1000, args.c_clients,
+                                          profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"))
+                for name, rep in reps.items():
+                    out.setdefault("c_forge_fanout", {}).setdefault(name, []).append(rep)
+                    print(f"(c) [{name}] {args.c_clients} clients on one query at {args.c_rate:g} writes/s: "
+                          f"{step_line(rep)}", flush=True)
     finally:
-        node.terminate(30)
+        for _, node, _ in nodes:
+            node.terminate(30)
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -513,8 +552,11 @@ async def main(args: argparse.Namespace) -> dict:
         variants = [("this", None)] + [(n, Path(t)) for n, t in args.variant]
         if parts & {"b", "c", "d"}:
             for rnd in range(args.rounds):
-                for name, tree in (variants if rnd % 2 == 0 else variants[::-1]):  # ABBA: neither goes always first
-                    await run_forge(args, parts, root, db_url, pg_pid, name, tree, out, rnd)
+                if args.side_by_side:
+                    await run_forge(args, parts, root, db_url, pg_pid, variants, out, rnd)
+                    continue
+                for variant in (variants if rnd % 2 == 0 else variants[::-1]):  # ABBA: neither goes always first
+                    await run_forge(args, parts, root, db_url, pg_pid, [variant], out, rnd)
             for key in ("b_forge",):
                 for name, rates in out.get(key, {}).items():
                     out.setdefault("b_forge_median", {})[name] = {r: median_report(reps) for r, reps in rates.items()}
@@ -522,9 +564,9 @@ async def main(args: argparse.Namespace) -> dict:
                 out.setdefault("c_forge_median", {})[name] = median_report(reps)
 
         if "a" in parts and "areader" in parts:
-            node = start_node(root / "node-reader", db_url)
+            node = start_node(root / "node-reader", db_url, node_id="bench-reader")
             try:
-                await node_port(db_url, "bench")
+                await node_port(db_url, "bench-reader")
                 print("(a') capture on while the realtime node reads the change log", flush=True)
                 out["a_with_reader"] = await bench_writes(db_url, args.write_seconds, max(1, args.write_rounds - 1),
                                                           ("capture_off", "capture_on"))
@@ -541,10 +583,10 @@ async def main(args: argparse.Namespace) -> dict:
             assert "ready" in naive.stdout.readline()
             async with ClientProcs(f"ws://127.0.0.1:{naive_port}", args.client_procs) as clients:
                 await clients.open(args.b_clients, "topic_latest", topics=args.b_topics)
-                meter = CpuMeter(naive.pid, pg_pid, clients.pids)
+                target = Target("naive", clients, CpuMeter(naive.pid, pg_pid, clients.pids))
                 for rate in args.naive_rates:
-                    rep = await measure_step(clients, meter, db_url, rate, args.seconds, lambda i: i % args.b_topics,
-                                             args.b_clients / args.b_topics)
+                    rep = (await measure_step([target], db_url, rate, args.seconds, lambda i: i % args.b_topics,
+                                              args.b_clients / args.b_topics))["naive"]
                     rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
                     out.setdefault("b_naive", {})[f"{rate:g}"] = rep
                     print(f"(b) naive peer / {rate:g} writes/s: {step_line(rep)}", flush=True)
@@ -592,6 +634,8 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c) (each variant once per round)")
     ap.add_argument("--variant", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
                     help="NAME=CHECKOUT: also run a node from another checkout, interleaved (A/B in one run)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run every variant's node at once on the same writes (same machine load for each)")
     ap.add_argument("--node-config", type=json.loads, default={}, help="extra node config, JSON {section: {key: value}}")
     ap.add_argument("--only", default="a,areader,b,c,d,naive", help="parts to run (a, areader, b, c, d, naive)")
     ap.add_argument("--profile", type=Path, default=None, help="folder for py-spy profiles of the node, one per step")
