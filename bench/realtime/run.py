@@ -439,7 +439,10 @@ def median_report(reports: list[dict]) -> dict:
 # --- main ----------------------------------------------------------------------------------------
 async def started_node(root: Path, db_url: str, name: str, tree: Path | None, args: argparse.Namespace,
                        rnd: int) -> tuple[NodeProcess, int]:
-    node = start_node(root / f"node-{name}-{rnd}", db_url, tree, args.node_config, node_id=f"bench-{name}")
+    config = {section: dict(values) for section, values in args.node_config.items()}
+    for section, values in args.variant_config.get(name, {}).items():
+        config.setdefault(section, {}).update(values)
+    node = start_node(root / f"node-{name}-{rnd}", db_url, tree, config, node_id=f"bench-{name}")
     port = await node_port(db_url, f"bench-{name}")
     print(f"[{name} round {rnd}] node pid {node.pid} serving ws://127.0.0.1:{port}/ws", flush=True)
     return node, port
@@ -549,7 +552,8 @@ async def main(args: argparse.Namespace) -> dict:
                 print(f"  ratio capture on / off: {out['a_write_throughput'][str(n)]['ratio_capture_on_vs_off']:.3f} "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
-        variants = [("this", None)] + [(n, Path(t)) for n, t in args.variant]
+        # DIR "." is this checkout (a variant that differs only in --variant-config)
+        variants = [("this", None)] + [(n, None if t == "." else Path(t)) for n, t in args.variant]
         if parts & {"b", "c", "d"}:
             for rnd in range(args.rounds):
                 if args.side_by_side:
@@ -634,6 +638,9 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c) (each variant once per round)")
     ap.add_argument("--variant", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
                     help="NAME=CHECKOUT: also run a node from another checkout, interleaved (A/B in one run)")
+    ap.add_argument("--variant-config", action="append", default=[],
+                    type=lambda s: (s.split("=", 1)[0], json.loads(s.split("=", 1)[1])),
+                    help="NAME=JSON: extra node config of one variant ('this' or a --variant name)")
     ap.add_argument("--side-by-side", action="store_true",
                     help="run every variant's node at once on the same writes (same machine load for each)")
     ap.add_argument("--node-config", type=json.loads, default={}, help="extra node config, JSON {section: {key: value}}")
@@ -648,6 +655,7 @@ if __name__ == "__main__":
     a.b_rates = [float(x) for x in str(a.b_rates).split(",")]
     a.naive_rates = [float(x) for x in str(a.naive_rates).split(",")]
     a.a_burners = [int(x) for x in str(a.a_burners).split(",")]
+    a.variant_config = dict(a.variant_config)
     if a.profile:
         a.profile.mkdir(parents=True, exist_ok=True)
     import uvloop  # clients and writers on the same loop as both servers: less harness CPU in the latencies
