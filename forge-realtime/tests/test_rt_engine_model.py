@@ -245,6 +245,20 @@ async def test_many_writes_to_another_table_during_a_run_do_not_make_it_dirty(mo
     assert sink.last["s1"] == [[1, "a", 0]]
 
 
+async def _first_run_then_an_insert(engine: LiveQueryEngine, ex: ModelExecutor, subs: list[Subscription]) -> None:
+    """Start ``engine``, subscribe ``subs`` (their query's first run), then insert a row they read
+    (the second run)."""
+    engine.start()
+    for sub in subs:
+        engine.subscribe(sub)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    ex.rows[2] = {"owner": "a", "topic": 1}
+    engine.on_changes([Change("t", "INSERT", (), ({"id": 2, "owner": "a", "topic": 1},))], 5)
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 async def test_a_result_is_encoded_once_and_the_same_bytes_go_to_every_subscriber():
     class Parts:
         def __init__(self) -> None:
@@ -259,17 +273,9 @@ async def test_a_result_is_encoded_once_and_the_same_bytes_go_to_every_subscribe
     ex = ModelExecutor(random.Random(0))
     ex.rows[1] = {"owner": "a", "topic": 0}
     engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
-    engine.start()
     sink = Parts()
     subs = [Subscription(sink, f"s{i}", "by_owner", {"o": "a"}, Caller("u1")) for i in range(50)]
-    for sub in subs:
-        engine.subscribe(sub)
-    for _ in range(20):
-        await asyncio.sleep(0)
-    ex.rows[2] = {"owner": "a", "topic": 1}
-    engine.on_changes([Change("t", "INSERT", (), ({"id": 2, "owner": "a", "topic": 1},))], 5)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await _first_run_then_an_insert(engine, ex, subs)
     await engine.stop()
     assert engine.stats.runs == 2
     tails = [m[-1] for m in sink.messages.values()]
@@ -294,16 +300,9 @@ async def test_telemetry_sees_a_fan_out_as_one_event_and_one_push_span():
     ex.node = types.SimpleNamespace(telemetry=tel)
     ex.rows[1] = {"owner": "a", "topic": 0}
     engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
-    engine.start()
     sink = Sink()
-    for i in range(40):
-        engine.subscribe(Subscription(sink, f"s{i}", "by_owner", {"o": "a"}, Caller("u1")))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    ex.rows[2] = {"owner": "a", "topic": 1}
-    engine.on_changes([Change("t", "INSERT", (), ({"id": 2, "owner": "a", "topic": 1},))], 5)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await _first_run_then_an_insert(engine, ex, [Subscription(sink, f"s{i}", "by_owner", {"o": "a"}, Caller("u1"))
+                                                 for i in range(40)])
     engine.subscribe(Subscription(sink, "late", "by_owner", {"o": "a"}, Caller("u1")))  # served from the result
     await engine.stop()
     assert engine.stats.runs == 2 and len(sink.last) == 41
