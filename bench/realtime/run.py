@@ -395,7 +395,9 @@ def start_node(workdir: Path, db_url: str, tree: Path | None = None, extra: dict
            "app": {"modules": ["bench_app"], "example": False},
            "log": {"level": "WARNING"},
            "gateway": {"port": 0},
-           "realtime": {"max_concurrent_runs": 16, "max_subscriptions": 100, "subscribe_rate": 100.0}}
+           # max_concurrent_runs: the node's default (8); 16 had a worse p99 at 1,000-2,000 writes/s on
+           # 2 vCPUs (results-2026-12-06-runs.json): 16 woken backends compete with the node for a core
+           "realtime": {"max_subscriptions": 100, "subscribe_rate": 100.0}}
     for section, values in (extra or {}).items():
         cfg.setdefault(section, {}).update(values)
     paths = [str(tree / d) for d in PACKAGE_DIRS if (tree / d).is_dir()] if tree else []
