@@ -14,6 +14,8 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import attrs
 
+from .errors import InvalidArgument
+
 #: what an action applies to; a target is always given as text (a job id, a queue or cron name, a run
 #: id, a node id)
 TARGET_KINDS = ("job", "queue", "cron", "workflow", "node")
@@ -84,6 +86,9 @@ async def drain_nodes(conn: Any, targets: Sequence[str], params: Mapping[str, An
     the request on its next heartbeat. Nodes already draining, stopped, dead, asked before or
     unknown are left alone."""
     ids = [str(t) for t in targets]
+    for t in ids:  # PostgreSQL text cannot hold NUL: say which target, do not fail in the driver
+        if not t or "\x00" in t or len(t) > 200:
+            raise InvalidArgument(f"node.drain: {t!r} is not a node id")
     rows = await conn.fetch(
         """WITH asked AS (
                SELECT id, status FROM forge_nodes

@@ -363,8 +363,8 @@ def forge_admin_actions(node: "Node") -> list["AdminAction"]:
     a target the owner cannot act on, e.g. an unknown cron), naming it, the caller's transaction
     then being rolled back; leave alone targets already in the end state, so
     running it again with the same targets changes nothing and reports ``affected == 0``
-    (a cron trigger is the exception: each run asks for one more run, so tools de-duplicate
-    repeated requests themselves); and work whichever node leads the cluster (write requests the
+    (a cron trigger and a workflow event are the exceptions: each run asks for one more run or
+    sends one more event, so tools de-duplicate repeated requests themselves); and work whichever node leads the cluster (write requests the
     leader picks up, never state only one process holds).
     """
 

@@ -57,7 +57,7 @@ def test_admin_action_names_are_unique_across_plugins():
     node = contracts.types.SimpleNamespace(id="n", registry=None, pool=None, config=None)
     names = set(collect(loader.hook.forge_admin_actions(node=node)))
     assert {"job.retry", "job.cancel", "job.discard", "queue.pause", "queue.resume", "cron.trigger", "cron.pause",
-            "cron.resume", "node.drain"} <= names, sorted(names)
+            "cron.resume", "node.drain", "workflow.cancel", "workflow.retry", "workflow.send_event"} <= names, sorted(names)
 
 
 async def test_workflow_engine_starts_exactly_on_commit(forge_database_url):

@@ -137,6 +137,23 @@ async def test_forge_observe_writes_through_its_own_session_not_the_pooler(setup
     assert row["node_id"] == node.id
 
 
+async def test_dashboard_reads_through_its_own_sessions_under_its_timeout(setup, database, forge_node):
+    """The dashboard's pools set statement_timeout (and read-only) at start-up, which PgBouncer
+    refuses: they connect to [database] direct_url. Before: a gateway node behind PgBouncer did
+    not start ("service 'dashboard' failed to start: unsupported startup parameter: statement_timeout")."""
+    pytest.importorskip("forge_observe")
+    node = await forge_node(modules=["pooled_app"], config={
+        "database": {"url": setup.pooled(database), "direct_url": setup.direct(database)},
+        "node": {"roles": ["gateway"]}, "gateway": {"port": 0}})
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.ports['http']}", timeout=30) as http:
+        r = await http.get("/_forge/api/nodes")
+        assert r.status_code == 200, r.text
+        assert node.id in [n["id"] for n in r.json()["nodes"]]
+    # its sessions are the server's own backends, started with the dashboard's settings
+    assert await node.pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'forge-dashboard'") >= 1
+
+
 async def test_worker_settings_stay_in_their_transactions(setup, database, forge_node):
     """The worker plans its statements with seq/bitmap scans off and writes results with
     synchronous_commit off. Through a pooler a session SET stays on whichever server connection

@@ -60,6 +60,23 @@ import asyncpg
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from procstat import CpuMeter  # noqa: E402
+
+
+class Sample:
+    """One round of one system: jobs/s, and CPU per job of its worker processes and of PostgreSQL
+    over the same window when measured (``meter``)."""
+
+    def __init__(self, rate: float, jobs: int, meter: CpuMeter | None = None, note: str = "") -> None:
+        self.rate, self.jobs, self.note = rate, jobs, note
+        self.worker_us = meter.worker_cpu / jobs * 1e6 if meter and jobs else None
+        self.pg_us = meter.pg_cpu / jobs * 1e6 if meter and jobs else None
+
+    def cpu(self) -> str:
+        if self.worker_us is None:
+            return "CPU per job not measured"
+        return f"CPU per job: workers {self.worker_us:5.1f} us, PostgreSQL {self.pg_us:5.1f} us"
+
 SETTINGS = {
     "stock": {},
     "nofsync": {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
@@ -84,6 +101,12 @@ async def fresh_db(base: str, name: str) -> str:
     return db_url(base, name)
 
 
+#: FORGE's variants; the others are peers
+FORGES = ("forge", "forge-observe")
+#: [worker] settings of every FORGE node (--forge-worker); empty: the defaults
+FORGE_WORKER: dict[str, Any] = {}
+
+
 # --- FORGE ---------------------------------------------------------------------------------------
 async def forge_node(url: str, direct_url: str = "", observe: bool = False, **worker: Any):
     from forge_kernel.config import load_config
@@ -98,7 +121,7 @@ async def forge_node(url: str, direct_url: str = "", observe: bool = False, **wo
             "node": {"roles": ["worker"]},
             "app": {"modules": ["forge_bench_jobs"], "example": False},
             "log": {"level": "WARNING"},
-            "worker": dict(worker)}
+            "worker": {**FORGE_WORKER, **worker}}
     node = Node(load_config(loader.config_sections(), data=data, env={}), loader)
     return node
 
@@ -142,7 +165,8 @@ class Bouncer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None, observe: bool = False) -> float:
+async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
+                      postmaster: int | None = None, observe: bool = False) -> Sample:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -155,20 +179,25 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None, observe
     fb.STATE["done"] = 0
     node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else await forge_node(url, observe=observe)
     await node.start()
+    meter = CpuMeter(lambda: [os.getpid()], postmaster) if postmaster else None
+    while not fb.STATE["done"]:
+        await asyncio.sleep(0.001)
+    if meter:
+        meter.start()
     while fb.STATE["done"] < n:
         await asyncio.sleep(0.005)
     while await conn.fetchval("SELECT EXISTS (SELECT 1 FROM forge_jobs)"):
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - fb.STATE["first"]
-    # CPU of this process (the node's worker, plus this loop's polling, alike on both sides) per job
-    fb.STATE["cpu_us_per_job"] = (time.process_time() - fb.STATE["first_cpu"]) / n * 1e6
+    if meter:
+        meter.stop()
     await node.stop()
     await conn.close()
-    return n / elapsed
+    return Sample(n / elapsed, n, meter)
 
 
 async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None,
-                           observe: bool = False) -> float:
+                           observe: bool = False) -> Sample:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -200,7 +229,7 @@ async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: 
     await producer
     await node.stop()
     await conn.close()
-    return done / elapsed
+    return Sample(done / elapsed, done)
 
 
 async def forge_latency(base: str, seconds: float, rate: int = 1000) -> tuple[float, float, float, int]:
@@ -291,9 +320,14 @@ def pgq_tool() -> Path:
 
 
 def pgq_args(mode: str, args: argparse.Namespace) -> list[str]:
-    """The tool's command-line options for one of our modes."""
+    """The tool's command-line options for one of our modes (worker-bound: as many enqueue tasks
+    as our producers, batches as large as theirs; the tool's producers are not throttled, so its
+    queue only grows)."""
     if mode == "drain":
         return ["--strategy", "drain", "--jobs", str(args.jobs), *PGQ_COMMON]
+    if mode == "bound":
+        return ["--strategy", "throughput", "--time", f"{args.seconds:g}", *PGQ_COMMON,
+                "--enqueue", str(args.bound_producers), "--enqueue-batch-size", str(args.bound_batch)]
     return ["--strategy", "throughput", "--time", f"{args.seconds:g}", *PGQ_COMMON,
             "--enqueue", "1", "--enqueue-batch-size", "10"]
 
@@ -312,9 +346,9 @@ def libpq_env(url: str) -> dict[str, str]:
     return env
 
 
-async def run_quiet(argv: list[str], env: dict[str, str], limit: float = 600.0) -> str:
+async def run_quiet(argv: list[str], env: dict[str, str], limit: float = 600.0, cwd: Path | None = None) -> str:
     proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+                                                stderr=asyncio.subprocess.STDOUT, cwd=cwd)
     try:
         out = (await asyncio.wait_for(proc.communicate(), limit))[0].decode(errors="replace")
     finally:  # a timeout or a cancelled bench never leaves the tool running
@@ -326,7 +360,7 @@ async def run_quiet(argv: list[str], env: dict[str, str], limit: float = 600.0) 
     return out
 
 
-async def pgq_run(base: str, mode: str, args: argparse.Namespace) -> float:
+async def pgq_run(base: str, mode: str, args: argparse.Namespace) -> Sample:
     """One run of PgQueuer's benchmark tool on a fresh database; its own rate is the figure."""
     url = await fresh_db(base, f"bench_pgq_{mode}")
     env = libpq_env(url)
@@ -346,6 +380,8 @@ async def pgq_run(base: str, mode: str, args: argparse.Namespace) -> float:
     # run whose consumers missed their grace period reports 0: check both before trusting it
     if not (result["steps"] > 0 and result["rate"] > 0):
         raise RuntimeError(f"PgQueuer's tool reported no work: {result}")
+    if mode == "bound" and not result["queued"]:
+        print("    WARNING: PgQueuer's queue ran dry: not worker-bound", flush=True)
     if mode == "drain":
         conn = await asyncpg.connect(url)
         try:
@@ -354,7 +390,8 @@ async def pgq_run(base: str, mode: str, args: argparse.Namespace) -> float:
             await conn.close()
         if left:
             raise RuntimeError(f"PgQueuer's drain left {left} of {args.jobs} jobs queued; its rate is not a drain")
-    return float(result["rate"])
+    return Sample(float(result["rate"]), result["steps"],
+                  note=f"left queued {result['queued']:,}" if mode == "bound" else "")
 
 
 # --- Procrastinate ----------------------------------------------------------------------------------
@@ -372,7 +409,7 @@ def procrastinate_app(url: str, counter: list[int]):
     return app, noop
 
 
-async def procrastinate_drain(base: str, n: int, concurrency: int = 50) -> float:
+async def procrastinate_drain(base: str, n: int, concurrency: int = 50) -> Sample:
     url = await fresh_db(base, "bench_procrastinate_drain")
     counter = [0, 0.0]
     app, noop = procrastinate_app(url, counter)
@@ -383,10 +420,10 @@ async def procrastinate_drain(base: str, n: int, concurrency: int = 50) -> float
         await app.run_worker_async(concurrency=concurrency, wait=False, install_signal_handlers=False)
         elapsed = time.perf_counter() - counter[1]
     assert counter[0] >= n, f"Procrastinate drained {counter[0]} of {n}"
-    return n / elapsed
+    return Sample(n / elapsed, n)
 
 
-async def procrastinate_continuous(base: str, seconds: float, concurrency: int = 50, batch: int = 10) -> float:
+async def procrastinate_continuous(base: str, seconds: float, concurrency: int = 50, batch: int = 10) -> Sample:
     url = await fresh_db(base, "bench_procrastinate_cont")
     counter = [0, 0.0]
     app, noop = procrastinate_app(url, counter)
@@ -409,7 +446,202 @@ async def procrastinate_continuous(base: str, seconds: float, concurrency: int =
         worker.cancel()
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(worker, 30)
-    return done / elapsed
+    return Sample(done / elapsed, done)
+
+
+
+# --- graphile-worker (Node.js), installed from npm at bench time ----------------------------------
+GRAPHILE_VERSION = "0.17.3"  # 0.18 needs Node >= 22.18; the machine has Node 20
+#: npm install cache; bench/results/ is git-ignored, graphile-worker's code is not kept in the repository
+GRAPHILE_CACHE = HERE.parent / "results" / f"graphile-worker-{GRAPHILE_VERSION}"
+#: graphile-worker's own fast settings, from its perfTest/graphile.config.js: a local queue of 500
+#: jobs refetched after 10 ms, completions and failures batched (delay 0), pool = concurrency + 1
+GRAPHILE_PRESET = {"localQueue": {"size": 500, "refetchDelay": {"durationMs": 10}},
+                   "completeJobBatchDelay": 0, "failJobBatchDelay": 0}
+#: (processes, concurrentJobs each): one process x 50 (FORGE's concurrency) and perfTest's 4 x 24
+GRAPHILE_SHAPES = {"graphile_1x50": (1, 50), "graphile_4x24": (4, 24)}
+#: the task: a no-op that says (once per process) when its first job started, in epoch ms
+GRAPHILE_TASK = """let first = true;
+module.exports = async () => {
+  if (first) { first = false; process.stdout.write(`first ${performance.timeOrigin + performance.now()}\\n`); }
+};
+"""
+
+
+def graphile_install() -> Path:
+    """``npm install graphile-worker@GRAPHILE_VERSION`` into the cache folder (once)."""
+    cli = GRAPHILE_CACHE / "node_modules" / "graphile-worker" / "dist" / "cli.js"
+    if not cli.exists():
+        GRAPHILE_CACHE.mkdir(parents=True, exist_ok=True)
+        (GRAPHILE_CACHE / "package.json").write_text(json.dumps(
+            {"private": True, "dependencies": {"graphile-worker": GRAPHILE_VERSION}}))
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=GRAPHILE_CACHE,
+                       check=True)
+    installed = json.loads((GRAPHILE_CACHE / "node_modules" / "graphile-worker" / "package.json").read_text())
+    if installed["version"] != GRAPHILE_VERSION:
+        raise SystemExit(f"{GRAPHILE_CACHE}: graphile-worker {installed['version']}, expected {GRAPHILE_VERSION}")
+    return cli
+
+
+def graphile_env(url: str) -> dict[str, str]:
+    """node-postgres reads no passfile given in a URL: the password goes in PGPASSWORD instead."""
+    u = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if "passfile" in query:
+        env["PGPASSWORD"] = Path(query["passfile"]).read_text().strip().splitlines()[-1].split(":")[-1]
+    conn = f"postgresql://{u.username}@/{u.path.lstrip('/')}?host={query.get('host', '')}&port={query.get('port', '')}"
+    env.update(DATABASE_URL=conn, NO_LOG_SUCCESS="1")
+    return env
+
+
+class GraphileWorkers:
+    """``processes`` graphile-worker CLI processes x ``concurrency`` jobs on the run's database,
+    each in a folder holding the no-op task and a graphile.config.js with GRAPHILE_PRESET."""
+
+    def __init__(self, cli: Path, url: str, processes: int, concurrency: int) -> None:
+        self.cli, self.url, self.n, self.concurrency = cli, url, processes, concurrency
+        self.env = graphile_env(url)
+        self.dir = Path(tempfile.mkdtemp(prefix="forge-bench-graphile-"))
+        (self.dir / "tasks").mkdir()
+        (self.dir / "tasks" / "noop.js").write_text(GRAPHILE_TASK)
+        preset = {"worker": {"connectionString": self.env["DATABASE_URL"], "concurrentJobs": concurrency,
+                             "maxPoolSize": concurrency + 1, **GRAPHILE_PRESET}}
+        (self.dir / "graphile.config.js").write_text(f"module.exports = {json.dumps(preset)};\n")
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.output: list[str] = []
+        self.firsts: list[float] = []
+        self._readers: list[asyncio.Task] = []
+
+    async def install_schema(self) -> None:
+        await run_quiet(["node", str(self.cli), "--schema-only"], self.env, cwd=self.dir)
+
+    async def start(self) -> None:
+        """Start the processes; return once each has its LISTEN connection (NO_LOG_SUCCESS, as in
+        graphile's perfTest, also silences its "looking for jobs" line)."""
+        for _ in range(self.n):
+            proc = await asyncio.create_subprocess_exec(
+                "node", str(self.cli), "-j", str(self.concurrency), "-m", str(self.concurrency + 1),
+                cwd=self.dir, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            self.procs.append(proc)
+            self._readers.append(asyncio.create_task(self._read(proc)))
+        conn = await asyncpg.connect(self.url)
+        try:
+            deadline = time.monotonic() + 60
+            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND query LIKE 'LISTEN \"jobs:insert\"%'") < self.n:
+                if time.monotonic() > deadline or any(p.returncode is not None for p in self.procs):
+                    raise RuntimeError("graphile-worker did not start: " + "\n".join(self.output[-20:]))
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("first "):
+                self.firsts.append(float(line.split()[1]) / 1000)
+            elif line:
+                self.output.append(line)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.returncode is None]
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                await asyncio.wait_for(p.wait(), 30)
+            except asyncio.TimeoutError:
+                p.kill()
+                await p.wait()
+        for t in self._readers:
+            t.cancel()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def graphile_drain(base: str, system: str, args: argparse.Namespace) -> Sample:
+    processes, concurrency = GRAPHILE_SHAPES[system]
+    url = await fresh_db(base, f"bench_{system}_drain")
+    workers = GraphileWorkers(args.graphile_cli, url, processes, concurrency)
+    conn = await asyncpg.connect(url)
+    try:
+        await workers.install_schema()
+        await workers.start()  # idle and listening: the jobs arrive in one transaction below
+        meter = CpuMeter(workers.pids, args.postmaster)
+        specs = json.dumps([{"identifier": "noop", "payload": {}}] * min(args.jobs, 10_000))
+        async with conn.transaction():
+            for i in range(0, args.jobs, 10_000):
+                n = min(10_000, args.jobs - i)
+                await conn.execute("SELECT graphile_worker.add_jobs(ARRAY(SELECT json_populate_recordset("
+                                   "NULL::graphile_worker.job_spec, $1::json)) )",
+                                   specs if n == 10_000 else json.dumps([{"identifier": "noop", "payload": {}}] * n))
+        while not workers.firsts:
+            await asyncio.sleep(0.001)
+        meter.start()
+        while await conn.fetchval("SELECT EXISTS (SELECT 1 FROM graphile_worker._private_jobs)"):
+            await asyncio.sleep(0.002)
+        end = time.time()
+        meter.stop()
+        return Sample(args.jobs / (end - min(workers.firsts)), args.jobs, meter)
+    finally:
+        await workers.stop()
+        await conn.close()
+
+
+async def graphile_bound(base: str, system: str, args: argparse.Namespace) -> Sample:
+    processes, concurrency = GRAPHILE_SHAPES[system]
+    url = await fresh_db(base, f"bench_{system}_bound")
+    workers = GraphileWorkers(args.graphile_cli, url, processes, concurrency)
+    try:
+        await workers.install_schema()
+        await workers.start()
+        return await bound_window("graphile", url, workers.pids, args)
+    finally:
+        await workers.stop()
+
+# --- worker-bound: producers in a process of their own keep the queue from running dry ---------------
+async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.Namespace) -> Sample:
+    """Run producer.py against ``url`` and measure the workers between its ``start`` and ``stop``."""
+    meter = CpuMeter(worker_pids, args.postmaster)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "producer.py"), "--system", system, "--url", url, "--app-dir", str(HERE),
+        "--seconds", f"{args.seconds:g}", "--depth", str(args.bound_depth), "--batch", str(args.bound_batch),
+        "--producers", str(args.bound_producers), stdout=asyncio.subprocess.PIPE)
+    result = None
+    try:
+        async for raw in proc.stdout:
+            line = raw.decode().strip()
+            if line == "start":
+                meter.start()
+            elif line == "stop":
+                meter.stop()
+            elif line.startswith("{"):
+                result = json.loads(line)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode or result is None:
+        raise RuntimeError(f"producer.py for {system} exited {proc.returncode}")
+    if not result["fewest_pending"]:
+        print(f"    WARNING: {system}'s queue ran dry during the window ({result}); raise --bound-depth", flush=True)
+    return Sample(result["completed"] / result["elapsed"], result["completed"], meter,
+                  note=f"fewest pending {result['fewest_pending']:,}")
+
+
+async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False) -> Sample:
+    url = await fresh_db(base, "bench_forge_bound")
+    await forge_prepare(url)
+    node = await forge_node(url, observe=observe)
+    await node.start()
+    try:
+        return await bound_window("forge", url, lambda: [os.getpid()], args)
+    finally:
+        await node.stop()
 
 
 # --- driver -----------------------------------------------------------------------------------------
@@ -438,52 +670,66 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
     print(f"\n=== PostgreSQL settings '{label}': " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()),
           flush=True)
     runs = {
-        ("forge", "drain"): lambda: forge_drain(base, args.jobs),
-        ("forge_pgbouncer", "drain"): lambda: forge_drain(base, args.jobs, bouncer),
-        ("forge-observe", "drain"): lambda: forge_drain(base, args.jobs, observe=True),
+        ("forge", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster),
+        ("forge_pgbouncer", "drain"): lambda: forge_drain(base, args.jobs, bouncer, args.postmaster),
+        ("forge-observe", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster, observe=True),
         ("forge-observe", "continuous"): lambda: forge_continuous(base, args.seconds, observe=True),
+        ("forge-observe", "bound"): lambda: forge_bound(base, args, observe=True),
         ("pgqueuer", "drain"): lambda: pgq_run(base, "drain", args),
         ("procrastinate", "drain"): lambda: procrastinate_drain(base, args.jobs),
         ("forge", "continuous"): lambda: forge_continuous(base, args.seconds),
         ("forge_pgbouncer", "continuous"): lambda: forge_continuous(base, args.seconds, bouncer=bouncer),
         ("pgqueuer", "continuous"): lambda: pgq_run(base, "continuous", args),
         ("procrastinate", "continuous"): lambda: procrastinate_continuous(base, args.seconds),
+        ("forge", "bound"): lambda: forge_bound(base, args),
+        ("pgqueuer", "bound"): lambda: pgq_run(base, "bound", args),
     }
+    for shape in GRAPHILE_SHAPES:
+        runs[(shape, "drain")] = lambda shape=shape: graphile_drain(base, shape, args)
+        runs[(shape, "bound")] = lambda shape=shape: graphile_bound(base, shape, args)
     for mode in args.modes:
         # systems take turns, round after round, so a noisy neighbour on a shared machine hits
         # them alike; each system's figure is the median of its rounds
-        samples: dict[str, list[float]] = {s: [] for s in systems}
-        cpu: dict[str, list[float]] = {s: [] for s in systems}
+        here = [s for s in systems if (s, mode) in runs]
+        samples: dict[str, list[Sample]] = {s: [] for s in here}
+        loads: list[float] = []
         for rnd in range(args.rounds):
-            # every other round in reverse order, so neither side always runs first
-            for system in (systems if rnd % 2 == 0 else systems[::-1]):
+            # every other round in reverse order, so no system always runs first
+            for system in (here if rnd % 2 == 0 else here[::-1]):
                 if system == "procrastinate" and rnd >= args.procrastinate_rounds:
                     continue
-                rate = await runs[(system, mode)]()
-                samples[system].append(rate)
-                per_job = ""
-                if system.startswith("forge") and mode == "drain":
-                    import forge_bench_jobs as fb
-
-                    cpu[system].append(fb.STATE["cpu_us_per_job"])
-                    per_job = f", {fb.STATE['cpu_us_per_job']:.1f} us CPU per job"
-                print(f"  {mode:<10} {system:<14} round {rnd + 1}: {rate:>10,.0f} jobs/s{per_job}  "
-                      f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
-        for system in systems:
-            res[(system, mode)] = statistics.median(samples[system])
-            per_job = f", {statistics.median(cpu[system]):.1f} us CPU per job" if cpu[system] else ""
-            print(f"  {mode:<10} {system:<14} median {res[(system, mode)]:>10,.0f} jobs/s{per_job}", flush=True)
-        for peer in systems:
-            if peer not in ("forge", "forge-observe") and "forge" in systems:
-                print(f"  {mode:<10} FORGE / {peer:<14} {res[('forge', mode)] / res[(peer, mode)]:>6.2f}x", flush=True)
-        if "forge" in systems and "forge_pgbouncer" in systems:
-            print(f"  {mode:<10} FORGE through PgBouncer / direct {res[('forge_pgbouncer', mode)] / res[('forge', mode)]:>6.2f}x",
-                  flush=True)
-        if "forge" in systems and "forge-observe" in systems:
-            ratio = res[("forge-observe", mode)] / res[("forge", mode)]
-            paired = statistics.median(o / f for o, f in zip(samples["forge-observe"], samples["forge"]))
-            extra = (f"; CPU per job {statistics.median(cpu['forge-observe']) - statistics.median(cpu['forge']):+.1f} us"
-                     if cpu["forge"] else "")
+                sample = await runs[(system, mode)]()
+                samples[system].append(sample)
+                loads.append(os.getloadavg()[0])
+                print(f"  {mode:<10} {system:<14} round {rnd + 1}: {sample.rate:>10,.0f} jobs/s  {sample.cpu()}  "
+                      f"(load avg {loads[-1]:.1f}){'  ' + sample.note if sample.note else ''}", flush=True)
+        for system in here:
+            got = samples[system]
+            med = {"rate": statistics.median(x.rate for x in got)}
+            if got[0].worker_us is not None:
+                med["worker_us"] = statistics.median(x.worker_us for x in got)
+                med["pg_us"] = statistics.median(x.pg_us for x in got)
+            res[(system, mode)] = med
+            cpu = (f"  CPU per job: workers {med['worker_us']:.1f} us, PostgreSQL {med['pg_us']:.1f} us"
+                   if "worker_us" in med else "")
+            print(f"  {mode:<10} {system:<14} median {med['rate']:>10,.0f} jobs/s{cpu}", flush=True)
+        res[("load", mode)] = (min(loads), statistics.median(loads), max(loads)) if loads else None
+        if loads:
+            print(f"  {mode:<10} load avg min/median/max {min(loads):.1f}/{statistics.median(loads):.1f}/"
+                  f"{max(loads):.1f}", flush=True)
+        for forge in FORGES:
+            for peer in here:
+                if forge in here and not peer.startswith("forge"):
+                    print(f"  {mode:<10} {forge} / {peer:<14} "
+                          f"{res[(forge, mode)]['rate'] / res[(peer, mode)]['rate']:>6.2f}x", flush=True)
+        if "forge" in here and "forge_pgbouncer" in here:
+            print(f"  {mode:<10} FORGE through PgBouncer / direct "
+                  f"{res[('forge_pgbouncer', mode)]['rate'] / res[('forge', mode)]['rate']:>6.2f}x", flush=True)
+        if "forge" in here and "forge-observe" in here:
+            ratio = res[("forge-observe", mode)]["rate"] / res[("forge", mode)]["rate"]
+            paired = statistics.median(o.rate / f.rate for o, f in zip(samples["forge-observe"], samples["forge"]))
+            extra = (f"; node CPU per job {res[('forge-observe', mode)]['worker_us'] - res[('forge', mode)]['worker_us']:+.1f} us"
+                     if "worker_us" in res[("forge", mode)] else "")
             res[("ratio", mode)] = ratio
             print(f"  {mode:<10} with forge-observe / without = {ratio:.3f} (medians), {paired:.3f} (median of "
                   f"per-round ratios); target >= 0.95{extra}", flush=True)
@@ -500,8 +746,15 @@ async def main_async(args: argparse.Namespace) -> None:
     from forge_kernel.embedded_pg import EmbeddedPostgres
 
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"load avg {os.getloadavg()[0]:.1f}; drain N={args.jobs}, continuous T={args.seconds}s, "
+          f"load avg {os.getloadavg()[0]:.1f}; drain N={args.jobs}, continuous/bound T={args.seconds}s, "
           f"{args.rounds} rounds, latency {args.latency_seconds}s at 1000 jobs/s")
+    if "forge-observe" in args.systems and not observe_installed():
+        raise SystemExit("forge-observe is not installed in this environment (python3 dev.py test installs it)")
+    print("'forge' is a node without forge-observe, 'forge-observe' the same node with it at its defaults; "
+          f"[worker] settings: {FORGE_WORKER or 'the defaults'}")
+    if "bound" in args.modes:
+        print(f"worker-bound: producer.py in a process of its own, {args.bound_producers} connections storing batches "
+              f"of {args.bound_batch} whenever fewer than {args.bound_depth:,} jobs are pending (1 s warm-up)")
     if "pgqueuer" in args.systems:
         args.pgq_tool = pgq_tool()
         print(f"PgQueuer {PGQ_VERSION}: its own {args.pgq_tool.relative_to(HERE.parent.parent)} (from the "
@@ -509,46 +762,79 @@ async def main_async(args: argparse.Namespace) -> None:
               "run's database:")
         for mode in args.modes:
             print(f"  {mode:<10} python tools/benchmark.py {' '.join(pgq_args(mode, args))} --output-json ...")
+    if any(s in GRAPHILE_SHAPES for s in args.systems):
+        args.graphile_cli = graphile_install()
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+        print(f"graphile-worker {GRAPHILE_VERSION} (npm, in {GRAPHILE_CACHE.relative_to(HERE.parent.parent)}), "
+              f"Node {node}, its perfTest settings: {json.dumps(GRAPHILE_PRESET)}, maxPoolSize = concurrentJobs + 1; "
+              + ", ".join(f"{s}: {n} process(es) x {c}" for s, (n, c) in GRAPHILE_SHAPES.items() if s in args.systems))
     results = {}
     for label in args.settings:
         root = Path(tempfile.mkdtemp(prefix=f"forge-bench-jobs-{label}-"))
         pg = EmbeddedPostgres(root, settings=SETTINGS[label])
         base = pg.start()
+        args.postmaster = pg._running_pid()
         try:
             results[label] = await run_setting(label, base, args)
         finally:
             pg.release()
             shutil.rmtree(root, ignore_errors=True)
-    print("\n=== summary (jobs/s)")
+    print("\n=== summary (jobs/s; CPU per job in us: workers / PostgreSQL)")
     for label, res in results.items():
         for mode in args.modes:
-            line = "  ".join(f"{s}={res[(s, mode)]:,.0f}" for s in args.systems)
-            ratios = "  ".join(f"FORGE/{s}={res[('forge', mode)] / res[(s, mode)]:.2f}x"
-                               for s in args.systems if s not in ("forge", "forge-observe") and "forge" in args.systems)
+            here = [s for s in args.systems if (s, mode) in res]
+
+            def fmt(s: str) -> str:
+                m = res[(s, mode)]
+                return f"{s}={m['rate']:,.0f}" + (f" ({m['worker_us']:.0f}/{m['pg_us']:.0f})" if "worker_us" in m else "")
+
+            ratios = "  ".join(f"{f}/{s}={res[(f, mode)]['rate'] / res[(s, mode)]['rate']:.2f}x"
+                               for f in FORGES if f in here for s in here if not s.startswith("forge"))
             if ("ratio", mode) in res:
                 ratios += f"  with/without forge-observe={res[('ratio', mode)]:.3f}"
-            print(f"  {label:<8} {mode:<10} {line}   {ratios}")
+            load = res.get(("load", mode))
+            print(f"  {label:<8} {mode:<10} {'  '.join(fmt(s) for s in here)}   {ratios}"
+                  + (f"   load {load[0]:.1f}-{load[2]:.1f}" if load else ""))
         if "latency" in res:
             p50, p99, offered, n, c50, c99 = res["latency"]
             print(f"  {label:<8} latency    enqueue-to-start p50={p50:.2f} ms  p99={p99:.2f} ms; "
                   f"commit-to-start p50={c50:.2f} ms  p99={c99:.2f} ms  (offered {offered:,.0f}/s, {n} jobs)")
 
 
+def observe_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("forge-observe")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=20_000, help="jobs for the drain mode")
-    p.add_argument("--seconds", type=float, default=10.0, help="duration of the continuous mode")
+    p.add_argument("--seconds", type=float, default=10.0, help="duration of the continuous and worker-bound modes")
     p.add_argument("--latency-seconds", type=float, default=10.0, help="duration of the 1000 jobs/s latency run")
     p.add_argument("--rounds", type=int, default=3, help="rounds per mode; each system's median is reported")
     p.add_argument("--procrastinate-rounds", type=int, default=1,
                    help="rounds for Procrastinate (an order of magnitude slower; one round takes minutes)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=["stock", "nofsync"])
-    p.add_argument("--systems", type=lambda s: s.split(","), default=["forge", "pgqueuer", "procrastinate"],
+    p.add_argument("--systems", type=lambda s: s.split(","),
+                   default=["forge", "forge-observe", "graphile_1x50", "graphile_4x24", "pgqueuer", "procrastinate"],
                    help="forge (without forge-observe), forge-observe (FORGE with it at its defaults), "
-                        "forge_pgbouncer (FORGE's pool through PgBouncer), pgqueuer, procrastinate")
-    p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "continuous"],
-                   help="throughput modes to run (drain,continuous); empty for the latency run only")
+                        "forge_pgbouncer (FORGE's pool through PgBouncer), graphile_1x50, graphile_4x24, "
+                        "pgqueuer, procrastinate")
+    p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "bound", "continuous"],
+                   help="throughput modes to run (drain, bound = worker-bound continuous, continuous = one "
+                        "producer of batches of 10); empty for the latency run only")
+    p.add_argument("--bound-depth", type=int, default=20_000, help="worker-bound: keep at least this many jobs pending")
+    p.add_argument("--bound-batch", type=int, default=500, help="worker-bound: jobs per enqueue call")
+    p.add_argument("--bound-producers", type=int, default=2, help="worker-bound: producer connections")
+    p.add_argument("--forge-worker", type=lambda s: dict(kv.split("=", 1) for kv in s.split(",") if kv), default={},
+                   help="[worker] settings for FORGE's nodes, e.g. claim_statements=1 (default: none, the defaults)")
     args = p.parse_args()
+    FORGE_WORKER.update({k: json.loads(v) for k, v in args.forge_worker.items()})
     import logging
 
     logging.disable(logging.WARNING)

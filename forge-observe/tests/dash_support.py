@@ -28,6 +28,7 @@ def config(*, secured: bool, **dashboard: Any) -> dict[str, dict[str, Any]]:
         "app": {"modules": ["dash_app"], "example": False},
         "observe": {"flush_interval": 0.5, "write_interval": 0.05, "sample_rate": 1.0, "cluster_interval": 1.0},
         "worker": {"poll_interval": 0.2},
+        "workflows": {"poll_interval": 0.2, "heartbeat_interval": 0.2, "suspend_after": 0.2, "step_backoff": 0.01},
         "dashboard": dict(dashboard),
     }
     if secured:

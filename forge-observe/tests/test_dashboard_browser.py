@@ -23,8 +23,8 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "dashboard"
-PAGES = ["", "functions", "jobs", "queues", "crons", "realtime", "logs", "traces", "nodes", "migrations", "alerts",
-         "audit"]
+PAGES = ["", "functions", "jobs", "queues", "crons", "workflows", "realtime", "logs", "traces", "nodes", "migrations",
+         "alerts", "audit"]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
 
@@ -68,6 +68,11 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
     async with client(p) as api:  # traffic: a traced request whose job logs with the trace id
         for item in ("lamp", "desk", "chair"):
             assert (await api.post("/rpc/place_order", json={"item": item})).status_code == 200
+        # a workflow run waiting for its approval (its charge fails until the flag file exists)
+        paid = tmp_path / "stool-paid"
+        r = await api.post("/rpc/start_order", json={"item": "stool", "paid_flag": str(paid)})
+        assert r.status_code == 200, r.text
+        run_id = r.json()["data"]
     await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_obs_logs WHERE message LIKE 'shipping %' "
                                            "AND trace_id IS NOT NULL"), what="job logs with a trace id")
     await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_cron_state"), what="crons registered")
@@ -92,7 +97,8 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
                 await page.screenshot(path=str(DOCS / f"{name or 'overview'}.png"), full_page=True)
                 problems = watch.take()
                 assert problems == [], (name, problems)
-            for path, shot in ((f"jobs/{ids['dead'][0]}", "job"),):
+            await eventually(lambda: _run_is(conn, run_id, "waiting"), what="the run waiting for its event")
+            for path, shot in ((f"jobs/{ids['dead'][0]}", "job"), (f"workflows/{run_id}", "workflow")):
                 assert (await page.goto(f"{url}/_forge/{path}")).status == 200
                 await page.screenshot(path=str(DOCS / f"{shot}.png"), full_page=True)
             assert watch.take() == []
@@ -137,6 +143,27 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
                 what="the cron trigger")
             assert watch.take() == []
 
+            # a workflow run: send the event it waits for from its page; its charge fails (not paid);
+            # then retry from the charge step chosen in the select, paid: it succeeds
+            await page.goto(f"{url}/_forge/workflows/{run_id}")
+            await page.fill("[data-form=send-event] input[name='param.event']", "approved")
+            await page.fill("[data-form=send-event] textarea", '{"by": "browser"}')
+            async with page.expect_response(lambda r: "/actions/workflow.send_event" in r.url):
+                await page.click("[data-form=send-event] [data-action='workflow.send_event']")
+            await page.wait_for_selector("[data-toast] >> text=sent to 1 run")
+            await eventually(lambda: _run_is(conn, run_id, "failed"), what="the run failed at its charge")
+            await page.wait_for_selector("[data-form=retry] select")  # the live region followed
+            charge = await conn.fetchval("SELECT key FROM forge_workflow_steps WHERE run_id = $1::uuid AND name = 'charge' "
+                                         "AND position('~' in key) = 0", run_id)
+            paid.write_text("paid")
+            await page.select_option("[data-form=retry] select", charge)
+            async with page.expect_response(lambda r: "/actions/workflow.retry" in r.url):
+                await page.click("[data-form=retry] [data-action='workflow.retry']")
+            await eventually(lambda: _run_is(conn, run_id, "succeeded"), what="the retried run succeeded")
+            assert await conn.fetchval("SELECT result FROM forge_workflow_runs WHERE id = $1::uuid", run_id) == {
+                "approved_by": {"by": "browser"}, "paid": "charged stool"}
+            assert watch.take() == []
+
             # a change made in the database appears without a reload
             await page.goto(f"{url}/_forge/jobs?status=live")
             await page.wait_for_selector("#livedot:not([hidden])")
@@ -175,7 +202,7 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
             ro = await browser.new_context(viewport={"width": 1280, "height": 900})
             rp = await ro.new_page()
             await _sign_in(rp, url, READ_KEY)
-            for name in ("jobs?status=dead", "queues", "crons", "nodes"):
+            for name in ("jobs?status=dead", "queues", "crons", "nodes", "workflows", f"workflows/{run_id}"):
                 await rp.goto(f"{url}/_forge/{name}")
                 assert await rp.locator("[data-action], [data-bulk]").count() == 0, name
             csrf = await rp.evaluate("JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRF-Token']")
@@ -197,3 +224,7 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
 
 async def _status_is(conn, job_id: int, status: str) -> bool:
     return await conn.fetchval("SELECT status FROM forge_jobs WHERE id = $1", job_id) == status
+
+
+async def _run_is(conn, run_id: str, status: str) -> bool:
+    return await conn.fetchval("SELECT status FROM forge_workflow_runs WHERE id = $1::uuid", run_id) == status

@@ -13,7 +13,9 @@ from .cli import add_jobs_command
 from .config import WorkerConfig, WorkflowConfig
 from .queue import Dispatcher, job_counts, oldest_pending
 from .service import maintenance_tasks, worker_service, workflow_engine
+from .workflows.admin import admin_actions as workflow_admin_actions
 from .workflows.cli import add_workflows_command
+from .workflows.store import WorkflowEngine
 from .validate import check_registry
 
 
@@ -95,4 +97,6 @@ def forge_cluster_gauges(node: Any):
 
 @hookimpl
 def forge_admin_actions(node: Any):
-    return admin_actions(lambda: node.registry)
+    # the engine is built when an event is sent (the node's config and registry are loaded by then)
+    return admin_actions(lambda: node.registry) + workflow_admin_actions(
+        lambda: workflow_engine(node) if node.config is not None else WorkflowEngine())

@@ -355,8 +355,8 @@ def _queues(queues: Iterable[str]) -> list[str]:
         queues = [queues]
     out = []
     for q in queues:
-        if not isinstance(q, str) or not q or len(q) > 200:
-            raise InvalidArgument(f"a queue name is a non-empty string of at most 200 characters, got {q!r}")
+        if not isinstance(q, str) or not q or len(q) > 200 or "\x00" in q:
+            raise InvalidArgument(f"a queue name is a non-empty string of at most 200 characters (no NUL), got {q!r}")
         out.append(q)
     return out
 

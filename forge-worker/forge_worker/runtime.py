@@ -43,27 +43,10 @@ _RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attemp
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
-_CLAIMED = """SET status = 'running', node_id = $1, attempt = j.attempt + 1, started_at = statement_timestamp(),
-                  lease_until = statement_timestamp() + make_interval(secs => $2), cancel_requested = false,
+_CLAIMED_ON = """SET status = 'running', node_id = {node}, attempt = j.attempt + 1, started_at = statement_timestamp(),
+                  lease_until = statement_timestamp() + make_interval(secs => {lease}), cancel_requested = false,
                   progress = NULL, progress_message = NULL"""
-
-# Jobs of unlimited queues and types: the hot path, one statement.
-CLAIM = f"""
-WITH c AS (
-    SELECT id FROM forge_jobs
-    WHERE status = 'pending'
-      AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[]))
-      AND (capability IS NULL OR capability = ANY($4::text[]))
-      AND NOT (name = ANY($5::text[])) AND NOT (queue = ANY($6::text[]))
-      AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
-    ORDER BY priority DESC, id
-    LIMIT $7
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE forge_jobs j {_CLAIMED}
-FROM c WHERE j.id = c.id
-{_RETURNING}
-"""
+_CLAIMED = _CLAIMED_ON.format(node="$1", lease="$2")
 
 # Jobs of one limited queue ($8) or one limited type ($9), run after taking the advisory locks of
 # every limit involved, so counting running jobs and claiming is serialised cluster-wide.
@@ -113,16 +96,18 @@ SELECT (SELECT count(*) FROM p) AS promoted,
         WHERE status = 'scheduled' AND run_at > now()) AS next_in
 """
 
-# Every finished attempt of a batch in one statement, fenced by (id, attempt, node):
-# a job whose lease was lost and re-claimed elsewhere is not touched.
-REPORT = """
-WITH r AS (
+# Every finished attempt of a batch, fenced by (id, attempt, node): a job whose lease was lost
+# and re-claimed elsewhere is not touched. Each result row finds its job through the primary
+# key (a nested loop over the batch; no `id = ANY(...)` beside it, which made every probe scan
+# the whole list: quadratic for a drain's thousands of results).
+_RESULTS = """
+r AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[])
         AS r(id, attempt, outcome, delay, error)
 ), done AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
-    WHERE j.id = ANY($1::bigint[]) AND j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
+    WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
       AND j.status = 'running' AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
     RETURNING j.*, CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
               CASE WHEN r.outcome IN ('succeeded', 'cancelled') THEN r.error
@@ -146,12 +131,60 @@ WITH r AS (
         node_id = CASE WHEN r.outcome = 'dead' THEN j.node_id END,
         lease_until = NULL, cancel_requested = false
     FROM r
-    WHERE j.id = ANY($1::bigint[]) AND j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
+    WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
       AND j.status = 'running' AND NOT j.cancel_requested
       AND r.outcome IN ('failed', 'dead', 'retry_later', 'released')
     RETURNING j.id
-)
+)"""
+
+# Results alone (while stopping: no claims), committed without waiting for the flush unless
+# durable_results (ASYNC_COMMIT on the connection).
+REPORT = f"""
+WITH {_RESULTS}
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM upd) AS written, (SELECT count(*) FROM hist) AS kept
+"""
+
+# Pending jobs of unlimited queues and types a claim takes: ${0} queues (empty: all), ${1}
+# capabilities, ${2} limited types, ${3} limited queues, ${4} how many; paused queues are skipped.
+_PENDING = """
+    SELECT id FROM forge_jobs
+    WHERE status = 'pending'
+      AND (cardinality(${0}::text[]) = 0 OR queue = ANY(${0}::text[]))
+      AND (capability IS NULL OR capability = ANY(${1}::text[]))
+      AND NOT (name = ANY(${2}::text[])) AND NOT (queue = ANY(${3}::text[]))
+      AND queue <> ALL (ARRAY(SELECT queue FROM forge_worker_queue_pauses))
+    ORDER BY priority DESC, id
+    LIMIT ${4}
+    FOR UPDATE SKIP LOCKED"""
+
+# Jobs of unlimited queues and types, when no result waits to be written.
+CLAIM = f"""
+WITH c AS ({_PENDING.format(3, 4, 5, 6, 7)}
+)
+UPDATE forge_jobs j {_CLAIMED}
+FROM c WHERE j.id = c.id
+{_RETURNING}
+"""
+
+# The hot path, one round trip per batch: write the finished attempts ($1-$7) and claim up to $13
+# jobs of unlimited queues and types into the slots they held (and the free ones). Results and
+# claims commit together, so the rows leased to this node never outnumber its slots, with no
+# second statement (or connection) for results. The rows it writes are running, the rows it
+# claims pending: no row is touched twice. A claim must commit durably (a claim lost in a crash
+# could hand a running job to a second worker); a statement that claimed nothing commits
+# without waiting for the flush (results may: see durable_results, $14).
+WRITE_AND_CLAIM = f"""
+WITH {_RESULTS}, c AS ({_PENDING.format(9, 10, 11, 12, 13)}
+), claimed AS (
+    UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8")}
+    FROM c WHERE j.id = c.id
+    {_RETURNING}
+)
+SELECT claimed.* FROM (
+    SELECT set_config('synchronous_commit',
+                      CASE WHEN $14::boolean OR EXISTS (SELECT 1 FROM claimed)
+                           THEN current_setting('synchronous_commit') ELSE 'off' END, true)
+) durability LEFT JOIN claimed ON true
 """
 
 # Renew leases, write the latest progress, learn about cancellations and lost leases.
@@ -210,9 +243,6 @@ WAKE = "DELETE FROM forge_worker_sleepers WHERE node_id = $1"
 # per claim at 20k rows instead of ~0.3 ms). Every worker statement has an index path that
 # matches its ORDER BY, so the worker's own connections simply rule out the other plans.
 PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off"
-# Reports of thousands of jobs (a drain) must hash-join the result list with the rows found
-# through the primary key; a nested loop over both is quadratic (~1 s for 1,600 results).
-REPORT_PLANNER_SETTINGS = PLANNER_SETTINGS + "; SET enable_nestloop = off"
 # Results may commit without waiting for the WAL flush: if PostgreSQL crashes before the flush,
 # the job is still leased to us, we no longer renew it, and it is re-run after its lease expires -
 # the at-least-once contract, never a second run while the first is alive. Claims stay
@@ -399,6 +429,7 @@ class Worker:
 
     # --- claiming -------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
+        self._claim_done.clear()
         try:
             while not self.stopping:
                 try:
@@ -413,29 +444,49 @@ class Worker:
                     await asyncio.sleep(0.2 + random.random() * 0.3)
         finally:
             self._claim_done.set()
+            self.report_event.set()  # results of jobs still running are written by the report loop now
 
     async def _claim_on(self, conn: asyncpg.Connection) -> None:
         cfg = self.config
         limited_names = list(self.type_limits)
         limited_queues = list(self.queue_limits)
         while not self.stopping:
-            capacity = min(cfg.concurrency - len(self.running), self.claim_batch)
-            if capacity <= 0:
+            # finished attempts keep their slots until this statement writes their results; the
+            # same statement may claim into those slots, since both commit together
+            batch, self.reports = self.reports, []
+            capacity = min(cfg.concurrency - len(self.running) + len(batch), self.claim_batch)
+            if capacity <= 0 and not batch:
                 self.slot_free.clear()
-                if cfg.concurrency - len(self.running) <= 0:
+                if cfg.concurrency - len(self.running) <= 0 and not self.reports:
                     await self.slot_free.wait()
                 continue
             self.wake.clear()
-            async with self._planned(conn, PLANNER_SETTINGS):
-                if time.monotonic() >= self.next_due:
-                    row = await conn.fetchrow(PROMOTE)
-                    nxt = row["next_in"]
-                    self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
-                                                        else cfg.poll_interval)
-                rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
-                                        limited_names, limited_queues, capacity)
+            self.slot_free.clear()
+            try:
+                async with self._planned(conn, PLANNER_SETTINGS):
+                    if capacity > 0 and time.monotonic() >= self.next_due:
+                        row = await conn.fetchrow(PROMOTE)
+                        nxt = row["next_in"]
+                        self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
+                                                            else cfg.poll_interval)
+                    if batch:
+                        rows = await conn.fetch(WRITE_AND_CLAIM, *self._result_columns(batch), self.node_id,
+                                                self._keep_history, cfg.lease, self.queues, self.capabilities,
+                                                limited_names, limited_queues, max(capacity, 0),
+                                                cfg.durable_results)
+                        if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
+                            rows = []
+                    else:
+                        rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
+                                                limited_names, limited_queues, capacity)
+            except BaseException:
+                self.reports[:0] = batch  # written with the next statement
+                raise
+            self._written(batch)
             got = len(rows)
             self._start_jobs(rows)
+            if capacity <= 0:
+                continue
             if limited_names or limited_queues:
                 got += await self._claim_limited(conn, capacity - got)
             now = time.monotonic()
@@ -447,6 +498,8 @@ class Worker:
                     await conn.execute(WAKE, self.node_id)
                     self.sleeping = False
                 continue
+            if self.reports:
+                continue  # jobs finished meanwhile: write them now
             if cfg.spin_window and now - self.last_work < cfg.spin_window:
                 # work arrived moments ago: more is likely. Look again shortly instead of asking
                 # every enqueue for a wake-up hint - under steady load each look finds a batch,
@@ -465,9 +518,21 @@ class Worker:
                 continue
             timeout = max(0.0, min(cfg.poll_interval, self.next_due - time.monotonic()))
             if timeout > 0:
-                self.slot_free.clear()
+                # a hint, a finished job (its result to write, its slot to fill) or the poll
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout)
+
+    @staticmethod
+    def _result_columns(batch: list[tuple[int, int, str, float, str | None]]) -> tuple[list, ...]:
+        return ([r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], [r[3] for r in batch],
+                [r[4] for r in batch])
+
+    def _written(self, batch: list[tuple[int, int, str, float, str | None]]) -> None:
+        """The results of ``batch`` are stored: their slots are free."""
+        for job_id, attempt, *_ in batch:
+            a = self.running.get(job_id)
+            if a is not None and a.attempt == attempt and a.finished:
+                self._free(a)
 
     async def _claim_limited(self, conn: asyncpg.Connection, capacity: int) -> int:
         """Claim from limited queues and types, each under the advisory locks of its limits."""
@@ -575,13 +640,18 @@ class Worker:
             if outcome != "lost":
                 self.reports.append((a.id, a.attempt, outcome, delay, error))
                 reported = True
-                self.report_event.set()
+                # the claim loop writes it with its next statement (claiming into the slot); once
+                # the claim loop has stopped, the report loop does
+                self.slot_free.set()
+                self.wake.set()
+                if self._claim_done.is_set():
+                    self.report_event.set()
                 if outcome in ("failed", "retry_later") and delay > 0:
                     self.next_due = min(self.next_due, time.monotonic() + delay)
             if self._finished_hook is not None and outcome not in ("lost", "released"):
                 await self._job_finished(row, a, outcome, started, error)
         finally:
-            if not reported:  # else the slot stays taken until the report loop has written the result
+            if not reported:  # else the slot stays taken until its result is written
                 self._free(a)
 
     def _free(self, a: Attempt) -> None:
@@ -635,30 +705,30 @@ class Worker:
 
     # --- reporting ------------------------------------------------------------------------
     async def _report_loop(self) -> None:
+        """Writes results once the claim loop has stopped (a graceful stop: running jobs finish
+        or are released after it); until then the claim loop writes them with its claims."""
         while True:
             await self.report_event.wait()
             self.report_event.clear()
+            if not self._claim_done.is_set():
+                continue
             try:
                 async with self.node.pool.acquire() as conn:
-                    settings = REPORT_PLANNER_SETTINGS + ("" if self.config.durable_results else "; " + ASYNC_COMMIT)
+                    settings = PLANNER_SETTINGS + ("" if self.config.durable_results else "; " + ASYNC_COMMIT)
                     await self._session_settings(conn, settings)
                     while self.reports:
                         batch, self.reports = self.reports, []
                         self._reporting = True
                         try:
                             async with self._planned(conn, settings):
-                                await conn.fetchrow(REPORT, [r[0] for r in batch], [r[1] for r in batch],
-                                                    [r[2] for r in batch], [r[3] for r in batch],
-                                                    [r[4] for r in batch], self.node_id, self._keep_history)
+                                await conn.fetchrow(REPORT, *self._result_columns(batch), self.node_id,
+                                                    self._keep_history)
                         except BaseException:
                             self.reports[:0] = batch  # written on the next try
                             raise
                         finally:
                             self._reporting = False
-                        for job_id, attempt, *_ in batch:
-                            a = self.running.get(job_id)
-                            if a is not None and a.attempt == attempt and a.finished:
-                                self._free(a)
+                        self._written(batch)
                     self.reported.set()
             except _DB_ERRORS as exc:
                 logger.warning(f"worker could not write {len(self.reports)} job result(s) "

@@ -864,6 +864,9 @@ async def check_admin_actions(plugin: Any, db_url: str, max_examples: int = 25) 
         def unknown_targets_change_nothing(name: str, targets: list[str]) -> None:
             asyncio.run(example(name, targets))
 
+        for name in sorted(actions):  # always, not only when drawn: text PostgreSQL cannot store
+            await example(name, ["a\x00b"])
+
         await _run_property(unknown_targets_change_nothing)
     finally:
         await drop()

@@ -52,6 +52,10 @@ class Actions:
     def names(self) -> list[str]:
         return sorted(self.actions)
 
+    def params(self) -> dict[str, list[str]]:
+        """The parameters each action takes besides its targets (for tools that build requests)."""
+        return {name: list(self.actions[name].params) for name in self.names()}
+
     async def perform(self, viewer: Viewer, name: str, targets: Sequence[Any], params: Mapping[str, Any] | None,
                       client: str, idempotency_key: Any = None, filter: Mapping[str, Any] | None = None) -> dict[str, Any]:
         action = self.actions.get(name)
@@ -68,7 +72,9 @@ class Actions:
             raise InvalidArgument(f"{name}: at most {limit} targets at once, got {len(targets)}")
         if not action.bulk and len(targets) != 1:
             raise InvalidArgument(f"{name}: exactly one target")
-        params = dict(params or {})
+        if not isinstance(params, Mapping):
+            raise InvalidArgument(f"params: a JSON object of the parameters {name} takes, got {type(params).__name__}")
+        params = dict(params)
         unknown = sorted(set(params) - set(action.params))
         if unknown:
             raise InvalidArgument(f"{name}: unknown parameter(s) {', '.join(unknown)}; "

@@ -254,6 +254,7 @@ def routes(dash: Dashboard) -> Router:
             if name == "session":
                 return with_session(request, _json({"who": viewer.who, "role": viewer.role, "via": viewer.via,
                                                     "csrf": viewer.csrf, "actions": dash.actions.names(),
+                                                    "action_params": dash.actions.params(),
                                                     "notice": access.describe()}))
             if name == "migrations":
                 return with_session(request, _json(await dash.migrations()))
@@ -345,6 +346,22 @@ def routes(dash: Dashboard) -> Router:
                     data[k] = json.loads(data[k])
                 except ValueError as exc:
                     raise InvalidArgument(f"{k}: malformed JSON: {exc}") from None
+        # a form's own fields: "param.<name>" is a text parameter, "json.<name>" one given as JSON
+        # text (a payload textarea); an empty field is a parameter not given
+        params = data.get("params") if isinstance(data.get("params"), dict) else {}
+        for k in [k for k in data if k.startswith(("param.", "json."))]:
+            value = data.pop(k)
+            kind, name = k.split(".", 1)
+            if not name or not isinstance(value, str) or not value.strip():
+                continue
+            if kind == "json":
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    raise InvalidArgument(f"{name}: malformed JSON ({exc})") from None
+            params[name] = value
+        if params:
+            data["params"] = params
         return data, True
 
     async def acting(request: Request) -> Viewer | Response:
@@ -380,6 +397,8 @@ def routes(dash: Dashboard) -> Router:
             targets = data.get("targets")
             if isinstance(targets, str):
                 targets = [targets]
+            if targets is None and isinstance(data.get("target"), str):
+                targets = [data["target"].strip()]  # one target as typed (a correlation key may hold commas)
             result = await dash.actions.perform(viewer, name, targets or [], data.get("params") or {},
                                                 _client(request), data.get("idempotency_key"))
         except ForgeError as exc:

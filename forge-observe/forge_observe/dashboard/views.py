@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from typing import Any, Callable, Mapping
 
@@ -19,6 +20,7 @@ from croniter import croniter
 from forge_kernel.errors import InvalidArgument, NotFound
 
 from .. import query as obsq
+from ..service import FULL_SNAPSHOT_EVERY
 from . import queries as q
 
 LIVE_JOB_STATUSES = ["scheduled", "pending", "running", "dead"]
@@ -26,6 +28,9 @@ HISTORY_JOB_STATUSES = ["succeeded", "cancelled", "discarded"]
 WORKFLOW_STATUSES = ["pending", "running", "waiting", "blocked", "succeeded", "failed", "cancelled"]
 WORKFLOW_LIVE = ["pending", "running", "waiting", "blocked"]
 PAGE_ROWS = 50
+#: most points of a chart (the functions page's long windows)
+CHART_POINTS = 60
+_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 
 
 @attrs.frozen
@@ -48,6 +53,22 @@ class Ctx:
     @property
     def dead_after(self) -> float:
         return float(self.node.config.node.dead_after)
+
+    @property
+    def flush_interval(self) -> float:
+        """Seconds between this cluster's metric flushes (``[observe] flush_interval``)."""
+        return float(self.node.config["observe"].flush_interval)
+
+    @property
+    def metric_sample(self) -> float:
+        """Seconds at the end of each minute a per-minute chart reads: one flush and a margin."""
+        return min(60.0, self.flush_interval * 1.2 + 1.0)
+
+    @property
+    def metric_lookback(self) -> float:
+        """How old a series's newest row can be: every series is written in full every
+        ``FULL_SNAPSHOT_EVERY``-th flush."""
+        return (FULL_SNAPSHOT_EVERY + 1) * self.flush_interval
 
 
 def iso(value: Any) -> dt.datetime | None:
@@ -114,7 +135,7 @@ def _need(ctx: Ctx, table: str, package: str) -> None:
 
 # --- the pages --------------------------------------------------------------------------------
 def overview(ctx: Ctx, params: Mapping[str, str]) -> Query:
-    sql, args = q.overview(ctx.dead_after, ctx.config.bulk_limit, set(ctx.have))
+    sql, args = q.overview(ctx.dead_after, ctx.config.bulk_limit, set(ctx.have), ctx.metric_sample)
     cap = ctx.config.bulk_limit
 
     def shape(raw: dict[str, Any]) -> dict[str, Any]:
@@ -150,16 +171,18 @@ def _gauge_jobs(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"at": at, "by_status": by_status, "by_queue": by_queue, "oldest_pending": oldest}
 
 
-def _minute_series(rows: list[dict[str, Any]], n: int, now: str) -> dict[str, list[float]]:
-    """Per-minute sums for the last ``n`` minutes: calls, server errors, jobs finished ok/failed, pushes."""
-    end = iso(now).replace(second=0, microsecond=0)
-    index = {end - dt.timedelta(minutes=i): n - 1 - i for i in range(n)}
+def _minute_series(rows: list[dict[str, Any]], n: int, now: str, step: int = 1) -> dict[str, list[float]]:
+    """Per-minute sums for the last ``n`` points of ``step`` minutes each (a point of several
+    minutes is their average per minute): calls, server errors, jobs finished ok/failed, pushes."""
+    width = dt.timedelta(minutes=step)
+    end = _EPOCH + (iso(now) - _EPOCH) // width * width  # the SQL's date_bin from the same origin
+    index = {end - i * width: n - 1 - i for i in range(n)}
     out = {k: [0.0] * n for k in ("calls", "errors", "jobs_ok", "jobs_failed", "pushes", "reruns")}
     for r in rows:
         i = index.get(iso(r["m"]))
         if i is None:
             continue
-        name, label, v = r["name"], r["label"], float(r["n"] or 0)
+        name, label, v = r["name"], r["label"], float(r["n"] or 0) / step
         if name == "forge_function_calls_total":
             out["calls"][i] += v
             if label in q.SERVER_ERROR_CODES:
@@ -178,7 +201,10 @@ def _minute_series(rows: list[dict[str, Any]], n: int, now: str) -> dict[str, li
 
 def functions(ctx: Ctx, params: Mapping[str, str]) -> Query:
     window = minutes(params, "since", 60.0)
-    sql, args = q.functions(int(max(1, round(window))))
+    # at most CHART_POINTS points: a long window's chart has one per few minutes
+    step = max(1, math.ceil(round(window) / CHART_POINTS))
+    points = max(1, math.ceil(round(window) / step))
+    sql, args = q.functions(int(max(1, round(window))), ctx.metric_lookback, ctx.metric_sample, step, points * step)
 
     def shape(raw: dict[str, Any]) -> dict[str, Any]:
         start = iso(raw["now"]) - dt.timedelta(minutes=window)
@@ -208,7 +234,7 @@ def functions(ctx: Ctx, params: Mapping[str, str]) -> Query:
                          "p50_ms": None if q50 is None else q50 * 1000, "p95_ms": None if q95 is None else q95 * 1000,
                          "p99_ms": None if q99 is None else q99 * 1000})
         return {"now": raw["now"], "window_minutes": window, "functions": rows,
-                "charts": _minute_series(raw["minutes"] or [], int(max(1, round(window))), raw["now"])}
+                "charts": _minute_series(raw["minutes"] or [], points, raw["now"], step)}
     return Query("functions", _key("functions", {"since": window}), sql, args, shape, {"since": params.get("since") or ""})
 
 
@@ -409,7 +435,7 @@ def workflow(ctx: Ctx, params: Mapping[str, str], run_id: str) -> Query:
 
 
 def realtime(ctx: Ctx, params: Mapping[str, str]) -> Query:
-    sql, args = q.realtime()
+    sql, args = q.realtime(ctx.metric_sample)
 
     def shape(raw: dict[str, Any]) -> dict[str, Any]:
         per_node: dict[str, dict[str, float]] = {}

@@ -262,73 +262,81 @@ class WorkflowClient:
     # --- managing ----------------------------------------------------------------------------------------
     async def cancel(self, run_id: str | uuid.UUID) -> str:
         """Cancel a run: its recorded compensations run in reverse order, then it ends as
-        ``cancelled``. Returns ``"requested"`` (a running run is stopped within moments).
-        ``NotFound`` for an unknown run, ``Conflict`` for one that has ended."""
+        ``cancelled``. Returns ``"requested"`` (a running run is stopped within moments; a run
+        asked before stays asked). ``NotFound`` for an unknown run, ``Conflict`` for one that has ended."""
         rid = _run_id(run_id)
-        row = await self.db.fetchrow(
-            """WITH r AS (
-                   UPDATE forge_workflow_runs SET cancel_requested = true, updated_at = now(),
-                          compensating = CASE WHEN status = 'running' THEN compensating ELSE true END,
-                          error = CASE WHEN status = 'running' THEN error ELSE coalesce(error, 'cancelled on request') END,
-                          status = CASE WHEN status = 'running' THEN status ELSE 'pending' END,
-                          run_at = CASE WHEN status = 'running' THEN run_at ELSE now() END
-                   WHERE id = $1 AND status IN ('pending', 'running', 'waiting', 'blocked')
-                   RETURNING id, status, node_id
-               ), told AS (
-                   SELECT pg_notify('forge_workflows_cancel', id::text) FROM r WHERE status = 'running'
-               ), woke AS (
-                   SELECT pg_notify('forge_workflows', s.node_id)
-                   FROM (SELECT node_id FROM forge_workflow_sleepers ORDER BY random() LIMIT 1) s
-                   WHERE EXISTS (SELECT 1 FROM r WHERE status = 'pending')
-               )
-               SELECT (SELECT count(*) FROM r) AS n, (SELECT count(*) FROM told) + (SELECT count(*) FROM woke) AS hints,
-                      (SELECT status FROM forge_workflow_runs WHERE id = $1) AS was""", rid)
-        if row["n"]:
+        if await cancel_runs(self.db, [rid]):
             return "requested"
-        if row["was"] is None:
+        was = await self.db.fetchval("SELECT status FROM forge_workflow_runs WHERE id = $1", rid)
+        if was is None:
             raise NotFound(f"no workflow run {rid}")
-        raise Conflict(f"workflow run {rid} has already ended ({row['was']})")
+        if was in LIVE:
+            return "requested"  # asked before: its compensations are under way
+        raise Conflict(f"workflow run {rid} has already ended ({was})")
 
     async def retry(self, run_id: str | uuid.UUID, *, from_step: str | None = None) -> str:
-        """Run a failed, cancelled or blocked run again. Steps recorded before ``from_step`` (a
-        step key or name) keep their results; that step and every later record are kept in the
-        history under ``key~N`` and run again. Without ``from_step``: from the step that failed,
-        or from the start when compensations already ran (their steps were undone)."""
+        """Run a failed, cancelled or blocked run again (see :func:`retry_run`). ``NotFound`` for an
+        unknown run, ``Conflict`` for one in another state."""
         rid = _run_id(run_id)
         conn_ctx = self.db.acquire() if isinstance(self.db, asyncpg.Pool) else _Same(self.db)
         async with conn_ctx as conn:
             async with conn.transaction():
-                run = await conn.fetchrow("SELECT status, claims FROM forge_workflow_runs WHERE id = $1 FOR UPDATE", rid)
-                if run is None:
-                    raise NotFound(f"no workflow run {rid}")
-                if run["status"] not in ("failed", "cancelled", "blocked"):
-                    raise Conflict(f"workflow run {rid} is {run['status']}; only failed, cancelled or blocked runs "
-                                   f"can be retried")
-                steps = await conn.fetch("""SELECT key, name, kind, status, seq FROM forge_workflow_steps
-                                            WHERE run_id = $1 AND position('~' in key) = 0 ORDER BY seq""", rid)
-                if from_step is not None:
-                    start = next((s for s in steps if s["key"] == from_step), None) or next(
-                        (s for s in steps if s["name"] == from_step and s["kind"] == "step"), None)
-                    if start is None:
-                        raise InvalidArgument(f"workflow run {rid} has no recorded step {from_step!r}")
-                    retire = [s["key"] for s in steps if s["seq"] >= start["seq"] or s["kind"] == "compensation"]
-                elif any(s["kind"] == "compensation" for s in steps):
-                    retire = [s["key"] for s in steps]
-                else:
-                    retire = [s["key"] for s in steps if s["status"] in ("failed", "retrying", "waiting")]
-                generation = await conn.fetchval(
-                    "SELECT count(DISTINCT split_part(key, '~', 2)) FROM forge_workflow_steps "
-                    "WHERE run_id = $1 AND position('~' in key) > 0", rid)
-                await conn.execute("""UPDATE forge_workflow_steps SET key = key || '~' || $3::text
-                                      WHERE run_id = $1 AND key = ANY($2::text[])""", rid, retire, str(generation + 1))
-                await conn.execute(
-                    """UPDATE forge_workflow_runs SET status = 'pending', run_at = now(), compensating = false,
-                              cancel_requested = false, error = NULL, result = NULL, finished_at = NULL, wait = NULL,
-                              wait_events = NULL, recoveries = 0, steps_done = steps_done + 1, updated_at = now()
-                       WHERE id = $1""", rid)
-                await conn.execute("""SELECT pg_notify('forge_workflows', s.node_id)
-                                      FROM (SELECT node_id FROM forge_workflow_sleepers ORDER BY random() LIMIT 1) s""")
+                was = await retry_run(conn, rid, from_step=from_step)
+        if was is None:
+            raise NotFound(f"no workflow run {rid}")
+        if was not in RETRIABLE:
+            raise Conflict(f"workflow run {rid} is {was}; only failed, cancelled or blocked runs can be retried")
         return "pending"
+
+
+#: the statuses a run can be retried from
+RETRIABLE = ("failed", "cancelled", "blocked")
+
+
+async def cancel_runs(db: Any, run_ids: Sequence[uuid.UUID]) -> list[Any]:
+    """Ask live runs to cancel, on ``db`` (a pool or a connection, inside the caller's transaction
+    if any): a running run is told and stops, any other becomes due and compensates. Runs already
+    asked, ended or unknown are left alone. Returns a row (``id``, ``was``: the status before,
+    ``status``, ``compensating``) per run asked now."""
+    return await db.fetch(store.CANCEL, list(run_ids))
+
+
+async def retry_run(conn: Any, rid: uuid.UUID, *, from_step: str | None = None) -> str | None:
+    """Run a failed, cancelled or blocked run again, on ``conn`` (call inside a transaction).
+    Steps recorded before ``from_step`` (a step key or name) keep their results; that step and
+    every later record are kept in the history under ``key~N`` and run again. Without
+    ``from_step``: from the step that failed, or from the start when compensations already ran
+    (their steps were undone). Returns the run's status before (the run changed only when it is
+    one of :data:`RETRIABLE`), ``None`` for an unknown run; ``InvalidArgument`` when the run has no
+    recorded step ``from_step``."""
+    run = await conn.fetchrow("SELECT status FROM forge_workflow_runs WHERE id = $1 FOR UPDATE", rid)
+    if run is None or run["status"] not in RETRIABLE:
+        return None if run is None else run["status"]
+    steps = await conn.fetch("""SELECT key, name, kind, status, seq FROM forge_workflow_steps
+                                WHERE run_id = $1 AND position('~' in key) = 0 ORDER BY seq""", rid)
+    if from_step is not None:
+        start = next((s for s in steps if s["key"] == from_step), None) or next(
+            (s for s in steps if s["name"] == from_step and s["kind"] == "step"), None)
+        if start is None:
+            raise InvalidArgument(f"workflow run {rid} has no recorded step {from_step!r}")
+        retire = [s["key"] for s in steps if s["seq"] >= start["seq"] or s["kind"] == "compensation"]
+    elif any(s["kind"] == "compensation" for s in steps):
+        retire = [s["key"] for s in steps]
+    else:
+        retire = [s["key"] for s in steps if s["status"] in ("failed", "retrying", "waiting")]
+    generation = await conn.fetchval(
+        "SELECT count(DISTINCT split_part(key, '~', 2)) FROM forge_workflow_steps "
+        "WHERE run_id = $1 AND position('~' in key) > 0", rid)
+    await conn.execute("""UPDATE forge_workflow_steps SET key = key || '~' || $3::text
+                          WHERE run_id = $1 AND key = ANY($2::text[])""", rid, retire, str(generation + 1))
+    await conn.execute(
+        """UPDATE forge_workflow_runs SET status = 'pending', run_at = now(), compensating = false,
+                  cancel_requested = false, error = NULL, result = NULL, finished_at = NULL, wait = NULL,
+                  wait_events = NULL, recoveries = 0, steps_done = steps_done + 1, updated_at = now()
+           WHERE id = $1""", rid)
+    await conn.execute("""SELECT pg_notify('forge_workflows', s.node_id)
+                          FROM (SELECT node_id FROM forge_workflow_sleepers ORDER BY random() LIMIT 1) s""")
+    return run["status"]
 
 
 class _Same:
@@ -358,4 +366,4 @@ def _info(row: Mapping[str, Any], waiting_on: str | None, step_rows: Sequence[An
         created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"], steps=steps)
 
 
-__all__ = ["ForgeError", "RunInfo", "StepInfo", "WorkflowClient"]
+__all__ = ["RETRIABLE", "ForgeError", "RunInfo", "StepInfo", "WorkflowClient", "cancel_runs", "retry_run"]

@@ -73,6 +73,34 @@ WITH target AS (
 SELECT (SELECT count(*) FROM ins) AS reached, (SELECT count(*) FROM wake) AS woke
 """
 
+# Cancel runs (an operator's request): a running run is told (its worker stops it and compensates),
+# any other live run becomes due as compensating. Runs already asked (compensating, or running with
+# the request pending) are left alone, so asking again changes nothing. Locks in id order.
+CANCEL = """
+WITH asked AS (
+    SELECT id, status, compensating FROM forge_workflow_runs
+    WHERE id = ANY($1::uuid[]) AND status IN ('pending', 'running', 'waiting', 'blocked')
+      AND NOT (cancel_requested AND (compensating OR status = 'running'))
+    ORDER BY id FOR UPDATE
+), r AS (
+    UPDATE forge_workflow_runs w SET cancel_requested = true, updated_at = now(),
+           compensating = CASE WHEN w.status = 'running' THEN w.compensating ELSE true END,
+           error = CASE WHEN w.status = 'running' THEN w.error ELSE coalesce(w.error, 'cancelled on request') END,
+           status = CASE WHEN w.status = 'running' THEN w.status ELSE 'pending' END,
+           run_at = CASE WHEN w.status = 'running' THEN w.run_at ELSE now() END
+    FROM asked WHERE w.id = asked.id
+    RETURNING w.id, asked.status AS was, w.status, w.compensating
+), told AS (
+    SELECT pg_notify('forge_workflows_cancel', id::text) FROM r WHERE status = 'running'
+), woke AS (
+    SELECT pg_notify('forge_workflows', s.node_id)
+    FROM (SELECT node_id FROM forge_workflow_sleepers ORDER BY random() LIMIT 1) s
+    WHERE EXISTS (SELECT 1 FROM r WHERE status = 'pending')
+)
+SELECT r.id, r.was, r.status, r.compensating, (SELECT count(*) FROM told) + (SELECT count(*) FROM woke) AS hints
+FROM r ORDER BY r.id
+"""
+
 # --- claiming and leases -------------------------------------------------------------------------
 _CLAIMED = """SET status = 'running', node_id = $1, claims = r.claims + 1,
                   lease_until = now() + make_interval(secs => $2), started_at = coalesce(r.started_at, now()),

@@ -28,18 +28,33 @@
   if (saved) root.setAttribute("data-theme", saved);
 
   var source = null, live = null, dot = null;
+  function keepKey(field) {
+    var form = field.closest("form");
+    return (form ? form.getAttribute("data-form") || "" : "") + "|" + field.name;
+  }
   function connect() {
     if (!live || source || document.hidden) return;
     source = new EventSource(live.getAttribute("data-live-url"));
     source.addEventListener("update", function (e) {
       var focused = document.activeElement && live.contains(document.activeElement) ? document.activeElement : null;
-      var key = focused && (focused.getAttribute("data-action") + "|" + (focused.getAttribute("hx-vals") || ""));
+      var key = focused && (focused.hasAttribute("data-keep") ? "keep|" + keepKey(focused)
+        : focused.getAttribute("data-action") + "|" + (focused.getAttribute("hx-vals") || ""));
+      // what an operator typed into an action's form (an event payload) survives the swap
+      var kept = {};
+      live.querySelectorAll("[data-keep]").forEach(function (f) { kept[keepKey(f)] = f.value; });
       live.innerHTML = e.data;
       if (window.htmx) htmx.process(live);
       refreshTimes(live);
+      live.querySelectorAll("[data-keep]").forEach(function (f) {
+        var k = keepKey(f);
+        if (!(k in kept)) return;
+        f.value = kept[k];
+        if (f.tagName === "SELECT" && f.selectedIndex < 0) f.selectedIndex = 0;
+      });
       if (key) {  // keep keyboard focus on the same control after the swap
-        var again = Array.prototype.find.call(live.querySelectorAll("[data-action]"), function (b) {
-          return b.getAttribute("data-action") + "|" + (b.getAttribute("hx-vals") || "") === key;
+        var again = Array.prototype.find.call(live.querySelectorAll("[data-action], [data-keep]"), function (b) {
+          return (b.hasAttribute("data-keep") ? "keep|" + keepKey(b)
+            : b.getAttribute("data-action") + "|" + (b.getAttribute("hx-vals") || "")) === key;
         });
         if (again) again.focus();
       }
