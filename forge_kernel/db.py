@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextvars import ContextVar
 from typing import Any, Iterable, Mapping, Sequence
 
 import asyncpg
@@ -50,6 +51,30 @@ async def _init_read_only(conn: asyncpg.Connection) -> None:
         raise PoolerDetected("the startup parameter default_transaction_read_only did not reach the server")
 
 
+#: set while a query connection is released on which only the kernel's own model-helper
+#: statements ran (see :func:`untouched`): its read-only session cannot differ from a fresh one
+SESSION_UNTOUCHED: ContextVar[bool] = ContextVar("forge_session_untouched", default=False)
+
+
+async def _reset_touched_session(conn: asyncpg.Connection) -> None:
+    """The reset on release of read-only (query) pools: asyncpg's own (RESET ALL - which also
+    restores ``default_transaction_read_only`` - UNLISTEN *, unlock advisory locks, CLOSE ALL),
+    skipped when nothing but the model helpers ran: a round trip per query for nothing."""
+    if SESSION_UNTOUCHED.get():
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
+def statements_run(conn: Any) -> int | None:
+    """How many statements ``conn`` (or a pool's proxy of it) has executed: asyncpg's own count,
+    which its pool uses for ``max_queries``; None when this asyncpg keeps none."""
+    raw = getattr(conn, "_con", conn)
+    count = getattr(getattr(raw, "_protocol", None), "queries_count", None)
+    return count if isinstance(count, int) else None
+
+
 async def _no_session_reset(conn: asyncpg.Connection) -> None:
     """Through a transaction pooler the pool's reset on release (RESET ALL, UNLISTEN *, unlock
     advisory locks, CLOSE ALL) would run on whichever server connection the pooler picks, not
@@ -80,7 +105,8 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, timeou
     try:
         return await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, init=init, timeout=timeout, server_settings=settings,
-            statement_cache_size=0 if pooled else 100, reset=_no_session_reset if pooled else None,
+            statement_cache_size=0 if pooled else 100,
+            reset=_no_session_reset if pooled else _reset_touched_session if read_only else None,
         )
     except asyncpg.ProtocolViolationError as exc:
         # PgBouncer: "unsupported startup parameter: default_transaction_read_only"
@@ -151,13 +177,15 @@ async def _traced(method: Any, sql: str, args: Sequence[Any]) -> Any:
 class Database:
     """``ctx.db``: runs SQL on the call's connection and remembers what it read."""
 
-    __slots__ = ("conn", "readonly", "_reads", "_statements")
+    __slots__ = ("conn", "readonly", "_reads", "_statements", "_helper_statements")
 
     def __init__(self, conn: asyncpg.Connection, *, readonly: bool = False) -> None:
         self.conn = conn
         self.readonly = readonly
         self._reads: list[TableRead] = []
         self._statements: list[tuple[str, tuple]] = []
+        #: statements the model helpers ran (``get``, ``select``): plain SELECTs
+        self._helper_statements = 0
 
     # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -215,6 +243,7 @@ class Database:
 
     async def get(self, cls: type, pk: Any) -> Any:
         md = model_def(cls)
+        self._helper_statements += 1
         self._reads.append(TableRead(md.table, ((md.primary_key, pk),)))
         rec = await _traced(self.conn.fetchrow, f"SELECT * FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1",
                             (pk,))
@@ -223,6 +252,7 @@ class Database:
     async def select(self, cls: type, *, order_by: str | None = None, limit: int | None = None, **where: Any) -> list[Any]:
         """Rows of ``cls`` whose columns equal ``where``; recorded as a filtered read."""
         md = model_def(cls)
+        self._helper_statements += 1
         for col in where:
             if col not in md.columns:
                 raise ValueError(f"{md.cls.__name__} has no column {col!r}")
@@ -253,6 +283,12 @@ class Database:
         res = await _traced(self.conn.execute, f"DELETE FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1",
                             (pk,))
         return res != "DELETE 0"
+
+    def untouched(self, ran: int | None) -> bool:
+        """Whether the ``ran`` statements executed on the connection since this Database was made
+        (:func:`statements_run`) were all the model helpers' own: no raw SQL, nothing through
+        ``conn`` directly, so the session holds nothing a reset would undo."""
+        return ran is not None and not self._statements and ran == self._helper_statements
 
     # --- what was read --------------------------------------------------------------
     def declare_read(self, table: str, **filters: Any) -> None:

@@ -28,7 +28,7 @@ from loguru import logger
 
 from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
-from .db import Database, TableRead
+from .db import Database, TableRead, statements_run
 from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
 from .telemetry import Telemetry, current, format_traceparent, new_span_id
@@ -573,10 +573,19 @@ class FunctionExecutor:
             return result
         if defn.kind == "query":
             # with row security on, the caller's settings need a transaction of their own (read-only)
-            async with self.reads.connection(transaction=self.row_security) as conn:
+            reading = self.reads.connection(transaction=self.row_security)
+            async with reading as conn:
                 if self.row_security:
                     await set_caller(conn, call.auth)
-                return await self._query(conn, call)
+                before = statements_run(conn)
+                db = Database(conn, readonly=True)
+                result = await call.defn.fn(QueryContext(self, call, db), **call.args)
+                after = statements_run(conn)
+                # only the model helpers ran: the pool may skip the session reset (a round trip)
+                reading.untouched = before is not None and after is not None and db.untouched(after - before)
+                if call.track_reads:
+                    call.reads = await db.read_set()
+                return result
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if self.row_security:
@@ -596,13 +605,6 @@ class FunctionExecutor:
                     await self.forwarder.record(conn, call.call_id, result)
             await self.reads.committed(conn)  # read-your-writes on a replica
             return result
-
-    async def _query(self, conn: asyncpg.Connection, call: Call) -> Any:
-        db = Database(conn, readonly=True)
-        result = await call.defn.fn(QueryContext(self, call, db), **call.args)
-        if call.track_reads:
-            call.reads = await db.read_set()
-        return result
 
 
 # --- row-level security -------------------------------------------------------------------

@@ -26,6 +26,8 @@ import asyncpg
 import attrs
 from loguru import logger
 
+from .db import SESSION_UNTOUCHED
+
 #: what reading a WAL position or reaching the replica may run into
 _DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -155,7 +157,7 @@ class QueryConnection:
     """What :meth:`QueryReads.connection` returns (a class, not a generator: it is on every
     query's path)."""
 
-    __slots__ = ("reads", "target", "conn", "transaction", "explicit")
+    __slots__ = ("reads", "target", "conn", "transaction", "explicit", "untouched")
 
     def __init__(self, reads: QueryReads, explicit: bool = False) -> None:
         self.reads = reads
@@ -163,6 +165,9 @@ class QueryConnection:
         self.target: ReadPool | None = None
         self.conn: asyncpg.Connection | None = None
         self.transaction: Any = None
+        #: set by the caller when only the model helpers ran (``Database.untouched``): the pool
+        #: returns the connection without its session reset (``db.SESSION_UNTOUCHED``)
+        self.untouched = False
 
     async def __aenter__(self) -> asyncpg.Connection:
         reads = self.reads
@@ -192,4 +197,11 @@ class QueryConnection:
                 else:
                     await self.transaction.rollback()
         finally:
-            await self.target.pool.release(self.conn)
+            if self.untouched and exc_type is None:
+                token = SESSION_UNTOUCHED.set(True)
+                try:
+                    await self.target.pool.release(self.conn)
+                finally:
+                    SESSION_UNTOUCHED.reset(token)
+            else:
+                await self.target.pool.release(self.conn)

@@ -39,7 +39,7 @@ kind                   fields                                                   
 ``cron.missed``        cron name, slots dropped by its catch_up policy             scheduler
 ``rt.connections``     change (+1 / -1)                                            realtime
 ``rt.subscriptions``   change (+1 / -1)                                            realtime
-``rt.push``            kind (``data`` / ``unchanged``)                             realtime
+``rt.push``            kind (``data`` / ``unchanged``), count (one per fan-out)    realtime
 ``rt.rerun``           query function, seconds                                     realtime
 ``workflow.run``       workflow name, status (started, succeeded, failed, ...)     workflow runtime
 ``workflow.step``      workflow name, step name, status, seconds                   workflow runtime

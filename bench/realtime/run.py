@@ -15,20 +15,23 @@ this process, so client-side CPU is part of the measured latency for both peers.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
-import gc
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import attrs
 import httpx
-import msgspec
 import psutil
 import websockets  # noqa: F401 - the naive peer's server library
 
@@ -39,10 +42,8 @@ from forge_kernel.testing.procs import NodeProcess, free_port
 from forge_realtime.capture import install_capture, remove_capture
 
 sys.path.insert(0, str(Path(__file__).parent))
-import wsclient  # noqa: E402
 
 HERE = Path(__file__).parent
-decode = msgspec.json.Decoder().decode
 
 
 def pct(values: list[float], p: float) -> float:
@@ -79,7 +80,7 @@ def pgbench(url: str, clients: int, seconds: int, script: Path) -> float:
 async def bench_writes(url: str, seconds: int, rounds: int, modes: tuple[str, ...]) -> dict:
     conn = await asyncpg.connect(url)
     await conn.execute("CREATE TABLE bench_writes (id bigserial PRIMARY KEY, topic integer NOT NULL, payload text NOT NULL)")
-    script = Path(tempfile.mkdtemp()) / "insert.sql"
+    script = Path(script_dir := tempfile.mkdtemp()) / "insert.sql"
     script.write_text(INSERT_SCRIPT)
     results: dict[str, list[float]] = {m: [] for m in modes}
     logged: list[int] = []  # change-log rows written by each capture_on run
@@ -107,6 +108,7 @@ async def bench_writes(url: str, seconds: int, rounds: int, modes: tuple[str, ..
         await remove_capture(conn, "bench_writes")
         await conn.execute("DROP TABLE bench_writes")
         await conn.close()
+        shutil.rmtree(script_dir, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     return {"tps_runs": results, "tps_median": med,
             "ratio_capture_on_vs_off": med["capture_on"] / med["capture_off"],
@@ -115,75 +117,135 @@ async def bench_writes(url: str, seconds: int, rounds: int, modes: tuple[str, ..
             "capture_install_ms": install_ms}
 
 
+# --- CPU accounting ----------------------------------------------------------------------------
+def _cpu(p: psutil.Process, children: bool = False) -> float:
+    t = p.cpu_times()
+    return t.user + t.system + ((t.children_user + t.children_system) if children else 0.0)
+
+
+class CpuMeter:
+    """CPU seconds used by the node, PostgreSQL (the postmaster, its live backends and those it
+    reaped) and the harness (this process: the writers; the client processes), and by the
+    whole machine, so a step can say which process saturates and how busy the others were."""
+
+    def __init__(self, node_pid: int | None, pg_pid: int, client_pids: list[int]) -> None:
+        self.node = psutil.Process(node_pid) if node_pid else None
+        self.pg = psutil.Process(pg_pid)
+        self.me = psutil.Process()
+        self.clients = [psutil.Process(p) for p in client_pids]
+
+    def sample(self) -> dict:
+        pg = _cpu(self.pg, children=True)
+        for c in self.pg.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pg += _cpu(c)
+        m = psutil.cpu_times()
+        return {"t": time.perf_counter(), "node": _cpu(self.node) if self.node else 0.0, "postgres": pg,
+                "writer": _cpu(self.me), "clients": [_cpu(c) for c in self.clients],
+                "machine_busy": sum(m) - m.idle - m.iowait}
+
+    @staticmethod
+    def report(a: dict, during: dict, b: dict, writes: int, pushes: int, reruns: int | None) -> dict:
+        """Percent of one core over the write window (a -> during); CPU per operation over the
+        whole step (a -> b: the backlog worked off after the writes stopped is part of it)."""
+        wall = during["t"] - a["t"]
+        pct = lambda x: round(100 * x / wall, 1)  # noqa: E731 - percent of one core
+        d = lambda k, s=during: s[k] - a[k]  # noqa: E731
+        clients = [y - x for x, y in zip(a["clients"], during["clients"])]
+        ours = d("node") + d("postgres") + d("writer") + sum(clients)
+        busy = d("machine_busy")
+        out = {"node_pct": pct(d("node")), "postgres_pct": pct(d("postgres")), "writer_pct": pct(d("writer")),
+               "client_procs_pct": [pct(c) for c in clients], "machine_busy_pct": pct(busy),
+               "others_pct": pct(max(0.0, busy - ours)), "cores": os.cpu_count(),
+               "load_average": os.getloadavg()[0]}
+        node, pg, writer = d("node", b), d("postgres", b), d("writer", b)
+        clients = [y - x for x, y in zip(a["clients"], b["clients"])]
+        us = lambda x, n: round(x * 1e6 / n, 1) if n else None  # noqa: E731
+        out["node_us_per_write"] = us(node, writes)
+        out["node_us_per_push"] = us(node, pushes)
+        out["node_us_per_rerun"] = us(node, reruns) if reruns else None
+        out["postgres_us_per_write"] = us(pg, writes)
+        out["writer_us_per_write"] = us(writer, writes)
+        out["clients_us_per_push"] = us(sum(clients), pushes)
+        # the single process nearest a full core (PostgreSQL is many processes: share of the machine)
+        single = {"node": out["node_pct"], "writer": out["writer_pct"],
+                  **{f"clients{i}": p for i, p in enumerate(out["client_procs_pct"])}}
+        name = max(single, key=single.get)
+        out["busiest_process"] = name
+        out["busiest_pct"] = single[name]
+        return out
+
+
 # --- clients and writers ----------------------------------------------------------------------
-class Client:
-    """One benchmark socket (see wsclient.py): records (row id, receive time) of new rows."""
+class ClientProcs:
+    """Benchmark clients spread over ``n`` processes (``clients.py``), so the harness is not
+    the process that saturates."""
 
-    __slots__ = ("proto", "max_id", "received", "pushes", "waiter")
+    def __init__(self, url: str, n: int) -> None:
+        self.url, self.n = url, n
+        self.procs: list[asyncio.subprocess.Process] = []
 
-    def __init__(self) -> None:
-        self.proto, self.max_id, self.received, self.pushes, self.waiter = None, 0, [], 0, None
+    async def __aenter__(self) -> "ClientProcs":
+        for _ in range(self.n):
+            self.procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, str(HERE / "clients.py"), self.url, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE))
+        return self
 
-    def on_message(self, now: float, payload: bytes) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(decode(payload))
-            return
-        msg = decode(payload)
-        if msg.get("type") != "data":
-            return
-        self.pushes += 1
-        top = self.max_id
-        for row in msg["data"]:
-            rid = row["id"]
-            if rid > self.max_id:
-                self.received.append((rid, now))
-                top = max(top, rid)
-        self.max_id = top
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._all({"cmd": "close"}), 30)
+        for p in self.procs:
+            if p.returncode is None:
+                p.kill()
+            await p.wait()
 
-    async def request(self, text: str) -> dict:
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.proto.send(text)
-        try:
-            return await asyncio.wait_for(self.waiter, 60)
-        finally:
-            self.waiter = None
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
+    async def _one(self, p: asyncio.subprocess.Process, cmd: dict) -> dict:
+        p.stdin.write((json.dumps(cmd) + "\n").encode())
+        await p.stdin.drain()
+        line = await p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"client process {p.pid} exited ({await p.wait()})")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise RuntimeError(f"client process {p.pid}: {answer.get('error')}")
+        return answer
 
-async def open_clients(url: str, n: int, subscription, concurrency: int = 50) -> list[Client]:
-    """``subscription(i)`` -> (function, args) or None for an idle (authenticated, no subscription) socket."""
-    clients: list[Client | None] = [None] * n
-    sem = asyncio.Semaphore(concurrency)
+    async def _all(self, cmd: dict) -> list[dict]:
+        return await asyncio.gather(*(self._one(p, cmd) for p in self.procs))
 
-    async def one(i: int) -> None:
-        async with sem:
-            c = Client()
-            for attempt in range(5):
-                try:
-                    c.proto = await wsclient.connect(url, c.on_message)
-                    break
-                except (OSError, asyncio.TimeoutError, ConnectionError):
-                    await asyncio.sleep(0.2 * (attempt + 1))
-            else:
-                raise RuntimeError(f"client {i} could not connect")
-            assert (await c.request('{"type":"auth","token":null}'))["type"] == "ready"
-            sub = subscription(i)
-            if sub is not None:
-                first = await c.request(json.dumps({"type": "subscribe", "id": "s", "function": sub[0], "args": sub[1]}))
-                assert first["type"] == "data", first
-                c.max_id = max([r["id"] for r in first["data"]], default=0)
-            clients[i] = c
+    async def open(self, count: int, function: str | None, topics: int | None = None, topic: int | None = None) -> None:
+        share = [count // self.n + (1 if i < count % self.n else 0) for i in range(self.n)]
+        first = [sum(share[:i]) for i in range(self.n)]
+        await asyncio.gather(*(self._one(p, {"cmd": "open", "count": share[i], "first": first[i], "function": function,
+                                             "topics": topics, "topic": topic})
+                               for i, p in enumerate(self.procs)))
 
-    await asyncio.gather(*(one(i) for i in range(n)))
-    # thousands of long-lived client objects: keep them out of full GC passes, so the client
-    # side adds no collection pauses to the latencies measured for either peer (the node does the same)
-    gc.freeze()
-    return clients  # type: ignore[return-value]
+    async def reset(self) -> None:
+        await self._all({"cmd": "reset"})
 
-
-async def close_clients(clients: list[Client]) -> None:
-    for c in clients:
-        c.proto.close()
-    await asyncio.sleep(0.5)
+    async def report(self) -> tuple[list[tuple[int, float]], int]:
+        """Every (row id, receive time) delivery, and the number of pushes, since the last reset."""
+        deliveries, pushes = [], 0
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, p in enumerate(self.procs):
+                path = Path(tmp) / f"c{i}"
+                ans = await self._one(p, {"cmd": "report", "path": str(path)})
+                n = ans["deliveries"]
+                ids, times = array.array("q"), array.array("d")
+                with open(path, "rb") as fh:
+                    ids.fromfile(fh, n)
+                    times.fromfile(fh, n)
+                deliveries.extend(zip(ids, times))
+                pushes += ans["pushes"]
+                if ans["error_count"] or ans["closed"]:
+                    print(f"  client process {i}: {ans['error_count']} errors, {ans['closed']} sockets closed; "
+                          f"{ans['errors']}", flush=True)
+        return deliveries, pushes
 
 
 async def write_load(pool: asyncpg.Pool, rate: float, seconds: float, topic_of) -> dict[int, float]:
@@ -213,28 +275,93 @@ async def write_load(pool: asyncpg.Pool, rate: float, seconds: float, topic_of) 
     return commits
 
 
-def latency_report(clients: list[Client], commits: dict[int, float], expected: int, seconds: float) -> dict:
-    lat = [(t - commits[rid]) * 1000 for c in clients for rid, t in c.received if rid in commits]
-    pushes = sum(c.pushes for c in clients)
+def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: dict[int, float], expected: int,
+                   seconds: float) -> dict:
+    lat = [(t - commits[rid]) * 1000 for rid, t in deliveries if rid in commits]
     return {"writes": len(commits), "expected_deliveries": expected, "delivered": len(lat),
             "delivered_fraction": len(lat) / expected if expected else float("nan"),
             "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=float("nan")),
             "pushes": pushes, "pushes_per_s": pushes / seconds}
 
 
-async def run_latency(url: str, db_url: str, n_clients: int, topics: int, rate: float, seconds: float,
-                      grace: float = 5.0) -> tuple[dict, list[Client]]:
-    clients = await open_clients(url, n_clients, lambda i: ("topic_latest", {"topic": i % topics}))
+async def quiet(stats, settle: float = 0.5, timeout: float = 30.0) -> None:
+    """Wait until the server stops re-running (the previous step's backlog is gone)."""
+    deadline = time.monotonic() + timeout
+    last = await stats()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(settle)
+        now = await stats()
+        if now == last:
+            return
+        last = now
+
+
+@attrs.define
+class Target:
+    """What one measurement watches: a server (its CPU, its stats) and the clients subscribed to it."""
+
+    name: str
+    clients: ClientProcs
+    meter: CpuMeter
+    stats: Any = None  # async () -> the node's bench_stats (None: the naive peer)
+
+
+async def measure_step(targets: list[Target], db_url: str, rate: float, seconds: float, topic_of, per_write: float,
+                       grace: float = 5.0, profile_to=None) -> dict[str, dict]:
+    """One write rate, seen by every target at once: writes for ``seconds``, then ``grace`` for the
+    last deliveries; latency from each write's commit to each subscriber that receives it, CPU of
+    every process. ``profile_to(name)``: where to write a py-spy profile of that target's server."""
     pool = await asyncpg.create_pool(db_url, min_size=16, max_size=16)
     try:
-        await asyncio.sleep(1.0)
-        commits = await write_load(pool, rate, seconds, lambda i: i % topics)
+        for t in targets:
+            if t.stats is not None:
+                await quiet(t.stats)
+            await t.clients.reset()
+        before = {t.name: await t.stats() if t.stats is not None else None for t in targets}
+        spies = [profile(profile_to(t.name), t.meter.node.pid, seconds) for t in targets if profile_to and t.meter.node]
+        a = {t.name: t.meter.sample() for t in targets}
+        commits = await write_load(pool, rate, seconds, topic_of)
+        during = {t.name: t.meter.sample() for t in targets}  # the write window: how busy each process was
         await asyncio.sleep(grace)  # let the last writes arrive (or show that they do not)
+        b = {t.name: t.meter.sample() for t in targets}  # and what the whole step cost, backlog included
+        for spy in spies:
+            await asyncio.to_thread(spy.wait)
+        after = {t.name: await t.stats() if t.stats is not None else None for t in targets}
     finally:
         await pool.close()
-    per_topic = n_clients / topics
-    report = latency_report(clients, commits, int(len(commits) * per_topic), seconds)
-    return report, clients
+    reports = {}
+    for t in targets:
+        deliveries, pushes = await t.clients.report()
+        rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds)
+        reruns = None
+        if t.stats is not None:
+            reruns = after[t.name]["runs"] - before[t.name]["runs"]
+            rep["reruns_per_write"] = reruns / max(1, rep["writes"])
+            rep["node_pushes_per_s"] = (after[t.name]["pushes"] - before[t.name]["pushes"]) / seconds
+            rep["node_stats_after"] = after[t.name]
+        rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
+        if len(targets) > 1:
+            rep["cpu"]["side_by_side"] = [x.name for x in targets]  # PostgreSQL and the writer serve them all
+        reports[t.name] = rep
+    return reports
+
+
+def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
+    """py-spy on the node for the write window (collapsed stacks: ``bench/realtime/profile.py`` sums them)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
+                             "--format", "raw", "--nonblocking", "-o", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def step_line(rep: dict) -> str:
+    c = rep["cpu"]
+    return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms, delivered "
+            f"{rep['delivered_fraction']:.3f}, {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
+            f"{rep.get('reruns_per_write', float('nan')):.2f} | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
+            f"writer {c['writer_pct']} clients {c['client_procs_pct']} others {c['others_pct']} "
+            f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}, "
+            f"busiest {c['busiest_process']} {c['busiest_pct']}%")
 
 
 # --- the node ------------------------------------------------------------------------------------
@@ -255,14 +382,26 @@ async def node_port(db_url: str, node_id: str) -> int:
     raise RuntimeError("node did not publish its port")
 
 
-def start_node(workdir: Path, db_url: str) -> NodeProcess:
-    cfg = {"node": {"id": "bench", "roles": ["gateway", "function", "realtime"]},
+PACKAGE_DIRS = ("", "forge-gateway", "forge-realtime", "forge-worker", "forge-scheduler", "forge-observe",
+                "plugins/forge-codegen")
+
+
+def start_node(workdir: Path, db_url: str, tree: Path | None = None, extra: dict | None = None,
+               node_id: str = "bench") -> NodeProcess:
+    """A real forge-node (gateway + realtime) serving bench_app; ``tree``: run the code of another
+    checkout (its packages go first on PYTHONPATH) for an A/B comparison in one run."""
+    cfg = {"node": {"id": node_id, "roles": ["gateway", "function", "realtime"]},
            "database": {"url": db_url, "pool_min": 4, "pool_max": 30},
            "app": {"modules": ["bench_app"], "example": False},
            "log": {"level": "WARNING"},
            "gateway": {"port": 0},
-           "realtime": {"max_concurrent_runs": 16, "max_subscriptions": 100, "subscribe_rate": 100.0}}
-    env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+           # max_concurrent_runs: the node's default (8); 16 had a worse p99 at 1,000-2,000 writes/s on
+           # 2 vCPUs (results-2026-12-06-runs.json): 16 woken backends compete with the node for a core
+           "realtime": {"max_subscriptions": 100, "subscribe_rate": 100.0}}
+    for section, values in (extra or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    paths = [str(tree / d) for d in PACKAGE_DIRS if (tree / d).is_dir()] if tree else []
+    env = {"PYTHONPATH": os.pathsep.join([*paths, str(HERE), os.environ.get("PYTHONPATH", "")])}
     p = NodeProcess(workdir, cfg, env=env)
     p.start()
     # "ready in" is logged at INFO; with WARNING logs we wait for the published port instead
@@ -276,16 +415,118 @@ async def node_stats(port: int) -> dict:
         return r.json()["data"]
 
 
+def burners(n: int) -> list[subprocess.Popen]:
+    """``n`` processes spinning on a core each: (a) under competing CPU load."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def median_report(reports: list[dict]) -> dict:
+    """Per-field medians over rounds (numbers only; the rounds themselves are kept beside it)."""
+    out: dict = {}
+    for key, value in reports[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            vals = [r[key] for r in reports if isinstance(r.get(key), (int, float))]
+            out[key] = statistics.median(vals) if vals else None
+        elif isinstance(value, dict):
+            out[key] = median_report([r[key] for r in reports])
+    return out
+
+
 # --- main ----------------------------------------------------------------------------------------
+async def started_node(root: Path, db_url: str, name: str, tree: Path | None, args: argparse.Namespace,
+                       rnd: int) -> tuple[NodeProcess, int]:
+    config = {section: dict(values) for section, values in args.node_config.items()}
+    for section, values in args.variant_config.get(name, {}).items():
+        config.setdefault(section, {}).update(values)
+    node = start_node(root / f"node-{name}-{rnd}", db_url, tree, config, node_id=f"bench-{name}")
+    port = await node_port(db_url, f"bench-{name}")
+    print(f"[{name} round {rnd}] node pid {node.pid} serving ws://127.0.0.1:{port}/ws", flush=True)
+    return node, port
+
+
+async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_url: str, pg_pid: int,
+                    variants: list[tuple[str, Path | None]], out: dict, rnd: int) -> None:
+    """One round of (d), (b) and (c) against the node builds in ``variants``, all running at once
+    and seeing the same writes (side by side: the same machine load for each)."""
+    nodes: list[tuple[str, NodeProcess, int]] = []
+    try:
+        for name, tree in variants:
+            node, port = await started_node(root, db_url, name, tree, args, rnd)
+            nodes.append((name, node, port))
+
+        if "d" in parts and rnd == 0:
+            from clients import ClientSet
+
+            for name, node, port in nodes:
+                proc = psutil.Process(node.pid)
+                print(f"(d) [{name}] memory per idle connection ({args.idle} connections)", flush=True)
+                warm = ClientSet()
+                await warm.open(f"ws://127.0.0.1:{port}/ws", 200, lambda i: None)  # warm up allocator and code paths
+                await warm.close()
+                await asyncio.sleep(2.0)
+                rss0 = proc.memory_info().rss
+                idle = ClientSet()
+                await idle.open(f"ws://127.0.0.1:{port}/ws", args.idle, lambda i: None)
+                await asyncio.sleep(2.0)
+                rss1 = proc.memory_info().rss
+                out.setdefault("d_idle_memory", {})[name] = {
+                    "connections": args.idle, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+                    "bytes_per_connection": (rss1 - rss0) / args.idle}
+                print(f"  {out['d_idle_memory'][name]}", flush=True)
+                await idle.close()
+
+        async def targets(stack: contextlib.AsyncExitStack, count: int, **sub) -> list[Target]:
+            found = []
+            for name, node, port in nodes:
+                clients = await stack.enter_async_context(ClientProcs(f"ws://127.0.0.1:{port}/ws", args.client_procs))
+                await clients.open(count, "topic_latest", **sub)
+                found.append(Target(name, clients, CpuMeter(node.pid, pg_pid, clients.pids),
+                                    (lambda p: lambda: node_stats(p))(port)))
+            return found
+
+        if "b" in parts:
+            async with contextlib.AsyncExitStack() as stack:
+                ts = await targets(stack, args.b_clients, topics=args.b_topics)
+                await asyncio.sleep(1.0)
+                for rate in args.b_rates:
+                    reps = await measure_step(ts, db_url, rate, args.seconds, lambda i: i % args.b_topics,
+                                              args.b_clients / args.b_topics,
+                                              profile_to=args.profile and (lambda n: args.profile / f"b-{n}-{rnd}-{rate:g}.txt"))
+                    for name, rep in reps.items():
+                        out.setdefault("b_forge", {}).setdefault(name, {}).setdefault(f"{rate:g}", []).append(rep)
+                        print(f"(b) [{name}] {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: "
+                              f"{step_line(rep)}", flush=True)
+
+        if "c" in parts:
+            async with contextlib.AsyncExitStack() as stack:
+                ts = await targets(stack, args.c_clients, topic=1000)
+                await asyncio.sleep(1.0)
+                reps = await measure_step(ts, db_url, args.c_rate, args.seconds, lambda i: 1000, args.c_clients,
+                                          profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"))
+                for name, rep in reps.items():
+                    out.setdefault("c_forge_fanout", {}).setdefault(name, []).append(rep)
+                    print(f"(c) [{name}] {args.c_clients} clients on one query at {args.c_rate:g} writes/s: "
+                          f"{step_line(rep)}", flush=True)
+    finally:
+        for _, node, _ in nodes:
+            node.terminate(30)
+
+
 async def main(args: argparse.Namespace) -> dict:
     parts = set(args.only.split(","))
     root = Path(tempfile.mkdtemp(prefix="rtbench-"))
     pg = EmbeddedPostgres(root)  # stock settings (fsync and synchronous_commit on)
     admin_url = await asyncio.to_thread(pg.start)
-    out: dict = {"args": vars(args)}
-    node = None
+    out: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     naive = None
     try:
+        pg_pid = pg._running_pid()
         admin = await asyncpg.connect(admin_url)
         await admin.execute("CREATE DATABASE forge_bench")
         out["postgres"] = {k: await admin.fetchval(f"SHOW {k}") for k in (
@@ -302,69 +543,41 @@ async def main(args: argparse.Namespace) -> dict:
             conn = await dbmod.connect(db_url)
             await migrate(conn, from_package("forge_realtime.sql", namespace="realtime"))
             await conn.close()
-            print("(a) write throughput, 32 writers (no realtime node running)", flush=True)
-            out["a_write_throughput"] = await bench_writes(db_url, args.write_seconds, args.write_rounds,
-                                                           ("capture_off", "capture_on", "notify_per_row"))
+            for n in args.a_burners:
+                print(f"(a) write throughput, 32 writers, {n} CPU burners (no realtime node running)", flush=True)
+                spinning = burners(n)
+                try:
+                    out.setdefault("a_write_throughput", {})[str(n)] = await bench_writes(
+                        db_url, args.write_seconds, args.write_rounds, ("capture_off", "capture_on", "notify_per_row"))
+                finally:
+                    stop(spinning)
+                print(f"  ratio capture on / off: {out['a_write_throughput'][str(n)]['ratio_capture_on_vs_off']:.3f} "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
-        node = start_node(root / "node", db_url)
-        port = await node_port(db_url, "bench")
-        ws_url = f"ws://127.0.0.1:{port}/ws"
-        proc = psutil.Process(node.pid)
-        print(f"node pid {node.pid} serving {ws_url}", flush=True)
+        # DIR "." is this checkout (a variant that differs only in --variant-config)
+        variants = [("this", None)] + [(n, None if t == "." else Path(t)) for n, t in args.variant]
+        if parts & {"b", "c", "d"}:
+            for rnd in range(args.rounds):
+                if args.side_by_side:
+                    await run_forge(args, parts, root, db_url, pg_pid, variants, out, rnd)
+                    continue
+                for variant in (variants if rnd % 2 == 0 else variants[::-1]):  # ABBA: neither goes always first
+                    await run_forge(args, parts, root, db_url, pg_pid, [variant], out, rnd)
+            for key in ("b_forge",):
+                for name, rates in out.get(key, {}).items():
+                    out.setdefault("b_forge_median", {})[name] = {r: median_report(reps) for r, reps in rates.items()}
+            for name, reps in out.get("c_forge_fanout", {}).items():
+                out.setdefault("c_forge_median", {})[name] = median_report(reps)
 
-        if "d" in parts:
-            print(f"(d) memory per idle connection ({args.idle} connections)", flush=True)
-            warm = await open_clients(ws_url, 200, lambda i: None)  # warm up allocator and code paths
-            await close_clients(warm)
-            await asyncio.sleep(2.0)
-            rss0 = proc.memory_info().rss
-            idle = await open_clients(ws_url, args.idle, lambda i: None)
-            await asyncio.sleep(2.0)
-            rss1 = proc.memory_info().rss
-            out["d_idle_memory"] = {"connections": args.idle, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
-                                    "bytes_per_connection": (rss1 - rss0) / args.idle}
-            print(f"  {out['d_idle_memory']}", flush=True)
-            await close_clients(idle)
-
-        if "a" in parts:
-            print("(a') capture on while the realtime node reads the change log", flush=True)
-            out["a_with_reader"] = await bench_writes(db_url, args.write_seconds, max(1, args.write_rounds - 1),
-                                                      ("capture_off", "capture_on"))
-
-        if "b" in parts:
-            for rate in args.b_rates:
-                print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: FORGE", flush=True)
-                before = await node_stats(port)
-                proc.cpu_percent(None)  # start the CPU measurement window
-                rep, clients = await run_latency(ws_url, db_url, args.b_clients, args.b_topics, rate, args.seconds)
-                after = await node_stats(port)
-                rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
-                rep["node_cpu_percent"] = proc.cpu_percent(None)
-                await close_clients(clients)
-                out.setdefault("b_forge", {})[f"{rate:g}"] = rep
-                print(f"  {rep}", flush=True)
-
-        if "c" in parts:
-            print(f"(c) {args.c_clients} clients on one query at {args.c_rate:g} writes/s: FORGE", flush=True)
-            clients = await open_clients(ws_url, args.c_clients, lambda i: ("topic_latest", {"topic": 1000}))
-            pool = await asyncpg.create_pool(db_url, min_size=8, max_size=8)
-            before = await node_stats(port)
-            proc.cpu_percent(None)
-            await asyncio.sleep(1.0)
-            commits = await write_load(pool, args.c_rate, args.seconds, lambda i: 1000)
-            await asyncio.sleep(5.0)
-            after = await node_stats(port)
-            await pool.close()
-            rep = latency_report(clients, commits, len(commits) * args.c_clients, args.seconds)
-            rep["reruns_per_write"] = (after["runs"] - before["runs"]) / max(1, rep["writes"])
-            rep["node_pushes_per_s"] = (after["pushes"] - before["pushes"]) / args.seconds
-            rep["node_cpu_percent"] = proc.cpu_percent(None)
-            out["c_forge_fanout"] = rep
-            print(f"  {rep}", flush=True)
-            await close_clients(clients)
-
-        node.terminate(30)
-        node = None
+        if "a" in parts and "areader" in parts:
+            node = start_node(root / "node-reader", db_url, node_id="bench-reader")
+            try:
+                await node_port(db_url, "bench-reader")
+                print("(a') capture on while the realtime node reads the change log", flush=True)
+                out["a_with_reader"] = await bench_writes(db_url, args.write_seconds, max(1, args.write_rounds - 1),
+                                                          ("capture_off", "capture_on"))
+            finally:
+                node.terminate(30)
 
         if "naive" in parts:
             conn = await asyncpg.connect(db_url)
@@ -374,60 +587,79 @@ async def main(args: argparse.Namespace) -> dict:
             naive = subprocess.Popen([sys.executable, str(HERE / "naive_peer.py"), db_url, str(naive_port)],
                                      stdout=subprocess.PIPE, text=True)
             assert "ready" in naive.stdout.readline()
-            naive_proc = psutil.Process(naive.pid)
-            for rate in args.b_rates:
-                print(f"(b) {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: naive peer", flush=True)
-                naive_proc.cpu_percent(None)
-                rep, clients = await run_latency(f"ws://127.0.0.1:{naive_port}", db_url, args.b_clients, args.b_topics,
-                                                 rate, args.seconds)
-                rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
-                rep["peer_cpu_percent"] = naive_proc.cpu_percent(None)
-                await close_clients(clients)
-                out.setdefault("b_naive", {})[f"{rate:g}"] = rep
-                print(f"  {rep}", flush=True)
-                await asyncio.sleep(3.0)  # let the naive peer's backlog drain before the next rate
+            async with ClientProcs(f"ws://127.0.0.1:{naive_port}", args.client_procs) as clients:
+                await clients.open(args.b_clients, "topic_latest", topics=args.b_topics)
+                target = Target("naive", clients, CpuMeter(naive.pid, pg_pid, clients.pids))
+                for rate in args.naive_rates:
+                    rep = (await measure_step([target], db_url, rate, args.seconds, lambda i: i % args.b_topics,
+                                              args.b_clients / args.b_topics))["naive"]
+                    rep["reruns_per_write"] = float(args.b_clients)  # by construction: every subscription per NOTIFY
+                    out.setdefault("b_naive", {})[f"{rate:g}"] = rep
+                    print(f"(b) naive peer / {rate:g} writes/s: {step_line(rep)}", flush=True)
+                    await asyncio.sleep(3.0)  # let the naive peer's backlog drain before the next rate
         ratios = {}
-        if "a_write_throughput" in out:
-            ratios["a_capture_on_vs_off"] = out["a_write_throughput"]["ratio_capture_on_vs_off"]
-            ratios["a_notify_per_row_vs_off"] = out["a_write_throughput"]["ratio_notify_per_row_vs_off"]
+        for n, a in out.get("a_write_throughput", {}).items():
+            ratios[f"a_capture_on_vs_off_burners{n}"] = a["ratio_capture_on_vs_off"]
+            ratios[f"a_notify_per_row_vs_off_burners{n}"] = a["ratio_notify_per_row_vs_off"]
+        if "a_with_reader" in out:
             ratios["a_capture_on_with_reader_vs_off"] = out["a_with_reader"]["ratio_capture_on_vs_off"]
-        for rate in out.get("b_forge", {}):
-            f, n = out["b_forge"][rate], out.get("b_naive", {}).get(rate)
-            if n:
-                ratios[f"b_{rate}_p50_naive_vs_forge"] = n["p50_ms"] / f["p50_ms"]
-                ratios[f"b_{rate}_p99_naive_vs_forge"] = n["p99_ms"] / f["p99_ms"]
-                ratios[f"b_{rate}_delivered_forge_naive"] = [f["delivered_fraction"], n["delivered_fraction"]]
+        for name, rates in out.get("b_forge_median", {}).items():
+            for rate, f in rates.items():
+                ratios[f"b_{name}_{rate}_p99_ms"] = f["p99_ms"]
+                n = out.get("b_naive", {}).get(rate)
+                if n:
+                    ratios[f"b_{name}_{rate}_p99_naive_vs_forge"] = n["p99_ms"] / f["p99_ms"]
+        for name, c in out.get("c_forge_median", {}).items():
+            ratios[f"c_{name}_pushes_per_s"] = c["node_pushes_per_s"]
+            ratios[f"c_{name}_p99_ms"] = c["p99_ms"]
         out["ratios"] = ratios
         out["machine"]["load_average_at_end"] = os.getloadavg()
     finally:
-        if node is not None:
-            node.terminate(30)
         if naive is not None:
             naive.terminate()
             naive.wait(10)
         await asyncio.to_thread(pg.release)
+        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=10.0, help="write duration of (b) and (c)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="write duration of each (b) step and of (c)")
     ap.add_argument("--write-seconds", type=int, default=10, help="pgbench duration per mode in (a)")
-    ap.add_argument("--write-rounds", type=int, default=3, help="rounds of the three modes in (a)")
+    ap.add_argument("--write-rounds", type=int, default=5, help="rounds of the three modes in (a)")
+    ap.add_argument("--a-burners", default="0,2", help="CPU burners during (a), one (a) per value")
     ap.add_argument("--b-clients", type=int, default=1000)
     ap.add_argument("--b-topics", type=int, default=100)
-    ap.add_argument("--b-rates", default="100,300,1000", help="write rates of (b), comma-separated")
+    ap.add_argument("--b-rates", default="100,300,1000,2000,3000", help="write rates of (b), comma-separated")
+    ap.add_argument("--naive-rates", default="100,300,1000", help="write rates of (b) for the naive peer")
     ap.add_argument("--c-clients", type=int, default=5000)
     ap.add_argument("--c-rate", type=float, default=50.0)
     ap.add_argument("--idle", type=int, default=2000)
-    ap.add_argument("--only", default="a,b,c,d,naive", help="parts to run (a, b, c, d, naive)")
+    ap.add_argument("--client-procs", type=int, default=2, help="processes the benchmark clients are spread over")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c) (each variant once per round)")
+    ap.add_argument("--variant", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
+                    help="NAME=CHECKOUT: also run a node from another checkout, interleaved (A/B in one run)")
+    ap.add_argument("--variant-config", action="append", default=[],
+                    type=lambda s: (s.split("=", 1)[0], json.loads(s.split("=", 1)[1])),
+                    help="NAME=JSON: extra node config of one variant ('this' or a --variant name)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run every variant's node at once on the same writes (same machine load for each)")
+    ap.add_argument("--node-config", type=json.loads, default={}, help="extra node config, JSON {section: {key: value}}")
+    ap.add_argument("--only", default="a,areader,b,c,d,naive", help="parts to run (a, areader, b, c, d, naive)")
+    ap.add_argument("--profile", type=Path, default=None, help="folder for py-spy profiles of the node, one per step")
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--output", default=str(HERE / "last_run.json"))
     a = ap.parse_args()
     if a.quick:
         a.seconds, a.write_seconds, a.write_rounds = 3.0, 3, 1
-        a.b_clients, a.b_topics, a.b_rates, a.c_clients, a.idle = 100, 10, "100", 200, 200
+        a.b_clients, a.b_topics, a.b_rates, a.naive_rates, a.c_clients, a.idle = 100, 10, "100,300", "100", 200, 200
     a.b_rates = [float(x) for x in str(a.b_rates).split(",")]
+    a.naive_rates = [float(x) for x in str(a.naive_rates).split(",")]
+    a.a_burners = [int(x) for x in str(a.a_burners).split(",")]
+    a.variant_config = dict(a.variant_config)
+    if a.profile:
+        a.profile.mkdir(parents=True, exist_ok=True)
     import uvloop  # clients and writers on the same loop as both servers: less harness CPU in the latencies
 
     result = uvloop.run(main(a))

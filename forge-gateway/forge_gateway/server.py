@@ -31,6 +31,7 @@ from forge_kernel.errors import StartupError
 from .config import GatewayConfig
 from .protocol import ConnectionGate, EdgeLimits, EdgeProtocol
 from .tls import ReloadingTls
+from .websocket import WebSocketProtocol
 
 
 class _ToLoguru(logging.Handler):
@@ -89,7 +90,8 @@ def uvicorn_config(app: Any, cfg: GatewayConfig) -> tuple[uvicorn.Config, Reload
                                      cfg.max_connections))
     tls = ReloadingTls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     headers = [("strict-transport-security", f"max-age={cfg.hsts_max_age}")] if tls and cfg.hsts_max_age else []
-    config = uvicorn.Config(app, lifespan="on", http=functools.partial(EdgeProtocol, gate=gate), ws="auto",
+    # our WebSocket protocol is uvicorn's plus write_now (forge_kernel.websocket): fan-out without a task per message
+    config = uvicorn.Config(app, lifespan="on", http=functools.partial(EdgeProtocol, gate=gate), ws=WebSocketProtocol,
                             ws_max_size=cfg.ws_max_message_bytes, proxy_headers=False, headers=headers,
                             access_log=cfg.access_log, log_config=None, log_level=logging.WARNING,
                             timeout_graceful_shutdown=cfg.shutdown_timeout, server_header=False, date_header=True)

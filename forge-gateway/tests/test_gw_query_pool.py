@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from forge_kernel import ANONYMOUS, ForgeError, mutation, query
+from forge_kernel import ANONYMOUS, ForgeError, model, mutation, query
 from forge_kernel.app import Registry
+
+
+@model(table="qp_rows")
+class QpRow:
+    id: int
+    n: int
 
 
 @query(public=True)
@@ -29,6 +35,20 @@ async def session_read_only(ctx) -> str:
     return await ctx.db.fetchval("SHOW default_transaction_read_only")
 
 
+@query(public=True)
+async def helpers_only(ctx) -> int:
+    rows = await ctx.db.select(QpRow, n=1)
+    return len(rows) + (await ctx.db.get(QpRow, 1) is not None)
+
+
+@query(public=True)
+async def switch_off_through_the_connection(ctx) -> int:
+    # not ctx.db.execute: the connection itself, which the model helpers' bookkeeping does not see
+    await ctx.db.conn.execute("SET default_transaction_read_only = off")
+    rows = await ctx.db.select(QpRow, n=1)
+    return len(rows)
+
+
 @mutation(public=True)
 async def write(ctx) -> int:
     return await ctx.db.fetchval("INSERT INTO qp_items (n) VALUES (2) RETURNING n")
@@ -36,7 +56,8 @@ async def write(ctx) -> int:
 
 def _registry() -> Registry:
     reg = Registry()
-    for fn in (sneaky_write, switch_off_then_count, session_read_only, write):
+    for fn in (sneaky_write, switch_off_then_count, session_read_only, helpers_only, switch_off_through_the_connection,
+               write):
         reg.add(fn.__forge__)
     return reg
 
@@ -56,3 +77,31 @@ async def test_queries_cannot_write_and_sessions_stay_read_only(forge_node):
     with pytest.raises(ForgeError):
         await node.executor.call("sneaky_write", {}, ANONYMOUS)
     assert await node.pool.fetchval("SELECT count(*) FROM qp_items") == 1
+
+
+async def test_only_sessions_a_query_could_have_changed_are_reset(forge_node):
+    """The reset on release is a round trip per query: it is skipped when only the model helpers
+    ran, and kept for raw SQL and for anything sent through ``ctx.db.conn``."""
+    node = await forge_node(registry=_registry(), config={"node": {"roles": ["function"]},
+                                                         "database": {"pool_min": 1, "pool_max": 1}})
+    await node.pool.execute("CREATE TABLE qp_rows (id integer PRIMARY KEY, n integer NOT NULL)")
+    await node.pool.execute("INSERT INTO qp_rows VALUES (1, 1)")
+    statements: list[str] = []
+    async with node.query_pool.acquire() as conn:  # pool_max = 1: every query gets this connection
+        reset = conn.get_reset_query()
+        conn.add_query_logger(lambda record: statements.append(record.query))
+
+    statements.clear()
+    assert await node.executor.call("helpers_only", {}, ANONYMOUS) == 2
+    assert len(statements) == 2 and reset not in statements, statements
+
+    statements.clear()
+    assert await node.executor.call("session_read_only", {}, ANONYMOUS) == "on"  # raw SQL
+    assert statements[-1] == reset
+
+    statements.clear()
+    assert await node.executor.call("switch_off_through_the_connection", {}, ANONYMOUS) == 1
+    assert statements[-1] == reset
+    assert await node.executor.call("session_read_only", {}, ANONYMOUS) == "on"
+    with pytest.raises(ForgeError):
+        await node.executor.call("sneaky_write", {}, ANONYMOUS)

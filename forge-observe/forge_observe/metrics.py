@@ -131,6 +131,11 @@ def _optional(index: int) -> Callable[[list], list]:
     return lambda fields: [f[index] if len(f) > index else None for f in fields]
 
 
+def _count(index: int) -> Callable[[list], list]:
+    """A batch's counts at ``index``, 1 for events with fewer fields (one event per occurrence)."""
+    return lambda fields: [f[index] if len(f) > index else 1 for f in fields]
+
+
 def _wait(due: int, started: int) -> Callable[[list], list]:
     """Seconds from ``due`` to ``started`` (two datetimes per event), at least 0, worked out in C."""
     due_at, started_at = operator.itemgetter(due), operator.itemgetter(started)
@@ -190,7 +195,7 @@ class EventSeries(Collector):
             "job.dispatched": [(self.jobs_dispatched, _get(0, 1), None, False)],
             "cron.run": [(self.cron_runs, _get(0, 1), None, False), (self.cron_lag, _get(0), _get(2), True)],
             "cron.missed": [(self.cron_missed, _get(0), _get(1), False)],
-            "rt.push": [(self.pushes, _get(0), None, False)],
+            "rt.push": [(self.pushes, _get(0), _count(1), False)],
             "rt.rerun": [(self.reruns, _get(0), None, False), (self.rerun_seconds, _get(0), _get(1), False)],
             "workflow.run": [(self.workflow_runs, _get(0, 1), None, False)],
             "workflow.step": [(self.workflow_steps, _get(0, 1, 2), None, False),

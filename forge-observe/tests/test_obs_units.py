@@ -222,11 +222,13 @@ _seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0
 @given(calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), st.sampled_from(["OK", "INTERNAL"]), _seconds),
                       max_size=40),
        waits=st.lists(st.tuples(st.sampled_from(["j", "k"]), _seconds, _seconds), max_size=10),
+       pushes=st.lists(st.tuples(st.sampled_from(["data", "unchanged"]), st.none() | st.integers(0, 5000)),
+                       max_size=10),
        junk=st.lists(st.sampled_from([("call", ("f",)), ("job.finished", ("j", "default", "succeeded", "soon", _T0,
                                                                           1.0)),
                                       ("call", ("f", "query", "OK", float("nan"))), ("later.kind", (1,))]),
                      max_size=4))
-def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
+def test_event_aggregation_matches_prometheus_client(calls, waits, pushes, junk):
     """The event series (plain dicts folded off the hot path) expose exactly what prometheus_client's
     own Counter and Histogram would for the same observations; malformed events are counted, not kept."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -254,6 +256,10 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
         m_wait.labels(job, "default").observe((started - _T0).total_seconds())
         m_started.labels(job, "default").inc()
         m_run.labels(job).observe(run)
+    m_pushes = Counter("forge_realtime_pushes", "", ["kind"], registry=model)
+    for kind, count in pushes:  # one event per fan-out with its count (a bare kind counts one)
+        events.append(("rt.push", (kind,) if count is None else (kind, count)))
+        m_pushes.labels(kind).inc(1 if count is None else count)
     half = len(events) // 2  # two drains, as the aggregation loop makes them
     assert ours.apply(events[:half] + junk) + ours.apply(events[half:]) == len(events) + len(junk)
 
@@ -263,7 +269,7 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, junk):
                       if not s.name.endswith("_created"))
 
     names = {"forge_function_calls", "forge_function_duration_seconds", "forge_job_queue_wait_seconds",
-             "forge_jobs_started", "forge_job_run_seconds"}
+             "forge_jobs_started", "forge_job_run_seconds", "forge_realtime_pushes"}
     assert samples(ours.registry, names) == samples(model, names)
     malformed = sum(1 for kind, f in junk if kind != "later.kind")
     assert sum(s.value for fam in ours.registry.collect() if fam.name == "forge_observe_dropped"

@@ -162,8 +162,11 @@ class ChangeReader:
             delay = self.fallback_poll
             last = time.monotonic()
             while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                if not self._wake.is_set():
+                    # asyncio.timeout, not wait_for: no task per wait (a poll every few ms when busy)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
                 self._wake.clear()
                 changes = await poll(conn, self.cursor)
                 self._on_lsn(self.cursor.lsn)

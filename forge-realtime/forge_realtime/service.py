@@ -10,6 +10,7 @@ from litestar import WebSocket, websocket
 from loguru import logger
 
 from forge_kernel.db import TableRead
+from forge_kernel.websocket import write_now
 
 from .capture import CaptureError, CaptureManager
 from .changes import ChangeReader
@@ -97,9 +98,9 @@ class Realtime:
         """Send ``message`` to every open connection (``forge_dev_notice``)."""
         if not self.accepting:
             return
-        text = encode(message)
+        encoded = (encode(message),)
         for session in list(self.sessions):
-            session.notify(text)
+            session.notify(encoded)
 
     def verifier(self) -> Any:
         return self.node.loader.hook.forge_auth_verifier(node=self.node)
@@ -131,6 +132,8 @@ def for_node(node: Any) -> Realtime:
 class LitestarTransport:
     def __init__(self, socket: WebSocket) -> None:
         self.socket = socket
+        #: the server's direct write (forge_kernel.websocket), when it offers one
+        self.write_now = write_now(socket.scope)
 
     async def receive(self) -> str | bytes | None:
         event = await self.socket.receive()

@@ -3,10 +3,15 @@
 Transport-agnostic: ``transport`` has ``async receive() -> str | bytes | None`` (None when
 the peer went away), ``async send_text(str)`` and ``async close(code, reason)``.
 
-Writes go through a bounded outbox drained by one writer task, so a slow client never holds
-up the engine or other clients: results replace the unsent result of the same subscription
-(latest wins), control messages queue up to ``outbox_limit``, and a send that blocks longer
-than ``send_timeout`` (or an overflowing outbox) closes the socket with 4008.
+A transport may also have ``write_now(parts) -> bool`` (the server's ``forge_kernel.websocket``
+extension): a message is then written at once when nothing is queued before it, with no task
+switch, and the buffers of a live query's result are shared by all its subscribers.
+
+Otherwise (and whenever ``write_now`` refuses: the peer is not reading) writes go through a
+bounded outbox drained by one writer task, so a slow client never holds up the engine or other
+clients: results replace the unsent result of the same subscription (latest wins), control
+messages queue up to ``outbox_limit``, and a send that blocks longer than ``send_timeout`` (or
+an overflowing outbox) closes the socket with 4008.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from forge_kernel.errors import Conflict, ForgeError, InvalidArgument, NotFound,
 from forge_kernel.executor import ANONYMOUS, Auth
 
 from .config import RealtimeConfig
-from .engine import LiveQueryEngine, Subscription, encode
+from .engine import LiveQueryEngine, Message, Subscription, encode
 
 # close codes (documented in README.md)
 CLOSE_NORMAL = 1000
@@ -61,11 +66,12 @@ class Transport(Protocol):
     async def receive(self) -> str | bytes | None: ...
     async def send_text(self, text: str) -> None: ...
     async def close(self, code: int, reason: str) -> None: ...
+    # optional: write_now(parts: Sequence[bytes]) -> bool (see forge_kernel.websocket)
 
 
-def error_message(error: ForgeError, sub_id: str | None) -> str:
-    return encode({"type": "error", "id": sub_id, "code": error.code, "message": error.message,
-                   "details": error.details})
+def error_message(error: ForgeError, sub_id: str | None) -> Message:
+    return (encode({"type": "error", "id": sub_id, "code": error.code, "message": error.message,
+                    "details": error.details}),)
 
 
 class Session:
@@ -83,8 +89,12 @@ class Session:
         self.subscriptions: dict[str, Subscription] = {}
         self.closed = False
         self.close_code: int | None = None
-        self._control: deque[str] = deque()
-        self._data: OrderedDict[str, str] = OrderedDict()
+        self._control: deque[Message] = deque()
+        self._data: OrderedDict[str, Message] = OrderedDict()
+        #: the transport's direct write, if it has one
+        self._write_now = getattr(transport, "write_now", None)
+        #: the writer task is in the middle of a send: nothing may overtake it
+        self._sending = False
         self._wake = asyncio.Event()
         self._tokens = float(max(1.0, config.subscribe_rate))
         self._refilled = time.monotonic()
@@ -97,33 +107,41 @@ class Session:
         self.traceparent: str | None = None
 
     # --- the engine's side (Subscriber protocol) ---------------------------------------
-    def push(self, sub_id: str, text: str, kind: str) -> None:
+    def push(self, sub_id: str, message: Message, kind: str) -> None:
         if self.closed or sub_id not in self.subscriptions:
             return
         if kind == "data":
-            self._data[sub_id] = text  # latest wins: an unsent older result is replaced
+            if self._written_now(message):
+                return
+            self._data[sub_id] = message  # latest wins: an unsent older result is replaced
             self._data.move_to_end(sub_id)
             self._wake.set()
         else:
-            self._send(text)
+            self._send(message)
 
     def end(self, sub_id: str, error: ForgeError) -> None:
         if self.subscriptions.pop(sub_id, None) is not None:
             self._data.pop(sub_id, None)
             self._send(error_message(error, sub_id))
 
-    def notify(self, text: str) -> None:
+    def notify(self, message: Message) -> None:
         """Queue a message that concerns no subscription (a ``dev`` notice)."""
-        self._send(text)
+        self._send(message)
 
     # --- outbox ---------------------------------------------------------------------------
-    def _send(self, text: str) -> None:
-        if self.closed:
+    def _written_now(self, message: Message) -> bool:
+        """Written straight to the transport: possible only when nothing queued or being sent
+        would be overtaken, and when the transport takes it (the peer is reading)."""
+        return (self._write_now is not None and not self._sending and not self._control and not self._data
+                and self._write_now(message))
+
+    def _send(self, message: Message) -> None:
+        if self.closed or self._written_now(message):
             return
         if len(self._control) >= self.config.outbox_limit:
             asyncio.get_running_loop().create_task(self.close(CLOSE_TOO_SLOW, "client cannot keep up: outbox full"))
             return
-        self._control.append(text)
+        self._control.append(message)
         self._wake.set()
 
     def _send_timed_out(self) -> None:
@@ -138,13 +156,16 @@ class Session:
             self._wake.clear()
             while (self._control or self._data) and not self.closed:
                 if self._control:
-                    text = self._control.popleft()
+                    message = self._control.popleft()
                 else:
-                    _, text = self._data.popitem(last=False)
+                    _, message = self._data.popitem(last=False)
+                if self._write_now is not None and self._write_now(message):
+                    continue
                 # a timer per send, not wait_for: wait_for wraps every send in a new task
                 timer = loop.call_later(self.config.send_timeout, self._send_timed_out)
+                self._sending = True
                 try:
-                    await self.transport.send_text(text)
+                    await self.transport.send_text(b"".join(message).decode())
                 except asyncio.CancelledError:
                     if self._timed_out:
                         await self.close(CLOSE_TOO_SLOW,
@@ -156,6 +177,7 @@ class Session:
                     return
                 finally:
                     timer.cancel()
+                    self._sending = False
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
@@ -238,7 +260,7 @@ class Session:
 
     # --- messages ---------------------------------------------------------------------------
     async def _on_ping(self, msg: dict[str, Any]) -> None:
-        self._send(encode({"type": "pong", "id": msg.get("id")}))
+        self._send((encode({"type": "pong", "id": msg.get("id")}),))
 
     async def _on_auth(self, msg: dict[str, Any]) -> None:
         token = msg.get("token")
@@ -274,8 +296,8 @@ class Session:
             self._expiry = None
         if auth.expires_at is not None:
             self._expiry = asyncio.get_running_loop().create_task(self._expire(self._auth_generation, auth.expires_at))
-        self._send(encode({"type": "ready", "user_id": auth.user_id, "kind": auth.kind,
-                           "expires_at": auth.expires_at.isoformat() if auth.expires_at else None}))
+        self._send((encode({"type": "ready", "user_id": auth.user_id, "kind": auth.kind,
+                            "expires_at": auth.expires_at.isoformat() if auth.expires_at else None}),))
 
     async def _expire(self, generation: int, at: dt.datetime) -> None:
         await asyncio.sleep(max(0.0, (at - dt.datetime.now(dt.timezone.utc)).total_seconds()))
@@ -333,4 +355,4 @@ class Session:
             raise NotFound(f"unsubscribe: no subscription with id {sub_id!r}")
         self._data.pop(sub_id, None)
         self.engine.unsubscribe(sub)
-        self._send(encode({"type": "unsubscribed", "id": sub_id}))
+        self._send((encode({"type": "unsubscribed", "id": sub_id}),))

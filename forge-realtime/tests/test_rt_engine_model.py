@@ -81,9 +81,9 @@ class Sink:
     def __init__(self) -> None:
         self.last: dict[str, object] = {}
 
-    def push(self, sub_id: str, text: str, kind: str) -> None:
+    def push(self, sub_id: str, message: tuple[bytes, ...], kind: str) -> None:
         if kind == "data":
-            self.last[sub_id] = json.loads(text)["data"]
+            self.last[sub_id] = json.loads(b"".join(message))["data"]
 
     def end(self, sub_id: str, error) -> None:
         raise AssertionError(f"{sub_id} ended: {error}")
@@ -243,3 +243,74 @@ async def test_many_writes_to_another_table_during_a_run_do_not_make_it_dirty(mo
     await engine.stop()
     assert engine.stats.runs == 3  # the first run, the insert into t, and the overflowed t
     assert sink.last["s1"] == [[1, "a", 0]]
+
+
+async def _first_run_then_an_insert(engine: LiveQueryEngine, ex: ModelExecutor, subs: list[Subscription]) -> None:
+    """Start ``engine``, subscribe ``subs`` (their query's first run), then insert a row they read
+    (the second run)."""
+    engine.start()
+    for sub in subs:
+        engine.subscribe(sub)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    ex.rows[2] = {"owner": "a", "topic": 1}
+    engine.on_changes([Change("t", "INSERT", (), ({"id": 2, "owner": "a", "topic": 1},))], 5)
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_result_is_encoded_once_and_the_same_bytes_go_to_every_subscriber():
+    class Parts:
+        def __init__(self) -> None:
+            self.messages: dict[str, tuple[bytes, ...]] = {}
+
+        def push(self, sub_id, message, kind) -> None:
+            self.messages[sub_id] = message
+
+        def end(self, sub_id, error) -> None:
+            raise AssertionError(f"{sub_id} ended: {error}")
+
+    ex = ModelExecutor(random.Random(0))
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
+    sink = Parts()
+    subs = [Subscription(sink, f"s{i}", "by_owner", {"o": "a"}, Caller("u1")) for i in range(50)]
+    await _first_run_then_an_insert(engine, ex, subs)
+    await engine.stop()
+    assert engine.stats.runs == 2
+    tails = [m[-1] for m in sink.messages.values()]
+    assert all(isinstance(t, bytes) and b'"data":[[1,' in t for t in tails)
+    assert len({id(t) for t in tails}) == 1, "each subscriber got its own copy of the result"
+    for sub in subs:
+        msg = json.loads(b"".join(sink.messages[sub.sub_id]))
+        assert msg == {"type": "data", "id": sub.sub_id, "hash": sub.query.hash, "position": 0,
+                       "data": [[1, "a", 0], [2, "a", 1]]}
+
+
+async def test_telemetry_sees_a_fan_out_as_one_event_and_one_push_span():
+    """A result pushed to many subscribers is one ``rt.push`` event carrying the count and one
+    ``push`` span under the run's span: recording them per subscriber cost a hot query more than
+    the sends (5,000 spans and events per run)."""
+    from forge_kernel.telemetry import Telemetry
+
+    traces = []
+    tel = Telemetry()
+    tel.attach(traces.append, sample_rate=1.0)
+    ex = ModelExecutor(random.Random(0))
+    ex.node = types.SimpleNamespace(telemetry=tel)
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
+    sink = Sink()
+    await _first_run_then_an_insert(engine, ex, [Subscription(sink, f"s{i}", "by_owner", {"o": "a"}, Caller("u1"))
+                                                 for i in range(40)])
+    engine.subscribe(Subscription(sink, "late", "by_owner", {"o": "a"}, Caller("u1")))  # served from the result
+    await engine.stop()
+    assert engine.stats.runs == 2 and len(sink.last) == 41
+    assert [f for k, f in tel.drain() if k == "rt.push"] == [("data", 40), ("data", 40), ("data", 1)]
+    runs = [t for t in traces if any(s.name.startswith("live query") for s in t.spans)]
+    assert len(runs) == 2
+    for t in runs:
+        run = next(s for s in t.spans if s.name.startswith("live query"))
+        pushes = [s for s in t.spans if s.name == "push"]
+        assert len(pushes) == 1 and pushes[0].parent_id == run.span_id
+        assert pushes[0].attrs["live.pushes"] == 40 and pushes[0].end_ns >= pushes[0].start_ns

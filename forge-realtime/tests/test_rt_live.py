@@ -247,9 +247,9 @@ class _Pushes:
     def __init__(self) -> None:
         self.data: dict[str, list] = {}
 
-    def push(self, sub_id, text, kind) -> None:
+    def push(self, sub_id, message, kind) -> None:
         if kind == "data":
-            self.data.setdefault(sub_id, []).append(__import__("json").loads(text)["data"])
+            self.data.setdefault(sub_id, []).append(__import__("json").loads(b"".join(message))["data"])
 
     def end(self, sub_id, error) -> None:
         raise AssertionError(f"{sub_id} ended: {error}")

@@ -38,8 +38,8 @@ class Recorder:
         self.pushes: dict[str, list] = {}
         self.errors: dict[str, str] = {}
 
-    def push(self, sub_id: str, text: str, kind: str) -> None:
-        msg = json.loads(text)
+    def push(self, sub_id: str, message: tuple[bytes, ...], kind: str) -> None:
+        msg = json.loads(b"".join(message))
         if kind == "data":
             self.pushes.setdefault(sub_id, []).append(msg["data"])
 

@@ -46,8 +46,24 @@ def session(transport, **cfg) -> Session:
     return s
 
 
-def data(sub_id: str, value: int) -> str:
-    return json.dumps({"type": "data", "id": sub_id, "data": value})
+def data(sub_id: str, value: int) -> tuple[bytes, ...]:
+    return (json.dumps({"type": "data", "id": sub_id, "data": value}).encode(),)
+
+
+class DirectTransport(FakeTransport):
+    """A transport with ``write_now`` (forge_kernel.websocket), which refuses while paused."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.paused = False
+        self.written_now = 0
+
+    def write_now(self, parts) -> bool:
+        if self.paused:
+            return False
+        self.written_now += 1
+        self.sent.append(json.loads(b"".join(parts)))
+        return True
 
 
 async def test_latest_result_wins_while_the_client_is_not_reading():
@@ -114,5 +130,50 @@ async def test_results_for_ended_subscriptions_are_not_sent():
             break
         await asyncio.sleep(0.01)
     assert sorted((m["type"], m["id"]) for m in t.sent) == [("data", "a"), ("unsubscribed", "b")]
+    t.incoming.put_nowait(None)
+    await task
+
+
+async def test_messages_are_written_at_once_when_the_transport_takes_them():
+    t = DirectTransport(block_sends=True)  # the ASGI path would block: it must not be used
+    s = session(t)
+    task = asyncio.create_task(s.serve())
+    await asyncio.sleep(0)
+    s.push("a", data("a", 1), "data")
+    s.push("b", data("b", 2), "data")
+    await s.handle(json.dumps({"type": "ping", "id": 3}))
+    # written during the calls themselves, in call order: no writer task was involved
+    assert [(m["type"], m.get("data", m["id"])) for m in t.sent] == [("data", 1), ("data", 2), ("pong", 3)]
+    assert t.written_now == 3
+    t.incoming.put_nowait(None)
+    await task
+
+
+async def test_a_paused_transport_queues_latest_wins_and_nothing_overtakes_the_queue():
+    t = DirectTransport(block_sends=True)
+    s = session(t)
+    task = asyncio.create_task(s.serve())
+    await asyncio.sleep(0)
+    t.paused = True  # the peer stopped reading
+    for i in range(10):
+        s.push("a", data("a", i), "data")
+    await asyncio.sleep(0.01)  # the writer took the latest (a@9) and is stuck in the ASGI send
+    assert s._sending
+    t.paused = False  # the transport would take messages again, but one is still being sent
+    for i in range(10, 20):
+        s.push("a", data("a", i), "data")
+    await s.handle(json.dumps({"type": "ping", "id": "p"}))
+    assert t.sent == [], "a message overtook the one being sent"
+    t.block.set()
+    for _ in range(100):
+        if t.sent and t.sent[-1].get("id") == "a" and t.sent[-1]["data"] == 19:
+            break
+        await asyncio.sleep(0.01)
+    # the one in flight, then the control message, then only the latest result (latest wins)
+    assert [(m["type"], m.get("data")) for m in t.sent] == [("data", 9), ("pong", None), ("data", 19)]
+    # the outbox is empty again: the next message is written at once
+    written = t.written_now
+    s.push("b", data("b", 7), "data")
+    assert t.written_now == written + 1 and t.sent[-1]["data"] == 7
     t.incoming.put_nowait(None)
     await task

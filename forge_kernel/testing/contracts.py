@@ -32,7 +32,10 @@ The properties:
 * ``forge_rate_limiter`` - for any limit and any interleaving of callers, each caller (by the
   limit's key: user, client address or everyone) is admitted exactly ``min(calls, requests)``
   times, every refusal is ``RateLimited`` with a ``retry_after`` of at least a second, and a
-  function without a limit is never refused (:func:`check_rate_limiter`).
+  function without a limit is never refused (:func:`check_rate_limiter`);
+* the WebSocket ``write_now`` extension (:mod:`forge_kernel.websocket`) - any mix of messages
+  written through it (in any number of buffers) and through ASGI ``websocket.send`` arrives
+  intact and in call order (:func:`check_websocket_write_now`);
 * the workflow engine (``forge_workflow_engine``) starts runs and sends events exactly when the
   caller's transaction commits, and idempotency keys name one run.
 """
@@ -1029,3 +1032,49 @@ async def check_dev_notices(node: Any, max_examples: int = 30) -> None:
         results = node.loader.hook.forge_dev_notice(node=node, notice=notice)
         assert all(r is None for r in results), f"forge_dev_notice returned {results!r}"
         await asyncio.sleep(0)  # let writers run: a notice must not break a connection's outbox
+
+
+# --- the WebSocket write_now extension (forge_kernel.websocket) ----------------------------------
+def _payloads() -> st.SearchStrategy[str]:
+    # across the three frame length encodings (7-bit, 16-bit, 64-bit), with non-ASCII text
+    return st.text(max_size=40) | st.builds(lambda c, n: c * n, st.sampled_from(["a", "é", "\u2028", "🙂"]),
+                                            st.sampled_from([125, 126, 127, 65535, 65536, 70000]).map(lambda n: n // 4)
+                                            | st.integers(0, 20000))
+
+
+async def check_websocket_write_now(connection: Any, max_examples: int = 30) -> None:
+    """A server's ``write_now`` (``scope["extensions"][forge_kernel.websocket.WRITE_NOW]``) keeps its
+    contract on an open connection: for any sequence of messages written through it (each split
+    into any number of buffers) and through ASGI ``websocket.send``, with the caller falling back
+    to ``websocket.send`` when ``write_now`` refuses, the peer receives exactly those texts, in
+    call order; and on a connection whose peer has read everything, ``write_now`` takes a message.
+
+    ``connection`` has ``write_now``; ``async send(text)`` (an ASGI ``websocket.send``); and
+    ``async receive() -> str``, the peer's next text message. Call from an async test with the
+    server's event loop running (the examples run on it)."""
+    loop = asyncio.get_running_loop()
+
+    async def example(ops: list[tuple[bool, list[str]]]) -> None:
+        expected = []
+        for i, (direct, parts) in enumerate(ops):
+            text = "".join(parts)
+            expected.append(text)
+            if direct:
+                took = connection.write_now([p.encode() for p in parts])
+                assert isinstance(took, bool), f"write_now returned {took!r}"
+                if i == 0:
+                    assert took, "write_now refused a message on a connection whose peer had read everything"
+                if took:
+                    continue
+            await connection.send(text)
+        for i, want in enumerate(expected):
+            got = await asyncio.wait_for(connection.receive(), 30)
+            assert got == want, (f"message {i} of {len(expected)} differs: {len(got)} characters received, "
+                                 f"{len(want)} sent ({got[:40]!r} vs {want[:40]!r})")
+
+    @settings(**{**_SETTINGS, "max_examples": max_examples})
+    @given(st.lists(st.tuples(st.booleans(), st.lists(_payloads(), max_size=4)), min_size=1, max_size=8))
+    def arrive_intact_and_in_order(ops: list[tuple[bool, list[str]]]) -> None:
+        asyncio.run_coroutine_threadsafe(example(ops), loop).result(timeout=120)
+
+    await _run_property(arrive_intact_and_in_order)

@@ -1,0 +1,208 @@
+"""Benchmark clients: thousands of minimal WebSocket clients (``wsclient.py``) that record when
+each new row id first reaches each of them.
+
+Used in the benchmark process (``open_clients``) and as a separate client process
+(``python clients.py URL``), so that the clients of one measurement can be spread over several
+processes and the harness is never the one process that saturates. Times are
+``time.perf_counter()`` (CLOCK_MONOTONIC on Linux: one clock for every process on the machine),
+so the writers' commit times in the benchmark process and the receive times here compare.
+
+A client process reads commands on stdin, one JSON object a line, and answers each with one
+JSON line on stdout:
+
+- ``{"cmd": "open", "count": N, "first": I, "function": F, "topics": T | null, "topic": X | null}``:
+  open N clients (client i subscribes to F with ``topic = (first + i) % T``, or ``topic = X``;
+  ``function: null`` leaves them idle) -> ``{"ok": true}``
+- ``{"cmd": "reset"}``: forget what was received -> ``{"ok": true}``
+- ``{"cmd": "report", "path": P}``: write the received (row id, time) pairs to P (two arrays,
+  int64 ids then float64 times) -> ``{"ok": true, "deliveries": n, "pushes": m}``
+- ``{"cmd": "close"}``: close every socket and exit.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import gc
+import json
+import sys
+from pathlib import Path
+
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import wsclient  # noqa: E402
+
+
+class _Row(msgspec.Struct):
+    id: int
+
+
+class _Msg(msgspec.Struct):
+    type: str
+    data: list[_Row] | None = None
+
+
+# only the fields the benchmark looks at: the rest of a push is skipped by the decoder
+_decode_push = msgspec.json.Decoder(_Msg).decode
+_decode = msgspec.json.Decoder().decode
+
+
+class Client:
+    """One benchmark socket: records (row id, receive time) of rows newer than any it had."""
+
+    __slots__ = ("proto", "max_id", "ids", "times", "pushes", "waiter", "errors")
+
+    def __init__(self, ids: array.array, times: array.array) -> None:
+        self.proto, self.max_id, self.pushes, self.waiter = None, 0, 0, None
+        self.errors: list[dict] = []
+        self.ids, self.times = ids, times
+
+    def on_message(self, now: float, payload: bytes) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(_decode(payload))
+            return
+        msg = _decode_push(payload)
+        if msg.type != "data" or msg.data is None:
+            if msg.type == "error":
+                self.errors.append(_decode(payload))
+            return
+        self.pushes += 1
+        top = self.max_id
+        for row in msg.data:
+            rid = row.id
+            if rid > self.max_id:
+                self.ids.append(rid)
+                self.times.append(now)
+                if rid > top:
+                    top = rid
+        self.max_id = top
+
+    async def request(self, text: str) -> dict:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.proto.send(text)
+        try:
+            return await asyncio.wait_for(self.waiter, 60)
+        finally:
+            self.waiter = None
+
+
+class ClientSet:
+    """The clients of one process and what they received (shared arrays: cheap to append)."""
+
+    def __init__(self) -> None:
+        self.clients: list[Client] = []
+        self.ids = array.array("q")
+        self.times = array.array("d")
+
+    def reset(self) -> None:
+        del self.ids[:]
+        del self.times[:]
+        for c in self.clients:
+            c.pushes = 0
+
+    @property
+    def pushes(self) -> int:
+        return sum(c.pushes for c in self.clients)
+
+    async def open(self, url: str, n: int, subscription, concurrency: int = 50) -> None:
+        """``subscription(i)`` -> (function, args) or None for an idle (authenticated) socket."""
+        opened: list[Client | None] = [None] * n
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with sem:
+                c = Client(self.ids, self.times)
+                for attempt in range(5):
+                    try:
+                        c.proto = await wsclient.connect(url, c.on_message)
+                        break
+                    except (OSError, asyncio.TimeoutError, ConnectionError):
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                else:
+                    raise RuntimeError(f"client {i} could not connect")
+                assert (await c.request('{"type":"auth","token":null}'))["type"] == "ready"
+                sub = subscription(i)
+                if sub is not None:
+                    first = await c.request(json.dumps({"type": "subscribe", "id": "s", "function": sub[0],
+                                                        "args": sub[1]}))
+                    assert first["type"] == "data", first
+                    c.max_id = max([r["id"] for r in first["data"]], default=0)
+                opened[i] = c
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        self.clients.extend(opened)  # type: ignore[arg-type]
+        # thousands of long-lived client objects: keep them out of full GC passes, so the client
+        # side adds no collection pauses to the latencies measured (the node does the same)
+        gc.freeze()
+
+    async def keepalive(self, every: float = 20.0) -> None:
+        """Ping every socket now and then, as real clients do: the server closes a connection
+        that sent nothing for ``[realtime] idle_timeout`` (120 s) with 4000."""
+        while True:
+            await asyncio.sleep(every)
+            for c in self.clients:
+                if c.proto is not None and c.waiter is None:
+                    c.proto.send('{"type":"ping"}')
+
+    async def close(self) -> None:
+        for c in self.clients:
+            c.proto.close()
+        self.clients.clear()
+        await asyncio.sleep(0.5)
+
+
+def subscription_of(spec: dict):
+    function, topics, topic, first = spec.get("function"), spec.get("topics"), spec.get("topic"), spec.get("first", 0)
+    if function is None:
+        return lambda i: None
+    if topics:
+        return lambda i: (function, {"topic": (first + i) % topics})
+    return lambda i: (function, {"topic": topic})
+
+
+async def serve(url: str) -> None:
+    """The client process: commands on stdin, answers on stdout (see the module docstring)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    clients = ClientSet()
+    pinger = asyncio.create_task(clients.keepalive())
+
+    def answer(obj: dict) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        try:
+            if cmd["cmd"] == "open":
+                await clients.open(url, cmd["count"], subscription_of(cmd))
+                answer({"ok": True})
+            elif cmd["cmd"] == "reset":
+                clients.reset()
+                answer({"ok": True})
+            elif cmd["cmd"] == "report":
+                with open(cmd["path"], "wb") as fh:
+                    clients.ids.tofile(fh)
+                    clients.times.tofile(fh)
+                errors = [e for c in clients.clients for e in c.errors]
+                closed = sum(c.proto.transport is None or c.proto.transport.is_closing() for c in clients.clients)
+                answer({"ok": True, "deliveries": len(clients.ids), "pushes": clients.pushes, "errors": errors[:5],
+                        "error_count": len(errors), "closed": closed})
+            elif cmd["cmd"] == "close":
+                pinger.cancel()
+                await clients.close()
+                answer({"ok": True})
+                break
+        except Exception as exc:  # tell the benchmark instead of hanging it
+            answer({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(serve(sys.argv[1]))

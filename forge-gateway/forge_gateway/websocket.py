@@ -1,0 +1,51 @@
+"""The node's WebSocket protocol: uvicorn's websockets (sans-I/O) protocol plus ``write_now``
+(the kernel's ASGI extension ``forge_kernel.websocket.WRITE_NOW``): a text message written
+straight onto the transport, with no task, ASGI event or framing object per message, for
+fan-out to thousands of sockets. Everything else (handshake, limits, close, keepalive) is
+uvicorn's.
+
+Server frames are not masked and need no per-connection state, so the frame is a header
+plus the caller's payload buffers, written with one ``writelines``. With permessage-deflate
+negotiated, these messages go out uncompressed (RSV1 clear), which RFC 7692 allows for any
+message.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Sequence
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from forge_kernel.websocket import WRITE_NOW
+
+_TEXT_FIN = 0x81
+_H16 = struct.Struct("!BBH")
+_H64 = struct.Struct("!BBQ")
+
+
+def text_frame_header(n: int) -> bytes:
+    """The header of an unmasked, final text frame with an ``n``-byte payload (RFC 6455 5.2)."""
+    if n < 126:
+        return bytes((_TEXT_FIN, n))
+    if n < 65536:
+        return _H16.pack(_TEXT_FIN, 126, n)
+    return _H64.pack(_TEXT_FIN, 127, n)
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # absent when the handshake was refused
+        if scope is not None:
+            scope["extensions"][WRITE_NOW] = self.write_now
+
+    def write_now(self, parts: Sequence[bytes]) -> bool:
+        if (not self.handshake_complete or self.close_sent or self.disconnected or self.initial_response is not None
+                or not self.writable.is_set() or self.transport.is_closing()):
+            return False
+        n = 0
+        for p in parts:
+            n += len(p)
+        self.transport.writelines((text_frame_header(n), *parts))
+        return True

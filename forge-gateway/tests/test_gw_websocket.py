@@ -1,0 +1,79 @@
+"""The node's WebSocket protocol: ``write_now`` (forge_kernel.websocket) on a real server and a
+real client, beside the ASGI path."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import websockets
+
+from forge_gateway.config import GatewayConfig
+from forge_gateway.server import serve
+from forge_gateway.websocket import text_frame_header
+from forge_kernel.testing import contracts
+from forge_kernel.websocket import write_now
+
+
+class Echoless:
+    """An ASGI app whose WebSocket connections wait, handing their scope and ``send`` to the test."""
+
+    def __init__(self) -> None:
+        self.connections: asyncio.Queue = asyncio.Queue()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                await send({"type": event["type"] + ".complete"})
+                if event["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] != "websocket":
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        closed = asyncio.Event()
+        self.connections.put_nowait((scope, send, closed))
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+        closed.set()
+
+
+async def test_write_now_keeps_the_kernel_contract():
+    app = Echoless()
+    async with serve(app, GatewayConfig(port=0)) as port:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/", max_size=None) as ws:
+            scope, send, _ = await app.connections.get()
+            conn = types.SimpleNamespace(write_now=write_now(scope), receive=ws.recv,
+                                         send=lambda text: send({"type": "websocket.send", "text": text}))
+            assert conn.write_now is not None, "the gateway's server offers no write_now"
+            await contracts.check_websocket_write_now(conn)
+
+
+async def test_write_now_refuses_while_the_peer_does_not_read_and_after_it_closed():
+    app = Echoless()
+    async with serve(app, GatewayConfig(port=0)) as port:
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/", max_size=None, max_queue=1)
+        scope, send, closed = await app.connections.get()
+        now = write_now(scope)
+        chunk = b"x" * 100_000
+        written = 0
+        while now((chunk, str(written).encode())):  # the client reads nothing meanwhile
+            written += 1
+            assert written < 2000, "write_now never refused although the peer read nothing"
+            await asyncio.sleep(0)
+        assert written > 0
+        # everything taken arrives intact once the client reads
+        for i in range(written):
+            assert await asyncio.wait_for(ws.recv(), 30) == "x" * 100_000 + str(i)
+        await ws.close()
+        await asyncio.wait_for(closed.wait(), 10)
+        assert now((b"late",)) is False
+
+
+def test_frame_headers_use_the_shortest_length_encoding():
+    assert text_frame_header(0) == b"\x81\x00"
+    assert text_frame_header(125) == b"\x81\x7d"
+    assert text_frame_header(126) == b"\x81\x7e\x00\x7e"
+    assert text_frame_header(65535) == b"\x81\x7e\xff\xff"
+    assert text_frame_header(65536) == b"\x81\x7f" + (65536).to_bytes(8, "big")
