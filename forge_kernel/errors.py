@@ -74,6 +74,11 @@ class Unavailable(ForgeError):
     code = "UNAVAILABLE"
 
 
+class DatabaseUnavailable(Unavailable):
+    """``UNAVAILABLE``: the call lost its database connection or could not get one (PostgreSQL
+    restarting, unreachable). Worth retrying; a mutation cut off this way may have committed."""
+
+
 class Timeout(ForgeError):
     code = "TIMEOUT"
 

@@ -133,7 +133,8 @@ class Load:
             code = json.loads(raw)["error"]["code"]
         except (ValueError, KeyError, TypeError):
             code = raw[:60].decode(errors="replace")
-        return self._fail(fn, f"HTTP {status} {code}", slot, cut=False)
+        # a mutation whose database went away mid-call may have committed (the database says)
+        return self._fail(fn, f"HTTP {status} {code}", slot, cut=status == 503)
 
     def _fail(self, fn: str, cls: str, slot: int, *, cut: bool) -> tuple[bool, Any]:
         self.stats.calls[(fn, "error")] += 1
