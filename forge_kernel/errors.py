@@ -14,7 +14,8 @@ ERROR_STATUS: dict[str, int] = {
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
-    #: nothing here can run it now: this node does not run the needed role, or a needed package is missing
+    #: nothing here can run it now: this node does not run the needed role, a needed package is missing,
+    #: or the database is unavailable (DatabaseUnavailable)
     "UNAVAILABLE": 503,
     "TIMEOUT": 504,
 }
