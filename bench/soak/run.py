@@ -183,11 +183,12 @@ class Subscriber:
     def __init__(self, index: int, slots: list[Slot], errors: Errors) -> None:
         self.index, self.slots, self.errors = index, slots, errors
         self.topic = index % TOPICS
-        self.slot = index % len(slots)
+        self.home = self.slot = index % len(slots)
         self.data: Any = None
         self.hash: str | None = None
         self.pushes = 0
         self.reconnects = 0
+        self.moves_home = 0
         self.proto = None
         self.subscribed = asyncio.Event()
 
@@ -224,12 +225,21 @@ class Subscriber:
             pinger = asyncio.create_task(self._ping())
             closed = asyncio.ensure_future(self.proto.closed)
             stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
+            waits = [closed, stopped]
+            if self.slot != self.home:  # away from home after a kill: go back once it is up again
+                waits.append(asyncio.ensure_future(asyncio.sleep(random.uniform(20, 40))))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             pinger.cancel()
-            stopped.cancel()
+            for w in waits[1:]:
+                w.cancel()
             if stop.is_set():
                 self.proto.close()
                 return
+            if not closed.done():  # our own choice, not an error: every kill keeps hitting a third of them
+                self.proto.close()
+                self.slot = self.home
+                self.moves_home += 1
+                continue
             code = closed.result()
             self.errors.add("ws closed", f"close {code}" if code is not None else "connection lost", self.slot)
             self.reconnects += 1
@@ -258,13 +268,15 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-async def sampler(slots: list[Slot], loads: list, until: float, every: float = 10.0) -> None:
+async def sampler(slots: list[Slot], subs: list, loads: list, until: float, every: float = 10.0) -> None:
+    """RSS of every node (with the subscribers it holds then) every ``every`` seconds."""
     while now() < until:
         for s in slots:
             if s.alive():
                 mb = rss_mb(s.proc.pid)
                 if mb is not None:
-                    s.incarnations[-1]["rss_mb"].append((round(now()), mb))
+                    held = sum(1 for sub in subs if sub.slot == s.index and sub.subscribed.is_set())
+                    s.incarnations[-1]["rss_mb"].append((round(now()), mb, held))
         loads.append((round(now()), [round(x, 2) for x in os.getloadavg()]))
         await asyncio.sleep(every)
 
@@ -433,6 +445,7 @@ async def check_subscribers(subs: list[Subscriber], load: Load, timeout: float =
             "mismatched_at_first_look": first_mismatch, "mismatched_at_end": len(mismatched),
             "seconds_to_converge": round(time.monotonic() - t_start, 1),
             "pushes": sum(s.pushes for s in subs), "reconnects": sum(s.reconnects for s in subs),
+            "moves_back_home": sum(s.moves_home for s in subs),
             "mismatch_examples": [{"sub": i, "topic": subs[i].topic, "last": subs[i].data,
                                    "fresh": fresh.get(subs[i].topic)} for i in mismatched[:3]]}
 
@@ -478,10 +491,11 @@ def rss_summary(slots: list[Slot]) -> dict[str, Any]:
             series = inc["rss_mb"]
             if not series:
                 continue
-            settled = [mb for t, mb in series if t - inc["started"] >= 60] or [series[-1][1]]
+            settled = [mb for t, mb, _ in series if t - inc["started"] >= 60] or [series[-1][1]]
             incs.append({"pid": inc["pid"], "from_s": inc["started"], "to_s": inc["ended"],
                          "first_mb": series[0][1], "after_60s_mb": settled[0], "last_mb": series[-1][1],
-                         "max_mb": max(mb for _, mb in series), "samples": len(series)})
+                         "max_mb": max(mb for _, mb, _ in series), "samples": len(series),
+                         "subscribers_held": [min(h for *_, h in series), max(h for *_, h in series)]})
         out[s.node_id] = incs
     return out
 
@@ -541,7 +555,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             load.paced(args.write_rate, load.write, until),
             load.paced(args.dispatch_rate, load.dispatch, until),
             load.paced(args.flow_rate, load.flow, until),
-            sampler(slots, loads, until + 1),
+            sampler(slots, subs, loads, until + 1),
             chaos(plan, slots, pg, db_url, events),
         ]
 
@@ -550,7 +564,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(60)
                 ok = sum(v for (fn, r), v in stats.calls.items() if r == "ok")
                 log(f"calls ok {ok}, errors {len(errors.seen)}, load average {os.getloadavg()}, "
-                    f"rss {[rss_mb(s.proc.pid) if s.alive() else None for s in slots]}")
+                    f"rss {[rss_mb(s.proc.pid) if s.alive() else None for s in slots]}, subscribers "
+                    f"{[sum(1 for sub in subs if sub.slot == s.index) for s in slots]}")
 
         await asyncio.gather(*workers, progress())
         await load.drain()
