@@ -10,8 +10,10 @@ Extra arguments are passed on (``dev.py test -k worker``, ``dev.py start --roles
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -58,6 +60,31 @@ def ensure_venv() -> Path:
     return python
 
 
+def ensure_test_tools() -> None:
+    """Debian packages some tests drive: PgBouncer (tests/test_pooler.py), Debian's PostgreSQL,
+    built with TLS unlike the embedded server (tests/test_managed_pg.py), and Chromium (the
+    dashboard's browser test). Installed with apt-get when this runs as root on Debian
+    (FORGE_NO_APT=1 turns that off); otherwise those tests are skipped, each saying why."""
+    missing = []
+    if not (shutil.which("pgbouncer") or os.path.exists("/usr/sbin/pgbouncer")):
+        missing.append("pgbouncer")
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        missing.append("postgresql")
+    if not shutil.which("chromium"):
+        missing.append("chromium")
+    if not missing:
+        return
+    if os.environ.get("FORGE_NO_APT") or not shutil.which("apt-get") or os.geteuid() != 0:
+        print(f"forge: not installed: {', '.join(missing)}; the tests that need them will be skipped", flush=True)
+        return
+    print(f"forge: installing {', '.join(missing)} with apt-get (FORGE_NO_APT=1 skips this)", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdout": subprocess.DEVNULL}
+    if subprocess.run(["apt-get", "update", "-qq"], env=env, **quiet).returncode != 0 or subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *missing], env=env, **quiet).returncode != 0:
+        print("forge: apt-get failed; the tests that need those packages will be skipped", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("start", "test"):
         print(__doc__)
@@ -67,6 +94,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "start":
         cmd = [str(BIN / "forge-node"), "start", *argv[1:]]
     else:
+        ensure_test_tools()
         cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *argv[1:]]
     os.chdir(ROOT)
     os.execve(cmd[0], cmd, env)  # the node (or pytest) receives signals directly

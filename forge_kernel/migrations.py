@@ -171,7 +171,9 @@ async def migrate(conn: asyncpg.Connection, migrations: Sequence[Migration]) -> 
             try:
                 async with conn.transaction():
                     started = await conn.fetchval("SELECT clock_timestamp()")
-                    await conn.execute(m.sql)
+                    # the trailing statement: a file of only comments is an empty query to the server,
+                    # whose answer asyncpg cannot take ('NoneType' has no 'decode')
+                    await conn.execute(f"{m.sql}\n;SELECT 1")
                     await conn.execute(
                         "INSERT INTO forge_migrations (namespace, version, name, checksum, duration_ms) "
                         "VALUES ($1, $2, $3, $4, extract(epoch FROM clock_timestamp() - $5::timestamptz) * 1000)",

@@ -93,3 +93,17 @@ def test_cli_migrate_and_status(tmp_path, forge_db_url):
     assert applied.returncode == 0 and "kernel 0001_nodes" in applied.stdout, applied.stderr
     status = run("migrate", "--status")
     assert status.returncode == 0 and "applied" in status.stdout and "pending" not in status.stdout
+
+
+async def test_a_migration_of_only_comments_is_recorded_not_a_crash(forge_db_url):
+    # a placeholder migration ("-- nothing yet", or every statement commented out) is valid SQL for
+    # psql; asyncpg's simple-query path fails on the server's empty-query answer
+    empty = mig.Migration("demo_empty", 1, "placeholder", "-- nothing to do yet\n/* later */\n")
+    then = mig.Migration("demo_empty", 2, "real", "CREATE TABLE demo_after_empty (id int)")
+    conn = await connect(forge_db_url)
+    try:
+        assert await mig.migrate(conn, [empty, then]) == [empty, then]
+        assert [s.state for s in await mig.status(conn, [empty, then])] == ["applied", "applied"]
+        assert await conn.fetchval("SELECT to_regclass('demo_after_empty')") is not None
+    finally:
+        await conn.close()

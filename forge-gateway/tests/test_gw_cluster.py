@@ -212,10 +212,14 @@ def test_jwks_url(forge_processes, keys, tmp_path, jwks_server):
 
 
 def test_graceful_shutdown_finishes_in_flight_calls(forge_processes, keys, tmp_path):
+    from forge_kernel.testing import wait_for
+
     proc, url = spawn_gateway(forge_processes, keys, tmp_path, "drain")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(lambda: httpx.post(f"{url}/rpc/slow", json={"seconds": 0.25}, timeout=30))
-        time.sleep(0.1)
+        flag = tmp_path / "in-flight"
+        pending = pool.submit(lambda: httpx.post(f"{url}/rpc/slow_flagged", json={"seconds": 0.5, "flag": str(flag)},
+                                                 timeout=30))
+        wait_for(flag.exists, 30, what="the call in flight")  # a fixed pause lost the race on a busy machine
         proc.signal(15)
         r = pending.result()
     assert r.status_code == 200 and r.json() == {"data": "done"}

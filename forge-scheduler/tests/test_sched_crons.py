@@ -406,7 +406,11 @@ async def test_a_decision_longer_than_check_timeout_keeps_its_term(sched_db):
     election.workers = [crons_loop]
     task = asyncio.create_task(election.run())
     try:
-        await asyncio.sleep(6)
+        # three committed decisions of 1.5 s each (how long they take depends on the machine's load)
+        for _ in range(300):
+            if await pool.fetchval("SELECT count(*) FROM forge_cron_runs") >= 3:
+                break
+            await asyncio.sleep(0.1)
         assert election.terms_won == 1 and election.is_leader
         assert await pool.fetchval("SELECT count(*) FROM forge_cron_runs") >= 3
         assert await pool.fetchval("SELECT term FROM forge_leaders") == 1

@@ -35,12 +35,16 @@ from .config import WorkerConfig
 from .context import JobCancelled, JobContext, LazyDatabase, RetryLater, job_span
 from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
+# InternalClientError: asyncpg's answer on a connection a lost server left mid-operation
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+              asyncio.TimeoutError, ConnectionError)
 
 _RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.run_as, j.options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
-_CLAIMED = """SET status = 'running', node_id = $1, attempt = j.attempt + 1, started_at = now(),
-                  lease_until = now() + make_interval(secs => $2), cancel_requested = false,
+# statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
+# advisory locks, and now() (its start) would date the start and the lease before that wait
+_CLAIMED = """SET status = 'running', node_id = $1, attempt = j.attempt + 1, started_at = statement_timestamp(),
+                  lease_until = statement_timestamp() + make_interval(secs => $2), cancel_requested = false,
                   progress = NULL, progress_message = NULL"""
 
 # Jobs of unlimited queues and types: the hot path, one statement.

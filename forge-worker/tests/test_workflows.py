@@ -127,7 +127,8 @@ async def test_events_sent_before_the_wait_are_kept_and_a_timeout_resumes(forge_
 
 async def test_now_random_uuid_and_step_results_replay_identically_after_a_sleep(forge_node):
     node, client = await _node(forge_node)
-    run_id = await client.start(workflow_app.clocky, {"nap": 0.6})  # longer than suspend_after: resumes by replay
+    # well past suspend_after (0.3 s) even when recording the sleep is slow: the run parks, resumes by replay
+    run_id = await client.start(workflow_app.clocky, {"nap": 1.5})
     info = await client.wait(run_id)
     assert info.status == "succeeded" and info.claims == 2
     rec = {s.kind: s.result for s in (await client.get(run_id)).steps}

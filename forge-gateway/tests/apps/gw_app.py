@@ -104,6 +104,15 @@ async def slow(ctx, seconds: float) -> str:
     return "done"
 
 
+@action(public=True, timeout=5)
+async def slow_flagged(ctx, seconds: float, flag: str) -> str:
+    """Writes ``flag`` when it starts, so a test knows the call is in flight before it acts."""
+    with open(flag, "w") as f:
+        f.write("started")
+    await asyncio.sleep(seconds)
+    return "done"
+
+
 @query(public=True, rate_limit=RateLimit(3, per=3600, key="ip"))
 async def limited_ip(ctx) -> str:
     return "ok"

@@ -53,7 +53,8 @@ async def lifespan(node: Any) -> AsyncIterator[Any]:
 
     cfg = node.config["dashboard"]
     pools = Pools()
-    await pools.open(node.url, cfg.statement_timeout)
+    # sessions on [database] direct_url: their startup settings would not pass a transaction pooler
+    await pools.open(node.direct_url or node.url, cfg.statement_timeout)
     hub = Hub(pools, cfg.live_interval)
     try:
         have = frozenset(r["t"] for r in await pools.read.fetch(

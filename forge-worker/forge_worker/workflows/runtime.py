@@ -38,9 +38,14 @@ from . import store
 from .context import (Diverged, LeaseLost, Park, Record, ReplayEnd, Suspended, WorkflowContext, _error_text,
                       _structured_args, new_scope, resolve_ref)
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
+# InternalClientError: asyncpg's answer on a connection whose protocol state a lost server left
+# mid-operation ("cannot switch to state 12; another operation (2) is in progress")
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+              asyncio.TimeoutError, ConnectionError)
 #: what a failed write of the runtime raises into workflow code (never a workflow's own failure)
-_WRITE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)
+_WRITE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, ConnectionError)
+#: errors after which a writer's connection is not used again (the server's own errors leave it usable)
+_CONNECTION_BROKEN = (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, ConnectionError)
 
 
 #: connections that write checkpoints and run endings, each held for the node's life (no pool
@@ -122,7 +127,7 @@ class Writer:
         except BaseException as exc:
             if not fut.done():
                 fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
-            if conn.is_closed() or not isinstance(exc, Exception):
+            if conn.is_closed() or not isinstance(exc, Exception) or isinstance(exc, _CONNECTION_BROKEN):
                 raise
             return  # a statement's own error fails its caller, not the writer
         if not fut.done():
@@ -140,7 +145,7 @@ class Writer:
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
-            if conn.is_closed() or not isinstance(exc, Exception):
+            if conn.is_closed() or not isinstance(exc, Exception) or isinstance(exc, _CONNECTION_BROKEN):
                 raise
             return
         written: dict[uuid.UUID, int] = {}
@@ -160,7 +165,7 @@ class Writer:
             for b in batch:
                 if not b[5].done():
                     b[5].set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
-            if conn.is_closed() or not isinstance(exc, Exception):
+            if conn.is_closed() or not isinstance(exc, Exception) or isinstance(exc, _CONNECTION_BROKEN):
                 raise
             return
         ended = {r["id"] for r in rows}
