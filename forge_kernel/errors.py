@@ -14,7 +14,8 @@ ERROR_STATUS: dict[str, int] = {
     "PAYLOAD_TOO_LARGE": 413,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
-    #: nothing here can run it now: this node does not run the needed role, or a needed package is missing
+    #: nothing here can run it now: this node does not run the needed role, a needed package is missing,
+    #: or the database is unavailable (DatabaseUnavailable)
     "UNAVAILABLE": 503,
     "TIMEOUT": 504,
 }
@@ -72,6 +73,11 @@ class RateLimited(ForgeError):
 
 class Unavailable(ForgeError):
     code = "UNAVAILABLE"
+
+
+class DatabaseUnavailable(Unavailable):
+    """``UNAVAILABLE``: the call lost its database connection or could not get one (PostgreSQL
+    restarting, unreachable). Worth retrying; a mutation cut off this way may have committed."""
 
 
 class Timeout(ForgeError):

@@ -29,7 +29,7 @@ from loguru import logger
 from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
 from .db import Database, TableRead, statements_run
-from .errors import ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
+from .errors import DatabaseUnavailable, ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
 from .telemetry import Telemetry, current, format_traceparent, new_span_id
 
@@ -408,6 +408,21 @@ _REFUSED_DATA = (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConst
                  asyncpg.exceptions._base.DataError)
 
 
+# The call's database connection was lost or could not be made: the server is restarting,
+# shutting down or unreachable (class 08, 57P01-57P03), or the connection broke under asyncpg.
+# The call's code did nothing wrong: UNAVAILABLE, not INTERNAL, and no traceback per request.
+_DATABASE_LOST = (asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError,
+                  asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.CannotConnectNowError,
+                  asyncpg.exceptions._base.InternalClientError, ConnectionError, FileNotFoundError)
+
+
+def database_lost(exc: BaseException) -> bool:
+    """True when ``exc`` says the database went away, not that the call failed on its own."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "closed" in str(exc) or "released back to the pool" in str(exc)
+    return isinstance(exc, _DATABASE_LOST)
+
+
 def refused_by_database(function: str, request_id: str, exc: Exception) -> InvalidArgument:
     """``INVALID_ARGUMENT`` naming what the database refused (constraint, column, table), logged
     at INFO without a traceback: bad input is the caller's problem, not the node's."""
@@ -544,7 +559,14 @@ class FunctionExecutor:
         except _REFUSED_DATA as exc:
             code = InvalidArgument.code
             raise refused_by_database(defn.name, call.request_id, exc) from None
-        except Exception:
+        except Exception as exc:
+            if defn.kind != "action" and database_lost(exc):  # an action's own I/O errors stay INTERNAL
+                code = DatabaseUnavailable.code
+                logger.bind(request_id=call.request_id).warning(
+                    f"{defn.name}: the database is unavailable ({type(exc).__name__}: {exc}; request {call.request_id})")
+                maybe = "; it may have taken effect" if defn.kind == "mutation" else ""
+                raise DatabaseUnavailable(f"the database is unavailable, retry (request {call.request_id}){maybe}",
+                                          details={"request_id": call.request_id}) from None
             code = ForgeError.code
             logger.bind(request_id=call.request_id).error(
                 f"{defn.name} raised (request {call.request_id}):\n{traceback.format_exc()}")

@@ -65,3 +65,32 @@ async def test_example_app_answers_400_for_a_nul_byte_or_a_title_its_check_refus
     log = node.log()
     assert "add_todo: the database refused the call's data (23514; constraint todos_title_check" in log
     assert "Traceback" not in log and "ERROR" not in log, log
+
+
+async def test_a_call_whose_database_connection_is_lost_is_unavailable_not_internal(forge_node):
+    """PostgreSQL restarting under a call is not the function's fault: UNAVAILABLE (503, retry),
+    one warning line, no traceback (found by bench/soak: every call during a restart was a 500
+    with a traceback, and live queries re-run then ended their subscriptions)."""
+    import asyncio
+
+    loader = PluginLoader(env={"FORGE_DISABLE_PLUGIN_AUTOLOAD": "1"}).load(
+        extra=[("test-dispatch", kernel_app.DispatcherPlugin())])
+    node = await forge_node(modules=["kernel_app"], loader=loader)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m), level="INFO", format="{level} {message}")
+    try:
+        call = asyncio.create_task(node.executor.call("sleeps_in_db", {"seconds": 30}, Auth()))
+        async with node.pool.acquire() as conn:
+            for _ in range(200):
+                if await conn.fetchval("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                       "WHERE query LIKE 'SELECT pg_sleep%' AND pid <> pg_backend_pid()"):
+                    break
+                await asyncio.sleep(0.05)
+        with pytest.raises(ForgeError) as ei:
+            await asyncio.wait_for(call, 20)
+    finally:
+        logger.remove(sink)
+    assert ei.value.code == "UNAVAILABLE", ei.value.message
+    assert "the database is unavailable" in ei.value.message
+    logged = "".join(lines)
+    assert "sleeps_in_db: the database is unavailable" in logged and "Traceback" not in logged, logged

@@ -23,7 +23,8 @@ import msgspec
 from loguru import logger
 
 from forge_kernel.db import TableRead
-from forge_kernel.errors import ForgeError, InvalidArgument, NotFound
+from forge_kernel.errors import DatabaseUnavailable, ForgeError, InvalidArgument, NotFound
+from forge_kernel.executor import database_lost
 from forge_kernel.executor import Auth, bind_arguments
 from forge_kernel.telemetry import current_span, traceparent
 
@@ -246,6 +247,8 @@ class LiveQuery:
     overflow: set[str] = attrs.field(factory=set)
     runs: int = 0
     dropped: bool = False
+    #: runs in a row that found the database unavailable (backs off the next try)
+    lost_runs: int = 0
 
     def runner_auth(self) -> Auth | None:
         for s in self.subscriptions:
@@ -458,6 +461,11 @@ class LiveQueryEngine:
         q.cause = None
         try:
             result = await self.executor.call(q.function, q.args, auth, track_reads=True, call_out=calls)
+        except DatabaseUnavailable as exc:
+            if span is not None:
+                tel.end_span(span, exc.code)
+            self._retry_later(q)
+            return
         except ForgeError as exc:
             q.running = False
             if span is not None:
@@ -486,11 +494,15 @@ class LiveQueryEngine:
         except CaptureError as exc:
             logger.warning(f"live query {q.function}: {exc}")
         except Exception as exc:
+            if database_lost(exc):
+                self._retry_later(q)
+                return
             q.running = False
             logger.opt(exception=exc).error(f"live query {q.function}: installing change capture failed")
             self._fail(q, ForgeError("internal error: cannot capture changes for this query"))
             return
         q.running = False
+        q.lost_runs = 0
         if q.dropped:
             return
         self.uses_auth[q.function] = call.used_auth
@@ -557,6 +569,14 @@ class LiveQueryEngine:
         self.stats.pushes += 1
         sub.owner.push(sub.sub_id, (sub.data_head, q.data_tail), _DATA)
         return _DATA
+
+    def _retry_later(self, q: LiveQuery) -> None:
+        """The database went away under a run (PostgreSQL restarting): its subscriptions stay and
+        the query runs again after a growing pause (0.2 s to 5 s) until the database answers;
+        ending them would leave clients with no result and nothing telling them to resubscribe."""
+        q.running, q.dirty = False, True
+        q.lost_runs += 1
+        asyncio.get_running_loop().call_later(min(5.0, 0.1 * 2 ** min(q.lost_runs, 6)), self._schedule, q)
 
     def _fail(self, q: LiveQuery, exc: ForgeError) -> None:
         subs = list(q.subscriptions)

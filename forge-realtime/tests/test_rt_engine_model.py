@@ -314,3 +314,36 @@ async def test_telemetry_sees_a_fan_out_as_one_event_and_one_push_span():
         pushes = [s for s in t.spans if s.name == "push"]
         assert len(pushes) == 1 and pushes[0].parent_id == run.span_id
         assert pushes[0].attrs["live.pushes"] == 40 and pushes[0].end_ns >= pushes[0].start_ns
+
+
+async def test_a_rerun_that_finds_the_database_gone_keeps_its_subscriptions_and_runs_again():
+    # found by bench/soak: after a PostgreSQL restart the reader re-runs every live query; runs that
+    # met the restarting server ended their subscriptions (INTERNAL) and clients got nothing more
+    from forge_kernel.errors import DatabaseUnavailable
+
+    ex = ModelExecutor(random.Random(0))
+    compute, lost = ex.call, [2]
+
+    async def flaky(fn, args, auth, track_reads, call_out):
+        if lost[0]:
+            lost[0] -= 1
+            raise DatabaseUnavailable("the database is unavailable, retry")
+        return await compute(fn, args, auth, track_reads, call_out)
+
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
+    engine.start()
+    sink = Sink()  # its end() fails the test
+    sub = Subscription(sink, "s1", "all", {}, Caller("u1"))
+    engine.subscribe(sub)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert sink.last["s1"] == []
+    ex.call = flaky
+    ex.rows[3] = {"owner": "a", "topic": 0}
+    engine.on_changes([Change("t", "INSERT", (), ({"id": 3, "owner": "a", "topic": 0},))], 1)
+    for _ in range(300):
+        if sink.last["s1"] == [3]:
+            break
+        await asyncio.sleep(0.01)
+    await engine.stop()
+    assert lost == [0] and sink.last["s1"] == [3]

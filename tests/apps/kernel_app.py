@@ -64,6 +64,11 @@ async def slow(ctx) -> None:
 
 
 @query(public=True)
+async def sleeps_in_db(ctx, seconds: float) -> None:
+    await ctx.db.execute("SELECT pg_sleep($1)", seconds)
+
+
+@query(public=True)
 async def boom(ctx) -> None:
     raise RuntimeError("secret internal detail")
 
