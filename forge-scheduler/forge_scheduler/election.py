@@ -274,7 +274,12 @@ class LeaderElection:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), 2)
-            except BaseException:  # noqa: BLE001 - a hung close must not keep the lock alive
+            except asyncio.CancelledError:
+                # the node is stopping: drop the session and stop too (swallowing this kept a
+                # cancelled election running - and leading - for ever)
+                conn.terminate()
+                raise
+            except Exception:  # noqa: BLE001 - a hung close must not keep the lock alive
                 conn.terminate()
 
 

@@ -112,6 +112,23 @@ async def test_check_and_fence_refuse_a_deposed_leader(sched_db):
         await admin.close()
 
 
+async def test_a_cancel_while_the_session_closes_stops_the_election(sched_db):
+    """Before: a cancel that arrived while the election closed its session after losing the lead
+    (NotLeader -> finally) was swallowed with the close's errors, and the election went on - and
+    led again - for ever; a stopping node (or test) waited on it until killed."""
+    async def connector(**kw):
+        return await connect(sched_db, **kw)
+
+    election = LeaderElection("x", connector, CFG)
+    election._conn = await connector()
+    closing = asyncio.create_task(election._drop_connection())
+    await asyncio.sleep(0)  # inside conn.close()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert election._conn is None
+
+
 async def test_check_raises_when_not_leading(sched_db):
     async def connector(**kw):
         return await connect(sched_db, **kw)
