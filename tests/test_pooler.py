@@ -203,7 +203,7 @@ def node_config(url: str, direct_url: str | None, node_id: str) -> dict[str, Any
     return {
         "database": db,
         "node": {"id": node_id, "heartbeat_interval": 0.5, "dead_after": 3.0},
-        "app": {"modules": ["pooled_app"], "example": False},
+        "app": {"modules": ["pooled_app", "pooled_workflow_app"], "example": False},
         "worker": {"lease": 3.0, "heartbeat_interval": 0.5, "rescue_interval": 1.0, "poll_interval": 0.5},
         # a run whose worker died is resumed within about lease + rescue_interval
         "workflows": {"lease": 2.0, "heartbeat_interval": 0.5, "rescue_interval": 0.5, "poll_interval": 0.5},
