@@ -7,7 +7,9 @@ leader election, LISTEN, the change reader, heartbeats) go straight to the serve
 (``[database] direct_url``, over TCP with a password, so the server tells the two apart).
 
 The cluster test runs the key flows with three real ``forge-node`` processes, once through
-PgBouncer and once without it, and expects the same results.
+PgBouncer and once without it, and expects the same results: mutations dispatching jobs (outbox),
+a live query, a cluster-wide rate limit, and through a SIGKILL of the first node (the scheduler's
+leader and the only worker yet) a job rescued, crons led elsewhere and a workflow resumed mid-step.
 """
 
 from __future__ import annotations
@@ -194,14 +196,17 @@ async def test_worker_settings_stay_in_their_transactions(setup, database, forge
 
 # --- three real nodes: the same flows and results with and without the pooler ---------------------
 def node_config(url: str, direct_url: str | None, node_id: str) -> dict[str, Any]:
-    db = {"url": url, "pool_min": 1, "pool_max": 8}
+    # the workflow runtime holds 5 pool connections for the node's life (its writers and claim loop)
+    db = {"url": url, "pool_min": 1, "pool_max": 16}
     if direct_url:
         db["direct_url"] = direct_url
     return {
         "database": db,
         "node": {"id": node_id, "heartbeat_interval": 0.5, "dead_after": 3.0},
-        "app": {"modules": ["pooled_app"], "example": False},
+        "app": {"modules": ["pooled_app", "pooled_workflow_app"], "example": False},
         "worker": {"lease": 3.0, "heartbeat_interval": 0.5, "rescue_interval": 1.0, "poll_interval": 0.5},
+        # a run whose worker died is resumed within about lease + rescue_interval
+        "workflows": {"lease": 2.0, "heartbeat_interval": 0.5, "rescue_interval": 0.5, "poll_interval": 0.5},
         "gateway": {"port": free_port(), "rate_limit_lease": 0.0},
         "realtime": {"fallback_poll": 0.05},
     }
@@ -236,6 +241,12 @@ async def cluster_flows(tmp_path: Path, url: str, direct_url: str | None, admin_
             slow_id = (await http.post(f"{http1}/rpc/start_slow", json={})).json()["data"]
             await eventually(lambda: conn.fetchval("SELECT node FROM pa_log WHERE event = 'slow-start'"), 30,
                              "the slow job to start on n1")
+            # a workflow started by a mutation, mid-step on n1 when n1 is killed
+            run_id = (await http.post(f"{http1}/rpc/start_order_workflow", json={"item": "lamp"})).json()["data"]
+            held_on = await eventually(lambda: conn.fetchval(
+                "SELECT node FROM pa_log WHERE event = 'wf-hold' AND ref = $1", run_id), 30,
+                "the workflow's hold step to start on n1")
+            assert held_on == "n1"
             (n2, http2), (n3, http3) = spawn("n2"), spawn("n3")
             await asyncio.gather(asyncio.to_thread(n2.wait_ready), asyncio.to_thread(n3.wait_ready))
 
@@ -282,6 +293,7 @@ async def cluster_flows(tmp_path: Path, url: str, direct_url: str | None, admin_
             out["slow"] = {"done_by_survivor": done["node"] in ("n2", "n3"), "attempt": done["attempt"],
                            "runs": await conn.fetchval("SELECT count(*) FROM pa_log WHERE event = 'slow-done'"),
                            "job": slow_id is not None}
+            out["workflow"] = await _workflow_outcome(conn, run_id)
             await eventually(lambda: conn.fetchval(
                 "SELECT count(*) >= 3 FROM forge_cron_runs WHERE cron = 'tick' AND leader = $1", nxt["node_id"]),
                 30, "the new leader to enqueue ticks")
@@ -303,6 +315,24 @@ async def cluster_flows(tmp_path: Path, url: str, direct_url: str | None, admin_
             p.terminate(timeout=20)
 
 
+async def _workflow_outcome(conn: asyncpg.Connection, run_id: str) -> dict[str, Any]:
+    """The run's end, its recorded steps (one row per step, written by which claim) and how often
+    each step's function really ran (pa_log)."""
+    run = await eventually(lambda: conn.fetchrow(
+        "SELECT status, result::text AS result, claims, recoveries FROM forge_workflow_runs "
+        "WHERE id = $1::uuid AND status IN ('succeeded', 'failed', 'cancelled')", run_id), 60,
+        "the workflow to be resumed and end")
+    steps = await conn.fetch("SELECT name, kind, status, attempts, claim, node_id FROM forge_workflow_steps "
+                             "WHERE run_id = $1::uuid ORDER BY seq", run_id)
+    ran = await conn.fetch("SELECT event, count(*) AS n FROM pa_log WHERE ref = $1 GROUP BY event", run_id)
+    return {"status": run["status"], "result": json.loads(run["result"]),
+            "claims": run["claims"], "recoveries": run["recoveries"],
+            "steps": [(s["name"], s["kind"], s["status"], s["attempts"], s["claim"]) for s in steps],
+            "resumed_by": sorted({"survivor" if s["node_id"] in ("n2", "n3") else s["node_id"]
+                                  for s in steps if s["claim"] > 1}),
+            "ran": {r["event"]: r["n"] for r in ran}}
+
+
 async def _after(conn: asyncpg.Connection, term: int) -> Any:
     row = await _leader(conn)
     return row if row is not None and row["term"] > term else None
@@ -316,6 +346,14 @@ EXPECTED = {
     "new_leader_elsewhere": True,
     "slow": {"done_by_survivor": True, "attempt": 2, "runs": 1, "job": True},
     "cron": {"leaders": 2, "gaps": [], "dropped": 0},
+    # n1 recorded the first step and died in the second; a survivor ran the second again (its
+    # function twice, its result recorded once) and the third
+    "workflow": {"status": "succeeded", "result": ["reserved lamp", "held", "shipped lamp"],
+                 "claims": 2, "recoveries": 1,
+                 "steps": [("wf_reserve", "step", "succeeded", 1, 1), ("wf_hold", "step", "succeeded", 1, 2),
+                           ("wf_ship", "step", "succeeded", 1, 2)],
+                 "resumed_by": ["survivor"],
+                 "ran": {"wf-reserve": 1, "wf-hold": 2, "wf-ship": 1}},
 }
 
 

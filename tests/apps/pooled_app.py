@@ -3,7 +3,7 @@
 Orders dispatch a job in the mutation's transaction (outbox); ``slow`` runs long on its first
 attempt (its worker is SIGKILLed mid-run) and finishes at once when rescued; ``tick`` is an
 every-second cron; ``limited`` is rate limited cluster-wide; ``where`` tells which server a
-query read (primary or replica).
+query read (primary or replica). The cluster nodes also load ``pooled_workflow_app``.
 """
 
 from __future__ import annotations
@@ -125,3 +125,4 @@ async def orders_where(ctx, owner: str) -> dict:
     """The owner's items and whether a replica answered."""
     replica = await ctx.db.fetchval("SELECT pg_is_in_recovery()")
     return {"replica": replica, "items": [o.item for o in await ctx.db.select(Order, owner=owner, order_by="id")]}
+
