@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, AsyncIterator
 
-from forge_kernel import MaintenanceTask, Service
+from forge_kernel import MaintenanceTask, Service, StartupError
 
 from .config import WorkerConfig, WorkflowConfig
 from .runtime import Worker, apply_retention, rescue_expired
@@ -26,6 +26,7 @@ async def worker_lifespan(node: Any) -> AsyncIterator[Worker]:
         worker.extra_channels[wfstore.CANCEL_CHANNEL] = flows.on_cancel
         worker.on_listening.append(flows.on_listening)
     node.workflows = flows  # type: ignore[attr-defined]
+    check_pool_size(node.config["database"].pool_max, flows is not None)
     await worker.start()
     if flows is not None:
         await flows.start()
@@ -35,6 +36,21 @@ async def worker_lifespan(node: Any) -> AsyncIterator[Worker]:
         if flows is not None:
             await flows.stop()
         await worker.stop()
+
+
+def check_pool_size(pool_max: int, workflows: bool) -> None:
+    """Refuse a pool the worker's loops would take whole: they hold their connections for the
+    node's life (job claim and lease; workflow claim, lease and writers), and a node whose pool
+    they exhaust never becomes ready and says nothing."""
+    held = 2 + (2 + wfruntime.writer_count(pool_max) if workflows else 0)
+    need = held + 2  # and at least two for running jobs, steps and calls
+    if pool_max < need:
+        loops = "the job claim and lease loops" + (
+            f", the workflow claim and lease loops and {wfruntime.writer_count(pool_max)} checkpoint writer(s)"
+            if workflows else "")
+        raise StartupError(f"[database] pool_max = {pool_max} is too small for this worker: {loops} hold {held} "
+                           f"connections for the node's life, and running jobs and workflow steps need more; "
+                           f"set pool_max to at least {need}")
 
 
 def workflow_engine(node: Any) -> WorkflowEngine:

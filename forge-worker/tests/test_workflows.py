@@ -294,3 +294,20 @@ def test_a_compensation_read_back_resolves_only_to_functions_of_the_apps_modules
                 "workflow_app:__builtins__", "workflow_app:"]:
         with pytest.raises(LookupError):
             resolve_ref(ref, MODS)
+
+
+async def test_a_pool_the_worker_loops_would_take_whole_is_refused_at_start(forge_node):
+    """Before: with workflows registered and [database] pool_max = 8, the loops held all 8
+    connections for the node's life; the node never became ready and logged nothing."""
+    from forge_kernel import StartupError
+
+    cfg = workflow_config()
+    cfg["database"] = {"pool_min": 1, "pool_max": 5}
+    with pytest.raises(StartupError, match=r"\[database\] pool_max = 5 is too small for this worker: .* set "
+                                           r"pool_max to at least 7"):
+        await forge_node(modules=MODS, config=cfg)
+    cfg["database"] = {"pool_min": 1, "pool_max": 8}  # one writer fits: the node starts and runs a workflow
+    node = await forge_node(modules=MODS, config=cfg)
+    client = WorkflowClient(node.pool, node.registry)
+    run_id = await client.start(workflow_app.clocky, {"nap": 0.0})
+    assert (await client.wait(run_id)).status == "succeeded"

@@ -51,6 +51,12 @@ _CONNECTION_BROKEN = (OSError, asyncpg.InterfaceError, asyncpg.InternalClientErr
 #: connections that write checkpoints and run endings, each held for the node's life (no pool
 #: round trip and reset per statement), each writing whatever is waiting in one statement
 WRITERS = 4
+
+
+def writer_count(pool_max: int) -> int:
+    """Writers for a pool of ``pool_max``: up to WRITERS, one per 5 pool connections (at least one),
+    so the writers never hold the connections running steps and jobs need."""
+    return max(1, min(WRITERS, pool_max // 5))
 WRITER_BATCH = 500
 
 
@@ -312,7 +318,7 @@ class WorkflowRuntime:
     async def start(self) -> None:
         await self.node.pool.execute(store.AWAKE, self.node_id)
         sup = self.node.supervisor
-        for i in range(WRITERS):
+        for i in range(writer_count(self.node.config["database"].pool_max)):
             sup.spawn(f"workflows.writer.{i}", self.writer.loop, service="worker")
         sup.spawn("workflows.claim", self._claim_loop, service="worker")
         sup.spawn("workflows.lease", self._lease_loop, service="worker")
