@@ -27,6 +27,7 @@ import uvicorn
 from loguru import logger
 
 from forge_kernel.errors import StartupError
+from forge_kernel.listen import tcp_listener
 
 from .config import GatewayConfig
 from .protocol import ConnectionGate, EdgeLimits, EdgeProtocol
@@ -68,18 +69,7 @@ class EmbeddedServer(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so, and without
-    # it Nagle + delayed ACK stall every response that is written in two parts by ~40 ms
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"[gateway] cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                           f"choose another [gateway] port (0 picks a free one)") from None
-    sock.listen(2048)
+    sock = tcp_listener(host, port, section="gateway", backlog=2048)
     sock.set_inheritable(True)
     return sock
 

@@ -34,6 +34,7 @@ from loguru import logger
 
 from forge_kernel.app import FunctionDef
 from forge_kernel.errors import ForgeError, InvalidArgument, StartupError, Timeout, Unavailable
+from forge_kernel.listen import tcp_listener
 from forge_kernel.logs import add_sink
 
 from . import wire
@@ -301,7 +302,7 @@ class Mesh:
             backend = os.path.join(self._tmpdir, "grpc.sock")
             if not self.server.add_insecure_port(f"unix:{backend}"):
                 raise StartupError(f"[mesh] cannot listen on the private socket {backend}")
-            sock = _bind(cfg.host, cfg.port)
+            sock = tcp_listener(cfg.host, cfg.port, section="mesh", backlog=512)
             port = sock.getsockname()[1]
             self.front = TlsFront(sock, backend, server_context(self.material))
         else:
@@ -609,18 +610,6 @@ class Mesh:
         return pb.CancelJobReply(cancelled=bool(done))
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"[mesh] cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
-                           f"[mesh] port (0 picks a free one)") from None
-    sock.listen(512)
-    return sock
 
 
 _ATTR = "_forge_mesh"
