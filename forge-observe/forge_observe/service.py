@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
+from operator import itemgetter
 from typing import Any, AsyncIterator
 
 import asyncpg
@@ -26,6 +27,9 @@ _ATTR = "_forge_observe"
 OBSERVED_SERVICES = ("gateway-http", "worker", "scheduler", "realtime")
 #: every so many flushes, every series is written even if unchanged (alerts need a value at a window's start)
 FULL_SNAPSHOT_EVERY = 30
+#: telemetry events that mean rows a dashboard shows changed (jobs, crons, workflows): an activity hint
+HINT_KINDS = frozenset({"job.dispatched", "job.finished", "cron.run", "cron.missed", "workflow.run", "workflow.step",
+                        "workflow.compensation"})
 
 
 class Observer:
@@ -96,7 +100,10 @@ class Observer:
 
     # --- aggregation and snapshots -----------------------------------------------------------
     def aggregate(self) -> int:
-        return self.metrics.apply(self.node.telemetry.drain())
+        events = self.node.telemetry.drain()
+        if events and self.writer is not None and not HINT_KINDS.isdisjoint(map(itemgetter(0), events)):
+            self.writer.hint()
+        return self.metrics.apply(events)
 
     async def _aggregate_loop(self) -> None:
         period = 0.5

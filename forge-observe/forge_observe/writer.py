@@ -36,6 +36,11 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
 _TIME_COLUMN = {"logs": 0, "spans": 6, "metrics": 0}
 BATCH = 5000
 RETRIES = 3
+#: NOTIFY channel of the activity hint: "this node just stored telemetry or saw jobs, crons or
+#: workflows move" (payload: the node id). The dashboard's live pages LISTEN to refresh at once
+#: instead of at their next poll. Sent by the writer on its own connection at most once per write
+#: cycle (about twice a second while the node is busy, never while it is idle).
+ACTIVITY_CHANNEL = "forge_observe_activity"
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
 
@@ -90,6 +95,9 @@ class Writer:
         self._partitions_for: dt.date | None = None
         self._retry: dict[str, tuple[list[tuple], int]] = {}
         self._lock = asyncio.Lock()
+        #: something worth an activity hint happened since the last one (see ``hint``)
+        self.hint_due = False
+        self.hints_sent = 0
 
     # --- producers ---------------------------------------------------------------------------
     def add(self, kind: str, record: Any) -> None:
@@ -99,6 +107,12 @@ class Writer:
             self.metrics.drop(kind, "queue_full", len(old.spans) if isinstance(old, Trace) else 1)
         q.append(record)
 
+    def hint(self) -> None:
+        """Send an activity hint soon (jobs, crons or workflows moved on this node): wakes the writer,
+        which sends it after writing what is queued."""
+        self.hint_due = True
+        self.wake.set()
+
     def pending(self) -> int:
         return sum(len(q) for q in self.queues.values()) + sum(len(b) for b, _ in self._retry.values())
 
@@ -107,7 +121,8 @@ class Writer:
         backoff = 0.2
         while True:
             try:
-                await self.write_pending()
+                if await self.write_pending() or self.hint_due:
+                    await self._send_hint()
                 backoff = 0.2
             except _DB_ERRORS as exc:
                 self._lost(exc)
@@ -119,6 +134,13 @@ class Writer:
                 await asyncio.wait_for(self.wake.wait(), self.interval)
             self.wake.clear()
             self.idle.clear()
+
+    async def _send_hint(self) -> None:
+        # after the COPYs committed: a reader woken by it sees the rows
+        self.hint_due = False
+        conn = await self._ensure_conn()
+        await conn.execute("SELECT pg_notify($1, $2)", ACTIVITY_CHANNEL, self.node_id)
+        self.hints_sent += 1
 
     def _lost(self, exc: BaseException) -> None:
         conn, self.conn = self.conn, None

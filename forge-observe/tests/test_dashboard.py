@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 
 import httpx
@@ -184,11 +185,14 @@ async def test_credentials_roles_csrf_and_no_secrets(forge_processes):
         await conn.close()
 
 
-async def test_live_snapshot_is_shared_and_streams_changes(forge_processes):
-    """20 streams on one node: one snapshot statement per tick for all of them; a row changed in the
-    database reaches an open stream without any request."""
-    p = forge_processes(config(secured=True), env=ENV)
+async def test_live_snapshot_is_shared_paced_and_hinted(forge_processes):
+    """20 streams on three pages of one node while hints arrive 20 times a second: one snapshot
+    statement per refresh and refreshes at least ``live_interval`` apart (at most one statement a
+    second); a change announced by a hint reaches an open stream although the next poll is a minute
+    away (``live_poll = 60``); a job run on the node announces itself (forge-observe's activity hint)."""
+    p = forge_processes(config(secured=True, live_poll=60.0), env=ENV)
     conn = await db(forge_processes.db_url)
+    listener = await db(forge_processes.db_url)
     try:
         ids = await seed_jobs(conn)
         job_id = ids["dead"][0]
@@ -197,8 +201,8 @@ async def test_live_snapshot_is_shared_and_streams_changes(forge_processes):
             seen: list[str] = []
             got = asyncio.Event()
 
-            async def watch(n: int) -> None:
-                async with c.stream("GET", "/_forge/live/jobs?status=live") as r:
+            async def watch(n: int, path: str) -> None:
+                async with c.stream("GET", path) as r:
                     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
                     event: list[str] = []
                     async for line in r.aiter_lines():
@@ -212,24 +216,39 @@ async def test_live_snapshot_is_shared_and_streams_changes(forge_processes):
                             if marker in row:
                                 got.set()
 
-            streams = [asyncio.create_task(watch(i)) for i in range(20)]
+            paths = ["/_forge/live/jobs?status=live"] * 10 + ["/_forge/live/logs"] * 5 + ["/_forge/live/overview"] * 5
+            streams = [asyncio.create_task(watch(i, path)) for i, path in enumerate(paths)]
             await eventually(lambda: _json(c, "/_forge/api/live", "subscribers", 20), what="20 subscribers")
-            before = (await c.get("/_forge/api/live")).json()
-            await asyncio.sleep(3)
-            after = (await c.get("/_forge/api/live")).json()
+            await eventually(lambda: _json(c, "/_forge/api/live", "listening", True), what="the hub listening")
+            await eventually(lambda: asyncio.sleep(0, bool(seen)), what="the first fragment")
+            before, t0 = (await c.get("/_forge/api/live")).json(), time.monotonic()
+            while time.monotonic() - t0 < 3:  # a storm of hints
+                await conn.execute("SELECT pg_notify('forge_observe_activity', 'the-test')")
+                await asyncio.sleep(0.05)
+            after, elapsed = (await c.get("/_forge/api/live")).json(), time.monotonic() - t0
             ticks, statements = after["ticks"] - before["ticks"], after["statements"] - before["statements"]
-            assert after["views"] == 1 and statements == ticks and ticks <= 3 / after["interval"] + 1, (before, after)
+            assert after["views"] == 3 and after["hints"] - before["hints"] >= 20, (before, after)
+            assert statements == ticks and 2 <= ticks <= elapsed / after["interval"] + 1, (elapsed, before, after)
+
+            # a change with its hint shows long before the next poll would come
             await conn.execute("UPDATE forge_jobs SET last_error = $2 WHERE id = $1", job_id, marker)
+            await conn.execute("SELECT pg_notify('forge_observe_activity', 'the-test')")
             try:
-                await asyncio.wait_for(got.wait(), 10)
+                await asyncio.wait_for(got.wait(), 20)
             except asyncio.TimeoutError:
                 raise AssertionError(f"{len(seen)} events; last: {seen[-1][:3000] if seen else None}; {p.log()[-3000:]}")
+
+            # a job run on the node: its observer sends the activity hint itself
+            heard: list[str] = []
+            await listener.add_listener("forge_observe_activity", lambda *a: heard.append(a[3]))
+            assert (await c.post("/rpc/place_order", json={"item": "hinted"})).status_code == 200
+            await eventually(lambda: asyncio.sleep(0, after["node"] in heard), what="the node's activity hint")
             for t in streams:
                 t.cancel()
             await asyncio.gather(*streams, return_exceptions=True)
-        assert seen, "no fragment streamed"
     finally:
         await conn.close()
+        await listener.close()
 
 
 async def _json(c: httpx.AsyncClient, path: str, key: str, want: int) -> bool:

@@ -274,3 +274,34 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, pushes, junk)
     malformed = sum(1 for kind, f in junk if kind != "later.kind")
     assert sum(s.value for fam in ours.registry.collect() if fam.name == "forge_observe_dropped"
                for s in fam.samples if s.name.endswith("_total")) == malformed
+
+
+@given(spacing=st.floats(0.1, 5.0), poll_factor=st.floats(1.0, 10.0),
+       hints=st.lists(st.floats(0.0, 100.0), max_size=80))
+@settings(max_examples=200, deadline=None)
+def test_live_pacer_spaces_refreshes_and_answers_hints(spacing, poll_factor, hints):
+    """The dashboard's live refreshes, simulated on a clock: never two within ``spacing`` (at most one
+    snapshot statement per second per node, whatever the hints), a refresh within ``spacing`` of every
+    hint, and never a gap longer than ``poll``."""
+    from forge_observe.dashboard.live import Pacer
+
+    poll = spacing * poll_factor
+    pacer = Pacer(spacing, poll)
+    hints = sorted(hints)
+    refreshes: list[float] = []
+    t, i = 0.0, 0
+    while t < 120.0:
+        due = max(pacer.due(), t)
+        if i < len(hints) and hints[i] <= due:
+            t = hints[i]
+            pacer.hint()
+            i += 1
+            continue
+        t = due
+        pacer.refreshed(t)
+        refreshes.append(t)
+    eps = 1e-9
+    assert all(b - a >= spacing - eps for a, b in zip(refreshes, refreshes[1:]))
+    assert all(b - a <= poll + eps for a, b in zip(refreshes, refreshes[1:]))
+    for h in hints:
+        assert any(h - eps <= r <= h + spacing + eps for r in refreshes), (h, refreshes)

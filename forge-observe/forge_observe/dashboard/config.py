@@ -18,8 +18,11 @@ class DashboardConfig:
     read_roles: list[str] = attrs.field(factory=list)
     #: hours a browser sign-in lasts (never past the token's own expiry)
     session_hours: float = attrs.field(default=8.0, validator=in_range(0.05, 24 * 30))
-    #: seconds between the live snapshots a node sends to its open dashboard pages
+    #: least seconds between two live snapshots of a node (one statement for all its open pages);
+    #: a change announced by a hint (NOTIFY) shows at once when the last snapshot is this old
     live_interval: float = attrs.field(default=1.0, validator=in_range(0.1, 60))
+    #: seconds between live snapshots when no hint arrives (changes no one announces: rows edited by hand)
+    live_poll: float = attrs.field(default=3.0, validator=in_range(0.1, 600))
     #: most rows one action on a whole filter may change
     bulk_limit: int = attrs.field(default=10_000, validator=in_range(1, 1_000_000))
     #: every dashboard query is cancelled after this many seconds

@@ -55,13 +55,14 @@ async def lifespan(node: Any) -> AsyncIterator[Any]:
     pools = Pools()
     # sessions on [database] direct_url: their startup settings would not pass a transaction pooler
     await pools.open(node.direct_url or node.url, cfg.statement_timeout)
-    hub = Hub(pools, cfg.live_interval)
+    hub = Hub(pools, cfg.live_interval, cfg.live_poll, connect=lambda: node.connect(timeout=10))
     try:
         have = frozenset(r["t"] for r in await pools.read.fetch(
             "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL", list(TABLES)))
         actions = Actions(node, cfg, pools, collect(node.loader.hook.forge_admin_actions(node=node)))
         holder(node).dashboard = Dashboard(node, cfg, pools, hub, actions, Access(node, cfg, pools), have)
         node.supervisor.spawn("dashboard-live", hub.run, service=SERVICE_NAME)
+        node.supervisor.spawn("dashboard-hints", hub.listen, service=SERVICE_NAME)
         yield holder(node).dashboard
     finally:
         await hub.stop()

@@ -1,11 +1,18 @@
-"""Live pages: one snapshot statement per node and tick, shared by every open page.
+"""Live pages: one snapshot statement per node at a time, shared by every open page, run when
+something changed.
 
 Each open page (an SSE stream) subscribes to its :class:`~.views.Query`; equal queries share one
-entry. Every ``live_interval`` seconds, if anything is watched, the hub runs all watched queries
-as the columns of ONE statement, renders each changed result once and hands the fragment to
-that query's subscribers. So 20 tabs on one node cost one query per tick, whatever they show.
-A subscriber keeps only the newest fragment (a slow client never piles up memory). Browsers close
-their stream while the tab is hidden and open it again when it shows (static/app.js).
+entry. A refresh runs all watched queries as the columns of ONE statement, renders each changed
+result once and hands the fragment to that query's subscribers. So 20 tabs on one node cost one
+statement per refresh, whatever they show, and refreshes are at least ``live_interval`` apart: at
+most one statement a second per node, however many tabs and hints there are.
+
+When to refresh (:class:`Pacer`): on a hint, at once if the last refresh is older than
+``live_interval``, otherwise when it is; without hints every ``live_poll`` seconds (changes no one
+announces: rows edited by hand, time passing). Hints are NOTIFYs on a dedicated connection the hub
+holds while anything is watched (:data:`HINT_CHANNELS`). A subscriber keeps only the newest fragment
+(a slow client never piles up memory). Browsers close their stream while the tab is hidden and open
+it again when it shows (static/app.js).
 """
 
 from __future__ import annotations
@@ -14,16 +21,27 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import asyncpg
+import attrs
 from loguru import logger
 
 from forge_kernel.errors import ForgeError
 
+from ..writer import ACTIVITY_CHANNEL
 from . import queries
 from .views import Query
+
+#: NOTIFY channels that mean "a page may show something new". Besides forge-observe's own activity
+#: hint (a node stored logs, spans or metrics, or saw its jobs, crons or workflows move), the
+#: worker's wake-ups, part of forge-worker's public contract like its tables (queries.py): a job or
+#: workflow run stored while a worker sleeps, a retry, a resumed queue, a cancel request.
+HINT_CHANNELS = (ACTIVITY_CHANNEL, "forge_jobs", "forge_jobs_cancel", "forge_workflows", "forge_workflows_cancel")
+#: seconds the hint connection stays open after the last page closed (a click to another page reopens none)
+LISTEN_LINGER = 30.0
 
 
 async def _codecs(conn: asyncpg.Connection) -> None:
@@ -64,22 +82,55 @@ class _Watched:
         self.digest = b""
 
 
+@attrs.define
+class Pacer:
+    """When the next refresh is due (monotonic seconds): refreshes are at least ``spacing`` apart; a
+    hint makes one due as soon as that allows, and one more a ``spacing`` later (a hint can come a
+    moment before the commit it announces: a dispatch's event is recorded inside its transaction);
+    with no hint, one is due ``poll`` after the last."""
+
+    spacing: float
+    poll: float
+    last: float = -math.inf
+    hinted: bool = False
+    follow_up: bool = False
+
+    def hint(self) -> None:
+        self.hinted = True
+
+    def due(self) -> float:
+        return self.last + (self.spacing if self.hinted or self.follow_up else self.poll)
+
+    def refreshed(self, at: float) -> None:
+        self.follow_up, self.hinted, self.last = self.hinted, False, at
+
+
 class Hub:
-    def __init__(self, pools: Pools, interval: float) -> None:
+    def __init__(self, pools: Pools, interval: float, poll: float | None = None,
+                 connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None) -> None:
         self.pools = pools
         self.interval = interval
+        self.pacer = Pacer(interval, max(interval, poll if poll is not None else interval))
+        #: opens the connection that LISTENs for hints (None: poll only)
+        self.connect = connect
         self.watched: dict[str, _Watched] = {}
         self.wake = asyncio.Event()
+        self.watching = asyncio.Event()
         self.stopping = False
-        #: statements run and ticks made (the live test reads them through /_forge/api/live)
+        #: statements run, refreshes made, hints heard (the live tests read them through /_forge/api/live)
         self.statements = 0
         self.ticks = 0
+        self.hints = 0
+        self.listening = False
+        self._listener: asyncpg.Connection | None = None
 
     def subscribe(self, query: Query, render: Callable[[Query, Any], str]) -> asyncio.Queue:
         w = self.watched.get(query.key)
         if w is None:
             w = self.watched[query.key] = _Watched(query, render)
-            self.wake.set()  # a new view: fetch it now rather than at the next tick
+            self.pacer.hint()  # a new view: fetch it as soon as the spacing allows
+            self.wake.set()
+        self.watching.set()
         queue: asyncio.Queue = asyncio.Queue(maxsize=1)
         w.subscribers.add(queue)
         if w.fragment is not None:
@@ -92,41 +143,76 @@ class Hub:
             w.subscribers.discard(queue)
             if not w.subscribers:
                 del self.watched[query.key]
+        if not self.watched:
+            self.watching.clear()
 
     def poke(self) -> None:
-        """Refresh now (after an action changed something)."""
-        self.wake.set()
+        """Refresh as soon as the spacing allows (a hint; an action changed something)."""
+        if self.watched:
+            self.pacer.hint()
+            self.wake.set()
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self.hints += 1
+        self.poke()
 
     @property
     def subscribers(self) -> int:
         return sum(len(w.subscribers) for w in self.watched.values())
 
     async def run(self) -> None:
-        next_at = time.monotonic()
         while not self.stopping:
-            timeout = max(0.0, next_at - time.monotonic())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            if self.stopping:
-                break
-            self.wake.clear()
             now = time.monotonic()
-            if not self.watched:
-                next_at = now + self.interval
-                continue
-            if now < next_at and not self._new_views():
-                # a poke between ticks: at most one statement per interval stays the rule
-                next_at_wait = next_at - now
+            due = self.pacer.due() if self.watched else math.inf
+            if due > now:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.sleep(next_at_wait), next_at_wait + 1)
-            next_at = time.monotonic() + self.interval
+                    await asyncio.wait_for(self.wake.wait(), min(due - now, 60.0))
+                self.wake.clear()
+                continue
+            self.pacer.refreshed(now)
             try:
                 await self.tick()
             except Exception as exc:  # never let one bad tick end live updates
                 logger.warning(f"dashboard live snapshot failed: {type(exc).__name__}: {exc}")
 
-    def _new_views(self) -> bool:
-        return any(w.fragment is None for w in self.watched.values())
+    async def listen(self) -> None:
+        """Hold a connection LISTENing on :data:`HINT_CHANNELS` while anything is watched (and
+        ``LISTEN_LINGER`` seconds after); polls alone keep pages current while it is down."""
+        while not self.stopping and self.connect is not None:
+            await self.watching.wait()
+            if self.stopping:
+                return
+            conn = None
+            try:
+                conn = self._listener = await self.connect()
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _c: closed.set())
+                for channel in HINT_CHANNELS:
+                    await conn.add_listener(channel, self._notified)
+                self.listening = True
+                self.poke()  # what changed while nobody listened
+                idle_since: float | None = None
+                while not closed.is_set() and not self.stopping:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(closed.wait(), 15)
+                    if self.watched:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since >= LISTEN_LINGER:
+                        break
+                    if not closed.is_set() and not self.stopping:
+                        await asyncio.wait_for(conn.fetchval("SELECT 1"), 10)  # a dead socket shows here
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+                logger.warning(f"dashboard live hints lost the database ({type(exc).__name__}: {exc}); "
+                               f"pages refresh every {self.pacer.poll:g}s until it is back")
+                await asyncio.sleep(1.0)
+            finally:
+                self.listening = False
+                self._listener = None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
 
     async def tick(self) -> None:
         views = list(self.watched.values())
@@ -168,6 +254,9 @@ class Hub:
     async def stop(self) -> None:
         self.stopping = True
         self.wake.set()
+        self.watching.set()
+        if self._listener is not None:
+            self._listener.terminate()  # ends listen() now
         for w in list(self.watched.values()):
             for queue in list(w.subscribers):
                 with contextlib.suppress(asyncio.QueueEmpty):

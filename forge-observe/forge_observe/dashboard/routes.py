@@ -250,7 +250,8 @@ def routes(dash: Dashboard) -> Router:
             if name == "live":
                 return _json({"statements": dash.hub.statements, "ticks": dash.hub.ticks,
                               "views": len(dash.hub.watched), "subscribers": dash.hub.subscribers,
-                              "interval": dash.hub.interval, "node": dash.node.id})
+                              "interval": dash.hub.interval, "poll": dash.hub.pacer.poll, "hints": dash.hub.hints,
+                              "listening": dash.hub.listening, "node": dash.node.id})
             if name == "session":
                 return with_session(request, _json({"who": viewer.who, "role": viewer.role, "via": viewer.via,
                                                     "csrf": viewer.csrf, "actions": dash.actions.names(),
