@@ -27,9 +27,9 @@ _ATTR = "_forge_observe"
 OBSERVED_SERVICES = ("gateway-http", "worker", "scheduler", "realtime")
 #: every so many flushes, every series is written even if unchanged (alerts need a value at a window's start)
 FULL_SNAPSHOT_EVERY = 30
-#: telemetry events that mean rows a dashboard shows changed (jobs, crons, workflows): an activity hint
-HINT_KINDS = frozenset({"job.dispatched", "job.finished", "cron.run", "cron.missed", "workflow.run", "workflow.step",
-                        "workflow.compensation"})
+#: telemetry events that mean rows a dashboard shows changed: the kind of activity hint each sends
+HINT_KINDS = {"job.dispatched": "jobs", "job.finished": "jobs", "cron.run": "crons", "cron.missed": "crons",
+              "workflow.run": "workflows", "workflow.step": "workflows", "workflow.compensation": "workflows"}
 
 
 class Observer:
@@ -101,8 +101,13 @@ class Observer:
     # --- aggregation and snapshots -----------------------------------------------------------
     def aggregate(self) -> int:
         events = self.node.telemetry.drain()
-        if events and self.writer is not None and not HINT_KINDS.isdisjoint(map(itemgetter(0), events)):
-            self.writer.hint()
+        if events and self.writer is not None:
+            try:
+                seen = HINT_KINDS.keys() & set(map(itemgetter(0), events))
+            except TypeError:  # an unhashable kind (the metrics count it as malformed)
+                seen = {k for k in map(itemgetter(0), events) if isinstance(k, str) and k in HINT_KINDS}
+            if seen:
+                self.writer.hint({HINT_KINDS[k] for k in seen})
         return self.metrics.apply(events)
 
     async def _aggregate_loop(self) -> None:

@@ -37,10 +37,12 @@ _TIME_COLUMN = {"logs": 0, "spans": 6, "metrics": 0}
 BATCH = 5000
 RETRIES = 3
 #: NOTIFY channel of the activity hint: "this node just stored telemetry or saw jobs, crons or
-#: workflows move" (payload: the node id). The dashboard's live pages LISTEN to refresh at once
-#: instead of at their next poll. Sent by the writer on its own connection at most once per write
-#: cycle (about twice a second while the node is busy, never while it is idle).
+#: workflows move". The payload is ``<kinds>@<node id>``, kinds a comma-separated subset of
+#: :data:`ACTIVITY_KINDS`. The dashboard's live pages LISTEN to refresh at once instead of at their
+#: next poll (only the pages showing one of the kinds). Sent by the writer on its own connection at
+#: most once per write cycle (about twice a second while the node is busy, never while it is idle).
 ACTIVITY_CHANNEL = "forge_observe_activity"
+ACTIVITY_KINDS = ("jobs", "crons", "workflows", "logs", "spans", "metrics")
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
 
@@ -95,8 +97,8 @@ class Writer:
         self._partitions_for: dt.date | None = None
         self._retry: dict[str, tuple[list[tuple], int]] = {}
         self._lock = asyncio.Lock()
-        #: something worth an activity hint happened since the last one (see ``hint``)
-        self.hint_due = False
+        #: what happened since the last activity hint (see ``hint``): kinds of ACTIVITY_KINDS
+        self.hint_due: set[str] = set()
         self.hints_sent = 0
 
     # --- producers ---------------------------------------------------------------------------
@@ -107,10 +109,10 @@ class Writer:
             self.metrics.drop(kind, "queue_full", len(old.spans) if isinstance(old, Trace) else 1)
         q.append(record)
 
-    def hint(self) -> None:
-        """Send an activity hint soon (jobs, crons or workflows moved on this node): wakes the writer,
-        which sends it after writing what is queued."""
-        self.hint_due = True
+    def hint(self, kinds: set[str]) -> None:
+        """Send an activity hint soon (``kinds``: jobs, crons or workflows moved on this node): wakes
+        the writer, which sends it after writing what is queued."""
+        self.hint_due |= kinds
         self.wake.set()
 
     def pending(self) -> int:
@@ -121,7 +123,8 @@ class Writer:
         backoff = 0.2
         while True:
             try:
-                if await self.write_pending() or self.hint_due:
+                await self.write_pending()
+                if self.hint_due:
                     await self._send_hint()
                 backoff = 0.2
             except _DB_ERRORS as exc:
@@ -137,9 +140,9 @@ class Writer:
 
     async def _send_hint(self) -> None:
         # after the COPYs committed: a reader woken by it sees the rows
-        self.hint_due = False
+        kinds, self.hint_due = self.hint_due, set()
         conn = await self._ensure_conn()
-        await conn.execute("SELECT pg_notify($1, $2)", ACTIVITY_CHANNEL, self.node_id)
+        await conn.execute("SELECT pg_notify($1, $2)", ACTIVITY_CHANNEL, f"{','.join(sorted(kinds))}@{self.node_id}")
         self.hints_sent += 1
 
     def _lost(self, exc: BaseException) -> None:
@@ -185,6 +188,7 @@ class Writer:
                             self._retry[kind] = (batch, tries + 1)
                         raise
                     self.metrics.written.labels(kind).inc(len(batch))
+                    self.hint_due.add(kind)
                     written += len(batch)
             return written
 

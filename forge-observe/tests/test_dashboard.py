@@ -40,6 +40,12 @@ async def test_pages_twins_and_actions_open_on_loopback(forge_processes):
                 twin = await c.get(f"/_forge/api/{page or 'overview'}")
                 assert twin.status_code == 200 and twin.headers["content-type"].startswith("application/json"), page
             assert (await c.get(f"/_forge/jobs/{ids['dead'][0]}")).status_code == 200
+            # a log search says how far back it searched (a long one stops within its budget: see
+            # test_log_search_walks_back_a_stretch_at_a_time_and_continues)
+            search = {"text": "no line says this", "since": "7d"}
+            assert "Searched the whole window" in (await c.get("/_forge/logs", params=search)).text
+            twin = (await c.get("/_forge/api/logs", params=search)).json()
+            assert twin["rows"] == [] and twin["searched"]["complete"] and twin["continue_until"] is None, twin
             assert (await c.get(f"/_forge/api/jobs/{ids['dead'][0]}")).json()["job"]["status"] == "dead"
             # a request through a proxy or for another host name is refused in this mode
             assert (await c.get("/_forge/", headers={"X-Forwarded-For": "203.0.113.9"})).status_code == 403
@@ -223,7 +229,7 @@ async def test_live_snapshot_is_shared_paced_and_hinted(forge_processes):
             await eventually(lambda: asyncio.sleep(0, bool(seen)), what="the first fragment")
             before, t0 = (await c.get("/_forge/api/live")).json(), time.monotonic()
             while time.monotonic() - t0 < 3:  # a storm of hints
-                await conn.execute("SELECT pg_notify('forge_observe_activity', 'the-test')")
+                await conn.execute("SELECT pg_notify('forge_observe_activity', 'jobs,logs@the-test')")
                 await asyncio.sleep(0.05)
             after, elapsed = (await c.get("/_forge/api/live")).json(), time.monotonic() - t0
             ticks, statements = after["ticks"] - before["ticks"], after["statements"] - before["statements"]
@@ -232,7 +238,7 @@ async def test_live_snapshot_is_shared_paced_and_hinted(forge_processes):
 
             # a change with its hint shows long before the next poll would come
             await conn.execute("UPDATE forge_jobs SET last_error = $2 WHERE id = $1", job_id, marker)
-            await conn.execute("SELECT pg_notify('forge_observe_activity', 'the-test')")
+            await conn.execute("SELECT pg_notify('forge_observe_activity', 'jobs@the-test')")
             try:
                 await asyncio.wait_for(got.wait(), 20)
             except asyncio.TimeoutError:
@@ -242,7 +248,8 @@ async def test_live_snapshot_is_shared_paced_and_hinted(forge_processes):
             heard: list[str] = []
             await listener.add_listener("forge_observe_activity", lambda *a: heard.append(a[3]))
             assert (await c.post("/rpc/place_order", json={"item": "hinted"})).status_code == 200
-            await eventually(lambda: asyncio.sleep(0, after["node"] in heard), what="the node's activity hint")
+            await eventually(lambda: asyncio.sleep(0, any(h.endswith("@" + after["node"]) and "jobs" in h.split("@")[0]
+                                                          for h in heard)), what="the node's activity hint")
             for t in streams:
                 t.cancel()
             await asyncio.gather(*streams, return_exceptions=True)

@@ -167,3 +167,48 @@ async def test_function_totals_count_a_node_that_stopped_in_the_window(forge_db_
         assert len(charts["calls"]) == 60
     finally:
         await conn.close()
+
+
+async def test_log_search_walks_back_a_stretch_at_a_time_and_continues(forge_db_url, monkeypatch):
+    """Text in 7 days of logs (no index narrows it): read newest first, a stretch of time per
+    statement, within the search budget; each answer says how far back it got and where to continue,
+    and continuing until the window is done finds exactly what one scan of the whole window finds."""
+    conn = await _db(forge_db_url)
+    try:
+        await conn.execute(
+            """INSERT INTO forge_obs_logs (at, node_id, level, message)
+               SELECT now() - interval '7 days' * g / 20000, 'n', 'INFO',
+                      'line ' || g || CASE WHEN g % 1500 = 7 THEN ' needle' ELSE '' END
+               FROM generate_series(1, 19990) g; ANALYZE forge_obs_logs""")
+        expected = await conn.fetchval("SELECT array_agg(message ORDER BY at DESC) FROM forge_obs_logs "
+                                       "WHERE message LIKE '%needle%'")
+        # a first stretch of 2 days, then 1 s stretches (as if every statement took too long): a page
+        # covers a little over 2 days before its 0.1 s budget is spent
+        monkeypatch.setattr(views, "LOG_FIRST_STRETCH", 2 * 86400.0)
+        monkeypatch.setattr(views, "LOG_STATEMENT_AIM", 0.0)
+        cfg = ctx()
+        cfg = views.Ctx(cfg.node, DashboardConfig(search_budget=0.1), cfg.have)
+        found: list[str] = []
+        params = {"text": "needle", "since": "7d"}
+        pages, statements = 0, 0
+        while True:
+            query = views.logs(cfg, params)
+            assert query.live == ("until" not in params)
+            data = query.shape(await query.fetch(conn))
+            json.dumps(data, default=str)  # the JSON twin's answer
+            pages += 1
+            statements += data["searched"]["statements"]
+            found += [r["message"] for r in data["rows"]]
+            if data["searched"]["complete"]:
+                assert data["continue_until"] is None
+                break
+            assert data["continue_until"] and pages < 10, data["searched"]
+            params = {**params, "until": data["continue_until"]}
+        assert 3 <= pages <= 5 and statements > pages, (pages, statements)
+        assert found == expected and len(found) == 14
+        # the trace and job filters read through their indexes: one statement, the whole window
+        query = views.logs(cfg, {"job": "5", "since": "7d"})
+        data = query.shape(await query.fetch(conn))
+        assert data["searched"] == {**data["searched"], "complete": True, "statements": 1}
+    finally:
+        await conn.close()

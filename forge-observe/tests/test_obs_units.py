@@ -305,3 +305,23 @@ def test_live_pacer_spaces_refreshes_and_answers_hints(spacing, poll_factor, hin
     assert all(b - a <= poll + eps for a, b in zip(refreshes, refreshes[1:]))
     for h in hints:
         assert any(h - eps <= r <= h + spacing + eps for r in refreshes), (h, refreshes)
+
+
+async def test_live_hub_refreshes_only_for_the_kinds_its_pages_show():
+    """A hint wakes the hub only if a watched page shows that kind of change: a jobs page ignores
+    span writes, and the worker's wake-up channel counts as a jobs change."""
+    from forge_observe.dashboard.live import Hub, hinted_kinds
+    from forge_observe.dashboard.views import Query
+
+    assert hinted_kinds("forge_observe_activity", "logs,metrics@n1") == {"logs", "metrics"}
+    assert hinted_kinds("forge_observe_activity", "old-style payload") is None  # unknown: any
+    assert hinted_kinds("forge_jobs", "n1") == {"jobs"}
+    hub = Hub(None, 1.0, 60.0)
+    hub.poke()
+    assert not hub.pacer.hinted  # nothing watched
+    hub.subscribe(Query("jobs", "jobs?x", "SELECT 1", [], dict), lambda q, raw: "")
+    hub.pacer.refreshed(0.0)  # the new view's first refresh
+    hub._notified(None, 0, "forge_observe_activity", "spans,metrics@n1")
+    assert not hub.pacer.hinted and hub.pacer.due() == 60.0
+    hub._notified(None, 0, "forge_jobs", "n1")
+    assert hub.pacer.hinted and hub.pacer.due() == 1.0 and hub.hints == 2

@@ -28,6 +28,9 @@ class DashboardConfig:
     #: every dashboard query is cancelled after this many seconds
     statement_timeout: float = attrs.field(default=2.0, validator=in_range(0.1, 60))
     #: ids a jobs search walks per page (newest first); a search that finds fewer rows offers the next stretch
+    #: seconds a log search (text, level or node over a long window) may take, a stretch of time per
+    #: statement; the page then offers to continue from where it stopped
+    search_budget: float = attrs.field(default=1.0, validator=in_range(0.1, 30))
     search_window: int = attrs.field(default=100_000, validator=in_range(1000, 100_000_000))
 
     @property

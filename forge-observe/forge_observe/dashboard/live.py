@@ -35,11 +35,14 @@ from ..writer import ACTIVITY_CHANNEL
 from . import queries
 from .views import Query
 
-#: NOTIFY channels that mean "a page may show something new". Besides forge-observe's own activity
-#: hint (a node stored logs, spans or metrics, or saw its jobs, crons or workflows move), the
-#: worker's wake-ups, part of forge-worker's public contract like its tables (queries.py): a job or
-#: workflow run stored while a worker sleeps, a retry, a resumed queue, a cancel request.
-HINT_CHANNELS = (ACTIVITY_CHANNEL, "forge_jobs", "forge_jobs_cancel", "forge_workflows", "forge_workflows_cancel")
+#: NOTIFY channels that mean "a page may show something new", and the kind of change each announces
+#: (a page refreshes only for the kinds it shows: ``Query.hints``). Besides forge-observe's own
+#: activity hint (its payload names the kinds: a node stored logs, spans or metrics, or saw its jobs,
+#: crons or workflows move), the worker's wake-ups, part of forge-worker's public contract like its
+#: tables (queries.py): a job or workflow run stored while a worker sleeps, a retry, a resumed
+#: queue, a cancel request.
+HINT_CHANNELS = {ACTIVITY_CHANNEL: None, "forge_jobs": "jobs", "forge_jobs_cancel": "jobs",
+                 "forge_workflows": "workflows", "forge_workflows_cancel": "workflows"}
 #: seconds the hint connection stays open after the last page closed (a click to another page reopens none)
 LISTEN_LINGER = 30.0
 
@@ -82,27 +85,35 @@ class _Watched:
         self.digest = b""
 
 
+def hinted_kinds(channel: str, payload: str) -> frozenset[str] | None:
+    """The kinds of change a NOTIFY announces (None: any)."""
+    kind = HINT_CHANNELS.get(channel)
+    if kind is not None:
+        return frozenset((kind,))
+    kinds, at, _node = payload.partition("@")
+    return frozenset(k for k in kinds.split(",") if k) if at else None
+
+
 @attrs.define
 class Pacer:
     """When the next refresh is due (monotonic seconds): refreshes are at least ``spacing`` apart; a
-    hint makes one due as soon as that allows, and one more a ``spacing`` later (a hint can come a
-    moment before the commit it announces: a dispatch's event is recorded inside its transaction);
-    with no hint, one is due ``poll`` after the last."""
+    hint makes one due as soon as that allows; with no hint, one is due ``poll`` after the last (a
+    change no one announced; a hint that came a moment before the commit it announces - a dispatch's
+    event is recorded inside its transaction - is caught up with then)."""
 
     spacing: float
     poll: float
     last: float = -math.inf
     hinted: bool = False
-    follow_up: bool = False
 
     def hint(self) -> None:
         self.hinted = True
 
     def due(self) -> float:
-        return self.last + (self.spacing if self.hinted or self.follow_up else self.poll)
+        return self.last + (self.spacing if self.hinted else self.poll)
 
     def refreshed(self, at: float) -> None:
-        self.follow_up, self.hinted, self.last = self.hinted, False, at
+        self.hinted, self.last = False, at
 
 
 class Hub:
@@ -146,15 +157,17 @@ class Hub:
         if not self.watched:
             self.watching.clear()
 
-    def poke(self) -> None:
-        """Refresh as soon as the spacing allows (a hint; an action changed something)."""
-        if self.watched:
+    def poke(self, kinds: frozenset[str] | None = None) -> None:
+        """Refresh as soon as the spacing allows if a watched page shows one of ``kinds`` of change
+        (None: any; an action changed something)."""
+        if any(kinds is None or w.query.hints is None or not kinds.isdisjoint(w.query.hints)
+               for w in self.watched.values()):
             self.pacer.hint()
             self.wake.set()
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self.hints += 1
-        self.poke()
+        self.poke(hinted_kinds(channel, payload))
 
     @property
     def subscribers(self) -> int:
@@ -187,7 +200,7 @@ class Hub:
                 conn = self._listener = await self.connect()
                 closed = asyncio.Event()
                 conn.add_termination_listener(lambda _c: closed.set())
-                for channel in HINT_CHANNELS:
+                for channel in HINT_CHANNELS:  # (the keys)
                     await conn.add_listener(channel, self._notified)
                 self.listening = True
                 self.poke()  # what changed while nobody listened

@@ -281,7 +281,8 @@ LEVELS = ["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
 _LOGS = r"""
     SELECT at, node_id, level, logger, message, trace_id, span_id, call_id, job_id, cron_run_id, workflow_run_id
     FROM forge_obs_logs
-    WHERE at >= now() - make_interval(secs => $6) AND ($1::text[] IS NULL OR level = ANY($1::text[]))
+    WHERE at >= coalesce($6::timestamptz, now() - make_interval(secs => $8)) AND ($9::timestamptz IS NULL OR at < $9)
+      AND ($1::text[] IS NULL OR level = ANY($1::text[]))
       AND ($2::text IS NULL OR message ILIKE '%' || replace(replace(replace($2, '\', '\\'), '%', '\%'), '_', '\_') || '%')
       AND ($3::text IS NULL OR node_id = $3) AND ($4::text IS NULL OR trace_id = $4)
       AND ($5::bigint IS NULL OR job_id = $5)
@@ -289,9 +290,12 @@ _LOGS = r"""
 
 
 def logs(levels: list[str] | None, text: str | None, node: str | None, trace: str | None, job_id: int | None,
-         since_minutes: float, limit: int) -> tuple[str, list[Any]]:
+         since_minutes: float, limit: int, lo: Any = None, hi: Any = None) -> tuple[str, list[Any]]:
+    """Log lines newest first: in the last ``since_minutes``, or from ``lo`` (a time) when given; older
+    than ``hi`` when given. Only the trace and job filters have indexes: the others read every line
+    of the stretch, so a long window is searched a stretch at a time (``views.LogSearch``)."""
     sql = f"SELECT jsonb_build_object('now', now(), 'rows', {_agg(_LOGS, 't.at DESC')})"
-    return sql, [levels, text, node, trace, job_id, since_minutes * 60.0, limit]
+    return sql, [levels, text, node, trace, job_id, lo, limit, since_minutes * 60.0, hi]
 
 
 def traces(since_minutes: float, name: str | None, errors: bool, limit: int) -> tuple[str, list[Any]]:

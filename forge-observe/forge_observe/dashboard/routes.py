@@ -73,7 +73,10 @@ class Dashboard:
 
     async def data(self, query: views.Query) -> dict[str, Any]:
         try:
-            raw = await self.pools.read.fetchval(query.sql, *query.args)
+            if query.fetch is not None:
+                raw = await query.fetch(self.pools.read)
+            else:
+                raw = await self.pools.read.fetchval(query.sql, *query.args)
         except asyncpg.QueryCanceledError:
             raise ForgeError(f"this view took longer than [dashboard] statement_timeout = "
                              f"{self.config.statement_timeout:g} s: narrow the filter", code="TIMEOUT") from None
@@ -156,7 +159,7 @@ def routes(dash: Dashboard) -> Router:
     def base(viewer: Viewer, page: str, title: str) -> dict[str, Any]:
         return {"viewer": viewer, "nav": NAV, "page": page, "title": title, "notice": access.describe(),
                 "admin": viewer.admin, "csrf": viewer.csrf or "", "node_id": dash.node.id,
-                "live_interval": dash.config.live_interval}
+                "live_interval": dash.config.live_interval, "budget": dash.config.search_budget}
 
     # --- static files -----------------------------------------------------------------
     @get("/static/{name:str}", include_in_schema=False)

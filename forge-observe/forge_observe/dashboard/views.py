@@ -12,8 +12,10 @@ import datetime as dt
 import json
 import math
 import re
-from typing import Any, Callable, Mapping
+import time
+from typing import Any, Awaitable, Callable, Mapping
 
+import asyncpg
 import attrs
 from croniter import croniter
 
@@ -42,6 +44,25 @@ class Query:
     shape: Callable[[Any], dict[str, Any]]
     filters: dict[str, Any] = attrs.field(factory=dict)
     live: bool = True
+    #: how the page and its JSON twin read the value when one statement will not do (``LogSearch.run``);
+    #: ``sql`` is then what the live snapshot runs
+    fetch: Callable[[Any], Awaitable[Any]] | None = None
+
+    @property
+    def hints(self) -> frozenset[str] | None:
+        """The kinds of change this page shows (its live stream refreshes on their hints); None: any."""
+        return PAGE_HINTS.get(self.page)
+
+
+#: the kinds of change (live.HINT_CHANNELS, forge-observe's ACTIVITY_KINDS) each page shows; a page
+#: not listed refreshes on every hint. Nodes (heartbeats, status) have no hint: their page polls.
+PAGE_HINTS: dict[str, frozenset[str]] = {
+    "overview": frozenset({"jobs", "metrics"}), "functions": frozenset({"metrics"}), "jobs": frozenset({"jobs"}),
+    "job": frozenset({"jobs", "logs", "spans"}), "queues": frozenset({"jobs", "metrics"}),
+    "crons": frozenset({"crons", "jobs"}), "workflows": frozenset({"workflows"}),
+    "workflow": frozenset({"workflows", "logs"}), "realtime": frozenset({"metrics"}), "logs": frozenset({"logs"}),
+    "traces": frozenset({"spans"}), "nodes": frozenset(), "alerts": frozenset({"metrics"}),
+}
 
 
 @attrs.frozen
@@ -453,6 +474,67 @@ def realtime(ctx: Ctx, params: Mapping[str, str]) -> Query:
     return Query("realtime", "realtime", sql, args, shape)
 
 
+LOG_ROWS = 200
+#: seconds of newest lines a logs page's live stream reads (app.js merges them into the page)
+LOG_LIVE_TAIL = 120.0
+#: seconds a log search's first stretch spans, and what each statement aims to take
+LOG_FIRST_STRETCH = 300.0
+LOG_STATEMENT_AIM = 0.15
+
+
+@attrs.frozen
+class LogSearch:
+    """A log search newest first, a stretch of time per statement, within ``budget`` seconds.
+
+    Only the trace and job filters have indexes; text, level and node read every line of the window
+    (a trigram index would cost every log write). So the window is read in stretches, newest first,
+    each sized from the last one's time to take about ``LOG_STATEMENT_AIM`` (every statement stays
+    far under ``statement_timeout`` whatever the density of lines), until the page is full, the
+    window is done or the budget is spent. The answer says how far back it searched and where to
+    continue (``continue_until``)."""
+
+    build: Callable[..., tuple[str, list[Any]]]
+    window: float  # seconds
+    until: dt.datetime | None
+    indexed: bool
+    limit: int
+    budget: float
+
+    async def run(self, pool: Any) -> dict[str, Any]:
+        now = await pool.fetchval("SELECT now()")
+        floor = now - dt.timedelta(seconds=self.window)
+        top = min(self.until, now) if self.until else now
+        if self.indexed:  # one statement over the whole window, through the trace or job index
+            sql, args = self.build(self.limit, floor, top)
+            raw = await pool.fetchval(sql, *args)
+            return {**raw, "searched": {"back_to": floor, "up_to": top, "complete": True, "statements": 1},
+                    "continue_until": raw["rows"][-1]["at"] if len(raw["rows"]) >= self.limit else None}
+        rows: list[dict[str, Any]] = []
+        hi, width, statements, started = top, LOG_FIRST_STRETCH, 0, time.monotonic()
+        while hi > floor and len(rows) < self.limit:
+            lo = max(floor, hi - dt.timedelta(seconds=width))
+            sql, args = self.build(self.limit - len(rows), lo, hi)
+            t0 = time.monotonic()
+            try:
+                raw = await pool.fetchval(sql, *args)
+            except asyncpg.QueryCanceledError:
+                if not statements:
+                    raise
+                break  # (a burst of lines the last stretch did not predict) what was found stands
+            took = time.monotonic() - t0
+            statements += 1
+            rows.extend(raw["rows"])
+            hi = lo
+            if time.monotonic() - started >= self.budget:
+                break
+            width = max(1.0, min(width * 4, width * LOG_STATEMENT_AIM / max(took, 0.001)))
+        complete = hi <= floor
+        more = rows[-1]["at"] if len(rows) >= self.limit else (None if complete else hi.isoformat())
+        return {"now": now.isoformat(), "rows": rows,
+                "searched": {"back_to": hi, "up_to": top, "complete": complete, "statements": statements},
+                "continue_until": more}
+
+
 def logs(ctx: Ctx, params: Mapping[str, str]) -> Query:
     level = (_text(params, "level", 10) or "").upper() or None
     if level is not None and level not in q.LEVELS:
@@ -463,10 +545,22 @@ def logs(ctx: Ctx, params: Mapping[str, str]) -> Query:
         raise InvalidArgument(f"trace: 32 lower-case hex digits, got {trace!r}")
     job_id = _int(params, "job")
     window = minutes(params, "since", 15.0)
+    until = _time(params, "until")
     f = {"level": level, "text": _text(params, "text"), "node": _text(params, "node"), "trace": trace,
-         "job": job_id, "since": params.get("since") or "15m"}
-    sql, args = q.logs(levels, f["text"], f["node"], trace, job_id, window, 200)
-    return Query("logs", _key("logs", f), sql, args, lambda raw: {"now": raw["now"], "rows": raw["rows"]}, f)
+         "job": job_id, "since": params.get("since") or "15m", "until": until.isoformat() if until else None}
+
+    def build(limit: int, lo: Any = None, hi: Any = None, tail: float = window) -> tuple[str, list[Any]]:
+        return q.logs(levels, f["text"], f["node"], trace, job_id, tail, limit, lo, hi)
+
+    # the live stream reads only the newest lines (app.js merges them into the page); none when paging back
+    sql, args = build(LOG_ROWS, tail=min(window, LOG_LIVE_TAIL / 60))
+    search = LogSearch(build, window * 60.0, until, trace is not None or job_id is not None, LOG_ROWS,
+                       ctx.config.search_budget)
+
+    def shape(raw: dict[str, Any]) -> dict[str, Any]:
+        return {"now": raw["now"], "rows": raw["rows"], "searched": raw.get("searched"),
+                "continue_until": raw.get("continue_until")}
+    return Query("logs", _key("logs", f), sql, args, shape, f, live=until is None, fetch=search.run)
 
 
 def traces(ctx: Ctx, params: Mapping[str, str]) -> Query:

@@ -32,6 +32,31 @@
     var form = field.closest("form");
     return (form ? form.getAttribute("data-form") || "" : "") + "|" + field.name;
   }
+  // a log list merges the lines a fragment brings (the live stream reads only the newest ones) into
+  // what the page searched, newest first, at most data-merge-lines of them
+  function mergeLines(box, html) {
+    var list = box.querySelector(".logs"), tmp = document.createElement("div");
+    tmp.innerHTML = html;
+    if (!list) return;
+    var have = {};
+    list.querySelectorAll(".line[data-key]").forEach(function (l) { have[l.getAttribute("data-key")] = true; });
+    var fresh = Array.prototype.slice.call(tmp.querySelectorAll(".line[data-key]")).reverse();  // oldest first
+    var added = 0;
+    fresh.forEach(function (l) {
+      if (have[l.getAttribute("data-key")]) return;
+      var at = l.getAttribute("data-at"), lines = list.querySelectorAll(".line[data-at]"), before = null;
+      for (var i = 0; i < lines.length; i++) {
+        if (lines[i].getAttribute("data-at") <= at) { before = lines[i]; break; }
+      }
+      list.insertBefore(l, before);
+      added++;
+    });
+    if (!added) return;
+    var empty = list.querySelector(".empty");
+    if (empty) empty.remove();
+    var all = list.querySelectorAll(".line"), max = parseInt(box.getAttribute("data-merge-lines"), 10) || 200;
+    for (var j = max; j < all.length; j++) all[j].remove();
+  }
   function connect() {
     if (!live || source || document.hidden) return;
     source = new EventSource(live.getAttribute("data-live-url"));
@@ -42,7 +67,8 @@
       // what an operator typed into an action's form (an event payload) survives the swap
       var kept = {};
       live.querySelectorAll("[data-keep]").forEach(function (f) { kept[keepKey(f)] = f.value; });
-      live.innerHTML = e.data;
+      var merge = live.querySelector("[data-merge-lines]");
+      if (merge) mergeLines(merge, e.data); else live.innerHTML = e.data;
       if (window.htmx) htmx.process(live);
       refreshTimes(live);
       live.querySelectorAll("[data-keep]").forEach(function (f) {
