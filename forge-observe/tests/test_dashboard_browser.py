@@ -197,6 +197,17 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
             print("latencies ms: " + " ".join(f"{x * 1000:.0f}" for x in latencies))
             assert watch.take() == []
 
+            # the logs page: new lines join the list live, merged into the lines the page searched
+            await page.goto(f"{url}/_forge/logs?since=1h")
+            await page.wait_for_selector("#livedot:not([hidden])")
+            before = await page.locator(".logs .line").count()
+            marker = f"log-live-{uuid.uuid4().hex[:6]}"
+            async with client(p) as api:
+                assert (await api.post("/rpc/place_order", json={"item": marker})).status_code == 200
+            await page.wait_for_selector(f".logs .line >> text=placing order for {marker}", timeout=15_000)
+            assert await page.locator(".logs .line").count() >= min(before + 1, 200)
+            assert watch.take() == []
+
             # a log line's trace link opens the waterfall
             await page.goto(f"{url}/_forge/logs?text=shipping")
             await page.click(".line [data-trace]")
