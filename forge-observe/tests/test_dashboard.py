@@ -43,7 +43,7 @@ async def test_pages_twins_and_actions_open_on_loopback(forge_processes):
             # a log search says how far back it searched (a long one stops within its budget: see
             # test_log_search_walks_back_a_stretch_at_a_time_and_continues)
             search = {"text": "no line says this", "since": "7d"}
-            assert "Searched the whole window" in (await c.get("/_forge/logs", params=search)).text
+            assert "Newest 200 lines of the window" in (await c.get("/_forge/logs", params=search)).text
             twin = (await c.get("/_forge/api/logs", params=search)).json()
             assert twin["rows"] == [] and twin["searched"]["complete"] and twin["continue_until"] is None, twin
             assert (await c.get(f"/_forge/api/jobs/{ids['dead'][0]}")).json()["job"]["status"] == "dead"

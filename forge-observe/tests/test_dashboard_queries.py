@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import types
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -17,6 +18,7 @@ from forge_kernel.plugins import PluginLoader
 from forge_observe.config import ObserveConfig
 from forge_observe.dashboard import views
 from forge_observe.dashboard.config import DashboardConfig
+from forge_observe.dashboard.render import Renderer
 
 UTC = dt.timezone.utc
 
@@ -203,6 +205,10 @@ async def test_log_search_walks_back_a_stretch_at_a_time_and_continues(forge_db_
                 assert data["continue_until"] is None
                 break
             assert data["continue_until"] and pages < 10, data["searched"]
+            if pages == 1:  # the page says how far it got and links the rest
+                html = Renderer().block("logs.html", "live", d=data, f=query.filters, budget=0.1)
+                assert "Searched back to" in html and "Continue further back" in html, html
+                assert "until=" + quote(data["continue_until"]) in html.replace("&amp;", "&"), html
             params = {**params, "until": data["continue_until"]}
         assert 3 <= pages <= 5 and statements > pages, (pages, statements)
         assert found == expected and len(found) == 14
