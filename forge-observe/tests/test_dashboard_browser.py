@@ -208,6 +208,18 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
             assert await page.locator(".logs .line").count() >= min(before + 1, 200)
             assert watch.take() == []
 
+            # a hidden tab closes its stream (the node watches nothing for it), shown again it reopens
+            async def subscribers(n: int) -> bool:
+                return (await (await page.request.get(f"{url}/_forge/api/live")).json())["subscribers"] == n
+
+            assert await subscribers(1)
+            show = "h => { Object.defineProperty(document, 'hidden', {value: h, configurable: true}); " \
+                   "document.dispatchEvent(new Event('visibilitychange')); }"
+            await page.evaluate(show, True)
+            await eventually(lambda: subscribers(0), what="the hidden tab's stream closed")
+            await page.evaluate(show, False)
+            await eventually(lambda: subscribers(1), what="the shown tab's stream open again")
+
             # a log line's trace link opens the waterfall
             await page.goto(f"{url}/_forge/logs?text=shipping")
             await page.click(".line [data-trace]")
