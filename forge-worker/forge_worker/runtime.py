@@ -33,6 +33,7 @@ from forge_kernel.errors import ForgeError
 
 from .config import WorkerConfig
 from .context import JobCancelled, JobContext, LazyDatabase, RetryLater, job_span
+from .deadlines import Deadlines
 from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 # InternalClientError: asyncpg's answer on a connection a lost server left mid-operation
@@ -299,8 +300,10 @@ class Attempt:
     task: asyncio.Task | None = None
     progress: tuple[float, str | None] | None = None
     written_progress: tuple[float, str | None] | None = None
-    #: why the task was cancelled from outside: cancel | lease_lost | shutdown
+    #: why the task was cancelled from outside: cancel | lease_lost | shutdown | timeout
     cancel_reason: str | None = None
+    #: its time limit in seconds (None: none)
+    timeout: float | None = None
     #: the attempt has ended; only its result remains to be written
     finished: bool = False
     #: when observed (forge-observe): when it started (time.time_ns) and its span, once it has one
@@ -343,6 +346,8 @@ class Worker:
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
         self._claim_done: asyncio.Event = asyncio.Event()
+        #: the time limits of running jobs: one timer for all of them (set up in start())
+        self._deadlines: Deadlines | None = None
         self._chain = self._build_chain()
         self._finished_hook = self._finished_hook_impls()
         self._keep_history = config.history_retention > 0
@@ -381,6 +386,8 @@ class Worker:
 
     async def start(self) -> None:
         await self.node.pool.execute(WAKE, self.node_id)
+        if self._deadlines is None:
+            self._deadlines = Deadlines(asyncio.get_running_loop(), self._timed_out)
         sup = self.node.supervisor
         self._claim_done.clear()
         sup.spawn("worker.listen", self._listen_loop, service="worker")
@@ -415,6 +422,8 @@ class Worker:
                 await asyncio.wait_for(self.reported.wait(), 1)
         with contextlib.suppress(*_DB_ERRORS):
             await asyncio.wait_for(self.node.pool.execute(WAKE, self.node_id), 5)
+        if self._deadlines is not None:
+            self._deadlines.close()  # no timer left behind on the loop
 
     # --- settings of the worker's own connections -------------------------------------------
     async def _session_settings(self, conn: asyncpg.Connection, settings: str) -> None:
@@ -592,19 +601,24 @@ class Worker:
                 db.caller = auth
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
-            timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
+            a.timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
             if a.t0 and tel.head_sampled_remote((row["options"] or _NONE).get("traceparent")):
                 job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
-            try:
-                async with asyncio.timeout(timeout):
+            if a.timeout:
+                # the node's one timer cancels the task once the limit passes (_timed_out)
+                self._deadlines.watch((a.id, a.attempt), a.timeout)
+                try:
                     await self._chain(call)
-            except TimeoutError:
-                if a.cancel_reason is None:
-                    raise _Failed(f"timed out after {timeout:g}s") from None
-                raise
+                finally:
+                    self._deadlines.done((a.id, a.attempt))
+            else:
+                await self._chain(call)
         except asyncio.CancelledError:
             reason = a.cancel_reason
-            if reason == "cancel":
+            if reason == "timeout":
+                outcome, error = self._failure(a, f"timed out after {a.timeout:g}s")
+                delay = self._delay(a) if outcome == "failed" else 0.0
+            elif reason == "cancel":
                 outcome, error = "cancelled", "cancelled on request"
             elif reason == "shutdown":
                 outcome, error = "released", None
@@ -619,9 +633,6 @@ class Worker:
         except _Fatal as exc:
             outcome, error = "dead", str(exc)
             logger.error(f"job {row['id']} ({row['name']}) cannot run: {exc}")
-        except _Failed as exc:
-            outcome, error = self._failure(a, str(exc))
-            delay = self._delay(a) if outcome == "failed" else 0.0
         except Exception as exc:
             tb = "".join(traceback.format_exception(exc)[-6:])
             outcome, error = self._failure(a, f"{type(exc).__name__}: {exc}\n{tb}")
@@ -797,6 +808,11 @@ class Worker:
         return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
                          "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
 
+    def _timed_out(self, key: tuple[int, int]) -> None:
+        a = self.running.get(key[0])
+        if a is not None and a.attempt == key[1]:
+            self._cancel(a, "timeout")
+
     def _cancel(self, a: Attempt, reason: str) -> None:
         if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
             a.cancel_reason = reason
@@ -852,7 +868,3 @@ class Worker:
 
 class _Fatal(Exception):
     """The job cannot run at all (unknown type, bad arguments): dead letter, no retries."""
-
-
-class _Failed(Exception):
-    """An attempt failed in a way that has no exception of its own (timeout)."""
