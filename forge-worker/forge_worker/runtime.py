@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import inspect
+import json
 import random
 import time
 import traceback
@@ -40,7 +41,10 @@ from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
               asyncio.TimeoutError, ConnectionError)
 
-_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.run_as, j.options,
+# run_as as text: a node sees few distinct identities, decoded once each (Worker._auth); options
+# NULL when empty, the common case (readers take NULL as {}): two JSON decodes per job saved
+_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller,
+                          j.run_as::text AS run_as, NULLIF(j.options, '{}'::jsonb) AS options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
@@ -346,6 +350,8 @@ class Worker:
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
         self._claim_done: asyncio.Event = asyncio.Event()
+        #: identities jobs run as, by (run_as JSON text, caller): see _auth
+        self._auths: dict[tuple[str | None, str | None], Auth] = {}
         #: the time limits of running jobs: one timer for all of them (set up in start())
         self._deadlines: Deadlines | None = None
         self._chain = self._build_chain()
@@ -596,7 +602,7 @@ class Worker:
                 args = bind_arguments(defn, row["args"])
             except ForgeError as exc:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
-            auth = Auth.from_job(row["run_as"], row["caller"])  # the identity that dispatched it
+            auth = self._auth(row["run_as"], row["caller"])  # the identity that dispatched it
             if self.node.executor.row_security:
                 db.caller = auth
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
@@ -807,6 +813,17 @@ class Worker:
         running = [a for a in self.running.values() if not a.finished]
         return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
                          "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
+
+    def _auth(self, run_as: str | None, caller: str | None) -> Auth:
+        """The identity of a claimed job from its ``run_as`` text and ``caller``, decoded once per
+        distinct pair (an ``Auth`` is immutable, so jobs can share it)."""
+        key = (run_as, caller)
+        auth = self._auths.get(key)
+        if auth is None:
+            if len(self._auths) >= 1024:  # many distinct users: keep the cache small
+                self._auths.clear()
+            auth = self._auths[key] = Auth.from_job(None if run_as is None else json.loads(run_as), caller)
+        return auth
 
     def _timed_out(self, key: tuple[int, int]) -> None:
         a = self.running.get(key[0])

@@ -259,3 +259,32 @@ def test_deadlines_expire_exactly_the_keys_past_their_limit(ops):
         assert abs(when - at) < 0.002, (key, when, at)
     deadlines.close()
     assert clock.armed() == 0 and len(deadlines) == 0
+
+
+# --- the identity a claimed job runs as, decoded once per distinct run_as text -----------------------
+run_as_st = st.one_of(
+    st.none(),
+    st.fixed_dictionaries({"kind": st.sampled_from(["user", "system", "anonymous", "service"])},
+                          optional={"user_id": st.text(max_size=4), "roles": st.lists(st.text(max_size=3), max_size=3)}),
+)
+
+
+@given(st.lists(st.tuples(run_as_st, st.one_of(st.none(), st.text(max_size=3))), max_size=60),
+       st.integers(1, 5))
+@settings(max_examples=200, deadline=None)
+def test_worker_identity_cache_matches_decoding_every_job(jobs, limit):
+    """Worker._auth (the claim returns run_as as JSON text) gives every job the identity
+    Auth.from_job gives its decoded run_as, with cache hits, misses and the cache emptied when
+    full (a small limit here)."""
+    import json
+    import types
+
+    from forge_kernel.executor import Auth
+    from forge_worker import runtime
+
+    worker = types.SimpleNamespace(_auths={})
+    for run_as, caller in jobs:
+        text = None if run_as is None else json.dumps(run_as)
+        if len(worker._auths) > limit:
+            worker._auths.clear()  # as when 1,024 identities are cached
+        assert runtime.Worker._auth(worker, text, caller) == Auth.from_job(run_as, caller)
