@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import inspect
+import json
 import random
 import time
 import traceback
@@ -33,13 +34,17 @@ from forge_kernel.errors import ForgeError
 
 from .config import WorkerConfig
 from .context import JobCancelled, JobContext, LazyDatabase, RetryLater, job_span
+from .deadlines import Deadlines
 from .queue import CANCEL_CHANNEL, WAKE_CHANNEL
 
 # InternalClientError: asyncpg's answer on a connection a lost server left mid-operation
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
               asyncio.TimeoutError, ConnectionError)
 
-_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller, j.run_as, j.options,
+# run_as as text: a node sees few distinct identities, decoded once each (Worker._auth); options
+# NULL when empty, the common case (readers take NULL as {}): two JSON decodes per job saved
+_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller,
+                          j.run_as::text AS run_as, NULLIF(j.options, '{}'::jsonb) AS options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
@@ -299,8 +304,10 @@ class Attempt:
     task: asyncio.Task | None = None
     progress: tuple[float, str | None] | None = None
     written_progress: tuple[float, str | None] | None = None
-    #: why the task was cancelled from outside: cancel | lease_lost | shutdown
+    #: why the task was cancelled from outside: cancel | lease_lost | shutdown | timeout
     cancel_reason: str | None = None
+    #: its time limit in seconds (None: none)
+    timeout: float | None = None
     #: the attempt has ended; only its result remains to be written
     finished: bool = False
     #: when observed (forge-observe): when it started (time.time_ns) and its span, once it has one
@@ -343,6 +350,10 @@ class Worker:
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
         self._claim_done: asyncio.Event = asyncio.Event()
+        #: identities jobs run as, by (run_as JSON text, caller): see _auth
+        self._auths: dict[tuple[str | None, str | None], Auth] = {}
+        #: the time limits of running jobs: one timer for all of them (set up in start())
+        self._deadlines: Deadlines | None = None
         self._chain = self._build_chain()
         self._finished_hook = self._finished_hook_impls()
         self._keep_history = config.history_retention > 0
@@ -381,6 +392,8 @@ class Worker:
 
     async def start(self) -> None:
         await self.node.pool.execute(WAKE, self.node_id)
+        if self._deadlines is None:
+            self._deadlines = Deadlines(asyncio.get_running_loop(), self._timed_out)
         sup = self.node.supervisor
         self._claim_done.clear()
         sup.spawn("worker.listen", self._listen_loop, service="worker")
@@ -415,6 +428,8 @@ class Worker:
                 await asyncio.wait_for(self.reported.wait(), 1)
         with contextlib.suppress(*_DB_ERRORS):
             await asyncio.wait_for(self.node.pool.execute(WAKE, self.node_id), 5)
+        if self._deadlines is not None:
+            self._deadlines.close()  # no timer left behind on the loop
 
     # --- settings of the worker's own connections -------------------------------------------
     async def _session_settings(self, conn: asyncpg.Connection, settings: str) -> None:
@@ -587,24 +602,29 @@ class Worker:
                 args = bind_arguments(defn, row["args"])
             except ForgeError as exc:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
-            auth = Auth.from_job(row["run_as"], row["caller"])  # the identity that dispatched it
+            auth = self._auth(row["run_as"], row["caller"])  # the identity that dispatched it
             if self.node.executor.row_security:
                 db.caller = auth
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
-            timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
+            a.timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
             if a.t0 and tel.head_sampled_remote((row["options"] or _NONE).get("traceparent")):
                 job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
-            try:
-                async with asyncio.timeout(timeout):
+            if a.timeout:
+                # the node's one timer cancels the task once the limit passes (_timed_out)
+                self._deadlines.watch((a.id, a.attempt), a.timeout)
+                try:
                     await self._chain(call)
-            except TimeoutError:
-                if a.cancel_reason is None:
-                    raise _Failed(f"timed out after {timeout:g}s") from None
-                raise
+                finally:
+                    self._deadlines.done((a.id, a.attempt))
+            else:
+                await self._chain(call)
         except asyncio.CancelledError:
             reason = a.cancel_reason
-            if reason == "cancel":
+            if reason == "timeout":
+                outcome, error = self._failure(a, f"timed out after {a.timeout:g}s")
+                delay = self._delay(a) if outcome == "failed" else 0.0
+            elif reason == "cancel":
                 outcome, error = "cancelled", "cancelled on request"
             elif reason == "shutdown":
                 outcome, error = "released", None
@@ -619,9 +639,6 @@ class Worker:
         except _Fatal as exc:
             outcome, error = "dead", str(exc)
             logger.error(f"job {row['id']} ({row['name']}) cannot run: {exc}")
-        except _Failed as exc:
-            outcome, error = self._failure(a, str(exc))
-            delay = self._delay(a) if outcome == "failed" else 0.0
         except Exception as exc:
             tb = "".join(traceback.format_exception(exc)[-6:])
             outcome, error = self._failure(a, f"{type(exc).__name__}: {exc}\n{tb}")
@@ -797,6 +814,22 @@ class Worker:
         return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
                          "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
 
+    def _auth(self, run_as: str | None, caller: str | None) -> Auth:
+        """The identity of a claimed job from its ``run_as`` text and ``caller``, decoded once per
+        distinct pair (an ``Auth`` is immutable, so jobs can share it)."""
+        key = (run_as, caller)
+        auth = self._auths.get(key)
+        if auth is None:
+            if len(self._auths) >= 1024:  # many distinct users: keep the cache small
+                self._auths.clear()
+            auth = self._auths[key] = Auth.from_job(None if run_as is None else json.loads(run_as), caller)
+        return auth
+
+    def _timed_out(self, key: tuple[int, int]) -> None:
+        a = self.running.get(key[0])
+        if a is not None and a.attempt == key[1]:
+            self._cancel(a, "timeout")
+
     def _cancel(self, a: Attempt, reason: str) -> None:
         if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
             a.cancel_reason = reason
@@ -852,7 +885,3 @@ class Worker:
 
 class _Fatal(Exception):
     """The job cannot run at all (unknown type, bad arguments): dead letter, no retries."""
-
-
-class _Failed(Exception):
-    """An attempt failed in a way that has no exception of its own (timeout)."""

@@ -180,3 +180,111 @@ def test_ended_matches_the_model(forge_database_url):
             await conn.close()
 
     check()
+
+
+# --- Deadlines: the one timer behind every running job's time limit --------------------------------
+class _Clock:
+    """A loop's time and call_at, advanced by hand: timers fire in order of their time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[list] = []  # [when, callback, cancelled]
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback):
+        timer = [when, callback, False]
+        self.timers.append(timer)
+
+        class Handle:
+            def cancel(self) -> None:
+                timer[2] = True
+        return Handle()
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while True:
+            due = sorted((t for t in self.timers if not t[2] and t[0] <= end), key=lambda t: t[0])
+            if not due:
+                break
+            first = due[0]
+            self.timers.remove(first)
+            self.now = max(self.now, first[0])
+            first[1]()
+        self.now = end
+
+    def armed(self) -> int:
+        return sum(1 for t in self.timers if not t[2])
+
+
+ops_st = st.lists(st.one_of(
+    st.tuples(st.just("watch"), st.integers(0, 6), st.integers(1, 50)),   # key, limit in tenths of a second
+    st.tuples(st.just("done"), st.integers(0, 6), st.just(0)),
+    st.tuples(st.just("wait"), st.just(0), st.integers(0, 40)),
+), max_size=40)
+
+
+@given(ops_st)
+@settings(max_examples=300, deadline=None)
+def test_deadlines_expire_exactly_the_keys_past_their_limit(ops):
+    """Against a model: every key still watched when its limit passes expires once, at its limit
+    (not before, not later than the next time the clock moves); a key done in time never
+    expires; one timer at most is armed, and none once nothing is watched."""
+    from forge_worker.deadlines import Deadlines
+
+    clock = _Clock()
+    fired: list[tuple[int, float]] = []
+    deadlines = Deadlines(clock, lambda key: fired.append((key, clock.now)))
+    model: dict[int, float] = {}  # key -> its limit (absolute)
+    expected: list[tuple[int, float]] = []
+    for op, key, n in ops:
+        if op == "watch":
+            model[key] = clock.now + n / 10
+            deadlines.watch(key, n / 10)
+        elif op == "done":
+            model.pop(key, None)
+            deadlines.done(key)
+        else:
+            end = clock.now + n / 10
+            for k, at in sorted(model.items(), key=lambda kv: kv[1]):
+                if at <= end:
+                    expected.append((k, at))
+                    del model[k]
+            clock.advance(n / 10)
+        assert clock.armed() <= 1
+        assert len(deadlines) == len(model)
+    assert sorted(k for k, _ in fired) == sorted(k for k, _ in expected)
+    for (key, when), (_, at) in zip(sorted(fired), sorted(expected)):
+        assert abs(when - at) < 0.002, (key, when, at)
+    deadlines.close()
+    assert clock.armed() == 0 and len(deadlines) == 0
+
+
+# --- the identity a claimed job runs as, decoded once per distinct run_as text -----------------------
+run_as_st = st.one_of(
+    st.none(),
+    st.fixed_dictionaries({"kind": st.sampled_from(["user", "system", "anonymous", "service"])},
+                          optional={"user_id": st.text(max_size=4), "roles": st.lists(st.text(max_size=3), max_size=3)}),
+)
+
+
+@given(st.lists(st.tuples(run_as_st, st.one_of(st.none(), st.text(max_size=3))), max_size=60),
+       st.integers(1, 5))
+@settings(max_examples=200, deadline=None)
+def test_worker_identity_cache_matches_decoding_every_job(jobs, limit):
+    """Worker._auth (the claim returns run_as as JSON text) gives every job the identity
+    Auth.from_job gives its decoded run_as, with cache hits, misses and the cache emptied when
+    full (a small limit here)."""
+    import json
+    import types
+
+    from forge_kernel.executor import Auth
+    from forge_worker import runtime
+
+    worker = types.SimpleNamespace(_auths={})
+    for run_as, caller in jobs:
+        text = None if run_as is None else json.dumps(run_as)
+        if len(worker._auths) > limit:
+            worker._auths.clear()  # as when 1,024 identities are cached
+        assert runtime.Worker._auth(worker, text, caller) == Auth.from_job(run_as, caller)

@@ -129,6 +129,11 @@ async def test_cancel_from_inside_the_job(forge_node):
 async def test_timeout_fails_the_attempt(forge_node):
     node = await forge_node(modules=["worker_jobs"], config=worker_config())
     queue = JobQueue(node.pool)
+    # one timer watches every running job's limit: a job with a long limit, started first, must
+    # neither delay the shorter limits after it nor be cut short by them
+    patient = await queue.enqueue("sleepy", {"seconds": 1.5}, timeout=60, max_attempts=1)
+    await eventually(lambda: node.pool.fetchval("SELECT status = 'running' FROM forge_jobs WHERE id = $1", patient),
+                     what="the long-limit job to start")
     job_id = await queue.enqueue(worker_jobs.too_slow, {})
     dead = await eventually(lambda: _dead(queue, 1), what="the timed out job in dead letter")
     assert dead[0].id == job_id and "timed out after 0.3s" in dead[0].last_error
@@ -136,6 +141,8 @@ async def test_timeout_fails_the_attempt(forge_node):
     other = await queue.enqueue("sleepy", {"seconds": 5}, timeout=0.2, max_attempts=1)
     dead = await eventually(lambda: _dead(queue, 2), what="the second timeout")
     assert "timed out after 0.2s" in {j.id: j for j in dead}[other].last_error
+    done = await eventually(lambda: _hist(node.pool, patient), what="the long-limit job to finish")
+    assert done.status == "succeeded"
 
 
 async def test_cancel_pending_and_running_jobs(forge_node):
