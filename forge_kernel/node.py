@@ -241,6 +241,8 @@ class Node:
             gc.collect()
             gc.freeze()
             gc.set_threshold(*self.config.node.gc_thresholds)
+            if self.config.node.gc_collect_interval > 0:
+                self.supervisor.spawn("gc", self._collect_loop, service="kernel")
         self.ready_at = time.monotonic()
         ready_file = os.environ.get("FORGE_READY_FILE")
         if ready_file:  # lets supervisors and tests wait for readiness without parsing logs
@@ -253,6 +255,14 @@ class Node:
         logger.info(f"node {self.id} ready in {self.ready_at - self.started_at:.2f}s: roles={','.join(self.roles) or '-'} "
                     f"services={','.join(s.name for s in self.services) or '-'} ports={self.ports or '-'} "
                     f"functions={len(self.registry.functions)} loop={_loop_name()}")
+
+    async def _collect_loop(self) -> None:
+        """A full cyclic-GC collection every ``[node] gc_collect_interval`` seconds (see the key's
+        comment for why the raised thresholds need it)."""
+        interval = self.config.node.gc_collect_interval
+        while True:
+            await asyncio.sleep(interval)
+            gc.collect()
 
     async def _open_pool(self, key: str, url: str, *, min_size: int, read_only: bool = False,
                          pooled: bool = False) -> asyncpg.Pool:

@@ -121,6 +121,30 @@ def test_gc_thresholds_setting(forge_processes, tmp_path, setting, expected):
     assert proc.ready_info()["gc_thresholds"] == expected
 
 
+def _full_collections(port: int) -> float:
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(r'python_gc_collections_total\{generation="2"\} ([0-9.e+]+)', text).group(1))
+
+
+def test_a_quiet_node_still_collects_cycles_on_its_timer(forge_processes):
+    """With the raised thresholds a quiet node would reach a full collection only after millions of
+    allocations; ``gc_collect_interval`` runs one on a timer (seen on forge-observe's /metrics)."""
+    pytest.importorskip("forge_observe")
+    proc = forge_processes({"node": {"gc_collect_interval": 0.2}, "app": {"example": False}})
+    port = proc.ready_info()["ports"]["http"]
+    first = _full_collections(port)
+    wait_for(lambda: _full_collections(port) >= first + 3, timeout=30, what="three timed full collections")
+
+
+@pytest.mark.parametrize("value", [-1, "soon", 86_401])
+def test_bad_gc_collect_interval_names_the_key(forge_processes, tmp_path, value):
+    proc = forge_processes({"node": {"gc_collect_interval": value}}, env=plugin_env(tmp_path), ready=False)
+    assert proc.proc.wait(60) == 2
+    assert "gc_collect_interval" in proc.log()
+
+
 def test_bad_event_loop_setting_names_the_key(forge_processes, tmp_path):
     proc = forge_processes({"node": {"event_loop": "trio"}}, env=plugin_env(tmp_path), ready=False)
     assert proc.proc.wait(60) == 2
