@@ -325,6 +325,27 @@ async def test_a_step_starts_only_once_everything_before_it_is_committed(forge_n
     assert sorted(keys) == ["1", "2", "3.1.1", "3.2.1", "4", "5", "6"]
 
 
+async def test_a_claim_walks_the_due_index_even_when_statistics_predate_a_burst(forge_node):
+    """Before: statistics taken while few runs were due made every claim read all due runs and
+    sort them (20 ms per claim with 20,000 due in bench/workflows) until autovacuum analyzed the
+    table again; the claim now walks the due index in run_at order and stops at its limit."""
+    from forge_worker.workflows import runtime as wfruntime
+    from forge_worker.workflows import store
+
+    node, _ = await _node(forge_node)
+    async with node.pool.acquire() as conn:
+        await conn.execute("ANALYZE forge_workflow_runs")
+        await conn.execute("""INSERT INTO forge_workflow_runs (id, name, status, run_at)
+                              SELECT gen_random_uuid(), 'burst_not_here', 'pending', now() - interval '1 minute'
+                              FROM generate_series(1, 5000)""")
+        try:
+            plan = "\n".join(r[0] for r in await wfruntime.claim(
+                conn, "EXPLAIN " + store.CLAIM, "n1", 30.0, ["burst_not_here"], [], 50))
+        finally:
+            await conn.execute("DELETE FROM forge_workflow_runs WHERE name = 'burst_not_here'")
+    assert "Index Scan using forge_workflow_runs_due" in plan and "Sort" not in plan, plan
+
+
 async def test_a_run_acts_as_whoever_started_it(forge_node):
     from forge_kernel.executor import Auth
 

@@ -409,7 +409,7 @@ class WorkflowRuntime:
                 await self.slot_free.wait()
                 continue
             self.wake.clear()
-            rows = await conn.fetch(store.CLAIM, self.node_id, cfg.lease, self.names, limited, capacity)
+            rows = await claim(conn, store.CLAIM, self.node_id, cfg.lease, self.names, limited, capacity)
             got = len(rows)
             self._start(rows)
             for name in limited:
@@ -418,6 +418,7 @@ class WorkflowRuntime:
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                                        "forge_workflows.limit." + name)
+                    await conn.execute(store.WALK_DUE_INDEX)
                     more = await conn.fetch(store.CLAIM_LIMITED, self.node_id, cfg.lease, name, capacity - got,
                                             self.limits[name])
                 self._start(more)
@@ -708,6 +709,21 @@ def workflow_function(registry: Any, name: str, version: str, where: str = "") -
         params, returns = _signature(fn, "workflow")
         return defn, fn, FunctionDef(name=name, kind="workflow", fn=fn, params=params, returns=returns)
     return defn, defn.fn, defn
+
+
+async def claim(conn: Any, sql: str, *args: Any) -> list[Any]:
+    """Claim due runs (``sql``: store.CLAIM) in a transaction that walks the due index in run_at
+    order (store.WALK_DUE_INDEX): two round trips besides the claim itself."""
+    await conn.execute("BEGIN; " + store.WALK_DUE_INDEX)
+    try:
+        rows = await conn.fetch(sql, *args)
+        await conn.execute("COMMIT")
+    except BaseException:
+        if not conn.is_closed():
+            with contextlib.suppress(*_DB_ERRORS):
+                await conn.execute("ROLLBACK")
+        raise
+    return rows
 
 
 async def rescue_runs(conn: Any, dead_after: float) -> list[tuple[uuid.UUID, str]]:
