@@ -260,17 +260,90 @@ async def test_a_lost_write_is_not_a_failed_workflow(forge_node, monkeypatch):
     real = wfruntime.Execution.checkpoint
     broken: set = set()
 
+    real_finish = wfruntime.Execution.finish
+
     async def checkpoint(self, rows):
         if rows[-1][0] == "3" and self.run_id not in broken:  # the third step's write is lost once
             broken.add(self.run_id)
             raise asyncpg.InterfaceError("connection lost (injected)")
         return await real(self, rows)
 
+    async def finish(self, status, result, error, rows=()):
+        if rows:  # the last step's result is written with the run's ending
+            await checkpoint(self, rows)
+        return await real_finish(self, status, result, error, rows)
+
     monkeypatch.setattr(wfruntime.Execution, "checkpoint", checkpoint)
+    monkeypatch.setattr(wfruntime.Execution, "finish", finish)
     run_id = await client.start(workflow_app.booking, {})
     info = await client.wait(run_id)
     assert (info.status, info.claims, info.recoveries) == ("succeeded", 2, 1), info
     assert await _log(node.pool, run_id) == [("a", "ran"), ("b", "ran"), ("c", "ran"), ("c", "ran")]
+
+
+async def test_the_last_step_is_recorded_with_the_end_of_the_run_in_one_statement(forge_node, monkeypatch):
+    """Before: a 3-step run wrote 3 checkpoints and then its ending (4 statements); the last
+    step's result now goes with the ending, and every earlier one before the next step starts."""
+    from forge_worker.workflows import runtime as wfruntime
+
+    node, client = await _node(forge_node)
+    writes: list[tuple] = []
+    real, real_finish = wfruntime.Execution.checkpoint, wfruntime.Execution.finish
+
+    async def checkpoint(self, rows):
+        writes.append(("checkpoint", [r[0] for r in rows]))
+        return await real(self, rows)
+
+    async def finish(self, status, result, error, rows=()):
+        writes.append((status, [r[0] for r in rows]))
+        return await real_finish(self, status, result, error, rows)
+
+    monkeypatch.setattr(wfruntime.Execution, "checkpoint", checkpoint)
+    monkeypatch.setattr(wfruntime.Execution, "finish", finish)
+    run_id = await client.start(workflow_app.three_steps, {"n": 3})
+    info = await client.wait(run_id, timeout=30)
+    assert (info.status, info.result) == ("succeeded", 6)
+    assert writes == [("checkpoint", ["1"]), ("checkpoint", ["2"]), ("succeeded", ["3"])]
+    info = await client.get(run_id)
+    assert [(s.key, s.status, s.result) for s in info.steps] == [("1", "succeeded", 4), ("2", "succeeded", 5),
+                                                                 ("3", "succeeded", 6)]
+    assert info.steps[-1].finished_at <= info.finished_at
+
+
+async def test_a_step_starts_only_once_everything_before_it_is_committed(forge_node):
+    """A step's result is written when the next operation starts (or with the run's ending):
+    what a step sees in the database already holds every earlier record, parallel branches and
+    recorded values included."""
+    node, client = await _node(forge_node)
+    run_id = await client.start(workflow_app.sees_its_history, {})
+    info = await client.wait(run_id, timeout=30)
+    assert info.status == "succeeded", info.error
+    first, then = info.result
+    assert first == ["1"]
+    assert sorted(then) == ["1", "2", "3.1.1", "3.2.1", "4"]
+    keys = [s.key for s in (await client.get(run_id)).steps]
+    assert sorted(keys) == ["1", "2", "3.1.1", "3.2.1", "4", "5", "6"]
+
+
+async def test_a_claim_walks_the_due_index_even_when_statistics_predate_a_burst(forge_node):
+    """Before: statistics taken while few runs were due made every claim read all due runs and
+    sort them (20 ms per claim with 20,000 due in bench/workflows) until autovacuum analyzed the
+    table again; the claim now walks the due index in run_at order and stops at its limit."""
+    from forge_worker.workflows import runtime as wfruntime
+    from forge_worker.workflows import store
+
+    node, _ = await _node(forge_node)
+    async with node.pool.acquire() as conn:
+        await conn.execute("ANALYZE forge_workflow_runs")
+        await conn.execute("""INSERT INTO forge_workflow_runs (id, name, status, run_at)
+                              SELECT gen_random_uuid(), 'burst_not_here', 'pending', now() - interval '1 minute'
+                              FROM generate_series(1, 5000)""")
+        try:
+            plan = "\n".join(r[0] for r in await wfruntime.claim(
+                conn, "EXPLAIN " + store.CLAIM, "n1", 30.0, ["burst_not_here"], [], 50))
+        finally:
+            await conn.execute("DELETE FROM forge_workflow_runs WHERE name = 'burst_not_here'")
+    assert "Index Scan using forge_workflow_runs_due" in plan and "Sort" not in plan, plan
 
 
 async def test_a_run_acts_as_whoever_started_it(forge_node):

@@ -180,8 +180,19 @@ def _return_hint(fn: Any) -> Any:
         return Any
 
 
+#: JSON scalars: the converter returns them as they are, both ways
+_SCALARS = frozenset((int, float, str, bool, type(None)))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` unstructured for JSON (a scalar is already: no converter dispatch per step)."""
+    return value if type(value) in _SCALARS else unstructure(value)
+
+
 def _decode(value: Any, hint: Any) -> Any:
     if hint is Any or hint is None or hint is type(None) or hint is inspect.Parameter.empty:
+        return value
+    if type(value) is hint and hint in _SCALARS:
         return value
     try:
         return structure(value, hint)
@@ -225,7 +236,12 @@ class WorkflowContext:
         self._x = execution
         self._history = history
         self._visited: set[str] = set()
-        self._pending: list[tuple] = []  # recorded values not yet written (written with the next checkpoint)
+        # operations done but not written yet: recorded values, and a step's result until the next
+        # operation starts (or the run ends: then it is written with the ending, in one statement)
+        self._pending: list[tuple] = []
+        # held while pending rows are written: an operation starts only after they are committed,
+        # also when a parallel branch is the one writing them
+        self._writing = asyncio.Lock()
         self.run_id: str = str(execution.run_id)
         self.name: str = execution.name
         self.version: str = execution.version
@@ -255,9 +271,22 @@ class WorkflowContext:
     async def _write(self, key: str, name: str, kind: str, status: str, *, args: Any = None, result: Any = None,
                      error: str | None = None, attempts: int = 1, compensation: Any = None,
                      started_at: dt.datetime | None = None) -> None:
-        rows = self._pending + [(key, name, kind, status, args, result, error, attempts, compensation, started_at)]
-        self._pending = []
-        await self._x.checkpoint(rows)
+        async with self._writing:
+            rows = self._pending + [(key, name, kind, status, args, result, error, attempts, compensation, started_at)]
+            self._pending = []
+            await self._x.checkpoint(rows)
+
+    async def _flush(self) -> None:
+        """Write the pending operations (or wait until a parallel branch has written them)."""
+        async with self._writing:
+            if self._pending:
+                rows, self._pending = self._pending, []
+                await self._x.checkpoint(rows)
+
+    def _take(self) -> list[tuple]:
+        """The pending operations, for the run's ending to write (the function has returned)."""
+        rows, self._pending = self._pending, []
+        return rows
 
     # --- deterministic values ------------------------------------------------------------------
     def _value(self, kind: str, make: Callable[[], Any], encode: Callable[[Any], Any],
@@ -324,7 +353,8 @@ class WorkflowContext:
         if isinstance(app, FunctionDef) and args:
             raise TypeError(f"ctx.step {step_name}: app functions take keyword arguments only")
         try:
-            stored_args = store.dumps({"args": unstructure(list(args)), "kwargs": unstructure(dict(kwargs))},
+            stored_args = store.dumps({"args": [_plain(a) for a in args],
+                                       "kwargs": {k: _plain(v) for k, v in kwargs.items()}},
                                       "arguments", cfg.max_value_bytes)
         except Exception as exc:
             stored_args = None
@@ -333,6 +363,7 @@ class WorkflowContext:
             args_problem = None
         attempts = rec.attempts if rec is not None else 0
         next_at = _when(rec.result.get("next_at")) if rec is not None and isinstance(rec.result, dict) else None
+        await self._flush()  # what the run did before this step is committed before the step runs
         while True:
             if next_at is not None:
                 await self._wait_until(next_at, {"kind": "retry", "step": step_name, "key": key,
@@ -345,8 +376,11 @@ class WorkflowContext:
                                   started_at=started)
                 raise StepFailed(step_name, f"workflow {self.name}: {args_problem}")
             try:
-                async with asyncio.timeout(limit):
+                if limit is None:
                     value = await self._call(fn, app, args, kwargs)
+                else:
+                    async with asyncio.timeout(limit):
+                        value = await self._call(fn, app, args, kwargs)
             except (asyncio.CancelledError, Park, LeaseLost, Diverged):
                 raise
             except Exception as exc:
@@ -365,7 +399,7 @@ class WorkflowContext:
                                  f"{error.splitlines()[0]}")
                 continue
             try:
-                plain = unstructure(value)
+                plain = _plain(value)
                 text = store.dumps(plain, f"the result of step {step_name!r}", cfg.max_value_bytes)
                 comp = None
                 if comp_ref is not None:
@@ -380,8 +414,9 @@ class WorkflowContext:
                 await self._write(key, step_name, "step", "failed", args=stored_args, error=error, attempts=attempts,
                                   started_at=started)
                 raise StepFailed(step_name, error) from None
-            await self._write(key, step_name, "step", "succeeded", args=stored_args, result=text, attempts=attempts,
-                              compensation=comp, started_at=started)
+            # written before the next operation starts (or with the run's ending)
+            self._pending.append((key, step_name, "step", "succeeded", stored_args, text, None, attempts, comp,
+                                  started))
             return _decode(plain, hint)
 
     async def _call(self, fn: Any, app: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -428,11 +463,6 @@ class WorkflowContext:
             return
         await self._flush()
         raise Park(when, {**wait, "until": when.isoformat()} if "until" not in wait else wait)
-
-    async def _flush(self) -> None:
-        if self._pending:
-            rows, self._pending = self._pending, []
-            await self._x.checkpoint(rows)
 
     # --- events -----------------------------------------------------------------------------------
     async def wait_for_event(self, name: str | Iterable[str], /, *,

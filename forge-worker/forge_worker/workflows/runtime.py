@@ -78,7 +78,7 @@ class Writer:
     def __init__(self, pool: Any, lease: float, node_id: str, commit_mode: str) -> None:
         self.pool, self.lease, self.node_id, self.commit_mode = pool, lease, node_id, commit_mode
         self.checkpoints: list[tuple[uuid.UUID, int, list[tuple], asyncio.Future]] = []
-        self.endings: list[tuple[uuid.UUID, int, str, str | None, str | None, asyncio.Future]] = []
+        self.endings: list[tuple[uuid.UUID, int, str, str | None, str | None, list[tuple], asyncio.Future]] = []
         self.statements: list[tuple[str, str, tuple, asyncio.Future]] = []
         self.ready = asyncio.Event()
 
@@ -90,10 +90,11 @@ class Writer:
         return await fut
 
     async def finish(self, run_id: uuid.UUID, claims: int, status: str, result: str | None,
-                     error: str | None) -> bool:
-        """End this claim of the run; False when the claim is stale."""
+                     error: str | None, rows: list[tuple] = ()) -> bool:
+        """End this claim of the run, recording ``rows`` (operations not checkpointed yet) with
+        it; False when the claim is stale (and nothing was written)."""
         fut = asyncio.get_running_loop().create_future()
-        self.endings.append((run_id, claims, status, result, error, fut))
+        self.endings.append((run_id, claims, status, result, error, rows, fut))
         self.ready.set()
         return await fut
 
@@ -143,8 +144,10 @@ class Writer:
         cols: list[list[Any]] = [[] for _ in range(12)]
         for run_id, claims, rows, _ in batch:
             for row in rows:
-                for i, value in enumerate((run_id, claims) + tuple(row)):
-                    cols[i].append(value)
+                cols[0].append(run_id)
+                cols[1].append(claims)
+                for col, value in zip(cols[2:], row):
+                    col.append(value)
         try:
             got = await _retrying(conn.fetch, store.CHECKPOINT, self.lease, self.node_id, self.commit_mode, *cols)
         except BaseException as exc:
@@ -164,20 +167,27 @@ class Writer:
 
 
     async def _end(self, conn: Any, batch: list[tuple]) -> None:
+        steps: list[list[Any]] = [[] for _ in range(11)]
+        for b in batch:
+            for row in b[5]:
+                steps[0].append(b[0])
+                for col, value in zip(steps[1:], row):
+                    col.append(value)
         try:
             rows = await _retrying(conn.fetch, store.FINISH, [b[0] for b in batch], [b[1] for b in batch],
-                                   [b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch], self.commit_mode)
+                                   [b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch], self.commit_mode,
+                                   *steps, self.node_id)
         except BaseException as exc:
             for b in batch:
-                if not b[5].done():
-                    b[5].set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
+                if not b[6].done():
+                    b[6].set_exception(exc if isinstance(exc, Exception) else ConnectionError("writer stopped"))
             if conn.is_closed() or not isinstance(exc, Exception) or isinstance(exc, _CONNECTION_BROKEN):
                 raise
             return
         ended = {r["id"] for r in rows}
         for b in batch:
-            if not b[5].done():
-                b[5].set_result(b[0] in ended)
+            if not b[6].done():
+                b[6].set_result(b[0] in ended)
 
 
 class CancelRequested(BaseException):
@@ -209,6 +219,10 @@ class Execution:
     replay_only: bool = False
     #: the run was given up or ended by this claim: nothing left to renew
     ended: bool = False
+    #: the run's ending is being written: a renewal that no longer finds it running is not a lost lease
+    ending: bool = False
+    #: the workflow context of this execution (its operations not checkpointed yet)
+    ctx: Any = None
 
     @classmethod
     def from_row(cls, runtime: Any, row: Any) -> "Execution":
@@ -274,9 +288,14 @@ class Execution:
         return await self.runtime.node.executor.call(defn.name, kwargs, self.auth, unstructured=False,
                                                      request_id=f"wf-{self.run_id}-{self.claims}")
 
-    async def finish(self, status: str, result: str | None, error: str | None) -> bool:
-        """End the run (succeeded, failed, cancelled); False if the claim is stale."""
-        done = await self.runtime.writer.finish(self.run_id, self.claims, status, result, error)
+    async def finish(self, status: str, result: str | None, error: str | None, rows: list[tuple] = ()) -> bool:
+        """End the run (succeeded, failed, cancelled), recording ``rows`` (its last operations)
+        in the same statement; False if the claim is stale."""
+        self.ending = True
+        try:
+            done = await self.runtime.writer.finish(self.run_id, self.claims, status, result, error, rows)
+        finally:
+            self.ending = False
         self.ended = self.ended or done
         return done
 
@@ -390,7 +409,7 @@ class WorkflowRuntime:
                 await self.slot_free.wait()
                 continue
             self.wake.clear()
-            rows = await conn.fetch(store.CLAIM, self.node_id, cfg.lease, self.names, limited, capacity)
+            rows = await claim(conn, store.CLAIM, self.node_id, cfg.lease, self.names, limited, capacity)
             got = len(rows)
             self._start(rows)
             for name in limited:
@@ -399,6 +418,7 @@ class WorkflowRuntime:
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                                        "forge_workflows.limit." + name)
+                    await conn.execute(store.WALK_DUE_INDEX)
                     more = await conn.fetch(store.CLAIM_LIMITED, self.node_id, cfg.lease, name, capacity - got,
                                             self.limits[name])
                 self._start(more)
@@ -457,7 +477,9 @@ class WorkflowRuntime:
             pass
         except asyncio.CancelledError:
             if x.stop_reason == "shutdown":
-                with contextlib.suppress(*_DB_ERRORS):
+                with contextlib.suppress(*_DB_ERRORS, LeaseLost):
+                    if x.ctx is not None:  # a step that completed keeps its result
+                        await asyncio.shield(x.ctx._flush())
                     await asyncio.shield(x.fenced(store.RELEASE + " RETURNING id"))
                 self.stats["released"] += 1
             elif x.stop_reason != "lease_lost":
@@ -471,7 +493,8 @@ class WorkflowRuntime:
         finally:
             if x.stop_reason == "lease_lost":
                 self.stats["lost"] += 1
-            self.running.pop(x.run_id, None)
+            if self.running.get(x.run_id) is x:  # not a later claim of the same run on this node
+                del self.running[x.run_id]
             self.slot_free.set()
 
     async def load_history(self, run_id: uuid.UUID) -> dict[str, Record]:
@@ -492,22 +515,28 @@ class WorkflowRuntime:
             message = exc.message if isinstance(exc, ForgeError) else str(exc)
             await self._compensate(x, f"cannot run workflow {x.name!r}: {message}")
             return
-        ctx = WorkflowContext(x, history)
+        ctx = x.ctx = WorkflowContext(x, history)
+        # every way out first records what the run did since its last checkpoint (a step's result
+        # is written when the next operation starts, or with the run's ending)
         try:
             result = await fn(ctx, **args)
         except Diverged as d:
+            await ctx._flush()
             await self._block(x, defn, d.key, d.recorded, d.code)
             return
         except Park as park:
+            await ctx._flush()
             await self._park(x, park)
             return
         except CancelRequested:
+            await ctx._flush()
             await self._compensate(x, "cancelled on request")
             return
         except asyncio.CancelledError:
             if x.stop_reason != "cancel":
                 raise
             asyncio.current_task().uncancel()
+            await ctx._flush()
             await self._compensate(x, "cancelled on request")
             return
         except (LeaseLost, Suspended):
@@ -515,20 +544,23 @@ class WorkflowRuntime:
         except _WRITE_ERRORS:
             raise  # the runtime lost the database, the workflow did not fail: the run resumes after its lease
         except Exception as exc:
+            await ctx._flush()
             await self._compensate(x, _error_text(exc) if not hasattr(exc, "step") else str(exc))
             return
         left = ctx.unvisited()
         if left:
+            await ctx._flush()
             rec = history[left[0]]
             await self._block(x, defn, left[0], f"{rec.kind} {rec.name}", "nothing (the function returned)")
             return
-        await ctx._flush()
         try:
             text = store.dumps(unstructure(result), f"the result of workflow {x.name!r}", self.config.max_value_bytes)
         except Exception as exc:
+            await ctx._flush()
             await self._compensate(x, f"workflow {x.name}: the result cannot be stored: {exc}")
             return
-        if await x.finish("succeeded", text, None):
+        # the last step's result and the run's end: one statement
+        if await x.finish("succeeded", text, None, ctx._take()):
             self.stats["succeeded"] += 1
 
     async def _park(self, x: Execution, park: Park) -> None:
@@ -658,7 +690,7 @@ class WorkflowRuntime:
             if self.running.get(x.run_id) is not x:
                 continue
             if x.run_id not in seen:
-                if x.task is not None and not x.task.done() and not x.ended:
+                if x.task is not None and not x.task.done() and not x.ended and not x.ending:
                     logger.warning(f"workflow run {x.run_id} lost its lease; stopping it here")
                     self._stop(x, "lease_lost")
             elif seen[x.run_id]:
@@ -677,6 +709,21 @@ def workflow_function(registry: Any, name: str, version: str, where: str = "") -
         params, returns = _signature(fn, "workflow")
         return defn, fn, FunctionDef(name=name, kind="workflow", fn=fn, params=params, returns=returns)
     return defn, defn.fn, defn
+
+
+async def claim(conn: Any, sql: str, *args: Any) -> list[Any]:
+    """Claim due runs (``sql``: store.CLAIM) in a transaction that walks the due index in run_at
+    order (store.WALK_DUE_INDEX): two round trips besides the claim itself."""
+    await conn.execute("BEGIN; " + store.WALK_DUE_INDEX)
+    try:
+        rows = await conn.fetch(sql, *args)
+        await conn.execute("COMMIT")
+    except BaseException:
+        if not conn.is_closed():
+            with contextlib.suppress(*_DB_ERRORS):
+                await conn.execute("ROLLBACK")
+        raise
+    return rows
 
 
 async def rescue_runs(conn: Any, dead_after: float) -> list[tuple[uuid.UUID, str]]:

@@ -67,6 +67,24 @@ async def undo(ctx, run: str, step: str) -> None:
                          run, step, ctx.node.id if ctx.node else None)
 
 
+@mutation
+async def recorded_keys(ctx, run: str) -> list[str]:
+    """The operations the run has recorded, as a statement started now sees them."""
+    return [r["key"] for r in await ctx.db.fetch(
+        "SELECT key FROM forge_workflow_steps WHERE run_id = $1::uuid ORDER BY seq", run)]
+
+
+@workflow
+async def sees_its_history(ctx) -> list[list[str]]:
+    await ctx.step(add, 1, 1)
+    first = await ctx.step(recorded_keys, run=ctx.run_id)
+    await ctx.gather(ctx.step(add, 2, 2), ctx.step(add, 3, 3))
+    ctx.now()
+    then = await ctx.step(recorded_keys, run=ctx.run_id)
+    await ctx.step(add, 4, 4)
+    return [first, then]
+
+
 @workflow
 async def three_steps(ctx, n: int) -> int:
     a = await ctx.step(add, n, 1)
