@@ -198,6 +198,7 @@ def main() -> None:
                     help="also run the FORGE node with forge-observe at its defaults and compare (target >= 0.95)")
     ap.add_argument("--observe-only", action="store_true",
                     help="run only FORGE with and without forge-observe (no bare app, no PgBouncer)")
+    ap.add_argument("--no-pgbouncer", action="store_true", help="leave out the FORGE node through PgBouncer")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="instead of wrk rounds: CPU instructions per request with and without forge-observe, "
                          "counted by callgrind over N requests each (needs valgrind)")
@@ -252,7 +253,7 @@ def main() -> None:
             procs.append(observed_proc)
             observed = f"http://127.0.0.1:{obs_port}"
         pooled_port, pooled_proc = 0, None
-        if PgBouncer.binary() and not args.observe_only:
+        if PgBouncer.binary() and not args.observe_only and not args.no_pgbouncer:
             where = urlsplit(db_url)
             bouncer = PgBouncer(private_folder("forge-bench-rpc-pgbouncer-"), where.hostname, where.port,
                                 {where.username: secrets.token_hex(12)}, pool_size=args.pool_max).start()
@@ -276,6 +277,12 @@ def main() -> None:
                                       "--pool-max", str(args.pool_max), "--loop", args.loop],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(bare_proc)
+        raw_port = free_port()
+        raw_proc = subprocess.Popen([PY, str(HERE / "raw_app.py"), "--port", str(raw_port), "--db-url", db_url,
+                                     "--pool-max", str(args.pool_max), "--loop", args.loop],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(raw_proc)
+        raw = f"http://127.0.0.1:{raw_port}"
         forge = f"http://127.0.0.1:{forge_port}"
         bare = f"http://127.0.0.1:{bare_port}"
         pooled = f"http://127.0.0.1:{pooled_port}"
@@ -283,6 +290,8 @@ def main() -> None:
         wait_for(lambda: httpx.post(bare + "/value", json={"id": 1}).status_code == 200, 60, 0.2, "bare app")
         check(forge + "/rpc/value", {"id": 7}, {"data": 8})
         check(bare + "/value", {"id": 7}, {"data": 8})
+        wait_for(lambda: httpx.post(raw + "/value", json={"id": 1}).status_code == 200, 60, 0.2, "raw ASGI app")
+        check(raw + "/value", {"id": 7}, {"data": 8})
         if bouncer:
             try:
                 wait_for(lambda: httpx.get(pooled + "/ready").status_code == 200, 60, 0.2, "FORGE node through PgBouncer")
@@ -309,7 +318,9 @@ def main() -> None:
             run_wrk(observed, s_forge, 2, args.connections)
             contenders.append(("observe", observed, s_forge, observed_proc.pid))
         if not args.observe_only:
+            run_wrk(raw, s_bare, 2, args.connections)
             contenders.append(("bare", bare, s_bare, bare_proc.pid))
+            contenders.append(("raw", raw, s_bare, raw_proc.pid))
         if bouncer:
             run_wrk(pooled, s_forge, 2, args.connections)
             contenders.append(("pgbouncer", pooled, s_forge, pooled_proc.pid))
@@ -346,9 +357,19 @@ def main() -> None:
             return s["server_cpu_us_per_req"] + s["pg_cpu_us_per_req"] + s.get("pgbouncer_cpu_us_per_req", 0.0)
 
         cost = {n: cost_of(summary[n]) for n in ("forge", "bare") if n in summary}
+        def per_round(a: str, b: str) -> float:
+            return statistics.median(x["rps"] / y["rps"] for x, y in zip(results[a], results[b]))
+
         if "bare" in summary:
             summary["ratio_forge_over_bare"] = summary["forge"]["rps"] / summary["bare"]["rps"]
+            summary["ratio_forge_over_bare_per_round"] = per_round("forge", "bare")
             summary["cpu_ratio_bare_over_forge"] = cost["bare"] / cost["forge"]
+            summary["ratio_raw_over_bare"] = summary["raw"]["rps"] / summary["bare"]["rps"]
+            summary["ratio_raw_over_bare_per_round"] = per_round("raw", "bare")
+            summary["ratio_forge_over_raw"] = summary["forge"]["rps"] / summary["raw"]["rps"]
+            if observed:
+                summary["ratio_observe_over_bare"] = summary["observe"]["rps"] / summary["bare"]["rps"]
+                summary["ratio_observe_over_bare_per_round"] = per_round("observe", "bare")
         if observed:
             with_, without = summary["observe"], summary["forge"]
             summary["ratio_observe_over_forge"] = with_["rps"] / without["rps"]
@@ -369,15 +390,22 @@ def main() -> None:
                             "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count(),
                             "row_security": args.row_security}
         print("\nmedians:")
-        for name in [n for n in ("forge", "observe", "bare", "pgbouncer", "batch10") if n in summary]:
+        for name in [n for n in ("forge", "observe", "bare", "raw", "pgbouncer", "batch10") if n in summary]:
             s = summary[name]
             print(f"  {name:8s} {s['rps']:9.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  "
                   f"cpu/req server {s['server_cpu_us_per_req']:.1f} us postgres {s['pg_cpu_us_per_req']:.1f} us")
         if "batch10" in summary:
             print(f"  batch10 = {summary['batch10']['calls_per_s']:.0f} calls/s")
         if "bare" in summary:
-            print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} req/s (target >= 0.8); "
+            print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} req/s (medians), "
+                  f"{summary['ratio_forge_over_bare_per_round']:.3f} (median of per-round ratios; target >= 1.2); "
                   f"by CPU per request (server + PostgreSQL) {summary['cpu_ratio_bare_over_forge']:.3f}")
+            if observed:
+                print(f"  ratio FORGE with forge-observe / bare = {summary['ratio_observe_over_bare']:.3f} req/s "
+                      f"(medians), {summary['ratio_observe_over_bare_per_round']:.3f} (median of per-round ratios)")
+            print(f"  ratio raw ASGI / bare = {summary['ratio_raw_over_bare']:.3f} (medians), "
+                  f"{summary['ratio_raw_over_bare_per_round']:.3f} (per round); FORGE / raw ASGI = "
+                  f"{summary['ratio_forge_over_raw']:.3f}")
         if observed:
             print(f"  ratio FORGE with forge-observe / without = {summary['ratio_observe_over_forge']:.3f} req/s "
                   f"(medians), {summary['ratio_observe_over_forge_per_round']:.3f} (median of per-round ratios); "
