@@ -126,22 +126,28 @@ def check(url: str, body: dict | list, expect: object) -> None:
         raise SystemExit(f"{url} answered {got!r}, expected {expect!r}")
 
 
-def instructions_per_request(tmp: Path, env: dict, n: int, observe: bool) -> float:
-    """CPU instructions one ``POST /rpc/value`` costs the node, counted by callgrind (steady on a
-    shared machine, where timings swing by 2x): the node runs under valgrind with instrumentation
-    off, is warmed up, then ``n`` requests (8 at a time) are counted. forge-observe's timed loops
-    (metric snapshots every 10 s, writes every 0.5 s) would run 50x more often per request under
-    valgrind's slowdown: they are slowed down too (``flush_interval`` 3600 s, ``write_interval``
-    60 s), so the figure is the per-request path plus the aggregation of its events."""
-    port, out = free_port(), tmp / f"callgrind.{'observe' if observe else 'forge'}"
+def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str) -> float:
+    """CPU instructions one request costs the server ``who`` (forge, observe, bare or raw), counted
+    by callgrind (steady on a shared machine, where timings swing by 2x): the server runs under
+    valgrind with instrumentation off, is warmed up, then ``n`` requests (8 at a time) are counted.
+    forge-observe's timed loops (metric snapshots every 10 s, writes every 0.5 s) would run 50x
+    more often per request under valgrind's slowdown: they are slowed down too (``flush_interval``
+    3600 s, ``write_interval`` 60 s), so the figure is the per-request path plus the aggregation
+    of its events."""
+    port, out = free_port(), tmp / f"callgrind.{who}"
     node_env = {**env, "FORGE_GATEWAY__PORT": str(port)}
-    if observe:
+    if who == "observe":
         node_env.update(FORGE_OBSERVE__FLUSH_INTERVAL="3600", FORGE_OBSERVE__WRITE_INTERVAL="60",
                         FORGE_NODE__ID="bench-observe-cg")
-    else:
+    elif who == "forge":
         node_env.update(FORGE_DISABLE_PLUGINS="observe", FORGE_NODE__ID="bench-cg")
+    if who in ("forge", "observe"):
+        argv, path, ready = [PY, "-m", "forge_kernel.cli", "start"], "/rpc/value", "/ready"
+    else:
+        argv = [PY, str(HERE / f"{who}_app.py"), "--port", str(port), "--db-url", db_url, "--loop", "uvloop"]
+        path, ready = "/value", None
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no",
-                             f"--callgrind-out-file={out}", PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                             f"--callgrind-out-file={out}", *argv], cwd=tmp,
                             env=node_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -149,14 +155,22 @@ def instructions_per_request(tmp: Path, env: dict, n: int, observe: bool) -> flo
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             async def worker(k: int) -> None:
                 for _ in range(k):
-                    assert (await client.post("/rpc/value", json={"id": 7})).status_code == 200
+                    assert (await client.post(path, json={"id": 7})).status_code == 200
             await asyncio.gather(*(worker(count // 8) for _ in range(8)))
 
     def control(*argv: str) -> None:
         subprocess.run(["callgrind_control", *argv, str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
 
+    def up() -> bool:
+        try:
+            if ready:
+                return httpx.get(url + ready, timeout=30).status_code == 200
+            return httpx.post(url + path, json={"id": 1}, timeout=30).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        wait_for(lambda: httpx.get(url + "/ready", timeout=30).status_code == 200, 600, 1, "the node under valgrind")
+        wait_for(up, 600, 1, f"{who} under valgrind")
         asyncio.run(load(400))
         control("-z")
         control("-i", "on")
@@ -198,9 +212,11 @@ def main() -> None:
                     help="also run the FORGE node with forge-observe at its defaults and compare (target >= 0.95)")
     ap.add_argument("--observe-only", action="store_true",
                     help="run only FORGE with and without forge-observe (no bare app, no PgBouncer)")
+    ap.add_argument("--servers", default="forge,observe,bare,raw",
+                    help="with --instructions: which servers to count (comma-separated)")
     ap.add_argument("--no-pgbouncer", action="store_true", help="leave out the FORGE node through PgBouncer")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
-                    help="instead of wrk rounds: CPU instructions per request with and without forge-observe, "
+                    help="instead of wrk rounds: CPU instructions per request of FORGE with and without forge-observe, bare and raw, "
                          "counted by callgrind over N requests each (needs valgrind)")
     args = ap.parse_args()
     args.observe = args.observe or args.observe_only
@@ -230,11 +246,17 @@ def main() -> None:
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
         if args.instructions:
-            without = instructions_per_request(tmp, env, args.instructions, observe=False)
-            with_ = instructions_per_request(tmp, env, args.instructions, observe=True)
-            print(f"CPU instructions per request (callgrind, {args.instructions} requests each): without "
+            counts = {who: instructions_per_request(tmp, env, args.instructions, who, db_url)
+                      for who in args.servers.split(",")}
+            if set(counts) != {"forge", "observe", "bare", "raw"}:
+                print(", ".join(f"{who} {n:,.0f}" for who, n in counts.items()) + " CPU instructions per request")
+                return
+            without, with_ = counts["forge"], counts["observe"]
+            print(f"CPU instructions per request (callgrind, {args.instructions} requests each): FORGE without "
                   f"forge-observe {without:,.0f}, with {with_:,.0f} ({with_ - without:+,.0f}, "
-                  f"{(with_ / without - 1) * 100:+.1f}%); load average {os.getloadavg()}")
+                  f"{(with_ / without - 1) * 100:+.1f}%); bare Litestar {counts['bare']:,.0f}, raw ASGI "
+                  f"{counts['raw']:,.0f}; bare / FORGE with forge-observe {counts['bare'] / with_:.3f}, raw / "
+                  f"FORGE {counts['raw'] / with_:.3f}; load average {os.getloadavg()}")
             return
         forge_log = open(tmp / "forge.log", "wb")
         # the FORGE node as before forge-observe existed; with --observe a second one has it
