@@ -7,8 +7,8 @@ the request (caller, client address, request id) and turns results into response
 from __future__ import annotations
 
 import asyncio
+import random
 import re
-import secrets
 from typing import Any, Mapping
 
 import attrs
@@ -20,13 +20,15 @@ from forge_kernel.errors import InvalidArgument, NotFound
 from .ratelimit import CallLimits
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_getrandbits = random.getrandbits
 
 
 def request_id_from(header: str | None) -> str:
-    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one (random, not secret:
+    a caller may choose its own, so nothing may rely on it being unguessable)."""
     if header and _REQUEST_ID.match(header):
         return header
-    return secrets.token_hex(8)
+    return f"{_getrandbits(64):016x}"
 
 
 class FunctionCaller:
@@ -46,7 +48,7 @@ class FunctionCaller:
             # authorise first: an unauthenticated caller must not spend a user's tokens
             self.executor.authorize(defn, auth)
             await self.limits.admit(defn, auth, client)
-        return await self.executor.call(defn.name, args, auth, request_id=request_id)
+        return await self.executor.call(defn, args, auth, request_id=request_id)
 
 
 # --- JSON-RPC 2.0 -------------------------------------------------------------------------
