@@ -6,7 +6,7 @@ import json
 import re
 import time
 from contextvars import ContextVar
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Iterable, Mapping, Sequence
 
 import asyncpg
 import attrs
@@ -265,33 +265,35 @@ class Database:
         self._helper_statements = 0
 
     # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
-    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+    # Not coroutines themselves: each returns the connection's call to await (one coroutine
+    # less per statement, on every query's path).
+    def fetch(self, sql: str, *args: Any) -> Awaitable[list[asyncpg.Record]]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.fetch(sql, *args)
-        return await _traced(self.conn.fetch, sql, args)
+            return self.conn.fetch(sql, *args)
+        return _traced(self.conn.fetch, sql, args)
 
-    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+    def fetchrow(self, sql: str, *args: Any) -> Awaitable[asyncpg.Record | None]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.fetchrow(sql, *args)
-        return await _traced(self.conn.fetchrow, sql, args)
+            return self.conn.fetchrow(sql, *args)
+        return _traced(self.conn.fetchrow, sql, args)
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
+    def fetchval(self, sql: str, *args: Any) -> Awaitable[Any]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.fetchval(sql, *args)
-        return await _traced(self.conn.fetchval, sql, args)
+            return self.conn.fetchval(sql, *args)
+        return _traced(self.conn.fetchval, sql, args)
 
-    async def execute(self, sql: str, *args: Any) -> str:
+    def execute(self, sql: str, *args: Any) -> Awaitable[str]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.execute(sql, *args)
-        return await _traced(self.conn.execute, sql, args)
+            return self.conn.execute(sql, *args)
+        return _traced(self.conn.execute, sql, args)
 
     async def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
         await self.conn.executemany(sql, args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, Iterable
+from typing import Any, Awaitable, Iterable
 
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get
@@ -142,22 +142,6 @@ async def openapi(request: Request) -> Response:
     return Response(_gateway(request).openapi, media_type=JSON)
 
 
-async def _read_body(receive: Any, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(None, limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 class _Disconnected(Exception):
     """The client went away while sending its body: nobody is left to answer."""
 
@@ -205,13 +189,14 @@ class GatewayApp:
         self.litestar = litestar
         self.fast_rpc = fast_rpc
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    # not async: it hands over the coroutine to await (one coroutine less on every call's stack;
+    # uvicorn is told the interface is ASGI 3, see server.py)
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
         if self.fast_rpc and scope["type"] == "http":
             path = scope["path"]
             if path.startswith(RPC_PREFIX) and (len(path) == 4 or path[4] == "/"):
-                await serve_rpc(self.gateway, scope, receive, send)
-                return
-        await self.litestar(scope, receive, send)
+                return serve_rpc(self.gateway, scope, receive, send)
+        return self.litestar(scope, receive, send)
 
 
 @asgi("/rpc", is_mount=True, copy_scope=False)
@@ -266,47 +251,35 @@ async def serve_rpc(gw: Gateway, scope: Any, receive: Any, send: Any) -> None:
     forwarded = headers.get(b"x-forwarded-for")
     client = gw.clients.of(client, [forwarded]) if forwarded is not None else (client or "unknown")
     tel = gw.telemetry
-    if not tel.enabled:
-        reply = await _answer(gw, function, headers, receive, client, request_id)
-        if reply is not None:
-            await _send_reply(send, reply)
-        return
-    # the request's span continues the caller's W3C traceparent
-    remote = headers.get(b"traceparent")
-    attrs = {"request.id": request_id, "http.status_code": 0}
-    span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
-                          remote=remote, attrs=attrs)
+    span = remote = None
+    if tel.enabled:  # the request's span continues the caller's W3C traceparent
+        remote = headers.get(b"traceparent")
+        span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
+                              remote=remote, attrs={"request.id": request_id, "http.status_code": 0})
+    status = 0
     try:
-        reply = await _answer(gw, function, headers, receive, client, request_id)
-        if reply is None:
+        try:
+            reply = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                           else _json_rpc(gw, headers, receive, client, request_id))
+        except _Disconnected:
             return
-        status = attrs["http.status_code"] = reply[0]
+        except Exception as exc:  # a defect of ours: logged with the request id, answered without a trace
+            logger.bind(request_id=request_id).opt(exception=exc).error(
+                f"unhandled error in POST {path} (request {request_id})")
+            reply = _error_reply(ForgeError(f"internal error (request {request_id})",
+                                            details={"request_id": request_id}), request_id)
+        status = reply[0]
         # The reply names its trace when that is of use: the caller traces, or the trace is stored
         # for sure (head-sampled, or a server error). Every other reply has only x-request-id, which
         # a stored root span also records: formatting and sending the header on every reply cost
         # 15k CPU instructions per request, half the overhead budget (bench/rpc/README.md).
-        if remote is not None or status >= 500 or span.sampled:
+        if span is not None and (remote is not None or status >= 500 or span.sampled):
             reply[2].append((b"traceparent", span.traceparent().encode("latin-1")))
         await _send_reply(send, reply)
     finally:
-        status = attrs["http.status_code"]
-        tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
-
-
-async def _answer(gw: Gateway, function: str, headers: dict[bytes, str], receive: Any, client: str,
-                  request_id: str) -> Reply | None:
-    """The reply to one /rpc request, or None when the client went away before it was read."""
-    try:
-        if function:
-            return await _call_function(gw, function, headers, receive, client, request_id)
-        return await _json_rpc(gw, headers, receive, client, request_id)
-    except _Disconnected:
-        return None
-    except Exception as exc:  # a defect of ours: logged with the request id, answered without a trace
-        logger.bind(request_id=request_id).opt(exception=exc).error(
-            f"unhandled error in POST {RPC_PREFIX}/{function} (request {request_id})".replace("//", "/"))
-        return _error_reply(ForgeError(f"internal error (request {request_id})", details={"request_id": request_id}),
-                            request_id)
+        if span is not None:
+            span.attrs["http.status_code"] = status
+            tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
 
 
 async def _unless_disconnected(gw: Gateway, receive: Any, work: Any) -> Any:
@@ -373,11 +346,12 @@ async def _function_nodes(gw: Gateway) -> str:
     return text
 
 
-async def _caller(gw: Gateway, headers: dict[bytes, str]) -> Auth:
+def _caller(gw: Gateway, headers: dict[bytes, str]) -> Awaitable[Auth] | Auth:
+    """The caller: ANONYMOUS without a credential, else what the verifier makes of it (to await)."""
     authorization, api_key = headers.get(b"authorization"), headers.get(gw.api_key_name)
     if authorization is None and api_key is None:
         return ANONYMOUS
-    return await gw.verifier.from_headers(authorization, api_key)
+    return gw.verifier.from_headers(authorization, api_key)
 
 
 async def _body(gw: Gateway, headers: dict[bytes, str], receive: Any) -> bytes:
@@ -385,13 +359,27 @@ async def _body(gw: Gateway, headers: dict[bytes, str], receive: Any) -> bytes:
     length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise _too_large(int(length), limit)
-    return await _read_body(receive, limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(None, limit)
+        if not message.get("more_body", False):
+            return b"".join(chunks) + chunk if chunks else chunk
+        chunks.append(chunk)
 
 
 async def _call_function(gw: Gateway, function: str, headers: dict[bytes, str], receive: Any, client: str,
                          request_id: str) -> Reply:
     try:
-        auth = await _caller(gw, headers)
+        auth = _caller(gw, headers)
+        if auth is not ANONYMOUS:
+            auth = await auth
         body = await _body(gw, headers, receive)
         args = decode_json(body) if body.strip() else {}
         work = gw.caller.call(function, args, auth, client=client, request_id=request_id)
@@ -404,7 +392,9 @@ async def _call_function(gw: Gateway, function: str, headers: dict[bytes, str], 
 async def _json_rpc(gw: Gateway, headers: dict[bytes, str], receive: Any, client: str, request_id: str) -> Reply:
     out_headers = _reply_headers(request_id)
     try:
-        auth: Auth | ForgeError = await _caller(gw, headers)
+        auth: Auth | ForgeError = _caller(gw, headers)
+        if auth is not ANONYMOUS:
+            auth = await auth
     except ForgeError as exc:  # each call reports it; a batch still gets one answer per call
         auth = exc
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from typing import Any, Mapping
+from typing import Any, Awaitable, Mapping
 
 import attrs
 
@@ -41,13 +41,19 @@ class FunctionCaller:
     def lookup(self, name: str) -> FunctionDef:
         return self.executor.lookup(name)
 
-    async def call(self, name: str, args: Any, auth: Auth, *, client: str, request_id: str,
-                   defn: FunctionDef | None = None) -> Any:
+    def call(self, name: str, args: Any, auth: Auth, *, client: str, request_id: str,
+             defn: FunctionDef | None = None) -> Awaitable[Any]:
+        """The call to await (not a coroutine itself: one frame less on the hot path); an unknown
+        ``name`` raises ``NotFound`` here."""
         defn = defn or self.executor.lookup(name)
         if defn.rate_limit is not None and self.limits is not None:
-            # authorise first: an unauthenticated caller must not spend a user's tokens
-            self.executor.authorize(defn, auth)
-            await self.limits.admit(defn, auth, client)
+            return self._limited(defn, args, auth, client, request_id)
+        return self.executor.call(defn, args, auth, request_id=request_id)
+
+    async def _limited(self, defn: FunctionDef, args: Any, auth: Auth, client: str, request_id: str) -> Any:
+        # authorise first: an unauthenticated caller must not spend a user's tokens
+        self.executor.authorize(defn, auth)
+        await self.limits.admit(defn, auth, client)
         return await self.executor.call(defn, args, auth, request_id=request_id)
 
 
