@@ -132,13 +132,14 @@ def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str
     valgrind with instrumentation off, is warmed up, then ``n`` requests (8 at a time) are counted.
     forge-observe's timed loops (metric snapshots every 10 s, writes every 0.5 s) would run 50x
     more often per request under valgrind's slowdown: they are slowed down too (``flush_interval``
-    3600 s, ``write_interval`` 60 s), so the figure is the per-request path plus the aggregation
-    of its events."""
+    3600 s, ``write_interval`` 60 s), and so is the slow-trace threshold (3600 s: under valgrind
+    a call of a few ms takes over the default 1 s, and every such trace would be stored), so the
+    figure is the per-request path plus the aggregation of its events."""
     port, out = free_port(), tmp / f"callgrind.{who}"
     node_env = {**env, "FORGE_GATEWAY__PORT": str(port)}
     if who == "observe":
         node_env.update(FORGE_OBSERVE__FLUSH_INTERVAL="3600", FORGE_OBSERVE__WRITE_INTERVAL="60",
-                        FORGE_NODE__ID="bench-observe-cg")
+                        FORGE_OBSERVE__SLOW_THRESHOLD="3600", FORGE_NODE__ID="bench-observe-cg")
     elif who == "forge":
         node_env.update(FORGE_DISABLE_PLUGINS="observe", FORGE_NODE__ID="bench-cg")
     if who in ("forge", "observe"):

@@ -96,17 +96,24 @@ async def test_queries_cannot_write_and_sessions_stay_read_only(forge_node):
     assert await node.pool.fetchval("SELECT count(*) FROM qp_items") == 1
 
 
-async def test_only_sessions_a_query_could_have_changed_are_reset(forge_node):
-    """The reset on release is a round trip per query: it is skipped when only the model helpers
-    ran, and kept for raw SQL and for anything sent through ``ctx.db.conn``."""
+async def _one_logged_query_connection(forge_node):
+    """A node whose query pool has one connection (every query gets it), with qp_rows holding
+    (1, 1); returns the node, that connection's reset query and the list its statements go to."""
     node = await forge_node(registry=_registry(), config={"node": {"roles": ["function"]},
                                                          "database": {"pool_min": 1, "pool_max": 1}})
     await node.pool.execute("CREATE TABLE qp_rows (id integer PRIMARY KEY, n integer NOT NULL)")
     await node.pool.execute("INSERT INTO qp_rows VALUES (1, 1)")
     statements: list[str] = []
-    async with node.query_pool.acquire() as conn:  # pool_max = 1: every query gets this connection
+    async with node.query_pool.acquire() as conn:
         reset = conn.get_reset_query()
         conn.add_query_logger(lambda record: statements.append(record.query))
+    return node, reset, statements
+
+
+async def test_only_sessions_a_query_could_have_changed_are_reset(forge_node):
+    """The reset on release is a round trip per query: it is skipped when only the model helpers
+    ran, and kept for raw SQL and for anything sent through ``ctx.db.conn``."""
+    node, reset, statements = await _one_logged_query_connection(forge_node)
 
     statements.clear()
     assert await node.executor.call("helpers_only", {}, ANONYMOUS) == 2
@@ -128,15 +135,8 @@ async def test_plain_reads_skip_the_reset_and_selects_that_change_the_session_do
     """Raw SQL that is one plain read (built-in functions only) returns its connection without the
     reset; a SELECT calling set_config(..., false) or taking an advisory lock is reset, so the next
     query on that very connection is read-only and holds no lock."""
-    node = await forge_node(registry=_registry(), config={"node": {"roles": ["function"]},
-                                                         "database": {"pool_min": 1, "pool_max": 1}})
-    await node.pool.execute("CREATE TABLE qp_rows (id integer PRIMARY KEY, n integer NOT NULL)")
+    node, reset, statements = await _one_logged_query_connection(forge_node)
     await node.pool.execute("CREATE TABLE qp_items (n integer)")
-    await node.pool.execute("INSERT INTO qp_rows VALUES (1, 1)")
-    statements: list[str] = []
-    async with node.query_pool.acquire() as conn:  # pool_max = 1: every query gets this connection
-        reset = conn.get_reset_query()
-        conn.add_query_logger(lambda record: statements.append(record.query))
 
     # the first call prepares its statements (and asyncpg looks the array type up, on the same
     # connection: more statements than the query's own, so that one is reset)
