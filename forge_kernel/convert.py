@@ -289,7 +289,13 @@ def structure(value: Any, tp: Any) -> Any:
         raise StructureError(problems_of(exc)) from None
 
 
+#: what JSON holds as it is: the converter would return these unchanged, after a dispatch
+_JSON_SCALARS = frozenset({int, str, float, bool, type(None)})
+
+
 def unstructure(value: Any) -> Any:
+    if value.__class__ in _JSON_SCALARS:
+        return value
     if isinstance(value, enum.Enum):
         return value.value
     return converter.unstructure(value)

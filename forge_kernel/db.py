@@ -6,7 +6,7 @@ import json
 import re
 import time
 from contextvars import ContextVar
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Iterable, Mapping, Sequence
 
 import asyncpg
 import attrs
@@ -51,20 +51,97 @@ async def _init_read_only(conn: asyncpg.Connection) -> None:
         raise PoolerDetected("the startup parameter default_transaction_read_only did not reach the server")
 
 
-#: set while a query connection is released on which only the kernel's own model-helper
-#: statements ran (see :func:`untouched`): its read-only session cannot differ from a fresh one
+#: set while a query connection is released on which only statements that leave a session alone
+#: ran (see :meth:`Database.untouched`): its read-only session cannot differ from a fresh one
 SESSION_UNTOUCHED: ContextVar[bool] = ContextVar("forge_session_untouched", default=False)
 
 
 async def _reset_touched_session(conn: asyncpg.Connection) -> None:
     """The reset on release of read-only (query) pools: asyncpg's own (RESET ALL - which also
     restores ``default_transaction_read_only`` - UNLISTEN *, unlock advisory locks, CLOSE ALL),
-    skipped when nothing but the model helpers ran: a round trip per query for nothing."""
+    skipped when only plain reads ran (:func:`leaves_session_alone`): a round trip per query, and
+    in bench/rpc a third of PostgreSQL's CPU per call, for nothing."""
     if SESSION_UNTOUCHED.get():
         return
     query = conn.get_reset_query()
     if query:
         await conn.execute(query)
+
+
+# --- statements that cannot change their session ------------------------------------------------
+# What a read-only session can carry from one call to the next: settings (SET, set_config(...,
+# false), SET ROLE), advisory locks, LISTEN, cursors WITH HOLD - what the reset undoes. A statement
+# leaves all of that alone when it is one plain read: a SELECT (or WITH / VALUES / TABLE) whose
+# every call is a keyword or a built-in function on the list below. Anything else - several
+# statements, comments, dollar quotes, a function of the app's own or one that changes the session
+# (set_config, pg_advisory_lock, ...) - keeps the reset. What the text cannot show - an app's view,
+# operator or cast that calls such a function - is trusted as the model helpers' generated SQL
+# always was.
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"(?!\s*\()")
+_CALL = re.compile(r"(\"|[a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)\s*\(")
+_WORD = re.compile(r"[a-z_][a-z0-9_$]*")
+_READ_STARTS = frozenset({"select", "with", "values", "table"})
+#: words that make a statement more than a read (most are refused in a read-only session anyway)
+_NOT_READS = frozenset({
+    "into", "insert", "update", "delete", "merge", "copy", "call", "do", "set", "reset", "listen", "unlisten",
+    "notify", "declare", "prepare", "execute", "deallocate", "discard", "load", "lock", "begin", "commit", "rollback",
+    "savepoint", "release", "show", "create", "alter", "drop", "grant", "revoke", "vacuum", "analyze", "explain"})
+#: what may stand before "(" in a plain read: SQL keywords, type names with a modifier, built-ins
+#: that only compute (no session state, no side effects)
+_PLAIN_CALLS = frozenset("""
+in exists any all some values array row over filter within cast and or not on using as from join lateral
+select where when then else case by having is like ilike between distinct union intersect except limit offset
+extract position substring trim overlay grouping rollup cube sets interval numeric decimal varchar char
+character time timestamp bit float with
+count sum avg min max bool_and bool_or every array_agg string_agg json_agg jsonb_agg json_object_agg
+jsonb_object_agg json_build_object jsonb_build_object json_build_array jsonb_build_array to_json to_jsonb
+row_to_json array_to_json json_array_length jsonb_array_length jsonb_typeof json_typeof jsonb_extract_path
+jsonb_extract_path_text json_extract_path json_extract_path_text jsonb_strip_nulls jsonb_set jsonb_insert
+jsonb_path_query jsonb_path_query_array jsonb_path_query_first jsonb_path_exists jsonb_path_match
+jsonb_each jsonb_each_text json_each json_each_text jsonb_array_elements jsonb_array_elements_text
+json_array_elements json_array_elements_text jsonb_object_keys json_object_keys jsonb_pretty
+now current_date current_timestamp clock_timestamp statement_timestamp transaction_timestamp timeofday
+date_trunc date_part date_bin age make_date make_time make_timestamp make_timestamptz make_interval
+to_char to_date to_timestamp to_number justify_days justify_hours justify_interval isfinite
+lower upper initcap length char_length octet_length bit_length concat concat_ws replace split_part left
+right lpad rpad ltrim rtrim btrim reverse repeat strpos starts_with format quote_ident quote_literal
+quote_nullable regexp_replace regexp_match regexp_matches regexp_split_to_array regexp_split_to_table
+regexp_like regexp_count regexp_substr translate ascii chr md5 sha224 sha256 sha384 sha512 encode decode
+abs round floor ceil ceiling trunc mod power sqrt cbrt exp ln log sign greatest least coalesce nullif
+div width_bucket random gen_random_uuid uuidv4 uuidv7
+generate_series unnest array_length array_lower array_upper array_position array_positions array_remove
+array_replace array_append array_prepend array_cat array_dims array_ndims cardinality
+row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value
+percentile_cont percentile_disc mode stddev stddev_pop stddev_samp variance var_pop var_samp corr
+to_tsvector to_tsquery plainto_tsquery phraseto_tsquery websearch_to_tsquery ts_rank ts_rank_cd ts_headline
+setweight
+""".split())
+_PLAIN_CACHE: dict[str, bool] = {}
+
+
+def leaves_session_alone(sql: str) -> bool:
+    """Whether ``sql`` is one plain read, which cannot change the session it runs in (see above):
+    a query that ran only such statements returns its connection without the reset."""
+    known = _PLAIN_CACHE.get(sql)
+    if known is None:
+        known = _plain_read(sql)
+        if len(_PLAIN_CACHE) < 10_000:
+            _PLAIN_CACHE[sql] = known
+    return known
+
+
+def _plain_read(sql: str) -> bool:
+    text = sql.lower()
+    if "\\" in text or "$$" in text or re.search(r"\$[a-z_]", text):  # escapes, dollar quotes: not worth reading
+        return False
+    text = _QUOTED.sub(" ", text)  # literals and quoted names (a quoted name that is called stays)
+    if ";" in text or "--" in text or "/*" in text or "'" in text:
+        return False
+    words = _WORD.findall(text)
+    if not words or words[0] not in _READ_STARTS or not _NOT_READS.isdisjoint(words):
+        return False
+    return all(name in _PLAIN_CALLS for name in (re.sub(r"\s+", "", n).removeprefix("pg_catalog.")
+                                                 for n in _CALL.findall(text)))
 
 
 def statements_run(conn: Any) -> int | None:
@@ -188,33 +265,35 @@ class Database:
         self._helper_statements = 0
 
     # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
-    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+    # Not coroutines themselves: each returns the connection's call to await (one coroutine
+    # less per statement, on every query's path).
+    def fetch(self, sql: str, *args: Any) -> Awaitable[list[asyncpg.Record]]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.fetch(sql, *args)
-        return await _traced(self.conn.fetch, sql, args)
+            return self.conn.fetch(sql, *args)
+        return _traced(self.conn.fetch, sql, args)
 
-    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+    def fetchrow(self, sql: str, *args: Any) -> Awaitable[asyncpg.Record | None]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.fetchrow(sql, *args)
-        return await _traced(self.conn.fetchrow, sql, args)
+            return self.conn.fetchrow(sql, *args)
+        return _traced(self.conn.fetchrow, sql, args)
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
+    def fetchval(self, sql: str, *args: Any) -> Awaitable[Any]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.fetchval(sql, *args)
-        return await _traced(self.conn.fetchval, sql, args)
+            return self.conn.fetchval(sql, *args)
+        return _traced(self.conn.fetchval, sql, args)
 
-    async def execute(self, sql: str, *args: Any) -> str:
+    def execute(self, sql: str, *args: Any) -> Awaitable[str]:
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
-            return await self.conn.execute(sql, *args)
-        return await _traced(self.conn.execute, sql, args)
+            return self.conn.execute(sql, *args)
+        return _traced(self.conn.execute, sql, args)
 
     async def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
         await self.conn.executemany(sql, args)
@@ -286,9 +365,15 @@ class Database:
 
     def untouched(self, ran: int | None) -> bool:
         """Whether the ``ran`` statements executed on the connection since this Database was made
-        (:func:`statements_run`) were all the model helpers' own: no raw SQL, nothing through
-        ``conn`` directly, so the session holds nothing a reset would undo."""
-        return ran is not None and not self._statements and ran == self._helper_statements
+        (:func:`statements_run`) were all the model helpers' and plain reads
+        (:func:`leaves_session_alone`): nothing else, nothing through ``conn`` directly, so the
+        session holds nothing a reset would undo."""
+        if ran is None or ran != self._helper_statements + len(self._statements):
+            return False
+        for sql, _ in self._statements:
+            if not leaves_session_alone(sql):
+                return False
+        return True
 
     # --- what was read --------------------------------------------------------------
     def declare_read(self, table: str, **filters: Any) -> None:

@@ -126,22 +126,29 @@ def check(url: str, body: dict | list, expect: object) -> None:
         raise SystemExit(f"{url} answered {got!r}, expected {expect!r}")
 
 
-def instructions_per_request(tmp: Path, env: dict, n: int, observe: bool) -> float:
-    """CPU instructions one ``POST /rpc/value`` costs the node, counted by callgrind (steady on a
-    shared machine, where timings swing by 2x): the node runs under valgrind with instrumentation
-    off, is warmed up, then ``n`` requests (8 at a time) are counted. forge-observe's timed loops
-    (metric snapshots every 10 s, writes every 0.5 s) would run 50x more often per request under
-    valgrind's slowdown: they are slowed down too (``flush_interval`` 3600 s, ``write_interval``
-    60 s), so the figure is the per-request path plus the aggregation of its events."""
-    port, out = free_port(), tmp / f"callgrind.{'observe' if observe else 'forge'}"
+def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str) -> float:
+    """CPU instructions one request costs the server ``who`` (forge, observe, bare or raw), counted
+    by callgrind (steady on a shared machine, where timings swing by 2x): the server runs under
+    valgrind with instrumentation off, is warmed up, then ``n`` requests (8 at a time) are counted.
+    forge-observe's timed loops (metric snapshots every 10 s, writes every 0.5 s) would run 50x
+    more often per request under valgrind's slowdown: they are slowed down too (``flush_interval``
+    3600 s, ``write_interval`` 60 s), and so is the slow-trace threshold (3600 s: under valgrind
+    a call of a few ms takes over the default 1 s, and every such trace would be stored), so the
+    figure is the per-request path plus the aggregation of its events."""
+    port, out = free_port(), tmp / f"callgrind.{who}"
     node_env = {**env, "FORGE_GATEWAY__PORT": str(port)}
-    if observe:
+    if who == "observe":
         node_env.update(FORGE_OBSERVE__FLUSH_INTERVAL="3600", FORGE_OBSERVE__WRITE_INTERVAL="60",
-                        FORGE_NODE__ID="bench-observe-cg")
-    else:
+                        FORGE_OBSERVE__SLOW_THRESHOLD="3600", FORGE_NODE__ID="bench-observe-cg")
+    elif who == "forge":
         node_env.update(FORGE_DISABLE_PLUGINS="observe", FORGE_NODE__ID="bench-cg")
+    if who in ("forge", "observe"):
+        argv, path, ready = [PY, "-m", "forge_kernel.cli", "start"], "/rpc/value", "/ready"
+    else:
+        argv = [PY, str(HERE / f"{who}_app.py"), "--port", str(port), "--db-url", db_url, "--loop", "uvloop"]
+        path, ready = "/value", None
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no",
-                             f"--callgrind-out-file={out}", PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                             f"--callgrind-out-file={out}", *argv], cwd=tmp,
                             env=node_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -149,14 +156,22 @@ def instructions_per_request(tmp: Path, env: dict, n: int, observe: bool) -> flo
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             async def worker(k: int) -> None:
                 for _ in range(k):
-                    assert (await client.post("/rpc/value", json={"id": 7})).status_code == 200
+                    assert (await client.post(path, json={"id": 7})).status_code == 200
             await asyncio.gather(*(worker(count // 8) for _ in range(8)))
 
     def control(*argv: str) -> None:
         subprocess.run(["callgrind_control", *argv, str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
 
+    def up() -> bool:
+        try:
+            if ready:
+                return httpx.get(url + ready, timeout=30).status_code == 200
+            return httpx.post(url + path, json={"id": 1}, timeout=30).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        wait_for(lambda: httpx.get(url + "/ready", timeout=30).status_code == 200, 600, 1, "the node under valgrind")
+        wait_for(up, 600, 1, f"{who} under valgrind")
         asyncio.run(load(400))
         control("-z")
         control("-i", "on")
@@ -198,8 +213,11 @@ def main() -> None:
                     help="also run the FORGE node with forge-observe at its defaults and compare (target >= 0.95)")
     ap.add_argument("--observe-only", action="store_true",
                     help="run only FORGE with and without forge-observe (no bare app, no PgBouncer)")
+    ap.add_argument("--servers", default="forge,observe,bare,raw",
+                    help="with --instructions: which servers to count (comma-separated)")
+    ap.add_argument("--no-pgbouncer", action="store_true", help="leave out the FORGE node through PgBouncer")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
-                    help="instead of wrk rounds: CPU instructions per request with and without forge-observe, "
+                    help="instead of wrk rounds: CPU instructions per request of FORGE with and without forge-observe, bare and raw, "
                          "counted by callgrind over N requests each (needs valgrind)")
     args = ap.parse_args()
     args.observe = args.observe or args.observe_only
@@ -229,11 +247,17 @@ def main() -> None:
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
         if args.instructions:
-            without = instructions_per_request(tmp, env, args.instructions, observe=False)
-            with_ = instructions_per_request(tmp, env, args.instructions, observe=True)
-            print(f"CPU instructions per request (callgrind, {args.instructions} requests each): without "
+            counts = {who: instructions_per_request(tmp, env, args.instructions, who, db_url)
+                      for who in args.servers.split(",")}
+            if set(counts) != {"forge", "observe", "bare", "raw"}:
+                print(", ".join(f"{who} {n:,.0f}" for who, n in counts.items()) + " CPU instructions per request")
+                return
+            without, with_ = counts["forge"], counts["observe"]
+            print(f"CPU instructions per request (callgrind, {args.instructions} requests each): FORGE without "
                   f"forge-observe {without:,.0f}, with {with_:,.0f} ({with_ - without:+,.0f}, "
-                  f"{(with_ / without - 1) * 100:+.1f}%); load average {os.getloadavg()}")
+                  f"{(with_ / without - 1) * 100:+.1f}%); bare Litestar {counts['bare']:,.0f}, raw ASGI "
+                  f"{counts['raw']:,.0f}; bare / FORGE with forge-observe {counts['bare'] / with_:.3f}, raw / "
+                  f"FORGE {counts['raw'] / with_:.3f}; load average {os.getloadavg()}")
             return
         forge_log = open(tmp / "forge.log", "wb")
         # the FORGE node as before forge-observe existed; with --observe a second one has it
@@ -252,7 +276,7 @@ def main() -> None:
             procs.append(observed_proc)
             observed = f"http://127.0.0.1:{obs_port}"
         pooled_port, pooled_proc = 0, None
-        if PgBouncer.binary() and not args.observe_only:
+        if PgBouncer.binary() and not args.observe_only and not args.no_pgbouncer:
             where = urlsplit(db_url)
             bouncer = PgBouncer(private_folder("forge-bench-rpc-pgbouncer-"), where.hostname, where.port,
                                 {where.username: secrets.token_hex(12)}, pool_size=args.pool_max).start()
@@ -276,6 +300,12 @@ def main() -> None:
                                       "--pool-max", str(args.pool_max), "--loop", args.loop],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(bare_proc)
+        raw_port = free_port()
+        raw_proc = subprocess.Popen([PY, str(HERE / "raw_app.py"), "--port", str(raw_port), "--db-url", db_url,
+                                     "--pool-max", str(args.pool_max), "--loop", args.loop],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(raw_proc)
+        raw = f"http://127.0.0.1:{raw_port}"
         forge = f"http://127.0.0.1:{forge_port}"
         bare = f"http://127.0.0.1:{bare_port}"
         pooled = f"http://127.0.0.1:{pooled_port}"
@@ -283,6 +313,8 @@ def main() -> None:
         wait_for(lambda: httpx.post(bare + "/value", json={"id": 1}).status_code == 200, 60, 0.2, "bare app")
         check(forge + "/rpc/value", {"id": 7}, {"data": 8})
         check(bare + "/value", {"id": 7}, {"data": 8})
+        wait_for(lambda: httpx.post(raw + "/value", json={"id": 1}).status_code == 200, 60, 0.2, "raw ASGI app")
+        check(raw + "/value", {"id": 7}, {"data": 8})
         if bouncer:
             try:
                 wait_for(lambda: httpx.get(pooled + "/ready").status_code == 200, 60, 0.2, "FORGE node through PgBouncer")
@@ -309,7 +341,9 @@ def main() -> None:
             run_wrk(observed, s_forge, 2, args.connections)
             contenders.append(("observe", observed, s_forge, observed_proc.pid))
         if not args.observe_only:
+            run_wrk(raw, s_bare, 2, args.connections)
             contenders.append(("bare", bare, s_bare, bare_proc.pid))
+            contenders.append(("raw", raw, s_bare, raw_proc.pid))
         if bouncer:
             run_wrk(pooled, s_forge, 2, args.connections)
             contenders.append(("pgbouncer", pooled, s_forge, pooled_proc.pid))
@@ -346,9 +380,19 @@ def main() -> None:
             return s["server_cpu_us_per_req"] + s["pg_cpu_us_per_req"] + s.get("pgbouncer_cpu_us_per_req", 0.0)
 
         cost = {n: cost_of(summary[n]) for n in ("forge", "bare") if n in summary}
+        def per_round(a: str, b: str) -> float:
+            return statistics.median(x["rps"] / y["rps"] for x, y in zip(results[a], results[b]))
+
         if "bare" in summary:
             summary["ratio_forge_over_bare"] = summary["forge"]["rps"] / summary["bare"]["rps"]
+            summary["ratio_forge_over_bare_per_round"] = per_round("forge", "bare")
             summary["cpu_ratio_bare_over_forge"] = cost["bare"] / cost["forge"]
+            summary["ratio_raw_over_bare"] = summary["raw"]["rps"] / summary["bare"]["rps"]
+            summary["ratio_raw_over_bare_per_round"] = per_round("raw", "bare")
+            summary["ratio_forge_over_raw"] = summary["forge"]["rps"] / summary["raw"]["rps"]
+            if observed:
+                summary["ratio_observe_over_bare"] = summary["observe"]["rps"] / summary["bare"]["rps"]
+                summary["ratio_observe_over_bare_per_round"] = per_round("observe", "bare")
         if observed:
             with_, without = summary["observe"], summary["forge"]
             summary["ratio_observe_over_forge"] = with_["rps"] / without["rps"]
@@ -369,15 +413,22 @@ def main() -> None:
                             "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count(),
                             "row_security": args.row_security}
         print("\nmedians:")
-        for name in [n for n in ("forge", "observe", "bare", "pgbouncer", "batch10") if n in summary]:
+        for name in [n for n in ("forge", "observe", "bare", "raw", "pgbouncer", "batch10") if n in summary]:
             s = summary[name]
             print(f"  {name:8s} {s['rps']:9.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  "
                   f"cpu/req server {s['server_cpu_us_per_req']:.1f} us postgres {s['pg_cpu_us_per_req']:.1f} us")
         if "batch10" in summary:
             print(f"  batch10 = {summary['batch10']['calls_per_s']:.0f} calls/s")
         if "bare" in summary:
-            print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} req/s (target >= 0.8); "
+            print(f"  ratio FORGE / bare = {summary['ratio_forge_over_bare']:.3f} req/s (medians), "
+                  f"{summary['ratio_forge_over_bare_per_round']:.3f} (median of per-round ratios; target >= 1.2); "
                   f"by CPU per request (server + PostgreSQL) {summary['cpu_ratio_bare_over_forge']:.3f}")
+            if observed:
+                print(f"  ratio FORGE with forge-observe / bare = {summary['ratio_observe_over_bare']:.3f} req/s "
+                      f"(medians), {summary['ratio_observe_over_bare_per_round']:.3f} (median of per-round ratios)")
+            print(f"  ratio raw ASGI / bare = {summary['ratio_raw_over_bare']:.3f} (medians), "
+                  f"{summary['ratio_raw_over_bare_per_round']:.3f} (per round); FORGE / raw ASGI = "
+                  f"{summary['ratio_forge_over_raw']:.3f}")
         if observed:
             print(f"  ratio FORGE with forge-observe / without = {summary['ratio_observe_over_forge']:.3f} req/s "
                   f"(medians), {summary['ratio_observe_over_forge_per_round']:.3f} (median of per-round ratios); "

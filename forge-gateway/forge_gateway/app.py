@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, Iterable
+from typing import Any, Awaitable, Iterable
 
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
-from litestar.response.base import ASGIResponse
 from loguru import logger
 
 from forge_kernel import ANONYMOUS, Auth, ForgeError
@@ -48,6 +47,7 @@ class Gateway:
         self.caller = FunctionCaller(node.executor, limits)
         self.rpc = JsonRpc(self.caller, max_batch=config.max_batch)
         self.api_key_header = config.api_key_header.lower()
+        self.api_key_name = self.api_key_header.encode("latin-1")
         #: headers that carry a credential: a request must not send one of them twice
         self.credential_headers = {b"authorization": "Authorization",
                                    self.api_key_header.encode("latin-1"): config.api_key_header}
@@ -96,16 +96,6 @@ def error_response(exc: ForgeError, request_id: str) -> Response:
                     headers=_error_headers(exc, request_id))
 
 
-# The /rpc handlers return finished ASGI responses (annotated ASGIApp): the body is already JSON
-# bytes, so Litestar's Response -> ASGIResponse conversion would only cost time (bench/rpc).
-def json_asgi(content: bytes, status: int = 200, headers: dict[str, str] | None = None) -> ASGIResponse:
-    return ASGIResponse(body=content, status_code=status, media_type=JSON, headers=headers)
-
-
-def error_asgi(exc: ForgeError, request_id: str) -> ASGIResponse:
-    return json_asgi(_encode({"error": exc.to_dict()}), exc.status, _error_headers(exc, request_id))
-
-
 def encode_or_internal(body: Any, request_id: str, what: str) -> bytes:
     try:
         return _encode(body)
@@ -152,108 +142,144 @@ async def openapi(request: Request) -> Response:
     return Response(_gateway(request).openapi, media_type=JSON)
 
 
-async def _read_body(receive: Any, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(None, limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 class _Disconnected(Exception):
     """The client went away while sending its body: nobody is left to answer."""
 
 
+#: what an /rpc handler answers: status, JSON body (empty for 204), response headers (raw ASGI pairs;
+#: content-type and content-length are added when it is sent)
+Reply = tuple[int, bytes, list[tuple[bytes, bytes]]]
+_JSON_TYPE = (b"content-type", b"application/json")
+_ALLOW_POST = (b"allow", b"POST")
+RPC_PREFIX = "/rpc"
+
+
+def _reply_headers(request_id: str) -> list[tuple[bytes, bytes]]:
+    return [(b"x-request-id", request_id.encode("latin-1"))]
+
+
+def _error_reply(exc: ForgeError, request_id: str, status: int | None = None) -> Reply:
+    headers = _reply_headers(request_id)
+    retry = getattr(exc, "retry_after", None)
+    if retry is not None:
+        headers.append((b"retry-after", str(retry).encode("latin-1")))
+    return status or exc.status, _encode({"error": exc.to_dict()}), headers
+
+
+async def _send_reply(send: Any, reply: Reply) -> None:
+    status, body, headers = reply
+    if status != 204:
+        headers.append(_JSON_TYPE)
+        headers.append((b"content-length", b"%d" % len(body)))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GatewayApp:
+    """The ASGI app the node serves: ``/rpc`` and ``/rpc/...`` go straight to :func:`serve_rpc`,
+    everything else to the Litestar app. Measured in bench/rpc: Litestar's routing, exception
+    middleware and response objects cost more per call than the function executor. With
+    ``[gateway] cors_origins`` set, ``/rpc`` goes through Litestar too (its CORS middleware answers
+    preflights and adds the headers), to the same handler."""
+
+    __slots__ = ("gateway", "litestar", "fast_rpc")
+
+    def __init__(self, gateway: Gateway, litestar: Litestar, fast_rpc: bool) -> None:
+        self.gateway = gateway
+        self.litestar = litestar
+        self.fast_rpc = fast_rpc
+
+    # not async: it hands over the coroutine to await (one coroutine less on every call's stack;
+    # uvicorn is told the interface is ASGI 3, see server.py)
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+        if self.fast_rpc and scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith(RPC_PREFIX) and (len(path) == 4 or path[4] == "/"):
+                return serve_rpc(self.gateway, scope, receive, send)
+        return self.litestar(scope, receive, send)
+
+
 @asgi("/rpc", is_mount=True, copy_scope=False)
 async def rpc_routes(scope: Any, receive: Any, send: Any) -> None:
-    """``POST /rpc/{function}`` and ``POST /rpc`` (JSON-RPC), the hot path: a plain ASGI handler
-    mounted in Litestar (routing, CORS and the exception middleware still apply) that reads the few
-    headers it needs straight from the scope. Measured in bench/rpc: Litestar's request/response
-    modelling cost more per call than the function executor itself."""
-    gw: Gateway = scope["app"].state.gateway
+    """``/rpc`` inside Litestar (when CORS is on, see :class:`GatewayApp`)."""
+    # Litestar's mount routing cut the prefix off scope["path"]; put the request's path back so
+    # the access log (which reads this scope) shows what the client asked for
+    scope["path"] = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    await serve_rpc(scope["app"].state.gateway, scope, receive, send)
+
+
+async def serve_rpc(gw: Gateway, scope: Any, receive: Any, send: Any) -> None:
+    """``POST /rpc/{function}`` and ``POST /rpc`` (JSON-RPC), the hot path: a plain ASGI handler that
+    reads the few headers it needs straight from the scope and sends its answer as two ASGI
+    messages. Any error becomes a JSON answer; an unexpected one is logged and answered INTERNAL
+    naming the request id, never with a traceback."""
     wanted = gw.header_names
-    headers: dict[str, str] = {}
+    headers: dict[bytes, str] = {}
     repeated: bytes | None = None
     for name, value in scope["headers"]:
         if name in wanted:
-            key = name.decode("latin-1")
-            if key in headers:
+            if name in headers:
                 if name == b"x-forwarded-for":  # several headers are one list (RFC 9110 5.3)
-                    headers[key] += "," + value.decode("latin-1")
+                    headers[name] += "," + value.decode("latin-1")
                     continue
                 if name in gw.credential_headers:
                     repeated = name
-            headers[key] = value.decode("latin-1")
-    request_id = request_id_from(headers.get("x-request-id"))
-    raw_path = scope.get("raw_path") or scope["path"].encode()
-    # Litestar's mount routing cut the prefix off scope["path"]; put the request's path back so
-    # the access log (which reads this scope) shows what the client asked for
-    scope["path"] = raw_path.decode("latin-1")
-    rest = scope["path"][len(RPC_PREFIX):]
-    if rest and not rest.startswith("/"):  # the mount also matches /rpcanything
-        err = ForgeError(f"no route {scope['method']} {scope['path']}", code="NOT_FOUND")
-        await error_asgi(err, request_id)(scope, receive, send)
-        return
+            headers[name] = value.decode("latin-1")
+    request_id = request_id_from(headers.get(b"x-request-id"))
+    raw_path = scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else scope["path"]
+    rest = path[len(RPC_PREFIX):]
     function = rest.strip("/")
-    if scope["method"] != "POST":
+    reply: Reply | None = None
+    if rest and not rest.startswith("/"):  # the Litestar mount also matches /rpcanything
+        reply = _error_reply(ForgeError(f"no route {scope['method']} {path}", code="NOT_FOUND"), request_id)
+    elif scope["method"] != "POST":
         err = ForgeError(f"method {scope['method']} not allowed on {RPC_PREFIX}/{function}; use POST".replace("//", "/"),
                          code="INVALID_ARGUMENT")
-        response = json_asgi(_encode({"error": err.to_dict()}), 405, {"x-request-id": request_id, "allow": "POST"})
-        await response(scope, receive, send)
-        return
-    if repeated is not None:
+        reply = _error_reply(err, request_id, 405)
+        reply[2].append(_ALLOW_POST)
+    elif repeated is not None:
         # two credentials, one request: answering for either would let a proxy's or a client's
         # header win depending on order, so neither is used
-        err = InvalidArgument(f"the {gw.credential_headers[repeated]} header is sent more than once; "
-                              "send exactly one credential")
-        await error_asgi(err, request_id)(scope, receive, send)
+        reply = _error_reply(InvalidArgument(f"the {gw.credential_headers[repeated]} header is sent more than once; "
+                                             "send exactly one credential"), request_id)
+    if reply is not None:
+        await _send_reply(send, reply)
         return
-    client = scope["client"][0] if scope.get("client") else None
-    forwarded = headers.get("x-forwarded-for")
+    client = scope.get("client")
+    client = client[0] if client else None
+    forwarded = headers.get(b"x-forwarded-for")
     client = gw.clients.of(client, [forwarded]) if forwarded is not None else (client or "unknown")
     tel = gw.telemetry
-    if not tel.enabled:
-        try:
-            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
-                              else _json_rpc(gw, headers, receive, client, request_id))
-        except _Disconnected:
-            return
-        await response(scope, receive, send)
-        return
-    # the request's span continues the caller's W3C traceparent
-    remote = headers.get("traceparent")
-    attrs = {"request.id": request_id, "http.status_code": 0}
-    span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
-                          remote=remote, attrs=attrs)
+    span = remote = None
+    if tel.enabled:  # the request's span continues the caller's W3C traceparent
+        remote = headers.get(b"traceparent")
+        span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
+                              remote=remote, attrs={"request.id": request_id, "http.status_code": 0})
+    status = 0
     try:
         try:
-            response = await (_call_function(gw, function, headers, receive, client, request_id) if function
-                              else _json_rpc(gw, headers, receive, client, request_id))
+            reply = await (_call_function(gw, function, headers, receive, client, request_id) if function
+                           else _json_rpc(gw, headers, receive, client, request_id))
         except _Disconnected:
             return
-        status = attrs["http.status_code"] = response.status_code
+        except Exception as exc:  # a defect of ours: logged with the request id, answered without a trace
+            logger.bind(request_id=request_id).opt(exception=exc).error(
+                f"unhandled error in POST {path} (request {request_id})")
+            reply = _error_reply(ForgeError(f"internal error (request {request_id})",
+                                            details={"request_id": request_id}), request_id)
+        status = reply[0]
         # The reply names its trace when that is of use: the caller traces, or the trace is stored
         # for sure (head-sampled, or a server error). Every other reply has only x-request-id, which
         # a stored root span also records: formatting and sending the header on every reply cost
         # 15k CPU instructions per request, half the overhead budget (bench/rpc/README.md).
-        if remote is not None or status >= 500 or span.sampled:
-            # the raw header list (MutableScopeHeaders.headers): its add() lower-cases and encodes again
-            response.headers.headers.append((b"traceparent", span.traceparent().encode("latin-1")))
-        await response(scope, receive, send)
+        if span is not None and (remote is not None or status >= 500 or span.sampled):
+            reply[2].append((b"traceparent", span.traceparent().encode("latin-1")))
+        await _send_reply(send, reply)
     finally:
-        status = attrs["http.status_code"]
-        tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
-
-
-RPC_PREFIX = "/rpc"
+        if span is not None:
+            span.attrs["http.status_code"] = status
+            tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
 
 
 async def _unless_disconnected(gw: Gateway, receive: Any, work: Any) -> Any:
@@ -289,12 +315,13 @@ async def rpc_elsewhere(scope: Any, receive: Any, send: Any) -> None:
     node = gw.node
     path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
     if path[len(RPC_PREFIX):][:1] not in ("", "/"):  # the mount also matches /rpcanything
-        await error_asgi(ForgeError(f"no route {scope['method']} {path}", code="NOT_FOUND"), request_id)(scope, receive, send)
+        await _send_reply(send, _error_reply(ForgeError(f"no route {scope['method']} {path}", code="NOT_FOUND"),
+                                             request_id))
         return
     err = ForgeError(f"node {node.id} does not run functions (its roles: {', '.join(node.roles) or 'none'}); "
                      f"/rpc is served by nodes running the 'function' role (forge-gateway){await _function_nodes(gw)}",
                      code="UNAVAILABLE", details={"role": "function", "node": node.id})
-    await error_asgi(err, request_id)(scope, receive, send)
+    await _send_reply(send, _error_reply(err, request_id))
 
 
 async def _function_nodes(gw: Gateway) -> str:
@@ -319,38 +346,55 @@ async def _function_nodes(gw: Gateway) -> str:
     return text
 
 
-async def _caller(gw: Gateway, headers: dict[str, str]) -> Auth:
-    authorization, api_key = headers.get("authorization"), headers.get(gw.api_key_header)
+def _caller(gw: Gateway, headers: dict[bytes, str]) -> Awaitable[Auth] | Auth:
+    """The caller: ANONYMOUS without a credential, else what the verifier makes of it (to await)."""
+    authorization, api_key = headers.get(b"authorization"), headers.get(gw.api_key_name)
     if authorization is None and api_key is None:
         return ANONYMOUS
-    return await gw.verifier.from_headers(authorization, api_key)
+    return gw.verifier.from_headers(authorization, api_key)
 
 
-async def _body(gw: Gateway, headers: dict[str, str], receive: Any) -> bytes:
+async def _body(gw: Gateway, headers: dict[bytes, str], receive: Any) -> bytes:
     limit = gw.config.max_body_bytes
-    length = headers.get("content-length")
+    length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise _too_large(int(length), limit)
-    return await _read_body(receive, limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(None, limit)
+        if not message.get("more_body", False):
+            return b"".join(chunks) + chunk if chunks else chunk
+        chunks.append(chunk)
 
 
-async def _call_function(gw: Gateway, function: str, headers: dict[str, str], receive: Any, client: str,
-                         request_id: str) -> ASGIResponse:
+async def _call_function(gw: Gateway, function: str, headers: dict[bytes, str], receive: Any, client: str,
+                         request_id: str) -> Reply:
     try:
-        auth = await _caller(gw, headers)
+        auth = _caller(gw, headers)
+        if auth is not ANONYMOUS:
+            auth = await auth
         body = await _body(gw, headers, receive)
         args = decode_json(body) if body.strip() else {}
-        result = await _unless_disconnected(gw, receive, gw.caller.call(function, args, auth, client=client,
-                                                                        request_id=request_id))
-        return json_asgi(encode_or_internal({"data": result}, request_id, function), 200, {"x-request-id": request_id})
+        work = gw.caller.call(function, args, auth, client=client, request_id=request_id)
+        result = await (_unless_disconnected(gw, receive, work) if gw.forwards else work)
+        return 200, encode_or_internal({"data": result}, request_id, function), _reply_headers(request_id)
     except ForgeError as exc:
-        return error_asgi(exc, request_id)
+        return _error_reply(exc, request_id)
 
 
-async def _json_rpc(gw: Gateway, headers: dict[str, str], receive: Any, client: str, request_id: str) -> ASGIResponse:
-    out_headers = {"x-request-id": request_id}
+async def _json_rpc(gw: Gateway, headers: dict[bytes, str], receive: Any, client: str, request_id: str) -> Reply:
+    out_headers = _reply_headers(request_id)
     try:
-        auth: Auth | ForgeError = await _caller(gw, headers)
+        auth: Auth | ForgeError = _caller(gw, headers)
+        if auth is not ANONYMOUS:
+            auth = await auth
     except ForgeError as exc:  # each call reports it; a batch still gets one answer per call
         auth = exc
     try:
@@ -359,21 +403,21 @@ async def _json_rpc(gw: Gateway, headers: dict[str, str], receive: Any, client: 
         code = PARSE_ERROR if exc.code == "INVALID_ARGUMENT" else -32013
         content = _encode(rpc_error(None, code, f"Parse error: {exc.message}" if code == PARSE_ERROR else exc.message,
                                     exc.code, exc.details))
-        return json_asgi(content, exc.status, out_headers)
+        return exc.status, content, out_headers
     reply, error = await _unless_disconnected(gw, receive, gw.rpc.handle(payload, auth, client=client,
                                                                          request_id=request_id))
     if reply is None:
-        return ASGIResponse(body=b"", status_code=204, headers=out_headers)
+        return 204, b"", out_headers
     status = 200
     if error is not None and isinstance(reply, dict):  # a single reply (a batch answers 200)
         status = error.status
         retry = getattr(error, "retry_after", None)
         if retry is not None:
-            out_headers["retry-after"] = str(retry)
+            out_headers.append((b"retry-after", str(retry).encode("latin-1")))
     try:
-        return json_asgi(encode_or_internal(reply, request_id, "JSON-RPC"), status, out_headers)
+        return status, encode_or_internal(reply, request_id, "JSON-RPC"), out_headers
     except ForgeError as exc:
-        return error_asgi(exc, request_id)
+        return _error_reply(exc, request_id)
 
 
 # --- errors raised outside the handlers (unknown path, wrong method, framework limits) -------------
@@ -400,7 +444,7 @@ def _forge_error(request: Request, exc: ForgeError) -> Response:
     return error_response(exc, request_id_from(request.headers.get("x-request-id")))
 
 
-def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
+def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> GatewayApp:
     cfg = gateway.config
     routes: list[Any] = [health, ready, openapi]
     routes += [rpc_routes if gateway.serves_functions else rpc_elsewhere]
@@ -420,4 +464,4 @@ def build_app(gateway: Gateway, extra_routes: Iterable[Any] = ()) -> Litestar:
         logging_config=None,
     )
     app.state.gateway = gateway
-    return app
+    return GatewayApp(gateway, app, fast_rpc=gateway.serves_functions and cors is None)

@@ -81,7 +81,7 @@ def uvicorn_config(app: Any, cfg: GatewayConfig) -> tuple[uvicorn.Config, Reload
     tls = ReloadingTls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     headers = [("strict-transport-security", f"max-age={cfg.hsts_max_age}")] if tls and cfg.hsts_max_age else []
     # our WebSocket protocol is uvicorn's plus write_now (forge_kernel.websocket): fan-out without a task per message
-    config = uvicorn.Config(app, lifespan="on", http=functools.partial(EdgeProtocol, gate=gate), ws=WebSocketProtocol,
+    config = uvicorn.Config(app, interface="asgi3", lifespan="on", http=functools.partial(EdgeProtocol, gate=gate), ws=WebSocketProtocol,
                             ws_max_size=cfg.ws_max_message_bytes, proxy_headers=False, headers=headers,
                             access_log=cfg.access_log, log_config=None, log_level=logging.WARNING,
                             timeout_graceful_shutdown=cfg.shutdown_timeout, server_header=False, date_header=True)
