@@ -26,6 +26,8 @@ _ATTR = "_forge_observe"
 OBSERVED_SERVICES = ("gateway-http", "worker", "scheduler", "realtime")
 #: every so many flushes, every series is written even if unchanged (alerts need a value at a window's start)
 FULL_SNAPSHOT_EVERY = 30
+#: seconds between two aggregations of the node's event ring (bench/jobs/instructions.py lengthens it)
+AGGREGATE_EVERY = 0.5
 
 
 class Observer:
@@ -99,7 +101,7 @@ class Observer:
         return self.metrics.apply(self.node.telemetry.drain())
 
     async def _aggregate_loop(self) -> None:
-        period = 0.5
+        period = AGGREGATE_EVERY
         while True:
             t0 = time.monotonic()
             await asyncio.sleep(period)
