@@ -13,7 +13,8 @@ its defaults, except for its timed loops: under valgrind's ~50x slowdown they wo
 often per job. Its metric snapshots (every 10 s) and writes (every 0.5 s) are slowed down
 (``flush_interval`` 3600 s, ``write_interval`` 60 s); its aggregation of the event ring (every
 0.5 s, i.e. batches of thousands of events at full speed) runs once, on SIGUSR1 after the drain
-and before counting stops, so it is counted in full. The figure is the node's whole process: the
+and before counting stops, so it is counted in full, as is the writing of the sampled jobs' spans
+(the same signal after the warm-up writes the warm-up's, so the writer's connection is open). The figure is the node's whole process: the
 claim loop, the job tasks, the event loop, garbage collection, and forge-observe's recording and
 aggregation.
 """
@@ -56,16 +57,27 @@ async def serve(url: str, observe: bool, aggregation: bool = True) -> None:
         service.AGGREGATE_EVERY = 3600.0
     node = Node(load_config(loader.config_sections(), data=data, env={}), loader)
 
-    def aggregate() -> None:
+    async def aggregate() -> None:
         if observe and aggregation:
-            service.for_node(node).aggregate()
+            obs = service.for_node(node)
+            obs.aggregate()
+            # the spans of the sampled jobs (1 %) are written now: the writer's connection is made
+            # before the counted window, and the window's own spans are counted in it
+            await obs.writer.write_pending()
         gc.collect()  # each side starts its window with the same empty young generations
         print("aggregated", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, aggregate)
+    tasks: set[asyncio.Task] = set()
+
+    def on_usr1() -> None:
+        task = asyncio.create_task(aggregate())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     await node.start()
     print("ready", flush=True)
     await stop.wait()
