@@ -636,7 +636,7 @@ class Worker:
                 if a.span is not None or outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns:
                     self._span_ended(tel, row, a, outcome, error)
                 # raw times: the observer works out queue waits for a whole batch at once
-                tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], row["started_at"],
+                tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], started,
                          (end - a.t0) / 1e9)
             with contextlib.suppress(Exception):
                 await db.release()
