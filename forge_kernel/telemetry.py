@@ -78,6 +78,11 @@ _LOW64 = (1 << 64) - 1
 # OpenTelemetry's propagator reads it: surrounding whitespace allowed, version ff invalid, version 00
 # exactly four fields, later versions may add fields after a dash, all-zero ids invalid.
 _TRACEPARENT = re.compile(r"^\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*$")
+#: a valid traceparent of the form FORGE writes (format_traceparent: version 00, nothing around it,
+#: ids not all zero). The head decision on it needs no groups and no int: half of a full parse
+_TRACEPARENT_00 = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}").fullmatch
+_ODD_HEX = frozenset("13579bdf")
+_random = random.random
 
 
 def parse_traceparent(value: Any) -> tuple[int, int, int] | None:
@@ -251,10 +256,12 @@ class Telemetry:
         #: True while an observer is attached; hot paths test it before doing any work
         self.enabled = False
         self.events: collections.deque | None = None
+        self._ring_size = 0
         #: events lost because the ring was full
         self.dropped = 0
         self._on_trace: Callable[[Trace], None] | None = None
         self._sample_below = 0
+        self._sample_below_hex: str | None = "0" * 16
         self._sample_rate = 0.0
         self._honor_sampled = True
         #: seconds; an unsampled function call this slow (or failing) still gets its span (see call_ended),
@@ -286,11 +293,14 @@ class Telemetry:
             raise ValueError(f"sample_rate must be between 0 and 1, got {sample_rate!r}")
         self._on_trace = on_trace
         self._sample_below = int(sample_rate * (1 << 64))
+        #: the same as 16 hex digits; None: every trace id is below it (rate 1)
+        self._sample_below_hex = f"{self._sample_below:016x}" if self._sample_below <= _LOW64 else None
         self._sample_rate = sample_rate
         self._honor_sampled = honor_remote_sampled
         self.keep_over = keep_over
         self.keep_over_ns = min(1 << 62, int(keep_over * 1e9)) if keep_over != float("inf") else 1 << 62
         self.events = collections.deque(maxlen=ring_size)
+        self._ring_size = ring_size
         self.enabled = True
 
     def detach(self) -> None:
@@ -313,7 +323,7 @@ class Telemetry:
         ev = self.events
         if ev is None:
             return
-        if len(ev) == ev.maxlen:
+        if len(ev) == self._ring_size:
             self.dropped += 1
         ev.append((kind, fields))
 
@@ -326,9 +336,18 @@ class Telemetry:
         """The head decision for work continuing ``remote`` (a ``traceparent``, or None for a fresh
         trace): what ``start_span(remote=...)`` would decide, without opening anything. Lets a
         caller leave unsampled work without a span until it needs one (the worker does)."""
-        ctx = parse_traceparent(remote) if remote else None
+        if not remote:
+            return _random() < self._sample_rate
+        if len(remote) == 55 and _TRACEPARENT_00(remote) is not None:
+            # parse_traceparent would accept it: only the flags and the trace id's low 64 bits matter,
+            # the bits compared as 16 lowercase hex digits (the same order as the numbers)
+            if self._honor_sampled and remote[54] in _ODD_HEX:
+                return True
+            below = self._sample_below_hex
+            return below is None or remote[19:35] < below
+        ctx = parse_traceparent(remote)
         if ctx is None:
-            return random.random() < self._sample_rate
+            return _random() < self._sample_rate
         return self.head_sampled(ctx[0], ctx[2])
 
     def start_span(self, name: str, kind: str = "internal", *, remote: str | None = None,
@@ -428,7 +447,7 @@ class Telemetry:
         end = _time_ns()
         ev = self.events
         if ev is not None:
-            if len(ev) == ev.maxlen:
+            if len(ev) == self._ring_size:
                 self.dropped += 1
             ev.append(("call", (name, kind, code, (end - start_ns) / 1e9)))
         if span is not None:

@@ -14,6 +14,10 @@ def test_call_recording_contract():
     contracts.check_telemetry_calls()
 
 
+def test_head_decision_contract():
+    contracts.check_telemetry_head_decision()
+
+
 def test_event_ring_contract():
     contracts.check_telemetry_events()
 

@@ -703,6 +703,12 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
                 loads.append(os.getloadavg()[0])
                 print(f"  {mode:<10} {system:<14} round {rnd + 1}: {sample.rate:>10,.0f} jobs/s  {sample.cpu()}  "
                       f"(load avg {loads[-1]:.1f}){'  ' + sample.note if sample.note else ''}", flush=True)
+            if len(samples.get("forge", ())) == len(samples.get("forge-observe", ())) == rnd + 1:
+                f, o = samples["forge"][-1], samples["forge-observe"][-1]
+                cpu = (f"; node CPU per job {f.worker_us:.1f} -> {o.worker_us:.1f} us ({o.worker_us - f.worker_us:+.1f})"
+                       if f.worker_us is not None and o.worker_us is not None else "")
+                print(f"  {mode:<10} round {rnd + 1}: with forge-observe / without = {o.rate / f.rate:.3f}{cpu}",
+                      flush=True)
         for system in here:
             got = samples[system]
             med = {"rate": statistics.median(x.rate for x in got)}

@@ -15,7 +15,7 @@ import json
 import math
 import operator
 import time
-from bisect import bisect_left
+from bisect import bisect_right
 from collections import Counter as Tally
 from itertools import compress, groupby, repeat
 from typing import Any, Callable, Iterable, Sequence
@@ -49,12 +49,13 @@ class CounterSeries:
         self.name, self.help, self.labels = name, help, list(labels)
         self.values: dict[Any, float] = {}
 
-    def prepare(self, keys: list, amounts: list | None = None) -> dict:
-        """The increments of a batch (checked: unhashable labels, a negative or non-numeric amount raise)."""
-        if amounts is None:
-            return Tally(keys)  # counts in C
+    def prepare(self, keys: list | None, amounts: list, key: Any = None) -> dict:
+        """The increments of a batch (``keys`` None: every amount is ``key``'s). Checked: a negative
+        or non-numeric amount raises. (Counts of one per event come from EventSeries' tally.)"""
         if not all(map(operator.ge, amounts, repeat(0))):
             raise ValueError("a counter only goes up")
+        if keys is None:
+            return {key: sum(amounts)}
         delta: dict = {}
         for k, n in zip(keys, amounts):
             delta[k] = delta.get(k, 0) + n
@@ -82,32 +83,46 @@ class HistogramSeries:
         self.rows: dict[Any, list] = {}
         self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
 
-    def prepare(self, keys: list, values: list) -> tuple[Tally, dict]:
-        """A batch's bucket counts and sums (checked: a value that is not a number, or NaN, raises)."""
-        # le is inclusive: a value goes to the first bound >= it (bisect_left), all in C
-        buckets = Tally(zip(keys, map(bisect_left, repeat(self.bounds), values)))
-        if any(map(math.isnan, values)):  # no bucket holds NaN, and it would poison the sum
-            raise ValueError("NaN")
-        sums: dict = {}
-        distinct = set(keys)
-        if len(distinct) <= 8:  # the usual batch: a few label sets, each summed in C
-            for k in distinct:
-                sums[k] = sum(compress(values, map(operator.eq, keys, repeat(k))))
+    def prepare(self, keys: list | None, values: list, key: Any = None) -> dict:
+        """A batch's bucket counts and sum per label set (``keys`` None: every value is ``key``'s).
+        Checked: a value that is not a number, or NaN, raises. Each label set's values are sorted
+        (in C) and every bound is bisected into them: per value the work is the sort's few
+        comparisons, not a bucket search, a tuple and a count."""
+        if keys is None:  # the usual batch: one job, one queue
+            groups: Any = ((key, values),)
+        elif (distinct := set(keys)) and len(distinct) == 1:
+            groups = ((keys[0], values),)
+        elif len(distinct) <= 8:
+            groups = ((k, list(compress(values, map(operator.eq, keys, repeat(k))))) for k in distinct)
         else:
+            grouped: dict = {}
             for k, v in zip(keys, values):
-                sums[k] = sums.get(k, 0.0) + v
-        return buckets, sums
+                grouped.setdefault(k, []).append(v)
+            groups = grouped.items()
+        bounds = self.bounds
+        delta = {}
+        for k, vals in groups:
+            total = sum(vals)  # in event order (as prometheus_client adds them); a str raises here
+            if total != total:  # NaN: no bucket holds it, and it would poison the sum
+                raise ValueError("NaN")
+            ordered = sorted(vals)
+            # le is inclusive: values <= bound; a value that is no number raises in bisect
+            below = [bisect_right(ordered, b) for b in bounds]
+            counts = list(map(operator.sub, below, [0] + below[:-1]))
+            counts.append(len(ordered) - below[-1])
+            delta[k] = (counts, total)
+        return delta
 
-    def commit(self, delta: tuple[Tally, dict]) -> None:
-        buckets, sums = delta
+    def commit(self, delta: dict) -> None:
         rows, width = self.rows, len(self.bounds) + 1
-        for (k, i), n in buckets.items():
+        for k, (counts, total) in delta.items():
             row = rows.get(k)
             if row is None:
                 row = rows[k] = [0] * width + [0.0]
-            row[i] += n
-        for k, v in sums.items():
-            rows[k][-1] += v
+            for i, n in enumerate(counts):
+                if n:
+                    row[i] += n
+            row[-1] += total
 
     def family(self) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(self.name, self.help, labels=self.labels)
@@ -139,8 +154,14 @@ def _count(index: int) -> Callable[[list], list]:
 def _wait(due: int, started: int) -> Callable[[list], list]:
     """Seconds from ``due`` to ``started`` (two datetimes per event), at least 0, worked out in C."""
     due_at, started_at = operator.itemgetter(due), operator.itemgetter(started)
-    return lambda fields: list(map(max, map(_SECONDS, map(operator.sub, map(started_at, fields),
-                                                            map(due_at, fields))), repeat(0.0)))
+
+    def waits(fields: list) -> list:
+        seconds = list(map(_SECONDS, map(operator.sub, map(started_at, fields), map(due_at, fields))))
+        if min(seconds) < 0:  # started before due (clocks of two nodes): no wait
+            seconds = list(map(max, seconds, repeat(0.0)))
+        return seconds
+
+    return waits
 
 
 _SECONDS = dt.timedelta.total_seconds
@@ -151,9 +172,9 @@ class EventSeries(Collector):
     """Every series fed from telemetry events, exposed through ``prometheus_client``.
 
     A drained batch is grouped by event kind and folded kind by kind with C-level iteration
-    (``Counter``, ``map(bisect_left, ...)``): the per-event Python work is a few bytecodes (a
-    histogram's sum), which matters because it runs in the node's process like the work it
-    measures. A batch with a malformed event is folded again event by event, the bad ones counted."""
+    (``Counter``, ``map``, ``sorted``; see :class:`_KindSpec`): no Python bytecode runs per event,
+    which matters because it runs in the node's process like the work it measures. A batch with a
+    malformed event is folded again event by event, the bad ones counted."""
 
     def __init__(self) -> None:
         c, h = CounterSeries, HistogramSeries
@@ -184,24 +205,25 @@ class EventSeries(Collector):
         self.reruns = c("forge_realtime_reruns", "Live-query re-runs", ["function"])
         self.rerun_seconds = h("forge_realtime_rerun_seconds", "Live-query re-run time", ["function"], LATENCY)
         self.all = [v for v in vars(self).values() if isinstance(v, (CounterSeries, HistogramSeries))]
-        #: event kind -> [(series, a batch's label values, its values or amounts (None: count 1), may be None)]
-        #: (the fields of each kind: the table in forge_kernel.telemetry)
-        self.specs: dict[str, list[tuple[Any, Callable, Callable | None, bool]]] = {
-            "call": [(self.calls, _get(0, 1, 2), None, False), (self.call_seconds, _get(0, 1), _get(3), False)],
-            "job.finished": [(self.jobs_started, _get(0, 1), None, False),
-                             (self.jobs_finished, _get(0, 2), None, False),
-                             (self.job_wait, _get(0, 1), _wait(3, 4), False),
-                             (self.job_seconds, _get(0), _get(5), False)],
-            "job.dispatched": [(self.jobs_dispatched, _get(0, 1), None, False)],
-            "cron.run": [(self.cron_runs, _get(0, 1), None, False), (self.cron_lag, _get(0), _get(2), True)],
-            "cron.missed": [(self.cron_missed, _get(0), _get(1), False)],
-            "rt.push": [(self.pushes, _get(0), _count(1), False)],
-            "rt.rerun": [(self.reruns, _get(0), None, False), (self.rerun_seconds, _get(0), _get(1), False)],
-            "workflow.run": [(self.workflow_runs, _get(0, 1), None, False)],
-            "workflow.step": [(self.workflow_steps, _get(0, 1, 2), None, False),
-                              (self.workflow_step_seconds, _get(0, 1), _optional(3), True)],
-            "workflow.compensation": [(self.compensations, _get(0, 1, 2), None, False)],
-        }
+        #: event kind -> how its events feed which series: [(series, the field indices of its labels, a
+        #: batch's values or amounts (None: one per event), values may be None)] (the fields of each
+        #: kind: the table in forge_kernel.telemetry)
+        self.specs: dict[str, _KindSpec] = {kind: _KindSpec(spec) for kind, spec in {
+            "call": [(self.calls, (0, 1, 2), None, False), (self.call_seconds, (0, 1), _get(3), False)],
+            "job.finished": [(self.jobs_started, (0, 1), None, False),
+                             (self.jobs_finished, (0, 2), None, False),
+                             (self.job_wait, (0, 1), _wait(3, 4), False),
+                             (self.job_seconds, (0,), _get(5), False)],
+            "job.dispatched": [(self.jobs_dispatched, (0, 1), None, False)],
+            "cron.run": [(self.cron_runs, (0, 1), None, False), (self.cron_lag, (0,), _get(2), True)],
+            "cron.missed": [(self.cron_missed, (0,), _get(1), False)],
+            "rt.push": [(self.pushes, (0,), _count(1), False)],
+            "rt.rerun": [(self.reruns, (0,), None, False), (self.rerun_seconds, (0,), _get(1), False)],
+            "workflow.run": [(self.workflow_runs, (0, 1), None, False)],
+            "workflow.step": [(self.workflow_steps, (0, 1, 2), None, False),
+                              (self.workflow_step_seconds, (0, 1), _optional(3), True)],
+            "workflow.compensation": [(self.compensations, (0, 1, 2), None, False)],
+        }.items()}
 
     def collect(self) -> Iterable[Any]:
         for series in self.all:
@@ -218,33 +240,75 @@ class EventSeries(Collector):
                 spec = None
             if spec is None:
                 continue
-            if spec is None:
-                continue
             fields = list(map(_FIELDS, group))
             try:
-                self._fold(spec, fields)
+                spec.fold(fields)
             except (TypeError, ValueError, IndexError):
                 for f in fields:
                     try:
-                        self._fold(spec, [f])
+                        spec.fold([f])
                     except (TypeError, ValueError, IndexError):
                         malformed()
         return len(events)
 
-    @staticmethod
-    def _fold(spec: list, fields: list) -> None:
+
+class _KindSpec:
+    """How a batch of events of one kind is folded into its series.
+
+    Per event the work is in C: one tuple of its label values (every label any of the kind's
+    series uses), compared with the first event's (or counted in a ``Counter`` when the batch has
+    several label sets), and the value columns. The counts of one per event come straight from
+    that tally's few distinct label sets; histograms get their values with one label set for the
+    whole batch in the usual case (one job name, queue and outcome)."""
+
+    def __init__(self, spec: list[tuple[Any, tuple[int, ...], Callable | None, bool]]) -> None:
+        union = sorted({i for _, labels, _, _ in spec for i in labels})
+        self.labels = operator.itemgetter(*union)  # one index: the value itself, else a tuple
+        self.series = []
+        for series, labels, value, optional in spec:
+            where = tuple(union.index(i) for i in labels)
+            # a series' key from the tally's key: the same shape _get(*labels) gives (value or tuple)
+            project = None if len(union) == 1 else operator.itemgetter(*where)
+            self.series.append((series, project, value, optional))
+
+    def fold(self, fields: list) -> None:
         # every series' share is computed (and checked) before any is changed
+        keys_all = list(map(self.labels, fields))
+        first = keys_all[0]
+        if keys_all.count(first) == len(keys_all):
+            # the usual batch: one label set (equality is cheaper than hashing each event's fresh strings)
+            hash(first)  # an unhashable label fails here as in a Counter
+            tally: dict = {first: len(keys_all)}
+            only = first
+        else:
+            tally = Tally(keys_all)
+            only = None
         deltas = []
-        for series, key, value, optional in spec:
-            keys = key(fields)
-            if value is None:
-                deltas.append((series, series.prepare(keys)))
+        for series, project, value, optional in self.series:
+            if value is None:  # one per event
+                if project is None:
+                    delta = dict(tally)
+                else:
+                    delta = {}
+                    for k, n in tally.items():
+                        k = project(k)
+                        delta[k] = delta.get(k, 0) + n
+                deltas.append((series, delta))
                 continue
             values = value(fields)
+            key, keys = None, None
+            if only is not None:
+                key = only if project is None else project(only)
+            else:
+                keys = keys_all if project is None else list(map(project, keys_all))
             if optional and any(map(operator.is_, values, repeat(None))):
                 kept = list(map(operator.is_not, values, repeat(None)))
-                keys, values = list(compress(keys, kept)), list(compress(values, kept))
-            deltas.append((series, series.prepare(keys, values)))
+                values = list(compress(values, kept))
+                if keys is not None:
+                    keys = list(compress(keys, kept))
+                if not values:
+                    continue
+            deltas.append((series, series.prepare(keys, values, key)))
         for series, delta in deltas:
             series.commit(delta)
 

@@ -155,6 +155,18 @@ class Writer:
         logger.warning(f"observe: telemetry writer lost the database ({type(exc).__name__}: {exc}); "
                        f"reconnecting, {self.pending()} record(s) buffered")
 
+    async def open(self, timeout: float) -> bool:
+        """Connect (and make today's partitions) now, while the node starts, rather than at the first
+        write in the middle of its work; False (logged) when the database is not reachable yet: the
+        writer then connects on its first write, as after any lost connection."""
+        try:
+            async with self._lock:
+                await asyncio.wait_for(self._ensure_conn(), timeout)
+            return True
+        except (*_DB_ERRORS, asyncio.TimeoutError) as exc:
+            self._lost(exc)
+            return False
+
     async def _ensure_conn(self) -> asyncpg.Connection:
         if self.conn is not None and self.conn.is_closed():  # closed under us while idle (terminated, restarted)
             self._lost(ConnectionError("connection closed"))

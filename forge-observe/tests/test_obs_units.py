@@ -221,7 +221,11 @@ _seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0
 @settings(max_examples=60, deadline=None)
 @given(calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), st.sampled_from(["OK", "INTERNAL"]), _seconds),
                       max_size=40),
-       waits=st.lists(st.tuples(st.sampled_from(["j", "k"]), _seconds, _seconds), max_size=10),
+       # up to 12 job names (a batch with more than 8 label sets is grouped another way), waits
+       # below zero (started before due: counted as 0) and outcomes that split a batch's label sets
+       waits=st.lists(st.tuples(st.sampled_from([f"j{i}" for i in range(12)]),
+                                st.one_of(_seconds, st.floats(-5, 0, allow_nan=False)), _seconds,
+                                st.sampled_from(["succeeded", "failed"])), max_size=14),
        pushes=st.lists(st.tuples(st.sampled_from(["data", "unchanged"]), st.none() | st.integers(0, 5000)),
                        max_size=10),
        junk=st.lists(st.sampled_from([("call", ("f",)), ("job.finished", ("j", "default", "succeeded", "soon", _T0,
@@ -249,12 +253,14 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, pushes, junk)
         m_calls.labels(name, "query", code).inc()
         m_seconds.labels(name, "query").observe(seconds)
     m_started = Counter("forge_jobs_started", "", ["job", "queue"], registry=model)
+    m_finished = Counter("forge_jobs_finished", "", ["job", "status"], registry=model)
     m_run = Histogram("forge_job_run_seconds", "", ["job"], buckets=SLOW, registry=model)
-    for job, seconds, run in waits:
+    for job, seconds, run, outcome in waits:
         started = _T0 + dt.timedelta(seconds=seconds)  # the job's row holds times (to the microsecond)
-        events.append(("job.finished", (job, "default", "succeeded", _T0, started, run)))
-        m_wait.labels(job, "default").observe((started - _T0).total_seconds())
+        events.append(("job.finished", (job, "default", outcome, _T0, started, run)))
+        m_wait.labels(job, "default").observe(max(0.0, (started - _T0).total_seconds()))
         m_started.labels(job, "default").inc()
+        m_finished.labels(job, outcome).inc()
         m_run.labels(job).observe(run)
     m_pushes = Counter("forge_realtime_pushes", "", ["kind"], registry=model)
     for kind, count in pushes:  # one event per fan-out with its count (a bare kind counts one)
@@ -269,7 +275,7 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, pushes, junk)
                       if not s.name.endswith("_created"))
 
     names = {"forge_function_calls", "forge_function_duration_seconds", "forge_job_queue_wait_seconds",
-             "forge_jobs_started", "forge_job_run_seconds", "forge_realtime_pushes"}
+             "forge_jobs_started", "forge_jobs_finished", "forge_job_run_seconds", "forge_realtime_pushes"}
     assert samples(ours.registry, names) == samples(model, names)
     malformed = sum(1 for kind, f in junk if kind != "later.kind")
     assert sum(s.value for fam in ours.registry.collect() if fam.name == "forge_observe_dropped"

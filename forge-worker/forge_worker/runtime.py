@@ -291,6 +291,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
 
 #: outcomes that are no failure (a span of the attempt ends without an error)
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
+_time_ns = time.time_ns
 _NONE: dict = {}
 
 
@@ -591,7 +592,7 @@ class Worker:
         db = LazyDatabase(self.node.pool)
         tel = self.node.telemetry
         if tel.enabled:
-            a.t0 = time.time_ns()
+            a.t0 = _time_ns()
         try:
             defn = self.node.registry.get(row["name"])
             if defn is None or defn.kind not in ("job", "cron"):
@@ -647,8 +648,13 @@ class Worker:
                            f"{type(exc).__name__}: {exc}")
         finally:
             a.finished = True
-            if a.t0:
-                self._observed(tel, row, a, outcome, error)
+            if a.t0:  # observed: one event; a span only for a sampled, failed or slow attempt
+                end = _time_ns()
+                if a.span is not None or outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns:
+                    self._span_ended(tel, row, a, outcome, error)
+                # raw times: the observer works out queue waits for a whole batch at once
+                tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], started,
+                         (end - a.t0) / 1e9)
             with contextlib.suppress(Exception):
                 await db.release()
         reported = False
@@ -680,19 +686,12 @@ class Worker:
         self.slot_free.set()
 
     @staticmethod
-    def _observed(tel: Any, row: Any, a: Attempt, outcome: str, error: str | None) -> None:
-        """The attempt's ``job.finished`` event, and the end of its span: the one it had, or one made
-        now for an attempt that failed or ran slow (tail sampling may keep it)."""
-        end = time.time_ns()
-        span = a.span
-        if span is None and (outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns):
-            span = job_span(tel, row, a)
-        if span is not None:
-            a.span = None
-            tel.end_span(span, None if outcome in _WENT_WELL else (error or outcome))
-        # raw times: the observer works out queue waits for a whole batch at once
-        tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], row["started_at"],
-                 (end - a.t0) / 1e9)
+    def _span_ended(tel: Any, row: Any, a: Attempt, outcome: str, error: str | None) -> None:
+        """The end of the attempt's span: the one it had, or one made now for an attempt that failed
+        or ran slow (tail sampling may keep it)."""
+        span = a.span or job_span(tel, row, a)
+        a.span = None
+        tel.end_span(span, None if outcome in _WENT_WELL else (error or outcome))
 
     def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
         return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error

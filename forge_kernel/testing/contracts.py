@@ -735,6 +735,41 @@ def check_telemetry_traces() -> None:
     traces()
 
 
+def check_telemetry_head_decision() -> None:
+    """``head_sampled_remote(traceparent)`` decides what ``start_span(remote=traceparent)`` would,
+    without opening anything: for every valid traceparent (FORGE's own form, surrounding
+    whitespace, a later version with more fields), any sampling rate and either honour setting.
+    An invalid one (upper-case hex, all-zero ids, a bad separator or version) starts a fresh trace
+    on both sides: never sampled at rate 0, always at rate 1."""
+    from ..telemetry import Telemetry, format_traceparent, parse_traceparent
+
+    @settings(**_SETTINGS)
+    @given(trace_id=st.integers(0, (1 << 128) - 1) | st.sampled_from([0, 1, (1 << 64) - 1, 1 << 64]),
+           span_id=st.integers(0, (1 << 64) - 1), flags=st.integers(0, 255),
+           rate=st.sampled_from([0.0, 1.0, 0.01, 0.5]) | st.floats(0.0, 1.0), honor=st.booleans(),
+           form=st.sampled_from(["forge", "spaced", "later", "upper", "dash", "version"]))
+    def decide(trace_id: int, span_id: int, flags: int, rate: float, honor: bool, form: str) -> None:
+        tel = Telemetry()
+        tel.attach(lambda t: None, sample_rate=rate, honor_remote_sampled=honor)
+        tp = format_traceparent(trace_id, span_id, False)[:-2] + f"{flags:02x}"
+        tp = {"forge": tp, "spaced": f" {tp}\t", "later": "01" + tp[2:] + "-extra", "upper": tp.upper(),
+              "dash": tp[:35] + "_" + tp[36:], "version": "ff" + tp[2:]}[form]
+        decided = tel.head_sampled_remote(tp)
+        span = tel.start_span("job", "consumer", remote=tp)
+        tel.end_span(span)
+        if parse_traceparent(tp) is not None:
+            assert decided == span.sampled
+        elif rate in (0.0, 1.0):
+            assert decided == span.sampled == (rate == 1.0)
+
+    decide()
+    for rate in (0.0, 0.25, 0.5):  # a trace id's low bits exactly at the rate's threshold, and one below
+        below = int(rate * (1 << 64))
+        for low in {below, max(0, below - 1)}:
+            decide.hypothesis.inner_test(trace_id=(7 << 64) | low, span_id=1, flags=0, rate=rate, honor=True,
+                                         form="forge")
+
+
 def check_telemetry_calls() -> None:
     """The executor's call recording (``call_started`` / ``call_ended``): every call makes exactly one
     ``call`` event; a call inside a sampled trace, or outside any span, gets a real span; inside an
