@@ -37,7 +37,7 @@ from forge_kernel.errors import ForgeError, InvalidArgument, StartupError, Timeo
 from forge_kernel.listen import tcp_listener
 from forge_kernel.logs import add_sink
 
-from . import wire
+from . import engine, wire
 from .channels import Stubs, open_stubs, server_options
 from .config import MIN_PROTOCOL, MeshConfig, is_loopback
 from .front import TlsFront
@@ -331,6 +331,9 @@ class Mesh:
         self.started = True
         logger.info(f"mesh listening on {cfg.host}:{port} ({'mutual TLS' if self.tls else 'plaintext, loopback only'}), "
                     f"advertised as {self.address}, epoch {self.epoch}, protocol {self.protocol}")
+        if engine.not_applied:
+            logger.warning(f"mesh: grpc runs on its EventEngine I/O path, which costs each forwarded call more thread "
+                           f"wake-ups: {engine.not_applied} (forge_mesh/engine.py)")
 
     async def stop(self) -> None:
         await self.begin_drain()
