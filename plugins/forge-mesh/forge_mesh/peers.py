@@ -13,6 +13,7 @@ import time
 from typing import Any, Iterable
 
 import attrs
+from loguru import logger
 
 PEERS_SQL = """
 SELECT m.node_id, m.address, m.epoch, m.protocol, m.min_protocol, m.tls, m.draining, n.roles, n.capabilities
@@ -54,6 +55,7 @@ class Peer:
     def suspect(self, why: str) -> None:
         if self.suspect_since is None:
             self.suspect_since = time.monotonic()
+            logger.info(f"mesh: node {self.node_id} is suspect, calls avoid it until a probe answers: {why}")
         self.last_error = why
 
 
