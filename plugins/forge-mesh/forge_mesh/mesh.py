@@ -43,7 +43,7 @@ from .config import MIN_PROTOCOL, MeshConfig, is_loopback
 from .front import TlsFront
 from .ledger import Ledger
 from .peers import PEERS_SQL, Directory, Peer
-from .streams import CallStream, serve_stream
+from .streams import StreamPool, serve_stream
 from .protocol import mesh_pb2 as pb
 from .tls import Material, load_material, log_plaintext, material_stamp, server_context
 from .token import cluster_token, token_matches
@@ -104,7 +104,7 @@ class Mesh:
                       "served": 0, "fenced": 0}
         self._stubs: dict[tuple[str, str], Stubs] = {}
         self._retiring: list[Peer] = []
-        self._streams: dict[tuple[str, str], CallStream] = {}
+        self._streams: dict[tuple[str, str], StreamPool] = {}
         self._followers: dict[asyncio.Queue, int] = {}
         self._sink_id: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -254,13 +254,13 @@ class Mesh:
             self._stubs[peer.key] = stubs
         return stubs
 
-    def _stream_for(self, peer: Peer) -> CallStream:
-        stream = self._streams.get(peer.key)
-        if stream is None:
+    def _stream_for(self, peer: Peer) -> StreamPool:
+        pool = self._streams.get(peer.key)
+        if pool is None:
             stubs = self._stubs_for(peer)
-            stream = CallStream(lambda: stubs.calls(metadata=stubs.metadata))
-            self._streams[peer.key] = stream
-        return stream
+            pool = StreamPool(lambda: stubs.calls(metadata=stubs.metadata))
+            self._streams[peer.key] = pool
+        return pool
 
     async def _close_stubs(self, key: tuple[str, str]) -> None:
         stream = self._streams.pop(key, None)
