@@ -263,9 +263,9 @@ class Mesh:
         return pool
 
     async def _close_stubs(self, key: tuple[str, str]) -> None:
-        stream = self._streams.pop(key, None)
-        if stream is not None:
-            await stream.close()
+        pool = self._streams.pop(key, None)
+        if pool is not None:
+            await pool.close()
         stubs = self._stubs.pop(key, None)
         if stubs is not None:
             with contextlib.suppress(Exception):

@@ -5,7 +5,7 @@ message of an open stream (measured: ~410 vs ~120 us per round trip, both sides)
 changes nothing in the rules: each call still has its own deadline (kept here), a caller that
 gives up sends a cancel frame so the target stops the work, and a stream that breaks fails every
 call on it as a transport failure (the forwarder then retries as for a dead node). A node keeps a
-few such streams per peer (StreamPool), so that frames do not queue behind one stream's writes.
+few such streams per peer (StreamPool), so that calls do not queue behind one busy stream.
 """
 
 from __future__ import annotations
