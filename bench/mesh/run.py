@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -77,6 +78,7 @@ async def open_loop(port: int, rate: float, duration: float) -> dict:
     n = int(rate * duration)
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     begin = loop.time() + 0.05
 
     async def one(i: int) -> None:
@@ -85,15 +87,23 @@ async def open_loop(port: int, rate: float, duration: float) -> dict:
         delay = at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        status, _ = await pool.post("/rpc/blob", BODY)
+        try:
+            status, body = await pool.post("/rpc/blob", BODY)
+        except (ConnectionError, OSError) as exc:
+            status, body = 0, str(exc).encode()
         if status != 200:
             errors += 1
+            # what went wrong, by status and error code (a few kinds at most)
+            code = body[:300].decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                code = json.loads(body)["error"]["code"]
+            kinds[f"{status} {code}"] = kinds.get(f"{status} {code}", 0) + 1
         latencies.append(loop.time() - at)
 
     await asyncio.gather(*(one(i) for i in range(n)))
     latencies.sort()
     took = loop.time() - begin
-    return {"calls": n, "errors": errors, "calls_per_s": n / took,
+    return {"calls": n, "errors": errors, "error_kinds": kinds, "calls_per_s": n / took,
             "p50_ms": latencies[len(latencies) // 2] * 1000, "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
             "latencies": latencies}
 

@@ -391,14 +391,20 @@ class Mesh:
             await asyncio.sleep(self.config.probe_interval)
 
     async def probe(self, peer: Peer) -> bool:
-        """Ping ``peer``; a right answer clears it, anything else (no answer in time, another
-        process, draining) marks it suspect."""
+        """Ping ``peer``; a right answer clears it; another process, draining or a refused
+        connection mark it suspect, and so do two probes in a row without an answer in time."""
         try:
             stubs = self._stubs_for(peer)
             reply = await stubs.ping(pb.PingRequest(protocol=self.protocol, target_node=peer.node_id),
                                      timeout=max(0.2, min(1.0, self.config.probe_interval)), metadata=stubs.metadata)
-        except (grpc.aio.AioRpcError, ConnectionError) as exc:
-            peer.suspect(exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                peer.probe_missed(f"no answer to a probe in time: {exc.details()}")
+            else:
+                peer.suspect(exc.details())
+            return False
+        except ConnectionError as exc:
+            peer.suspect(str(exc))
             return False
         if reply.node_id != peer.node_id or reply.epoch != peer.epoch:
             peer.suspect(f"answered as {reply.node_id} epoch {reply.epoch}")
@@ -406,10 +412,8 @@ class Mesh:
         if reply.draining:
             peer.suspect("draining")
             return False
-        if peer.suspect_since is not None:
+        if peer.probe_answered():
             logger.info(f"mesh: node {peer.node_id} answers again")
-        peer.suspect_since = None
-        peer.last_error = ""
         return True
 
     async def _reload_loop(self) -> None:
