@@ -37,13 +37,13 @@ from forge_kernel.errors import ForgeError, InvalidArgument, StartupError, Timeo
 from forge_kernel.listen import tcp_listener
 from forge_kernel.logs import add_sink
 
-from . import wire
+from . import engine, wire
 from .channels import Stubs, open_stubs, server_options
 from .config import MIN_PROTOCOL, MeshConfig, is_loopback
 from .front import TlsFront
 from .ledger import Ledger
 from .peers import PEERS_SQL, Directory, Peer
-from .streams import CallStream, serve_stream
+from .streams import StreamPool, serve_stream
 from .protocol import mesh_pb2 as pb
 from .tls import Material, load_material, log_plaintext, material_stamp, server_context
 from .token import cluster_token, token_matches
@@ -104,7 +104,7 @@ class Mesh:
                       "served": 0, "fenced": 0}
         self._stubs: dict[tuple[str, str], Stubs] = {}
         self._retiring: list[Peer] = []
-        self._streams: dict[tuple[str, str], CallStream] = {}
+        self._streams: dict[tuple[str, str], StreamPool] = {}
         self._followers: dict[asyncio.Queue, int] = {}
         self._sink_id: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -254,18 +254,18 @@ class Mesh:
             self._stubs[peer.key] = stubs
         return stubs
 
-    def _stream_for(self, peer: Peer) -> CallStream:
-        stream = self._streams.get(peer.key)
-        if stream is None:
+    def _stream_for(self, peer: Peer) -> StreamPool:
+        pool = self._streams.get(peer.key)
+        if pool is None:
             stubs = self._stubs_for(peer)
-            stream = CallStream(lambda: stubs.calls(metadata=stubs.metadata))
-            self._streams[peer.key] = stream
-        return stream
+            pool = StreamPool(lambda: stubs.calls(metadata=stubs.metadata))
+            self._streams[peer.key] = pool
+        return pool
 
     async def _close_stubs(self, key: tuple[str, str]) -> None:
-        stream = self._streams.pop(key, None)
-        if stream is not None:
-            await stream.close()
+        pool = self._streams.pop(key, None)
+        if pool is not None:
+            await pool.close()
         stubs = self._stubs.pop(key, None)
         if stubs is not None:
             with contextlib.suppress(Exception):
@@ -331,6 +331,9 @@ class Mesh:
         self.started = True
         logger.info(f"mesh listening on {cfg.host}:{port} ({'mutual TLS' if self.tls else 'plaintext, loopback only'}), "
                     f"advertised as {self.address}, epoch {self.epoch}, protocol {self.protocol}")
+        if engine.not_applied:
+            logger.warning(f"mesh: grpc runs on its EventEngine I/O path, which costs each forwarded call more thread "
+                           f"wake-ups: {engine.not_applied} (forge_mesh/engine.py)")
 
     async def stop(self) -> None:
         await self.begin_drain()
@@ -388,14 +391,20 @@ class Mesh:
             await asyncio.sleep(self.config.probe_interval)
 
     async def probe(self, peer: Peer) -> bool:
-        """Ping ``peer``; a right answer clears it, anything else (no answer in time, another
-        process, draining) marks it suspect."""
+        """Ping ``peer``; a right answer clears it; another process, draining or a refused
+        connection mark it suspect, and so do two probes in a row without an answer in time."""
         try:
             stubs = self._stubs_for(peer)
             reply = await stubs.ping(pb.PingRequest(protocol=self.protocol, target_node=peer.node_id),
                                      timeout=max(0.2, min(1.0, self.config.probe_interval)), metadata=stubs.metadata)
-        except (grpc.aio.AioRpcError, ConnectionError) as exc:
-            peer.suspect(exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                peer.probe_missed(f"no answer to a probe in time: {exc.details()}")
+            else:
+                peer.suspect(exc.details())
+            return False
+        except ConnectionError as exc:
+            peer.suspect(str(exc))
             return False
         if reply.node_id != peer.node_id or reply.epoch != peer.epoch:
             peer.suspect(f"answered as {reply.node_id} epoch {reply.epoch}")
@@ -403,10 +412,8 @@ class Mesh:
         if reply.draining:
             peer.suspect("draining")
             return False
-        if peer.suspect_since is not None:
+        if peer.probe_answered():
             logger.info(f"mesh: node {peer.node_id} answers again")
-        peer.suspect_since = None
-        peer.last_error = ""
         return True
 
     async def _reload_loop(self) -> None:

@@ -13,6 +13,10 @@ import time
 from typing import Any, Iterable
 
 import attrs
+from loguru import logger
+
+#: probes in a row without an answer in time before a peer is suspect (Peer.probe_missed)
+MISSED_PROBES_TO_SUSPECT = 2
 
 PEERS_SQL = """
 SELECT m.node_id, m.address, m.epoch, m.protocol, m.min_protocol, m.tls, m.draining, n.roles, n.capabilities
@@ -36,6 +40,8 @@ class Peer:
     #: set when a call failed on the transport or timed out; cleared by a successful probe
     suspect_since: float | None = None
     last_error: str = ""
+    #: probes in a row that got no answer in time
+    missed_probes: int = 0
     #: the gRPC channel, created on first use inside the running loop
     channel: Any = None
 
@@ -54,7 +60,27 @@ class Peer:
     def suspect(self, why: str) -> None:
         if self.suspect_since is None:
             self.suspect_since = time.monotonic()
+            logger.info(f"mesh: node {self.node_id} is suspect, calls avoid it until a probe answers: {why}")
         self.last_error = why
+
+    def probe_missed(self, why: str) -> None:
+        """A probe got no answer in time. One is weak evidence on a busy machine (the peer's loop
+        may just be behind, and with one function node a false suspicion turns every call into
+        UNAVAILABLE until the next probe); two in a row make the peer suspect. A refused
+        connection, a wrong answer or a forwarded call that failed still count at once."""
+        self.missed_probes += 1
+        if self.missed_probes >= MISSED_PROBES_TO_SUSPECT:
+            self.suspect(why)
+        else:
+            self.last_error = why
+
+    def probe_answered(self) -> bool:
+        """A probe got the right answer: the peer is healthy again. True when it was suspect."""
+        was = self.suspect_since is not None
+        self.suspect_since = None
+        self.last_error = ""
+        self.missed_probes = 0
+        return was
 
 
 class Directory:

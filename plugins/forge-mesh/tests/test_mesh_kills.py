@@ -61,12 +61,14 @@ async def test_sigkill_of_the_target_loses_and_duplicates_nothing(base, point):
                 await wait_peers(db, "g", {"f1", "f2"}, in_flight={"f1": 0, "f2": 1})
                 key = f"{point}-{kills}"
                 r = await rpc(client, url, "add_item", {"key": key})
-                assert r.status_code == 200, f"{key}: {r.status_code} {r.text}"
+                assert r.status_code == 200, f"{key}: {r.status_code} {r.text}\nG's log:\n{base['g'].log()[-3000:]}"
                 answers[key] = r.json()["data"]
                 try:
                     await asyncio.to_thread(f1.proc.wait, 30)  # it died at the failpoint
                 except Exception:
-                    raise AssertionError(f"F1 was not killed at {point} ({answers[key]}):\n{f1.log()[-3000:]}") from None
+                    # (a call that went to F2 instead: G suspected F1 - its log says why)
+                    raise AssertionError(f"F1 was not killed at {point} ({answers[key]}):\n{f1.log()[-3000:]}\n"
+                                         f"G's log:\n{base['g'].log()[-3000:]}") from None
                 kills += 1
         finally:
             holder.cancel()
