@@ -252,7 +252,11 @@ async def test_cluster_gauges_come_from_the_leader_only(forge_node, forge_db_url
 
         async def scraped():
             texts = {n.id: (await http.get(f"http://127.0.0.1:{n.ports['http']}/metrics")).text for n in nodes}
-            return texts if _samples(texts[leader], "forge_jobs") else None
+            # the leader collects every second: wait for a snapshot taken after both nodes registered
+            # (the one before can already show the job when this database holds an earlier test's)
+            ready = _samples(texts[leader], "forge_jobs") and _samples(texts[leader], "forge_cluster_nodes").get(
+                'forge_cluster_nodes{status="running"}') == 2.0
+            return texts if ready else None
 
         texts = await eventually(scraped, what="the leader's cluster gauges")
     follower = next(n.id for n in nodes if n.id != leader)
