@@ -141,8 +141,10 @@ class Writer:
     async def _send_hint(self) -> None:
         # after the COPYs committed: a reader woken by it sees the rows
         kinds, self.hint_due = self.hint_due, set()
-        conn = await self._ensure_conn()
-        await conn.execute("SELECT pg_notify($1, $2)", ACTIVITY_CHANNEL, f"{','.join(sorted(kinds))}@{self.node_id}")
+        # the connection is shared with open() and write_pending(): one statement at a time on it
+        async with self._lock:
+            conn = await self._ensure_conn()
+            await conn.execute("SELECT pg_notify($1, $2)", ACTIVITY_CHANNEL, f"{','.join(sorted(kinds))}@{self.node_id}")
         self.hints_sent += 1
 
     def _lost(self, exc: BaseException) -> None:

@@ -319,3 +319,33 @@ async def test_stored_log_lines_are_redacted_and_tracebacks_show_no_locals(forge
     assert "RuntimeError: lookup failed for 30 bytes" in text  # the exception is stored with its line
     assert "hunter2hunter2" not in text and "abcdefghijklmnop" not in text and "password=***" in text
     assert "z" * 24 not in text  # no locals (diagnose off): the secret in a local never reaches the database
+
+
+async def test_an_activity_hint_waits_for_the_writer_connection_being_opened(forge_node, forge_db_url):
+    """The writer's one connection is shared by its opening (at node start), its COPYs and its
+    activity hints: a hint sent while the node still opens it must wait, not connect a second time
+    and run a statement on a connection another task is using (the bench saw asyncpg's 'got result
+    for unknown protocol state' and the writer's task crash)."""
+    import asyncpg
+
+    from forge_observe.writer import Writer
+
+    node = await _node(forge_node)
+    connections: list[asyncpg.Connection] = []
+
+    async def connect() -> asyncpg.Connection:
+        await asyncio.sleep(0.05)  # a real connect yields: let the hint's task run meanwhile
+        conn = await asyncpg.connect(forge_db_url)
+        connections.append(conn)
+        return conn
+
+    writer = Writer(connect, "hint-race", for_node(node).metrics)
+    try:
+        writer.hint_due = {"jobs"}
+        opened, _ = await asyncio.gather(writer.open(timeout=10), writer._send_hint())
+        assert opened and writer.hints_sent == 1
+        assert len(connections) == 1, "the hint connected a second time"
+    finally:
+        await writer.close(timeout=2)
+        for conn in connections:
+            await conn.close()
