@@ -44,7 +44,9 @@ RETRIES = 3
 ACTIVITY_CHANNEL = "forge_observe_activity"
 ACTIVITY_KINDS = ("jobs", "crons", "workflows", "logs", "spans", "metrics")
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, ConnectionError)
+# InternalClientError: the connection's protocol state is confused (an operation cut off mid-way): drop it
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+              asyncio.TimeoutError, ConnectionError)
 
 
 def truncate(text: str, limit: int) -> str:
@@ -100,6 +102,9 @@ class Writer:
         #: what happened since the last activity hint (see ``hint``): kinds of ACTIVITY_KINDS
         self.hint_due: set[str] = set()
         self.hints_sent = 0
+        #: close() has begun (run() stops) / has finished (nothing connects again)
+        self._closing = False
+        self._closed = False
 
     # --- producers ---------------------------------------------------------------------------
     def add(self, kind: str, record: Any) -> None:
@@ -121,7 +126,7 @@ class Writer:
     # --- the writing task ----------------------------------------------------------------------
     async def run(self) -> None:
         backoff = 0.2
-        while True:
+        while not self._closing:  # close() writes the rest itself, on the same lock
             try:
                 await self.write_pending()
                 if self.hint_due:
@@ -143,6 +148,8 @@ class Writer:
         kinds, self.hint_due = self.hint_due, set()
         # the connection is shared with open() and write_pending(): one statement at a time on it
         async with self._lock:
+            if self._closed:
+                return
             conn = await self._ensure_conn()
             await conn.execute("SELECT pg_notify($1, $2)", ACTIVITY_CHANNEL, f"{','.join(sorted(kinds))}@{self.node_id}")
         self.hints_sent += 1
@@ -185,6 +192,8 @@ class Writer:
         """Write everything queued now; raises on a database error (the batch is kept for a retry)."""
         async with self._lock:
             written = 0
+            if self._closed:  # records added during shutdown, after the last write: not reconnecting for them
+                return written
             for kind in TABLES:
                 while True:
                     batch, tries = self._retry.pop(kind, (None, 0))
@@ -233,6 +242,8 @@ class Writer:
     async def close(self, timeout: float) -> None:
         """Write what is buffered (within ``timeout``) and close the connection."""
         deadline = time.monotonic() + timeout
+        self._closing = True
+        self.wake.set()
         while self.pending() and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.write_pending(), max(0.1, deadline - time.monotonic()))
@@ -242,10 +253,12 @@ class Writer:
         left = self.pending()
         if left:
             logger.warning(f"observe: {left} telemetry record(s) not written before shutdown")
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.conn.close(), 2)
-            self.conn = None
+        async with self._lock:  # after a write or hint run() may still be sending
+            self._closed = True
+            if self.conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.conn.close(), 2)
+                self.conn = None
 
 
 async def ensure_partitions(conn: Any, first: dt.date, last: dt.date) -> int:

@@ -349,3 +349,37 @@ async def test_an_activity_hint_waits_for_the_writer_connection_being_opened(for
         await writer.close(timeout=2)
         for conn in connections:
             await conn.close()
+
+
+async def test_closing_the_writer_stops_its_task_and_nothing_reconnects(forge_node, forge_db_url):
+    """close() (the node's drain) writes the rest and closes the connection while the writer's task
+    may be mid-hint: the task must stop rather than send on the closing connection or connect again
+    (the bench saw the task crash at every node stop, then reconnect after the drain)."""
+    import asyncpg
+
+    from forge_observe.writer import Writer
+
+    node = await _node(forge_node)
+    connections: list[asyncpg.Connection] = []
+
+    async def connect() -> asyncpg.Connection:
+        conn = await asyncpg.connect(forge_db_url)
+        connections.append(conn)
+        return conn
+
+    writer = Writer(connect, "close-race", for_node(node).metrics, interval=0.01)
+    assert await writer.open(timeout=10)
+    task = asyncio.create_task(writer.run())
+    try:
+        for _ in range(20):  # hints in flight while the drain starts
+            writer.hint({"jobs"})
+            await asyncio.sleep(0.005)
+        await writer.close(timeout=5)
+        writer.hint({"jobs"})  # late activity during shutdown
+        await asyncio.wait_for(task, 5)  # the task ends by itself, without an error
+        assert writer.hints_sent >= 1
+        assert len(connections) == 1 and connections[0].is_closed()
+    finally:
+        task.cancel()
+        for conn in connections:
+            await conn.close()
