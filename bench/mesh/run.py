@@ -140,6 +140,7 @@ def soak(ports: dict[str, int], pids: dict[str, int], rate: float, seconds: floa
         return load.result()
 
     res = asyncio.run(main())
+    del res["latencies"]  # the percentiles are kept; 300,000 raw figures are not worth a results file
     res["rss"] = series
     return res
 
