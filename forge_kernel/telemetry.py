@@ -245,6 +245,23 @@ def _local_trace(root: Span) -> Trace:
 _new_span = object.__new__
 
 
+class _UnsampledRoot(Span):
+    """A local root of unsampled work whose span id is drawn only when something asks for it (a log
+    line, a child, a ``traceparent``, the observer keeping it): then it becomes a plain :class:`Span`.
+    Most requests end fast and well without anyone asking, so they never draw one."""
+
+    __slots__ = ()
+
+    @property  # shadows Span's slot until drawn; then the instance is a Span and the slot answers
+    def span_id(self) -> int:
+        sid = _getrandbits(64) or 1
+        self.__class__ = Span
+        self.span_id = sid
+        return sid
+
+
+
+
 def new_span_id() -> int:
     return _getrandbits(64) or 1
 
@@ -431,6 +448,60 @@ class Telemetry:
                 on_trace(trace)
             except Exception:  # an observer must never break the work it observes
                 self.dropped += 1
+
+    # --- requests (the gateway) ------------------------------------------------------------
+    def start_request(self, name: str, remote: str | None) -> Span | None:
+        """The local root span of a request (kind ``server``), continuing ``remote`` (the caller's
+        ``traceparent``) or a fresh trace: ``start_span(name, "server", remote=remote)`` for less.
+        In a fresh unsampled trace its span id is drawn when first asked for, and its attributes
+        are set by :meth:`end_request` only when the observer gets it. ``None`` when nothing observes."""
+        if not self.enabled:
+            return None
+        if remote is not None:
+            return self.start_span(name, "server", remote=remote)
+        trace_id = _getrandbits(128) or 1
+        if (trace_id & _LOW64) < self._sample_below:  # head-sampled: a full span
+            span = _new_span(Span)
+            span.sampled = True
+            span.span_id = _getrandbits(64) or 1
+        else:
+            span = _new_span(_UnsampledRoot)
+            span.sampled = False
+        span._trace = None
+        span.trace_id, span.parent_id, span.name, span.kind = trace_id, 0, name, "server"
+        span.attrs = span.ids = span.error = None
+        span.end_ns = 0
+        span.start_ns = _time_ns()
+        span._token = _current.set(span)
+        return span
+
+    def end_request(self, span: Span | None, status: int, request_id: str) -> None:
+        """Close a request's root span (from :meth:`start_request`) answered with HTTP ``status``: a
+        status of 500 or more marks it failed. Its attributes (``request.id``, ``http.status_code``)
+        are set only when the observer may keep it; an unsampled request that went well and fast
+        ends with a clock read and a counter."""
+        if span is None or span.end_ns:
+            return
+        if status < 500 and span._trace is None and not span.sampled:
+            end = _time_ns()
+            if end - span.start_ns < self.keep_over_ns:
+                span.end_ns = end
+                token = span._token
+                if token is not None:
+                    span._token = None
+                    try:
+                        _current.reset(token)
+                    except ValueError:  # ended in another context than it started in
+                        pass
+                self.discarded += 1
+                return
+        attrs = span.attrs
+        if attrs is None:
+            span.attrs = {"request.id": request_id, "http.status_code": status}
+        else:
+            attrs.setdefault("request.id", request_id)
+            attrs["http.status_code"] = status
+        self.end_span(span, f"HTTP {status}" if status >= 500 else None)
 
     # --- function calls (the executor) ------------------------------------------------------
     def call_started(self, name: str, kind: str, call_id: str) -> Span | None:

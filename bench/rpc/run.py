@@ -126,7 +126,7 @@ def check(url: str, body: dict | list, expect: object) -> None:
         raise SystemExit(f"{url} answered {got!r}, expected {expect!r}")
 
 
-def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str) -> float:
+def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str, keep_dumps: str = "") -> float:
     """CPU instructions one request costs the server ``who`` (forge, observe, bare or raw), counted
     by callgrind (steady on a shared machine, where timings swing by 2x): the server runs under
     valgrind with instrumentation off, is warmed up, then ``n`` requests (8 at a time) are counted.
@@ -182,6 +182,8 @@ def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str
         for dump in tmp.glob(out.name + "*"):
             text = dump.read_text(errors="replace")
             if re.search(r"^desc: Trigger: dump measured", text, re.M):
+                if keep_dumps:  # for callgrind_annotate: where the instructions went, by C function
+                    shutil.copy(dump, Path(keep_dumps) / f"callgrind.{who}")
                 return int(re.search(r"^totals: (\d+)", text, re.M).group(1)) / (n // 8 * 8)
         raise SystemExit("callgrind wrote no dump for the measured requests")
     finally:
@@ -219,6 +221,8 @@ def main() -> None:
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="instead of wrk rounds: CPU instructions per request of FORGE with and without forge-observe, bare and raw, "
                          "counted by callgrind over N requests each (needs valgrind)")
+    ap.add_argument("--keep-dumps", default="", metavar="DIR",
+                    help="with --instructions: copy each server's callgrind dump of the measured requests into DIR")
     args = ap.parse_args()
     args.observe = args.observe or args.observe_only
     if args.instructions and not shutil.which("valgrind"):
@@ -247,7 +251,7 @@ def main() -> None:
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
         if args.instructions:
-            counts = {who: instructions_per_request(tmp, env, args.instructions, who, db_url)
+            counts = {who: instructions_per_request(tmp, env, args.instructions, who, db_url, args.keep_dumps)
                       for who in args.servers.split(",")}
             if set(counts) != {"forge", "observe", "bare", "raw"}:
                 print(", ".join(f"{who} {n:,.0f}" for who, n in counts.items()) + " CPU instructions per request")

@@ -254,8 +254,7 @@ async def serve_rpc(gw: Gateway, scope: Any, receive: Any, send: Any) -> None:
     span = remote = None
     if tel.enabled:  # the request's span continues the caller's W3C traceparent
         remote = headers.get(b"traceparent")
-        span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
-                              remote=remote, attrs={"request.id": request_id, "http.status_code": 0})
+        span = tel.start_request(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", remote)
     status = 0
     try:
         try:
@@ -278,8 +277,7 @@ async def serve_rpc(gw: Gateway, scope: Any, receive: Any, send: Any) -> None:
         await _send_reply(send, reply)
     finally:
         if span is not None:
-            span.attrs["http.status_code"] = status
-            tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
+            tel.end_request(span, status, request_id)
 
 
 async def _unless_disconnected(gw: Gateway, receive: Any, work: Any) -> Any:
