@@ -516,14 +516,15 @@ class Telemetry:
         """One ``call`` event; ends ``span``, or (unsampled trace) adds the call's span afterwards
         when it failed or took at least ``keep_over`` seconds, since the observer may keep that trace."""
         end = _time_ns()
+        took = end - start_ns
         ev = self.events
         if ev is not None:
             if len(ev) == self._ring_size:
                 self.dropped += 1
-            ev.append(("call", (name, kind, code, (end - start_ns) / 1e9)))
+            ev.append(("call", (name, kind, code, took / 1e9)))
         if span is not None:
             self.end_span(span, None if code == "OK" else code)
-        elif code != "OK" or end - start_ns >= self.keep_over_ns:
+        elif code != "OK" or took >= self.keep_over_ns:
             parent = _current.get()
             if parent is not None:
                 parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id},

@@ -1,5 +1,6 @@
-"""``forge-node start`` for ``run.py --instructions``: forge-observe aggregates its event ring when sent
-SIGUSR1 (then touches ``aggregated`` in the working directory) instead of every 0.5 s.
+"""``forge-node start`` for ``run.py --instructions``: forge-observe aggregates its event ring and writes
+its queued spans when sent SIGUSR1 (then touches ``aggregated`` in the working directory) instead of
+every 0.5 s (its timed writes are made hourly).
 
 Under valgrind a request takes ~50x longer, so the 0.5 s aggregation would fold batches of tens of
 ``call`` events instead of the thousands it folds at full speed, and its fixed cost per batch would
@@ -23,11 +24,22 @@ _lifespan = service.Observer.lifespan
 @contextlib.asynccontextmanager
 async def lifespan(self, node):
     async with _lifespan(self, node) as obs:
-        def aggregate() -> None:
+        obs.writer.interval = 3600.0  # beyond [observe] write_interval's range: writes come with SIGUSR1
+        tasks: set[asyncio.Task] = set()
+
+        async def aggregate() -> None:
             obs.aggregate()
+            # the spans of the sampled requests (1 %) are written now: their writing is counted in full,
+            # and no timed write falls into one window and not another
+            await obs.writer.write_pending()
             Path("aggregated").touch()
 
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, aggregate)
+        def on_usr1() -> None:
+            task = asyncio.create_task(aggregate())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, on_usr1)
         yield obs
 
 

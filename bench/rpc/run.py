@@ -132,10 +132,11 @@ def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str
     valgrind with instrumentation off, is warmed up, then ``n`` requests (8 at a time) are counted.
     forge-observe's timed loops (metric snapshots every 10 s, writes every 0.5 s) would run 50x
     more often per request under valgrind's slowdown: they are slowed down too (``flush_interval``
-    3600 s, ``write_interval`` 60 s), and so is the slow-trace threshold (3600 s: under valgrind
+    3600 s, ``write_interval`` 60 s, its most, then an hour: observed_node.py), and so is the slow-trace threshold (3600 s: under valgrind
     a call of a few ms takes over the default 1 s, and every such trace would be stored); its
     aggregation (every 0.5 s: batches of thousands of events at full speed, tens under valgrind)
-    runs once on the measured requests' events, before counting stops (observed_node.py), so the
+    runs once on the measured requests' events, before counting stops, followed by the writing of
+    their sampled spans (observed_node.py), so the
     figure is the per-request path plus the aggregation of its events."""
     port, out = free_port(), tmp / f"callgrind.{who}"
     # the node's full collection every 60 s falls into one window and not the other (~1.9M instructions,
