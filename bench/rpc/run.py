@@ -179,15 +179,19 @@ def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str
 
     try:
         wait_for(up, 600, 1, f"{who} under valgrind")
+        def aggregate() -> None:
+            if who == "observe":
+                done = tmp / "aggregated"
+                done.unlink(missing_ok=True)
+                os.kill(proc.pid, signal.SIGUSR1)
+                wait_for(done.exists, 600, 0.2, "forge-observe's aggregation under valgrind")
+
         asyncio.run(load(400))
+        aggregate()  # the warm-up's spans written: the writer's COPY is prepared before counting starts
         control("-z")
         control("-i", "on")
         asyncio.run(load(n))
-        if who == "observe":  # the measured requests' events folded in one batch, as at full speed
-            done = tmp / "aggregated"
-            done.unlink(missing_ok=True)
-            os.kill(proc.pid, signal.SIGUSR1)
-            wait_for(done.exists, 600, 0.2, "forge-observe's aggregation under valgrind")
+        aggregate()  # the measured requests' events folded in one batch, as at full speed, and their spans written
         control("-i", "off")
         control("-d", "measured")
         time.sleep(1)
