@@ -174,7 +174,7 @@ class Span:
     """One timed operation. Times are wall-clock nanoseconds (``time.time_ns``)."""
 
     __slots__ = ("_trace", "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs",
-                 "error", "sampled", "ids", "_token")
+                 "error", "sampled", "ids", "_token", "_later")
 
     def __init__(self, trace: Trace | None, trace_id: int, sampled: bool, span_id: int, parent_id: int, name: str,
                  kind: str, attrs: dict[str, Any] | None, start_ns: int) -> None:
@@ -194,6 +194,8 @@ class Span:
         #: ids log lines of this work carry (local roots only; see ``Trace.ids``)
         self.ids: dict[str, Any] | None = None
         self._token: contextvars.Token | None = None
+        #: children recorded on an unsampled root that has no local trace yet (see ``record``)
+        self._later: list[tuple] | None = None
 
     @property
     def trace(self) -> Trace | None:
@@ -213,16 +215,28 @@ class Span:
         return "00-%032x-%016x-%s" % (self.trace_id, self.span_id, "01" if self.sampled else "00")
 
     def record(self, name: str, kind: str, start_ns: int, end_ns: int, attrs: dict[str, Any] | None = None,
-               error: str | None = None, span_id: int = 0) -> "Span":
+               error: str | None = None, span_id: int = 0) -> None:
         """Add a finished child span measured by the caller (a SQL statement, a dispatch) to this open
-        span's trace; ``span_id`` when the caller handed the id on before the span ended (a job's parent)."""
+        span's trace; ``span_id`` when the caller handed the id on before the span ended (a job's parent).
+
+        On an unsampled root without a local trace yet (a request's, a job's) a child that went well
+        is only noted: it becomes a span when the local trace is made (the root gets a child span, or
+        ended failed or slow, so the observer may keep it). Most such work ends fast and well, and a
+        ``ctx.dispatch`` in it then costs no span and no trace."""
+        if self._trace is None and not self.sampled and error is None and not self.end_ns:
+            later = self._later
+            if later is None:
+                self._later = [(name, kind, start_ns, end_ns, attrs, span_id)]
+                return
+            if len(later) < MAX_SPANS_PER_TRACE:
+                later.append((name, kind, start_ns, end_ns, attrs, span_id))
+                return
         child = Span(None, self.trace_id, self.sampled, span_id or _getrandbits(64) or 1, self.span_id, name, kind,
                      attrs, start_ns)
         child.end_ns, child.error = end_ns, error
         trace = self.trace
         if trace is not None:
             trace.add(child)
-        return child
 
     @property
     def duration(self) -> float:
@@ -239,6 +253,15 @@ def _local_trace(root: Span) -> Trace:
     if root.ids is None:
         root.ids = {}
     trace._ids = root.ids  # one dict: ids set on either are seen by both
+    later = root._later
+    if later is not None:  # the children it noted while it had no trace (Span.record)
+        root._later = None
+        trace_id, span_id, sampled = root.trace_id, root.span_id, root.sampled
+        for name, kind, start_ns, end_ns, attrs, child_id in later:
+            child = Span(None, trace_id, sampled, child_id or _getrandbits(64) or 1, span_id, name, kind, attrs,
+                         start_ns)
+            child.end_ns = end_ns
+            trace.add(child)
     return trace
 
 
@@ -401,7 +424,7 @@ class Telemetry:
         span._trace = None
         span.trace_id, span.sampled, span.span_id, span.parent_id = trace_id, sampled, span_id, parent_id
         span.name, span.kind, span.attrs, span.ids = name, kind, attrs, ids
-        span.error, span.end_ns = None, 0
+        span.error, span.end_ns, span._later = None, 0, None
         span.start_ns = start_ns or _time_ns()
         span._token = _current.set(span)
         return span
@@ -469,7 +492,7 @@ class Telemetry:
             span.sampled = False
         span._trace = None
         span.trace_id, span.parent_id, span.name, span.kind = trace_id, 0, name, "server"
-        span.attrs = span.ids = span.error = None
+        span.attrs = span.ids = span.error = span._later = None
         span.end_ns = 0
         span.start_ns = _time_ns()
         span._token = _current.set(span)

@@ -809,7 +809,9 @@ def check_telemetry_requests() -> None:
     ``server`` span with ``request.id`` and ``http.status_code``, the parent of every span recorded
     in it. An unsampled root draws its span id only when asked, and then answers the same id to
     everyone (children, ``traceparent``, the stored span); a ``traceparent`` handed on (a job's)
-    carries the head decision ``head_sampled_remote`` makes again on another node."""
+    carries the head decision ``head_sampled_remote`` makes again on another node. A child recorded
+    on an unsampled root that went well (``Span.record``: a dispatch) makes no local trace until
+    one is needed, and is in the trace, a child of the root, whenever the observer gets it."""
     from ..telemetry import Telemetry, current_span
 
     @settings(**_SETTINGS)
@@ -830,7 +832,9 @@ def check_telemetry_requests() -> None:
                 handed.append(tp)
                 assert tel.head_sampled_remote(tp) == root.sampled
             elif w == "record":
-                root.record("dispatch j", "producer", 1, 2)
+                had_trace = root._trace is not None
+                root.record("dispatch j", "producer", 1, 2, span_id=0x5EED)
+                assert (root._trace is not None) == (had_trace or root.sampled)  # noted, no trace made
             else:
                 child = tel.start_span("f")
                 assert child.parent_id == root.span_id and child.trace_id == root.trace_id
@@ -849,6 +853,7 @@ def check_telemetry_requests() -> None:
             assert root.error == (f"HTTP {status}" if status >= 500 else None)
             assert all(s.parent_id == root.span_id for s in trace.spans if s is not root)
             assert len(trace.spans) == 1 + sum(w != "traceparent" for w in work)
+            assert [s.span_id for s in trace.spans if s.kind == "producer"] == [0x5EED] * work.count("record")
             assert all(s.trace_id == root.trace_id and s.sampled == root.sampled for s in trace.spans)
         assert all(tp.split("-")[1:3] == [f"{root.trace_id:032x}", f"{root.span_id:016x}"] for tp in handed)
         if remote:
