@@ -268,6 +268,15 @@ def _local_trace(root: Span) -> Trace:
 _new_span = object.__new__
 
 
+def _leave(span: Span) -> None:
+    """Make the span that was current before ``span`` started current again."""
+    token, span._token = span._token, None
+    try:
+        _current.reset(token)
+    except ValueError:  # ended in another context than it started in
+        pass
+
+
 class _UnsampledRoot(Span):
     """A local root of unsampled work whose span id is drawn only when something asks for it (a log
     line, a child, a ``traceparent``, the observer keeping it): then it becomes a plain :class:`Span`.
@@ -437,13 +446,8 @@ class Telemetry:
         span.end_ns = end = _time_ns()
         if error is not None:
             span.error = error
-        token = span._token
-        if token is not None:
-            span._token = None
-            try:
-                _current.reset(token)
-            except ValueError:  # ended in another context than it started in
-                pass
+        if span._token is not None:
+            _leave(span)
         trace = span._trace
         if trace is None:  # a root that had no child: the local trace is this one span
             if error is None and not span.sampled and end - span.start_ns < self.keep_over_ns:
@@ -509,13 +513,8 @@ class Telemetry:
             end = _time_ns()
             if end - span.start_ns < self.keep_over_ns:
                 span.end_ns = end
-                token = span._token
-                if token is not None:
-                    span._token = None
-                    try:
-                        _current.reset(token)
-                    except ValueError:  # ended in another context than it started in
-                        pass
+                if span._token is not None:
+                    _leave(span)
                 self.discarded += 1
                 return
         attrs = span.attrs
