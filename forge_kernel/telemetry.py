@@ -15,6 +15,12 @@ Two things, both free when nothing observes the node:
   nothing, so callers need no second branch. A finished span is plain data: it no longer
   points at its trace (no reference cycle, so an unkept trace is freed at once, never by the
   cyclic garbage collector).
+* **requests** - the gateway opens a request's root span with :meth:`Telemetry.start_request` and
+  closes it with :meth:`Telemetry.end_request`: in a fresh unsampled trace the root draws its span
+  id only when asked for and gets its attributes only when the observer may keep it, so a request
+  that ends well and fast costs two clock reads, the ``contextvars`` round trip and a counter.
+  A child recorded on such a root (``Span.record``: a dispatch, a push) is only noted until the
+  local trace is needed.
 * **function calls** - the executor records each call with :meth:`Telemetry.call_started` /
   :meth:`Telemetry.call_ended`: one ``call`` event, and a span only where it can matter: a real
   child span in a sampled trace (so its SQL statements nest under it), a finished span added
