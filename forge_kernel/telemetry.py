@@ -259,10 +259,13 @@ def _local_trace(root: Span) -> Trace:
     if root.ids is None:
         root.ids = {}
     trace._ids = root.ids  # one dict: ids set on either are seen by both
+    # an unsampled root draws its span id now, on this thread: the trace may reach the observer, whose
+    # exporter reads it from another thread
+    span_id = root.span_id
     later = root._later
     if later is not None:  # the children it noted while it had no trace (Span.record)
         root._later = None
-        trace_id, span_id, sampled = root.trace_id, root.span_id, root.sampled
+        trace_id, sampled = root.trace_id, root.sampled
         for name, kind, start_ns, end_ns, attrs, child_id in later:
             child = Span(None, trace_id, sampled, child_id or _getrandbits(64) or 1, span_id, name, kind, attrs,
                          start_ns)

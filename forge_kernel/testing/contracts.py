@@ -812,7 +812,7 @@ def check_telemetry_requests() -> None:
     carries the head decision ``head_sampled_remote`` makes again on another node. A child recorded
     on an unsampled root that went well (``Span.record``: a dispatch) makes no local trace until
     one is needed, and is in the trace, a child of the root, whenever the observer gets it."""
-    from ..telemetry import Telemetry, current_span
+    from ..telemetry import Span, Telemetry, current_span
 
     @settings(**_SETTINGS)
     @given(rate=st.sampled_from([0.0, 1.0, 0.01, 0.5]), keep_over=st.sampled_from([0.0, float("inf")]),
@@ -849,6 +849,7 @@ def check_telemetry_requests() -> None:
         if kept:
             trace = got[0]
             assert trace.root is root and trace.open == 0 and root.trace is None
+            assert all(type(s) is Span for s in trace.spans)  # plain data, ids drawn, when handed over
             assert root.attrs == {"request.id": "req-1", "http.status_code": status}
             assert root.error == (f"HTTP {status}" if status >= 500 else None)
             assert all(s.parent_id == root.span_id for s in trace.spans if s is not root)
