@@ -15,6 +15,12 @@ Two things, both free when nothing observes the node:
   nothing, so callers need no second branch. A finished span is plain data: it no longer
   points at its trace (no reference cycle, so an unkept trace is freed at once, never by the
   cyclic garbage collector).
+* **requests** - the gateway opens a request's root span with :meth:`Telemetry.start_request` and
+  closes it with :meth:`Telemetry.end_request`: in a fresh unsampled trace the root draws its span
+  id only when asked for and gets its attributes only when the observer may keep it, so a request
+  that ends well and fast costs two clock reads, the ``contextvars`` round trip and a counter.
+  A child recorded on such a root (``Span.record``: a dispatch, a push) is only noted until the
+  local trace is needed.
 * **function calls** - the executor records each call with :meth:`Telemetry.call_started` /
   :meth:`Telemetry.call_ended`: one ``call`` event, and a span only where it can matter: a real
   child span in a sampled trace (so its SQL statements nest under it), a finished span added
@@ -174,7 +180,7 @@ class Span:
     """One timed operation. Times are wall-clock nanoseconds (``time.time_ns``)."""
 
     __slots__ = ("_trace", "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs",
-                 "error", "sampled", "ids", "_token")
+                 "error", "sampled", "ids", "_token", "_later")
 
     def __init__(self, trace: Trace | None, trace_id: int, sampled: bool, span_id: int, parent_id: int, name: str,
                  kind: str, attrs: dict[str, Any] | None, start_ns: int) -> None:
@@ -194,6 +200,8 @@ class Span:
         #: ids log lines of this work carry (local roots only; see ``Trace.ids``)
         self.ids: dict[str, Any] | None = None
         self._token: contextvars.Token | None = None
+        #: children recorded on an unsampled root that has no local trace yet (see ``record``)
+        self._later: list[tuple] | None = None
 
     @property
     def trace(self) -> Trace | None:
@@ -213,16 +221,28 @@ class Span:
         return "00-%032x-%016x-%s" % (self.trace_id, self.span_id, "01" if self.sampled else "00")
 
     def record(self, name: str, kind: str, start_ns: int, end_ns: int, attrs: dict[str, Any] | None = None,
-               error: str | None = None, span_id: int = 0) -> "Span":
+               error: str | None = None, span_id: int = 0) -> None:
         """Add a finished child span measured by the caller (a SQL statement, a dispatch) to this open
-        span's trace; ``span_id`` when the caller handed the id on before the span ended (a job's parent)."""
+        span's trace; ``span_id`` when the caller handed the id on before the span ended (a job's parent).
+
+        On an unsampled root without a local trace yet (a request's, a job's) a child that went well
+        is only noted: it becomes a span when the local trace is made (the root gets a child span, or
+        ended failed or slow, so the observer may keep it). Most such work ends fast and well, and a
+        ``ctx.dispatch`` in it then costs no span and no trace."""
+        if self._trace is None and not self.sampled and error is None and not self.end_ns:
+            later = self._later
+            if later is None:
+                self._later = [(name, kind, start_ns, end_ns, attrs, span_id)]
+                return
+            if len(later) < MAX_SPANS_PER_TRACE:
+                later.append((name, kind, start_ns, end_ns, attrs, span_id))
+                return
         child = Span(None, self.trace_id, self.sampled, span_id or _getrandbits(64) or 1, self.span_id, name, kind,
                      attrs, start_ns)
         child.end_ns, child.error = end_ns, error
         trace = self.trace
         if trace is not None:
             trace.add(child)
-        return child
 
     @property
     def duration(self) -> float:
@@ -239,10 +259,48 @@ def _local_trace(root: Span) -> Trace:
     if root.ids is None:
         root.ids = {}
     trace._ids = root.ids  # one dict: ids set on either are seen by both
+    # an unsampled root draws its span id now, on this thread: the trace may reach the observer, whose
+    # exporter reads it from another thread
+    span_id = root.span_id
+    later = root._later
+    if later is not None:  # the children it noted while it had no trace (Span.record)
+        root._later = None
+        trace_id, sampled = root.trace_id, root.sampled
+        for name, kind, start_ns, end_ns, attrs, child_id in later:
+            child = Span(None, trace_id, sampled, child_id or _getrandbits(64) or 1, span_id, name, kind, attrs,
+                         start_ns)
+            child.end_ns = end_ns
+            trace.add(child)
     return trace
 
 
 _new_span = object.__new__
+
+
+def _leave(span: Span) -> None:
+    """Make the span that was current before ``span`` started current again."""
+    token, span._token = span._token, None
+    try:
+        _current.reset(token)
+    except ValueError:  # ended in another context than it started in
+        pass
+
+
+class _UnsampledRoot(Span):
+    """A local root of unsampled work whose span id is drawn only when something asks for it (a log
+    line, a child, a ``traceparent``, the observer keeping it): then it becomes a plain :class:`Span`.
+    Most requests end fast and well without anyone asking, so they never draw one."""
+
+    __slots__ = ()
+
+    @property  # shadows Span's slot until drawn; then the instance is a Span and the slot answers
+    def span_id(self) -> int:
+        sid = _getrandbits(64) or 1
+        self.__class__ = Span
+        self.span_id = sid
+        return sid
+
+
 
 
 def new_span_id() -> int:
@@ -384,7 +442,7 @@ class Telemetry:
         span._trace = None
         span.trace_id, span.sampled, span.span_id, span.parent_id = trace_id, sampled, span_id, parent_id
         span.name, span.kind, span.attrs, span.ids = name, kind, attrs, ids
-        span.error, span.end_ns = None, 0
+        span.error, span.end_ns, span._later = None, 0, None
         span.start_ns = start_ns or _time_ns()
         span._token = _current.set(span)
         return span
@@ -397,13 +455,8 @@ class Telemetry:
         span.end_ns = end = _time_ns()
         if error is not None:
             span.error = error
-        token = span._token
-        if token is not None:
-            span._token = None
-            try:
-                _current.reset(token)
-            except ValueError:  # ended in another context than it started in
-                pass
+        if span._token is not None:
+            _leave(span)
         trace = span._trace
         if trace is None:  # a root that had no child: the local trace is this one span
             if error is None and not span.sampled and end - span.start_ns < self.keep_over_ns:
@@ -432,6 +485,55 @@ class Telemetry:
             except Exception:  # an observer must never break the work it observes
                 self.dropped += 1
 
+    # --- requests (the gateway) ------------------------------------------------------------
+    def start_request(self, name: str, remote: str | None) -> Span | None:
+        """The local root span of a request (kind ``server``), continuing ``remote`` (the caller's
+        ``traceparent``) or a fresh trace: ``start_span(name, "server", remote=remote)`` for less.
+        In a fresh unsampled trace its span id is drawn when first asked for, and its attributes
+        are set by :meth:`end_request` only when the observer gets it. ``None`` when nothing observes."""
+        if not self.enabled:
+            return None
+        if remote is not None:
+            return self.start_span(name, "server", remote=remote)
+        trace_id = _getrandbits(128) or 1
+        if (trace_id & _LOW64) < self._sample_below:  # head-sampled: a full span
+            span = _new_span(Span)
+            span.sampled = True
+            span.span_id = _getrandbits(64) or 1
+        else:
+            span = _new_span(_UnsampledRoot)
+            span.sampled = False
+        span._trace = None
+        span.trace_id, span.parent_id, span.name, span.kind = trace_id, 0, name, "server"
+        span.attrs = span.ids = span.error = span._later = None
+        span.end_ns = 0
+        span.start_ns = _time_ns()
+        span._token = _current.set(span)
+        return span
+
+    def end_request(self, span: Span | None, status: int, request_id: str) -> None:
+        """Close a request's root span (from :meth:`start_request`) answered with HTTP ``status``: a
+        status of 500 or more marks it failed. Its attributes (``request.id``, ``http.status_code``)
+        are set only when the observer may keep it; an unsampled request that went well and fast
+        ends with a clock read and a counter."""
+        if span is None or span.end_ns:
+            return
+        if status < 500 and span._trace is None and not span.sampled:
+            end = _time_ns()
+            if end - span.start_ns < self.keep_over_ns:
+                span.end_ns = end
+                if span._token is not None:
+                    _leave(span)
+                self.discarded += 1
+                return
+        attrs = span.attrs
+        if attrs is None:
+            span.attrs = {"request.id": request_id, "http.status_code": status}
+        else:
+            attrs.setdefault("request.id", request_id)
+            attrs["http.status_code"] = status
+        self.end_span(span, f"HTTP {status}" if status >= 500 else None)
+
     # --- function calls (the executor) ------------------------------------------------------
     def call_started(self, name: str, kind: str, call_id: str) -> Span | None:
         """Where a function call starts: a real span when it is the root of the work (no current
@@ -445,14 +547,15 @@ class Telemetry:
         """One ``call`` event; ends ``span``, or (unsampled trace) adds the call's span afterwards
         when it failed or took at least ``keep_over`` seconds, since the observer may keep that trace."""
         end = _time_ns()
+        took = end - start_ns
         ev = self.events
         if ev is not None:
             if len(ev) == self._ring_size:
                 self.dropped += 1
-            ev.append(("call", (name, kind, code, (end - start_ns) / 1e9)))
+            ev.append(("call", (name, kind, code, took / 1e9)))
         if span is not None:
             self.end_span(span, None if code == "OK" else code)
-        elif code != "OK" or end - start_ns >= self.keep_over_ns:
+        elif code != "OK" or took >= self.keep_over_ns:
             parent = _current.get()
             if parent is not None:
                 parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id},

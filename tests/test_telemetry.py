@@ -14,6 +14,10 @@ def test_call_recording_contract():
     contracts.check_telemetry_calls()
 
 
+def test_request_span_contract():
+    contracts.check_telemetry_requests()
+
+
 def test_head_decision_contract():
     contracts.check_telemetry_head_decision()
 

@@ -126,23 +126,30 @@ def check(url: str, body: dict | list, expect: object) -> None:
         raise SystemExit(f"{url} answered {got!r}, expected {expect!r}")
 
 
-def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str) -> float:
+def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str, keep_dumps: str = "") -> float:
     """CPU instructions one request costs the server ``who`` (forge, observe, bare or raw), counted
     by callgrind (steady on a shared machine, where timings swing by 2x): the server runs under
     valgrind with instrumentation off, is warmed up, then ``n`` requests (8 at a time) are counted.
     forge-observe's timed loops (metric snapshots every 10 s, writes every 0.5 s) would run 50x
     more often per request under valgrind's slowdown: they are slowed down too (``flush_interval``
-    3600 s, ``write_interval`` 60 s), and so is the slow-trace threshold (3600 s: under valgrind
-    a call of a few ms takes over the default 1 s, and every such trace would be stored), so the
+    3600 s, ``write_interval`` 60 s, its most, then an hour: observed_node.py), and so is the slow-trace threshold (3600 s: under valgrind
+    a call of a few ms takes over the default 1 s, and every such trace would be stored); its
+    aggregation (every 0.5 s: batches of thousands of events at full speed, tens under valgrind)
+    runs once on the measured requests' events, before counting stops, followed by the writing of
+    their sampled spans (observed_node.py), so the
     figure is the per-request path plus the aggregation of its events."""
     port, out = free_port(), tmp / f"callgrind.{who}"
-    node_env = {**env, "FORGE_GATEWAY__PORT": str(port)}
+    # the node's full collection every 60 s falls into one window and not the other (~1.9M instructions,
+    # ~1k per request of 2,000): a cost per minute, not per request, left out of both
+    node_env = {**env, "FORGE_GATEWAY__PORT": str(port), "FORGE_NODE__GC_COLLECT_INTERVAL": "0"}
     if who == "observe":
         node_env.update(FORGE_OBSERVE__FLUSH_INTERVAL="3600", FORGE_OBSERVE__WRITE_INTERVAL="60",
                         FORGE_OBSERVE__SLOW_THRESHOLD="3600", FORGE_NODE__ID="bench-observe-cg")
     elif who == "forge":
         node_env.update(FORGE_DISABLE_PLUGINS="observe", FORGE_NODE__ID="bench-cg")
-    if who in ("forge", "observe"):
+    if who == "observe":  # its aggregation on SIGUSR1 only (observed_node.py)
+        argv, path, ready = [PY, str(HERE / "observed_node.py"), "start"], "/rpc/value", "/ready"
+    elif who == "forge":
         argv, path, ready = [PY, "-m", "forge_kernel.cli", "start"], "/rpc/value", "/ready"
     else:
         argv = [PY, str(HERE / f"{who}_app.py"), "--port", str(port), "--db-url", db_url, "--loop", "uvloop"]
@@ -172,16 +179,27 @@ def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str
 
     try:
         wait_for(up, 600, 1, f"{who} under valgrind")
+        def aggregate() -> None:
+            if who == "observe":
+                done = tmp / "aggregated"
+                done.unlink(missing_ok=True)
+                os.kill(proc.pid, signal.SIGUSR1)
+                wait_for(done.exists, 600, 0.2, "forge-observe's aggregation under valgrind")
+
         asyncio.run(load(400))
+        aggregate()  # the warm-up's spans written: the writer's COPY is prepared before counting starts
         control("-z")
         control("-i", "on")
         asyncio.run(load(n))
+        aggregate()  # the measured requests' events folded in one batch, as at full speed, and their spans written
         control("-i", "off")
         control("-d", "measured")
         time.sleep(1)
         for dump in tmp.glob(out.name + "*"):
             text = dump.read_text(errors="replace")
             if re.search(r"^desc: Trigger: dump measured", text, re.M):
+                if keep_dumps:  # for callgrind_annotate: where the instructions went, by C function
+                    shutil.copy(dump, Path(keep_dumps) / f"callgrind.{who}")
                 return int(re.search(r"^totals: (\d+)", text, re.M).group(1)) / (n // 8 * 8)
         raise SystemExit("callgrind wrote no dump for the measured requests")
     finally:
@@ -219,6 +237,8 @@ def main() -> None:
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="instead of wrk rounds: CPU instructions per request of FORGE with and without forge-observe, bare and raw, "
                          "counted by callgrind over N requests each (needs valgrind)")
+    ap.add_argument("--keep-dumps", default="", metavar="DIR",
+                    help="with --instructions: copy each server's callgrind dump of the measured requests into DIR")
     args = ap.parse_args()
     args.observe = args.observe or args.observe_only
     if args.instructions and not shutil.which("valgrind"):
@@ -247,7 +267,7 @@ def main() -> None:
         })
         env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
         if args.instructions:
-            counts = {who: instructions_per_request(tmp, env, args.instructions, who, db_url)
+            counts = {who: instructions_per_request(tmp, env, args.instructions, who, db_url, args.keep_dumps)
                       for who in args.servers.split(",")}
             if set(counts) != {"forge", "observe", "bare", "raw"}:
                 print(", ".join(f"{who} {n:,.0f}" for who, n in counts.items()) + " CPU instructions per request")

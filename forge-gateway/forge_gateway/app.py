@@ -63,6 +63,9 @@ class Gateway:
 
     def describe(self, registry: Any) -> None:
         """(Re)build the OpenAPI document of ``registry``'s functions (at start and after a reload)."""
+        #: the span name of a request to each function, made once (a request's name is formatted
+        #: only for a function that is not registered)
+        self.span_names = {"": f"POST {RPC_PREFIX}", **{f: f"POST {RPC_PREFIX}/{f}" for f in registry.functions}}
         self.openapi = _encode(build_document(
             registry.functions.values(), title=f"FORGE app ({', '.join(registry.modules) or 'no modules'})",
             version=self.node.version, include_rpc=self.serves_functions, api_key_header=self.config.api_key_header))
@@ -254,8 +257,7 @@ async def serve_rpc(gw: Gateway, scope: Any, receive: Any, send: Any) -> None:
     span = remote = None
     if tel.enabled:  # the request's span continues the caller's W3C traceparent
         remote = headers.get(b"traceparent")
-        span = tel.start_span(f"POST {RPC_PREFIX}/{function}" if function else f"POST {RPC_PREFIX}", "server",
-                              remote=remote, attrs={"request.id": request_id, "http.status_code": 0})
+        span = tel.start_request(gw.span_names.get(function) or f"POST {RPC_PREFIX}/{function}", remote)
     status = 0
     try:
         try:
@@ -278,8 +280,7 @@ async def serve_rpc(gw: Gateway, scope: Any, receive: Any, send: Any) -> None:
         await _send_reply(send, reply)
     finally:
         if span is not None:
-            span.attrs["http.status_code"] = status
-            tel.end_span(span, f"HTTP {status}" if status >= 500 else None)
+            tel.end_request(span, status, request_id)
 
 
 async def _unless_disconnected(gw: Gateway, receive: Any, work: Any) -> Any:

@@ -51,6 +51,8 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.In
 
 def truncate(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` UTF-8 bytes, ending in a marker saying how much went."""
+    if len(text) * 4 <= limit:  # no character takes more than 4 bytes: short enough without encoding it
+        return text
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
         return text
@@ -67,11 +69,12 @@ def _json_value(value: Any, limit: int) -> Any:
 
 def span_rows(trace: Trace, node_id: str, attr_limit: int) -> list[tuple]:
     rows = []
+    trace_hex = f"{trace.trace_id:032x}"  # every span of a local trace has its trace id
     for s in trace.spans:
         attrs = None
         if s.attrs:
             attrs = json.dumps({str(k)[:200]: _json_value(v, attr_limit) for k, v in s.attrs.items()})
-        rows.append((f"{s.trace_id:032x}", f"{s.span_id:016x}", f"{s.parent_id:016x}" if s.parent_id else None,
+        rows.append((trace_hex, f"{s.span_id:016x}", f"{s.parent_id:016x}" if s.parent_id else None,
                      truncate(s.name, attr_limit), s.kind, node_id,
                      dt.datetime.fromtimestamp(s.start_ns / 1e9, dt.timezone.utc),
                      max(0, s.end_ns - s.start_ns) / 1e6,

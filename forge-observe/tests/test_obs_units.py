@@ -331,3 +331,20 @@ async def test_live_hub_refreshes_only_for_the_kinds_its_pages_show():
     assert not hub.pacer.hinted and hub.pacer.due() == 60.0
     hub._notified(None, 0, "forge_jobs", "n1")
     assert hub.pacer.hinted and hub.pacer.due() == 1.0 and hub.hints == 2
+
+
+def test_queue_waits_are_bucketed_as_times_and_summed_exactly():
+    """Queue waits (due -> started, two datetimes) are folded as timedeltas: a wait exactly on a bucket
+    bound falls in that bucket (le is inclusive), one started before it was due counts as 0, and the
+    sum is exact to the microsecond (0.1 s + 0.2 s is 0.3 s, not 0.30000000000000004)."""
+    import types
+
+    from forge_observe.metrics import SLOW, NodeMetrics
+
+    ours = NodeMetrics(node=types.SimpleNamespace(id="n1"), process=False)
+    waits = [0.1, 0.2, 0.001, -3.0]
+    ours.apply([("job.finished", ("j", "default", "succeeded", _T0, _T0 + dt.timedelta(seconds=w), 0.5))
+                for w in waits])
+    row = ours.events.job_wait.rows["j", "default"]
+    assert row[-1] == 0.301
+    assert row[:-1] == [2, 0, 0, 0, 1, 1] + [0] * (len(SLOW) - 5)  # 0 and 0.001 <= 0.001; 0.1; 0.2 <= 0.5

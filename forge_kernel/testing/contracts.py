@@ -801,6 +801,68 @@ def check_telemetry_calls() -> None:
     calls()
 
 
+def check_telemetry_requests() -> None:
+    """A request's root span (``start_request`` / ``end_request``, the gateway's): it keeps
+    ``start_span``'s contract - the observer gets the local trace exactly when it is head-sampled,
+    answered with a server error (HTTP 500 or more, the span's error), has a failed span, or took
+    at least ``keep_over``; else it is counted as discarded - and when kept its root is the request's
+    ``server`` span with ``request.id`` and ``http.status_code``, the parent of every span recorded
+    in it. An unsampled root draws its span id only when asked, and then answers the same id to
+    everyone (children, ``traceparent``, the stored span); a ``traceparent`` handed on (a job's)
+    carries the head decision ``head_sampled_remote`` makes again on another node. A child recorded
+    on an unsampled root that went well (``Span.record``: a dispatch) makes no local trace until
+    one is needed, and is in the trace, a child of the root, whenever the observer gets it."""
+    from ..telemetry import Span, Telemetry, current_span
+
+    @settings(**_SETTINGS)
+    @given(rate=st.sampled_from([0.0, 1.0, 0.01, 0.5]), keep_over=st.sampled_from([0.0, float("inf")]),
+           status=st.sampled_from([200, 404, 500, 503]), remote=st.booleans(),
+           work=st.lists(st.sampled_from(["traceparent", "child", "failed child", "record"]), max_size=3))
+    def requests(rate: float, keep_over: float, status: int, remote: bool, work: list[str]) -> None:
+        got: list[Any] = []
+        tel = Telemetry()
+        tel.attach(got.append, sample_rate=rate, keep_over=keep_over)
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00" if remote else None
+        root = tel.start_request("POST /rpc/f", parent)
+        assert current_span() is root and root.kind == "server"
+        handed, failed = [], False
+        for w in work:
+            if w == "traceparent":
+                tp = root.traceparent()
+                handed.append(tp)
+                assert tel.head_sampled_remote(tp) == root.sampled
+            elif w == "record":
+                had_trace = root._trace is not None
+                root.record("dispatch j", "producer", 1, 2, span_id=0x5EED)
+                assert (root._trace is not None) == (had_trace or root.sampled)  # noted, no trace made
+            else:
+                child = tel.start_span("f")
+                assert child.parent_id == root.span_id and child.trace_id == root.trace_id
+                tel.end_span(child, "INTERNAL" if w == "failed child" else None)
+                failed = failed or w == "failed child"
+        tel.end_request(root, status, "req-1")
+        assert current_span() is None and root.end_ns >= root.start_ns
+        kept = root.sampled or keep_over == 0.0 or status >= 500 or failed
+        assert len(got) == int(kept) and tel.discarded == int(not kept)
+        if rate in (0.0, 1.0) and not remote:
+            assert root.sampled == (rate == 1.0)
+        if kept:
+            trace = got[0]
+            assert trace.root is root and trace.open == 0 and root.trace is None
+            assert all(type(s) is Span for s in trace.spans)  # plain data, ids drawn, when handed over
+            assert root.attrs == {"request.id": "req-1", "http.status_code": status}
+            assert root.error == (f"HTTP {status}" if status >= 500 else None)
+            assert all(s.parent_id == root.span_id for s in trace.spans if s is not root)
+            assert len(trace.spans) == 1 + sum(w != "traceparent" for w in work)
+            assert [s.span_id for s in trace.spans if s.kind == "producer"] == [0x5EED] * work.count("record")
+            assert all(s.trace_id == root.trace_id and s.sampled == root.sampled for s in trace.spans)
+        assert all(tp.split("-")[1:3] == [f"{root.trace_id:032x}", f"{root.span_id:016x}"] for tp in handed)
+        if remote:
+            assert root.trace_id == 0x0af7651916cd43dd8448eb211c80319c and root.parent_id == 0xb7ad6b7169203331
+
+    requests()
+
+
 def check_telemetry_events() -> None:
     """``emit`` keeps the newest ``ring_size`` events in order and counts every one it lost;
     with no observer attached it records nothing."""
