@@ -40,3 +40,25 @@ async def bench_stats(ctx) -> dict:
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
             "workers_alive": sum(not t.done() for t in rt.engine._workers)}
+
+
+@query(public=True)
+async def bench_gc(ctx) -> dict:
+    """How long one full cyclic-GC collection (what ``[node] gc_collect_interval`` runs) pauses
+    this node, and how many objects the collector tracks (benchmark-only introspection)."""
+    import gc
+    import time
+
+    import collections
+
+    objects = gc.get_objects()
+    tracked = len(objects)
+    top = collections.Counter(type(o).__qualname__ for o in objects).most_common(12)
+    del objects
+    frozen = gc.get_freeze_count()
+    gens = [len(gc.get_objects(g)) for g in range(3)]
+    t0, c0 = time.perf_counter(), time.thread_time()
+    found = gc.collect()
+    pause, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    return {"pause_ms": pause * 1000, "cpu_ms": cpu * 1000, "tracked": tracked, "generations": gens,
+            "frozen": frozen, "collected": found, "top_types": top}

@@ -408,6 +408,19 @@ def start_node(workdir: Path, db_url: str, tree: Path | None = None, extra: dict
     return p
 
 
+async def node_gc(port: int, times: int = 3) -> list[dict]:
+    """Time the node's full cyclic-GC collection (``[node] gc_collect_interval`` runs one a minute)
+    with the step's sockets open: ``times`` collections, a second apart."""
+    out = []
+    async with httpx.AsyncClient(timeout=60) as http:
+        for _ in range(times):
+            r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={})
+            r.raise_for_status()
+            out.append(r.json()["data"])
+            await asyncio.sleep(1.0)
+    return out
+
+
 async def node_stats(port: int) -> dict:
     async with httpx.AsyncClient() as http:
         r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_stats", json={})
@@ -507,6 +520,14 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
             async with contextlib.AsyncExitStack() as stack:
                 ts = await targets(stack, args.c_clients, topic=1000)
                 await asyncio.sleep(1.0)
+                for name, node, port in nodes:
+                    gcs = await node_gc(port)
+                    out.setdefault("c_gc", {}).setdefault(name, []).append(gcs)
+                    print(f"(c) [{name}] full GC with {args.c_clients} sockets: pause "
+                          f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
+                          f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), generations {gcs[0]['generations']}, {gcs[-1]['tracked']} objects tracked "
+                          f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]} (load {os.getloadavg()[0]:.1f})",
+                          flush=True)
                 reps = await measure_step(ts, db_url, args.c_rate, args.seconds, lambda i: 1000, args.c_clients,
                                           profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"))
                 for name, rep in reps.items():
