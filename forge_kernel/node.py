@@ -122,6 +122,11 @@ class CollectTimer:
     def collected(self, blocks: int) -> None:
         self.after_last = blocks
 
+    def on_gc(self, phase: str, info: dict) -> None:
+        """``gc.callbacks``: the end of any full collection (ours or the interpreter's) is the new baseline."""
+        if phase == "stop" and info["generation"] == 2:
+            self.collected(sys.getallocatedblocks())
+
 class Node:
     """One node process. ``await node.start()`` then ``await node.stop()`` (or ``run()``)."""
 
@@ -278,11 +283,14 @@ class Node:
         changed by ``gc_collect_growth`` since the last one (see the keys' comments)."""
         interval = self.config.node.gc_collect_interval
         timer = CollectTimer(self.config.node.gc_collect_growth, sys.getallocatedblocks())
-        while True:
-            await asyncio.sleep(interval)
-            if timer.due(sys.getallocatedblocks()):
-                gc.collect()
-                timer.collected(sys.getallocatedblocks())
+        gc.callbacks.append(timer.on_gc)  # a full collection the interpreter ran itself counts too
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if timer.due(sys.getallocatedblocks()):
+                    gc.collect()
+        finally:
+            gc.callbacks.remove(timer.on_gc)
 
     async def _open_pool(self, key: str, url: str, *, min_size: int, read_only: bool = False,
                          pooled: bool = False) -> asyncpg.Pool:

@@ -164,6 +164,24 @@ def test_collect_timer_waits_for_the_heap_to_change(growth, blocks, due):
     assert timer.due(blocks) is (growth == 0)
 
 
+def test_any_full_collection_resets_the_collect_timer():
+    """The interpreter's own full collections (its thresholds) count as much as the timer's: right
+    after one there is nothing for a timed collection to find, however much the heap grew before."""
+    import gc
+
+    from forge_kernel.node import CollectTimer
+
+    timer = CollectTimer(0.05, 1)  # as if the heap had grown enormously since the timer's last collection
+    gc.callbacks.append(timer.on_gc)
+    try:
+        gc.collect(1)  # a young collection is no full one
+        assert timer.due(sys.getallocatedblocks())
+        gc.collect()
+        assert not timer.due(sys.getallocatedblocks())
+    finally:
+        gc.callbacks.remove(timer.on_gc)
+
+
 @pytest.mark.parametrize("value", [-0.1, "some"])
 def test_bad_gc_collect_growth_names_the_key(forge_processes, tmp_path, value):
     proc = forge_processes({"node": {"gc_collect_growth": value}}, env=plugin_env(tmp_path), ready=False)

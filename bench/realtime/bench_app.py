@@ -28,6 +28,26 @@ async def topic_latest(ctx, topic: int) -> list[BenchItem]:
     return await ctx.db.select(BenchItem, topic=topic, order_by="-id", limit=5)
 
 
+# every cyclic-GC collection in the node, timed (benchmark-only): do pauses show in the tail?
+_gc_started = [0.0]
+GC_PAUSES: list[tuple[int, float]] = []  # (generation, seconds), the last 1,000
+GC_COUNT = [0]
+
+
+def _gc_timer(phase: str, info: dict) -> None:
+    import time
+
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
+        GC_COUNT[0] += 1
+        del GC_PAUSES[:-1000]
+
+
+__import__("gc").callbacks.append(_gc_timer)
+
+
 @query(public=True)
 async def bench_stats(ctx) -> dict:
     """How often this node re-ran live queries (the benchmark reads it over /rpc)."""
@@ -39,7 +59,8 @@ async def bench_stats(ctx) -> dict:
             "polls": rt.reader.polls, "hints": rt.reader.hints, "sessions": len(rt.sessions),
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
-            "workers_alive": sum(not t.done() for t in rt.engine._workers)}
+            "workers_alive": sum(not t.done() for t in rt.engine._workers),
+            "gc_count": GC_COUNT[0], "gc_pauses": [[g, round(p * 1000, 2)] for g, p in GC_PAUSES]}
 
 
 @query(public=True)
@@ -54,6 +75,12 @@ async def bench_gc(ctx) -> dict:
     objects = gc.get_objects()
     tracked = len(objects)
     top = collections.Counter(type(o).__qualname__ for o in objects).most_common(12)
+    # who holds the most common kinds (the first few of each, by referrer type and name)
+    held_by = {}
+    for name, _ in top[:6]:
+        sample = [o for o in objects[-20_000:] if type(o).__qualname__ == name][:5]
+        held_by[name] = sorted({_describe(r) for o in sample for r in gc.get_referrers(o) if r is not objects
+                                and r is not sample})[:8]
     del objects
     frozen = gc.get_freeze_count()
     gens = [len(gc.get_objects(g)) for g in range(3)]
@@ -61,4 +88,17 @@ async def bench_gc(ctx) -> dict:
     found = gc.collect()
     pause, cpu = time.perf_counter() - t0, time.thread_time() - c0
     return {"pause_ms": pause * 1000, "cpu_ms": cpu * 1000, "tracked": tracked, "generations": gens,
-            "frozen": frozen, "collected": found, "top_types": top}
+            "frozen": frozen, "collected": found, "top_types": top, "held_by": held_by}
+
+
+def _describe(obj) -> str:
+    name = type(obj).__qualname__
+    if name == "coroutine":
+        return f"coroutine {obj.__qualname__}"
+    if name == "frame":
+        return f"frame {obj.f_code.co_qualname}"
+    if name == "method":
+        return f"method {obj.__qualname__}"
+    if name == "dict":
+        return "dict(" + ",".join(sorted(map(str, obj))[:4]) + ")"
+    return name

@@ -6,7 +6,7 @@ on forge-gateway's real ``WebSocketProtocol.write_now``) whose transport's write
 bytes. Prints the thread CPU time per push of ``LiveQueryEngine._deliver`` (median of
 ``--rounds``): what the node spends per subscriber besides the ``write`` system call itself.
 
-    .venv/bin/python bench/realtime/fanout.py [--subscribers 5000] [--rounds 30] [--ids same|distinct]
+    .venv/bin/python bench/realtime/fanout.py [--subscribers 5000] [--rounds 30] [--ids same|distinct] [--no-telemetry]
 """
 
 from __future__ import annotations
@@ -59,7 +59,16 @@ class Transport:
 
 
 async def main(args: argparse.Namespace) -> None:
-    engine = LiveQueryEngine(executor=None, capture=None)
+    executor = None
+    if args.telemetry:  # as a node with forge-observe installed runs it: 1% of traces sampled
+        import types
+
+        from forge_kernel.telemetry import Telemetry
+
+        tel = Telemetry()
+        tel.attach(lambda trace: None, sample_rate=0.01)
+        executor = types.SimpleNamespace(node=types.SimpleNamespace(telemetry=tel))
+    engine = LiveQueryEngine(executor=executor, capture=None)
     config = RealtimeConfig()
     q = LiveQuery(("topic_latest", '{"topic":1000}', "*"), "topic_latest", {"topic": 1000})
     transports = []
@@ -76,7 +85,7 @@ async def main(args: argparse.Namespace) -> None:
     per_push = []
     for rnd in range(args.rounds):
         rows[0]["id"] += 1  # a new result each round: every subscriber gets data
-        engine.publish(q, encode(rows), rnd) if hasattr(engine, "publish") else _publish(q, encode(rows), rnd)
+        _publish(q, encode(rows), rnd)
         subs = list(q.subscriptions)
         c0 = time.thread_time()
         engine._deliver(q, subs)
@@ -84,11 +93,12 @@ async def main(args: argparse.Namespace) -> None:
     writes = sum(t.writes for t in transports)
     assert writes == args.subscribers * args.rounds, writes
     print(f"{statistics.median(per_push):.2f} us of CPU per push (Python path, writes stubbed; median of "
-          f"{args.rounds} fan-outs to {args.subscribers} subscribers, ids {args.ids})")
+          f"{args.rounds} fan-outs to {args.subscribers} subscribers, ids {args.ids}, telemetry "
+          f"{'on' if args.telemetry else 'off'})")
 
 
 def _publish(q: LiveQuery, body: bytes, position: int) -> None:
-    """The result of a run, as _finish_run stores it (for code before ``LiveQueryEngine.publish``)."""
+    """The result of a run, as ``LiveQueryEngine._finish_run`` stores it."""
     q.result_json, q.hash, q.position = body, result_hash(body), position
     q.data_tail = b"".join((b',"hash":"', q.hash.encode(), b'","position":', str(position).encode(), b',"data":',
                             body, b"}"))
@@ -100,4 +110,6 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--ids", choices=("same", "distinct"), default="same",
                     help="every subscriber's id the same (as the benchmark's clients) or each its own")
+    ap.add_argument("--no-telemetry", dest="telemetry", action="store_false",
+                    help="without the node's telemetry (as without forge-observe)")
     asyncio.run(main(ap.parse_args()))

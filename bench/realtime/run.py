@@ -338,6 +338,11 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             reruns = after[t.name]["runs"] - before[t.name]["runs"]
             rep["reruns_per_write"] = reruns / max(1, rep["writes"])
             rep["node_pushes_per_s"] = (after[t.name]["pushes"] - before[t.name]["pushes"]) / seconds
+            n = after[t.name]["gc_count"] - before[t.name]["gc_count"]
+            pauses = after[t.name].pop("gc_pauses")[-n:] if n > 0 else []
+            rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
+                              "max_ms": max((p for _, p in pauses), default=0.0),
+                              "total_ms": round(sum(p for _, p in pauses), 1)}
             rep["node_stats_after"] = after[t.name]
         rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
         if len(targets) > 1:
@@ -361,7 +366,9 @@ def step_line(rep: dict) -> str:
             f"{rep.get('reruns_per_write', float('nan')):.2f} | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
             f"writer {c['writer_pct']} clients {c['client_procs_pct']} others {c['others_pct']} "
             f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}, "
-            f"busiest {c['busiest_process']} {c['busiest_pct']}%")
+            f"busiest {c['busiest_process']} {c['busiest_pct']}%"
+            + (f" | node GC: {rep['node_gc']['collections']} collections ({rep['node_gc']['full']} full), longest "
+               f"{rep['node_gc']['max_ms']:.1f} ms" if "node_gc" in rep else ""))
 
 
 # --- the node ------------------------------------------------------------------------------------
@@ -526,7 +533,7 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                     print(f"(c) [{name}] full GC with {args.c_clients} sockets: pause "
                           f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
                           f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), generations {gcs[0]['generations']}, {gcs[-1]['tracked']} objects tracked "
-                          f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]} (load {os.getloadavg()[0]:.1f})",
+                          f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]}, held by {gcs[-1]['held_by']} (load {os.getloadavg()[0]:.1f})",
                           flush=True)
                 reps = await measure_step(ts, db_url, args.c_rate, args.seconds, lambda i: 1000, args.c_clients,
                                           profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"))
