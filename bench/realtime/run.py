@@ -339,7 +339,8 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             rep["reruns_per_write"] = reruns / max(1, rep["writes"])
             rep["node_pushes_per_s"] = (after[t.name]["pushes"] - before[t.name]["pushes"]) / seconds
             n = after[t.name]["gc_count"] - before[t.name]["gc_count"]
-            pauses = after[t.name].pop("gc_pauses")[-n:] if n > 0 else []
+            pauses = after[t.name].pop("gc_pauses")
+            pauses = pauses[-n:] if n > 0 else []
             rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
                               "max_ms": max((p for _, p in pauses), default=0.0),
                               "total_ms": round(sum(p for _, p in pauses), 1)}

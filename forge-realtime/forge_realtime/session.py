@@ -114,7 +114,9 @@ class Session:
         if self.closed or sub_id not in self.subscriptions:
             return
         if kind == "data":
-            if self._written_now(message):
+            # _written_now, inlined: this runs once per subscriber of every fan-out
+            if (self._write_now is not None and not self._sending and not self._control and not self._data
+                    and self._write_now(message)):
                 return
             self._data[sub_id] = message  # latest wins: an unsent older result is replaced
             self._data.move_to_end(sub_id)
