@@ -48,11 +48,35 @@ def _gc_timer(phase: str, info: dict) -> None:
 __import__("gc").callbacks.append(_gc_timer)
 
 
+# the node's event-loop stalls (benchmark-only): a task that wakes every 5 ms records how late it woke
+LAGS: list[float] = []  # seconds late, above 20 ms, the last 1,000
+LAG_COUNT = [0]
+_watchdog: list = []
+
+
+async def _watch_loop() -> None:
+    import asyncio
+    import time
+
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.005)
+        late = time.perf_counter() - t0 - 0.005
+        if late > 0.02:
+            LAGS.append(late)
+            LAG_COUNT[0] += 1
+            del LAGS[:-1000]
+
+
 @query(public=True)
 async def bench_stats(ctx) -> dict:
     """How often this node re-ran live queries (the benchmark reads it over /rpc)."""
     from forge_realtime.service import for_node  # benchmark-only introspection
 
+    if not _watchdog:
+        import asyncio
+
+        _watchdog.append(asyncio.get_running_loop().create_task(_watch_loop()))
     rt = for_node(ctx.node)
     s = rt.engine.stats
     return {"runs": s.runs, "pushes": s.pushes, "changes": s.changes, "invalidations": s.invalidations,
@@ -60,6 +84,7 @@ async def bench_stats(ctx) -> dict:
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
             "workers_alive": sum(not t.done() for t in rt.engine._workers),
+            "lag_count": LAG_COUNT[0], "lags": [round(x * 1000, 1) for x in LAGS],
             "gc_count": GC_COUNT[0], "gc_pauses": [[g, round(p * 1000, 2)] for g, p in GC_PAUSES]}
 
 

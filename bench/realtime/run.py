@@ -287,10 +287,11 @@ def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: di
 async def quiet(stats, settle: float = 0.5, timeout: float = 30.0) -> None:
     """Wait until the server stops re-running (the previous step's backlog is gone)."""
     deadline = time.monotonic() + timeout
-    last = await stats()
+    work = lambda s: (s["runs"], s["pushes"], s["changes"])  # noqa: E731 - not the GC and loop-stall records
+    last = work(await stats())
     while time.monotonic() < deadline:
         await asyncio.sleep(settle)
-        now = await stats()
+        now = work(await stats())
         if now == last:
             return
         last = now
@@ -344,6 +345,11 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
                               "max_ms": max((p for _, p in pauses), default=0.0),
                               "total_ms": round(sum(p for _, p in pauses), 1)}
+            n = after[t.name]["lag_count"] - before[t.name]["lag_count"]
+            lags = after[t.name].pop("lags")
+            lags = lags[-n:] if n > 0 else []
+            rep["node_loop_stalls"] = {"over_20ms": n, "longest_ms": max(lags, default=0.0),
+                                       "over_100ms": sum(x > 100 for x in lags)}
             rep["node_stats_after"] = after[t.name]
         rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
         if len(targets) > 1:
@@ -369,7 +375,8 @@ def step_line(rep: dict) -> str:
             f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}, "
             f"busiest {c['busiest_process']} {c['busiest_pct']}%"
             + (f" | node GC: {rep['node_gc']['collections']} collections ({rep['node_gc']['full']} full), longest "
-               f"{rep['node_gc']['max_ms']:.1f} ms" if "node_gc" in rep else ""))
+               f"{rep['node_gc']['max_ms']:.1f} ms; loop stalls > 20 ms: {rep['node_loop_stalls']['over_20ms']}, "
+               f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else ""))
 
 
 # --- the node ------------------------------------------------------------------------------------
