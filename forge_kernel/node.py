@@ -105,6 +105,28 @@ def all_migrations(loader: PluginLoader, registry: Registry | None) -> list[migm
     return loader.migrations() + (app_migrations(registry) if registry else [])
 
 
+
+class CollectTimer:
+    """When a timed full collection is worth its pause: the heap (in allocated blocks) changed by
+    at least ``growth`` (a fraction) since the last collection. Cycles nobody collected are blocks
+    that stay allocated, so they move the count; a node that holds still (thousands of open
+    connections and nothing closing) is not rescanned every interval to find nothing."""
+
+    def __init__(self, growth: float, blocks: int) -> None:
+        self.growth = growth
+        self.after_last = blocks
+
+    def due(self, blocks: int) -> bool:
+        return abs(blocks - self.after_last) >= self.growth * self.after_last
+
+    def collected(self, blocks: int) -> None:
+        self.after_last = blocks
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        """``gc.callbacks``: the end of any full collection (ours or the interpreter's) is the new baseline."""
+        if phase == "stop" and info["generation"] == 2:
+            self.collected(sys.getallocatedblocks())
+
 class Node:
     """One node process. ``await node.start()`` then ``await node.stop()`` (or ``run()``)."""
 
@@ -257,12 +279,18 @@ class Node:
                     f"functions={len(self.registry.functions)} loop={_loop_name()}")
 
     async def _collect_loop(self) -> None:
-        """A full cyclic-GC collection every ``[node] gc_collect_interval`` seconds (see the key's
-        comment for why the raised thresholds need it)."""
+        """A full cyclic-GC collection every ``[node] gc_collect_interval`` seconds when the heap
+        changed by ``gc_collect_growth`` since the last one (see the keys' comments)."""
         interval = self.config.node.gc_collect_interval
-        while True:
-            await asyncio.sleep(interval)
-            gc.collect()
+        timer = CollectTimer(self.config.node.gc_collect_growth, sys.getallocatedblocks())
+        gc.callbacks.append(timer.on_gc)  # a full collection the interpreter ran itself counts too
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if timer.due(sys.getallocatedblocks()):
+                    gc.collect()
+        finally:
+            gc.callbacks.remove(timer.on_gc)
 
     async def _open_pool(self, key: str, url: str, *, min_size: int, read_only: bool = False,
                          pooled: bool = False) -> asyncpg.Pool:

@@ -132,10 +132,61 @@ def test_a_quiet_node_still_collects_cycles_on_its_timer(forge_processes):
     """With the raised thresholds a quiet node would reach a full collection only after millions of
     allocations; ``gc_collect_interval`` runs one on a timer (seen on forge-observe's /metrics)."""
     pytest.importorskip("forge_observe")
-    proc = forge_processes({"node": {"gc_collect_interval": 0.2}, "app": {"example": False}})
+    proc = forge_processes({"node": {"gc_collect_interval": 0.2, "gc_collect_growth": 0}, "app": {"example": False}})
     port = proc.ready_info()["ports"]["http"]
     first = _full_collections(port)
     wait_for(lambda: _full_collections(port) >= first + 3, timeout=30, what="three timed full collections")
+
+
+def test_a_node_holding_still_skips_its_timed_collections(forge_processes):
+    """A full collection scans everything alive: a node holding 5,000 sockets paused 0.5 s of CPU a
+    minute to find nothing. With ``gc_collect_growth`` (default 5%) the timer collects only once the
+    heap has changed that much since the last collection, and a node doing nothing does not."""
+    pytest.importorskip("forge_observe")
+    proc = forge_processes({"node": {"gc_collect_interval": 0.1}, "app": {"example": False}})
+    port = proc.ready_info()["ports"]["http"]
+    first = _full_collections(port)
+    time.sleep(3.0)  # thirty timer ticks: without the growth check, thirty collections
+    assert _full_collections(port) - first < 5
+
+
+@pytest.mark.parametrize("growth, blocks, due", [
+    (0.0, 1_000, True),  # 0: every interval, as before
+    (0.05, 1_000, False), (0.05, 1_049, False), (0.05, 1_050, True),  # grew 5%: uncollected cycles may be there
+    (0.05, 951, False), (0.05, 950, True),  # shrank 5%: a wave of closed connections left their cycles
+])
+def test_collect_timer_waits_for_the_heap_to_change(growth, blocks, due):
+    from forge_kernel.node import CollectTimer
+
+    timer = CollectTimer(growth, 1_000)
+    assert timer.due(blocks) is due
+    timer.collected(blocks)  # what is left after a collection is the new baseline
+    assert timer.due(blocks) is (growth == 0)
+
+
+def test_any_full_collection_resets_the_collect_timer():
+    """The interpreter's own full collections (its thresholds) count as much as the timer's: right
+    after one there is nothing for a timed collection to find, however much the heap grew before."""
+    import gc
+
+    from forge_kernel.node import CollectTimer
+
+    timer = CollectTimer(0.05, 1)  # as if the heap had grown enormously since the timer's last collection
+    gc.callbacks.append(timer.on_gc)
+    try:
+        gc.collect(1)  # a young collection is no full one
+        assert timer.due(sys.getallocatedblocks())
+        gc.collect()
+        assert not timer.due(sys.getallocatedblocks())
+    finally:
+        gc.callbacks.remove(timer.on_gc)
+
+
+@pytest.mark.parametrize("value", [-0.1, "some"])
+def test_bad_gc_collect_growth_names_the_key(forge_processes, tmp_path, value):
+    proc = forge_processes({"node": {"gc_collect_growth": value}}, env=plugin_env(tmp_path), ready=False)
+    assert proc.proc.wait(60) == 2
+    assert "gc_collect_growth" in proc.log()
 
 
 @pytest.mark.parametrize("value", [-1, "soon", 86_401])

@@ -28,15 +28,102 @@ async def topic_latest(ctx, topic: int) -> list[BenchItem]:
     return await ctx.db.select(BenchItem, topic=topic, order_by="-id", limit=5)
 
 
+# every cyclic-GC collection in the node, timed (benchmark-only): do pauses show in the tail?
+_gc_started = [0.0]
+GC_PAUSES: list[tuple[int, float]] = []  # (generation, seconds), the last 1,000
+GC_COUNT = [0]
+
+
+def _gc_timer(phase: str, info: dict) -> None:
+    import time
+
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
+        GC_COUNT[0] += 1
+        del GC_PAUSES[:-1000]
+
+
+__import__("gc").callbacks.append(_gc_timer)
+
+
+# the node's event-loop stalls (benchmark-only): a task that wakes every 5 ms records how late it woke
+LAGS: list[float] = []  # seconds late, above 20 ms, the last 1,000
+LAG_COUNT = [0]
+_watchdog: list = []
+
+
+async def _watch_loop() -> None:
+    import asyncio
+    import time
+
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.005)
+        late = time.perf_counter() - t0 - 0.005
+        if late > 0.02:
+            LAGS.append(late)
+            LAG_COUNT[0] += 1
+            del LAGS[:-1000]
+
+
 @query(public=True)
 async def bench_stats(ctx) -> dict:
     """How often this node re-ran live queries (the benchmark reads it over /rpc)."""
     from forge_realtime.service import for_node  # benchmark-only introspection
 
+    if not _watchdog:
+        import asyncio
+
+        _watchdog.append(asyncio.get_running_loop().create_task(_watch_loop()))
     rt = for_node(ctx.node)
     s = rt.engine.stats
     return {"runs": s.runs, "pushes": s.pushes, "changes": s.changes, "invalidations": s.invalidations,
             "polls": rt.reader.polls, "hints": rt.reader.hints, "sessions": len(rt.sessions),
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
-            "workers_alive": sum(not t.done() for t in rt.engine._workers)}
+            "workers_alive": sum(not t.done() for t in rt.engine._workers),
+            "lag_count": LAG_COUNT[0], "lags": [round(x * 1000, 1) for x in LAGS],
+            "gc_count": GC_COUNT[0], "gc_pauses": [[g, round(p * 1000, 2)] for g, p in GC_PAUSES]}
+
+
+@query(public=True)
+async def bench_gc(ctx) -> dict:
+    """How long one full cyclic-GC collection (what ``[node] gc_collect_interval`` runs) pauses
+    this node, and how many objects the collector tracks (benchmark-only introspection)."""
+    import gc
+    import time
+
+    import collections
+
+    objects = gc.get_objects()
+    tracked = len(objects)
+    top = collections.Counter(type(o).__qualname__ for o in objects).most_common(12)
+    # who holds the most common kinds (the first few of each, by referrer type and name)
+    held_by = {}
+    for name, _ in top[:6]:
+        sample = [o for o in objects[-20_000:] if type(o).__qualname__ == name][:5]
+        held_by[name] = sorted({_describe(r) for o in sample for r in gc.get_referrers(o) if r is not objects
+                                and r is not sample})[:8]
+    del objects
+    frozen = gc.get_freeze_count()
+    gens = [len(gc.get_objects(g)) for g in range(3)]
+    t0, c0 = time.perf_counter(), time.thread_time()
+    found = gc.collect()
+    pause, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    return {"pause_ms": pause * 1000, "cpu_ms": cpu * 1000, "tracked": tracked, "generations": gens,
+            "frozen": frozen, "collected": found, "top_types": top, "held_by": held_by}
+
+
+def _describe(obj) -> str:
+    name = type(obj).__qualname__
+    if name == "coroutine":
+        return f"coroutine {obj.__qualname__}"
+    if name == "frame":
+        return f"frame {obj.f_code.co_qualname}"
+    if name == "method":
+        return f"method {obj.__qualname__}"
+    if name == "dict":
+        return "dict(" + ",".join(sorted(map(str, obj))[:4]) + ")"
+    return name

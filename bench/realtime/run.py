@@ -287,10 +287,11 @@ def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: di
 async def quiet(stats, settle: float = 0.5, timeout: float = 30.0) -> None:
     """Wait until the server stops re-running (the previous step's backlog is gone)."""
     deadline = time.monotonic() + timeout
-    last = await stats()
+    work = lambda s: (s["runs"], s["pushes"], s["changes"])  # noqa: E731 - not the GC and loop-stall records
+    last = work(await stats())
     while time.monotonic() < deadline:
         await asyncio.sleep(settle)
-        now = await stats()
+        now = work(await stats())
         if now == last:
             return
         last = now
@@ -338,6 +339,17 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             reruns = after[t.name]["runs"] - before[t.name]["runs"]
             rep["reruns_per_write"] = reruns / max(1, rep["writes"])
             rep["node_pushes_per_s"] = (after[t.name]["pushes"] - before[t.name]["pushes"]) / seconds
+            n = after[t.name]["gc_count"] - before[t.name]["gc_count"]
+            pauses = after[t.name].pop("gc_pauses")
+            pauses = pauses[-n:] if n > 0 else []
+            rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
+                              "max_ms": max((p for _, p in pauses), default=0.0),
+                              "total_ms": round(sum(p for _, p in pauses), 1)}
+            n = after[t.name]["lag_count"] - before[t.name]["lag_count"]
+            lags = after[t.name].pop("lags")
+            lags = lags[-n:] if n > 0 else []
+            rep["node_loop_stalls"] = {"over_20ms": n, "longest_ms": max(lags, default=0.0),
+                                       "over_100ms": sum(x > 100 for x in lags)}
             rep["node_stats_after"] = after[t.name]
         rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
         if len(targets) > 1:
@@ -361,7 +373,10 @@ def step_line(rep: dict) -> str:
             f"{rep.get('reruns_per_write', float('nan')):.2f} | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
             f"writer {c['writer_pct']} clients {c['client_procs_pct']} others {c['others_pct']} "
             f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}, "
-            f"busiest {c['busiest_process']} {c['busiest_pct']}%")
+            f"busiest {c['busiest_process']} {c['busiest_pct']}%"
+            + (f" | node GC: {rep['node_gc']['collections']} collections ({rep['node_gc']['full']} full), longest "
+               f"{rep['node_gc']['max_ms']:.1f} ms; loop stalls > 20 ms: {rep['node_loop_stalls']['over_20ms']}, "
+               f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else ""))
 
 
 # --- the node ------------------------------------------------------------------------------------
@@ -406,6 +421,19 @@ def start_node(workdir: Path, db_url: str, tree: Path | None = None, extra: dict
     p.start()
     # "ready in" is logged at INFO; with WARNING logs we wait for the published port instead
     return p
+
+
+async def node_gc(port: int, times: int = 3) -> list[dict]:
+    """Time the node's full cyclic-GC collection (``[node] gc_collect_interval`` runs one a minute)
+    with the step's sockets open: ``times`` collections, a second apart."""
+    out = []
+    async with httpx.AsyncClient(timeout=60) as http:
+        for _ in range(times):
+            r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={})
+            r.raise_for_status()
+            out.append(r.json()["data"])
+            await asyncio.sleep(1.0)
+    return out
 
 
 async def node_stats(port: int) -> dict:
@@ -507,6 +535,14 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
             async with contextlib.AsyncExitStack() as stack:
                 ts = await targets(stack, args.c_clients, topic=1000)
                 await asyncio.sleep(1.0)
+                for name, node, port in nodes:
+                    gcs = await node_gc(port)
+                    out.setdefault("c_gc", {}).setdefault(name, []).append(gcs)
+                    print(f"(c) [{name}] full GC with {args.c_clients} sockets: pause "
+                          f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
+                          f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), generations {gcs[0]['generations']}, {gcs[-1]['tracked']} objects tracked "
+                          f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]}, held by {gcs[-1]['held_by']} (load {os.getloadavg()[0]:.1f})",
+                          flush=True)
                 reps = await measure_step(ts, db_url, args.c_rate, args.seconds, lambda i: 1000, args.c_clients,
                                           profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"))
                 for name, rep in reps.items():

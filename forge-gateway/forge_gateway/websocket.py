@@ -12,6 +12,7 @@ message.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any, Sequence
 
@@ -24,6 +25,7 @@ _H16 = struct.Struct("!BBH")
 _H64 = struct.Struct("!BBQ")
 
 
+@functools.lru_cache(maxsize=1024)  # a fan-out sends one size thousands of times
 def text_frame_header(n: int) -> bytes:
     """The header of an unmasked, final text frame with an ``n``-byte payload (RFC 6455 5.2)."""
     if n < 126:
@@ -34,6 +36,18 @@ def text_frame_header(n: int) -> bytes:
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
+    #: the transport's buffer is above its high-water mark: ``writable`` cleared, kept as a plain
+    #: flag too so that ``write_now`` (once per subscriber of every fan-out) makes no method call for it
+    write_paused = False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        super().resume_writing()
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)  # absent when the handshake was refused
@@ -42,7 +56,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def write_now(self, parts: Sequence[bytes]) -> bool:
         if (not self.handshake_complete or self.close_sent or self.disconnected or self.initial_response is not None
-                or not self.writable.is_set() or self.transport.is_closing()):
+                or self.write_paused or self.transport.is_closing()):
             return False
         n = 0
         for p in parts:

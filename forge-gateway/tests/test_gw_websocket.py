@@ -66,6 +66,14 @@ async def test_write_now_refuses_while_the_peer_does_not_read_and_after_it_close
         # everything taken arrives intact once the client reads
         for i in range(written):
             assert await asyncio.wait_for(ws.recv(), 30) == "x" * 100_000 + str(i)
+        # the buffer drained below its low-water mark: messages are taken again
+        for _ in range(100):
+            if now((b"again",)):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("write_now kept refusing after the client caught up")
+        assert await asyncio.wait_for(ws.recv(), 30) == "again"
         await ws.close()
         await asyncio.wait_for(closed.wait(), 10)
         assert now((b"late",)) is False

@@ -531,18 +531,29 @@ class LiveQueryEngine:
         event per kind with its count and one ``push`` span (in the current trace) from the first
         send to the last, not one of each per subscriber (5,000 of them for a hot query)."""
         tel = self.telemetry
-        if tel is None or not tel.enabled:
-            for sub in subs:
-                self._deliver_one(q, sub)
-            return
-        start = time.time_ns()
+        counted = tel is not None and tel.enabled
+        start = time.time_ns() if counted else 0
         data = unchanged = 0
-        for sub in subs:
-            sent = self._deliver_one(q, sub)
-            if sent is _DATA:
-                data += 1
-            elif sent is _UNCHANGED:
-                unchanged += 1
+        h, tail = q.hash, q.data_tail
+        #: one message per distinct subscription id: subscribers with the same id (every client's
+        #: first subscription, say) get the very same buffers, and a push allocates nothing
+        messages: dict[bytes, Message] = {}
+        for sub in subs:  # the hot loop of a fan-out to thousands: kept flat
+            if sub.last_hash == h:
+                if self._deliver_unchanged(q, sub):
+                    unchanged += 1
+                continue
+            sub.acked = True
+            sub.last_hash = h
+            head = sub.data_head
+            message = messages.get(head)
+            if message is None:
+                message = messages[head] = (head, tail)
+            sub.owner.push(sub.sub_id, message, _DATA)
+            data += 1
+        self.stats.pushes += data
+        if not counted:
+            return
         if unchanged:
             tel.emit("rt.push", "unchanged", unchanged)
         if data:
@@ -554,21 +565,16 @@ class LiveQueryEngine:
                     attrs["live.subscription"] = subs[0].sub_id
                 span.record("push", "producer", start, time.time_ns(), attrs)
 
-    def _deliver_one(self, q: LiveQuery, sub: Subscription) -> str | None:
-        """Send ``q``'s result to ``sub`` (or tell it the result it has is current); what was sent."""
-        if sub.last_hash == q.hash:
-            if sub.acked:
-                return None
-            sub.acked = True
-            self.stats.unchanged += 1
-            sub.owner.push(sub.sub_id, (encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
-                                                "position": q.position}),), _UNCHANGED)
-            return _UNCHANGED
+    def _deliver_unchanged(self, q: LiveQuery, sub: Subscription) -> bool:
+        """``sub`` already has ``q``'s result: tell it so once (the answer to a subscribe that sent
+        the hash it had); whether anything was sent."""
+        if sub.acked:
+            return False
         sub.acked = True
-        sub.last_hash = q.hash
-        self.stats.pushes += 1
-        sub.owner.push(sub.sub_id, (sub.data_head, q.data_tail), _DATA)
-        return _DATA
+        self.stats.unchanged += 1
+        sub.owner.push(sub.sub_id, (encode({"type": "unchanged", "id": sub.sub_id, "hash": q.hash,
+                                            "position": q.position}),), _UNCHANGED)
+        return True
 
     def _retry_later(self, q: LiveQuery) -> None:
         """The database went away under a run (PostgreSQL restarting): its subscriptions stay and

@@ -95,7 +95,10 @@ class Session:
         self._write_now = getattr(transport, "write_now", None)
         #: the writer task is in the middle of a send: nothing may overtake it
         self._sending = False
-        self._wake = asyncio.Event()
+        #: the writer task and what wakes it, started with the first message that has to queue (most
+        #: connections never need one: their messages are written at once), so an idle connection
+        #: holds fewer objects for the cyclic GC to scan
+        self._wake: asyncio.Event | None = None
         self._tokens = float(max(1.0, config.subscribe_rate))
         self._refilled = time.monotonic()
         self._auth_generation = 0
@@ -111,11 +114,13 @@ class Session:
         if self.closed or sub_id not in self.subscriptions:
             return
         if kind == "data":
-            if self._written_now(message):
+            # _written_now, inlined: this runs once per subscriber of every fan-out
+            if (self._write_now is not None and not self._sending and not self._control and not self._data
+                    and self._write_now(message)):
                 return
             self._data[sub_id] = message  # latest wins: an unsent older result is replaced
             self._data.move_to_end(sub_id)
-            self._wake.set()
+            self._kick()
         else:
             self._send(message)
 
@@ -142,6 +147,13 @@ class Session:
             asyncio.get_running_loop().create_task(self.close(CLOSE_TOO_SLOW, "client cannot keep up: outbox full"))
             return
         self._control.append(message)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Something is queued: wake the writer (started here the first time)."""
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._writer_task = asyncio.get_running_loop().create_task(self._writer(), name="forge:realtime-writer")
         self._wake.set()
 
     def _send_timed_out(self) -> None:
@@ -184,18 +196,20 @@ class Session:
             return
         self.closed = True
         self.close_code = code
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.transport.close(code, reason), 2)
 
     # --- serving ---------------------------------------------------------------------------
     async def serve(self) -> None:
-        writer = self._writer_task = asyncio.create_task(self._writer(), name="forge:realtime-writer")
         try:
             while not self.closed:
                 try:
-                    raw = await asyncio.wait_for(self.transport.receive(), self.config.idle_timeout)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: no task (and its coroutine and context) per message
+                    async with asyncio.timeout(self.config.idle_timeout):
+                        raw = await self.transport.receive()
+                except TimeoutError:
                     await self.close(CLOSE_IDLE, f"idle for {self.config.idle_timeout:g}s")
                     break
                 if raw is None:
@@ -209,15 +223,16 @@ class Session:
                 await self.handle(raw)
         finally:
             self.closed = True
-            self._wake.set()
             for sub in list(self.subscriptions.values()):
                 self.engine.unsubscribe(sub)
             self.subscriptions.clear()
             if self._expiry is not None:
                 self._expiry.cancel()
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+            writer = self._writer_task
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(BaseException):
+                    await writer
 
     async def handle(self, raw: str) -> None:
         try:

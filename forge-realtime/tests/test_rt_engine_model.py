@@ -287,6 +287,33 @@ async def test_a_result_is_encoded_once_and_the_same_bytes_go_to_every_subscribe
                        "data": [[1, "a", 0], [2, "a", 1]]}
 
 
+async def test_subscribers_with_the_same_id_get_the_very_same_message():
+    """Clients number their subscriptions alike (ForgeClient's first is "s1" on every connection):
+    a fan-out hands all of them one message object, so a push allocates nothing."""
+    class Owner:
+        def __init__(self) -> None:
+            self.messages: list[tuple[bytes, ...]] = []
+
+        def push(self, sub_id, message, kind) -> None:
+            self.messages.append(message)
+
+        def end(self, sub_id, error) -> None:
+            raise AssertionError(f"{sub_id} ended: {error}")
+
+    ex = ModelExecutor(random.Random(0))
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
+    owners = [Owner() for _ in range(30)]
+    subs = [Subscription(o, "s1" if i % 3 else "other", "by_owner", {"o": "a"}, Caller("u1"))
+            for i, o in enumerate(owners)]
+    await _first_run_then_an_insert(engine, ex, subs)
+    await engine.stop()
+    last = [o.messages[-1] for o in owners]
+    assert len({id(m) for m in last}) == 2  # one per distinct id, not one per subscriber
+    assert {json.loads(b"".join(m))["id"] for m in last} == {"s1", "other"}
+    assert engine.stats.pushes == 60
+
+
 async def test_telemetry_sees_a_fan_out_as_one_event_and_one_push_span():
     """A result pushed to many subscribers is one ``rt.push`` event carrying the count and one
     ``push`` span under the run's span: recording them per subscriber cost a hot query more than
