@@ -142,7 +142,7 @@ class Mesh:
         defn: FunctionDef = call.defn
         if not self.started:
             raise Unavailable(f"no node can run {defn.name} now: this node's mesh is not running")
-        loop = asyncio.get_running_loop()
+        loop = self._loop  # set at start; asyncio.get_running_loop() is a system call on Python 3.11
         deadline = loop.time() + timeout
         needs = 2 if call.track_reads else 1
         if self.protocol < needs:
