@@ -181,11 +181,13 @@ class StreamPool:
     calls stalled up to 850 ms on one stream while HTTP-forwarded ones stayed under 60 ms).
 
     Protocol 4 (``batched=True``): what queues on a stream goes out in one message, so a stream
-    keeps up by sending bigger batches, and spreading calls over streams only makes the batches
-    (and the hops per call) smaller: calls share the first stream with fewer than
-    ``BATCH_SHARE`` in flight (streams_bench, 32 calls in flight: 15 / 11 us of CPU per call on
-    each end with one stream, 20 / 16 us spread over four). More streams open only beyond that,
-    so one huge result does not hold up every call.
+    keeps up by sending bigger batches. A call still takes a stream with nothing in flight first:
+    at low load nothing would gather to batch, and a shared stream's next message waits for the
+    last one's completion hop through grpc's poller thread (under load average 9 those hops,
+    not either node's Python code, were most of the slowest calls' time). When no stream is
+    idle, calls share the first with fewer than ``BATCH_SHARE`` in flight (streams_bench, 32
+    calls in flight: 11 / 9 us of CPU per call on the two ends, 16 calls per message); more
+    streams open only beyond that, so one huge result does not hold up every call.
     """
 
     #: calls in flight on a batched stream before the next call goes to another stream
@@ -200,10 +202,13 @@ class StreamPool:
         self.streams: list[CallStream] = []
 
     def _pick(self) -> CallStream:
-        share = self.BATCH_SHARE if self.batched else 1
         for stream in self.streams:
-            if stream.in_flight < share:
+            if not stream.in_flight:
                 return stream
+        if self.batched:
+            for stream in self.streams:
+                if stream.in_flight < self.BATCH_SHARE:
+                    return stream
         if len(self.streams) < self.size:
             self.streams.append(CallStream(self._open_call, self.batched))
             return self.streams[-1]

@@ -297,3 +297,24 @@ async def test_a_caller_going_away_while_its_frame_is_written_leaves_the_stream_
     assert (await asyncio.wait_for(stays, 5)).result_json == b'"ok"'
     assert len(opened) == 1
     await pool.close()
+
+
+async def test_protocol4_a_call_takes_an_idle_stream_before_sharing_a_busy_one(monkeypatch):
+    """At low load nothing gathers to batch, and a shared stream's next message waits for the
+    last one's completion hop through grpc's poller thread: an idle stream goes first."""
+    opened: list[FakeStreamCall] = []
+    pool = _pool(opened, 2, True)
+    monkeypatch.setattr(StreamPool, "BATCH_SHARE", 1)  # open two streams
+    x = asyncio.ensure_future(pool.request(_req("x"), timeout=30))
+    y = asyncio.ensure_future(pool.request(_req("y"), timeout=30))
+    await _until(lambda: len(opened) == 2 and all(s.frames for s in opened), "two streams in use")
+    monkeypatch.setattr(StreamPool, "BATCH_SHARE", 16)
+    opened[1].answer(opened[1].frames[0].seq, '"y"')
+    await y  # the second stream is idle now, the first still busy
+    z = asyncio.ensure_future(pool.request(_req("z"), timeout=30))
+    await _until(lambda: len(opened[1].frames) == 2, "z's frame on the idle stream")
+    assert [f.request.function for f in opened[0].frames] == ["x"]
+    opened[1].answer(opened[1].frames[1].seq, '"z"')
+    opened[0].answer(opened[0].frames[0].seq, '"x"')
+    await asyncio.gather(x, z)
+    await pool.close()
