@@ -43,7 +43,7 @@ from .config import MIN_PROTOCOL, MeshConfig, is_loopback
 from .front import TlsFront
 from .ledger import Ledger
 from .peers import PEERS_SQL, Directory, Peer
-from .streams import BATCHED_PROTOCOL, StreamPool, serve_stream
+from .streams import BATCH_BYTES, BATCHED_PROTOCOL, StreamPool, serve_stream
 from .protocol import mesh_pb2 as pb
 from .tls import Material, load_material, log_plaintext, material_stamp, server_context
 from .token import cluster_token, token_matches
@@ -254,6 +254,11 @@ class Mesh:
             self._stubs[peer.key] = stubs
         return stubs
 
+    @property
+    def _batch_bytes(self) -> int:
+        """A batch stays well under the largest message a peer takes (a lone frame may use all of it)."""
+        return min(BATCH_BYTES, self.config.max_message_bytes // 2)
+
     def _stream_for(self, peer: Peer, proto: int) -> StreamPool:
         """The call streams to ``peer`` (a process: its protocol never changes): protocol 4's
         batches, or protocol 3's one call per message for a peer of protocol 3."""
@@ -261,7 +266,8 @@ class Mesh:
         if pool is None:
             stubs = self._stubs_for(peer)
             if proto >= BATCHED_PROTOCOL:
-                pool = StreamPool(lambda: stubs.batches(metadata=stubs.metadata), batched=True)
+                pool = StreamPool(lambda: stubs.batches(metadata=stubs.metadata), batched=True,
+                                  batch_bytes=self._batch_bytes)
             else:
                 pool = StreamPool(lambda: stubs.calls(metadata=stubs.metadata), batched=False)
             self._streams[peer.key] = pool
@@ -469,7 +475,8 @@ class Mesh:
         def streamed(batched: bool) -> Any:
             async def handler(messages: Any, context: Any) -> AsyncIterator[Any]:
                 await self._check_token(context)
-                async for out in serve_stream(messages, lambda req: self._serve_call(req, None), batched):
+                async for out in serve_stream(messages, lambda req: self._serve_call(req, None), batched,
+                                              self._batch_bytes):
                     yield out
             return handler
 

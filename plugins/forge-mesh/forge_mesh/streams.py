@@ -29,6 +29,22 @@ from .protocol import mesh_pb2 as pb
 
 #: the first protocol whose streams carry batches (the Batches method)
 BATCHED_PROTOCOL = 4
+#: most bytes of frames (or results) gathered into one message: beyond this batching saves nothing,
+#: and a batch must stay under grpc's max message size (a lone frame goes as it is)
+BATCH_BYTES = 1 << 20
+#: bytes a frame's own framing adds inside a batch (field tag and length)
+_FRAMING = 16
+
+
+def take_batch(queue: list, limit: int) -> tuple[list, list]:
+    """The leading messages of ``queue`` that fit in ``limit`` bytes together (at least one),
+    and the rest."""
+    size = 0
+    for i, message in enumerate(queue):
+        size += message.ByteSize() + _FRAMING
+        if size > limit and i:
+            return queue[:i], queue[i:]
+    return queue, []
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -46,9 +62,10 @@ class CallStream:
     otherwise a protocol-3 ``Calls`` stream (one CallFrame / CallResult per message).
     """
 
-    def __init__(self, open_call: Callable[[], Any], batched: bool = True) -> None:
+    def __init__(self, open_call: Callable[[], Any], batched: bool = True, batch_bytes: int = BATCH_BYTES) -> None:
         self._open_call = open_call
         self.batched = batched
+        self.batch_bytes = batch_bytes
         self._call: Any = None
         self._reader: asyncio.Task | None = None
         self._writer: asyncio.Task | None = None
@@ -96,13 +113,14 @@ class CallStream:
                     self._wakeup = loop.create_future()
                     await self._wakeup
                     continue
-                frames, self._outbox = self._outbox, []
-                self.messages += 1
                 if self.batched:
+                    frames, self._outbox = take_batch(self._outbox, self.batch_bytes)
+                    self.messages += 1
                     await call.write(pb.CallBatch(frames=frames))
                 else:
-                    for frame in frames:
-                        await call.write(frame)
+                    frame = self._outbox.pop(0)
+                    self.messages += 1
+                    await call.write(frame)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._end(call, _error(grpc.StatusCode.UNAVAILABLE, f"the call stream broke: {exc}"))
 
@@ -193,12 +211,14 @@ class StreamPool:
     #: calls in flight on a batched stream before the next call goes to another stream
     BATCH_SHARE = 16
 
-    def __init__(self, open_call: Callable[[], Any], size: int = 4, batched: bool = True) -> None:
+    def __init__(self, open_call: Callable[[], Any], size: int = 4, batched: bool = True,
+                 batch_bytes: int = BATCH_BYTES) -> None:
         if size < 1:
             raise ValueError(f"a stream pool needs at least one stream, got size={size}")
         self._open_call = open_call
         self.size = size
         self.batched = batched
+        self.batch_bytes = batch_bytes
         self.streams: list[CallStream] = []
 
     def _pick(self) -> CallStream:
@@ -210,7 +230,7 @@ class StreamPool:
                 if stream.in_flight < self.BATCH_SHARE:
                     return stream
         if len(self.streams) < self.size:
-            self.streams.append(CallStream(self._open_call, self.batched))
+            self.streams.append(CallStream(self._open_call, self.batched, self.batch_bytes))
             return self.streams[-1]
         return min(self.streams, key=lambda st: st.in_flight)
 
@@ -223,7 +243,7 @@ class StreamPool:
 
 
 async def serve_stream(messages: AsyncIterator[Any], run: Callable[[pb.CallRequest], Awaitable[pb.CallReply]],
-                       batched: bool = True) -> AsyncIterator[Any]:
+                       batched: bool = True, batch_bytes: int = BATCH_BYTES) -> AsyncIterator[Any]:
     """The target's end: each frame's call runs in a task of its own; results go back as they
     finish, every result that is ready in one ``ResultBatch`` (``batched``, protocol 4) or one
     ``CallResult`` each (protocol 3); a cancel frame (or the caller going away) cancels the call."""
@@ -277,10 +297,11 @@ async def serve_stream(messages: AsyncIterator[Any], run: Callable[[pb.CallReque
                 wakeup[:] = [loop.create_future()]
                 await wakeup[0]
                 continue
-            results, ready = ready, []
             if batched:
+                results, ready = take_batch(ready, batch_bytes)
                 yield pb.ResultBatch(results=results)
             else:
+                results, ready = ready, []
                 for result in results:
                     yield result
     finally:

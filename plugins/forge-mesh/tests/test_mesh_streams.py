@@ -318,3 +318,50 @@ async def test_protocol4_a_call_takes_an_idle_stream_before_sharing_a_busy_one(m
     opened[0].answer(opened[0].frames[0].seq, '"x"')
     await asyncio.gather(x, z)
     await pool.close()
+
+
+async def test_a_batch_stays_within_its_byte_limit_on_both_ends():
+    """A batch of large calls (or results) must not outgrow the largest message a peer takes:
+    grpc would refuse it and break the stream with every call on it."""
+    big = "x" * 400
+
+    def req(i: int) -> pb.CallRequest:
+        return pb.CallRequest(function=f"fn{i}", args_json=big.encode(), protocol=4)
+
+    opened: list[FakeStreamCall] = []
+    pool = StreamPool(lambda: opened.append(FakeStreamCall(True)) or opened[-1], size=1, batched=True, batch_bytes=1000)
+    calls = [asyncio.ensure_future(pool.request(req(i), timeout=30)) for i in range(5)]
+    await _until(lambda: opened and len(opened[0].frames) == 5, "five frames written")
+    stream = opened[0]
+    assert [len(m) for m in stream.messages] == [2, 2, 1]
+    assert all(pb.CallBatch(frames=m).ByteSize() <= 1000 for m in stream.messages)
+    stream.answer_many([(f.seq, '"ok"') for f in stream.frames])
+    await asyncio.gather(*calls)
+    await pool.close()
+
+    async def run(r: pb.CallRequest) -> pb.CallReply:
+        return pb.CallReply(result_json=f'"{big}"'.encode())
+
+    incoming = [pb.CallBatch(frames=[pb.CallFrame(seq=i, request=req(i)) for i in range(1, 6)])]
+    incoming_q: asyncio.Queue = asyncio.Queue()
+    for m in incoming:
+        incoming_q.put_nowait(m)
+    incoming_q.put_nowait(None)
+
+    async def messages():
+        while (m := await incoming_q.get()) is not None:
+            yield m
+
+    out = [m async for m in serve_stream(messages(), run, True, batch_bytes=1000)]
+    assert sorted(r.seq for m in out for r in m.results) == [1, 2, 3, 4, 5]
+    assert all(m.ByteSize() <= 1000 for m in out) and len(out) >= 3
+
+
+def test_a_lone_frame_goes_whatever_its_size():
+    from forge_mesh.streams import take_batch
+
+    huge = pb.CallFrame(seq=1, request=pb.CallRequest(args_json=b"x" * 5000))
+    small = pb.CallFrame(seq=2, request=pb.CallRequest(function="f"))
+    assert take_batch([huge, small], 1000) == ([huge], [small])
+    assert take_batch([small, small], 1000) == ([small, small], [])
+    assert take_batch([], 1000) == ([], [])
