@@ -53,6 +53,11 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def system_seconds(pid: int) -> float:
+    """stime of one process: the kernel's share (system calls, wake-ups) of its CPU."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def switches(pid: int) -> int:
     """Context switches (voluntary + involuntary) of every thread of one process: each is a
     thread that slept and had to wait for a core again, a load-independent yardstick."""
@@ -133,10 +138,12 @@ async def open_loop(port: int, rate: float, duration: float) -> dict:
 def measure(port: int, rate: float, duration: float, pids: dict[str, int]) -> dict:
     before = {k: cpu_seconds(p) for k, p in pids.items()}
     before_switches = {k: switches(p) for k, p in pids.items()}
+    before_system = {k: system_seconds(p) for k, p in pids.items()}
     res = asyncio.run(open_loop(port, rate, duration))
     for k, p in pids.items():
         res[f"cpu_us_per_call_{k}"] = (cpu_seconds(p) - before[k]) / res["calls"] * 1e6
         res[f"switches_per_call_{k}"] = (switches(p) - before_switches[k]) / res["calls"]
+        res[f"system_cpu_us_per_call_{k}"] = (system_seconds(p) - before_system[k]) / res["calls"] * 1e6
     res["load_average"] = os.getloadavg()[0]
     return res
 
@@ -224,11 +231,13 @@ def main() -> None:
                     results[mode].append(res)
                     print(f"round {i + 1} {mode:5s} {res['calls_per_s']:6.0f} calls/s  p50 {res['p50_ms']:6.2f} ms  "
                           f"p99 {res['p99_ms']:6.2f} ms  cpu/call front {res['cpu_us_per_call_front']:5.0f} us  "
-                          f"F {res['cpu_us_per_call_f']:5.0f} us  switches/call {res['switches_per_call_front']:.1f} / "
+                          f"F {res['cpu_us_per_call_f']:5.0f} us (system {res['system_cpu_us_per_call_front']:.0f} / "
+                          f"{res['system_cpu_us_per_call_f']:.0f})  switches/call {res['switches_per_call_front']:.1f} / "
                           f"{res['switches_per_call_f']:.1f}  errors {res['errors']}  "
                           f"max {res.get('max_calls_per_s', 0):6.0f} calls/s ({res.get('max_cpu_us_per_call_front', 0):.0f} us/call front)  load {res['load_average']:.1f}", flush=True)
             keys = ["calls_per_s", "p50_ms", "p99_ms", "cpu_us_per_call_front", "cpu_us_per_call_f",
-                    "switches_per_call_front", "switches_per_call_f", "max_calls_per_s", "max_cpu_us_per_call_front",
+                    "system_cpu_us_per_call_front", "system_cpu_us_per_call_f", "switches_per_call_front",
+                    "switches_per_call_f", "max_calls_per_s", "max_cpu_us_per_call_front",
                     "load_average"]
             med = {m: {k: statistics.median(r.get(k, 0) for r in rs) for k in keys} for m, rs in results.items()}
             forwarded = [m for m in ("grpc", "http") if m in ports and "local" in ports]
