@@ -223,10 +223,13 @@ def main() -> None:
                     res = measure(port, args.rate, args.duration, {"front": pids[front], "f": pids["f"]})
                     if args.max_seconds:
                         # CPU per call at the most calls/s too: with 32 in flight protocol 4 batches
+                        f_cpu = cpu_seconds(pids["f"])
                         wrk = run_wrk(f"http://127.0.0.1:{port}", scripts[mode], args.max_seconds, 32,
                                       server_pid=pids[front])
                         res["max_calls_per_s"] = wrk["rps"]
                         res["max_cpu_us_per_call_front"] = wrk["server_cpu_us_per_req"]
+                        res["max_cpu_us_per_call_f"] = ((cpu_seconds(pids["f"]) - f_cpu) * 1e6
+                                                        / max(1.0, wrk["rps"] * args.max_seconds))
                     pooled[mode].extend(res.pop("latencies"))
                     results[mode].append(res)
                     print(f"round {i + 1} {mode:5s} {res['calls_per_s']:6.0f} calls/s  p50 {res['p50_ms']:6.2f} ms  "
@@ -234,10 +237,11 @@ def main() -> None:
                           f"F {res['cpu_us_per_call_f']:5.0f} us (system {res['system_cpu_us_per_call_front']:.0f} / "
                           f"{res['system_cpu_us_per_call_f']:.0f})  switches/call {res['switches_per_call_front']:.1f} / "
                           f"{res['switches_per_call_f']:.1f}  errors {res['errors']}  "
-                          f"max {res.get('max_calls_per_s', 0):6.0f} calls/s ({res.get('max_cpu_us_per_call_front', 0):.0f} us/call front)  load {res['load_average']:.1f}", flush=True)
+                          f"max {res.get('max_calls_per_s', 0):6.0f} calls/s ({res.get('max_cpu_us_per_call_front', 0):.0f} / "
+                          f"{res.get('max_cpu_us_per_call_f', 0):.0f} us/call front / F)  load {res['load_average']:.1f}", flush=True)
             keys = ["calls_per_s", "p50_ms", "p99_ms", "cpu_us_per_call_front", "cpu_us_per_call_f",
                     "system_cpu_us_per_call_front", "system_cpu_us_per_call_f", "switches_per_call_front",
-                    "switches_per_call_f", "max_calls_per_s", "max_cpu_us_per_call_front",
+                    "switches_per_call_f", "max_calls_per_s", "max_cpu_us_per_call_front", "max_cpu_us_per_call_f",
                     "load_average"]
             med = {m: {k: statistics.median(r.get(k, 0) for r in rs) for k in keys} for m, rs in results.items()}
             forwarded = [m for m in ("grpc", "http") if m in ports and "local" in ports]

@@ -112,6 +112,9 @@ class CallStream:
                 if not self._outbox:
                     self._wakeup = loop.create_future()
                     await self._wakeup
+                    if self.batched:
+                        # one more turn of the loop: the calls this tick brings join the message
+                        await asyncio.sleep(0)
                     continue
                 if self.batched:
                     frames, self._outbox = take_batch(self._outbox, self.batch_bytes)
@@ -141,6 +144,11 @@ class CallStream:
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
+
+    @property
+    def gathering(self) -> bool:
+        """Frames wait for this stream's writer (the next message has not gone yet)."""
+        return bool(self._outbox)
 
     @property
     def in_flight(self) -> int:
@@ -222,6 +230,10 @@ class StreamPool:
         self.streams: list[CallStream] = []
 
     def _pick(self) -> CallStream:
+        if self.batched:
+            for stream in self.streams:
+                if stream.gathering and stream.in_flight < self.BATCH_SHARE:
+                    return stream  # its next message has not gone yet: this call rides along
         for stream in self.streams:
             if not stream.in_flight:
                 return stream
@@ -296,6 +308,8 @@ async def serve_stream(messages: AsyncIterator[Any], run: Callable[[pb.CallReque
                     continue
                 wakeup[:] = [loop.create_future()]
                 await wakeup[0]
+                if batched:
+                    await asyncio.sleep(0)  # one more turn of the loop: results finishing now join
                 continue
             if batched:
                 results, ready = take_batch(ready, batch_bytes)

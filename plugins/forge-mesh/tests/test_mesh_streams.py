@@ -365,3 +365,38 @@ def test_a_lone_frame_goes_whatever_its_size():
     assert take_batch([huge, small], 1000) == ([huge], [small])
     assert take_batch([small, small], 1000) == ([small, small], [])
     assert take_batch([], 1000) == ([], [])
+
+
+async def test_protocol4_calls_join_a_message_that_is_still_gathering(monkeypatch):
+    """Calls forwarded in the same turn of the loop (or the next) go out in one message, even
+    when another stream is idle: under a closed-loop load G's messages carried one call each
+    before (the requests of one epoll round reach the forwarder a turn apart)."""
+    opened: list[FakeStreamCall] = []
+    pool = _pool(opened, 2, True)
+    monkeypatch.setattr(StreamPool, "BATCH_SHARE", 1)  # open two streams, then let both go idle
+    first = [asyncio.ensure_future(pool.request(_req(f"w{i}"), timeout=30)) for i in range(2)]
+    await _until(lambda: len(opened) == 2 and all(s.frames for s in opened), "two streams in use")
+    for stream in opened:
+        stream.answer(stream.frames[0].seq, '"w"')
+    await asyncio.gather(*first)
+    monkeypatch.setattr(StreamPool, "BATCH_SHARE", 16)
+    a = asyncio.ensure_future(pool.request(_req("a"), timeout=30))
+    await asyncio.sleep(0)  # a is on its way to the writer
+    b = asyncio.ensure_future(pool.request(_req("b"), timeout=30))
+    await _until(lambda: sum(len(s.frames) for s in opened) == 4, "a's and b's frames")
+    assert [f.request.function for f in opened[0].messages[-1]] == ["a", "b"]
+    assert len(opened[1].messages) == 1
+    opened[0].answer_many([(f.seq, '"ok"') for f in opened[0].messages[-1]])
+    await asyncio.gather(a, b)
+    await pool.close()
+
+
+async def test_the_target_gathers_results_finishing_a_turn_apart_into_one_message():
+    async def run(req: pb.CallRequest) -> pb.CallReply:
+        if req.function == "later":
+            await asyncio.sleep(0)  # its database answer came in the next turn of the loop
+        return pb.CallReply(result_json=f'"{req.function}"'.encode())
+
+    batch = pb.CallBatch(frames=[pb.CallFrame(seq=1, request=_req("now")), pb.CallFrame(seq=2, request=_req("later"))])
+    out = await _serve([batch], run)
+    assert [sorted(r.seq for r in m.results) for m in out] == [[1, 2]]
