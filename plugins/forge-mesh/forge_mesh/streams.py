@@ -5,9 +5,11 @@ message of an open stream (measured: ~410 vs ~120 us per round trip, both sides)
 stream message costs both ends a hop through grpc's poller thread to the event loop. Protocol 3
 sends one ``CallFrame`` per message; protocol 4 (``Batches``) sends every frame that is ready
 when the stream's writer gets to write in one ``CallBatch``, and the target answers every
-result that is ready in one ``ResultBatch``: nothing waits to fill a batch (an idle stream
-sends a lone call at once), but while one message is on its way the next calls gather, so under
-load the messages (and the hops) per call fall with the load instead of limiting it.
+result that is ready in one ``ResultBatch``. Nothing waits on a clock to fill a batch: a writer
+that wakes takes one more turn of the event loop (the calls, or results, that this turn brings
+join: a closed-loop load's requests reach the forwarder a turn apart), and while one message is
+on its way the next ones gather, so under load the messages (and the hops) per call fall with
+the load instead of limiting it.
 
 The stream changes nothing in the rules: each call still has its own deadline (kept here), a
 caller that gives up sends a cancel frame so the target stops the work, and a stream that
@@ -207,12 +209,14 @@ class StreamPool:
     calls stalled up to 850 ms on one stream while HTTP-forwarded ones stayed under 60 ms).
 
     Protocol 4 (``batched=True``): what queues on a stream goes out in one message, so a stream
-    keeps up by sending bigger batches. A call still takes a stream with nothing in flight first:
+    keeps up by sending bigger batches. A call joins a stream whose next message is still
+    gathering (it goes out with that message, no later); otherwise it takes a stream with nothing
+    in flight:
     at low load nothing would gather to batch, and a shared stream's next message waits for the
     last one's completion hop through grpc's poller thread (under load average 9 those hops,
     not either node's Python code, were most of the slowest calls' time). When no stream is
     idle, calls share the first with fewer than ``BATCH_SHARE`` in flight (streams_bench, 32
-    calls in flight: 11 / 9 us of CPU per call on the two ends, 16 calls per message); more
+    calls in flight: 12 / 10.5 us of CPU per call on the two ends, 16 calls per message); more
     streams open only beyond that, so one huge result does not hold up every call.
     """
 
