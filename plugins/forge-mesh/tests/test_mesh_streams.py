@@ -196,7 +196,7 @@ async def test_calls_made_while_a_message_is_on_its_way_go_together_in_the_next(
     await pool.close()
 
 
-async def _serve(frames_in: list, run, batched: bool = True) -> list:
+async def _serve(frames_in: list, run, batched: bool = True, **kw) -> list:
     """Run serve_stream over the given incoming messages; returns what it sent back."""
     incoming: asyncio.Queue = asyncio.Queue()
     for m in frames_in:
@@ -207,7 +207,7 @@ async def _serve(frames_in: list, run, batched: bool = True) -> list:
         while (m := await incoming.get()) is not None:
             yield m
 
-    return [out async for out in serve_stream(messages(), run, batched)]
+    return [out async for out in serve_stream(messages(), run, batched, **kw)]
 
 
 async def test_the_target_answers_the_results_ready_together_in_one_message():
@@ -342,17 +342,8 @@ async def test_a_batch_stays_within_its_byte_limit_on_both_ends():
     async def run(r: pb.CallRequest) -> pb.CallReply:
         return pb.CallReply(result_json=f'"{big}"'.encode())
 
-    incoming = [pb.CallBatch(frames=[pb.CallFrame(seq=i, request=req(i)) for i in range(1, 6)])]
-    incoming_q: asyncio.Queue = asyncio.Queue()
-    for m in incoming:
-        incoming_q.put_nowait(m)
-    incoming_q.put_nowait(None)
-
-    async def messages():
-        while (m := await incoming_q.get()) is not None:
-            yield m
-
-    out = [m async for m in serve_stream(messages(), run, True, batch_bytes=1000)]
+    out = await _serve([pb.CallBatch(frames=[pb.CallFrame(seq=i, request=req(i)) for i in range(1, 6)])], run,
+                       batch_bytes=1000)
     assert sorted(r.seq for m in out for r in m.results) == [1, 2, 3, 4, 5]
     assert all(m.ByteSize() <= 1000 for m in out) and len(out) >= 3
 
