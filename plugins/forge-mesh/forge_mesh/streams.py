@@ -211,10 +211,9 @@ class StreamPool:
     Protocol 4 (``batched=True``): what queues on a stream goes out in one message, so a stream
     keeps up by sending bigger batches. A call joins a stream whose next message is still
     gathering (it goes out with that message, no later); otherwise it takes a stream with nothing
-    in flight:
-    at low load nothing would gather to batch, and a shared stream's next message waits for the
-    last one's completion hop through grpc's poller thread (under load average 9 those hops,
-    not either node's Python code, were most of the slowest calls' time). When no stream is
+    in flight: at low load nothing would gather to batch, and a shared stream's next message waits
+    for the last one's completion hop through grpc's poller thread (under load average 9 those
+    hops, not either node's Python code, were most of the slowest calls' time). When no stream is
     idle, calls share the first with fewer than ``BATCH_SHARE`` in flight (streams_bench, 32
     calls in flight: 12 / 10.5 us of CPU per call on the two ends, 16 calls per message); more
     streams open only beyond that, so one huge result does not hold up every call.
