@@ -212,8 +212,8 @@ class StreamPool:
     keeps up by sending bigger batches. A call joins a stream whose next message is still
     gathering (it goes out with that message, no later); otherwise it takes a stream with nothing
     in flight: at low load nothing would gather to batch, and a shared stream's next message waits
-    for the last one's completion hop through grpc's poller thread (under load average 9 those
-    hops, not either node's Python code, were most of the slowest calls' time). When no stream is
+    for the last one's completion hop through grpc's poller thread (under load average 9 such
+    hops, not either node's Python code, were about half of the slowest calls' time). When no stream is
     idle, calls share the first with fewer than ``BATCH_SHARE`` in flight (streams_bench, 32
     calls in flight: 12 / 10.5 us of CPU per call on the two ends, 16 calls per message); more
     streams open only beyond that, so one huge result does not hold up every call.
