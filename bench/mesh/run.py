@@ -53,6 +53,24 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def system_seconds(pid: int) -> float:
+    """stime of one process: the kernel's share (system calls, wake-ups) of its CPU."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def switches(pid: int) -> int:
+    """Context switches (voluntary + involuntary) of every thread of one process: each is a
+    thread that slept and had to wait for a core again, a load-independent yardstick."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            lines = (task / "status").read_text().splitlines()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += sum(int(line.split()[1]) for line in lines if "ctxt_switches" in line)
+    return total
+
+
 def start(tmp: Path, name: str, db_url: str, roles: list[str], plugins: str, extra_env: dict[str, str] | None = None,
           **sections: dict) -> tuple[subprocess.Popen, int]:
     port = free_port()
@@ -119,9 +137,13 @@ async def open_loop(port: int, rate: float, duration: float) -> dict:
 
 def measure(port: int, rate: float, duration: float, pids: dict[str, int]) -> dict:
     before = {k: cpu_seconds(p) for k, p in pids.items()}
+    before_switches = {k: switches(p) for k, p in pids.items()}
+    before_system = {k: system_seconds(p) for k, p in pids.items()}
     res = asyncio.run(open_loop(port, rate, duration))
     for k, p in pids.items():
         res[f"cpu_us_per_call_{k}"] = (cpu_seconds(p) - before[k]) / res["calls"] * 1e6
+        res[f"switches_per_call_{k}"] = (switches(p) - before_switches[k]) / res["calls"]
+        res[f"system_cpu_us_per_call_{k}"] = (system_seconds(p) - before_system[k]) / res["calls"] * 1e6
     res["load_average"] = os.getloadavg()[0]
     return res
 
@@ -152,6 +174,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-seconds", type=int, default=5, help="closed-loop wrk run per mode and round (0: skip)")
     ap.add_argument("--soak", type=float, default=0.0, help="instead: forwarded load for this many seconds, RSS sampled")
+    ap.add_argument("--modes", nargs="+", choices=["local", "grpc", "http"], default=["local", "grpc", "http"],
+                    help="which of the three to run (default: all; the added latency needs local)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -170,7 +194,7 @@ def main() -> None:
                                    {"FORGE_BENCH_FORWARD_TO": f"127.0.0.1:{f_port}"})
         for name, port in (("g", g_port), ("h", h_port)):
             wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200, 90, 0.2, name)
-        ports = {"local": f_port, "grpc": g_port, "http": h_port}
+        ports = {m: p for m, p in (("local", f_port), ("grpc", g_port), ("http", h_port)) if m in args.modes}
         for mode, port in ports.items():
             r = httpx.post(f"http://127.0.0.1:{port}/rpc/blob", json={"size": 1024}, timeout=10)
             assert r.status_code == 200 and r.json()["data"] == "x" * 1024, (mode, r.text)
@@ -186,9 +210,8 @@ def main() -> None:
             print(json.dumps(res["summary"], indent=2))
             out = res
         else:
-            asyncio.run(open_loop(f_port, args.rate, 2))  # warm-up of pools and caches
-            asyncio.run(open_loop(g_port, args.rate, 2))
-            asyncio.run(open_loop(h_port, args.rate, 2))
+            for port in ports.values():  # warm-up of pools and caches
+                asyncio.run(open_loop(port, args.rate, 2))
             results: dict[str, list[dict]] = {m: [] for m in ports}
             # every round's latencies together: on a shared machine short rounds that alternate the
             # modes (--duration 2 --rounds 15) spread other programs' load evenly over the modes
@@ -199,29 +222,47 @@ def main() -> None:
                     front = {"local": "f", "grpc": "g", "http": "h"}[mode]
                     res = measure(port, args.rate, args.duration, {"front": pids[front], "f": pids["f"]})
                     if args.max_seconds:
-                        res["max_calls_per_s"] = run_wrk(f"http://127.0.0.1:{port}", scripts[mode], args.max_seconds, 32)["rps"]
+                        # CPU per call at the most calls/s too: with 32 in flight protocol 4 batches
+                        f_cpu = cpu_seconds(pids["f"])
+                        wrk = run_wrk(f"http://127.0.0.1:{port}", scripts[mode], args.max_seconds, 32,
+                                      server_pid=pids[front])
+                        res["max_calls_per_s"] = wrk["rps"]
+                        res["max_cpu_us_per_call_front"] = wrk["server_cpu_us_per_req"]
+                        res["max_cpu_us_per_call_f"] = ((cpu_seconds(pids["f"]) - f_cpu) * 1e6
+                                                        / max(1.0, wrk["rps"] * args.max_seconds))
                     pooled[mode].extend(res.pop("latencies"))
                     results[mode].append(res)
                     print(f"round {i + 1} {mode:5s} {res['calls_per_s']:6.0f} calls/s  p50 {res['p50_ms']:6.2f} ms  "
                           f"p99 {res['p99_ms']:6.2f} ms  cpu/call front {res['cpu_us_per_call_front']:5.0f} us  "
-                          f"F {res['cpu_us_per_call_f']:5.0f} us  errors {res['errors']}  "
-                          f"max {res.get('max_calls_per_s', 0):6.0f} calls/s  load {res['load_average']:.1f}", flush=True)
-            keys = ["calls_per_s", "p50_ms", "p99_ms", "cpu_us_per_call_front", "cpu_us_per_call_f", "max_calls_per_s"]
+                          f"F {res['cpu_us_per_call_f']:5.0f} us (system {res['system_cpu_us_per_call_front']:.0f} / "
+                          f"{res['system_cpu_us_per_call_f']:.0f})  switches/call {res['switches_per_call_front']:.1f} / "
+                          f"{res['switches_per_call_f']:.1f}  errors {res['errors']}  "
+                          f"max {res.get('max_calls_per_s', 0):6.0f} calls/s ({res.get('max_cpu_us_per_call_front', 0):.0f} / "
+                          f"{res.get('max_cpu_us_per_call_f', 0):.0f} us/call front / F)  load {res['load_average']:.1f}", flush=True)
+            keys = ["calls_per_s", "p50_ms", "p99_ms", "cpu_us_per_call_front", "cpu_us_per_call_f",
+                    "system_cpu_us_per_call_front", "system_cpu_us_per_call_f", "switches_per_call_front",
+                    "switches_per_call_f", "max_calls_per_s", "max_cpu_us_per_call_front", "max_cpu_us_per_call_f",
+                    "load_average"]
             med = {m: {k: statistics.median(r.get(k, 0) for r in rs) for k in keys} for m, rs in results.items()}
-            for m in ("grpc", "http"):
+            forwarded = [m for m in ("grpc", "http") if m in ports and "local" in ports]
+            for m in forwarded:
                 med[m]["added_p50_ms"] = med[m]["p50_ms"] - med["local"]["p50_ms"]
                 med[m]["added_p99_ms"] = med[m]["p99_ms"] - med["local"]["p99_ms"]
+                # each round against the local call of the same round (the target is per round)
+                med[m]["added_p99_ms_per_round"] = [r["p99_ms"] - lr["p99_ms"] for r, lr in zip(results[m], results["local"])]
             for m, lat in pooled.items():
                 lat.sort()
                 med[m]["pooled_p50_ms"] = lat[len(lat) // 2] * 1000
                 med[m]["pooled_p99_ms"] = lat[int(len(lat) * 0.99)] * 1000
-            for m in ("grpc", "http"):
+            for m in forwarded:
                 med[m]["pooled_added_p50_ms"] = med[m]["pooled_p50_ms"] - med["local"]["pooled_p50_ms"]
                 med[m]["pooled_added_p99_ms"] = med[m]["pooled_p99_ms"] - med["local"]["pooled_p99_ms"]
-            med["ratio_grpc_over_http_max_calls"] = (med["grpc"]["max_calls_per_s"] / med["http"]["max_calls_per_s"]
-                                                     if med["http"]["max_calls_per_s"] else None)
-            med["ratio_http_over_grpc_added_p99"] = (med["http"]["added_p99_ms"] / med["grpc"]["added_p99_ms"]
-                                                     if med["grpc"]["added_p99_ms"] > 0 else None)
+            if "grpc" in ports and "http" in ports:
+                med["ratio_grpc_over_http_max_calls"] = (med["grpc"]["max_calls_per_s"] / med["http"]["max_calls_per_s"]
+                                                         if med["http"]["max_calls_per_s"] else None)
+            if forwarded == ["grpc", "http"]:
+                med["ratio_http_over_grpc_added_p99"] = (med["http"]["added_p99_ms"] / med["grpc"]["added_p99_ms"]
+                                                         if med["grpc"]["added_p99_ms"] > 0 else None)
             med["setup"] = {"rate": args.rate, "duration_s": args.duration, "rounds": args.rounds,
                             "load_average_before": load_before, "load_average_after": os.getloadavg(),
                             "cpus": os.cpu_count()}

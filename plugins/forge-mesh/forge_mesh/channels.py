@@ -61,6 +61,8 @@ class Stubs:
     cancel_job: Any
     #: protocol 3: opens the call stream (CallFrame in, CallResult out)
     calls: Any
+    #: protocol 4: opens a batched call stream (CallBatch in, ResultBatch out)
+    batches: Any
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -94,4 +96,6 @@ def open_stubs(address: str, tls: bool, material: Material | None, max_message_b
         cancel_job=unary(wire.CANCEL_JOB, pb.CancelJobRequest, pb.CancelJobReply),
         calls=channel.stream_stream(wire.CALLS, request_serializer=pb.CallFrame.SerializeToString,
                                     response_deserializer=pb.CallResult.FromString),
+        batches=channel.stream_stream(wire.BATCHES, request_serializer=pb.CallBatch.SerializeToString,
+                                      response_deserializer=pb.ResultBatch.FromString),
     )

@@ -11,7 +11,7 @@ from forge_kernel.config import in_range, one_of
 from forge_kernel.convert import InvalidValue
 
 #: the protocol this code speaks, and the oldest it still talks to
-PROTOCOL = 3
+PROTOCOL = 4
 MIN_PROTOCOL = 1
 
 _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")

@@ -43,7 +43,7 @@ from .config import MIN_PROTOCOL, MeshConfig, is_loopback
 from .front import TlsFront
 from .ledger import Ledger
 from .peers import PEERS_SQL, Directory, Peer
-from .streams import StreamPool, serve_stream
+from .streams import BATCH_BYTES, BATCHED_PROTOCOL, StreamPool, serve_stream
 from .protocol import mesh_pb2 as pb
 from .tls import Material, load_material, log_plaintext, material_stamp, server_context
 from .token import cluster_token, token_matches
@@ -142,7 +142,7 @@ class Mesh:
         defn: FunctionDef = call.defn
         if not self.started:
             raise Unavailable(f"no node can run {defn.name} now: this node's mesh is not running")
-        loop = asyncio.get_running_loop()
+        loop = self._loop  # set at start; asyncio.get_running_loop() is a system call on Python 3.11
         deadline = loop.time() + timeout
         needs = 2 if call.track_reads else 1
         if self.protocol < needs:
@@ -175,7 +175,7 @@ class Mesh:
                     # a hair before the executor's own deadline, so the peer is judged here
                     budget = max(0.001, remaining - 0.002)
                     if proto >= 3:
-                        reply = await self._stream_for(peer).request(req, budget)
+                        reply = await self._stream_for(peer, proto).request(req, budget)
                     else:
                         stubs = self._stubs_for(peer)
                         reply = await stubs.call(req, timeout=budget, metadata=stubs.metadata)
@@ -254,11 +254,22 @@ class Mesh:
             self._stubs[peer.key] = stubs
         return stubs
 
-    def _stream_for(self, peer: Peer) -> StreamPool:
+    @property
+    def _batch_bytes(self) -> int:
+        """A batch stays well under the largest message a peer takes (a lone frame may use all of it)."""
+        return min(BATCH_BYTES, self.config.max_message_bytes // 2)
+
+    def _stream_for(self, peer: Peer, proto: int) -> StreamPool:
+        """The call streams to ``peer`` (a process: its protocol never changes): protocol 4's
+        batches, or protocol 3's one call per message for a peer of protocol 3."""
         pool = self._streams.get(peer.key)
         if pool is None:
             stubs = self._stubs_for(peer)
-            pool = StreamPool(lambda: stubs.calls(metadata=stubs.metadata))
+            if proto >= BATCHED_PROTOCOL:
+                pool = StreamPool(lambda: stubs.batches(metadata=stubs.metadata), batched=True,
+                                  batch_bytes=self._batch_bytes)
+            else:
+                pool = StreamPool(lambda: stubs.calls(metadata=stubs.metadata), batched=False)
             self._streams[peer.key] = pool
         return pool
 
@@ -461,10 +472,13 @@ class Mesh:
             async for line in self._serve_logs(req, context):
                 yield line
 
-        async def calls(frames: Any, context: Any) -> AsyncIterator[pb.CallResult]:
-            await self._check_token(context)
-            async for result in serve_stream(frames, lambda req: self._serve_call(req, None)):
-                yield result
+        def streamed(batched: bool) -> Any:
+            async def handler(messages: Any, context: Any) -> AsyncIterator[Any]:
+                await self._check_token(context)
+                async for out in serve_stream(messages, lambda req: self._serve_call(req, None), batched,
+                                              self._batch_bytes):
+                    yield out
+            return handler
 
         return grpc.method_handlers_generic_handler(wire.SERVICE, {
             "Call": unary(self._serve_call, pb.CallRequest, pb.CallReply),
@@ -474,8 +488,10 @@ class Mesh:
                                                          response_serializer=pb.LogLine.SerializeToString),
             "Drain": unary(self._serve_drain, pb.DrainRequest, pb.DrainReply),
             "CancelJob": unary(self._serve_cancel_job, pb.CancelJobRequest, pb.CancelJobReply),
-            "Calls": grpc.stream_stream_rpc_method_handler(calls, request_deserializer=pb.CallFrame.FromString,
+            "Calls": grpc.stream_stream_rpc_method_handler(streamed(False), request_deserializer=pb.CallFrame.FromString,
                                                            response_serializer=pb.CallResult.SerializeToString),
+            "Batches": grpc.stream_stream_rpc_method_handler(streamed(True), request_deserializer=pb.CallBatch.FromString,
+                                                             response_serializer=pb.ResultBatch.SerializeToString),
         })
 
     @staticmethod

@@ -27,6 +27,7 @@ LOGS = f"/{SERVICE}/Logs"
 DRAIN = f"/{SERVICE}/Drain"
 CANCEL_JOB = f"/{SERVICE}/CancelJob"
 CALLS = f"/{SERVICE}/Calls"
+BATCHES = f"/{SERVICE}/Batches"
 
 
 class ProtocolError(Exception):
