@@ -48,10 +48,13 @@ _RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attemp
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
-_CLAIMED_ON = """SET status = 'running', node_id = {node}, attempt = j.attempt + 1, started_at = statement_timestamp(),
+# started_at is NULL for a job claimed ahead (prefetched: it waits on the node for a slot); the node
+# writes it once the job has started (marks, see WRITE_AND_CLAIM), and the rescue reads NULL as
+# "not known to have started". The attempt is counted at the claim either way (see RESCUE).
+_CLAIMED_ON = """SET status = 'running', node_id = {node}, attempt = j.attempt + 1, started_at = {started},
                   lease_until = statement_timestamp() + make_interval(secs => {lease}), cancel_requested = false,
                   progress = NULL, progress_message = NULL"""
-_CLAIMED = _CLAIMED_ON.format(node="$1", lease="$2")
+_CLAIMED = _CLAIMED_ON.format(node="$1", lease="$2", started="statement_timestamp()")
 
 # Jobs of one limited queue ($8) or one limited type ($9), run after taking the advisory locks of
 # every limit involved, so counting running jobs and claiming is serialised cluster-wide.
@@ -107,21 +110,23 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # the whole list: quadratic for a drain's thousands of results).
 _RESULTS = """
 r AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[])
-        AS r(id, attempt, outcome, delay, error)
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], ${started}::float8[])
+        AS r(id, attempt, outcome, delay, error, started)
 ), done AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
     WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
       AND j.status = 'running' AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
-    RETURNING j.*, CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
+    RETURNING j.*, r.started AS started_epoch,
+              CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
               CASE WHEN r.outcome IN ('succeeded', 'cancelled') THEN r.error
                    ELSE 'cancelled on request' END AS outcome_error
 ), hist AS (
     INSERT INTO forge_job_history (id, name, queue, args, priority, status, attempt, max_attempts, unique_key,
         caller, options, node_id, last_error, created_at, run_at, started_at, finished_at)
     SELECT id, name, queue, args, priority, outcome, attempt, max_attempts, unique_key, caller, options, node_id,
-           coalesce(outcome_error, last_error), created_at, run_at, started_at, now()
+           coalesce(outcome_error, last_error), created_at, run_at,
+           coalesce(started_at, to_timestamp(started_epoch)), now()
     FROM done WHERE $7::boolean
     RETURNING 1
 ), upd AS (
@@ -132,6 +137,7 @@ r AS (
         -- retry-later and release do not use up an attempt
         attempt = CASE WHEN r.outcome IN ('retry_later', 'released') THEN j.attempt - 1 ELSE j.attempt END,
         last_error = coalesce(r.error, j.last_error),
+        started_at = coalesce(j.started_at, to_timestamp(r.started)),
         finished_at = CASE WHEN r.outcome = 'dead' THEN now() END,
         node_id = CASE WHEN r.outcome = 'dead' THEN j.node_id END,
         lease_until = NULL, cancel_requested = false
@@ -145,14 +151,14 @@ r AS (
 # Results alone (while stopping: no claims), committed without waiting for the flush unless
 # durable_results (ASYNC_COMMIT on the connection).
 REPORT = f"""
-WITH {_RESULTS}
+WITH {_RESULTS.replace("${started}", "$8")}
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM upd) AS written, (SELECT count(*) FROM hist) AS kept
 """
 
 # Pending jobs of unlimited queues and types a claim takes: ${0} queues (empty: all), ${1}
 # capabilities, ${2} limited types, ${3} limited queues, ${4} how many; paused queues are skipped.
 _PENDING = """
-    SELECT id FROM forge_jobs
+    SELECT id, priority FROM forge_jobs
     WHERE status = 'pending'
       AND (cardinality(${0}::text[]) = 0 OR queue = ANY(${0}::text[]))
       AND (capability IS NULL OR capability = ANY(${1}::text[]))
@@ -162,11 +168,17 @@ _PENDING = """
     LIMIT ${4}
     FOR UPDATE SKIP LOCKED"""
 
-# Jobs of unlimited queues and types, when no result waits to be written.
+# The first ${0} jobs of a claim (in claim order) start at once; the rest are claimed ahead.
+_RANKED = """c AS (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, id) <= ${0} AS now FROM p
+)"""
+_STARTED = "CASE WHEN c.now THEN statement_timestamp() END"
+
+# Jobs of unlimited queues and types, when no result or start waits to be written.
 CLAIM = f"""
-WITH c AS ({_PENDING.format(3, 4, 5, 6, 7)}
-)
-UPDATE forge_jobs j {_CLAIMED}
+WITH p AS ({_PENDING.format(3, 4, 5, 6, 7)}
+), {_RANKED.format(8)}
+UPDATE forge_jobs j {_CLAIMED_ON.format(node="$1", lease="$2", started=_STARTED)}
 FROM c WHERE j.id = c.id
 {_RETURNING}
 """
@@ -178,12 +190,21 @@ FROM c WHERE j.id = c.id
 # claims pending: no row is touched twice. A claim must commit durably (a claim lost in a crash
 # could hand a running job to a second worker); a statement that claimed nothing commits
 # without waiting for the flush (results may: see durable_results, $14).
+#
+# It also records when jobs claimed ahead started ($16-$18: id, attempt, epoch seconds; rows that
+# are running here and not among the results, so no row is written twice), and starts the first
+# $19 jobs it claims at once (the rest are claimed ahead).
 WRITE_AND_CLAIM = f"""
-WITH {_RESULTS}, c AS ({_PENDING.format(9, 10, 11, 12, 13)}
-), claimed AS (
-    UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8")}
+WITH {_RESULTS.replace("${started}", "$15")}, p AS ({_PENDING.format(9, 10, 11, 12, 13)}
+), {_RANKED.format(19)}, claimed AS (
+    UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8", started=_STARTED)}
     FROM c WHERE j.id = c.id
     {_RETURNING}
+), marked AS (
+    UPDATE forge_jobs j SET started_at = to_timestamp(m.t)
+    FROM unnest($16::bigint[], $17::int[], $18::float8[]) AS m(id, attempt, t)
+    WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = 'running'
+    RETURNING 1
 )
 SELECT claimed.* FROM (
     SELECT set_config('synchronous_commit',
@@ -225,10 +246,20 @@ WITH lost AS (
     FROM gone
     RETURNING id
 ), requeued AS (
+    -- started_at NULL: claimed ahead and not known to have started. Its attempt stays counted (it
+    -- may have started a moment before its node died, its start not yet written: a job that kills
+    -- its worker must not loop), except the last one: a job on its last attempt starts only after
+    -- its start is written (Worker._fill), so without one it never ran - it gets the attempt back
+    -- and is never dead-lettered for a run it did not have.
     UPDATE forge_jobs j SET
-        status = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'pending' END,
-        last_error = format('worker %s stopped heartbeating during attempt %s (lease expired)', j.node_id, j.attempt),
-        finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+        status = CASE WHEN j.attempt >= j.max_attempts AND j.started_at IS NOT NULL THEN 'dead' ELSE 'pending' END,
+        attempt = CASE WHEN j.attempt >= j.max_attempts AND j.started_at IS NULL THEN j.attempt - 1
+                       ELSE j.attempt END,
+        last_error = CASE WHEN j.started_at IS NULL
+            THEN format('worker %s stopped heartbeating holding attempt %s, claimed ahead, not known to have started',
+                        j.node_id, j.attempt)
+            ELSE format('worker %s stopped heartbeating during attempt %s (lease expired)', j.node_id, j.attempt) END,
+        finished_at = CASE WHEN j.attempt >= j.max_attempts AND j.started_at IS NOT NULL THEN now() END,
         node_id = NULL, lease_until = NULL
     FROM lost WHERE j.id = lost.id AND NOT j.cancel_requested
     RETURNING j.id, j.status
@@ -289,6 +320,14 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return raw * (0.5 + rng() / 2)
 
 
+def _ready_order(a: Attempt) -> tuple[int, int]:
+    return a.row["priority"], -a.id
+
+
+def _by_id(a: Attempt) -> int:
+    return a.id
+
+
 #: outcomes that are no failure (a span of the attempt ends without an error)
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
 _time_ns = time.time_ns
@@ -316,6 +355,12 @@ class Attempt:
     #: when it failed or ran slow: see Worker._run)
     t0: int = 0
     span: Any = None
+    #: claimed ahead (its row's started_at is NULL until the node writes when it started)
+    ahead: bool = False
+    #: when a job claimed ahead started (epoch seconds; 0: not yet)
+    started_wall: float = 0.0
+    #: holds a slot while its start is written before it starts (a job on its last attempt)
+    reserved: bool = False
 
 
 @attrs.define
@@ -336,8 +381,19 @@ class Worker:
         self.pooled: bool = node.pooled
         self.capabilities = list(node.capabilities)
         self.queues = list(config.queues)
+        #: every row leased to this node: started, finished with the result unwritten, claimed ahead
         self.running: dict[int, Attempt] = {}
-        self.reports: list[tuple[int, int, str, float, str | None]] = []
+        #: jobs claimed ahead, not started: sorted so that pop() gives the next in claim order
+        self.ready: list[Attempt] = []
+        #: jobs claimed ahead on their last attempt: a slot is held while their start is written
+        self.premark: list[Attempt] = []
+        #: jobs claimed ahead that started, their start not yet written
+        self.unmarked: list[Attempt] = []
+        #: slots taken: jobs running (their function has not returned) and reserved ones
+        self.active = 0
+        #: (id, attempt, outcome, delay, error, started): started is the epoch start of a job
+        #: claimed ahead (None: its claim dated it)
+        self.reports: list[tuple[int, int, str, float, str | None, float | None]] = []
         self.report_event = asyncio.Event()
         self.reported = asyncio.Event()
         self.wake = asyncio.Event()
@@ -347,7 +403,8 @@ class Worker:
         self.stopping = False
         self.next_due = 0.0  # monotonic time the next delayed job is due (0: check now)
         self.last_work = 0.0  # monotonic time a claim last found work
-        self.claim_batch = config.claim_batch or config.concurrency
+        self.prefetch = config.concurrency if config.prefetch is None else config.prefetch
+        self.claim_batch = config.claim_batch or config.concurrency + self.prefetch
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
         self._claim_done: asyncio.Event = asyncio.Event()
@@ -408,6 +465,8 @@ class Worker:
         self.stopping = True
         self.wake.set()
         self.slot_free.set()
+        for a in self.ready + self.premark:  # claimed ahead: back to the queue at once
+            self._drop_unstarted(a, "released")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._claim_done.wait(), 10)
         tasks = [a.task for a in self.running.values() if a.task is not None]
@@ -466,16 +525,24 @@ class Worker:
         cfg = self.config
         limited_names = list(self.type_limits)
         limited_queues = list(self.queue_limits)
+        held = cfg.concurrency + self.prefetch  # rows this node may hold leased
         while not self.stopping:
-            # finished attempts keep their slots until this statement writes their results; the
-            # same statement may claim into those slots, since both commit together
+            # finished attempts keep their rows leased until this statement writes their results;
+            # the same statement may claim into their room, since both commit together
             batch, self.reports = self.reports, []
-            capacity = min(cfg.concurrency - len(self.running) + len(batch), self.claim_batch)
-            if capacity <= 0 and not batch:
+            capacity = min(held - len(self.running) + len(batch), self.claim_batch)
+            premark = [a for a in self.premark if not a.finished]
+            if capacity <= 0 and not batch and not premark:
                 self.slot_free.clear()
-                if cfg.concurrency - len(self.running) <= 0 and not self.reports:
+                if held - len(self.running) <= 0 and not self.reports and not self.premark:
                     await self.slot_free.wait()
                 continue
+            self.premark = []
+            # starts of jobs claimed ahead ride along (a finished one's goes with its result)
+            marks = [a for a in self.unmarked if not a.finished]
+            self.unmarked = []
+            # claimed jobs that start at once (the rest wait here, claimed ahead)
+            start_now = max(0, min(capacity, cfg.concurrency - self.active - len(self.ready)))
             self.wake.clear()
             self.slot_free.clear()
             try:
@@ -485,26 +552,42 @@ class Worker:
                         nxt = row["next_in"]
                         self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
                                                             else cfg.poll_interval)
-                    if batch:
-                        rows = await conn.fetch(WRITE_AND_CLAIM, *self._result_columns(batch), self.node_id,
+                    if batch or marks or premark:
+                        for a in premark:
+                            a.started_wall = time.time()
+                        cols = self._result_columns(batch)
+                        marked = sorted(marks + premark, key=_by_id)  # lock order as in RENEW
+                        rows = await conn.fetch(WRITE_AND_CLAIM, *cols[:5], self.node_id,
                                                 self._keep_history, cfg.lease, self.queues, self.capabilities,
                                                 limited_names, limited_queues, max(capacity, 0),
-                                                cfg.durable_results)
+                                                cfg.durable_results or bool(premark), cols[5],
+                                                [a.id for a in marked], [a.attempt for a in marked],
+                                                [a.started_wall for a in marked], start_now)
                         if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
                             rows = []
                     else:
                         rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
-                                                limited_names, limited_queues, capacity)
+                                                limited_names, limited_queues, capacity, start_now)
             except BaseException:
-                self.reports[:0] = batch  # written with the next statement
+                # written with the next statement
+                self.reports[:0] = batch
+                self.unmarked[:0] = marks
+                self.premark[:0] = premark
                 raise
+            for a in premark:  # their start is written: they start now, in the slot they hold
+                if self.stopping:
+                    self._drop_unstarted(a, "released")
+                elif not a.finished:
+                    self._launch(a)
             self._written(batch)
             got = len(rows)
             self._start_jobs(rows)
             if capacity <= 0:
                 continue
-            if limited_names or limited_queues:
-                got += await self._claim_limited(conn, capacity - got)
+            # limited jobs are never claimed ahead: a running count in PostgreSQL is a running job
+            free = min(capacity - got, cfg.concurrency - self.active - len(self.ready))
+            if (limited_names or limited_queues) and free > 0:
+                got += await self._claim_limited(conn, free)
             now = time.monotonic()
             if got:
                 self.last_work = now
@@ -539,11 +622,11 @@ class Worker:
                     await asyncio.wait_for(self.wake.wait(), timeout)
 
     @staticmethod
-    def _result_columns(batch: list[tuple[int, int, str, float, str | None]]) -> tuple[list, ...]:
+    def _result_columns(batch: list[tuple[int, int, str, float, str | None, float | None]]) -> tuple[list, ...]:
         return ([r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], [r[3] for r in batch],
-                [r[4] for r in batch])
+                [r[4] for r in batch], [r[5] for r in batch])
 
-    def _written(self, batch: list[tuple[int, int, str, float, str | None]]) -> None:
+    def _written(self, batch: list[tuple[int, int, str, float, str | None, float | None]]) -> None:
         """The results of ``batch`` are stored: their slots are free."""
         for job_id, attempt, *_ in batch:
             a = self.running.get(job_id)
@@ -578,11 +661,78 @@ class Worker:
         return got
 
     def _start_jobs(self, rows: list[Any]) -> None:
+        ahead = []
         for row in rows:
             a = Attempt(row["id"], row["attempt"], row)
             self.running[a.id] = a
-            a.task = asyncio.create_task(self._run(a), name=f"forge-job:{row['name']}:{row['id']}")
+            if row["started_at"] is not None:  # claimed into a free slot: its claim dated its start
+                self._launch(a)
+            else:
+                a.ahead = True
+                ahead.append(a)
         self.stats["claimed"] += len(rows)
+        if ahead:
+            if self.stopping:
+                for a in ahead:
+                    self._drop_unstarted(a, "released")
+                return
+            self.ready += ahead
+            # pop() takes the highest priority, then the oldest: claim order across claims
+            self.ready.sort(key=_ready_order)
+            self._fill()
+
+    def _launch(self, a: Attempt) -> None:
+        if not a.reserved:
+            self.active += 1
+        a.reserved = False
+        if a.ahead:
+            if not a.started_wall:
+                a.started_wall = time.time()
+                self.unmarked.append(a)
+            row = dict(a.row)  # its claim left started_at NULL
+            row["started_at"] = dt.datetime.fromtimestamp(a.started_wall, dt.timezone.utc)
+            a.row = row
+        a.task = asyncio.create_task(self._run(a), name=f"forge-job:{a.row['name']}:{a.id}")
+
+    def _fill(self) -> None:
+        """Start jobs claimed ahead into free slots. One on its last attempt holds a slot until the
+        claim loop has written its start: a crash before that gives the attempt back (RESCUE)."""
+        while self.ready and self.active < self.config.concurrency and not self.stopping:
+            a = self.ready.pop()
+            if a.attempt >= a.row["max_attempts"]:
+                a.reserved = True
+                self.active += 1
+                self.premark.append(a)
+                self.slot_free.set()  # the claim loop writes it now
+                self.wake.set()
+            else:
+                self._launch(a)
+
+    def _drop_unstarted(self, a: Attempt, outcome: str) -> None:
+        """A job claimed ahead leaves this node without starting: ``released`` (a graceful stop:
+        back to pending, its attempt not counted), ``cancelled`` (on request) or ``lost`` (its
+        lease went elsewhere)."""
+        if a.finished or a.task is not None:
+            return
+        a.finished = True
+        if a in self.ready:
+            self.ready.remove(a)
+        if a.reserved:
+            a.reserved = False
+            self.active -= 1
+            if a in self.premark:
+                self.premark.remove(a)
+        self.stats[outcome] = self.stats.get(outcome, 0) + 1
+        if outcome == "lost":
+            self._free(a)
+            return
+        error = "cancelled on request" if outcome == "cancelled" else None
+        self.reports.append((a.id, a.attempt, outcome, 0.0, error, None))
+        self.slot_free.set()
+        self.wake.set()
+        if self._claim_done.is_set():
+            self.report_event.set()
+        self._fill()
 
     # --- running ----------------------------------------------------------------------------
     async def _run(self, a: Attempt) -> None:
@@ -648,6 +798,9 @@ class Worker:
                            f"{type(exc).__name__}: {exc}")
         finally:
             a.finished = True
+            self.active -= 1
+            if self.ready:
+                self._fill()  # the next job claimed ahead starts in the slot now, no round trip
             if a.t0:  # observed: one event; a span only for a sampled, failed or slow attempt
                 end = _time_ns()
                 if a.span is not None or outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns:
@@ -661,7 +814,7 @@ class Worker:
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
             if outcome != "lost":
-                self.reports.append((a.id, a.attempt, outcome, delay, error))
+                self.reports.append((a.id, a.attempt, outcome, delay, error, a.started_wall or None))
                 reported = True
                 # the claim loop writes it with its next statement (claiming into the slot); once
                 # the claim loop has stopped, the report loop does
@@ -737,8 +890,8 @@ class Worker:
                         self._reporting = True
                         try:
                             async with self._planned(conn, settings):
-                                await conn.fetchrow(REPORT, *self._result_columns(batch), self.node_id,
-                                                    self._keep_history)
+                                cols = self._result_columns(batch)
+                                await conn.fetchrow(REPORT, *cols[:5], self.node_id, self._keep_history, cols[5])
                         except BaseException:
                             self.reports[:0] = batch  # written on the next try
                             raise
@@ -778,7 +931,8 @@ class Worker:
     async def _renew(self, conn: asyncpg.Connection) -> None:
         # finished attempts are left to the report statement: renewing rows it is deleting would
         # lock the same rows in another order (a deadlock PostgreSQL resolves by aborting one)
-        attempts = [a for a in self.running.values() if not a.finished]
+        # in id order, as the claim loop writes starts: the same rows locked in the same order
+        attempts = sorted((a for a in self.running.values() if not a.finished), key=_by_id)
         if not attempts:
             return
         prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
@@ -792,6 +946,12 @@ class Worker:
                 self.stats["progress_writes"] += 1
         seen = {r["id"]: r["cancel_requested"] for r in rows}
         for a in attempts:
+            if a.task is None and not a.finished and self.running.get(a.id) is a:  # claimed ahead
+                if a.id not in seen:
+                    self._drop_unstarted(a, "lost")
+                elif seen[a.id]:
+                    self._drop_unstarted(a, "cancelled")
+                continue
             if self.running.get(a.id) is not a or a.task is None or a.task.done() or a.finished:
                 continue  # finished; its result is being written
             if a.id not in seen:
@@ -809,9 +969,10 @@ class Worker:
         return True
 
     def activity(self) -> dict[str, Any]:
-        running = [a for a in self.running.values() if not a.finished]
+        running = [a for a in self.running.values() if not a.finished and a.task is not None]
         return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
-                         "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
+                         "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping,
+                         "claimed_ahead": len(self.ready) + len(self.premark), "prefetch": self.prefetch}}
 
     def _auth(self, run_as: str | None, caller: str | None) -> Auth:
         """The identity of a claimed job from its ``run_as`` text and ``caller``, decoded once per
@@ -830,6 +991,9 @@ class Worker:
             self._cancel(a, "timeout")
 
     def _cancel(self, a: Attempt, reason: str) -> None:
+        if a.task is None and reason in ("cancel", "lease_lost"):  # claimed ahead, not started
+            self._drop_unstarted(a, "cancelled" if reason == "cancel" else "lost")
+            return
         if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
             a.cancel_reason = reason
             a.task.cancel()
