@@ -310,7 +310,7 @@ async def test_graceful_stop_releases_jobs_claimed_ahead_at_once(forge_processes
     try:
         victim = forge_processes(cfg, node_id="stopping", env=ENV)
         queue = JobQueue(pool)
-        long = [await queue.enqueue("long_running", {"seconds": 40}, max_attempts=1) for _ in range(2)]
+        long = [await queue.enqueue("long_running", {"seconds": 20}, max_attempts=1) for _ in range(2)]
         await eventually(lambda: _started(pool, 2), what="two long jobs to take both slots")
         ahead = [await queue.enqueue("record", {"value": f"a{i}"}, max_attempts=1) for i in range(4)]
         assert sorted(await eventually(lambda: _claimed_ahead(pool, "stopping", 4), what="claimed ahead")) == ahead
@@ -323,7 +323,7 @@ async def test_graceful_stop_releases_jobs_claimed_ahead_at_once(forge_processes
             return rows if len(rows) >= 4 else None
 
         rows = await eventually(ran_elsewhere, timeout=60, what="the released jobs to run on the other worker")
-        # the stopping worker is still waiting for its long jobs (40 s, shutdown_timeout 60 s): the
+        # the stopping worker is still waiting for its long jobs (20 s, shutdown_timeout 60 s): the
         # jobs claimed ahead did not wait for that, nor for a lease to expire
         assert victim.alive()
         assert [(r["job_id"], r["attempt"], r["node_id"]) for r in rows] == [(i, 1, "other") for i in ahead]
