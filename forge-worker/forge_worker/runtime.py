@@ -284,6 +284,9 @@ PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off"
 # the at-least-once contract, never a second run while the first is alive. Claims stay
 # synchronous: a lost claim could let a second worker start a job the first is still running.
 ASYNC_COMMIT = "SET synchronous_commit = off"
+#: seconds a finished job's result may wait for others to be written with it while the node has
+#: jobs claimed ahead to run (without them every result is written with the next statement at once)
+RESULTS_WAIT = 0.01
 
 
 @contextlib.asynccontextmanager
@@ -405,6 +408,10 @@ class Worker:
         self.last_work = 0.0  # monotonic time a claim last found work
         self.prefetch = config.concurrency if config.prefetch is None else config.prefetch
         self.claim_batch = config.claim_batch or config.concurrency + self.prefetch
+        #: the claim loop refills once the jobs claimed ahead are down to this many (with prefetch
+        #: 0: always, as each result is written); results wait at most RESULTS_WAIT for a batch
+        self._low_water = self.prefetch // 2
+        self._reports_since = 0.0
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
         self._claim_done: asyncio.Event = asyncio.Event()
@@ -527,6 +534,19 @@ class Worker:
         limited_queues = list(self.queue_limits)
         held = cfg.concurrency + self.prefetch  # rows this node may hold leased
         while not self.stopping:
+            if not self._urgent():
+                # jobs claimed ahead cover the next round trip: gather results and room for a
+                # batch (poked once the reserve runs low), writing results at most RESULTS_WAIT late
+                self.slot_free.clear()
+                if not self.reports:
+                    await self.slot_free.wait()
+                    continue
+                left = self._reports_since + RESULTS_WAIT - time.monotonic()
+                if left > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.slot_free.wait(), left)
+                    if not self._urgent() and time.monotonic() - self._reports_since < RESULTS_WAIT:
+                        continue
             # finished attempts keep their rows leased until this statement writes their results;
             # the same statement may claim into their room, since both commit together
             batch, self.reports = self.reports, []
@@ -708,6 +728,18 @@ class Worker:
             else:
                 self._launch(a)
 
+    def _urgent(self) -> bool:
+        """The claim loop's next statement cannot wait: a job waits for its start to be written,
+        the jobs claimed ahead are running low (refill before they run dry), or nothing runs."""
+        return bool(self.premark) or len(self.ready) <= self._low_water or not self.active
+
+    def _poke(self) -> None:
+        """Wake the claim loop only when its next statement is due (see _urgent): with jobs claimed
+        ahead it lets results and claims gather into batches instead of one statement per job."""
+        if self._urgent():
+            self.slot_free.set()
+            self.wake.set()
+
     def _drop_unstarted(self, a: Attempt, outcome: str) -> None:
         """A job claimed ahead leaves this node without starting: ``released`` (a graceful stop:
         back to pending, its attempt not counted), ``cancelled`` (on request) or ``lost`` (its
@@ -727,6 +759,8 @@ class Worker:
             self._free(a)
             return
         error = "cancelled on request" if outcome == "cancelled" else None
+        if not self.reports:
+            self._reports_since = time.monotonic()
         self.reports.append((a.id, a.attempt, outcome, 0.0, error, None))
         self.slot_free.set()
         self.wake.set()
@@ -814,12 +848,14 @@ class Worker:
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
             if outcome != "lost":
+                if not self.reports:
+                    self._reports_since = time.monotonic()
+                    self.slot_free.set()  # the claim loop times the batch from its first result
                 self.reports.append((a.id, a.attempt, outcome, delay, error, a.started_wall or None))
                 reported = True
                 # the claim loop writes it with its next statement (claiming into the slot); once
                 # the claim loop has stopped, the report loop does
-                self.slot_free.set()
-                self.wake.set()
+                self._poke()
                 if self._claim_done.is_set():
                     self.report_event.set()
                 if outcome in ("failed", "retry_later") and delay > 0:

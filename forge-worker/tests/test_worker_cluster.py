@@ -272,10 +272,14 @@ async def test_a_killed_worker_s_jobs_claimed_ahead_run_once_and_no_last_attempt
     try:
         victim = forge_processes(node_config(concurrency=2, prefetch=4), node_id="victim", env=ENV)
         queue = JobQueue(pool)
-        long = [await queue.enqueue("long_running", {"seconds": 120}, max_attempts=1) for _ in range(2)]
+        # stored at once, so that one claim takes all six: the long jobs (first in claim order)
+        # start in the two slots, the other four are claimed ahead behind them
+        ids = await queue.enqueue_many(
+            [queue.request("long_running", {"seconds": 120}, max_attempts=1) for _ in range(2)]
+            + [queue.request("record", {"value": f"last{i}"}, max_attempts=1) for i in range(2)]
+            + [queue.request("record", {"value": f"more{i}"}, max_attempts=3) for i in range(2)])
+        long, last, more = ids[:2], ids[2:4], ids[4:]
         await eventually(lambda: _started(pool, 2), what="two long jobs to take both slots")
-        last = [await queue.enqueue("record", {"value": f"last{i}"}, max_attempts=1) for i in range(2)]
-        more = [await queue.enqueue("record", {"value": f"more{i}"}, max_attempts=3) for i in range(2)]
         ahead = await eventually(lambda: _claimed_ahead(pool, "victim", 4), what="four jobs claimed ahead")
         assert sorted(ahead) == sorted(last + more)
         victim.kill()
@@ -310,9 +314,11 @@ async def test_graceful_stop_releases_jobs_claimed_ahead_at_once(forge_processes
     try:
         victim = forge_processes(cfg, node_id="stopping", env=ENV)
         queue = JobQueue(pool)
-        long = [await queue.enqueue("long_running", {"seconds": 20}, max_attempts=1) for _ in range(2)]
+        ids = await queue.enqueue_many(  # one claim: two start, four are claimed ahead
+            [queue.request("long_running", {"seconds": 20}, max_attempts=1) for _ in range(2)]
+            + [queue.request("record", {"value": f"a{i}"}, max_attempts=1) for i in range(4)])
+        long, ahead = ids[:2], ids[2:]
         await eventually(lambda: _started(pool, 2), what="two long jobs to take both slots")
-        ahead = [await queue.enqueue("record", {"value": f"a{i}"}, max_attempts=1) for i in range(4)]
         assert sorted(await eventually(lambda: _claimed_ahead(pool, "stopping", 4), what="claimed ahead")) == ahead
         forge_processes(node_config(concurrency=4), node_id="other", env=ENV)
         victim.signal(signal.SIGTERM)

@@ -169,9 +169,10 @@ async def test_cancel_of_a_job_claimed_ahead_before_it_starts(forge_node):
     node drops it and its cancellation is recorded; the job running beside it is not disturbed."""
     node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1, prefetch=2))
     queue = JobQueue(node.pool)
-    running = await queue.enqueue(worker_jobs.long_running, {"seconds": 30})
+    running, *ahead = await queue.enqueue_many([  # one claim: the first starts, two are claimed ahead
+        queue.request(worker_jobs.long_running, {"seconds": 30}), queue.request("record", {"value": "never"}),
+        queue.request("record", {"value": "later"})])
     await eventually(lambda: log_rows(node.pool, job_id=running, event="started"), what="the long job to start")
-    ahead = [await queue.enqueue("record", {"value": "never"}), await queue.enqueue("record", {"value": "later"})]
 
     async def claimed_ahead():
         rows = await node.pool.fetch("SELECT id, status, node_id, started_at, attempt FROM forge_jobs "
