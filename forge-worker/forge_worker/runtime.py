@@ -365,6 +365,11 @@ class Attempt:
     #: holds a slot while its start is written before it starts (a job on its last attempt)
     reserved: bool = False
 
+    def started_at(self) -> dt.datetime:
+        """When the attempt started: its claim's time, or (claimed ahead) when the node started it."""
+        at = self.row["started_at"]
+        return at if at is not None else dt.datetime.fromtimestamp(self.started_wall, dt.timezone.utc)
+
 
 @attrs.define
 class JobCall(Call):
@@ -425,7 +430,7 @@ class Worker:
         self._last_rescue = 0.0
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
-                      "released": 0, "lost": 0, "progress_writes": 0}
+                      "released": 0, "lost": 0, "progress_writes": 0, "statements": 0}
         #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
         self.extra_channels: dict[str, Callable[..., Any]] = {}
         #: called whenever the listen connection is (re)established
@@ -594,6 +599,7 @@ class Worker:
                 self.unmarked[:0] = marks
                 self.premark[:0] = premark
                 raise
+            self.stats["statements"] += 1
             for a in premark:  # their start is written: they start now, in the slot they hold
                 if self.stopping:
                     self._drop_unstarted(a, "released")
@@ -647,11 +653,13 @@ class Worker:
                 [r[4] for r in batch], [r[5] for r in batch])
 
     def _written(self, batch: list[tuple[int, int, str, float, str | None, float | None]]) -> None:
-        """The results of ``batch`` are stored: their slots are free."""
-        for job_id, attempt, *_ in batch:
-            a = self.running.get(job_id)
-            if a is not None and a.attempt == attempt and a.finished:
-                self._free(a)
+        """The results of ``batch`` are stored: their rows are no longer leased here (_free)."""
+        running = self.running
+        for r in batch:
+            a = running.get(r[0])
+            if a is not None and a.attempt == r[1] and a.finished:
+                del running[r[0]]
+        self.slot_free.set()
 
     async def _claim_limited(self, conn: asyncpg.Connection, capacity: int) -> int:
         """Claim from limited queues and types, each under the advisory locks of its limits."""
@@ -705,13 +713,9 @@ class Worker:
         if not a.reserved:
             self.active += 1
         a.reserved = False
-        if a.ahead:
-            if not a.started_wall:
-                a.started_wall = time.time()
-                self.unmarked.append(a)
-            row = dict(a.row)  # its claim left started_at NULL
-            row["started_at"] = dt.datetime.fromtimestamp(a.started_wall, dt.timezone.utc)
-            a.row = row
+        if a.ahead and not a.started_wall:
+            a.started_wall = time.time()
+            self.unmarked.append(a)
         a.task = asyncio.create_task(self._run(a), name=f"forge-job:{a.row['name']}:{a.id}")
 
     def _fill(self) -> None:
@@ -771,7 +775,7 @@ class Worker:
     # --- running ----------------------------------------------------------------------------
     async def _run(self, a: Attempt) -> None:
         row = a.row
-        started = row["started_at"]
+        started = a.started_at()
         outcome, delay, error = "succeeded", 0.0, None
         db = LazyDatabase(self.node.pool)
         tel = self.node.telemetry
