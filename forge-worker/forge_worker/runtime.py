@@ -548,8 +548,12 @@ class Worker:
                     continue
                 left = self._reports_since + RESULTS_WAIT - time.monotonic()
                 if left > 0:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.slot_free.wait(), left)
+                    # a timer handle, not wait_for (a task per wait): this runs once per batch
+                    timer = asyncio.get_running_loop().call_later(left, self.slot_free.set)
+                    try:
+                        await self.slot_free.wait()
+                    finally:
+                        timer.cancel()
                     if not self._urgent() and time.monotonic() - self._reports_since < RESULTS_WAIT:
                         continue
             # finished attempts keep their rows leased until this statement writes their results;
