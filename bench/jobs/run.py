@@ -192,9 +192,10 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
     elapsed = time.perf_counter() - fb.STATE["first"]
     if meter:
         meter.stop()
+    statements = node.worker.stats["statements"]
     await node.stop()
     await conn.close()
-    return Sample(n / elapsed, n, meter)
+    return Sample(n / elapsed, n, meter, note=f"{n / max(statements, 1):.1f} jobs per claim statement")
 
 
 async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None,
@@ -640,7 +641,11 @@ async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False
     node = await forge_node(url, observe=observe, **(worker or {}))
     await node.start()
     try:
-        return await bound_window("forge", url, lambda: [os.getpid()], args)
+        before = node.worker.stats["statements"]
+        sample = await bound_window("forge", url, lambda: [os.getpid()], args)
+        # claim statements over the whole run (warm-up and window) against the window's jobs: a rough figure
+        sample.note += f"; ~{sample.jobs / max(node.worker.stats['statements'] - before, 1):.1f} jobs per claim statement"
+        return sample
     finally:
         await node.stop()
 

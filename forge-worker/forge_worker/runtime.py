@@ -49,8 +49,9 @@ _RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attemp
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
 # started_at is NULL for a job claimed ahead (prefetched: it waits on the node for a slot); the node
-# writes it once the job has started (marks, see WRITE_AND_CLAIM), and the rescue reads NULL as
-# "not known to have started". The attempt is counted at the claim either way (see RESCUE).
+# writes it once the job has started (with the next lease renewal, RENEW, or with its result; for a
+# last attempt before it starts), and the rescue reads NULL as "not known to have started". The
+# attempt is counted at the claim either way (see RESCUE).
 _CLAIMED_ON = """SET status = 'running', node_id = {node}, attempt = j.attempt + 1, started_at = {started},
                   lease_until = statement_timestamp() + make_interval(secs => {lease}), cancel_requested = false,
                   progress = NULL, progress_message = NULL"""
@@ -191,9 +192,10 @@ FROM c WHERE j.id = c.id
 # could hand a running job to a second worker); a statement that claimed nothing commits
 # without waiting for the flush (results may: see durable_results, $14).
 #
-# It also records when jobs claimed ahead started ($16-$18: id, attempt, epoch seconds; rows that
-# are running here and not among the results, so no row is written twice), and starts the first
-# $19 jobs it claims at once (the rest are claimed ahead).
+# It also records the start of jobs claimed ahead on their last attempt before they start ($16-$18:
+# id, attempt, epoch seconds; rows running here, not among the results, so no row is written
+# twice; other starts are written by the lease renewal, RENEW), and starts the first $19 jobs it
+# claims at once (the rest are claimed ahead).
 WRITE_AND_CLAIM = f"""
 WITH {_RESULTS.replace("${started}", "$15")}, p AS ({_PENDING.format(9, 10, 11, 12, 13)}
 ), {_RANKED.format(19)}, claimed AS (
@@ -214,10 +216,13 @@ SELECT claimed.* FROM (
 """
 
 # Renew leases, write the latest progress, learn about cancellations and lost leases.
+# Also records when jobs claimed ahead started ($7, epoch seconds; NULL: not started or dated by
+# their claim): written at the next renewal, in the statement that writes the row anyway.
 RENEW = """
 UPDATE forge_jobs j SET lease_until = now() + make_interval(secs => $3),
-       progress = coalesce(p.progress, j.progress), progress_message = coalesce(p.message, j.progress_message)
-FROM unnest($1::bigint[], $2::int[], $4::real[], $5::text[]) AS p(id, attempt, progress, message)
+       progress = coalesce(p.progress, j.progress), progress_message = coalesce(p.message, j.progress_message),
+       started_at = coalesce(j.started_at, to_timestamp(p.started))
+FROM unnest($1::bigint[], $2::int[], $4::real[], $5::text[], $7::float8[]) AS p(id, attempt, progress, message, started)
 WHERE j.id = p.id AND j.attempt = p.attempt AND j.node_id = $6 AND j.status = 'running'
 RETURNING j.id, j.cancel_requested
 """
@@ -395,8 +400,6 @@ class Worker:
         self.ready: list[Attempt] = []
         #: jobs claimed ahead on their last attempt: a slot is held while their start is written
         self.premark: list[Attempt] = []
-        #: jobs claimed ahead that started, their start not yet written
-        self.unmarked: list[Attempt] = []
         #: slots taken: jobs running (their function has not returned) and reserved ones
         self.active = 0
         #: (id, attempt, outcome, delay, error, started): started is the epoch start of a job
@@ -567,9 +570,6 @@ class Worker:
                     await self.slot_free.wait()
                 continue
             self.premark = []
-            # starts of jobs claimed ahead ride along (a finished one's goes with its result)
-            marks = [a for a in self.unmarked if not a.finished]
-            self.unmarked = []
             # claimed jobs that start at once (the rest wait here, claimed ahead)
             start_now = max(0, min(capacity, cfg.concurrency - self.active - len(self.ready)))
             self.wake.clear()
@@ -581,11 +581,11 @@ class Worker:
                         nxt = row["next_in"]
                         self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
                                                             else cfg.poll_interval)
-                    if batch or marks or premark:
+                    if batch or premark:
                         for a in premark:
                             a.started_wall = time.time()
                         cols = self._result_columns(batch)
-                        marked = sorted(marks + premark, key=_by_id)  # lock order as in RENEW
+                        marked = sorted(premark, key=_by_id)  # lock order as in RENEW
                         rows = await conn.fetch(WRITE_AND_CLAIM, *cols[:5], self.node_id,
                                                 self._keep_history, cfg.lease, self.queues, self.capabilities,
                                                 limited_names, limited_queues, max(capacity, 0),
@@ -600,7 +600,6 @@ class Worker:
             except BaseException:
                 # written with the next statement
                 self.reports[:0] = batch
-                self.unmarked[:0] = marks
                 self.premark[:0] = premark
                 raise
             self.stats["statements"] += 1
@@ -718,8 +717,7 @@ class Worker:
             self.active += 1
         a.reserved = False
         if a.ahead and not a.started_wall:
-            a.started_wall = time.time()
-            self.unmarked.append(a)
+            a.started_wall = time.time()  # written by the next lease renewal, or with its result
         a.task = asyncio.create_task(self._run(a), name=f"forge-job:{a.row['name']}:{a.id}")
 
     def _fill(self) -> None:
@@ -983,7 +981,7 @@ class Worker:
         async with self._planned(conn, PLANNER_SETTINGS):
             rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
                                     [p[0] if p else None for p in prog], [p[1] if p else None for p in prog],
-                                    self.node_id)
+                                    self.node_id, [a.started_wall or None for a in attempts])
         for a, p in zip(attempts, prog):
             if p is not None:
                 a.written_progress = p
