@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-async def serve(url: str, observe: bool, aggregation: bool = True) -> None:
+async def serve(url: str, observe: bool, aggregation: bool = True, worker: dict | None = None) -> None:
     """The node under valgrind (``--serve``): runs until SIGTERM; on SIGUSR1 it aggregates its
     telemetry events (forge-observe) and says so."""
     from forge_kernel.config import load_config
@@ -49,7 +50,8 @@ async def serve(url: str, observe: bool, aggregation: bool = True) -> None:
 
     loader = PluginLoader(env={} if observe else {"FORGE_DISABLE_PLUGINS": "observe"}).load()
     data = {"database": {"url": url, "pool_min": 2, "pool_max": 20}, "node": {"roles": ["worker"]},
-            "app": {"modules": ["forge_bench_jobs"], "example": False}, "log": {"level": "WARNING"}}
+            "app": {"modules": ["forge_bench_jobs"], "example": False}, "log": {"level": "WARNING"},
+            "worker": worker or {}}
     if observe:
         from forge_observe import service
 
@@ -93,7 +95,7 @@ async def drained(conn: asyncpg.Connection, limit: float = 1800.0) -> None:
 
 
 async def per_job(base: str, n: int, warmup: int, observe: bool, tmp: Path, keep: str = "",
-                  aggregate: bool = True) -> float:
+                  aggregate: bool = True, worker: dict | None = None) -> float:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -106,7 +108,7 @@ async def per_job(base: str, n: int, warmup: int, observe: bool, tmp: Path, keep
     proc = await asyncio.create_subprocess_exec(
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no", f"--callgrind-out-file={out}",
         sys.executable, str(Path(__file__).resolve()), "--serve", url, *(["--observe"] if observe else []),
-        *([] if aggregate else ["--skip-aggregation"]),
+        *([] if aggregate else ["--skip-aggregation"]), "--worker-json", json.dumps(worker or {}),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
 
     def control(*argv: str) -> None:
@@ -167,9 +169,15 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         rows = []
         for rnd in range(args.rounds):
-            without, gc_without = await per_job(base, args.jobs, args.warmup, False, root, args.keep)
+            without, gc_without = await per_job(base, args.jobs, args.warmup, False, root, args.keep,
+                                                worker=args.forge_worker)
+            if args.without_only:
+                print(f"round {rnd + 1}: CPU instructions per job (callgrind, {args.jobs:,} no-op jobs drained, "
+                      f"[worker] {args.forge_worker or 'defaults'}): without forge-observe {without:,.0f}, of which "
+                      f"garbage collection {gc_without:,.0f}  (load avg {os.getloadavg()[0]:.1f})", flush=True)
+                continue
             with_, gc_with = await per_job(base, args.jobs, args.warmup, True, root, args.keep,
-                                           not args.skip_aggregation)
+                                           not args.skip_aggregation, worker=args.forge_worker)
             rows.append((without, with_))
             print(f"round {rnd + 1}: CPU instructions per job (callgrind, {args.jobs:,} no-op jobs drained): "
                   f"without forge-observe {without:,.0f}, with {with_:,.0f}, added {with_ - without:+,.0f} "
@@ -187,6 +195,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2000, help="jobs drained before counting")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--keep", metavar="DIR", default="", help="copy the callgrind dumps there (callgrind_annotate)")
+    p.add_argument("--forge-worker", type=lambda s: {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv)},
+                   default={}, help="[worker] settings of the node, e.g. prefetch=0 (default: none, the defaults)")
+    p.add_argument("--without-only", action="store_true", help="count the node without forge-observe only")
+    p.add_argument("--worker-json", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--observe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--skip-aggregation", action="store_true",
@@ -199,7 +211,7 @@ def main() -> None:
     import uvloop
 
     if args.serve:
-        uvloop.run(serve(args.serve, args.observe, not args.skip_aggregation))
+        uvloop.run(serve(args.serve, args.observe, not args.skip_aggregation, json.loads(args.worker_json)))
         return
     if not shutil.which("valgrind"):
         raise SystemExit("needs valgrind: apt-get install -y valgrind")

@@ -102,7 +102,7 @@ async def fresh_db(base: str, name: str) -> str:
 
 
 #: FORGE's variants; the others are peers
-FORGES = ("forge", "forge-observe")
+FORGES = ("forge", "forge-observe", "forge_prefetch0")
 #: [worker] settings of every FORGE node (--forge-worker); empty: the defaults
 FORGE_WORKER: dict[str, Any] = {}
 
@@ -166,7 +166,7 @@ class Bouncer:
 
 
 async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
-                      postmaster: int | None = None, observe: bool = False) -> Sample:
+                      postmaster: int | None = None, observe: bool = False, worker: dict | None = None) -> Sample:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -177,7 +177,8 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
     for i in range(0, n, 10_000):
         await queue.enqueue_many([queue.request(fb.noop) for _ in range(min(10_000, n - i))])
     fb.STATE["done"] = 0
-    node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else await forge_node(url, observe=observe)
+    node = await forge_node(bouncer.url("bench_forge_drain"), url) if bouncer else \
+        await forge_node(url, observe=observe, **(worker or {}))
     await node.start()
     meter = CpuMeter(lambda: [os.getpid()], postmaster) if postmaster else None
     while not fb.STATE["done"]:
@@ -191,9 +192,10 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
     elapsed = time.perf_counter() - fb.STATE["first"]
     if meter:
         meter.stop()
+    statements = node.worker.stats["statements"]
     await node.stop()
     await conn.close()
-    return Sample(n / elapsed, n, meter)
+    return Sample(n / elapsed, n, meter, note=f"{n / max(statements, 1):.1f} jobs per claim statement")
 
 
 async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None,
@@ -633,13 +635,17 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
                   note=f"fewest pending {result['fewest_pending']:,}")
 
 
-async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False) -> Sample:
+async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False, worker: dict | None = None) -> Sample:
     url = await fresh_db(base, "bench_forge_bound")
     await forge_prepare(url)
-    node = await forge_node(url, observe=observe)
+    node = await forge_node(url, observe=observe, **(worker or {}))
     await node.start()
     try:
-        return await bound_window("forge", url, lambda: [os.getpid()], args)
+        before = node.worker.stats["statements"]
+        sample = await bound_window("forge", url, lambda: [os.getpid()], args)
+        # claim statements over the whole run (warm-up and window) against the window's jobs: a rough figure
+        sample.note += f"; ~{sample.jobs / max(node.worker.stats['statements'] - before, 1):.1f} jobs per claim statement"
+        return sample
     finally:
         await node.stop()
 
@@ -682,6 +688,10 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         ("pgqueuer", "continuous"): lambda: pgq_run(base, "continuous", args),
         ("procrastinate", "continuous"): lambda: procrastinate_continuous(base, args.seconds),
         ("forge", "bound"): lambda: forge_bound(base, args),
+        # FORGE without claim-ahead ([worker] prefetch = 0: claims only into free slots, as before it)
+        ("forge_prefetch0", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster,
+                                                          worker={"prefetch": 0}),
+        ("forge_prefetch0", "bound"): lambda: forge_bound(base, args, worker={"prefetch": 0}),
         ("pgqueuer", "bound"): lambda: pgq_run(base, "bound", args),
     }
     for shape in GRAPHILE_SHAPES:
@@ -728,6 +738,11 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
                 if forge in here and not peer.startswith("forge"):
                     print(f"  {mode:<10} {forge} / {peer:<14} "
                           f"{res[(forge, mode)]['rate'] / res[(peer, mode)]['rate']:>6.2f}x", flush=True)
+        if "forge" in here and "forge_prefetch0" in here:
+            paired = statistics.median(f.rate / z.rate for f, z in zip(samples["forge"], samples["forge_prefetch0"]))
+            print(f"  {mode:<10} FORGE claim-ahead / prefetch 0 "
+                  f"{res[('forge', mode)]['rate'] / res[('forge_prefetch0', mode)]['rate']:>6.2f}x (medians), "
+                  f"{paired:.2f}x (median of per-round ratios)", flush=True)
         if "forge" in here and "forge_pgbouncer" in here:
             print(f"  {mode:<10} FORGE through PgBouncer / direct "
                   f"{res[('forge_pgbouncer', mode)]['rate'] / res[('forge', mode)]['rate']:>6.2f}x", flush=True)
@@ -829,7 +844,8 @@ def main() -> None:
     p.add_argument("--systems", type=lambda s: s.split(","),
                    default=["forge", "forge-observe", "graphile_1x50", "graphile_4x24", "pgqueuer", "procrastinate"],
                    help="forge (without forge-observe), forge-observe (FORGE with it at its defaults), "
-                        "forge_pgbouncer (FORGE's pool through PgBouncer), graphile_1x50, graphile_4x24, "
+                        "forge_pgbouncer (FORGE's pool through PgBouncer), forge_prefetch0 (FORGE with "
+                        "[worker] prefetch = 0, no claim-ahead), graphile_1x50, graphile_4x24, "
                         "pgqueuer, procrastinate")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "bound", "continuous"],
                    help="throughput modes to run (drain, bound = worker-bound continuous, continuous = one "

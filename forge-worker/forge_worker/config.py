@@ -8,6 +8,11 @@ from forge_kernel.config import identifiers, in_range
 from forge_kernel.convert import InvalidValue
 
 
+def _prefetch(inst: object, attr: attrs.Attribute, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not 0 <= value <= 100_000):
+        raise InvalidValue(attr.name, value, "a whole number of jobs between 0 and 100000 (0: no claim-ahead)")
+
+
 def _limits(inst: object, attr: attrs.Attribute, value: dict[str, int]) -> None:
     for queue, limit in value.items():
         if not queue:
@@ -22,6 +27,11 @@ class WorkerConfig:
     queues: list[str] = attrs.field(factory=list, validator=identifiers)
     #: jobs this node runs at the same time
     concurrency: int = attrs.field(default=50, validator=in_range(1, 100_000))
+    #: jobs claimed ahead, beyond ``concurrency``: they wait on this node, leased to it, and start
+    #: as running jobs finish, while the next claim is in flight (no idle gap for its round trip).
+    #: A node holds at most ``concurrency + prefetch`` jobs; 0: claim only into free slots.
+    #: Unset: equal to ``concurrency``. A graceful stop releases them at once.
+    prefetch: int | None = attrs.field(default=None, validator=_prefetch)
     #: most jobs claimed in one round trip (0: up to the free capacity)
     claim_batch: int = attrs.field(default=0, validator=in_range(0, 100_000))
     #: cluster-wide limits on running jobs per queue, e.g. ``{ emails = 2 }`` (same on every node)

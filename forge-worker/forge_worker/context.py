@@ -141,7 +141,7 @@ class JobContext(ActionContext):
             r = self._row
             self._job = RunningJob(id=r["id"], name=r["name"], queue=r["queue"], attempt=r["attempt"],
                                 max_attempts=r["max_attempts"], priority=r["priority"], run_at=r["run_at"],
-                                created_at=r["created_at"], started_at=r["started_at"], unique_key=r["unique_key"],
+                                created_at=r["created_at"], started_at=self._state.started_at(), unique_key=r["unique_key"],
                                 options=r["options"] or {})
         return self._job
 
@@ -206,7 +206,7 @@ def job_span(tel: Any, row: Any, attempt: Any) -> Any:
     if attempt.span is None and attempt.t0:
         opts = job_options(row)
         attrs = {"job.id": attempt.id, "job.attempt": attempt.attempt, "job.queue": row["queue"],
-                 "job.queue_wait_s": job_wait(row["run_at"], row["started_at"])}
+                 "job.queue_wait_s": job_wait(row["run_at"], attempt.started_at())}
         ids = {"job": attempt.id}
         if "cron_run" in opts:
             ids["cron_run"] = opts["cron_run"]

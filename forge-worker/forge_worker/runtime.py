@@ -48,10 +48,14 @@ _RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attemp
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
-_CLAIMED_ON = """SET status = 'running', node_id = {node}, attempt = j.attempt + 1, started_at = statement_timestamp(),
+# started_at is NULL for a job claimed ahead (prefetched: it waits on the node for a slot); the node
+# writes it once the job has started (with the next lease renewal, RENEW, or with its result; for a
+# last attempt before it starts), and the rescue reads NULL as "not known to have started". The
+# attempt is counted at the claim either way (see RESCUE).
+_CLAIMED_ON = """SET status = 'running', node_id = {node}, attempt = j.attempt + 1, started_at = {started},
                   lease_until = statement_timestamp() + make_interval(secs => {lease}), cancel_requested = false,
                   progress = NULL, progress_message = NULL"""
-_CLAIMED = _CLAIMED_ON.format(node="$1", lease="$2")
+_CLAIMED = _CLAIMED_ON.format(node="$1", lease="$2", started="statement_timestamp()")
 
 # Jobs of one limited queue ($8) or one limited type ($9), run after taking the advisory locks of
 # every limit involved, so counting running jobs and claiming is serialised cluster-wide.
@@ -107,21 +111,23 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # the whole list: quadratic for a drain's thousands of results).
 _RESULTS = """
 r AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[])
-        AS r(id, attempt, outcome, delay, error)
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], ${started}::float8[])
+        AS r(id, attempt, outcome, delay, error, started)
 ), done AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
     WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
       AND j.status = 'running' AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
-    RETURNING j.*, CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
+    RETURNING j.*, r.started AS started_epoch,
+              CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
               CASE WHEN r.outcome IN ('succeeded', 'cancelled') THEN r.error
                    ELSE 'cancelled on request' END AS outcome_error
 ), hist AS (
     INSERT INTO forge_job_history (id, name, queue, args, priority, status, attempt, max_attempts, unique_key,
         caller, options, node_id, last_error, created_at, run_at, started_at, finished_at)
     SELECT id, name, queue, args, priority, outcome, attempt, max_attempts, unique_key, caller, options, node_id,
-           coalesce(outcome_error, last_error), created_at, run_at, started_at, now()
+           coalesce(outcome_error, last_error), created_at, run_at,
+           coalesce(started_at, to_timestamp(started_epoch)), now()
     FROM done WHERE $7::boolean
     RETURNING 1
 ), upd AS (
@@ -132,6 +138,7 @@ r AS (
         -- retry-later and release do not use up an attempt
         attempt = CASE WHEN r.outcome IN ('retry_later', 'released') THEN j.attempt - 1 ELSE j.attempt END,
         last_error = coalesce(r.error, j.last_error),
+        started_at = coalesce(j.started_at, to_timestamp(r.started)),
         finished_at = CASE WHEN r.outcome = 'dead' THEN now() END,
         node_id = CASE WHEN r.outcome = 'dead' THEN j.node_id END,
         lease_until = NULL, cancel_requested = false
@@ -145,14 +152,14 @@ r AS (
 # Results alone (while stopping: no claims), committed without waiting for the flush unless
 # durable_results (ASYNC_COMMIT on the connection).
 REPORT = f"""
-WITH {_RESULTS}
+WITH {_RESULTS.replace("${started}", "$8")}
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM upd) AS written, (SELECT count(*) FROM hist) AS kept
 """
 
 # Pending jobs of unlimited queues and types a claim takes: ${0} queues (empty: all), ${1}
 # capabilities, ${2} limited types, ${3} limited queues, ${4} how many; paused queues are skipped.
 _PENDING = """
-    SELECT id FROM forge_jobs
+    SELECT id, priority FROM forge_jobs
     WHERE status = 'pending'
       AND (cardinality(${0}::text[]) = 0 OR queue = ANY(${0}::text[]))
       AND (capability IS NULL OR capability = ANY(${1}::text[]))
@@ -162,11 +169,17 @@ _PENDING = """
     LIMIT ${4}
     FOR UPDATE SKIP LOCKED"""
 
-# Jobs of unlimited queues and types, when no result waits to be written.
+# The first ${0} jobs of a claim (in claim order) start at once; the rest are claimed ahead.
+_RANKED = """c AS (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, id) <= ${0} AS now FROM p
+)"""
+_STARTED = "CASE WHEN c.now THEN statement_timestamp() END"
+
+# Jobs of unlimited queues and types, when no result or start waits to be written.
 CLAIM = f"""
-WITH c AS ({_PENDING.format(3, 4, 5, 6, 7)}
-)
-UPDATE forge_jobs j {_CLAIMED}
+WITH p AS ({_PENDING.format(3, 4, 5, 6, 7)}
+), {_RANKED.format(8)}
+UPDATE forge_jobs j {_CLAIMED_ON.format(node="$1", lease="$2", started=_STARTED)}
 FROM c WHERE j.id = c.id
 {_RETURNING}
 """
@@ -178,12 +191,22 @@ FROM c WHERE j.id = c.id
 # claims pending: no row is touched twice. A claim must commit durably (a claim lost in a crash
 # could hand a running job to a second worker); a statement that claimed nothing commits
 # without waiting for the flush (results may: see durable_results, $14).
+#
+# It also records the start of jobs claimed ahead on their last attempt before they start ($16-$18:
+# id, attempt, epoch seconds; rows running here, not among the results, so no row is written
+# twice; other starts are written by the lease renewal, RENEW), and starts the first $19 jobs it
+# claims at once (the rest are claimed ahead).
 WRITE_AND_CLAIM = f"""
-WITH {_RESULTS}, c AS ({_PENDING.format(9, 10, 11, 12, 13)}
-), claimed AS (
-    UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8")}
+WITH {_RESULTS.replace("${started}", "$15")}, p AS ({_PENDING.format(9, 10, 11, 12, 13)}
+), {_RANKED.format(19)}, claimed AS (
+    UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8", started=_STARTED)}
     FROM c WHERE j.id = c.id
     {_RETURNING}
+), marked AS (
+    UPDATE forge_jobs j SET started_at = to_timestamp(m.t)
+    FROM unnest($16::bigint[], $17::int[], $18::float8[]) AS m(id, attempt, t)
+    WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = 'running'
+    RETURNING 1
 )
 SELECT claimed.* FROM (
     SELECT set_config('synchronous_commit',
@@ -193,10 +216,13 @@ SELECT claimed.* FROM (
 """
 
 # Renew leases, write the latest progress, learn about cancellations and lost leases.
+# Also records when jobs claimed ahead started ($7, epoch seconds; NULL: not started or dated by
+# their claim): written at the next renewal, in the statement that writes the row anyway.
 RENEW = """
 UPDATE forge_jobs j SET lease_until = now() + make_interval(secs => $3),
-       progress = coalesce(p.progress, j.progress), progress_message = coalesce(p.message, j.progress_message)
-FROM unnest($1::bigint[], $2::int[], $4::real[], $5::text[]) AS p(id, attempt, progress, message)
+       progress = coalesce(p.progress, j.progress), progress_message = coalesce(p.message, j.progress_message),
+       started_at = coalesce(j.started_at, to_timestamp(p.started))
+FROM unnest($1::bigint[], $2::int[], $4::real[], $5::text[], $7::float8[]) AS p(id, attempt, progress, message, started)
 WHERE j.id = p.id AND j.attempt = p.attempt AND j.node_id = $6 AND j.status = 'running'
 RETURNING j.id, j.cancel_requested
 """
@@ -225,10 +251,20 @@ WITH lost AS (
     FROM gone
     RETURNING id
 ), requeued AS (
+    -- started_at NULL: claimed ahead and not known to have started. Its attempt stays counted (it
+    -- may have started a moment before its node died, its start not yet written: a job that kills
+    -- its worker must not loop), except the last one: a job on its last attempt starts only after
+    -- its start is written (Worker._fill), so without one it never ran - it gets the attempt back
+    -- and is never dead-lettered for a run it did not have.
     UPDATE forge_jobs j SET
-        status = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'pending' END,
-        last_error = format('worker %s stopped heartbeating during attempt %s (lease expired)', j.node_id, j.attempt),
-        finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+        status = CASE WHEN j.attempt >= j.max_attempts AND j.started_at IS NOT NULL THEN 'dead' ELSE 'pending' END,
+        attempt = CASE WHEN j.attempt >= j.max_attempts AND j.started_at IS NULL THEN j.attempt - 1
+                       ELSE j.attempt END,
+        last_error = CASE WHEN j.started_at IS NULL
+            THEN format('worker %s stopped heartbeating holding attempt %s, claimed ahead, not known to have started',
+                        j.node_id, j.attempt)
+            ELSE format('worker %s stopped heartbeating during attempt %s (lease expired)', j.node_id, j.attempt) END,
+        finished_at = CASE WHEN j.attempt >= j.max_attempts AND j.started_at IS NOT NULL THEN now() END,
         node_id = NULL, lease_until = NULL
     FROM lost WHERE j.id = lost.id AND NOT j.cancel_requested
     RETURNING j.id, j.status
@@ -253,6 +289,9 @@ PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off"
 # the at-least-once contract, never a second run while the first is alive. Claims stay
 # synchronous: a lost claim could let a second worker start a job the first is still running.
 ASYNC_COMMIT = "SET synchronous_commit = off"
+#: seconds a finished job's result may wait for others to be written with it while the node has
+#: jobs claimed ahead to run (without them every result is written with the next statement at once)
+RESULTS_WAIT = 0.01
 
 
 @contextlib.asynccontextmanager
@@ -289,6 +328,14 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return raw * (0.5 + rng() / 2)
 
 
+def _ready_order(a: Attempt) -> tuple[int, int]:
+    return a.row["priority"], -a.id
+
+
+def _by_id(a: Attempt) -> int:
+    return a.id
+
+
 #: outcomes that are no failure (a span of the attempt ends without an error)
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
 _time_ns = time.time_ns
@@ -316,6 +363,17 @@ class Attempt:
     #: when it failed or ran slow: see Worker._run)
     t0: int = 0
     span: Any = None
+    #: claimed ahead (its row's started_at is NULL until the node writes when it started)
+    ahead: bool = False
+    #: when a job claimed ahead started (epoch seconds; 0: not yet)
+    started_wall: float = 0.0
+    #: holds a slot while its start is written before it starts (a job on its last attempt)
+    reserved: bool = False
+
+    def started_at(self) -> dt.datetime:
+        """When the attempt started: its claim's time, or (claimed ahead) when the node started it."""
+        at = self.row["started_at"]
+        return at if at is not None else dt.datetime.fromtimestamp(self.started_wall, dt.timezone.utc)
 
 
 @attrs.define
@@ -336,8 +394,17 @@ class Worker:
         self.pooled: bool = node.pooled
         self.capabilities = list(node.capabilities)
         self.queues = list(config.queues)
+        #: every row leased to this node: started, finished with the result unwritten, claimed ahead
         self.running: dict[int, Attempt] = {}
-        self.reports: list[tuple[int, int, str, float, str | None]] = []
+        #: jobs claimed ahead, not started: sorted so that pop() gives the next in claim order
+        self.ready: list[Attempt] = []
+        #: jobs claimed ahead on their last attempt: a slot is held while their start is written
+        self.premark: list[Attempt] = []
+        #: slots taken: jobs running (their function has not returned) and reserved ones
+        self.active = 0
+        #: (id, attempt, outcome, delay, error, started): started is the epoch start of a job
+        #: claimed ahead (None: its claim dated it)
+        self.reports: list[tuple[int, int, str, float, str | None, float | None]] = []
         self.report_event = asyncio.Event()
         self.reported = asyncio.Event()
         self.wake = asyncio.Event()
@@ -347,7 +414,12 @@ class Worker:
         self.stopping = False
         self.next_due = 0.0  # monotonic time the next delayed job is due (0: check now)
         self.last_work = 0.0  # monotonic time a claim last found work
-        self.claim_batch = config.claim_batch or config.concurrency
+        self.prefetch = config.concurrency if config.prefetch is None else config.prefetch
+        self.claim_batch = config.claim_batch or config.concurrency + self.prefetch
+        #: the claim loop refills once the jobs claimed ahead are down to this many (with prefetch
+        #: 0: always, as each result is written); results wait at most RESULTS_WAIT for a batch
+        self._low_water = self.prefetch // 2
+        self._reports_since = 0.0
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
         self._claim_done: asyncio.Event = asyncio.Event()
@@ -361,7 +433,7 @@ class Worker:
         self._last_rescue = 0.0
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
-                      "released": 0, "lost": 0, "progress_writes": 0}
+                      "released": 0, "lost": 0, "progress_writes": 0, "statements": 0}
         #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
         self.extra_channels: dict[str, Callable[..., Any]] = {}
         #: called whenever the listen connection is (re)established
@@ -408,6 +480,8 @@ class Worker:
         self.stopping = True
         self.wake.set()
         self.slot_free.set()
+        for a in self.ready + self.premark:  # claimed ahead: back to the queue at once
+            self._drop_unstarted(a, "released")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._claim_done.wait(), 10)
         tasks = [a.task for a in self.running.values() if a.task is not None]
@@ -466,16 +540,38 @@ class Worker:
         cfg = self.config
         limited_names = list(self.type_limits)
         limited_queues = list(self.queue_limits)
+        held = cfg.concurrency + self.prefetch  # rows this node may hold leased
         while not self.stopping:
-            # finished attempts keep their slots until this statement writes their results; the
-            # same statement may claim into those slots, since both commit together
-            batch, self.reports = self.reports, []
-            capacity = min(cfg.concurrency - len(self.running) + len(batch), self.claim_batch)
-            if capacity <= 0 and not batch:
+            if not self._urgent():
+                # jobs claimed ahead cover the next round trip: gather results and room for a
+                # batch (poked once the reserve runs low), writing results at most RESULTS_WAIT late
                 self.slot_free.clear()
-                if cfg.concurrency - len(self.running) <= 0 and not self.reports:
+                if not self.reports:
+                    await self.slot_free.wait()
+                    continue
+                left = self._reports_since + RESULTS_WAIT - time.monotonic()
+                if left > 0:
+                    # a timer handle, not wait_for (a task per wait): this runs once per batch
+                    timer = asyncio.get_running_loop().call_later(left, self.slot_free.set)
+                    try:
+                        await self.slot_free.wait()
+                    finally:
+                        timer.cancel()
+                    if not self._urgent() and time.monotonic() - self._reports_since < RESULTS_WAIT:
+                        continue
+            # finished attempts keep their rows leased until this statement writes their results;
+            # the same statement may claim into their room, since both commit together
+            batch, self.reports = self.reports, []
+            capacity = min(held - len(self.running) + len(batch), self.claim_batch)
+            premark = [a for a in self.premark if not a.finished]
+            if capacity <= 0 and not batch and not premark:
+                self.slot_free.clear()
+                if held - len(self.running) <= 0 and not self.reports and not self.premark:
                     await self.slot_free.wait()
                 continue
+            self.premark = []
+            # claimed jobs that start at once (the rest wait here, claimed ahead)
+            start_now = max(0, min(capacity, cfg.concurrency - self.active - len(self.ready)))
             self.wake.clear()
             self.slot_free.clear()
             try:
@@ -485,26 +581,42 @@ class Worker:
                         nxt = row["next_in"]
                         self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
                                                             else cfg.poll_interval)
-                    if batch:
-                        rows = await conn.fetch(WRITE_AND_CLAIM, *self._result_columns(batch), self.node_id,
+                    if batch or premark:
+                        for a in premark:
+                            a.started_wall = time.time()
+                        cols = self._result_columns(batch)
+                        marked = sorted(premark, key=_by_id)  # lock order as in RENEW
+                        rows = await conn.fetch(WRITE_AND_CLAIM, *cols[:5], self.node_id,
                                                 self._keep_history, cfg.lease, self.queues, self.capabilities,
                                                 limited_names, limited_queues, max(capacity, 0),
-                                                cfg.durable_results)
+                                                cfg.durable_results or bool(premark), cols[5],
+                                                [a.id for a in marked], [a.attempt for a in marked],
+                                                [a.started_wall for a in marked], start_now)
                         if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
                             rows = []
                     else:
                         rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
-                                                limited_names, limited_queues, capacity)
+                                                limited_names, limited_queues, capacity, start_now)
             except BaseException:
-                self.reports[:0] = batch  # written with the next statement
+                # written with the next statement
+                self.reports[:0] = batch
+                self.premark[:0] = premark
                 raise
+            self.stats["statements"] += 1
+            for a in premark:  # their start is written: they start now, in the slot they hold
+                if self.stopping:
+                    self._drop_unstarted(a, "released")
+                elif not a.finished:
+                    self._launch(a)
             self._written(batch)
             got = len(rows)
             self._start_jobs(rows)
             if capacity <= 0:
                 continue
-            if limited_names or limited_queues:
-                got += await self._claim_limited(conn, capacity - got)
+            # limited jobs are never claimed ahead: a running count in PostgreSQL is a running job
+            free = min(capacity - got, cfg.concurrency - self.active - len(self.ready))
+            if (limited_names or limited_queues) and free > 0:
+                got += await self._claim_limited(conn, free)
             now = time.monotonic()
             if got:
                 self.last_work = now
@@ -539,16 +651,18 @@ class Worker:
                     await asyncio.wait_for(self.wake.wait(), timeout)
 
     @staticmethod
-    def _result_columns(batch: list[tuple[int, int, str, float, str | None]]) -> tuple[list, ...]:
+    def _result_columns(batch: list[tuple[int, int, str, float, str | None, float | None]]) -> tuple[list, ...]:
         return ([r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], [r[3] for r in batch],
-                [r[4] for r in batch])
+                [r[4] for r in batch], [r[5] for r in batch])
 
-    def _written(self, batch: list[tuple[int, int, str, float, str | None]]) -> None:
-        """The results of ``batch`` are stored: their slots are free."""
-        for job_id, attempt, *_ in batch:
-            a = self.running.get(job_id)
-            if a is not None and a.attempt == attempt and a.finished:
-                self._free(a)
+    def _written(self, batch: list[tuple[int, int, str, float, str | None, float | None]]) -> None:
+        """The results of ``batch`` are stored: their rows are no longer leased here (_free)."""
+        running = self.running
+        for r in batch:
+            a = running.get(r[0])
+            if a is not None and a.attempt == r[1] and a.finished:
+                del running[r[0]]
+        self.slot_free.set()
 
     async def _claim_limited(self, conn: asyncpg.Connection, capacity: int) -> int:
         """Claim from limited queues and types, each under the advisory locks of its limits."""
@@ -578,16 +692,92 @@ class Worker:
         return got
 
     def _start_jobs(self, rows: list[Any]) -> None:
+        ahead = []
         for row in rows:
             a = Attempt(row["id"], row["attempt"], row)
             self.running[a.id] = a
-            a.task = asyncio.create_task(self._run(a), name=f"forge-job:{row['name']}:{row['id']}")
+            if row["started_at"] is not None:  # claimed into a free slot: its claim dated its start
+                self._launch(a)
+            else:
+                a.ahead = True
+                ahead.append(a)
         self.stats["claimed"] += len(rows)
+        if ahead:
+            if self.stopping:
+                for a in ahead:
+                    self._drop_unstarted(a, "released")
+                return
+            self.ready += ahead
+            # pop() takes the highest priority, then the oldest: claim order across claims
+            self.ready.sort(key=_ready_order)
+            self._fill()
+
+    def _launch(self, a: Attempt) -> None:
+        if not a.reserved:
+            self.active += 1
+        a.reserved = False
+        if a.ahead and not a.started_wall:
+            a.started_wall = time.time()  # written by the next lease renewal, or with its result
+        a.task = asyncio.create_task(self._run(a), name=f"forge-job:{a.row['name']}:{a.id}")
+
+    def _fill(self) -> None:
+        """Start jobs claimed ahead into free slots. One on its last attempt holds a slot until the
+        claim loop has written its start: a crash before that gives the attempt back (RESCUE)."""
+        while self.ready and self.active < self.config.concurrency and not self.stopping:
+            a = self.ready.pop()
+            if a.attempt >= a.row["max_attempts"]:
+                a.reserved = True
+                self.active += 1
+                self.premark.append(a)
+                self.slot_free.set()  # the claim loop writes it now
+                self.wake.set()
+            else:
+                self._launch(a)
+
+    def _urgent(self) -> bool:
+        """The claim loop's next statement cannot wait: a job waits for its start to be written,
+        the jobs claimed ahead are running low (refill before they run dry), or nothing runs."""
+        return bool(self.premark) or len(self.ready) <= self._low_water or not self.active
+
+    def _poke(self) -> None:
+        """Wake the claim loop only when its next statement is due (see _urgent): with jobs claimed
+        ahead it lets results and claims gather into batches instead of one statement per job."""
+        if self._urgent():
+            self.slot_free.set()
+            self.wake.set()
+
+    def _drop_unstarted(self, a: Attempt, outcome: str) -> None:
+        """A job claimed ahead leaves this node without starting: ``released`` (a graceful stop:
+        back to pending, its attempt not counted), ``cancelled`` (on request) or ``lost`` (its
+        lease went elsewhere)."""
+        if a.finished or a.task is not None:
+            return
+        a.finished = True
+        if a in self.ready:
+            self.ready.remove(a)
+        if a.reserved:
+            a.reserved = False
+            self.active -= 1
+            if a in self.premark:
+                self.premark.remove(a)
+        self.stats[outcome] = self.stats.get(outcome, 0) + 1
+        if outcome == "lost":
+            self._free(a)
+            return
+        error = "cancelled on request" if outcome == "cancelled" else None
+        if not self.reports:
+            self._reports_since = time.monotonic()
+        self.reports.append((a.id, a.attempt, outcome, 0.0, error, None))
+        self.slot_free.set()
+        self.wake.set()
+        if self._claim_done.is_set():
+            self.report_event.set()
+        self._fill()
 
     # --- running ----------------------------------------------------------------------------
     async def _run(self, a: Attempt) -> None:
         row = a.row
-        started = row["started_at"]
+        started = a.started_at()
         outcome, delay, error = "succeeded", 0.0, None
         db = LazyDatabase(self.node.pool)
         tel = self.node.telemetry
@@ -648,6 +838,9 @@ class Worker:
                            f"{type(exc).__name__}: {exc}")
         finally:
             a.finished = True
+            self.active -= 1
+            if self.ready:
+                self._fill()  # the next job claimed ahead starts in the slot now, no round trip
             if a.t0:  # observed: one event; a span only for a sampled, failed or slow attempt
                 end = _time_ns()
                 if a.span is not None or outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns:
@@ -661,12 +854,14 @@ class Worker:
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
             if outcome != "lost":
-                self.reports.append((a.id, a.attempt, outcome, delay, error))
+                if not self.reports:
+                    self._reports_since = time.monotonic()
+                    self.slot_free.set()  # the claim loop times the batch from its first result
+                self.reports.append((a.id, a.attempt, outcome, delay, error, a.started_wall or None))
                 reported = True
                 # the claim loop writes it with its next statement (claiming into the slot); once
                 # the claim loop has stopped, the report loop does
-                self.slot_free.set()
-                self.wake.set()
+                self._poke()
                 if self._claim_done.is_set():
                     self.report_event.set()
                 if outcome in ("failed", "retry_later") and delay > 0:
@@ -737,8 +932,8 @@ class Worker:
                         self._reporting = True
                         try:
                             async with self._planned(conn, settings):
-                                await conn.fetchrow(REPORT, *self._result_columns(batch), self.node_id,
-                                                    self._keep_history)
+                                cols = self._result_columns(batch)
+                                await conn.fetchrow(REPORT, *cols[:5], self.node_id, self._keep_history, cols[5])
                         except BaseException:
                             self.reports[:0] = batch  # written on the next try
                             raise
@@ -778,20 +973,27 @@ class Worker:
     async def _renew(self, conn: asyncpg.Connection) -> None:
         # finished attempts are left to the report statement: renewing rows it is deleting would
         # lock the same rows in another order (a deadlock PostgreSQL resolves by aborting one)
-        attempts = [a for a in self.running.values() if not a.finished]
+        # in id order, as the claim loop writes starts: the same rows locked in the same order
+        attempts = sorted((a for a in self.running.values() if not a.finished), key=_by_id)
         if not attempts:
             return
         prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
         async with self._planned(conn, PLANNER_SETTINGS):
             rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
                                     [p[0] if p else None for p in prog], [p[1] if p else None for p in prog],
-                                    self.node_id)
+                                    self.node_id, [a.started_wall or None for a in attempts])
         for a, p in zip(attempts, prog):
             if p is not None:
                 a.written_progress = p
                 self.stats["progress_writes"] += 1
         seen = {r["id"]: r["cancel_requested"] for r in rows}
         for a in attempts:
+            if a.task is None and not a.finished and self.running.get(a.id) is a:  # claimed ahead
+                if a.id not in seen:
+                    self._drop_unstarted(a, "lost")
+                elif seen[a.id]:
+                    self._drop_unstarted(a, "cancelled")
+                continue
             if self.running.get(a.id) is not a or a.task is None or a.task.done() or a.finished:
                 continue  # finished; its result is being written
             if a.id not in seen:
@@ -809,9 +1011,10 @@ class Worker:
         return True
 
     def activity(self) -> dict[str, Any]:
-        running = [a for a in self.running.values() if not a.finished]
+        running = [a for a in self.running.values() if not a.finished and a.task is not None]
         return {"jobs": {"running": len(running), "capacity": self.config.concurrency,
-                         "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping}}
+                         "ids": sorted(a.id for a in running)[:50], "stopping": self.stopping,
+                         "claimed_ahead": len(self.ready) + len(self.premark), "prefetch": self.prefetch}}
 
     def _auth(self, run_as: str | None, caller: str | None) -> Auth:
         """The identity of a claimed job from its ``run_as`` text and ``caller``, decoded once per
@@ -830,6 +1033,9 @@ class Worker:
             self._cancel(a, "timeout")
 
     def _cancel(self, a: Attempt, reason: str) -> None:
+        if a.task is None and reason in ("cancel", "lease_lost"):  # claimed ahead, not started
+            self._drop_unstarted(a, "cancelled" if reason == "cancel" else "lost")
+            return
         if a.cancel_reason is None and not a.finished and a.task is not None and not a.task.done():
             a.cancel_reason = reason
             a.task.cancel()

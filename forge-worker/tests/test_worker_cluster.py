@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,8 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
               f"dead {await pool.fetchval('SELECT count(*) FROM forge_jobs WHERE status = $1', 'dead')}")
         assert set(counts) == set(ids)
         assert dups <= held, f"jobs ran twice without running on the killed node: {sorted(dups - held)[:20]}"
-        assert len(held) <= 20, f"the killed node held {len(held)} jobs with [worker] concurrency = 20"
+        # concurrency 20 and prefetch (its default: = concurrency) 20
+        assert len(held) <= 40, f"the killed node held {len(held)} jobs with [worker] concurrency = 20, prefetch 20"
         assert max(counts.values()) <= 2
         assert nodes[1].alive()
     finally:
@@ -94,22 +96,25 @@ async def test_killed_worker_20000_jobs_rerun_and_only_those_twice(forge_process
     await crash_scenario(forge_processes, 20_000)
 
 
-async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes):
-    """A finished job keeps its slot until its result is written, so a node SIGKILLed while results
-    wait to be written holds (and the rescue re-runs) at most ``concurrency`` jobs. The results are
-    held back on purpose: the test locks forge_job_history, which every result write inserts into."""
+@pytest.mark.parametrize("prefetch", [0, 8])
+async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes, prefetch):
+    """A finished job keeps its row leased until its result is written, so a node SIGKILLed while
+    results wait to be written holds (and the rescue re-runs) at most ``concurrency + prefetch``
+    jobs (``concurrency`` with prefetch 0). The results are held back on purpose: the test locks
+    forge_job_history, which every result write inserts into."""
     concurrency, n_jobs = 8, 120
+    bound = concurrency + prefetch
     pool = await asyncpg.create_pool(forge_processes.db_url, min_size=2, max_size=4)
     lock = await asyncpg.connect(forge_processes.db_url)
     try:
-        victim = forge_processes(node_config(concurrency), node_id="victim", env=ENV)
+        victim = forge_processes(node_config(concurrency, prefetch=prefetch), node_id="victim", env=ENV)
         lock_tx = lock.transaction()
         await lock_tx.start()
         await lock.execute("LOCK TABLE forge_job_history IN SHARE ROW EXCLUSIVE MODE")  # blocks result writes only
         ids = await enqueue_work(pool, n_jobs)
 
         async def finished_unwritten():
-            return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= concurrency
+            return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= bound
 
         await eventually(finished_unwritten, timeout=60, what="jobs to finish while their results cannot be written")
         await asyncio.sleep(1.0)  # room for a worker that frees slots early to claim and run more
@@ -120,7 +125,7 @@ async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes):
         await pool.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                            "AND pid <> pg_backend_pid() AND pid <> $1", lock.get_server_pid())
         await lock_tx.rollback()
-        assert held <= concurrency and ran_before <= concurrency, (held, ran_before)
+        assert held <= bound and ran_before <= bound, (held, ran_before)
         forge_processes(node_config(concurrency), node_id="rescuer", env=ENV)
 
         async def all_done():
@@ -131,7 +136,7 @@ async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes):
         counts = await eventually(all_done, timeout=120, what="every job to complete on the second worker")
         reruns = {job_id: n - 1 for job_id, n in counts.items() if n > 1}
         assert set(counts) == set(ids)
-        assert len(reruns) <= concurrency and max(counts.values()) <= 2, reruns
+        assert len(reruns) <= bound and max(counts.values()) <= 2, reruns
     finally:
         await lock.close()
         await pool.close()
@@ -247,6 +252,101 @@ async def test_graceful_shutdown_finishes_jobs_shorter_than_the_timeout(forge_pr
         assert await pool.fetchval("SELECT status FROM forge_nodes WHERE id = 'f1'") == "stopped"
     finally:
         await pool.close()
+
+
+async def _claimed_ahead(pool, node_id: str, n: int):
+    """Rows leased to ``node_id`` that it claimed ahead and has not started (started_at NULL)."""
+    rows = await pool.fetch("SELECT id FROM forge_jobs WHERE status = 'running' AND node_id = $1 "
+                            "AND started_at IS NULL ORDER BY id", node_id)
+    return [r["id"] for r in rows] if len(rows) >= n else None
+
+
+async def test_a_killed_worker_s_jobs_claimed_ahead_run_once_and_no_last_attempt_is_lost(forge_processes):
+    """SIGKILL a worker holding jobs it claimed ahead: every one of them runs, once, on another
+    worker. One on its last attempt gets that attempt back (it never started: a last attempt
+    starts only after its start is written) and is not dead-lettered; one with attempts left keeps
+    the attempt its claim counted (documented: PostgreSQL cannot tell it from one that started a
+    moment before the kill). The two jobs the victim was running, on their last attempt, are
+    dead-lettered, as before."""
+    pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=2)
+    try:
+        victim = forge_processes(node_config(concurrency=2, prefetch=4), node_id="victim", env=ENV)
+        queue = JobQueue(pool)
+        # stored at once, so that one claim takes all six: the long jobs (first in claim order)
+        # start in the two slots, the other four are claimed ahead behind them
+        ids = await queue.enqueue_many(
+            [queue.request("long_running", {"seconds": 120}, max_attempts=1) for _ in range(2)]
+            + [queue.request("record", {"value": f"last{i}"}, max_attempts=1) for i in range(2)]
+            + [queue.request("record", {"value": f"more{i}"}, max_attempts=3) for i in range(2)])
+        long, last, more = ids[:2], ids[2:4], ids[4:]
+        await eventually(lambda: _started(pool, 2), what="two long jobs to take both slots")
+        ahead = await eventually(lambda: _claimed_ahead(pool, "victim", 4), what="four jobs claimed ahead")
+        assert sorted(ahead) == sorted(last + more)
+        victim.kill()
+        forge_processes(node_config(concurrency=4), node_id="rescuer", env=ENV)
+
+        async def ran_once():
+            rows = await pool.fetch("SELECT job_id, attempt, node_id FROM job_log WHERE event = 'ran' "
+                                    "AND job_id = ANY($1::bigint[]) ORDER BY job_id", ahead)
+            return rows if len(rows) >= 4 else None
+
+        rows = await eventually(ran_once, timeout=120, what="the jobs claimed ahead to run on the rescuer")
+        assert [(r["job_id"], r["node_id"]) for r in rows] == [(i, "rescuer") for i in sorted(ahead)]
+        attempts = {r["job_id"]: r["attempt"] for r in rows}
+        assert [attempts[i] for i in last] == [1, 1]  # the last attempt given back, not dead-lettered
+        assert [attempts[i] for i in more] == [2, 2]  # the claim's attempt stays counted
+        await eventually(lambda: _history_count(pool, 4), what="their results")
+        hist = {r["id"]: (r["status"], r["attempt"]) for r in await pool.fetch(
+            "SELECT id, status, attempt FROM forge_job_history")}
+        assert [hist[i] for i in last + more] == [("succeeded", 1)] * 2 + [("succeeded", 2)] * 2
+        dead = await eventually(lambda: _dead(pool, 2), timeout=60, what="the killed long jobs to be dead-lettered")
+        assert sorted(dead) == sorted(long)  # they had started, on their last attempt
+    finally:
+        await pool.close()
+
+
+async def test_graceful_stop_releases_jobs_claimed_ahead_at_once(forge_processes):
+    """SIGTERM: jobs claimed ahead go back to the queue at once - another worker runs them while
+    the stopping one still waits for its running jobs - with their attempt not counted."""
+    cfg = node_config(concurrency=2, prefetch=4, shutdown_timeout=60.0)
+    cfg["node"]["drain_timeout"] = 90.0
+    pool = await asyncpg.create_pool(forge_processes.db_url, min_size=1, max_size=2)
+    try:
+        victim = forge_processes(cfg, node_id="stopping", env=ENV)
+        queue = JobQueue(pool)
+        ids = await queue.enqueue_many(  # one claim: two start, four are claimed ahead
+            [queue.request("long_running", {"seconds": 20}, max_attempts=1) for _ in range(2)]
+            + [queue.request("record", {"value": f"a{i}"}, max_attempts=1) for i in range(4)])
+        long, ahead = ids[:2], ids[2:]
+        await eventually(lambda: _started(pool, 2), what="two long jobs to take both slots")
+        assert sorted(await eventually(lambda: _claimed_ahead(pool, "stopping", 4), what="claimed ahead")) == ahead
+        forge_processes(node_config(concurrency=4), node_id="other", env=ENV)
+        victim.signal(signal.SIGTERM)
+
+        async def ran_elsewhere():
+            rows = await pool.fetch("SELECT job_id, attempt, node_id FROM job_log WHERE event = 'ran' "
+                                    "AND job_id = ANY($1::bigint[]) ORDER BY job_id", ahead)
+            return rows if len(rows) >= 4 else None
+
+        rows = await eventually(ran_elsewhere, timeout=60, what="the released jobs to run on the other worker")
+        # the stopping worker is still waiting for its long jobs (20 s, shutdown_timeout 60 s): the
+        # jobs claimed ahead did not wait for that, nor for a lease to expire
+        assert victim.alive()
+        assert [(r["job_id"], r["attempt"], r["node_id"]) for r in rows] == [(i, 1, "other") for i in ahead]
+        long_rows = await pool.fetch("SELECT node_id, started_at IS NOT NULL AS started FROM forge_jobs "
+                                     "WHERE id = ANY($1::bigint[])", long)
+        assert [(r["node_id"], r["started"]) for r in long_rows] == [("stopping", True)] * 2
+    finally:
+        await pool.close()
+
+
+async def _history_count(pool, n):
+    return await pool.fetchval("SELECT count(*) FROM forge_job_history") >= n
+
+
+async def _dead(pool, n):
+    rows = await pool.fetch("SELECT id FROM forge_jobs WHERE status = 'dead'")
+    return [r["id"] for r in rows] if len(rows) >= n else None
 
 
 async def _started(pool, n):

@@ -146,7 +146,8 @@ async def test_timeout_fails_the_attempt(forge_node):
 
 
 async def test_cancel_pending_and_running_jobs(forge_node):
-    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1))
+    # prefetch 0: the waiting job stays pending (claimed ahead: test_cancel_of_a_job_claimed_ahead)
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1, prefetch=0))
     queue = JobQueue(node.pool)
     running = await queue.enqueue(worker_jobs.long_running, {"seconds": 30})
     waiting = await queue.enqueue("record", {"value": "never"})
@@ -161,6 +162,35 @@ async def test_cancel_pending_and_running_jobs(forge_node):
     assert not await log_rows(node.pool, job_id=waiting)
     with pytest.raises(NotFound):
         await queue.cancel(waiting)
+
+
+async def test_cancel_of_a_job_claimed_ahead_before_it_starts(forge_node):
+    """A job claimed ahead (leased to the node, waiting for a slot) and cancelled never starts: the
+    node drops it and its cancellation is recorded; the job running beside it is not disturbed."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1, prefetch=2))
+    queue = JobQueue(node.pool)
+    running, *ahead = await queue.enqueue_many([  # one claim: the first starts, two are claimed ahead
+        queue.request(worker_jobs.long_running, {"seconds": 30}), queue.request("record", {"value": "never"}),
+        queue.request("record", {"value": "later"})])
+    await eventually(lambda: log_rows(node.pool, job_id=running, event="started"), what="the long job to start")
+
+    async def claimed_ahead():
+        rows = await node.pool.fetch("SELECT id, status, node_id, started_at, attempt FROM forge_jobs "
+                                     "WHERE id = ANY($1::bigint[]) ORDER BY id", ahead)
+        return rows if all(r["status"] == "running" and r["node_id"] == node.id for r in rows) else None
+
+    rows = await eventually(claimed_ahead, what="the node to claim both jobs ahead")
+    assert [(r["started_at"], r["attempt"]) for r in rows] == [(None, 1), (None, 1)]  # not started
+    assert node.worker.activity()["jobs"]["claimed_ahead"] == 2
+    assert await queue.cancel(ahead[0]) == "requested"  # the node holds it: it drops it
+    info = await eventually(lambda: _hist(node.pool, ahead[0]), what="the cancelled job in history")
+    assert (info.status, info.started_at) == ("cancelled", None)
+    await queue.cancel(running)
+    done = await eventually(lambda: _hist(node.pool, ahead[1]), what="the other job claimed ahead to run")
+    assert done.status == "succeeded" and done.started_at is not None
+    assert not await log_rows(node.pool, job_id=ahead[0])  # never started
+    assert [r["value"] for r in await log_rows(node.pool, job_id=ahead[1])] == ["later"]
+    assert node.worker.stats["cancelled"] == 2
 
 
 async def test_progress_is_coalesced(forge_node):

@@ -1,0 +1,30 @@
+"""``[worker] prefetch``: what a node accepts, and what it holds by default."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_kernel.config import KERNEL_SECTIONS, load_config
+from forge_kernel.errors import ConfigError
+from forge_worker import WorkerConfig
+
+SECTIONS = {**KERNEL_SECTIONS, "worker": WorkerConfig}
+
+
+@pytest.mark.parametrize("value, expect", [
+    (-1, "[worker] prefetch = -1"),
+    (100_001, "[worker] prefetch = 100001"),
+    ("lots", "[worker] prefetch = 'lots'"),
+    (2.5, "[worker] prefetch = 2.5"),
+    (True, "[worker] prefetch = True"),
+])
+def test_bad_prefetch_is_refused_naming_the_key(value, expect):
+    with pytest.raises(ConfigError) as ei:
+        load_config(SECTIONS, data={"worker": {"prefetch": value}}, env={})
+    assert expect in str(ei.value), str(ei.value)
+
+
+def test_prefetch_defaults_to_concurrency_and_zero_turns_it_off():
+    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch is None  # the worker reads: = concurrency
+    cfg = load_config(SECTIONS, data={"worker": {"concurrency": 7, "prefetch": 0}}, env={"FORGE_WORKER__PREFETCH": "3"})
+    assert (cfg["worker"].concurrency, cfg["worker"].prefetch) == (7, 3)  # the environment wins
