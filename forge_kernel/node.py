@@ -105,7 +105,6 @@ def all_migrations(loader: PluginLoader, registry: Registry | None) -> list[migm
     return loader.migrations() + (app_migrations(registry) if registry else [])
 
 
-
 class CollectTimer:
     """When a timed full collection is worth its pause: the heap (in allocated blocks) changed by
     at least ``growth`` (a fraction) since the last collection. Cycles nobody collected are blocks
@@ -126,6 +125,7 @@ class CollectTimer:
         """``gc.callbacks``: the end of any full collection (ours or the interpreter's) is the new baseline."""
         if phase == "stop" and info["generation"] == 2:
             self.collected(sys.getallocatedblocks())
+
 
 class Node:
     """One node process. ``await node.start()`` then ``await node.stop()`` (or ``run()``)."""

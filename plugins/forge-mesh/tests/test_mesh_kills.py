@@ -102,9 +102,19 @@ async def test_an_action_whose_node_died_after_it_started_never_runs_twice(base)
         holder = asyncio.ensure_future(hold(url))
         await wait_peers(db, "g", {"f2"}, in_flight={"f2": 1})
         f1 = start_node(base["tmp"], node_config(db, "f1", ["function"]), node_env(MESH_TEST_KILL_IN_ACTION="1"))
+        on_f2: set[str] = set()
         try:
-            await wait_peers(db, "g", {"f1", "f2"}, in_flight={"f1": 0, "f2": 1})
-            r = await rpc(client, url, "side_effect", {"key": "act-1"})
+            for attempt in range(3):
+                await wait_peers(db, "g", {"f1", "f2"}, in_flight={"f1": 0, "f2": 1})
+                key = f"act-1-{attempt}"
+                r = await rpc(client, url, "side_effect", {"key": key})
+                if not (r.status_code == 200 and r.json()["data"]["node"] == "f2"):
+                    break
+                # Under load G may suspect F1 (two probe timeouts) and send the action to F2,
+                # where it runs once and F1 never reaches its failpoint: try again.
+                on_f2.add(key)
+            else:
+                raise AssertionError(f"every action went to F2; G's log:\n{base['g'].log()[-3000:]}")
             await asyncio.to_thread(f1.proc.wait, 30)
             assert f1.proc.returncode == -9
             # claimed on F1, then F1 died: nobody can tell whether it ran, and it is not run again
@@ -121,7 +131,7 @@ async def test_an_action_whose_node_died_after_it_started_never_runs_twice(base)
         effects = dict(await conn.fetch("SELECT key, count(*) FROM mesh_effects GROUP BY key"))
     finally:
         await conn.close()
-    assert effects == {"act-2": 1}, effects
+    assert effects == {"act-2": 1} | {key: 1 for key in on_f2}, effects
 
 
 async def test_a_query_whose_node_died_is_retried_on_another_node(base):
