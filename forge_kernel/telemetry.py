@@ -237,12 +237,17 @@ class Span:
             if len(later) < MAX_SPANS_PER_TRACE:
                 later.append((name, kind, start_ns, end_ns, attrs, span_id))
                 return
-        child = Span(None, self.trace_id, self.sampled, span_id or _getrandbits(64) or 1, self.span_id, name, kind,
-                     attrs, start_ns)
-        child.end_ns, child.error = end_ns, error
+        child = self._finished_child(name, kind, start_ns, end_ns, attrs, error, span_id)
         trace = self.trace
         if trace is not None:
             trace.add(child)
+
+    def _finished_child(self, name: str, kind: str, start_ns: int, end_ns: int, attrs: dict[str, Any] | None,
+                        error: str | None, span_id: int) -> "Span":
+        child = Span(None, self.trace_id, self.sampled, span_id or _getrandbits(64) or 1, self.span_id, name, kind,
+                     attrs, start_ns)
+        child.end_ns, child.error = end_ns, error
+        return child
 
     @property
     def duration(self) -> float:
@@ -259,18 +264,14 @@ def _local_trace(root: Span) -> Trace:
     if root.ids is None:
         root.ids = {}
     trace._ids = root.ids  # one dict: ids set on either are seen by both
-    # an unsampled root draws its span id now, on this thread: the trace may reach the observer, whose
-    # exporter reads it from another thread
-    span_id = root.span_id
+    # an unsampled root draws its span id now (reading it draws it: _UnsampledRoot), on this thread:
+    # the trace may reach the observer, whose exporter reads it from another thread
+    root.span_id  # noqa: B018
     later = root._later
     if later is not None:  # the children it noted while it had no trace (Span.record)
         root._later = None
-        trace_id, sampled = root.trace_id, root.sampled
         for name, kind, start_ns, end_ns, attrs, child_id in later:
-            child = Span(None, trace_id, sampled, child_id or _getrandbits(64) or 1, span_id, name, kind, attrs,
-                         start_ns)
-            child.end_ns = end_ns
-            trace.add(child)
+            trace.add(root._finished_child(name, kind, start_ns, end_ns, attrs, None, child_id))
     return trace
 
 
@@ -299,8 +300,6 @@ class _UnsampledRoot(Span):
         self.__class__ = Span
         self.span_id = sid
         return sid
-
-
 
 
 def new_span_id() -> int:

@@ -873,9 +873,9 @@ class Worker:
                 self._free(a)
 
     def _free(self, a: Attempt) -> None:
-        """Give ``a``'s slot back. A finished job keeps its slot until its result is written: its
-        row stays leased to this node until then, so a node killed at any moment holds at most
-        ``concurrency`` rows and the rescue re-runs at most that many of its jobs."""
+        """Give ``a``'s row back. A finished job keeps its row leased to this node until its result
+        is written, so a node killed at any moment holds at most ``concurrency + prefetch`` rows
+        and the rescue re-runs at most that many of its jobs."""
         if self.running.get(a.id) is a:
             del self.running[a.id]
         self.slot_free.set()
