@@ -859,8 +859,9 @@ class Worker:
                 # raw times: the observer works out queue waits for a whole batch at once
                 tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], started,
                          (end - a.t0) / 1e9)
-            with contextlib.suppress(Exception):
-                await db.release()
+            if db.taken:  # most jobs never touch the database: no coroutine, no suppress per job
+                with contextlib.suppress(Exception):
+                    await db.release()
         reported = False
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
