@@ -57,7 +57,7 @@ async def serve(url: str, observe: bool, aggregation: bool = True, worker: dict 
 
         data["observe"] = {"flush_interval": 3600, "write_interval": 60}
         service.AGGREGATE_EVERY = 3600.0
-    node = Node(load_config(loader.config_sections(), data=data, env={}), loader)
+    node = Node(load_config(loader.config_sections(), data=data, env={}), loader, freeze_gc=True)  # GC as `forge-node start`
 
     async def aggregate() -> None:
         if observe and aggregation:

@@ -122,7 +122,9 @@ async def forge_node(url: str, direct_url: str = "", observe: bool = False, **wo
             "app": {"modules": ["forge_bench_jobs"], "example": False},
             "log": {"level": "WARNING"},
             "worker": {**FORGE_WORKER, **worker}}
-    node = Node(load_config(loader.config_sections(), data=data, env={}), loader)
+    # freeze_gc: the garbage collector set up as `forge-node start` sets it up (start-up heap frozen,
+    # [node] gc_thresholds): the benchmark process runs nothing else that allocates
+    node = Node(load_config(loader.config_sections(), data=data, env={}), loader, freeze_gc=True)
     return node
 
 

@@ -112,6 +112,11 @@ class LazyDatabase:
                 await set_caller(db.conn, self.caller)
             yield db
 
+    @property
+    def taken(self) -> bool:
+        """A pool connection was taken (and must be released)."""
+        return self._conn is not None
+
     async def release(self) -> None:
         if self._conn is not None:
             conn, self._conn, self._db = self._conn, None, None

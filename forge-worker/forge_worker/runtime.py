@@ -109,6 +109,15 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # and re-claimed elsewhere is not touched. Each result row finds its job through the primary
 # key (a nested loop over the batch; no `id = ANY(...)` beside it, which made every probe scan
 # the whole list: quadratic for a drain's thousands of results).
+#
+# `status = ${running}` (the text 'running' as a bind parameter, not a literal): a statement that
+# joins an array of ids to running rows must not use the partial index forge_jobs_running, whose
+# predicate a literal would match. The cached generic plan estimates one running row of this node
+# (node_id = $n, most rows' node_id NULL) and 10 array elements, so with that index it drove the
+# join from the running rows and scanned the whole batch once per running row: quadratic (bound
+# mode, 250 rows held and 150 results: 37,350 rows compared, 11 of a statement's 17 ms). The
+# planner cannot prove a parameter implies an index predicate (PostgreSQL docs, Partial Indexes),
+# so each result probes the primary key, whatever the statistics say.
 _RESULTS = """
 r AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], ${started}::float8[])
@@ -117,7 +126,7 @@ r AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
     WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
-      AND j.status = 'running' AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
+      AND j.status = ${running} AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
     RETURNING j.*, r.started AS started_epoch,
               CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
               CASE WHEN r.outcome IN ('succeeded', 'cancelled') THEN r.error
@@ -144,7 +153,7 @@ r AS (
         lease_until = NULL, cancel_requested = false
     FROM r
     WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
-      AND j.status = 'running' AND NOT j.cancel_requested
+      AND j.status = ${running} AND NOT j.cancel_requested
       AND r.outcome IN ('failed', 'dead', 'retry_later', 'released')
     RETURNING j.id
 )"""
@@ -152,7 +161,7 @@ r AS (
 # Results alone (while stopping: no claims), committed without waiting for the flush unless
 # durable_results (ASYNC_COMMIT on the connection).
 REPORT = f"""
-WITH {_RESULTS.replace("${started}", "$8")}
+WITH {_RESULTS.replace("${started}", "$8").replace("${running}", "$9")}
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM upd) AS written, (SELECT count(*) FROM hist) AS kept
 """
 
@@ -197,7 +206,7 @@ FROM c WHERE j.id = c.id
 # twice; other starts are written by the lease renewal, RENEW), and starts the first $19 jobs it
 # claims at once (the rest are claimed ahead).
 WRITE_AND_CLAIM = f"""
-WITH {_RESULTS.replace("${started}", "$15")}, p AS ({_PENDING.format(9, 10, 11, 12, 13)}
+WITH {_RESULTS.replace("${started}", "$15").replace("${running}", "$20")}, p AS ({_PENDING.format(9, 10, 11, 12, 13)}
 ), {_RANKED.format(19)}, claimed AS (
     UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8", started=_STARTED)}
     FROM c WHERE j.id = c.id
@@ -205,7 +214,7 @@ WITH {_RESULTS.replace("${started}", "$15")}, p AS ({_PENDING.format(9, 10, 11, 
 ), marked AS (
     UPDATE forge_jobs j SET started_at = to_timestamp(m.t)
     FROM unnest($16::bigint[], $17::int[], $18::float8[]) AS m(id, attempt, t)
-    WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = 'running'
+    WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = $20
     RETURNING 1
 )
 SELECT claimed.* FROM (
@@ -223,7 +232,7 @@ UPDATE forge_jobs j SET lease_until = now() + make_interval(secs => $3),
        progress = coalesce(p.progress, j.progress), progress_message = coalesce(p.message, j.progress_message),
        started_at = coalesce(j.started_at, to_timestamp(p.started))
 FROM unnest($1::bigint[], $2::int[], $4::real[], $5::text[], $7::float8[]) AS p(id, attempt, progress, message, started)
-WHERE j.id = p.id AND j.attempt = p.attempt AND j.node_id = $6 AND j.status = 'running'
+WHERE j.id = p.id AND j.attempt = p.attempt AND j.node_id = $6 AND j.status = $8
 RETURNING j.id, j.cancel_requested
 """
 
@@ -336,6 +345,8 @@ def _by_id(a: Attempt) -> int:
     return a.id
 
 
+#: the status of leased rows, as a bind parameter in statements that join arrays of ids to them (see _RESULTS)
+_RUNNING = "running"
 #: outcomes that are no failure (a span of the attempt ends without an error)
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
 _time_ns = time.time_ns
@@ -591,7 +602,7 @@ class Worker:
                                                 limited_names, limited_queues, max(capacity, 0),
                                                 cfg.durable_results or bool(premark), cols[5],
                                                 [a.id for a in marked], [a.attempt for a in marked],
-                                                [a.started_wall for a in marked], start_now)
+                                                [a.started_wall for a in marked], start_now, _RUNNING)
                         if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
                             rows = []
                     else:
@@ -848,8 +859,9 @@ class Worker:
                 # raw times: the observer works out queue waits for a whole batch at once
                 tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], started,
                          (end - a.t0) / 1e9)
-            with contextlib.suppress(Exception):
-                await db.release()
+            if db.taken:  # most jobs never touch the database: no coroutine, no suppress per job
+                with contextlib.suppress(Exception):
+                    await db.release()
         reported = False
         try:
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
@@ -933,7 +945,8 @@ class Worker:
                         try:
                             async with self._planned(conn, settings):
                                 cols = self._result_columns(batch)
-                                await conn.fetchrow(REPORT, *cols[:5], self.node_id, self._keep_history, cols[5])
+                                await conn.fetchrow(REPORT, *cols[:5], self.node_id, self._keep_history, cols[5],
+                                                    _RUNNING)
                         except BaseException:
                             self.reports[:0] = batch  # written on the next try
                             raise
@@ -981,7 +994,7 @@ class Worker:
         async with self._planned(conn, PLANNER_SETTINGS):
             rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
                                     [p[0] if p else None for p in prog], [p[1] if p else None for p in prog],
-                                    self.node_id, [a.started_wall or None for a in attempts])
+                                    self.node_id, [a.started_wall or None for a in attempts], _RUNNING)
         for a, p in zip(attempts, prog):
             if p is not None:
                 a.written_progress = p

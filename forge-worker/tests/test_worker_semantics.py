@@ -344,3 +344,59 @@ def test_bad_job_settings_stop_startup_naming_the_job():
     assert "backoff accepts the keys base and max, got step" in text and "backoff base" in text
     assert "@job also_bad" in text and "queue must be a non-empty string" in text
     check_registry(Registry())  # nothing to complain about
+
+
+async def _claimed_ahead_then_started(node, queue, hold: float):
+    """One slot and one job claimed ahead: ``first`` (sleepy ``hold`` s) starts at once, ``second``
+    (sleepy 30 s, not on its last attempt) waits claimed ahead and starts on the node when the first
+    ends. Returns both ids once the second runs."""
+    first, second = await queue.enqueue_many([queue.request(worker_jobs.sleepy, {"seconds": hold}),
+                                              queue.request(worker_jobs.sleepy, {"seconds": 30})])
+
+    async def started_here():
+        a = node.worker.running.get(second)
+        return True if a is not None and a.task is not None else None
+
+    await eventually(started_here, what="the job claimed ahead to start on the node")
+    return first, second
+
+
+async def test_lease_renewal_writes_when_a_long_job_claimed_ahead_started(forge_node):
+    """A job claimed ahead has started_at NULL until it starts; when it runs long, the lease renewal
+    writes its real start (not its claim's time) while it runs, before any result."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1, prefetch=1))
+    queue = JobQueue(node.pool)
+    first, second = await _claimed_ahead_then_started(node, queue, hold=0.5)
+    claimed = await node.pool.fetchrow("SELECT started_at FROM forge_jobs WHERE id = $1", first)
+
+    async def start_written():
+        r = await node.pool.fetchrow("SELECT status, started_at FROM forge_jobs WHERE id = $1", second)
+        return r if r is not None and r["started_at"] is not None else None
+
+    row = await eventually(start_written, what="the renewal to write the start of the job claimed ahead")
+    assert row["status"] == "running"  # still running: the renewal wrote it, not its result
+    # it started when the first job (0.5 s) ended, not when both were claimed
+    assert row["started_at"] >= claimed["started_at"] + dt.timedelta(seconds=0.45)
+    await queue.cancel(second)
+    done = await eventually(lambda: _hist(node.pool, second), what="the long job to be cancelled")
+    assert done.started_at == row["started_at"]
+
+
+async def test_cancel_just_after_a_job_claimed_ahead_started_stops_it(forge_node):
+    """A cancel that reaches a job claimed ahead right after it started (its start not written yet:
+    the lease renewal is 30 s away) stops the running task; history records the cancel with the
+    start the node saw."""
+    cfg = worker_config(concurrency=1, prefetch=1)
+    cfg["worker"]["heartbeat_interval"] = 30.0
+    node = await forge_node(modules=["worker_jobs"], config=cfg)
+    queue = JobQueue(node.pool)
+    first, second = await _claimed_ahead_then_started(node, queue, hold=0.2)
+    task = node.worker.running[second].task
+    assert await node.pool.fetchval("SELECT started_at FROM forge_jobs WHERE id = $1", second) is None
+    assert await queue.cancel(second) == "requested"
+    done = await eventually(lambda: _hist(node.pool, second), what="the started job to be cancelled")
+    assert task.cancelled() or task.done()
+    assert done.status == "cancelled" and done.started_at is not None
+    assert not await log_rows(node.pool, job_id=second, event="ran")  # stopped before its end
+    first_done = await _hist(node.pool, first)
+    assert first_done.status == "succeeded" and done.started_at >= first_done.started_at

@@ -1,0 +1,45 @@
+"""The plans of the worker's hot statements, as PostgreSQL caches them (generic plans).
+
+asyncpg prepares each statement once per connection and PostgreSQL soon switches to a generic
+plan, made without the parameters' values (so with 10 rows guessed for every array) and with
+whatever statistics the table had. A plan that is only fast for some statistics shows up as a
+throughput collapse under load, not as a failed test: these tests pin the shape instead.
+"""
+
+from __future__ import annotations
+
+from forge_worker import JobQueue
+from forge_worker import runtime
+
+
+async def _bound_like_table(pool, registry) -> None:
+    """What the worker-bound bench looks like to the planner: many pending rows (node_id NULL)
+    and a few hundred running on one node, with fresh statistics."""
+    queue = JobQueue(pool, registry)
+    await queue.enqueue_many([queue.request("record", {"value": str(i)}) for i in range(3000)])
+    await pool.execute("""UPDATE forge_jobs SET status = 'running', node_id = 'n1', attempt = 1,
+                                 lease_until = now() + interval '1 minute', started_at = now()
+                          WHERE id IN (SELECT id FROM forge_jobs ORDER BY id LIMIT 250)""")
+    await pool.execute("ANALYZE forge_jobs")
+
+
+async def _generic_plan(conn, statement: str) -> str:
+    """EXPLAIN (GENERIC_PLAN) of ``statement``, parameters left as parameters (sent through the
+    extended protocol, bound values would be folded into the plan as constants)."""
+    await conn.execute("""CREATE OR REPLACE FUNCTION pg_temp.generic_plan(q text) RETURNS SETOF text
+                          LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || q; END $$""")
+    return "\n".join(await conn.fetchval("SELECT array_agg(p) FROM pg_temp.generic_plan($1) AS p", statement))
+
+
+async def test_results_find_their_rows_through_the_primary_key_whatever_the_statistics(forge_node):
+    # the generic plan of a literal `status = 'running'` drove these joins from the partial index of
+    # running rows (estimated: one row of this node) and scanned the whole batch of results once
+    # per running row - quadratic, most of the claim statement's time in the worker-bound bench
+    node = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
+    await _bound_like_table(node.pool, node.registry)
+    async with node.pool.acquire() as conn:
+        await conn.execute(runtime.PLANNER_SETTINGS)
+        for name in ("WRITE_AND_CLAIM", "REPORT", "RENEW"):
+            plan = await _generic_plan(conn, getattr(runtime, name))
+            assert "forge_jobs_running" not in plan, f"{name} scans the running rows' index: {plan}"
+            assert "forge_jobs_pkey" in plan, name
