@@ -41,6 +41,9 @@ _DATA, _UNCHANGED = "data", "unchanged"
 #: writes): the change-log reader and re-runs proceed meanwhile, so a newer result is ready for the
 #: subscribers a long fan-out has not reached yet
 FANOUT_CHUNK = 256
+#: how far a fan-out gets (a fraction of the subscribers) before its query may run again: one
+#: result per half pass, so a hot query is not re-run for every write (see LiveQueryEngine._fan_out)
+RERUN_AFTER = 0.5
 
 
 #: a message to send: the concatenation of these buffers is one JSON text (see forge_kernel.websocket)
@@ -255,6 +258,8 @@ class LiveQuery:
     fanning: bool = False
     #: where in its subscribers the next fan-out pass starts: passes rotate, so no subscriber is always last
     cursor: int = 0
+    #: runs wait until the fan-out in progress is ``RERUN_AFTER`` through (it schedules the next one)
+    holding: bool = False
     #: runs in a row that found the database unavailable (backs off the next try)
     lost_runs: int = 0
 
@@ -426,7 +431,7 @@ class LiveQueryEngine:
             q.pending.append(change)
 
     def _schedule(self, q: LiveQuery) -> None:
-        if q.queued or q.running or q.dropped:
+        if q.queued or q.running or q.dropped or q.holding:
             return  # a running query re-checks ``dirty``/``pending`` when it finishes
         q.queued = True
         self._queue.append(q)
@@ -530,9 +535,9 @@ class LiveQueryEngine:
         q.result_json, q.hash, q.position = body, result_hash(body), position
         q.data_tail = b"".join((b',"hash":"', q.hash.encode(), b'","position":', str(position).encode(), b',"data":',
                                 body, b"}"))
+        await self._fan_out(q)
         if q.dirty:
             self._schedule(q)  # coalesced: one more run covers every change seen meanwhile
-        await self._fan_out(q)
 
     async def _fan_out(self, q: LiveQuery) -> None:
         """Send ``q``'s latest result to all its subscribers, yielding to the event loop every
@@ -543,9 +548,16 @@ class LiveQueryEngine:
         on its own; this pass sends it to every subscriber it has not reached yet, then starts a new
         pass for the others. A subscriber may so skip an intermediate result, as a slow socket's
         outbox does: live queries promise the latest result, each push carries its own hash and
-        position. Passes start where the previous one stopped, so no subscriber is always last."""
+        position. Passes start where the previous one stopped, so no subscriber is always last.
+
+        The query runs again (changes arrived) only once a pass with the newest result is
+        ``RERUN_AFTER`` through: at most two results per pass, not a run for every write of a hot
+        table. A write waits at most about half a pass for its run, then at most a pass to reach
+        each subscriber."""
         if q.fanning:
-            return  # the pass in progress sends this newer result to whoever it has not reached
+            # the pass in progress sends this newer result to whoever it has not reached
+            q.holding = RERUN_AFTER > 0
+            return
         q.fanning = True
         try:
             while not q.dropped:
@@ -557,6 +569,8 @@ class LiveQueryEngine:
                     return
                 start = q.cursor % n
                 ring = subs[start:] + subs[:start]
+                hold = int(n * RERUN_AFTER)
+                q.holding = hold > 0
                 counted = self.telemetry is not None and self.telemetry.enabled
                 started = time.time_ns() if counted else 0
                 data = unchanged = 0
@@ -565,6 +579,10 @@ class LiveQueryEngine:
                     data += sent
                     unchanged += told
                     q.cursor = (start + i + FANOUT_CHUNK) % n
+                    if q.holding and i + FANOUT_CHUNK >= hold:
+                        q.holding = False
+                        if q.dirty:
+                            self._schedule(q)
                     await asyncio.sleep(0)
                     if q.hash != h or q.dropped:
                         break
@@ -573,7 +591,7 @@ class LiveQueryEngine:
                 if q.hash == h:
                     return
         finally:
-            q.fanning = False
+            q.fanning = q.holding = False
 
     def _deliver(self, q: LiveQuery, subs: list[Subscription]) -> None:
         """Send ``q``'s result to ``subs`` at once. Telemetry sees the fan-out as a whole: one ``rt.push``

@@ -497,3 +497,40 @@ async def test_a_subscriber_gone_during_a_fan_out_gets_nothing_more():
     await _settle(log, engine)
     await engine.stop()
     assert {name for name, _, _ in log} == reached
+
+
+async def test_a_hot_query_runs_again_only_once_its_fan_out_is_half_through():
+    """Writes during a long fan-out do not each re-run the query: the next run starts when the pass
+    is ``RERUN_AFTER`` through its subscribers (so at most two results per pass), and covers all of
+    them at once."""
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    n = FANOUT_CHUNK * 8
+    engine, ex, log, subs = _hot_engine(n)
+    started_at: list[int] = []
+    call = ex.call
+
+    async def counted_call(*a, **kw):
+        started_at.append(len(log))
+        return await call(*a, **kw)
+
+    ex.call = counted_call
+    engine.start()
+    for sub in subs:
+        engine.subscribe(sub)
+    await _settle(log, engine)
+    log.clear()
+    started_at.clear()
+    _insert(engine, ex, 2, 10)
+    for _ in range(200):
+        await asyncio.sleep(0)
+        if log:
+            break
+    for i in range(3, 8):  # five writes while the first chunk is out
+        _insert(engine, ex, i, 10 + i)
+        engine.on_changes([], 10 + i)  # (the reader's next polls: nothing more)
+    await _settle(log, engine)
+    await engine.stop()
+    assert len(started_at) == 2, started_at  # the first write's run, then one run for the five others
+    assert started_at[1] >= n // 2
+    assert {p for name, h, p in log[-n:]} == {17}
