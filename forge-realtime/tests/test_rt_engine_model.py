@@ -407,6 +407,23 @@ def _insert(engine: LiveQueryEngine, ex: ModelExecutor, i: int, position: int) -
     engine.on_changes([Change("t", "INSERT", (), ({"id": i, "owner": "a", "topic": 0},))], position)
 
 
+async def _subscribed(engine: LiveQueryEngine, log: list, subs: list[Subscription]) -> None:
+    """Start ``engine`` and subscribe ``subs``; return once each has its first result."""
+    engine.start()
+    for sub in subs:
+        engine.subscribe(sub)
+    await _settle(log, engine)
+
+
+async def _first_chunk_out(log: list) -> None:
+    """Wait until the fan-out in progress has sent something."""
+    for _ in range(200):
+        await asyncio.sleep(0)
+        if log:
+            return
+    raise AssertionError("nothing was pushed")
+
+
 async def _settle(log: list, engine: LiveQueryEngine) -> None:
     for _ in range(2000):
         await asyncio.sleep(0)
@@ -424,19 +441,12 @@ async def test_a_long_fan_out_yields_to_the_event_loop_and_the_unreached_get_the
 
     n = FANOUT_CHUNK * 4
     engine, ex, log, subs = _hot_engine(n)
-    engine.start()
-    for sub in subs:
-        engine.subscribe(sub)
-    await _settle(log, engine)
+    await _subscribed(engine, log, subs)
     assert len(log) == n
     first_hash = log[0][1]
     log.clear()
     _insert(engine, ex, 2, 10)
-    # let the run finish and the fan-out send its first chunk, then commit another change
-    for _ in range(200):
-        await asyncio.sleep(0)
-        if log:
-            break
+    await _first_chunk_out(log)  # the run finished and the fan-out sent its first chunk
     reached = len(log)
     assert 0 < reached < n, f"the fan-out sent {reached} of {n} results without yielding"
     _insert(engine, ex, 3, 20)
@@ -459,10 +469,7 @@ async def test_fan_out_passes_rotate_so_no_subscriber_is_always_last():
 
     n = FANOUT_CHUNK * 2 + 10
     engine, ex, log, subs = _hot_engine(n)
-    engine.start()
-    for sub in subs:
-        engine.subscribe(sub)
-    await _settle(log, engine)
+    await _subscribed(engine, log, subs)
     orders = []
     for i in range(2, 5):
         log.clear()
@@ -479,16 +486,10 @@ async def test_a_subscriber_gone_during_a_fan_out_gets_nothing_more():
 
     n = FANOUT_CHUNK * 3
     engine, ex, log, subs = _hot_engine(n)
-    engine.start()
-    for sub in subs:
-        engine.subscribe(sub)
-    await _settle(log, engine)
+    await _subscribed(engine, log, subs)
     log.clear()
     _insert(engine, ex, 2, 10)
-    for _ in range(200):
-        await asyncio.sleep(0)
-        if log:
-            break
+    await _first_chunk_out(log)
     reached = {name for name, _, _ in log}
     gone = [s for s in subs if s.owner.name not in reached]
     assert gone
@@ -515,20 +516,13 @@ async def test_a_hot_query_runs_again_only_once_its_fan_out_is_half_through():
         return await call(*a, **kw)
 
     ex.call = counted_call
-    engine.start()
-    for sub in subs:
-        engine.subscribe(sub)
-    await _settle(log, engine)
+    await _subscribed(engine, log, subs)
     log.clear()
     started_at.clear()
     _insert(engine, ex, 2, 10)
-    for _ in range(200):
-        await asyncio.sleep(0)
-        if log:
-            break
+    await _first_chunk_out(log)
     for i in range(3, 8):  # five writes while the first chunk is out
         _insert(engine, ex, i, 10 + i)
-        engine.on_changes([], 10 + i)  # (the reader's next polls: nothing more)
     await _settle(log, engine)
     await engine.stop()
     assert len(started_at) == 2, started_at  # the first write's run, then one run for the five others
