@@ -10,9 +10,13 @@ so the writers' commit times in the benchmark process and the receive times here
 A client process reads commands on stdin, one JSON object a line, and answers each with one
 JSON line on stdout:
 
-- ``{"cmd": "open", "count": N, "first": I, "function": F, "topics": T | null, "topic": X | null}``:
-  open N clients (client i subscribes to F with ``topic = (first + i) % T``, or ``topic = X``;
-  ``function: null`` leaves them idle) -> ``{"ok": true}``
+- ``{"cmd": "open", "count": N, "first": I, "function": F, "topics": T | null, "topic": X | null,
+  "dense": bool}``: open N clients (client i subscribes to F with ``topic = (first + i) % T``, or
+  ``topic = X``; ``function: null`` leaves them idle) -> ``{"ok": true}``. ``dense``: every row
+  written belongs to the clients' one query (bench (c)), so a result also shows the effect of the
+  rows that already fell out of it (it holds the five newest): a client that skipped an
+  intermediate result records those rows at the time of the first result after them, and none
+  goes uncounted
 - ``{"cmd": "reset"}``: forget what was received -> ``{"ok": true}``
 - ``{"cmd": "report", "path": P}``: write the received (row id, time) pairs to P (two arrays,
   int64 ids then float64 times) -> ``{"ok": true, "deliveries": n, "pushes": m}``
@@ -51,10 +55,10 @@ _decode = msgspec.json.Decoder().decode
 class Client:
     """One benchmark socket: records (row id, receive time) of rows newer than any it had."""
 
-    __slots__ = ("proto", "max_id", "ids", "times", "pushes", "waiter", "errors")
+    __slots__ = ("proto", "max_id", "ids", "times", "pushes", "waiter", "errors", "dense")
 
-    def __init__(self, ids: array.array, times: array.array) -> None:
-        self.proto, self.max_id, self.pushes, self.waiter = None, 0, 0, None
+    def __init__(self, ids: array.array, times: array.array, dense: bool = False) -> None:
+        self.proto, self.max_id, self.pushes, self.waiter, self.dense = None, 0, 0, None, dense
         self.errors: list[dict] = []
         self.ids, self.times = ids, times
 
@@ -69,6 +73,12 @@ class Client:
             return
         self.pushes += 1
         top = self.max_id
+        if self.dense and msg.data and top:
+            # rows newer than any seen but older than this result's oldest: pushed out of the result
+            # by newer rows before this client got a result holding them (it skipped one)
+            for rid in range(top + 1, min(row.id for row in msg.data)):
+                self.ids.append(rid)
+                self.times.append(now)
         for row in msg.data:
             rid = row.id
             if rid > self.max_id:
@@ -105,14 +115,14 @@ class ClientSet:
     def pushes(self) -> int:
         return sum(c.pushes for c in self.clients)
 
-    async def open(self, url: str, n: int, subscription, concurrency: int = 50) -> None:
+    async def open(self, url: str, n: int, subscription, concurrency: int = 50, dense: bool = False) -> None:
         """``subscription(i)`` -> (function, args) or None for an idle (authenticated) socket."""
         opened: list[Client | None] = [None] * n
         sem = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
             async with sem:
-                c = Client(self.ids, self.times)
+                c = Client(self.ids, self.times, dense)
                 for attempt in range(5):
                     try:
                         c.proto = await wsclient.connect(url, c.on_message)
@@ -191,7 +201,7 @@ async def serve(url: str) -> None:
         cmd = json.loads(line)
         try:
             if cmd["cmd"] == "open":
-                await clients.open(url, cmd["count"], subscription_of(cmd))
+                await clients.open(url, cmd["count"], subscription_of(cmd), dense=bool(cmd.get("dense")))
                 answer({"ok": True})
             elif cmd["cmd"] == "reset":
                 clients.reset()

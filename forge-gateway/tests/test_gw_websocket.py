@@ -10,7 +10,7 @@ import websockets
 
 from forge_gateway.config import GatewayConfig
 from forge_gateway.server import serve
-from forge_gateway.websocket import text_frame_header
+from forge_gateway.websocket import text_frame, text_frame_header
 from forge_kernel.testing import contracts
 from forge_kernel.websocket import write_now
 
@@ -85,3 +85,19 @@ def test_frame_headers_use_the_shortest_length_encoding():
     assert text_frame_header(126) == b"\x81\x7e\x00\x7e"
     assert text_frame_header(65535) == b"\x81\x7e\xff\xff"
     assert text_frame_header(65536) == b"\x81\x7f" + (65536).to_bytes(8, "big")
+
+
+def test_a_fan_out_writes_the_very_same_frame_to_every_connection():
+    """The parts tuple a fan-out hands to thousands of connections is framed once: every connection
+    gets the same bytes object (one ``write`` of it), and the frame is exactly header + payload."""
+    message = (b'{"type":"data","id":"s"', b',"data":' + b"[1]" * 100 + b"}")
+    frame = text_frame(message)
+    assert frame == text_frame_header(len(b"".join(message))) + b"".join(message)
+    assert text_frame(message) is frame
+    # another message (even with equal content, or a list, which could change) is framed afresh
+    other = (b'{"type":"data","id":"t"', message[1])
+    assert text_frame(other) == text_frame_header(len(b"".join(other))) + b"".join(other)
+    parts = [b'{"a":', b"1}"]
+    assert text_frame(parts) == b'\x81\x07{"a":1}'
+    parts[1] = b"2}"
+    assert text_frame(parts) == b'\x81\x07{"a":2}'

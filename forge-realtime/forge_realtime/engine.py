@@ -37,6 +37,13 @@ SHARED = "*"
 _PENDING_LIMIT = 2000
 #: the kinds of push (``Subscriber.push``; also the ``rt.push`` telemetry label)
 _DATA, _UNCHANGED = "data", "unchanged"
+#: subscribers sent to between two yields to the event loop in a fan-out (about 3 ms of socket
+#: writes): the change-log reader and re-runs proceed meanwhile, so a newer result is ready for the
+#: subscribers a long fan-out has not reached yet
+FANOUT_CHUNK = 256
+#: how far a fan-out gets (a fraction of the subscribers) before its query may run again: one
+#: result per half pass, so a hot query is not re-run for every write (see LiveQueryEngine._fan_out)
+RERUN_AFTER = 0.5
 
 
 #: a message to send: the concatenation of these buffers is one JSON text (see forge_kernel.websocket)
@@ -247,6 +254,12 @@ class LiveQuery:
     overflow: set[str] = attrs.field(factory=set)
     runs: int = 0
     dropped: bool = False
+    #: a fan-out of this query's results is in progress (see LiveQueryEngine._fan_out)
+    fanning: bool = False
+    #: where in its subscribers the next fan-out pass starts: passes rotate, so no subscriber is always last
+    cursor: int = 0
+    #: runs wait until the fan-out in progress is ``RERUN_AFTER`` through (it schedules the next one)
+    holding: bool = False
     #: runs in a row that found the database unavailable (backs off the next try)
     lost_runs: int = 0
 
@@ -418,7 +431,7 @@ class LiveQueryEngine:
             q.pending.append(change)
 
     def _schedule(self, q: LiveQuery) -> None:
-        if q.queued or q.running or q.dropped:
+        if q.queued or q.running or q.dropped or q.holding:
             return  # a running query re-checks ``dirty``/``pending`` when it finishes
         q.queued = True
         self._queue.append(q)
@@ -522,23 +535,86 @@ class LiveQueryEngine:
         q.result_json, q.hash, q.position = body, result_hash(body), position
         q.data_tail = b"".join((b',"hash":"', q.hash.encode(), b'","position":', str(position).encode(), b',"data":',
                                 body, b"}"))
+        await self._fan_out(q)
         if q.dirty:
             self._schedule(q)  # coalesced: one more run covers every change seen meanwhile
-        self._deliver(q, list(q.subscriptions))
+
+    async def _fan_out(self, q: LiveQuery) -> None:
+        """Send ``q``'s latest result to all its subscribers, yielding to the event loop every
+        ``FANOUT_CHUNK`` of them, so the change-log reader and re-runs go on while thousands of
+        sockets are written (about 60 ms for 5,000 on this kind of machine).
+
+        Latest wins: a result that arrives meanwhile (a re-run in another worker) is not fanned out
+        on its own; this pass sends it to every subscriber it has not reached yet, then starts a new
+        pass for the others. A subscriber may so skip an intermediate result, as a slow socket's
+        outbox does: live queries promise the latest result, each push carries its own hash and
+        position. Passes start where the previous one stopped, so no subscriber is always last.
+
+        The query runs again (changes arrived) only once a pass with the newest result is
+        ``RERUN_AFTER`` through: at most two results per pass, not a run for every write of a hot
+        table. A write waits at most about half a pass for its run, then at most a pass to reach
+        each subscriber."""
+        if q.fanning:
+            # the pass in progress sends this newer result to whoever it has not reached
+            q.holding = RERUN_AFTER > 0
+            return
+        q.fanning = True
+        try:
+            while not q.dropped:
+                h = q.hash
+                subs = list(q.subscriptions)
+                n = len(subs)
+                if n <= FANOUT_CHUNK:
+                    self._deliver(q, subs)
+                    return
+                start = q.cursor % n
+                ring = subs[start:] + subs[:start]
+                hold = int(n * RERUN_AFTER)
+                q.holding = hold > 0
+                counted = self.telemetry is not None and self.telemetry.enabled
+                started = time.time_ns() if counted else 0
+                data = unchanged = 0
+                for i in range(0, n, FANOUT_CHUNK):
+                    sent, told = self._send_result(q, ring[i:i + FANOUT_CHUNK])
+                    data += sent
+                    unchanged += told
+                    q.cursor = (start + i + FANOUT_CHUNK) % n
+                    if q.holding and i + FANOUT_CHUNK >= hold:
+                        q.holding = False
+                        if q.dirty:
+                            self._schedule(q)
+                    await asyncio.sleep(0)
+                    if q.hash != h or q.dropped:
+                        break
+                if counted:
+                    self._record_push(q, started, data, unchanged, None)
+                if q.hash == h:
+                    return
+        finally:
+            q.fanning = q.holding = False
 
     def _deliver(self, q: LiveQuery, subs: list[Subscription]) -> None:
-        """Send ``q``'s result to ``subs``. Telemetry sees the fan-out as a whole: one ``rt.push``
+        """Send ``q``'s result to ``subs`` at once. Telemetry sees the fan-out as a whole: one ``rt.push``
         event per kind with its count and one ``push`` span (in the current trace) from the first
         send to the last, not one of each per subscriber (5,000 of them for a hot query)."""
         tel = self.telemetry
         counted = tel is not None and tel.enabled
         start = time.time_ns() if counted else 0
+        data, unchanged = self._send_result(q, subs)
+        if counted:
+            self._record_push(q, start, data, unchanged, subs[0].sub_id if len(subs) == 1 else None)
+
+    def _send_result(self, q: LiveQuery, subs: list[Subscription]) -> tuple[int, int]:
+        """Push ``q``'s current result to those of ``subs`` that do not have it yet; how many got
+        ``data`` and how many ``unchanged``."""
         data = unchanged = 0
         h, tail = q.hash, q.data_tail
         #: one message per distinct subscription id: subscribers with the same id (every client's
         #: first subscription, say) get the very same buffers, and a push allocates nothing
         messages: dict[bytes, Message] = {}
         for sub in subs:  # the hot loop of a fan-out to thousands: kept flat
+            if sub.query is not q:
+                continue  # unsubscribed (or moved to another execution) since the pass began
             if sub.last_hash == h:
                 if self._deliver_unchanged(q, sub):
                     unchanged += 1
@@ -552,8 +628,10 @@ class LiveQueryEngine:
             sub.owner.push(sub.sub_id, message, _DATA)
             data += 1
         self.stats.pushes += data
-        if not counted:
-            return
+        return data, unchanged
+
+    def _record_push(self, q: LiveQuery, start: int, data: int, unchanged: int, subscription: str | None) -> None:
+        tel = self.telemetry
         if unchanged:
             tel.emit("rt.push", "unchanged", unchanged)
         if data:
@@ -561,8 +639,8 @@ class LiveQueryEngine:
             span = current_span()
             if span is not None:
                 attrs = {"live.pushes": data, "live.hash": q.hash}
-                if len(subs) == 1:
-                    attrs["live.subscription"] = subs[0].sub_id
+                if subscription is not None:
+                    attrs["live.subscription"] = subscription
                 span.record("push", "producer", start, time.time_ns(), attrs)
 
     def _deliver_unchanged(self, q: LiveQuery, sub: Subscription) -> bool:

@@ -374,3 +374,157 @@ async def test_a_rerun_that_finds_the_database_gone_keeps_its_subscriptions_and_
         await asyncio.sleep(0.01)
     await engine.stop()
     assert lost == [0] and sink.last["s1"] == [3]
+
+
+class Recorder:
+    """A subscriber that records every ``data`` push: (its name, the result's hash, its position)."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def push(self, sub_id, message, kind) -> None:
+        if kind == "data":
+            msg = json.loads(b"".join(message))
+            self.log.append((self.name, msg["hash"], msg["position"]))
+
+    def end(self, sub_id, error) -> None:
+        raise AssertionError(f"{sub_id} ended: {error}")
+
+
+def _hot_engine(n: int) -> tuple[LiveQueryEngine, ModelExecutor, list, list[Subscription]]:
+    ex = ModelExecutor(random.Random(0))
+    ex.rnd = random.Random(0)
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=2)
+    log: list = []
+    subs = [Subscription(Recorder(log, i), "s", "by_owner", {"o": "a"}, Caller("u1")) for i in range(n)]
+    return engine, ex, log, subs
+
+
+def _insert(engine: LiveQueryEngine, ex: ModelExecutor, i: int, position: int) -> None:
+    ex.rows[i] = {"owner": "a", "topic": 0}
+    engine._position = lambda: position
+    engine.on_changes([Change("t", "INSERT", (), ({"id": i, "owner": "a", "topic": 0},))], position)
+
+
+async def _subscribed(engine: LiveQueryEngine, log: list, subs: list[Subscription]) -> None:
+    """Start ``engine`` and subscribe ``subs``; return once each has its first result."""
+    engine.start()
+    for sub in subs:
+        engine.subscribe(sub)
+    await _settle(log, engine)
+
+
+async def _first_chunk_out(log: list) -> None:
+    """Wait until the fan-out in progress has sent something."""
+    for _ in range(200):
+        await asyncio.sleep(0)
+        if log:
+            return
+    raise AssertionError("nothing was pushed")
+
+
+async def _settle(log: list, engine: LiveQueryEngine) -> None:
+    for _ in range(2000):
+        await asyncio.sleep(0)
+        if not engine.running and not engine._queue and not any(getattr(q, "fanning", False) for q in engine.queries.values()):
+            return
+    raise AssertionError("the engine did not settle")
+
+
+async def test_a_long_fan_out_yields_to_the_event_loop_and_the_unreached_get_the_newer_result():
+    """A fan-out to thousands of sockets takes tens of milliseconds: it must not hold the event loop
+    (the change-log reader and the next run wait behind it, p99 142 ms in bench (c)). A result that
+    arrives meanwhile goes to the subscribers not reached yet (latest wins) and then to the others;
+    nobody gets the older result after the newer, and everybody ends with the newest."""
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    n = FANOUT_CHUNK * 4
+    engine, ex, log, subs = _hot_engine(n)
+    await _subscribed(engine, log, subs)
+    assert len(log) == n
+    first_hash = log[0][1]
+    log.clear()
+    _insert(engine, ex, 2, 10)
+    await _first_chunk_out(log)  # the run finished and the fan-out sent its first chunk
+    reached = len(log)
+    assert 0 < reached < n, f"the fan-out sent {reached} of {n} results without yielding"
+    _insert(engine, ex, 3, 20)
+    await _settle(log, engine)
+    await engine.stop()
+    hashes = {h for _, h, _ in log}
+    assert first_hash not in hashes and len(hashes) == 2
+    latest = {}
+    for name, h, position in log:
+        assert position >= latest.get(name, (None, 0))[1], "a subscriber got an older result after a newer one"
+        latest[name] = (h, position)
+    assert {p for _, p in latest.values()} == {20} and len(latest) == n
+    # latest wins: fewer pushes than two full fan-outs (the unreached skipped the intermediate result)
+    assert len(log) < 2 * n
+    assert engine.stats.runs == 3
+
+
+async def test_fan_out_passes_rotate_so_no_subscriber_is_always_last():
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    n = FANOUT_CHUNK * 2 + 10
+    engine, ex, log, subs = _hot_engine(n)
+    await _subscribed(engine, log, subs)
+    orders = []
+    for i in range(2, 5):
+        log.clear()
+        _insert(engine, ex, i, i)
+        await _settle(log, engine)
+        assert len(log) == n
+        orders.append([name for name, _, _ in log])
+    await engine.stop()
+    assert len({o[-1] for o in orders}) == 3 and len({o[0] for o in orders}) == 3
+
+
+async def test_a_subscriber_gone_during_a_fan_out_gets_nothing_more():
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    n = FANOUT_CHUNK * 3
+    engine, ex, log, subs = _hot_engine(n)
+    await _subscribed(engine, log, subs)
+    log.clear()
+    _insert(engine, ex, 2, 10)
+    await _first_chunk_out(log)
+    reached = {name for name, _, _ in log}
+    gone = [s for s in subs if s.owner.name not in reached]
+    assert gone
+    for sub in gone:
+        engine.unsubscribe(sub)
+    await _settle(log, engine)
+    await engine.stop()
+    assert {name for name, _, _ in log} == reached
+
+
+async def test_a_hot_query_runs_again_only_once_its_fan_out_is_half_through():
+    """Writes during a long fan-out do not each re-run the query: the next run starts when the pass
+    is ``RERUN_AFTER`` through its subscribers (so at most two results per pass), and covers all of
+    them at once."""
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    n = FANOUT_CHUNK * 8
+    engine, ex, log, subs = _hot_engine(n)
+    started_at: list[int] = []
+    call = ex.call
+
+    async def counted_call(*a, **kw):
+        started_at.append(len(log))
+        return await call(*a, **kw)
+
+    ex.call = counted_call
+    await _subscribed(engine, log, subs)
+    log.clear()
+    started_at.clear()
+    _insert(engine, ex, 2, 10)
+    await _first_chunk_out(log)
+    for i in range(3, 8):  # five writes while the first chunk is out
+        _insert(engine, ex, i, 10 + i)
+    await _settle(log, engine)
+    await engine.stop()
+    assert len(started_at) == 2, started_at  # the first write's run, then one run for the five others
+    assert started_at[1] >= n // 2
+    assert {p for name, h, p in log[-n:]} == {17}

@@ -201,3 +201,54 @@ async def test_a_paused_transport_queues_latest_wins_and_nothing_overtakes_the_q
     assert t.written_now == written + 1 and t.sent[-1]["data"] == 7
     t.incoming.put_nowait(None)
     await task
+
+
+async def test_a_client_that_stops_reading_holds_up_no_hot_fan_out_and_queues_one_result():
+    """A hot query fanned out to hundreds of sockets in chunks (the loop runs between them): a
+    client that stops reading gets the latest result queued (one message, whatever the number of
+    results), every other client gets every result at once, and the stalled socket is closed with
+    4008 after ``send_timeout``."""
+    import random
+
+    from forge_realtime.changes import Change
+    from forge_realtime.engine import FANOUT_CHUNK, LiveQueryEngine
+    from test_rt_engine_model import Caller, ModelExecutor, NoCapture
+
+    ex = ModelExecutor(random.Random(0))
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=2)
+    engine.start()
+    transports = [DirectTransport() for _ in range(FANOUT_CHUNK * 2)]
+    sessions = []
+    for t in transports:
+        s = Session(engine, None, RealtimeConfig(send_timeout=1.0), t)
+        sub = Subscription(s, "s", "by_owner", {"o": "a"}, Caller("u1"))
+        s.subscriptions["s"] = sub
+        engine.subscribe(sub)
+        sessions.append(s)
+    tasks = [asyncio.create_task(s.serve()) for s in sessions]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    slow = transports[FANOUT_CHUNK + 3]
+    slow.paused, slow.block = True, asyncio.Event()  # stops reading: write_now refuses, sends block
+    for i in range(2, 12):
+        ex.rows[i] = {"owner": "a", "topic": 0}
+        engine.on_changes([Change("t", "INSERT", (), ({"id": i, "owner": "a", "topic": 0},))], i)
+        for _ in range(30):
+            await asyncio.sleep(0)
+    for _ in range(500):
+        await asyncio.sleep(0)
+        if not engine.running and not engine._queue and not any(q.fanning for q in engine.queries.values()):
+            break
+    stalled = sessions[FANOUT_CHUNK + 3]
+    assert len(stalled._data) <= 1 and not stalled._control  # at most the latest result waits
+    fresh = sorted(ex.rows)
+    for t in transports:
+        if t is not slow:
+            assert [r[0] for r in t.sent[-1]["data"]] == fresh
+    await asyncio.wait_for(tasks[FANOUT_CHUNK + 3], 10)
+    assert slow.closed_with is not None and slow.closed_with[0] == CLOSE_TOO_SLOW
+    for t in transports:
+        t.incoming.put_nowait(None)
+    await asyncio.gather(*tasks)
+    await engine.stop()
