@@ -353,6 +353,10 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         if t.stats is not None:
             reruns = after[t.name]["runs"] - before[t.name]["runs"]
             rep["reruns_per_write"] = reruns / max(1, rep["writes"])
+            # round trips to the change log and re-runs sent together, per write (None: a build without them)
+            for key in ("polls", "hints", "batches", "batched_runs"):
+                if after[t.name].get(key) is not None and before[t.name].get(key) is not None:
+                    rep[f"{key}_per_write"] = (after[t.name][key] - before[t.name][key]) / max(1, rep["writes"])
             rep["node_pushes_per_s"] = (after[t.name]["pushes"] - before[t.name]["pushes"]) / seconds
             n = after[t.name]["gc_count"] - before[t.name]["gc_count"]
             pauses = after[t.name].pop("gc_pauses")
@@ -401,7 +405,8 @@ def step_line(rep: dict) -> str:
     c = rep["cpu"]
     return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms, delivered "
             f"{rep['delivered_fraction']:.3f}, {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
-            f"{rep.get('reruns_per_write', float('nan')):.2f} | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
+            f"{rep.get('reruns_per_write', float('nan')):.2f} (polls {rep.get('polls_per_write', float('nan')):.2f}, hints "
+            f"{rep.get('hints_per_write', float('nan')):.2f}, batched {rep.get('batched_runs_per_write', float('nan')):.2f}) | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
             f"writer {c['writer_pct']} clients {c['client_procs_pct']} others {c['others_pct']} "
             f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}, "
             f"busiest {c['busiest_process']} {c['busiest_pct']}%"

@@ -543,7 +543,7 @@ class LiveQueryEngine:
         if q.dropped:
             return
         self.uses_auth[q.function] = call.used_auth
-        self.batchable[q.function] = call.batchable
+        self.batchable[q.function] = getattr(call, "batchable", False)  # (an executor without batches: never)
         if call.used_auth and q.key[2] == SHARED:
             self._split(q)  # never send a caller a result computed as someone else
             return
