@@ -78,6 +78,15 @@ async def _param_types(conn: asyncpg.Connection, sql: str) -> tuple[str, ...] | 
     return found
 
 
+def _key(args: tuple) -> Any:
+    """``args`` as a dict key, or a key equal to nothing else when a value is unhashable."""
+    try:
+        hash(args)
+    except TypeError:
+        return object()
+    return args
+
+
 class QueryBatch:
     """The jobs of one ``FunctionExecutor.batched`` call and their collected SELECTs."""
 
@@ -137,11 +146,15 @@ class QueryBatch:
         conn = self.conn
         types = await _param_types(conn, sql) if len(group) > 1 else None
         if not types:  # one statement, no parameters, or parameters we cannot unnest: one by one
+            done: dict[tuple, list[asyncpg.Record]] = {}  # the same arguments twice: one statement
             for _, args, fut in group:
-                self.round_trips += 1
                 self.statements += 1
+                key = _key(args)
                 try:
-                    rows = await conn.fetch(sql, *args)
+                    rows = done.get(key)
+                    if rows is None:
+                        self.round_trips += 1
+                        rows = done[key] = await conn.fetch(sql, *args)
                 except Exception as exc:
                     if not fut.done():
                         fut.set_exception(exc)

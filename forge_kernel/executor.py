@@ -659,7 +659,10 @@ class FunctionExecutor:
                 await asyncio.gather(batch.flush_task, return_exceptions=True)
             if batch.conn is not None:
                 reading.untouched = True  # only plain SELECTs ran on it
-                await reading.__aexit__(None, None, None)
+                try:
+                    await reading.__aexit__(None, None, None)
+                except Exception as exc:  # every job has its result; a connection lost now only matters to the pool
+                    logger.warning(f"releasing a batch's read connection failed ({type(exc).__name__}: {exc})")
         self.batch_stats.batches += 1
         self.batch_stats.round_trips += batch.round_trips
         self.batch_stats.statements += batch.statements

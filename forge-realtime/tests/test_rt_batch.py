@@ -34,6 +34,16 @@ async def test_a_batch_of_select_queries_takes_one_round_trip_and_equals_runs_of
     assert [[(r.table, r.filters) for r in c.reads] for c in calls] == [[("rt_items", (("owner", o),))] for o in OWNERS]
 
 
+async def test_selects_without_parameters_in_a_batch_run_once_for_all_of_them(rt_node):
+    node = await rt_node()
+    await _seed(node)
+    ex = node.executor
+    alone = await ex.call("all_items", {})
+    before = (ex.batch_stats.round_trips, ex.batch_stats.statements)
+    assert await ex.batched([lambda: ex.call("all_items", {})] * 3) == [alone] * 3
+    assert (ex.batch_stats.round_trips - before[0], ex.batch_stats.statements - before[1]) == (1, 3)
+
+
 async def test_a_query_that_does_more_than_select_runs_alone_even_if_it_swallows_the_refusal(rt_node):
     node = await rt_node()
     await _seed(node)
