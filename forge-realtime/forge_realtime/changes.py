@@ -178,6 +178,7 @@ class ChangeReader:
             delay = self.fallback_poll
             last = time.monotonic()
             found = 0  # polls in a row that found changes
+            polled_at = last
             while True:
                 if self.listening:
                     if not self._wake.is_set():
@@ -186,8 +187,11 @@ class ChangeReader:
                             async with asyncio.timeout(delay):
                                 await self._wake.wait()
                 else:
-                    await asyncio.sleep(delay)  # a stream: poll on the cadence, whatever wakes us
+                    # a stream: poll every ``delay`` from the start of the last poll, whatever wakes us (a
+                    # poll slower than that, on a busy machine, is followed at once, as a hint would be)
+                    await asyncio.sleep(max(0.0, delay - (time.monotonic() - polled_at)))
                 self._wake.clear()
+                polled_at = time.monotonic()
                 changes = await poll(conn, self.cursor)
                 self._on_lsn(self.cursor.lsn)
                 self.polls += 1
