@@ -254,20 +254,35 @@ async def _traced(method: Any, sql: str, args: Sequence[Any]) -> Any:
 class Database:
     """``ctx.db``: runs SQL on the call's connection and remembers what it read."""
 
-    __slots__ = ("conn", "readonly", "_reads", "_statements", "_helper_statements")
+    __slots__ = ("conn", "readonly", "_reads", "_statements", "_helper_statements", "selects", "batch", "refused")
 
-    def __init__(self, conn: asyncpg.Connection, *, readonly: bool = False) -> None:
+    def __init__(self, conn: Any, *, readonly: bool = False, batch: Any = None) -> None:
+        #: inside a batch of queries (forge_kernel.batch) a stand-in that refuses every use
         self.conn = conn
         self.readonly = readonly
         self._reads: list[TableRead] = []
         self._statements: list[tuple[str, tuple]] = []
         #: statements the model helpers ran (``get``, ``select``): plain SELECTs
         self._helper_statements = 0
+        #: statements ``select`` ran (the only ones a batch of queries can share)
+        self.selects = 0
+        #: the QueryBatch whose connection ``select`` shares, or None
+        self.batch = batch
+        #: inside a batch: something other than ``select`` was attempted (the call runs alone again)
+        self.refused = False
+
+    def _refuse(self, what: str) -> None:
+        if self.batch is not None:
+            from .batch import NotBatchable
+
+            self.refused = True
+            raise NotBatchable(f"{what} inside a batch of live-query re-runs")
 
     # --- raw SQL (always with bind parameters: $1, $2, ...) -------------------------
     # Not coroutines themselves: each returns the connection's call to await (one coroutine
     # less per statement, on every query's path).
     def fetch(self, sql: str, *args: Any) -> Awaitable[list[asyncpg.Record]]:
+        self._refuse("ctx.db.fetch")
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
@@ -275,6 +290,7 @@ class Database:
         return _traced(self.conn.fetch, sql, args)
 
     def fetchrow(self, sql: str, *args: Any) -> Awaitable[asyncpg.Record | None]:
+        self._refuse("ctx.db.fetchrow")
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
@@ -282,6 +298,7 @@ class Database:
         return _traced(self.conn.fetchrow, sql, args)
 
     def fetchval(self, sql: str, *args: Any) -> Awaitable[Any]:
+        self._refuse("ctx.db.fetchval")
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
@@ -289,6 +306,7 @@ class Database:
         return _traced(self.conn.fetchval, sql, args)
 
     def execute(self, sql: str, *args: Any) -> Awaitable[str]:
+        self._refuse("ctx.db.execute")
         self._statements.append((sql, args))
         span = current()
         if span is None or not span.sampled:
@@ -296,9 +314,11 @@ class Database:
         return _traced(self.conn.execute, sql, args)
 
     async def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
+        self._refuse("ctx.db.executemany")
         await self.conn.executemany(sql, args)
 
     def transaction(self, **kw: Any):
+        self._refuse("ctx.db.transaction")
         return self.conn.transaction(**kw)
 
     # --- models ---------------------------------------------------------------------
@@ -312,6 +332,7 @@ class Database:
         return {a.name: getattr(obj, a.name) for a in attrs.fields(md.cls)}
 
     async def insert(self, obj: Any) -> Any:
+        self._refuse("ctx.db.insert")
         md = model_def(type(obj))
         vals = self._values(md, obj)
         # None means "let the column default decide" (serial ids, created_at DEFAULT now())
@@ -321,6 +342,7 @@ class Database:
         return self._row(md, await _traced(self.conn.fetchrow, sql, [vals[c] for c in cols]))
 
     async def get(self, cls: type, pk: Any) -> Any:
+        self._refuse("ctx.db.get")
         md = model_def(cls)
         self._helper_statements += 1
         self._reads.append(TableRead(md.table, ((md.primary_key, pk),)))
@@ -347,9 +369,13 @@ class Database:
             sql += f" ORDER BY {quote_ident(col)}{' DESC' if desc else ''}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
+        self.selects += 1
+        if self.batch is not None:
+            return [self._row(md, r) for r in await self.batch.fetch(sql, list(where.values()))]
         return [self._row(md, r) for r in await _traced(self.conn.fetch, sql, list(where.values()))]
 
     async def update(self, obj: Any) -> Any:
+        self._refuse("ctx.db.update")
         md = model_def(type(obj))
         vals = self._values(md, obj)
         cols = [c for c in md.columns if c != md.primary_key]
@@ -358,6 +384,7 @@ class Database:
         return self._row(md, await _traced(self.conn.fetchrow, sql, [vals[md.primary_key], *(vals[c] for c in cols)]))
 
     async def delete(self, cls: type, pk: Any) -> bool:
+        self._refuse("ctx.db.delete")
         md = model_def(cls)
         res = await _traced(self.conn.execute, f"DELETE FROM {_table(md.table)} WHERE {quote_ident(md.primary_key)} = $1",
                             (pk,))

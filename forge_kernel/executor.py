@@ -29,6 +29,7 @@ from loguru import logger
 
 from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
+from .batch import BATCH, NotBatchable, QueryBatch, RefusedConnection
 from .db import Database, TableRead, statements_run
 from .errors import DatabaseUnavailable, ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
@@ -254,6 +255,15 @@ class Call:
     used_auth: bool = False
     #: a forwarded mutation's or action's id: a retry with the same id returns the stored result
     call_id: str | None = None
+    #: a query whose statements were all ``ctx.db.select``: it can run in a batch (forge_kernel.batch)
+    batchable: bool = False
+
+
+@attrs.define
+class BatchStats:
+    batches: int = 0
+    round_trips: int = 0
+    statements: int = 0
 
 
 class Context:
@@ -510,6 +520,8 @@ class FunctionExecutor:
         self.telemetry: Telemetry = getattr(node, "telemetry", None) or Telemetry()
         #: every call's transaction carries the caller (``set_caller``); see ``[app] row_security``
         self.row_security = False
+        #: what :meth:`batched` did: batches, round trips, statements they carried
+        self.batch_stats = BatchStats()
         chain: Callable[[Call], Awaitable[Any]] = self._invoke
         for mw in reversed(self.middleware):
             chain = (lambda m, nxt: (lambda c: m(c, nxt)))(mw, chain)
@@ -625,6 +637,37 @@ class FunctionExecutor:
                 tel.call_ended(span, defn.name, defn.kind, call.request_id, t0, code)
         return unstructure(result) if unstructured else result
 
+    async def batched(self, jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+        """Run ``jobs`` (each awaiting one or more query calls: live-query re-runs) at once, their
+        ``ctx.db.select`` statements sharing one read connection and, for the same statement text,
+        one round trip (see :mod:`forge_kernel.batch`). Returns each job's result or exception."""
+        reading = self.reads.connection()
+        batch = QueryBatch(len(jobs), reading.__aenter__)
+
+        async def one(job: Callable[[], Awaitable[Any]]) -> Any:
+            try:
+                return await job()
+            finally:
+                batch.job_finished()
+
+        token = BATCH.set(batch)
+        try:
+            results = await asyncio.gather(*(one(job) for job in jobs), return_exceptions=True)
+        finally:
+            BATCH.reset(token)
+            while batch.flush_task is not None:  # a job that timed out may leave a statement running
+                await asyncio.gather(batch.flush_task, return_exceptions=True)
+            if batch.conn is not None:
+                reading.untouched = True  # only plain SELECTs ran on it
+                try:
+                    await reading.__aexit__(None, None, None)
+                except Exception as exc:  # every job has its result; a connection lost now only matters to the pool
+                    logger.warning(f"releasing a batch's read connection failed ({type(exc).__name__}: {exc})")
+        self.batch_stats.batches += 1
+        self.batch_stats.round_trips += batch.round_trips
+        self.batch_stats.statements += batch.statements
+        return results
+
     async def _invoke(self, call: Call) -> Any:
         defn = call.defn
         if defn.kind == "action":
@@ -639,6 +682,23 @@ class FunctionExecutor:
                     await self.forwarder.record(conn, call.call_id, result)
             return result
         if defn.kind == "query":
+            batch = BATCH.get()
+            if batch is not None:
+                BATCH.set(None)  # queries this one calls run on their own connections
+                if not self.row_security:  # the caller's settings would need a transaction per call
+                    db = Database(None, readonly=True, batch=batch)
+                    db.conn = RefusedConnection(db)
+                    try:
+                        result = await call.defn.fn(QueryContext(self, call, db), **call.args)
+                    except NotBatchable:
+                        pass
+                    else:
+                        if not db.refused:  # (a function may have caught NotBatchable itself)
+                            call.batchable = True
+                            if call.track_reads:
+                                call.reads = await db.read_set()  # select reads only: no round trip
+                            return result
+                    call.used_auth = False
             # with row security on, the caller's settings need a transaction of their own (read-only)
             reading = self.reads.connection(transaction=self.row_security)
             async with reading as conn:
@@ -650,6 +710,9 @@ class FunctionExecutor:
                 after = statements_run(conn)
                 # only the model helpers ran: the pool may skip the session reset (a round trip)
                 reading.untouched = before is not None and after is not None and db.untouched(after - before)
+                # only ``select`` ran: a batch of re-runs may share its round trip next time
+                call.batchable = (not self.row_security and before is not None and after is not None
+                                  and after - before == db.selects)
                 if call.track_reads:
                     call.reads = await db.read_set()
                 return result

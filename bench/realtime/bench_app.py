@@ -80,7 +80,8 @@ async def bench_stats(ctx) -> dict:
     rt = for_node(ctx.node)
     s = rt.engine.stats
     return {"runs": s.runs, "pushes": s.pushes, "changes": s.changes, "invalidations": s.invalidations,
-            "polls": rt.reader.polls, "hints": rt.reader.hints, "sessions": len(rt.sessions),
+            "polls": rt.reader.polls, "hints": rt.reader.hints, "streams": getattr(rt.reader, "streams", None),
+            "batches": getattr(s, "batches", None), "batched_runs": getattr(s, "batched_runs", None), "sessions": len(rt.sessions),
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
             "workers_alive": sum(not t.done() for t in rt.engine._workers),

@@ -249,19 +249,25 @@ class ClientProcs:
         return deliveries, pushes
 
 
-async def write_load(pool: asyncpg.Pool, rate: float, seconds: float, topic_of) -> dict[int, float]:
+async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: float, topic_of) -> dict[int, float]:
+    """Single-row INSERTs at ``rate`` per second over ``conns``. The writer's own connections,
+    not a pool: asyncpg's pool resets a connection when it is released (``RESET ALL`` and more,
+    one round trip per write, a third of the writer's round trips with nothing to reset) - an
+    app writing through a pool that skips it, or with a connection of its own, does not pay it."""
     commits: dict[int, float] = {}
-    sem = asyncio.Semaphore(64)
+    idle: asyncio.Queue[asyncpg.Connection] = asyncio.Queue()
+    for conn in conns:
+        idle.put_nowait(conn)
     tasks = []
 
     async def one(topic: int) -> None:
-        async with sem:
-            async with pool.acquire() as conn:
-                rid = await conn.fetchval("INSERT INTO bench_items (topic, payload) VALUES ($1, 'payload') RETURNING id",
-                                          topic)
-                # as soon as the commit is answered: not after the pool's release (its reset query
-                # is one more round trip, which used to make every latency look that much shorter)
-                commits[rid] = time.perf_counter()
+        conn = await idle.get()
+        try:
+            rid = await conn.fetchval("INSERT INTO bench_items (topic, payload) VALUES ($1, 'payload') RETURNING id",
+                                      topic)
+        finally:
+            idle.put_nowait(conn)
+        commits[rid] = time.perf_counter()
 
     start = time.perf_counter()
     i = 0
@@ -314,12 +320,15 @@ class Target:
 
 
 async def measure_step(targets: list[Target], db_url: str, rate: float, seconds: float, topic_of, per_write: float,
-                       grace: float = 5.0, profile_to=None) -> dict[str, dict]:
+                       grace: float = 5.0, profile_to=None, statements: bool = False) -> dict[str, dict]:
     """One write rate, seen by every target at once: writes for ``seconds``, then ``grace`` for the
     last deliveries; latency from each write's commit to each subscriber that receives it, CPU of
     every process. ``profile_to(name)``: where to write a py-spy profile of that target's server."""
-    pool = await asyncpg.create_pool(db_url, min_size=16, max_size=16)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1)  # the harness's own questions
+    writers = [await asyncpg.connect(db_url) for _ in range(16)]
     try:
+        if statements:
+            await pool.execute("SELECT pg_stat_statements_reset()")
         for t in targets:
             if t.stats is not None:
                 await quiet(t.stats)
@@ -327,15 +336,19 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         before = {t.name: await t.stats() if t.stats is not None else None for t in targets}
         spies = [profile(profile_to(t.name), t.meter.node.pid, seconds) for t in targets if profile_to and t.meter.node]
         a = {t.name: t.meter.sample() for t in targets}
-        commits = await write_load(pool, rate, seconds, topic_of)
+        commits = await write_load(writers, rate, seconds, topic_of)
         during = {t.name: t.meter.sample() for t in targets}  # the write window: how busy each process was
         await asyncio.sleep(grace)  # let the last writes arrive (or show that they do not)
         b = {t.name: t.meter.sample() for t in targets}  # and what the whole step cost, backlog included
         for spy in spies:
             await asyncio.to_thread(spy.wait)
         after = {t.name: await t.stats() if t.stats is not None else None for t in targets}
+        if statements:
+            top = await pool.fetch(_TOP_STATEMENTS)
     finally:
         await pool.close()
+        for conn in writers:
+            await conn.close()
     reports = {}
     for t in targets:
         deliveries, pushes = await t.clients.report()
@@ -344,6 +357,10 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         if t.stats is not None:
             reruns = after[t.name]["runs"] - before[t.name]["runs"]
             rep["reruns_per_write"] = reruns / max(1, rep["writes"])
+            # round trips to the change log and re-runs sent together, per write (None: a build without them)
+            for key in ("polls", "hints", "batches", "batched_runs"):
+                if after[t.name].get(key) is not None and before[t.name].get(key) is not None:
+                    rep[f"{key}_per_write"] = (after[t.name][key] - before[t.name][key]) / max(1, rep["writes"])
             rep["node_pushes_per_s"] = (after[t.name]["pushes"] - before[t.name]["pushes"]) / seconds
             n = after[t.name]["gc_count"] - before[t.name]["gc_count"]
             pauses = after[t.name].pop("gc_pauses")
@@ -360,8 +377,24 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
         if len(targets) > 1:
             rep["cpu"]["side_by_side"] = [x.name for x in targets]  # PostgreSQL and the writer serve them all
+        if statements:
+            writes = max(1, rep["writes"])
+            rep["pg_statements"] = [{"query": r["q"], "calls_per_write": round(r["calls"] / writes, 3),
+                                     "us_per_write": round(r["ms"] * 1000 / writes, 1), "toplevel": r["toplevel"]}
+                                    for r in top]
+            for s in rep["pg_statements"][:8]:
+                print(f"    pg {s['us_per_write']:7.1f} us/write {s['calls_per_write']:6.3f} calls/write "
+                      f"{'' if s['toplevel'] else '(nested) '}{s['query']}", flush=True)
         reports[t.name] = rep
     return reports
+
+
+#: PostgreSQL's execution time per statement (``--pg-statements``; planning and nested statements apart)
+_TOP_STATEMENTS = """
+SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS q, toplevel, sum(calls) AS calls,
+       sum(total_exec_time + total_plan_time) AS ms
+FROM pg_stat_statements GROUP BY 1, 2 ORDER BY ms DESC LIMIT 15
+"""
 
 
 def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
@@ -376,7 +409,8 @@ def step_line(rep: dict) -> str:
     c = rep["cpu"]
     return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms, delivered "
             f"{rep['delivered_fraction']:.3f}, {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
-            f"{rep.get('reruns_per_write', float('nan')):.2f} | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
+            f"{rep.get('reruns_per_write', float('nan')):.2f} (polls {rep.get('polls_per_write', float('nan')):.2f}, hints "
+            f"{rep.get('hints_per_write', float('nan')):.2f}, batched {rep.get('batched_runs_per_write', float('nan')):.2f}) | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
             f"writer {c['writer_pct']} clients {c['client_procs_pct']} others {c['others_pct']} "
             f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}, "
             f"busiest {c['busiest_process']} {c['busiest_pct']}%"
@@ -531,7 +565,8 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                 for rate in args.b_rates:
                     reps = await measure_step(ts, db_url, rate, args.seconds, lambda i: i % args.b_topics,
                                               args.b_clients / args.b_topics,
-                                              profile_to=args.profile and (lambda n: args.profile / f"b-{n}-{rnd}-{rate:g}.txt"))
+                                              profile_to=args.profile and (lambda n: args.profile / f"b-{n}-{rnd}-{rate:g}.txt"),
+                                              statements=args.pg_statements)
                     for name, rep in reps.items():
                         out.setdefault("b_forge", {}).setdefault(name, {}).setdefault(f"{rate:g}", []).append(rep)
                         print(f"(b) [{name}] {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: "
@@ -563,7 +598,9 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
 async def main(args: argparse.Namespace) -> dict:
     parts = set(args.only.split(","))
     root = Path(tempfile.mkdtemp(prefix="rtbench-"))
-    pg = EmbeddedPostgres(root)  # stock settings (fsync and synchronous_commit on)
+    # stock settings (fsync and synchronous_commit on); --pg-statements adds pg_stat_statements (it costs a little CPU)
+    pg = EmbeddedPostgres(root, settings={"shared_preload_libraries": "pg_stat_statements",
+                                          "pg_stat_statements.track": "all"} if args.pg_statements else {})
     admin_url = await asyncio.to_thread(pg.start)
     out: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     naive = None
@@ -571,6 +608,10 @@ async def main(args: argparse.Namespace) -> dict:
         pg_pid = pg._running_pid()
         admin = await asyncpg.connect(admin_url)
         await admin.execute("CREATE DATABASE forge_bench")
+        if args.pg_statements:
+            conn = await asyncpg.connect(with_db(admin_url, "forge_bench"))
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await conn.close()
         out["postgres"] = {k: await admin.fetchval(f"SHOW {k}") for k in (
             "server_version", "fsync", "synchronous_commit", "full_page_writes", "wal_level", "shared_buffers",
             "max_connections", "max_wal_size", "checkpoint_timeout", "work_mem")}
@@ -690,6 +731,8 @@ if __name__ == "__main__":
     ap.add_argument("--node-config", type=json.loads, default={}, help="extra node config, JSON {section: {key: value}}")
     ap.add_argument("--only", default="a,areader,b,c,d,naive", help="parts to run (a, areader, b, c, d, naive)")
     ap.add_argument("--profile", type=Path, default=None, help="folder for py-spy profiles of the node, one per step")
+    ap.add_argument("--pg-statements", action="store_true",
+                    help="load pg_stat_statements and print PostgreSQL's time per statement per (b) step")
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--output", default=str(HERE / "last_run.json"))
     a = ap.parse_args()

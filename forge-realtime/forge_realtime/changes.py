@@ -12,6 +12,14 @@ an older one is still open.
 NOTIFY is only a hint to poll now; the loop also polls every ``fallback_poll`` seconds and
 re-polls shortly after a poll that found changes (a transaction that lost the hint gate to
 another one commits right after it).
+
+During a sustained stream of changes (``stream_after`` polls in a row found some) the reader
+stops listening and polls every ``busy_repoll`` seconds instead: at hundreds of writes per
+second nearly every write won the hint gate, and each hint woke the reader's backend and this
+node and then cost a poll of its own, so a poll carried one or two changes. On its cadence a
+poll carries every change of the last few milliseconds, and no hint is delivered at all. The
+first poll that finds nothing ends the stream: the reader listens again and polls once more
+(a hint sent before the LISTEN took effect is lost, so that poll reads whatever it announced).
 """
 
 from __future__ import annotations
@@ -119,7 +127,7 @@ class ChangeReader:
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]],
                  on_changes: Callable[[list[Change], int], None], on_resync: Callable[[int], None], *,
                  fallback_poll: float = 0.1, busy_repoll: float = 0.003, resync_after: float = 150.0,
-                 on_lsn: Callable[[int], None] = lambda lsn: None) -> None:
+                 on_lsn: Callable[[int], None] = lambda lsn: None, stream_after: int = 3) -> None:
         self._connect = connect
         self._on_changes = on_changes
         self._on_resync = on_resync
@@ -128,6 +136,12 @@ class ChangeReader:
         self.busy_repoll = busy_repoll
         #: a gap between polls this long means changes may have been trimmed unseen: resync
         self.resync_after = resync_after
+        #: polls in a row that found changes before the reader stops listening (0: never stops)
+        self.stream_after = stream_after
+        #: whether the reader is LISTENing for hints now (not during a stream of changes)
+        self.listening = False
+        #: streams of changes the reader followed without hints (each: an UNLISTEN, later a LISTEN)
+        self.streams = 0
         self.cursor: LogCursor | None = None
         self.ready = asyncio.Event()
         self.polls = 0
@@ -148,8 +162,10 @@ class ChangeReader:
 
     async def run(self) -> None:
         conn = await self._connect()
+        self.listening = False
         try:
             await conn.add_listener(CHANNEL, self._hint)
+            self.listening = True
             if self.cursor is None or not self._connected_once:
                 self.cursor = await start_cursor(conn)
             else:
@@ -161,13 +177,21 @@ class ChangeReader:
             self.ready.set()
             delay = self.fallback_poll
             last = time.monotonic()
+            found = 0  # polls in a row that found changes
+            polled_at = last
             while True:
-                if not self._wake.is_set():
-                    # asyncio.timeout, not wait_for: no task per wait (a poll every few ms when busy)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await self._wake.wait()
+                if self.listening:
+                    if not self._wake.is_set():
+                        # asyncio.timeout, not wait_for: no task per wait (a poll every few ms when busy)
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            async with asyncio.timeout(delay):
+                                await self._wake.wait()
+                else:
+                    # a stream: poll every ``delay`` from the start of the last poll, whatever wakes us (a
+                    # poll slower than that, on a busy machine, is followed at once, as a hint would be)
+                    await asyncio.sleep(max(0.0, delay - (time.monotonic() - polled_at)))
                 self._wake.clear()
+                polled_at = time.monotonic()
                 changes = await poll(conn, self.cursor)
                 self._on_lsn(self.cursor.lsn)
                 self.polls += 1
@@ -179,7 +203,20 @@ class ChangeReader:
                 if changes:
                     self._on_changes(changes, self.cursor.position)
                     delay = self.busy_repoll
+                    found += 1
+                    if self.listening and self.stream_after and found >= self.stream_after:
+                        await conn.remove_listener(CHANNEL, self._hint)  # UNLISTEN: the cadence reads the stream
+                        self.listening = False
+                        self.streams += 1
+                elif not self.listening:
+                    # the stream ended: listen again, then poll at once - a change committed between the
+                    # last poll's snapshot and the LISTEN sent its hint to nobody
+                    await conn.add_listener(CHANNEL, self._hint)
+                    self.listening = True
+                    found = 0
+                    delay = 0.0
                 else:
+                    found = 0
                     delay = self.fallback_poll
         finally:
             with contextlib.suppress(Exception):

@@ -27,5 +27,8 @@ class RealtimeConfig:
     send_timeout: float = attrs.field(default=10.0, validator=in_range(0.01, 3600))
     #: query re-runs this node executes at once (keep below [database] pool_max)
     max_concurrent_runs: int = attrs.field(default=8, validator=in_range(1, 1000))
+    #: queued re-runs of one function (model-helper selects only) one worker sends in one round trip
+    #: (1: each re-run alone)
+    batch_runs: int = attrs.field(default=32, validator=in_range(1, 1000))
     #: seconds a socket may stay silent before the server closes it (clients ping)
     idle_timeout: float = attrs.field(default=120.0, validator=in_range(1, 86400))

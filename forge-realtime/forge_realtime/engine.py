@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import json
 import time
@@ -276,16 +277,23 @@ class EngineStats:
     unchanged: int = 0
     changes: int = 0
     invalidations: int = 0
+    #: batches of re-runs (``batch_runs``) and the re-runs they carried
+    batches: int = 0
+    batched_runs: int = 0
 
 
 class LiveQueryEngine:
     """Subscriptions, their shared executions, invalidation from the change log."""
 
     def __init__(self, executor: Any, capture: CaptureManager, *, max_concurrent_runs: int = 4,
-                 position: Any = lambda: 0) -> None:
+                 position: Any = lambda: 0, batch_runs: int = 32) -> None:
         self.executor = executor
         self.capture = capture
         self.max_concurrent_runs = max_concurrent_runs
+        #: queued re-runs of one function a worker runs together, their selects in one round trip
+        self.batch_runs = batch_runs
+        #: whether a function's last run issued only ``ctx.db.select`` (it may run in a batch)
+        self.batchable: dict[str, bool] = {}
         self._position = position
         self.queries: dict[tuple[str, str, str], LiveQuery] = {}
         #: the read sets of every query with a finished run
@@ -408,6 +416,7 @@ class LiveQueryEngine:
         change are not pushed. Subscriptions to a function that is gone, or no longer a query, end
         with an error (a mutation must never be re-run as a live query)."""
         self.uses_auth.clear()
+        self.batchable.clear()
         for q in list(self.queries.values()):
             defn = registry.get(q.function)
             if defn is None:
@@ -447,14 +456,42 @@ class LiveQueryEngine:
             q.queued = False
             if q.dropped or not q.subscriptions:
                 continue
-            self.running.add(q)
-            try:
-                await self._run(q)
-            except Exception:  # never lose the worker; the query gets an INTERNAL error
-                logger.exception(f"live query {q.function} failed unexpectedly")
-                self._fail(q, ForgeError("internal error while re-running the live query"))
-            finally:
-                self.running.discard(q)
+            batch = self._batch_with(q)
+            if len(batch) == 1:
+                await self._run_one(q)
+                continue
+            # the re-runs of one function waiting in the queue: their selects share one round trip
+            self.stats.batches += 1
+            self.stats.batched_runs += len(batch)
+            await self.executor.batched([functools.partial(self._run_one, b) for b in batch])
+
+    def _batch_with(self, q: LiveQuery) -> list[LiveQuery]:
+        """``q`` and up to ``batch_runs - 1`` queued queries of the same function, taken off the queue
+        (the others keep their order), when that function ran only ``ctx.db.select`` last time."""
+        if self.batch_runs <= 1 or not self._queue or not self.batchable.get(q.function):
+            return [q]
+        batch, keep = [q], deque()
+        while self._queue and len(batch) < self.batch_runs:
+            other = self._queue.popleft()
+            if other.function != q.function:
+                keep.append(other)
+                continue
+            other.queued = False
+            if not other.dropped and other.subscriptions:
+                batch.append(other)
+        keep.extend(self._queue)
+        self._queue = keep
+        return batch
+
+    async def _run_one(self, q: LiveQuery) -> None:
+        self.running.add(q)
+        try:
+            await self._run(q)
+        except Exception:  # never lose the worker; the query gets an INTERNAL error
+            logger.exception(f"live query {q.function} failed unexpectedly")
+            self._fail(q, ForgeError("internal error while re-running the live query"))
+        finally:
+            self.running.discard(q)
 
     async def _run(self, q: LiveQuery) -> None:
         auth = q.runner_auth()
@@ -519,6 +556,7 @@ class LiveQueryEngine:
         if q.dropped:
             return
         self.uses_auth[q.function] = call.used_auth
+        self.batchable[q.function] = getattr(call, "batchable", False)  # (an executor without batches: never)
         if call.used_auth and q.key[2] == SHARED:
             self._split(q)  # never send a caller a result computed as someone else
             return

@@ -97,3 +97,18 @@ async def add_item(ctx, owner: str, title: str, n: int = 0) -> Item:
 async def set_n(ctx, id: int, n: int) -> Item:
     item = await ctx.db.get(Item, id)
     return await ctx.db.update(attrs.evolve(item, n=n))
+
+
+@query(public=True)
+async def careful_count(ctx) -> int:
+    """Raw SQL whose failure it swallows: inside a batch of re-runs it must still get the real count."""
+    try:
+        return await ctx.db.fetchval("SELECT count(*) FROM rt_items")
+    except Exception:
+        return -1
+
+
+@query(public=True)
+async def all_items(ctx) -> list[Item]:
+    """A select without parameters (a batch cannot unnest it: it runs once for every such call)."""
+    return await ctx.db.select(Item, order_by="id")

@@ -9,7 +9,8 @@ import pytest
 
 from forge_kernel import db as dbmod
 from forge_realtime.capture import CaptureError, install_capture, remove_capture
-from forge_realtime.changes import CHANNEL, LogCursor, poll, start_cursor
+from forge_kernel.testing.procs import eventually
+from forge_realtime.changes import CHANNEL, ChangeReader, LogCursor, poll, start_cursor
 from forge_realtime.trim import trim_change_log
 from rt_helpers import rt_db  # noqa: F401 - pytest fixtures
 
@@ -173,6 +174,48 @@ async def test_one_hint_per_batch_of_concurrent_writers(rt_db, forge_db_url):
         assert len(hints) == 3
     finally:
         await listener.close()
+
+
+async def test_reader_follows_a_stream_of_changes_without_hints_and_listens_again_after_it(rt_db, forge_db_url):
+    """During a sustained stream the reader stops listening and polls on its cadence (no hint per
+    write, no poll per hint); when the stream ends it listens again, so a lone write is read on
+    its hint, not after the (here one-minute) fallback poll."""
+    await install_capture(rt_db, "things", [])
+    seen: list[int] = []
+    reader = ChangeReader(lambda: dbmod.connect(forge_db_url),
+                          lambda changes, position: seen.extend(r["id"] for c in changes for r in c.new_rows),
+                          lambda position: None, fallback_poll=60.0, stream_after=3)
+    task = asyncio.create_task(reader.run())
+    pool = await dbmod.create_pool(forge_db_url, min_size=4, max_size=4)
+    written: list[int] = []
+    try:
+        await asyncio.wait_for(reader.ready.wait(), 30)
+        assert reader.listening
+
+        async def writer() -> None:  # single-row transactions until the reader saw a stream (bounded)
+            while not reader.streams and len(written) < 20_000:
+                written.append(await pool.fetchval("INSERT INTO things (owner) VALUES ('w') RETURNING id"))
+
+        await asyncio.wait_for(asyncio.gather(*(writer() for _ in range(4))), 120)
+        assert reader.streams >= 1, "a stream of writes never stopped the reader listening"
+
+        async def all_seen() -> bool:
+            return sorted(seen) == sorted(written) and reader.listening
+
+        await eventually(all_seen, 30, "every streamed write read once, and the reader listening again")
+        hints = reader.hints
+        lone = await pool.fetchval("INSERT INTO things (owner) VALUES ('lone') RETURNING id")
+
+        async def lone_seen() -> bool:
+            return lone in seen
+
+        # the fallback poll is a minute away: only the hint can bring the lone write this soon
+        await eventually(lone_seen, 30, "the write after the stream, read on its hint")
+        assert reader.hints > hints and sorted(seen) == sorted(written + [lone])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
 
 
 async def test_trim_deletes_only_old_rows(rt_db):
