@@ -22,10 +22,12 @@ Two things, both free when nothing observes the node:
   A child recorded on such a root (``Span.record``: a dispatch, a push) is only noted until the
   local trace is needed.
 * **function calls** - the executor records each call with :meth:`Telemetry.call_started` /
-  :meth:`Telemetry.call_ended`: one ``call`` event, and a span only where it can matter: a real
-  child span in a sampled trace (so its SQL statements nest under it), a finished span added
-  afterwards when the call failed or took at least ``keep_over`` seconds (tail sampling may keep
-  those traces), nothing more otherwise. An unsampled call that went well costs one tuple.
+  :meth:`Telemetry.call_ended`: its seconds appended to its function's batch of successful calls
+  (a ``calls`` event when drained) or, when it failed, one ``call`` event; and a span only where
+  it can matter: a real child span in a sampled trace (so its SQL statements nest under it), a
+  finished span added afterwards when the call failed or took at least ``keep_over`` seconds
+  (tail sampling may keep those traces), nothing more otherwise. An unsampled call that went well
+  costs one float in a list: no tuple per call, and the observer folds a whole batch at once.
 
 The head decision ``trace.sampled`` is known when a trace starts: the remote parent's sampled
 flag (when the observer honours it) or the trace id's low 64 bits under the sampling rate. It
@@ -39,6 +41,7 @@ Event kinds emitted by FORGE's packages (fields in order; times in seconds):
 kind                   fields                                                      emitted by
 =====================  ==========================================================  ================
 ``call``               function name, kind, outcome code, seconds                  kernel (executor)
+``calls``              function name, kind, ``OK``, list of seconds (one per call)  kernel (``drain``)
 ``job.dispatched``     job name, queue                                             kernel (dispatch)
 ``job.finished``       job name, queue, outcome, queue wait, run time (or None)    worker (per attempt)
 ``cron.run``           cron name, outcome, lag from its slot (or None)             scheduler
@@ -78,6 +81,9 @@ _time_ns = time.time_ns
 
 #: spans one local trace keeps; later ones are counted in ``Trace.overflow`` and not kept
 MAX_SPANS_PER_TRACE = 512
+#: successful calls of one function kept between two drains; later ones become ``call`` events (the
+#: ring's bound and drop count then apply: an observer that stops draining holds bounded memory)
+MAX_CALL_BATCH = 16384
 _LOW64 = (1 << 64) - 1
 
 # The W3C trace-context grammar (https://www.w3.org/TR/trace-context/#traceparent-header), read as
@@ -314,6 +320,8 @@ class Telemetry:
         self.enabled = False
         self.events: collections.deque | None = None
         self._ring_size = 0
+        #: function name -> the seconds of its successful calls since the last drain (see call_ended)
+        self._ok_calls: dict[str, _CallBatch] = {}
         #: events lost because the ring was full
         self.dropped = 0
         self._on_trace: Callable[[Trace], None] | None = None
@@ -364,15 +372,21 @@ class Telemetry:
         self.enabled = False
         self._on_trace = None
         self.events = None
+        self._ok_calls = {}
 
     def drain(self) -> list[tuple]:
-        """Every event recorded since the last drain, oldest first."""
-        ev = self.events
-        if not ev:
-            return []
-        # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
-        self.events = collections.deque(maxlen=ev.maxlen)
-        return list(ev)
+        """Every event recorded since the last drain, oldest first, then one ``calls`` event per
+        function that had successful calls (their seconds, in call order)."""
+        ev, batches = self.events, self._ok_calls
+        out: list[tuple] = []
+        if ev:
+            # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
+            self.events = collections.deque(maxlen=ev.maxlen)
+            out = list(ev)
+        if batches:
+            self._ok_calls = {}
+            out.extend([("calls", (name, batch.kind, "OK", batch)) for name, batch in batches.items()])
+        return out
 
     # --- the recording side --------------------------------------------------------------
     def emit(self, kind: str, *fields: Any) -> None:
@@ -543,15 +557,20 @@ class Telemetry:
         return None
 
     def call_ended(self, span: Span | None, name: str, kind: str, call_id: str, start_ns: int, code: str) -> None:
-        """One ``call`` event; ends ``span``, or (unsampled trace) adds the call's span afterwards
-        when it failed or took at least ``keep_over`` seconds, since the observer may keep that trace."""
+        """Counts the call - a successful one into its function's batch (a ``calls`` event when
+        drained), any other as a ``call`` event - and ends ``span``, or (unsampled trace) adds the
+        call's span afterwards when it failed or took at least ``keep_over`` seconds, since the
+        observer may keep that trace."""
         end = _time_ns()
         took = end - start_ns
-        ev = self.events
-        if ev is not None:
-            if len(ev) == self._ring_size:
-                self.dropped += 1
-            ev.append(("call", (name, kind, code, took / 1e9)))
+        if code == "OK":
+            batch = self._ok_calls.get(name)
+            if batch is not None and batch.kind is kind and len(batch) < MAX_CALL_BATCH:
+                batch.append(took / 1e9)
+            else:
+                self._call_counted(name, kind, code, took / 1e9)
+        else:
+            self._call_counted(name, kind, code, took / 1e9)
         if span is not None:
             self.end_span(span, None if code == "OK" else code)
         elif code != "OK" or took >= self.keep_over_ns:
@@ -559,6 +578,30 @@ class Telemetry:
             if parent is not None:
                 parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id},
                               None if code == "OK" else code)
+
+    def _call_counted(self, name: str, kind: str, code: str, seconds: float) -> None:
+        """A call :meth:`call_ended` did not add to a batch: the first successful one of its function
+        since the last drain starts the batch; a failed one, one of a full batch or of a name seen
+        with another kind is a ``call`` event."""
+        if self.events is None:  # nothing observes
+            return
+        if code == "OK":
+            batch = self._ok_calls.get(name)
+            if batch is None:
+                batch = self._ok_calls[name] = _CallBatch()
+                batch.kind = kind
+                batch.append(seconds)
+                return
+            if batch.kind == kind and len(batch) < MAX_CALL_BATCH:  # an equal kind that is another str object
+                batch.append(seconds)
+                return
+        self.emit("call", name, kind, code, seconds)
+
+
+class _CallBatch(list):
+    """The seconds of one function's successful calls since the last drain (``Telemetry.call_ended``)."""
+
+    __slots__ = ("kind",)
 
 
 @attrs.frozen

@@ -771,8 +771,10 @@ def check_telemetry_head_decision() -> None:
 
 
 def check_telemetry_calls() -> None:
-    """The executor's call recording (``call_started`` / ``call_ended``): every call makes exactly one
-    ``call`` event; a call inside a sampled trace, or outside any span, gets a real span; inside an
+    """The executor's call recording (``call_started`` / ``call_ended``): every call is counted exactly
+    once when drained - a failed one as a ``call`` event, a successful one as one of the seconds of
+    its function's ``calls`` event - and recording stops with ``detach``; a call inside a sampled
+    trace, or outside any span, gets a real span; inside an
     unsampled trace it gets a span only when it failed or took at least ``keep_over`` (recorded
     afterwards, a child of the current span), so the tail sampler can keep that trace."""
     from ..telemetry import Telemetry
@@ -791,12 +793,22 @@ def check_telemetry_calls() -> None:
             tel.call_ended(span, "f", "query", "req", time.time_ns(), code)
         tel.end_span(root)
         events = tel.drain()
-        assert [f[2] for _, f in events] == codes and all(k == "call" for k, _ in events)
+        counted = []
+        for kind, f in events:
+            assert kind in ("call", "calls") and f[:2] == ("f", "query")
+            if kind == "calls":
+                assert f[2] == "OK" and all(s >= 0 for s in f[3])
+            counted += [f[2]] * (len(f[3]) if kind == "calls" else 1)
+        assert sorted(counted) == sorted(codes) and tel.drain() == []
+        assert [f[2] for k, f in events if k == "call"] == [c for c in codes if c != "OK"]
         spans = [s for t in got for s in t.spans if s.name == "f"]
         assert [s.error or "OK" for s in spans] == (codes if rate == 1.0 else
                                                      [c for c in codes if c != "OK" or keep_over == 0.0])
         if rooted:
             assert all(s.parent_id == root.span_id for s in spans)
+        tel.detach()
+        tel.call_ended(None, "f", "query", "req", time.time_ns(), "OK")
+        assert tel.drain() == []
 
     calls()
 
