@@ -78,6 +78,9 @@ _current: contextvars.ContextVar["Span | None"] = contextvars.ContextVar("forge_
 current = _current.get
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
+#: the clock a function call is timed with (``Telemetry.call_ended``'s ``start``): seconds as a float,
+#: so a call's duration needs no big-integer arithmetic and no division on every call
+call_clock = time.perf_counter
 
 #: spans one local trace keeps; later ones are counted in ``Trace.overflow`` and not kept
 MAX_SPANS_PER_TRACE = 512
@@ -553,7 +556,7 @@ class Telemetry:
         ends with a clock read and a counter."""
         if span is None or span.end_ns:
             return
-        if status < 500 and span._trace is None and not span.sampled:
+        if status < 500 and (type(span) is _UnsampledRoot or (span._trace is None and not span.sampled)):
             end = _time_ns()
             if end - span.start_ns < self.keep_over_ns:
                 span.end_ns = end
@@ -585,28 +588,30 @@ class Telemetry:
             return self.start_span(name, "internal", attrs={"function.kind": kind, "call.id": call_id})
         return None
 
-    def call_ended(self, span: Span | None, name: str, kind: str, call_id: str, start_ns: int, code: str) -> None:
+    def call_ended(self, span: Span | None, name: str, kind: str, call_id: str, start: float, code: str) -> None:
         """Counts the call - a successful one into its function's batch (a ``calls`` event when
         drained), any other as a ``call`` event - and ends ``span``, or (unsampled trace) adds the
         call's span afterwards when it failed or took at least ``keep_over`` seconds, since the
-        observer may keep that trace."""
-        end = _time_ns()
-        took = end - start_ns
+        observer may keep that trace. ``start`` is a reading of :data:`call_clock` taken as the call began."""
+        took = call_clock() - start
         if code == "OK":
             batch = self._ok_calls.get(name)
             if batch is not None and batch.kind is kind and len(batch) < MAX_CALL_BATCH:
-                batch.append(took / 1e9)
+                batch.append(took)
             else:
-                self._call_counted(name, kind, code, took / 1e9)
+                self._call_counted(name, kind, code, took)
+            if span is None and took < self.keep_over:
+                return  # the usual call: counted, nothing more
         else:
-            self._call_counted(name, kind, code, took / 1e9)
+            self._call_counted(name, kind, code, took)
         if span is not None:
             self.end_span(span, None if code == "OK" else code)
-        elif code != "OK" or took >= self.keep_over_ns:
-            parent = _current.get()
-            if parent is not None:
-                parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id},
-                              None if code == "OK" else code)
+            return
+        parent = _current.get()
+        if parent is not None:  # its span, on the wall clock spans are stored with
+            end = _time_ns()
+            parent.record(name, "internal", end - int(max(0.0, took) * 1e9), end,
+                          {"function.kind": kind, "call.id": call_id}, None if code == "OK" else code)
 
     def _call_counted(self, name: str, kind: str, code: str, seconds: float) -> None:
         """A call :meth:`call_ended` did not add to a batch: the first successful one of its function

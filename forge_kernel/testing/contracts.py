@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
 import types
 from typing import Any, Iterable
 
@@ -777,7 +776,7 @@ def check_telemetry_calls() -> None:
     trace, or outside any span, gets a real span; inside an
     unsampled trace it gets a span only when it failed or took at least ``keep_over`` (recorded
     afterwards, a child of the current span), so the tail sampler can keep that trace."""
-    from ..telemetry import Telemetry
+    from ..telemetry import Telemetry, call_clock
 
     @settings(**_SETTINGS)
     @given(rate=st.sampled_from([0.0, 1.0]), keep_over=st.sampled_from([0.0, float("inf")]),
@@ -790,7 +789,7 @@ def check_telemetry_calls() -> None:
         for code in codes:
             span = tel.call_started("f", "query", "req")
             assert (span is not None) == (not rooted or rate == 1.0)
-            tel.call_ended(span, "f", "query", "req", time.time_ns(), code)
+            tel.call_ended(span, "f", "query", "req", call_clock(), code)
         tel.end_span(root)
         events = tel.drain()
         counted = []
@@ -807,7 +806,7 @@ def check_telemetry_calls() -> None:
         if rooted:
             assert all(s.parent_id == root.span_id for s in spans)
         tel.detach()
-        tel.call_ended(None, "f", "query", "req", time.time_ns(), "OK")
+        tel.call_ended(None, "f", "query", "req", call_clock(), "OK")
         assert tel.drain() == []
 
     calls()
