@@ -828,7 +828,8 @@ def check_telemetry_requests() -> None:
     @settings(**_SETTINGS)
     @given(rate=st.sampled_from([0.0, 1.0, 0.01, 0.5]), keep_over=st.sampled_from([0.0, float("inf")]),
            status=st.sampled_from([200, 404, 500, 503]), remote=st.booleans(),
-           work=st.lists(st.sampled_from(["traceparent", "child", "failed child", "record"]), max_size=3))
+           work=st.lists(st.sampled_from(["traceparent", "child", "failed child", "record", "attribute", "log"]),
+                         max_size=3))
     def requests(rate: float, keep_over: float, status: int, remote: bool, work: list[str]) -> None:
         got: list[Any] = []
         tel = Telemetry()
@@ -846,6 +847,13 @@ def check_telemetry_requests() -> None:
                 had_trace = root._trace is not None
                 root.record("dispatch j", "producer", 1, 2, span_id=0x5EED)
                 assert (root._trace is not None) == (had_trace or root.sampled)  # noted, no trace made
+            elif w == "attribute":
+                root.set("app.attr", 7)
+            elif w == "log":  # what a log line reads (forge-observe's sink): the ids, the same ones later
+                span = current_span()
+                seen = (span.trace_id, span.span_id, span.kind, span.parent_id, span.sampled)
+                assert span is root and span.trace.ids is not None and span.trace is root.trace
+                assert seen == (root.trace_id, root.span_id, "server", root.parent_id, root.sampled)
             else:
                 child = tel.start_span("f")
                 assert child.parent_id == root.span_id and child.trace_id == root.trace_id
@@ -861,10 +869,11 @@ def check_telemetry_requests() -> None:
             trace = got[0]
             assert trace.root is root and trace.open == 0 and root.trace is None
             assert all(type(s) is Span for s in trace.spans)  # plain data, ids drawn, when handed over
-            assert root.attrs == {"request.id": "req-1", "http.status_code": status}
+            assert root.attrs == {"request.id": "req-1", "http.status_code": status,
+                                  **({"app.attr": 7} if "attribute" in work else {})}
             assert root.error == (f"HTTP {status}" if status >= 500 else None)
             assert all(s.parent_id == root.span_id for s in trace.spans if s is not root)
-            assert len(trace.spans) == 1 + sum(w != "traceparent" for w in work)
+            assert len(trace.spans) == 1 + sum(w in ("child", "failed child", "record") for w in work)
             assert [s.span_id for s in trace.spans if s.kind == "producer"] == [0x5EED] * work.count("record")
             assert all(s.trace_id == root.trace_id and s.sampled == root.sampled for s in trace.spans)
         assert all(tp.split("-")[1:3] == [f"{root.trace_id:032x}", f"{root.span_id:016x}"] for tp in handed)
