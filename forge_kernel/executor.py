@@ -33,9 +33,8 @@ from .batch import BATCH, NotBatchable, QueryBatch, RefusedConnection
 from .db import Database, TableRead, statements_run
 from .errors import DatabaseUnavailable, ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
-from .telemetry import Telemetry, current, format_traceparent, new_span_id
+from .telemetry import Telemetry, call_clock, current, format_traceparent, new_span_id
 
-_time_ns = time.time_ns
 
 
 # --- auth ------------------------------------------------------------------------------
@@ -590,9 +589,9 @@ class FunctionExecutor:
             parent = current()
             span = None if parent is not None and not parent.sampled else tel.call_started(defn.name, defn.kind,
                                                                                           call.request_id)
-            t0, code = _time_ns(), "OK"
+            t0, code = call_clock(), "OK"
         else:
-            t0 = 0
+            t0 = 0.0  # not recording (the clock's readings are never 0: seconds since boot)
         try:
             # asyncio.timeout, not wait_for: no extra task per call (measured in bench/rpc)
             async with asyncio.timeout(timeout):

@@ -22,10 +22,12 @@ Two things, both free when nothing observes the node:
   A child recorded on such a root (``Span.record``: a dispatch, a push) is only noted until the
   local trace is needed.
 * **function calls** - the executor records each call with :meth:`Telemetry.call_started` /
-  :meth:`Telemetry.call_ended`: one ``call`` event, and a span only where it can matter: a real
-  child span in a sampled trace (so its SQL statements nest under it), a finished span added
-  afterwards when the call failed or took at least ``keep_over`` seconds (tail sampling may keep
-  those traces), nothing more otherwise. An unsampled call that went well costs one tuple.
+  :meth:`Telemetry.call_ended`: its seconds appended to its function's batch of successful calls
+  (a ``calls`` event when drained) or, when it failed, one ``call`` event; and a span only where
+  it can matter: a real child span in a sampled trace (so its SQL statements nest under it), a
+  finished span added afterwards when the call failed or took at least ``keep_over`` seconds
+  (tail sampling may keep those traces), nothing more otherwise. An unsampled call that went well
+  costs one float in a list: no tuple per call, and the observer folds a whole batch at once.
 
 The head decision ``trace.sampled`` is known when a trace starts: the remote parent's sampled
 flag (when the observer honours it) or the trace id's low 64 bits under the sampling rate. It
@@ -39,6 +41,7 @@ Event kinds emitted by FORGE's packages (fields in order; times in seconds):
 kind                   fields                                                      emitted by
 =====================  ==========================================================  ================
 ``call``               function name, kind, outcome code, seconds                  kernel (executor)
+``calls``              function name, kind, ``OK``, list of seconds (one per call)  kernel (``drain``)
 ``job.dispatched``     job name, queue                                             kernel (dispatch)
 ``job.finished``       job name, queue, outcome, queue wait, run time (or None)    worker (per attempt)
 ``cron.run``           cron name, outcome, lag from its slot (or None)             scheduler
@@ -75,9 +78,15 @@ _current: contextvars.ContextVar["Span | None"] = contextvars.ContextVar("forge_
 current = _current.get
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
+#: the clock a function call is timed with (``Telemetry.call_ended``'s ``start``): seconds as a float,
+#: so a call's duration needs no big-integer arithmetic and no division on every call
+call_clock = time.perf_counter
 
 #: spans one local trace keeps; later ones are counted in ``Trace.overflow`` and not kept
 MAX_SPANS_PER_TRACE = 512
+#: successful calls of one function kept between two drains; later ones become ``call`` events (the
+#: ring's bound and drop count then apply: an observer that stops draining holds bounded memory)
+MAX_CALL_BATCH = 16384
 _LOW64 = (1 << 64) - 1
 
 # The W3C trace-context grammar (https://www.w3.org/TR/trace-context/#traceparent-header), read as
@@ -259,14 +268,13 @@ class Span:
 
 def _local_trace(root: Span) -> Trace:
     """The local trace of an open root span that had none yet (its first child, record or hand-over)."""
+    if type(root) is _UnsampledRoot:
+        _promote(root)
     trace = root._trace = Trace(root.trace_id, root.sampled, root.parent_id)
     trace.open = 1
     if root.ids is None:
         root.ids = {}
     trace._ids = root.ids  # one dict: ids set on either are seen by both
-    # an unsampled root draws its span id now (reading it draws it: _UnsampledRoot), on this thread:
-    # the trace may reach the observer, whose exporter reads it from another thread
-    root.span_id  # noqa: B018
     later = root._later
     if later is not None:  # the children it noted while it had no trace (Span.record)
         root._later = None
@@ -288,18 +296,43 @@ def _leave(span: Span) -> None:
 
 
 class _UnsampledRoot(Span):
-    """A local root of unsampled work whose span id is drawn only when something asks for it (a log
-    line, a child, a ``traceparent``, the observer keeping it): then it becomes a plain :class:`Span`.
-    Most requests end fast and well without anyone asking, so they never draw one."""
+    """A request's local root in a fresh unsampled trace (:meth:`Telemetry.start_request`), made with
+    only its trace id, name, start, end and context token set: the other fields are the class-level
+    defaults below until something needs more (its span id: a log line, a ``traceparent``; a child,
+    an attribute, the observer getting it), which makes it a plain :class:`Span` (``_promote``,
+    drawing its span id then, on the event loop's thread). Most requests end fast and well without
+    anyone asking, and an object with five fields set costs a third less to make and free.
+
+    The defaults are plain class attributes: they shadow Span's slots for reading, and a write to
+    one raises (every writer of those fields promotes the span first)."""
 
     __slots__ = ()
+    sampled = False
+    parent_id = 0
+    kind = "server"
+    attrs = ids = error = _later = _trace = None
 
-    @property  # shadows Span's slot until drawn; then the instance is a Span and the slot answers
+    @property  # shadows Span's slot until promoted; then the instance is a Span and the slot answers
     def span_id(self) -> int:
-        sid = _getrandbits(64) or 1
-        self.__class__ = Span
-        self.span_id = sid
-        return sid
+        _promote(self)
+        return self.span_id
+
+    def set(self, key: str, value: Any) -> None:
+        _promote(self)
+        Span.set(self, key, value)
+
+    def record(self, name: str, kind: str, start_ns: int, end_ns: int, attrs: dict[str, Any] | None = None,
+               error: str | None = None, span_id: int = 0) -> None:
+        _promote(self)
+        Span.record(self, name, kind, start_ns, end_ns, attrs, error, span_id)
+
+
+def _promote(span: Span) -> None:
+    """Make an :class:`_UnsampledRoot` the plain :class:`Span` it stands for, its span id drawn."""
+    span.__class__ = Span
+    span.sampled, span.parent_id, span.kind = False, 0, "server"
+    span.attrs = span.ids = span.error = span._later = span._trace = None
+    span.span_id = _getrandbits(64) or 1
 
 
 def new_span_id() -> int:
@@ -314,6 +347,8 @@ class Telemetry:
         self.enabled = False
         self.events: collections.deque | None = None
         self._ring_size = 0
+        #: function name -> the seconds of its successful calls since the last drain (see call_ended)
+        self._ok_calls: dict[str, _CallBatch] = {}
         #: events lost because the ring was full
         self.dropped = 0
         self._on_trace: Callable[[Trace], None] | None = None
@@ -364,15 +399,21 @@ class Telemetry:
         self.enabled = False
         self._on_trace = None
         self.events = None
+        self._ok_calls = {}
 
     def drain(self) -> list[tuple]:
-        """Every event recorded since the last drain, oldest first."""
-        ev = self.events
-        if not ev:
-            return []
-        # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
-        self.events = collections.deque(maxlen=ev.maxlen)
-        return list(ev)
+        """Every event recorded since the last drain, oldest first, then one ``calls`` event per
+        function that had successful calls (their seconds, in call order)."""
+        ev, batches = self.events, self._ok_calls
+        out: list[tuple] = []
+        if ev:
+            # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
+            self.events = collections.deque(maxlen=ev.maxlen)
+            out = list(ev)
+        if batches:
+            self._ok_calls = {}
+            out.extend([("calls", (name, batch.kind, "OK", batch)) for name, batch in batches.items()])
+        return out
 
     # --- the recording side --------------------------------------------------------------
     def emit(self, kind: str, *fields: Any) -> None:
@@ -452,8 +493,6 @@ class Telemetry:
         if span is None or span.end_ns:  # nothing, or ended before
             return
         span.end_ns = end = _time_ns()
-        if error is not None:
-            span.error = error
         if span._token is not None:
             _leave(span)
         trace = span._trace
@@ -462,6 +501,8 @@ class Telemetry:
                 self.discarded += 1  # nothing the observer could keep it for: the common case
                 return
             trace = _local_trace(span)
+        if error is not None:
+            span.error = error
         span._trace = None  # a finished span is data: no reference cycle with its trace
         trace.open -= 1
         if (trace.open <= 0 and error is None and not trace.errors and not trace.sampled
@@ -497,14 +538,12 @@ class Telemetry:
         trace_id = _getrandbits(128) or 1
         if (trace_id & _LOW64) < self._sample_below:  # head-sampled: a full span
             span = _new_span(Span)
-            span.sampled = True
-            span.span_id = _getrandbits(64) or 1
-        else:
+            span.sampled, span.span_id, span.parent_id, span.kind = True, _getrandbits(64) or 1, 0, "server"
+            span.attrs = span.ids = span.error = span._later = span._trace = None
+        else:  # the rest are its class's defaults until it is promoted
             span = _new_span(_UnsampledRoot)
-            span.sampled = False
-        span._trace = None
-        span.trace_id, span.parent_id, span.name, span.kind = trace_id, 0, name, "server"
-        span.attrs = span.ids = span.error = span._later = None
+        span.trace_id = trace_id
+        span.name = name
         span.end_ns = 0
         span.start_ns = _time_ns()
         span._token = _current.set(span)
@@ -517,14 +556,21 @@ class Telemetry:
         ends with a clock read and a counter."""
         if span is None or span.end_ns:
             return
-        if status < 500 and span._trace is None and not span.sampled:
+        if status < 500 and (type(span) is _UnsampledRoot or (span._trace is None and not span.sampled)):
             end = _time_ns()
             if end - span.start_ns < self.keep_over_ns:
                 span.end_ns = end
-                if span._token is not None:
-                    _leave(span)
+                token = span._token
+                if token is not None:  # _leave, inline: this is every request's path
+                    span._token = None
+                    try:
+                        _current.reset(token)
+                    except ValueError:  # ended in another context than it started in
+                        pass
                 self.discarded += 1
                 return
+        if type(span) is _UnsampledRoot:  # it gets attributes: a plain span
+            _promote(span)
         attrs = span.attrs
         if attrs is None:
             span.attrs = {"request.id": request_id, "http.status_code": status}
@@ -542,23 +588,54 @@ class Telemetry:
             return self.start_span(name, "internal", attrs={"function.kind": kind, "call.id": call_id})
         return None
 
-    def call_ended(self, span: Span | None, name: str, kind: str, call_id: str, start_ns: int, code: str) -> None:
-        """One ``call`` event; ends ``span``, or (unsampled trace) adds the call's span afterwards
-        when it failed or took at least ``keep_over`` seconds, since the observer may keep that trace."""
-        end = _time_ns()
-        took = end - start_ns
-        ev = self.events
-        if ev is not None:
-            if len(ev) == self._ring_size:
-                self.dropped += 1
-            ev.append(("call", (name, kind, code, took / 1e9)))
+    def call_ended(self, span: Span | None, name: str, kind: str, call_id: str, start: float, code: str) -> None:
+        """Counts the call - a successful one into its function's batch (a ``calls`` event when
+        drained), any other as a ``call`` event - and ends ``span``, or (unsampled trace) adds the
+        call's span afterwards when it failed or took at least ``keep_over`` seconds, since the
+        observer may keep that trace. ``start`` is a reading of :data:`call_clock` taken as the call began."""
+        took = call_clock() - start
+        if code == "OK":
+            batch = self._ok_calls.get(name)
+            if batch is not None and batch.kind is kind and len(batch) < MAX_CALL_BATCH:
+                batch.append(took)
+            else:
+                self._call_counted(name, kind, code, took)
+            if span is None and took < self.keep_over:
+                return  # the usual call: counted, nothing more
+        else:
+            self._call_counted(name, kind, code, took)
         if span is not None:
             self.end_span(span, None if code == "OK" else code)
-        elif code != "OK" or took >= self.keep_over_ns:
-            parent = _current.get()
-            if parent is not None:
-                parent.record(name, "internal", start_ns, end, {"function.kind": kind, "call.id": call_id},
-                              None if code == "OK" else code)
+            return
+        parent = _current.get()
+        if parent is not None:  # its span, on the wall clock spans are stored with
+            end = _time_ns()
+            parent.record(name, "internal", end - int(max(0.0, took) * 1e9), end,
+                          {"function.kind": kind, "call.id": call_id}, None if code == "OK" else code)
+
+    def _call_counted(self, name: str, kind: str, code: str, seconds: float) -> None:
+        """A call :meth:`call_ended` did not add to a batch: the first successful one of its function
+        since the last drain starts the batch; a failed one, one of a full batch or of a name seen
+        with another kind is a ``call`` event."""
+        if self.events is None:  # nothing observes
+            return
+        if code == "OK":
+            batch = self._ok_calls.get(name)
+            if batch is None:
+                batch = self._ok_calls[name] = _CallBatch()
+                batch.kind = kind
+                batch.append(seconds)
+                return
+            if batch.kind == kind and len(batch) < MAX_CALL_BATCH:  # an equal kind that is another str object
+                batch.append(seconds)
+                return
+        self.emit("call", name, kind, code, seconds)
+
+
+class _CallBatch(list):
+    """The seconds of one function's successful calls since the last drain (``Telemetry.call_ended``)."""
+
+    __slots__ = ("kind",)
 
 
 @attrs.frozen

@@ -69,3 +69,27 @@ def test_recording_cost_is_reported():
     print(f"emit detached {off * 1e6:.2f} us, emit attached {on * 1e6:.2f} us, "
           f"two spans + trace hand-off {spans * 1e6:.2f} us")
     assert len(tel.drain()) == min(n, 65536)
+
+
+def test_successful_calls_are_batched_per_function_and_bounded(monkeypatch):
+    """A successful call is one float in its function's batch (a ``calls`` event when drained); a
+    full batch, a failed call or a name seen with another kind go to the ring as ``call`` events,
+    so an observer that stops draining holds bounded memory and loses nothing it can count."""
+    from forge_kernel import telemetry
+
+    monkeypatch.setattr(telemetry, "MAX_CALL_BATCH", 3)
+    tel = Telemetry()
+    tel.attach(lambda t: None, sample_rate=0.0, ring_size=1024)
+    start = telemetry.call_clock()
+    for code in ["OK"] * 5 + ["INTERNAL"]:
+        tel.call_ended(None, "f", "query", "r", start, code)
+    tel.call_ended(None, "g", "query", "r", start, "OK")
+    tel.call_ended(None, "f", "".join(["muta", "tion"]), "r", start, "OK")  # another kind, another str object
+    events = tel.drain()
+    assert [(k, f[:3]) for k, f in events] == [
+        ("call", ("f", "query", "OK")), ("call", ("f", "query", "OK")), ("call", ("f", "query", "INTERNAL")),
+        ("call", ("f", "mutation", "OK")), ("calls", ("f", "query", "OK")), ("calls", ("g", "query", "OK"))]
+    assert [len(f[3]) for k, f in events if k == "calls"] == [3, 1]
+    assert all(s >= 0 for k, f in events for s in (f[3] if k == "calls" else [f[3]]))
+    tel.call_ended(None, "f", "".join(["que", "ry"]), "r", start, "OK")  # an equal kind: batched
+    assert [(k, f[:3], len(f[3])) for k, f in tel.drain()] == [("calls", ("f", "query", "OK"), 1)]

@@ -265,7 +265,7 @@ def main() -> None:
             # their background loops in this process and skew its CPU figures
             "node": {"id": "bench", "roles": ["gateway", "function"], "event_loop": args.loop},
         })
-        env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
+        env = {**os.environ, "FORGE_CONFIG": str(cfg), "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
         if args.instructions:
             counts = {who: instructions_per_request(tmp, env, args.instructions, who, db_url, args.keep_dumps)
                       for who in args.servers.split(",")}

@@ -221,6 +221,8 @@ _seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0
 @settings(max_examples=60, deadline=None)
 @given(calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), st.sampled_from(["OK", "INTERNAL"]), _seconds),
                       max_size=40),
+       # successful calls drained in batches (a "calls" event per function, empty ones too)
+       batches=st.lists(st.tuples(st.sampled_from(["f", "g", "h"]), st.lists(_seconds, max_size=30)), max_size=4),
        # up to 12 job names (a batch with more than 8 label sets is grouped another way), waits
        # below zero (started before due: counted as 0) and outcomes that split a batch's label sets
        waits=st.lists(st.tuples(st.sampled_from([f"j{i}" for i in range(12)]),
@@ -230,9 +232,11 @@ _seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0
                        max_size=10),
        junk=st.lists(st.sampled_from([("call", ("f",)), ("job.finished", ("j", "default", "succeeded", "soon", _T0,
                                                                           1.0)),
-                                      ("call", ("f", "query", "OK", float("nan"))), ("later.kind", (1,))]),
+                                      ("call", ("f", "query", "OK", float("nan"))), ("later.kind", (1,)),
+                                      ("calls", ("f", "query", "OK", [0.1, float("nan")])),
+                                      ("calls", ("f", "query", "OK", "0.1")), ("calls", ("f", "query", [0.1]))]),
                      max_size=4))
-def test_event_aggregation_matches_prometheus_client(calls, waits, pushes, junk):
+def test_event_aggregation_matches_prometheus_client(calls, batches, waits, pushes, junk):
     """The event series (plain dicts folded off the hot path) expose exactly what prometheus_client's
     own Counter and Histogram would for the same observations; malformed events are counted, not kept."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -252,6 +256,11 @@ def test_event_aggregation_matches_prometheus_client(calls, waits, pushes, junk)
         events.append(("call", (name, "query", code, seconds)))
         m_calls.labels(name, "query", code).inc()
         m_seconds.labels(name, "query").observe(seconds)
+    for name, seconds in batches:
+        events.append(("calls", (name, "query", "OK", list(seconds))))
+        for value in seconds:
+            m_calls.labels(name, "query", "OK").inc()
+            m_seconds.labels(name, "query").observe(value)
     m_started = Counter("forge_jobs_started", "", ["job", "queue"], registry=model)
     m_finished = Counter("forge_jobs_finished", "", ["job", "status"], registry=model)
     m_run = Histogram("forge_job_run_seconds", "", ["job"], buckets=SLOW, registry=model)

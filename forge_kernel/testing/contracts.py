@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
 import types
 from typing import Any, Iterable
 
@@ -771,11 +770,13 @@ def check_telemetry_head_decision() -> None:
 
 
 def check_telemetry_calls() -> None:
-    """The executor's call recording (``call_started`` / ``call_ended``): every call makes exactly one
-    ``call`` event; a call inside a sampled trace, or outside any span, gets a real span; inside an
+    """The executor's call recording (``call_started`` / ``call_ended``): every call is counted exactly
+    once when drained - a failed one as a ``call`` event, a successful one as one of the seconds of
+    its function's ``calls`` event - and recording stops with ``detach``; a call inside a sampled
+    trace, or outside any span, gets a real span; inside an
     unsampled trace it gets a span only when it failed or took at least ``keep_over`` (recorded
     afterwards, a child of the current span), so the tail sampler can keep that trace."""
-    from ..telemetry import Telemetry
+    from ..telemetry import Telemetry, call_clock
 
     @settings(**_SETTINGS)
     @given(rate=st.sampled_from([0.0, 1.0]), keep_over=st.sampled_from([0.0, float("inf")]),
@@ -788,15 +789,25 @@ def check_telemetry_calls() -> None:
         for code in codes:
             span = tel.call_started("f", "query", "req")
             assert (span is not None) == (not rooted or rate == 1.0)
-            tel.call_ended(span, "f", "query", "req", time.time_ns(), code)
+            tel.call_ended(span, "f", "query", "req", call_clock(), code)
         tel.end_span(root)
         events = tel.drain()
-        assert [f[2] for _, f in events] == codes and all(k == "call" for k, _ in events)
+        counted = []
+        for kind, f in events:
+            assert kind in ("call", "calls") and f[:2] == ("f", "query")
+            if kind == "calls":
+                assert f[2] == "OK" and all(s >= 0 for s in f[3])
+            counted += [f[2]] * (len(f[3]) if kind == "calls" else 1)
+        assert sorted(counted) == sorted(codes) and tel.drain() == []
+        assert [f[2] for k, f in events if k == "call"] == [c for c in codes if c != "OK"]
         spans = [s for t in got for s in t.spans if s.name == "f"]
         assert [s.error or "OK" for s in spans] == (codes if rate == 1.0 else
                                                      [c for c in codes if c != "OK" or keep_over == 0.0])
         if rooted:
             assert all(s.parent_id == root.span_id for s in spans)
+        tel.detach()
+        tel.call_ended(None, "f", "query", "req", call_clock(), "OK")
+        assert tel.drain() == []
 
     calls()
 
@@ -817,7 +828,8 @@ def check_telemetry_requests() -> None:
     @settings(**_SETTINGS)
     @given(rate=st.sampled_from([0.0, 1.0, 0.01, 0.5]), keep_over=st.sampled_from([0.0, float("inf")]),
            status=st.sampled_from([200, 404, 500, 503]), remote=st.booleans(),
-           work=st.lists(st.sampled_from(["traceparent", "child", "failed child", "record"]), max_size=3))
+           work=st.lists(st.sampled_from(["traceparent", "child", "failed child", "record", "attribute", "log"]),
+                         max_size=3))
     def requests(rate: float, keep_over: float, status: int, remote: bool, work: list[str]) -> None:
         got: list[Any] = []
         tel = Telemetry()
@@ -835,6 +847,13 @@ def check_telemetry_requests() -> None:
                 had_trace = root._trace is not None
                 root.record("dispatch j", "producer", 1, 2, span_id=0x5EED)
                 assert (root._trace is not None) == (had_trace or root.sampled)  # noted, no trace made
+            elif w == "attribute":
+                root.set("app.attr", 7)
+            elif w == "log":  # what a log line reads (forge-observe's sink): the ids, the same ones later
+                span = current_span()
+                seen = (span.trace_id, span.span_id, span.kind, span.parent_id, span.sampled)
+                assert span is root and span.trace.ids is not None and span.trace is root.trace
+                assert seen == (root.trace_id, root.span_id, "server", root.parent_id, root.sampled)
             else:
                 child = tel.start_span("f")
                 assert child.parent_id == root.span_id and child.trace_id == root.trace_id
@@ -850,10 +869,11 @@ def check_telemetry_requests() -> None:
             trace = got[0]
             assert trace.root is root and trace.open == 0 and root.trace is None
             assert all(type(s) is Span for s in trace.spans)  # plain data, ids drawn, when handed over
-            assert root.attrs == {"request.id": "req-1", "http.status_code": status}
+            assert root.attrs == {"request.id": "req-1", "http.status_code": status,
+                                  **({"app.attr": 7} if "attribute" in work else {})}
             assert root.error == (f"HTTP {status}" if status >= 500 else None)
             assert all(s.parent_id == root.span_id for s in trace.spans if s is not root)
-            assert len(trace.spans) == 1 + sum(w != "traceparent" for w in work)
+            assert len(trace.spans) == 1 + sum(w in ("child", "failed child", "record") for w in work)
             assert [s.span_id for s in trace.spans if s.kind == "producer"] == [0x5EED] * work.count("record")
             assert all(s.trace_id == root.trace_id and s.sampled == root.sampled for s in trace.spans)
         assert all(tp.split("-")[1:3] == [f"{root.trace_id:032x}", f"{root.span_id:016x}"] for tp in handed)
