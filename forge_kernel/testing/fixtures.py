@@ -14,7 +14,9 @@ nothing more; in pytest-asyncio's default ``strict`` mode mark each async test
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -158,6 +160,20 @@ def forge_processes(tmp_path: Path, forge_db_url: str):
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "slow: soak, chaos and benchmark runs; skipped unless FORGE_SLOW=1")
+    _teardown_on_sigterm()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _teardown_on_sigterm() -> None:
+    """A SIGTERM (``timeout``, a CI runner cancelling a job) ends the session like Ctrl-C: pytest then
+    tears its fixtures down, stopping the nodes and the embedded PostgreSQL they started. By default
+    SIGTERM ends Python at once, and everything the tests started kept running. A handler someone
+    else installed is left alone."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
