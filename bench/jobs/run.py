@@ -303,10 +303,15 @@ PGQ_COMMON = ["--driver", "apg", "--dequeue", "5", "--dequeue-batch-size", "10"]
 
 def pgq_tool() -> Path:
     """PgQueuer's ``tools/benchmark.py`` from its pinned sdist (the wheel does not ship it)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    if version("pgqueuer") != PGQ_VERSION:
-        raise SystemExit(f"pgqueuer {version('pgqueuer')} installed, the bench pins {PGQ_VERSION}: "
+    try:
+        installed = version("pgqueuer")
+    except PackageNotFoundError:
+        raise SystemExit(f"pgqueuer is not installed (the bench pins {PGQ_VERSION}): "
+                         "pip install -r bench/jobs/requirements.txt") from None
+    if installed != PGQ_VERSION:
+        raise SystemExit(f"pgqueuer {installed} installed, the bench pins {PGQ_VERSION}: "
                          "pip install -r bench/jobs/requirements.txt")
     sdist = PGQ_CACHE / f"pgqueuer-{PGQ_VERSION}.tar.gz"
     if not sdist.exists():
