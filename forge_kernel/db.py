@@ -12,6 +12,7 @@ import asyncpg
 import attrs
 
 from .app import ModelDef, model_def
+from .batch import NotBatchable
 from .convert import converter
 from .telemetry import current
 
@@ -273,8 +274,6 @@ class Database:
 
     def _refuse(self, what: str) -> None:
         if self.batch is not None:
-            from .batch import NotBatchable
-
             self.refused = True
             raise NotBatchable(f"{what} inside a batch of live-query re-runs")
 
