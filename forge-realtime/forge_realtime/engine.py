@@ -38,13 +38,19 @@ SHARED = "*"
 _PENDING_LIMIT = 2000
 #: the kinds of push (``Subscriber.push``; also the ``rt.push`` telemetry label)
 _DATA, _UNCHANGED = "data", "unchanged"
-#: subscribers sent to between two yields to the event loop in a fan-out (about 3 ms of socket
-#: writes): the change-log reader and re-runs proceed meanwhile, so a newer result is ready for the
-#: subscribers a long fan-out has not reached yet
-FANOUT_CHUNK = 256
-#: how far a fan-out gets (a fraction of the subscribers) before its query may run again: one
-#: result per half pass, so a hot query is not re-run for every write (see LiveQueryEngine._fan_out)
-RERUN_AFTER = 0.5
+#: subscribers sent to between two yields to the event loop in a fan-out (under a millisecond of
+#: socket writes): the change-log reader and the re-run a write needs take several turns of the loop
+#: each (a hint, a poll and its answer, a worker waking, the query's round trip), and each turn waits
+#: for the chunk in progress. At 256 (about 3 ms a chunk, more when the node shares its core) that
+#: is an estimated 10-20 ms on every write's latency in bench (c), and 40-52 loop stalls over 20 ms
+#: per (c) step on a busy machine (0-2 at 64); a yield costs a few microseconds, under one socket write
+FANOUT_CHUNK = 64
+#: how far a fan-out gets (a fraction of the subscribers) before its query may run again: about one
+#: result per pass, so a hot query is not re-run for every write (see LiveQueryEngine._fan_out). At
+#: 0.5 a hot query ran 0.45-0.51 times per write in bench (c) against 0.36-0.37 for the fan-out
+#: that held the loop; at 0.75 it runs about as often as that one did (the run itself, a few turns
+#: of the loop, fills much of the rest of the pass)
+RERUN_AFTER = 0.75
 
 
 #: a message to send: the concatenation of these buffers is one JSON text (see forge_kernel.websocket)
@@ -589,9 +595,9 @@ class LiveQueryEngine:
         position. Passes start where the previous one stopped, so no subscriber is always last.
 
         The query runs again (changes arrived) only once a pass with the newest result is
-        ``RERUN_AFTER`` through: at most two results per pass, not a run for every write of a hot
-        table. A write waits at most about half a pass for its run, then at most a pass to reach
-        each subscriber."""
+        ``RERUN_AFTER`` through: about one result per pass, not a run for every write of a hot
+        table. A write waits at most about ``RERUN_AFTER`` of a pass for its run, then at most a
+        pass to reach each subscriber."""
         if q.fanning:
             # the pass in progress sends this newer result to whoever it has not reached
             q.holding = RERUN_AFTER > 0
