@@ -30,5 +30,9 @@ class RealtimeConfig:
     #: queued re-runs of one function (model-helper selects only) one worker sends in one round trip
     #: (1: each re-run alone)
     batch_runs: int = attrs.field(default=32, validator=in_range(1, 1000))
+    #: how far (a fraction of its subscribers) a long fan-out of a query's result gets before that
+    #: query runs again for the changes that arrived meanwhile: 1 one result per pass (fewest re-runs),
+    #: lower values fresher results for more re-runs (0: a run as soon as a change arrives)
+    rerun_after_pass: float = attrs.field(default=1.0, validator=in_range(0, 1))
     #: seconds a socket may stay silent before the server closes it (clients ping)
     idle_timeout: float = attrs.field(default=120.0, validator=in_range(1, 86400))

@@ -45,12 +45,13 @@ _DATA, _UNCHANGED = "data", "unchanged"
 #: is an estimated 10-20 ms on every write's latency in bench (c), and 40-52 loop stalls over 20 ms
 #: per (c) step on a busy machine (0-2 at 64); a yield costs a few microseconds, under one socket write
 FANOUT_CHUNK = 64
-#: how far a fan-out gets (a fraction of the subscribers) before its query may run again: about one
-#: result per pass, so a hot query is not re-run for every write (see LiveQueryEngine._fan_out). At
-#: 0.5 a hot query ran 0.45-0.51 times per write in bench (c) against 0.36-0.37 for the fan-out
-#: that held the loop; at 0.75 it runs about as often as that one did (the run itself, a few turns
-#: of the loop, fills much of the rest of the pass)
-RERUN_AFTER = 0.75
+#: how far a fan-out gets (a fraction of the subscribers) before its query may run again: one result
+#: per pass, so a hot query is not re-run for every write (see LiveQueryEngine._fan_out). Bench (c)
+#: (5,000 subscribers, 50 writes/s, same runs): at 0.5 the query ran 0.40-0.57 times per write, at
+#: 0.75 0.23-0.35, at 1.0 0.29 against 0.33 for the fan-out that held the event loop, with no p99 to
+#: show for the extra runs on a shared machine (a write waits for the next run, then for the pass to
+#: reach its subscriber: about a pass each whatever the fraction, see forge-realtime/README.md)
+RERUN_AFTER = 1.0
 
 
 #: a message to send: the concatenation of these buffers is one JSON text (see forge_kernel.websocket)
@@ -265,7 +266,7 @@ class LiveQuery:
     fanning: bool = False
     #: where in its subscribers the next fan-out pass starts: passes rotate, so no subscriber is always last
     cursor: int = 0
-    #: runs wait until the fan-out in progress is ``RERUN_AFTER`` through (it schedules the next one)
+    #: runs wait until the fan-out in progress is ``rerun_after`` through (it schedules the next one)
     holding: bool = False
     #: runs in a row that found the database unavailable (backs off the next try)
     lost_runs: int = 0
@@ -292,12 +293,14 @@ class LiveQueryEngine:
     """Subscriptions, their shared executions, invalidation from the change log."""
 
     def __init__(self, executor: Any, capture: CaptureManager, *, max_concurrent_runs: int = 4,
-                 position: Any = lambda: 0, batch_runs: int = 32) -> None:
+                 position: Any = lambda: 0, batch_runs: int = 32, rerun_after: float = RERUN_AFTER) -> None:
         self.executor = executor
         self.capture = capture
         self.max_concurrent_runs = max_concurrent_runs
         #: queued re-runs of one function a worker runs together, their selects in one round trip
         self.batch_runs = batch_runs
+        #: a hot query runs again once a fan-out pass is this far through (``[realtime] rerun_after_pass``)
+        self.rerun_after = rerun_after
         #: whether a function's last run issued only ``ctx.db.select`` (it may run in a batch)
         self.batchable: dict[str, bool] = {}
         self._position = position
@@ -595,12 +598,12 @@ class LiveQueryEngine:
         position. Passes start where the previous one stopped, so no subscriber is always last.
 
         The query runs again (changes arrived) only once a pass with the newest result is
-        ``RERUN_AFTER`` through: about one result per pass, not a run for every write of a hot
-        table. A write waits at most about ``RERUN_AFTER`` of a pass for its run, then at most a
-        pass to reach each subscriber."""
+        ``rerun_after`` through (by default all of it): one result per pass, not a run for every
+        write of a hot table. A write waits at most about a pass for its run, then at most a pass
+        to reach each subscriber."""
         if q.fanning:
             # the pass in progress sends this newer result to whoever it has not reached
-            q.holding = RERUN_AFTER > 0
+            q.holding = self.rerun_after > 0
             return
         q.fanning = True
         try:
@@ -613,7 +616,7 @@ class LiveQueryEngine:
                     return
                 start = q.cursor % n
                 ring = subs[start:] + subs[:start]
-                hold = int(n * RERUN_AFTER)
+                hold = int(n * self.rerun_after)
                 q.holding = hold > 0
                 counted = self.telemetry is not None and self.telemetry.enabled
                 started = time.time_ns() if counted else 0

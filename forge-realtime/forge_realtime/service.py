@@ -47,7 +47,7 @@ class Realtime:
                                    fallback_poll=self.config.fallback_poll,
                                    resync_after=self.config.retention / 2, on_lsn=reads.note)
         self.engine = LiveQueryEngine(node.executor, self.capture, max_concurrent_runs=self.config.max_concurrent_runs,
-                                      batch_runs=self.config.batch_runs,
+                                      batch_runs=self.config.batch_runs, rerun_after=self.config.rerun_after_pass,
                                       position=lambda: self.reader.position)
         self.limits = node.loader.hook.forge_rate_limiter(node=node)
         await self._capture_declared()

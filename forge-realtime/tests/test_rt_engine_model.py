@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import types
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -391,11 +392,11 @@ class Recorder:
         raise AssertionError(f"{sub_id} ended: {error}")
 
 
-def _hot_engine(n: int) -> tuple[LiveQueryEngine, ModelExecutor, list, list[Subscription]]:
+def _hot_engine(n: int, **kw: Any) -> tuple[LiveQueryEngine, ModelExecutor, list, list[Subscription]]:
     ex = ModelExecutor(random.Random(0))
     ex.rnd = random.Random(0)
     ex.rows[1] = {"owner": "a", "topic": 0}
-    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=2)
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=2, **kw)
     log: list = []
     subs = [Subscription(Recorder(log, i), "s", "by_owner", {"o": "a"}, Caller("u1")) for i in range(n)]
     return engine, ex, log, subs
@@ -440,7 +441,7 @@ async def test_a_long_fan_out_yields_to_the_event_loop_and_the_unreached_get_the
     from forge_realtime.engine import FANOUT_CHUNK
 
     n = FANOUT_CHUNK * 4
-    engine, ex, log, subs = _hot_engine(n)
+    engine, ex, log, subs = _hot_engine(n, rerun_after=0.5)  # a run while the pass is out
     await _subscribed(engine, log, subs)
     assert len(log) == n
     first_hash = log[0][1]
@@ -530,11 +531,11 @@ async def test_a_subscriber_gone_during_a_fan_out_gets_nothing_more():
     assert {name for name, _, _ in log} == reached
 
 
-async def test_a_hot_query_runs_again_only_once_its_fan_out_is_three_quarters_through():
+async def test_a_hot_query_runs_again_only_once_its_fan_out_has_reached_every_subscriber():
     """Writes during a long fan-out do not each re-run the query: the next run starts when the pass
-    is three quarters through its subscribers (about one result per pass: at half a pass a hot
-    query ran 0.45-0.51 times per write in bench (c), more than the fan-out that held the loop did),
-    and covers all of them at once."""
+    has sent to all its subscribers (one result per pass: with a run at half a pass a hot query ran
+    0.45-0.51 times per write in bench (c), more than the fan-out that held the event loop did), and
+    covers all of them at once."""
     from forge_realtime.engine import FANOUT_CHUNK
 
     n = FANOUT_CHUNK * 8
@@ -557,5 +558,46 @@ async def test_a_hot_query_runs_again_only_once_its_fan_out_is_three_quarters_th
     await _settle(log, engine)
     await engine.stop()
     assert len(started_at) == 2, started_at  # the first write's run, then one run for the five others
-    assert started_at[1] >= n * 3 // 4
+    assert started_at[1] >= n
     assert {p for name, h, p in log[-n:]} == {17}
+
+
+async def test_rerun_after_pass_runs_a_hot_query_again_part_way_through_its_fan_out():
+    """``[realtime] rerun_after_pass`` below 1: fresher results for more re-runs. At 0.5 the next run
+    starts once the pass is half through, before it ends, and still covers every write since."""
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    n = FANOUT_CHUNK * 8
+    engine, ex, log, subs = _hot_engine(n, rerun_after=0.5)
+    started_at: list[int] = []
+    call = ex.call
+
+    async def counted_call(*a, **kw):
+        started_at.append(len(log))
+        return await call(*a, **kw)
+
+    ex.call = counted_call
+    await _subscribed(engine, log, subs)
+    log.clear()
+    started_at.clear()
+    _insert(engine, ex, 2, 10)
+    await _first_chunk_out(log)
+    for i in range(3, 8):  # five writes while the first chunk is out
+        _insert(engine, ex, i, 10 + i)
+    await _settle(log, engine)
+    await engine.stop()
+    assert len(started_at) == 2, started_at  # the first write's run, then one run for the five others
+    assert n // 2 <= started_at[1] < n
+    assert {p for name, h, p in log[-n:]} == {17}
+
+
+def test_rerun_after_pass_outside_0_to_1_is_refused_naming_the_key():
+    import pytest
+
+    from forge_kernel.convert import InvalidValue
+    from forge_realtime.config import RealtimeConfig
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InvalidValue, match="rerun_after_pass"):
+            RealtimeConfig(rerun_after_pass=bad)
+    assert RealtimeConfig(rerun_after_pass=0).rerun_after_pass == 0
