@@ -531,15 +531,13 @@ async def test_a_subscriber_gone_during_a_fan_out_gets_nothing_more():
     assert {name for name, _, _ in log} == reached
 
 
-async def test_a_hot_query_runs_again_only_once_its_fan_out_has_reached_every_subscriber():
-    """Writes during a long fan-out do not each re-run the query: the next run starts when the pass
-    has sent to all its subscribers (one result per pass: with a run at half a pass a hot query ran
-    0.45-0.51 times per write in bench (c), more than the fan-out that held the event loop did), and
-    covers all of them at once."""
+async def _runs_during_a_fan_out(**kw: Any) -> tuple[int, list[int], list]:
+    """Five writes while a hot query's fan-out is out: the number of subscribers, how many pushes
+    had gone out when each run started, and the pushes."""
     from forge_realtime.engine import FANOUT_CHUNK
 
     n = FANOUT_CHUNK * 8
-    engine, ex, log, subs = _hot_engine(n)
+    engine, ex, log, subs = _hot_engine(n, **kw)
     started_at: list[int] = []
     call = ex.call
 
@@ -557,6 +555,15 @@ async def test_a_hot_query_runs_again_only_once_its_fan_out_has_reached_every_su
         _insert(engine, ex, i, 10 + i)
     await _settle(log, engine)
     await engine.stop()
+    return n, started_at, log
+
+
+async def test_a_hot_query_runs_again_only_once_its_fan_out_has_reached_every_subscriber():
+    """Writes during a long fan-out do not each re-run the query: the next run starts when the pass
+    has sent to all its subscribers (one result per pass: with a run at half a pass a hot query ran
+    0.45-0.51 times per write in bench (c), more than the fan-out that held the event loop did), and
+    covers all of them at once."""
+    n, started_at, log = await _runs_during_a_fan_out()
     assert len(started_at) == 2, started_at  # the first write's run, then one run for the five others
     assert started_at[1] >= n
     assert {p for name, h, p in log[-n:]} == {17}
@@ -565,28 +572,8 @@ async def test_a_hot_query_runs_again_only_once_its_fan_out_has_reached_every_su
 async def test_rerun_after_pass_runs_a_hot_query_again_part_way_through_its_fan_out():
     """``[realtime] rerun_after_pass`` below 1: fresher results for more re-runs. At 0.5 the next run
     starts once the pass is half through, before it ends, and still covers every write since."""
-    from forge_realtime.engine import FANOUT_CHUNK
-
-    n = FANOUT_CHUNK * 8
-    engine, ex, log, subs = _hot_engine(n, rerun_after=0.5)
-    started_at: list[int] = []
-    call = ex.call
-
-    async def counted_call(*a, **kw):
-        started_at.append(len(log))
-        return await call(*a, **kw)
-
-    ex.call = counted_call
-    await _subscribed(engine, log, subs)
-    log.clear()
-    started_at.clear()
-    _insert(engine, ex, 2, 10)
-    await _first_chunk_out(log)
-    for i in range(3, 8):  # five writes while the first chunk is out
-        _insert(engine, ex, i, 10 + i)
-    await _settle(log, engine)
-    await engine.stop()
-    assert len(started_at) == 2, started_at  # the first write's run, then one run for the five others
+    n, started_at, log = await _runs_during_a_fan_out(rerun_after=0.5)
+    assert len(started_at) == 2, started_at
     assert n // 2 <= started_at[1] < n
     assert {p for name, h, p in log[-n:]} == {17}
 
