@@ -42,15 +42,16 @@ _DATA, _UNCHANGED = "data", "unchanged"
 #: socket writes): the change-log reader and the re-run a write needs take several turns of the loop
 #: each (a hint, a poll and its answer, a worker waking, the query's round trip), and each turn waits
 #: for the chunk in progress. At 256 (about 3 ms a chunk, more when the node shares its core) that
-#: is an estimated 10-20 ms on every write's latency in bench (c), and 40-52 loop stalls over 20 ms
-#: per (c) step on a busy machine (0-2 at 64); a yield costs a few microseconds, under one socket write
+#: is up to about 20 ms on a write's latency in bench (c) on a busy machine: side by side, 64 against
+#: 256 had p99 403/454 against 412/514 ms and 1-3 against 12-20 loop stalls over 20 ms per step,
+#: for 1-2 % more CPU per push
 FANOUT_CHUNK = 64
 #: how far a fan-out gets (a fraction of the subscribers) before its query may run again: one result
 #: per pass, so a hot query is not re-run for every write (see LiveQueryEngine._fan_out). Bench (c)
 #: (5,000 subscribers, 50 writes/s, same runs): at 0.5 the query ran 0.40-0.57 times per write, at
 #: 0.75 0.23-0.35, at 1.0 0.29 against 0.33 for the fan-out that held the event loop, with no p99 to
 #: show for the extra runs on a shared machine (a write waits for the next run, then for the pass to
-#: reach its subscriber: about a pass each whatever the fraction, see forge-realtime/README.md)
+#: reach its subscriber: about a pass each whatever the fraction, see bench/realtime/README.md)
 RERUN_AFTER = 1.0
 
 
