@@ -16,9 +16,11 @@ Two things, both free when nothing observes the node:
   points at its trace (no reference cycle, so an unkept trace is freed at once, never by the
   cyclic garbage collector).
 * **requests** - the gateway opens a request's root span with :meth:`Telemetry.start_request` and
-  closes it with :meth:`Telemetry.end_request`: in a fresh unsampled trace the root draws its span
-  id only when asked for and gets its attributes only when the observer may keep it, so a request
-  that ends well and fast costs two clock reads, the ``contextvars`` round trip and a counter.
+  closes it with :meth:`Telemetry.end_request`: a fresh trace is head-sampled with one
+  ``random()`` draw, and an unsampled one's root draws its trace and span ids, reads the wall clock
+  and gets its attributes only when something asks for them (a log line, a ``traceparent``, a
+  child) or the observer may keep it, so a request that ends well and fast costs two
+  ``call_clock`` readings, the ``contextvars`` round trip and a counter.
   A child recorded on such a root (``Span.record``: a dispatch, a push) is only noted until the
   local trace is needed.
 * **function calls** - the executor records each call with :meth:`Telemetry.call_started` /
@@ -30,7 +32,8 @@ Two things, both free when nothing observes the node:
   costs one float in a list: no tuple per call, and the observer folds a whole batch at once.
 
 The head decision ``trace.sampled`` is known when a trace starts: the remote parent's sampled
-flag (when the observer honours it) or the trace id's low 64 bits under the sampling rate. It
+flag (when the observer honours it) or the trace id's low 64 bits under the sampling rate (a
+fresh request's trace id is drawn to agree with the decision made for it). It
 is the same on every node for the same trace id, so a job run on another node keeps its part of
 a trace exactly when the request that dispatched it did; the observer may keep more at the end
 (errors, slow work). Costly recording (SQL statements) happens only in sampled traces.
@@ -98,7 +101,6 @@ _TRACEPARENT = re.compile(r"^\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-
 _TRACEPARENT_00 = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}").fullmatch
 _ODD_HEX = frozenset("13579bdf")
 _random = random.random
-_randrange = random.randrange
 
 
 def parse_traceparent(value: Any) -> tuple[int, int, int] | None:
@@ -358,7 +360,7 @@ def _promote(span: Span) -> None:
     t0, t1 = span._t0, span._t1
     now_ns, now = _time_ns(), call_clock()
     span.__class__ = Span
-    span.trace_id = (_getrandbits(64) << 64) | _randrange(below, 1 << 64) or 1
+    span.trace_id = (_getrandbits(64) << 64) | (below + _getrandbits(64) % ((1 << 64) - below)) or 1
     span.span_id = _getrandbits(64) or 1
     span.parent_id, span.kind = 0, "server"
     span.attrs = span.ids = span.error = span._later = span._trace = None
@@ -378,8 +380,9 @@ class Telemetry:
         self.enabled = False
         self.events: collections.deque | None = None
         self._ring_size = 0
-        #: function name -> the seconds of its successful calls since the last drain (see call_ended)
-        self._ok_calls: dict[str, _CallBatch] = {}
+        #: function name -> the seconds of its successful calls since the last drain (see call_ended; the
+        #: executor appends to a batch of the right kind with room itself, the usual case inline)
+        self.ok_calls: dict[str, _CallBatch] = {}
         #: events lost because the ring was full
         self.dropped = 0
         self._on_trace: Callable[[Trace], None] | None = None
@@ -434,19 +437,19 @@ class Telemetry:
         self.enabled = False
         self._on_trace = None
         self.events = None
-        self._ok_calls = {}
+        self.ok_calls = {}
 
     def drain(self) -> list[tuple]:
         """Every event recorded since the last drain, oldest first, then one ``calls`` event per
         function that had successful calls (their seconds, in call order)."""
-        ev, batches = self.events, self._ok_calls
+        ev, batches = self.events, self.ok_calls
         out: list[tuple] = []
         if ev:
             # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
             self.events = collections.deque(maxlen=ev.maxlen)
             out = list(ev)
         if batches:
-            self._ok_calls = {}
+            self.ok_calls = {}
             out.extend([("calls", (name, batch.kind, "OK", batch)) for name, batch in batches.items()])
         return out
 
@@ -585,7 +588,7 @@ class Telemetry:
         # head-sampled: a full span, its trace id's low 64 bits below the threshold (what
         # head_sampled_remote decides from them on any node)
         span = _new_span(Span)
-        span.trace_id = (_getrandbits(64) << 64) | _randrange(min(self._sample_below, 1 << 64)) or 1
+        span.trace_id = (_getrandbits(64) << 64) | _getrandbits(64) % min(self._sample_below, 1 << 64) or 1
         span.sampled, span.span_id, span.parent_id, span.kind = True, _getrandbits(64) or 1, 0, "server"
         span.attrs = span.ids = span.error = span._later = span._trace = None
         span.name = name
@@ -647,7 +650,7 @@ class Telemetry:
         observer may keep that trace. ``start`` is a reading of :data:`call_clock` taken as the call began."""
         took = call_clock() - start
         if code == "OK":
-            batch = self._ok_calls.get(name)
+            batch = self.ok_calls.get(name)
             if batch is not None and batch.kind is kind and len(batch) < MAX_CALL_BATCH:
                 batch.append(took)
             else:
@@ -672,9 +675,9 @@ class Telemetry:
         if self.events is None:  # nothing observes
             return
         if code == "OK":
-            batch = self._ok_calls.get(name)
+            batch = self.ok_calls.get(name)
             if batch is None:
-                batch = self._ok_calls[name] = _CallBatch()
+                batch = self.ok_calls[name] = _CallBatch()
                 batch.kind = kind
                 batch.append(seconds)
                 return

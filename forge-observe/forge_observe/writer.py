@@ -80,16 +80,12 @@ def attrs_json(attrs: dict[Any, Any], limit: int) -> str:
     booleans or None as text cut to ``limit`` bytes (``truncate``)."""
     try:
         text = _encode_json(attrs)
-    except (OverflowError, TypeError, ValueError):  # an int beyond 64 bits, an object
+    except TypeError:  # a value or key msgspec does not encode (an object, a tuple key)
         text = None
     # the usual case, as it is: scalars, and all of it shorter than the shortest cut (so every key and value is)
     if text is not None and len(text) <= min(200, limit) and _SCALARS.issuperset(map(type, attrs.values())):
         return text.decode()
-    clean = {str(k)[:200]: _json_value(v, limit) for k, v in attrs.items()}
-    try:
-        return _encode_json(clean).decode()
-    except (OverflowError, TypeError, ValueError):  # an integer beyond 64 bits: as text
-        return _encode_json({k: str(v) if isinstance(v, int) else v for k, v in clean.items()}).decode()
+    return _encode_json({str(k)[:200]: _json_value(v, limit) for k, v in attrs.items()}).decode()
 
 
 def span_rows(trace: Trace, node_id: str, attr_limit: int) -> list[tuple]:
