@@ -33,7 +33,7 @@ from .batch import BATCH, NotBatchable, QueryBatch, RefusedConnection
 from .db import Database, TableRead, statements_run
 from .errors import DatabaseUnavailable, ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
-from .telemetry import Telemetry, call_clock, current, format_traceparent, new_span_id
+from .telemetry import MAX_CALL_BATCH, Telemetry, call_clock, current, format_traceparent, new_span_id
 
 
 
@@ -633,7 +633,14 @@ class FunctionExecutor:
             raise
         finally:
             if t0:
-                tel.call_ended(span, defn.name, defn.kind, call.request_id, t0, code)
+                # Telemetry.call_ended's usual case inline (a successful, fast call without a span of its
+                # own: its seconds into its function's batch), a Python call less on every call
+                took = call_clock() - t0
+                batch = tel.ok_calls.get(defn.name) if span is None and code == "OK" and took < tel.keep_over else None
+                if batch is not None and batch.kind is defn.kind and len(batch) < MAX_CALL_BATCH:
+                    batch.append(took)
+                else:
+                    tel.call_ended(span, defn.name, defn.kind, call.request_id, t0, code)
         return unstructure(result) if unstructured else result
 
     async def batched(self, jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:

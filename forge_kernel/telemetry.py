@@ -16,9 +16,11 @@ Two things, both free when nothing observes the node:
   points at its trace (no reference cycle, so an unkept trace is freed at once, never by the
   cyclic garbage collector).
 * **requests** - the gateway opens a request's root span with :meth:`Telemetry.start_request` and
-  closes it with :meth:`Telemetry.end_request`: in a fresh unsampled trace the root draws its span
-  id only when asked for and gets its attributes only when the observer may keep it, so a request
-  that ends well and fast costs two clock reads, the ``contextvars`` round trip and a counter.
+  closes it with :meth:`Telemetry.end_request`: a fresh trace is head-sampled with one
+  ``random()`` draw, and an unsampled one's root draws its trace and span ids, reads the wall clock
+  and gets its attributes only when something asks for them (a log line, a ``traceparent``, a
+  child) or the observer may keep it, so a request that ends well and fast costs two
+  ``call_clock`` readings, the ``contextvars`` round trip and a counter.
   A child recorded on such a root (``Span.record``: a dispatch, a push) is only noted until the
   local trace is needed.
 * **function calls** - the executor records each call with :meth:`Telemetry.call_started` /
@@ -30,7 +32,8 @@ Two things, both free when nothing observes the node:
   costs one float in a list: no tuple per call, and the observer folds a whole batch at once.
 
 The head decision ``trace.sampled`` is known when a trace starts: the remote parent's sampled
-flag (when the observer honours it) or the trace id's low 64 bits under the sampling rate. It
+flag (when the observer honours it) or the trace id's low 64 bits under the sampling rate (a
+fresh request's trace id is drawn to agree with the decision made for it). It
 is the same on every node for the same trace id, so a job run on another node keeps its part of
 a trace exactly when the request that dispatched it did; the observer may keep more at the end
 (errors, slow work). Costly recording (SQL statements) happens only in sampled traces.
@@ -189,7 +192,7 @@ class Span:
     """One timed operation. Times are wall-clock nanoseconds (``time.time_ns``)."""
 
     __slots__ = ("_trace", "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs",
-                 "error", "sampled", "ids", "_token", "_later")
+                 "error", "sampled", "ids", "_token", "_later", "_t0", "_t1")
 
     def __init__(self, trace: Trace | None, trace_id: int, sampled: bool, span_id: int, parent_id: int, name: str,
                  kind: str, attrs: dict[str, Any] | None, start_ns: int) -> None:
@@ -268,7 +271,7 @@ class Span:
 
 def _local_trace(root: Span) -> Trace:
     """The local trace of an open root span that had none yet (its first child, record or hand-over)."""
-    if type(root) is _UnsampledRoot:
+    if isinstance(root, _UnsampledRoot):
         _promote(root)
     trace = root._trace = Trace(root.trace_id, root.sampled, root.parent_id)
     trace.open = 1
@@ -297,25 +300,47 @@ def _leave(span: Span) -> None:
 
 class _UnsampledRoot(Span):
     """A request's local root in a fresh unsampled trace (:meth:`Telemetry.start_request`), made with
-    only its trace id, name, start, end and context token set: the other fields are the class-level
-    defaults below until something needs more (its span id: a log line, a ``traceparent``; a child,
-    an attribute, the observer getting it), which makes it a plain :class:`Span` (``_promote``,
-    drawing its span id then, on the event loop's thread). Most requests end fast and well without
-    anyone asking, and an object with five fields set costs a third less to make and free.
+    only its name, head decision, context token and two :data:`call_clock` readings (start, end) set:
+    no trace id, span id or wall-clock time yet. The rest are the class-level defaults below until
+    something needs more (its ids: a log line, a ``traceparent``, a dispatch; a child, an attribute,
+    the observer getting it; its times), which makes it a plain :class:`Span` (``_promote``: its ids
+    drawn, its readings turned into wall-clock nanoseconds). Most requests end fast and well without
+    anyone asking, and then never draw a 128-bit id nor read the wall clock.
 
+    Each attached :class:`Telemetry` makes its own subclass holding its sampling threshold
+    (``_below``), so a trace id drawn later still says "not sampled" to ``head_sampled_remote``.
     The defaults are plain class attributes: they shadow Span's slots for reading, and a write to
     one raises (every writer of those fields promotes the span first)."""
 
     __slots__ = ()
-    sampled = False
+    #: the trace ids' low 64 bits at or above which a trace is not head-sampled (the subclass's)
+    _below = 0
     parent_id = 0
     kind = "server"
     attrs = ids = error = _later = _trace = None
 
-    @property  # shadows Span's slot until promoted; then the instance is a Span and the slot answers
+    # properties shadow Span's slots until promoted; then the instance is a Span and the slots answer
+    @property
+    def trace_id(self) -> int:
+        _promote(self)
+        return self.trace_id
+
+    @property
     def span_id(self) -> int:
         _promote(self)
         return self.span_id
+
+    @property
+    def start_ns(self) -> int:
+        _promote(self)
+        return self.start_ns
+
+    @property
+    def end_ns(self) -> int:
+        if not self._t1:  # open: read on hot paths (is the parent still open?), so no promotion
+            return 0
+        _promote(self)
+        return self.end_ns
 
     def set(self, key: str, value: Any) -> None:
         _promote(self)
@@ -328,11 +353,19 @@ class _UnsampledRoot(Span):
 
 
 def _promote(span: Span) -> None:
-    """Make an :class:`_UnsampledRoot` the plain :class:`Span` it stands for, its span id drawn."""
+    """Make an :class:`_UnsampledRoot` the plain :class:`Span` it stands for: its trace id drawn with
+    low bits at or above its threshold (not head-sampled, as decided), its span id drawn, its clock
+    readings turned into wall-clock nanoseconds (both from one reading of each clock)."""
+    below = span._below
+    t0, t1 = span._t0, span._t1
+    now_ns, now = _time_ns(), call_clock()
     span.__class__ = Span
-    span.sampled, span.parent_id, span.kind = False, 0, "server"
-    span.attrs = span.ids = span.error = span._later = span._trace = None
+    span.trace_id = (_getrandbits(64) << 64) | (below + _getrandbits(64) % ((1 << 64) - below)) or 1
     span.span_id = _getrandbits(64) or 1
+    span.parent_id, span.kind = 0, "server"
+    span.attrs = span.ids = span.error = span._later = span._trace = None
+    span.start_ns = start = now_ns - int((now - t0) * 1e9)
+    span.end_ns = start + int((t1 - t0) * 1e9) if t1 else 0
 
 
 def new_span_id() -> int:
@@ -347,14 +380,16 @@ class Telemetry:
         self.enabled = False
         self.events: collections.deque | None = None
         self._ring_size = 0
-        #: function name -> the seconds of its successful calls since the last drain (see call_ended)
-        self._ok_calls: dict[str, _CallBatch] = {}
+        #: function name -> the seconds of its successful calls since the last drain (see call_ended; the
+        #: executor appends to a batch of the right kind with room itself, the usual case inline)
+        self.ok_calls: dict[str, _CallBatch] = {}
         #: events lost because the ring was full
         self.dropped = 0
         self._on_trace: Callable[[Trace], None] | None = None
         self._sample_below = 0
         self._sample_below_hex: str | None = "0" * 16
         self._sample_rate = 0.0
+        self._unsampled_root: type[_UnsampledRoot] = _UnsampledRoot
         self._honor_sampled = True
         #: seconds; an unsampled function call this slow (or failing) still gets its span (see call_ended),
         #: and an unsampled local trace without errors reaches the observer only when its root took this long
@@ -388,6 +423,9 @@ class Telemetry:
         #: the same as 16 hex digits; None: every trace id is below it (rate 1)
         self._sample_below_hex = f"{self._sample_below:016x}" if self._sample_below <= _LOW64 else None
         self._sample_rate = sample_rate
+        #: the class of this telemetry's unsampled request roots (its threshold for their trace ids)
+        self._unsampled_root = type("_UnsampledRoot", (_UnsampledRoot,),
+                                    {"__slots__": (), "_below": min(self._sample_below, _LOW64)})
         self._honor_sampled = honor_remote_sampled
         self.keep_over = keep_over
         self.keep_over_ns = min(1 << 62, int(keep_over * 1e9)) if keep_over != float("inf") else 1 << 62
@@ -399,19 +437,19 @@ class Telemetry:
         self.enabled = False
         self._on_trace = None
         self.events = None
-        self._ok_calls = {}
+        self.ok_calls = {}
 
     def drain(self) -> list[tuple]:
         """Every event recorded since the last drain, oldest first, then one ``calls`` event per
         function that had successful calls (their seconds, in call order)."""
-        ev, batches = self.events, self._ok_calls
+        ev, batches = self.events, self.ok_calls
         out: list[tuple] = []
         if ev:
             # a fresh ring in, the old one read whole (in C): no await in between, so nothing is lost
             self.events = collections.deque(maxlen=ev.maxlen)
             out = list(ev)
         if batches:
-            self._ok_calls = {}
+            self.ok_calls = {}
             out.extend([("calls", (name, batch.kind, "OK", batch)) for name, batch in batches.items()])
         return out
 
@@ -492,6 +530,8 @@ class Telemetry:
         span of its local trace, the observer gets the trace if it may keep it (see ``attach``)."""
         if span is None or span.end_ns:  # nothing, or ended before
             return
+        if isinstance(span, _UnsampledRoot):  # a request's root closed as a plain span: it gets its fields
+            _promote(span)
         span.end_ns = end = _time_ns()
         if span._token is not None:
             _leave(span)
@@ -529,20 +569,28 @@ class Telemetry:
     def start_request(self, name: str, remote: str | None) -> Span | None:
         """The local root span of a request (kind ``server``), continuing ``remote`` (the caller's
         ``traceparent``) or a fresh trace: ``start_span(name, "server", remote=remote)`` for less.
-        In a fresh unsampled trace its span id is drawn when first asked for, and its attributes
-        are set by :meth:`end_request` only when the observer gets it. ``None`` when nothing observes."""
+        A fresh trace is head-sampled at the sampling rate; an unsampled one's root (99 % at the
+        default rate) draws its ids and reads the wall clock only when something asks for them
+        (``_UnsampledRoot``), and gets its attributes from :meth:`end_request` only when the observer
+        gets it. ``None`` when nothing observes."""
         if not self.enabled:
             return None
+        if remote is None and (_random() >= self._sample_rate or not self._sample_below):
+            span = _new_span(self._unsampled_root)
+            span.sampled = False
+            span.name = name
+            span._t1 = 0.0
+            span._t0 = call_clock()
+            span._token = _current.set(span)
+            return span
         if remote is not None:
             return self.start_span(name, "server", remote=remote)
-        trace_id = _getrandbits(128) or 1
-        if (trace_id & _LOW64) < self._sample_below:  # head-sampled: a full span
-            span = _new_span(Span)
-            span.sampled, span.span_id, span.parent_id, span.kind = True, _getrandbits(64) or 1, 0, "server"
-            span.attrs = span.ids = span.error = span._later = span._trace = None
-        else:  # the rest are its class's defaults until it is promoted
-            span = _new_span(_UnsampledRoot)
-        span.trace_id = trace_id
+        # head-sampled: a full span, its trace id's low 64 bits below the threshold (what
+        # head_sampled_remote decides from them on any node)
+        span = _new_span(Span)
+        span.trace_id = (_getrandbits(64) << 64) | _getrandbits(64) % min(self._sample_below, 1 << 64) or 1
+        span.sampled, span.span_id, span.parent_id, span.kind = True, _getrandbits(64) or 1, 0, "server"
+        span.attrs = span.ids = span.error = span._later = span._trace = None
         span.name = name
         span.end_ns = 0
         span.start_ns = _time_ns()
@@ -553,24 +601,31 @@ class Telemetry:
         """Close a request's root span (from :meth:`start_request`) answered with HTTP ``status``: a
         status of 500 or more marks it failed. Its attributes (``request.id``, ``http.status_code``)
         are set only when the observer may keep it; an unsampled request that went well and fast
-        ends with a clock read and a counter."""
-        if span is None or span.end_ns:
+        ends with a clock reading, the ``contextvars`` reset and a counter."""
+        if span is None:
             return
-        if status < 500 and (type(span) is _UnsampledRoot or (span._trace is None and not span.sampled)):
+        if type(span) is self._unsampled_root and status < 500 and not span._t1:
+            end = call_clock()
+            if end - span._t0 < self.keep_over:
+                span._t1 = end
+                try:
+                    _current.reset(span._token)
+                except ValueError:  # ended in another context than it started in
+                    pass
+                self.discarded += 1
+                return
+        if span.end_ns:
+            return
+        if isinstance(span, _UnsampledRoot):  # it gets attributes: a plain span
+            _promote(span)
+        elif status < 500 and span._trace is None and not span.sampled:  # continuing an unsampled remote
             end = _time_ns()
             if end - span.start_ns < self.keep_over_ns:
                 span.end_ns = end
-                token = span._token
-                if token is not None:  # _leave, inline: this is every request's path
-                    span._token = None
-                    try:
-                        _current.reset(token)
-                    except ValueError:  # ended in another context than it started in
-                        pass
+                if span._token is not None:
+                    _leave(span)
                 self.discarded += 1
                 return
-        if type(span) is _UnsampledRoot:  # it gets attributes: a plain span
-            _promote(span)
         attrs = span.attrs
         if attrs is None:
             span.attrs = {"request.id": request_id, "http.status_code": status}
@@ -595,7 +650,7 @@ class Telemetry:
         observer may keep that trace. ``start`` is a reading of :data:`call_clock` taken as the call began."""
         took = call_clock() - start
         if code == "OK":
-            batch = self._ok_calls.get(name)
+            batch = self.ok_calls.get(name)
             if batch is not None and batch.kind is kind and len(batch) < MAX_CALL_BATCH:
                 batch.append(took)
             else:
@@ -620,9 +675,9 @@ class Telemetry:
         if self.events is None:  # nothing observes
             return
         if code == "OK":
-            batch = self._ok_calls.get(name)
+            batch = self.ok_calls.get(name)
             if batch is None:
-                batch = self._ok_calls[name] = _CallBatch()
+                batch = self.ok_calls[name] = _CallBatch()
                 batch.kind = kind
                 batch.append(seconds)
                 return

@@ -93,3 +93,47 @@ def test_successful_calls_are_batched_per_function_and_bounded(monkeypatch):
     assert all(s >= 0 for k, f in events for s in (f[3] if k == "calls" else [f[3]]))
     tel.call_ended(None, "f", "".join(["que", "ry"]), "r", start, "OK")  # an equal kind: batched
     assert [(k, f[:3], len(f[3])) for k, f in tel.drain()] == [("calls", ("f", "query", "OK"), 1)]
+
+
+def test_an_unsampled_request_that_ends_well_draws_no_ids(monkeypatch):
+    """Most requests (unsampled, fast, answered below 500, nothing asking for their ids) never draw a
+    trace or span id nor read the wall clock: their root is a few fields and two clock readings."""
+    from forge_kernel import telemetry
+
+    draws = []
+    real = telemetry._getrandbits
+    monkeypatch.setattr(telemetry, "_getrandbits", lambda k: draws.append(k) or real(k))
+    monkeypatch.setattr(telemetry, "_time_ns", lambda: draws.append("wall clock") or time.time_ns())
+    tel = Telemetry()
+    tel.attach(lambda t: None, sample_rate=0.0, keep_over=60.0)
+    for status in (200, 404):
+        tel.end_request(tel.start_request("POST /rpc/f", None), status, "req-1")
+    assert draws == [] and tel.discarded == 2
+
+
+def test_a_promoted_request_root_has_wall_clock_times_and_an_unsampled_trace_id():
+    """An unsampled root made into a plain span late (it failed, a log line or a dispatch asked for
+    its ids) gets wall-clock start and end times around the request, and a trace id whose low bits
+    say "not sampled" to any node deciding from its traceparent (a dispatched job's run)."""
+    got = []
+    tel = Telemetry()
+    tel.attach(got.append, sample_rate=0.5)
+    asked = 0
+    while asked < 50:
+        before = time.time_ns()
+        root = tel.start_request("POST /rpc/f", None)
+        if root.sampled:
+            tel.end_request(root, 200, "r")
+            continue
+        asked += 1
+        if asked % 2:  # asked for its traceparent while open (a dispatch), then it ends well
+            tp = root.traceparent()
+            assert tel.head_sampled_remote(tp) is False
+            tel.end_request(root, 200, "r")
+        else:  # it fails: promoted as it ends
+            tel.end_request(root, 503, "r")
+            assert got[-1].root is root
+        after = time.time_ns()
+        slack = 1_000_000  # the wall clock may be stepped while a test runs (NTP): no exact bound on it
+        assert before - slack <= root.start_ns <= root.end_ns <= after + slack
+        assert (root.trace_id & ((1 << 64) - 1)) >= 1 << 63 and root.span_id

@@ -389,6 +389,11 @@ class NodeMetrics:
                 self._discarded_seen = discarded
         return n
 
+    def count_traces(self, decisions: dict[str, int]) -> None:
+        """Add the tail sampler's decisions (``TraceSink.take_decisions``) to ``forge_observe_traces``."""
+        for why, n in decisions.items():
+            self.traces.labels(why).inc(n)
+
     def _malformed(self) -> None:
         self.drop("events", "malformed")
 

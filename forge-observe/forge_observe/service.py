@@ -66,8 +66,7 @@ class Observer:
                                          on_drop=lambda n: self.metrics.drop("otlp", "export_failed", n),
                                          on_export=self.metrics.exported.inc)
             self.exporter.start()
-        self.sink = TraceSink(self.writer, cfg.slow_threshold, self.exporter.offer if self.exporter else None,
-                              lambda why: self.metrics.traces.labels(why).inc())
+        self.sink = TraceSink(self.writer, cfg.slow_threshold, self.exporter.offer if self.exporter else None)
         node.telemetry.attach(self.sink, sample_rate=cfg.sample_rate, ring_size=cfg.event_ring,
                               honor_remote_sampled=cfg.honor_remote_sampled, keep_over=cfg.slow_threshold)
         # through the kernel's log set-up: no locals in stored tracebacks, secrets redacted
@@ -110,6 +109,8 @@ class Observer:
 
     # --- aggregation and snapshots -----------------------------------------------------------
     def aggregate(self) -> int:
+        if self.sink is not None:
+            self.metrics.count_traces(self.sink.take_decisions())
         events = self.node.telemetry.drain()
         if events and self.writer is not None:
             try:

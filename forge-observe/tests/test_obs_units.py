@@ -23,7 +23,9 @@ from forge_observe import hooks, query
 from forge_observe.alerts import AlertEvaluator
 from forge_observe.config import AlertRule
 from forge_observe.otlp import OtlpExporter
-from forge_observe.writer import drop_partitions, ensure_partitions, truncate
+from forge_observe.metrics import NodeMetrics
+from forge_observe.recorder import TraceSink
+from forge_observe.writer import attrs_json, drop_partitions, ensure_partitions, span_rows, truncate
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
@@ -125,6 +127,81 @@ def test_truncation_bounds_bytes_and_marks_the_cut(text, limit):
         assert out == text
     else:
         assert len(out.encode()) <= limit and out.endswith("bytes]") and "…[truncated" in out
+
+
+def _strict_json(text):
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON that jsonb accepts")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+_ATTR_VALUES = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=400)
+                | st.lists(st.integers(), max_size=3) | st.builds(object))
+
+
+@given(attrs=st.dictionaries(st.text(max_size=260) | st.integers(), _ATTR_VALUES, max_size=5),
+       limit=st.integers(64, 1024))
+def test_span_attributes_are_stored_as_json_jsonb_accepts(attrs, limit):
+    """A kept span's attributes become JSON text jsonb accepts, whatever they hold: keys cut to 200
+    characters, texts (and anything not a number, boolean or None, as text) cut to ``limit`` bytes
+    with a marker, NaN and infinities as null (the json module wrote ``NaN``, which jsonb refuses:
+    the whole COPY batch failed)."""
+    stored = _strict_json(attrs_json(attrs, limit))
+    expected = {}
+    for k, v in attrs.items():
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+            v = None
+        elif not isinstance(v, (bool, int, float)) and v is not None:
+            v = truncate(v if isinstance(v, str) else str(v), limit)
+        expected[str(k)[:200]] = v
+    assert stored == expected
+
+
+def test_kept_trace_rows_carry_the_spans_fields():
+    tel = Telemetry()
+    got = []
+    tel.attach(got.append, sample_rate=1.0)
+    root = tel.start_request("POST /rpc/f", None)
+    call = tel.call_started("f", "query", "req-1")
+    call.record("sql", "client", call.start_ns, call.start_ns + 2_000_000, {"db.statement": "SELECT 1"})
+    tel.end_span(call, "INTERNAL")
+    tel.end_request(root, 200, "req-1")
+    rows = span_rows(got[0], "n1", 1024)
+    by_name = {r[3]: r for r in rows}
+    assert set(by_name) == {"POST /rpc/f", "f", "sql"}
+    assert all(r[0] == f"{root.trace_id:032x}" and r[5] == "n1" for r in rows)
+    assert by_name["POST /rpc/f"][1:3] == (f"{root.span_id:016x}", None)
+    assert by_name["f"][1:3] == (f"{call.span_id:016x}", f"{root.span_id:016x}")
+    assert by_name["sql"][2] == f"{call.span_id:016x}" and by_name["sql"][7] == 2.0
+    assert by_name["f"][8] == "INTERNAL" and by_name["POST /rpc/f"][8] is None
+    assert _strict_json(by_name["POST /rpc/f"][9]) == {"request.id": "req-1", "http.status_code": 200}
+    assert by_name["f"][6] == dt.datetime.fromtimestamp(call.start_ns / 1e9, dt.timezone.utc)
+
+
+def test_tail_sampling_decisions_reach_the_traces_series():
+    """The tail sampler counts its decisions without prometheus_client on the trace's path; the
+    observer folds them into ``forge_observe_traces`` when it aggregates (and before a scrape)."""
+
+    class Writer:
+        def add(self, kind, record):
+            pass
+
+    tel = Telemetry()
+    sink = TraceSink(Writer(), slow_threshold=1.0)
+    tel.attach(sink, sample_rate=1.0)
+    for _ in range(3):
+        tel.end_span(tel.start_span("work"))
+    tel.attach(sink, sample_rate=0.0)
+    tel.end_span(tel.start_span("work"), "NOT_FOUND")  # a client error alone: handed over, then discarded
+    metrics = NodeMetrics(type("Node", (), {"id": "n1", "telemetry": tel})(), process=False)
+    metrics.count_traces(sink.take_decisions())
+    assert sink.take_decisions() == {}
+    value = metrics.registry.get_sample_value
+    assert value("forge_observe_traces_total", {"decision": "sampled"}) == 3
+    assert value("forge_observe_traces_total", {"decision": "discarded"}) == 1
 
 
 def _config(data):
