@@ -430,9 +430,22 @@ class Worker:
         #: the claim loop refills once the jobs claimed ahead are down to this many (with prefetch
         #: 0: always, as each result is written); results wait at most RESULTS_WAIT for a batch
         self._low_water = self.prefetch // 2
+        #: rows this node may hold leased: running, finished with the result unwritten, claimed ahead
+        self._held = config.concurrency + self.prefetch
+        #: the second lane sends once this many results wait (see _lane_due)
+        self._lane_batch = max(1, self._held // 4)
+        self._lane_kick = asyncio.Event()
+        #: statements in flight, capacity they asked for and jobs they start at once (two lanes)
+        self._in_flight = 0
+        self._claiming = 0
+        self._starting = 0
+        #: the last claim filled its capacity: more jobs are pending
+        self._backlog = False
         self._reports_since = 0.0
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
+        self._limited_names = list(self.type_limits)
+        self._limited_queues = list(self.queue_limits)
         self._claim_done: asyncio.Event = asyncio.Event()
         #: identities jobs run as, by (run_as JSON text, caller): see _auth
         self._auths: dict[tuple[str | None, str | None], Auth] = {}
@@ -444,7 +457,8 @@ class Worker:
         self._last_rescue = 0.0
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
-                      "released": 0, "lost": 0, "progress_writes": 0, "statements": 0}
+                      "released": 0, "lost": 0, "progress_writes": 0, "statements": 0,
+                      "overlapped": 0}
         #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
         self.extra_channels: dict[str, Callable[..., Any]] = {}
         #: called whenever the listen connection is (re)established
@@ -531,6 +545,7 @@ class Worker:
     # --- claiming -------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         self._claim_done.clear()
+        lane = asyncio.create_task(self._second_lane(), name="forge-worker-claim-lane")
         try:
             while not self.stopping:
                 try:
@@ -544,14 +559,124 @@ class Worker:
                     self.sleeping = False
                     await asyncio.sleep(0.2 + random.random() * 0.3)
         finally:
+            # the second lane's statement in flight is waited for: jobs it claims are started or
+            # released before stop() looks at the running jobs
+            self._lane_kick.set()
+            if self.stopping:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(lane), 10)
+            if not lane.done():
+                lane.cancel()
+                with contextlib.suppress(BaseException):
+                    await lane
             self._claim_done.set()
             self.report_event.set()  # results of jobs still running are written by the report loop now
 
+    async def _second_lane(self) -> None:
+        """A second connection that sends the same result-and-claim statement while the claim
+        loop's is in flight, under a backlog only (see _lane_due). Most of a statement's round trip
+        is its commit's WAL flush: with one statement at a time, results of jobs that finish during
+        it wait for it to return, and their rows stay leased (so unclaimable for new work) that
+        long. Two in flight commit in one flush (group commit) and halve that wait. Idle nodes
+        never use it (the claim loop alone polls, sleeps and claims limited jobs)."""
+        while not self.stopping:
+            await self._lane_kick.wait()
+            if self.stopping:
+                return
+            try:
+                async with self.node.pool.acquire() as conn:
+                    await self._session_settings(conn, PLANNER_SETTINGS)
+                    while not self.stopping:
+                        self._lane_kick.clear()
+                        if not self._lane_due() or await self._round(conn) is None:
+                            await self._lane_kick.wait()  # a finished job or a statement sent
+            except _DB_ERRORS as exc:
+                if self.stopping:
+                    return
+                logger.warning(f"worker claim lane lost the database ({type(exc).__name__}: {exc}); retrying")
+                await asyncio.sleep(0.2 + random.random() * 0.3)
+
+    def _lane_due(self) -> bool:
+        """The second lane sends a statement now: a backlog (the last claim filled its capacity),
+        the claim loop's statement in flight and none of the lane's own, and either jobs would
+        soon wait for work (_urgent) or a quarter of the rows this node may hold are finished."""
+        return (self._backlog and self._in_flight == 1 and not self.stopping
+                and (self._urgent() or len(self.reports) >= self._lane_batch))
+
+    async def _round(self, conn: asyncpg.Connection) -> tuple[int, int] | None:
+        """One statement: write the finished attempts and claim into the room they leave (and the
+        free room). Returns (jobs claimed, capacity asked), or None when there was nothing to send.
+        Two lanes may run it at once: what one has in flight (capacity asked, jobs to start at
+        once) is counted against the other's."""
+        cfg = self.config
+        # finished attempts keep their rows leased until this statement writes their results;
+        # the same statement may claim into their room, since both commit together
+        batch, self.reports = self.reports, []
+        capacity = min(self._held - len(self.running) - self._claiming + len(batch), self.claim_batch)
+        premark = [a for a in self.premark if not a.finished]
+        if capacity <= 0 and not batch and not premark:
+            return None
+        self.premark = []
+        capacity = max(capacity, 0)
+        # claimed jobs that start at once (the rest wait here, claimed ahead)
+        start_now = max(0, min(capacity, cfg.concurrency - self.active - len(self.ready) - self._starting))
+        self.wake.clear()
+        self.slot_free.clear()
+        self._in_flight += 1
+        self._claiming += capacity
+        self._starting += start_now
+        if self._in_flight > 1:
+            self.stats["overlapped"] += 1  # sent while the other lane's statement is in flight
+        if self._backlog and self._in_flight == 1 and self._lane_due():
+            self._lane_kick.set()
+        try:
+            async with self._planned(conn, PLANNER_SETTINGS):
+                if capacity > 0 and time.monotonic() >= self.next_due:
+                    row = await conn.fetchrow(PROMOTE)
+                    nxt = row["next_in"]
+                    self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
+                                                        else cfg.poll_interval)
+                if batch or premark:
+                    for a in premark:
+                        a.started_wall = time.time()
+                    cols = self._result_columns(batch)
+                    marked = sorted(premark, key=_by_id)  # lock order as in RENEW
+                    rows = await conn.fetch(WRITE_AND_CLAIM, *cols[:5], self.node_id,
+                                            self._keep_history, cfg.lease, self.queues, self.capabilities,
+                                            self._limited_names, self._limited_queues, capacity,
+                                            cfg.durable_results or bool(premark), cols[5],
+                                            [a.id for a in marked], [a.attempt for a in marked],
+                                            [a.started_wall for a in marked], start_now, _RUNNING)
+                    if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
+                        rows = []
+                else:
+                    rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
+                                            self._limited_names, self._limited_queues, capacity, start_now)
+        except BaseException:
+            # written with the next statement
+            self.reports[:0] = batch
+            self.premark[:0] = premark
+            raise
+        finally:
+            self._in_flight -= 1
+            self._claiming -= capacity
+            self._starting -= start_now
+        self.stats["statements"] += 1
+        for a in premark:  # their start is written: they start now, in the slot they hold
+            if self.stopping:
+                self._drop_unstarted(a, "released")
+            elif not a.finished:
+                self._launch(a)
+        self._written(batch)
+        got = len(rows)
+        self._start_jobs(rows)
+        if capacity > 0:
+            self._backlog = got >= capacity
+        return got, capacity
+
     async def _claim_on(self, conn: asyncpg.Connection) -> None:
         cfg = self.config
-        limited_names = list(self.type_limits)
-        limited_queues = list(self.queue_limits)
-        held = cfg.concurrency + self.prefetch  # rows this node may hold leased
+        limited = self._limited_names or self._limited_queues
         while not self.stopping:
             if not self._urgent():
                 # jobs claimed ahead cover the next round trip: gather results and room for a
@@ -570,63 +695,18 @@ class Worker:
                         timer.cancel()
                     if not self._urgent() and time.monotonic() - self._reports_since < RESULTS_WAIT:
                         continue
-            # finished attempts keep their rows leased until this statement writes their results;
-            # the same statement may claim into their room, since both commit together
-            batch, self.reports = self.reports, []
-            capacity = min(held - len(self.running) + len(batch), self.claim_batch)
-            premark = [a for a in self.premark if not a.finished]
-            if capacity <= 0 and not batch and not premark:
+            sent = await self._round(conn)
+            if sent is None:
                 self.slot_free.clear()
-                if held - len(self.running) <= 0 and not self.reports and not self.premark:
+                if self._held - len(self.running) - self._claiming <= 0 and not self.reports and not self.premark:
                     await self.slot_free.wait()
                 continue
-            self.premark = []
-            # claimed jobs that start at once (the rest wait here, claimed ahead)
-            start_now = max(0, min(capacity, cfg.concurrency - self.active - len(self.ready)))
-            self.wake.clear()
-            self.slot_free.clear()
-            try:
-                async with self._planned(conn, PLANNER_SETTINGS):
-                    if capacity > 0 and time.monotonic() >= self.next_due:
-                        row = await conn.fetchrow(PROMOTE)
-                        nxt = row["next_in"]
-                        self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
-                                                            else cfg.poll_interval)
-                    if batch or premark:
-                        for a in premark:
-                            a.started_wall = time.time()
-                        cols = self._result_columns(batch)
-                        marked = sorted(premark, key=_by_id)  # lock order as in RENEW
-                        rows = await conn.fetch(WRITE_AND_CLAIM, *cols[:5], self.node_id,
-                                                self._keep_history, cfg.lease, self.queues, self.capabilities,
-                                                limited_names, limited_queues, max(capacity, 0),
-                                                cfg.durable_results or bool(premark), cols[5],
-                                                [a.id for a in marked], [a.attempt for a in marked],
-                                                [a.started_wall for a in marked], start_now, _RUNNING)
-                        if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
-                            rows = []
-                    else:
-                        rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
-                                                limited_names, limited_queues, capacity, start_now)
-            except BaseException:
-                # written with the next statement
-                self.reports[:0] = batch
-                self.premark[:0] = premark
-                raise
-            self.stats["statements"] += 1
-            for a in premark:  # their start is written: they start now, in the slot they hold
-                if self.stopping:
-                    self._drop_unstarted(a, "released")
-                elif not a.finished:
-                    self._launch(a)
-            self._written(batch)
-            got = len(rows)
-            self._start_jobs(rows)
+            got, capacity = sent
             if capacity <= 0:
                 continue
             # limited jobs are never claimed ahead: a running count in PostgreSQL is a running job
-            free = min(capacity - got, cfg.concurrency - self.active - len(self.ready))
-            if (limited_names or limited_queues) and free > 0:
+            free = min(capacity - got, cfg.concurrency - self.active - len(self.ready) - self._starting)
+            if limited and free > 0:
                 got += await self._claim_limited(conn, free)
             now = time.monotonic()
             if got:
@@ -753,9 +833,12 @@ class Worker:
     def _poke(self) -> None:
         """Wake the claim loop only when its next statement is due (see _urgent): with jobs claimed
         ahead it lets results and claims gather into batches instead of one statement per job."""
-        if self._urgent():
+        urgent = self._urgent()
+        if urgent:
             self.slot_free.set()
             self.wake.set()
+        if self._in_flight == 1 and self._backlog and (urgent or len(self.reports) >= self._lane_batch):
+            self._lane_kick.set()  # the claim loop's statement is in flight: the second lane sends
 
     def _drop_unstarted(self, a: Attempt, outcome: str) -> None:
         """A job claimed ahead leaves this node without starting: ``released`` (a graceful stop:

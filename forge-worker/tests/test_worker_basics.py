@@ -113,3 +113,19 @@ async def test_plain_asyncpg_pool_without_forge_codecs(forge_node):
         assert info.args == {"value": "raw"}
     finally:
         await pool.close()
+
+
+async def test_a_backlog_is_written_and_claimed_by_two_statements_in_flight(forge_node):
+    """Under a backlog a second connection sends the result-and-claim statement while the claim
+    loop's waits for its commit (Worker._second_lane): statements overlap, and every job still
+    runs exactly once, with its result written once."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    ids = await queue.enqueue_many([queue.request(worker_jobs.noop) for _ in range(4000)])
+    await eventually(lambda: _count_is(node.pool, "SELECT count(*) FROM forge_jobs", 0), timeout=120,
+                     what="4000 jobs run and written")
+    stats = node.worker.stats
+    assert stats["overlapped"] > 0, stats
+    assert stats["claimed"] == 4000 and stats["succeeded"] == 4000, stats
+    hist = await node.pool.fetch("SELECT id, attempt FROM forge_job_history WHERE id = ANY($1::bigint[])", ids)
+    assert sorted(r["id"] for r in hist) == sorted(ids) and {r["attempt"] for r in hist} == {1}
