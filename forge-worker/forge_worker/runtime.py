@@ -118,9 +118,16 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # mode, 250 rows held and 150 results: 37,350 rows compared, 11 of a statement's 17 ms). The
 # planner cannot prove a parameter implies an index predicate (PostgreSQL docs, Partial Indexes),
 # so each result probes the primary key, whatever the statistics say.
+#
+# The arrays of a batch ($1-$5 and the start times) arrive as array literals in one text value each
+# (see _array): asyncpg checks every element of a list it encodes against the collections.abc
+# ABCs (isinstance(elem, Iterable), Sized...), ~0.4 us per element, 6 per result: 9 % of a node's
+# CPU instructions per no-op job (callgrind, bench/jobs/instructions.py); a joined string is a
+# third of that and PostgreSQL parses it in C.
 _RESULTS = """
 r AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], ${started}::float8[])
+    SELECT * FROM unnest($1::text::bigint[], $2::text::int[], $3::text::text[], $4::text::float8[], $5::text::text[],
+                         ${started}::text::float8[])
         AS r(id, attempt, outcome, delay, error, started)
 ), done AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
@@ -213,7 +220,7 @@ WITH {_RESULTS.replace("${started}", "$15").replace("${running}", "$20")}, p AS 
     {_RETURNING}
 ), marked AS (
     UPDATE forge_jobs j SET started_at = to_timestamp(m.t)
-    FROM unnest($16::bigint[], $17::int[], $18::float8[]) AS m(id, attempt, t)
+    FROM unnest($16::text::bigint[], $17::text::int[], $18::text::float8[]) AS m(id, attempt, t)
     WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = $20
     RETURNING 1
 )
@@ -335,6 +342,17 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     """Exponential backoff with jitter: ``min(cap, base * 2**(attempt-1))`` scaled to 50-100 %."""
     raw = min(cap, base * 2 ** min(max(attempt - 1, 0), 62))
     return raw * (0.5 + rng() / 2)
+
+
+def _array(values: Any) -> str:
+    """A PostgreSQL array literal of numbers (``None``: NULL), for a ``$n::text::bigint[]`` parameter."""
+    return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
+
+
+def _text_array(values: Any) -> str:
+    """A PostgreSQL array literal of text (``None``: NULL), every element quoted and escaped."""
+    return "{" + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                           for v in values]) + "}"
 
 
 def _ready_order(a: Attempt) -> tuple[int, int]:
@@ -645,8 +663,8 @@ class Worker:
                                             self._keep_history, cfg.lease, self.queues, self.capabilities,
                                             self._limited_names, self._limited_queues, capacity,
                                             cfg.durable_results or bool(premark), cols[5],
-                                            [a.id for a in marked], [a.attempt for a in marked],
-                                            [a.started_wall for a in marked], start_now, _RUNNING)
+                                            _array([a.id for a in marked]), _array([a.attempt for a in marked]),
+                                            _array([a.started_wall for a in marked]), start_now, _RUNNING)
                     if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
                         rows = []
                 else:
@@ -742,9 +760,11 @@ class Worker:
                     await asyncio.wait_for(self.wake.wait(), timeout)
 
     @staticmethod
-    def _result_columns(batch: list[tuple[int, int, str, float, str | None, float | None]]) -> tuple[list, ...]:
-        return ([r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], [r[3] for r in batch],
-                [r[4] for r in batch], [r[5] for r in batch])
+    def _result_columns(batch: list[tuple[int, int, str, float, str | None, float | None]]) -> tuple[str, ...]:
+        """The batch's columns as array literals (see _RESULTS)."""
+        ids, attempts, outcomes, delays, errors, started = zip(*batch) if batch else ((),) * 6
+        return (_array(ids), _array(attempts), _text_array(outcomes), _array(delays), _text_array(errors),
+                _array(started))
 
     def _written(self, batch: list[tuple[int, int, str, float, str | None, float | None]]) -> None:
         """The results of ``batch`` are stored: their rows are no longer leased here (_free)."""
@@ -837,7 +857,7 @@ class Worker:
         if urgent:
             self.slot_free.set()
             self.wake.set()
-        if self._in_flight == 1 and self._backlog and (urgent or len(self.reports) >= self._lane_batch):
+        if self._in_flight == 1 and self._backlog and self._lane_due():
             self._lane_kick.set()  # the claim loop's statement is in flight: the second lane sends
 
     def _drop_unstarted(self, a: Attempt, outcome: str) -> None:

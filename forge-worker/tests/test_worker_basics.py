@@ -129,3 +129,22 @@ async def test_a_backlog_is_written_and_claimed_by_two_statements_in_flight(forg
     assert stats["claimed"] == 4000 and stats["succeeded"] == 4000, stats
     hist = await node.pool.fetch("SELECT id, attempt FROM forge_job_history WHERE id = ANY($1::bigint[])", ids)
     assert sorted(r["id"] for r in hist) == sorted(ids) and {r["attempt"] for r in hist} == {1}
+
+
+# array-literal syntax (quotes, backslashes, braces, commas, NULL) and text beyond it
+AWKWARD = ['say "hi"', "back\\slash \\\"both\\\\", "{braces,commas}", "NULL", "", "line\nbreak\ttab",
+           "ünïcödé ✓ 🚀", "trailing \\"]
+
+
+async def test_error_texts_of_a_batch_are_written_exactly(forge_node):
+    """Results go to PostgreSQL as array literals in one text value (runtime._text_array): error
+    texts with the literal's own syntax in them reach last_error unchanged."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    ids = await queue.enqueue_many([queue.request(worker_jobs.fails_with, {"message": m}) for m in AWKWARD])
+    await eventually(lambda: _count(node.pool, "SELECT count(*) FROM forge_jobs WHERE status = 'dead'", len(ids)),
+                     timeout=60, what="the failing jobs dead-lettered")
+    errors = {r["id"]: r["last_error"] for r in await node.pool.fetch(
+        "SELECT id, last_error FROM forge_jobs WHERE id = ANY($1::bigint[])", ids)}
+    for job_id, message in zip(ids, AWKWARD):
+        assert errors[job_id].startswith(f"RuntimeError: {message}\n"), (message, errors[job_id])

@@ -367,7 +367,9 @@ async def test_lease_renewal_writes_when_a_long_job_claimed_ahead_started(forge_
     node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1, prefetch=1))
     queue = JobQueue(node.pool)
     first, second = await _claimed_ahead_then_started(node, queue, hold=0.5)
-    claimed = await node.pool.fetchrow("SELECT started_at FROM forge_jobs WHERE id = $1", first)
+    # the first job has ended: its row may be live still or already moved to history
+    claimed = await node.pool.fetchrow("SELECT started_at FROM forge_jobs WHERE id = $1 UNION ALL "
+                                       "SELECT started_at FROM forge_job_history WHERE id = $1", first)
 
     async def start_written():
         r = await node.pool.fetchrow("SELECT status, started_at FROM forge_jobs WHERE id = $1", second)
