@@ -6,6 +6,8 @@ Loops (each holds one pool connection for its lifetime, so no per-statement pool
   ``FOR UPDATE SKIP LOCKED`` (limited queues/types under an advisory lock so limits hold
   cluster-wide), then sleeps until a NOTIFY, a free slot, the next delayed job or the poll
   interval;
+* **claim lane** - under a backlog, a second connection that sends the claim loop's statement
+  (results + claims) while the loop's own waits for its commit (Worker._second_lane);
 * **report** - writes finished attempts in one statement per batch (move to history or delete,
   reschedule with backoff, dead letter), fenced by node and attempt;
 * **lease** - renews the leases of running jobs, writes coalesced progress, notices cancellations
@@ -42,8 +44,10 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.In
               asyncio.TimeoutError, ConnectionError)
 
 # run_as as text: a node sees few distinct identities, decoded once each (Worker._auth); options
-# NULL when empty, the common case (readers take NULL as {}): two JSON decodes per job saved
-_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller,
+# NULL when empty, the common case (readers take NULL as {}): two JSON decodes per job saved. args
+# NULL when empty too (a job without arguments: 6.5 % of a no-op job's instructions went to the
+# codec's json.loads of '{}')
+_RETURNING = """RETURNING j.id, j.name, j.queue, NULLIF(j.args, '{}'::jsonb) AS args, j.attempt, j.max_attempts, j.timeout, j.caller,
                           j.run_as::text AS run_as, NULLIF(j.options, '{}'::jsonb) AS options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
@@ -120,15 +124,17 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # so each result probes the primary key, whatever the statistics say.
 #
 # The arrays of a batch ($1-$5 and the start times) arrive as array literals in one text value each
-# (see _array): asyncpg checks every element of a list it encodes against the collections.abc
-# ABCs (isinstance(elem, Iterable), Sized...), ~0.4 us per element, 6 per result: 9 % of a node's
-# CPU instructions per no-op job (callgrind, bench/jobs/instructions.py); a joined string is a
-# third of that and PostgreSQL parses it in C.
+# (see _array): asyncpg checks every element of a list it encodes against the collections.abc ABCs
+# (isinstance(elem, Iterable), Sized...), ~0.4 us per element, 6 per result: 9 % of a node's CPU
+# instructions per no-op job (callgrind, bench/jobs/instructions.py); a joined string is a third of
+# that and PostgreSQL parses it in C. Start times go as epoch microseconds: an int's text costs a
+# quarter of a float's shortest repr.
 _RESULTS = """
 r AS (
-    SELECT * FROM unnest($1::text::bigint[], $2::text::int[], $3::text::text[], $4::text::float8[], $5::text::text[],
-                         ${started}::text::float8[])
-        AS r(id, attempt, outcome, delay, error, started)
+    SELECT id, attempt, outcome, delay, error, started_us / 1e6 AS started
+    FROM unnest($1::text::bigint[], $2::text::int[], $3::text::text[], $4::text::float8[], $5::text::text[],
+                ${started}::text::float8[])
+        AS r(id, attempt, outcome, delay, error, started_us)
 ), done AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
@@ -219,7 +225,7 @@ WITH {_RESULTS.replace("${started}", "$15").replace("${running}", "$20")}, p AS 
     FROM c WHERE j.id = c.id
     {_RETURNING}
 ), marked AS (
-    UPDATE forge_jobs j SET started_at = to_timestamp(m.t)
+    UPDATE forge_jobs j SET started_at = to_timestamp(m.t / 1e6)
     FROM unnest($16::text::bigint[], $17::text::int[], $18::text::float8[]) AS m(id, attempt, t)
     WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = $20
     RETURNING 1
@@ -347,6 +353,11 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
 def _array(values: Any) -> str:
     """A PostgreSQL array literal of numbers (``None``: NULL), for a ``$n::text::bigint[]`` parameter."""
     return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
+
+
+def _micros(epochs: Any) -> list[int | None]:
+    """Epoch seconds as whole microseconds (``None`` stays)."""
+    return [None if t is None else int(t * 1e6) for t in epochs]
 
 
 def _text_array(values: Any) -> str:
@@ -664,7 +675,7 @@ class Worker:
                                             self._limited_names, self._limited_queues, capacity,
                                             cfg.durable_results or bool(premark), cols[5],
                                             _array([a.id for a in marked]), _array([a.attempt for a in marked]),
-                                            _array([a.started_wall for a in marked]), start_now, _RUNNING)
+                                            _array(_micros(a.started_wall for a in marked)), start_now, _RUNNING)
                     if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
                         rows = []
                 else:
@@ -764,7 +775,7 @@ class Worker:
         """The batch's columns as array literals (see _RESULTS)."""
         ids, attempts, outcomes, delays, errors, started = zip(*batch) if batch else ((),) * 6
         return (_array(ids), _array(attempts), _text_array(outcomes), _array(delays), _text_array(errors),
-                _array(started))
+                _array(_micros(started)))
 
     def _written(self, batch: list[tuple[int, int, str, float, str | None, float | None]]) -> None:
         """The results of ``batch`` are stored: their rows are no longer leased here (_free)."""
@@ -904,7 +915,7 @@ class Worker:
                 raise _Fatal(f"unknown job type {row['name']!r}: {kind} (check [app] modules on worker "
                              f"{self.node_id}; retry it from dead letter once a worker knows it)")
             try:
-                args = bind_arguments(defn, row["args"])
+                args = bind_arguments(defn, row["args"] or {})
             except ForgeError as exc:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
             auth = self._auth(row["run_as"], row["caller"])  # the identity that dispatched it
@@ -1019,7 +1030,7 @@ class Worker:
 
     async def _job_finished(self, row: Any, a: Attempt, outcome: str, started: dt.datetime, error: str | None) -> None:
         status = "retry_later" if outcome == "retry_later" else outcome
-        result = JobOutcome(job_id=a.id, name=row["name"], args=row["args"], options=row["options"] or {},
+        result = JobOutcome(job_id=a.id, name=row["name"], args=row["args"] or {}, options=row["options"] or {},
                             status=status, attempt=a.attempt, started_at=started,
                             finished_at=dt.datetime.now(dt.timezone.utc), error=error, node_id=self.node_id)
         try:
