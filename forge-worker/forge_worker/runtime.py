@@ -6,8 +6,9 @@ Loops (each holds one pool connection for its lifetime, so no per-statement pool
   ``FOR UPDATE SKIP LOCKED`` (limited queues/types under an advisory lock so limits hold
   cluster-wide), then sleeps until a NOTIFY, a free slot, the next delayed job or the poll
   interval;
-* **claim lane** - under a backlog, a second connection that sends the claim loop's statement
-  (results + claims) while the loop's own waits for its commit (Worker._second_lane);
+* **claim lane** (``claim_lanes = 2``) - under a backlog, a second connection that sends the
+  claim loop's statement (results + claims) while the loop's own waits for its commit
+  (Worker._second_lane);
 * **report** - writes finished attempts in one statement per batch (move to history or delete,
   reschedule with backoff, dead letter), fenced by node and attempt;
 * **lease** - renews the leases of running jobs, writes coalesced progress, notices cancellations
@@ -462,6 +463,7 @@ class Worker:
         #: rows this node may hold leased: running, finished with the result unwritten, claimed ahead
         self._held = config.concurrency + self.prefetch
         #: the second lane sends once this many results wait (see _lane_due)
+        self._lanes = config.claim_lanes
         self._lane_batch = max(1, self._held // 4)
         self._lane_kick = asyncio.Event()
         #: statements in flight, capacity they asked for and jobs they start at once (two lanes)
@@ -574,7 +576,7 @@ class Worker:
     # --- claiming -------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         self._claim_done.clear()
-        lane = asyncio.create_task(self._second_lane(), name="forge-worker-claim-lane")
+        lane = asyncio.create_task(self._second_lane(), name="forge-worker-claim-lane") if self._lanes > 1 else None
         try:
             while not self.stopping:
                 try:
@@ -591,10 +593,10 @@ class Worker:
             # the second lane's statement in flight is waited for: jobs it claims are started or
             # released before stop() looks at the running jobs
             self._lane_kick.set()
-            if self.stopping:
+            if lane is not None and self.stopping:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(lane), 10)
-            if not lane.done():
+            if lane is not None and not lane.done():
                 lane.cancel()
                 with contextlib.suppress(BaseException):
                     await lane
@@ -602,9 +604,9 @@ class Worker:
             self.report_event.set()  # results of jobs still running are written by the report loop now
 
     async def _second_lane(self) -> None:
-        """A second connection that sends the same result-and-claim statement while the claim
-        loop's is in flight, under a backlog only (see _lane_due). Most of a statement's round trip
-        is its commit's WAL flush: with one statement at a time, results of jobs that finish during
+        """With ``claim_lanes = 2``: a second connection that sends the same result-and-claim
+        statement while the claim loop's is in flight, under a backlog only (see _lane_due). Most of
+        a statement's round trip is its commit's WAL flush: with one statement at a time, results of jobs that finish during
         it wait for it to return, and their rows stay leased (so unclaimable for new work) that
         long. Two in flight commit in one flush (group commit) and halve that wait. Idle nodes
         never use it (the claim loop alone polls, sleeps and claims limited jobs)."""
@@ -629,7 +631,7 @@ class Worker:
         """The second lane sends a statement now: a backlog (the last claim filled its capacity),
         the claim loop's statement in flight and none of the lane's own, and either jobs would
         soon wait for work (_urgent) or a quarter of the rows this node may hold are finished."""
-        return (self._backlog and self._in_flight == 1 and not self.stopping
+        return (self._lanes > 1 and self._backlog and self._in_flight == 1 and not self.stopping
                 and (self._urgent() or len(self.reports) >= self._lane_batch))
 
     async def _round(self, conn: asyncpg.Connection) -> tuple[int, int] | None:

@@ -116,10 +116,10 @@ async def test_plain_asyncpg_pool_without_forge_codecs(forge_node):
 
 
 async def test_a_backlog_is_written_and_claimed_by_two_statements_in_flight(forge_node):
-    """Under a backlog a second connection sends the result-and-claim statement while the claim
-    loop's waits for its commit (Worker._second_lane): statements overlap, and every job still
-    runs exactly once, with its result written once."""
-    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    """With ``claim_lanes = 2``, under a backlog a second connection sends the result-and-claim
+    statement while the claim loop's waits for its commit (Worker._second_lane): statements
+    overlap, and every job still runs exactly once, with its result written once."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(claim_lanes=2))
     queue = JobQueue(node.pool)
     ids = await queue.enqueue_many([queue.request(worker_jobs.noop) for _ in range(4000)])
     await eventually(lambda: _count_is(node.pool, "SELECT count(*) FROM forge_jobs", 0), timeout=120,
