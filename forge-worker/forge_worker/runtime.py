@@ -48,8 +48,8 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.In
 # NULL when empty, the common case (readers take NULL as {}): two JSON decodes per job saved. args
 # NULL when empty too (a job without arguments: 6.5 % of a no-op job's instructions went to the
 # codec's json.loads of '{}')
-_RETURNING = """RETURNING j.id, j.name, j.queue, NULLIF(j.args, '{}'::jsonb) AS args, j.attempt, j.max_attempts, j.timeout, j.caller,
-                          j.run_as::text AS run_as, NULLIF(j.options, '{}'::jsonb) AS options,
+_RETURNING = """RETURNING j.id, j.name, j.queue, NULLIF(j.args, '{}'::jsonb) AS args, j.attempt, j.max_attempts,
+                          j.timeout, j.caller, j.run_as::text AS run_as, NULLIF(j.options, '{}'::jsonb) AS options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
@@ -462,7 +462,8 @@ class Worker:
         self._low_water = self.prefetch // 2
         #: rows this node may hold leased: running, finished with the result unwritten, claimed ahead
         self._held = config.concurrency + self.prefetch
-        #: the second lane sends once this many results wait (see _lane_due)
+        #: statements that may be in flight at once (claim_lanes); the second lane sends once
+        #: _lane_batch results wait (see _lane_due)
         self._lanes = config.claim_lanes
         self._lane_batch = max(1, self._held // 4)
         self._lane_kick = asyncio.Event()
@@ -576,7 +577,9 @@ class Worker:
     # --- claiming -------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         self._claim_done.clear()
-        lane = asyncio.create_task(self._second_lane(), name="forge-worker-claim-lane") if self._lanes > 1 else None
+        lane = None
+        if self._lanes > 1:
+            lane = asyncio.create_task(self._second_lane(), name="forge-worker-claim-lane")
         try:
             while not self.stopping:
                 try:
@@ -606,10 +609,11 @@ class Worker:
     async def _second_lane(self) -> None:
         """With ``claim_lanes = 2``: a second connection that sends the same result-and-claim
         statement while the claim loop's is in flight, under a backlog only (see _lane_due). Most of
-        a statement's round trip is its commit's WAL flush: with one statement at a time, results of jobs that finish during
-        it wait for it to return, and their rows stay leased (so unclaimable for new work) that
-        long. Two in flight commit in one flush (group commit) and halve that wait. Idle nodes
-        never use it (the claim loop alone polls, sleeps and claims limited jobs)."""
+        a statement's round trip is its commit's WAL flush: with one statement at a time, results
+        of jobs that finish during it wait for it to return, and their rows stay leased (so
+        unclaimable for new work) that long. Two in flight commit in one flush (group commit) and
+        halve that wait. Idle nodes never use it (the claim loop alone polls, sleeps and claims
+        limited jobs)."""
         while not self.stopping:
             await self._lane_kick.wait()
             if self.stopping:
