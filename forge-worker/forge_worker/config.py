@@ -32,6 +32,9 @@ class WorkerConfig:
     #: A node holds at most ``concurrency + prefetch`` jobs; 0: claim only into free slots.
     #: Unset: equal to ``concurrency``. A graceful stop releases them at once.
     prefetch: int | None = attrs.field(default=None, validator=_prefetch)
+    #: statements writing results and claiming that may be in flight at once under a backlog (2: a
+    #: second connection sends while the first waits for its commit's WAL flush; see the README)
+    claim_lanes: int = attrs.field(default=1, validator=in_range(1, 2))
     #: most jobs claimed in one round trip (0: up to the free capacity)
     claim_batch: int = attrs.field(default=0, validator=in_range(0, 100_000))
     #: cluster-wide limits on running jobs per queue, e.g. ``{ emails = 2 }`` (same on every node)

@@ -6,6 +6,9 @@ Loops (each holds one pool connection for its lifetime, so no per-statement pool
   ``FOR UPDATE SKIP LOCKED`` (limited queues/types under an advisory lock so limits hold
   cluster-wide), then sleeps until a NOTIFY, a free slot, the next delayed job or the poll
   interval;
+* **claim lane** (``claim_lanes = 2``) - under a backlog, a second connection that sends the
+  claim loop's statement (results + claims) while the loop's own waits for its commit
+  (Worker._second_lane);
 * **report** - writes finished attempts in one statement per batch (move to history or delete,
   reschedule with backoff, dead letter), fenced by node and attempt;
 * **lease** - renews the leases of running jobs, writes coalesced progress, notices cancellations
@@ -42,9 +45,11 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.In
               asyncio.TimeoutError, ConnectionError)
 
 # run_as as text: a node sees few distinct identities, decoded once each (Worker._auth); options
-# NULL when empty, the common case (readers take NULL as {}): two JSON decodes per job saved
-_RETURNING = """RETURNING j.id, j.name, j.queue, j.args, j.attempt, j.max_attempts, j.timeout, j.caller,
-                          j.run_as::text AS run_as, NULLIF(j.options, '{}'::jsonb) AS options,
+# NULL when empty, the common case (readers take NULL as {}): two JSON decodes per job saved. args
+# NULL when empty too (a job without arguments: 6.5 % of a no-op job's instructions went to the
+# codec's json.loads of '{}')
+_RETURNING = """RETURNING j.id, j.name, j.queue, NULLIF(j.args, '{}'::jsonb) AS args, j.attempt, j.max_attempts,
+                          j.timeout, j.caller, j.run_as::text AS run_as, NULLIF(j.options, '{}'::jsonb) AS options,
                           j.priority, j.run_at, j.created_at, j.started_at, j.unique_key"""
 # statement_timestamp(), not now(): a limited claim runs in a transaction that first waits for
 # advisory locks, and now() (its start) would date the start and the lease before that wait
@@ -118,10 +123,19 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # mode, 250 rows held and 150 results: 37,350 rows compared, 11 of a statement's 17 ms). The
 # planner cannot prove a parameter implies an index predicate (PostgreSQL docs, Partial Indexes),
 # so each result probes the primary key, whatever the statistics say.
+#
+# The arrays of a batch ($1-$5 and the start times) arrive as array literals in one text value each
+# (see _array): asyncpg checks every element of a list it encodes against the collections.abc ABCs
+# (isinstance(elem, Iterable), Sized...), ~0.4 us per element, 6 per result: 9 % of a node's CPU
+# instructions per no-op job (callgrind, bench/jobs/instructions.py); a joined string is a third of
+# that and PostgreSQL parses it in C. Start times go as epoch microseconds: an int's text costs a
+# quarter of a float's shortest repr.
 _RESULTS = """
 r AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], ${started}::float8[])
-        AS r(id, attempt, outcome, delay, error, started)
+    SELECT id, attempt, outcome, delay, error, started_us / 1e6 AS started
+    FROM unnest($1::text::bigint[], $2::text::int[], $3::text::text[], $4::text::float8[], $5::text::text[],
+                ${started}::text::float8[])
+        AS r(id, attempt, outcome, delay, error, started_us)
 ), done AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
@@ -212,8 +226,8 @@ WITH {_RESULTS.replace("${started}", "$15").replace("${running}", "$20")}, p AS 
     FROM c WHERE j.id = c.id
     {_RETURNING}
 ), marked AS (
-    UPDATE forge_jobs j SET started_at = to_timestamp(m.t)
-    FROM unnest($16::bigint[], $17::int[], $18::float8[]) AS m(id, attempt, t)
+    UPDATE forge_jobs j SET started_at = to_timestamp(m.t / 1e6)
+    FROM unnest($16::text::bigint[], $17::text::int[], $18::text::float8[]) AS m(id, attempt, t)
     WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = $20
     RETURNING 1
 )
@@ -337,6 +351,22 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return raw * (0.5 + rng() / 2)
 
 
+def _array(values: Any) -> str:
+    """A PostgreSQL array literal of numbers (``None``: NULL), for a ``$n::text::bigint[]`` parameter."""
+    return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
+
+
+def _micros(epochs: Any) -> list[int | None]:
+    """Epoch seconds as whole microseconds (``None`` stays)."""
+    return [None if t is None else int(t * 1e6) for t in epochs]
+
+
+def _text_array(values: Any) -> str:
+    """A PostgreSQL array literal of text (``None``: NULL), every element quoted and escaped."""
+    return "{" + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                           for v in values]) + "}"
+
+
 def _ready_order(a: Attempt) -> tuple[int, int]:
     return a.row["priority"], -a.id
 
@@ -430,9 +460,24 @@ class Worker:
         #: the claim loop refills once the jobs claimed ahead are down to this many (with prefetch
         #: 0: always, as each result is written); results wait at most RESULTS_WAIT for a batch
         self._low_water = self.prefetch // 2
+        #: rows this node may hold leased: running, finished with the result unwritten, claimed ahead
+        self._held = config.concurrency + self.prefetch
+        #: statements that may be in flight at once (claim_lanes); the second lane sends once
+        #: _lane_batch results wait (see _lane_due)
+        self._lanes = config.claim_lanes
+        self._lane_batch = max(1, self._held // 4)
+        self._lane_kick = asyncio.Event()
+        #: statements in flight, capacity they asked for and jobs they start at once (two lanes)
+        self._in_flight = 0
+        self._claiming = 0
+        self._starting = 0
+        #: the last claim filled its capacity: more jobs are pending
+        self._backlog = False
         self._reports_since = 0.0
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
+        self._limited_names = list(self.type_limits)
+        self._limited_queues = list(self.queue_limits)
         self._claim_done: asyncio.Event = asyncio.Event()
         #: identities jobs run as, by (run_as JSON text, caller): see _auth
         self._auths: dict[tuple[str | None, str | None], Auth] = {}
@@ -444,7 +489,8 @@ class Worker:
         self._last_rescue = 0.0
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
-                      "released": 0, "lost": 0, "progress_writes": 0, "statements": 0}
+                      "released": 0, "lost": 0, "progress_writes": 0, "statements": 0,
+                      "overlapped": 0}
         #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
         self.extra_channels: dict[str, Callable[..., Any]] = {}
         #: called whenever the listen connection is (re)established
@@ -531,6 +577,9 @@ class Worker:
     # --- claiming -------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         self._claim_done.clear()
+        lane = None
+        if self._lanes > 1:
+            lane = asyncio.create_task(self._second_lane(), name="forge-worker-claim-lane")
         try:
             while not self.stopping:
                 try:
@@ -544,14 +593,125 @@ class Worker:
                     self.sleeping = False
                     await asyncio.sleep(0.2 + random.random() * 0.3)
         finally:
+            # the second lane's statement in flight is waited for: jobs it claims are started or
+            # released before stop() looks at the running jobs
+            self._lane_kick.set()
+            if lane is not None and self.stopping:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(lane), 10)
+            if lane is not None and not lane.done():
+                lane.cancel()
+                with contextlib.suppress(BaseException):
+                    await lane
             self._claim_done.set()
             self.report_event.set()  # results of jobs still running are written by the report loop now
 
+    async def _second_lane(self) -> None:
+        """With ``claim_lanes = 2``: a second connection that sends the same result-and-claim
+        statement while the claim loop's is in flight, under a backlog only (see _lane_due). Most of
+        a statement's round trip is its commit's WAL flush: with one statement at a time, results
+        of jobs that finish during it wait for it to return, and their rows stay leased (so
+        unclaimable for new work) that long. Two in flight commit in one flush (group commit) and
+        halve that wait. Idle nodes never use it (the claim loop alone polls, sleeps and claims
+        limited jobs)."""
+        while not self.stopping:
+            await self._lane_kick.wait()
+            if self.stopping:
+                return
+            try:
+                async with self.node.pool.acquire() as conn:
+                    await self._session_settings(conn, PLANNER_SETTINGS)
+                    while not self.stopping:
+                        self._lane_kick.clear()
+                        if not self._lane_due() or await self._round(conn) is None:
+                            await self._lane_kick.wait()  # a finished job or a statement sent
+            except _DB_ERRORS as exc:
+                if self.stopping:
+                    return
+                logger.warning(f"worker claim lane lost the database ({type(exc).__name__}: {exc}); retrying")
+                await asyncio.sleep(0.2 + random.random() * 0.3)
+
+    def _lane_due(self) -> bool:
+        """The second lane sends a statement now: a backlog (the last claim filled its capacity),
+        the claim loop's statement in flight and none of the lane's own, and either jobs would
+        soon wait for work (_urgent) or a quarter of the rows this node may hold are finished."""
+        return (self._lanes > 1 and self._backlog and self._in_flight == 1 and not self.stopping
+                and (self._urgent() or len(self.reports) >= self._lane_batch))
+
+    async def _round(self, conn: asyncpg.Connection) -> tuple[int, int] | None:
+        """One statement: write the finished attempts and claim into the room they leave (and the
+        free room). Returns (jobs claimed, capacity asked), or None when there was nothing to send.
+        Two lanes may run it at once: what one has in flight (capacity asked, jobs to start at
+        once) is counted against the other's."""
+        cfg = self.config
+        # finished attempts keep their rows leased until this statement writes their results;
+        # the same statement may claim into their room, since both commit together
+        batch, self.reports = self.reports, []
+        capacity = min(self._held - len(self.running) - self._claiming + len(batch), self.claim_batch)
+        premark = [a for a in self.premark if not a.finished]
+        if capacity <= 0 and not batch and not premark:
+            return None
+        self.premark = []
+        capacity = max(capacity, 0)
+        # claimed jobs that start at once (the rest wait here, claimed ahead)
+        start_now = max(0, min(capacity, cfg.concurrency - self.active - len(self.ready) - self._starting))
+        self.wake.clear()
+        self.slot_free.clear()
+        self._in_flight += 1
+        self._claiming += capacity
+        self._starting += start_now
+        if self._in_flight > 1:
+            self.stats["overlapped"] += 1  # sent while the other lane's statement is in flight
+        if self._backlog and self._in_flight == 1 and self._lane_due():
+            self._lane_kick.set()
+        try:
+            async with self._planned(conn, PLANNER_SETTINGS):
+                if capacity > 0 and time.monotonic() >= self.next_due:
+                    row = await conn.fetchrow(PROMOTE)
+                    nxt = row["next_in"]
+                    self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
+                                                        else cfg.poll_interval)
+                if batch or premark:
+                    for a in premark:
+                        a.started_wall = time.time()
+                    cols = self._result_columns(batch)
+                    marked = sorted(premark, key=_by_id)  # lock order as in RENEW
+                    rows = await conn.fetch(WRITE_AND_CLAIM, *cols[:5], self.node_id,
+                                            self._keep_history, cfg.lease, self.queues, self.capabilities,
+                                            self._limited_names, self._limited_queues, capacity,
+                                            cfg.durable_results or bool(premark), cols[5],
+                                            _array([a.id for a in marked]), _array([a.attempt for a in marked]),
+                                            _array(_micros(a.started_wall for a in marked)), start_now, _RUNNING)
+                    if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
+                        rows = []
+                else:
+                    rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
+                                            self._limited_names, self._limited_queues, capacity, start_now)
+        except BaseException:
+            # written with the next statement
+            self.reports[:0] = batch
+            self.premark[:0] = premark
+            raise
+        finally:
+            self._in_flight -= 1
+            self._claiming -= capacity
+            self._starting -= start_now
+        self.stats["statements"] += 1
+        for a in premark:  # their start is written: they start now, in the slot they hold
+            if self.stopping:
+                self._drop_unstarted(a, "released")
+            elif not a.finished:
+                self._launch(a)
+        self._written(batch)
+        got = len(rows)
+        self._start_jobs(rows)
+        if capacity > 0:
+            self._backlog = got >= capacity
+        return got, capacity
+
     async def _claim_on(self, conn: asyncpg.Connection) -> None:
         cfg = self.config
-        limited_names = list(self.type_limits)
-        limited_queues = list(self.queue_limits)
-        held = cfg.concurrency + self.prefetch  # rows this node may hold leased
+        limited = self._limited_names or self._limited_queues
         while not self.stopping:
             if not self._urgent():
                 # jobs claimed ahead cover the next round trip: gather results and room for a
@@ -570,63 +730,18 @@ class Worker:
                         timer.cancel()
                     if not self._urgent() and time.monotonic() - self._reports_since < RESULTS_WAIT:
                         continue
-            # finished attempts keep their rows leased until this statement writes their results;
-            # the same statement may claim into their room, since both commit together
-            batch, self.reports = self.reports, []
-            capacity = min(held - len(self.running) + len(batch), self.claim_batch)
-            premark = [a for a in self.premark if not a.finished]
-            if capacity <= 0 and not batch and not premark:
+            sent = await self._round(conn)
+            if sent is None:
                 self.slot_free.clear()
-                if held - len(self.running) <= 0 and not self.reports and not self.premark:
+                if self._held - len(self.running) - self._claiming <= 0 and not self.reports and not self.premark:
                     await self.slot_free.wait()
                 continue
-            self.premark = []
-            # claimed jobs that start at once (the rest wait here, claimed ahead)
-            start_now = max(0, min(capacity, cfg.concurrency - self.active - len(self.ready)))
-            self.wake.clear()
-            self.slot_free.clear()
-            try:
-                async with self._planned(conn, PLANNER_SETTINGS):
-                    if capacity > 0 and time.monotonic() >= self.next_due:
-                        row = await conn.fetchrow(PROMOTE)
-                        nxt = row["next_in"]
-                        self.next_due = time.monotonic() + (min(float(nxt), cfg.poll_interval) if nxt is not None
-                                                            else cfg.poll_interval)
-                    if batch or premark:
-                        for a in premark:
-                            a.started_wall = time.time()
-                        cols = self._result_columns(batch)
-                        marked = sorted(premark, key=_by_id)  # lock order as in RENEW
-                        rows = await conn.fetch(WRITE_AND_CLAIM, *cols[:5], self.node_id,
-                                                self._keep_history, cfg.lease, self.queues, self.capabilities,
-                                                limited_names, limited_queues, max(capacity, 0),
-                                                cfg.durable_results or bool(premark), cols[5],
-                                                [a.id for a in marked], [a.attempt for a in marked],
-                                                [a.started_wall for a in marked], start_now, _RUNNING)
-                        if rows[0]["id"] is None:  # nothing claimed: the row that carried the commit setting
-                            rows = []
-                    else:
-                        rows = await conn.fetch(CLAIM, self.node_id, cfg.lease, self.queues, self.capabilities,
-                                                limited_names, limited_queues, capacity, start_now)
-            except BaseException:
-                # written with the next statement
-                self.reports[:0] = batch
-                self.premark[:0] = premark
-                raise
-            self.stats["statements"] += 1
-            for a in premark:  # their start is written: they start now, in the slot they hold
-                if self.stopping:
-                    self._drop_unstarted(a, "released")
-                elif not a.finished:
-                    self._launch(a)
-            self._written(batch)
-            got = len(rows)
-            self._start_jobs(rows)
+            got, capacity = sent
             if capacity <= 0:
                 continue
             # limited jobs are never claimed ahead: a running count in PostgreSQL is a running job
-            free = min(capacity - got, cfg.concurrency - self.active - len(self.ready))
-            if (limited_names or limited_queues) and free > 0:
+            free = min(capacity - got, cfg.concurrency - self.active - len(self.ready) - self._starting)
+            if limited and free > 0:
                 got += await self._claim_limited(conn, free)
             now = time.monotonic()
             if got:
@@ -662,9 +777,11 @@ class Worker:
                     await asyncio.wait_for(self.wake.wait(), timeout)
 
     @staticmethod
-    def _result_columns(batch: list[tuple[int, int, str, float, str | None, float | None]]) -> tuple[list, ...]:
-        return ([r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], [r[3] for r in batch],
-                [r[4] for r in batch], [r[5] for r in batch])
+    def _result_columns(batch: list[tuple[int, int, str, float, str | None, float | None]]) -> tuple[str, ...]:
+        """The batch's columns as array literals (see _RESULTS)."""
+        ids, attempts, outcomes, delays, errors, started = zip(*batch) if batch else ((),) * 6
+        return (_array(ids), _array(attempts), _text_array(outcomes), _array(delays), _text_array(errors),
+                _array(_micros(started)))
 
     def _written(self, batch: list[tuple[int, int, str, float, str | None, float | None]]) -> None:
         """The results of ``batch`` are stored: their rows are no longer leased here (_free)."""
@@ -753,9 +870,12 @@ class Worker:
     def _poke(self) -> None:
         """Wake the claim loop only when its next statement is due (see _urgent): with jobs claimed
         ahead it lets results and claims gather into batches instead of one statement per job."""
-        if self._urgent():
+        urgent = self._urgent()
+        if urgent:
             self.slot_free.set()
             self.wake.set()
+        if self._in_flight == 1 and self._backlog and self._lane_due():
+            self._lane_kick.set()  # the claim loop's statement is in flight: the second lane sends
 
     def _drop_unstarted(self, a: Attempt, outcome: str) -> None:
         """A job claimed ahead leaves this node without starting: ``released`` (a graceful stop:
@@ -801,7 +921,7 @@ class Worker:
                 raise _Fatal(f"unknown job type {row['name']!r}: {kind} (check [app] modules on worker "
                              f"{self.node_id}; retry it from dead letter once a worker knows it)")
             try:
-                args = bind_arguments(defn, row["args"])
+                args = bind_arguments(defn, row["args"] or {})
             except ForgeError as exc:
                 raise _Fatal(f"cannot run {row['name']!r}: {exc.message}") from None
             auth = self._auth(row["run_as"], row["caller"])  # the identity that dispatched it
@@ -916,7 +1036,7 @@ class Worker:
 
     async def _job_finished(self, row: Any, a: Attempt, outcome: str, started: dt.datetime, error: str | None) -> None:
         status = "retry_later" if outcome == "retry_later" else outcome
-        result = JobOutcome(job_id=a.id, name=row["name"], args=row["args"], options=row["options"] or {},
+        result = JobOutcome(job_id=a.id, name=row["name"], args=row["args"] or {}, options=row["options"] or {},
                             status=status, attempt=a.attempt, started_at=started,
                             finished_at=dt.datetime.now(dt.timezone.utc), error=error, node_id=self.node_id)
         try:

@@ -113,3 +113,38 @@ async def test_plain_asyncpg_pool_without_forge_codecs(forge_node):
         assert info.args == {"value": "raw"}
     finally:
         await pool.close()
+
+
+async def test_a_backlog_is_written_and_claimed_by_two_statements_in_flight(forge_node):
+    """With ``claim_lanes = 2``, under a backlog a second connection sends the result-and-claim
+    statement while the claim loop's waits for its commit (Worker._second_lane): statements
+    overlap, and every job still runs exactly once, with its result written once."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(claim_lanes=2))
+    queue = JobQueue(node.pool)
+    ids = await queue.enqueue_many([queue.request(worker_jobs.noop) for _ in range(4000)])
+    await eventually(lambda: _count_is(node.pool, "SELECT count(*) FROM forge_jobs", 0), timeout=120,
+                     what="4000 jobs run and written")
+    stats = node.worker.stats
+    assert stats["overlapped"] > 0, stats
+    assert stats["claimed"] == 4000 and stats["succeeded"] == 4000, stats
+    hist = await node.pool.fetch("SELECT id, attempt FROM forge_job_history WHERE id = ANY($1::bigint[])", ids)
+    assert sorted(r["id"] for r in hist) == sorted(ids) and {r["attempt"] for r in hist} == {1}
+
+
+# array-literal syntax (quotes, backslashes, braces, commas, NULL) and text beyond it
+AWKWARD = ['say "hi"', "back\\slash \\\"both\\\\", "{braces,commas}", "NULL", "", "line\nbreak\ttab",
+           "ünïcödé ✓ 🚀", "trailing \\"]
+
+
+async def test_error_texts_of_a_batch_are_written_exactly(forge_node):
+    """Results go to PostgreSQL as array literals in one text value (runtime._text_array): error
+    texts with the literal's own syntax in them reach last_error unchanged."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    ids = await queue.enqueue_many([queue.request(worker_jobs.fails_with, {"message": m}) for m in AWKWARD])
+    await eventually(lambda: _count(node.pool, "SELECT count(*) FROM forge_jobs WHERE status = 'dead'", len(ids)),
+                     timeout=60, what="the failing jobs dead-lettered")
+    errors = {r["id"]: r["last_error"] for r in await node.pool.fetch(
+        "SELECT id, last_error FROM forge_jobs WHERE id = ANY($1::bigint[])", ids)}
+    for job_id, message in zip(ids, AWKWARD):
+        assert errors[job_id].startswith(f"RuntimeError: {message}\n"), (message, errors[job_id])

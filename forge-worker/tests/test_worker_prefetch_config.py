@@ -1,4 +1,4 @@
-"""``[worker] prefetch``: what a node accepts, and what it holds by default."""
+"""``[worker] prefetch`` and ``claim_lanes``: what a node accepts, and its defaults."""
 
 from __future__ import annotations
 
@@ -28,3 +28,15 @@ def test_prefetch_defaults_to_concurrency_and_zero_turns_it_off():
     assert load_config(SECTIONS, data={}, env={})["worker"].prefetch is None  # the worker reads: = concurrency
     cfg = load_config(SECTIONS, data={"worker": {"concurrency": 7, "prefetch": 0}}, env={"FORGE_WORKER__PREFETCH": "3"})
     assert (cfg["worker"].concurrency, cfg["worker"].prefetch) == (7, 3)  # the environment wins
+
+
+@pytest.mark.parametrize("value", [0, 3, "two", 1.5])
+def test_bad_claim_lanes_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError) as ei:
+        load_config(SECTIONS, data={"worker": {"claim_lanes": value}}, env={})
+    assert "[worker] claim_lanes" in str(ei.value), str(ei.value)
+
+
+def test_claim_lanes_defaults_to_one():
+    assert load_config(SECTIONS, data={}, env={})["worker"].claim_lanes == 1
+    assert load_config(SECTIONS, data={"worker": {"claim_lanes": 2}}, env={})["worker"].claim_lanes == 2

@@ -367,7 +367,9 @@ async def test_lease_renewal_writes_when_a_long_job_claimed_ahead_started(forge_
     node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1, prefetch=1))
     queue = JobQueue(node.pool)
     first, second = await _claimed_ahead_then_started(node, queue, hold=0.5)
-    claimed = await node.pool.fetchrow("SELECT started_at FROM forge_jobs WHERE id = $1", first)
+    # the first job has ended: its row may be live still or already moved to history
+    claimed = await node.pool.fetchrow("SELECT started_at FROM forge_jobs WHERE id = $1 UNION ALL "
+                                       "SELECT started_at FROM forge_job_history WHERE id = $1", first)
 
     async def start_written():
         r = await node.pool.fetchrow("SELECT status, started_at FROM forge_jobs WHERE id = $1", second)
@@ -400,3 +402,25 @@ async def test_cancel_just_after_a_job_claimed_ahead_started_stops_it(forge_node
     assert not await log_rows(node.pool, job_id=second, event="ran")  # stopped before its end
     first_done = await _hist(node.pool, first)
     assert first_done.status == "succeeded" and done.started_at >= first_done.started_at
+
+
+async def test_starts_of_jobs_claimed_ahead_are_written_with_their_results_and_marks(forge_node):
+    """A job claimed ahead that ends before any lease renewal gets its start from its result row
+    (the started column of the batch), and one on its last attempt from the mark written before
+    it starts: both are when it started on the node (after the job ahead of it ended), not its
+    claim's time, and not before it was claimed."""
+    cfg = worker_config(concurrency=1, prefetch=2, heartbeat_interval=30.0)
+    node = await forge_node(modules=["worker_jobs"], config=cfg)
+    queue = JobQueue(node.pool)
+    first, second, last = await queue.enqueue_many([
+        queue.request(worker_jobs.sleepy, {"seconds": 0.4}),
+        queue.request(worker_jobs.record, {"value": "x"}),  # not its last attempt: start with its result
+        queue.request(worker_jobs.long_running, {"seconds": 0.05}),  # max_attempts 1: start marked first
+    ])
+    done = {}
+    for job_id in (first, second, last):
+        done[job_id] = await eventually(lambda: _hist(node.pool, job_id), timeout=30, what=f"job {job_id} done")
+    head = done[first]
+    for job_id in (second, last):
+        j = done[job_id]
+        assert head.started_at + dt.timedelta(seconds=0.35) <= j.started_at <= j.finished_at, (head, j)

@@ -47,6 +47,11 @@ async def always_fails(ctx) -> None:
     raise ValueError("this job always fails")
 
 
+@job(max_attempts=1)
+async def fails_with(ctx, message: str) -> None:
+    raise RuntimeError(message)
+
+
 @job
 async def later(ctx, times: int) -> None:
     await log(ctx, "attempt")
