@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+import msgspec
+
 from forge_kernel.telemetry import Telemetry, Trace, current_span
 
-from .writer import Writer, truncate
+from .writer import Writer, jsonb_text, truncate
 
 #: error codes that are the caller's doing: a trace is not kept for them alone
 CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "UNAUTHENTICATED", "FORBIDDEN", "NOT_FOUND", "CONFLICT",
@@ -111,10 +113,18 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+#: extra fields as JSON jsonb takes (NaN and infinities as null; json.dumps wrote ``NaN``, and the
+#: COPY of the whole batch failed), anything else msgspec does not know as its text
+_encode_extra = msgspec.json.Encoder(enc_hook=str).encode
+
+
 def _extra(extra: dict[str, Any], limit: int, redact: Callable[[str], str] | None) -> str | None:
     if not extra:
         return None
-    text = json.dumps(extra, default=str)
+    try:
+        text = jsonb_text(_encode_extra(extra))
+    except (TypeError, ValueError):  # a key msgspec does not encode (a tuple): every value as text
+        text = jsonb_text(_encode_extra({str(k): str(v) for k, v in extra.items()}))
     if redact is not None:
         text = redact(text)
     if len(text) > limit:

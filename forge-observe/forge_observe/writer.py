@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import json
 import random
+import re
 import time
 from typing import Any, Awaitable, Callable
 
@@ -51,7 +52,9 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.In
 
 
 def truncate(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, ending in a marker saying how much went."""
+    """``text`` as a text column takes it (``pg_text``), cut to at most ``limit`` UTF-8 bytes,
+    ending in a marker saying how much went."""
+    text = pg_text(text)
     if len(text) * 4 <= limit:  # no character takes more than 4 bytes: short enough without encoding it
         return text
     data = text.encode("utf-8", "replace")
@@ -60,6 +63,24 @@ def truncate(text: str, limit: int) -> str:
     marker_room = 40
     kept = data[:max(0, limit - marker_room)].decode("utf-8", "ignore")
     return f"{kept}…[truncated {len(data) - len(kept.encode('utf-8'))} bytes]"
+
+
+def pg_text(text: str) -> str:
+    """``text`` as PostgreSQL's text type takes it: a NUL character, which it cannot hold, as U+FFFD.
+    One NUL in one record failed its whole COPY batch three times and dropped every record in it."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+#: a NUL character escaped in JSON text (after an even run of backslashes: an odd one escapes the ``\``)
+_JSON_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def jsonb_text(data: bytes) -> str:
+    """JSON text as jsonb takes it: ``\\u0000``, which jsonb refuses (PostgreSQL's text holds no NUL),
+    as ``\\ufffd``."""
+    if b"\\u0000" in data:
+        data = _JSON_NUL.sub(rb"\1\\ufffd", data)
+    return data.decode()
 
 
 def _json_value(value: Any, limit: int) -> Any:
@@ -84,8 +105,8 @@ def attrs_json(attrs: dict[Any, Any], limit: int) -> str:
         text = None
     # the usual case, as it is: scalars, and all of it shorter than the shortest cut (so every key and value is)
     if text is not None and len(text) <= min(200, limit) and _SCALARS.issuperset(map(type, attrs.values())):
-        return text.decode()
-    return _encode_json({str(k)[:200]: _json_value(v, limit) for k, v in attrs.items()}).decode()
+        return jsonb_text(text)
+    return jsonb_text(_encode_json({str(k)[:200]: _json_value(v, limit) for k, v in attrs.items()}))
 
 
 def span_rows(trace: Trace, node_id: str, attr_limit: int) -> list[tuple]:
@@ -94,9 +115,9 @@ def span_rows(trace: Trace, node_id: str, attr_limit: int) -> list[tuple]:
     utc, when = dt.timezone.utc, dt.datetime.fromtimestamp
     for s in trace.spans:
         name, error, attrs = s.name, s.error, s.attrs
-        if len(name) * 4 > attr_limit:
+        if len(name) * 4 > attr_limit or "\x00" in name:
             name = truncate(name, attr_limit)
-        if error is not None and len(error) * 4 > attr_limit:
+        if error is not None and (len(error) * 4 > attr_limit or "\x00" in error):
             error = truncate(error, attr_limit)
         rows.append((trace_hex, "%016x" % s.span_id, "%016x" % s.parent_id if s.parent_id else None, name, s.kind,
                      node_id, when(s.start_ns / 1e9, utc), max(0, s.end_ns - s.start_ns) / 1e6, error or None,

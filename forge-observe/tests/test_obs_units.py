@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import http.server
+import json
 import threading
 import time
 
@@ -123,6 +124,8 @@ def test_traceparent_parser_agrees_with_opentelemetry(value):
 @given(st.text(max_size=3000), st.integers(64, 2000))
 def test_truncation_bounds_bytes_and_marks_the_cut(text, limit):
     out = truncate(text, limit)
+    assert "\x00" not in out  # PostgreSQL's text holds no NUL: it is stored as U+FFFD
+    text = text.replace("\x00", "\ufffd")
     if len(text.encode("utf-8", "replace")) <= limit:
         assert out == text
     else:
@@ -156,7 +159,7 @@ def test_span_attributes_are_stored_as_json_jsonb_accepts(attrs, limit):
             v = None
         elif not isinstance(v, (bool, int, float)) and v is not None:
             v = truncate(v if isinstance(v, str) else str(v), limit)
-        expected[str(k)[:200]] = v
+        expected[str(k)[:200].replace("\x00", "\ufffd")] = v  # jsonb holds no NUL (\u0000)
     assert stored == expected
 
 
@@ -434,3 +437,58 @@ def test_queue_waits_are_bucketed_as_times_and_summed_exactly():
     row = ours.events.job_wait.rows["j", "default"]
     assert row[-1] == 0.301
     assert row[:-1] == [2, 0, 0, 0, 1, 1] + [0] * (len(SLOW) - 5)  # 0 and 0.001 <= 0.001; 0.1; 0.2 <= 0.5
+
+
+async def test_a_nul_character_or_nan_in_one_record_loses_no_other_record(forge_db_url):
+    """PostgreSQL's text holds no NUL character and its jsonb neither ``\\u0000`` nor NaN: one log line
+    or span with one of them made a whole COPY batch fail three times and dropped every record in
+    it (up to 5,000). They are stored with U+FFFD in the NUL's place and NaN as null."""
+    from loguru import logger
+
+    from forge_observe.recorder import LogSink
+    from forge_observe.writer import Writer
+
+    conn = await _observe_db(forge_db_url)
+    writer = Writer(lambda: asyncpg.connect(forge_db_url), "nul-node", NodeMetrics(None, process=False))
+    try:
+        today = dt.datetime.now(dt.timezone.utc).date()
+        await ensure_partitions(conn, today - dt.timedelta(days=1), today + dt.timedelta(days=1))
+        sink = logger.add(LogSink(writer, "nul-node", 4096), format="{message}",
+                          filter=lambda r: r["extra"].get("nul_test"))
+        try:
+            logger.bind(nul_test=1, marker="in\x00extra", ratio=float("nan")).info("before\x00after")
+            logger.bind(nul_test=1).info("a plain line")
+        finally:
+            logger.remove(sink)
+        tel = Telemetry()
+        got = []
+        tel.attach(got.append, sample_rate=1.0)
+        root = tel.start_span("nul\x00span", "server", attrs={"k\x00": "v\x00", "n": float("nan"), "ok": 1})
+        tel.end_span(root, "bad\x00error")
+        writer.add("spans", got[0])
+        assert await writer.write_pending() == 3
+        logs = await conn.fetch("SELECT message, extra FROM forge_obs_logs WHERE node_id = 'nul-node' ORDER BY at")
+        assert [r["message"] for r in logs] == ["before\ufffdafter", "a plain line"]
+        extra = json.loads(logs[0]["extra"])
+        assert extra["marker"] == "in\ufffdextra" and extra["ratio"] is None
+        span = await conn.fetchrow("SELECT name, error, attrs FROM forge_obs_spans WHERE node_id = 'nul-node'")
+        assert (span["name"], span["error"]) == ("nul\ufffdspan", "bad\ufffderror")
+        assert json.loads(span["attrs"]) == {"k\ufffd": "v\ufffd", "n": None, "ok": 1}
+        assert metrics_dropped(writer) == 0
+    finally:
+        await writer.close(timeout=5)
+        await conn.close()
+
+
+def metrics_dropped(writer) -> float:
+    return sum(s.value for m in writer.metrics.dropped.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+@given(st.text(max_size=50))
+def test_json_text_jsonb_takes_keeps_every_text_but_nul(text):
+    """``jsonb_text`` replaces only real ``\\u0000`` escapes: a text holding a backslash before
+    ``u0000`` (escaped as ``\\\\u0000``) comes back as it was."""
+    from forge_observe.writer import jsonb_text
+
+    out = jsonb_text(json.dumps({"t": text}).encode())
+    assert "\\u0000" not in out.replace("\\\\", "") and json.loads(out) == {"t": text.replace("\x00", "\ufffd")}

@@ -377,6 +377,20 @@ def _by_id(a: Attempt) -> int:
 
 #: the status of leased rows, as a bind parameter in statements that join arrays of ids to them (see _RESULTS)
 _RUNNING = "running"
+#: characters of a job's error text stored (last_error, history): a runaway exception message is cut
+MAX_ERROR_TEXT = 16_384
+
+
+def storable_error(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """A job's error text as its row takes it: a NUL character, which PostgreSQL's text cannot hold
+    (the statement writing the whole batch of results failed, again on every try), as U+FFFD; cut
+    to ``limit`` characters with a marker saying how much went."""
+    text = text.replace("\x00", "\ufffd")
+    if len(text) > limit:
+        text = f"{text[:limit]}…[cut {len(text) - limit} characters]"
+    return text
+
+
 #: outcomes that are no failure (a span of the attempt ends without an error)
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
 _time_ns = time.time_ns
@@ -966,7 +980,7 @@ class Worker:
             outcome, error = self._failure(a, f"{type(exc).__name__}: {exc}\n{tb}")
             delay = self._delay(a) if outcome == "failed" else 0.0
             logger.warning(f"job {row['id']} ({row['name']}) attempt {a.attempt}/{row['max_attempts']} failed: "
-                           f"{type(exc).__name__}: {exc}")
+                           f"{storable_error(f'{type(exc).__name__}: {exc}', 2000)}")
         finally:
             a.finished = True
             self.active -= 1
@@ -989,6 +1003,8 @@ class Worker:
                 if not self.reports:
                     self._reports_since = time.monotonic()
                     self.slot_free.set()  # the claim loop times the batch from its first result
+                if error is not None and (len(error) > MAX_ERROR_TEXT or "\x00" in error):
+                    error = storable_error(error)
                 self.reports.append((a.id, a.attempt, outcome, delay, error, a.started_wall or None))
                 reported = True
                 # the claim loop writes it with its next statement (claiming into the slot); once

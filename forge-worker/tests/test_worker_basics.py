@@ -136,6 +136,28 @@ AWKWARD = ['say "hi"', "back\\slash \\\"both\\\\", "{braces,commas}", "NULL", ""
            "ünïcödé ✓ 🚀", "trailing \\"]
 
 
+async def test_a_nul_character_or_a_huge_error_text_holds_up_no_result(forge_node):
+    """PostgreSQL's text holds no NUL: a job failing with one in its message made the statement that
+    writes the whole batch of results fail on every try, so no result of the node was written again.
+    It is stored as U+FFFD; a runaway message is cut with a marker; the other results of the batch
+    are written as they are."""
+    from forge_worker.runtime import MAX_ERROR_TEXT
+
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    ids = await queue.enqueue_many([queue.request(worker_jobs.fails_with_nul_or_size, {"message": "a<NUL>b"}),
+                                    queue.request(worker_jobs.fails_with_nul_or_size, {"message": "big", "size": 10**6}),
+                                    queue.request(worker_jobs.fails_with, {"message": "plain"})])
+    await eventually(lambda: _count(node.pool, "SELECT count(*) FROM forge_jobs WHERE status = 'dead'", len(ids)),
+                     timeout=60, what="the failing jobs dead-lettered")
+    errors = {r["id"]: r["last_error"] for r in await node.pool.fetch(
+        "SELECT id, last_error FROM forge_jobs WHERE id = ANY($1::bigint[])", ids)}
+    assert errors[ids[0]].startswith("RuntimeError: a\ufffdb\n")
+    assert len(errors[ids[1]]) < MAX_ERROR_TEXT + 100 and errors[ids[1]].endswith("characters]")
+    assert errors[ids[1]].startswith("RuntimeError: bigxxx") and "…[cut " in errors[ids[1]]
+    assert errors[ids[2]].startswith("RuntimeError: plain\n")
+
+
 async def test_error_texts_of_a_batch_are_written_exactly(forge_node):
     """Results go to PostgreSQL as array literals in one text value (runtime._text_array): error
     texts with the literal's own syntax in them reach last_error unchanged."""

@@ -52,6 +52,12 @@ async def fails_with(ctx, message: str) -> None:
     raise RuntimeError(message)
 
 
+@job(max_attempts=1)
+async def fails_with_nul_or_size(ctx, message: str, size: int = 0) -> None:
+    """Job arguments are jsonb, which holds no NUL: the job makes its own (``<NUL>``)."""
+    raise RuntimeError(message.replace("<NUL>", "\x00") + "x" * size)
+
+
 @job
 async def later(ctx, times: int) -> None:
     await log(ctx, "attempt")
