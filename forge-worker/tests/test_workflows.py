@@ -161,6 +161,15 @@ async def test_oversized_results_and_exhausted_retries_fail_with_the_reason(forg
     assert [(s.status, s.attempts) for s in (await client.get(flaky)).steps] == [("failed", 3)]
 
 
+async def test_a_step_failing_with_a_nul_character_fails_its_run_with_the_reason(forge_node):
+    """PostgreSQL's text holds no NUL: the step's error is stored with U+FFFD in its place (writing
+    it as it was failed on every try, and the run never ended)."""
+    node, client = await _node(forge_node)
+    info = await client.wait(await client.start(workflow_app.fails_with_nul, {}), timeout=60)
+    assert info.status == "failed" and "step x\ufffd cannot be done" in info.error
+    assert [(s.status, s.attempts) for s in (await client.get(info.id)).steps] == [("failed", 2)]
+
+
 async def test_a_failed_run_can_be_retried_from_a_chosen_step(forge_node):
     node, client = await _node(forge_node)
     run_id = await client.start(workflow_app.booking, {"fail_at": 2, "steps": 2})

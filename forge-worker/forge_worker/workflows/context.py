@@ -31,7 +31,7 @@ from forge_kernel.app import FunctionDef
 from forge_kernel.convert import StructureError, structure, unstructure
 from forge_kernel.executor import Auth
 
-from ..runtime import backoff_delay
+from ..runtime import backoff_delay, storable_error
 from . import store
 
 UTC = dt.timezone.utc
@@ -220,8 +220,9 @@ def _now() -> dt.datetime:
 
 
 def _error_text(exc: BaseException) -> str:
+    """A step's error as its row takes it (no NUL, cut: ``storable_error``)."""
     tb = "".join(traceback.format_exception(exc)[-4:])
-    return f"{type(exc).__name__}: {exc}\n{tb}"
+    return storable_error(f"{type(exc).__name__}: {exc}\n{tb}")
 
 
 class WorkflowContext:

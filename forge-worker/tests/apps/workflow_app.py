@@ -152,6 +152,15 @@ async def flaky_forever(ctx) -> None:
     await ctx.step(boom, "x", retries=2, backoff=0.01)
 
 
+def boom_with_nul(step: str) -> None:
+    raise ValueError(f"step {step}\x00 cannot be done")
+
+
+@workflow
+async def fails_with_nul(ctx) -> None:
+    await ctx.step(boom_with_nul, "x", retries=1, backoff=0.01)
+
+
 @mutation
 async def place_order(ctx, key: str, fail: bool = False) -> str:
     run_id = await ctx.start_workflow(three_steps, n=1, idempotency_key=key)
