@@ -162,7 +162,7 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
             await page.route("**/_forge/api/bulk/cancel", after_a_live_update)
             await _act(page, "/api/bulk/cancel", "[data-confirm-bulk=cancel]", toast="2 job(s) cancelled")
             await page.unroute("**/_forge/api/bulk/cancel", after_a_live_update)
-            assert await page.locator(".confirm").count() == 0  # the answer closed the dialog
+            await page.wait_for_selector(".confirm", state="detached")  # the answer closed the dialog
             await eventually(lambda: conn.fetchval("SELECT count(*) = 0 FROM forge_jobs WHERE status = 'scheduled'"),
                              what="the scheduled jobs cancelled")
             await page.goto(f"{url}/_forge/crons")
