@@ -156,7 +156,8 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
             async def after_a_live_update(route) -> None:
                 await page.evaluate("window.forgeUpdates = 0")
                 answer = await route.fetch()  # the jobs are cancelled; the live hub is poked
-                await page.wait_for_function("window.forgeUpdates > 0 && document.querySelector('#live .empty')")
+                await page.wait_for_selector("#live .empty")  # no wait_for_function: the CSP forbids eval
+                assert await page.evaluate("window.forgeUpdates") > 0
                 await route.fulfill(response=answer)
 
             await page.route("**/_forge/api/bulk/cancel", after_a_live_update)
