@@ -42,7 +42,7 @@ class Watch:
 
     def _failed(self, r) -> None:
         # a GET the browser dropped because the page navigated on (a live stream, the favicon) is
-        # not a failure; every POST is awaited by the test, so an aborted one is
+        # not a failure; every POST is awaited whole by the test (_act), so an aborted one is
         if r.method == "GET" and "ERR_ABORTED" in (r.failure or ""):
             return
         self.problems.append(f"failed: {r.url} {r.failure}")
@@ -57,6 +57,22 @@ async def _sign_in(page, url: str, key: str) -> None:
     await page.fill("input[name=credential]", key)
     await page.click("button.primary")
     await page.wait_for_url(f"{url}/_forge/")
+
+
+async def _act(page, path: str, selector: str, toast: str | None = None) -> None:
+    """Click an action's button and wait for its whole answer (and its toast, if given).
+
+    Playwright's response event fires on the status line and headers, which uvicorn writes before the
+    body: a navigation right after it can still abort the request (a POST failed with ERR_ABORTED, its
+    toast lost), so the body is awaited too."""
+    async with page.expect_response(lambda r: path in r.url and r.request.method == "POST") as info:
+        await page.click(selector)
+    response = await info.value
+    await response.finished()
+    assert response.status == 200 and response.request.failure is None, (path, response.status,
+                                                                         response.request.failure)
+    if toast is not None:
+        await page.wait_for_selector(f"#toast [data-toast]:has-text({toast!r})")
 
 
 async def test_dashboard_in_chromium(forge_processes, tmp_path):
@@ -111,32 +127,48 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
 
             # actions by clicking: pause the mail queue, then retry a dead job (it stays pending)
             await page.goto(f"{url}/_forge/queues")
-            await page.click("tr[data-queue=mail] [data-action='queue.pause']")
+            await _act(page, "/actions/queue.pause", "tr[data-queue=mail] [data-action='queue.pause']",
+                       toast="1 queue(s) paused")
             await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_worker_queue_pauses WHERE queue = 'mail'"),
                              what="the queue paused in PostgreSQL")
             await page.wait_for_selector("tr[data-queue=mail] [data-action='queue.resume']")  # the live region followed
             await page.goto(f"{url}/_forge/jobs?status=dead")
             job_id = ids["dead"][0]
-            await page.click(f"tr[data-job='{job_id}'] [data-action='job.retry']")
-            await page.wait_for_selector("[data-toast]")
+            await _act(page, "/actions/job.retry", f"tr[data-job='{job_id}'] [data-action='job.retry']",
+                       toast="1 dead-lettered job(s) back in the queue")
             await eventually(lambda: _status_is(conn, job_id, "pending"), what="the retried job pending")
-            # each action's answer is awaited before the next navigation (which would abort it)
-            async with page.expect_response(lambda r: "/actions/job.discard" in r.url):
-                await page.click(f"tr[data-job='{ids['dead'][1]}'] [data-action='job.discard']")
+            # each action's whole answer is awaited before the next navigation (which would abort it)
+            await _act(page, "/actions/job.discard", f"tr[data-job='{ids['dead'][1]}'] [data-action='job.discard']",
+                       toast="1 dead-lettered job(s) discarded")
             await eventually(lambda: conn.fetchval("SELECT count(*) FROM forge_job_history WHERE id = $1 AND "
                                                    "status = 'discarded'", ids["dead"][1]), what="discarded")
-            # a whole filter: the count first, then the action
+            # a whole filter: the count first, then the action. The live region swaps while the confirmed
+            # request is in flight (its answer is held until the page shows the jobs gone): the action
+            # still completes, and its answer still shows and closes the dialog
             await page.goto(f"{url}/_forge/jobs?status=scheduled")
+            await page.wait_for_selector("#livedot:not([hidden])")
+            await page.evaluate("window.forgeUpdates = 0; "
+                                "document.addEventListener('forge:updated', () => { window.forgeUpdates++; })")
             await page.click("[data-bulk=cancel]")
             await page.wait_for_selector("[data-confirm-bulk=cancel]")
             assert "2 job(s)" in await page.inner_text(".confirm")
-            async with page.expect_response(lambda r: "/api/bulk/cancel" in r.url):
-                await page.click("[data-confirm-bulk=cancel]")
+
+            async def after_a_live_update(route) -> None:
+                await page.evaluate("window.forgeUpdates = 0")
+                answer = await route.fetch()  # the jobs are cancelled; the live hub is poked
+                await page.wait_for_selector("#live .empty")  # no wait_for_function: the CSP forbids eval
+                assert await page.evaluate("window.forgeUpdates") > 0
+                await route.fulfill(response=answer)
+
+            await page.route("**/_forge/api/bulk/cancel", after_a_live_update)
+            await _act(page, "/api/bulk/cancel", "[data-confirm-bulk=cancel]", toast="2 job(s) cancelled")
+            await page.unroute("**/_forge/api/bulk/cancel", after_a_live_update)
+            await page.wait_for_selector(".confirm", state="detached")  # the answer closed the dialog
             await eventually(lambda: conn.fetchval("SELECT count(*) = 0 FROM forge_jobs WHERE status = 'scheduled'"),
                              what="the scheduled jobs cancelled")
             await page.goto(f"{url}/_forge/crons")
-            async with page.expect_response(lambda r: "/actions/cron.trigger" in r.url):
-                await page.click("tr[data-cron=nightly_cleanup] [data-action='cron.trigger']")
+            await _act(page, "/actions/cron.trigger", "tr[data-cron=nightly_cleanup] [data-action='cron.trigger']",
+                       toast="1 run(s) requested")
             # the request row, or the manual run the leader made of it (and deleted the request)
             await eventually(lambda: conn.fetchval(
                 "SELECT (SELECT count(*) FROM forge_cron_triggers WHERE cron = 'nightly_cleanup') + "
@@ -149,17 +181,15 @@ async def test_dashboard_in_chromium(forge_processes, tmp_path):
             await page.goto(f"{url}/_forge/workflows/{run_id}")
             await page.fill("[data-form=send-event] input[name='param.event']", "approved")
             await page.fill("[data-form=send-event] textarea", '{"by": "browser"}')
-            async with page.expect_response(lambda r: "/actions/workflow.send_event" in r.url):
-                await page.click("[data-form=send-event] [data-action='workflow.send_event']")
-            await page.wait_for_selector("[data-toast] >> text=sent to 1 run")
+            await _act(page, "/actions/workflow.send_event", "[data-form=send-event] [data-action='workflow.send_event']",
+                       toast="sent to 1 run")
             await eventually(lambda: _run_is(conn, run_id, "failed"), what="the run failed at its charge")
             await page.wait_for_selector("[data-form=retry] select")  # the live region followed
             charge = await conn.fetchval("SELECT key FROM forge_workflow_steps WHERE run_id = $1::uuid AND name = 'charge' "
                                          "AND position('~' in key) = 0", run_id)
             paid.write_text("paid")
             await page.select_option("[data-form=retry] select", charge)
-            async with page.expect_response(lambda r: "/actions/workflow.retry" in r.url):
-                await page.click("[data-form=retry] [data-action='workflow.retry']")
+            await _act(page, "/actions/workflow.retry", "[data-form=retry] [data-action='workflow.retry']")
             await eventually(lambda: _run_is(conn, run_id, "succeeded"), what="the retried run succeeded")
             assert await conn.fetchval("SELECT result FROM forge_workflow_runs WHERE id = $1::uuid", run_id) == {
                 "approved_by": {"by": "browser"}, "paid": "charged stool"}
