@@ -94,7 +94,10 @@ async def test_logs_follow_prints_new_records_until_interrupted(forge_processes)
     env = {**os.environ, **ENV, "FORGE_CONFIG": str(node.workdir / "forge.toml")}
     follow = subprocess.Popen([sys.executable, "-m", "forge_kernel.cli", "logs", "--follow", "--json", "--text", "y" * 12,
                                "--since", "1s", "--interval", "0.2"], env=env, cwd=node.workdir,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              # a suite started in the background (`.ci/run &`) has SIGINT ignored, and the
+                              # command would inherit that and never see the interrupt below
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             await asyncio.sleep(2.0)  # the command is up and has printed what matched before
