@@ -118,6 +118,17 @@ def run_wrk(url: str, script: Path, duration: int, connections: int, threads: in
     return res
 
 
+def stop_process(p: subprocess.Popen) -> None:
+    """SIGTERM to the process group a server was started in; SIGKILL after 20 s."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
 def check(url: str, body: dict | list, expect: object) -> None:
     r = httpx.post(url, json=body, timeout=10)
     r.raise_for_status()
@@ -231,6 +242,12 @@ def main() -> None:
                     help="also run the FORGE node with forge-observe at its defaults and compare (target >= 0.95)")
     ap.add_argument("--observe-only", action="store_true",
                     help="run only FORGE with and without forge-observe (no bare app, no PgBouncer)")
+    ap.add_argument("--fresh-nodes", action="store_true",
+                    help="with --observe-only: start both FORGE nodes anew before every round (per-process "
+                         "randomness then varies round to round instead of biasing the whole run)")
+    ap.add_argument("--control", action="store_true",
+                    help="with --observe-only: the second node runs WITHOUT forge-observe too (an A/A run: how far "
+                         "apart two identical nodes measure; its 'observe' rows are that control node)")
     ap.add_argument("--servers", default="forge,observe,bare,raw",
                     help="with --instructions: which servers to count (comma-separated)")
     ap.add_argument("--no-pgbouncer", action="store_true", help="leave out the FORGE node through PgBouncer")
@@ -241,6 +258,8 @@ def main() -> None:
                     help="with --instructions: copy each server's callgrind dump of the measured requests into DIR")
     args = ap.parse_args()
     args.observe = args.observe or args.observe_only
+    if (args.fresh_nodes or args.control) and not args.observe_only:
+        raise SystemExit("--fresh-nodes and --control go with --observe-only")
     if args.instructions and not shutil.which("valgrind"):
         raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
     if not args.instructions and not shutil.which("wrk"):
@@ -279,22 +298,28 @@ def main() -> None:
                   f"{counts['raw']:,.0f}; bare / FORGE with forge-observe {counts['bare'] / with_:.3f}, raw / "
                   f"FORGE {counts['raw'] / with_:.3f}; load average {os.getloadavg()}")
             return
-        forge_log = open(tmp / "forge.log", "wb")
-        # the FORGE node as before forge-observe existed; with --observe a second one has it
-        forge_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
-                                      env={**env, "FORGE_DISABLE_PLUGINS": "observe"},
-                                      stdout=forge_log, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(forge_proc)
-        observed_proc, observed = None, ""
-        if args.observe:
-            obs_port = free_port()
-            observed_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
-                                             env={**env, "FORGE_GATEWAY__PORT": str(obs_port),
-                                                  "FORGE_NODE__ID": "bench-observe"},
-                                             stdout=open(tmp / "forge-observe.log", "wb"), stderr=subprocess.STDOUT,
-                                             start_new_session=True)
-            procs.append(observed_proc)
-            observed = f"http://127.0.0.1:{obs_port}"
+        obs_port = free_port() if args.observe else 0
+        observed = f"http://127.0.0.1:{obs_port}" if args.observe else ""
+
+        def start_nodes() -> tuple[subprocess.Popen, subprocess.Popen | None]:
+            # the FORGE node as before forge-observe existed; with --observe a second one has it
+            forge_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                                          env={**env, "FORGE_DISABLE_PLUGINS": "observe"},
+                                          stdout=open(tmp / "forge.log", "ab"), stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+            procs.append(forge_proc)
+            observed_proc = None
+            if args.observe:
+                observed_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                                                 env={**env, "FORGE_GATEWAY__PORT": str(obs_port),
+                                                      "FORGE_NODE__ID": "bench-observe",
+                                                      **({"FORGE_DISABLE_PLUGINS": "observe"} if args.control else {})},
+                                                 stdout=open(tmp / "forge-observe.log", "ab"),
+                                                 stderr=subprocess.STDOUT, start_new_session=True)
+                procs.append(observed_proc)
+            return forge_proc, observed_proc
+
+        forge_proc, observed_proc = start_nodes()
         pooled_port, pooled_proc = 0, None
         if PgBouncer.binary() and not args.observe_only and not args.no_pgbouncer:
             where = urlsplit(db_url)
@@ -345,7 +370,7 @@ def main() -> None:
         if observed:
             wait_for(lambda: httpx.get(observed + "/ready").status_code == 200, 60, 0.2, "FORGE node with forge-observe")
             check(observed + "/rpc/value", {"id": 7}, {"data": 8})
-            if "forge_function_calls_total" not in httpx.get(observed + "/metrics").text:
+            if not args.control and "forge_function_calls_total" not in httpx.get(observed + "/metrics").text:
                 raise SystemExit("the node with forge-observe serves no metrics: is forge-observe installed?")
         batch = [{"jsonrpc": "2.0", "method": "value", "params": {"id": i}, "id": i} for i in range(10)]
         check(forge + "/rpc", batch, [{"jsonrpc": "2.0", "result": i + 1, "id": i} for i in range(10)])
@@ -371,6 +396,19 @@ def main() -> None:
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         results["batch10"] = []
         for i in range(args.rounds):
+            if args.fresh_nodes and i:
+                # both FORGE nodes anew: what a process start draws at random (string hash seed, so which
+                # attribute lookups collide in CPython's type cache; addresses) stays for the process's
+                # life, so with the same two processes in every round it biases a whole run one way
+                for p in (forge_proc, observed_proc):
+                    stop_process(p)
+                    procs.remove(p)
+                forge_proc, observed_proc = start_nodes()
+                for url in (forge, observed):
+                    wait_for(lambda: httpx.get(url + "/ready").status_code == 200, 60, 0.2, "FORGE node")
+                    run_wrk(url, s_forge, 2, args.connections)  # warm-up, as before the first round
+                contenders = [(n, u, sc, forge_proc.pid if n == "forge" else observed_proc.pid)
+                              for n, u, sc, _ in contenders]
             # every other round in reverse order: no contender always follows the same one
             for name, url, script, pid in (contenders if i % 2 == 0 else contenders[::-1]):
                 res = run_wrk(url, script, args.duration, args.connections, server_pid=pid, postmaster=postmaster,
@@ -464,13 +502,7 @@ def main() -> None:
         (HERE / "last_result.json").write_text(json.dumps(summary, indent=2) + "\n")
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(5)
+            stop_process(p)
         if bouncer is not None:
             bouncer.stop()
             shutil.rmtree(bouncer.root, ignore_errors=True)
