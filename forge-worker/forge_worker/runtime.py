@@ -544,20 +544,21 @@ class Worker:
             chain = (lambda m, nxt: (lambda c: m(c, nxt)))(mw, chain)
         return chain
 
-    def _finished_hook_impls(self) -> list[tuple[Callable[..., Any], tuple[str, ...]]] | None:
+    def _finished_hook_impls(self) -> list[tuple[Callable[..., Any], tuple[str, ...] | None]] | None:
         """The forge_job_finished implementations as (function, argument names), in the order pluggy
-        calls them (last registered first); None when there are none. The worker calls them itself:
+        calls them (last registered first); None when there are none; [(pluggy's call, None)] when a
+        wrapper is registered. The worker calls them itself:
         pluggy's hook call checks the keyword names against the spec on every call, and for the one
         implementation of a default node (the scheduler's, which returns at once for jobs that are
-        not cron runs) that check and pluggy's call loop were most of the hook's cost - about a
-        third of a no-op job's time in the job task (py-spy, bench/jobs drain). A wrapper
-        implementation (pluggy runs the others inside it) falls back to pluggy's call."""
+        not cron runs) that check and pluggy's call loop were most of the hook's cost - about half
+        of the job task's own samples (py-spy, bench/jobs drain). A wrapper implementation (pluggy
+        runs the others inside it) falls back to pluggy's call."""
         hook = self.node.loader.hook.forge_job_finished
         impls = hook.get_hookimpls()
         if not impls:
             return None
         if any(i.hookwrapper or i.wrapper for i in impls):
-            return [(lambda node, outcome: hook(node=node, outcome=outcome), ("node", "outcome"))]
+            return [(lambda node, outcome: hook(node=node, outcome=outcome), None)]
         return [(i.function, tuple(i.argnames)) for i in reversed(impls)]
 
     async def start(self) -> None:
@@ -1091,12 +1092,13 @@ class Worker:
         pending: list[Any] = []
         try:
             for fn, names in self._finished_hook:
+                if names is None:  # pluggy's own call (a wrapper is registered): every result
+                    pending += [r for r in fn(self.node, result) if inspect.isawaitable(r)]
+                    continue
                 # positional, in the implementation's own order of the names it takes (as pluggy calls it)
                 res = fn(self.node, result) if names == _NODE_OUTCOME else \
                     fn(*[self.node if n == "node" else result for n in names])
-                if isinstance(res, list):  # pluggy's own call (a wrapper is registered): every result
-                    pending += [r for r in res if inspect.isawaitable(r)]
-                elif res is not None and inspect.isawaitable(res):
+                if res is not None and inspect.isawaitable(res):
                     pending.append(res)
         except Exception as exc:  # a plugin's bookkeeping must never fail the job
             logger.opt(exception=exc).warning(f"forge_job_finished hook failed for job {a.id}: {exc}")
