@@ -30,7 +30,8 @@ class WorkerConfig:
     #: jobs claimed ahead, beyond ``concurrency``: they wait on this node, leased to it, and start
     #: as running jobs finish, while the next claim is in flight (no idle gap for its round trip).
     #: A node holds at most ``concurrency + prefetch`` jobs; 0: claim only into free slots.
-    #: Unset: equal to ``concurrency``. A graceful stop releases them at once.
+    #: Unset: twice ``concurrency`` (one statement writes and claims about half of what a node may
+    #: hold: see the README, "Claim-ahead"). A graceful stop releases them at once.
     prefetch: int | None = attrs.field(default=None, validator=_prefetch)
     #: statements writing results and claiming that may be in flight at once under a backlog (2: a
     #: second connection sends while the first waits for its commit's WAL flush; see the README)

@@ -122,7 +122,12 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # join from the running rows and scanned the whole batch once per running row: quadratic (bound
 # mode, 250 rows held and 150 results: 37,350 rows compared, 11 of a statement's 17 ms). The
 # planner cannot prove a parameter implies an index predicate (PostgreSQL docs, Partial Indexes),
-# so each result probes the primary key, whatever the statistics say.
+# so each result probes the primary key, whatever the statistics say. A parameter alone is not
+# enough: a prepared statement's first five executions (and any later one PostgreSQL judges
+# cheaper so) get a custom plan, made with the values, where `status = $n` reads `status =
+# 'running'` again - EXPLAIN ANALYZE in a drain: 100 running rows x 51 results, 5,049 rows removed
+# by the join filter, 0.8-1.7 ms of a 2.3 ms statement. So the rows compare their status with a
+# column of the results (r.running, the parameter's value), which no index predicate matches.
 #
 # The arrays of a batch ($1-$5 and the start times) arrive as array literals in one text value each
 # (see _array): asyncpg checks every element of a list it encodes against the collections.abc ABCs
@@ -132,7 +137,7 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 # quarter of a float's shortest repr.
 _RESULTS = """
 r AS (
-    SELECT id, attempt, outcome, delay, error, started_us / 1e6 AS started
+    SELECT id, attempt, outcome, delay, error, started_us / 1e6 AS started, ${running}::text AS running
     FROM unnest($1::text::bigint[], $2::text::int[], $3::text::text[], $4::text::float8[], $5::text::text[],
                 ${started}::text::float8[])
         AS r(id, attempt, outcome, delay, error, started_us)
@@ -140,7 +145,7 @@ r AS (
     -- a job asked to cancel that ended otherwise (failed, released...) is cancelled, not retried
     DELETE FROM forge_jobs j USING r
     WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
-      AND j.status = ${running} AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
+      AND j.status = r.running AND (r.outcome IN ('succeeded', 'cancelled') OR j.cancel_requested)
     RETURNING j.*, r.started AS started_epoch,
               CASE WHEN r.outcome = 'succeeded' THEN 'succeeded' ELSE 'cancelled' END AS outcome,
               CASE WHEN r.outcome IN ('succeeded', 'cancelled') THEN r.error
@@ -167,7 +172,7 @@ r AS (
         lease_until = NULL, cancel_requested = false
     FROM r
     WHERE j.id = r.id AND j.attempt = r.attempt AND j.node_id = $6
-      AND j.status = ${running} AND NOT j.cancel_requested
+      AND j.status = r.running AND NOT j.cancel_requested
       AND r.outcome IN ('failed', 'dead', 'retry_later', 'released')
     RETURNING j.id
 )"""
@@ -312,6 +317,8 @@ PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off"
 # the at-least-once contract, never a second run while the first is alive. Claims stay
 # synchronous: a lost claim could let a second worker start a job the first is still running.
 ASYNC_COMMIT = "SET synchronous_commit = off"
+#: [worker] prefetch when unset, times concurrency
+DEFAULT_PREFETCH_FACTOR = 2
 #: seconds a finished job's result may wait for others to be written with it while the node has
 #: jobs claimed ahead to run (without them every result is written with the next statement at once)
 RESULTS_WAIT = 0.01
@@ -394,6 +401,8 @@ def storable_error(text: str, limit: int = MAX_ERROR_TEXT) -> str:
 #: outcomes that are no failure (a span of the attempt ends without an error)
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
 _time_ns = time.time_ns
+#: forge_job_finished's arguments in the spec's order
+_NODE_OUTCOME = ("node", "outcome")
 _NONE: dict = {}
 
 
@@ -469,7 +478,12 @@ class Worker:
         self.stopping = False
         self.next_due = 0.0  # monotonic time the next delayed job is due (0: check now)
         self.last_work = 0.0  # monotonic time a claim last found work
-        self.prefetch = config.concurrency if config.prefetch is None else config.prefetch
+        #: unset: twice concurrency. Under a backlog the claim loop's statement writes the results
+        #: of the jobs it last claimed and claims into their room while the jobs it claimed before
+        #: run, so a statement carries about half of the rows a node may hold; each statement's
+        #: round trip is mostly fixed cost (bench/jobs: 0.6 ms of PostgreSQL execution and ~0.3 ms
+        #: of commit, flush and decoding for 50 jobs), so throughput follows the batch size
+        self.prefetch = DEFAULT_PREFETCH_FACTOR * config.concurrency if config.prefetch is None else config.prefetch
         self.claim_batch = config.claim_batch or config.concurrency + self.prefetch
         #: the claim loop refills once the jobs claimed ahead are down to this many (with prefetch
         #: 0: always, as each result is written); results wait at most RESULTS_WAIT for a batch
@@ -530,9 +544,22 @@ class Worker:
             chain = (lambda m, nxt: (lambda c: m(c, nxt)))(mw, chain)
         return chain
 
-    def _finished_hook_impls(self) -> Any:
+    def _finished_hook_impls(self) -> list[tuple[Callable[..., Any], tuple[str, ...] | None]] | None:
+        """The forge_job_finished implementations as (function, argument names), in the order pluggy
+        calls them (last registered first); None when there are none; [(pluggy's call, None)] when a
+        wrapper is registered. The worker calls them itself:
+        pluggy's hook call checks the keyword names against the spec on every call, and for the one
+        implementation of a default node (the scheduler's, which returns at once for jobs that are
+        not cron runs) that check and pluggy's call loop were most of the hook's cost - about half
+        of the job task's own samples (py-spy, bench/jobs drain). A wrapper implementation (pluggy
+        runs the others inside it) falls back to pluggy's call."""
         hook = self.node.loader.hook.forge_job_finished
-        return hook if hook.get_hookimpls() else None
+        impls = hook.get_hookimpls()
+        if not impls:
+            return None
+        if any(i.hookwrapper or i.wrapper for i in impls):
+            return [(lambda node, outcome: hook(node=node, outcome=outcome), None)]
+        return [(i.function, tuple(i.argnames)) for i in reversed(impls)]
 
     async def start(self) -> None:
         await self.node.pool.execute(WAKE, self.node_id)
@@ -860,7 +887,9 @@ class Worker:
         a.reserved = False
         if a.ahead and not a.started_wall:
             a.started_wall = time.time()  # written by the next lease renewal, or with its result
-        a.task = asyncio.create_task(self._run(a), name=f"forge-job:{a.row['name']}:{a.id}")
+        # no task name: formatting and setting one was ~3 % of a node's time per no-op job (py-spy);
+        # the task's repr names its coroutine (Worker._run), and self.running maps job ids to tasks
+        a.task = asyncio.create_task(self._run(a))
 
     def _fill(self) -> None:
         """Start jobs claimed ahead into free slots. One on its last attempt holds a slot until the
@@ -1015,7 +1044,9 @@ class Worker:
                 if outcome in ("failed", "retry_later") and delay > 0:
                     self.next_due = min(self.next_due, time.monotonic() + delay)
             if self._finished_hook is not None and outcome not in ("lost", "released"):
-                await self._job_finished(row, a, outcome, started, error)
+                pending = self._job_finished(row, a, outcome, started, error)
+                if pending:  # most jobs: none (the scheduler's returns one for cron runs only)
+                    await self._await_finished(a, pending)
         finally:
             if not reported:  # else the slot stays taken until its result is written
                 self._free(a)
@@ -1050,17 +1081,36 @@ class Worker:
             cap = float(backoff.get("max", cap))
         return backoff_delay(a.attempt, base, cap)
 
-    async def _job_finished(self, row: Any, a: Attempt, outcome: str, started: dt.datetime, error: str | None) -> None:
+    def _job_finished(self, row: Any, a: Attempt, outcome: str, started: dt.datetime,
+                      error: str | None) -> list[Any]:
+        """Call the forge_job_finished implementations; returns the awaitables they gave (usually
+        none: no coroutine per job for that). A failing implementation is logged, never fails the job."""
         status = "retry_later" if outcome == "retry_later" else outcome
         result = JobOutcome(job_id=a.id, name=row["name"], args=row["args"] or {}, options=row["options"] or {},
                             status=status, attempt=a.attempt, started_at=started,
                             finished_at=dt.datetime.now(dt.timezone.utc), error=error, node_id=self.node_id)
+        pending: list[Any] = []
         try:
-            for res in self._finished_hook(node=self.node, outcome=result):
-                if inspect.isawaitable(res):
-                    await res
+            for fn, names in self._finished_hook:
+                if names is None:  # pluggy's own call (a wrapper is registered): every result
+                    pending += [r for r in fn(self.node, result) if inspect.isawaitable(r)]
+                    continue
+                # positional, in the implementation's own order of the names it takes (as pluggy calls it)
+                res = fn(self.node, result) if names == _NODE_OUTCOME else \
+                    fn(*[self.node if n == "node" else result for n in names])
+                if res is not None and inspect.isawaitable(res):
+                    pending.append(res)
         except Exception as exc:  # a plugin's bookkeeping must never fail the job
             logger.opt(exception=exc).warning(f"forge_job_finished hook failed for job {a.id}: {exc}")
+        return pending
+
+    @staticmethod
+    async def _await_finished(a: Attempt, pending: list[Any]) -> None:
+        for res in pending:
+            try:
+                await res
+            except Exception as exc:  # a plugin's bookkeeping must never fail the job
+                logger.opt(exception=exc).warning(f"forge_job_finished hook failed for job {a.id}: {exc}")
 
     # --- reporting ------------------------------------------------------------------------
     async def _report_loop(self) -> None:

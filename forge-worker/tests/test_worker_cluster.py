@@ -19,7 +19,7 @@ import pytest
 from forge_kernel.db import with_database
 from forge_kernel.embedded_pg import EmbeddedPostgres
 from forge_kernel.testing import NodeProcess
-from forge_worker import JobQueue
+from forge_worker import JobQueue, runtime
 
 from worker_helpers import eventually
 
@@ -83,8 +83,8 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
               f"dead {await pool.fetchval('SELECT count(*) FROM forge_jobs WHERE status = $1', 'dead')}")
         assert set(counts) == set(ids)
         assert dups <= held, f"jobs ran twice without running on the killed node: {sorted(dups - held)[:20]}"
-        # concurrency 20 and prefetch (its default: = concurrency) 20
-        assert len(held) <= 40, f"the killed node held {len(held)} jobs with [worker] concurrency = 20, prefetch 20"
+        # concurrency 20 and prefetch (its default: twice concurrency) 40
+        assert len(held) <= 60, f"the killed node held {len(held)} jobs with [worker] concurrency = 20, prefetch 40"
         assert max(counts.values()) <= 2
         assert nodes[1].alive()
     finally:
@@ -96,18 +96,20 @@ async def test_killed_worker_20000_jobs_rerun_and_only_those_twice(forge_process
     await crash_scenario(forge_processes, 20_000)
 
 
-@pytest.mark.parametrize("prefetch", [0, 8])
+@pytest.mark.parametrize("prefetch", [0, 8, None])
 async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes, prefetch):
     """A finished job keeps its row leased until its result is written, so a node SIGKILLed while
     results wait to be written holds (and the rescue re-runs) at most ``concurrency + prefetch``
-    jobs (``concurrency`` with prefetch 0). The results are held back on purpose: the test locks
-    forge_job_history, which every result write inserts into."""
+    jobs (``concurrency`` with prefetch 0; ``3 x concurrency`` with prefetch unset, its default
+    twice concurrency). The results are held back on purpose: the test locks forge_job_history,
+    which every result write inserts into."""
     concurrency, n_jobs = 8, 120
-    bound = concurrency + prefetch
+    bound = concurrency + (runtime.DEFAULT_PREFETCH_FACTOR * concurrency if prefetch is None else prefetch)
     pool = await asyncpg.create_pool(forge_processes.db_url, min_size=2, max_size=4)
     lock = await asyncpg.connect(forge_processes.db_url)
     try:
-        victim = forge_processes(node_config(concurrency, prefetch=prefetch), node_id="victim", env=ENV)
+        worker = {} if prefetch is None else {"prefetch": prefetch}
+        victim = forge_processes(node_config(concurrency, **worker), node_id="victim", env=ENV)
         lock_tx = lock.transaction()
         await lock_tx.start()
         await lock.execute("LOCK TABLE forge_job_history IN SHARE ROW EXCLUSIVE MODE")  # blocks result writes only

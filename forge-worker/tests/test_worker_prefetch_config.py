@@ -24,8 +24,8 @@ def test_bad_prefetch_is_refused_naming_the_key(value, expect):
     assert expect in str(ei.value), str(ei.value)
 
 
-def test_prefetch_defaults_to_concurrency_and_zero_turns_it_off():
-    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch is None  # the worker reads: = concurrency
+def test_prefetch_defaults_to_twice_concurrency_and_zero_turns_it_off():
+    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch is None  # the worker reads: 2 x concurrency
     cfg = load_config(SECTIONS, data={"worker": {"concurrency": 7, "prefetch": 0}}, env={"FORGE_WORKER__PREFETCH": "3"})
     assert (cfg["worker"].concurrency, cfg["worker"].prefetch) == (7, 3)  # the environment wins
 

@@ -305,6 +305,39 @@ async def test_job_finished_hook_gets_every_attempt(forge_node):
     assert outcomes[1].options.get("backoff") == 0.01
 
 
+
+@pytest.mark.parametrize("with_wrapper", [False, True])
+async def test_job_finished_hook_implementations_are_called_as_pluggy_calls_them(forge_node, with_wrapper):
+    # the worker calls the implementations itself (pluggy's per-call checks were most of the hook's
+    # cost): one that takes only some of the arguments gets those, in pluggy's order (the last
+    # registered first), and with a wrapper registered pluggy's own call is used
+    calls = []
+
+    class First:
+        @hookimpl
+        def forge_job_finished(self, outcome):
+            calls.append(("first", outcome.status))
+
+    class Second:
+        @hookimpl
+        def forge_job_finished(self, outcome, node):
+            calls.append(("second", outcome.status, node.id))
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def forge_job_finished(self, node, outcome):
+            calls.append(("wrapper", outcome.status))
+            return (yield)
+
+    extra = [("first", First()), ("second", Second())] + ([("wrapper", Wrapper())] if with_wrapper else [])
+    loader = PluginLoader().load(extra=extra)
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(), loader=loader)
+    await JobQueue(node.pool).enqueue("record", {"value": "x"})
+    await eventually(lambda: asyncio.sleep(0, len(calls) >= (3 if with_wrapper else 2)), what="the hook calls")
+    mine = [c for c in calls if c[0] != "wrapper"]
+    assert mine == [("second", "succeeded", node.id), ("first", "succeeded")], calls
+    assert (("wrapper", "succeeded") in calls) == with_wrapper
+
 def test_backoff_grows_exponentially_with_jitter():
     rng = random.Random(3).random
     for attempt in range(1, 12):
