@@ -367,7 +367,7 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             pauses = pauses[-n:] if n > 0 else []
             rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
                               "max_ms": max((p for _, p in pauses), default=0.0),
-                              "total_ms": round(sum(p for _, p in pauses), 1)}
+                              "total_ms": round(sum(p for _, p in pauses), 1), "pauses": pauses}
             n = after[t.name]["lag_count"] - before[t.name]["lag_count"]
             lags = after[t.name].pop("lags")
             lags = lags[-n:] if n > 0 else []
