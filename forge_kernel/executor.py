@@ -29,7 +29,7 @@ from loguru import logger
 
 from .app import FunctionDef, Registry, definition
 from .convert import StructureError, converter, structure, unstructure
-from .batch import BATCH, NotBatchable, QueryBatch, RefusedConnection
+from .batch import BATCH, NotBatchable, QueryBatch, RefusedConnection, detach
 from .db import Database, TableRead, statements_run
 from .errors import DatabaseUnavailable, ForgeError, Forbidden, InvalidArgument, NotFound, Timeout, Unauthenticated
 from .reads import QueryReads, ReadPool
@@ -693,7 +693,7 @@ class FunctionExecutor:
                 BATCH.set(None)  # queries this one calls run on their own connections
                 if not self.row_security:  # the caller's settings would need a transaction per call
                     db = Database(None, readonly=True, batch=batch)
-                    db.conn = RefusedConnection(db)
+                    db.conn = refused = RefusedConnection(db)
                     try:
                         result = await call.defn.fn(QueryContext(self, call, db), **call.args)
                     except NotBatchable:
@@ -704,6 +704,8 @@ class FunctionExecutor:
                             if call.track_reads:
                                 call.reads = await db.read_set()  # select reads only: no round trip
                             return result
+                    finally:
+                        detach(refused)  # no cycle left for the GC (see RefusedConnection)
                     call.used_auth = False
             # with row security on, the caller's settings need a transaction of their own (read-only)
             reading = self.reads.connection(transaction=self.row_security)

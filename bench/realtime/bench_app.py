@@ -47,6 +47,11 @@ def _gc_timer(phase: str, info: dict) -> None:
 
 __import__("gc").callbacks.append(_gc_timer)
 
+# BENCH_SAVEALL=1 (diagnostic, benchmark-only): keep what the cyclic GC finds, so bench_stats can
+# name the kinds of cyclic garbage the node leaves per write (what drives its young collections)
+if __import__("os").environ.get("BENCH_SAVEALL"):
+    __import__("gc").set_debug(__import__("gc").DEBUG_SAVEALL)
+
 
 # the node's event-loop stalls (benchmark-only): a task that wakes every 5 ms records how late it woke
 LAGS: list[float] = []  # seconds late, above 20 ms, the last 1,000
@@ -86,7 +91,19 @@ async def bench_stats(ctx) -> dict:
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
             "workers_alive": sum(not t.done() for t in rt.engine._workers),
             "lag_count": LAG_COUNT[0], "lags": [round(x * 1000, 1) for x in LAGS],
-            "gc_count": GC_COUNT[0], "gc_pauses": [[g, round(p * 1000, 2)] for g, p in GC_PAUSES]}
+            "gc_count": GC_COUNT[0], "gc_pauses": [[g, round(p * 1000, 2)] for g, p in GC_PAUSES],
+            "garbage": _garbage_kinds()}
+
+
+def _garbage_kinds() -> list:
+    """With BENCH_SAVEALL: the most common kinds of cyclic garbage collected since the last call."""
+    import collections
+    import gc
+
+    kinds = collections.Counter(_describe(o) for o in gc.garbage).most_common(40)
+    n = len(gc.garbage)
+    gc.garbage.clear()
+    return [["total", n], *kinds] if n else []
 
 
 @query(public=True)

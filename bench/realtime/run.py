@@ -367,7 +367,7 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             pauses = pauses[-n:] if n > 0 else []
             rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
                               "max_ms": max((p for _, p in pauses), default=0.0),
-                              "total_ms": round(sum(p for _, p in pauses), 1)}
+                              "total_ms": round(sum(p for _, p in pauses), 1), "pauses": pauses}
             n = after[t.name]["lag_count"] - before[t.name]["lag_count"]
             lags = after[t.name].pop("lags")
             lags = lags[-n:] if n > 0 else []
@@ -562,6 +562,16 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
             async with contextlib.AsyncExitStack() as stack:
                 ts = await targets(stack, args.b_clients, topics=args.b_topics)
                 await asyncio.sleep(1.0)
+                # The heap grew with the clients' connections: the node's timed full collection
+                # ([node] gc_collect_growth) runs once, a minute after start, in whichever step is on
+                # then (the 2,000 writes/s one: 46-50 ms, the only collection of rt-knee's sweeps).
+                # Run and time it here, as (c) does, so the steps measure the steady state.
+                for name, node, port in nodes:
+                    gcs = await node_gc(port, times=1)
+                    out.setdefault("b_gc", {}).setdefault(name, []).append(gcs)
+                    print(f"(b) [{name}] full GC with {args.b_clients} sockets before the steps: pause "
+                          f"{gcs[0]['pause_ms']:.1f} ms, {gcs[0]['tracked']} objects tracked (load {os.getloadavg()[0]:.1f})",
+                          flush=True)
                 for rate in args.b_rates:
                     reps = await measure_step(ts, db_url, rate, args.seconds, lambda i: i % args.b_topics,
                                               args.b_clients / args.b_topics,

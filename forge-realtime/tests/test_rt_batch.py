@@ -4,8 +4,10 @@ function share one round trip, and every result is still what a run of its own r
 from __future__ import annotations
 
 import asyncio
+import gc
 
-from forge_kernel.batch import lateral_sql
+from forge_kernel.batch import RefusedConnection, lateral_sql
+from forge_kernel.db import Database
 
 from rt_helpers import realtime, settled, ws_connect, ws_url
 from rt_helpers import rt_node  # noqa: F401 - pytest fixtures
@@ -67,6 +69,29 @@ async def test_an_argument_the_type_refuses_fails_only_its_own_call(rt_node):
     results = await ex.batched([lambda: ex.call("items_of", {"owner": "a"}),
                                 lambda: ex.call("items_of", {"owner": "bad\x00"})])
     assert results[0] == [] and isinstance(results[1], Exception)
+
+
+async def test_a_batched_run_leaves_nothing_for_the_cyclic_gc(rt_node):
+    # each batched re-run used to leave its Database and RefusedConnection in a reference cycle (with
+    # the read set and the batch's connection hanging off it): at thousands of re-runs a second that
+    # garbage drove the node's collections, whose pauses were bench/realtime (b)'s p99
+    node = await rt_node()
+    await _seed(node)
+    ex = node.executor
+    jobs = [lambda o=o: ex.call("items_of", {"owner": o}, track_reads=True) for o in OWNERS]
+    jobs.append(lambda: ex.call("careful_count", {}))  # refused inside the batch, runs alone again
+    await ex.batched(jobs)  # warm: first-time caches and imports are not what is measured
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            assert len(await ex.batched(jobs)) == len(OWNERS) + 1
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Database, RefusedConnection))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
 
 
 def test_lateral_sql_keeps_each_argument_tuple_apart():
