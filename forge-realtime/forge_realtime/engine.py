@@ -34,7 +34,8 @@ from .changes import Change
 
 #: the scope of a query that never reads ``ctx.auth``: every caller shares its result
 SHARED = "*"
-#: changes remembered while a query runs before we give up and simply re-run it
+#: changes that arrived during a run kept for it at least (the RunJournal holds twice as many);
+#: past that it only remembers which tables the dropped ones wrote
 _PENDING_LIMIT = 2000
 #: the kinds of push (``Subscriber.push``; also the ``rt.push`` telemetry label)
 _DATA, _UNCHANGED = "data", "unchanged"
@@ -385,11 +386,10 @@ class LiveQuery:
     running: bool = False
     queued: bool = False
     dirty: bool = False
-    pending: list[Change] = attrs.field(factory=list)
     #: the traceparent of a traced write that made this query dirty: its next run continues that trace
     cause: str | None = None
-    #: tables with more changes than ``pending`` may hold while the query ran or waited for its
-    #: first run: any read of them makes it dirty
+    #: tables whose changes during its run were dropped from the engine's RunJournal (past its
+    #: bound) before the run finished: any read of them makes it dirty
     overflow: set[str] = attrs.field(factory=set)
     runs: int = 0
     dropped: bool = False
@@ -442,8 +442,6 @@ class LiveQueryEngine:
         self.running: set[LiveQuery] = set()
         #: the changes that arrived while they ran, for each to check when it finishes
         self.journal = RunJournal(2 * _PENDING_LIMIT)  # a run keeps at least _PENDING_LIMIT of them
-        #: queries whose read set is not known yet (first run in progress): see every change
-        self.unknown: set[LiveQuery] = set()
         #: whether a function read ctx.auth the last time it ran (decides its dedupe scope)
         self.uses_auth: dict[str, bool] = {}
         self.stats = EngineStats()
@@ -494,7 +492,6 @@ class LiveQueryEngine:
         if q is None:
             q = LiveQuery(key, sub.function, sub.args)
             self.queries[key] = q
-            self.unknown.add(q)
         q.subscriptions.add(sub)
         sub.query = q
         if q.result_json is not None and not q.running and not q.queued and not q.dirty:
@@ -517,21 +514,17 @@ class LiveQueryEngine:
         q.dropped = True
         if self.queries.get(q.key) is q:
             del self.queries[q.key]
-        self.unknown.discard(q)
         self.index.remove(q, q.reads or ())
 
     def _index(self, q: LiveQuery, reads: list[TableRead]) -> None:
         self.index.remove(q, q.reads or ())
         self.index.add(q, reads)
         q.reads = reads
-        self.unknown.discard(q)
 
     # --- invalidation ---------------------------------------------------------------------
     def on_changes(self, changes: list[Change], position: int) -> None:
         self.stats.changes += len(changes)
         for change in changes:
-            for q in self.unknown:
-                self._remember(q, change)
             # a running query may come back with another read set (a flag in one table makes it
             # read another): it checks the changes when it finishes, so keep them all, whatever
             # table (once for every running query: see RunJournal)
@@ -567,21 +560,9 @@ class LiveQueryEngine:
                 q.dirty = True
                 self._schedule(q)
 
-    def _remember(self, q: LiveQuery, change: Change) -> None:
-        if q.dirty:
-            return
-        if change.table in q.overflow:
-            return
-        if len(q.pending) >= _PENDING_LIMIT:
-            # bounded memory without marking the query dirty for writes to tables it may not
-            # read: remember only that this table had too many changes to keep
-            q.overflow.add(change.table)
-        else:
-            q.pending.append(change)
-
     def _schedule(self, q: LiveQuery) -> None:
         if q.queued or q.running or q.dropped or q.holding:
-            return  # a running query re-checks ``dirty``/``pending`` when it finishes
+            return  # a running query re-checks ``dirty`` and the journal when it finishes
         q.queued = True
         self._queue.append(q)
         self._wake.set()
@@ -639,7 +620,7 @@ class LiveQueryEngine:
         if auth is None:
             return
         q.running, q.dirty = True, False
-        q.pending, q.overflow = [], set()
+        q.overflow = set()
         self.journal.start(q)
         position = self._position()
         self.stats.runs += 1
@@ -708,11 +689,10 @@ class LiveQueryEngine:
                 return
         self._index(q, reads)
         if not q.dirty and (any(r.table in q.overflow for r in reads)
-                            or any(change_touches(r, c) for c in q.pending for r in reads)
                             or self.journal.touches(q, reads)):
             q.dirty = True
         self.journal.end(q)  # later changes reach it through the index
-        q.pending, q.overflow = [], set()
+        q.overflow = set()
         body = encode(result)
         q.result_json, q.hash, q.position = body, result_hash(body), position
         q.data_tail = b"".join((b',"hash":"', q.hash.encode(), b'","position":', str(position).encode(), b',"data":',
