@@ -12,11 +12,12 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from typing import Any, AsyncIterator, Mapping
+from typing import Annotated, Any, AsyncIterator, Mapping
 
 import asyncpg
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.params import Parameter
 from litestar.response import Redirect, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from loguru import logger
@@ -36,6 +37,9 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
 SECURITY_HEADERS = {"content-security-policy": _CSP, "x-frame-options": "DENY", "referrer-policy": "no-referrer",
                     "x-content-type-options": "nosniff", "cache-control": "no-store"}
 _encode = msgspec.json.Encoder(enc_hook=lambda o: o.isoformat() if hasattr(o, "isoformat") else str(o)).encode
+# a path parameter declared as one (Litestar 2.25 deprecates inferring it from the path)
+PathStr = Annotated[str, Parameter()]
+
 NAV = [(name, title) for name, (title, _, _) in views.PAGES.items()]
 
 
@@ -163,7 +167,7 @@ def routes(dash: Dashboard) -> Router:
 
     # --- static files -----------------------------------------------------------------
     @get("/static/{name:str}", include_in_schema=False)
-    async def static(name: str) -> Response:
+    async def static(name: PathStr) -> Response:
         found = dash.render.static.by_url.get(name)
         if found is None:
             return _json({"error": {"code": "NOT_FOUND", "message": f"no static file {name}", "details": None}}, 404)
@@ -237,12 +241,16 @@ def routes(dash: Dashboard) -> Router:
                                 live_url=live_path if query.live else None, **base(viewer, name, title))
         return with_session(request, _html(html))
 
-    @get(["/", "/{name:str}"], include_in_schema=False)
-    async def page_get(request: Request, name: str = "overview") -> Response:
+    @get("/", include_in_schema=False)
+    async def overview_get(request: Request) -> Response:
+        return await page(request, "overview", None)
+
+    @get("/{name:str}", include_in_schema=False)
+    async def page_get(request: Request, name: PathStr) -> Response:
         return await page(request, name, None)
 
     @get("/{name:str}/{item:str}", include_in_schema=False)
-    async def detail_get(request: Request, name: str, item: str) -> Response:
+    async def detail_get(request: Request, name: PathStr, item: PathStr) -> Response:
         return await page(request, name, item)
 
     async def api(request: Request, name: str, item: str | None) -> Response:
@@ -268,11 +276,11 @@ def routes(dash: Dashboard) -> Router:
             return _error(dash, request, exc, api=True)
 
     @get("/api/{name:str}", include_in_schema=False)
-    async def api_get(request: Request, name: str) -> Response:
+    async def api_get(request: Request, name: PathStr) -> Response:
         return await api(request, name, None)
 
     @get("/api/{name:str}/{item:str}", include_in_schema=False)
-    async def api_detail(request: Request, name: str, item: str) -> Response:
+    async def api_detail(request: Request, name: PathStr, item: PathStr) -> Response:
         return await api(request, name, item)
 
     # --- live regions -------------------------------------------------------------------------
@@ -318,11 +326,11 @@ def routes(dash: Dashboard) -> Router:
         return ServerSentEvent(stream(), headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
     @get("/live/{name:str}", include_in_schema=False)
-    async def live_get(request: Request, name: str) -> Response:
+    async def live_get(request: Request, name: PathStr) -> Response:
         return await live(request, name, None)
 
     @get("/live/{name:str}/{item:str}", include_in_schema=False)
-    async def live_detail(request: Request, name: str, item: str) -> Response:
+    async def live_detail(request: Request, name: PathStr, item: PathStr) -> Response:
         return await live(request, name, item)
 
     # --- actions ------------------------------------------------------------------------------
@@ -392,7 +400,7 @@ def routes(dash: Dashboard) -> Router:
         return _json(result)
 
     @post("/api/actions/{name:str}", include_in_schema=False, status_code=200)
-    async def action(request: Request, name: str) -> Response:
+    async def action(request: Request, name: PathStr) -> Response:
         viewer = await acting(request)
         if isinstance(viewer, Response):
             return viewer
@@ -410,7 +418,7 @@ def routes(dash: Dashboard) -> Router:
         return answer(request, result, from_page)
 
     @post("/api/bulk/{verb:str}", include_in_schema=False, status_code=200)
-    async def bulk(request: Request, verb: str) -> Response:
+    async def bulk(request: Request, verb: PathStr) -> Response:
         viewer = await acting(request)
         if isinstance(viewer, Response):
             return viewer
@@ -428,7 +436,7 @@ def routes(dash: Dashboard) -> Router:
             return _error(dash, request, exc, api=not request.headers.get("hx-request"))
         return answer(request, result, from_page)
 
-    return Router(path=PREFIX, route_handlers=[static, login_form, login, logout, page_get, detail_get, api_get,
+    return Router(path=PREFIX, route_handlers=[static, login_form, login, logout, overview_get, page_get, detail_get, api_get,
                                                api_detail, live_get, live_detail, action, bulk],
                   include_in_schema=False)
 
