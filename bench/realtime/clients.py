@@ -19,7 +19,8 @@ JSON line on stdout:
   goes uncounted
 - ``{"cmd": "reset"}``: forget what was received -> ``{"ok": true}``
 - ``{"cmd": "report", "path": P}``: write the received (row id, time) pairs to P (two arrays,
-  int64 ids then float64 times) -> ``{"ok": true, "deliveries": n, "pushes": m}``
+  int64 ids then float64 times) -> ``{"ok": true, "deliveries": n, "pushes": m, "stalls": [...]}``
+  (this process's event-loop stalls since the last reset, ``stalls.py``)
 - ``{"cmd": "close"}``: close every socket and exit.
 """
 
@@ -30,11 +31,13 @@ import asyncio
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
+import stalls  # noqa: E402
 import wsclient  # noqa: E402
 
 
@@ -189,6 +192,9 @@ async def serve(url: str) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     clients = ClientSet()
     pinger = asyncio.create_task(clients.keepalive())
+    watch = stalls.LoopWatch()  # this process's own stalls: a push read late here reads as latency
+    watch.start()
+    since = time.perf_counter()
 
     def answer(obj: dict) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -205,6 +211,7 @@ async def serve(url: str) -> None:
                 answer({"ok": True})
             elif cmd["cmd"] == "reset":
                 clients.reset()
+                since = time.perf_counter()
                 answer({"ok": True})
             elif cmd["cmd"] == "report":
                 with open(cmd["path"], "wb") as fh:
@@ -213,7 +220,8 @@ async def serve(url: str) -> None:
                 errors = [e for c in clients.clients for e in c.errors]
                 closed = sum(c.proto.transport is None or c.proto.transport.is_closing() for c in clients.clients)
                 answer({"ok": True, "deliveries": len(clients.ids), "pushes": clients.pushes, "errors": errors[:5],
-                        "error_count": len(errors), "closed": closed})
+                        "error_count": len(errors), "closed": closed,
+                        "stalls": watch.since(since)})
             elif cmd["cmd"] == "close":
                 pinger.cancel()
                 await clients.close()

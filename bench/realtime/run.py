@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 HERE = Path(__file__).parent
 
+import stalls  # noqa: E402 - event-loop stall watch (this process, the client processes, the node)
+
 
 def pct(values: list[float], p: float) -> float:
     if not values:
@@ -184,6 +186,7 @@ class ClientProcs:
     def __init__(self, url: str, n: int) -> None:
         self.url, self.n = url, n
         self.procs: list[asyncio.subprocess.Process] = []
+        self.stalls: list[list[list[float]]] = []  # per process, its loop stalls of the last report
 
     async def __aenter__(self) -> "ClientProcs":
         for _ in range(self.n):
@@ -229,9 +232,11 @@ class ClientProcs:
     async def reset(self) -> None:
         await self._all({"cmd": "reset"})
 
-    async def report(self) -> tuple[list[tuple[int, float]], int]:
-        """Every (row id, receive time) delivery, and the number of pushes, since the last reset."""
+    async def report(self) -> tuple[list[tuple[int, float, int]], int]:
+        """Every (row id, receive time, client process) delivery, and the number of pushes, since the
+        last reset (each process's loop stalls in ``self.stalls``)."""
         deliveries, pushes = [], 0
+        self.stalls = []
         with tempfile.TemporaryDirectory() as tmp:
             for i, p in enumerate(self.procs):
                 path = Path(tmp) / f"c{i}"
@@ -241,8 +246,9 @@ class ClientProcs:
                 with open(path, "rb") as fh:
                     ids.fromfile(fh, n)
                     times.fromfile(fh, n)
-                deliveries.extend(zip(ids, times))
+                deliveries.extend((rid, t, i) for rid, t in zip(ids, times))
                 pushes += ans["pushes"]
+                self.stalls.append(ans.get("stalls", []))
                 if ans["error_count"] or ans["closed"]:
                     print(f"  client process {i}: {ans['error_count']} errors, {ans['closed']} sockets closed; "
                           f"{ans['errors']}", flush=True)
@@ -286,7 +292,7 @@ async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: floa
 
 def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: dict[int, float], expected: int,
                    seconds: float) -> dict:
-    lat = [(t - commits[rid]) * 1000 for rid, t in deliveries if rid in commits]
+    lat = [(t - commits[rid]) * 1000 for rid, t, *_ in deliveries if rid in commits]
     return {"writes": len(commits), "expected_deliveries": expected, "delivered": len(lat),
             # a row recorded before its commit time: only possible for a row counted as pushed out of a
             # result (clients.py ``dense``) that in fact had not committed yet when the result was read
@@ -294,6 +300,40 @@ def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: di
             "delivered_fraction": len(lat) / expected if expected else float("nan"),
             "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=float("nan")),
             "pushes": pushes, "pushes_per_s": pushes / seconds}
+
+
+def tail_report(deliveries: list[tuple[int, float, int]], commits: dict[int, float], t0: float,
+                stalls_of: dict[str, list[list[float]]], worst: int = 8) -> dict:
+    """Where the slowest deliveries (the p99 tail) lost their time: for each process, the share of
+    tail deliveries whose commit-to-receive window overlaps one of its event-loop stalls over 50 ms
+    (``stalls_of``: name -> [end, late ms, cpu ms, runq ms, ...]; ``clientsN`` counts only for the
+    deliveries of client process N), how bunched the tail is in time (the number of distinct 100 ms
+    slots its commits fall in: a stall makes a few slots, a steady overload many), and the ``worst``
+    slowest deliveries with the stalls they overlap (``at_s``: commit, seconds into the step)."""
+    lat = sorted(((t - commits[rid]) * 1000, commits[rid], t, proc) for rid, t, proc in deliveries if rid in commits)
+    if not lat:
+        return {}
+    cut = lat[min(len(lat) - 1, int(len(lat) * 0.99))][0]
+    tail = [x for x in lat if x[0] >= cut]
+    big = {name: [(end - late / 1000, end, late, cpu, runq) for end, late, cpu, runq, *_ in ss if late > 50]
+           for name, ss in stalls_of.items()}
+
+    def overlapping(commit: float, recv: float, proc: int) -> list[str]:
+        found = []
+        for name, ss in big.items():
+            if name.startswith("clients") and name != f"clients{proc}":
+                continue
+            found += [f"{name} {late:.0f} ms (cpu {cpu:.0f}, runq {runq:.0f}) at {start - t0:.2f}s"
+                      for start, end, late, cpu, runq in ss if start < recv and end > commit]
+        return found
+
+    share = {name: round(sum(1 for _, c, r, p in tail if any(
+        s < r and e > c for s, e, *_ in ss) and (not name.startswith("clients") or name == f"clients{p}")) / len(tail), 3)
+        for name, ss in big.items()}
+    return {"p99_cut_ms": round(cut, 1), "tail": len(tail), "tail_slots_100ms": len({int((c - t0) * 10) for _, c, _, _ in tail}),
+            "tail_overlapping_stall_over_50ms": share,
+            "worst": [{"ms": round(ms, 1), "at_s": round(c - t0, 3), "client_proc": p, "stalls": overlapping(c, r, p)}
+                      for ms, c, r, p in lat[-worst:][::-1]]}
 
 
 async def quiet(stats, settle: float = 0.5, timeout: float = 30.0) -> None:
@@ -336,12 +376,16 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         before = {t.name: await t.stats() if t.stats is not None else None for t in targets}
         spies = [profile(profile_to(t.name), t.meter.node.pid, seconds) for t in targets if profile_to and t.meter.node]
         a = {t.name: t.meter.sample() for t in targets}
+        watch = stalls.LoopWatch()  # the writer's own loop: a late commit stamp reads as less latency
+        watch.start()
+        t0 = time.perf_counter()
         commits = await write_load(writers, rate, seconds, topic_of)
         during = {t.name: t.meter.sample() for t in targets}  # the write window: how busy each process was
         await asyncio.sleep(grace)  # let the last writes arrive (or show that they do not)
         b = {t.name: t.meter.sample() for t in targets}  # and what the whole step cost, backlog included
         for spy in spies:
             await asyncio.to_thread(spy.wait)
+        watch.stop()
         after = {t.name: await t.stats() if t.stats is not None else None for t in targets}
         if statements:
             top = await pool.fetch(_TOP_STATEMENTS)
@@ -350,9 +394,12 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         for conn in writers:
             await conn.close()
     reports = {}
+    writer_stalls = watch.since(t0)
     for t in targets:
         deliveries, pushes = await t.clients.report()
         rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds)
+        stalls_of = {"writer": writer_stalls, **{f"clients{i}": ss for i, ss in enumerate(t.clients.stalls)}}
+        rep["harness_loop_stalls"] = {name: stalls.summary(ss) for name, ss in stalls_of.items()}
         reruns = None
         if t.stats is not None:
             reruns = after[t.name]["runs"] - before[t.name]["runs"]
@@ -365,15 +412,16 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             n = after[t.name]["gc_count"] - before[t.name]["gc_count"]
             pauses = after[t.name].pop("gc_pauses")
             pauses = pauses[-n:] if n > 0 else []
-            rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
-                              "max_ms": max((p for _, p in pauses), default=0.0),
-                              "total_ms": round(sum(p for _, p in pauses), 1), "pauses": pauses}
-            n = after[t.name]["lag_count"] - before[t.name]["lag_count"]
-            lags = after[t.name].pop("lags")
-            lags = lags[-n:] if n > 0 else []
-            rep["node_loop_stalls"] = {"over_20ms": n, "longest_ms": max(lags, default=0.0),
-                                       "over_100ms": sum(x > 100 for x in lags)}
+            rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, *_ in pauses),
+                              "max_ms": max((p for _, p, *_ in pauses), default=0.0),
+                              "total_ms": round(sum(p for _, p, *_ in pauses), 1), "pauses": pauses}
+            node_stalls = [x for x in after[t.name].pop("stalls") if x[0] >= t0]
+            rep["node_loop_stalls"] = stalls.summary(node_stalls)
             rep["node_stats_after"] = after[t.name]
+            stalls_of["node"] = node_stalls
+            # a GC pass as a stall of its own: [end, ms, ms on CPU (a pass computes), 0]
+            stalls_of["node_gc"] = [[end, ms, ms, 0.0] for _, ms, end in pauses]
+        rep["tail"] = tail_report(deliveries, commits, t0, stalls_of)
         rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
         if len(targets) > 1:
             rep["cpu"]["side_by_side"] = [x.name for x in targets]  # PostgreSQL and the writer serve them all
@@ -416,7 +464,14 @@ def step_line(rep: dict) -> str:
             f"busiest {c['busiest_process']} {c['busiest_pct']}%"
             + (f" | node GC: {rep['node_gc']['collections']} collections ({rep['node_gc']['full']} full), longest "
                f"{rep['node_gc']['max_ms']:.1f} ms; loop stalls > 20 ms: {rep['node_loop_stalls']['over_20ms']}, "
-               f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else ""))
+               f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else "")
+            + "".join(f"\n      stalls > 50 ms of {name}: {v['over_50ms_late_ms']:.0f} ms late in all, {v['over_50ms_cpu_ms']:.0f} on "
+                      f"CPU, {v['over_50ms_runq_ms']:.0f} waiting for a core (longest {v['longest_ms']:.0f} ms)"
+                      for name, v in {"node": rep.get("node_loop_stalls", {}), **rep.get("harness_loop_stalls", {})}.items()
+                      if v.get("over_50ms_late_ms"))
+            + (f"\n      p99 tail ({rep['tail']['tail']} deliveries >= {rep['tail']['p99_cut_ms']} ms, commits in "
+               f"{rep['tail']['tail_slots_100ms']} slots of 100 ms) overlapping a stall > 50 ms: "
+               f"{rep['tail']['tail_overlapping_stall_over_50ms']}; worst: {rep['tail']['worst'][:2]}" if rep.get("tail") else ""))
 
 
 # --- the node ------------------------------------------------------------------------------------
