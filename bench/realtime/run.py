@@ -18,6 +18,7 @@ import argparse
 import array
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -232,8 +233,8 @@ class ClientProcs:
     async def reset(self) -> None:
         await self._all({"cmd": "reset"})
 
-    async def report(self) -> tuple[list[tuple[int, float, int]], int]:
-        """Every (row id, receive time, client process) delivery, and the number of pushes, since the
+    async def report(self) -> tuple[list[tuple[int, float, int, float]], int]:
+        """Every (row id, kernel receive time, client process, read time) delivery, and the number of pushes, since the
         last reset (each process's loop stalls in ``self.stalls``)."""
         deliveries, pushes = [], 0
         self.stalls = []
@@ -242,11 +243,12 @@ class ClientProcs:
                 path = Path(tmp) / f"c{i}"
                 ans = await self._one(p, {"cmd": "report", "path": str(path)})
                 n = ans["deliveries"]
-                ids, times = array.array("q"), array.array("d")
+                ids, times, read_times = array.array("q"), array.array("d"), array.array("d")
                 with open(path, "rb") as fh:
                     ids.fromfile(fh, n)
                     times.fromfile(fh, n)
-                deliveries.extend((rid, t, i) for rid, t in zip(ids, times))
+                    read_times.fromfile(fh, n)
+                deliveries.extend(zip(ids, times, itertools.repeat(i), read_times))
                 pushes += ans["pushes"]
                 self.stalls.append(ans.get("stalls", []))
                 if ans["error_count"] or ans["closed"]:
@@ -293,13 +295,16 @@ async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: floa
 def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: dict[int, float], expected: int,
                    seconds: float) -> dict:
     lat = [(t - commits[rid]) * 1000 for rid, t, *_ in deliveries if rid in commits]
+    # the same, to when the client process read it (what this benchmark measured until 2026-12-07)
+    read = [(d[3] - commits[d[0]]) * 1000 for d in deliveries if d[0] in commits and len(d) > 3]
     return {"writes": len(commits), "expected_deliveries": expected, "delivered": len(lat),
             # a row recorded before its commit time: only possible for a row counted as pushed out of a
             # result (clients.py ``dense``) that in fact had not committed yet when the result was read
             "before_commit": sum(1 for v in lat if v < 0),
             "delivered_fraction": len(lat) / expected if expected else float("nan"),
             "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=float("nan")),
-            "pushes": pushes, "pushes_per_s": pushes / seconds}
+            "pushes": pushes, "pushes_per_s": pushes / seconds,
+            "read_p50_ms": pct(read, 50), "read_p99_ms": pct(read, 99)}
 
 
 def tail_report(deliveries: list[tuple[int, float, int]], commits: dict[int, float], t0: float,
@@ -310,7 +315,7 @@ def tail_report(deliveries: list[tuple[int, float, int]], commits: dict[int, flo
     deliveries of client process N), how bunched the tail is in time (the number of distinct 100 ms
     slots its commits fall in: a stall makes a few slots, a steady overload many), and the ``worst``
     slowest deliveries with the stalls they overlap (``at_s``: commit, seconds into the step)."""
-    lat = sorted(((t - commits[rid]) * 1000, commits[rid], t, proc) for rid, t, proc in deliveries if rid in commits)
+    lat = sorted(((t - commits[rid]) * 1000, commits[rid], t, proc) for rid, t, proc, *_ in deliveries if rid in commits)
     if not lat:
         return {}
     cut = lat[min(len(lat) - 1, int(len(lat) * 0.99))][0]
@@ -455,7 +460,8 @@ def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
 
 def step_line(rep: dict) -> str:
     c = rep["cpu"]
-    return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms, delivered "
+    return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms (read by the client: p50 "
+            f"{rep.get('read_p50_ms', float('nan')):.2f} p99 {rep.get('read_p99_ms', float('nan')):.2f}), delivered "
             f"{rep['delivered_fraction']:.3f}, {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
             f"{rep.get('reruns_per_write', float('nan')):.2f} (polls {rep.get('polls_per_write', float('nan')):.2f}, hints "
             f"{rep.get('hints_per_write', float('nan')):.2f}, batched {rep.get('batched_runs_per_write', float('nan')):.2f}) | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
@@ -538,9 +544,14 @@ async def node_stats(port: int) -> dict:
         return r.json()["data"]
 
 
-def burners(n: int) -> list[subprocess.Popen]:
-    """``n`` processes spinning on a core each: (a) under competing CPU load."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+def burners(n: int, own_session: bool = False) -> list[subprocess.Popen]:
+    """``n`` processes spinning on a core each: (a) under competing CPU load. ``own_session``: each
+    in a session of its own, as other users' work is. With the kernel's autogroup scheduling
+    (``/proc/sys/kernel/sched_autogroup_enabled``) each session shares the CPU as one group: burners
+    in this process's session take their CPU from the writer and the client processes alone (each
+    PostgreSQL backend, and the node, run in a session of their own)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=own_session)
+            for _ in range(n)]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -669,6 +680,7 @@ async def main(args: argparse.Namespace) -> dict:
     admin_url = await asyncio.to_thread(pg.start)
     out: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     naive = None
+    spinning: list[subprocess.Popen] = []
     try:
         pg_pid = pg._running_pid()
         admin = await asyncpg.connect(admin_url)
@@ -704,6 +716,9 @@ async def main(args: argparse.Namespace) -> dict:
 
         # DIR "." is this checkout (a variant that differs only in --variant-config)
         variants = [("this", None)] + [(n, None if t == "." else Path(t)) for n, t in args.variant]
+        spinning = burners(args.burners, own_session=True) if parts & {"b", "c", "d"} else []
+        if spinning:
+            print(f"{args.burners} CPU burners spinning through (b), (c) and (d), each in its own session", flush=True)
         if parts & {"b", "c", "d"}:
             for rnd in range(args.rounds):
                 if args.side_by_side:
@@ -716,6 +731,7 @@ async def main(args: argparse.Namespace) -> dict:
                     out.setdefault("b_forge_median", {})[name] = {r: median_report(reps) for r, reps in rates.items()}
             for name, reps in out.get("c_forge_fanout", {}).items():
                 out.setdefault("c_forge_median", {})[name] = median_report(reps)
+        stop(spinning)
 
         if "a" in parts and "areader" in parts:
             node = start_node(root / "node-reader", db_url, node_id="bench-reader")
@@ -763,6 +779,7 @@ async def main(args: argparse.Namespace) -> dict:
         out["ratios"] = ratios
         out["machine"]["load_average_at_end"] = os.getloadavg()
     finally:
+        stop(spinning)
         if naive is not None:
             naive.terminate()
             naive.wait(10)
@@ -784,6 +801,8 @@ if __name__ == "__main__":
     ap.add_argument("--c-clients", type=int, default=5000)
     ap.add_argument("--c-rate", type=float, default=50.0)
     ap.add_argument("--idle", type=int, default=2000)
+    ap.add_argument("--burners", type=int, default=0,
+                    help="CPU burners spinning through (b), (c) and (d) (a slow day), each in its own session")
     ap.add_argument("--client-procs", type=int, default=2, help="processes the benchmark clients are spread over")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c) (each variant once per round)")
     ap.add_argument("--variant", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
