@@ -193,7 +193,10 @@ class ClientProcs:
         for _ in range(self.n):
             self.procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "clients.py"), self.url, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE))
+                stdout=asyncio.subprocess.PIPE,
+                # a session each (autogroup scheduling: one CPU share per session): the clients stand for
+                # users' own machines, not one group squeezed beside the writer on a busy machine
+                start_new_session=True))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -579,6 +582,10 @@ async def started_node(root: Path, db_url: str, name: str, tree: Path | None, ar
     for section, values in args.variant_config.get(name, {}).items():
         config.setdefault(section, {}).update(values)
     node = start_node(root / f"node-{name}-{rnd}", db_url, tree, config, node_id=f"bench-{name}")
+    if args.node_nice is not None:
+        # the node runs in a session of its own: with autogroup scheduling its session's nice value sets
+        # its share of the CPU against every other session (each burner, each PostgreSQL backend)
+        Path(f"/proc/{node.pid}/autogroup").write_text(str(args.node_nice))
     port = await node_port(db_url, f"bench-{name}")
     print(f"[{name} round {rnd}] node pid {node.pid} serving ws://127.0.0.1:{port}/ws", flush=True)
     return node, port
@@ -803,6 +810,8 @@ if __name__ == "__main__":
     ap.add_argument("--idle", type=int, default=2000)
     ap.add_argument("--burners", type=int, default=0,
                     help="CPU burners spinning through (b), (c) and (d) (a slow day), each in its own session")
+    ap.add_argument("--node-nice", type=int, default=None,
+                    help="nice value of the node's autogroup (/proc/PID/autogroup): its CPU share on a busy machine")
     ap.add_argument("--client-procs", type=int, default=2, help="processes the benchmark clients are spread over")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c) (each variant once per round)")
     ap.add_argument("--variant", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
