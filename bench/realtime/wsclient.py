@@ -51,12 +51,13 @@ class WsProtocol(asyncio.Protocol):
                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
 
     def data_received(self, data: bytes) -> None:
-        self.data_received_at(data, time.perf_counter())
+        now = time.perf_counter()
+        self.data_received_at(data, now, now)
 
-    def data_received_at(self, data: bytes, now: float) -> None:
-        """``data`` arrived at ``now`` (``time.perf_counter()``): when the kernel received it, for
-        a socket read by ``connect_stamped``; when this process read it, otherwise."""
-        self.read_at = time.perf_counter()  # when this process read it (``now`` may be the kernel's time)
+    def data_received_at(self, data: bytes, now: float, read_at: float) -> None:
+        """``data`` arrived at ``now`` and this process read it at ``read_at`` (``time.perf_counter()``):
+        ``now`` is when the kernel received it for a socket read by ``connect_stamped``."""
+        self.read_at = read_at
         self.buf += data
         if not self.upgraded.done():
             end = self.buf.find(b"\r\n\r\n")
@@ -127,6 +128,12 @@ async def connect(url: str, on_message: Callable[[float, bytes], None]) -> WsPro
 # the time the kernel received its last segment, which the client's own scheduling cannot delay.
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _CMSG_SPACE = socket.CMSG_SPACE(16)
+_TIMESPEC = struct.Struct("qq")
+# one read buffer for every socket of the process (reads are synchronous): recvmsg(n) would allocate
+# (and, at 256 KB, mmap and unmap) a buffer of n bytes for every read
+_READ_BUF = bytearray(262_144)
+_READ_INTO = [_READ_BUF]
+_READ_VIEW = memoryview(_READ_BUF)
 
 
 class _StampedTransport:
@@ -141,23 +148,21 @@ class _StampedTransport:
 
     def _readable(self) -> None:
         try:
-            data, anc, _, _ = self.sock.recvmsg(262_144, _CMSG_SPACE)
+            n, anc, _, _ = self.sock.recvmsg_into(_READ_INTO, _CMSG_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lost(exc)
             return
-        if not data:
+        if not n:
             self._lost(None)
             return
-        now = time.perf_counter()
-        for level, kind, raw in anc:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) >= 16:
-                sec, nsec = struct.unpack_from("qq", raw)
-                # the kernel stamps CLOCK_REALTIME: how long ago, on this process's monotonic clock
-                now -= max(0.0, time.time() - (sec + nsec * 1e-9))
-                break
-        self.proto.data_received_at(data, now)
+        read_at = now = time.perf_counter()
+        if anc and anc[0][1] == _SO_TIMESTAMPNS:
+            sec, nsec = _TIMESPEC.unpack_from(anc[0][2])
+            # the kernel stamps CLOCK_REALTIME: how long ago, on this process's monotonic clock
+            now -= max(0.0, time.time() - (sec + nsec * 1e-9))
+        self.proto.data_received_at(_READ_VIEW[:n].tobytes(), now, read_at)
 
     def write(self, data: bytes) -> None:
         if self.closing:
