@@ -260,8 +260,10 @@ class ClientProcs:
         return deliveries, pushes
 
 
-async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: float, topic_of) -> dict[int, float]:
-    """Single-row INSERTs at ``rate`` per second over ``conns``. The writer's own connections,
+async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: float, topic_of,
+                     pg_clock: dict[int, float] | None = None) -> dict[int, float]:
+    """Single-row INSERTs at ``rate`` per second over ``conns`` (``pg_clock``: also each row's
+    PostgreSQL time at the end of its INSERT). The writer's own connections,
     not a pool: asyncpg's pool resets a connection when it is released (``RESET ALL`` and more,
     one round trip per write, a third of the writer's round trips with nothing to reset) - an
     app writing through a pool that skips it, or with a connection of its own, does not pay it."""
@@ -274,11 +276,16 @@ async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: floa
     async def one(topic: int) -> None:
         conn = await idle.get()
         try:
-            rid = await conn.fetchval("INSERT INTO bench_items (topic, payload) VALUES ($1, 'payload') RETURNING id",
-                                      topic)
+            rid, ended = await conn.fetchrow(
+                "INSERT INTO bench_items (topic, payload) VALUES ($1, 'payload') "
+                "RETURNING id, extract(epoch FROM clock_timestamp())::float8", topic)
         finally:
             idle.put_nowait(conn)
-        commits[rid] = time.perf_counter()
+        commits[rid] = now = time.perf_counter()
+        if pg_clock is not None:
+            # PostgreSQL's clock as the INSERT ended (before its commit), on this process's clock:
+            # not delayed by this process's own waits for a core, as the commit stamp above is
+            pg_clock[rid] = now - max(0.0, time.time() - ended)
 
     start = time.perf_counter()
     i = 0
@@ -296,10 +303,13 @@ async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: floa
 
 
 def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: dict[int, float], expected: int,
-                   seconds: float) -> dict:
+                   seconds: float, pg_clock: dict[int, float] | None = None) -> dict:
     lat = [(t - commits[rid]) * 1000 for rid, t, *_ in deliveries if rid in commits]
     # the same, to when the client process read it (what this benchmark measured until 2026-12-07)
     read = [(d[3] - commits[d[0]]) * 1000 for d in deliveries if d[0] in commits and len(d) > 3]
+    # from PostgreSQL's clock at the end of the INSERT: a little before the commit (reads high by the
+    # commit's duration), but not late when the writer waited for a core (the commit stamp then reads low)
+    pg = [(t - pg_clock[rid]) * 1000 for rid, t, *_ in deliveries if rid in pg_clock] if pg_clock else []
     return {"writes": len(commits), "expected_deliveries": expected, "delivered": len(lat),
             # a row recorded before its commit time: only possible for a row counted as pushed out of a
             # result (clients.py ``dense``) that in fact had not committed yet when the result was read
@@ -307,7 +317,8 @@ def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: di
             "delivered_fraction": len(lat) / expected if expected else float("nan"),
             "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=float("nan")),
             "pushes": pushes, "pushes_per_s": pushes / seconds,
-            "read_p50_ms": pct(read, 50), "read_p99_ms": pct(read, 99)}
+            "read_p50_ms": pct(read, 50), "read_p99_ms": pct(read, 99),
+            "pg_clock_p50_ms": pct(pg, 50), "pg_clock_p99_ms": pct(pg, 99)}
 
 
 def tail_report(deliveries: list[tuple[int, float, int]], commits: dict[int, float], t0: float,
@@ -387,7 +398,8 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         watch = stalls.LoopWatch()  # the writer's own loop: a late commit stamp reads as less latency
         watch.start()
         t0 = time.perf_counter()
-        commits = await write_load(writers, rate, seconds, topic_of)
+        pg_clock: dict[int, float] = {}
+        commits = await write_load(writers, rate, seconds, topic_of, pg_clock)
         during = {t.name: t.meter.sample() for t in targets}  # the write window: how busy each process was
         await asyncio.sleep(grace)  # let the last writes arrive (or show that they do not)
         b = {t.name: t.meter.sample() for t in targets}  # and what the whole step cost, backlog included
@@ -405,7 +417,7 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
     writer_stalls = watch.since(t0)
     for t in targets:
         deliveries, pushes = await t.clients.report()
-        rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds)
+        rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds, pg_clock)
         stalls_of = {"writer": writer_stalls, **{f"clients{i}": ss for i, ss in enumerate(t.clients.stalls)}}
         rep["harness_loop_stalls"] = {name: stalls.summary(ss) for name, ss in stalls_of.items()}
         reruns = None
@@ -464,7 +476,8 @@ def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
 def step_line(rep: dict) -> str:
     c = rep["cpu"]
     return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms (read by the client: p50 "
-            f"{rep.get('read_p50_ms', float('nan')):.2f} p99 {rep.get('read_p99_ms', float('nan')):.2f}), delivered "
+            f"{rep.get('read_p50_ms', float('nan')):.2f} p99 {rep.get('read_p99_ms', float('nan')):.2f}; from PostgreSQL's clock: "
+            f"p50 {rep.get('pg_clock_p50_ms', float('nan')):.2f} p99 {rep.get('pg_clock_p99_ms', float('nan')):.2f}), delivered "
             f"{rep['delivered_fraction']:.3f}, {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
             f"{rep.get('reruns_per_write', float('nan')):.2f} (polls {rep.get('polls_per_write', float('nan')):.2f}, hints "
             f"{rep.get('hints_per_write', float('nan')):.2f}, batched {rep.get('batched_runs_per_write', float('nan')):.2f}) | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
