@@ -30,7 +30,7 @@ async def topic_latest(ctx, topic: int) -> list[BenchItem]:
 
 # every cyclic-GC collection in the node, timed (benchmark-only): do pauses show in the tail?
 _gc_started = [0.0]
-GC_PAUSES: list[tuple[int, float]] = []  # (generation, seconds), the last 1,000
+GC_PAUSES: list[tuple[int, float, float]] = []  # (generation, seconds, end), the last 1,000
 GC_COUNT = [0]
 
 
@@ -40,7 +40,8 @@ def _gc_timer(phase: str, info: dict) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
     else:
-        GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
+        end = time.perf_counter()
+        GC_PAUSES.append((info["generation"], end - _gc_started[0], end))
         GC_COUNT[0] += 1
         del GC_PAUSES[:-1000]
 
@@ -53,24 +54,11 @@ if __import__("os").environ.get("BENCH_SAVEALL"):
     __import__("gc").set_debug(__import__("gc").DEBUG_SAVEALL)
 
 
-# the node's event-loop stalls (benchmark-only): a task that wakes every 5 ms records how late it woke
-LAGS: list[float] = []  # seconds late, above 20 ms, the last 1,000
-LAG_COUNT = [0]
-_watchdog: list = []
+# the node's event-loop stalls (benchmark-only): how late a 5 ms timer woke, and whether the loop's
+# thread was on a CPU, waiting for one, or asleep meanwhile (stalls.py)
+import stalls as _stalls  # noqa: E402 - bench/realtime is on the node's PYTHONPATH
 
-
-async def _watch_loop() -> None:
-    import asyncio
-    import time
-
-    while True:
-        t0 = time.perf_counter()
-        await asyncio.sleep(0.005)
-        late = time.perf_counter() - t0 - 0.005
-        if late > 0.02:
-            LAGS.append(late)
-            LAG_COUNT[0] += 1
-            del LAGS[:-1000]
+WATCH = _stalls.LoopWatch()
 
 
 @query(public=True)
@@ -78,10 +66,7 @@ async def bench_stats(ctx) -> dict:
     """How often this node re-ran live queries (the benchmark reads it over /rpc)."""
     from forge_realtime.service import for_node  # benchmark-only introspection
 
-    if not _watchdog:
-        import asyncio
-
-        _watchdog.append(asyncio.get_running_loop().create_task(_watch_loop()))
+    WATCH.start()
     rt = for_node(ctx.node)
     s = rt.engine.stats
     return {"runs": s.runs, "pushes": s.pushes, "changes": s.changes, "invalidations": s.invalidations,
@@ -90,8 +75,8 @@ async def bench_stats(ctx) -> dict:
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
             "workers_alive": sum(not t.done() for t in rt.engine._workers),
-            "lag_count": LAG_COUNT[0], "lags": [round(x * 1000, 1) for x in LAGS],
-            "gc_count": GC_COUNT[0], "gc_pauses": [[g, round(p * 1000, 2)] for g, p in GC_PAUSES],
+            "lag_count": WATCH.count, "stalls": WATCH.since(0.0),
+            "gc_count": GC_COUNT[0], "gc_pauses": [[g, round(p * 1000, 2), end] for g, p, end in GC_PAUSES],
             "garbage": _garbage_kinds()}
 
 

@@ -19,7 +19,8 @@ JSON line on stdout:
   goes uncounted
 - ``{"cmd": "reset"}``: forget what was received -> ``{"ok": true}``
 - ``{"cmd": "report", "path": P}``: write the received (row id, time) pairs to P (two arrays,
-  int64 ids then float64 times) -> ``{"ok": true, "deliveries": n, "pushes": m}``
+  int64 ids, float64 kernel receive times, float64 read times) -> ``{"ok": true, "deliveries": n, "pushes": m, "stalls": [...]}``
+  (this process's event-loop stalls since the last reset, ``stalls.py``)
 - ``{"cmd": "close"}``: close every socket and exit.
 """
 
@@ -30,11 +31,13 @@ import asyncio
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
+import stalls  # noqa: E402
 import wsclient  # noqa: E402
 
 
@@ -55,12 +58,12 @@ _decode = msgspec.json.Decoder().decode
 class Client:
     """One benchmark socket: records (row id, receive time) of rows newer than any it had."""
 
-    __slots__ = ("proto", "max_id", "ids", "times", "pushes", "waiter", "errors", "dense")
+    __slots__ = ("proto", "max_id", "ids", "times", "read_times", "pushes", "waiter", "errors", "dense")
 
-    def __init__(self, ids: array.array, times: array.array, dense: bool = False) -> None:
+    def __init__(self, ids: array.array, times: array.array, read_times: array.array, dense: bool = False) -> None:
         self.proto, self.max_id, self.pushes, self.waiter, self.dense = None, 0, 0, None, dense
         self.errors: list[dict] = []
-        self.ids, self.times = ids, times
+        self.ids, self.times, self.read_times = ids, times, read_times
 
     def on_message(self, now: float, payload: bytes) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -79,11 +82,13 @@ class Client:
             for rid in range(top + 1, min(row.id for row in msg.data)):
                 self.ids.append(rid)
                 self.times.append(now)
+                self.read_times.append(self.proto.read_at)
         for row in msg.data:
             rid = row.id
             if rid > self.max_id:
                 self.ids.append(rid)
                 self.times.append(now)
+                self.read_times.append(self.proto.read_at)
                 if rid > top:
                     top = rid
         self.max_id = top
@@ -103,11 +108,13 @@ class ClientSet:
     def __init__(self) -> None:
         self.clients: list[Client] = []
         self.ids = array.array("q")
-        self.times = array.array("d")
+        self.times = array.array("d")  # when the kernel received each (connect_stamped)
+        self.read_times = array.array("d")  # when this process read it: later by its own waits for a core
 
     def reset(self) -> None:
         del self.ids[:]
         del self.times[:]
+        del self.read_times[:]
         for c in self.clients:
             c.pushes = 0
 
@@ -122,10 +129,10 @@ class ClientSet:
 
         async def one(i: int) -> None:
             async with sem:
-                c = Client(self.ids, self.times, dense)
+                c = Client(self.ids, self.times, self.read_times, dense)
                 for attempt in range(5):
                     try:
-                        c.proto = await wsclient.connect(url, c.on_message)
+                        c.proto = await wsclient.connect_stamped(url, c.on_message)
                         break
                     except (OSError, asyncio.TimeoutError, ConnectionError):
                         await asyncio.sleep(0.2 * (attempt + 1))
@@ -189,6 +196,9 @@ async def serve(url: str) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     clients = ClientSet()
     pinger = asyncio.create_task(clients.keepalive())
+    watch = stalls.LoopWatch()  # this process's own stalls: a push read late here reads as latency
+    watch.start()
+    since = time.perf_counter()
 
     def answer(obj: dict) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -205,15 +215,18 @@ async def serve(url: str) -> None:
                 answer({"ok": True})
             elif cmd["cmd"] == "reset":
                 clients.reset()
+                since = time.perf_counter()
                 answer({"ok": True})
             elif cmd["cmd"] == "report":
                 with open(cmd["path"], "wb") as fh:
                     clients.ids.tofile(fh)
                     clients.times.tofile(fh)
+                    clients.read_times.tofile(fh)
                 errors = [e for c in clients.clients for e in c.errors]
                 closed = sum(c.proto.transport is None or c.proto.transport.is_closing() for c in clients.clients)
                 answer({"ok": True, "deliveries": len(clients.ids), "pushes": clients.pushes, "errors": errors[:5],
-                        "error_count": len(errors), "closed": closed})
+                        "error_count": len(errors), "closed": closed,
+                        "stalls": watch.since(since)})
             elif cmd["cmd"] == "close":
                 pinger.cancel()
                 await clients.close()

@@ -18,6 +18,7 @@ import argparse
 import array
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -44,6 +45,8 @@ from forge_realtime.capture import install_capture, remove_capture
 sys.path.insert(0, str(Path(__file__).parent))
 
 HERE = Path(__file__).parent
+
+import stalls  # noqa: E402 - event-loop stall watch (this process, the client processes, the node)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -184,12 +187,16 @@ class ClientProcs:
     def __init__(self, url: str, n: int) -> None:
         self.url, self.n = url, n
         self.procs: list[asyncio.subprocess.Process] = []
+        self.stalls: list[list[list[float]]] = []  # per process, its loop stalls of the last report
 
     async def __aenter__(self) -> "ClientProcs":
         for _ in range(self.n):
             self.procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "clients.py"), self.url, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE))
+                stdout=asyncio.subprocess.PIPE,
+                # a session each (autogroup scheduling: one CPU share per session): the clients stand for
+                # users' own machines, not one group squeezed beside the writer on a busy machine
+                start_new_session=True))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -229,28 +236,34 @@ class ClientProcs:
     async def reset(self) -> None:
         await self._all({"cmd": "reset"})
 
-    async def report(self) -> tuple[list[tuple[int, float]], int]:
-        """Every (row id, receive time) delivery, and the number of pushes, since the last reset."""
+    async def report(self) -> tuple[list[tuple[int, float, int, float]], int]:
+        """Every (row id, kernel receive time, client process, read time) delivery, and the number of pushes, since the
+        last reset (each process's loop stalls in ``self.stalls``)."""
         deliveries, pushes = [], 0
+        self.stalls = []
         with tempfile.TemporaryDirectory() as tmp:
             for i, p in enumerate(self.procs):
                 path = Path(tmp) / f"c{i}"
                 ans = await self._one(p, {"cmd": "report", "path": str(path)})
                 n = ans["deliveries"]
-                ids, times = array.array("q"), array.array("d")
+                ids, times, read_times = array.array("q"), array.array("d"), array.array("d")
                 with open(path, "rb") as fh:
                     ids.fromfile(fh, n)
                     times.fromfile(fh, n)
-                deliveries.extend(zip(ids, times))
+                    read_times.fromfile(fh, n)
+                deliveries.extend(zip(ids, times, itertools.repeat(i), read_times))
                 pushes += ans["pushes"]
+                self.stalls.append(ans.get("stalls", []))
                 if ans["error_count"] or ans["closed"]:
                     print(f"  client process {i}: {ans['error_count']} errors, {ans['closed']} sockets closed; "
                           f"{ans['errors']}", flush=True)
         return deliveries, pushes
 
 
-async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: float, topic_of) -> dict[int, float]:
-    """Single-row INSERTs at ``rate`` per second over ``conns``. The writer's own connections,
+async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: float, topic_of,
+                     pg_clock: dict[int, float] | None = None) -> dict[int, float]:
+    """Single-row INSERTs at ``rate`` per second over ``conns`` (``pg_clock``: also each row's
+    PostgreSQL time at the end of its INSERT). The writer's own connections,
     not a pool: asyncpg's pool resets a connection when it is released (``RESET ALL`` and more,
     one round trip per write, a third of the writer's round trips with nothing to reset) - an
     app writing through a pool that skips it, or with a connection of its own, does not pay it."""
@@ -263,11 +276,16 @@ async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: floa
     async def one(topic: int) -> None:
         conn = await idle.get()
         try:
-            rid = await conn.fetchval("INSERT INTO bench_items (topic, payload) VALUES ($1, 'payload') RETURNING id",
-                                      topic)
+            rid, ended = await conn.fetchrow(
+                "INSERT INTO bench_items (topic, payload) VALUES ($1, 'payload') "
+                "RETURNING id, extract(epoch FROM clock_timestamp())::float8", topic)
         finally:
             idle.put_nowait(conn)
-        commits[rid] = time.perf_counter()
+        commits[rid] = now = time.perf_counter()
+        if pg_clock is not None:
+            # PostgreSQL's clock as the INSERT ended (before its commit), on this process's clock:
+            # not delayed by this process's own waits for a core, as the commit stamp above is
+            pg_clock[rid] = now - max(0.0, time.time() - ended)
 
     start = time.perf_counter()
     i = 0
@@ -285,15 +303,56 @@ async def write_load(conns: list[asyncpg.Connection], rate: float, seconds: floa
 
 
 def latency_report(deliveries: list[tuple[int, float]], pushes: int, commits: dict[int, float], expected: int,
-                   seconds: float) -> dict:
-    lat = [(t - commits[rid]) * 1000 for rid, t in deliveries if rid in commits]
+                   seconds: float, pg_clock: dict[int, float] | None = None) -> dict:
+    lat = [(t - commits[rid]) * 1000 for rid, t, *_ in deliveries if rid in commits]
+    # the same, to when the client process read it (what this benchmark measured until 2026-12-07)
+    read = [(d[3] - commits[d[0]]) * 1000 for d in deliveries if d[0] in commits and len(d) > 3]
+    # from PostgreSQL's clock at the end of the INSERT: a little before the commit (reads high by the
+    # commit's duration), but not late when the writer waited for a core (the commit stamp then reads low)
+    pg = [(t - pg_clock[rid]) * 1000 for rid, t, *_ in deliveries if rid in pg_clock] if pg_clock else []
     return {"writes": len(commits), "expected_deliveries": expected, "delivered": len(lat),
             # a row recorded before its commit time: only possible for a row counted as pushed out of a
             # result (clients.py ``dense``) that in fact had not committed yet when the result was read
             "before_commit": sum(1 for v in lat if v < 0),
             "delivered_fraction": len(lat) / expected if expected else float("nan"),
             "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=float("nan")),
-            "pushes": pushes, "pushes_per_s": pushes / seconds}
+            "pushes": pushes, "pushes_per_s": pushes / seconds,
+            "read_p50_ms": pct(read, 50), "read_p99_ms": pct(read, 99),
+            "pg_clock_p50_ms": pct(pg, 50), "pg_clock_p99_ms": pct(pg, 99)}
+
+
+def tail_report(deliveries: list[tuple[int, float, int]], commits: dict[int, float], t0: float,
+                stalls_of: dict[str, list[list[float]]], worst: int = 8) -> dict:
+    """Where the slowest deliveries (the p99 tail) lost their time: for each process, the share of
+    tail deliveries whose commit-to-receive window overlaps one of its event-loop stalls over 50 ms
+    (``stalls_of``: name -> [end, late ms, cpu ms, runq ms, ...]; ``clientsN`` counts only for the
+    deliveries of client process N), how bunched the tail is in time (the number of distinct 100 ms
+    slots its commits fall in: a stall makes a few slots, a steady overload many), and the ``worst``
+    slowest deliveries with the stalls they overlap (``at_s``: commit, seconds into the step)."""
+    lat = sorted(((t - commits[rid]) * 1000, commits[rid], t, proc) for rid, t, proc, *_ in deliveries if rid in commits)
+    if not lat:
+        return {}
+    cut = lat[min(len(lat) - 1, int(len(lat) * 0.99))][0]
+    tail = [x for x in lat if x[0] >= cut]
+    big = {name: [(end - late / 1000, end, late, cpu, runq) for end, late, cpu, runq, *_ in ss if late > 50]
+           for name, ss in stalls_of.items()}
+
+    def overlapping(commit: float, recv: float, proc: int) -> list[str]:
+        found = []
+        for name, ss in big.items():
+            if name.startswith("clients") and name != f"clients{proc}":
+                continue
+            found += [f"{name} {late:.0f} ms (cpu {cpu:.0f}, runq {runq:.0f}) at {start - t0:.2f}s"
+                      for start, end, late, cpu, runq in ss if start < recv and end > commit]
+        return found
+
+    share = {name: round(sum(1 for _, c, r, p in tail if any(
+        s < r and e > c for s, e, *_ in ss) and (not name.startswith("clients") or name == f"clients{p}")) / len(tail), 3)
+        for name, ss in big.items()}
+    return {"p99_cut_ms": round(cut, 1), "tail": len(tail), "tail_slots_100ms": len({int((c - t0) * 10) for _, c, _, _ in tail}),
+            "tail_overlapping_stall_over_50ms": share,
+            "worst": [{"ms": round(ms, 1), "at_s": round(c - t0, 3), "client_proc": p, "stalls": overlapping(c, r, p)}
+                      for ms, c, r, p in lat[-worst:][::-1]]}
 
 
 async def quiet(stats, settle: float = 0.5, timeout: float = 30.0) -> None:
@@ -336,12 +395,17 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         before = {t.name: await t.stats() if t.stats is not None else None for t in targets}
         spies = [profile(profile_to(t.name), t.meter.node.pid, seconds) for t in targets if profile_to and t.meter.node]
         a = {t.name: t.meter.sample() for t in targets}
-        commits = await write_load(writers, rate, seconds, topic_of)
+        watch = stalls.LoopWatch()  # the writer's own loop: a late commit stamp reads as less latency
+        watch.start()
+        t0 = time.perf_counter()
+        pg_clock: dict[int, float] = {}
+        commits = await write_load(writers, rate, seconds, topic_of, pg_clock)
         during = {t.name: t.meter.sample() for t in targets}  # the write window: how busy each process was
         await asyncio.sleep(grace)  # let the last writes arrive (or show that they do not)
         b = {t.name: t.meter.sample() for t in targets}  # and what the whole step cost, backlog included
         for spy in spies:
             await asyncio.to_thread(spy.wait)
+        watch.stop()
         after = {t.name: await t.stats() if t.stats is not None else None for t in targets}
         if statements:
             top = await pool.fetch(_TOP_STATEMENTS)
@@ -350,9 +414,12 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
         for conn in writers:
             await conn.close()
     reports = {}
+    writer_stalls = watch.since(t0)
     for t in targets:
         deliveries, pushes = await t.clients.report()
-        rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds)
+        rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds, pg_clock)
+        stalls_of = {"writer": writer_stalls, **{f"clients{i}": ss for i, ss in enumerate(t.clients.stalls)}}
+        rep["harness_loop_stalls"] = {name: stalls.summary(ss) for name, ss in stalls_of.items()}
         reruns = None
         if t.stats is not None:
             reruns = after[t.name]["runs"] - before[t.name]["runs"]
@@ -365,15 +432,16 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             n = after[t.name]["gc_count"] - before[t.name]["gc_count"]
             pauses = after[t.name].pop("gc_pauses")
             pauses = pauses[-n:] if n > 0 else []
-            rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, _ in pauses),
-                              "max_ms": max((p for _, p in pauses), default=0.0),
-                              "total_ms": round(sum(p for _, p in pauses), 1), "pauses": pauses}
-            n = after[t.name]["lag_count"] - before[t.name]["lag_count"]
-            lags = after[t.name].pop("lags")
-            lags = lags[-n:] if n > 0 else []
-            rep["node_loop_stalls"] = {"over_20ms": n, "longest_ms": max(lags, default=0.0),
-                                       "over_100ms": sum(x > 100 for x in lags)}
+            rep["node_gc"] = {"collections": n, "full": sum(g == 2 for g, *_ in pauses),
+                              "max_ms": max((p for _, p, *_ in pauses), default=0.0),
+                              "total_ms": round(sum(p for _, p, *_ in pauses), 1), "pauses": pauses}
+            node_stalls = [x for x in after[t.name].pop("stalls") if x[0] >= t0]
+            rep["node_loop_stalls"] = stalls.summary(node_stalls)
             rep["node_stats_after"] = after[t.name]
+            stalls_of["node"] = node_stalls
+            # a GC pass as a stall of its own: [end, ms, ms on CPU (a pass computes), 0]
+            stalls_of["node_gc"] = [[end, ms, ms, 0.0] for _, ms, end in pauses]
+        rep["tail"] = tail_report(deliveries, commits, t0, stalls_of)
         rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
         if len(targets) > 1:
             rep["cpu"]["side_by_side"] = [x.name for x in targets]  # PostgreSQL and the writer serve them all
@@ -407,7 +475,9 @@ def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
 
 def step_line(rep: dict) -> str:
     c = rep["cpu"]
-    return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms, delivered "
+    return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms (read by the client: p50 "
+            f"{rep.get('read_p50_ms', float('nan')):.2f} p99 {rep.get('read_p99_ms', float('nan')):.2f}; from PostgreSQL's clock: "
+            f"p50 {rep.get('pg_clock_p50_ms', float('nan')):.2f} p99 {rep.get('pg_clock_p99_ms', float('nan')):.2f}), delivered "
             f"{rep['delivered_fraction']:.3f}, {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
             f"{rep.get('reruns_per_write', float('nan')):.2f} (polls {rep.get('polls_per_write', float('nan')):.2f}, hints "
             f"{rep.get('hints_per_write', float('nan')):.2f}, batched {rep.get('batched_runs_per_write', float('nan')):.2f}) | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
@@ -416,7 +486,14 @@ def step_line(rep: dict) -> str:
             f"busiest {c['busiest_process']} {c['busiest_pct']}%"
             + (f" | node GC: {rep['node_gc']['collections']} collections ({rep['node_gc']['full']} full), longest "
                f"{rep['node_gc']['max_ms']:.1f} ms; loop stalls > 20 ms: {rep['node_loop_stalls']['over_20ms']}, "
-               f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else ""))
+               f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else "")
+            + "".join(f"\n      stalls > 50 ms of {name}: {v['over_50ms_late_ms']:.0f} ms late in all, {v['over_50ms_cpu_ms']:.0f} on "
+                      f"CPU, {v['over_50ms_runq_ms']:.0f} waiting for a core (longest {v['longest_ms']:.0f} ms)"
+                      for name, v in {"node": rep.get("node_loop_stalls", {}), **rep.get("harness_loop_stalls", {})}.items()
+                      if v.get("over_50ms_late_ms"))
+            + (f"\n      p99 tail ({rep['tail']['tail']} deliveries >= {rep['tail']['p99_cut_ms']} ms, commits in "
+               f"{rep['tail']['tail_slots_100ms']} slots of 100 ms) overlapping a stall > 50 ms: "
+               f"{rep['tail']['tail_overlapping_stall_over_50ms']}; worst: {rep['tail']['worst'][:2]}" if rep.get("tail") else ""))
 
 
 # --- the node ------------------------------------------------------------------------------------
@@ -476,6 +553,22 @@ async def node_gc(port: int, times: int = 3) -> list[dict]:
     return out
 
 
+def set_sched_slice(pid: int, ns: int) -> None:
+    """The EEVDF slice (``sched_setattr``'s ``sched_runtime`` for a SCHED_OTHER task, Linux 6.12+) of
+    ``pid``'s main thread (the node's event loop): a shorter slice than the default (about 1.4 ms
+    here) is picked sooner when it wakes, and preempts a longer-slice task (a CPU burner)."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_setattr = {"x86_64": 314, "aarch64": 274}[os.uname().machine]
+    nice = os.getpriority(os.PRIO_PROCESS, pid)
+    attr = ctypes.create_string_buffer(struct.pack("IIQiIQQQ", 48, 0, 0, nice, 0, ns, 0, 0), 56)
+    if libc.syscall(sys_setattr, pid, attr, 0):
+        err = ctypes.get_errno()
+        raise OSError(err, f"sched_setattr({pid}, slice {ns} ns): {os.strerror(err)}")
+
+
 async def node_stats(port: int) -> dict:
     async with httpx.AsyncClient() as http:
         r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_stats", json={})
@@ -483,9 +576,14 @@ async def node_stats(port: int) -> dict:
         return r.json()["data"]
 
 
-def burners(n: int) -> list[subprocess.Popen]:
-    """``n`` processes spinning on a core each: (a) under competing CPU load."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+def burners(n: int, own_session: bool = False) -> list[subprocess.Popen]:
+    """``n`` processes spinning on a core each: (a) under competing CPU load. ``own_session``: each
+    in a session of its own, as other users' work is. With the kernel's autogroup scheduling
+    (``/proc/sys/kernel/sched_autogroup_enabled``) each session shares the CPU as one group: burners
+    in this process's session take their CPU from the writer and the client processes alone (each
+    PostgreSQL backend, and the node, run in a session of their own)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=own_session)
+            for _ in range(n)]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -513,6 +611,12 @@ async def started_node(root: Path, db_url: str, name: str, tree: Path | None, ar
     for section, values in args.variant_config.get(name, {}).items():
         config.setdefault(section, {}).update(values)
     node = start_node(root / f"node-{name}-{rnd}", db_url, tree, config, node_id=f"bench-{name}")
+    if name in args.node_slice_us:
+        set_sched_slice(node.pid, args.node_slice_us[name] * 1000)
+    if args.node_nice is not None:
+        # the node runs in a session of its own: with autogroup scheduling its session's nice value sets
+        # its share of the CPU against every other session (each burner, each PostgreSQL backend)
+        Path(f"/proc/{node.pid}/autogroup").write_text(str(args.node_nice))
     port = await node_port(db_url, f"bench-{name}")
     print(f"[{name} round {rnd}] node pid {node.pid} serving ws://127.0.0.1:{port}/ws", flush=True)
     return node, port
@@ -614,6 +718,7 @@ async def main(args: argparse.Namespace) -> dict:
     admin_url = await asyncio.to_thread(pg.start)
     out: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     naive = None
+    spinning: list[subprocess.Popen] = []
     try:
         pg_pid = pg._running_pid()
         admin = await asyncpg.connect(admin_url)
@@ -649,6 +754,9 @@ async def main(args: argparse.Namespace) -> dict:
 
         # DIR "." is this checkout (a variant that differs only in --variant-config)
         variants = [("this", None)] + [(n, None if t == "." else Path(t)) for n, t in args.variant]
+        spinning = burners(args.burners, own_session=True) if parts & {"b", "c", "d"} else []
+        if spinning:
+            print(f"{args.burners} CPU burners spinning through (b), (c) and (d), each in its own session", flush=True)
         if parts & {"b", "c", "d"}:
             for rnd in range(args.rounds):
                 if args.side_by_side:
@@ -661,6 +769,7 @@ async def main(args: argparse.Namespace) -> dict:
                     out.setdefault("b_forge_median", {})[name] = {r: median_report(reps) for r, reps in rates.items()}
             for name, reps in out.get("c_forge_fanout", {}).items():
                 out.setdefault("c_forge_median", {})[name] = median_report(reps)
+        stop(spinning)
 
         if "a" in parts and "areader" in parts:
             node = start_node(root / "node-reader", db_url, node_id="bench-reader")
@@ -708,6 +817,7 @@ async def main(args: argparse.Namespace) -> dict:
         out["ratios"] = ratios
         out["machine"]["load_average_at_end"] = os.getloadavg()
     finally:
+        stop(spinning)
         if naive is not None:
             naive.terminate()
             naive.wait(10)
@@ -729,6 +839,13 @@ if __name__ == "__main__":
     ap.add_argument("--c-clients", type=int, default=5000)
     ap.add_argument("--c-rate", type=float, default=50.0)
     ap.add_argument("--idle", type=int, default=2000)
+    ap.add_argument("--burners", type=int, default=0,
+                    help="CPU burners spinning through (b), (c) and (d) (a slow day), each in its own session")
+    ap.add_argument("--node-nice", type=int, default=None,
+                    help="nice value of the node's autogroup (/proc/PID/autogroup): its CPU share on a busy machine")
+    ap.add_argument("--node-slice-us", action="append", default=[],
+                    type=lambda s: (s.split("=", 1)[0], int(s.split("=", 1)[1])),
+                    help="NAME=US: the EEVDF slice of that variant's node ('this' or a --variant name), Linux 6.12+")
     ap.add_argument("--client-procs", type=int, default=2, help="processes the benchmark clients are spread over")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c) (each variant once per round)")
     ap.add_argument("--variant", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
@@ -753,6 +870,7 @@ if __name__ == "__main__":
     a.naive_rates = [float(x) for x in str(a.naive_rates).split(",")]
     a.a_burners = [int(x) for x in str(a.a_burners).split(",")]
     a.variant_config = dict(a.variant_config)
+    a.node_slice_us = dict(a.node_slice_us)
     if a.profile:
         a.profile.mkdir(parents=True, exist_ok=True)
     import uvloop  # clients and writers on the same loop as both servers: less harness CPU in the latencies
