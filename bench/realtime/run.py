@@ -398,7 +398,12 @@ FROM pg_stat_statements GROUP BY 1, 2 ORDER BY ms DESC LIMIT 15
 
 
 def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
-    """py-spy on the node for the write window (collapsed stacks: ``bench/realtime/profile.py`` sums them)."""
+    """py-spy on the node for the write window (collapsed stacks: ``bench/realtime/profile.py`` sums them).
+    With FORGE_BENCH_PERF=1, ``perf record -g`` instead (kernel and C frames too: what a push's
+    system call costs; ``perf report -i PATH.perf``)."""
+    if os.environ.get("FORGE_BENCH_PERF") == "1":
+        return subprocess.Popen(["perf", "record", "-g", "-F", "999", "-p", str(pid), "-o", f"{path}.perf", "--",
+                                 "sleep", str(int(seconds))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spy = Path(sys.executable).parent / "py-spy"
     return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
                              "--format", "raw", "--nonblocking", "-o", str(path)],
