@@ -63,6 +63,12 @@ Message = tuple[bytes, ...]
 
 
 class Subscriber(Protocol):
+    #: writes a ``data`` message of a subscription it still holds at once and returns True, or
+    #: returns False having written nothing (then ``push`` it); None when nothing can be written
+    #: at once (queued messages must go first, the connection is closing). The fan-out's fast path:
+    #: no call of ``push`` per subscriber when the connection takes the message straight away
+    direct: Callable[[Message], bool] | None
+
     def push(self, sub_id: str, message: Message, kind: str) -> None: ...
     def end(self, sub_id: str, error: ForgeError) -> None: ...
 
@@ -794,7 +800,10 @@ class LiveQueryEngine:
             message = messages.get(head)
             if message is None:
                 message = messages[head] = (head, tail)
-            sub.owner.push(sub.sub_id, message, _DATA)
+            owner = sub.owner
+            direct = owner.direct  # (``sub.query is q`` above: the owner still holds this subscription)
+            if direct is None or not direct(message):
+                owner.push(sub.sub_id, message, _DATA)
             data += 1
         self.stats.pushes += data
         return data, unchanged

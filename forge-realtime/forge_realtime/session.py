@@ -94,10 +94,11 @@ class Session:
         #: the transport's direct write, if it has one
         self._write_now = getattr(transport, "write_now", None)
         #: ``_write_now`` while a message may be written straight away (nothing queued or being
-        #: sent that it would overtake, the session open), else None: one attribute for the fan-out
-        #: to test per subscriber instead of the queues themselves (objects of their own, which
-        #: a fan-out to thousands of sessions finds out of the CPU's caches)
-        self._direct = self._write_now
+        #: sent that it would overtake, the session open), else None (``Subscriber.direct``: the
+        #: engine's fan-out writes through it): one attribute to test per subscriber instead of the
+        #: queues themselves (objects of their own, which a fan-out to thousands of sessions finds
+        #: out of the CPU's caches)
+        self.direct = self._write_now
         #: the writer task and what wakes it, started with the first message that has to queue (most
         #: connections never need one: their messages are written at once), so an idle connection
         #: holds fewer objects for the cyclic GC to scan
@@ -118,7 +119,7 @@ class Session:
             return
         if kind == "data":
             # _written_now, inlined: this runs once per subscriber of every fan-out
-            direct = self._direct
+            direct = self.direct
             if direct is not None and direct(message):
                 return
             self._data[sub_id] = message  # latest wins: an unsent older result is replaced
@@ -140,7 +141,7 @@ class Session:
     def _written_now(self, message: Message) -> bool:
         """Written straight to the transport: possible only when nothing queued or being sent
         would be overtaken, and when the transport takes it (the peer is reading)."""
-        direct = self._direct
+        direct = self.direct
         return direct is not None and direct(message)
 
     def _send(self, message: Message) -> None:
@@ -155,7 +156,7 @@ class Session:
     def _kick(self) -> None:
         """Something is queued: wake the writer (started here the first time). Until it has sent
         the queue, nothing is written directly (it would overtake what is queued)."""
-        self._direct = None
+        self.direct = None
         if self._wake is None:
             self._wake = asyncio.Event()
             self._writer_task = asyncio.get_running_loop().create_task(self._writer(), name="forge:realtime-writer")
@@ -171,7 +172,7 @@ class Session:
         while not self.closed:
             await self._wake.wait()
             self._wake.clear()
-            self._direct = None
+            self.direct = None
             while (self._control or self._data) and not self.closed:
                 if self._control:
                     message = self._control.popleft()
@@ -195,13 +196,13 @@ class Session:
                 finally:
                     timer.cancel()
             if not self.closed and not self._control and not self._data:
-                self._direct = self._write_now  # all sent: later messages may go straight out again
+                self.direct = self._write_now  # all sent: later messages may go straight out again
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
-        self._direct = None
+        self.direct = None
         self.close_code = code
         if self._wake is not None:
             self._wake.set()
@@ -230,7 +231,7 @@ class Session:
                 await self.handle(raw)
         finally:
             self.closed = True
-            self._direct = None
+            self.direct = None
             for sub in list(self.subscriptions.values()):
                 self.engine.unsubscribe(sub)
             self.subscriptions.clear()
