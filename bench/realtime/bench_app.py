@@ -71,7 +71,8 @@ async def bench_stats(ctx) -> dict:
     s = rt.engine.stats
     return {"runs": s.runs, "pushes": s.pushes, "changes": s.changes, "invalidations": s.invalidations,
             "polls": rt.reader.polls, "hints": rt.reader.hints, "streams": getattr(rt.reader, "streams", None),
-            "batches": getattr(s, "batches", None), "batched_runs": getattr(s, "batched_runs", None), "sessions": len(rt.sessions),
+            "batches": getattr(s, "batches", None), "batched_runs": getattr(s, "batched_runs", None),
+            "fanout_cpu_ns": getattr(s, "fanout_cpu_ns", None), "sessions": len(rt.sessions),
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
             "workers_alive": sum(not t.done() for t in rt.engine._workers),

@@ -443,6 +443,13 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             stalls_of["node_gc"] = [[end, ms, ms, 0.0] for _, ms, end in pauses]
         rep["tail"] = tail_report(deliveries, commits, t0, stalls_of)
         rep["cpu"] = CpuMeter.report(a[t.name], during[t.name], b[t.name], rep["writes"], pushes, reruns)
+        if t.stats is not None and after[t.name].get("fanout_cpu_ns") is not None:
+            # the node's CPU split: writing chunked fan-outs (per push) and everything else (per write)
+            fan_us = (after[t.name]["fanout_cpu_ns"] - before[t.name]["fanout_cpu_ns"]) / 1000
+            node_pushes = after[t.name]["pushes"] - before[t.name]["pushes"]
+            rep["cpu"]["node_fanout_us_per_push"] = round(fan_us / max(1, node_pushes), 2)
+            rep["cpu"]["node_other_us_per_write"] = round(rep["cpu"]["node_us_per_write"]
+                                                          - fan_us / max(1, rep["writes"]), 1)
         if len(targets) > 1:
             rep["cpu"]["side_by_side"] = [x.name for x in targets]  # PostgreSQL and the writer serve them all
         if statements:
@@ -466,7 +473,12 @@ FROM pg_stat_statements GROUP BY 1, 2 ORDER BY ms DESC LIMIT 15
 
 
 def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen:
-    """py-spy on the node for the write window (collapsed stacks: ``bench/realtime/profile.py`` sums them)."""
+    """py-spy on the node for the write window (collapsed stacks: ``bench/realtime/profile.py`` sums them).
+    With FORGE_BENCH_PERF=1, ``perf record -g`` instead (kernel and C frames too: what a push's
+    system call costs; ``perf report -i PATH.perf``)."""
+    if os.environ.get("FORGE_BENCH_PERF") == "1":
+        return subprocess.Popen(["perf", "record", "-g", "-F", "999", "-p", str(pid), "-o", f"{path}.perf", "--",
+                                 "sleep", str(int(seconds))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spy = Path(sys.executable).parent / "py-spy"
     return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
                              "--format", "raw", "--nonblocking", "-o", str(path)],
@@ -482,8 +494,10 @@ def step_line(rep: dict) -> str:
             f"{rep.get('reruns_per_write', float('nan')):.2f} (polls {rep.get('polls_per_write', float('nan')):.2f}, hints "
             f"{rep.get('hints_per_write', float('nan')):.2f}, batched {rep.get('batched_runs_per_write', float('nan')):.2f}) | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
             f"writer {c['writer_pct']} clients {c['client_procs_pct']} others {c['others_pct']} "
-            f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}, "
-            f"busiest {c['busiest_process']} {c['busiest_pct']}%"
+            f"(load {c['load_average']:.1f}) | node us/push {c['node_us_per_push']} us/write {c['node_us_per_write']}"
+            + (f" (fan-out {c['node_fanout_us_per_push']} us/push, the rest {c['node_other_us_per_write']} us/write)"
+               if "node_fanout_us_per_push" in c else "")
+            + f", busiest {c['busiest_process']} {c['busiest_pct']}%"
             + (f" | node GC: {rep['node_gc']['collections']} collections ({rep['node_gc']['full']} full), longest "
                f"{rep['node_gc']['max_ms']:.1f} ms; loop stalls > 20 ms: {rep['node_loop_stalls']['over_20ms']}, "
                f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else "")

@@ -78,5 +78,6 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if (not self.handshake_complete or self.close_sent or self.disconnected or self.initial_response is not None
                 or self.write_paused or self.transport.is_closing()):
             return False
-        self.transport.write(text_frame(parts))
+        # text_frame's cache, inlined: a fan-out hands every connection the same parts
+        self.transport.write(_last_framed[1] if parts is _last_framed[0] else text_frame(parts))
         return True

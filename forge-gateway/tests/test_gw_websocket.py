@@ -101,3 +101,25 @@ def test_a_fan_out_writes_the_very_same_frame_to_every_connection():
     assert text_frame(parts) == b'\x81\x07{"a":1}'
     parts[1] = b"2}"
     assert text_frame(parts) == b'\x81\x07{"a":2}'
+
+
+async def test_write_now_beside_compressed_asgi_messages():
+    """With permessage-deflate negotiated, ASGI sends go out compressed (the deflate context carried
+    from one message to the next) and ``write_now``'s shared frames uncompressed (RSV1 clear, which
+    RFC 7692 allows for any message): a client decoding both, interleaved, reads every message
+    intact and in call order."""
+    app = Echoless()
+    async with serve(app, GatewayConfig(port=0)) as port:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/", max_size=None, compression="deflate") as ws:
+            assert "permessage-deflate" in (ws.response.headers.get("sec-websocket-extensions") or "")
+            scope, send, _ = await app.connections.get()
+            now = write_now(scope)
+            expected = []
+            for i in range(6):
+                text = f'{{"n":{i},"pad":"{"abc" * 200}"}}'
+                if i % 2:
+                    assert now((text.encode(),))
+                else:
+                    await send({"type": "websocket.send", "text": text})
+                expected.append(text)
+            assert [await asyncio.wait_for(ws.recv(), 10) for _ in expected] == expected

@@ -93,8 +93,12 @@ class Session:
         self._data: OrderedDict[str, Message] = OrderedDict()
         #: the transport's direct write, if it has one
         self._write_now = getattr(transport, "write_now", None)
-        #: the writer task is in the middle of a send: nothing may overtake it
-        self._sending = False
+        #: ``_write_now`` while a message may be written straight away (nothing queued or being
+        #: sent that it would overtake, the session open), else None (``Subscriber.direct``: the
+        #: engine's fan-out writes through it): one attribute to test per subscriber instead of the
+        #: queues themselves (objects of their own, which a fan-out to thousands of sessions finds
+        #: out of the CPU's caches)
+        self.direct = self._write_now
         #: the writer task and what wakes it, started with the first message that has to queue (most
         #: connections never need one: their messages are written at once), so an idle connection
         #: holds fewer objects for the cyclic GC to scan
@@ -115,8 +119,8 @@ class Session:
             return
         if kind == "data":
             # _written_now, inlined: this runs once per subscriber of every fan-out
-            if (self._write_now is not None and not self._sending and not self._control and not self._data
-                    and self._write_now(message)):
+            direct = self.direct
+            if direct is not None and direct(message):
                 return
             self._data[sub_id] = message  # latest wins: an unsent older result is replaced
             self._data.move_to_end(sub_id)
@@ -137,8 +141,8 @@ class Session:
     def _written_now(self, message: Message) -> bool:
         """Written straight to the transport: possible only when nothing queued or being sent
         would be overtaken, and when the transport takes it (the peer is reading)."""
-        return (self._write_now is not None and not self._sending and not self._control and not self._data
-                and self._write_now(message))
+        direct = self.direct
+        return direct is not None and direct(message)
 
     def _send(self, message: Message) -> None:
         if self.closed or self._written_now(message):
@@ -150,7 +154,9 @@ class Session:
         self._kick()
 
     def _kick(self) -> None:
-        """Something is queued: wake the writer (started here the first time)."""
+        """Something is queued: wake the writer (started here the first time). Until it has sent
+        the queue, nothing is written directly (it would overtake what is queued)."""
+        self.direct = None
         if self._wake is None:
             self._wake = asyncio.Event()
             self._writer_task = asyncio.get_running_loop().create_task(self._writer(), name="forge:realtime-writer")
@@ -166,6 +172,7 @@ class Session:
         while not self.closed:
             await self._wake.wait()
             self._wake.clear()
+            self.direct = None
             while (self._control or self._data) and not self.closed:
                 if self._control:
                     message = self._control.popleft()
@@ -175,7 +182,6 @@ class Session:
                     continue
                 # a timer per send, not wait_for: wait_for wraps every send in a new task
                 timer = loop.call_later(self.config.send_timeout, self._send_timed_out)
-                self._sending = True
                 try:
                     await self.transport.send_text(b"".join(message).decode())
                 except asyncio.CancelledError:
@@ -189,12 +195,14 @@ class Session:
                     return
                 finally:
                     timer.cancel()
-                    self._sending = False
+            if not self.closed and not self._control and not self._data:
+                self.direct = self._write_now  # all sent: later messages may go straight out again
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
+        self.direct = None
         self.close_code = code
         if self._wake is not None:
             self._wake.set()
@@ -223,6 +231,7 @@ class Session:
                 await self.handle(raw)
         finally:
             self.closed = True
+            self.direct = None
             for sub in list(self.subscriptions.values()):
                 self.engine.unsubscribe(sub)
             self.subscriptions.clear()

@@ -79,6 +79,7 @@ class ModelExecutor:
 
 
 class Sink:
+    direct = None
     def __init__(self) -> None:
         self.last: dict[str, object] = {}
 
@@ -264,6 +265,8 @@ async def _first_run_then_an_insert(engine: LiveQueryEngine, ex: ModelExecutor, 
 
 async def test_a_result_is_encoded_once_and_the_same_bytes_go_to_every_subscriber():
     class Parts:
+        direct = None
+
         def __init__(self) -> None:
             self.messages: dict[str, tuple[bytes, ...]] = {}
 
@@ -294,6 +297,8 @@ async def test_subscribers_with_the_same_id_get_the_very_same_message():
     """Clients number their subscriptions alike (ForgeClient's first is "s1" on every connection):
     a fan-out hands all of them one message object, so a push allocates nothing."""
     class Owner:
+        direct = None
+
         def __init__(self) -> None:
             self.messages: list[tuple[bytes, ...]] = []
 
@@ -315,6 +320,43 @@ async def test_subscribers_with_the_same_id_get_the_very_same_message():
     assert len({id(m) for m in last}) == 2  # one per distinct id, not one per subscriber
     assert {json.loads(b"".join(m))["id"] for m in last} == {"s1", "other"}
     assert engine.stats.pushes == 60
+
+
+async def test_the_fan_out_writes_through_direct_and_pushes_only_what_it_refuses():
+    """``Subscriber.direct``: a subscriber whose connection takes the message at once gets it
+    there and no ``push``; one whose ``direct`` refuses (its peer is not reading) or is None
+    (something is queued) gets the very same message through ``push``; each gets it once."""
+    class Owner:
+        def __init__(self, mode: str) -> None:
+            self.mode, self.direct_writes, self.pushes = mode, [], []
+            self.direct = None if mode == "none" else self._direct
+
+        def _direct(self, message) -> bool:
+            if self.mode == "refuse":
+                return False
+            self.direct_writes.append(message)
+            return True
+
+        def push(self, sub_id, message, kind) -> None:
+            self.pushes.append((kind, message))
+
+        def end(self, sub_id, error) -> None:
+            raise AssertionError(f"{sub_id} ended: {error}")
+
+    ex = ModelExecutor(random.Random(0))
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=1)
+    owners = [Owner(("take", "refuse", "none")[i % 3]) for i in range(9)]
+    await _first_run_then_an_insert(engine, ex, [Subscription(o, "s", "by_owner", {"o": "a"}, Caller("u1"))
+                                                 for o in owners])
+    await engine.stop()
+    for o in owners:
+        got = o.direct_writes if o.mode == "take" else [m for kind, m in o.pushes if kind == "data"]
+        assert [sorted(json.loads(b"".join(m))["data"]) for m in got] == [[[1, "a", 0]], [[1, "a", 0], [2, "a", 1]]]
+        if o.mode == "take":
+            assert o.pushes == []
+        else:
+            assert o.direct_writes == []
 
 
 async def test_telemetry_sees_a_fan_out_as_one_event_and_one_push_span():
@@ -381,6 +423,7 @@ async def test_a_rerun_that_finds_the_database_gone_keeps_its_subscriptions_and_
 
 class Recorder:
     """A subscriber that records every ``data`` push: (its name, the result's hash, its position)."""
+    direct = None
 
     def __init__(self, log: list, name: str) -> None:
         self.log, self.name = log, name

@@ -247,6 +247,7 @@ async def test_reader_reconnects_and_resyncs_after_losing_its_connection(rt_node
 
 
 class _Pushes:
+    direct = None
     def __init__(self) -> None:
         self.data: dict[str, list] = {}
 

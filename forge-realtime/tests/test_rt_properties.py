@@ -33,6 +33,7 @@ batches = st.lists(st.lists(op, min_size=1, max_size=4), min_size=1, max_size=12
 
 class Recorder:
     """A subscriber that remembers everything pushed to it."""
+    direct = None
 
     def __init__(self) -> None:
         self.pushes: dict[str, list] = {}

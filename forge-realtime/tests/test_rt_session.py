@@ -182,7 +182,7 @@ async def test_a_paused_transport_queues_latest_wins_and_nothing_overtakes_the_q
     for i in range(10):
         s.push("a", data("a", i), "data")
     await asyncio.sleep(0.01)  # the writer took the latest (a@9) and is stuck in the ASGI send
-    assert s._sending
+    assert t.sent == [] and not s._data, "the writer did not take the queued result"
     t.paused = False  # the transport would take messages again, but one is still being sent
     for i in range(10, 20):
         s.push("a", data("a", i), "data")
@@ -250,5 +250,77 @@ async def test_a_client_that_stops_reading_holds_up_no_hot_fan_out_and_queues_on
     assert slow.closed_with is not None and slow.closed_with[0] == CLOSE_TOO_SLOW
     for t in transports:
         t.incoming.put_nowait(None)
+    await asyncio.gather(*tasks)
+    await engine.stop()
+
+
+async def test_sockets_closed_during_a_chunked_fan_out_get_nothing_more_and_the_others_get_the_result():
+    """A fan-out to hundreds of sockets yields to the loop between chunks: sockets that close meanwhile
+    (the node closing them, or their peers going away) are written nothing after they closed, the
+    pass goes on to every other subscriber with the newest result, and it leaves no state behind."""
+    import random
+
+    from forge_realtime.changes import Change
+    from forge_realtime.engine import FANOUT_CHUNK, LiveQueryEngine
+    from test_rt_engine_model import Caller, ModelExecutor, NoCapture
+
+    ex = ModelExecutor(random.Random(0))
+    ex.rows[1] = {"owner": "a", "topic": 0}
+    engine = LiveQueryEngine(ex, NoCapture(), max_concurrent_runs=2)
+    engine.start()
+    sessions: list[Session] = []
+    closed_at: dict[int, int] = {}  # session index -> messages it had when it closed
+    armed = False
+
+    async def close_now(i: int) -> None:
+        closed_at[i] = len(sessions[i].transport.sent)
+        await sessions[i].close(1000, "bye")
+
+    class Closing(DirectTransport):
+        def write_now(self, parts) -> bool:
+            nonlocal armed
+            if armed:  # the pass's first push: close every other socket it has not reached, at its next yield
+                armed = False
+                for i, s in enumerate(sessions):
+                    if i % 2 and not any(len(m.get("data") or ()) == 2 for m in s.transport.sent):
+                        asyncio.get_running_loop().create_task(close_now(i))
+            return super().write_now(parts)
+
+    for _ in range(FANOUT_CHUNK * 4):
+        s = Session(engine, None, RealtimeConfig(), Closing())
+        sub = Subscription(s, "s", "by_owner", {"o": "a"}, Caller("u1"))
+        s.subscriptions["s"] = sub
+        engine.subscribe(sub)
+        sessions.append(s)
+    tasks = [asyncio.create_task(s.serve()) for s in sessions]
+
+    async def settle() -> None:
+        for _ in range(500):
+            await asyncio.sleep(0)
+            if not engine.running and not engine._queue and not any(q.fanning for q in engine.queries.values()):
+                return
+        raise AssertionError("the engine did not settle")
+
+    await settle()
+    assert all(len(s.transport.sent[-1]["data"]) == 1 for s in sessions)
+    armed = True
+    ex.rows[2] = {"owner": "a", "topic": 0}
+    engine.on_changes([Change("t", "INSERT", (), ({"id": 2, "owner": "a", "topic": 0},))], 2)
+    await settle()
+    # the first chunk was written before the closes ran; the rest of the pass came after them
+    assert len(closed_at) == len(sessions) // 2
+    assert sum(n == 2 for n in closed_at.values()) <= FANOUT_CHUNK
+    assert sum(n == 1 for n in closed_at.values()) >= len(sessions) // 2 - FANOUT_CHUNK
+    for i, s in enumerate(sessions):
+        if i in closed_at:
+            assert len(s.transport.sent) == closed_at[i], "written after it closed"
+            assert s.transport.closed_with == (1000, "bye")
+        else:
+            assert len(s.transport.sent[-1]["data"]) == 2, "the pass did not reach a socket that stayed open"
+    await asyncio.gather(*(tasks[i] for i in closed_at))
+    (q,) = engine.queries.values()
+    assert len(q.subscriptions) == len(sessions) - len(closed_at) and not q.fanning and not q.holding
+    for s in sessions:
+        s.transport.incoming.put_nowait(None)
     await asyncio.gather(*tasks)
     await engine.stop()
