@@ -389,14 +389,15 @@ class Telemetry:
         #: executor appends to a batch of the right kind with room itself, the usual case inline)
         self.ok_calls: dict[str, _CallBatch] = {}
         #: job name -> its attempts that succeeded since the last drain, in one queue (see
-        #: job_succeeded; the worker appends to a batch with room itself, the usual case inline)
+        #: job_ended; the worker appends to a batch with room itself, the usual case inline)
         self.ok_jobs: dict[str, _JobBatch] = {}
         #: events lost because the ring was full
         self.dropped = 0
         self._on_trace: Callable[[Trace], None] | None = None
         self._sample_below = 0
         self._sample_below_hex: str | None = "0" * 16
-        self._sample_rate = 0.0
+        #: the head-sampling rate (0..1) of fresh traces (``attach``; read on hot paths)
+        self.sample_rate = 0.0
         self._unsampled_root: type[_UnsampledRoot] = _UnsampledRoot
         self._honor_sampled = True
         #: seconds; an unsampled function call this slow (or failing) still gets its span (see call_ended),
@@ -430,7 +431,7 @@ class Telemetry:
         self._sample_below = int(sample_rate * (1 << 64))
         #: the same as 16 hex digits; None: every trace id is below it (rate 1)
         self._sample_below_hex = f"{self._sample_below:016x}" if self._sample_below <= _LOW64 else None
-        self._sample_rate = sample_rate
+        self.sample_rate = sample_rate
         #: the class of this telemetry's unsampled request roots (its threshold for their trace ids)
         self._unsampled_root = type("_UnsampledRoot", (_UnsampledRoot,),
                                     {"__slots__": (), "_below": min(self._sample_below, _LOW64)})
@@ -486,7 +487,7 @@ class Telemetry:
         trace): what ``start_span(remote=...)`` would decide, without opening anything. Lets a
         caller leave unsampled work without a span until it needs one (the worker does)."""
         if not remote:
-            return _random() < self._sample_rate
+            return _random() < self.sample_rate
         if len(remote) == 55 and _TRACEPARENT_00(remote) is not None:
             # parse_traceparent would accept it: only the flags and the trace id's low 64 bits matter,
             # the bits compared as 16 lowercase hex digits (the same order as the numbers)
@@ -496,7 +497,7 @@ class Telemetry:
             return below is None or remote[19:35] < below
         ctx = parse_traceparent(remote)
         if ctx is None:
-            return _random() < self._sample_rate
+            return _random() < self.sample_rate
         return self.head_sampled(ctx[0], ctx[2])
 
     def start_span(self, name: str, kind: str = "internal", *, remote: str | None = None,
@@ -588,7 +589,7 @@ class Telemetry:
         gets it. ``None`` when nothing observes."""
         if not self.enabled:
             return None
-        if remote is None and (_random() >= self._sample_rate or not self._sample_below):
+        if remote is None and (_random() >= self.sample_rate or not self._sample_below):
             span = _new_span(self._unsampled_root)
             span.sampled = False
             span.name = name
@@ -700,13 +701,16 @@ class Telemetry:
         self.emit("call", name, kind, code, seconds)
 
 
-    def job_succeeded(self, name: str, queue: str, due: Any, started: Any, seconds: float) -> None:
-        """Count an attempt of job ``name`` that succeeded (``due`` and ``started`` datetimes): into
-        its job type's batch (a ``jobs`` event when drained: no tuple per job on the ring, and the
-        observer folds the batch's columns at once). An attempt of a full batch, or of a queue other
-        than the batch's, is a ``job.finished`` event. The worker appends to a batch with room
-        itself (the usual case); this is the rest."""
+    def job_ended(self, name: str, queue: str, outcome: str, due: Any, started: Any, seconds: float) -> None:
+        """Count an attempt of job ``name`` that ended (``due`` and ``started`` datetimes, ``seconds``
+        it ran). A succeeded one goes into its job type's batch (a ``jobs`` event when drained: no
+        tuple per job on the ring, and the observer folds the batch's columns at once); any other,
+        or one of a full batch or of a queue other than the batch's, is a ``job.finished`` event.
+        The worker appends to a batch with room itself (the usual case); this is the rest."""
         if self.events is None:  # nothing observes
+            return
+        if outcome != "succeeded":
+            self.emit("job.finished", name, queue, outcome, due, started, seconds)
             return
         batch = self.ok_jobs.get(name)
         if batch is None:
@@ -722,7 +726,7 @@ class Telemetry:
 
 class _JobBatch(list):
     """The seconds of one job type's succeeded attempts in one queue since the last drain, beside
-    their due and start times (``Telemetry.job_succeeded``). Lists of datetimes and floats: no
+    their due and start times (``Telemetry.job_ended``). Lists of datetimes and floats: no
     object the garbage collector tracks is made per job."""
 
     __slots__ = ("queue", "due", "started")

@@ -512,7 +512,7 @@ def test_json_text_jsonb_takes_keeps_every_text_but_nul(text):
 
 
 def test_batched_job_successes_hint_the_jobs_pages_and_count():
-    """Succeeded attempts reach the observer as a ``jobs`` batch (Telemetry.job_succeeded), not as
+    """Succeeded attempts reach the observer as a ``jobs`` batch (Telemetry.job_ended), not as
     ``job.finished`` events: the aggregation still counts them and hints the dashboard's jobs pages."""
     import types
 
@@ -527,7 +527,7 @@ def test_batched_job_successes_hint_the_jobs_pages_and_count():
     obs.writer = types.SimpleNamespace(hint=hints.append)
     tel.attach(lambda t: None, sample_rate=0.0)
     for i in range(3):
-        tel.job_succeeded("j", "default", _T0, _T0 + dt.timedelta(seconds=i), 0.25)
+        tel.job_ended("j", "default", "succeeded", _T0, _T0 + dt.timedelta(seconds=i), 0.25)
     assert obs.aggregate() == 1 and hints == [{"jobs"}]
     ev = obs.metrics.events
     assert ev.jobs_started.values == {("j", "default"): 3} and ev.jobs_finished.values == {("j", "succeeded"): 3}

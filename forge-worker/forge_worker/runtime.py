@@ -400,6 +400,7 @@ def storable_error(text: str, limit: int = MAX_ERROR_TEXT) -> str:
 
 
 #: outcomes that are no failure (a span of the attempt ends without an error)
+_random = random.random
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
 _time_ns = time.time_ns
 #: forge_job_finished's arguments in the spec's order
@@ -974,8 +975,10 @@ class Worker:
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             a.timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
-            if a.t0 and tel.head_sampled_remote((row["options"] or _NONE).get("traceparent")):
-                job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
+            if a.t0:  # the head decision (Telemetry.head_sampled_remote's; a job without a traceparent inline)
+                remote = (row["options"] or _NONE).get("traceparent")
+                if tel.head_sampled_remote(remote) if remote else _random() < tel.sample_rate:
+                    job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
             if a.timeout:
                 # the node's one timer cancels the task once the limit passes (_timed_out)
                 self._deadlines.watch((a.id, a.attempt), a.timeout)
@@ -1016,24 +1019,21 @@ class Worker:
             self.active -= 1
             if self.ready:
                 self._fill()  # the next job claimed ahead starts in the slot now, no round trip
-            if a.t0:  # observed: one event; a span only for a sampled, failed or slow attempt
-                end = _time_ns()
-                if a.span is not None or outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns:
+            if a.t0:  # observed: counted; a span only for a sampled, failed or slow attempt
+                took = _time_ns() - a.t0
+                if a.span is not None or outcome not in _WENT_WELL or took >= tel.keep_over_ns:
                     self._span_ended(tel, row, a, outcome, error)
                 # raw times: the observer works out queue waits for a whole batch at once. A success
-                # (most attempts) goes into its job type's batch (Telemetry.job_succeeded's usual case
-                # inline: three list appends, no event tuple, no Python call)
-                name, queue, took = row["name"], row["queue"], (end - a.t0) / 1e9
-                if outcome == "succeeded":
-                    batch = tel.ok_jobs.get(name)
-                    if batch is not None and batch.queue == queue and len(batch) < MAX_JOB_BATCH:
-                        batch.append(took)
-                        batch.due.append(row["run_at"])
-                        batch.started.append(started)
-                    else:
-                        tel.job_succeeded(name, queue, row["run_at"], started, took)
+                # (most attempts) goes into its job type's batch: Telemetry.job_ended's usual case
+                # inline, three list appends (no event tuple, no Python call). A success ran its
+                # registered function: its name (hashed once) is the row's, without a row lookup
+                if outcome == "succeeded" and (batch := tel.ok_jobs.get(defn.name)) is not None \
+                        and batch.queue == row["queue"] and len(batch) < MAX_JOB_BATCH:
+                    batch.append(took / 1e9)
+                    batch.due.append(row["run_at"])
+                    batch.started.append(started)
                 else:
-                    tel.emit("job.finished", name, queue, outcome, row["run_at"], started, took)
+                    tel.job_ended(row["name"], row["queue"], outcome, row["run_at"], started, took / 1e9)
             if db.taken:  # most jobs never touch the database: no coroutine, no suppress per job
                 with contextlib.suppress(Exception):
                     await db.release()
