@@ -400,8 +400,8 @@ def storable_error(text: str, limit: int = MAX_ERROR_TEXT) -> str:
 
 
 #: outcomes that are no failure (a span of the attempt ends without an error)
-_random = random.random
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
+_random = random.random
 _time_ns = time.time_ns
 #: forge_job_finished's arguments in the spec's order
 _NODE_OUTCOME = ("node", "outcome")
