@@ -95,6 +95,42 @@ def test_successful_calls_are_batched_per_function_and_bounded(monkeypatch):
     assert [(k, f[:3], len(f[3])) for k, f in tel.drain()] == [("calls", ("f", "query", "OK"), 1)]
 
 
+def test_succeeded_job_attempts_are_batched_per_job_type_and_bounded(monkeypatch):
+    """A succeeded attempt is a due time, a start time and seconds in its job type's batch (a
+    ``jobs`` event when drained); any other attempt, or one of a full batch or of another queue, is a
+    ``job.finished`` event, so an observer that stops draining holds bounded memory and loses nothing it can count."""
+    import datetime as dt
+
+    from forge_kernel import telemetry
+
+    monkeypatch.setattr(telemetry, "MAX_JOB_BATCH", 3)
+    t0 = dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc)
+    tel = Telemetry()
+    tel.job_ended("j", "default", "succeeded", t0, t0, 0.5)  # nothing observes: nothing kept
+    assert tel.ok_jobs == {} and tel.drain() == []
+    tel.attach(lambda t: None, sample_rate=0.0, ring_size=1024)
+    for i in range(5):
+        tel.job_ended("j", "".join(["def", "ault"]), "succeeded", t0, t0 + dt.timedelta(seconds=i), float(i))
+    tel.job_ended("j", "mail", "succeeded", t0, t0, 9.0)
+    tel.job_ended("k", "default", "succeeded", t0, t0, 1.0)
+    tel.job_ended("k", "default", "dead", t0, t0, 2.0)  # not a success: an event
+    events = tel.drain()
+    assert [(k, f[:3]) for k, f in events] == [
+        ("job.finished", ("j", "default", "succeeded")), ("job.finished", ("j", "default", "succeeded")),
+        ("job.finished", ("j", "mail", "succeeded")), ("job.finished", ("k", "default", "dead")),
+        ("jobs", ("j", "default", "succeeded")), ("jobs", ("k", "default", "succeeded"))]
+    assert [f[3:] for k, f in events if k == "job.finished"] == [
+        (t0, t0 + dt.timedelta(seconds=3), 3.0), (t0, t0 + dt.timedelta(seconds=4), 4.0), (t0, t0, 9.0),
+        (t0, t0, 2.0)]
+    (_, (_, _, _, due, started, seconds)), _ = [e for e in events if e[0] == "jobs"]
+    assert due == [t0] * 3 and started == [t0 + dt.timedelta(seconds=i) for i in range(3)]
+    assert seconds == [0.0, 1.0, 2.0]
+    assert tel.ok_jobs == {} and tel.drain() == []
+    tel.job_ended("j", "default", "succeeded", t0, t0, 0.5)
+    tel.detach()
+    assert tel.ok_jobs == {}
+
+
 def test_an_unsampled_request_that_ends_well_draws_no_ids(monkeypatch):
     """Most requests (unsampled, fast, answered below 500, nothing asking for their ids) never draw a
     trace or span id nor read the wall clock: their root is a few fields and two clock readings."""

@@ -164,14 +164,15 @@ def _wait(due: int, started: int) -> Callable[[list], list]:
     buckets and sums them as they are, converting only the sum to seconds (timedelta.total_seconds
     per event was a sixth of forge-observe's instructions per job in bench/jobs/instructions.py)."""
     due_at, started_at = operator.itemgetter(due), operator.itemgetter(started)
+    return lambda fields: _waits(map(started_at, fields), map(due_at, fields))
 
-    def waits(fields: list) -> list:
-        deltas = list(map(operator.sub, map(started_at, fields), map(due_at, fields)))
-        if min(deltas) < _NO_TIME:  # started before due (clocks of two nodes): no wait
-            deltas = list(map(max, deltas, repeat(_NO_TIME)))
-        return deltas
 
-    return waits
+def _waits(started: Iterable, due: Iterable) -> list:
+    """``started - due`` pairwise as timedeltas (at least 0), in C; at least one pair."""
+    deltas = list(map(operator.sub, started, due))
+    if min(deltas) < _NO_TIME:  # started before due (clocks of two nodes): no wait
+        deltas = list(map(max, deltas, repeat(_NO_TIME)))
+    return deltas
 
 
 _NO_TIME = dt.timedelta(0)
@@ -236,6 +237,8 @@ class EventSeries(Collector):
             "workflow.compensation": [(self.compensations, (0, 1, 2), None, False)],
         }.items()}
         self.specs["calls"] = _BatchSpec(self.calls, self.call_seconds)  # type: ignore[assignment]
+        self.specs["jobs"] = _JobBatchSpec(self.jobs_started, self.jobs_finished, self.job_wait,  # type: ignore[assignment]
+                                           self.job_seconds)
 
     def collect(self) -> Iterable[Any]:
         for series in self.all:
@@ -343,6 +346,36 @@ class _BatchSpec:
                 continue
             deltas.append((self.counter, self.counter.prepare(None, [len(seconds)], (name, kind, code))))
             deltas.append((self.histogram, self.histogram.prepare(None, seconds, (name, kind))))
+        for series, delta in deltas:
+            series.commit(delta)
+
+
+class _JobBatchSpec:
+    """How ``jobs`` events are folded: each is one job type's succeeded attempts in one queue since
+    the last drain (name, queue, ``succeeded``, [due], [started], [seconds]) - the same series as
+    its attempts' ``job.finished`` events would feed, with the batch's length as the counts and its
+    columns as the histograms' values: nothing per attempt in Python."""
+
+    def __init__(self, started: CounterSeries, finished: CounterSeries, wait: HistogramSeries,
+                 seconds: HistogramSeries) -> None:
+        self.started, self.finished, self.wait, self.seconds = started, finished, wait, seconds
+
+    def fold(self, fields: list) -> None:
+        # every batch's share is computed (and checked) before any series is changed
+        deltas = []
+        for name, queue, outcome, due, started, seconds in fields:
+            n = len(seconds)
+            if not (isinstance(due, list) and isinstance(started, list) and isinstance(seconds, list)):
+                raise TypeError("a jobs event holds lists of due times, start times and seconds")
+            if len(due) != n or len(started) != n:
+                raise ValueError("a jobs event's lists differ in length")
+            if not n:
+                continue
+            hash((name, queue, outcome))  # an unhashable label fails here, before anything is counted
+            deltas.append((self.started, {(name, queue): n}))
+            deltas.append((self.finished, {(name, outcome): n}))
+            deltas.append((self.wait, self.wait.prepare(None, _waits(started, due), (name, queue))))
+            deltas.append((self.seconds, self.seconds.prepare(None, seconds, name)))
         for series, delta in deltas:
             series.commit(delta)
 

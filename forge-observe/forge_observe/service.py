@@ -32,7 +32,7 @@ FULL_SNAPSHOT_EVERY = 30
 #: (while a worker sleeps; a busy cluster hints with every finished job), and a second hint half a
 #: second later made the live pages spend their one refresh a second on it (measured: a change 1.2 s
 #: after another waited up to 0.8 s for the spacing).
-HINT_KINDS = {"job.finished": "jobs", "cron.run": "crons", "cron.missed": "crons",
+HINT_KINDS = {"job.finished": "jobs", "jobs": "jobs", "cron.run": "crons", "cron.missed": "crons",
               "workflow.run": "workflows", "workflow.step": "workflows", "workflow.compensation": "workflows"}
 
 #: seconds between two aggregations of the node's event ring (bench/jobs/instructions.py lengthens it)

@@ -308,15 +308,24 @@ _seconds = st.one_of(st.floats(0, 120, allow_nan=False), st.sampled_from([0.0, 0
        waits=st.lists(st.tuples(st.sampled_from([f"j{i}" for i in range(12)]),
                                 st.one_of(_seconds, st.floats(-5, 0, allow_nan=False)), _seconds,
                                 st.sampled_from(["succeeded", "failed"])), max_size=14),
+       # succeeded attempts drained in batches (a "jobs" event per job type: its due and start times
+       # and seconds), in the default queue and another one
+       job_batches=st.lists(st.tuples(st.sampled_from(["j0", "j1", "j12"]), st.sampled_from(["default", "mail"]),
+                                      st.lists(st.tuples(st.one_of(_seconds, st.floats(-5, 0, allow_nan=False)),
+                                                         _seconds), max_size=20)), max_size=4),
        pushes=st.lists(st.tuples(st.sampled_from(["data", "unchanged"]), st.none() | st.integers(0, 5000)),
                        max_size=10),
        junk=st.lists(st.sampled_from([("call", ("f",)), ("job.finished", ("j", "default", "succeeded", "soon", _T0,
                                                                           1.0)),
                                       ("call", ("f", "query", "OK", float("nan"))), ("later.kind", (1,)),
                                       ("calls", ("f", "query", "OK", [0.1, float("nan")])),
-                                      ("calls", ("f", "query", "OK", "0.1")), ("calls", ("f", "query", [0.1]))]),
+                                      ("calls", ("f", "query", "OK", "0.1")), ("calls", ("f", "query", [0.1])),
+                                      ("jobs", ("j", "default", "succeeded", [_T0], [], [1.0])),
+                                      ("jobs", ("j", "default", "succeeded", [_T0], ["soon"], [1.0])),
+                                      ("jobs", ("j", "default", "succeeded", [_T0], [_T0], [float("nan")])),
+                                      ("jobs", ("j", "default", "succeeded", _T0, _T0, 1.0))]),
                      max_size=4))
-def test_event_aggregation_matches_prometheus_client(calls, batches, waits, pushes, junk):
+def test_event_aggregation_matches_prometheus_client(calls, batches, waits, job_batches, pushes, junk):
     """The event series (plain dicts folded off the hot path) expose exactly what prometheus_client's
     own Counter and Histogram would for the same observations; malformed events are counted, not kept."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -351,6 +360,14 @@ def test_event_aggregation_matches_prometheus_client(calls, batches, waits, push
         m_started.labels(job, "default").inc()
         m_finished.labels(job, outcome).inc()
         m_run.labels(job).observe(run)
+    for job, queue, attempts in job_batches:
+        started = [_T0 + dt.timedelta(seconds=w) for w, _ in attempts]
+        events.append(("jobs", (job, queue, "succeeded", [_T0] * len(attempts), started, [r for _, r in attempts])))
+        for at, (_, run) in zip(started, attempts):
+            m_wait.labels(job, queue).observe(max(0.0, (at - _T0).total_seconds()))
+            m_started.labels(job, queue).inc()
+            m_finished.labels(job, "succeeded").inc()
+            m_run.labels(job).observe(run)
     m_pushes = Counter("forge_realtime_pushes", "", ["kind"], registry=model)
     for kind, count in pushes:  # one event per fan-out with its count (a bare kind counts one)
         events.append(("rt.push", (kind,) if count is None else (kind, count)))
@@ -492,3 +509,26 @@ def test_json_text_jsonb_takes_keeps_every_text_but_nul(text):
 
     out = jsonb_text(json.dumps({"t": text}).encode())
     assert "\\u0000" not in out.replace("\\\\", "") and json.loads(out) == {"t": text.replace("\x00", "\ufffd")}
+
+
+def test_batched_job_successes_hint_the_jobs_pages_and_count():
+    """Succeeded attempts reach the observer as a ``jobs`` batch (Telemetry.job_ended), not as
+    ``job.finished`` events: the aggregation still counts them and hints the dashboard's jobs pages."""
+    import types
+
+    from forge_kernel.telemetry import Telemetry
+    from forge_observe.config import ObserveConfig
+    from forge_observe.service import Observer
+
+    tel = Telemetry()
+    node = types.SimpleNamespace(id="n1", config={"observe": ObserveConfig()}, telemetry=tel)
+    obs = Observer(node)
+    hints: list[set] = []
+    obs.writer = types.SimpleNamespace(hint=hints.append)
+    tel.attach(lambda t: None, sample_rate=0.0)
+    for i in range(3):
+        tel.job_ended("j", "default", "succeeded", _T0, _T0 + dt.timedelta(seconds=i), 0.25)
+    assert obs.aggregate() == 1 and hints == [{"jobs"}]
+    ev = obs.metrics.events
+    assert ev.jobs_started.values == {("j", "default"): 3} and ev.jobs_finished.values == {("j", "succeeded"): 3}
+    assert ev.job_wait.rows["j", "default"][-1] == 3.0 and ev.job_seconds.rows["j"][-1] == 0.75

@@ -34,6 +34,7 @@ from loguru import logger
 
 from forge_kernel.executor import Auth, Call, JobOutcome, bind_arguments
 from forge_kernel.errors import ForgeError
+from forge_kernel.telemetry import MAX_JOB_BATCH
 
 from .config import WorkerConfig
 from .context import JobCancelled, JobContext, LazyDatabase, RetryLater, job_span
@@ -400,6 +401,7 @@ def storable_error(text: str, limit: int = MAX_ERROR_TEXT) -> str:
 
 #: outcomes that are no failure (a span of the attempt ends without an error)
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
+_random = random.random
 _time_ns = time.time_ns
 #: forge_job_finished's arguments in the spec's order
 _NODE_OUTCOME = ("node", "outcome")
@@ -438,6 +440,48 @@ class Attempt:
         """When the attempt started: its claim's time, or (claimed ahead) when the node started it."""
         at = self.row["started_at"]
         return at if at is not None else dt.datetime.fromtimestamp(self.started_wall, dt.timezone.utc)
+
+
+class RowTurns:
+    """Turns at writing this node's running rows. The result-and-claim statements (one per claim
+    lane: their rows are disjoint, so they may overlap) and the results-only REPORT write the rows
+    of finished attempts in the order the attempts finished; RENEW locks every running row in id
+    order. Run together, each could hold a row the other waits for - a deadlock PostgreSQL breaks
+    after deadlock_timeout (1 s) by aborting one (in bench/jobs' worker-bound mode: about one in six
+    renewals, and a claim loop stalled 1.2-1.5 s each time). So RENEW runs alone: it waits for the
+    statements in flight and holds back new ones until it is done (one round trip a heartbeat)."""
+
+    def __init__(self) -> None:
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        #: set while an exclusive turn is waiting or running; others wait for it
+        self._exclusive: asyncio.Event | None = None
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> Any:
+        while self._exclusive is not None:
+            await self._exclusive.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> Any:
+        while self._exclusive is not None:
+            await self._exclusive.wait()
+        turn = self._exclusive = asyncio.Event()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._exclusive = None
+            turn.set()
 
 
 @attrs.define
@@ -497,6 +541,8 @@ class Worker:
         self._lane_kick = asyncio.Event()
         #: statements in flight, capacity they asked for and jobs they start at once (two lanes)
         self._in_flight = 0
+        #: result-and-claim statements and REPORT share the running rows; RENEW takes them alone
+        self._rows = RowTurns()
         self._claiming = 0
         self._starting = 0
         #: the last claim filled its capacity: more jobs are pending
@@ -683,7 +729,11 @@ class Worker:
         """One statement: write the finished attempts and claim into the room they leave (and the
         free room). Returns (jobs claimed, capacity asked), or None when there was nothing to send.
         Two lanes may run it at once: what one has in flight (capacity asked, jobs to start at
-        once) is counted against the other's."""
+        once) is counted against the other's. Never while RENEW runs (RowTurns)."""
+        async with self._rows.shared():
+            return await self._round_now(conn)
+
+    async def _round_now(self, conn: asyncpg.Connection) -> tuple[int, int] | None:
         cfg = self.config
         # finished attempts keep their rows leased until this statement writes their results;
         # the same statement may claim into their room, since both commit together
@@ -973,8 +1023,10 @@ class Worker:
             call = JobCall(defn, args, auth, f"job-{a.id}-{a.attempt}")
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             a.timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
-            if a.t0 and tel.head_sampled_remote((row["options"] or _NONE).get("traceparent")):
-                job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
+            if a.t0:  # the head decision (Telemetry.head_sampled_remote's; a job without a traceparent inline)
+                remote = (row["options"] or _NONE).get("traceparent")
+                if tel.head_sampled_remote(remote) if remote else _random() < tel.sample_rate:
+                    job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
             if a.timeout:
                 # the node's one timer cancels the task once the limit passes (_timed_out)
                 self._deadlines.watch((a.id, a.attempt), a.timeout)
@@ -1015,13 +1067,21 @@ class Worker:
             self.active -= 1
             if self.ready:
                 self._fill()  # the next job claimed ahead starts in the slot now, no round trip
-            if a.t0:  # observed: one event; a span only for a sampled, failed or slow attempt
-                end = _time_ns()
-                if a.span is not None or outcome not in _WENT_WELL or end - a.t0 >= tel.keep_over_ns:
+            if a.t0:  # observed: counted; a span only for a sampled, failed or slow attempt
+                took = _time_ns() - a.t0
+                if a.span is not None or outcome not in _WENT_WELL or took >= tel.keep_over_ns:
                     self._span_ended(tel, row, a, outcome, error)
-                # raw times: the observer works out queue waits for a whole batch at once
-                tel.emit("job.finished", row["name"], row["queue"], outcome, row["run_at"], started,
-                         (end - a.t0) / 1e9)
+                # raw times: the observer works out queue waits for a whole batch at once. A success
+                # (most attempts) goes into its job type's batch: Telemetry.job_ended's usual case
+                # inline, three list appends (no event tuple, no Python call). A success ran its
+                # registered function: its name (hashed once) is the row's, without a row lookup
+                if outcome == "succeeded" and (batch := tel.ok_jobs.get(defn.name)) is not None \
+                        and batch.queue == row["queue"] and len(batch) < MAX_JOB_BATCH:
+                    batch.append(took / 1e9)
+                    batch.due.append(row["run_at"])
+                    batch.started.append(started)
+                else:
+                    tel.job_ended(row["name"], row["queue"], outcome, row["run_at"], started, took / 1e9)
             if db.taken:  # most jobs never touch the database: no coroutine, no suppress per job
                 with contextlib.suppress(Exception):
                     await db.release()
@@ -1129,7 +1189,7 @@ class Worker:
                         batch, self.reports = self.reports, []
                         self._reporting = True
                         try:
-                            async with self._planned(conn, settings):
+                            async with self._rows.shared(), self._planned(conn, settings):
                                 cols = self._result_columns(batch)
                                 await conn.fetchrow(REPORT, *cols[:5], self.node_id, self._keep_history, cols[5],
                                                     _RUNNING)
@@ -1170,17 +1230,20 @@ class Worker:
                 await asyncio.sleep(0.2 + random.random() * 0.3)
 
     async def _renew(self, conn: asyncpg.Connection) -> None:
-        # finished attempts are left to the report statement: renewing rows it is deleting would
-        # lock the same rows in another order (a deadlock PostgreSQL resolves by aborting one)
-        # in id order, as the claim loop writes starts: the same rows locked in the same order
-        attempts = sorted((a for a in self.running.values() if not a.finished), key=_by_id)
-        if not attempts:
+        if not self.running:
             return
-        prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
-        async with self._planned(conn, PLANNER_SETTINGS):
-            rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts], self.config.lease,
-                                    [p[0] if p else None for p in prog], [p[1] if p else None for p in prog],
-                                    self.node_id, [a.started_wall or None for a in attempts], _RUNNING)
+        # alone (RowTurns): a result statement in flight locks rows in another order
+        async with self._rows.exclusive():
+            # finished attempts are left to the result statements (written by the next one)
+            attempts = sorted((a for a in self.running.values() if not a.finished), key=_by_id)
+            if not attempts:
+                return
+            prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
+            async with self._planned(conn, PLANNER_SETTINGS):
+                rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts],
+                                        self.config.lease, [p[0] if p else None for p in prog],
+                                        [p[1] if p else None for p in prog], self.node_id,
+                                        [a.started_wall or None for a in attempts], _RUNNING)
         for a, p in zip(attempts, prog):
             if p is not None:
                 a.written_progress = p

@@ -153,3 +153,9 @@ async def minutely(ctx) -> None:
 async def crash_work(ctx, i: int) -> None:
     await asyncio.sleep(0.005)
     await log(ctx, "ran", str(i))
+
+
+@job
+async def nap(ctx, seconds: float) -> None:
+    """Sleeps without touching the database: many of them finish out of claim (id) order."""
+    await asyncio.sleep(seconds)
