@@ -118,9 +118,8 @@ class Session:
         if self.closed or sub_id not in self.subscriptions:
             return
         if kind == "data":
-            # _written_now, inlined: this runs once per subscriber of every fan-out
-            direct = self.direct
-            if direct is not None and direct(message):
+            # (a fan-out writes through ``direct`` itself and pushes only what it refused)
+            if self._written_now(message):
                 return
             self._data[sub_id] = message  # latest wins: an unsent older result is replaced
             self._data.move_to_end(sub_id)
