@@ -102,9 +102,15 @@ async def fresh_db(base: str, name: str) -> str:
 
 
 #: FORGE's variants; the others are peers
-FORGES = ("forge", "forge-observe", "forge_prefetch0")
+FORGES = ("forge", "forge-observe", "forge_prefetch0", "forge_fixed", "forge_lanes2")
+
 #: [worker] settings of every FORGE node (--forge-worker); empty: the defaults
 FORGE_WORKER: dict[str, Any] = {}
+
+
+def fixed_prefetch() -> dict[str, int]:
+    """forge_fixed's [worker] settings: the reserve fixed at its floor (twice concurrency), as before it adapted."""
+    return {"prefetch": 2 * int(FORGE_WORKER.get("concurrency", 50))}
 
 
 # --- FORGE ---------------------------------------------------------------------------------------
@@ -194,10 +200,16 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
     elapsed = time.perf_counter() - fb.STATE["first"]
     if meter:
         meter.stop()
-    statements = node.worker.stats["statements"]
+    stats, prefetch = node.worker.stats, node.worker.prefetch
     await node.stop()
     await conn.close()
-    return Sample(n / elapsed, n, meter, note=f"{n / max(statements, 1):.1f} jobs per claim statement")
+    return Sample(n / elapsed, n, meter, note=f"{n / max(stats['statements'], 1):.1f} jobs per claim statement, "
+                                            f"{_round_trip_ms(stats)} ms per round trip; prefetch at the end {prefetch}")
+
+
+def _round_trip_ms(stats: dict[str, Any]) -> str:
+    """The claim loop's mean statement round trip (sent until its rows are back)."""
+    return f"{1000 * stats['round_trip_s'] / max(stats['statements'], 1):.2f}"
 
 
 async def forge_continuous(base: str, seconds: float, batch: int = 10, bouncer: Bouncer | None = None,
@@ -651,7 +663,10 @@ async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False
         before = node.worker.stats["statements"]
         sample = await bound_window("forge", url, lambda: [os.getpid()], args)
         # claim statements over the whole run (warm-up and window) against the window's jobs: a rough figure
-        sample.note += f"; ~{sample.jobs / max(node.worker.stats['statements'] - before, 1):.1f} jobs per claim statement"
+        stats = node.worker.stats
+        sample.note += (f"; ~{sample.jobs / max(stats['statements'] - before, 1):.1f} jobs per claim statement, "
+                        f"{_round_trip_ms(stats)} ms per round trip, {stats['statements']} statements in "
+                        f"{stats['round_trip_s']:.2f} s; prefetch at the end {node.worker.prefetch}")
         return sample
     finally:
         await node.stop()
@@ -699,6 +714,14 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         ("forge_prefetch0", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster,
                                                           worker={"prefetch": 0}),
         ("forge_prefetch0", "bound"): lambda: forge_bound(base, args, worker={"prefetch": 0}),
+        # FORGE with its reserve fixed at the default floor (no growth under a backlog: prefetch_max = prefetch)
+        ("forge_fixed", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster,
+                                                      worker=fixed_prefetch()),
+        ("forge_fixed", "bound"): lambda: forge_bound(base, args, worker=fixed_prefetch()),
+        # FORGE with two result-and-claim statements in flight under a backlog ([worker] claim_lanes = 2)
+        ("forge_lanes2", "drain"): lambda: forge_drain(base, args.jobs, postmaster=args.postmaster,
+                                                       worker={"claim_lanes": 2}),
+        ("forge_lanes2", "bound"): lambda: forge_bound(base, args, worker={"claim_lanes": 2}),
         ("pgqueuer", "bound"): lambda: pgq_run(base, "bound", args),
     }
     for shape in GRAPHILE_SHAPES:
@@ -749,6 +772,11 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
             paired = statistics.median(f.rate / z.rate for f, z in zip(samples["forge"], samples["forge_prefetch0"]))
             print(f"  {mode:<10} FORGE claim-ahead / prefetch 0 "
                   f"{res[('forge', mode)]['rate'] / res[('forge_prefetch0', mode)]['rate']:>6.2f}x (medians), "
+                  f"{paired:.2f}x (median of per-round ratios)", flush=True)
+        if "forge" in here and "forge_fixed" in here:
+            paired = statistics.median(f.rate / z.rate for f, z in zip(samples["forge"], samples["forge_fixed"]))
+            print(f"  {mode:<10} FORGE adaptive reserve / fixed "
+                  f"{res[('forge', mode)]['rate'] / res[('forge_fixed', mode)]['rate']:>6.2f}x (medians), "
                   f"{paired:.2f}x (median of per-round ratios)", flush=True)
         if "forge" in here and "forge_pgbouncer" in here:
             print(f"  {mode:<10} FORGE through PgBouncer / direct "
@@ -852,7 +880,8 @@ def main() -> None:
                    default=["forge", "forge-observe", "graphile_1x50", "graphile_4x24", "pgqueuer", "procrastinate"],
                    help="forge (without forge-observe), forge-observe (FORGE with it at its defaults), "
                         "forge_pgbouncer (FORGE's pool through PgBouncer), forge_prefetch0 (FORGE with "
-                        "[worker] prefetch = 0, no claim-ahead), graphile_1x50, graphile_4x24, "
+                        "[worker] prefetch = 0, no claim-ahead), forge_fixed (FORGE with its reserve of jobs claimed ahead fixed at "
+                        "twice concurrency, as before it adapted), forge_lanes2 (FORGE with [worker] claim_lanes = 2), graphile_1x50, graphile_4x24, "
                         "pgqueuer, procrastinate")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "bound", "continuous"],
                    help="throughput modes to run (drain, bound = worker-bound continuous, continuous = one "

@@ -33,6 +33,13 @@ class WorkerConfig:
     #: Unset: twice ``concurrency`` (one statement writes and claims about half of what a node may
     #: hold: see the README, "Claim-ahead"). A graceful stop releases them at once.
     prefetch: int | None = attrs.field(default=None, validator=_prefetch)
+    #: the most jobs claimed ahead while a backlog lasts: under a backlog a claim that found its
+    #: node's jobs claimed ahead all started (slots waited for the claim's round trip) doubles the
+    #: reserve, up to this; a claim that finds fewer pending jobs than it asked for sets it back to
+    #: ``prefetch``. A node then holds at most ``concurrency + prefetch_max`` rows (what a crash
+    #: leaves leased to it). Unset: ``8 x concurrency`` when ``prefetch`` is unset too, else
+    #: ``prefetch`` (a fixed reserve). See the README, "Claim-ahead".
+    prefetch_max: int | None = attrs.field(default=None, validator=_prefetch)
     #: statements writing results and claiming that may be in flight at once under a backlog (2: a
     #: second connection sends while the first waits for its commit's WAL flush; see the README)
     claim_lanes: int = attrs.field(default=1, validator=in_range(1, 2))

@@ -131,6 +131,40 @@ async def test_a_backlog_is_written_and_claimed_by_two_statements_in_flight(forg
     assert sorted(r["id"] for r in hist) == sorted(ids) and {r["attempt"] for r in hist} == {1}
 
 
+@pytest.mark.parametrize("settings, floor, ceiling", [({}, 20, 80), ({"prefetch": 20}, 20, 20),
+                                                     ({"prefetch": 5, "prefetch_max": 30}, 5, 30)])
+async def test_the_reserve_grows_under_a_backlog_within_its_bound_and_shrinks_when_it_drains(
+        forge_node, settings, floor, ceiling):
+    """The jobs claimed ahead grow from ``prefetch`` towards ``prefetch_max`` while claims come back
+    full and the slots waited for them (a backlog of no-op jobs), never past it (the rows a node
+    holds stay within ``concurrency + prefetch_max``), and go back to ``prefetch`` once a claim
+    finds fewer jobs than it asked for. A fixed ``prefetch`` (``prefetch_max`` unset) stays fixed."""
+    concurrency = 10
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=concurrency, **settings))
+    worker = node.worker
+    assert worker.prefetch == floor
+    queue = JobQueue(node.pool)
+    most_held = 0
+
+    async def drained():
+        nonlocal most_held
+        most_held = max(most_held, await node.pool.fetchval(
+            "SELECT count(*) FROM forge_jobs WHERE status = 'running' AND node_id = $1", node.id))
+        return await _count_is(node.pool, "SELECT count(*) FROM forge_jobs", 0)
+
+    await queue.enqueue_many([queue.request(worker_jobs.noop) for _ in range(3000)])
+    await eventually(drained, timeout=120, what="3000 jobs run and written")
+    stats = worker.stats
+    assert stats["claimed"] == 3000 and stats["succeeded"] == 3000, stats
+    assert stats["prefetch_peak"] == ceiling, stats  # grown all the way (no-op jobs: every round trip starves)
+    assert most_held <= concurrency + ceiling, most_held
+
+    async def shrunk():
+        return worker.prefetch == floor
+
+    await eventually(shrunk, what="the reserve back at prefetch")
+
+
 # array-literal syntax (quotes, backslashes, braces, commas, NULL) and text beyond it
 AWKWARD = ['say "hi"', "back\\slash \\\"both\\\\", "{braces,commas}", "NULL", "", "line\nbreak\ttab",
            "ünïcödé ✓ 🚀", "trailing \\"]

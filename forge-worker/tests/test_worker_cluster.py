@@ -83,8 +83,10 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
               f"dead {await pool.fetchval('SELECT count(*) FROM forge_jobs WHERE status = $1', 'dead')}")
         assert set(counts) == set(ids)
         assert dups <= held, f"jobs ran twice without running on the killed node: {sorted(dups - held)[:20]}"
-        # concurrency 20 and prefetch (its default: twice concurrency) 40
-        assert len(held) <= 60, f"the killed node held {len(held)} jobs with [worker] concurrency = 20, prefetch 40"
+        # concurrency 20 and the reserve claimed ahead, grown under this backlog up to prefetch_max
+        # (its default: 8 x concurrency)
+        bound = 20 + runtime.DEFAULT_PREFETCH_MAX_FACTOR * 20
+        assert len(held) <= bound, f"the killed node held {len(held)} jobs with [worker] concurrency = 20 (bound {bound})"
         assert max(counts.values()) <= 2
         assert nodes[1].alive()
     finally:
@@ -100,11 +102,14 @@ async def test_killed_worker_20000_jobs_rerun_and_only_those_twice(forge_process
 async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes, prefetch):
     """A finished job keeps its row leased until its result is written, so a node SIGKILLed while
     results wait to be written holds (and the rescue re-runs) at most ``concurrency + prefetch``
-    jobs (``concurrency`` with prefetch 0; ``3 x concurrency`` with prefetch unset, its default
-    twice concurrency). The results are held back on purpose: the test locks forge_job_history,
-    which every result write inserts into."""
+    jobs (``concurrency`` with prefetch 0; with prefetch unset, ``concurrency + prefetch_max``, the
+    most the reserve grows to under a backlog: 8 x concurrency). The results are held back on
+    purpose: the test locks forge_job_history, which every result write inserts into."""
     concurrency, n_jobs = 8, 120
-    bound = concurrency + (runtime.DEFAULT_PREFETCH_FACTOR * concurrency if prefetch is None else prefetch)
+    bound = concurrency + (runtime.DEFAULT_PREFETCH_MAX_FACTOR * concurrency if prefetch is None else prefetch)
+    # what its first claim takes (the reserve starts at prefetch, twice concurrency when unset): the
+    # statement after it, writing their results, waits for the lock, so no claim commits after it
+    first = concurrency + (runtime.DEFAULT_PREFETCH_FACTOR * concurrency if prefetch is None else prefetch)
     pool = await asyncpg.create_pool(forge_processes.db_url, min_size=2, max_size=4)
     lock = await asyncpg.connect(forge_processes.db_url)
     try:
@@ -116,7 +121,7 @@ async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes, p
         ids = await enqueue_work(pool, n_jobs)
 
         async def finished_unwritten():
-            return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= bound
+            return await pool.fetchval("SELECT count(*) FROM job_log WHERE event = 'ran'") >= first
 
         await eventually(finished_unwritten, timeout=60, what="jobs to finish while their results cannot be written")
         await asyncio.sleep(1.0)  # room for a worker that frees slots early to claim and run more

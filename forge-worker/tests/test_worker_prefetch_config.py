@@ -40,3 +40,11 @@ def test_bad_claim_lanes_is_refused_naming_the_key(value):
 def test_claim_lanes_defaults_to_one():
     assert load_config(SECTIONS, data={}, env={})["worker"].claim_lanes == 1
     assert load_config(SECTIONS, data={"worker": {"claim_lanes": 2}}, env={})["worker"].claim_lanes == 2
+
+
+def test_prefetch_max_is_checked_like_prefetch_and_unset_by_default():
+    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch_max is None  # the worker reads: 8 x concurrency
+    assert load_config(SECTIONS, data={"worker": {"prefetch_max": 400}}, env={})["worker"].prefetch_max == 400
+    with pytest.raises(ConfigError) as ei:
+        load_config(SECTIONS, data={"worker": {"prefetch_max": -1}}, env={})
+    assert "[worker] prefetch_max = -1" in str(ei.value), str(ei.value)
