@@ -182,11 +182,75 @@ def test_any_full_collection_resets_the_collect_timer():
         gc.callbacks.remove(timer.on_gc)
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_timed_collections_freeze_survivors_and_a_rescan_still_frees_their_cycles():
+    """A timed pass freezes what survives it, so the next one walks only newer objects; a cycle that
+    was alive at a pass and dies later is found by the rescan (everything unfrozen and walked)."""
+    import gc
+    import weakref
+
+    from forge_kernel.node import CollectTimer
+
+    assert gc.get_freeze_count() == 0  # the test process owns no frozen heap to disturb
+    timer = CollectTimer(0.05, sys.getallocatedblocks(), rescan_growth=0.25)
+    try:
+        survivors = [_Cycle() for _ in range(100)]
+        timer.collect(rescan=False)
+        assert gc.get_freeze_count() >= len(survivors)  # survivors left the collector's generations
+        walked = sum(len(gc.get_objects(g)) for g in range(3))
+        assert walked < gc.get_freeze_count()  # the next pass walks far less than everything alive
+
+        dead = weakref.ref(survivors[0])
+        young = _Cycle()
+        young_dead = weakref.ref(young)
+        del survivors, young  # all garbage now: frozen cycles and a young one
+        timer.collect(rescan=False)
+        assert young_dead() is None  # young cycles are collected by every timed pass
+        assert dead() is not None  # a frozen cycle waits for the rescan...
+        timer.collect(rescan=True)
+        assert dead() is None and timer.rescans == 1  # ...which frees it
+        assert gc.get_freeze_count() > 0  # and freezes the survivors again
+    finally:
+        gc.unfreeze()
+
+
+def test_the_rescan_comes_once_the_heap_grew_by_its_fraction():
+    """Frozen garbage stays allocated, so it grows the heap; past ``rescan_growth`` the timer's
+    next pass walks the frozen objects too, and that pass is the new baseline."""
+    import gc
+
+    from forge_kernel.node import CollectTimer
+
+    timer = CollectTimer(0.05, 1_000, rescan_growth=0.25)
+    assert not timer.rescan_due(1_249) and timer.rescan_due(1_250)
+    assert not timer.rescan_due(500)  # a heap that shrank holds no more frozen garbage than before
+    try:
+        before = timer.after_rescan
+        timer.collect(rescan=False)
+        assert timer.after_rescan == before and timer.rescans == 0  # a young pass keeps the baseline
+        timer.collect()  # due (the test process's heap is far above 1,000 blocks): a rescan
+        assert timer.rescans == 1 and timer.after_rescan == timer.after_last
+        assert not timer.rescan_due(timer.after_rescan)
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("value", [-0.1, "some"])
 def test_bad_gc_collect_growth_names_the_key(forge_processes, tmp_path, value):
     proc = forge_processes({"node": {"gc_collect_growth": value}}, env=plugin_env(tmp_path), ready=False)
     assert proc.proc.wait(60) == 2
     assert "gc_collect_growth" in proc.log()
+
+
+@pytest.mark.parametrize("value", [0, "some"])
+def test_bad_gc_rescan_growth_names_the_key(forge_processes, tmp_path, value):
+    proc = forge_processes({"node": {"gc_rescan_growth": value}}, env=plugin_env(tmp_path), ready=False)
+    assert proc.proc.wait(60) == 2
+    assert "gc_rescan_growth" in proc.log()
 
 
 @pytest.mark.parametrize("value", [-1, "soon", 86_401])

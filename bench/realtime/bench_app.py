@@ -93,9 +93,10 @@ def _garbage_kinds() -> list:
 
 
 @query(public=True)
-async def bench_gc(ctx) -> dict:
+async def bench_gc(ctx, timed: bool = False) -> dict:
     """How long one full cyclic-GC collection (what ``[node] gc_collect_interval`` runs) pauses
-    this node, and how many objects the collector tracks (benchmark-only introspection)."""
+    this node, and how many objects the collector tracks (benchmark-only introspection).
+    ``timed``: the pass the node's timer would run now; otherwise one that walks everything."""
     import gc
     import time
 
@@ -113,11 +114,16 @@ async def bench_gc(ctx) -> dict:
     del objects
     frozen = gc.get_freeze_count()
     gens = [len(gc.get_objects(g)) for g in range(3)]
+    # the node's own timed pass when it has one (a full rescan: since 2026-12-07 its timed passes freeze
+    # what survives them, so this leaves the node as a node that has run at this size for a while)
+    timer = getattr(ctx.node, "gc_timer", None)
     t0, c0 = time.perf_counter(), time.thread_time()
-    found = gc.collect()
+    found = timer.collect(rescan=None if timed else True) if timer is not None else gc.collect()
     pause, cpu = time.perf_counter() - t0, time.thread_time() - c0
     return {"pause_ms": pause * 1000, "cpu_ms": cpu * 1000, "tracked": tracked, "generations": gens,
-            "frozen": frozen, "collected": found, "top_types": top, "held_by": held_by}
+            "frozen": frozen, "collected": found, "top_types": top, "held_by": held_by,
+            "frozen_after": gc.get_freeze_count(), "node_timer": timer is not None,
+            "rescans": timer.rescans if timer is not None else None}
 
 
 def _describe(obj) -> str:

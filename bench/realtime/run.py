@@ -554,13 +554,15 @@ def start_node(workdir: Path, db_url: str, tree: Path | None = None, extra: dict
     return p
 
 
-async def node_gc(port: int, times: int = 3) -> list[dict]:
+async def node_gc(port: int, times: int = 3, timed: bool = False) -> list[dict]:
     """Time the node's full cyclic-GC collection (``[node] gc_collect_interval`` runs one a minute)
-    with the step's sockets open: ``times`` collections, a second apart."""
+    with the step's sockets open: ``times`` collections, a second apart. ``timed``: the pass the
+    node's timer runs (since 2026-12-07 it walks only what survived no earlier timed pass, unless
+    the heap grew enough for a full rescan); otherwise one that walks everything."""
     out = []
     async with httpx.AsyncClient(timeout=60) as http:
         for _ in range(times):
-            r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={})
+            r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={"timed": timed})
             r.raise_for_status()
             out.append(r.json()["data"])
             await asyncio.sleep(1.0)
@@ -699,6 +701,15 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                         out.setdefault("b_forge", {}).setdefault(name, {}).setdefault(f"{rate:g}", []).append(rep)
                         print(f"(b) [{name}] {args.b_clients} clients / {args.b_topics} queries / {rate:g} writes/s: "
                               f"{step_line(rep)}", flush=True)
+                # the node's timed collection as its timer would run it now, after the steps' allocations
+                # (what the 2,000 writes/s step of session 7 overlapped: a full pass, 74 ms quiet)
+                for name, node, port in nodes:
+                    gcs = await node_gc(port, times=2, timed=True)
+                    out.setdefault("b_gc_timed", {}).setdefault(name, []).append(gcs)
+                    print(f"(b) [{name}] the timer's GC pass after the steps: pause "
+                          f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
+                          f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), walked {gcs[0]['tracked']} objects "
+                          f"({gcs[0]['frozen']} frozen) (load {os.getloadavg()[0]:.1f})", flush=True)
 
         if "c" in parts:
             async with contextlib.AsyncExitStack() as stack:
