@@ -30,6 +30,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1_000),
+        # grpc shares connections (subchannels) between every channel of a process to the same
+        # address, with their reconnect back-off: a peer restarted on the same address (a fixed
+        # [mesh] port, or a free port handed out again) would get a new channel (a new epoch) that
+        # fails at once with the dead process's "connection refused" until that back-off ends, and be
+        # marked suspect. Each channel here is one peer process, so it connects on its own.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
