@@ -12,6 +12,7 @@ import random
 import types
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -687,6 +688,51 @@ async def test_a_hot_querys_next_run_starts_ahead_of_the_pass_end_by_what_the_la
     for name, _, position in log:
         assert position > latest.get(name, 0), "a subscriber got an older result after a newer one"
         latest[name] = position
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_hot_query_writes_at_random_during_passes_and_runs_leave_every_subscriber_on_the_latest(seed: int):
+    """Writes landing anywhere in passes, runs of random length started ahead of the pass end or by
+    the change itself, results overtaking passes (latest wins), several workers: every subscriber
+    ends with the result of the last write and never gets an older result after a newer one."""
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    rnd = random.Random(seed)
+    n = FANOUT_CHUNK * rnd.randint(2, 8) + rnd.randint(0, FANOUT_CHUNK - 1)
+    engine, ex, log, subs = _hot_engine(n, rerun_after=rnd.choice([1.0, 0.75, 0.5]))
+    engine.max_concurrent_runs = 8
+    call = ex.call
+
+    async def slow_call(*a, **kw):
+        result = await call(*a, **kw)
+        await asyncio.sleep(rnd.random() * 0.004)
+        return result
+
+    async def settled() -> None:
+        for _ in range(5000):
+            await asyncio.sleep(0.001)
+            if not engine.running and not engine._queue and not any(q.fanning or q.dirty for q in engine.queries.values()):
+                return
+        raise AssertionError("the engine did not settle")
+
+    ex.call = slow_call
+    engine.start()
+    for sub in subs:
+        engine.subscribe(sub)
+    await settled()
+    last = 0
+    for i in range(2, 2 + rnd.randint(5, 60)):
+        last = 10 + i
+        _insert(engine, ex, i, last)
+        for _ in range(rnd.randint(0, 40)):
+            await asyncio.sleep(0 if rnd.random() < 0.8 else 0.0005)
+    await settled()
+    await engine.stop()
+    latest: dict = {}
+    for name, _, position in log:
+        assert position >= latest.get(name, 0), "a subscriber got an older result after a newer one"
+        latest[name] = position
+    assert {latest.get(i) for i in range(n)} == {last}
 
 
 def test_rerun_after_pass_outside_0_to_1_is_refused_naming_the_key():
