@@ -73,6 +73,8 @@ async def bench_stats(ctx) -> dict:
             "polls": rt.reader.polls, "hints": rt.reader.hints, "streams": getattr(rt.reader, "streams", None),
             "batches": getattr(s, "batches", None), "batched_runs": getattr(s, "batched_runs", None),
             "fanout_cpu_ns": getattr(s, "fanout_cpu_ns", None), "sessions": len(rt.sessions),
+            **{k: getattr(s, k, None) for k in ("fanout_passes", "fanout_wall_ns", "fanout_idle_ns", "rerun_lags",
+                                                 "rerun_lag_ns")},
             "queries": len(rt.engine.queries), "queued": len(rt.engine._queue), "running": len(rt.engine.running),
             "dirty": sum(q.dirty for q in rt.engine.queries.values()),
             "workers_alive": sum(not t.done() for t in rt.engine._workers),

@@ -450,6 +450,15 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             rep["cpu"]["node_fanout_us_per_push"] = round(fan_us / max(1, node_pushes), 2)
             rep["cpu"]["node_other_us_per_write"] = round(rep["cpu"]["node_us_per_write"]
                                                           - fan_us / max(1, rep["writes"]), 1)
+        if t.stats is not None and after[t.name].get("fanout_passes") is not None:
+            # where a hot query's latency goes: its fan-out passes, the idle time between them and
+            # what a run started by a pass took to reach the fan-out (means over the step, ms)
+            d = {k: after[t.name][k] - before[t.name][k]
+                 for k in ("fanout_passes", "fanout_wall_ns", "fanout_idle_ns", "rerun_lags", "rerun_lag_ns")}
+            passes = max(1, d["fanout_passes"])
+            rep["fanout_timing"] = {"passes": d["fanout_passes"], "pass_ms": round(d["fanout_wall_ns"] / passes / 1e6, 2),
+                                    "idle_ms_per_pass": round(d["fanout_idle_ns"] / passes / 1e6, 2),
+                                    "rerun_lag_ms": round(d["rerun_lag_ns"] / max(1, d["rerun_lags"]) / 1e6, 2)}
         if len(targets) > 1:
             rep["cpu"]["side_by_side"] = [x.name for x in targets]  # PostgreSQL and the writer serve them all
         if statements:
@@ -498,6 +507,9 @@ def step_line(rep: dict) -> str:
             + (f" (fan-out {c['node_fanout_us_per_push']} us/push, the rest {c['node_other_us_per_write']} us/write)"
                if "node_fanout_us_per_push" in c else "")
             + f", busiest {c['busiest_process']} {c['busiest_pct']}%"
+            + (f" | fan-out: {rep['fanout_timing']['passes']} passes of {rep['fanout_timing']['pass_ms']} ms, idle "
+               f"{rep['fanout_timing']['idle_ms_per_pass']} ms after each, runs {rep['fanout_timing']['rerun_lag_ms']} ms "
+               f"from start to fan-out" if "fanout_timing" in rep else "")
             + (f" | node GC: {rep['node_gc']['collections']} collections ({rep['node_gc']['full']} full), longest "
                f"{rep['node_gc']['max_ms']:.1f} ms; loop stalls > 20 ms: {rep['node_loop_stalls']['over_20ms']}, "
                f"longest {rep['node_loop_stalls']['longest_ms']:.0f} ms" if "node_gc" in rep else "")
