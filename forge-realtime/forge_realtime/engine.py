@@ -416,6 +416,10 @@ class LiveQuery:
     rerun_lag: int = 0
     #: when its last chunked fan-out pass ended with the run it started still to come (0: otherwise)
     pass_ended: int = 0
+    #: a run's result reached the pass in progress (see LiveQueryEngine._fan_out): when it is the
+    #: result the pass sends, the pass goes on, and subscribers that joined since it began (and wait
+    #: for that run) are sent it at its end
+    overtaken: bool = False
 
     def runner_auth(self) -> Auth | None:
         for s in self.subscriptions:
@@ -760,6 +764,7 @@ class LiveQueryEngine:
         if q.fanning:
             # the pass in progress sends this newer result to whoever it has not reached
             q.holding = self.rerun_after > 0
+            q.overtaken = True
             return
         if q.pass_ended:  # the fan-out stood idle since its last pass, waiting for the run it started
             self.stats.fanout_idle_ns += now - q.pass_ended
@@ -768,6 +773,7 @@ class LiveQueryEngine:
         try:
             while not q.dropped:
                 h = q.hash
+                q.overtaken = False
                 subs = list(q.subscriptions)
                 n = len(subs)
                 if n <= FANOUT_CHUNK:
@@ -808,6 +814,11 @@ class LiveQueryEngine:
                 if counted:
                     self._record_push(q, started, data, unchanged, None)
                 if q.hash == h:
+                    if q.overtaken:
+                        # a run ended during the pass with the result it sent: those who subscribed
+                        # meanwhile waited for that run and are not among the pass's subscribers
+                        q.overtaken = False
+                        self._send_result(q, [s for s in q.subscriptions if s.last_hash != h or not s.acked])
                     if q.released_at:  # the fan-out now waits for that run
                         q.pass_ended = time.perf_counter_ns()
                     return

@@ -745,3 +745,49 @@ def test_rerun_after_pass_outside_0_to_1_is_refused_naming_the_key():
         with pytest.raises(InvalidValue, match="rerun_after_pass"):
             RealtimeConfig(rerun_after_pass=bad)
     assert RealtimeConfig(rerun_after_pass=0).rerun_after_pass == 0
+
+
+@pytest.mark.parametrize("while_running", [False, True])
+async def test_a_subscriber_that_joins_during_a_pass_gets_the_result_when_the_run_it_waits_for_finds_it_unchanged(
+        while_running: bool):
+    """A subscribe that arrives while a hot query is dirty or running waits for that run's result,
+    and the pass in progress does not know it (its subscribers were taken when it began). When that
+    run ends during the pass with the result the pass is sending (a write that did not change it),
+    the pass is not restarted: the subscriber must still get the result, not be left with nothing."""
+    from forge_realtime.engine import FANOUT_CHUNK
+
+    n = FANOUT_CHUNK * 16
+    engine, ex, log, subs = _hot_engine(n, rerun_after=0.5)
+    call = ex.call
+
+    async def call_of_three_turns(*a, **kw):  # a few turns of the loop, well within half a pass
+        result = await call(*a, **kw)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return result
+
+    ex.call = call_of_three_turns
+    await _subscribed(engine, log, subs)
+    log.clear()
+    q = subs[0].query
+    _insert(engine, ex, 2, 10)  # a run, then a pass of its result
+    await _first_chunk_out(log)
+    assert q.fanning and q.holding
+    # a write that touches the query's rows without changing its result: it runs again half way
+    engine.on_changes([Change("t", "UPDATE", (), ({"id": 1, "owner": "a", "topic": 0},))], 11)
+    assert q.dirty
+    if while_running:
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if q.running:
+                break
+        assert q.running and q.fanning, (q.running, q.fanning, q.runs, len(log))
+    late = Subscription(Recorder(log, "late"), "s-late", "by_owner", {"o": "a"}, Caller("u1"))
+    engine.subscribe(late)
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        if not engine.running and not engine._queue and not q.fanning:
+            break
+    assert q.runs >= 3 and not q.fanning
+    await engine.stop()
+    assert [h for name, h, _ in log if name == "late"] == [q.hash], "the late subscriber got no result"
