@@ -586,13 +586,17 @@ class Worker:
         self._held = self.config.concurrency + prefetch
         self._lane_batch = max(1, self._held // 4)
 
-    def _adapt(self, got: int, capacity: int, starved: bool) -> None:
+    def _adapt(self, got: int, capacity: int, starved: bool, outlasted: bool) -> None:
         """Size the reserve to the queue. A claim that filled its capacity while this node's slots
         waited for it (every job claimed ahead had started before its round trip ended) doubles
         the reserve, up to prefetch_max: the round trip, not the node, is the limit, and a larger
-        reserve spreads it over more jobs. A claim that found fewer jobs than it asked for (the
-        queue is draining) sets it back to prefetch, so an idle or shallow queue is not hoarded."""
-        if got < capacity:
+        reserve spreads it over more jobs. It goes back to prefetch when a claim found fewer jobs
+        than it asked for (the queue is draining: an idle or shallow queue is not hoarded), and when
+        the jobs outlast the round trip (``outlasted``: at least half of the jobs claimed ahead when
+        the statement was sent still waited when it came back), so a reserve grown on short
+        jobs is not kept - and kept from other nodes and later higher-priority jobs - once the
+        backlog turns into long ones."""
+        if got < capacity or outlasted:
             if self.prefetch != self._prefetch_floor:
                 self._set_prefetch(self._prefetch_floor)
         elif starved and self.prefetch < self._prefetch_ceiling:
@@ -784,6 +788,7 @@ class Worker:
         if self._backlog and self._in_flight == 1 and self._lane_due():
             self._lane_kick.set()
         sent_at = time.monotonic()
+        ready_sent = len(self.ready)
         try:
             async with self._planned(conn, PLANNER_SETTINGS):
                 if capacity > 0 and sent_at >= self.next_due:
@@ -820,6 +825,8 @@ class Worker:
         self.stats["round_trip_s"] += time.monotonic() - sent_at
         # the slots waited for this statement: no job claimed ahead left to start in them
         starved = not self.ready and self.active < cfg.concurrency
+        # ... or the jobs outlast the round trip: most of those claimed ahead at the send still wait
+        outlasted = ready_sent > 0 and 2 * len(self.ready) >= ready_sent
         for a in premark:  # their start is written: they start now, in the slot they hold
             if self.stopping:
                 self._drop_unstarted(a, "released")
@@ -830,7 +837,7 @@ class Worker:
         self._start_jobs(rows)
         if capacity > 0:
             self._backlog = got >= capacity
-            self._adapt(got, capacity, starved)
+            self._adapt(got, capacity, starved, outlasted)
         return got, capacity
 
     async def _claim_on(self, conn: asyncpg.Connection) -> None:

@@ -165,6 +165,35 @@ async def test_the_reserve_grows_under_a_backlog_within_its_bound_and_shrinks_wh
     await eventually(shrunk, what="the reserve back at prefetch")
 
 
+async def test_a_reserve_grown_on_short_jobs_goes_back_when_the_backlog_turns_into_long_ones(forge_node):
+    """A backlog of no-op jobs grows the reserve; when the jobs behind them outlast a round trip
+    (most of the jobs claimed ahead still wait when a claim comes back), it goes back to
+    ``prefetch`` while claims still come back full, so a node does not keep a large reserve of
+    long jobs from other nodes (and later higher-priority jobs waiting behind it)."""
+    concurrency = 10
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=concurrency))
+    worker = node.worker
+    floor = worker.prefetch
+    queue = JobQueue(node.pool)
+    await queue.enqueue_many([queue.request(worker_jobs.noop) for _ in range(3000)]
+                             + [queue.request(worker_jobs.sleepy, seconds=0.2) for _ in range(400)])
+
+    async def grown_then_back_with_a_backlog():
+        pending = await node.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'pending'")
+        return worker.stats["prefetch_peak"] > floor and worker.prefetch == floor and pending > 100
+
+    await eventually(grown_then_back_with_a_backlog, timeout=120,
+                     what="the reserve back at prefetch while long jobs are still pending")
+
+    async def holds_less_with_a_backlog():  # what the node holds follows the reserve down
+        held = await node.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'running' AND node_id = $1",
+                                        node.id)
+        pending = await node.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'pending'")
+        return held <= concurrency + floor and pending > 0
+
+    await eventually(holds_less_with_a_backlog, timeout=30, what="the rows held back within concurrency + prefetch")
+
+
 # array-literal syntax (quotes, backslashes, braces, commas, NULL) and text beyond it
 AWKWARD = ['say "hi"', "back\\slash \\\"both\\\\", "{braces,commas}", "NULL", "", "line\nbreak\ttab",
            "ünïcödé ✓ 🚀", "trailing \\"]
