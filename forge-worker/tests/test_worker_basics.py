@@ -176,7 +176,7 @@ async def test_a_reserve_grown_on_short_jobs_goes_back_when_the_backlog_turns_in
     floor = worker.prefetch
     queue = JobQueue(node.pool)
     await queue.enqueue_many([queue.request(worker_jobs.noop) for _ in range(3000)]
-                             + [queue.request(worker_jobs.sleepy, seconds=0.2) for _ in range(400)])
+                             + [queue.request(worker_jobs.sleepy, {"seconds": 0.2}) for _ in range(400)])
 
     async def grown_then_back_with_a_backlog():
         pending = await node.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'pending'")
