@@ -517,7 +517,9 @@ async def cluster_status(conn: asyncpg.Connection, dead_after: float,
     """The cluster's nodes. A node whose row says it is live (starting, running, draining) shows
     as ``unresponsive`` once it missed ``MISSED_HEARTBEATS`` of its own heartbeats (at least 1 s)
     and as ``dead`` once its heartbeat is older than ``dead_after`` (when the cluster re-runs its
-    jobs), before the scheduler leader marks it so. ``heartbeat_age`` is in seconds."""
+    jobs), before the scheduler leader marks it so. ``heartbeat_age`` is in seconds, never below 0
+    (a heartbeat that commits between this statement's start, its ``now()``, and its snapshot carries
+    a later time)."""
     rows = await conn.fetch(
         """SELECT id, host, pid, ports, roles, capabilities, version,
                   CASE WHEN status NOT IN ('running', 'starting', 'draining') THEN status
@@ -525,7 +527,7 @@ async def cluster_status(conn: asyncpg.Connection, dead_after: float,
                        WHEN age > GREATEST(1.0, $3 * coalesce((info->>'heartbeat_interval')::float8, $2)) THEN 'unresponsive'
                        ELSE status END AS status,
                   started_at, last_heartbeat, age AS heartbeat_age, info
-           FROM (SELECT *, extract(epoch FROM now() - last_heartbeat)::float8 AS age FROM forge_nodes) n
+           FROM (SELECT *, GREATEST(0.0, extract(epoch FROM now() - last_heartbeat)::float8) AS age FROM forge_nodes) n
            ORDER BY status, started_at""", float(dead_after), float(heartbeat_interval), float(MISSED_HEARTBEATS))
     return [dict(r) for r in rows]
 
