@@ -118,7 +118,8 @@ class NodeConfig:
     #: objects, then 1-3 ms, against 86-116 ms over 112,000 every time, pauses of up to 625 ms in the
     #: middle of the writes). Frozen objects that become garbage later (a closed connection's cycles)
     #: are found by a timed collection that unfreezes and walks everything, the start-up heap too, which
-    #: runs once the heap has grown by this fraction since the last such one: garbage stays within it
+    #: runs once the heap has grown by this fraction since the last such one, and at the latest every
+    #: tenth ``gc_collect_interval`` (a heap that stopped growing still has its frozen garbage freed)
     gc_rescan_growth: float = attrs.field(default=0.25, validator=in_range(0.01, 10))
 
 

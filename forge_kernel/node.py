@@ -121,12 +121,17 @@ class CollectTimer:
     passes; it stays allocated, so it grows the heap, and once the heap is ``rescan_growth`` larger
     than after the last full rescan, a pass unfreezes everything (the start-up heap too) and walks
     it all, then freezes the survivors again: a longer pause than an unfrozen heap's full pass, once
-    per such growth. So frozen garbage stays within ``rescan_growth`` of the heap.
+    per such growth. A heap that holds still or shrinks (a wave of closed connections whose cycles
+    were frozen: they keep their blocks, so nothing grows) gets that rescan after ``rescan_every``
+    intervals anyway, so frozen garbage lives at most that long (10 minutes at the defaults).
     """
 
-    def __init__(self, growth: float, blocks: int, rescan_growth: float = 0.25) -> None:
+    def __init__(self, growth: float, blocks: int, rescan_growth: float = 0.25, rescan_every: int = 10) -> None:
         self.growth = growth
         self.rescan_growth = rescan_growth
+        self.rescan_every = rescan_every
+        #: intervals of the timer's loop since the last rescan (``tick``)
+        self.ticks = 0
         self.after_last = blocks
         #: the heap after the last pass that walked the frozen objects too
         self.after_rescan = blocks
@@ -136,7 +141,11 @@ class CollectTimer:
         return abs(blocks - self.after_last) >= self.growth * self.after_last
 
     def rescan_due(self, blocks: int) -> bool:
-        return blocks - self.after_rescan >= self.rescan_growth * self.after_rescan
+        return self.ticks >= self.rescan_every or blocks - self.after_rescan >= self.rescan_growth * self.after_rescan
+
+    def tick(self) -> None:
+        """One interval of the timer's loop went by."""
+        self.ticks += 1
 
     def collected(self, blocks: int) -> None:
         self.after_last = blocks
@@ -155,6 +164,7 @@ class CollectTimer:
         if rescan:
             self.after_rescan = blocks
             self.rescans += 1
+            self.ticks = 0
         return found
 
     def on_gc(self, phase: str, info: dict) -> None:
@@ -319,7 +329,8 @@ class Node:
     async def _collect_loop(self) -> None:
         """A full cyclic-GC collection every ``[node] gc_collect_interval`` seconds when the heap
         changed by ``gc_collect_growth`` since the last one, freezing what survives it; one that walks the
-        frozen objects too once the heap grew by ``gc_rescan_growth`` (see CollectTimer, the keys' comments)."""
+        frozen objects too once the heap grew by ``gc_rescan_growth``, or at the latest every tenth interval
+        (see CollectTimer, the keys' comments)."""
         interval = self.config.node.gc_collect_interval
         timer = self.gc_timer = CollectTimer(self.config.node.gc_collect_growth, sys.getallocatedblocks(),
                                              self.config.node.gc_rescan_growth)
@@ -327,6 +338,7 @@ class Node:
         try:
             while True:
                 await asyncio.sleep(interval)
+                timer.tick()
                 blocks = sys.getallocatedblocks()
                 if timer.due(blocks) or timer.rescan_due(blocks):
                     timer.collect()

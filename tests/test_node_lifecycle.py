@@ -227,13 +227,18 @@ def test_the_rescan_comes_once_the_heap_grew_by_its_fraction():
 
     timer = CollectTimer(0.05, 1_000, rescan_growth=0.25)
     assert not timer.rescan_due(1_249) and timer.rescan_due(1_250)
-    assert not timer.rescan_due(500)  # a heap that shrank holds no more frozen garbage than before
+    assert not timer.rescan_due(500)  # a heap that shrank grew no frozen garbage by itself...
+    for _ in range(timer.rescan_every - 1):
+        timer.tick()
+    assert not timer.rescan_due(500)
+    timer.tick()
+    assert timer.rescan_due(500)  # ...but frozen cycles that died since are freed within rescan_every intervals
     try:
         before = timer.after_rescan
         timer.collect(rescan=False)
         assert timer.after_rescan == before and timer.rescans == 0  # a young pass keeps the baseline
         timer.collect()  # due (the test process's heap is far above 1,000 blocks): a rescan
-        assert timer.rescans == 1 and timer.after_rescan == timer.after_last
+        assert timer.rescans == 1 and timer.after_rescan == timer.after_last and timer.ticks == 0
         assert not timer.rescan_due(timer.after_rescan)
     finally:
         gc.unfreeze()
