@@ -35,8 +35,8 @@ class WorkerConfig:
     prefetch: int | None = attrs.field(default=None, validator=_prefetch)
     #: the most jobs claimed ahead while a backlog lasts: under a backlog a claim that found its
     #: node's jobs claimed ahead all started (slots waited for the claim's round trip) doubles the
-    #: reserve, up to this; a claim that finds fewer pending jobs than it asked for sets it back to
-    #: ``prefetch``. A node then holds at most ``concurrency + prefetch_max`` rows (what a crash
+    #: reserve, up to this; a claim that finds fewer pending jobs than it asked for, or most jobs
+    #: claimed ahead still waiting (the jobs outlast the round trip), sets it back to ``prefetch``. A node then holds at most ``concurrency + prefetch_max`` rows (what a crash
     #: leaves leased to it). Unset: ``8 x concurrency`` when ``prefetch`` is unset too, else
     #: ``prefetch`` (a fixed reserve). See the README, "Claim-ahead".
     prefetch_max: int | None = attrs.field(default=None, validator=_prefetch)
