@@ -125,3 +125,23 @@ async def test_dispatch_without_job_store_is_a_clear_error(forge_node):
     e = await err(node.executor.call("add_note", {"owner": "a", "body": "b"}))
     assert "install forge-worker" in e.message
     assert await node.pool.fetchval("SELECT count(*) FROM notes") == 0
+
+
+def test_request_ids_are_distinct_and_a_forked_child_draws_its_own():
+    import os
+
+    from forge_kernel.executor import new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]  # several draws of the pool
+    assert len(set(ids)) == 1000 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    new_request_id()  # the pool holds ids drawn before the fork
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, new_request_id().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(child) == 16 and child != new_request_id() and child not in ids

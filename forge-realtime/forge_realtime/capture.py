@@ -168,6 +168,17 @@ class CaptureManager:
         writes between its snapshot and the change were not captured. ``since`` matters when
         another query on this node installed the capture while this one ran."""
         changed = False
+        for table, cols in needs.items():
+            if not self.covers(table, cols):
+                break
+            if since is not None and self.changed_at.get(table, -1.0) >= since:
+                changed = True
+        else:
+            # everything is captured already (every re-run of a live query): no lock to take. An
+            # install in progress elsewhere can only be extending a table this caller has all it
+            # needs of (its trigger stays in place meanwhile), so there is nothing to wait for
+            return changed
+        changed = False
         async with self._lock:
             for table, cols in needs.items():
                 if self.covers(table, cols):

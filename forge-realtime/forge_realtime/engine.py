@@ -548,6 +548,8 @@ class LiveQueryEngine:
         self.index.remove(q, q.reads or ())
 
     def _index(self, q: LiveQuery, reads: list[TableRead]) -> None:
+        if reads == q.reads:
+            return  # the usual re-run: the same read set, already filed
         self.index.remove(q, q.reads or ())
         self.index.add(q, reads)
         q.reads = reads
