@@ -598,12 +598,18 @@ async def node_gc(port: int, times: int = 3, timed: bool = False) -> list[dict]:
     """Time the node's full cyclic-GC collection (``[node] gc_collect_interval`` runs one a minute)
     with the step's sockets open: ``times`` collections, a second apart. ``timed``: the pass the
     node's timer runs (since 2026-12-07 it walks only what survived no earlier timed pass, unless
-    the heap grew enough for a full rescan); otherwise one that walks everything."""
+    the heap grew enough for a full rescan); otherwise one that walks everything. A diagnostic: a
+    call the node does not answer in time (a 504 from its gateway when it is starved for a core)
+    ends the list early with a warning instead of the run."""
     out = []
     async with httpx.AsyncClient(timeout=60) as http:
         for _ in range(times):
-            r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={"timed": timed})
-            r.raise_for_status()
+            try:
+                r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={"timed": timed})
+                r.raise_for_status()
+            except httpx.HTTPError as exc:
+                print(f"  bench_gc failed, GC timing skipped: {exc!r} (load {os.getloadavg()[0]:.1f})", flush=True)
+                break
             out.append(r.json()["data"])
             await asyncio.sleep(1.0)
     return out
@@ -729,9 +735,10 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                 for name, node, port in nodes:
                     gcs = await node_gc(port, times=1)
                     out.setdefault("b_gc", {}).setdefault(name, []).append(gcs)
-                    print(f"(b) [{name}] full GC with {args.b_clients} sockets before the steps: pause "
-                          f"{gcs[0]['pause_ms']:.1f} ms, {gcs[0]['tracked']} objects tracked (load {os.getloadavg()[0]:.1f})",
-                          flush=True)
+                    if gcs:
+                        print(f"(b) [{name}] full GC with {args.b_clients} sockets before the steps: pause "
+                              f"{gcs[0]['pause_ms']:.1f} ms, {gcs[0]['tracked']} objects tracked (load {os.getloadavg()[0]:.1f})",
+                              flush=True)
                 for rate in args.b_rates:
                     reps = await measure_step(ts, db_url, rate, args.seconds, lambda i: i % args.b_topics,
                                               args.b_clients / args.b_topics,
@@ -746,10 +753,11 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                 for name, node, port in nodes:
                     gcs = await node_gc(port, times=2, timed=True)
                     out.setdefault("b_gc_timed", {}).setdefault(name, []).append(gcs)
-                    print(f"(b) [{name}] the timer's GC pass after the steps: pause "
-                          f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
-                          f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), walked {gcs[0]['tracked']} objects "
-                          f"({gcs[0]['frozen']} frozen) (load {os.getloadavg()[0]:.1f})", flush=True)
+                    if gcs:
+                        print(f"(b) [{name}] the timer's GC pass after the steps: pause "
+                              f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
+                              f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), walked {gcs[0]['tracked']} objects "
+                              f"({gcs[0]['frozen']} frozen) (load {os.getloadavg()[0]:.1f})", flush=True)
 
         if "c" in parts:
             async with contextlib.AsyncExitStack() as stack:
@@ -758,11 +766,12 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                 for name, node, port in nodes:
                     gcs = await node_gc(port)
                     out.setdefault("c_gc", {}).setdefault(name, []).append(gcs)
-                    print(f"(c) [{name}] full GC with {args.c_clients} sockets: pause "
-                          f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
-                          f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), generations {gcs[0]['generations']}, {gcs[-1]['tracked']} objects tracked "
-                          f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]}, held by {gcs[-1]['held_by']} (load {os.getloadavg()[0]:.1f})",
-                          flush=True)
+                    if gcs:
+                        print(f"(c) [{name}] full GC with {args.c_clients} sockets: pause "
+                              f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
+                              f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), generations {gcs[0]['generations']}, {gcs[-1]['tracked']} objects tracked "
+                              f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]}, held by {gcs[-1]['held_by']} (load {os.getloadavg()[0]:.1f})",
+                              flush=True)
                 reps = await measure_step(ts, db_url, args.c_rate, args.seconds, lambda i: 1000, args.c_clients,
                                           profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"),
                                           final_of=("topic_latest", {"topic": 1000}))
