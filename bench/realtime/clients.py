@@ -19,8 +19,11 @@ JSON line on stdout:
   goes uncounted
 - ``{"cmd": "reset"}``: forget what was received -> ``{"ok": true}``
 - ``{"cmd": "report", "path": P}``: write the received (row id, time) pairs to P (two arrays,
-  int64 ids, float64 kernel receive times, float64 read times) -> ``{"ok": true, "deliveries": n, "pushes": m, "stalls": [...]}``
-  (this process's event-loop stalls since the last reset, ``stalls.py``)
+  int64 ids, float64 kernel receive times, float64 read times) -> ``{"ok": true, "deliveries": n, "pushes": m, "stalls": [...],
+  "last_hashes": {hash: clients}}`` (this process's event-loop stalls since the last reset, ``stalls.py``; how many
+  of its clients hold each result hash as their latest)
+- ``{"cmd": "final", "function": F, "args": A}``: subscribe one more client, take the hash of the result
+  the server sends it first (its current result), close it -> ``{"ok": true, "hash": h}``
 - ``{"cmd": "close"}``: close every socket and exit.
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import gc
 import json
 import sys
@@ -47,6 +51,7 @@ class _Row(msgspec.Struct):
 
 class _Msg(msgspec.Struct):
     type: str
+    hash: str | None = None
     data: list[_Row] | None = None
 
 
@@ -58,10 +63,12 @@ _decode = msgspec.json.Decoder().decode
 class Client:
     """One benchmark socket: records (row id, receive time) of rows newer than any it had."""
 
-    __slots__ = ("proto", "max_id", "ids", "times", "read_times", "pushes", "waiter", "errors", "dense")
+    __slots__ = ("proto", "max_id", "ids", "times", "read_times", "pushes", "waiter", "errors", "dense", "last_hash")
 
     def __init__(self, ids: array.array, times: array.array, read_times: array.array, dense: bool = False) -> None:
         self.proto, self.max_id, self.pushes, self.waiter, self.dense = None, 0, 0, None, dense
+        #: the hash of the newest result received: at the end of a step, the server's final result's if it got there
+        self.last_hash: str | None = None
         self.errors: list[dict] = []
         self.ids, self.times, self.read_times = ids, times, read_times
 
@@ -75,6 +82,7 @@ class Client:
                 self.errors.append(_decode(payload))
             return
         self.pushes += 1
+        self.last_hash = msg.hash
         top = self.max_id
         if self.dense and msg.data and top:
             # rows newer than any seen but older than this result's oldest: pushed out of the result
@@ -145,6 +153,7 @@ class ClientSet:
                                                         "args": sub[1]}))
                     assert first["type"] == "data", first
                     c.max_id = max([r["id"] for r in first["data"]], default=0)
+                    c.last_hash = first["hash"]
                 opened[i] = c
 
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -172,6 +181,21 @@ class ClientSet:
                 next_client += 1
                 if c.proto is not None and c.waiter is None:
                     c.proto.send('{"type":"ping"}')
+
+    def last_hashes(self) -> dict[str | None, int]:
+        return dict(collections.Counter(c.last_hash for c in self.clients))
+
+    async def current_hash(self, url: str, function: str, args: dict) -> str:
+        """The hash of the server's current result of ``function(args)``: what a new subscriber is sent first."""
+        c = Client(array.array("q"), array.array("d"), array.array("d"))
+        c.proto = await wsclient.connect_stamped(url, c.on_message)
+        try:
+            assert (await c.request('{"type":"auth","token":null}'))["type"] == "ready"
+            first = await c.request(json.dumps({"type": "subscribe", "id": "final", "function": function, "args": args}))
+            assert first["type"] == "data", first
+            return first["hash"]
+        finally:
+            c.proto.close()
 
     async def close(self) -> None:
         for c in self.clients:
@@ -226,7 +250,9 @@ async def serve(url: str) -> None:
                 closed = sum(c.proto.transport is None or c.proto.transport.is_closing() for c in clients.clients)
                 answer({"ok": True, "deliveries": len(clients.ids), "pushes": clients.pushes, "errors": errors[:5],
                         "error_count": len(errors), "closed": closed,
-                        "stalls": watch.since(since)})
+                        "stalls": watch.since(since), "last_hashes": clients.last_hashes()})
+            elif cmd["cmd"] == "final":
+                answer({"ok": True, "hash": await clients.current_hash(url, cmd["function"], cmd["args"])})
             elif cmd["cmd"] == "close":
                 pinger.cancel()
                 await clients.close()

@@ -188,6 +188,8 @@ class ClientProcs:
         self.url, self.n = url, n
         self.procs: list[asyncio.subprocess.Process] = []
         self.stalls: list[list[list[float]]] = []  # per process, its loop stalls of the last report
+        #: result hash -> clients holding it as their newest result, at the last report
+        self.last_hashes: dict[str | None, int] = {}
 
     async def __aenter__(self) -> "ClientProcs":
         for _ in range(self.n):
@@ -236,11 +238,16 @@ class ClientProcs:
     async def reset(self) -> None:
         await self._all({"cmd": "reset"})
 
+    async def current_hash(self, function: str, args: dict) -> str:
+        """The hash of the server's current result of ``function(args)`` (one more client subscribes)."""
+        return (await self._one(self.procs[0], {"cmd": "final", "function": function, "args": args}))["hash"]
+
     async def report(self) -> tuple[list[tuple[int, float, int, float]], int]:
         """Every (row id, kernel receive time, client process, read time) delivery, and the number of pushes, since the
         last reset (each process's loop stalls in ``self.stalls``)."""
         deliveries, pushes = [], 0
         self.stalls = []
+        self.last_hashes = {}
         with tempfile.TemporaryDirectory() as tmp:
             for i, p in enumerate(self.procs):
                 path = Path(tmp) / f"c{i}"
@@ -254,6 +261,8 @@ class ClientProcs:
                 deliveries.extend(zip(ids, times, itertools.repeat(i), read_times))
                 pushes += ans["pushes"]
                 self.stalls.append(ans.get("stalls", []))
+                for h, n_clients in ans.get("last_hashes", {}).items():
+                    self.last_hashes[h] = self.last_hashes.get(h, 0) + n_clients
                 if ans["error_count"] or ans["closed"]:
                     print(f"  client process {i}: {ans['error_count']} errors, {ans['closed']} sockets closed; "
                           f"{ans['errors']}", flush=True)
@@ -379,10 +388,13 @@ class Target:
 
 
 async def measure_step(targets: list[Target], db_url: str, rate: float, seconds: float, topic_of, per_write: float,
-                       grace: float = 5.0, profile_to=None, statements: bool = False) -> dict[str, dict]:
+                       grace: float = 5.0, profile_to=None, statements: bool = False,
+                       final_of: tuple[str, dict] | None = None) -> dict[str, dict]:
     """One write rate, seen by every target at once: writes for ``seconds``, then ``grace`` for the
     last deliveries; latency from each write's commit to each subscriber that receives it, CPU of
-    every process. ``profile_to(name)``: where to write a py-spy profile of that target's server."""
+    every process. ``profile_to(name)``: where to write a py-spy profile of that target's server.
+    ``final_of``: the (function, args) every client is subscribed to (bench (c)): once the server is
+    quiet, each client's newest result is compared with the server's final one (``final_result``)."""
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1)  # the harness's own questions
     writers = [await asyncpg.connect(db_url) for _ in range(16)]
     try:
@@ -407,6 +419,12 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
             await asyncio.to_thread(spy.wait)
         watch.stop()
         after = {t.name: await t.stats() if t.stats is not None else None for t in targets}
+        final_hash: dict[str, str] = {}
+        if final_of is not None:
+            for t in targets:
+                if t.stats is not None:
+                    await quiet(t.stats)  # every push of the last result sent
+                    final_hash[t.name] = await t.clients.current_hash(*final_of)
         if statements:
             top = await pool.fetch(_TOP_STATEMENTS)
     finally:
@@ -418,6 +436,13 @@ async def measure_step(targets: list[Target], db_url: str, rate: float, seconds:
     for t in targets:
         deliveries, pushes = await t.clients.report()
         rep = latency_report(deliveries, pushes, commits, int(len(commits) * per_write), seconds, pg_clock)
+        if t.name in final_hash:
+            # delivery judged by the end state: every client's newest result is the server's final one
+            # (the row counts above rebuild skipped rows from a five-row result, which can undercount)
+            clients = sum(t.clients.last_hashes.values())
+            holding = t.clients.last_hashes.get(final_hash[t.name], 0)
+            rep["final_result"] = {"clients": clients, "holding_final": holding,
+                                   "fraction": holding / clients if clients else float("nan")}
         stalls_of = {"writer": writer_stalls, **{f"clients{i}": ss for i, ss in enumerate(t.clients.stalls)}}
         rep["harness_loop_stalls"] = {name: stalls.summary(ss) for name, ss in stalls_of.items()}
         reruns = None
@@ -499,7 +524,10 @@ def step_line(rep: dict) -> str:
     return (f"p50 {rep['p50_ms']:.2f} p90 {rep['p90_ms']:.2f} p99 {rep['p99_ms']:.2f} ms (read by the client: p50 "
             f"{rep.get('read_p50_ms', float('nan')):.2f} p99 {rep.get('read_p99_ms', float('nan')):.2f}; from PostgreSQL's clock: "
             f"p50 {rep.get('pg_clock_p50_ms', float('nan')):.2f} p99 {rep.get('pg_clock_p99_ms', float('nan')):.2f}), delivered "
-            f"{rep['delivered_fraction']:.3f}, {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
+            f"{rep['delivered_fraction']:.3f}"
+            + (f" (final result held by {rep['final_result']['holding_final']}/{rep['final_result']['clients']} clients)"
+               if "final_result" in rep else "")
+            + f", {rep['pushes_per_s']:.0f} pushes/s, re-runs/write "
             f"{rep.get('reruns_per_write', float('nan')):.2f} (polls {rep.get('polls_per_write', float('nan')):.2f}, hints "
             f"{rep.get('hints_per_write', float('nan')):.2f}, batched {rep.get('batched_runs_per_write', float('nan')):.2f}) | CPU % node {c['node_pct']} postgres {c['postgres_pct']} "
             f"writer {c['writer_pct']} clients {c['client_procs_pct']} others {c['others_pct']} "
@@ -570,12 +598,18 @@ async def node_gc(port: int, times: int = 3, timed: bool = False) -> list[dict]:
     """Time the node's full cyclic-GC collection (``[node] gc_collect_interval`` runs one a minute)
     with the step's sockets open: ``times`` collections, a second apart. ``timed``: the pass the
     node's timer runs (since 2026-12-07 it walks only what survived no earlier timed pass, unless
-    the heap grew enough for a full rescan); otherwise one that walks everything."""
+    the heap grew enough for a full rescan); otherwise one that walks everything. A diagnostic: a
+    call the node does not answer in time (a 504 from its gateway when it is starved for a core)
+    ends the list early with a warning instead of the run."""
     out = []
     async with httpx.AsyncClient(timeout=60) as http:
         for _ in range(times):
-            r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={"timed": timed})
-            r.raise_for_status()
+            try:
+                r = await http.post(f"http://127.0.0.1:{port}/rpc/bench_gc", json={"timed": timed})
+                r.raise_for_status()
+            except httpx.HTTPError as exc:
+                print(f"  bench_gc failed, GC timing skipped: {exc!r} (load {os.getloadavg()[0]:.1f})", flush=True)
+                break
             out.append(r.json()["data"])
             await asyncio.sleep(1.0)
     return out
@@ -701,9 +735,10 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                 for name, node, port in nodes:
                     gcs = await node_gc(port, times=1)
                     out.setdefault("b_gc", {}).setdefault(name, []).append(gcs)
-                    print(f"(b) [{name}] full GC with {args.b_clients} sockets before the steps: pause "
-                          f"{gcs[0]['pause_ms']:.1f} ms, {gcs[0]['tracked']} objects tracked (load {os.getloadavg()[0]:.1f})",
-                          flush=True)
+                    if gcs:
+                        print(f"(b) [{name}] full GC with {args.b_clients} sockets before the steps: pause "
+                              f"{gcs[0]['pause_ms']:.1f} ms, {gcs[0]['tracked']} objects tracked (load {os.getloadavg()[0]:.1f})",
+                              flush=True)
                 for rate in args.b_rates:
                     reps = await measure_step(ts, db_url, rate, args.seconds, lambda i: i % args.b_topics,
                                               args.b_clients / args.b_topics,
@@ -718,10 +753,11 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                 for name, node, port in nodes:
                     gcs = await node_gc(port, times=2, timed=True)
                     out.setdefault("b_gc_timed", {}).setdefault(name, []).append(gcs)
-                    print(f"(b) [{name}] the timer's GC pass after the steps: pause "
-                          f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
-                          f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), walked {gcs[0]['tracked']} objects "
-                          f"({gcs[0]['frozen']} frozen) (load {os.getloadavg()[0]:.1f})", flush=True)
+                    if gcs:
+                        print(f"(b) [{name}] the timer's GC pass after the steps: pause "
+                              f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
+                              f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), walked {gcs[0]['tracked']} objects "
+                              f"({gcs[0]['frozen']} frozen) (load {os.getloadavg()[0]:.1f})", flush=True)
 
         if "c" in parts:
             async with contextlib.AsyncExitStack() as stack:
@@ -730,13 +766,15 @@ async def run_forge(args: argparse.Namespace, parts: set[str], root: Path, db_ur
                 for name, node, port in nodes:
                     gcs = await node_gc(port)
                     out.setdefault("c_gc", {}).setdefault(name, []).append(gcs)
-                    print(f"(c) [{name}] full GC with {args.c_clients} sockets: pause "
-                          f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
-                          f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), generations {gcs[0]['generations']}, {gcs[-1]['tracked']} objects tracked "
-                          f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]}, held by {gcs[-1]['held_by']} (load {os.getloadavg()[0]:.1f})",
-                          flush=True)
+                    if gcs:
+                        print(f"(c) [{name}] full GC with {args.c_clients} sockets: pause "
+                              f"{', '.join('%.1f' % g['pause_ms'] for g in gcs)} ms (CPU "
+                              f"{', '.join('%.1f' % g['cpu_ms'] for g in gcs)} ms), generations {gcs[0]['generations']}, {gcs[-1]['tracked']} objects tracked "
+                              f"({gcs[-1]['frozen']} frozen); most: {gcs[-1]['top_types'][:6]}, held by {gcs[-1]['held_by']} (load {os.getloadavg()[0]:.1f})",
+                              flush=True)
                 reps = await measure_step(ts, db_url, args.c_rate, args.seconds, lambda i: 1000, args.c_clients,
-                                          profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"))
+                                          profile_to=args.profile and (lambda n: args.profile / f"c-{n}-{rnd}.txt"),
+                                          final_of=("topic_latest", {"topic": 1000}))
                 for name, rep in reps.items():
                     out.setdefault("c_forge_fanout", {}).setdefault(name, []).append(rep)
                     print(f"(c) [{name}] {args.c_clients} clients on one query at {args.c_rate:g} writes/s: "
