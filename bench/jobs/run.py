@@ -728,7 +728,8 @@ async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False
         stats = node.worker.stats
         sample.note += (f"; ~{sample.jobs / max(stats['statements'] - before, 1):.1f} jobs per claim statement, "
                         f"{_round_trip_ms(stats)} ms per round trip, {stats['statements']} statements in "
-                        f"{stats['round_trip_s']:.2f} s; prefetch at the end {node.worker.prefetch}")
+                        f"{stats['round_trip_s']:.2f} s; prefetch at the end {node.worker.prefetch}, back to prefetch "
+                        f"{stats.get('reserve_back', '?')} times, most of it waiting at {stats.get('reserve_waited', '?')} returns")
         return sample
     finally:
         await node.stop()

@@ -591,7 +591,9 @@ class Worker:
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
                       "released": 0, "lost": 0, "progress_writes": 0, "statements": 0,
-                      "overlapped": 0, "round_trip_s": 0.0, "prefetch_peak": self.prefetch}
+                      "overlapped": 0, "round_trip_s": 0.0, "prefetch_peak": self.prefetch,
+                      #: times the reserve went back to prefetch; claims that came back with most of it waiting
+                      "reserve_back": 0, "reserve_waited": 0}
         #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
         self.extra_channels: dict[str, Callable[..., Any]] = {}
         #: called whenever the listen connection is (re)established
@@ -622,6 +624,7 @@ class Worker:
         backlog turns into long ones."""
         if got < capacity or outlasted:
             if self.prefetch != self._prefetch_floor:
+                self.stats["reserve_back"] += 1
                 self._set_prefetch(self._prefetch_floor)
         elif starved and self.prefetch < self._prefetch_ceiling:
             self._set_prefetch(min(self._prefetch_ceiling, max(2 * self.prefetch, self.config.concurrency)))
@@ -859,6 +862,8 @@ class Worker:
         # fell back to prefetch every few statements, ~100 jobs a statement instead of ~200)
         outlasted = jobs_outlast(ready_sent, len(self.ready), self._runs - runs_sent,
                                  self._run_seconds - run_seconds_sent, time.monotonic() - sent_at, cfg.concurrency)
+        if ready_sent > 0 and 2 * len(self.ready) >= ready_sent:
+            self.stats["reserve_waited"] += 1  # most of the reserve still waited: long jobs or a node short of CPU
         for a in premark:  # their start is written: they start now, in the slot they hold
             if self.stopping:
                 self._drop_unstarted(a, "released")
