@@ -329,8 +329,11 @@ ASYNC_COMMIT = "SET synchronous_commit = off"
 DEFAULT_PREFETCH_FACTOR = 2
 #: [worker] prefetch_max when it and prefetch are unset, times concurrency: the reserve a backlog may
 #: grow to (bench/jobs, 2 CPUs with two CPU burners: prefetch 400 at concurrency 50 drained 0.88x
-#: graphile-worker's best, the default 150 0.52x; graphile holds up to 500 jobs per process)
-DEFAULT_PREFETCH_MAX_FACTOR = 8
+#: graphile-worker's best, the default 150 0.52x; graphile holds up to 500 jobs per process).
+#: 16, not 8 (session 9, worker-bound, same runs): 800 carried ~360 jobs a statement against ~195 and
+#: ran 1.07x (load 4-5) and 1.09x (load 7-10) the throughput of 400; 1600 1.15x, but a node would then
+#: hold 1,650 rows, each renewed every heartbeat while RENEW holds the claim statements back
+DEFAULT_PREFETCH_MAX_FACTOR = 16
 #: seconds a finished job's result may wait for others to be written with it while the node has
 #: jobs claimed ahead to run (without them every result is written with the next statement at once)
 RESULTS_WAIT = 0.01
