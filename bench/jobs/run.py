@@ -104,6 +104,9 @@ async def fresh_db(base: str, name: str) -> str:
 #: FORGE's variants; the others are peers
 FORGES = ("forge", "forge-observe", "forge_prefetch0", "forge_fixed", "forge_lanes2")
 
+#: systems --forge-variant adds (FORGE with other [worker] settings)
+FORGES_VARIANTS: list[str] = []
+
 #: [worker] settings of every FORGE node (--forge-worker); empty: the defaults
 FORGE_WORKER: dict[str, Any] = {}
 
@@ -624,9 +627,66 @@ async def graphile_bound(base: str, system: str, args: argparse.Namespace) -> Sa
         await workers.stop()
 
 # --- worker-bound: producers in a process of their own keep the queue from running dry ---------------
+class PgProfile:
+    """--pg-profile: what PostgreSQL does during a worker-bound window - per statement (pg_stat_statements:
+    calls, mean time, rows, WAL bytes and shared buffers dirtied per call) and what its backends wait
+    on (pg_stat_activity sampled every 2 ms from a connection of its own)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: asyncpg.Connection | None = None
+        self.waits: dict[tuple[str, str], int] = {}
+        self.samples = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.conn = await asyncpg.connect(self.url)
+        await self.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await self.conn.execute("SELECT pg_stat_statements_reset()")
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        me = self.conn.get_server_pid()
+        while True:
+            rows = await self.conn.fetch(
+                """SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 40) AS q, state,
+                          coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w
+                   FROM pg_stat_activity WHERE datname = current_database() AND pid <> $1
+                     AND state IN ('active', 'idle in transaction')""", me)
+            self.samples += 1
+            for r in rows:
+                key = (r["q"], r["w"])
+                self.waits[key] = self.waits.get(key, 0) + 1
+            await asyncio.sleep(0.002)
+
+    async def report(self, jobs: int) -> str:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        rows = await self.conn.fetch(
+            """SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS q, calls, total_exec_time, rows,
+                      wal_bytes, shared_blks_dirtied, shared_blks_hit + shared_blks_read AS blks
+               FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+               ORDER BY total_exec_time DESC LIMIT 8""")
+        await self.conn.close()
+        out = [f"    pg_stat_statements over the run ({jobs:,} jobs in the window):"]
+        for r in rows:
+            calls = max(r["calls"], 1)
+            out.append(f"      {r['total_exec_time']:8.0f} ms {r['calls']:6d} calls {r['total_exec_time'] / calls:7.3f} ms/call "
+                       f"{r['rows'] / calls:7.1f} rows/call {float(r['wal_bytes']) / max(r['rows'], 1):6.0f} WAL B/row "
+                       f"{r['shared_blks_dirtied'] / calls:6.1f} dirtied/call {r['blks'] / max(r['rows'], 1):5.1f} blks/row  {r['q']}")
+        out.append(f"    pg_stat_activity, {self.samples} samples (backends seen per sample, by statement and wait):")
+        for (q, w), n in sorted(self.waits.items(), key=lambda kv: -kv[1])[:12]:
+            out.append(f"      {n / max(self.samples, 1):5.2f}  {w:<28} {q}")
+        return "\n".join(out)
+
+
 async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.Namespace) -> Sample:
     """Run producer.py against ``url`` and measure the workers between its ``start`` and ``stop``."""
     meter = CpuMeter(worker_pids, args.postmaster)
+    profile = PgProfile(url) if args.pg_profile else None
+    if profile is not None:
+        await profile.start()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "producer.py"), "--system", system, "--url", url, "--app-dir", str(HERE),
         "--seconds", f"{args.seconds:g}", "--depth", str(args.bound_depth), "--batch", str(args.bound_batch),
@@ -650,6 +710,8 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
         raise RuntimeError(f"producer.py for {system} exited {proc.returncode}")
     if not result["fewest_pending"]:
         print(f"    WARNING: {system}'s queue ran dry during the window ({result}); raise --bound-depth", flush=True)
+    if profile is not None:
+        print(await profile.report(result["completed"]), flush=True)
     return Sample(result["completed"] / result["elapsed"], result["completed"], meter,
                   note=f"fewest pending {result['fewest_pending']:,}")
 
@@ -666,7 +728,8 @@ async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False
         stats = node.worker.stats
         sample.note += (f"; ~{sample.jobs / max(stats['statements'] - before, 1):.1f} jobs per claim statement, "
                         f"{_round_trip_ms(stats)} ms per round trip, {stats['statements']} statements in "
-                        f"{stats['round_trip_s']:.2f} s; prefetch at the end {node.worker.prefetch}")
+                        f"{stats['round_trip_s']:.2f} s; prefetch at the end {node.worker.prefetch}, back to prefetch "
+                        f"{stats.get('reserve_back', '?')} times, most of it waiting at {stats.get('reserve_waited', '?')} returns")
         return sample
     finally:
         await node.stop()
@@ -724,6 +787,11 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         ("forge_lanes2", "bound"): lambda: forge_bound(base, args, worker={"claim_lanes": 2}),
         ("pgqueuer", "bound"): lambda: pgq_run(base, "bound", args),
     }
+    for name, worker in args.forge_variant.items():
+        # --forge-variant NAME:k=v,...: FORGE with those [worker] settings, as system forge_NAME
+        runs[(f"forge_{name}", "drain")] = lambda w=worker: forge_drain(base, args.jobs, postmaster=args.postmaster,
+                                                                         worker=w)
+        runs[(f"forge_{name}", "bound")] = lambda w=worker: forge_bound(base, args, worker=w)
     for shape in GRAPHILE_SHAPES:
         runs[(shape, "drain")] = lambda shape=shape: graphile_drain(base, shape, args)
         runs[(shape, "bound")] = lambda shape=shape: graphile_bound(base, shape, args)
@@ -763,11 +831,17 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         if loads:
             print(f"  {mode:<10} load avg min/median/max {min(loads):.1f}/{statistics.median(loads):.1f}/"
                   f"{max(loads):.1f}", flush=True)
-        for forge in FORGES:
+        for forge in FORGES + tuple(FORGES_VARIANTS):
             for peer in here:
                 if forge in here and not peer.startswith("forge"):
                     print(f"  {mode:<10} {forge} / {peer:<14} "
                           f"{res[(forge, mode)]['rate'] / res[(peer, mode)]['rate']:>6.2f}x", flush=True)
+        for variant in FORGES_VARIANTS:
+            if "forge" in here and variant in here:
+                # rounds are interleaved: a round's pair shares its neighbours' load
+                paired = statistics.median(v.rate / f.rate for v, f in zip(samples[variant], samples["forge"]))
+                print(f"  {mode:<10} {variant} / forge = {res[(variant, mode)]['rate'] / res[('forge', mode)]['rate']:.3f} "
+                      f"(medians), {paired:.3f} (median of per-round ratios)", flush=True)
         if "forge" in here and "forge_prefetch0" in here:
             paired = statistics.median(f.rate / z.rate for f, z in zip(samples["forge"], samples["forge_prefetch0"]))
             print(f"  {mode:<10} FORGE claim-ahead / prefetch 0 "
@@ -827,7 +901,8 @@ async def main_async(args: argparse.Namespace) -> None:
     results = {}
     for label in args.settings:
         root = Path(tempfile.mkdtemp(prefix=f"forge-bench-jobs-{label}-"))
-        pg = EmbeddedPostgres(root, settings=SETTINGS[label])
+        extra = {"shared_preload_libraries": "pg_stat_statements", "track_io_timing": "on"} if args.pg_profile else {}
+        pg = EmbeddedPostgres(root, settings={**SETTINGS[label], **extra})
         base = pg.start()
         args.postmaster = pg._running_pid()
         try:
@@ -845,7 +920,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 return f"{s}={m['rate']:,.0f}" + (f" ({m['worker_us']:.0f}/{m['pg_us']:.0f})" if "worker_us" in m else "")
 
             ratios = "  ".join(f"{f}/{s}={res[(f, mode)]['rate'] / res[(s, mode)]['rate']:.2f}x"
-                               for f in FORGES if f in here for s in here if not s.startswith("forge"))
+                               for f in FORGES + tuple(FORGES_VARIANTS) if f in here for s in here if not s.startswith("forge"))
             if ("ratio", mode) in res:
                 ratios += f"  with/without forge-observe={res[('ratio', mode)]:.3f}"
             load = res.get(("load", mode))
@@ -891,7 +966,19 @@ def main() -> None:
     p.add_argument("--bound-producers", type=int, default=2, help="worker-bound: producer connections")
     p.add_argument("--forge-worker", type=lambda s: dict(kv.split("=", 1) for kv in s.split(",") if kv), default={},
                    help="[worker] settings for FORGE's nodes, e.g. claim_statements=1 (default: none, the defaults)")
+    p.add_argument("--pg-profile", action="store_true",
+                   help="worker-bound: print PostgreSQL's statements (pg_stat_statements) and its backends' wait "
+                        "events (pg_stat_activity, sampled every 2 ms) for each window; adds some load of its own")
+    p.add_argument("--forge-variant", action="append", default=[],
+                   help="NAME:k=v,...: a further FORGE system forge_NAME with these [worker] settings (JSON values), "
+                        "e.g. --forge-variant big:prefetch_max=800 --systems forge,forge_big (an A/B in one run)")
     args = p.parse_args()
+    variants = {}
+    for spec in args.forge_variant:
+        name, _, kvs = spec.partition(":")
+        variants[name] = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        FORGES_VARIANTS.append(f"forge_{name}")
+    args.forge_variant = variants
     FORGE_WORKER.update({k: json.loads(v) for k, v in args.forge_worker.items()})
     import logging
 

@@ -231,10 +231,17 @@ WITH {_RESULTS.replace("${started}", "$15").replace("${running}", "$20")}, p AS 
     UPDATE forge_jobs j {_CLAIMED_ON.format(node="$6", lease="$8", started=_STARTED)}
     FROM c WHERE j.id = c.id
     {_RETURNING}
-), marked AS (
-    UPDATE forge_jobs j SET started_at = to_timestamp(m.t / 1e6)
+), m AS MATERIALIZED (
+    SELECT id, attempt, t, $20::text AS running
     FROM unnest($16::text::bigint[], $17::text::int[], $18::text::float8[]) AS m(id, attempt, t)
-    WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = $20
+), marked AS (
+    -- the status compared with a column of the starts (a CTE the planner keeps: a subquery is pulled
+    -- up and its column read as the literal again), as in _RESULTS: with `j.status = $20` a custom
+    -- plan drove the join from forge_jobs_running, visiting every row leased to this node
+    -- (hundreds with a grown reserve) in every statement, most of which write no start at all
+    UPDATE forge_jobs j SET started_at = to_timestamp(m.t / 1e6)
+    FROM m
+    WHERE j.id = m.id AND j.attempt = m.attempt AND j.node_id = $6 AND j.status = m.running
     RETURNING 1
 )
 SELECT claimed.* FROM (
@@ -322,8 +329,11 @@ ASYNC_COMMIT = "SET synchronous_commit = off"
 DEFAULT_PREFETCH_FACTOR = 2
 #: [worker] prefetch_max when it and prefetch are unset, times concurrency: the reserve a backlog may
 #: grow to (bench/jobs, 2 CPUs with two CPU burners: prefetch 400 at concurrency 50 drained 0.88x
-#: graphile-worker's best, the default 150 0.52x; graphile holds up to 500 jobs per process)
-DEFAULT_PREFETCH_MAX_FACTOR = 8
+#: graphile-worker's best, the default 150 0.52x; graphile holds up to 500 jobs per process).
+#: 16, not 8 (session 9, worker-bound, same runs): 800 carried ~360 jobs a statement against ~195 and
+#: ran 1.07x (load 4-5) and 1.09x (load 7-10) the throughput of 400; 1600 1.15x, but a node would then
+#: hold 1,650 rows, each renewed every heartbeat while RENEW holds the claim statements back
+DEFAULT_PREFETCH_MAX_FACTOR = 16
 #: seconds a finished job's result may wait for others to be written with it while the node has
 #: jobs claimed ahead to run (without them every result is written with the next statement at once)
 RESULTS_WAIT = 0.01
@@ -379,6 +389,17 @@ def _text_array(values: Any) -> str:
                            for v in values]) + "}"
 
 
+def jobs_outlast(ready_sent: int, ready_now: int, runs: int, run_seconds: float, round_trip: float,
+                 concurrency: int) -> bool:
+    """The jobs claimed ahead outlast a round trip: at least half of the ``ready_sent`` waiting at
+    its send still wait (``ready_now``), and the ``runs`` jobs that finished during it ran long
+    enough (``run_seconds`` in all) that ``ready_sent`` of them through ``concurrency`` slots take
+    the round trip or longer; with none finished every slot stayed busy throughout."""
+    if ready_sent <= 0 or 2 * ready_now < ready_sent:
+        return False
+    return not runs or ready_sent * run_seconds / runs >= concurrency * round_trip
+
+
 def _ready_order(a: Attempt) -> tuple[int, int]:
     return a.row["priority"], -a.id
 
@@ -407,6 +428,7 @@ def storable_error(text: str, limit: int = MAX_ERROR_TEXT) -> str:
 _WENT_WELL = frozenset({"succeeded", "retry_later"})
 _random = random.random
 _time_ns = time.time_ns
+_monotonic = time.monotonic
 #: forge_job_finished's arguments in the spec's order
 _NODE_OUTCOME = ("node", "outcome")
 _NONE: dict = {}
@@ -552,6 +574,10 @@ class Worker:
         #: the last claim filled its capacity: more jobs are pending
         self._backlog = False
         self._reports_since = 0.0
+        #: wall seconds the jobs that finished took (their function's run) and how many: the claim loop
+        #: reads how long the jobs of a round trip ran (see _round_now, outlasted)
+        self._run_seconds = 0.0
+        self._runs = 0
         self.queue_limits = dict(config.queue_limits)
         self.type_limits = self._type_limits()
         self._limited_names = list(self.type_limits)
@@ -568,7 +594,9 @@ class Worker:
         self._reporting = False
         self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0, "retry_later": 0,
                       "released": 0, "lost": 0, "progress_writes": 0, "statements": 0,
-                      "overlapped": 0, "round_trip_s": 0.0, "prefetch_peak": self.prefetch}
+                      "overlapped": 0, "round_trip_s": 0.0, "prefetch_peak": self.prefetch,
+                      #: times the reserve went back to prefetch; claims that came back with most of it waiting
+                      "reserve_back": 0, "reserve_waited": 0}
         #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
         self.extra_channels: dict[str, Callable[..., Any]] = {}
         #: called whenever the listen connection is (re)established
@@ -593,11 +621,13 @@ class Worker:
         reserve spreads it over more jobs. It goes back to prefetch when a claim found fewer jobs
         than it asked for (the queue is draining: an idle or shallow queue is not hoarded), and when
         the jobs outlast the round trip (``outlasted``: at least half of the jobs claimed ahead when
-        the statement was sent still waited when it came back), so a reserve grown on short
+        the statement was sent still waited when it came back, and the jobs that ran meanwhile were
+        long enough to explain it - not a node short of CPU), so a reserve grown on short
         jobs is not kept - and kept from other nodes and later higher-priority jobs - once the
         backlog turns into long ones."""
         if got < capacity or outlasted:
             if self.prefetch != self._prefetch_floor:
+                self.stats["reserve_back"] += 1
                 self._set_prefetch(self._prefetch_floor)
         elif starved and self.prefetch < self._prefetch_ceiling:
             self._set_prefetch(min(self._prefetch_ceiling, max(2 * self.prefetch, self.config.concurrency)))
@@ -789,6 +819,7 @@ class Worker:
             self._lane_kick.set()
         sent_at = time.monotonic()
         ready_sent = len(self.ready)
+        runs_sent, run_seconds_sent = self._runs, self._run_seconds
         try:
             async with self._planned(conn, PLANNER_SETTINGS):
                 if capacity > 0 and sent_at >= self.next_due:
@@ -825,8 +856,17 @@ class Worker:
         self.stats["round_trip_s"] += time.monotonic() - sent_at
         # the slots waited for this statement: no job claimed ahead left to start in them
         starved = not self.ready and self.active < cfg.concurrency
-        # ... or the jobs outlast the round trip: most of those claimed ahead at the send still wait
-        outlasted = ready_sent > 0 and 2 * len(self.ready) >= ready_sent
+        # ... or the jobs outlast the round trip: most of those claimed ahead at the send still wait,
+        # because the jobs are long - the reserve at the send, run through the slots at the pace of
+        # the jobs that finished meanwhile (none: every slot stayed busy), lasts the round trip. Not
+        # because the node's own CPU was short (a busy machine delays its event loop and stretches
+        # the round trip alike): short jobs then still wait in numbers, and shrinking the reserve
+        # only cut the batch each round trip carries (bench/jobs bound mode under load: the reserve
+        # fell back to prefetch every few statements, ~100 jobs a statement instead of ~200)
+        outlasted = jobs_outlast(ready_sent, len(self.ready), self._runs - runs_sent,
+                                 self._run_seconds - run_seconds_sent, time.monotonic() - sent_at, cfg.concurrency)
+        if ready_sent > 0 and 2 * len(self.ready) >= ready_sent:
+            self.stats["reserve_waited"] += 1  # most of the reserve still waited: long jobs or a node short of CPU
         for a in premark:  # their start is written: they start now, in the slot they hold
             if self.stopping:
                 self._drop_unstarted(a, "released")
@@ -1040,6 +1080,7 @@ class Worker:
 
     # --- running ----------------------------------------------------------------------------
     async def _run(self, a: Attempt) -> None:
+        ran_from = _monotonic()
         row = a.row
         started = a.started_at()
         outcome, delay, error = "succeeded", 0.0, None
@@ -1105,6 +1146,8 @@ class Worker:
         finally:
             a.finished = True
             self.active -= 1
+            self._run_seconds += _monotonic() - ran_from
+            self._runs += 1
             if self.ready:
                 self._fill()  # the next job claimed ahead starts in the slot now, no round trip
             if a.t0:  # observed: counted; a span only for a sampled, failed or slow attempt

@@ -131,7 +131,7 @@ async def test_a_backlog_is_written_and_claimed_by_two_statements_in_flight(forg
     assert sorted(r["id"] for r in hist) == sorted(ids) and {r["attempt"] for r in hist} == {1}
 
 
-@pytest.mark.parametrize("settings, floor, ceiling", [({}, 20, 80), ({"prefetch": 20}, 20, 20),
+@pytest.mark.parametrize("settings, floor, ceiling", [({}, 20, 160), ({"prefetch": 20}, 20, 20),
                                                      ({"prefetch": 5, "prefetch_max": 30}, 5, 30)])
 async def test_the_reserve_grows_under_a_backlog_within_its_bound_and_shrinks_when_it_drains(
         forge_node, settings, floor, ceiling):

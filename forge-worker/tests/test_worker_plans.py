@@ -67,3 +67,26 @@ async def test_results_find_their_rows_through_the_primary_key_in_custom_plans_t
     for name, plan in (("WRITE_AND_CLAIM", write_and_claim), ("REPORT", report)):
         assert "'n1'" in plan, f"{name}: not a custom plan: {plan}"  # the values were planned with
         assert "forge_jobs_running" not in plan, f"{name} scans the running rows' index: {plan}"
+
+
+async def test_starts_written_with_a_claim_find_their_rows_through_the_primary_key(forge_node):
+    # statistics taken before the node leased anything (a backlog just stored) say almost no row is
+    # running: a custom plan then drove the starts' UPDATE (written with a claim, usually none) from
+    # the partial index of running rows and visited every row leased to the node in every statement
+    node = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
+    queue = JobQueue(node.pool, node.registry)
+    await queue.enqueue_many([queue.request("record", {"value": str(i)}) for i in range(3000)])
+    await node.pool.execute("ANALYZE forge_jobs")
+    await node.pool.execute("""UPDATE forge_jobs SET status = 'running', node_id = 'n1', attempt = 1,
+                                      lease_until = now() + interval '1 minute'
+                               WHERE id IN (SELECT id FROM forge_jobs ORDER BY id LIMIT 250)""")
+    ids = [r["id"] for r in await node.pool.fetch("SELECT id FROM forge_jobs WHERE status = 'running' LIMIT 50")]
+    cols = runtime.Worker._result_columns([(i, 1, "succeeded", 0.0, None, None) for i in ids])
+    async with node.pool.acquire() as conn:
+        await conn.execute(runtime.PLANNER_SETTINGS + "; SET plan_cache_mode = force_custom_plan")
+        async with conn.transaction():
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                "EXPLAIN " + runtime.WRITE_AND_CLAIM, *cols[:5], "n1", True, 30, [], [], [], [], 50, False,
+                cols[5], "{}", "{}", "{}", 50, "running"))
+    assert "'n1'" in plan, f"not a custom plan: {plan}"
+    assert "forge_jobs_running" not in plan, f"WRITE_AND_CLAIM scans the running rows' index: {plan}"

@@ -43,8 +43,23 @@ def test_claim_lanes_defaults_to_one():
 
 
 def test_prefetch_max_is_checked_like_prefetch_and_unset_by_default():
-    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch_max is None  # the worker reads: 8 x concurrency
+    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch_max is None  # the worker reads: 16 x concurrency
     assert load_config(SECTIONS, data={"worker": {"prefetch_max": 400}}, env={})["worker"].prefetch_max == 400
     with pytest.raises(ConfigError) as ei:
         load_config(SECTIONS, data={"worker": {"prefetch_max": -1}}, env={})
     assert "[worker] prefetch_max = -1" in str(ei.value), str(ei.value)
+
+
+def test_the_reserve_outlasts_a_round_trip_only_when_the_jobs_are_long():
+    from forge_worker.runtime import jobs_outlast
+
+    # 400 claimed ahead at the send, 300 still waiting after a 30 ms round trip, 50 slots
+    # short jobs (20 us each) on a node short of CPU: they wait in numbers, but are no reason to shrink
+    assert not jobs_outlast(400, 300, runs=100, run_seconds=100 * 20e-6, round_trip=0.03, concurrency=50)
+    # long jobs (0.2 s): the reserve lasts 400 x 0.2 / 50 = 1.6 s, far beyond the round trip
+    assert jobs_outlast(400, 300, runs=10, run_seconds=10 * 0.2, round_trip=0.03, concurrency=50)
+    # none finished during the round trip: every slot stayed busy throughout
+    assert jobs_outlast(400, 300, runs=0, run_seconds=0.0, round_trip=0.03, concurrency=50)
+    # most of the reserve started: the jobs did not outlast it, however long they were
+    assert not jobs_outlast(400, 100, runs=10, run_seconds=10 * 0.2, round_trip=0.03, concurrency=50)
+    assert not jobs_outlast(0, 0, runs=0, run_seconds=0.0, round_trip=0.03, concurrency=50)
