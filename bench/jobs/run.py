@@ -158,15 +158,12 @@ class Bouncer:
     run's server, for ``forge_pgbouncer``: ``url(database)`` goes through it."""
 
     def __init__(self, base: str) -> None:
-        import secrets
+        from forge_kernel.testing.servers import PgBouncer, private_folder, server_of
 
-        from forge_kernel.testing.servers import PgBouncer, private_folder
-
-        where = urlsplit(base)
+        # the embedded server's URL names a socket folder and a password file: PgBouncer gets both
+        host, port, self.user, password = server_of(base)
         self.root = private_folder("forge-bench-pgbouncer-")
-        self.bouncer = PgBouncer(self.root, where.hostname, where.port, {where.username: secrets.token_hex(12)},
-                                 pool_size=20).start()
-        self.user = where.username
+        self.bouncer = PgBouncer(self.root, host, port, {self.user: password}, pool_size=20).start()
 
     def url(self, database: str) -> str:
         return self.bouncer.url(database, self.user)

@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import statistics
@@ -47,7 +46,7 @@ import httpx
 from forge_kernel.embedded_pg import EmbeddedPostgres
 from forge_kernel.testing import free_port, wait_for
 from forge_kernel.testing.procs import write_config
-from forge_kernel.testing.servers import PgBouncer, private_folder
+from forge_kernel.testing.servers import PgBouncer, private_folder, server_of
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -322,14 +321,15 @@ def main() -> None:
         forge_proc, observed_proc = start_nodes()
         pooled_port, pooled_proc = 0, None
         if PgBouncer.binary() and not args.observe_only and not args.no_pgbouncer:
-            where = urlsplit(db_url)
-            bouncer = PgBouncer(private_folder("forge-bench-rpc-pgbouncer-"), where.hostname, where.port,
-                                {where.username: secrets.token_hex(12)}, pool_size=args.pool_max).start()
+            # the embedded server's URL names a socket folder and a password file: PgBouncer gets both
+            host, port, user, password = server_of(db_url)
+            bouncer = PgBouncer(private_folder("forge-bench-rpc-pgbouncer-"), host, port, {user: password},
+                                pool_size=args.pool_max).start()
             pooled_port = free_port()
             pooled_dir = tmp / "pooled"
             pooled_dir.mkdir()
             pooled_cfg = write_config(pooled_dir / "forge.toml", {
-                "database": {"url": bouncer.url(where.path.lstrip("/"), where.username), "direct_url": db_url,
+                "database": {"url": bouncer.url(urlsplit(db_url).path.lstrip("/"), user), "direct_url": db_url,
                              "pool_min": 2, "pool_max": args.pool_max},
                 "app": {"modules": ["bench_app"], "example": False},
                 "gateway": {"port": pooled_port},

@@ -253,6 +253,29 @@ class PgServer:
 
 
 @attrs.define
+def server_of(db_url: str) -> tuple[str, int, str, str]:
+    """(host, port, user, password) of the server a libpq URL names, for a PgBouncer in front of it:
+    host and port from the netloc or, as the embedded server's URL has them, from its ``host=`` and
+    ``port=`` query (a socket folder), the password from the URL or its ``passfile=``."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    where = urlsplit(db_url)
+    query = {k: v[-1] for k, v in parse_qs(where.query).items()}
+    host = where.hostname or query.get("host")
+    port = where.port or int(query.get("port", 5432))
+    user = unquote(where.username or query.get("user", ""))
+    password = unquote(where.password) if where.password else None
+    if password is None and query.get("passfile"):
+        for line in (read_private(Path(query["passfile"])) or "").splitlines():
+            fields = line.split(":")
+            if len(fields) == 5 and fields[3] in ("*", user):
+                password = fields[4]
+                break
+    if not host or not user or password is None:
+        raise ValueError("the database URL names no host, user or password for PgBouncer to use")
+    return host, port, user, password
+
+
 class PgBouncer:
     """PgBouncer on 127.0.0.1:``port`` in front of one server, ``pool_mode`` transaction by default.
 
