@@ -252,7 +252,6 @@ class PgServer:
         return replica
 
 
-@attrs.define
 def server_of(db_url: str) -> tuple[str, int, str, str]:
     """(host, port, user, password) of the server a libpq URL names, for a PgBouncer in front of it:
     host and port from the netloc or, as the embedded server's URL has them, from its ``host=`` and
@@ -276,6 +275,7 @@ def server_of(db_url: str) -> tuple[str, int, str, str]:
     return host, port, user, password
 
 
+@attrs.define
 class PgBouncer:
     """PgBouncer on 127.0.0.1:``port`` in front of one server, ``pool_mode`` transaction by default.
 
