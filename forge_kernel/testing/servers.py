@@ -258,6 +258,8 @@ def server_of(db_url: str) -> tuple[str, int, str, str]:
     ``port=`` query (a socket folder), the password from the URL or its ``passfile=``."""
     from urllib.parse import parse_qs, unquote, urlsplit
 
+    from ..embedded_pg import read_private
+
     where = urlsplit(db_url)
     query = {k: v[-1] for k, v in parse_qs(where.query).items()}
     host = where.hostname or query.get("host")
