@@ -160,10 +160,11 @@ class Bouncer:
     def __init__(self, base: str) -> None:
         from forge_kernel.testing.servers import PgBouncer, private_folder, server_of
 
-        # the embedded server's URL names a socket folder and a password file: PgBouncer gets both
-        host, port, self.user, password = server_of(base)
+        # (the server listens on 127.0.0.1 too: PgBouncer runs as another account than the server and
+        # cannot enter its private socket folder)
+        _, port, self.user, password = server_of(base)
         self.root = private_folder("forge-bench-pgbouncer-")
-        self.bouncer = PgBouncer(self.root, host, port, {self.user: password}, pool_size=20).start()
+        self.bouncer = PgBouncer(self.root, "127.0.0.1", port, {self.user: password}, pool_size=20).start()
 
     def url(self, database: str) -> str:
         return self.bouncer.url(database, self.user)
@@ -871,6 +872,7 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
 
 async def main_async(args: argparse.Namespace) -> None:
     from forge_kernel.embedded_pg import EmbeddedPostgres
+    from forge_kernel.testing import free_port
 
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load avg {os.getloadavg()[0]:.1f}; drain N={args.jobs}, continuous/bound T={args.seconds}s, "
@@ -899,7 +901,7 @@ async def main_async(args: argparse.Namespace) -> None:
     for label in args.settings:
         root = Path(tempfile.mkdtemp(prefix=f"forge-bench-jobs-{label}-"))
         extra = {"shared_preload_libraries": "pg_stat_statements", "track_io_timing": "on"} if args.pg_profile else {}
-        pg = EmbeddedPostgres(root, settings={**SETTINGS[label], **extra})
+        pg = EmbeddedPostgres(root, settings={**SETTINGS[label], **extra}, tcp_port=free_port())
         base = pg.start()
         args.postmaster = pg._running_pid()
         try:

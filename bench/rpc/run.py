@@ -267,7 +267,9 @@ def main() -> None:
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="forge-bench-rpc-"))
     tmp.chmod(0o711)  # as root the server runs as forge_pg, which must pass through to tmp/pg
-    pg = EmbeddedPostgres(tmp / "pg")  # stock settings: fsync on, synchronous_commit on
+    # stock settings (fsync on, synchronous_commit on); also on 127.0.0.1 for PgBouncer, which runs as
+    # another account than the server and cannot enter its private socket folder
+    pg = EmbeddedPostgres(tmp / "pg", tcp_port=free_port())
     procs: list[subprocess.Popen] = []
     bouncer = None
     try:
@@ -321,9 +323,9 @@ def main() -> None:
         forge_proc, observed_proc = start_nodes()
         pooled_port, pooled_proc = 0, None
         if PgBouncer.binary() and not args.observe_only and not args.no_pgbouncer:
-            # the embedded server's URL names a socket folder and a password file: PgBouncer gets both
-            host, port, user, password = server_of(db_url)
-            bouncer = PgBouncer(private_folder("forge-bench-rpc-pgbouncer-"), host, port, {user: password},
+            # the embedded server's URL names a socket folder and a password file: PgBouncer gets its TCP port
+            _, port, user, password = server_of(db_url)
+            bouncer = PgBouncer(private_folder("forge-bench-rpc-pgbouncer-"), "127.0.0.1", port, {user: password},
                                 pool_size=args.pool_max).start()
             pooled_port = free_port()
             pooled_dir = tmp / "pooled"
