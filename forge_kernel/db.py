@@ -256,10 +256,10 @@ async def _traced(method: Any, sql: str, args: Sequence[Any]) -> Any:
 
 #: the exact types a plain field accepts as they are (the converter's hooks return such a value unchanged)
 _PLAIN_TYPES = frozenset({int, str, float, bool})
-_UNKNOWN = object()
 #: model class -> (field, the exact value types it takes as they are) for every field, or None when
 #: some field needs the converter (any other type, an alias, ``init=False``); see Database._row
 _PLAIN_FIELDS: dict[type, tuple[tuple[str, frozenset[type]], ...] | None] = {}
+#: not there: a model not looked at yet (_PLAIN_FIELDS), a column the row lacks
 _MISSING = object()
 
 
@@ -363,8 +363,8 @@ class Database:
     def _row(self, md: ModelDef, rec: asyncpg.Record | None) -> Any:
         if rec is None:
             return None
-        plain = _PLAIN_FIELDS.get(md.cls, _UNKNOWN)
-        if plain is _UNKNOWN:
+        plain = _PLAIN_FIELDS.get(md.cls, _MISSING)
+        if plain is _MISSING:
             plain = _PLAIN_FIELDS[md.cls] = _plain_fields(md.cls)
         if plain is not None:
             # every field an int, str, float or bool (or None where allowed) and every value of exactly

@@ -389,13 +389,19 @@ def _text_array(values: Any) -> str:
                            for v in values]) + "}"
 
 
+def reserve_waited(ready_sent: int, ready_now: int) -> bool:
+    """At least half of the ``ready_sent`` jobs claimed ahead when a statement was sent still wait
+    (``ready_now``) when it comes back: long jobs, or a node short of CPU."""
+    return ready_sent > 0 and 2 * ready_now >= ready_sent
+
+
 def jobs_outlast(ready_sent: int, ready_now: int, runs: int, run_seconds: float, round_trip: float,
                  concurrency: int) -> bool:
-    """The jobs claimed ahead outlast a round trip: at least half of the ``ready_sent`` waiting at
-    its send still wait (``ready_now``), and the ``runs`` jobs that finished during it ran long
-    enough (``run_seconds`` in all) that ``ready_sent`` of them through ``concurrency`` slots take
-    the round trip or longer; with none finished every slot stayed busy throughout."""
-    if ready_sent <= 0 or 2 * ready_now < ready_sent:
+    """The jobs claimed ahead outlast a round trip: the reserve waited (:func:`reserve_waited`), and
+    the ``runs`` jobs that finished during it ran long enough (``run_seconds`` in all) that
+    ``ready_sent`` of them through ``concurrency`` slots take the round trip or longer; with none
+    finished every slot stayed busy throughout."""
+    if not reserve_waited(ready_sent, ready_now):
         return False
     return not runs or ready_sent * run_seconds / runs >= concurrency * round_trip
 
@@ -865,8 +871,8 @@ class Worker:
         # fell back to prefetch every few statements, ~100 jobs a statement instead of ~200)
         outlasted = jobs_outlast(ready_sent, len(self.ready), self._runs - runs_sent,
                                  self._run_seconds - run_seconds_sent, time.monotonic() - sent_at, cfg.concurrency)
-        if ready_sent > 0 and 2 * len(self.ready) >= ready_sent:
-            self.stats["reserve_waited"] += 1  # most of the reserve still waited: long jobs or a node short of CPU
+        if reserve_waited(ready_sent, len(self.ready)):
+            self.stats["reserve_waited"] += 1
         for a in premark:  # their start is written: they start now, in the slot they hold
             if self.stopping:
                 self._drop_unstarted(a, "released")

@@ -54,17 +54,8 @@ async def test_results_find_their_rows_through_the_primary_key_in_custom_plans_t
     # The results compare status with a column of their own instead, which no index predicate matches.
     node = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
     await _bound_like_table(node.pool, node.registry)
-    ids = [r["id"] for r in await node.pool.fetch("SELECT id FROM forge_jobs WHERE status = 'running' LIMIT 50")]
-    cols = runtime.Worker._result_columns([(i, 1, "succeeded", 0.0, None, None) for i in ids])
-    async with node.pool.acquire() as conn:
-        await conn.execute(runtime.PLANNER_SETTINGS + "; SET plan_cache_mode = force_custom_plan")
-        async with conn.transaction():
-            write_and_claim = "\n".join(r[0] for r in await conn.fetch(
-                "EXPLAIN " + runtime.WRITE_AND_CLAIM, *cols[:5], "n1", True, 30, [], [], [], [], 50, False,
-                cols[5], "{}", "{}", "{}", 50, "running"))
-            report = "\n".join(r[0] for r in await conn.fetch(
-                "EXPLAIN " + runtime.REPORT, *cols[:5], "n1", True, cols[5], "running"))
-    for name, plan in (("WRITE_AND_CLAIM", write_and_claim), ("REPORT", report)):
+    plans = await _custom_plans(node.pool)
+    for name, plan in plans.items():
         assert "'n1'" in plan, f"{name}: not a custom plan: {plan}"  # the values were planned with
         assert "forge_jobs_running" not in plan, f"{name} scans the running rows' index: {plan}"
 
@@ -80,13 +71,23 @@ async def test_starts_written_with_a_claim_find_their_rows_through_the_primary_k
     await node.pool.execute("""UPDATE forge_jobs SET status = 'running', node_id = 'n1', attempt = 1,
                                       lease_until = now() + interval '1 minute'
                                WHERE id IN (SELECT id FROM forge_jobs ORDER BY id LIMIT 250)""")
-    ids = [r["id"] for r in await node.pool.fetch("SELECT id FROM forge_jobs WHERE status = 'running' LIMIT 50")]
-    cols = runtime.Worker._result_columns([(i, 1, "succeeded", 0.0, None, None) for i in ids])
-    async with node.pool.acquire() as conn:
-        await conn.execute(runtime.PLANNER_SETTINGS + "; SET plan_cache_mode = force_custom_plan")
-        async with conn.transaction():
-            plan = "\n".join(r[0] for r in await conn.fetch(
-                "EXPLAIN " + runtime.WRITE_AND_CLAIM, *cols[:5], "n1", True, 30, [], [], [], [], 50, False,
-                cols[5], "{}", "{}", "{}", 50, "running"))
+    plan = (await _custom_plans(node.pool))["WRITE_AND_CLAIM"]
     assert "'n1'" in plan, f"not a custom plan: {plan}"
     assert "forge_jobs_running" not in plan, f"WRITE_AND_CLAIM scans the running rows' index: {plan}"
+
+
+async def _custom_plans(pool) -> dict[str, str]:
+    """EXPLAIN of WRITE_AND_CLAIM and REPORT writing the results of 50 running rows as node ``n1``,
+    planned with the parameters' values (custom plans)."""
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM forge_jobs WHERE status = 'running' LIMIT 50")]
+    cols = runtime.Worker._result_columns([(i, 1, "succeeded", 0.0, None, None) for i in ids])
+    async with pool.acquire() as conn:
+        await conn.execute(runtime.PLANNER_SETTINGS + "; SET plan_cache_mode = force_custom_plan")
+        async with conn.transaction():
+            return {
+                "WRITE_AND_CLAIM": "\n".join(r[0] for r in await conn.fetch(
+                    "EXPLAIN " + runtime.WRITE_AND_CLAIM, *cols[:5], "n1", True, 30, [], [], [], [], 50, False,
+                    cols[5], "{}", "{}", "{}", 50, "running")),
+                "REPORT": "\n".join(r[0] for r in await conn.fetch(
+                    "EXPLAIN " + runtime.REPORT, *cols[:5], "n1", True, cols[5], "running")),
+            }
