@@ -90,18 +90,21 @@ class DevSession:
             loop.add_signal_handler(sig, self._stop.set)
         try:
             self.write_client()  # before the node is ready: a page can build against it at once
+            # the files as the node is about to load them: a save made once it is ready (before the
+            # watcher's first look) is a change, not the baseline
+            snapshot = scan(self.roots)
             await self.node.start()
             await self.report_drift()
             logger.info(f"forge dev: watching {', '.join(self._rel(r) for r in self.roots)} "
                         f"(every {self.poll_interval:g}s); save a file to reload")
-            watcher = asyncio.create_task(self.watch(), name="forge:dev-watch")
+            watcher = asyncio.create_task(self.watch(snapshot), name="forge:dev-watch")
             await self._stop.wait()
             watcher.cancel()
         finally:
             await self.node.stop()
 
-    async def watch(self) -> None:
-        snapshot = scan(self.roots)
+    async def watch(self, snapshot: dict[Path, tuple[int, int]]) -> None:
+        """Reload on every change to the files under the roots since ``snapshot`` (a ``scan``)."""
         while True:
             await asyncio.sleep(self.poll_interval)
             current = scan(self.roots)
