@@ -603,8 +603,10 @@ class FunctionExecutor:
         else:
             t0 = 0.0  # not recording (the clock's readings are never 0: seconds since boot)
         try:
-            # asyncio.timeout, not wait_for: no extra task per call (measured in bench/rpc)
-            async with asyncio.timeout(timeout):
+            # asyncio.timeout, not wait_for: no extra task per call (measured in bench/rpc); the queries
+            # of a batch (live-query re-runs) share the batch's one timer
+            batch = BATCH.get()
+            async with (batch is not None and batch.timeout(timeout)) or asyncio.timeout(timeout):
                 if forwarder is not None and forwarder.wants(defn):
                     return await forwarder.forward(call, args, timeout)
                 result = await self._chain(call)
@@ -671,6 +673,7 @@ class FunctionExecutor:
             results = await asyncio.gather(*(one(job) for job in jobs), return_exceptions=True)
         finally:
             BATCH.reset(token)
+            batch.close()
             while batch.flush_task is not None:  # a job that timed out may leave a statement running
                 await asyncio.gather(batch.flush_task, return_exceptions=True)
             if batch.conn is not None:

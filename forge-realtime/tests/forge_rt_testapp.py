@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import attrs
 
 from forge_kernel import RateLimit, model, mutation, query
@@ -35,6 +37,13 @@ async def my_items(ctx) -> list[Item]:
 @query(public=True)
 async def items_of(ctx, owner: str) -> list[Item]:
     """Items of ``owner`` (does not read ctx.auth: shared by every subscriber)."""
+    return await ctx.db.select(Item, owner=owner, order_by="id")
+
+
+@query(public=True)
+async def slow_items_of(ctx, owner: str, seconds: float) -> list[Item]:
+    """``items_of`` after a pause (timeouts)."""
+    await asyncio.sleep(seconds)
     return await ctx.db.select(Item, owner=owner, order_by="id")
 
 

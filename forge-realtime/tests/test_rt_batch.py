@@ -8,6 +8,7 @@ import gc
 
 from forge_kernel.batch import RefusedConnection, lateral_sql
 from forge_kernel.db import Database
+from forge_kernel.errors import Timeout
 
 from rt_helpers import realtime, settled, ws_connect, ws_url
 from rt_helpers import rt_node  # noqa: F401 - pytest fixtures
@@ -69,6 +70,55 @@ async def test_an_argument_the_type_refuses_fails_only_its_own_call(rt_node):
     results = await ex.batched([lambda: ex.call("items_of", {"owner": "a"}),
                                 lambda: ex.call("items_of", {"owner": "bad\x00"})])
     assert results[0] == [] and isinstance(results[1], Exception)
+
+
+async def test_the_calls_of_a_batch_time_out_on_its_shared_timer_as_each_would_alone(rt_node):
+    node = await rt_node()
+    await _seed(node)
+    ex = node.executor
+    expected = await ex.call("items_of", {"owner": "b"})
+    # the two slow calls start together with the same timeout (one timer); the third's deadline is
+    # later than the batch's, so it keeps its own and is not cut short by theirs
+    jobs = [lambda: ex.call("slow_items_of", {"owner": "a", "seconds": 30}, timeout=0.3),
+            lambda: ex.call("slow_items_of", {"owner": "a", "seconds": 30}, timeout=0.3),
+            lambda: ex.call("slow_items_of", {"owner": "b", "seconds": 0.5}, timeout=30)]
+    first, second, third = await ex.batched(jobs)
+    assert isinstance(first, Timeout) and isinstance(second, Timeout)
+    assert "did not finish within 0.3s" in first.message
+    assert third == expected
+
+
+async def test_a_batch_that_finishes_in_time_leaves_no_timer_behind(rt_node):
+    node = await rt_node()
+    await _seed(node)
+    ex = node.executor
+    expected = await ex.call("items_of", {"owner": "c"})
+    results = await ex.batched([lambda: ex.call("slow_items_of", {"owner": "c", "seconds": 0.05}, timeout=0.3)] * 3)
+    assert results == [expected] * 3
+    await asyncio.sleep(0.4)  # past the batch's deadline: nothing cancels this task now
+    assert await ex.call("items_of", {"owner": "c"}) == expected
+
+
+async def test_cancelling_a_batch_from_outside_is_a_cancellation_not_a_timeout(rt_node):
+    node = await rt_node()
+    ex = node.executor
+    seen: list[BaseException] = []
+
+    async def job():
+        try:
+            return await ex.call("slow_items_of", {"owner": "a", "seconds": 30}, timeout=30)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+
+    task = asyncio.ensure_future(ex.batched([job, job]))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    assert len(seen) == 2 and all(isinstance(e, asyncio.CancelledError) for e in seen)
 
 
 async def test_a_batched_run_leaves_nothing_for_the_cyclic_gc(rt_node):
