@@ -161,6 +161,11 @@ class CaptureManager:
         have = self.captured.get(table)
         return have is not None and set(columns) <= have
 
+    def changed_since(self, tables: Iterable[str], since: float) -> bool:
+        """Whether the capture of one of ``tables`` changed at or after ``since`` (see :meth:`ensure`)."""
+        changed_at = self.changed_at
+        return any(changed_at.get(t, -1.0) >= since for t in tables)
+
     async def ensure(self, needs: dict[str, set[str]], since: float | None = None) -> bool:
         """Capture every table in ``needs`` with images of its columns. Returns True when
         some trigger or image changed just now, or after ``since`` (a ``time.monotonic()``

@@ -698,9 +698,14 @@ class LiveQueryEngine:
     async def _finish_run(self, q: LiveQuery, calls: list[Any], result: Any, started: float, position: int) -> None:
         call = calls[0]
         defn = call.defn
-        reads = list(dict.fromkeys(list(call.reads) + [TableRead(t) for t in defn.reads]))
+        reads = list(dict.fromkeys(call.reads + [TableRead(t) for t in defn.reads])) if defn.reads else call.reads
         try:
-            if await self.capture.ensure(capture_needs(reads), since=started):
+            if reads == q.reads:
+                # the usual re-run: its read set was captured for the last run and capture only grows,
+                # so only a capture installed during this run (by another query) can have missed writes
+                if self.capture.changed_since((r.table for r in reads), started):
+                    q.dirty = True
+            elif await self.capture.ensure(capture_needs(reads), since=started):
                 q.dirty = True  # triggers appeared after our snapshot: writes in between were not captured
         except CaptureError as exc:
             logger.warning(f"live query {q.function}: {exc}")

@@ -36,6 +36,9 @@ class NoCapture:
     async def ensure(self, needs, since=None) -> bool:
         return False
 
+    def changed_since(self, tables, since) -> bool:
+        return False
+
 
 def _call(reads: list[TableRead]) -> types.SimpleNamespace:
     return types.SimpleNamespace(defn=types.SimpleNamespace(reads=()), reads=reads, used_auth=False)
