@@ -11,8 +11,9 @@ Loops (each holds one pool connection for its lifetime, so no per-statement pool
   (Worker._second_lane);
 * **report** - writes finished attempts in one statement per batch (move to history or delete,
   reschedule with backoff, dead letter), fenced by node and attempt;
-* **lease** - renews the leases of running jobs, writes coalesced progress, notices cancellations
-  and lost leases; every ``rescue_interval`` re-queues jobs whose lease expired anywhere;
+* **lease** - every heartbeat renews the leases past half their length, writes coalesced progress,
+  notices cancellations and lost leases of every row held; every ``rescue_interval`` re-queues jobs
+  whose lease expired anywhere;
 * **listen** - a dedicated connection LISTENing for wake-ups and cancellations.
 """
 
