@@ -49,7 +49,8 @@ class WorkerConfig:
     queue_limits: dict[str, int] = attrs.field(factory=dict, validator=_limits)
     #: seconds a claimed job stays leased without a heartbeat; then another worker re-runs it
     lease: float = attrs.field(default=30.0, validator=in_range(1, 86_400))
-    #: seconds between lease renewals (which also write coalesced progress and see cancellations)
+    #: seconds between lease checks: each sees cancellations and lost leases, writes coalesced
+    #: progress, and renews the leases that would be past half their length by the next one
     heartbeat_interval: float = attrs.field(default=1.0, validator=in_range(0.05, 3600))
     #: seconds between checks for new jobs when no NOTIFY arrives (fallback)
     poll_interval: float = attrs.field(default=1.0, validator=in_range(0.01, 3600))

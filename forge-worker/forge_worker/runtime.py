@@ -11,8 +11,9 @@ Loops (each holds one pool connection for its lifetime, so no per-statement pool
   (Worker._second_lane);
 * **report** - writes finished attempts in one statement per batch (move to history or delete,
   reschedule with backoff, dead letter), fenced by node and attempt;
-* **lease** - renews the leases of running jobs, writes coalesced progress, notices cancellations
-  and lost leases; every ``rescue_interval`` re-queues jobs whose lease expired anywhere;
+* **lease** - every heartbeat renews the leases past half their length, writes coalesced progress,
+  notices cancellations and lost leases of every row held; every ``rescue_interval`` re-queues jobs
+  whose lease expired anywhere;
 * **listen** - a dedicated connection LISTENing for wake-ups and cancellations.
 """
 
@@ -251,9 +252,10 @@ SELECT claimed.* FROM (
 ) durability LEFT JOIN claimed ON true
 """
 
-# Renew leases, write the latest progress, learn about cancellations and lost leases.
-# Also records when jobs claimed ahead started ($7, epoch seconds; NULL: not started or dated by
-# their claim): written at the next renewal, in the statement that writes the row anyway.
+# Renew leases, write the latest progress, learn about cancellations and lost leases, for the rows
+# that need a write (Worker._renew: a lease past half its length, progress, a start unwritten for a
+# heartbeat). Also records when jobs claimed ahead started ($7, epoch seconds; NULL: not started,
+# dated by their claim or written before).
 RENEW = """
 UPDATE forge_jobs j SET lease_until = now() + make_interval(secs => $3),
        progress = coalesce(p.progress, j.progress), progress_message = coalesce(p.message, j.progress_message),
@@ -261,6 +263,18 @@ UPDATE forge_jobs j SET lease_until = now() + make_interval(secs => $3),
 FROM unnest($1::bigint[], $2::int[], $4::real[], $5::text[], $7::float8[]) AS p(id, attempt, progress, message, started)
 WHERE j.id = p.id AND j.attempt = p.attempt AND j.node_id = $6 AND j.status = $8
 RETURNING j.id, j.cancel_requested
+"""
+
+# The rows held that need no write this heartbeat: still leased here, and asked to cancel? A read
+# (no row lock, no WAL), so it runs beside the result-and-claim statements. The status is compared
+# with a column of a materialized CTE, as in WRITE_AND_CLAIM's starts, so that no plan drives the
+# join from forge_jobs_running (every running row of the cluster) instead of the primary key.
+CHECK_LEASES = """
+WITH m AS MATERIALIZED (
+    SELECT id, attempt, $4::text AS running FROM unnest($1::text::bigint[], $2::text::int[]) AS m(id, attempt)
+)
+SELECT j.id, j.cancel_requested FROM m JOIN forge_jobs j ON j.id = m.id
+WHERE j.attempt = m.attempt AND j.node_id = $3 AND j.status = m.running
 """
 
 # Re-queue running jobs whose lease expired or whose node is gone; the last attempt goes to
@@ -467,6 +481,11 @@ class Attempt:
     started_wall: float = 0.0
     #: holds a slot while its start is written before it starts (a job on its last attempt)
     reserved: bool = False
+    #: (monotonic) its lease expires no earlier than this: the send time of the statement that
+    #: claimed or last renewed it, plus the lease (PostgreSQL dates the lease at the statement's start)
+    lease_due: float = 0.0
+    #: the start of a job claimed ahead (started_wall) is in its row
+    start_written: bool = False
 
     def started_at(self) -> dt.datetime:
         """When the attempt started: its claim's time, or (claimed ahead) when the node started it."""
@@ -602,7 +621,9 @@ class Worker:
                       "released": 0, "lost": 0, "progress_writes": 0, "statements": 0,
                       "overlapped": 0, "round_trip_s": 0.0, "prefetch_peak": self.prefetch,
                       #: times the reserve went back to prefetch; claims that came back with most of it waiting
-                      "reserve_back": 0, "reserve_waited": 0}
+                      "reserve_back": 0, "reserve_waited": 0,
+                      #: rows the lease renewals wrote (RENEW); the others held were only read
+                      "leases_renewed": 0}
         #: more channels to LISTEN on over this node's one listen connection (the workflow runtime's)
         self.extra_channels: dict[str, Callable[..., Any]] = {}
         #: called whenever the listen connection is (re)established
@@ -874,13 +895,14 @@ class Worker:
         if reserve_waited(ready_sent, len(self.ready)):
             self.stats["reserve_waited"] += 1
         for a in premark:  # their start is written: they start now, in the slot they hold
+            a.start_written = True
             if self.stopping:
                 self._drop_unstarted(a, "released")
             elif not a.finished:
                 self._launch(a)
         self._written(batch)
         got = len(rows)
-        self._start_jobs(rows)
+        self._start_jobs(rows, sent_at)
         if capacity > 0:
             self._backlog = got >= capacity
             self._adapt(got, capacity, starved, outlasted)
@@ -982,6 +1004,7 @@ class Worker:
                 continue
             keys = sorted({f"queue:{queue}"} | {f"type:{n}" for n in self.type_limits}) if queue is not None \
                 else [f"type:{name}"]
+            sent_at = time.monotonic()
             async with conn.transaction():
                 if self.pooled:
                     await conn.execute(PLANNER_SETTINGS.replace("SET ", "SET LOCAL "))
@@ -992,14 +1015,16 @@ class Worker:
                     CLAIM_LIMITED, self.node_id, self.config.lease, self.queues, self.capabilities,
                     capacity - got, list(self.queue_limits), capacity - got, queue, name, self.type_limits,
                     self.queue_limits.get(queue) if queue is not None else None)
-            self._start_jobs(rows)
+            self._start_jobs(rows, sent_at)
             got += len(rows)
         return got
 
-    def _start_jobs(self, rows: list[Any]) -> None:
+    def _start_jobs(self, rows: list[Any], sent_at: float) -> None:
+        """Take in the rows a claim sent at ``sent_at`` (monotonic) returned."""
         ahead = []
+        lease_due = sent_at + self.config.lease
         for row in rows:
-            a = Attempt(row["id"], row["attempt"], row)
+            a = Attempt(row["id"], row["attempt"], row, lease_due=lease_due)
             self.running[a.id] = a
             if row["started_at"] is not None:  # claimed into a free slot: its claim dated its start
                 self._launch(a)
@@ -1319,26 +1344,61 @@ class Worker:
                 await asyncio.sleep(0.2 + random.random() * 0.3)
 
     async def _renew(self, conn: asyncpg.Connection) -> None:
+        """Renew the leases that need it, write progress and the starts of long jobs claimed ahead,
+        and see cancellations and lost leases of every row held. Only rows with something to write
+        are written (RENEW): a lease is renewed once it would be past half its length by the next
+        heartbeat, not every heartbeat - under a backlog of short jobs a node holds up to
+        ``concurrency + prefetch_max`` rows, each held for a fraction of a second, and renewing them
+        all each second locked and rewrote hundreds of rows (a new row version and index entries
+        each) while holding the claims back. The other rows are read (CHECK_LEASES), which locks
+        nothing and runs beside the claims."""
         if not self.running:
             return
-        # alone (RowTurns): a result statement in flight locks rows in another order
-        async with self._rows.exclusive():
-            # finished attempts are left to the result statements (written by the next one)
-            attempts = sorted((a for a in self.running.values() if not a.finished), key=_by_id)
-            if not attempts:
-                return
-            prog = [a.progress if a.progress != a.written_progress else None for a in attempts]
+        cfg = self.config
+        now, wall = time.monotonic(), time.time()
+        renew_by = now + cfg.heartbeat_interval + cfg.lease / 2
+        # a start is written once its job has run a heartbeat: most jobs end before, their result
+        # writes it
+        started_by = wall - cfg.heartbeat_interval
+        # finished attempts are left to the result statements (written by the next one)
+        write: list[Attempt] = []
+        read: list[Attempt] = []
+        for a in sorted((a for a in self.running.values() if not a.finished), key=_by_id):
+            if a.lease_due <= renew_by or a.progress != a.written_progress or (
+                    a.started_wall and not a.start_written and a.started_wall <= started_by):
+                write.append(a)
+            else:
+                read.append(a)
+        seen: dict[int, bool] = {}
+        if write:
+            # alone (RowTurns): a result statement in flight locks rows in another order
+            async with self._rows.exclusive():
+                # attempts that finished while the turn was awaited are left to their result
+                write = [a for a in write if not a.finished]
+                prog = [a.progress if a.progress != a.written_progress else None for a in write]
+                starts = [a.started_wall if a.started_wall and not a.start_written else None for a in write]
+                sent_at = time.monotonic()
+                async with self._planned(conn, PLANNER_SETTINGS):
+                    rows = await conn.fetch(RENEW, [a.id for a in write], [a.attempt for a in write],
+                                            cfg.lease, [p[0] if p else None for p in prog],
+                                            [p[1] if p else None for p in prog], self.node_id, starts, _RUNNING)
+            seen.update((r["id"], r["cancel_requested"]) for r in rows)
+            for a, p, start in zip(write, prog, starts):
+                if a.id not in seen:
+                    continue
+                a.lease_due = sent_at + cfg.lease
+                if start is not None:
+                    a.start_written = True
+                if p is not None:
+                    a.written_progress = p
+                    self.stats["progress_writes"] += 1
+            self.stats["leases_renewed"] += len(seen)
+        if read:
             async with self._planned(conn, PLANNER_SETTINGS):
-                rows = await conn.fetch(RENEW, [a.id for a in attempts], [a.attempt for a in attempts],
-                                        self.config.lease, [p[0] if p else None for p in prog],
-                                        [p[1] if p else None for p in prog], self.node_id,
-                                        [a.started_wall or None for a in attempts], _RUNNING)
-        for a, p in zip(attempts, prog):
-            if p is not None:
-                a.written_progress = p
-                self.stats["progress_writes"] += 1
-        seen = {r["id"]: r["cancel_requested"] for r in rows}
-        for a in attempts:
+                rows = await conn.fetch(CHECK_LEASES, _array([a.id for a in read]),
+                                        _array([a.attempt for a in read]), self.node_id, _RUNNING)
+            seen.update((r["id"], r["cancel_requested"]) for r in rows)
+        for a in write + read:
             if a.task is None and not a.finished and self.running.get(a.id) is a:  # claimed ahead
                 if a.id not in seen:
                     self._drop_unstarted(a, "lost")

@@ -39,7 +39,7 @@ async def test_results_find_their_rows_through_the_primary_key_whatever_the_stat
     await _bound_like_table(node.pool, node.registry)
     async with node.pool.acquire() as conn:
         await conn.execute(runtime.PLANNER_SETTINGS)
-        for name in ("WRITE_AND_CLAIM", "REPORT", "RENEW"):
+        for name in ("WRITE_AND_CLAIM", "REPORT", "RENEW", "CHECK_LEASES"):
             plan = await _generic_plan(conn, getattr(runtime, name))
             assert "forge_jobs_running" not in plan, f"{name} scans the running rows' index: {plan}"
             assert "forge_jobs_pkey" in plan, name
@@ -78,7 +78,7 @@ async def test_starts_written_with_a_claim_find_their_rows_through_the_primary_k
 
 async def _custom_plans(pool) -> dict[str, str]:
     """EXPLAIN of WRITE_AND_CLAIM and REPORT writing the results of 50 running rows as node ``n1``,
-    planned with the parameters' values (custom plans)."""
+    and of CHECK_LEASES reading them, planned with the parameters' values (custom plans)."""
     ids = [r["id"] for r in await pool.fetch("SELECT id FROM forge_jobs WHERE status = 'running' LIMIT 50")]
     cols = runtime.Worker._result_columns([(i, 1, "succeeded", 0.0, None, None) for i in ids])
     async with pool.acquire() as conn:
@@ -90,4 +90,7 @@ async def _custom_plans(pool) -> dict[str, str]:
                     cols[5], "{}", "{}", "{}", 50, "running")),
                 "REPORT": "\n".join(r[0] for r in await conn.fetch(
                     "EXPLAIN " + runtime.REPORT, *cols[:5], "n1", True, cols[5], "running")),
+                "CHECK_LEASES": "\n".join(r[0] for r in await conn.fetch(
+                    "EXPLAIN " + runtime.CHECK_LEASES, runtime._array(ids), runtime._array([1] * len(ids)),
+                    "n1", "running")),
             }

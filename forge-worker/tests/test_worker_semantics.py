@@ -498,3 +498,49 @@ async def test_lease_renewals_never_deadlock_with_result_statements(forge_node, 
             await conn.close()
     finally:
         logger.remove(sink)
+
+
+async def test_renewals_write_only_leases_past_half_and_still_see_cancels_and_losses(forge_node):
+    """A lease is renewed once it would be past half its length by the next heartbeat, not every
+    heartbeat; the other rows held are read each heartbeat, so a cancellation whose NOTIFY never came
+    and a lease lost elsewhere are still seen without any row being written."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=2, prefetch=0, lease=30.0))
+    queue = JobQueue(node.pool)
+    cancelled, lost = await queue.enqueue_many([queue.request(worker_jobs.sleepy, {"seconds": 60}),
+                                                queue.request(worker_jobs.sleepy, {"seconds": 60})])
+
+    async def both_running():
+        running = node.worker.running
+        return all(i in running and running[i].task is not None for i in (cancelled, lost)) or None
+
+    await eventually(both_running, what="both jobs to run on the node")
+    leases = {r["id"]: r["lease_until"] for r in await node.pool.fetch(
+        "SELECT id, lease_until FROM forge_jobs WHERE id = ANY($1::bigint[])", [cancelled, lost])}
+    await asyncio.sleep(0.5)  # five heartbeats
+    assert {r["id"]: r["lease_until"] for r in await node.pool.fetch(
+        "SELECT id, lease_until FROM forge_jobs WHERE id = ANY($1::bigint[])", [cancelled, lost])} == leases
+    assert node.worker.stats["leases_renewed"] == 0
+    # no NOTIFY: only the heartbeat's read can see these
+    await node.pool.execute("UPDATE forge_jobs SET cancel_requested = true WHERE id = $1", cancelled)
+    await node.pool.execute("UPDATE forge_jobs SET node_id = 'another-node' WHERE id = $1", lost)
+    done = await eventually(lambda: _hist(node.pool, cancelled), what="the cancel to be seen")
+    assert done.status == "cancelled"
+
+    async def dropped():
+        return lost not in node.worker.running or None
+
+    await eventually(dropped, what="the lost lease to be seen")
+    assert node.worker.stats["lost"] == 1
+    assert await node.pool.fetchval("SELECT node_id FROM forge_jobs WHERE id = $1", lost) == "another-node"
+
+
+async def test_a_job_outliving_its_lease_keeps_it(forge_node):
+    """A job running past several lease lengths has its lease renewed before half of it is left, so
+    no rescue (every 0.5 s here) takes it: it runs once."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(lease=1.0))
+    queue = JobQueue(node.pool)
+    job_id = await queue.enqueue(worker_jobs.sleepy, {"seconds": 2.5})
+    done = await eventually(lambda: _hist(node.pool, job_id), what="the long job to finish")
+    assert done.status == "succeeded" and done.attempt == 1
+    assert len(await log_rows(node.pool, event="ran")) == 1
+    assert node.worker.stats["leases_renewed"] >= 1
