@@ -9,7 +9,7 @@ prints the difference per request. Load-independent and free of the node's timed
 moves only with the recording code (``run.py --instructions`` counts the whole node, whose
 periodic work makes single runs differ by a few thousand instructions per request).
 
-    .venv/bin/python bench/rpc/recording.py [--requests 20000] [--sample-rate 0.01] [--parts]
+    .venv/bin/python bench/rpc/recording.py [--requests 20000] [--sample-rate 0.01] [--parts] [--time ROUNDS]
 
 ``--parts`` counts, the same way, each piece of that recording alone in the same per-request task
 (what is left when forge-observe is on, taken apart): the ``contextvars`` set and reset of one
@@ -19,6 +19,11 @@ parent an unsampled root made current by a ``contextvars`` set, counted in ``con
 Children run with ``PYTHONHASHSEED=0`` and without address randomisation; even so the same child
 counted 1,403M-1,412M instructions over five runs of 5,000 requests (about +-0.9k per request),
 so a piece's figure is good to a few hundred instructions at 10,000 requests, not better.
+
+``--time ROUNDS`` times the same modes instead, in this process (no valgrind): CPU seconds per request
+of each mode, ROUNDS runs of each interleaved (the order reversed every other round), medians. What
+the instruction counts cost in time when the recording's code and data are warm, to set beside the
+node's CPU per request, where they are not (load-dependent: report the load average beside it).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import argparse
 import asyncio
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 import types
 
 
@@ -118,12 +125,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--sample-rate", type=float, default=0.01)
     ap.add_argument("--parts", action="store_true", help="also count each piece of the recording alone (see above)")
+    ap.add_argument("--time", type=int, metavar="ROUNDS", help="time the modes in-process instead (see above)")
     ap.add_argument("--mode", choices=["on", "off", *PARTS], help=argparse.SUPPRESS)  # the measured child
     args = ap.parse_args()
     if args.mode:
         run(args.mode, args.requests, args.sample_rate)
         return
     modes = ["off", "on", *(PARTS if args.parts else ())]
+    if args.time:
+        timed(modes, args.requests, args.sample_rate, args.time)
+        return
     totals = {}
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     for mode in modes:
@@ -136,6 +147,22 @@ def main() -> None:
           f"({args.requests} requests, sample rate {args.sample_rate}; callgrind totals {totals})")
     for part, what in PARTS.items() if args.parts else ():
         print(f"  {part:<10} {(totals[part] - totals['off']) / args.requests:>7,.0f}  {what}")
+
+
+def timed(modes: list[str], n: int, rate: float, rounds: int) -> None:
+    """``--time``: each mode run ``rounds`` times in this process, interleaved; CPU microseconds per request."""
+    took: dict[str, list[float]] = {mode: [] for mode in modes}
+    for i in range(rounds):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            t0 = time.process_time()
+            run(mode, n, rate)
+            took[mode].append((time.process_time() - t0) / n * 1e6)
+    base = statistics.median(took["off"])
+    print(f"CPU per request, in-process ({n} requests x {rounds} rounds, sample rate {rate}; medians):")
+    for mode in modes:
+        us = statistics.median(took[mode])
+        what = "recording off" if mode == "off" else PARTS.get(mode, "recording on")
+        print(f"  {mode:<10} {us:7.2f} us  {us - base:+6.2f}  {what}")
 
 
 if __name__ == "__main__":
