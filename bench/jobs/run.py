@@ -996,4 +996,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from forge_kernel.testing.procs import exit_on_sigterm
+
+    exit_on_sigterm()  # a kill PID still stops the servers it started
     main()

@@ -39,7 +39,7 @@ import websockets  # noqa: F401 - the naive peer's server library
 from forge_kernel import db as dbmod
 from forge_kernel.embedded_pg import EmbeddedPostgres, _bin_dir
 from forge_kernel.migrations import from_package, migrate
-from forge_kernel.testing.procs import NodeProcess, free_port
+from forge_kernel.testing.procs import exit_on_sigterm, NodeProcess, free_port
 from forge_realtime.capture import install_capture, remove_capture
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -902,6 +902,7 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a kill PID still stops the node, clients and PostgreSQL it started
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="write duration of each (b) step and of (c)")
     ap.add_argument("--write-seconds", type=int, default=10, help="pgbench duration per mode in (a)")

@@ -45,7 +45,7 @@ import httpx
 
 from forge_kernel.embedded_pg import EmbeddedPostgres
 from forge_kernel.testing import free_port, wait_for
-from forge_kernel.testing.procs import write_config
+from forge_kernel.testing.procs import exit_on_sigterm, write_config
 from forge_kernel.testing.servers import PgBouncer, private_folder, server_of
 
 HERE = Path(__file__).resolve().parent
@@ -513,4 +513,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a kill PID still stops the servers it started
     main()

@@ -38,7 +38,7 @@ from wsclient import connect as ws_connect  # noqa: E402  (bench/realtime: lean 
 
 from forge_kernel.db import with_database  # noqa: E402
 from forge_kernel.embedded_pg import EmbeddedPostgres  # noqa: E402
-from forge_kernel.testing.procs import NodeProcess, free_port  # noqa: E402
+from forge_kernel.testing.procs import exit_on_sigterm, NodeProcess, free_port  # noqa: E402
 
 from soak_app import FLOW_STEPS, TOPICS  # noqa: E402
 
@@ -669,4 +669,5 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a kill PID still stops the servers it started
     cli()

@@ -21,6 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit`` (143) in the main thread, so a benchmark or harness stopped
+    with ``kill PID`` runs its ``finally`` blocks and stops the servers and nodes it started; by
+    default SIGTERM ends the process at once and leaves them running."""
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
