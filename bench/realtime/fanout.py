@@ -92,7 +92,7 @@ async def main(args: argparse.Namespace) -> None:
         sub = Subscription(s, sub_id, q.function, q.args, ANONYMOUS)
         s.subscriptions[sub_id] = sub
         sub.query = q
-        q.subscriptions.add(sub)
+        q.subscriptions[sub] = None
     rows = [{"id": 10_000 + i, "topic": 1000, "payload": "payload"} for i in range(5)]
     per_push, floor = [], []
     for rnd in range(args.rounds):

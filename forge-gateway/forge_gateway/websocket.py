@@ -75,9 +75,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][WRITE_NOW] = self.write_now
 
     def write_now(self, parts: Sequence[bytes]) -> bool:
+        transport = self.transport
         if (not self.handshake_complete or self.close_sent or self.disconnected or self.initial_response is not None
-                or self.write_paused or self.transport.is_closing()):
+                or self.write_paused or transport.is_closing()):
             return False
         # text_frame's cache, inlined: a fan-out hands every connection the same parts
-        self.transport.write(_last_framed[1] if parts is _last_framed[0] else text_frame(parts))
+        transport.write(_last_framed[1] if parts is _last_framed[0] else text_frame(parts))
         return True
