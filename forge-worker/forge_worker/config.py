@@ -37,7 +37,7 @@ class WorkerConfig:
     #: node's jobs claimed ahead all started (slots waited for the claim's round trip) doubles the
     #: reserve, up to this; a claim that finds fewer pending jobs than it asked for, or most jobs
     #: claimed ahead still waiting (the jobs outlast the round trip), sets it back to ``prefetch``. A node then holds at most ``concurrency + prefetch_max`` rows (what a crash
-    #: leaves leased to it). Unset: ``16 x concurrency`` when ``prefetch`` is unset too, else
+    #: leaves leased to it). Unset: ``32 x concurrency`` when ``prefetch`` is unset too, else
     #: ``prefetch`` (a fixed reserve). See the README, "Claim-ahead".
     prefetch_max: int | None = attrs.field(default=None, validator=_prefetch)
     #: statements writing results and claiming that may be in flight at once under a backlog (2: a

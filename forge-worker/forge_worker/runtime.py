@@ -345,9 +345,10 @@ DEFAULT_PREFETCH_FACTOR = 2
 #: grow to (bench/jobs, 2 CPUs with two CPU burners: prefetch 400 at concurrency 50 drained 0.88x
 #: graphile-worker's best, the default 150 0.52x; graphile holds up to 500 jobs per process).
 #: 16, not 8 (session 9, worker-bound, same runs): 800 carried ~360 jobs a statement against ~195 and
-#: ran 1.07x (load 4-5) and 1.09x (load 7-10) the throughput of 400; 1600 1.15x, but a node would then
-#: hold 1,650 rows, each renewed every heartbeat while RENEW holds the claim statements back
-DEFAULT_PREFETCH_MAX_FACTOR = 16
+#: ran 1.07x (load 4-5) and 1.09x (load 7-10) the throughput of 400. 32, not 16 (session 10), once a
+#: heartbeat no longer rewrites every held row: 1600 carried ~633 jobs a statement against ~356 and ran
+#: 1.087x the throughput of 800 (worker-bound, 3 rounds, load 1.6-3.9), for up to 1,650 rows held
+DEFAULT_PREFETCH_MAX_FACTOR = 32
 #: seconds a finished job's result may wait for others to be written with it while the node has
 #: jobs claimed ahead to run (without them every result is written with the next statement at once)
 RESULTS_WAIT = 0.01

@@ -84,7 +84,7 @@ async def crash_scenario(forge_processes, n_jobs: int) -> None:
         assert set(counts) == set(ids)
         assert dups <= held, f"jobs ran twice without running on the killed node: {sorted(dups - held)[:20]}"
         # concurrency 20 and the reserve claimed ahead, grown under this backlog up to prefetch_max
-        # (its default: 16 x concurrency)
+        # (its default: 32 x concurrency)
         bound = 20 + runtime.DEFAULT_PREFETCH_MAX_FACTOR * 20
         assert len(held) <= bound, f"the killed node held {len(held)} jobs with [worker] concurrency = 20 (bound {bound})"
         assert max(counts.values()) <= 2
@@ -103,7 +103,7 @@ async def test_a_killed_worker_reruns_at_most_its_concurrency(forge_processes, p
     """A finished job keeps its row leased until its result is written, so a node SIGKILLed while
     results wait to be written holds (and the rescue re-runs) at most ``concurrency + prefetch``
     jobs (``concurrency`` with prefetch 0; with prefetch unset, ``concurrency + prefetch_max``, the
-    most the reserve grows to under a backlog: 16 x concurrency). The results are held back on
+    most the reserve grows to under a backlog: 32 x concurrency). The results are held back on
     purpose: the test locks forge_job_history, which every result write inserts into."""
     concurrency, n_jobs = 8, 120
     bound = concurrency + (runtime.DEFAULT_PREFETCH_MAX_FACTOR * concurrency if prefetch is None else prefetch)

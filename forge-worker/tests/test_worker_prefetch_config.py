@@ -43,7 +43,7 @@ def test_claim_lanes_defaults_to_one():
 
 
 def test_prefetch_max_is_checked_like_prefetch_and_unset_by_default():
-    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch_max is None  # the worker reads: 16 x concurrency
+    assert load_config(SECTIONS, data={}, env={})["worker"].prefetch_max is None  # the worker reads: 32 x concurrency
     assert load_config(SECTIONS, data={"worker": {"prefetch_max": 400}}, env={})["worker"].prefetch_max == 400
     with pytest.raises(ConfigError) as ei:
         load_config(SECTIONS, data={"worker": {"prefetch_max": -1}}, env={})
