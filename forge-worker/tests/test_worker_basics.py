@@ -8,6 +8,7 @@ import pytest
 from forge_kernel import SYSTEM
 from forge_kernel.errors import InvalidArgument
 from forge_worker import JobQueue, enqueue
+from forge_worker.runtime import DEFAULT_PREFETCH_MAX_FACTOR
 
 from worker_helpers import eventually, log_rows, worker_config
 
@@ -131,7 +132,8 @@ async def test_a_backlog_is_written_and_claimed_by_two_statements_in_flight(forg
     assert sorted(r["id"] for r in hist) == sorted(ids) and {r["attempt"] for r in hist} == {1}
 
 
-@pytest.mark.parametrize("settings, floor, ceiling", [({}, 20, 160), ({"prefetch": 20}, 20, 20),
+@pytest.mark.parametrize("settings, floor, ceiling", [({}, 20, DEFAULT_PREFETCH_MAX_FACTOR * 10),
+                                                     ({"prefetch": 20}, 20, 20),
                                                      ({"prefetch": 5, "prefetch_max": 30}, 5, 30)])
 async def test_the_reserve_grows_under_a_backlog_within_its_bound_and_shrinks_when_it_drains(
         forge_node, settings, floor, ceiling):
@@ -176,7 +178,7 @@ async def test_a_reserve_grown_on_short_jobs_goes_back_when_the_backlog_turns_in
     floor = worker.prefetch
     queue = JobQueue(node.pool)
     await queue.enqueue_many([queue.request(worker_jobs.noop) for _ in range(3000)]
-                             + [queue.request(worker_jobs.sleepy, {"seconds": 0.2}) for _ in range(400)])
+                             + [queue.request(worker_jobs.sleepy, {"seconds": 0.05}) for _ in range(1000)])
 
     async def grown_then_back_with_a_backlog():
         pending = await node.pool.fetchval("SELECT count(*) FROM forge_jobs WHERE status = 'pending'")
