@@ -172,22 +172,16 @@ class CaptureManager:
         taken before the caller's query started): the caller re-runs its query then, since
         writes between its snapshot and the change were not captured. ``since`` matters when
         another query on this node installed the capture while this one ran."""
-        changed = False
-        for table, cols in needs.items():
-            if not self.covers(table, cols):
-                break
-            if since is not None and self.changed_at.get(table, -1.0) >= since:
-                changed = True
-        else:
+        if all(self.covers(table, cols) for table, cols in needs.items()):
             # everything is captured already (every re-run of a live query): no lock to take. An
             # install in progress elsewhere can only be extending a table this caller has all it
             # needs of (its trigger stays in place meanwhile), so there is nothing to wait for
-            return changed
+            return since is not None and self.changed_since(needs, since)
         changed = False
         async with self._lock:
             for table, cols in needs.items():
                 if self.covers(table, cols):
-                    if since is not None and self.changed_at.get(table, -1.0) >= since:
+                    if since is not None and self.changed_since((table,), since):
                         changed = True
                     continue
                 async with self.pool.acquire() as conn:
