@@ -62,3 +62,61 @@ class CpuMeter:
     def stop(self) -> None:
         self.worker_cpu = sum(cpu_seconds(p) - self._start.get(p, 0.0) for p in self.workers())
         self.pg_cpu = server_cpu(self.postmaster) - self._pg
+
+
+class RoleMeter:
+    """CPU seconds of everything on the machine that takes part in a worker-bound window, by role:
+    the worker processes, the producer process, and the PostgreSQL server split into the workers'
+    backends, the producers' backends and the rest (background processes: checkpointer, WAL writer,
+    autovacuum, ...). A process that exits in the window counts through the postmaster with the CPU of its
+    whole life (the kernel adds it to the parent when reaped): a backend of an earlier run ending late lands there."""
+
+    def __init__(self, workers: Callable[[], Iterable[int]], postmaster: int) -> None:
+        self.workers, self.postmaster = workers, postmaster
+        self.producer = 0
+        self.producer_backends: set[int] = set()
+        self.skip: set[int] = set()
+        self._start: dict[int, float] = {}
+        self.roles: dict[str, float] = {}
+        self.exited: list[str] = []
+
+    def _snapshot(self) -> dict[int, float]:
+        snap = {p: cpu_seconds(p) for p in children(self.postmaster)}
+        snap[-self.postmaster] = cpu_seconds(self.postmaster, reaped_children=True)  # itself + exited
+        return snap
+
+    def start(self, kinds: dict[int, str]) -> None:
+        self._kinds_at_start = kinds
+        self._start = self._snapshot()
+        self._wstart = {p: cpu_seconds(p) for p in self.workers()}
+        self._pstart = cpu_seconds(self.producer) if self.producer else 0.0
+        self._machine = machine_busy()
+
+    def stop(self, kinds: dict[int, str]) -> None:
+        end = self._snapshot()
+        roles = {"worker process": sum(cpu_seconds(p) - self._wstart.get(p, 0.0) for p in self.workers()),
+                 "producer process": (cpu_seconds(self.producer) - self._pstart) if self.producer else 0.0}
+        for pid, t in end.items():
+            used = t - self._start.get(pid, 0.0)
+            if pid in self.skip:
+                continue
+            if pid not in kinds and pid in self._kinds_at_start:  # exited in the window: its last time is lost
+                self.exited.append(self._kinds_at_start[pid])
+            if pid in self.producer_backends:
+                role = "pg: producer backends"
+            elif kinds.get(pid) == "client backend":
+                role = "pg: worker backends"
+            elif pid < 0:
+                role = "pg: postmaster + exited (whole life)"
+            else:
+                role = "pg: " + kinds.get(pid, "other")
+            roles[role] = roles.get(role, 0.0) + used
+        self.roles = roles
+        #: every process on the machine (other users' too), for comparison with the sum of the roles
+        self.machine = machine_busy() - self._machine
+
+
+def machine_busy() -> float:
+    """CPU seconds all CPUs spent not idle since boot (/proc/stat: user..steal, without idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK

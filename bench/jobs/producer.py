@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -100,6 +101,8 @@ async def main(args: argparse.Namespace) -> None:
     await asyncio.sleep(args.warmup)
     s0, r0, t0 = await snapshot()
     measuring[0] = True
+    # whose CPU is whose: this process and its connections' backends (run.py's CPU by role)
+    print("pids", os.getpid(), *[c.get_server_pid() for c in [*conns, watch]], flush=True)
     print("start", flush=True)
     await asyncio.sleep(args.seconds)
     s1, r1, t1 = await snapshot()

@@ -60,7 +60,7 @@ import asyncpg
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from procstat import CpuMeter  # noqa: E402
+from procstat import CpuMeter, RoleMeter  # noqa: E402
 
 
 class Sample:
@@ -682,9 +682,17 @@ class PgProfile:
 async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.Namespace) -> Sample:
     """Run producer.py against ``url`` and measure the workers between its ``start`` and ``stop``."""
     meter = CpuMeter(worker_pids, args.postmaster)
+    roles = RoleMeter(worker_pids, args.postmaster)
+    watcher = await asyncpg.connect(url)  # reads pg_stat_activity for the roles; its own backend is left out
+    roles.skip.add(watcher.get_server_pid())
+
+    async def kinds() -> dict[int, str]:
+        return {r["pid"]: r["backend_type"] for r in await watcher.fetch("SELECT pid, backend_type FROM pg_stat_activity")}
+
     profile = PgProfile(url) if args.pg_profile else None
     if profile is not None:
         await profile.start()
+        roles.skip.add(profile.conn.get_server_pid())
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "producer.py"), "--system", system, "--url", url, "--app-dir", str(HERE),
         "--seconds", f"{args.seconds:g}", "--depth", str(args.bound_depth), "--batch", str(args.bound_batch),
@@ -693,10 +701,15 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
     try:
         async for raw in proc.stdout:
             line = raw.decode().strip()
-            if line == "start":
+            if line.startswith("pids "):
+                roles.producer, *backends = map(int, line.split()[1:])
+                roles.producer_backends.update(backends)
+            elif line == "start":
                 meter.start()
+                roles.start(await kinds())
             elif line == "stop":
                 meter.stop()
+                roles.stop(await kinds())
             elif line.startswith("{"):
                 result = json.loads(line)
         await proc.wait()
@@ -704,12 +717,20 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    await watcher.close()
     if proc.returncode or result is None:
         raise RuntimeError(f"producer.py for {system} exited {proc.returncode}")
     if not result["fewest_pending"]:
         print(f"    WARNING: {system}'s queue ran dry during the window ({result}); raise --bound-depth", flush=True)
     if profile is not None:
         print(await profile.report(result["completed"]), flush=True)
+    jobs = max(result["completed"], 1)
+    total = sum(roles.roles.values())
+    print(f"    CPU per job by role ({system}): " + ", ".join(
+        f"{k} {v / jobs * 1e6:.1f}" for k, v in sorted(roles.roles.items(), key=lambda kv: -kv[1]))
+        + f"; all {total / jobs * 1e6:.1f} us, {total / result['elapsed']:.2f} CPUs; machine (every process) "
+        f"{roles.machine / jobs * 1e6:.1f} us, {roles.machine / result['elapsed']:.2f} CPUs"
+        + (f"; exited in the window: {', '.join(roles.exited)}" if roles.exited else ""), flush=True)
     return Sample(result["completed"] / result["elapsed"], result["completed"], meter,
                   note=f"fewest pending {result['fewest_pending']:,}")
 
