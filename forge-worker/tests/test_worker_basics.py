@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+
 import asyncpg
 import pytest
 
@@ -199,6 +202,41 @@ async def test_a_reserve_grown_on_short_jobs_goes_back_when_the_backlog_turns_in
 # array-literal syntax (quotes, backslashes, braces, commas, NULL) and text beyond it
 AWKWARD = ['say "hi"', "back\\slash \\\"both\\\\", "{braces,commas}", "NULL", "", "line\nbreak\ttab",
            "ünïcödé ✓ 🚀", "trailing \\"]
+
+
+async def test_every_column_of_a_batch_is_stored_exactly(forge_node):
+    """A batch goes to PostgreSQL as one array literal per column (queue._literal), a column holding one
+    value throughout as that value repeated: awkward text, NULLs beside values and mixed columns arrive
+    unchanged, in both the plain and the unique-key statement."""
+    from forge_kernel import Auth
+
+    node = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})  # stored, never run
+    queue = JobQueue(node.pool)
+    later = dt.datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone(dt.timedelta(hours=-5, minutes=-30)))
+    ann = Auth.for_user("ann \"quoted\" \\ {x,y}", roles=["b", "a"])
+    mixed = [queue.request("record", {"value": m}, queue=m or "q", priority=-i, max_attempts=i + 1, caller=m,
+                           timeout=None if i % 2 else 0.25 * (i + 1), capability=None if i % 3 else m,
+                           run_at=None if i % 2 else later, run_as=None if i % 2 else ann,
+                           unique_key=None if i % 4 else f"k{m}")
+             for i, m in enumerate(AWKWARD)]
+    uniform = [queue.request("record", {"value": "same"}, queue="u", caller="c", timeout=1e-05) for _ in range(5)]
+    for requests in (mixed, mixed[1:2] + mixed[3:], uniform):
+        ids = await queue.enqueue_many(requests)
+        rows = {r["id"]: r for r in await node.pool.fetch(
+            "SELECT id, name, args::text, queue, priority, max_attempts, caller, timeout, capability, run_at, run_as::text,"
+            " unique_key, status FROM forge_jobs WHERE id = ANY($1::bigint[])", ids)}
+        for job_id, req in zip(ids, requests):
+            row = rows[job_id]
+            assert (row["name"], json.loads(row["args"]), row["queue"], row["priority"], row["max_attempts"],
+                    row["caller"], row["timeout"], row["capability"], row["unique_key"]) == \
+                (req.name, req.args, req.queue, req.priority, req.max_attempts, req.caller, req.timeout,
+                 req.capability, req.unique_key)
+            assert json.loads(row["run_as"]) == req.run_as
+            if req.run_at is not None:
+                assert row["run_at"] == later and row["status"] == "scheduled"
+            else:
+                assert row["status"] == "pending"
+        await node.pool.execute("DELETE FROM forge_jobs")
 
 
 async def test_a_nul_character_or_a_huge_error_text_holds_up_no_result(forge_node):
