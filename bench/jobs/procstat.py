@@ -79,29 +79,38 @@ class RoleMeter:
         self._start: dict[int, float] = {}
         self.roles: dict[str, float] = {}
         self.exited: list[str] = []
+        #: pg_stat_activity's backend_type by pid, read just after :meth:`start`
+        self.kinds_at_start: dict[int, str] = {}
+        #: CPU seconds of every process on the machine (other users' too), beside the sum of the roles
+        self.machine = 0.0
 
     def _snapshot(self) -> dict[int, float]:
         snap = {p: cpu_seconds(p) for p in children(self.postmaster)}
         snap[-self.postmaster] = cpu_seconds(self.postmaster, reaped_children=True)  # itself + exited
         return snap
 
-    def start(self, kinds: dict[int, str]) -> None:
-        self._kinds_at_start = kinds
+    def start(self) -> None:
         self._start = self._snapshot()
         self._wstart = {p: cpu_seconds(p) for p in self.workers()}
         self._pstart = cpu_seconds(self.producer) if self.producer else 0.0
         self._machine = machine_busy()
 
-    def stop(self, kinds: dict[int, str]) -> None:
-        end = self._snapshot()
-        roles = {"worker process": sum(cpu_seconds(p) - self._wstart.get(p, 0.0) for p in self.workers()),
-                 "producer process": (cpu_seconds(self.producer) - self._pstart) if self.producer else 0.0}
+    def stop(self) -> None:
+        """The end of the window (the roles are told apart afterwards by :meth:`classify`)."""
+        self._end = self._snapshot()
+        self._wend = {p: cpu_seconds(p) for p in self.workers()}
+        self._pend = cpu_seconds(self.producer) if self.producer else 0.0
+        self.machine = machine_busy() - self._machine
+
+    def classify(self, kinds: dict[int, str]) -> None:
+        """Split the window's CPU by role, ``kinds`` naming each server process (pg_stat_activity)."""
+        end = self._end
+        roles = {"worker process": sum(t - self._wstart.get(p, 0.0) for p, t in self._wend.items()),
+                 "producer process": self._pend - self._pstart}
         for pid, t in end.items():
             used = t - self._start.get(pid, 0.0)
             if pid in self.skip:
                 continue
-            if pid not in kinds and pid in self._kinds_at_start:  # exited in the window: its last time is lost
-                self.exited.append(self._kinds_at_start[pid])
             if pid in self.producer_backends:
                 role = "pg: producer backends"
             elif kinds.get(pid) == "client backend":
@@ -112,8 +121,8 @@ class RoleMeter:
                 role = "pg: " + kinds.get(pid, "other")
             roles[role] = roles.get(role, 0.0) + used
         self.roles = roles
-        #: every process on the machine (other users' too), for comparison with the sum of the roles
-        self.machine = machine_busy() - self._machine
+        # gone by the end: its time in the window is lost, its whole life's lands on the postmaster
+        self.exited = [self.kinds_at_start.get(p, "?") for p in self._start if p > 0 and p not in end]
 
 
 def machine_busy() -> float:

@@ -107,6 +107,7 @@ async def main(args: argparse.Namespace) -> None:
     await asyncio.sleep(args.seconds)
     s1, r1, t1 = await snapshot()
     print("stop", flush=True)
+    await asyncio.sleep(0.5)  # keep the connections (and their backends) while run.py reads the window's CPU
     stop.set()
     gate.set()
     await asyncio.gather(*tasks)

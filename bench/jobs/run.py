@@ -706,10 +706,12 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
                 roles.producer_backends.update(backends)
             elif line == "start":
                 meter.start()
-                roles.start(await kinds())
+                roles.start()
+                roles.kinds_at_start = await kinds()
             elif line == "stop":
                 meter.stop()
-                roles.stop(await kinds())
+                roles.stop()
+                roles.classify(await kinds())
             elif line.startswith("{"):
                 result = json.loads(line)
         await proc.wait()
