@@ -174,7 +174,10 @@ def _int(value: int) -> str:
 
 
 def _timestamp(value: dt.datetime) -> str:
-    return '"' + value.isoformat() + '"'  # aware (checked): ISO 8601 with its offset
+    off = value.utcoffset()  # aware (checked)
+    if off.seconds % 60 or off.microseconds:  # PostgreSQL reads an offset to the second, and no fraction
+        value = value.astimezone(dt.timezone.utc)
+    return '"' + value.isoformat() + '"'  # ISO 8601 with its offset
 
 
 def _columns(reqs: Sequence[JobRequest]) -> tuple:
