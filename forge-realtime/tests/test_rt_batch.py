@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
-from forge_kernel.batch import RefusedConnection, lateral_sql
+from forge_kernel.batch import BATCH, QueryBatch, RefusedConnection, lateral_sql
 from forge_kernel.db import Database
 from forge_kernel.errors import Timeout
 
@@ -185,3 +186,31 @@ async def test_queued_re_runs_of_one_function_run_as_a_batch_and_end_on_fresh_re
         for o in owners:
             fresh = await node.executor.call("items_of", {"owner": o})
             assert last[o] == fresh and [i["title"] for i in fresh] == ["r0", "r1", "r2"]
+
+
+
+async def test_a_batch_is_freed_when_it_ends_without_the_cyclic_gc():
+    # the batch's shared timer: its handle keeps the context it was scheduled in, where the batch is the
+    # current one (BATCH), so a batch holding its cancelled handle was a reference cycle, with its
+    # connection proxies and the calls' span, that only the cyclic GC freed (13 objects per batch)
+    async def never_connects():
+        raise AssertionError("no statement in this batch")
+
+    batch = QueryBatch(2, never_connects)
+    token = BATCH.set(batch)
+
+    async def call() -> None:
+        async with BATCH.get().timeout(5):
+            await asyncio.sleep(0)
+
+    gc.disable()
+    try:
+        await asyncio.gather(call(), call())
+        BATCH.reset(token)
+        batch.close()
+        ended = weakref.ref(batch)
+        del batch
+        await asyncio.sleep(0)
+        assert ended() is None
+    finally:
+        gc.enable()
