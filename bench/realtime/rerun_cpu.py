@@ -12,6 +12,9 @@ busy node's do) and waits for their runs; prints this thread's CPU time per re-r
     .venv/bin/python bench/realtime/rerun_cpu.py [--queries 100] [--subscribers 10] [--rounds 30]
     PYTHONPATH=DIR:DIR/forge-realtime:DIR/forge-gateway .venv/bin/python bench/realtime/rerun_cpu.py  # another checkout
 
+``--garbage ROUNDS`` then counts the cyclic garbage the re-runs leave (objects only the cyclic GC frees,
+by type) over that many more rounds.
+
 Under callgrind (``--rounds 2`` and ``--rounds 12``, difference / (10 x queries)) it gives
 instructions per re-run of this process (PostgreSQL's side is another process).
 """
