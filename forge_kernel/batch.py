@@ -140,7 +140,9 @@ class QueryBatch:
         deadline = loop.time() + seconds
         if self._timer is None:
             self.deadline = deadline
-            self._timer = loop.call_at(deadline, self._expire)
+            # in a context of its own: the calls' context holds this batch (BATCH), and a handle keeps its
+            # context until the loop lets go of it (asyncio: at its deadline, even when cancelled)
+            self._timer = loop.call_at(deadline, self._expire, context=contextvars.Context())
         elif not deadline - SHARE_EARLY <= self.deadline <= deadline:
             return None
         return BatchTimeout(self)
@@ -152,11 +154,16 @@ class QueryBatch:
         self._timed.clear()
 
     def close(self) -> None:
-        """The batch is over: its timer goes."""
+        """The batch is over: its timer goes, and the batch lets go of the handle. The handle used to run
+        in the calls' context, where this batch is the current one (``BATCH``): a batch holding its
+        handle was a reference cycle (with the read connection's proxies and the calls' span hanging off
+        it, 13 objects) that only the cyclic GC freed. bench/realtime (b): 35,000 such objects per 10 s
+        at 1,000 writes/s, and at 2,000 a young collection in the middle of the writes (106-338 ms with
+        the wait for a core), none since."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-
+            self._timer = None
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:
         entry = (sql, tuple(args), asyncio.get_running_loop().create_future())

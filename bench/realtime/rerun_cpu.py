@@ -12,6 +12,9 @@ busy node's do) and waits for their runs; prints this thread's CPU time per re-r
     .venv/bin/python bench/realtime/rerun_cpu.py [--queries 100] [--subscribers 10] [--rounds 30]
     PYTHONPATH=DIR:DIR/forge-realtime:DIR/forge-gateway .venv/bin/python bench/realtime/rerun_cpu.py  # another checkout
 
+``--garbage ROUNDS`` then counts the cyclic garbage the re-runs leave (objects only the cyclic GC frees,
+by type) over that many more rounds.
+
 Under callgrind (``--rounds 2`` and ``--rounds 12``, difference / (10 x queries)) it gives
 instructions per re-run of this process (PostgreSQL's side is another process).
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import gc
 import shutil
 import statistics
 import sys
@@ -55,6 +60,28 @@ async def settle(engine, runs: int = 0) -> None:
     target = engine.stats.runs + runs
     while engine._queue or engine.running or engine.stats.runs < target:
         await asyncio.sleep(0.002)
+
+
+async def garbage_per_run(engine, rounds: int) -> None:
+    """Cyclic garbage per re-run: objects only the cyclic GC frees (they count towards its young
+    threshold until a collection, and each collection walks them), by type, over ``rounds`` rounds."""
+    gc.collect()
+    gc.disable()
+    try:
+        runs0 = engine.stats.runs
+        for _ in range(rounds):
+            engine.on_resync(0)
+            await settle(engine, len(engine.queries))
+        runs = engine.stats.runs - runs0
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+        gc.set_debug(0)
+        gc.garbage.clear()
+    finally:
+        gc.enable()
+    print(f"{sum(found.values()) / runs:.1f} objects of cyclic garbage per re-run ({runs} re-runs): "
+          + ", ".join(f"{t} {n / runs:.2f}" for t, n in found.most_common(25)), flush=True)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -106,6 +133,8 @@ async def main(args: argparse.Namespace) -> None:
             if rnd >= 2:
                 per_run.append(cpu / 1000 / runs)
                 batches.append(engine.stats.batches - b0)
+        if args.garbage:
+            await garbage_per_run(engine, args.garbage)
         print(f"{statistics.median(per_run):.1f} us of CPU per re-run (median of {args.rounds} rounds of "
               f"{args.queries} queries x {args.subscribers} subscribers; min {min(per_run):.1f}; "
               f"batches per round {statistics.median(batches):.0f})", flush=True)
@@ -121,6 +150,8 @@ if __name__ == "__main__":
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--subscribers", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--garbage", type=int, default=0, metavar="ROUNDS",
+                    help="then count the cyclic garbage per re-run over ROUNDS more rounds, by type")
     a = ap.parse_args()
     try:
         import uvloop
