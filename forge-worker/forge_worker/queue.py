@@ -174,10 +174,9 @@ def _int(value: int) -> str:
 
 
 def _timestamp(value: dt.datetime) -> str:
-    off = value.utcoffset()  # aware (checked)
-    if off.seconds % 60 or off.microseconds:  # PostgreSQL reads an offset to the second, and no fraction
+    if value.utcoffset():  # aware (checked); PostgreSQL reads offsets only within +-15:59, in whole seconds
         value = value.astimezone(dt.timezone.utc)
-    return '"' + value.isoformat() + '"'  # ISO 8601 with its offset
+    return '"' + value.isoformat() + '"'  # ISO 8601, +00:00
 
 
 def _columns(reqs: Sequence[JobRequest]) -> tuple:
