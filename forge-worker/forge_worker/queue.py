@@ -182,9 +182,8 @@ def _quote(text: str) -> str:
 
 
 def _literal(values: list, element: Any) -> str:
-    """A PostgreSQL array literal of ``values`` (``None``: NULL), each element's text by ``element``.
-    Values that compare equal must have the same text: not so for datetimes (two in one zone compare
-    by wall time, fold ignored), which go as their texts."""
+    """A PostgreSQL array literal of ``values`` (``None``: NULL), each element's text by ``element``;
+    values that compare equal must have the same text (datetimes do not: see _run_at)."""
     first = values[0]
     if values.count(first) == len(values):
         return "{" + ",".join(["NULL" if first is None else element(first)] * len(values)) + "}"
@@ -221,12 +220,21 @@ def _timestamp(value: dt.datetime) -> str:
     return '"' + value.isoformat() + '"'  # ISO 8601, +00:00
 
 
+def _run_at(values: list) -> str:
+    """run_at's literal: two datetimes in one zone compare by wall time, fold ignored (equal across the
+    hour a DST change repeats), so only one object throughout is a value repeated."""
+    first = values[0]
+    if values.count(first) == len(values) and (first is None or all(v is first for v in values)):
+        return _literal(values, _timestamp)
+    return _literal([None if v is None else _timestamp(v) for v in values], str)
+
+
 def _columns(reqs: Sequence[JobRequest]) -> tuple:
     caps = sorted({r.capability for r in reqs if r.capability})
     return (
         _text([r.name for r in reqs], reqs, 'name'), _literal([_json(r.args, r.name, 'args') for r in reqs], _quote),
         _text([r.queue for r in reqs], reqs, 'queue'), _literal([r.priority for r in reqs], _int),
-        _literal([None if r.run_at is None else _timestamp(r.run_at) for r in reqs], str),
+        _run_at([r.run_at for r in reqs]),
         _literal([r.max_attempts for r in reqs], _int), _text([r.capability for r in reqs], reqs, 'capability'),
         _literal([None if r.timeout is None else float(r.timeout) for r in reqs], repr),
         _text([r.unique_key for r in reqs], reqs, 'unique_key'), _text([r.caller for r in reqs], reqs, 'caller'),
