@@ -29,6 +29,7 @@ CANCEL_CHANNEL = "forge_jobs_cancel"
 
 _MAX_INT = 2_147_483_647
 _MAX_BIGINT = 2**63 - 1
+_MAX_FLOAT = 1.7976931348623157e308  # a larger int timeout has no float8
 #: an escaped NUL in JSON text (not an escaped backslash followed by "u0000")
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -112,6 +113,14 @@ FROM ins ORDER BY id
 INSERT_REPLACE = _INSERT.format(conflict=_ON_CONFLICT_REPLACE)
 
 
+def _utc_in_range(value: dt.datetime) -> bool:
+    try:
+        value.astimezone(dt.timezone.utc)  # as _timestamp sends it
+    except OverflowError:
+        return False
+    return True
+
+
 def _check(req: JobRequest) -> None:
     problems = []
     if not isinstance(req.name, str) or not req.name:
@@ -124,10 +133,20 @@ def _check(req: JobRequest) -> None:
         problems.append(f"priority must be a 32-bit integer, got {req.priority!r}")
     if not isinstance(req.max_attempts, int) or not 1 <= req.max_attempts <= _MAX_INT:
         problems.append(f"max_attempts must be an integer >= 1, got {req.max_attempts!r}")
-    if req.timeout is not None and not (isinstance(req.timeout, (int, float)) and req.timeout > 0):
+    if req.timeout is not None and not (isinstance(req.timeout, (int, float)) and req.timeout > 0
+                                        and (isinstance(req.timeout, float) or req.timeout <= _MAX_FLOAT)):
         problems.append(f"timeout must be a positive number of seconds, got {req.timeout!r}")
-    if req.run_at is not None and (not isinstance(req.run_at, dt.datetime) or req.run_at.tzinfo is None):
-        problems.append(f"run_at must be a timezone-aware datetime, got {req.run_at!r}")
+    if req.run_at is not None:
+        if not isinstance(req.run_at, dt.datetime) or req.run_at.tzinfo is None:
+            problems.append(f"run_at must be a timezone-aware datetime, got {req.run_at!r}")
+        elif req.run_at.year in (1, 9999) and not _utc_in_range(req.run_at):
+            problems.append(f"run_at must fall within the years 1 to 9999 in UTC, got {req.run_at!r}")
+    if not (req.capability is None or isinstance(req.capability, str)):
+        problems.append(f"capability must be a string or None, got {req.capability!r}")
+    if not (req.unique_key is None or isinstance(req.unique_key, str)):
+        problems.append(f"unique_key must be a string or None, got {req.unique_key!r}")
+    if not (req.caller is None or isinstance(req.caller, str)):
+        problems.append(f"caller must be a string or None, got {req.caller!r}")
     if req.on_conflict not in ("skip", "replace"):
         problems.append(f"on_conflict must be 'skip' or 'replace', got {req.on_conflict!r}")
     if problems:
@@ -135,7 +154,8 @@ def _check(req: JobRequest) -> None:
 
 
 # one encoder for every value: json.dumps with options builds a JSONEncoder per call (~0.7 us)
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# (no NaN or Infinity: json writes them, jsonb rejects them)
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _ENCODE_ASCII = json.JSONEncoder(separators=(",", ":")).encode  # run_as, escaped as it always was
 
 
@@ -162,11 +182,32 @@ def _quote(text: str) -> str:
 
 
 def _literal(values: list, element: Any) -> str:
-    """A PostgreSQL array literal of ``values`` (``None``: NULL), each element's text by ``element``."""
+    """A PostgreSQL array literal of ``values`` (``None``: NULL), each element's text by ``element``;
+    values that compare equal must have the same text (datetimes do not: see _run_at)."""
     first = values[0]
     if values.count(first) == len(values):
         return "{" + ",".join(["NULL" if first is None else element(first)] * len(values)) + "}"
     return "{" + ",".join(["NULL" if v is None else element(v) for v in values]) + "}"
+
+
+def _text(values: list, reqs: Sequence[JobRequest], field: str) -> str:
+    """A text column's literal; a value PostgreSQL's text cannot hold (a NUL, a lone surrogate) is refused
+    naming its job and field, where it would fail the statement with neither (one scan a column)."""
+    literal = _literal(values, _quote)
+    if "\x00" in literal or not (literal.isascii() or _utf8(literal)):
+        for r, v in zip(reqs, values):
+            if v is not None and ("\x00" in v or not _utf8(v)):
+                what = "a NUL character" if "\x00" in v else "a lone surrogate"
+                raise InvalidArgument(f"job {r.name!r}: {field} contains {what}, which PostgreSQL text cannot store")
+    return literal
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _int(value: int) -> str:
@@ -179,15 +220,24 @@ def _timestamp(value: dt.datetime) -> str:
     return '"' + value.isoformat() + '"'  # ISO 8601, +00:00
 
 
+def _run_at(values: list) -> str:
+    """run_at's literal: two datetimes in one zone compare by wall time, fold ignored (equal across the
+    hour a DST change repeats), so only one object throughout is a value repeated."""
+    first = values[0]
+    if values.count(first) == len(values) and (first is None or all(v is first for v in values)):
+        return _literal(values, _timestamp)
+    return _literal([None if v is None else _timestamp(v) for v in values], str)
+
+
 def _columns(reqs: Sequence[JobRequest]) -> tuple:
     caps = sorted({r.capability for r in reqs if r.capability})
     return (
-        _literal([r.name for r in reqs], _quote), _literal([_json(r.args, r.name, 'args') for r in reqs], _quote),
-        _literal([r.queue for r in reqs], _quote), _literal([r.priority for r in reqs], _int),
-        _literal([r.run_at for r in reqs], _timestamp), _literal([r.max_attempts for r in reqs], _int),
-        _literal([r.capability for r in reqs], _quote),
+        _text([r.name for r in reqs], reqs, 'name'), _literal([_json(r.args, r.name, 'args') for r in reqs], _quote),
+        _text([r.queue for r in reqs], reqs, 'queue'), _literal([r.priority for r in reqs], _int),
+        _run_at([r.run_at for r in reqs]),
+        _literal([r.max_attempts for r in reqs], _int), _text([r.capability for r in reqs], reqs, 'capability'),
         _literal([None if r.timeout is None else float(r.timeout) for r in reqs], repr),
-        _literal([r.unique_key for r in reqs], _quote), _literal([r.caller for r in reqs], _quote),
+        _text([r.unique_key for r in reqs], reqs, 'unique_key'), _text([r.caller for r in reqs], reqs, 'caller'),
         _literal([_json(r.options, r.name, 'options') for r in reqs], _quote), caps, len(reqs),
     )
 

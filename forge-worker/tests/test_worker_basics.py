@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import zoneinfo
 
 import asyncpg
+import attrs
 import pytest
 
 from forge_kernel import SYSTEM
@@ -104,6 +106,51 @@ async def test_bad_enqueue_input_is_rejected_clearly(forge_node):
         await queue.get(-3)
     with pytest.raises(InvalidArgument, match="got 9223372036854775808"):  # past BIGINT: never sent to PostgreSQL
         await queue.cancel(2**63)
+
+
+async def test_enqueue_input_postgresql_cannot_store_is_rejected_naming_the_job_and_field(forge_node):
+    """Each of these once reached PostgreSQL (or Python's datetime arithmetic) and failed there with an
+    error naming neither the job nor the field, or an AttributeError from building the batch's literals."""
+    node = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
+    queue = JobQueue(node.pool)
+    bad = {"capability must be a string or None, got 5": dict(capability=5),
+           "unique_key must be a string or None, got 5": dict(unique_key=5),
+           "caller must be a string or None, got 5": dict(caller=5),
+           "queue contains a NUL character": dict(queue="a\x00b"),
+           "caller contains a NUL character": dict(caller="a\x00b"),
+           "unique_key contains a NUL character": dict(unique_key="a\x00b"),
+           "capability contains a NUL character": dict(capability="a\x00b"),
+           "caller contains a lone surrogate": dict(caller="a\ud800b"),
+           "queue contains a lone surrogate": dict(queue="\udfffé"),
+           "timeout must be a positive number of seconds": dict(timeout=10**400),
+           "run_at must fall within the years 1 to 9999 in UTC": dict(
+               run_at=dt.datetime(9999, 12, 31, 23, tzinfo=dt.timezone(dt.timedelta(hours=-5))))}
+    for message, fields in bad.items():
+        requests = [queue.request("record", {"value": "fine"}), queue.request("record", {"value": "x"}, **fields)]
+        with pytest.raises(InvalidArgument, match=f"job 'record': {message}"):
+            await queue.enqueue_many(requests)
+    for what in ("args", "options"):
+        request = attrs.evolve(queue.request("record", {"value": "x"}), **{what: {"value": float("nan")}})
+        with pytest.raises(InvalidArgument, match=f"job 'record': {what} must be JSON-safe text"):
+            await queue.enqueue_many([request])
+    with pytest.raises(InvalidArgument, match="name contains a NUL character"):
+        await queue.enqueue_many([attrs.evolve(queue.request("record", {"value": "x"}), name="rec\x00ord")])
+    assert await node.pool.fetchval("SELECT count(*) FROM forge_jobs") == 0
+
+
+async def test_run_at_in_the_repeated_hour_keeps_its_fold(forge_node):
+    """01:30 on the night clocks go back happens twice (fold 0 and 1): the two compare equal in Python
+    (one zone: wall time, fold ignored), yet each job is stored at its own instant."""
+    node = await forge_node(modules=["worker_jobs"], config={"node": {"roles": ["realtime"]}})
+    queue = JobQueue(node.pool)
+    new_york = zoneinfo.ZoneInfo("America/New_York")
+    first, second = (dt.datetime(2030, 11, 3, 1, 30, tzinfo=new_york, fold=fold) for fold in (0, 1))
+    assert first == second and first.utcoffset() != second.utcoffset()
+    for batch in ([first, second], [second, first]):
+        ids = await queue.enqueue_many([queue.request("record", {"value": "x"}, run_at=when) for when in batch])
+        stored = {r["id"]: r["run_at"] for r in await node.pool.fetch(
+            "SELECT id, run_at FROM forge_jobs WHERE id = ANY($1::bigint[])", ids)}
+        assert [stored[i] for i in ids] == [when.astimezone(dt.timezone.utc) for when in batch]
 
 
 async def test_plain_asyncpg_pool_without_forge_codecs(forge_node):
