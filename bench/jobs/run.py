@@ -338,6 +338,8 @@ class ForgeNodes:
         self.ready = 0
         self.firsts: list[float] = []
         self.done: list[int] = []
+        #: claim statements each node sent over its life
+        self.statements: list[int] = []
         self.output: list[str] = []
         self._readers: list[asyncio.Task] = []
 
@@ -364,7 +366,9 @@ class ForgeNodes:
             elif line.startswith("first "):
                 self.firsts.append(float(line.split()[1]))
             elif line.startswith("done "):
-                self.done.append(int(line.split()[1]))
+                jobs, statements = map(int, line.split()[1:])
+                self.done.append(jobs)
+                self.statements.append(statements)
             elif line:
                 self.output.append(line)
 
@@ -399,7 +403,8 @@ class ForgeNodes:
             raise RuntimeError(f"FORGE nodes ran {ran} jobs ({self.done}); history: {rows} attempts of {ids} jobs, "
                                f"{ok} succeeded, {retried} retried; {left} left running or dead"
                                + (f"; expected {expected}" if expected is not None else ""))
-        return f"{ran:,} jobs run once each ({'/'.join(f'{d:,}' for d in self.done)} by process)"
+        return (f"{ran:,} jobs run once each ({'/'.join(f'{d:,}' for d in self.done)} by process), "
+                f"{ran / max(sum(self.statements), 1):.1f} jobs per claim statement")
 
 
 async def forge_procs_drain(base: str, system: str, args: argparse.Namespace) -> Sample:

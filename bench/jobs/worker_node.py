@@ -9,8 +9,9 @@ frozen as `forge-node start` does), with ``[worker] concurrency = C``. It prints
 
 * ``ready`` once the node runs (its LISTEN and claim loop are up);
 * ``first <epoch seconds>`` when its first job starts (drain timing starts at the earliest);
-* ``done <jobs>`` after it stopped: the no-op jobs this process ran (run.py adds them up and
-  checks them against forge_job_history: each job run exactly once per attempt).
+* ``done <jobs> <claim statements>`` after it stopped: the no-op jobs this process ran (run.py adds
+  them up and checks them against forge_job_history: each job run exactly once per attempt) and
+  the claim statements its worker sent.
 
 It stops (a graceful node stop: in-flight jobs finish, claimed-ahead ones go back) on SIGTERM or
 when its stdin closes, so it never outlives run.py.
@@ -58,9 +59,10 @@ async def main(args: argparse.Namespace) -> None:
         watch = asyncio.create_task(first_job())
         await stop.wait()
         watch.cancel()
+        stats = node.worker.stats
     finally:
         await node.stop()
-    print(f"done {fb.STATE['done']}", flush=True)
+    print(f"done {fb.STATE['done']} {stats['statements']}", flush=True)
 
 
 if __name__ == "__main__":
