@@ -31,7 +31,9 @@ Procrastinate runs one worker with concurrency 50 (its default is 1) and ``batch
 producers. FORGE runs one in-process node with the worker role and its default ``[worker]``
 settings (concurrency 50). ``forge_pgbouncer`` is the same node with its pool through PgBouncer
 in transaction mode (``[database] url``; sessions straight to the server, ``direct_url``), the
-continuous producer through PgBouncer too; its ratio to ``forge`` is printed. FORGE and Procrastinate run under uvloop in this process, PgQueuer's
+continuous producer through PgBouncer too; its ratio to ``forge`` is printed. ``forge_2x25``
+(FORGE_SHAPES) is FORGE as a cluster: 2 worker-node processes (``worker_node.py``) x concurrency 25,
+the peer of graphile_4x24; each FORGE system's ratio to graphile's best shape is printed. FORGE and Procrastinate run under uvloop in this process, PgQueuer's
 tool under uvloop in its own.
 """
 
@@ -67,15 +69,23 @@ class Sample:
     """One round of one system: jobs/s, and CPU per job of its worker processes and of PostgreSQL
     over the same window when measured (``meter``)."""
 
-    def __init__(self, rate: float, jobs: int, meter: CpuMeter | None = None, note: str = "") -> None:
+    def __init__(self, rate: float, jobs: int, meter: CpuMeter | None = None, note: str = "",
+                 elapsed: float | None = None) -> None:
         self.rate, self.jobs, self.note = rate, jobs, note
         self.worker_us = meter.worker_cpu / jobs * 1e6 if meter and jobs else None
         self.pg_us = meter.pg_cpu / jobs * 1e6 if meter and jobs else None
+        #: CPUs the system obtained over the window: its workers' and PostgreSQL's CPU seconds per
+        #: second (bound: every role, the producer's too - set by bound_window)
+        self.cpus = (meter.worker_cpu + meter.pg_cpu) / elapsed if meter and elapsed else None
+        #: bound: CPU per job of every role (workers, producer, the whole server)
+        self.all_us: float | None = None
 
     def cpu(self) -> str:
         if self.worker_us is None:
             return "CPU per job not measured"
-        return f"CPU per job: workers {self.worker_us:5.1f} us, PostgreSQL {self.pg_us:5.1f} us"
+        return (f"CPU per job: workers {self.worker_us:5.1f} us, PostgreSQL {self.pg_us:5.1f} us"
+                + (f", all roles {self.all_us:5.1f} us" if self.all_us is not None else "")
+                + (f"; {self.cpus:.2f} CPUs" if self.cpus is not None else ""))
 
 SETTINGS = {
     "stock": {},
@@ -204,7 +214,7 @@ async def forge_drain(base: str, n: int, bouncer: Bouncer | None = None,
     stats, prefetch = node.worker.stats, node.worker.prefetch
     await node.stop()
     await conn.close()
-    return Sample(n / elapsed, n, meter, note=f"{n / max(stats['statements'], 1):.1f} jobs per claim statement, "
+    return Sample(n / elapsed, n, meter, elapsed=elapsed, note=f"{n / max(stats['statements'], 1):.1f} jobs per claim statement, "
                                             f"{_round_trip_ms(stats)} ms per round trip; prefetch at the end {prefetch}")
 
 
@@ -300,6 +310,152 @@ async def forge_latency(base: str, seconds: float, rate: int = 1000) -> tuple[fl
     q = statistics.quantiles(lat, n=100)
     qc = statistics.quantiles(after_commit, n=100)
     return q[49] * 1000, q[98] * 1000, offered, len(lat), qc[49] * 1000, qc[98] * 1000
+
+
+# --- FORGE as a cluster: several worker-node processes (worker_node.py) -------------------------------
+#: (processes, concurrency each): FORGE's own way to more CPU is more nodes on one database, as
+#: graphile_4x24 is graphile's; each shape also runs as forge-observe_<shape> (forge-observe loaded)
+FORGE_SHAPES = {"forge_2x25": (2, 25)}
+
+
+def forge_shape(system: str) -> tuple[int, int, bool]:
+    """(processes, concurrency, forge-observe loaded) of a several-process FORGE system."""
+    observe = system.startswith("forge-observe_")
+    return (*FORGE_SHAPES["forge_" + system.split("_", 1)[1]], observe)
+
+
+def forge_shape_systems() -> list[str]:
+    return [name for s in FORGE_SHAPES for name in (s, "forge-observe_" + s.split("_", 1)[1])]
+
+
+class ForgeNodes:
+    """``processes`` worker_node.py processes, each one FORGE node (worker role, concurrency
+    ``concurrency``) on the run's database; stopped by pid (SIGTERM: a graceful node stop)."""
+
+    def __init__(self, url: str, processes: int, concurrency: int, observe: bool) -> None:
+        self.url, self.n, self.concurrency, self.observe = url, processes, concurrency, observe
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.ready = 0
+        self.firsts: list[float] = []
+        self.done: list[int] = []
+        #: claim statements each node sent over its life
+        self.statements: list[int] = []
+        self.output: list[str] = []
+        self._readers: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Start the processes; return once every node runs."""
+        argv = [sys.executable, str(HERE / "worker_node.py"), "--url", self.url, "--concurrency",
+                str(self.concurrency), "--worker", json.dumps(FORGE_WORKER)] + (["--observe"] if self.observe else [])
+        for _ in range(self.n):
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            self.procs.append(proc)
+            self._readers.append(asyncio.create_task(self._read(proc)))
+        deadline = time.monotonic() + 60
+        while self.ready < self.n:
+            if time.monotonic() > deadline or any(p.returncode is not None for p in self.procs):
+                raise RuntimeError("FORGE worker nodes did not start: " + "\n".join(self.output[-20:]))
+            await asyncio.sleep(0.01)
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line == "ready":
+                self.ready += 1
+            elif line.startswith("first "):
+                self.firsts.append(float(line.split()[1]))
+            elif line.startswith("done "):
+                jobs, statements = map(int, line.split()[1:])
+                self.done.append(jobs)
+                self.statements.append(statements)
+            elif line:
+                self.output.append(line)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.returncode is None]
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                await asyncio.wait_for(p.wait(), 30)
+            except asyncio.TimeoutError:
+                p.kill()
+                await p.wait()
+        await asyncio.gather(*self._readers, return_exceptions=True)  # their last lines ("done N") read
+
+    async def check_once(self, conn: asyncpg.Connection, expected: int | None = None) -> str:
+        """After :meth:`stop`: every job ran exactly once per attempt - the jobs the processes ran
+        equal the attempts forge_job_history recorded, one attempt per job, each succeeded (and, for
+        a drain, all ``expected`` of them with the hot table empty)."""
+        if len(self.done) != self.n:
+            raise RuntimeError(f"{self.n - len(self.done)} FORGE worker node(s) did not stop cleanly: "
+                               + "\n".join(self.output[-20:]))
+        ran = sum(self.done)
+        rows, ids, ok, retried = await conn.fetchrow(
+            "SELECT count(*), count(DISTINCT id), count(*) FILTER (WHERE status = 'succeeded'), "
+            "count(*) FILTER (WHERE attempt > 1) FROM forge_job_history")
+        left = await conn.fetchval("SELECT count(*) FROM forge_jobs WHERE status IN ('running', 'dead')")
+        if not (ran == rows == ids == ok) or retried or left or (expected is not None and ran != expected):
+            raise RuntimeError(f"FORGE nodes ran {ran} jobs ({self.done}); history: {rows} attempts of {ids} jobs, "
+                               f"{ok} succeeded, {retried} retried; {left} left running or dead"
+                               + (f"; expected {expected}" if expected is not None else ""))
+        return (f"{ran:,} jobs run once each ({'/'.join(f'{d:,}' for d in self.done)} by process), "
+                f"{ran / max(sum(self.statements), 1):.1f} jobs per claim statement")
+
+
+async def forge_procs_drain(base: str, system: str, args: argparse.Namespace) -> Sample:
+    import forge_bench_jobs as fb
+    from forge_worker import JobQueue
+
+    processes, concurrency, observe = forge_shape(system)
+    url = await fresh_db(base, f"bench_{system.replace('-', '_')}_drain")
+    await forge_prepare(url)
+    nodes = ForgeNodes(url, processes, concurrency, observe)
+    conn = await asyncpg.connect(url)
+    try:
+        await nodes.start()  # idle and listening: the jobs arrive in one transaction below, as graphile's
+        meter = CpuMeter(nodes.pids, args.postmaster)
+        queue = JobQueue(conn)
+        async with conn.transaction():
+            for i in range(0, args.jobs, 10_000):
+                await queue.enqueue_many([queue.request(fb.noop) for _ in range(min(10_000, args.jobs - i))])
+        while not nodes.firsts:
+            await asyncio.sleep(0.001)
+        meter.start()
+        while await conn.fetchval("SELECT EXISTS (SELECT 1 FROM forge_jobs)"):
+            await asyncio.sleep(0.002)
+        end = time.time()
+        meter.stop()
+        elapsed = end - min(nodes.firsts)
+        await nodes.stop()
+        note = await nodes.check_once(conn, expected=args.jobs)
+        return Sample(args.jobs / elapsed, args.jobs, meter, note=note, elapsed=elapsed)
+    finally:
+        await nodes.stop()
+        await conn.close()
+
+
+async def forge_procs_bound(base: str, system: str, args: argparse.Namespace) -> Sample:
+    processes, concurrency, observe = forge_shape(system)
+    url = await fresh_db(base, f"bench_{system.replace('-', '_')}_bound")
+    await forge_prepare(url)
+    nodes = ForgeNodes(url, processes, concurrency, observe)
+    try:
+        await nodes.start()
+        sample = await bound_window("forge", url, nodes.pids, args)
+        await nodes.stop()
+        conn = await asyncpg.connect(url)
+        try:
+            sample.note += "; " + await nodes.check_once(conn)
+        finally:
+            await conn.close()
+        return sample
+    finally:
+        await nodes.stop()
 
 
 # --- PgQueuer: its own tools/benchmark.py, from the pinned sdist ----------------------------------
@@ -607,7 +763,7 @@ async def graphile_drain(base: str, system: str, args: argparse.Namespace) -> Sa
             await asyncio.sleep(0.002)
         end = time.time()
         meter.stop()
-        return Sample(args.jobs / (end - min(workers.firsts)), args.jobs, meter)
+        return Sample(args.jobs / (end - min(workers.firsts)), args.jobs, meter, elapsed=end - min(workers.firsts))
     finally:
         await workers.stop()
         await conn.close()
@@ -733,8 +889,10 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
         + f"; all {total / jobs * 1e6:.1f} us, {total / result['elapsed']:.2f} CPUs; machine (every process) "
         f"{roles.machine / jobs * 1e6:.1f} us, {roles.machine / result['elapsed']:.2f} CPUs"
         + (f"; exited in the window: {', '.join(roles.exited)}" if roles.exited else ""), flush=True)
-    return Sample(result["completed"] / result["elapsed"], result["completed"], meter,
-                  note=f"fewest pending {result['fewest_pending']:,}")
+    sample = Sample(result["completed"] / result["elapsed"], result["completed"], meter,
+                    note=f"fewest pending {result['fewest_pending']:,}")
+    sample.all_us, sample.cpus = total / jobs * 1e6, total / result["elapsed"]
+    return sample
 
 
 async def forge_bound(base: str, args: argparse.Namespace, observe: bool = False, worker: dict | None = None) -> Sample:
@@ -813,6 +971,9 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
         runs[(f"forge_{name}", "drain")] = lambda w=worker: forge_drain(base, args.jobs, postmaster=args.postmaster,
                                                                          worker=w)
         runs[(f"forge_{name}", "bound")] = lambda w=worker: forge_bound(base, args, worker=w)
+    for system in forge_shape_systems():
+        runs[(system, "drain")] = lambda system=system: forge_procs_drain(base, system, args)
+        runs[(system, "bound")] = lambda system=system: forge_procs_bound(base, system, args)
     for shape in GRAPHILE_SHAPES:
         runs[(shape, "drain")] = lambda shape=shape: graphile_drain(base, shape, args)
         runs[(shape, "bound")] = lambda shape=shape: graphile_bound(base, shape, args)
@@ -844,19 +1005,30 @@ async def _run_setting(label: str, base: str, args: argparse.Namespace, res: dic
             if got[0].worker_us is not None:
                 med["worker_us"] = statistics.median(x.worker_us for x in got)
                 med["pg_us"] = statistics.median(x.pg_us for x in got)
+            for key in ("all_us", "cpus"):
+                if getattr(got[0], key) is not None:
+                    med[key] = statistics.median(getattr(x, key) for x in got)
             res[(system, mode)] = med
             cpu = (f"  CPU per job: workers {med['worker_us']:.1f} us, PostgreSQL {med['pg_us']:.1f} us"
                    if "worker_us" in med else "")
+            cpu += f", all roles {med['all_us']:.1f} us" if "all_us" in med else ""
+            cpu += f"; {med['cpus']:.2f} CPUs" if "cpus" in med else ""
             print(f"  {mode:<10} {system:<14} median {med['rate']:>10,.0f} jobs/s{cpu}", flush=True)
         res[("load", mode)] = (min(loads), statistics.median(loads), max(loads)) if loads else None
         if loads:
             print(f"  {mode:<10} load avg min/median/max {min(loads):.1f}/{statistics.median(loads):.1f}/"
                   f"{max(loads):.1f}", flush=True)
-        for forge in FORGES + tuple(FORGES_VARIANTS):
+        for forge in all_forges():
             for peer in here:
                 if forge in here and not peer.startswith("forge"):
                     print(f"  {mode:<10} {forge} / {peer:<14} "
                           f"{res[(forge, mode)]['rate'] / res[(peer, mode)]['rate']:>6.2f}x", flush=True)
+        best = graphile_best(res, here, mode)
+        if best:
+            for forge in all_forges():
+                if forge in here:
+                    print(f"  {mode:<10} {forge} / graphile's best ({best}) "
+                          f"{res[(forge, mode)]['rate'] / res[(best, mode)]['rate']:>6.2f}x", flush=True)
         for variant in FORGES_VARIANTS:
             if "forge" in here and variant in here:
                 # rounds are interleaved: a round's pair shares its neighbours' load
@@ -900,10 +1072,15 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load avg {os.getloadavg()[0]:.1f}; drain N={args.jobs}, continuous/bound T={args.seconds}s, "
           f"{args.rounds} rounds, latency {args.latency_seconds}s at 1000 jobs/s")
-    if "forge-observe" in args.systems and not observe_installed():
+    if any(s.startswith("forge-observe") for s in args.systems) and not observe_installed():
         raise SystemExit("forge-observe is not installed in this environment (python3 dev.py test installs it)")
     print("'forge' is a node without forge-observe, 'forge-observe' the same node with it at its defaults; "
           f"[worker] settings: {FORGE_WORKER or 'the defaults'}")
+    shapes = [s for s in args.systems if s in forge_shape_systems()]
+    if shapes:
+        print("FORGE as a cluster: worker_node.py processes, each one node like 'forge' (worker role, its [worker] "
+              "settings) with concurrency C, on the run's database: "
+              + ", ".join(f"{s}: {forge_shape(s)[0]} x {forge_shape(s)[1]}" for s in shapes))
     if "bound" in args.modes:
         print(f"worker-bound: producer.py in a process of its own, {args.bound_producers} connections storing batches "
               f"of {args.bound_batch} whenever fewer than {args.bound_depth:,} jobs are pending (1 s warm-up)")
@@ -939,10 +1116,16 @@ async def main_async(args: argparse.Namespace) -> None:
 
             def fmt(s: str) -> str:
                 m = res[(s, mode)]
-                return f"{s}={m['rate']:,.0f}" + (f" ({m['worker_us']:.0f}/{m['pg_us']:.0f})" if "worker_us" in m else "")
+                return (f"{s}={m['rate']:,.0f}" + (f" ({m['worker_us']:.0f}/{m['pg_us']:.0f}" if "worker_us" in m else "")
+                        + (f", all {m['all_us']:.0f}" if "all_us" in m else "")
+                        + (f", {m['cpus']:.2f} CPUs" if "cpus" in m else "") + (")" if "worker_us" in m else ""))
 
             ratios = "  ".join(f"{f}/{s}={res[(f, mode)]['rate'] / res[(s, mode)]['rate']:.2f}x"
-                               for f in FORGES + tuple(FORGES_VARIANTS) if f in here for s in here if not s.startswith("forge"))
+                               for f in all_forges() if f in here for s in here if not s.startswith("forge"))
+            best = graphile_best(res, here, mode)
+            if best:
+                ratios += "  vs graphile's best: " + "  ".join(
+                    f"{f}={res[(f, mode)]['rate'] / res[(best, mode)]['rate']:.2f}x" for f in all_forges() if f in here)
             if ("ratio", mode) in res:
                 ratios += f"  with/without forge-observe={res[('ratio', mode)]:.3f}"
             load = res.get(("load", mode))
@@ -952,6 +1135,17 @@ async def main_async(args: argparse.Namespace) -> None:
             p50, p99, offered, n, c50, c99 = res["latency"]
             print(f"  {label:<8} latency    enqueue-to-start p50={p50:.2f} ms  p99={p99:.2f} ms; "
                   f"commit-to-start p50={c50:.2f} ms  p99={c99:.2f} ms  (offered {offered:,.0f}/s, {n} jobs)")
+
+
+def all_forges() -> list[str]:
+    """FORGE's systems, in-process and several-process, whose ratios to the peers are printed."""
+    return [*FORGES, *FORGES_VARIANTS, *forge_shape_systems()]
+
+
+def graphile_best(res: dict[Any, Any], here: list[str], mode: str) -> str | None:
+    """The graphile shape with the highest median in this mode (the target: FORGE >= it)."""
+    shapes = [s for s in here if s in GRAPHILE_SHAPES]
+    return max(shapes, key=lambda s: res[(s, mode)]["rate"]) if shapes else None
 
 
 def observe_installed() -> bool:
@@ -979,7 +1173,9 @@ def main() -> None:
                         "forge_pgbouncer (FORGE's pool through PgBouncer), forge_prefetch0 (FORGE with "
                         "[worker] prefetch = 0, no claim-ahead), forge_fixed (FORGE with its reserve of jobs claimed ahead fixed at "
                         "twice concurrency, as before it adapted), forge_lanes2 (FORGE with [worker] claim_lanes = 2), graphile_1x50, graphile_4x24, "
-                        "pgqueuer, procrastinate")
+                        "pgqueuer, procrastinate; FORGE as several worker-node processes: "
+                        + ", ".join(f"{s} ({n} x concurrency {c})" for s, (n, c) in FORGE_SHAPES.items())
+                        + ", and forge-observe_<shape> (the same with forge-observe)")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["drain", "bound", "continuous"],
                    help="throughput modes to run (drain, bound = worker-bound continuous, continuous = one "
                         "producer of batches of 10); empty for the latency run only")
@@ -988,6 +1184,9 @@ def main() -> None:
     p.add_argument("--bound-producers", type=int, default=2, help="worker-bound: producer connections")
     p.add_argument("--forge-worker", type=lambda s: dict(kv.split("=", 1) for kv in s.split(",") if kv), default={},
                    help="[worker] settings for FORGE's nodes, e.g. claim_statements=1 (default: none, the defaults)")
+    p.add_argument("--forge-shapes", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="PxC,...: the several-process FORGE shapes (P processes x concurrency C) instead of "
+                        f"FORGE_SHAPES ({','.join(s.split('_', 1)[1] for s in FORGE_SHAPES)}), e.g. 2x50,3x17")
     p.add_argument("--pg-profile", action="store_true",
                    help="worker-bound: print PostgreSQL's statements (pg_stat_statements) and its backends' wait "
                         "events (pg_stat_activity, sampled every 2 ms) for each window; adds some load of its own")
@@ -1001,6 +1200,9 @@ def main() -> None:
         variants[name] = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
         FORGES_VARIANTS.append(f"forge_{name}")
     args.forge_variant = variants
+    if args.forge_shapes is not None:
+        FORGE_SHAPES.clear()
+        FORGE_SHAPES.update({f"forge_{shape}": tuple(map(int, shape.split("x"))) for shape in args.forge_shapes})
     FORGE_WORKER.update({k: json.loads(v) for k, v in args.forge_worker.items()})
     import logging
 
