@@ -328,6 +328,19 @@ def forge_shape_systems() -> list[str]:
     return [name for s in FORGE_SHAPES for name in (s, "forge-observe_" + s.split("_", 1)[1])]
 
 
+
+async def stop_processes(procs: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM each process still running, then wait up to 30 s for each before SIGKILL."""
+    for p in procs:
+        if p.returncode is None:
+            p.terminate()
+    for p in procs:
+        try:
+            await asyncio.wait_for(p.wait(), 30)
+        except asyncio.TimeoutError:
+            p.kill()
+            await p.wait()
+
 class ForgeNodes:
     """``processes`` worker_node.py processes, each one FORGE node (worker role, concurrency
     ``concurrency``) on the run's database; stopped by pid (SIGTERM: a graceful node stop)."""
@@ -376,15 +389,7 @@ class ForgeNodes:
         return [p.pid for p in self.procs if p.returncode is None]
 
     async def stop(self) -> None:
-        for p in self.procs:
-            if p.returncode is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                await asyncio.wait_for(p.wait(), 30)
-            except asyncio.TimeoutError:
-                p.kill()
-                await p.wait()
+        await stop_processes(self.procs)
         await asyncio.gather(*self._readers, return_exceptions=True)  # their last lines ("done N") read
 
     async def check_once(self, conn: asyncpg.Connection, expected: int | None = None) -> str:
@@ -726,15 +731,7 @@ class GraphileWorkers:
         return [p.pid for p in self.procs if p.returncode is None]
 
     async def stop(self) -> None:
-        for p in self.procs:
-            if p.returncode is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                await asyncio.wait_for(p.wait(), 30)
-            except asyncio.TimeoutError:
-                p.kill()
-                await p.wait()
+        await stop_processes(self.procs)
         for t in self._readers:
             t.cancel()
         shutil.rmtree(self.dir, ignore_errors=True)
