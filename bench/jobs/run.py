@@ -328,7 +328,6 @@ def forge_shape_systems() -> list[str]:
     return [name for s in FORGE_SHAPES for name in (s, "forge-observe_" + s.split("_", 1)[1])]
 
 
-
 async def stop_processes(procs: list[asyncio.subprocess.Process]) -> None:
     """SIGTERM each process still running, then wait up to 30 s for each before SIGKILL."""
     for p in procs:
@@ -340,6 +339,7 @@ async def stop_processes(procs: list[asyncio.subprocess.Process]) -> None:
         except asyncio.TimeoutError:
             p.kill()
             await p.wait()
+
 
 class ForgeNodes:
     """``processes`` worker_node.py processes, each one FORGE node (worker role, concurrency
