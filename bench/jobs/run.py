@@ -126,6 +126,25 @@ def fixed_prefetch() -> dict[str, int]:
     return {"prefetch": 2 * int(FORGE_WORKER.get("concurrency", 50))}
 
 
+def run_quietly(main: Any) -> None:
+    """Run coroutine ``main`` as a bench process does: logs at WARNING and up only (the standard
+    library's, loguru's, the nodes' [log] level), under uvloop when it is installed."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("FORGE_LOG__LEVEL", "WARNING")
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 # --- FORGE ---------------------------------------------------------------------------------------
 async def forge_node(url: str, direct_url: str = "", observe: bool = False, **worker: Any):
     from forge_kernel.config import load_config
@@ -1201,20 +1220,7 @@ def main() -> None:
         FORGE_SHAPES.clear()
         FORGE_SHAPES.update({f"forge_{shape}": tuple(map(int, shape.split("x"))) for shape in args.forge_shapes})
     FORGE_WORKER.update({k: json.loads(v) for k, v in args.forge_worker.items()})
-    import logging
-
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("FORGE_LOG__LEVEL", "WARNING")
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    try:
-        import uvloop
-
-        uvloop.run(main_async(args))
-    except ImportError:
-        asyncio.run(main_async(args))
+    run_quietly(main_async(args))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import os
 import signal
 import sys
 import threading
@@ -72,15 +70,6 @@ if __name__ == "__main__":
     p.add_argument("--observe", action="store_true", help="load forge-observe at its defaults")
     p.add_argument("--worker", default="{}", help="further [worker] settings, a JSON object")
     args = p.parse_args()
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("FORGE_LOG__LEVEL", "WARNING")
-    from loguru import logger
+    from run import run_quietly
 
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    try:
-        import uvloop
-
-        uvloop.run(main(args))
-    except ImportError:
-        asyncio.run(main(args))
+    run_quietly(main(args))

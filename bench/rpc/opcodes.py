@@ -36,6 +36,7 @@ import httpx
 from forge_kernel.embedded_pg import EmbeddedPostgres
 from forge_kernel.testing import free_port, wait_for
 from forge_kernel.testing.procs import write_config
+from run import aggregate_now, stop_process
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,10 +76,7 @@ def count(who: str, db_url: str, tmp: Path, n: int) -> dict[str, collections.Cou
 
     def aggregate() -> None:
         if who == "observe":
-            done = wd / "aggregated"
-            done.unlink(missing_ok=True)
-            os.kill(proc.pid, signal.SIGUSR1)
-            wait_for(done.exists, 120, 0.1, "forge-observe's aggregation")
+            aggregate_now(proc, wd, 120, "forge-observe's aggregation")
 
     try:
         wait_for(up, 120, 0.5, f"the {who} node")
@@ -93,12 +91,7 @@ def count(who: str, db_url: str, tmp: Path, n: int) -> dict[str, collections.Cou
         time.sleep(0.5)
         raw = json.loads((wd / "opcodes.json").read_text())
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the node leaves the node table: the next one has no stale peer
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process(proc, grace=60)
     out: dict[str, collections.Counter] = {}
     for what in ("ops", "calls"):
         merged: collections.Counter = collections.Counter()

@@ -117,15 +117,25 @@ def run_wrk(url: str, script: Path, duration: int, connections: int, threads: in
     return res
 
 
-def stop_process(p: subprocess.Popen) -> None:
-    """SIGTERM to the process group a server was started in; SIGKILL after 20 s."""
+def stop_process(p: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to the process group a server was started in (a node then leaves the cluster's node
+    table, so the next node started has no stale peer); SIGKILL after ``grace`` seconds."""
     if p.poll() is None:
         os.killpg(p.pid, signal.SIGTERM)
         try:
-            p.wait(20)
+            p.wait(grace)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
+            p.wait(30)
+
+
+def aggregate_now(p: subprocess.Popen, folder: Path, timeout: float, what: str) -> None:
+    """Make a node started through observed_node.py aggregate and write its queued spans now (SIGUSR1)
+    and wait until it has (it touches ``aggregated`` in ``folder``, its working directory)."""
+    done = folder / "aggregated"
+    done.unlink(missing_ok=True)
+    os.kill(p.pid, signal.SIGUSR1)
+    wait_for(done.exists, timeout, 0.1, what)
 
 
 def check(url: str, body: dict | list, expect: object) -> None:
@@ -191,10 +201,7 @@ def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str
         wait_for(up, 600, 1, f"{who} under valgrind")
         def aggregate() -> None:
             if who == "observe":
-                done = tmp / "aggregated"
-                done.unlink(missing_ok=True)
-                os.kill(proc.pid, signal.SIGUSR1)
-                wait_for(done.exists, 600, 0.2, "forge-observe's aggregation under valgrind")
+                aggregate_now(proc, tmp, 600, "forge-observe's aggregation under valgrind")
 
         asyncio.run(load(400))
         aggregate()  # the warm-up's spans written: the writer's COPY is prepared before counting starts
@@ -213,14 +220,8 @@ def instructions_per_request(tmp: Path, env: dict, n: int, who: str, db_url: str
                 return int(re.search(r"^totals: (\d+)", text, re.M).group(1)) / (n // 8 * 8)
         raise SystemExit("callgrind wrote no dump for the measured requests")
     finally:
-        # SIGTERM first: the node leaves the cluster's node table, so the next counted node's mesh does
-        # not dial it as a peer (a stale row cost that node ~0.4k instructions per request in gRPC)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        # not SIGKILL: a stale node row made the next counted node's mesh dial it (~0.4k instructions per request)
+        stop_process(proc, grace=120)
 
 
 async def pg_settings(url: str) -> dict:
