@@ -156,7 +156,9 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     return statistics.median(ordered), ordered[k - 1], ordered[n - k], coverage
 
 
-def verdict(low: float, high: float, target: float) -> str:
+def verdict(low: float, high: float, coverage: float, target: float) -> str:
+    if coverage < 0.95:
+        return f"TOO FEW ROUNDS (the interval covers {coverage:.0%}; 6 rounds or more make it 95 %)"
     if low >= target:
         return f"MET (the whole interval is >= {target})"
     if high < target:
@@ -578,10 +580,10 @@ def main() -> None:
                 print(f"    {label}: req/s {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]; by CPU per request (server + "
                       f"PostgreSQL) {c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]")
             r, c = summary["observe_over_forge_paired"]["rps"], summary["observe_over_forge_paired"]["cpu"]
-            summary["verdict"] = verdict(r[1], r[2], 0.95)
+            summary["verdict"] = verdict(r[1], r[2], r[3], 0.95)
             # on a shared machine a node gets a share of a core, and its req/s follows its CPU per request:
             # the steadier figure (the A/A control's interval is narrower by CPU than by req/s)
-            summary["verdict_by_cpu"] = verdict(c[1], c[2], 0.95)
+            summary["verdict_by_cpu"] = verdict(c[1], c[2], c[3], 0.95)
             busiest = max(r["load1"] for name, _, _, _ in contenders for r in results[name])
             if busiest > args.busy_load:
                 summary["verdict"] += (f"; BUSY MACHINE: the 1-minute load average reached {busiest:.1f} (> {args.busy_load:g}), "
