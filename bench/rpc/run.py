@@ -16,9 +16,11 @@ PgBouncer's own CPU per request.
 
 The FORGE node runs without forge-observe (``FORGE_DISABLE_PLUGINS=observe``). ``--observe`` adds
 the same node with forge-observe at its defaults to every round; ``--observe-only`` runs just the
-two of them (many short rounds fit in the same time). Contenders take turns in a round, in reverse
-order every other round; the with/without ratio is printed as the ratio of medians and as the
-median of each round's own ratio, with the CPU each request cost in the server process.
+two of them (many short rounds fit in the same time). Contenders take turns in a round, in rotating
+orders (reversed every other round); the with/without ratio is printed as the ratio of medians and as the
+median of each round's own ratio, with the CPU each request cost in the server process; that median
+has a distribution-free ~95 % interval and a verdict against 0.95 (met, missed, undecided), and
+``--control`` adds the plain node's twin to every round (an A/A control in the same run).
 ``--instructions N`` counts, with callgrind, the CPU instructions a request costs each node
 instead: a figure that does not move with the machine's load.
 """
@@ -451,6 +453,7 @@ def main() -> None:
         postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         results["batch10"] = []
+
         def order(i: int) -> list[int]:
             """Round ``i``'s order: the contenders rotated by i // 2, reversed in odd rounds (two: as
             listed, then reversed; three: all six orders in six rounds): none always takes the same turn."""
