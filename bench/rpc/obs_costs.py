@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,7 @@ def main() -> None:
         for p in procs:
             stop_process(p)
         pg.release()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ async def measure(url: str, rows: int) -> None:
         backend = await conn.fetchval("SELECT pg_backend_pid()")
         table, columns = TABLES["spans"]
         for traces in (1, 5, 25, 100, 400):
-            copies = rows // (3 * traces)
+            copies = max(1, rows // (3 * traces))
             batches = [trace_rows(traces) for _ in range(copies)]
             await conn.copy_records_to_table(table, records=trace_rows(traces), columns=columns)  # prepared
             cpu0 = cpu_seconds(backend)
@@ -87,6 +88,7 @@ def main() -> None:
         print(f"load average {os.getloadavg()}")
     finally:
         pg.release()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
