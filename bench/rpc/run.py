@@ -16,9 +16,11 @@ PgBouncer's own CPU per request.
 
 The FORGE node runs without forge-observe (``FORGE_DISABLE_PLUGINS=observe``). ``--observe`` adds
 the same node with forge-observe at its defaults to every round; ``--observe-only`` runs just the
-two of them (many short rounds fit in the same time). Contenders take turns in a round, in reverse
-order every other round; the with/without ratio is printed as the ratio of medians and as the
-median of each round's own ratio, with the CPU each request cost in the server process.
+two of them (many short rounds fit in the same time). Contenders take turns in a round, in rotating
+orders (reversed every other round); the with/without ratio is printed as the ratio of medians and as the
+median of each round's own ratio, with the CPU each request cost in the server process; that median
+has a distribution-free ~95 % interval and a verdict against 0.95 (met, missed, undecided), and
+``--control`` adds the plain node's twin to every round (an A/A control in the same run).
 ``--instructions N`` counts, with callgrind, the CPU instructions a request costs each node
 instead: a figure that does not move with the machine's load.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -136,6 +139,33 @@ def aggregate_now(p: subprocess.Popen, folder: Path, timeout: float, what: str) 
     done.unlink(missing_ok=True)
     os.kill(p.pid, signal.SIGUSR1)
     wait_for(done.exists, timeout, 0.1, what)
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """The median of ``values``, a distribution-free confidence interval for it (order statistics:
+    the k-th smallest and k-th largest, k the largest with P(Binomial(n, 1/2) < k) <= (1 - level) / 2),
+    so one disturbed round moves neither end much, and the interval's coverage. Too few values for
+    ``level`` (fewer than 6 for 95 %): the smallest and the largest, covering less."""
+    ordered, n = sorted(values), len(values)
+    k, tail = 1, 0.0
+    while k < n:
+        tail += math.comb(n, k - 1) / 2 ** n  # P(X <= k - 1)
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    k = max(1, k - 1)
+    coverage = 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
+    return statistics.median(ordered), ordered[k - 1], ordered[n - k], coverage
+
+
+def verdict(low: float, high: float, coverage: float, target: float) -> str:
+    if coverage < 0.95:
+        return f"TOO FEW ROUNDS (the interval covers {coverage:.0%}; 6 rounds or more make it 95 %)"
+    if low >= target:
+        return f"MET (the whole interval is >= {target})"
+    if high < target:
+        return f"MISSED (the whole interval is < {target})"
+    return f"UNDECIDED (the interval spans {target}: more rounds, or a quieter machine)"
 
 
 def check(url: str, body: dict | list, expect: object) -> None:
@@ -252,14 +282,17 @@ def main() -> None:
                     help="with --observe-only: start both FORGE nodes anew before every round (per-process "
                          "randomness then varies round to round instead of biasing the whole run)")
     ap.add_argument("--control", action="store_true",
-                    help="with --observe-only: the second node runs WITHOUT forge-observe too (an A/A run: how far "
-                         "apart two identical nodes measure; its 'observe' rows are that control node)")
+                    help="with --observe-only: a third node WITHOUT forge-observe takes its turn in every round too "
+                         "(an A/A control in the same run: how far apart two identical nodes measure, with its interval)")
     ap.add_argument("--servers", default="forge,observe,bare,raw",
                     help="with --instructions: which servers to count (comma-separated)")
     ap.add_argument("--no-pgbouncer", action="store_true", help="leave out the FORGE node through PgBouncer")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="instead of wrk rounds: CPU instructions per request of FORGE with and without forge-observe, bare and raw, "
                          "counted by callgrind over N requests each (needs valgrind)")
+    ap.add_argument("--busy-load", type=float, default=2.0, metavar="LOAD",
+                    help="with --observe: a 1-minute load average above LOAD after any turn marks the run's verdict as "
+                         "taken on a busy machine (other work then moves the ratio more than forge-observe does)")
     ap.add_argument("--keep-dumps", default="", metavar="DIR",
                     help="with --instructions: copy each server's callgrind dump of the measured requests into DIR")
     args = ap.parse_args()
@@ -309,7 +342,10 @@ def main() -> None:
         obs_port = free_port() if args.observe else 0
         observed = f"http://127.0.0.1:{obs_port}" if args.observe else ""
 
-        def start_nodes() -> tuple[subprocess.Popen, subprocess.Popen | None]:
+        control_port = free_port() if args.control else 0
+        control = f"http://127.0.0.1:{control_port}" if args.control else ""
+
+        def start_nodes() -> tuple[subprocess.Popen, subprocess.Popen | None, subprocess.Popen | None]:
             # the FORGE node as before forge-observe existed; with --observe a second one has it
             forge_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
                                           env={**env, "FORGE_DISABLE_PLUGINS": "observe"},
@@ -320,14 +356,21 @@ def main() -> None:
             if args.observe:
                 observed_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
                                                  env={**env, "FORGE_GATEWAY__PORT": str(obs_port),
-                                                      "FORGE_NODE__ID": "bench-observe",
-                                                      **({"FORGE_DISABLE_PLUGINS": "observe"} if args.control else {})},
+                                                      "FORGE_NODE__ID": "bench-observe"},
                                                  stdout=open(tmp / "forge-observe.log", "ab"),
                                                  stderr=subprocess.STDOUT, start_new_session=True)
                 procs.append(observed_proc)
-            return forge_proc, observed_proc
+            control_proc = None
+            if args.control:  # the A/A control: the first node's twin
+                control_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
+                                                env={**env, "FORGE_GATEWAY__PORT": str(control_port),
+                                                     "FORGE_NODE__ID": "bench-control", "FORGE_DISABLE_PLUGINS": "observe"},
+                                                stdout=open(tmp / "forge-control.log", "ab"),
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+                procs.append(control_proc)
+            return forge_proc, observed_proc, control_proc
 
-        forge_proc, observed_proc = start_nodes()
+        forge_proc, observed_proc, control_proc = start_nodes()
         pooled_port, pooled_proc = 0, None
         if PgBouncer.binary() and not args.observe_only and not args.no_pgbouncer:
             # the embedded server's URL names a socket folder and a password file: PgBouncer gets its TCP port
@@ -379,8 +422,11 @@ def main() -> None:
         if observed:
             wait_for(lambda: httpx.get(observed + "/ready").status_code == 200, 60, 0.2, "FORGE node with forge-observe")
             check(observed + "/rpc/value", {"id": 7}, {"data": 8})
-            if not args.control and "forge_function_calls_total" not in httpx.get(observed + "/metrics").text:
+            if "forge_function_calls_total" not in httpx.get(observed + "/metrics").text:
                 raise SystemExit("the node with forge-observe serves no metrics: is forge-observe installed?")
+        if control:
+            wait_for(lambda: httpx.get(control + "/ready").status_code == 200, 60, 0.2, "the control FORGE node")
+            check(control + "/rpc/value", {"id": 7}, {"data": 8})
         batch = [{"jsonrpc": "2.0", "method": "value", "params": {"id": i}, "id": i} for i in range(10)]
         check(forge + "/rpc", batch, [{"jsonrpc": "2.0", "result": i + 1, "id": i} for i in range(10)])
 
@@ -394,6 +440,9 @@ def main() -> None:
         if observed:
             run_wrk(observed, s_forge, 2, args.connections)
             contenders.append(("observe", observed, s_forge, observed_proc.pid))
+        if control:
+            run_wrk(control, s_forge, 2, args.connections)
+            contenders.append(("control", control, s_forge, control_proc.pid))
         if not args.observe_only:
             run_wrk(raw, s_bare, 2, args.connections)
             contenders.append(("bare", bare, s_bare, bare_proc.pid))
@@ -404,30 +453,40 @@ def main() -> None:
         postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         results["batch10"] = []
+
+        def order(i: int) -> list[int]:
+            """Round ``i``'s order: the contenders rotated by i // 2, reversed in odd rounds (two: as
+            listed, then reversed; three: all six orders in six rounds): none always takes the same turn."""
+            n = len(contenders)
+            turn = [(k + i // 2) % n for k in range(n)]
+            return turn[::-1] if i % 2 else turn
+
         for i in range(args.rounds):
             if args.fresh_nodes and i:
-                # both FORGE nodes anew: what a process start draws at random (string hash seed, so which
+                # the FORGE nodes anew: what a process start draws at random (string hash seed, so which
                 # attribute lookups collide in CPython's type cache; addresses) stays for the process's
-                # life, so with the same two processes in every round it biases a whole run one way
-                for p in (forge_proc, observed_proc):
-                    stop_process(p)
-                    procs.remove(p)
-                forge_proc, observed_proc = start_nodes()
-                for url in (forge, observed):
+                # life, so with the same processes in every round it biases a whole run one way
+                for p in (forge_proc, observed_proc, control_proc):
+                    if p is not None:
+                        stop_process(p)
+                        procs.remove(p)
+                forge_proc, observed_proc, control_proc = start_nodes()
+                pids = {"forge": forge_proc.pid, "observe": observed_proc.pid,
+                        "control": control_proc.pid if control_proc else 0}
+                for url in filter(None, (forge, observed, control)):
                     wait_for(lambda: httpx.get(url + "/ready").status_code == 200, 60, 0.2, "FORGE node")
                     run_wrk(url, s_forge, 2, args.connections)  # warm-up, as before the first round
-                contenders = [(n, u, sc, forge_proc.pid if n == "forge" else observed_proc.pid)
-                              for n, u, sc, _ in contenders]
-            # every other round in reverse order: no contender always follows the same one
-            for name, url, script, pid in (contenders if i % 2 == 0 else contenders[::-1]):
+                contenders = [(n, u, sc, pids[n]) for n, u, sc, _ in contenders]
+            for name, url, script, pid in (contenders[k] for k in order(i)):
                 res = run_wrk(url, script, args.duration, args.connections, server_pid=pid, postmaster=postmaster,
                               pooler_pid=bouncer.proc.pid if name == "pgbouncer" else None)
+                res["load1"] = os.getloadavg()[0]
                 results[name].append(res)
                 extra = f" pgbouncer {res['pgbouncer_cpu_us_per_req']:4.0f} us" if name == "pgbouncer" else ""
                 print(f"round {i + 1} {name:9s} {res['rps']:9.0f} req/s  p50 {res['p50_ms']:6.2f} ms  "
                       f"p99 {res['p99_ms']:6.2f} ms  cpu/req server {res['server_cpu_us_per_req']:5.0f} us "
                       f"postgres {res['pg_cpu_us_per_req']:5.0f} us{extra}  non-2xx {res['non2xx']} "
-                      f"{res['socket_errors']}  (load avg {os.getloadavg()[0]:.1f})", flush=True)
+                      f"{res['socket_errors']}  (load avg {res['load1']:.1f})", flush=True)
         for i in range(0 if args.observe_only else max(1, args.rounds - 1)):
             res = run_wrk(forge, s_batch, args.duration, args.connections, server_pid=forge_proc.pid, postmaster=postmaster)
             results["batch10"].append(res)
@@ -460,11 +519,22 @@ def main() -> None:
             if observed:
                 summary["ratio_observe_over_bare"] = summary["observe"]["rps"] / summary["bare"]["rps"]
                 summary["ratio_observe_over_bare_per_round"] = per_round("observe", "bare")
+        def paired(a: str, b: str) -> dict:
+            """``a`` / ``b`` round by round (req/s, and CPU per request of server + PostgreSQL inverted:
+            b's / a's), each the median with its ~95 % interval (median_interval)."""
+            rps = median_interval([x["rps"] / y["rps"] for x, y in zip(results[a], results[b])])
+            cpu = median_interval([(y["server_cpu_us_per_req"] + y["pg_cpu_us_per_req"])
+                                   / (x["server_cpu_us_per_req"] + x["pg_cpu_us_per_req"])
+                                   for x, y in zip(results[a], results[b])])
+            return {"rps": rps, "cpu": cpu, "rounds": len(results[a])}
+
         if observed:
             with_, without = summary["observe"], summary["forge"]
             summary["ratio_observe_over_forge"] = with_["rps"] / without["rps"]
-            summary["ratio_observe_over_forge_per_round"] = statistics.median(
-                o["rps"] / f["rps"] for o, f in zip(results["observe"], results["forge"]))
+            summary["observe_over_forge_paired"] = paired("observe", "forge")
+            summary["ratio_observe_over_forge_per_round"] = summary["observe_over_forge_paired"]["rps"][0]
+            if control:
+                summary["control_over_forge_paired"] = paired("control", "forge")
             summary["observe_server_cpu_us_per_req_added"] = (with_["server_cpu_us_per_req"]
                                                               - without["server_cpu_us_per_req"])
             summary["observe_pg_cpu_us_per_req_added"] = with_["pg_cpu_us_per_req"] - without["pg_cpu_us_per_req"]
@@ -480,7 +550,7 @@ def main() -> None:
                             "loop": args.loop, "load": "wrk -t1", "cpus": os.cpu_count(),
                             "row_security": args.row_security}
         print("\nmedians:")
-        for name in [n for n in ("forge", "observe", "bare", "raw", "pgbouncer", "batch10") if n in summary]:
+        for name in [n for n in ("forge", "observe", "control", "bare", "raw", "pgbouncer", "batch10") if n in summary]:
             s = summary[name]
             print(f"  {name:8s} {s['rps']:9.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  "
                   f"cpu/req server {s['server_cpu_us_per_req']:.1f} us postgres {s['pg_cpu_us_per_req']:.1f} us")
@@ -502,6 +572,32 @@ def main() -> None:
                   f"target >= 0.95; CPU per request added: server "
                   f"{summary['observe_server_cpu_us_per_req_added']:+.1f} us, PostgreSQL "
                   f"{summary['observe_pg_cpu_us_per_req_added']:+.1f} us")
+            rounds = []
+            if control:
+                rounds.append(("A/A control: FORGE / its twin", summary["control_over_forge_paired"]))
+            rounds.append(("FORGE with forge-observe / without", summary["observe_over_forge_paired"]))
+            coverage = summary["observe_over_forge_paired"]["rps"][3]
+            print(f"  paired, round by round: median [{coverage:.1%} interval of the median], {args.rounds} rounds:")
+            for label, p in rounds:
+                r, c = p["rps"], p["cpu"]
+                print(f"    {label}: req/s {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]; by CPU per request (server + "
+                      f"PostgreSQL) {c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]")
+            r, c = summary["observe_over_forge_paired"]["rps"], summary["observe_over_forge_paired"]["cpu"]
+            summary["verdict"] = verdict(r[1], r[2], r[3], 0.95)
+            # on a shared machine a node gets a share of a core, and its req/s follows its CPU per request:
+            # the steadier figure (the A/A control's interval is narrower by CPU than by req/s)
+            summary["verdict_by_cpu"] = verdict(c[1], c[2], c[3], 0.95)
+            busiest = max(r["load1"] for name, _, _, _ in contenders for r in results[name])
+            if busiest > args.busy_load:
+                summary["verdict"] += (f"; BUSY MACHINE: the 1-minute load average reached {busiest:.1f} (> {args.busy_load:g}), "
+                                       f"so other work moved these rounds: re-run when it is quiet")
+            print(f"  verdict, forge-observe's req/s ratio >= 0.95: {summary['verdict']}")
+            print(f"  verdict by CPU per request (server + PostgreSQL) ratio >= 0.95: {summary['verdict_by_cpu']}")
+            if control:
+                c = summary["control_over_forge_paired"]["rps"]
+                if not c[1] <= 1.0 <= c[2]:
+                    print(f"  WARNING: the A/A control's interval [{c[1]:.3f}, {c[2]:.3f}] leaves out 1.0: two identical "
+                          f"nodes measured apart, so this run's ratios are biased (or the machine's load drifted)")
         if bouncer:
             print(f"  FORGE through PgBouncer / direct = {summary['ratio_pgbouncer_over_direct']:.3f} req/s; by CPU per "
                   f"request (server + PostgreSQL + PgBouncer) {summary['cpu_ratio_direct_over_pgbouncer']:.3f}")
