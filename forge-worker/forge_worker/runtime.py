@@ -1139,7 +1139,7 @@ class Worker:
             if a.t0:  # the head decision (Telemetry.head_sampled_remote's; a job without a traceparent inline)
                 remote = (row["options"] or _NONE).get("traceparent")
                 if tel.head_sampled_remote(remote) if remote else _random() < tel.sample_rate:
-                    job_span(tel, row, a)  # its SQL statements become spans: the trace is kept
+                    job_span(tel, row, a, True)  # its SQL statements become spans: the trace is kept
             if a.timeout:
                 # the node's one timer cancels the task once the limit passes (_timed_out)
                 self._deadlines.watch((a.id, a.attempt), a.timeout)
