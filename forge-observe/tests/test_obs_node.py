@@ -424,3 +424,28 @@ async def test_a_job_without_a_traceparent_is_kept_as_its_head_decision_says(for
     else:
         await for_node(node).writer.write_pending()
         assert not await rows(forge_db_url, "SELECT 1 FROM forge_obs_spans WHERE trace_id = $1", trace_id)
+
+
+async def test_a_job_started_after_a_sampled_one_is_outside_its_trace(forge_node, monkeypatch):
+    """The next job claimed ahead starts from the ending job's task, whose context the new task
+    copies: the ending job's span has left it by then, so the next job's SQL statements and log
+    lines do not name the other job's trace."""
+    import obs_app
+    from forge_worker import JobQueue
+    from forge_worker import runtime
+
+    draws = iter([0.0])  # the first job run is head-sampled, the others not
+    monkeypatch.setattr(runtime, "_random", lambda: next(draws, 0.999))
+    node = await forge_node(modules=["obs_app"], config={
+        "observe": {**FAST, "sample_rate": 0.01}, "gateway": {"port": 0}, "worker": {"concurrency": 1}})
+    obs_app.SEEN_SPANS.clear()
+    queue = JobQueue(node.pool)
+    await queue.enqueue_many([queue.request("peek_job") for _ in range(3)])
+
+    async def ran():
+        return len(obs_app.SEEN_SPANS) == 3
+
+    await eventually(ran, what="three jobs")
+    first, *rest = obs_app.SEEN_SPANS
+    assert first is not None and first.sampled and first.name == "job peek_job"
+    assert rest == [None, None]

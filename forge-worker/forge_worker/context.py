@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from typing import Any, AsyncIterator, Mapping
 
 import asyncpg
@@ -219,5 +220,6 @@ def job_span(tel: Any, row: Any, attempt: Any, sampled: bool = False) -> Any:
             ids["cron_run"] = opts["cron_run"]
             attrs["cron.name"] = opts.get("cron")
         attempt.span = tel.start_span(f"job {row['name']}", "consumer", remote=opts.get("traceparent") or "",
-                                      attrs=attrs, ids=ids, start_ns=attempt.t0, sampled=sampled)
+                                      attrs=attrs, ids=ids, start_ns=time.time_ns() - int((time.monotonic() - attempt.t0) * 1e9),
+                                      sampled=sampled)
     return attempt.span
