@@ -1119,6 +1119,7 @@ class Worker:
         tel = self.node.telemetry
         if tel.enabled:
             a.t0 = ran_from
+        call = None
         try:
             defn = self.node.registry.get(row["name"])
             if defn is None or defn.kind not in ("job", "cron"):
@@ -1175,6 +1176,11 @@ class Worker:
             logger.warning(f"job {row['id']} ({row['name']}) attempt {a.attempt}/{row['max_attempts']} failed: "
                            f"{storable_error(f'{type(exc).__name__}: {exc}', 2000)}")
         finally:
+            if call is not None:
+                # the call and its ctx point at each other: cut, the job's objects (ctx, its database,
+                # the attempt, its task and row) are freed by reference counting as the job ends, not
+                # by the cyclic collector (bench/jobs: 9 objects a job, ~3.5 us of collection per job)
+                call.ctx = None
             a.finished = True
             self.active -= 1
             ran = _monotonic() - ran_from
