@@ -365,7 +365,7 @@ def _promote(span: Span) -> None:
     t0, t1 = span._t0, span._t1
     now_ns, now = _time_ns(), call_clock()
     span.__class__ = Span
-    span.trace_id = (_getrandbits(64) << 64) | (below + _getrandbits(64) % ((1 << 64) - below)) or 1
+    span.trace_id = _draw_trace_id(False, below)
     span.span_id = _getrandbits(64) or 1
     span.parent_id, span.kind = 0, "server"
     span.attrs = span.ids = span.error = span._later = span._trace = None
@@ -375,6 +375,18 @@ def _promote(span: Span) -> None:
 
 def new_span_id() -> int:
     return _getrandbits(64) or 1
+
+
+def _draw_trace_id(sampled: bool, below: int) -> int:
+    """A fresh trace id whose low 64 bits say ``sampled`` against the sampling threshold ``below``
+    (what ``head_sampled_remote`` reads from it on any node), for a head decision made before the id
+    was drawn. At rate 0 no id says sampled, at rate 1 none says unsampled: those get the nearest."""
+    if sampled:
+        low = _getrandbits(64) % min(below, 1 << 64) if below else 0
+    else:
+        below = min(below, _LOW64)
+        low = below + _getrandbits(64) % ((1 << 64) - below)
+    return (_getrandbits(64) << 64) | low or 1
 
 
 class Telemetry:
@@ -502,11 +514,14 @@ class Telemetry:
 
     def start_span(self, name: str, kind: str = "internal", *, remote: str | None = None,
                    attrs: dict[str, Any] | None = None, ids: dict[str, Any] | None = None,
-                   start_ns: int = 0) -> Span | None:
+                   start_ns: int = 0, sampled: bool | None = None) -> Span | None:
         """Open a span and make it current. ``remote`` (a ``traceparent``) starts a new local trace
         continuing it (an invalid value starts a fresh trace). ``ids`` (a new local trace's root
         only) are the ids its log lines carry; ``start_ns`` when the work began earlier than now
-        (a span opened late). ``None`` when nothing observes."""
+        (a span opened late). ``sampled``: for a fresh trace, the head decision already made for it
+        (``head_sampled_remote``'s, e.g. the worker's for a job without a valid ``traceparent``): its
+        trace id is drawn to agree; without it the trace id's draw decides. ``None`` when nothing
+        observes."""
         if not self.enabled:
             return None
         parent = _current.get() if remote is None else None
@@ -524,10 +539,12 @@ class Telemetry:
             trace_id, parent_id, flags = ctx
             sampled = self.head_sampled(trace_id, flags)
             span_id = _getrandbits(64) or 1
-        else:  # a fresh trace: one draw gives its id and the root span's
+        elif sampled is None:  # a fresh trace: one draw gives its id and the root span's
             bits = _getrandbits(192)
             trace_id, span_id, parent_id = (bits >> 64) or 1, (bits & _LOW64) or 1, 0
             sampled = (trace_id & _LOW64) < self._sample_below
+        else:  # a fresh trace decided before: its id agrees (a second draw would sample sampled work again)
+            trace_id, span_id, parent_id = _draw_trace_id(sampled, self._sample_below), _getrandbits(64) or 1, 0
         # A new local root: built field by field (no __init__ call) and without a Trace, which is
         # made only if the work gets a child (see Span.trace): most unsampled work never does.
         span = _new_span(Span)
@@ -602,7 +619,7 @@ class Telemetry:
         # head-sampled: a full span, its trace id's low 64 bits below the threshold (what
         # head_sampled_remote decides from them on any node)
         span = _new_span(Span)
-        span.trace_id = (_getrandbits(64) << 64) | _getrandbits(64) % min(self._sample_below, 1 << 64) or 1
+        span.trace_id = _draw_trace_id(True, self._sample_below)
         span.sampled, span.span_id, span.parent_id, span.kind = True, _getrandbits(64) or 1, 0, "server"
         span.attrs = span.ids = span.error = span._later = span._trace = None
         span.name = name

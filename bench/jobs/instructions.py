@@ -95,7 +95,7 @@ async def drained(conn: asyncpg.Connection, limit: float = 1800.0) -> None:
 
 
 async def per_job(base: str, n: int, warmup: int, observe: bool, tmp: Path, keep: str = "",
-                  aggregate: bool = True, worker: dict | None = None) -> float:
+                  aggregate: bool = True, worker: dict | None = None, cache_sim: bool = False) -> float:
     import forge_bench_jobs as fb
     from forge_worker import JobQueue
 
@@ -106,7 +106,7 @@ async def per_job(base: str, n: int, warmup: int, observe: bool, tmp: Path, keep
     await forge_prepare(url)
     out = tmp / f"callgrind.{name}"
     proc = await asyncio.create_subprocess_exec(
-        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no", f"--callgrind-out-file={out}",
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--cache-sim={'yes' if cache_sim else 'no'}", f"--callgrind-out-file={out}",
         sys.executable, str(Path(__file__).resolve()), "--serve", url, *(["--observe"] if observe else []),
         *([] if aggregate else ["--skip-aggregation"]), "--worker-json", json.dumps(worker or {}),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
@@ -170,14 +170,14 @@ async def main_async(args: argparse.Namespace) -> None:
         rows = []
         for rnd in range(args.rounds):
             without, gc_without = await per_job(base, args.jobs, args.warmup, False, root, args.keep,
-                                                worker=args.forge_worker)
+                                                worker=args.forge_worker, cache_sim=args.cache_sim)
             if args.without_only:
                 print(f"round {rnd + 1}: CPU instructions per job (callgrind, {args.jobs:,} no-op jobs drained, "
                       f"[worker] {args.forge_worker or 'defaults'}): without forge-observe {without:,.0f}, of which "
                       f"garbage collection {gc_without:,.0f}  (load avg {os.getloadavg()[0]:.1f})", flush=True)
                 continue
             with_, gc_with = await per_job(base, args.jobs, args.warmup, True, root, args.keep,
-                                           not args.skip_aggregation, worker=args.forge_worker)
+                                           not args.skip_aggregation, worker=args.forge_worker, cache_sim=args.cache_sim)
             rows.append((without, with_))
             print(f"round {rnd + 1}: CPU instructions per job (callgrind, {args.jobs:,} no-op jobs drained): "
                   f"without forge-observe {without:,.0f}, with {with_:,.0f}, added {with_ - without:+,.0f} "
@@ -198,6 +198,8 @@ def main() -> None:
     p.add_argument("--forge-worker", type=lambda s: {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv)},
                    default={}, help="[worker] settings of the node, e.g. prefetch=0 (default: none, the defaults)")
     p.add_argument("--without-only", action="store_true", help="count the node without forge-observe only")
+    p.add_argument("--cache-sim", action="store_true",
+                   help="callgrind's cache simulation too (the --keep dumps then hold L1 and last-level misses)")
     p.add_argument("--worker-json", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--observe", action="store_true", help=argparse.SUPPRESS)

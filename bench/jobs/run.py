@@ -837,7 +837,7 @@ class PgProfile:
             """SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS q, calls, total_exec_time, rows,
                       wal_bytes, shared_blks_dirtied, shared_blks_hit + shared_blks_read AS blks
                FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-               ORDER BY total_exec_time DESC LIMIT 8""")
+               ORDER BY total_exec_time DESC LIMIT 16""")
         await self.conn.close()
         out = [f"    pg_stat_statements over the run ({jobs:,} jobs in the window):"]
         for r in rows:
@@ -859,7 +859,10 @@ async def bound_window(system: str, url: str, worker_pids: Any, args: argparse.N
     roles.skip.add(watcher.get_server_pid())
 
     async def kinds() -> dict[int, str]:
-        return {r["pid"]: r["backend_type"] for r in await watcher.fetch("SELECT pid, backend_type FROM pg_stat_activity")}
+        # forge-observe's writer (its own connection) counted apart from the workers' backends
+        return {r["pid"]: r["kind"] for r in await watcher.fetch(
+            "SELECT pid, CASE WHEN application_name = 'forge-observe' THEN 'forge-observe writer' "
+            "ELSE backend_type END AS kind FROM pg_stat_activity")}
 
     profile = PgProfile(url) if args.pg_profile else None
     if profile is not None:

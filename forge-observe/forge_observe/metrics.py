@@ -15,7 +15,7 @@ import json
 import math
 import operator
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter as Tally
 from itertools import compress, groupby, repeat
 from typing import Any, Callable, Iterable, Sequence
@@ -89,9 +89,11 @@ class HistogramSeries:
 
     def prepare(self, keys: list | None, values: list, key: Any = None) -> dict:
         """A batch's bucket counts and sum per label set (``keys`` None: every value is ``key``'s).
-        Checked: a value that is not a number, or NaN, raises. Each label set's values are sorted
-        (in C) and every bound is bisected into them: per value the work is the sort's few
-        comparisons, not a bucket search, a tuple and a count."""
+        Checked: a value that is not a number, or NaN, raises. When a label set's smallest and
+        largest values fall in one bucket (the usual batch: a job type's run times, or its queue
+        waits in a steady queue), that bucket gets them all: two passes in C, no sort. Otherwise its
+        values are sorted (in C) and every bound is bisected into them: per value the work is the
+        sort's few comparisons, not a bucket search, a tuple and a count."""
         if keys is None:  # the usual batch: one job, one queue
             groups: Any = ((key, values),)
         elif (distinct := set(keys)) and len(distinct) == 1:
@@ -112,11 +114,17 @@ class HistogramSeries:
                 total = sum(vals)  # in event order (as prometheus_client adds them); a str raises here
                 if total != total:  # NaN: no bucket holds it, and it would poison the sum
                     raise ValueError("NaN")
-            ordered = sorted(vals)
-            # le is inclusive: values <= bound; a value that is no number raises in bisect
-            below = [bisect_right(ordered, b) for b in bounds]
-            counts = list(map(operator.sub, below, [0] + below[:-1]))
-            counts.append(len(ordered) - below[-1])
+            # le is inclusive: a value's bucket is the first whose bound is >= it (the last: above
+            # every bound); a value that is no number raises in min/max or bisect
+            first = bisect_left(bounds, min(vals))
+            if first == bisect_left(bounds, max(vals)):
+                counts = [0] * (len(bounds) + 1)
+                counts[first] = len(vals)
+            else:
+                ordered = sorted(vals)
+                below = [bisect_right(ordered, b) for b in bounds]
+                counts = list(map(operator.sub, below, [0] + below[:-1]))
+                counts.append(len(ordered) - below[-1])
             delta[k] = (counts, total)
         return delta
 

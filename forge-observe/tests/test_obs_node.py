@@ -383,3 +383,69 @@ async def test_closing_the_writer_stops_its_task_and_nothing_reconnects(forge_no
         task.cancel()
         for conn in connections:
             await conn.close()
+
+
+@pytest.mark.parametrize("head_sampled", [True, False])
+async def test_a_job_without_a_traceparent_is_kept_as_its_head_decision_says(forge_node, forge_db_url, monkeypatch,
+                                                                              head_sampled):
+    """A job stored without a ``traceparent`` (enqueued outside any trace) is head-sampled once, by
+    the worker's draw at the sampling rate: a sampled one's fresh trace is kept, with a trace id that
+    says "sampled" to every other node; an unsampled one that goes well keeps nothing. (The span's
+    own trace id used to decide a second time, so such jobs were kept at the rate squared.)"""
+    from forge_kernel.telemetry import format_traceparent
+    from forge_worker import JobQueue
+    from forge_worker import runtime
+
+    monkeypatch.setattr(runtime, "_random", lambda: 0.0 if head_sampled else 0.999)
+    node = await _node(forge_node, sample_rate=0.01)
+    queue = JobQueue(node.pool)
+    note_id = await node.pool.fetchval("INSERT INTO obs_notes (body) VALUES ('outside') RETURNING id")
+    job_id = await queue.enqueue("note_job", {"note_id": note_id})
+
+    async def ran():
+        return await rows(forge_db_url, "SELECT trace_id FROM forge_obs_logs WHERE message = $1",
+                          f"job for note {note_id}")
+
+    (line,) = await eventually(ran, what="the job's log line")
+    trace_id = line["trace_id"]
+    below = node.telemetry.head_sampled_remote(format_traceparent(int(trace_id, 16), 1, False))
+    assert below is head_sampled  # what another node decides from the trace id
+
+    async def stored():
+        found = await rows(forge_db_url, "SELECT name, kind, attrs FROM forge_obs_spans WHERE trace_id = $1",
+                           trace_id)
+        return found if any(r["kind"] == "client" for r in found) else None
+
+    if head_sampled:
+        spans = await eventually(stored, what="the sampled job's spans")
+        (run,) = [s for s in spans if s["name"] == "job note_job"]
+        assert json.loads(run["attrs"])["job.id"] == job_id
+        assert any("UPDATE obs_notes" in s["attrs"] for s in spans if s["kind"] == "client")
+    else:
+        await for_node(node).writer.write_pending()
+        assert not await rows(forge_db_url, "SELECT 1 FROM forge_obs_spans WHERE trace_id = $1", trace_id)
+
+
+async def test_a_job_started_after_a_sampled_one_is_outside_its_trace(forge_node, monkeypatch):
+    """The next job claimed ahead starts from the ending job's task, whose context the new task
+    copies: the ending job's span has left it by then, so the next job's SQL statements and log
+    lines do not name the other job's trace."""
+    import obs_app
+    from forge_worker import JobQueue
+    from forge_worker import runtime
+
+    draws = iter([0.0])  # the first job run is head-sampled, the others not
+    monkeypatch.setattr(runtime, "_random", lambda: next(draws, 0.999))
+    node = await forge_node(modules=["obs_app"], config={
+        "observe": {**FAST, "sample_rate": 0.01}, "gateway": {"port": 0}, "worker": {"concurrency": 1}})
+    obs_app.SEEN_SPANS.clear()
+    queue = JobQueue(node.pool)
+    await queue.enqueue_many([queue.request("peek_job") for _ in range(3)])
+
+    async def ran():
+        return len(obs_app.SEEN_SPANS) == 3
+
+    await eventually(ran, what="three jobs")
+    first, *rest = obs_app.SEEN_SPANS
+    assert first is not None and first.sampled and first.name == "job peek_job"
+    assert rest == [None, None]

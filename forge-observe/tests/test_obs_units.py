@@ -439,6 +439,30 @@ async def test_live_hub_refreshes_only_for_the_kinds_its_pages_show():
     assert hub.pacer.hinted and hub.pacer.due() == 1.0 and hub.hints == 2
 
 
+@settings(max_examples=80, deadline=None)
+@given(bucket=st.integers(0, 14), spread=st.booleans(), durations=st.booleans(), data=st.data())
+def test_histogram_batches_are_bucketed_as_one_by_one(bucket, spread, durations, data):
+    """A batch's bucket counts and sum are what observing its values one by one gives - for a batch
+    whose values all fall in one bucket (counted without a sort: the usual batch), values exactly on
+    its bounds included, and for one spread over several buckets."""
+    from forge_observe.metrics import SLOW, HistogramSeries
+
+    lo = SLOW[bucket - 1] if bucket else 0.0
+    hi = SLOW[bucket] if bucket < len(SLOW) else 2 * SLOW[-1]
+    inside = st.sampled_from([hi, lo]) if bucket and bucket < len(SLOW) else st.just(hi)
+    inside = inside.filter(lambda v: v > lo or not bucket) | st.floats(lo, hi, exclude_min=bucket > 0)
+    values = data.draw(st.lists(inside | st.sampled_from(SLOW) if spread else inside, min_size=1, max_size=40))
+    series = HistogramSeries("h", "", ["k"], SLOW, durations=durations)
+    if durations:  # queue waits: timedeltas, to the microsecond as a row's times give them
+        values = [dt.timedelta(microseconds=round(v * 1e6)) for v in values]
+    (counts, total), = series.prepare(None, values, "k").values()
+    seconds = [v.total_seconds() for v in values] if durations else values
+    expected = [sum(1 for v in seconds if (i == 0 or v > SLOW[i - 1]) and (i == len(SLOW) or v <= SLOW[i]))
+                for i in range(len(SLOW) + 1)]
+    assert counts == expected and sum(counts) == len(values)
+    assert total == pytest.approx(sum(seconds))
+
+
 def test_queue_waits_are_bucketed_as_times_and_summed_exactly():
     """Queue waits (due -> started, two datetimes) are folded as timedeltas: a wait exactly on a bucket
     bound falls in that bucket (le is inclusive), one started before it was due counts as 0, and the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from typing import Any, AsyncIterator, Mapping
 
 import asyncpg
@@ -202,12 +203,14 @@ def job_options(row: Any) -> dict:
     return opts if isinstance(opts, dict) else {}
 
 
-def job_span(tel: Any, row: Any, attempt: Any) -> Any:
+def job_span(tel: Any, row: Any, attempt: Any, sampled: bool = False) -> Any:
     """The attempt's span, opened now (dated from when the attempt started) if it has none yet,
     continuing the trace of whoever dispatched the job (its ``traceparent``). A job gets one when
-    it needs one: at once in a head-sampled trace, when it logs, calls or dispatches, or at its end
-    when it failed or ran slow. An unsampled job that does none of these, the common case, costs
-    one event (``job.finished``) and no span. ``None`` when nothing observes."""
+    it needs one: at once in a head-sampled trace (``sampled``: the worker's head decision, which a
+    job without a valid ``traceparent`` starts its fresh trace with), when it logs, calls or
+    dispatches, or at its end when it failed or ran slow (not head-sampled: ``sampled`` False). An
+    unsampled job that does none of these, the common case, costs its entry in its job type's batch
+    and no span. ``None`` when nothing observes."""
     if attempt.span is None and attempt.t0:
         opts = job_options(row)
         attrs = {"job.id": attempt.id, "job.attempt": attempt.attempt, "job.queue": row["queue"],
@@ -217,5 +220,6 @@ def job_span(tel: Any, row: Any, attempt: Any) -> Any:
             ids["cron_run"] = opts["cron_run"]
             attrs["cron.name"] = opts.get("cron")
         attempt.span = tel.start_span(f"job {row['name']}", "consumer", remote=opts.get("traceparent") or "",
-                                      attrs=attrs, ids=ids, start_ns=attempt.t0)
+                                      attrs=attrs, ids=ids, start_ns=time.time_ns() - int((time.monotonic() - attempt.t0) * 1e9),
+                                      sampled=sampled)
     return attempt.span

@@ -739,7 +739,8 @@ def check_telemetry_head_decision() -> None:
     without opening anything: for every valid traceparent (FORGE's own form, surrounding
     whitespace, a later version with more fields), any sampling rate and either honour setting.
     An invalid one (upper-case hex, all-zero ids, a bad separator or version) starts a fresh trace
-    on both sides: never sampled at rate 0, always at rate 1."""
+    on both sides: never sampled at rate 0, always at rate 1. A decision handed to ``start_span``
+    (``sampled=``) is the one its trace keeps, and its trace id says the same to another node."""
     from ..telemetry import Telemetry, format_traceparent, parse_traceparent
 
     @settings(**_SETTINGS)
@@ -760,6 +761,14 @@ def check_telemetry_head_decision() -> None:
             assert decided == span.sampled
         elif rate in (0.0, 1.0):
             assert decided == span.sampled == (rate == 1.0)
+        # the decision handed to start_span (the worker's, for a job) is the trace's, and its trace id
+        # tells another node the same (an invalid traceparent: a fresh trace drawn to agree)
+        both = parse_traceparent(tp) is None and 0 < int(rate * (1 << 64)) < 1 << 64  # ids of either kind exist
+        for head in {decided, not decided} if both else {decided}:
+            span = tel.start_span("job", "consumer", remote=tp, sampled=head)
+            tel.end_span(span)
+            assert span.sampled == head
+            assert tel.head_sampled_remote(format_traceparent(span.trace_id, span.span_id, span.sampled)) == head
 
     decide()
     for rate in (0.0, 0.25, 0.5):  # a trace id's low bits exactly at the rate's threshold, and one below

@@ -6,6 +6,7 @@ import asyncio
 
 from forge_kernel import action, job, mutation, query
 from forge_kernel.migrations import Migration
+from forge_kernel.telemetry import current_span
 
 MIGRATIONS = [Migration("obs_app", 1, "notes", "CREATE TABLE obs_notes (id bigserial PRIMARY KEY, body text NOT NULL)")]
 
@@ -60,6 +61,15 @@ async def add_failing(ctx) -> int:
 @job(max_attempts=1)
 async def failing_job(ctx) -> None:
     raise RuntimeError("failing on purpose")
+
+
+#: the current span each peek_job saw when it ran (None: none), in the order they ran
+SEEN_SPANS: list = []
+
+
+@job(max_attempts=1)
+async def peek_job(ctx) -> None:
+    SEEN_SPANS.append(current_span())
 
 
 @action(public=True)
