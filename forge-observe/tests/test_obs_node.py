@@ -449,3 +449,23 @@ async def test_a_job_started_after_a_sampled_one_is_outside_its_trace(forge_node
     first, *rest = obs_app.SEEN_SPANS
     assert first is not None and first.sampled and first.name == "job peek_job"
     assert rest == [None, None]
+
+
+async def test_a_span_a_job_left_open_is_not_current_in_the_jobs_after_it(forge_node):
+    """A job that leaves a span of its own open keeps it current in its task's context; the next
+    job claimed ahead, started from that task, starts from the worker's context instead of a copy
+    of that one, so it is outside that span (its statements and log lines name no trace of another job)."""
+    import obs_app
+    from forge_worker import JobQueue
+
+    node = await forge_node(modules=["obs_app"], config={
+        "observe": {**FAST, "sample_rate": 0.01}, "gateway": {"port": 0}, "worker": {"concurrency": 1}})
+    obs_app.SEEN_SPANS.clear()
+    queue = JobQueue(node.pool)
+    await queue.enqueue_many([queue.request("span_left_open_job")] + [queue.request("peek_job") for _ in range(2)])
+
+    async def ran():
+        return len(obs_app.SEEN_SPANS) == 2
+
+    await eventually(ran, what="the two jobs after it")
+    assert obs_app.SEEN_SPANS == [None, None]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import inspect
 import json
@@ -549,6 +550,8 @@ class Worker:
         self.node = node
         self.config = config
         self.node_id: str = node.id
+        #: what each job's task starts from (a copy each): the context the worker was made in
+        self._job_context = contextvars.copy_context()
         #: node.pool is a transaction pooler: settings per transaction (SET LOCAL), not per session
         self.pooled: bool = node.pooled
         self.capabilities = list(node.capabilities)
@@ -1050,7 +1053,10 @@ class Worker:
             a.started_wall = time.time()  # written by the next lease renewal, or with its result
         # no task name: formatting and setting one was ~3 % of a node's time per no-op job (py-spy);
         # the task's repr names its coroutine (Worker._run), and self.running maps job ids to tasks
-        a.task = asyncio.create_task(self._run(a))
+        # a copy of the worker's own context, not of the caller's: a job claimed ahead starts from the
+        # task of the job that ended (_fill), and must not inherit what that job set in its context
+        # (an app's context variable, a span it left open)
+        a.task = asyncio.create_task(self._run(a), context=self._job_context.copy())
 
     def _fill(self) -> None:
         """Start jobs claimed ahead into free slots. One on its last attempt holds a slot until the

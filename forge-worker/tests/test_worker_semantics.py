@@ -544,3 +544,21 @@ async def test_a_job_outliving_its_lease_keeps_it(forge_node):
     assert done.status == "succeeded" and done.attempt == 1
     assert len(await log_rows(node.pool, event="ran")) == 1
     assert node.worker.stats["leases_renewed"] >= 1
+
+
+async def test_a_job_starts_with_none_of_the_context_of_the_job_before_it(forge_node):
+    """A job claimed ahead is started from the task of the job whose slot it takes; what that job
+    set in its context (a context variable of the app, a span it left open) is not the next job's.
+    One slot, three jobs claimed at once: each sees the default."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config(concurrency=1, prefetch=4))
+    queue = JobQueue(node.pool)
+    ids = await queue.enqueue_many([queue.request(worker_jobs.set_tenant, {"value": f"tenant {i}"}) for i in range(3)])
+    seen = await eventually(lambda: _all_saw(node.pool, ids), what="the three jobs to run")
+    assert seen == [None, None, None]
+    assert node.worker.stats["claimed"] >= 2  # some were claimed ahead (started from another job's task)
+
+
+async def _all_saw(pool, ids):
+    rows = await pool.fetch("SELECT job_id, value FROM job_log WHERE event = 'saw' AND job_id = ANY($1::bigint[]) "
+                            "ORDER BY seq", ids)
+    return [r["value"] for r in rows] if len(rows) == len(ids) else None

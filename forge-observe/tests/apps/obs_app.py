@@ -72,6 +72,12 @@ async def peek_job(ctx) -> None:
     SEEN_SPANS.append(current_span())
 
 
+@job(max_attempts=1)
+async def span_left_open_job(ctx) -> None:
+    """Opens a span and never ends it (an app's slip): it stays current in this job's context."""
+    ctx.node.telemetry.start_span("left open")
+
+
 @action(public=True)
 async def leaky(ctx) -> None:
     session_secret = "local-" + "z" * 24  # a local variable a traceback with locals would show

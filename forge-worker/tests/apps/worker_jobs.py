@@ -4,6 +4,7 @@ observe runs through the database, like a user would."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 from forge_kernel import action, cron, job, mutation
 from forge_kernel.migrations import Migration
@@ -159,3 +160,14 @@ async def crash_work(ctx, i: int) -> None:
 async def nap(ctx, seconds: float) -> None:
     """Sleeps without touching the database: many of them finish out of claim (id) order."""
     await asyncio.sleep(seconds)
+
+
+#: what a job sets in its own context; another job must never see it
+TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("worker_tests_tenant", default=None)
+
+
+@job
+async def set_tenant(ctx, value: str) -> None:
+    """Records the tenant its context held as it started, then sets its own (and never resets it)."""
+    await log(ctx, "saw", TENANT.get())
+    TENANT.set(value)
