@@ -1192,9 +1192,8 @@ class Worker:
             ran = _monotonic() - ran_from
             self._run_seconds += ran
             self._runs += 1
-            # observed: counted; a span only for a sampled, failed or slow attempt. Before the next job
-            # starts: its task copies this context, which must no longer hold this job's span (else that
-            # job's SQL statements and log lines would name this job's trace)
+            # observed: counted; a span only for a sampled, failed or slow attempt (the next job's task
+            # does not copy this context, see _launch: this job's span is not current in it either way)
             if a.t0:
                 if a.span is not None or outcome not in _WENT_WELL or ran >= tel.keep_over:
                     self._span_ended(tel, row, a, outcome, error)
