@@ -498,7 +498,7 @@ class Telemetry:
         """The head decision for work continuing ``remote`` (a ``traceparent``, or None for a fresh
         trace): what ``start_span(remote=...)`` would decide, without opening anything. Lets a
         caller leave unsampled work without a span until it needs one (the worker does)."""
-        if not remote:
+        if not remote or type(remote) is not str:  # none, or no text (a job's options hold any JSON)
             return _random() < self.sample_rate
         if len(remote) == 55 and _TRACEPARENT_00(remote) is not None:
             # parse_traceparent would accept it: only the flags and the trace id's low 64 bits matter,

@@ -469,3 +469,30 @@ async def test_a_span_a_job_left_open_is_not_current_in_the_jobs_after_it(forge_
 
     await eventually(ran, what="the two jobs after it")
     assert obs_app.SEEN_SPANS == [None, None]
+
+
+async def test_a_job_whose_options_hold_no_usable_traceparent_runs_in_a_fresh_trace(forge_node):
+    """A job's options are any JSON (raw SQL, ``@job`` options): a ``traceparent`` that is no text, or
+    options that are no object, start a fresh trace; the job runs as it would without forge-observe
+    (they raised TypeError / AttributeError in the head decision, and the job failed every attempt)."""
+    import obs_app
+    from forge_worker import JobQueue
+
+    node = await forge_node(modules=["obs_app"], config={
+        "observe": {**FAST, "sample_rate": 1.0}, "gateway": {"port": 0}})
+    obs_app.SEEN_SPANS.clear()
+    queue = JobQueue(node.pool)
+    ids = await queue.enqueue_many([queue.request("peek_job", delay=1.5) for _ in range(3)])
+    updated = await node.pool.execute(
+        """UPDATE forge_jobs SET options = (ARRAY['{"traceparent": 5}', '[1, 2]', '{"traceparent": ["00"]}'])[
+               array_position($1::bigint[], id)]::jsonb
+           WHERE id = ANY($1::bigint[]) AND status = 'scheduled'""", ids)
+    assert updated == "UPDATE 3"  # before any of them was due
+
+    async def done():
+        jobs = [await queue.get(i) for i in ids]
+        return jobs if all(j.status in ("succeeded", "dead") for j in jobs) else None
+
+    jobs = await eventually(done, what="the three jobs to end")
+    assert [j.status for j in jobs] == ["succeeded"] * 3, [j.last_error for j in jobs]
+    assert len(obs_app.SEEN_SPANS) == 3 and all(s is not None and s.sampled for s in obs_app.SEEN_SPANS)

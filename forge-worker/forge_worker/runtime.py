@@ -452,7 +452,6 @@ _random = random.random
 _monotonic = time.monotonic
 #: forge_job_finished's arguments in the spec's order
 _NODE_OUTCOME = ("node", "outcome")
-_NONE: dict = {}
 
 
 @attrs.define
@@ -1143,7 +1142,8 @@ class Worker:
             call.ctx = JobContext(self.node.executor, call, db, row, a)
             a.timeout = row["timeout"] or defn.timeout or self.config.job_timeout or None
             if a.t0:  # the head decision (Telemetry.head_sampled_remote's; a job without a traceparent inline)
-                remote = (row["options"] or _NONE).get("traceparent")
+                opts = row["options"]  # any JSON through raw SQL: only a dict's text traceparent counts
+                remote = opts.get("traceparent") if type(opts) is dict else None
                 if tel.head_sampled_remote(remote) if remote else _random() < tel.sample_rate:
                     job_span(tel, row, a, True)  # its SQL statements become spans: the trace is kept
             if a.timeout:
@@ -1166,8 +1166,21 @@ class Worker:
                 outcome, error = "released", None
             elif reason == "lease_lost":
                 outcome = "lost"
-            else:
+            elif (task := asyncio.current_task()) is not None and task.cancelling():
+                # cancelled from outside the worker (the loop going down): no result is written and the
+                # row is no longer renewed, so its lease runs out and the rescue gives it to a worker
+                outcome = "lost"
+                self._free(a)
                 raise
+            else:
+                # the job's own code let a CancelledError through (it awaited a task or future that
+                # something else cancelled) while its task was not cancelled: a failure like any other
+                # exception, retried by its policy (re-raised, the row would stay held and renewed here)
+                outcome, error = self._failure(a, "CancelledError: the job awaited a task or future that was "
+                                                  "cancelled and did not handle it")
+                delay = self._delay(a) if outcome == "failed" else 0.0
+                logger.warning(f"job {row['id']} ({row['name']}) attempt {a.attempt}/{row['max_attempts']} failed: "
+                               f"{error}")
         except RetryLater as exc:
             outcome, delay, error = "retry_later", exc.delay, exc.reason or None
         except JobCancelled as exc:

@@ -562,3 +562,17 @@ async def _all_saw(pool, ids):
     rows = await pool.fetch("SELECT job_id, value FROM job_log WHERE event = 'saw' AND job_id = ANY($1::bigint[]) "
                             "ORDER BY seq", ids)
     return [r["value"] for r in rows] if len(rows) == len(ids) else None
+
+
+async def test_a_cancelled_error_from_the_jobs_own_code_fails_the_attempt(forge_node):
+    """A job awaiting a future that something else cancelled gets CancelledError while the worker
+    did not cancel it: the attempt fails and is retried like any exception, and the row is not held
+    (re-raised, it was never reported nor freed: its lease was renewed forever and it never ran again)."""
+    node = await forge_node(modules=["worker_jobs"], config=worker_config())
+    queue = JobQueue(node.pool)
+    job_id = await queue.enqueue(worker_jobs.awaits_a_cancelled_future, {})
+    dead = await eventually(lambda: _dead(queue, 1), what="the job to fail its two attempts")
+    assert dead[0].id == job_id and dead[0].attempt == 2
+    assert "CancelledError" in dead[0].last_error
+    assert len(await log_rows(node.pool, job_id=job_id, event="attempt")) == 2
+    assert job_id not in node.worker.running

@@ -738,7 +738,7 @@ def check_telemetry_head_decision() -> None:
     """``head_sampled_remote(traceparent)`` decides what ``start_span(remote=traceparent)`` would,
     without opening anything: for every valid traceparent (FORGE's own form, surrounding
     whitespace, a later version with more fields), any sampling rate and either honour setting.
-    An invalid one (upper-case hex, all-zero ids, a bad separator or version) starts a fresh trace
+    An invalid one (upper-case hex, all-zero ids, a bad separator or version, not text) starts a fresh trace
     on both sides: never sampled at rate 0, always at rate 1. A decision handed to ``start_span``
     (``sampled=``) is the one its trace keeps, and its trace id says the same to another node."""
     from ..telemetry import Telemetry, format_traceparent, parse_traceparent
@@ -747,13 +747,15 @@ def check_telemetry_head_decision() -> None:
     @given(trace_id=st.integers(0, (1 << 128) - 1) | st.sampled_from([0, 1, (1 << 64) - 1, 1 << 64]),
            span_id=st.integers(0, (1 << 64) - 1), flags=st.integers(0, 255),
            rate=st.sampled_from([0.0, 1.0, 0.01, 0.5]) | st.floats(0.0, 1.0), honor=st.booleans(),
-           form=st.sampled_from(["forge", "spaced", "later", "upper", "dash", "version"]))
+           form=st.sampled_from(["forge", "spaced", "later", "upper", "dash", "version", "number", "list", "bytes"]))
     def decide(trace_id: int, span_id: int, flags: int, rate: float, honor: bool, form: str) -> None:
         tel = Telemetry()
         tel.attach(lambda t: None, sample_rate=rate, honor_remote_sampled=honor)
         tp = format_traceparent(trace_id, span_id, False)[:-2] + f"{flags:02x}"
         tp = {"forge": tp, "spaced": f" {tp}\t", "later": "01" + tp[2:] + "-extra", "upper": tp.upper(),
-              "dash": tp[:35] + "_" + tp[36:], "version": "ff" + tp[2:]}[form]
+              "dash": tp[:35] + "_" + tp[36:], "version": "ff" + tp[2:],
+              # no text at all (a job's options are any JSON): invalid, never an error
+              "number": trace_id, "list": [tp], "bytes": tp.encode()}[form]
         decided = tel.head_sampled_remote(tp)
         span = tel.start_span("job", "consumer", remote=tp)
         tel.end_span(span)

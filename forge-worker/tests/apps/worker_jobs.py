@@ -171,3 +171,13 @@ async def set_tenant(ctx, value: str) -> None:
     """Records the tenant its context held as it started, then sets its own (and never resets it)."""
     await log(ctx, "saw", TENANT.get())
     TENANT.set(value)
+
+
+@job(max_attempts=2, backoff=0.01)
+async def awaits_a_cancelled_future(ctx) -> None:
+    """Lets through the CancelledError of a future something else cancelled (its own task is not
+    cancelled): a failure of the job, not a cancellation of the worker's task."""
+    await log(ctx, "attempt")
+    future = asyncio.get_running_loop().create_future()
+    future.cancel()
+    await future
