@@ -290,12 +290,21 @@ def main() -> None:
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="instead of wrk rounds: CPU instructions per request of FORGE with and without forge-observe, bare and raw, "
                          "counted by callgrind over N requests each (needs valgrind)")
+    ap.add_argument("--observe-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --observe: an environment variable for the node with forge-observe only, e.g. "
+                         "FORGE_OBSERVE__SAMPLE_RATE=0 (the plain nodes refuse an [observe] key); repeatable")
     ap.add_argument("--busy-load", type=float, default=2.0, metavar="LOAD",
                     help="with --observe: a 1-minute load average above LOAD after any turn marks the run's verdict as "
                          "taken on a busy machine (other work then moves the ratio more than forge-observe does)")
     ap.add_argument("--keep-dumps", default="", metavar="DIR",
                     help="with --instructions: copy each server's callgrind dump of the measured requests into DIR")
     args = ap.parse_args()
+    bad = [kv for kv in args.observe_env if "=" not in kv or not kv.split("=", 1)[0].startswith("FORGE_OBSERVE__")]
+    if bad:
+        ap.error(f"--observe-env takes FORGE_OBSERVE__KEY=VALUE, got {bad[0]!r}")
+    observe_env = dict(kv.split("=", 1) for kv in args.observe_env)
+    if observe_env:
+        print(f"the node with forge-observe runs with {observe_env}", flush=True)
     args.observe = args.observe or args.observe_only
     if (args.fresh_nodes or args.control) and not args.observe_only:
         raise SystemExit("--fresh-nodes and --control go with --observe-only")
@@ -356,7 +365,7 @@ def main() -> None:
             if args.observe:
                 observed_proc = subprocess.Popen([PY, "-m", "forge_kernel.cli", "start"], cwd=tmp,
                                                  env={**env, "FORGE_GATEWAY__PORT": str(obs_port),
-                                                      "FORGE_NODE__ID": "bench-observe"},
+                                                      "FORGE_NODE__ID": "bench-observe", **observe_env},
                                                  stdout=open(tmp / "forge-observe.log", "ab"),
                                                  stderr=subprocess.STDOUT, start_new_session=True)
                 procs.append(observed_proc)
