@@ -1158,8 +1158,7 @@ class Worker:
         except asyncio.CancelledError:
             reason = a.cancel_reason
             if reason == "timeout":
-                outcome, error = self._failure(a, f"timed out after {a.timeout:g}s")
-                delay = self._delay(a) if outcome == "failed" else 0.0
+                outcome, error, delay = self._failure(a, f"timed out after {a.timeout:g}s")
             elif reason == "cancel":
                 outcome, error = "cancelled", "cancelled on request"
             elif reason == "shutdown":
@@ -1176,9 +1175,8 @@ class Worker:
                 # the job's own code let a CancelledError through (it awaited a task or future that
                 # something else cancelled) while its task was not cancelled: a failure like any other
                 # exception, retried by its policy (re-raised, the row would stay held and renewed here)
-                outcome, error = self._failure(a, "CancelledError: the job awaited a task or future that was "
-                                                  "cancelled and did not handle it")
-                delay = self._delay(a) if outcome == "failed" else 0.0
+                outcome, error, delay = self._failure(a, "CancelledError: the job awaited a task or future that "
+                                                         "was cancelled and did not handle it")
                 logger.warning(f"job {row['id']} ({row['name']}) attempt {a.attempt}/{row['max_attempts']} failed: "
                                f"{error}")
         except RetryLater as exc:
@@ -1190,8 +1188,7 @@ class Worker:
             logger.error(f"job {row['id']} ({row['name']}) cannot run: {exc}")
         except Exception as exc:
             tb = "".join(traceback.format_exception(exc)[-6:])
-            outcome, error = self._failure(a, f"{type(exc).__name__}: {exc}\n{tb}")
-            delay = self._delay(a) if outcome == "failed" else 0.0
+            outcome, error, delay = self._failure(a, f"{type(exc).__name__}: {exc}\n{tb}")
             logger.warning(f"job {row['id']} ({row['name']}) attempt {a.attempt}/{row['max_attempts']} failed: "
                            f"{storable_error(f'{type(exc).__name__}: {exc}', 2000)}")
         finally:
@@ -1268,8 +1265,11 @@ class Worker:
         a.span = None
         tel.end_span(span, None if outcome in _WENT_WELL else (error or outcome))
 
-    def _failure(self, a: Attempt, error: str) -> tuple[str, str]:
-        return ("dead" if a.attempt >= a.row["max_attempts"] else "failed"), error
+    def _failure(self, a: Attempt, error: str) -> tuple[str, str, float]:
+        """A failed attempt's outcome, error and delay: dead on its last attempt, else failed, to be
+        retried after its backoff."""
+        outcome = "dead" if a.attempt >= a.row["max_attempts"] else "failed"
+        return outcome, error, (self._delay(a) if outcome == "failed" else 0.0)
 
     def _delay(self, a: Attempt) -> float:
         opts = a.row["options"] or {}
